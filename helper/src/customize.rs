@@ -1,0 +1,235 @@
+//! `imgforge-helper customize`: applies the rules' operations to the mounted guest, in order.
+
+use crate::accounts;
+use crate::firstboot;
+use crate::guest::GuestRoot;
+use imgforge_protocol::rules::{Operation, Rules};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Environment of the task that calls us (see `tasks.rs`).
+struct Env {
+    rules: PathBuf,
+    target: PathBuf,
+    payload: PathBuf,
+    error_file: Option<PathBuf>,
+}
+
+impl Env {
+    fn from_process() -> Result<Self, String> {
+        let var = |name: &str| {
+            std::env::var_os(name).map(PathBuf::from).ok_or_else(|| format!("{name} is not set: run this from a task"))
+        };
+        Ok(Self {
+            rules: var("IMGFORGE_RULES")?,
+            target: var("IMGFORGE_TARGET")?,
+            payload: var("IMGFORGE_PAYLOAD")?,
+            error_file: std::env::var_os("IMGFORGE_ERROR_FILE").map(PathBuf::from),
+        })
+    }
+}
+
+/// Entry point of the subcommand.
+pub fn main() -> ExitCode {
+    let env = match Env::from_process() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("imgforge-helper customize: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&env) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{message}");
+            if let Some(path) = &env.error_file {
+                let _ = std::fs::write(path, &message);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Entry point of `guest-path PATH`: prints the helper path of an existing guest path, with
+/// every symlink resolved inside the guest root.
+pub fn guest_path_main(path: &str) -> ExitCode {
+    let Some(target) = std::env::var_os("IMGFORGE_TARGET").map(PathBuf::from) else {
+        eprintln!("imgforge-helper guest-path: IMGFORGE_TARGET is not set: run this from a task");
+        return ExitCode::from(2);
+    };
+    match GuestRoot::open(&target).and_then(|g| g.resolve(path)) {
+        Ok(resolved) => {
+            println!("{}", resolved.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("imgforge-helper guest-path: {path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(env: &Env) -> Result<(), String> {
+    let text = std::fs::read_to_string(&env.rules)
+        .map_err(|e| format!("cannot read the rules {}: {e}", env.rules.display()))?;
+    let rules = Rules::from_json(&text).map_err(|e| e.to_string())?;
+    let guest = GuestRoot::open(&env.target)
+        .map_err(|e| format!("cannot open the guest root {}: {e}", env.target.display()))?;
+    for (i, op) in rules.operations.iter().enumerate() {
+        println!("==> [{}/{}] {}", i + 1, rules.operations.len(), op.describe());
+        apply(&guest, &env.payload, op).map_err(|e| format!("{} failed: {e}", op.describe()))?;
+    }
+    Ok(())
+}
+
+fn io_err<'a>(what: &'a str, path: &'a str) -> impl FnOnce(std::io::Error) -> String + 'a {
+    move |e| format!("{what} {path}: {e}")
+}
+
+fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String> {
+    match op {
+        Operation::Hostname { name } => set_hostname(guest, name),
+        Operation::Password { user, shadow_field } => {
+            let shadow = guest.read_to_string("/etc/shadow").map_err(io_err("cannot read", "/etc/shadow"))?;
+            let new = accounts::set_shadow_field(&shadow, user, shadow_field)
+                .ok_or_else(|| format!("user {user:?} has no entry in the guest's /etc/shadow"))?;
+            guest.replace("/etc/shadow", new.as_bytes()).map_err(io_err("cannot write", "/etc/shadow"))
+        }
+        Operation::SshInject { user, key } => ssh_inject(guest, user, key),
+        Operation::Upload { payload_path, guest_path, file_name, mode, uid, gid } => {
+            let data = read_payload(payload, payload_path)?;
+            let dest = if guest.is_dir(guest_path) {
+                format!("{}/{file_name}", guest_path.trim_end_matches('/'))
+            } else {
+                guest_path.clone()
+            };
+            guest.write(&dest, &data).map_err(io_err("cannot write", &dest))?;
+            guest.chown(&dest, *uid, *gid).map_err(io_err("cannot chown", &dest))?;
+            guest.chmod(&dest, *mode).map_err(io_err("cannot chmod", &dest))
+        }
+        Operation::Mkdir { path } => guest.mkdir_all(path, 0o755).map_err(io_err("cannot create", path)),
+        Operation::Write { path, content } => {
+            guest.write(path, content.as_bytes()).map_err(io_err("cannot write", path))
+        }
+        Operation::AppendLine { path, line } => guest.append_line(path, line).map_err(io_err("cannot append to", path)),
+        Operation::Delete { path } => guest.remove_all(path).map_err(io_err("cannot delete", path)),
+        Operation::Chmod { mode, path } => guest.chmod(path, *mode).map_err(io_err("cannot chmod", path)),
+        Operation::RunCommand { command } => run_in_guest(guest, &["/bin/sh", "-c", command]),
+        Operation::Run { payload_path, name } => {
+            let script = read_payload(payload, payload_path)?;
+            guest.mkdir_all("/tmp", 0o1777).map_err(io_err("cannot create", "/tmp"))?;
+            let path = format!("/tmp/imgforge-run-{}", std::process::id());
+            guest.write(&path, &script).map_err(io_err("cannot write", &path))?;
+            let result = run_in_guest(guest, &["/bin/sh", &path]).map_err(|e| format!("script {name}: {e}"));
+            let _ = guest.remove_all(&path);
+            result
+        }
+        Operation::Timezone { zone } => set_timezone(guest, zone),
+        Operation::Firstboot { payload_path, name } => {
+            let script = read_payload(payload, payload_path)?;
+            firstboot::install(guest, name, &script)
+                .map(drop)
+                .map_err(|e| format!("cannot install the firstboot script: {e}"))
+        }
+        Operation::FirstbootCommand { command } => {
+            let script = format!("#!/bin/sh\n{command}\n");
+            firstboot::install(guest, "command", script.as_bytes())
+                .map(drop)
+                .map_err(|e| format!("cannot install the firstboot command: {e}"))
+        }
+    }
+}
+
+fn read_payload(payload: &Path, rel: &str) -> Result<Vec<u8>, String> {
+    let path = payload.join(rel);
+    let mut data = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(|e| format!("cannot read {} from the payload disk: {e}", path.display()))?;
+    Ok(data)
+}
+
+fn set_hostname(guest: &GuestRoot, name: &str) -> Result<(), String> {
+    guest.write("/etc/hostname", format!("{name}\n").as_bytes()).map_err(io_err("cannot write", "/etc/hostname"))?;
+    let hosts = guest.read_to_string("/etc/hosts").unwrap_or_default();
+    let short = name.split('.').next().unwrap_or(name);
+    let names = if short == name { name.to_owned() } else { format!("{name} {short}") };
+    let mut replaced = false;
+    let mut lines: Vec<String> = hosts
+        .lines()
+        .map(|l| {
+            if !replaced && l.split_whitespace().next() == Some("127.0.1.1") {
+                replaced = true;
+                format!("127.0.1.1\t{names}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    if !replaced {
+        lines.push(format!("127.0.1.1\t{names}"));
+    }
+    let text = lines.join("\n") + "\n";
+    guest.write("/etc/hosts", text.as_bytes()).map_err(io_err("cannot write", "/etc/hosts"))
+}
+
+fn ssh_inject(guest: &GuestRoot, user: &str, key: &str) -> Result<(), String> {
+    let passwd = guest.read_to_string("/etc/passwd").map_err(io_err("cannot read", "/etc/passwd"))?;
+    let entry = accounts::find_user(&passwd, user)
+        .ok_or_else(|| format!("user {user:?} does not exist in the guest's /etc/passwd"))?;
+    let home = entry.home.trim_end_matches('/');
+    let home = if home.is_empty() { "/" } else { home };
+    if !home.starts_with('/') {
+        return Err(format!("user {user:?} has a relative home directory {home:?}"));
+    }
+    let ssh_dir = format!("{}/.ssh", home.trim_end_matches('/'));
+    let keys = format!("{ssh_dir}/authorized_keys");
+    guest.mkdir_all(&ssh_dir, 0o700).map_err(io_err("cannot create", &ssh_dir))?;
+    guest.chown(&ssh_dir, entry.uid, entry.gid).map_err(io_err("cannot chown", &ssh_dir))?;
+    guest.chmod(&ssh_dir, 0o700).map_err(io_err("cannot chmod", &ssh_dir))?;
+    guest.append_line(&keys, key.trim_end()).map_err(io_err("cannot append to", &keys))?;
+    guest.chown(&keys, entry.uid, entry.gid).map_err(io_err("cannot chown", &keys))?;
+    guest.chmod(&keys, 0o600).map_err(io_err("cannot chmod", &keys))
+}
+
+fn set_timezone(guest: &GuestRoot, zone: &str) -> Result<(), String> {
+    let zoneinfo = format!("/usr/share/zoneinfo/{zone}");
+    if !guest.exists(&zoneinfo) {
+        return Err(format!("the guest has no {zoneinfo}: is tzdata installed and the zone name right?"));
+    }
+    guest.symlink(&zoneinfo, "/etc/localtime").map_err(io_err("cannot link", "/etc/localtime"))?;
+    if guest.exists("/etc/timezone") || guest.exists("/etc/debian_version") {
+        guest
+            .write("/etc/timezone", format!("{zone}\n").as_bytes())
+            .map_err(io_err("cannot write", "/etc/timezone"))?;
+    }
+    Ok(())
+}
+
+/// Runs a command chrooted into the guest, its output going to the task log.
+fn run_in_guest(guest: &GuestRoot, argv: &[&str]) -> Result<(), String> {
+    let root = guest.path().to_owned();
+    let mut command = Command::new(argv[0]);
+    command
+        .args(&argv[1..])
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", "/root")
+        .env("LANG", "C")
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    // SAFETY: chroot and chdir are async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            std::os::unix::fs::chroot(&root)?;
+            std::env::set_current_dir("/")
+        });
+    }
+    let status = command.status().map_err(|e| format!("cannot start {} in the guest: {e}", argv[0]))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => Err(format!("command exited with status {code}")),
+        None => Err(format!("command was killed ({status})")),
+    }
+}

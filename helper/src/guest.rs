@@ -1,0 +1,350 @@
+//! File operations inside the guest's root, resolving every path as if chrooted there.
+//!
+//! A hostile image can hold symlinks such as `/etc -> /` or `../../..`: every lookup goes
+//! through `openat2(RESOLVE_IN_ROOT)`, so absolute links and `..` stay inside the guest root.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+/// The mounted guest root.
+pub struct GuestRoot {
+    root: OwnedFd,
+    path: PathBuf,
+}
+
+fn cstring(s: &[u8]) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Splits an absolute guest path into its normal components; `..` and `.` are refused.
+fn components(guest_path: &str) -> io::Result<Vec<&std::ffi::OsStr>> {
+    let path = Path::new(guest_path);
+    if !path.is_absolute() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("guest path {guest_path:?} is not absolute")));
+    }
+    path.components()
+        .filter(|c| !matches!(c, Component::RootDir))
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("guest path {guest_path:?} contains '.' or '..'"),
+            )),
+        })
+        .collect()
+}
+
+impl GuestRoot {
+    /// Opens the directory where the guest root is mounted.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let dir = File::open(path)?;
+        Ok(Self { root: dir.into(), path: path.to_owned() })
+    }
+
+    /// Where the guest root is mounted in the helper.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `openat2(root, path, flags, mode, RESOLVE_IN_ROOT)`.
+    fn open_raw(&self, guest_path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+        let rel: PathBuf = components(guest_path)?.iter().collect();
+        let rel = if rel.as_os_str().is_empty() { PathBuf::from(".") } else { rel };
+        let c = cstring(rel.as_os_str().as_bytes())?;
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (flags | libc::O_CLOEXEC) as u64;
+        how.mode = if flags & libc::O_CREAT != 0 { mode as u64 } else { 0 };
+        how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: `how` is a valid open_how of the size passed; `c` is NUL-terminated.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.root.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openat2 returned a new descriptor that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Opens the parent directory of `guest_path` and returns it with the final name.
+    fn parent(&self, guest_path: &str) -> io::Result<(OwnedFd, CString)> {
+        let parts = components(guest_path)?;
+        let (name, dirs) = parts.split_last().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "the guest root itself is not a valid target")
+        })?;
+        let parent: String = format!("/{}", dirs.iter().map(|d| d.to_string_lossy()).collect::<Vec<_>>().join("/"));
+        let fd = self.open_raw(&parent, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        Ok((fd, cstring(name.as_bytes())?))
+    }
+
+    /// Opens an existing file for reading.
+    pub fn open_read(&self, guest_path: &str) -> io::Result<File> {
+        Ok(File::from(self.open_raw(guest_path, libc::O_RDONLY, 0)?))
+    }
+
+    /// Reads a whole file as text.
+    pub fn read_to_string(&self, guest_path: &str) -> io::Result<String> {
+        let mut s = String::new();
+        self.open_read(guest_path)?.read_to_string(&mut s)?;
+        Ok(s)
+    }
+
+    /// Opens (creating with `mode` if missing) a file for writing; `truncate` empties it.
+    pub fn open_write(&self, guest_path: &str, mode: u32, truncate: bool) -> io::Result<File> {
+        let flags = libc::O_RDWR | libc::O_CREAT | if truncate { libc::O_TRUNC } else { 0 };
+        Ok(File::from(self.open_raw(guest_path, flags, mode)?))
+    }
+
+    /// Replaces a file's contents (created 0644 if missing; an existing file keeps its mode).
+    pub fn write(&self, guest_path: &str, content: &[u8]) -> io::Result<()> {
+        let mut f = self.open_write(guest_path, 0o644, true)?;
+        f.write_all(content)
+    }
+
+    /// Appends `line` and a newline, first ending an unterminated last line.
+    pub fn append_line(&self, guest_path: &str, line: &str) -> io::Result<()> {
+        let mut f = self.open_write(guest_path, 0o644, false)?;
+        let len = f.seek(SeekFrom::End(0))?;
+        let mut text = Vec::new();
+        if len > 0 {
+            let mut last = [0u8; 1];
+            f.seek(SeekFrom::End(-1))?;
+            f.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                text.push(b'\n');
+            }
+        }
+        text.extend_from_slice(line.as_bytes());
+        text.push(b'\n');
+        f.seek(SeekFrom::End(0))?;
+        f.write_all(&text)
+    }
+
+    /// `mkdir -p` with `mode` for directories it creates.
+    pub fn mkdir_all(&self, guest_path: &str, mode: u32) -> io::Result<()> {
+        let parts = components(guest_path)?;
+        let mut current = String::new();
+        for part in parts {
+            let (dir, name) = self.parent(&format!("{current}/{}", part.to_string_lossy()))?;
+            // SAFETY: valid dirfd and NUL-terminated name.
+            let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) };
+            if rc != 0 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(err);
+                }
+            }
+            current = format!("{current}/{}", part.to_string_lossy());
+        }
+        // The last component must now be a directory (following in-root symlinks).
+        self.open_raw(guest_path, libc::O_PATH | libc::O_DIRECTORY, 0).map(|_| ())
+    }
+
+    /// The helper path an existing guest path leads to, symlinks resolved inside the root.
+    pub fn resolve(&self, guest_path: &str) -> io::Result<PathBuf> {
+        let fd = self.open_raw(guest_path, libc::O_PATH, 0)?;
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        let root = std::fs::read_link(format!("/proc/self/fd/{}", self.root.as_raw_fd()))?;
+        if real.starts_with(&root) {
+            Ok(real)
+        } else {
+            Err(io::Error::other(format!("{guest_path} resolves outside the guest root")))
+        }
+    }
+
+    /// Names in a directory (following in-root symlinks).
+    pub fn list_dir(&self, guest_path: &str) -> io::Result<Vec<String>> {
+        let fd = self.open_raw(guest_path, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let names = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        Ok(names)
+    }
+
+    /// True if the path exists (following in-root symlinks).
+    pub fn exists(&self, guest_path: &str) -> bool {
+        self.open_raw(guest_path, libc::O_PATH, 0).is_ok()
+    }
+
+    /// True if the path is a directory (following in-root symlinks).
+    pub fn is_dir(&self, guest_path: &str) -> bool {
+        self.open_raw(guest_path, libc::O_PATH | libc::O_DIRECTORY, 0).is_ok()
+    }
+
+    /// `rm -rf`: removes a file, symlink or directory tree; a missing path is not an error.
+    pub fn remove_all(&self, guest_path: &str) -> io::Result<()> {
+        let (dir, name) = match self.parent(guest_path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Through the resolved parent's /proc/self/fd link; remove_dir_all never follows
+        // symlinks, so nothing outside the guest can be reached from here.
+        let path =
+            Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+        let result = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+            Ok(_) => std::fs::remove_file(&path),
+        };
+        drop(dir);
+        result
+    }
+
+    /// Sets permission bits (following in-root symlinks).
+    pub fn chmod(&self, guest_path: &str, mode: u32) -> io::Result<()> {
+        let fd = self.open_raw(guest_path, libc::O_PATH, 0)?;
+        let proc = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+        // SAFETY: NUL-terminated path.
+        if unsafe { libc::chmod(proc.as_ptr(), mode) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sets owner and group (following in-root symlinks).
+    pub fn chown(&self, guest_path: &str, uid: u32, gid: u32) -> io::Result<()> {
+        let fd = self.open_raw(guest_path, libc::O_PATH, 0)?;
+        let empty = c"";
+        // SAFETY: valid fd; AT_EMPTY_PATH with an empty NUL-terminated path.
+        if unsafe { libc::fchownat(fd.as_raw_fd(), empty.as_ptr(), uid, gid, libc::AT_EMPTY_PATH) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Replaces `guest_path` with a symlink to `target` (target stored verbatim).
+    pub fn symlink(&self, target: &str, guest_path: &str) -> io::Result<()> {
+        self.remove_all(guest_path)?;
+        let (dir, name) = self.parent(guest_path)?;
+        let t = cstring(target.as_bytes())?;
+        // SAFETY: NUL-terminated strings, valid dirfd.
+        if unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Atomically replaces a file's contents, keeping its owner and mode.
+    pub fn replace(&self, guest_path: &str, content: &[u8]) -> io::Result<()> {
+        let (dir, name) = self.parent(guest_path)?;
+        let old = self.open_read(guest_path)?.metadata()?;
+        let tmp_name = cstring(format!(".{}.imgforge-new", name.to_string_lossy()).as_bytes())?;
+        // SAFETY: valid dirfd and NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                tmp_name.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        use std::os::unix::fs::MetadataExt;
+        let write = (|| {
+            f.write_all(content)?;
+            std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()))?;
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(old.mode() & 0o7777))?;
+            f.sync_all()?;
+            // SAFETY: valid dirfd and NUL-terminated names.
+            if unsafe { libc::renameat(dir.as_raw_fd(), tmp_name.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })();
+        if write.is_err() {
+            // SAFETY: valid dirfd and NUL-terminated name.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), tmp_name.as_ptr(), 0) };
+        }
+        write
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn root() -> (tempfile::TempDir, GuestRoot) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        let g = GuestRoot::open(dir.path()).unwrap();
+        (dir, g)
+    }
+
+    #[test]
+    fn absolute_symlinks_stay_inside() {
+        let (dir, g) = root();
+        // /escape -> / must mean the guest root, not the helper's.
+        std::os::unix::fs::symlink("/", dir.path().join("escape")).unwrap();
+        std::os::unix::fs::symlink("../../../..", dir.path().join("up")).unwrap();
+        g.write("/escape/etc/marker", b"x").unwrap();
+        g.write("/up/etc/marker2", b"y").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("etc/marker")).unwrap(), b"x");
+        assert_eq!(std::fs::read(dir.path().join("etc/marker2")).unwrap(), b"y");
+    }
+
+    #[test]
+    fn dotdot_and_relative_refused() {
+        let (_dir, g) = root();
+        assert!(g.write("etc/x", b"").is_err());
+        assert!(g.write("/etc/../x", b"").is_err());
+    }
+
+    #[test]
+    fn append_line_terminates_previous_line() {
+        let (dir, g) = root();
+        std::fs::write(dir.path().join("etc/f"), "a").unwrap();
+        g.append_line("/etc/f", "b").unwrap();
+        g.append_line("/etc/new", "c").unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("etc/f")).unwrap(), "a\nb\n");
+        assert_eq!(std::fs::read_to_string(dir.path().join("etc/new")).unwrap(), "c\n");
+    }
+
+    #[test]
+    fn mkdir_remove_chmod_replace() {
+        let (dir, g) = root();
+        g.mkdir_all("/a/b/c", 0o755).unwrap();
+        assert!(g.is_dir("/a/b/c"));
+        g.write("/a/b/c/f", b"1").unwrap();
+        g.chmod("/a/b/c/f", 0o600).unwrap();
+        assert_eq!(std::fs::metadata(dir.path().join("a/b/c/f")).unwrap().permissions().mode() & 0o777, 0o600);
+        g.replace("/a/b/c/f", b"2").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("a/b/c/f")).unwrap(), b"2");
+        assert_eq!(std::fs::metadata(dir.path().join("a/b/c/f")).unwrap().permissions().mode() & 0o777, 0o600);
+        // A symlink to outside the guest is removed, not followed.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), "k").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("a/link")).unwrap();
+        g.remove_all("/a").unwrap();
+        assert!(!dir.path().join("a").exists());
+        assert!(outside.path().join("keep").exists());
+        g.remove_all("/does/not/exist").unwrap();
+    }
+
+    #[test]
+    fn resolve_stays_inside() {
+        let (dir, g) = root();
+        std::os::unix::fs::symlink("/", dir.path().join("boot")).unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(g.resolve("/boot").unwrap(), real);
+        assert_eq!(g.resolve("/boot/etc").unwrap(), real.join("etc"));
+        assert!(g.resolve("/missing").is_err());
+    }
+}

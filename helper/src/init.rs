@@ -1,0 +1,125 @@
+//! The PID 1 flow: prepare the VM, run the tasks, report, power off. Never returns, never hangs.
+
+use crate::reporter::{uptime_ms, Reporter};
+use crate::{floppy, kmod, tasks};
+use imgforge_protocol::report::ReportLine;
+use imgforge_protocol::rules::Rules;
+use std::ffi::CString;
+use std::path::Path;
+use std::time::Duration;
+
+/// Where the tasks live inside the helper image.
+pub const TASKS_DIR: &str = "/usr/lib/imgforge/tasks";
+/// Scratch state shared by the tasks of one run.
+pub const STATE_DIR: &str = "/run/imgforge";
+/// Where 10-MountRoot mounts the guest's root filesystem.
+pub const TARGET_DIR: &str = "/mnt/guest";
+/// Where 05-MountPayload mounts the payload disk.
+pub const PAYLOAD_DIR: &str = "/mnt/payload";
+/// The disk being customized.
+pub const TARGET_DISK: &str = "/dev/vda";
+/// How long to wait for a device node to appear after its driver loaded.
+const DEVICE_WAIT: Duration = Duration::from_secs(15);
+
+/// Runs the helper as PID 1.
+pub fn run() -> ! {
+    // The first console line: the host's sign of life that the accelerator works.
+    eprintln!("imgforge-helper {} started", env!("CARGO_PKG_VERSION"));
+    mount_pseudo_filesystems();
+    let mut reporter = Reporter::open();
+    install_panic_hook();
+    reporter.send(&ReportLine::Phase { name: "init".into(), uptime_ms: uptime_ms() });
+
+    match prepare(&mut reporter) {
+        Ok(rules) => {
+            if let Err(failure) = tasks::run_all(Path::new(TASKS_DIR), &rules, &mut reporter) {
+                reporter.send(&ReportLine::Error { task: failure.task, message: failure.message });
+            } else {
+                reporter.send(&ReportLine::Success);
+            }
+        }
+        Err(message) => reporter.send(&ReportLine::Error { task: "helper".into(), message }),
+    }
+    reporter.send(&ReportLine::Phase { name: "poweroff".into(), uptime_ms: uptime_ms() });
+    power_off()
+}
+
+fn prepare(reporter: &mut Reporter) -> Result<Rules, String> {
+    for warning in kmod::load_listed(Path::new(kmod::LOAD_LIST)) {
+        reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
+    }
+    reporter.send(&ReportLine::Phase { name: "modules".into(), uptime_ms: uptime_ms() });
+
+    wait_for(Path::new(floppy::FLOPPY_DEVICE))?;
+    let text = floppy::read_rules(Path::new(floppy::FLOPPY_DEVICE))?;
+    let rules = Rules::from_json(&text).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(STATE_DIR).map_err(|e| format!("cannot create {STATE_DIR}: {e}"))?;
+    std::fs::write(Path::new(STATE_DIR).join("rules.json"), &text)
+        .map_err(|e| format!("cannot store the rules in {STATE_DIR}: {e}"))?;
+    reporter.send(&ReportLine::Phase { name: "rules-read".into(), uptime_ms: uptime_ms() });
+
+    wait_for(Path::new(TARGET_DISK))?;
+    Ok(rules)
+}
+
+fn wait_for(device: &Path) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    while !device.exists() {
+        if start.elapsed() > DEVICE_WAIT {
+            return Err(format!(
+                "{} did not appear within {} s: the helper kernel lacks its driver or qemu did not attach it",
+                device.display(),
+                DEVICE_WAIT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f) = (
+        CString::new(source).expect("static"),
+        CString::new(target).expect("static"),
+        CString::new(fstype).expect("static"),
+    );
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        eprintln!("imgforge-helper: mounting {fstype} on {target}: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn mount_pseudo_filesystems() {
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("tmpfs", "/run", "tmpfs");
+    mount("tmpfs", "/tmp", "tmpfs");
+    for dir in [TARGET_DIR, PAYLOAD_DIR] {
+        let _ = std::fs::create_dir_all(dir);
+    }
+}
+
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = format!("imgforge-helper panicked: {info}");
+        eprintln!("{message}");
+        Reporter::open().send(&ReportLine::Error { task: "helper".into(), message });
+        power_off();
+    }));
+}
+
+/// Syncs and powers the VM off; qemu runs with `-no-reboot`, so a reboot fallback also ends it.
+pub fn power_off() -> ! {
+    // SAFETY: sync and reboot take no pointers; as PID 1 we may call reboot.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

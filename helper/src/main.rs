@@ -1,0 +1,37 @@
+//! imgforge-helper: PID 1 of the helper VM, and the subcommands its task scripts call.
+//!
+//! As PID 1 it mounts the pseudo filesystems, loads modules, reads the rules from the floppy,
+//! runs the tasks in run-parts order, reports on the second serial port and powers off. Called
+//! by another name or PID it runs a subcommand (`customize`), so that what is error-prone in
+//! shell is done here.
+
+mod accounts;
+mod customize;
+mod firstboot;
+mod floppy;
+mod guest;
+mod init;
+mod kmod;
+mod reporter;
+mod tasks;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        init::run()
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("customize") => customize::main(),
+        Some("guest-path") if args.len() == 2 => customize::guest_path_main(&args[1]),
+        _ => {
+            eprintln!("usage: imgforge-helper customize          run the rules' operations (the 50-Customize task)");
+            eprintln!(
+                "       imgforge-helper guest-path PATH    print where guest PATH is, resolved inside the guest root"
+            );
+            eprintln!("As PID 1 of the helper VM it runs the tasks; see the imgforge documentation.");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Builds the static helper binary (a nested cargo run, so one `cargo build` yields a
+//! self-contained `imgforge`) and embeds the task scripts and helper-image recipe.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const HELPER_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let workspace = manifest_dir.parent().unwrap().to_path_buf();
+    for dir in ["helper", "protocol", "tasks", "helper-image"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
+    }
+    println!("cargo:rerun-if-env-changed=IMGFORGE_HELPER_BIN");
+
+    let helper = match std::env::var_os("IMGFORGE_HELPER_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => build_helper(&workspace),
+    };
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let helper_bytes =
+        std::fs::read(&helper).unwrap_or_else(|e| panic!("cannot read the helper binary {}: {e}", helper.display()));
+    std::fs::write(out.join("imgforge-helper"), &helper_bytes).unwrap();
+
+    let mut digest = Sha256::new();
+    digest.update(&helper_bytes);
+    let tasks = embed_tasks(&workspace.join("tasks"), &out, &mut digest);
+    println!("cargo:rustc-env=IMGFORGE_HELPER_DIGEST={}", hex::encode(digest.finalize()));
+    println!("cargo:rerun-if-changed={}", tasks.display());
+}
+
+/// Builds `imgforge-helper` statically in its own target directory (no musl target here, so
+/// glibc's static libc: `+crt-static`).
+fn build_helper(workspace: &Path) -> PathBuf {
+    let target_dir = workspace.join("target").join("helper");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
+    let rustflags = format!(
+        "-C target-feature=+crt-static --remap-path-prefix={}=/imgforge --remap-path-prefix={cargo_home}=/cargo",
+        workspace.display()
+    );
+    let mut cmd = Command::new(cargo);
+    // A clean environment: the outer cargo's variables (wrappers, flags, jobserver) must not
+    // leak into the nested build.
+    cmd.env_clear();
+    for var in ["PATH", "HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN", "CARGO_NET_OFFLINE"] {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+    cmd.env("RUSTFLAGS", rustflags)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
+        .env("SOURCE_DATE_EPOCH", "0")
+        .args(["build", "--release", "--locked", "-p", "imgforge-helper", "--target", HELPER_TARGET, "--target-dir"])
+        .arg(&target_dir)
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"));
+    let status = cmd.status().expect("cannot run cargo to build imgforge-helper");
+    assert!(status.success(), "building the static imgforge-helper failed ({status})");
+    target_dir.join(HELPER_TARGET).join("release").join("imgforge-helper")
+}
+
+/// Copies the task scripts into OUT_DIR and writes `tasks.rs`, a table of (name, mode, bytes).
+fn embed_tasks(dir: &Path, out: &Path, digest: &mut Sha256) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    let mut table = String::from(
+        "/// The task scripts, embedded: (file name, mode, contents).\npub const TASKS: &[(&str, u32, &[u8])] = &[\n",
+    );
+    for entry in entries {
+        let name = entry.file_name().into_string().unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        let bytes = std::fs::read(entry.path()).unwrap();
+        digest.update(name.as_bytes());
+        digest.update(mode.to_le_bytes());
+        digest.update(&bytes);
+        table.push_str(&format!(
+            "    ({name:?}, 0o{mode:o}, include_bytes!({:?})),\n",
+            entry.path().display().to_string()
+        ));
+    }
+    table.push_str("];\n");
+    let path = out.join("tasks.rs");
+    std::fs::write(&path, table).unwrap();
+    path
+}

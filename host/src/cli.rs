@@ -1,0 +1,415 @@
+//! The command line (contract: docs/cli.md): parsing, dispatch, exit statuses.
+
+use crate::customize::{self, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS};
+use crate::exit::{ExitStatus, Failure};
+use crate::ops::{Plan, FLAG_OPTIONS, VALUE_OPTIONS};
+use crate::progress::{Progress, ProgressMode};
+use crate::vm::accel::Accel;
+use crate::vm::privilege::DEFAULT_HELPER_USER;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// imgforge: customize operating-system images offline, in an unprivileged helper VM.
+#[derive(Debug, Parser)]
+#[command(name = "imgforge", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// More logging on stderr, including the helper VM's console (-vv: debug and traced tasks).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stream an image onto a block device or file, then customize it.
+    Deploy(DeployArgs),
+    /// Stream an image onto a block device or file (no customization).
+    Write(WriteArgs),
+    /// Customize a disk image or block device in place.
+    Customize(CustomizeArgs),
+    /// Describe an image: format, size, partitions, filesystems (never boots or mounts).
+    Inspect(InspectArgs),
+    /// Check an image: filesystems clean, required packages present.
+    Verify(VerifyArgs),
+    /// Manage the helper VM's kernel and initramfs.
+    #[command(subcommand)]
+    HelperImage(HelperImageCommand),
+    /// Ganeti OS interface.
+    #[command(subcommand)]
+    Ganeti(GanetiCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum HelperImageCommand {
+    /// Build (or rebuild) the helper kernel and initramfs into the cache.
+    Build,
+}
+
+#[derive(Debug, Subcommand)]
+enum GanetiCommand {
+    /// Write the Ganeti OS definition to DIR/imgforge.
+    InstallOs {
+        /// Ganeti's OS directory.
+        #[arg(long, default_value = "/srv/ganeti/os")]
+        os_dir: PathBuf,
+    },
+}
+
+/// The customization operations, applied in the order given.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Customization operations (applied in the order given)")]
+struct OpsArgs {
+    /// Set the host name.
+    #[arg(long, value_name = "NAME")]
+    hostname: Vec<String>,
+    /// Set root's password: password:PW, file:PATH, random, disabled, locked:SELECTOR.
+    #[arg(long, value_name = "SELECTOR")]
+    root_password: Vec<String>,
+    /// Set USER's password (same selectors).
+    #[arg(long, value_name = "USER:SELECTOR")]
+    password: Vec<String>,
+    /// Append SSH public keys to USER's ~/.ssh/authorized_keys (default: your ~/.ssh/*.pub).
+    #[arg(long, value_name = "USER[:file:PATH|:string:KEY]")]
+    ssh_inject: Vec<String>,
+    /// Copy a host file into the guest (owner and mode kept).
+    #[arg(long, value_name = "LOCAL:GUESTPATH")]
+    upload: Vec<String>,
+    /// Create a directory and its parents.
+    #[arg(long, value_name = "GUESTDIR")]
+    mkdir: Vec<String>,
+    /// Replace a file's contents.
+    #[arg(long, value_name = "GUESTFILE:CONTENT")]
+    write: Vec<String>,
+    /// Append a line to a file.
+    #[arg(long, value_name = "GUESTFILE:LINE")]
+    append_line: Vec<String>,
+    /// Delete a file or directory (recursively).
+    #[arg(long, value_name = "GUESTPATH")]
+    delete: Vec<String>,
+    /// Change permissions (octal).
+    #[arg(long, value_name = "MODE:GUESTPATH")]
+    chmod: Vec<String>,
+    /// Run a host script in the guest (chroot, /bin/sh).
+    #[arg(long, value_name = "SCRIPT")]
+    run: Vec<String>,
+    /// Run a command in the guest (chroot, /bin/sh -c).
+    #[arg(long, value_name = "CMD")]
+    run_command: Vec<String>,
+    /// Set the timezone (e.g. Europe/Athens).
+    #[arg(long, value_name = "TZ")]
+    timezone: Vec<String>,
+    /// Install a script to run once at first boot.
+    #[arg(long, value_name = "SCRIPT")]
+    firstboot: Vec<String>,
+    /// Install a command to run once at first boot.
+    #[arg(long, value_name = "CMD")]
+    firstboot_command: Vec<String>,
+    /// Install RPM files in one transaction with the guest's rpm.
+    #[arg(long, value_name = "PATH.rpm")]
+    install_rpm: Vec<String>,
+    /// Install packages from --repo with the guest's dnf or yum.
+    #[arg(long, value_name = "PKG[,PKG...]")]
+    install: Vec<String>,
+    /// Local yum/dnf repository for --install.
+    #[arg(long, value_name = "DIR")]
+    repo: Vec<String>,
+    /// Read operations from a file (virt-customize syntax).
+    #[arg(long, value_name = "FILE")]
+    commands_from_file: Vec<String>,
+    /// Relabel SELinux contexts at the guest's next boot.
+    #[arg(long)]
+    selinux_relabel: bool,
+}
+
+/// How the helper VM runs.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Helper VM")]
+struct VmArgs {
+    /// Accelerator: auto uses KVM where it works and falls back to TCG by itself.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    accel: Accel,
+    /// Helper VM soft timeout in seconds (then a graceful stop, then SIGKILL).
+    #[arg(long, value_name = "SECS", default_value_t = HELPER_SOFT_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
+    /// Helper VM memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = HELPER_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(128..=65_536))]
+    memory: u32,
+    /// Unprivileged user qemu runs as (when imgforge runs as root).
+    #[arg(long, value_name = "USER", default_value = DEFAULT_HELPER_USER)]
+    helper_user: String,
+    /// qemu binary.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64", hide = true)]
+    qemu: PathBuf,
+    /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+}
+
+#[derive(Debug, Args)]
+struct CustomizeArgs {
+    /// The disk image (raw or qcow2) or block device to customize in place.
+    #[arg(short = 'a', long = "add", value_name = "DISK")]
+    disk: PathBuf,
+    #[command(flatten)]
+    ops: OpsArgs,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
+struct DeployArgs {
+    /// Source image: path or http(s) URL.
+    #[arg(long, value_name = "SRC")]
+    image: String,
+    /// Target block device or file.
+    #[arg(long, value_name = "DEST")]
+    target: PathBuf,
+    #[command(flatten)]
+    ops: OpsArgs,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
+struct WriteArgs {
+    /// Source image: path or http(s) URL.
+    #[arg(long, value_name = "SRC")]
+    image: String,
+    /// Target block device or file.
+    #[arg(long, value_name = "DEST")]
+    target: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// The image.
+    image: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The image.
+    image: PathBuf,
+    /// A package that must be installed (repeatable).
+    #[arg(long, value_name = "NAME")]
+    require_package: Vec<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The clap argument id of an operation option (`root-password` → `root_password`).
+fn arg_id(option: &str) -> String {
+    option.replace('-', "_")
+}
+
+/// The operation options of `matches`, in command-line order.
+fn ordered_ops(matches: &ArgMatches) -> Result<Plan, Failure> {
+    let mut occurrences: Vec<(usize, &str, Option<String>)> = Vec::new();
+    for option in VALUE_OPTIONS {
+        let id = arg_id(option);
+        if let (Some(indices), Some(values)) = (matches.indices_of(&id), matches.get_raw(&id)) {
+            for (index, value) in indices.zip(values) {
+                occurrences.push((index, option, Some(value.to_string_lossy().into_owned())));
+            }
+        }
+    }
+    for option in FLAG_OPTIONS {
+        if matches.get_flag(&arg_id(option)) {
+            occurrences.push((0, option, None));
+        }
+    }
+    occurrences.sort_by_key(|(i, _, _)| *i);
+    let mut plan = Plan::default();
+    for (_, option, value) in occurrences {
+        plan.add(option, value.as_deref())?;
+    }
+    Ok(plan)
+}
+
+fn vm_settings(vm: &VmArgs, verbose: u8) -> VmSettings {
+    VmSettings {
+        accel: vm.accel,
+        timeout: Duration::from_secs(vm.timeout),
+        memory_mib: vm.memory,
+        helper_user: vm.helper_user.clone(),
+        show_console: verbose > 0,
+        trace_tasks: verbose > 1,
+        qemu: vm.qemu.clone(),
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// Turns SIGINT/SIGTERM/SIGHUP into a watch value, so running work can stop and clean up.
+fn interrupt_channel() -> crate::vm::Interrupt {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+        else {
+            return;
+        };
+        let name = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+            _ = hup.recv() => "SIGHUP",
+        };
+        let _ = tx.send(Some(name));
+    });
+    rx
+}
+
+fn not_yet(command: &str, issue: &str) -> Failure {
+    Failure::bad_input(format!("`imgforge {command}` is not available in this version yet ({issue}); use `imgforge customize -a DISK` on a disk you already have"))
+}
+
+async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
+    let interrupt = interrupt_channel();
+    match cli.command {
+        Command::Customize(args) => {
+            let sub = matches.subcommand_matches("customize").expect("customize matches");
+            let plan = ordered_ops(sub)?;
+            let progress = Progress::new(args.vm.progress);
+            let settings = vm_settings(&args.vm, cli.verbose);
+            let result = customize::run(&args.disk, plan, &settings, &progress, &interrupt).await;
+            finish(&progress, result)
+        }
+        Command::HelperImage(HelperImageCommand::Build) => {
+            let cache = crate::helper_image::cache_dir();
+            let image = tokio::task::spawn_blocking(move || crate::helper_image::rebuild(&cache))
+                .await
+                .map_err(|e| Failure::environment(format!("helper image build panicked: {e}")))??;
+            println!(
+                "helper image {}\n  kernel {}\n  initrd {}",
+                image.key,
+                image.kernel.display(),
+                image.initrd.display()
+            );
+            Ok(())
+        }
+        Command::Deploy(_) => Err(not_yet("deploy", "image streaming is being built")),
+        Command::Write(_) => Err(not_yet("write", "image streaming is being built")),
+        Command::Inspect(_) => Err(not_yet("inspect", "image inspection is being built")),
+        Command::Verify(_) => Err(not_yet("verify", "the image test step is being built")),
+        Command::Ganeti(GanetiCommand::InstallOs { .. }) => {
+            Err(not_yet("ganeti install-os", "the Ganeti OS interface is being built"))
+        }
+    }
+}
+
+fn finish(progress: &Progress, result: Result<(), Failure>) -> Result<(), Failure> {
+    match &result {
+        Ok(()) => progress.done(),
+        Err(f) => {
+            progress.finish();
+            progress.error(std::slice::from_ref(&f.message));
+        }
+    }
+    result
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    init_tracing(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("imgforge: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(ExitStatus::Environment as u8);
+        }
+    };
+    match runtime.block_on(dispatch(cli, matches)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("imgforge: {}", f.message);
+            std::process::ExitCode::from(f.status as u8)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgforge_protocol::rules::Operation;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_operation_option_exists() {
+        let cmd = Cli::command();
+        let customize = cmd.find_subcommand("customize").unwrap();
+        for option in VALUE_OPTIONS.iter().chain(FLAG_OPTIONS) {
+            assert!(customize.get_arguments().any(|a| a.get_long() == Some(option)), "--{option} missing");
+        }
+    }
+
+    #[test]
+    fn operations_keep_command_line_order() {
+        let matches = Cli::command()
+            .try_get_matches_from([
+                "imgforge",
+                "customize",
+                "-a",
+                "d.img",
+                "--write",
+                "/f:1",
+                "--hostname",
+                "h",
+                "--write",
+                "/f:2",
+                "--mkdir",
+                "/d",
+                "--selinux-relabel",
+            ])
+            .unwrap();
+        let plan = ordered_ops(matches.subcommand_matches("customize").unwrap()).unwrap();
+        assert_eq!(
+            plan.operations,
+            vec![
+                Operation::Write { path: "/f".into(), content: "1".into() },
+                Operation::Hostname { name: "h".into() },
+                Operation::Write { path: "/f".into(), content: "2".into() },
+                Operation::Mkdir { path: "/d".into() },
+            ]
+        );
+        assert!(plan.selinux_relabel);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["imgforge", "customize", "-a", "d", "--accel", "xen"][..],
+            &["imgforge", "customize", "-a", "d", "--timeout", "0"],
+            &["imgforge", "customize", "-a", "d", "--timeout", "soon"],
+            &["imgforge", "customize", "-a", "d", "--memory", "1"],
+        ] {
+            let err = Cli::command().try_get_matches_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `imgforge customize`: run the operations on a disk in the helper VM.
+
+use crate::exit::{ExitStatus, Failure};
+use crate::ops::Plan;
+use crate::progress::Progress;
+use crate::vm::{self, accel::Accel, privilege, Interrupt, VmEvent, VmSpec};
+use crate::{floppy, helper_image, payload, target};
+use imgforge_protocol::report::{ReportLine, Verdict};
+use imgforge_protocol::rules::Rules;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default soft timeout of the helper VM.
+pub const HELPER_SOFT_TIMEOUT_SECS: u64 = 600;
+/// Grace between the soft timeout's graceful stop and SIGKILL.
+pub const HELPER_HARD_GRACE_SECS: u64 = 10;
+/// Default helper VM memory.
+pub const HELPER_MEMORY_MIB: u32 = 1024;
+
+/// How to run the helper VM.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    /// Accelerator choice.
+    pub accel: Accel,
+    /// Soft timeout.
+    pub timeout: Duration,
+    /// Memory.
+    pub memory_mib: u32,
+    /// User qemu runs as.
+    pub helper_user: String,
+    /// Show the helper console on stderr.
+    pub show_console: bool,
+    /// Trace every task command (`set -x`) in the console.
+    pub trace_tasks: bool,
+    /// qemu binary.
+    pub qemu: PathBuf,
+}
+
+/// Customizes `disk` in place with `plan`.
+pub async fn run(
+    disk: &std::path::Path,
+    plan: Plan,
+    settings: &VmSettings,
+    progress: &Progress,
+    interrupt: &Interrupt,
+) -> Result<(), Failure> {
+    let target = target::open(disk).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let user = privilege::for_this_process(&settings.helper_user).map_err(|e| Failure::bad_input(e.to_string()))?;
+    progress
+        .image_info(serde_json::json!({"path": target.path, "format": target.format.as_str(), "size": target.size}));
+    for (user, password) in &plan.random_passwords {
+        let line = format!("Setting random password of {user} to {password}");
+        if progress.is_json() {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+
+    progress.message("preparing the helper image");
+    let cache = helper_image::cache_dir();
+    let image = {
+        let cache = cache.clone();
+        tokio::task::spawn_blocking(move || helper_image::ensure(&cache))
+            .await
+            .map_err(|e| Failure::environment(format!("helper image build panicked: {e}")))??
+    };
+
+    let work = tempfile::Builder::new().prefix("imgforge-").tempdir().map_err(|e| {
+        Failure::environment(format!("cannot create a temporary directory in {}: {e}", std::env::temp_dir().display()))
+    })?;
+    let mut rules = Rules::new();
+    rules.operations = plan.operations;
+    rules.selinux_relabel = plan.selinux_relabel;
+    rules.verbose = settings.trace_tasks;
+    let floppy_path = work.path().join("rules.img");
+    floppy::build(&rules, &floppy_path).map_err(|e| match e {
+        floppy::FloppyError::TooLarge(_) => Failure::bad_input(e.to_string()),
+        _ => Failure::environment(e.to_string()),
+    })?;
+    let payload_path = if plan.payload.is_empty() {
+        None
+    } else {
+        let p = work.path().join("payload.img");
+        payload::build(&plan.payload, &p).map_err(|e| match e {
+            payload::PayloadError::Source { .. } => Failure::bad_input(e.to_string()),
+            _ => Failure::environment(e.to_string()),
+        })?;
+        Some(p)
+    };
+
+    let spec = VmSpec {
+        qemu: settings.qemu.clone(),
+        image,
+        disk: target.path.clone(),
+        disk_format: target.format,
+        floppy: floppy_path,
+        payload: payload_path,
+        memory_mib: settings.memory_mib,
+        accel: settings.accel,
+        soft_timeout: settings.timeout,
+        hard_grace: Duration::from_secs(HELPER_HARD_GRACE_SECS),
+        user,
+        cache,
+    };
+    progress.message("booting the helper VM");
+    let outcome = run_vm(&spec, settings.show_console, progress, interrupt).await?;
+    drop(target);
+    match outcome.verdict {
+        Verdict::Success => {
+            tracing::info!(accel = %outcome.accel, secs = outcome.elapsed.as_secs_f32(), "customization succeeded");
+            Ok(())
+        }
+        Verdict::Failed { task, message } => Err(Failure::new(
+            ExitStatus::CustomizationFailed,
+            format!("task {task} failed in the helper VM: {message}"),
+        )),
+        Verdict::Incomplete { .. } => unreachable!("vm::run turns an incomplete report into an error"),
+    }
+}
+
+/// Runs the VM, forwarding its events to the progress sink and (with -v) the console to stderr.
+pub async fn run_vm(
+    spec: &VmSpec,
+    verbose: bool,
+    progress: &Progress,
+    interrupt: &Interrupt,
+) -> Result<vm::VmOutcome, Failure> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let forward = async {
+        while let Some(event) = rx.recv().await {
+            match event {
+                VmEvent::Started(accel) => tracing::info!(%accel, "helper VM started"),
+                VmEvent::Fallback(why) => tracing::warn!("{why}"),
+                VmEvent::Console(line) if verbose => progress.println(&format!("helper: {line}")),
+                VmEvent::Console(_) => {}
+                VmEvent::Report(line) => match line {
+                    ReportLine::TaskStart { task } => progress.helper("task-start", &task, None),
+                    ReportLine::TaskEnd { task, millis } => {
+                        tracing::info!(%task, millis, "task done");
+                        progress.helper("task-end", &task, None)
+                    }
+                    ReportLine::Warning { task, message } => {
+                        tracing::warn!(%task, "{message}");
+                        progress.helper("warning", &task, Some(&message))
+                    }
+                    ReportLine::Error { task, message } => progress.helper("error", &task, Some(&message)),
+                    ReportLine::Phase { name, uptime_ms } => tracing::info!(phase = %name, uptime_ms, "helper phase"),
+                    ReportLine::Success => {}
+                },
+            }
+        }
+    };
+    let run = async {
+        let result = vm::run(spec, &tx, interrupt).await;
+        drop(tx);
+        result
+    };
+    let (result, ()) = tokio::join!(run, forward);
+    Ok(result?)
+}

@@ -1,0 +1,201 @@
+//! The helper kernel and its modules, taken from Debian's `linux-image-*-amd64` package.
+
+use super::BuildError;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The kernel tree extracted from the package.
+pub struct KernelTree {
+    /// Kernel release (`6.1.0-56-amd64`).
+    pub release: String,
+    /// The compressed kernel (bzImage).
+    pub vmlinuz: PathBuf,
+    /// `lib/modules/<release>` in the extracted tree.
+    pub modules_dir: PathBuf,
+}
+
+/// Finds or downloads the kernel package into `debs_dir`.
+pub fn find_or_download_deb(debs_dir: &Path) -> Result<PathBuf, BuildError> {
+    if let Some(path) = std::env::var_os("IMGFORGE_KERNEL_DEB") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Some(deb) = newest_deb(debs_dir)? {
+        return Ok(deb);
+    }
+    std::fs::create_dir_all(debs_dir).map_err(|e| BuildError::io(debs_dir, e))?;
+    let depends = duct::cmd!("apt-cache", "depends", "--important", "linux-image-amd64")
+        .stderr_capture()
+        .read()
+        .map_err(|e| BuildError::Tool { tool: "apt-cache depends linux-image-amd64".into(), reason: e.to_string() })?;
+    let package = parse_kernel_dependency(&depends).ok_or_else(|| BuildError::Tool {
+        tool: "apt-cache depends linux-image-amd64".into(),
+        reason: "no linux-image-*-amd64 dependency found; run `apt-get update` first".into(),
+    })?;
+    tracing::info!(%package, "downloading the helper kernel package");
+    duct::cmd!("apt-get", "download", "-q", &package)
+        .dir(debs_dir)
+        .stdout_null()
+        .stderr_capture()
+        .run()
+        .map_err(|e| BuildError::Tool { tool: format!("apt-get download {package}"), reason: e.to_string() })?;
+    newest_deb(debs_dir)?.ok_or_else(|| BuildError::Tool {
+        tool: format!("apt-get download {package}"),
+        reason: "no package file appeared".into(),
+    })
+}
+
+fn newest_deb(dir: &Path) -> Result<Option<PathBuf>, BuildError> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
+    let mut debs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("linux-image-") && n.ends_with("_amd64.deb"))
+        })
+        .collect();
+    debs.sort();
+    Ok(debs.pop())
+}
+
+/// `Depends: linux-image-6.1.0-56-amd64` → that package name.
+pub fn parse_kernel_dependency(apt_cache_output: &str) -> Option<String> {
+    apt_cache_output.lines().find_map(|l| {
+        let name = l.trim().strip_prefix("Depends:")?.trim();
+        (name.starts_with("linux-image-") && !name.contains(' ')).then(|| name.to_owned())
+    })
+}
+
+/// Extracts the kernel and its modules from `deb` into `into`, and runs depmod there.
+pub fn extract(deb: &Path, into: &Path) -> Result<KernelTree, BuildError> {
+    std::fs::create_dir_all(into).map_err(|e| BuildError::io(into, e))?;
+    duct::cmd!("dpkg-deb", "--fsys-tarfile", deb)
+        .pipe(duct::cmd!("tar", "-x", "-C", into, "./boot", "./lib/modules"))
+        .stderr_capture()
+        .run()
+        .map_err(|e| BuildError::Tool {
+            tool: format!("dpkg-deb --fsys-tarfile {}", deb.display()),
+            reason: e.to_string(),
+        })?;
+    let modules_root = into.join("lib/modules");
+    let release = std::fs::read_dir(&modules_root)
+        .map_err(|e| BuildError::io(&modules_root, e))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .ok_or_else(|| BuildError::Tool {
+            tool: deb.display().to_string(),
+            reason: "the package holds no lib/modules/<release>".into(),
+        })?;
+    let vmlinuz = into.join("boot").join(format!("vmlinuz-{release}"));
+    if !vmlinuz.is_file() {
+        return Err(BuildError::Tool {
+            tool: deb.display().to_string(),
+            reason: format!("the package holds no boot/vmlinuz-{release}"),
+        });
+    }
+    duct::cmd!("depmod", "-b", into, &release)
+        .stderr_capture()
+        .run()
+        .map_err(|e| BuildError::Tool { tool: "depmod".into(), reason: e.to_string() })?;
+    Ok(KernelTree { modules_dir: modules_root.join(&release), release, vmlinuz })
+}
+
+fn normalize(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    normalize(file.split(".ko").next().unwrap_or(file))
+}
+
+/// Orders the wanted modules and their dependencies so each comes after what it needs.
+/// Modules built into the kernel are skipped; an unknown module is an error.
+pub fn load_order(modules_dep: &str, modules_builtin: &str, wanted: &[&str]) -> Result<Vec<String>, String> {
+    let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
+    for line in modules_dep.lines() {
+        let Some((path, rest)) = line.split_once(':') else { continue };
+        deps.insert(module_name(path), (path.to_owned(), rest.split_whitespace().map(String::from).collect()));
+    }
+    let builtin: BTreeSet<String> = modules_builtin.lines().map(module_name).collect();
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit(
+        name: &str,
+        deps: &HashMap<String, (String, Vec<String>)>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) {
+        if !seen.insert(name.to_owned()) {
+            return;
+        }
+        let Some((path, needs)) = deps.get(name) else { return };
+        // modules.dep lists dependencies so that the last is loaded first.
+        for dep in needs.iter().rev() {
+            visit(&module_name(dep), deps, seen, order);
+        }
+        order.push(path.clone());
+    }
+    for want in wanted {
+        let name = normalize(want);
+        if builtin.contains(&name) {
+            continue;
+        }
+        if !deps.contains_key(&name) {
+            return Err(format!("kernel module {want} is neither in modules.dep nor built in"));
+        }
+        visit(&name, &deps, &mut seen, &mut order);
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEP: &str = "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n\
+kernel/lib/crc16.ko:\n\
+kernel/fs/mbcache.ko:\n\
+kernel/fs/jbd2/jbd2.ko:\n\
+kernel/arch/x86/crypto/crc32c-intel.ko:\n\
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+kernel/drivers/virtio/virtio_ring.ko:\n\
+kernel/drivers/virtio/virtio.ko:\n";
+
+    #[test]
+    fn dependencies_first_each_once() {
+        let order = load_order(
+            DEP,
+            "kernel/drivers/tty/serial/8250.ko\n",
+            &["ext4", "virtio_blk", "crc32c-intel", "jbd2", "8250"],
+        )
+        .unwrap();
+        assert_eq!(
+            order,
+            [
+                "kernel/fs/jbd2/jbd2.ko",
+                "kernel/fs/mbcache.ko",
+                "kernel/lib/crc16.ko",
+                "kernel/fs/ext4/ext4.ko",
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/block/virtio_blk.ko",
+                "kernel/arch/x86/crypto/crc32c-intel.ko",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_module_is_an_error() {
+        assert!(load_order(DEP, "", &["nosuch"]).unwrap_err().contains("nosuch"));
+    }
+
+    #[test]
+    fn apt_cache_depends() {
+        let out = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
+        assert_eq!(parse_kernel_dependency(out).as_deref(), Some("linux-image-6.1.0-56-amd64"));
+        assert_eq!(parse_kernel_dependency("linux-image-amd64\n"), None);
+    }
+}

@@ -1,0 +1,18 @@
+//! imgforge: customizes operating-system images offline, in an unprivileged helper VM.
+//!
+//! The host side: checks the user's operations, builds the rules floppy and payload disk,
+//! keeps the helper image (kernel + initramfs) built, runs the confined helper VM and turns
+//! its report into an exit status.
+
+pub mod cli;
+pub mod commands_file;
+pub mod customize;
+pub mod exit;
+pub mod floppy;
+pub mod helper_image;
+pub mod ops;
+pub mod password;
+pub mod payload;
+pub mod progress;
+pub mod target;
+pub mod vm;

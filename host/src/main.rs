@@ -1,0 +1,5 @@
+//! The `imgforge` command.
+
+fn main() -> std::process::ExitCode {
+    imgforge::cli::main()
+}

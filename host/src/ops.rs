@@ -1,0 +1,484 @@
+//! The customization operations (OPS) of the command line, checked and turned into rules.
+//!
+//! Options arrive as `(name, value)` pairs in command-line order (see `cli`), possibly expanded
+//! from `--commands-from-file`; everything that can be checked on the host is checked here,
+//! before any VM boots.
+
+use crate::commands_file;
+use crate::password::PasswordSelector;
+use imgforge_protocol::rules::Operation;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Operation options that take an argument, by name without `--`.
+pub const VALUE_OPTIONS: &[&str] = &[
+    "hostname",
+    "root-password",
+    "password",
+    "ssh-inject",
+    "upload",
+    "mkdir",
+    "write",
+    "append-line",
+    "delete",
+    "chmod",
+    "run",
+    "run-command",
+    "timezone",
+    "firstboot",
+    "firstboot-command",
+    "install-rpm",
+    "install",
+    "repo",
+    "commands-from-file",
+];
+/// Operation options that are flags.
+pub const FLAG_OPTIONS: &[&str] = &["selinux-relabel"];
+
+/// How deep `--commands-from-file` may nest.
+const MAX_COMMANDS_FILE_DEPTH: usize = 8;
+
+/// An operation option that cannot be carried out.
+#[derive(Debug, Error)]
+pub enum OpsError {
+    /// A bad argument.
+    #[error("--{option} {shown}: {reason}")]
+    Invalid {
+        /// Option name without `--`.
+        option: String,
+        /// The argument as safe to show (passwords redacted).
+        shown: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// An option this build does not carry out yet.
+    #[error("--{0} is not supported by this version of imgforge yet")]
+    Unsupported(String),
+    /// An unknown option in a commands file.
+    #[error("{file}: line {line}: unknown command {name:?} (use the option names of `imgforge customize --help`, without dashes)")]
+    UnknownCommand {
+        /// The commands file.
+        file: PathBuf,
+        /// Its line.
+        line: usize,
+        /// The name found.
+        name: String,
+    },
+    /// A commands file that cannot be read or parsed.
+    #[error("--commands-from-file {file}: {reason}")]
+    CommandsFile {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A host file to carry on the payload disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadFile {
+    /// Its path on the payload disk.
+    pub name: String,
+    /// Where it is on the host.
+    pub source: PathBuf,
+}
+
+/// Everything the operations need: the ordered rules operations, the payload, the flags.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Operations in command-line order.
+    pub operations: Vec<Operation>,
+    /// Files for the payload disk.
+    pub payload: Vec<PayloadFile>,
+    /// `--selinux-relabel` was given.
+    pub selinux_relabel: bool,
+    /// `(user, clear text)` of `random` passwords, to tell the user.
+    pub random_passwords: Vec<(String, String)>,
+}
+
+/// Validates a host name (RFC 1123: dot-separated labels of letters, digits and inner dashes).
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("a host name has 1 to 253 characters".into());
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("label {label:?} must have 1 to 63 characters"));
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(format!("label {label:?} may hold only letters, digits and '-' (RFC 1123)"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} may not start or end with '-'"));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a guest path: absolute, no `.`/`..` components, no NUL.
+pub fn check_guest_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("guest path {path:?} must be absolute (start with '/')"));
+    }
+    if path.contains('\0') {
+        return Err("guest path contains a NUL byte".into());
+    }
+    if path.split('/').any(|c| c == ".." || c == ".") {
+        return Err(format!("guest path {path:?} may not contain '.' or '..' components"));
+    }
+    Ok(())
+}
+
+fn check_timezone(zone: &str) -> Result<(), String> {
+    let ok = !zone.is_empty()
+        && !zone.starts_with('/')
+        && zone.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && zone.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{zone:?} is not a timezone name such as Europe/Athens or UTC"))
+    }
+}
+
+/// Parses an octal permission string (`0644`, `755`).
+pub fn parse_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text, 8).map_err(|_| format!("{text:?} is not an octal mode such as 0644"))?;
+    if mode > 0o7777 {
+        return Err(format!("mode {text} is out of range (at most 7777)"));
+    }
+    Ok(mode)
+}
+
+fn split_pair<'a>(value: &'a str, what: &str) -> Result<(&'a str, &'a str), String> {
+    value.split_once(':').ok_or_else(|| format!("expected {what}"))
+}
+
+/// Public keys for `--ssh-inject USER` alone: the invoking user's `~/.ssh/*.pub`.
+fn default_public_keys() -> Result<Vec<String>, String> {
+    let home =
+        std::env::var_os("HOME").ok_or("HOME is not set, so ~/.ssh/*.pub cannot be found; use USER:file:PATH")?;
+    let dir = Path::new(&home).join(".ssh");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("cannot list {}: {e}; use USER:file:PATH or USER:string:KEY", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+        .collect();
+    files.sort();
+    let mut keys = Vec::new();
+    for f in files {
+        keys.extend(read_keys(&f)?);
+    }
+    if keys.is_empty() {
+        return Err(format!("no public keys in {}/*.pub; use USER:file:PATH or USER:string:KEY", dir.display()));
+    }
+    Ok(keys)
+}
+
+fn read_keys(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let keys: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    if keys.is_empty() {
+        return Err(format!("{} holds no public key", path.display()));
+    }
+    Ok(keys)
+}
+
+fn check_key(key: &str) -> Result<(), String> {
+    if key.contains('\n') || key.trim().is_empty() {
+        return Err("a public key is one non-empty line".into());
+    }
+    Ok(())
+}
+
+/// A readable regular host file, with its metadata.
+fn host_file(path: &str) -> Result<std::fs::Metadata, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot use host file {path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("host file {path} is not a regular file"));
+    }
+    std::fs::File::open(path).map_err(|e| format!("cannot read host file {path}: {e}"))?;
+    Ok(meta)
+}
+
+impl Plan {
+    fn payload_file(&mut self, source: &str) -> String {
+        let base =
+            Path::new(source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+        let name = format!("files/{:04}-{base}", self.payload.len() + 1);
+        self.payload.push(PayloadFile { name: name.clone(), source: PathBuf::from(source) });
+        name
+    }
+
+    /// Adds one option occurrence (name without `--`).
+    pub fn add(&mut self, option: &str, value: Option<&str>) -> Result<(), OpsError> {
+        self.add_nested(option, value, 0)
+    }
+
+    fn add_nested(&mut self, option: &str, value: Option<&str>, depth: usize) -> Result<(), OpsError> {
+        let secret = matches!(option, "root-password" | "password");
+        let invalid = |reason: String| OpsError::Invalid {
+            option: option.to_owned(),
+            shown: match (secret, value) {
+                (true, Some(v)) => v
+                    .split_once(':')
+                    .map(|(u, _)| if option == "password" { format!("{u}:…") } else { "…".into() })
+                    .unwrap_or_else(|| "…".into()),
+                (_, Some(v)) => v.chars().take(120).collect(),
+                (_, None) => String::new(),
+            },
+            reason,
+        };
+        if FLAG_OPTIONS.contains(&option) {
+            if option == "selinux-relabel" {
+                self.selinux_relabel = true;
+            }
+            return Ok(());
+        }
+        let value = value.ok_or_else(|| invalid("this option needs an argument".into()))?;
+        let op = match option {
+            "hostname" => {
+                check_hostname(value).map_err(invalid)?;
+                Operation::Hostname { name: value.to_owned() }
+            }
+            "root-password" | "password" => {
+                let (user, selector) = if option == "root-password" {
+                    ("root", value)
+                } else {
+                    split_pair(value, "USER:SELECTOR").map_err(invalid)?
+                };
+                if user.is_empty() || user.contains(['\n', ':']) {
+                    return Err(invalid(format!("{user:?} is not a user name")));
+                }
+                let selector = PasswordSelector::parse(selector).map_err(|e| invalid(e.to_string()))?;
+                let field = selector.to_shadow_field().map_err(|e| invalid(e.to_string()))?;
+                if let Some(pw) = field.random_password {
+                    self.random_passwords.push((user.to_owned(), pw));
+                }
+                Operation::Password { user: user.to_owned(), shadow_field: field.field }
+            }
+            "ssh-inject" => {
+                let (user, keys) = match value.split_once(':') {
+                    None => (value, default_public_keys().map_err(invalid)?),
+                    Some((user, rest)) => match rest.split_once(':') {
+                        Some(("file", path)) => (user, read_keys(Path::new(path)).map_err(invalid)?),
+                        Some(("string", key)) => (user, vec![key.to_owned()]),
+                        _ => return Err(invalid("expected USER, USER:file:PATH or USER:string:KEY".into())),
+                    },
+                };
+                if user.is_empty() {
+                    return Err(invalid("the user name is empty".into()));
+                }
+                for key in keys {
+                    check_key(&key).map_err(invalid)?;
+                    self.operations.push(Operation::SshInject { user: user.to_owned(), key });
+                }
+                return Ok(());
+            }
+            "upload" => {
+                let (local, guest) = split_pair(value, "LOCAL:GUESTPATH").map_err(invalid)?;
+                let meta = host_file(local).map_err(invalid)?;
+                check_guest_path(guest).map_err(invalid)?;
+                let file_name =
+                    Path::new(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let payload_path = self.payload_file(local);
+                Operation::Upload {
+                    payload_path,
+                    guest_path: guest.to_owned(),
+                    file_name,
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                }
+            }
+            "mkdir" | "delete" => {
+                check_guest_path(value).map_err(invalid)?;
+                if value.trim_end_matches('/').is_empty() {
+                    return Err(invalid("refusing to operate on the guest's root directory".into()));
+                }
+                let path = value.to_owned();
+                if option == "mkdir" {
+                    Operation::Mkdir { path }
+                } else {
+                    Operation::Delete { path }
+                }
+            }
+            "write" | "append-line" => {
+                let (path, text) = split_pair(value, "GUESTFILE:CONTENT").map_err(invalid)?;
+                check_guest_path(path).map_err(invalid)?;
+                if option == "write" {
+                    Operation::Write { path: path.to_owned(), content: text.to_owned() }
+                } else {
+                    Operation::AppendLine { path: path.to_owned(), line: text.to_owned() }
+                }
+            }
+            "chmod" => {
+                let (mode, path) = split_pair(value, "MODE:GUESTPATH").map_err(invalid)?;
+                let mode = parse_mode(mode).map_err(invalid)?;
+                check_guest_path(path).map_err(invalid)?;
+                Operation::Chmod { mode, path: path.to_owned() }
+            }
+            "run" | "firstboot" => {
+                host_file(value).map_err(invalid)?;
+                let name = Path::new(value).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let payload_path = self.payload_file(value);
+                if option == "run" {
+                    Operation::Run { payload_path, name }
+                } else {
+                    Operation::Firstboot { payload_path, name }
+                }
+            }
+            "run-command" | "firstboot-command" => {
+                if value.trim().is_empty() {
+                    return Err(invalid("the command is empty".into()));
+                }
+                if option == "run-command" {
+                    Operation::RunCommand { command: value.to_owned() }
+                } else {
+                    Operation::FirstbootCommand { command: value.to_owned() }
+                }
+            }
+            "timezone" => {
+                check_timezone(value).map_err(invalid)?;
+                Operation::Timezone { zone: value.to_owned() }
+            }
+            "commands-from-file" => return self.add_commands_file(Path::new(value), depth),
+            "install-rpm" | "install" | "repo" => return Err(OpsError::Unsupported(option.to_owned())),
+            _ => return Err(invalid("unknown operation".into())),
+        };
+        self.operations.push(op);
+        Ok(())
+    }
+
+    fn add_commands_file(&mut self, file: &Path, depth: usize) -> Result<(), OpsError> {
+        let fail = |reason: String| OpsError::CommandsFile { file: file.to_owned(), reason };
+        if depth >= MAX_COMMANDS_FILE_DEPTH {
+            return Err(fail(format!("commands files nest more than {MAX_COMMANDS_FILE_DEPTH} deep")));
+        }
+        let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+        let commands = commands_file::parse(&text).map_err(|e| fail(e.to_string()))?;
+        for c in commands {
+            if !VALUE_OPTIONS.contains(&c.name.as_str()) && !FLAG_OPTIONS.contains(&c.name.as_str()) {
+                return Err(OpsError::UnknownCommand { file: file.to_owned(), line: c.line, name: c.name });
+            }
+            self.add_nested(&c.name, c.arg.as_deref(), depth + 1).map_err(|e| match e {
+                OpsError::Invalid { .. } | OpsError::Unsupported(_) => fail(format!("line {}: {e}", c.line)),
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames() {
+        for ok in ["a", "web-1", "web1.example.com", "0abc", &"a".repeat(63)] {
+            check_hostname(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["", "-a", "a-", "a..b", "a_b", "a b", "é", &"a".repeat(64), &format!("{}.", "a")] {
+            assert!(check_hostname(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn guest_paths() {
+        for ok in ["/", "/etc/motd", "/a/b/"] {
+            check_guest_path(ok).unwrap();
+        }
+        for bad in ["etc/motd", "", "/etc/../x", "/./x", "/a/..", "/a\0b"] {
+            assert!(check_guest_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0644"), Ok(0o644));
+        assert_eq!(parse_mode("4755"), Ok(0o4755));
+        for bad in ["", "8", "rwx", "17777", "-1"] {
+            assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn order_is_kept_and_values_parsed() {
+        let mut plan = Plan::default();
+        plan.add("write", Some("/etc/a:first")).unwrap();
+        plan.add("hostname", Some("h1")).unwrap();
+        plan.add("write", Some("/etc/a:second:with colon")).unwrap();
+        plan.add("chmod", Some("0600:/etc/a")).unwrap();
+        plan.add("selinux-relabel", None).unwrap();
+        assert!(plan.selinux_relabel);
+        assert_eq!(
+            plan.operations,
+            vec![
+                Operation::Write { path: "/etc/a".into(), content: "first".into() },
+                Operation::Hostname { name: "h1".into() },
+                Operation::Write { path: "/etc/a".into(), content: "second:with colon".into() },
+                Operation::Chmod { mode: 0o600, path: "/etc/a".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_option_and_hide_passwords() {
+        let mut plan = Plan::default();
+        let cases: &[(&str, &str, &str)] = &[
+            ("hostname", "bad_name", "--hostname bad_name"),
+            ("write", "relative:x", "must be absolute"),
+            ("upload", "/nonexistent/file:/x", "/nonexistent/file"),
+            ("chmod", "9:/x", "octal"),
+            ("ssh-inject", "root:nope:x", "USER:file:PATH"),
+            ("timezone", "../../etc/passwd", "timezone name"),
+            ("delete", "/", "root directory"),
+            ("run", "/nonexistent/script", "/nonexistent/script"),
+        ];
+        for (option, value, want) in cases {
+            let err = plan.add(option, Some(value)).unwrap_err().to_string();
+            assert!(err.contains(want), "{option} {value}: {err}");
+        }
+        let err = plan.add("password", Some("alice:passwd:topsecret")).unwrap_err().to_string();
+        assert!(err.contains("alice") && !err.contains("topsecret"), "{err}");
+        let err = plan.add("root-password", Some("plain-secret")).unwrap_err().to_string();
+        assert!(!err.contains("plain-secret"), "{err}");
+        assert!(matches!(plan.add("install-rpm", Some("/x.rpm")), Err(OpsError::Unsupported(_))));
+    }
+
+    #[test]
+    fn commands_file_expands_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("cmds");
+        std::fs::write(&f, "# c\nhostname fromfile\nwrite /x:y\n").unwrap();
+        let mut plan = Plan::default();
+        plan.add("mkdir", Some("/first")).unwrap();
+        plan.add("commands-from-file", Some(f.to_str().unwrap())).unwrap();
+        plan.add("delete", Some("/last")).unwrap();
+        assert_eq!(plan.operations.len(), 4);
+        assert_eq!(plan.operations[1], Operation::Hostname { name: "fromfile".into() });
+
+        std::fs::write(&f, "hostname ok\nfrobnicate x\n").unwrap();
+        let err = Plan::default().add("commands-from-file", Some(f.to_str().unwrap())).unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("frobnicate"), "{err}");
+
+        std::fs::write(&f, format!("commands-from-file {}\n", f.display())).unwrap();
+        let err = Plan::default().add("commands-from-file", Some(f.to_str().unwrap())).unwrap_err().to_string();
+        assert!(err.contains("nest"), "{err}");
+    }
+
+    #[test]
+    fn uploads_go_to_the_payload() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let mut plan = Plan::default();
+        plan.add("upload", Some(&format!("{}:/opt/", f.path().display()))).unwrap();
+        assert_eq!(plan.payload.len(), 1);
+        assert!(
+            matches!(&plan.operations[0], Operation::Upload { payload_path, .. } if payload_path == &plan.payload[0].name)
+        );
+    }
+}

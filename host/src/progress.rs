@@ -1,0 +1,118 @@
+//! Progress for people (an indicatif bar on a terminal) and for programs (JSON lines on
+//! stdout, snf-image's monitor message types: `image-info`, `image-copy-progress`,
+//! `image-helper`, `image-error`, `image-done`).
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::{IsTerminal, Write};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The `--progress` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// A bar on a terminal, nothing otherwise.
+    Auto,
+    /// Always a bar (on stderr).
+    Bar,
+    /// One JSON object a line on stdout.
+    Json,
+    /// Nothing.
+    None,
+}
+
+/// A progress sink.
+pub struct Progress {
+    json: bool,
+    bar: Option<ProgressBar>,
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+impl Progress {
+    /// A sink for `mode` (`auto` looks at whether stderr is a terminal).
+    pub fn new(mode: ProgressMode) -> Self {
+        let bar = match mode {
+            ProgressMode::Bar => true,
+            ProgressMode::Auto => std::io::stderr().is_terminal(),
+            ProgressMode::Json | ProgressMode::None => false,
+        };
+        let bar = bar.then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("static template"));
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        Self { json: mode == ProgressMode::Json, bar }
+    }
+
+    /// True when events go out as JSON on stdout (so stdout carries nothing else).
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    fn emit(&self, mut event: Value) {
+        if !self.json {
+            return;
+        }
+        event["timestamp"] = json!(now());
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{event}");
+        let _ = out.flush();
+    }
+
+    /// A status message for the bar.
+    pub fn message(&self, text: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(text.to_owned());
+        }
+    }
+
+    /// Prints a line above the bar (or to stderr without one).
+    pub fn println(&self, text: &str) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    /// `image-info`.
+    pub fn image_info(&self, info: Value) {
+        let mut event = json!({"type": "image-info"});
+        if let (Some(e), Value::Object(fields)) = (event.as_object_mut(), info) {
+            e.extend(fields);
+        }
+        self.emit(event);
+    }
+
+    /// `image-helper` with a subtype (`task-start`, `task-end`, `warning`, `error`).
+    pub fn helper(&self, subtype: &str, task: &str, message: Option<&str>) {
+        let mut event = json!({"type": "image-helper", "subtype": subtype, "task": task});
+        if let Some(m) = message {
+            event["messages"] = json!([m]);
+        }
+        self.emit(event);
+        if subtype == "task-start" {
+            self.message(&format!("helper: {task}"));
+        }
+    }
+
+    /// `image-error`.
+    pub fn error(&self, messages: &[String]) {
+        self.emit(json!({"type": "image-error", "messages": messages}));
+    }
+
+    /// `image-done`, and the bar cleared.
+    pub fn done(&self) {
+        self.emit(json!({"type": "image-done"}));
+        self.finish();
+    }
+
+    /// Clears the bar.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The qemu command line of the helper VM, built as a pure function of its inputs.
+//!
+//! Every file qemu touches arrives as an inherited descriptor: disks and serial ports through
+//! `-add-fd` fdsets, kernel and initramfs through `/proc/self/fd/N`, QMP as a listening socket.
+//! qemu therefore needs no access to any path, and can run as an unprivileged user inside
+//! `-sandbox` (qemu 7.2 kills itself with SIGSYS when `-runas` meets `elevateprivileges=deny`;
+//! qemu ≥ 9.1 has no `-runas` at all — dropping privileges before exec works with both).
+
+use super::accel::Accel;
+
+/// Disk image format given to qemu explicitly (never probed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// Raw image or block device.
+    Raw,
+    /// qcow2 image.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// qemu's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Descriptor numbers (as inherited by qemu) and settings for one VM.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Accelerator for this attempt.
+    pub accel: Accel,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Kernel command line.
+    pub kernel_cmdline: String,
+    /// Kernel image descriptor.
+    pub kernel_fd: i32,
+    /// Initramfs descriptor.
+    pub initrd_fd: i32,
+    /// Target disk opened read-only.
+    pub disk_ro_fd: i32,
+    /// Target disk opened read-write.
+    pub disk_rw_fd: i32,
+    /// Target disk format.
+    pub disk_format: DiskFormat,
+    /// Whether the disk descriptors carry O_DIRECT (then `cache=none`).
+    pub disk_direct: bool,
+    /// Parameter floppy, read-only.
+    pub floppy_fd: i32,
+    /// Payload disk, read-only, if any.
+    pub payload_fd: Option<i32>,
+    /// Write end of the console pipe (serial 0).
+    pub console_fd: i32,
+    /// Write end of the report pipe (serial 1).
+    pub report_fd: i32,
+    /// Listening QMP socket.
+    pub qmp_fd: i32,
+}
+
+const FDSET_DISK: u32 = 1;
+const FDSET_FLOPPY: u32 = 2;
+const FDSET_PAYLOAD: u32 = 3;
+const FDSET_CONSOLE: u32 = 4;
+const FDSET_REPORT: u32 = 5;
+
+/// The serial number by which the helper finds the payload disk.
+pub const PAYLOAD_SERIAL: &str = "imgforge-payload";
+/// The serial number of the target disk.
+pub const TARGET_SERIAL: &str = "imgforge-target";
+
+/// Builds the argument list (without the program name).
+pub fn args(c: &QemuConfig) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&[
+        "-name",
+        "imgforge-helper",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&["-machine", "pc", "-accel", c.accel.qemu_name(), "-cpu", c.accel.cpu_model()]);
+    push(&["-m", &c.memory_mib.to_string(), "-smp", "1"]);
+    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    push(&["-kernel", &format!("/proc/self/fd/{}", c.kernel_fd), "-initrd", &format!("/proc/self/fd/{}", c.initrd_fd)]);
+    push(&["-append", &c.kernel_cmdline]);
+
+    let cache = if c.disk_direct { "none" } else { "writeback" };
+    push(&["-add-fd", &format!("fd={},set={FDSET_DISK},opaque=target-ro", c.disk_ro_fd)]);
+    push(&["-add-fd", &format!("fd={},set={FDSET_DISK},opaque=target-rw", c.disk_rw_fd)]);
+    push(&[
+        "-drive",
+        &format!(
+            "file=/dev/fdset/{FDSET_DISK},format={},if=none,id=target,cache={cache},aio=threads",
+            c.disk_format.as_str()
+        ),
+    ]);
+    push(&["-device", &format!("virtio-blk-pci,drive=target,serial={TARGET_SERIAL}")]);
+
+    push(&["-add-fd", &format!("fd={},set={FDSET_FLOPPY},opaque=rules-floppy", c.floppy_fd)]);
+    push(&["-drive", &format!("file=/dev/fdset/{FDSET_FLOPPY},format=raw,if=floppy,index=0,readonly=on")]);
+
+    if let Some(fd) = c.payload_fd {
+        push(&["-add-fd", &format!("fd={fd},set={FDSET_PAYLOAD},opaque=payload")]);
+        push(&["-drive", &format!("file=/dev/fdset/{FDSET_PAYLOAD},format=raw,if=none,id=payload,readonly=on")]);
+        push(&["-device", &format!("virtio-blk-pci,drive=payload,serial={PAYLOAD_SERIAL}")]);
+    }
+
+    // append=on: without it qemu truncates the descriptor, which a pipe refuses (EINVAL).
+    push(&["-add-fd", &format!("fd={},set={FDSET_CONSOLE},opaque=console", c.console_fd)]);
+    push(&[
+        "-chardev",
+        &format!("file,id=console,path=/dev/fdset/{FDSET_CONSOLE},append=on"),
+        "-serial",
+        "chardev:console",
+    ]);
+    push(&["-add-fd", &format!("fd={},set={FDSET_REPORT},opaque=report", c.report_fd)]);
+    push(&[
+        "-chardev",
+        &format!("file,id=report,path=/dev/fdset/{FDSET_REPORT},append=on"),
+        "-serial",
+        "chardev:report",
+    ]);
+
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,fd={},server=on,wait=off", c.qmp_fd),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> QemuConfig {
+        QemuConfig {
+            accel: Accel::Tcg,
+            memory_mib: 512,
+            kernel_cmdline: "console=ttyS0".into(),
+            kernel_fd: 10,
+            initrd_fd: 11,
+            disk_ro_fd: 12,
+            disk_rw_fd: 13,
+            disk_format: DiskFormat::Raw,
+            disk_direct: true,
+            floppy_fd: 14,
+            payload_fd: None,
+            console_fd: 15,
+            report_fd: 16,
+            qmp_fd: 17,
+        }
+    }
+
+    fn joined(c: &QemuConfig) -> String {
+        args(c).join(" ")
+    }
+
+    #[test]
+    fn confined_and_path_free() {
+        let line = joined(&config());
+        for want in [
+            "-nodefaults",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny",
+            "-no-reboot",
+            "format=raw,if=none,id=target,cache=none",
+            "-kernel /proc/self/fd/10",
+            "fd=12,set=1",
+            "fd=13,set=1",
+            "socket,id=qmp,fd=17,server=on",
+        ] {
+            assert!(line.contains(want), "{want} missing from {line}");
+        }
+        // No network, no -runas (gone in qemu 9.1, SIGSYS with the sandbox on 7.2).
+        for unwanted in ["-netdev", "-nic", "-runas", "-run-with", "payload"] {
+            assert!(!line.contains(unwanted), "{unwanted} in {line}");
+        }
+        // Every path qemu opens is an fdset or an inherited descriptor.
+        for arg in args(&config()) {
+            for part in arg.split(',') {
+                if let Some(path) = part.strip_prefix("file=").or_else(|| part.strip_prefix("path=")) {
+                    assert!(path.starts_with("/dev/fdset/"), "{arg}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn payload_and_cache_modes() {
+        let mut c = config();
+        c.payload_fd = Some(20);
+        c.disk_direct = false;
+        c.disk_format = DiskFormat::Qcow2;
+        let line = joined(&c);
+        assert!(
+            line.contains("fd=20,set=3") && line.contains("serial=imgforge-payload") && line.contains("readonly=on")
+        );
+        assert!(line.contains("format=qcow2,if=none,id=target,cache=writeback"));
+    }
+}

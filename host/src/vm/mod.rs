@@ -1,0 +1,443 @@
+//! Runs the helper VM: qemu confined and unprivileged, serial 0 = console log, serial 1 =
+//! report, QMP for a graceful stop; soft then hard timeout; KVM with TCG fallback.
+
+pub mod accel;
+pub mod cmdline;
+pub mod privilege;
+mod qmp;
+
+use crate::helper_image::HelperImage;
+use accel::{Accel, KvmVerdict};
+use cmdline::{DiskFormat, QemuConfig};
+use imgforge_protocol::report::{LineSplitter, ReportLine, Verdict, VerdictBuilder};
+use privilege::Unprivileged;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+
+/// Kernel command line of the helper.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=4";
+/// How long a KVM guest may stay silent on serial 0 before KVM is judged broken.
+pub const KVM_SIGN_OF_LIFE: Duration = Duration::from_secs(10);
+/// How many console lines are kept for error messages.
+const CONSOLE_TAIL_LINES: usize = 40;
+/// How much of qemu's stderr is kept.
+const STDERR_LIMIT_BYTES: u64 = 16 * 1024;
+
+/// Everything needed to run the helper VM once.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// qemu-system-x86_64.
+    pub qemu: PathBuf,
+    /// Kernel and initramfs.
+    pub image: HelperImage,
+    /// The disk to customize.
+    pub disk: PathBuf,
+    /// Its format.
+    pub disk_format: DiskFormat,
+    /// The parameter floppy image.
+    pub floppy: PathBuf,
+    /// The payload disk image, if any.
+    pub payload: Option<PathBuf>,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Accelerator choice.
+    pub accel: Accel,
+    /// Soft timeout: then qemu is asked to quit.
+    pub soft_timeout: Duration,
+    /// After the soft timeout, how long until SIGKILL.
+    pub hard_grace: Duration,
+    /// User to run qemu as (None: as this process).
+    pub user: Option<Unprivileged>,
+    /// Cache directory (where the KVM verdict is remembered).
+    pub cache: PathBuf,
+}
+
+/// Something that happened while the VM ran.
+#[derive(Debug, Clone)]
+pub enum VmEvent {
+    /// qemu started with this accelerator.
+    Started(Accel),
+    /// KVM did not work; trying TCG.
+    Fallback(String),
+    /// A line on the console (serial 0).
+    Console(String),
+    /// A line on the report port (serial 1).
+    Report(ReportLine),
+}
+
+/// How a finished helper run went.
+#[derive(Debug, Clone)]
+pub struct VmOutcome {
+    /// Success, or the failing task.
+    pub verdict: Verdict,
+    /// The accelerator that ran it.
+    pub accel: Accel,
+    /// Wall time of the successful attempt.
+    pub elapsed: Duration,
+}
+
+/// Why the helper VM did not produce a verdict.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// qemu is not installed.
+    #[error("{0} was not found: install qemu-system-x86 (the README's setup command does)")]
+    QemuNotFound(PathBuf),
+    /// A file for the VM could not be opened.
+    #[error("cannot open {path} for the helper VM: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Pipes, sockets or the process could not be set up.
+    #[error("cannot start the helper VM: {0}")]
+    Setup(String),
+    /// The soft timeout passed.
+    #[error("the helper VM timed out after {secs} s{}; raise --timeout if the image needs longer", running.as_ref().map(|t| format!(" while running task {t}")).unwrap_or_default())]
+    Timeout {
+        /// The timeout.
+        secs: u64,
+        /// The task that was running.
+        running: Option<String>,
+    },
+    /// qemu exited with an error before the guest reported.
+    #[error("qemu failed ({status}): {stderr}")]
+    QemuFailed {
+        /// Exit status.
+        status: String,
+        /// Its error output.
+        stderr: String,
+    },
+    /// qemu died from a signal imgforge did not send.
+    #[error("qemu was killed by signal {0} from outside imgforge")]
+    Killed(i32),
+    /// imgforge was asked to stop.
+    #[error("interrupted by {0}; the helper VM was stopped")]
+    Interrupted(&'static str),
+    /// KVM ran but the guest never printed anything.
+    #[error("the KVM guest showed no sign of life within {} s", KVM_SIGN_OF_LIFE.as_secs())]
+    NoSignOfLife,
+    /// The VM stopped without a verdict.
+    #[error("the helper VM stopped without reporting success or failure{}; last console lines:\n{tail}", running.as_ref().map(|t| format!(" (task {t} was running)")).unwrap_or_default())]
+    NoReport {
+        /// The task that was running.
+        running: Option<String>,
+        /// The end of the console log.
+        tail: String,
+    },
+}
+
+/// Receives interrupt notifications (`Some(signal name)` once one arrives).
+pub type Interrupt = watch::Receiver<Option<&'static str>>;
+
+/// Runs the helper VM to a verdict, falling back from KVM to TCG under `--accel auto`.
+pub async fn run(
+    spec: &VmSpec,
+    events: &mpsc::UnboundedSender<VmEvent>,
+    interrupt: &Interrupt,
+) -> Result<VmOutcome, VmError> {
+    let plan = accel::plan(spec.accel, accel::kvm_device_usable(), accel::remembered(&spec.cache));
+    let auto = spec.accel == Accel::Auto;
+    let mut last_err = None;
+    for (i, &accel) in plan.iter().enumerate() {
+        let has_fallback = i + 1 < plan.len();
+        let probe = accel == Accel::Kvm && auto;
+        match attempt(spec, accel, probe, events, interrupt.clone()).await {
+            Ok(outcome) => {
+                if probe {
+                    accel::remember(&spec.cache, KvmVerdict::Works);
+                }
+                return Ok(outcome);
+            }
+            Err(e @ (VmError::NoSignOfLife | VmError::QemuFailed { .. })) if probe && has_fallback => {
+                accel::remember(&spec.cache, KvmVerdict::Broken);
+                let _ = events.send(VmEvent::Fallback(format!("KVM did not work ({e}); using TCG")));
+                last_err = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| VmError::Setup("no accelerator to try".into())))
+}
+
+fn open(path: &Path, options: &std::fs::OpenOptions) -> Result<File, VmError> {
+    options.open(path).map_err(|source| VmError::Open { path: path.to_owned(), source })
+}
+
+/// Opens the target disk twice (read-only and read-write), with O_DIRECT where supported
+/// (`cache=none`); tmpfs and some others refuse O_DIRECT, then the page cache is used.
+fn open_disk(path: &Path) -> Result<(File, File, bool), VmError> {
+    let direct = |write: bool| {
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true).write(write).custom_flags(libc::O_DIRECT);
+        o
+    };
+    match (direct(false).open(path), direct(true).open(path)) {
+        (Ok(ro), Ok(rw)) => Ok((ro, rw, true)),
+        (Err(e), _) | (_, Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let ro = open(path, std::fs::OpenOptions::new().read(true))?;
+            let rw = open(path, std::fs::OpenOptions::new().read(true).write(true))?;
+            Ok((ro, rw, false))
+        }
+        (Err(source), _) | (_, Err(source)) => Err(VmError::Open { path: path.to_owned(), source }),
+    }
+}
+
+struct Shared {
+    console_tail: Mutex<VecDeque<String>>,
+    verdict: Mutex<VerdictBuilder>,
+    alive: AtomicBool,
+}
+
+async fn attempt(
+    spec: &VmSpec,
+    accel: Accel,
+    probe: bool,
+    events: &mpsc::UnboundedSender<VmEvent>,
+    mut interrupt: Interrupt,
+) -> Result<VmOutcome, VmError> {
+    let started = Instant::now();
+    let ro = std::fs::OpenOptions::new().read(true).clone();
+    let kernel = open(&spec.image.kernel, &ro)?;
+    let initrd = open(&spec.image.initrd, &ro)?;
+    let (disk_ro, disk_rw, disk_direct) = open_disk(&spec.disk)?;
+    let floppy = open(&spec.floppy, &ro)?;
+    let payload = spec.payload.as_ref().map(|p| open(p, &ro)).transpose()?;
+    let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
+    let (report_r, report_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
+    // QMP lives in a private 0700 directory; qemu gets the listening socket, not the path.
+    let qmp_dir = tempfile::Builder::new()
+        .prefix("imgforge-qmp-")
+        .tempdir()
+        .map_err(|e| VmError::Setup(format!("QMP directory: {e}")))?;
+    let qmp_path = qmp_dir.path().join("qmp.sock");
+    let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_path)
+        .map_err(|e| VmError::Setup(format!("QMP socket {}: {e}", qmp_path.display())))?;
+
+    let config = QemuConfig {
+        accel,
+        memory_mib: spec.memory_mib,
+        kernel_cmdline: KERNEL_CMDLINE.to_owned(),
+        kernel_fd: kernel.as_raw_fd(),
+        initrd_fd: initrd.as_raw_fd(),
+        disk_ro_fd: disk_ro.as_raw_fd(),
+        disk_rw_fd: disk_rw.as_raw_fd(),
+        disk_format: spec.disk_format,
+        disk_direct,
+        floppy_fd: floppy.as_raw_fd(),
+        payload_fd: payload.as_ref().map(|p| p.as_raw_fd()),
+        console_fd: console_w.as_raw_fd(),
+        report_fd: report_w.as_raw_fd(),
+        qmp_fd: qmp_listener.as_raw_fd(),
+    };
+    let mut inherited: Vec<RawFd> = vec![
+        config.kernel_fd,
+        config.initrd_fd,
+        config.disk_ro_fd,
+        config.disk_rw_fd,
+        config.floppy_fd,
+        config.console_fd,
+        config.report_fd,
+        config.qmp_fd,
+    ];
+    inherited.extend(config.payload_fd);
+    let args = cmdline::args(&config);
+    tracing::debug!(qemu = %spec.qemu.display(), args = %args.join(" "), "starting the helper VM");
+
+    let user = spec.user.clone();
+    // KVM needs /dev/kvm, which qemu opens itself: keep only the group that grants it.
+    let kvm_groups: Vec<u32> = if accel == Accel::Kvm {
+        std::fs::metadata("/dev/kvm").map(|m| vec![m.gid()]).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut command = tokio::process::Command::new(&spec.qemu);
+    command
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: only async-signal-safe syscalls run between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // Own session: a terminal's Ctrl-C reaches imgforge, which stops qemu itself.
+            libc::setsid();
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            for fd in &inherited {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(u) = &user {
+                privilege::drop_to(u, &kvm_groups)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => VmError::QemuNotFound(spec.qemu.clone()),
+        _ => VmError::Setup(format!("cannot start {}: {e}", spec.qemu.display())),
+    })?;
+    // qemu holds its own copies now; ours would keep the pipes from reaching EOF.
+    drop((console_w, report_w, qmp_listener, kernel, initrd, disk_ro, disk_rw, floppy, payload));
+    let _ = events.send(VmEvent::Started(accel));
+
+    let shared = Arc::new(Shared {
+        console_tail: Mutex::new(VecDeque::new()),
+        verdict: Mutex::new(VerdictBuilder::default()),
+        alive: AtomicBool::new(false),
+    });
+    let console_thread = spawn_console_reader(console_r, shared.clone(), events.clone());
+    let report_thread = spawn_report_reader(report_r, shared.clone(), events.clone());
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let stderr_task = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let _ = (&mut stderr).take(STDERR_LIMIT_BYTES).read_to_end(&mut buf).await;
+        // Keep draining so qemu never blocks on a full pipe.
+        let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
+        String::from_utf8_lossy(&buf).trim().to_string()
+    });
+
+    let soft = tokio::time::sleep(spec.soft_timeout);
+    tokio::pin!(soft);
+    let life = tokio::time::sleep(KVM_SIGN_OF_LIFE);
+    tokio::pin!(life);
+    let mut probing = probe;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(|e| VmError::Setup(format!("waiting for qemu: {e}")))?,
+            _ = &mut soft => {
+                stop(&mut child, &qmp_path, spec.hard_grace).await;
+                let running = running_task(&shared);
+                return Err(VmError::Timeout { secs: spec.soft_timeout.as_secs(), running });
+            }
+            _ = &mut life, if probing => {
+                if shared.alive.load(Ordering::SeqCst) {
+                    probing = false;
+                } else {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return Err(VmError::NoSignOfLife);
+                }
+            }
+            changed = interrupt.changed() => {
+                let signal = match changed { Ok(()) => *interrupt.borrow(), Err(_) => None };
+                if let Some(signal) = signal {
+                    stop(&mut child, &qmp_path, spec.hard_grace.min(Duration::from_secs(3))).await;
+                    return Err(VmError::Interrupted(signal));
+                }
+            }
+        }
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = console_thread.join();
+        let _ = report_thread.join();
+    })
+    .await;
+    let stderr = stderr_task.await.unwrap_or_default();
+    if let Some(signal) = status.signal() {
+        return Err(VmError::Killed(signal));
+    }
+    if !status.success() {
+        return Err(VmError::QemuFailed { status: status.to_string(), stderr });
+    }
+    let verdict = shared.verdict.lock().expect("verdict lock").verdict();
+    match verdict {
+        Verdict::Incomplete { running } => {
+            let tail = shared.console_tail.lock().expect("tail lock").iter().cloned().collect::<Vec<_>>().join("\n");
+            Err(VmError::NoReport { running, tail })
+        }
+        verdict => Ok(VmOutcome { verdict, accel, elapsed: started.elapsed() }),
+    }
+}
+
+fn running_task(shared: &Shared) -> Option<String> {
+    match shared.verdict.lock().expect("verdict lock").verdict() {
+        Verdict::Incomplete { running } => running,
+        _ => None,
+    }
+}
+
+/// Graceful stop: QMP `quit` (SIGTERM if QMP does not answer), SIGKILL after `grace`.
+async fn stop(child: &mut tokio::process::Child, qmp_path: &Path, grace: Duration) {
+    let path = qmp_path.to_owned();
+    let quit =
+        tokio::time::timeout(Duration::from_secs(3), tokio::task::spawn_blocking(move || qmp::quit(&path))).await;
+    if !matches!(quit, Ok(Ok(Ok(())))) {
+        if let Some(pid) = child.id() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}
+
+fn spawn_console_reader(
+    pipe: std::io::PipeReader,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<VmEvent>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            shared.alive.store(true, Ordering::SeqCst);
+            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+            {
+                let mut tail = shared.console_tail.lock().expect("tail lock");
+                if tail.len() == CONSOLE_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+            }
+            let _ = events.send(VmEvent::Console(line));
+        }
+    })
+}
+
+fn spawn_report_reader(
+    mut pipe: std::io::PipeReader,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<VmEvent>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut splitter = LineSplitter::default();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            for line in splitter.push(&buf[..n]) {
+                match ReportLine::parse(&line) {
+                    Ok(parsed) => {
+                        shared.verdict.lock().expect("verdict lock").observe(&parsed);
+                        let _ = events.send(VmEvent::Report(parsed));
+                    }
+                    Err(e) => tracing::debug!("ignoring report line: {e}"),
+                }
+            }
+        }
+    })
+}

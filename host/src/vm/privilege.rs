@@ -1,0 +1,89 @@
+//! The unprivileged user qemu runs as, and dropping to it between fork and exec.
+
+use std::ffi::CString;
+use thiserror::Error;
+
+/// Default user for the helper VM (as snf-image).
+pub const DEFAULT_HELPER_USER: &str = "nobody";
+
+/// Why the helper user cannot be used.
+#[derive(Debug, Error)]
+pub enum PrivilegeError {
+    /// No such user.
+    #[error("helper user {0:?} does not exist on this host: create it or pass --helper-user")]
+    NoSuchUser(String),
+    /// The user is root.
+    #[error("helper user {0:?} is root: qemu must run unprivileged, pick another user")]
+    Root(String),
+}
+
+/// A user and group to run qemu as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unprivileged {
+    /// User name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+/// Looks the user up in the host's user database.
+pub fn lookup(name: &str) -> Result<Unprivileged, PrivilegeError> {
+    let c = CString::new(name).map_err(|_| PrivilegeError::NoSuchUser(name.to_owned()))?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the call; the buffer outlives the use of `pwd`.
+    let rc = unsafe { libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return Err(PrivilegeError::NoSuchUser(name.to_owned()));
+    }
+    if pwd.pw_uid == 0 {
+        return Err(PrivilegeError::Root(name.to_owned()));
+    }
+    Ok(Unprivileged { name: name.to_owned(), uid: pwd.pw_uid, gid: pwd.pw_gid })
+}
+
+/// The user to drop to: `name` when running as root; nobody to drop to otherwise (an
+/// unprivileged caller's qemu already runs unprivileged).
+pub fn for_this_process(name: &str) -> Result<Option<Unprivileged>, PrivilegeError> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    lookup(name).map(Some)
+}
+
+/// Drops to `user` with only `extra_groups` as supplementary groups. Called between fork and
+/// exec: async-signal-safe calls only.
+pub fn drop_to(user: &Unprivileged, extra_groups: &[u32]) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on valid arguments; the group list outlives the call.
+    unsafe {
+        if libc::setgroups(extra_groups.len(), extra_groups.as_ptr()) != 0
+            || libc::setgid(user.gid) != 0
+            || libc::setuid(user.uid) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Verify the drop is irreversible.
+        if libc::setuid(0) == 0 {
+            return Err(std::io::Error::other("could still regain root after dropping privileges"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups() {
+        assert!(matches!(lookup("root"), Err(PrivilegeError::Root(_))));
+        assert!(matches!(lookup("no-such-user-imgforge"), Err(PrivilegeError::NoSuchUser(_))));
+        if let Ok(u) = lookup("nobody") {
+            assert_ne!(u.uid, 0);
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The only contract between the imgforge host and the helper VM.
+//!
+//! Nothing here does I/O: the host writes [`rules::Rules`] to the parameter floppy and reads
+//! [`report::ReportLine`]s from the helper's second serial port; the helper does the reverse.
+
+pub mod report;
+pub mod rules;
+pub mod task;
+
+/// Name of the rules document on the parameter floppy.
+pub const RULES_FILE_NAME: &str = "rules.json";
+/// Volume label of the parameter floppy.
+pub const FLOPPY_LABEL: &str = "IMGFORGE";

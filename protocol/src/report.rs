@@ -1,0 +1,349 @@
+//! Lines the helper writes on its second serial port, and the verdict the host draws from them.
+//!
+//! One event a line, ASCII keyword first:
+//!
+//! ```text
+//! PHASE rules-read 1840          a boot phase reached, at this guest uptime (ms)
+//! TASK-START 10-MountRoot
+//! TASK-END 10-MountRoot 412      the task succeeded after this many ms
+//! WARNING 50-Customize "text"    message as a JSON string (one line, escaped)
+//! ERROR 50-Customize "text"      the task failed; nothing runs after it
+//! SUCCESS                        every task succeeded
+//! ```
+//!
+//! The serial line may add `\r`, lose the end of the stream, or carry noise; anything but a
+//! well-formed `SUCCESS` after no `ERROR` is a failure.
+
+use thiserror::Error;
+
+/// Longest report line accepted; longer ones are noise (a message is capped well below).
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Why a line is not a report line.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ReportLineError {
+    /// Blank line.
+    #[error("empty report line")]
+    Empty,
+    /// Unknown first word.
+    #[error("unknown report keyword in {0:?}")]
+    UnknownKeyword(String),
+    /// Known keyword, wrong fields.
+    #[error("malformed {keyword} report line: {line:?}")]
+    Malformed {
+        /// The keyword.
+        keyword: &'static str,
+        /// The offending line (truncated).
+        line: String,
+    },
+}
+
+/// One event on the report port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportLine {
+    /// A helper boot phase reached at `uptime_ms` of guest uptime.
+    Phase {
+        /// Phase name (no spaces).
+        name: String,
+        /// Guest uptime in milliseconds.
+        uptime_ms: u64,
+    },
+    /// A task started.
+    TaskStart {
+        /// Task name, `NN-Name`.
+        task: String,
+    },
+    /// A task ended successfully.
+    TaskEnd {
+        /// Task name.
+        task: String,
+        /// How long it ran.
+        millis: u64,
+    },
+    /// A task warns about something that did not stop it.
+    Warning {
+        /// Task name (or `helper`).
+        task: String,
+        /// The warning.
+        message: String,
+    },
+    /// A task failed (or the helper itself, as task `helper`).
+    Error {
+        /// Task name.
+        task: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Every task succeeded.
+    Success,
+}
+
+fn is_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+impl ReportLine {
+    /// Parses one line (trailing `\r`/`\n` ignored).
+    pub fn parse(line: &str) -> Result<Self, ReportLineError> {
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.trim().is_empty() {
+            return Err(ReportLineError::Empty);
+        }
+        let (keyword, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let malformed =
+            |keyword: &'static str| ReportLineError::Malformed { keyword, line: line.chars().take(200).collect() };
+        match keyword {
+            "SUCCESS" if rest.is_empty() => Ok(ReportLine::Success),
+            "SUCCESS" => Err(malformed("SUCCESS")),
+            "TASK-START" if is_word(rest) => Ok(ReportLine::TaskStart { task: rest.to_owned() }),
+            "TASK-START" => Err(malformed("TASK-START")),
+            "TASK-END" | "PHASE" => {
+                let kw = if keyword == "PHASE" { "PHASE" } else { "TASK-END" };
+                let (name, num) = rest.split_once(' ').ok_or_else(|| malformed(kw))?;
+                let n: u64 = num.parse().map_err(|_| malformed(kw))?;
+                if !is_word(name) {
+                    return Err(malformed(kw));
+                }
+                Ok(if kw == "PHASE" {
+                    ReportLine::Phase { name: name.to_owned(), uptime_ms: n }
+                } else {
+                    ReportLine::TaskEnd { task: name.to_owned(), millis: n }
+                })
+            }
+            "WARNING" | "ERROR" => {
+                let kw = if keyword == "ERROR" { "ERROR" } else { "WARNING" };
+                let (task, json) = rest.split_once(' ').ok_or_else(|| malformed(kw))?;
+                if !is_word(task) {
+                    return Err(malformed(kw));
+                }
+                let message: String = serde_json::from_str(json).map_err(|_| malformed(kw))?;
+                let task = task.to_owned();
+                Ok(if kw == "ERROR" {
+                    ReportLine::Error { task, message }
+                } else {
+                    ReportLine::Warning { task, message }
+                })
+            }
+            other => Err(ReportLineError::UnknownKeyword(other.chars().take(40).collect())),
+        }
+    }
+}
+
+impl std::fmt::Display for ReportLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json = |s: &str| serde_json::to_string(s).expect("strings always serialize");
+        match self {
+            ReportLine::Phase { name, uptime_ms } => write!(f, "PHASE {name} {uptime_ms}"),
+            ReportLine::TaskStart { task } => write!(f, "TASK-START {task}"),
+            ReportLine::TaskEnd { task, millis } => write!(f, "TASK-END {task} {millis}"),
+            ReportLine::Warning { task, message } => write!(f, "WARNING {task} {}", json(message)),
+            ReportLine::Error { task, message } => write!(f, "ERROR {task} {}", json(message)),
+            ReportLine::Success => f.write_str("SUCCESS"),
+        }
+    }
+}
+
+/// Splits a byte stream into complete lines; an unterminated tail is never returned as a line.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    pending: Vec<u8>,
+    overlong: bool,
+}
+
+impl LineSplitter {
+    /// Feeds bytes, returning every line they complete (lossy UTF-8, overlong lines dropped).
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for chunk in bytes.split_inclusive(|b| *b == b'\n') {
+            let complete = chunk.last() == Some(&b'\n');
+            let body = if complete { &chunk[..chunk.len() - 1] } else { chunk };
+            if !self.overlong {
+                self.pending.extend_from_slice(body);
+                if self.pending.len() > MAX_LINE_BYTES {
+                    self.overlong = true;
+                    self.pending.clear();
+                }
+            }
+            if complete {
+                if !self.overlong {
+                    lines.push(String::from_utf8_lossy(&self.pending).into_owned());
+                }
+                self.pending.clear();
+                self.overlong = false;
+            }
+        }
+        lines
+    }
+
+    /// True when bytes are waiting for their newline (a truncated last line).
+    pub fn has_partial_line(&self) -> bool {
+        !self.pending.is_empty() || self.overlong
+    }
+}
+
+/// What the report says about the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// `SUCCESS` was reported and no task failed.
+    Success,
+    /// A task reported an error.
+    Failed {
+        /// The failing task.
+        task: String,
+        /// Its message.
+        message: String,
+    },
+    /// The report ended without a verdict.
+    Incomplete {
+        /// The task that had started and not ended, if any.
+        running: Option<String>,
+    },
+}
+
+/// Accumulates report lines into a [`Verdict`].
+#[derive(Debug, Default)]
+pub struct VerdictBuilder {
+    running: Option<String>,
+    error: Option<(String, String)>,
+    success: bool,
+}
+
+impl VerdictBuilder {
+    /// Takes one parsed line into account.
+    pub fn observe(&mut self, line: &ReportLine) {
+        match line {
+            ReportLine::TaskStart { task } => self.running = Some(task.clone()),
+            ReportLine::TaskEnd { task, .. } if self.running.as_ref() == Some(task) => self.running = None,
+            ReportLine::Error { task, message } => {
+                // The first error is the cause; later ones are consequences.
+                if self.error.is_none() {
+                    self.error = Some((task.clone(), message.clone()));
+                }
+            }
+            ReportLine::Success => self.success = true,
+            _ => {}
+        }
+    }
+
+    /// The verdict so far.
+    pub fn verdict(&self) -> Verdict {
+        match (&self.error, self.success) {
+            (Some((task, message)), _) => Verdict::Failed { task: task.clone(), message: message.clone() },
+            (None, true) => Verdict::Success,
+            (None, false) => Verdict::Incomplete { running: self.running.clone() },
+        }
+    }
+}
+
+/// Reads a whole report (for tests and post-mortem use): lines that do not parse are ignored.
+pub fn verdict_of(bytes: &[u8]) -> Verdict {
+    let mut splitter = LineSplitter::default();
+    let mut builder = VerdictBuilder::default();
+    for line in splitter.push(bytes) {
+        if let Ok(parsed) = ReportLine::parse(&line) {
+            builder.observe(&parsed);
+        }
+    }
+    builder.verdict()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_table() {
+        let ok: &[(&str, ReportLine)] = &[
+            ("SUCCESS", ReportLine::Success),
+            ("SUCCESS\r", ReportLine::Success),
+            ("TASK-START 10-MountRoot", ReportLine::TaskStart { task: "10-MountRoot".into() }),
+            ("TASK-END 10-MountRoot 412", ReportLine::TaskEnd { task: "10-MountRoot".into(), millis: 412 }),
+            ("PHASE init 1600", ReportLine::Phase { name: "init".into(), uptime_ms: 1600 }),
+            (
+                "ERROR 50-Customize \"exit 7\\nline2\"",
+                ReportLine::Error { task: "50-Customize".into(), message: "exit 7\nline2".into() },
+            ),
+            ("WARNING helper \"x\"", ReportLine::Warning { task: "helper".into(), message: "x".into() }),
+        ];
+        for (text, want) in ok {
+            assert_eq!(&ReportLine::parse(text).unwrap(), want, "{text:?}");
+        }
+        let bad = [
+            "",
+            "   ",
+            "SUCCES",
+            "SUCCESS now",
+            "success",
+            "TASK-START",
+            "TASK-START two words",
+            "TASK-END 10-X",
+            "TASK-END 10-X -1",
+            "TASK-END 10-X 12x",
+            "PHASE  5",
+            "ERROR 50-Customize",
+            "ERROR 50-Customize unquoted",
+            "ERROR 50-Customize \"unterminated",
+            "ERROR bad/task \"x\"",
+            "\u{0}\u{1}garbage",
+        ];
+        for text in bad {
+            assert!(ReportLine::parse(text).is_err(), "{text:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        let lines = [
+            ReportLine::Success,
+            ReportLine::TaskStart { task: "10-A".into() },
+            ReportLine::TaskEnd { task: "10-A".into(), millis: 3 },
+            ReportLine::Phase { name: "modules".into(), uptime_ms: 99 },
+            ReportLine::Error { task: "10-A".into(), message: "multi\nline \"quoted\" \u{7f}".into() },
+            ReportLine::Warning { task: "10-A".into(), message: String::new() },
+        ];
+        for line in lines {
+            let text = line.to_string();
+            assert!(!text.contains('\n'));
+            assert_eq!(ReportLine::parse(&text).unwrap(), line);
+        }
+    }
+
+    #[test]
+    fn splitter_holds_back_partial_lines() {
+        let mut s = LineSplitter::default();
+        assert_eq!(s.push(b"TASK-START 10-A\r\nSUCC"), vec!["TASK-START 10-A\r".to_string()]);
+        assert!(s.has_partial_line());
+        assert_eq!(s.push(b"ESS\n"), vec!["SUCCESS".to_string()]);
+        assert!(!s.has_partial_line());
+    }
+
+    #[test]
+    fn splitter_drops_overlong_lines() {
+        let mut s = LineSplitter::default();
+        let mut long = vec![b'x'; MAX_LINE_BYTES + 10];
+        long.push(b'\n');
+        assert!(s.push(&long).is_empty());
+        assert_eq!(s.push(b"SUCCESS\n"), vec!["SUCCESS".to_string()]);
+    }
+
+    #[test]
+    fn verdicts() {
+        let cases: &[(&[u8], Verdict)] = &[
+            (b"TASK-START 10-A\nTASK-END 10-A 5\nSUCCESS\n", Verdict::Success),
+            (b"TASK-START 10-A\nTASK-END 10-A 5\nSUCCESS", Verdict::Incomplete { running: None }),
+            (b"TASK-START 10-A\n", Verdict::Incomplete { running: Some("10-A".into()) }),
+            (b"", Verdict::Incomplete { running: None }),
+            (b"\xff\xfe garbage\nSUCCESS\n", Verdict::Success),
+            (
+                b"TASK-START 10-A\nERROR 10-A \"boom\"\nERROR helper \"later\"\nSUCCESS\n",
+                Verdict::Failed { task: "10-A".into(), message: "boom".into() },
+            ),
+            (b"SUCCESS now\n", Verdict::Incomplete { running: None }),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(&verdict_of(bytes), want, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+}

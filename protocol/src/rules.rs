@@ -1,0 +1,279 @@
+//! The rules document: everything the helper needs to customize one image.
+//!
+//! The host builds it from the command line (or Ganeti's environment), writes it as JSON to the
+//! parameter floppy, and the helper reads it back. Secrets are already reduced to what goes into
+//! the guest (`/etc/shadow` fields): clear text never enters this document.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Version of the rules document; the helper refuses any other.
+pub const RULES_VERSION: u32 = 1;
+
+/// Why a rules document could not be read.
+#[derive(Debug, Error)]
+pub enum RulesError {
+    /// Not JSON, or not the shape of [`Rules`].
+    #[error("rules document is malformed: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// Written by a host speaking another version of this protocol.
+    #[error(
+        "rules document has version {found}, this helper understands version {RULES_VERSION}: rebuild the helper image"
+    )]
+    Version {
+        /// The version found in the document.
+        found: u32,
+    },
+}
+
+/// One customization run's instructions for the helper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// Always [`RULES_VERSION`].
+    pub version: u32,
+    /// The user's operations, applied in this order.
+    #[serde(default)]
+    pub operations: Vec<Operation>,
+    /// Mark the guest for an SELinux relabel at its next boot.
+    #[serde(default)]
+    pub selinux_relabel: bool,
+    /// Tasks not to run, by short name (`MountRoot`) — snf-image's `EXCLUDE_TASK_<Name>`.
+    #[serde(default)]
+    pub excluded_tasks: Vec<String>,
+    /// The guest's root filesystem, as a helper device path (`/dev/vda2`), when auto-detection
+    /// should not be used.
+    #[serde(default)]
+    pub root_partition: Option<String>,
+    /// Echo every task's output line by line (otherwise only failing tasks' output is shown).
+    #[serde(default)]
+    pub verbose: bool,
+}
+
+impl Rules {
+    /// An empty rules document of the current version.
+    pub fn new() -> Self {
+        Self {
+            version: RULES_VERSION,
+            operations: Vec::new(),
+            selinux_relabel: false,
+            excluded_tasks: Vec::new(),
+            root_partition: None,
+            verbose: false,
+        }
+    }
+
+    /// Serializes for the floppy.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("rules always serialize")
+    }
+
+    /// Parses a document read from the floppy, checking its version first.
+    pub fn from_json(text: &str) -> Result<Self, RulesError> {
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: u32,
+        }
+        let v: VersionOnly = serde_json::from_str(text)?;
+        if v.version != RULES_VERSION {
+            return Err(RulesError::Version { found: v.version });
+        }
+        Ok(serde_json::from_str(text)?)
+    }
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One customization step, as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Operation {
+    /// Set the hostname (`/etc/hostname`, `/etc/hosts`).
+    Hostname {
+        /// The new host name (validated on the host).
+        name: String,
+    },
+    /// Set a user's password field in `/etc/shadow`.
+    Password {
+        /// Guest user name.
+        user: String,
+        /// The exact second field of the user's `/etc/shadow` line (a crypt hash, `*`, or
+        /// `!`-prefixed when locked).
+        shadow_field: String,
+    },
+    /// Append a public key to the user's `~/.ssh/authorized_keys`.
+    SshInject {
+        /// Guest user name.
+        user: String,
+        /// One authorized_keys line.
+        key: String,
+    },
+    /// Copy a file from the payload disk into the guest.
+    Upload {
+        /// Path of the file on the payload disk, relative to its root.
+        payload_path: String,
+        /// Absolute destination in the guest; an existing directory receives the file under
+        /// `file_name`.
+        guest_path: String,
+        /// The file's name on the host, used when `guest_path` is a directory.
+        file_name: String,
+        /// Permission bits of the host file.
+        mode: u32,
+        /// Owner of the host file (virt-customize keeps it).
+        uid: u32,
+        /// Group of the host file.
+        gid: u32,
+    },
+    /// Create a directory and its parents.
+    Mkdir {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Replace a file's contents.
+    Write {
+        /// Absolute guest path.
+        path: String,
+        /// New contents.
+        content: String,
+    },
+    /// Append a line to a file, adding a newline first if the file does not end in one.
+    AppendLine {
+        /// Absolute guest path.
+        path: String,
+        /// The line, without its newline.
+        line: String,
+    },
+    /// Delete a file or directory recursively.
+    Delete {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Change permission bits.
+    Chmod {
+        /// Permission bits.
+        mode: u32,
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Run a script from the payload disk in the guest root with `/bin/sh`.
+    Run {
+        /// Path of the script on the payload disk.
+        payload_path: String,
+        /// The script's name on the host, for messages.
+        name: String,
+    },
+    /// Run a command in the guest root with `/bin/sh -c`.
+    RunCommand {
+        /// The command line.
+        command: String,
+    },
+    /// Set the timezone (`/etc/localtime`, `/etc/timezone`).
+    Timezone {
+        /// A zoneinfo name such as `Europe/Athens`.
+        zone: String,
+    },
+    /// Install a script that runs once at the guest's first boot.
+    Firstboot {
+        /// Path of the script on the payload disk.
+        payload_path: String,
+        /// The script's name on the host.
+        name: String,
+    },
+    /// Install a command that runs once at the guest's first boot.
+    FirstbootCommand {
+        /// The command line.
+        command: String,
+    },
+}
+
+impl Operation {
+    /// The command-line option this operation came from, for messages.
+    pub fn option_name(&self) -> &'static str {
+        match self {
+            Operation::Hostname { .. } => "--hostname",
+            Operation::Password { user, .. } if user == "root" => "--root-password",
+            Operation::Password { .. } => "--password",
+            Operation::SshInject { .. } => "--ssh-inject",
+            Operation::Upload { .. } => "--upload",
+            Operation::Mkdir { .. } => "--mkdir",
+            Operation::Write { .. } => "--write",
+            Operation::AppendLine { .. } => "--append-line",
+            Operation::Delete { .. } => "--delete",
+            Operation::Chmod { .. } => "--chmod",
+            Operation::Run { .. } => "--run",
+            Operation::RunCommand { .. } => "--run-command",
+            Operation::Timezone { .. } => "--timezone",
+            Operation::Firstboot { .. } => "--firstboot",
+            Operation::FirstbootCommand { .. } => "--firstboot-command",
+        }
+    }
+
+    /// A short description that never contains secrets, for logs and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            Operation::Hostname { name } => format!("--hostname {name}"),
+            Operation::Password { user, .. } => format!("{} for {user}", self.option_name()),
+            Operation::SshInject { user, .. } => format!("--ssh-inject {user}"),
+            Operation::Upload { file_name, guest_path, .. } => format!("--upload {file_name}:{guest_path}"),
+            Operation::Mkdir { path } => format!("--mkdir {path}"),
+            Operation::Write { path, .. } => format!("--write {path}"),
+            Operation::AppendLine { path, .. } => format!("--append-line {path}"),
+            Operation::Delete { path } => format!("--delete {path}"),
+            Operation::Chmod { mode, path } => format!("--chmod {mode:o}:{path}"),
+            Operation::Run { name, .. } => format!("--run {name}"),
+            Operation::RunCommand { command } => format!("--run-command '{command}'"),
+            Operation::Timezone { zone } => format!("--timezone {zone}"),
+            Operation::Firstboot { name, .. } => format!("--firstboot {name}"),
+            Operation::FirstbootCommand { command } => format!("--firstboot-command '{command}'"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Rules {
+        let mut r = Rules::new();
+        r.operations = vec![
+            Operation::Hostname { name: "web1".into() },
+            Operation::Password { user: "root".into(), shadow_field: "$6$salt$hash".into() },
+            Operation::Write { path: "/etc/motd".into(), content: "hi\n\"quoted\"".into() },
+            Operation::Chmod { mode: 0o600, path: "/etc/motd".into() },
+            Operation::RunCommand { command: "echo 'a b' > /x".into() },
+        ];
+        r.selinux_relabel = true;
+        r.excluded_tasks = vec!["SELinuxRelabel".into()];
+        r
+    }
+
+    #[test]
+    fn round_trip() {
+        let r = sample();
+        assert_eq!(Rules::from_json(&r.to_json()).unwrap(), r);
+    }
+
+    #[test]
+    fn other_version_refused() {
+        let text = sample().to_json().replace("\"version\": 1", "\"version\": 2");
+        assert!(matches!(Rules::from_json(&text), Err(RulesError::Version { found: 2 })));
+    }
+
+    #[test]
+    fn malformed_refused() {
+        for text in ["", "{", "[]", "{\"version\":1,\"operations\":[{\"op\":\"nope\"}]}", "{\"version\":1,\"extra\":1}"]
+        {
+            assert!(matches!(Rules::from_json(text), Err(RulesError::Malformed(_))), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn describe_hides_secrets() {
+        let op = Operation::Password { user: "root".into(), shadow_field: "$6$secret".into() };
+        assert!(!op.describe().contains("secret"));
+    }
+}
