@@ -1,0 +1,7 @@
+//! Shared pieces of the integration tests: fixture images built with debootstrap (cached
+//! between runs), the imgforge binary under test, and read-back of results that does not use
+//! imgforge (loop mounts made by the test itself).
+
+pub mod fixtures;
+pub mod readback;
+pub mod run;

@@ -1,0 +1,91 @@
+//! Reading results back without imgforge: partition tables with sfdisk, files through a
+//! read-only loop mount made by the test.
+
+use crate::fixtures::sh;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A partition of an image, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Partition {
+    /// Offset from the start of the image.
+    pub offset: u64,
+    /// Length.
+    pub size: u64,
+}
+
+/// The partitions of `image`, in table order (sfdisk --json).
+pub fn partitions(image: &Path) -> Result<Vec<Partition>> {
+    let json: serde_json::Value = serde_json::from_str(&sh(Command::new("sfdisk").arg("--json").arg(image))?)?;
+    let table = &json["partitiontable"];
+    let sector = table["sectorsize"].as_u64().unwrap_or(512);
+    let parts = table["partitions"].as_array().context("no partitions in sfdisk output")?;
+    Ok(parts
+        .iter()
+        .map(|p| Partition {
+            offset: p["start"].as_u64().unwrap_or(0) * sector,
+            size: p["size"].as_u64().unwrap_or(0) * sector,
+        })
+        .collect())
+}
+
+/// A read-only loop mount of one partition, unmounted on drop.
+pub struct Mount {
+    dir: tempfile::TempDir,
+}
+
+impl Mount {
+    /// Mounts partition `index` (0-based) of `image` read-only, never replaying a journal.
+    pub fn partition(image: &Path, index: usize) -> Result<Self> {
+        let part =
+            *partitions(image)?.get(index).with_context(|| format!("{} has no partition {index}", image.display()))?;
+        let fstype = sh(Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", "TYPE", "-O", &part.offset.to_string()])
+            .arg(image))?;
+        let extra = match fstype.trim() {
+            "xfs" => ",norecovery",
+            "ext4" | "ext3" => ",noload",
+            _ => "",
+        };
+        let dir = tempfile::tempdir()?;
+        sh(Command::new("mount")
+            .args(["-o", &format!("ro,loop,offset={},sizelimit={}{extra}", part.offset, part.size)])
+            .arg(image)
+            .arg(dir.path()))
+        .with_context(|| format!("loop-mounting partition {index} of {}", image.display()))?;
+        Ok(Self { dir })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A guest path under the mount point.
+    pub fn join(&self, guest_path: &str) -> PathBuf {
+        self.dir.path().join(guest_path.trim_start_matches('/'))
+    }
+
+    /// Reads a guest file as text.
+    pub fn read(&self, guest_path: &str) -> Result<String> {
+        std::fs::read_to_string(self.join(guest_path)).with_context(|| format!("reading {guest_path} from the image"))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// The second field of `user`'s line in shadow text.
+pub fn shadow_field(shadow: &str, user: &str) -> Result<String> {
+    for line in shadow.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 1 && f[0] == user {
+            return Ok(f[1].to_owned());
+        }
+    }
+    bail!("no shadow entry for {user}")
+}

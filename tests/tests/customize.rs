@@ -1,0 +1,218 @@
+//! End to end: `imgforge customize -a` on debootstrap'd images under qemu TCG, results read
+//! back with the test's own loop mounts.
+
+use imgforge_tests::fixtures::{self, Shape, FIXTURE_USER};
+use imgforge_tests::readback::{shadow_field, Mount};
+use imgforge_tests::run::{code, holders, imgforge};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIImgforgeFixtureKeyForTestsOnly000000000000 test@imgforge";
+
+fn s(p: &std::path::Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn every_operation_on_a_dos_ext4_disk() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let payload_file = work.path().join("payload.bin");
+    std::fs::write(&payload_file, &payload).unwrap();
+    let script = work.path().join("script.sh");
+    std::fs::write(&script, "#!/bin/sh\necho script-ran > /root/script-ran\nid -u >> /root/script-ran\n").unwrap();
+    let firstboot = work.path().join("firstboot.sh");
+    std::fs::write(&firstboot, "#!/bin/sh\necho first boot\n").unwrap();
+    let commands = work.path().join("commands");
+    std::fs::write(&commands, "# virt-customize syntax\nappend-line /etc/motd:from-file\n").unwrap();
+
+    let ssh = format!("{FIXTURE_USER}:string:{KEY}");
+    let alice_pw = format!("{FIXTURE_USER}:password:Alice-Pw-2");
+    let upload = format!("{}:/opt/", s(&payload_file));
+    let out = imgforge(&[
+        "customize",
+        "-a",
+        &s(&img),
+        "--accel",
+        "tcg",
+        "--progress",
+        "json",
+        "--hostname",
+        "web1.example.com",
+        "--root-password",
+        "password:Root-Pw-1",
+        "--password",
+        &alice_pw,
+        "--ssh-inject",
+        &ssh,
+        "--upload",
+        &upload,
+        "--mkdir",
+        "/opt/newdir/sub",
+        "--write",
+        "/etc/motd:first",
+        "--write",
+        "/etc/motd:second",
+        "--append-line",
+        "/etc/motd:third",
+        "--commands-from-file",
+        &s(&commands),
+        "--delete",
+        "/etc/issue",
+        "--chmod",
+        "0600:/opt/payload.bin",
+        "--run",
+        &s(&script),
+        "--run-command",
+        "cat /etc/hostname > /root/hostname-at-run",
+        "--write",
+        "/root/order:before-run-command",
+        "--run-command",
+        "cat /root/order > /root/order-seen",
+        "--timezone",
+        "Europe/Athens",
+        "--firstboot",
+        &s(&firstboot),
+        "--firstboot-command",
+        "touch /root/firstboot-ran",
+        "--selinux-relabel",
+    ]);
+    assert_eq!(code(&out), 0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for secret in ["Root-Pw-1", "Alice-Pw-2"] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "a password leaked into the output");
+    }
+    let events: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).expect("every stdout line is JSON")).collect();
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "image-helper" && e["subtype"] == "task-start" && e["task"] == "50-Customize"));
+    assert_eq!(events.last().unwrap()["type"], "image-done");
+
+    let m = Mount::partition(&img, 0).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), "web1.example.com\n");
+    assert!(m.read("/etc/hosts").unwrap().contains("127.0.1.1\tweb1.example.com web1\n"));
+    let shadow = m.read("/etc/shadow").unwrap();
+    sha_crypt::sha512_check("Root-Pw-1", &shadow_field(&shadow, "root").unwrap()).expect("root password verifies");
+    sha_crypt::sha512_check("Alice-Pw-2", &shadow_field(&shadow, FIXTURE_USER).unwrap())
+        .expect("alice password verifies");
+    let shadow_meta = std::fs::metadata(m.join("/etc/shadow")).unwrap();
+    assert_eq!(shadow_meta.mode() & 0o777, 0o640, "shadow keeps its mode");
+
+    let alice_home = std::fs::metadata(m.join("/home/alice")).unwrap();
+    let ssh_dir = std::fs::metadata(m.join("/home/alice/.ssh")).unwrap();
+    let keys = std::fs::metadata(m.join("/home/alice/.ssh/authorized_keys")).unwrap();
+    assert_eq!((ssh_dir.mode() & 0o777, ssh_dir.uid(), ssh_dir.gid()), (0o700, alice_home.uid(), alice_home.gid()));
+    assert_eq!((keys.mode() & 0o777, keys.uid()), (0o600, alice_home.uid()));
+    assert_eq!(m.read("/home/alice/.ssh/authorized_keys").unwrap(), format!("{KEY}\n"));
+
+    assert_eq!(std::fs::read(m.join("/opt/payload.bin")).unwrap(), payload);
+    assert_eq!(std::fs::metadata(m.join("/opt/payload.bin")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(m.join("/opt/newdir/sub").is_dir());
+    assert_eq!(
+        m.read("/etc/motd").unwrap(),
+        "second\nthird\nfrom-file\n",
+        "later --write wins, appends follow in order"
+    );
+    assert!(!m.join("/etc/issue").exists());
+    assert_eq!(m.read("/root/script-ran").unwrap(), "script-ran\n0\n");
+    assert_eq!(m.read("/root/hostname-at-run").unwrap(), "web1.example.com\n", "--hostname ran before --run-command");
+    assert_eq!(m.read("/root/order-seen").unwrap(), "before-run-command");
+    assert_eq!(
+        std::fs::read_link(m.join("/etc/localtime")).unwrap().to_str().unwrap(),
+        "/usr/share/zoneinfo/Europe/Athens"
+    );
+    assert_eq!(m.read("/etc/timezone").unwrap(), "Europe/Athens\n");
+    assert!(m.join("/etc/systemd/system/imgforge-firstboot.service").is_file());
+    assert!(std::fs::symlink_metadata(
+        m.join("/etc/systemd/system/multi-user.target.wants/imgforge-firstboot.service")
+    )
+    .unwrap()
+    .file_type()
+    .is_symlink());
+    let scripts: Vec<_> = std::fs::read_dir(m.join("/usr/lib/imgforge/firstboot/scripts")).unwrap().collect();
+    assert_eq!(scripts.len(), 2);
+    assert!(m.join("/.autorelabel").exists());
+}
+
+#[test]
+fn gpt_xfs_root_with_separate_boot() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::GptXfsBoot, work.path()).unwrap();
+    let out = imgforge(&[
+        "customize",
+        "-a",
+        &s(&img),
+        "--accel",
+        "tcg",
+        "--hostname",
+        "gpt1",
+        "--write",
+        "/boot/imgforge-marker:on boot",
+        "--write",
+        "/etc/marker:on root",
+    ]);
+    assert_eq!(code(&out), 0);
+    let boot = Mount::partition(&img, 0).unwrap();
+    assert_eq!(boot.read("/imgforge-marker").unwrap(), "on boot");
+    assert!(boot.join("/fixture-boot-marker").exists());
+    let root = Mount::partition(&img, 1).unwrap();
+    assert_eq!(root.read("/etc/marker").unwrap(), "on root");
+    assert_eq!(root.read("/etc/hostname").unwrap(), "gpt1\n");
+    assert!(!root.join("/boot/imgforge-marker").exists(), "the /boot write went to the boot partition");
+}
+
+#[test]
+fn failing_command_names_task_and_command() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let out = imgforge(&["customize", "-a", &s(&img), "--accel", "tcg", "--run-command", "exit 7"]);
+    assert_eq!(code(&out), 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("50-Customize") && stderr.contains("--run-command 'exit 7'") && stderr.contains("status 7"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn hanging_command_times_out_and_leaves_no_qemu() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let started = Instant::now();
+    let out =
+        imgforge(&["customize", "-a", &s(&img), "--accel", "tcg", "--timeout", "20", "--run-command", "sleep 600"]);
+    assert_eq!(code(&out), 3);
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("timed out after 20 s") && stderr.contains("50-Customize"), "{stderr}");
+    assert_eq!(holders(&img), Vec::<u32>::new(), "a process still holds the disk");
+}
+
+#[test]
+fn bad_input_is_refused_before_any_vm() {
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["customize", "-a", "/nonexistent/disk.img", "--hostname", "a"], "/nonexistent/disk.img"),
+        (&["customize", "-a", &s(work.path()), "--hostname", "a"], "not a regular file or block device"),
+        (&["customize", "-a", &s(&img), "--hostname", "bad_name"], "RFC 1123"),
+        (&["customize", "-a", &s(&img), "--write", "etc/motd:x"], "absolute"),
+        (&["customize", "-a", &s(&img), "--root-password", "plain:secret-text"], "selector"),
+        (&["customize", "-a", &s(&img), "--upload", "/nonexistent/f:/x"], "/nonexistent/f"),
+        (&["customize", "-a", &s(&img), "--accel", "xen"], "xen"),
+    ];
+    for (args, want) in cases {
+        let started = Instant::now();
+        let out = imgforge(args);
+        assert_eq!(code(&out), 2, "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains("secret-text"));
+        assert!(started.elapsed() < Duration::from_secs(5), "{args:?} took {:?}: a VM was booted?", started.elapsed());
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), vec![0u8; 1 << 20], "the disk is unchanged");
+}

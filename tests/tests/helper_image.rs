@@ -1,0 +1,98 @@
+//! The helper image: reproducible builds, and `--accel auto` finding its way on this host.
+
+use imgforge_tests::fixtures::{self, Shape};
+use imgforge_tests::run::{binary, code};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The kernel package the main cache already holds (so fresh caches need no download).
+fn kernel_deb() -> PathBuf {
+    let out = Command::new(binary()).args(["helper-image", "build"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let debs = Path::new("/var/cache/imgforge/debs");
+    let cache =
+        std::env::var_os("IMGFORGE_CACHE_DIR").map(PathBuf::from).map(|c| c.join("debs")).unwrap_or(debs.to_owned());
+    std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("a kernel package in the cache")
+}
+
+fn build_in(cache: &Path, deb: &Path) -> (Vec<u8>, Vec<u8>) {
+    let out = Command::new(binary())
+        .args(["helper-image", "build"])
+        .env("IMGFORGE_CACHE_DIR", cache)
+        .env("IMGFORGE_KERNEL_DEB", deb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = |label: &str| {
+        stdout.lines().find_map(|l| l.trim().strip_prefix(label)).map(|p| PathBuf::from(p.trim())).expect(label)
+    };
+    (std::fs::read(path("kernel ")).unwrap(), std::fs::read(path("initrd ")).unwrap())
+}
+
+#[test]
+fn two_builds_are_byte_identical() {
+    let deb = kernel_deb();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = build_in(a.path(), &deb);
+    let second = build_in(b.path(), &deb);
+    assert!(first.1.len() > 1_000_000, "initramfs suspiciously small");
+    assert!(first == second, "two builds from the same inputs differ");
+}
+
+#[test]
+fn stale_cache_is_rebuilt() {
+    let deb = kernel_deb();
+    let cache = tempfile::tempdir().unwrap();
+    build_in(cache.path(), &deb);
+    let manifest = cache.path().join("helper-image/current.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    // Pretend an input changed since the build (a package upgrade changes size/mtime/inode).
+    let stale = text.replacen("\"len\": ", "\"len\": 1", 1);
+    assert_ne!(stale, text);
+    std::fs::write(&manifest, stale).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let out = Command::new(binary())
+        .args(["customize", "-v", "-a", img.to_str().unwrap(), "--accel", "tcg", "--hostname", "rebuilt"])
+        .env("IMGFORGE_CACHE_DIR", cache.path())
+        .env("IMGFORGE_KERNEL_DEB", &deb)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 0, "{stderr}");
+    assert!(stderr.contains("building the helper image"), "the stale image was used: {stderr}");
+    assert_ne!(std::fs::read_to_string(&manifest).unwrap(), text.replacen("\"len\": ", "\"len\": 1", 1));
+}
+
+#[test]
+fn accel_auto_finds_a_working_accelerator_and_remembers_it() {
+    let deb = kernel_deb();
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let out = Command::new(binary())
+        .args(["customize", "-v", "-a", img.to_str().unwrap(), "--accel", "auto", "--hostname", "auto1"])
+        .env("IMGFORGE_CACHE_DIR", cache.path())
+        .env("IMGFORGE_KERNEL_DEB", &deb)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 0, "{stderr}");
+    let kvm_device = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if kvm_device {
+        let verdict =
+            std::fs::read_to_string(cache.path().join("kvm-verdict.json")).expect("the KVM verdict is remembered");
+        assert!(
+            verdict.contains("works") || (verdict.contains("broken") && stderr.contains("using TCG")),
+            "{verdict} / {stderr}"
+        );
+    }
+    let m = imgforge_tests::readback::Mount::partition(&img, 0).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), "auto1\n");
+}
