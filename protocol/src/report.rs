@@ -216,11 +216,9 @@ impl VerdictBuilder {
         match line {
             ReportLine::TaskStart { task } => self.running = Some(task.clone()),
             ReportLine::TaskEnd { task, .. } if self.running.as_ref() == Some(task) => self.running = None,
-            ReportLine::Error { task, message } => {
-                // The first error is the cause; later ones are consequences.
-                if self.error.is_none() {
-                    self.error = Some((task.clone(), message.clone()));
-                }
+            // The first error is the cause; later ones are consequences.
+            ReportLine::Error { task, message } if self.error.is_none() => {
+                self.error = Some((task.clone(), message.clone()));
             }
             ReportLine::Success => self.success = true,
             _ => {}

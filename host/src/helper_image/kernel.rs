@@ -102,6 +102,27 @@ pub fn extract(deb: &Path, into: &Path) -> Result<KernelTree, BuildError> {
     Ok(KernelTree { modules_dir: modules_root.join(&release), release, vmlinuz })
 }
 
+/// xz stream magic, where a bzImage's compressed payload starts (Debian builds with
+/// CONFIG_KERNEL_XZ).
+const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+
+/// Extracts the uncompressed ELF `vmlinux` from a bzImage. qemu boots an ELF kernel through
+/// its PVH entry point directly: no firmware real-mode setup, no in-guest decompression
+/// (about 3 s less per helper boot under TCG). `None` if the payload is not xz or not ELF.
+pub fn vmlinux_from_bzimage(bzimage: &[u8]) -> Option<Vec<u8>> {
+    let start = bzimage.windows(XZ_MAGIC.len()).position(|w| w == XZ_MAGIC)?;
+    // --single-stream: the bzImage carries trailing data after the xz stream.
+    let elf = duct::cmd!("xz", "--decompress", "--stdout", "--single-stream")
+        .stdin_bytes(bzimage[start..].to_vec())
+        .stdout_capture()
+        .stderr_null()
+        .run()
+        .ok()?
+        .stdout;
+    elf.starts_with(ELF_MAGIC).then_some(elf)
+}
+
 fn normalize(name: &str) -> String {
     name.replace('-', "_")
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Bumped whenever the way the image is assembled changes.
-const RECIPE_VERSION: u32 = 1;
+const RECIPE_VERSION: u32 = 2;
 /// Kernel modules to load at boot.
 const MODULES_LIST: &str = include_str!("../../../helper-image/modules.list");
 /// Host programs to include.
@@ -211,6 +211,10 @@ fn build_locked(cache: &Path) -> Result<HelperImage, BuildError> {
     let archive = assemble(&tree, &mut inputs)?;
     let initrd = archive.to_bytes();
     let vmlinuz = std::fs::read(&tree.vmlinuz).map_err(|e| BuildError::io(&tree.vmlinuz, e))?;
+    let vmlinuz = kernel::vmlinux_from_bzimage(&vmlinuz).unwrap_or_else(|| {
+        tracing::warn!("cannot extract an ELF vmlinux from {}: booting the bzImage (slower)", tree.vmlinuz.display());
+        vmlinuz
+    });
 
     let mut h = Sha256::new();
     h.update(&vmlinuz);
