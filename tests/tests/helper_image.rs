@@ -96,3 +96,48 @@ fn accel_auto_finds_a_working_accelerator_and_remembers_it() {
     let m = imgforge_tests::readback::Mount::partition(&img, 0).unwrap();
     assert_eq!(m.read("/etc/hostname").unwrap(), "auto1\n");
 }
+
+/// A qemu whose KVM guests hang silently (as KVM does on these machines): `--accel auto` must
+/// give up on KVM after the sign-of-life window, fall back to TCG and remember the verdict.
+#[test]
+fn accel_auto_falls_back_when_kvm_guests_hang() {
+    use std::os::unix::fs::PermissionsExt;
+    let deb = kernel_deb();
+    let cache = tempfile::tempdir().unwrap();
+    // qemu runs as nobody: the wrapper must be reachable by it.
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.path().join("qemu-kvm-hangs");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\ncase \" $* \" in *' -accel kvm '*) exec sleep 600 ;; esac\nexec qemu-system-x86_64 \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let run = || {
+        Command::new(binary())
+            .args(["customize", "-v", "-a", img.to_str().unwrap(), "--accel", "auto", "--hostname", "fallback1"])
+            .arg("--qemu")
+            .arg(&fake)
+            .env("IMGFORGE_CACHE_DIR", cache.path())
+            .env("IMGFORGE_KERNEL_DEB", &deb)
+            .env("IMGFORGE_ASSUME_KVM_DEVICE", "1")
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(code(&first), 0, "{stderr}");
+    assert!(stderr.contains("no sign of life") && stderr.contains("using TCG"), "{stderr}");
+    let verdict = std::fs::read_to_string(cache.path().join("kvm-verdict.json")).unwrap();
+    assert!(verdict.contains("broken"), "{verdict}");
+    // The verdict holds for this host boot: the next run goes straight to TCG.
+    let started = std::time::Instant::now();
+    let second = run();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(code(&second), 0, "{stderr}");
+    assert!(!stderr.contains("accel=kvm"), "KVM was tried again: {stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}

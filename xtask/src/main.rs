@@ -1,0 +1,164 @@
+//! `cargo xtask bench customize`: imgforge against virt-customize, same fixture, same
+//! operations, one run, both results verified; prints both times and the ratio.
+
+use anyhow::{bail, ensure, Context, Result};
+use imgforge_tests::fixtures::{self, sh, Shape};
+use imgforge_tests::readback::{shadow_field, Mount};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PASSWORD: &str = "Bench-Pw-1";
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchKeyOfImgforge000000000000000000000000 bench@imgforge";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["bench", "customize"] => bench_customize(),
+        _ => bail!("usage: cargo xtask bench customize"),
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// The release imgforge, freshly built.
+fn imgforge() -> Result<PathBuf> {
+    sh(Command::new("cargo").args(["build", "--release", "--quiet", "-p", "imgforge"]).current_dir(workspace()))?;
+    Ok(workspace().join("target/release/imgforge"))
+}
+
+/// libguestfs-tools, installed on demand (only the benchmark needs it).
+fn ensure_virt_customize() -> Result<()> {
+    if Command::new("virt-customize").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends", "libguestfs-tools"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("installing libguestfs-tools")?;
+    Ok(())
+}
+
+/// supermin needs a kernel; hosts without one in /boot get the helper's Debian kernel package.
+fn supermin_kernel(work: &Path) -> Result<Vec<(String, String)>> {
+    if std::fs::read_dir("/boot")
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
+        .unwrap_or(false)
+    {
+        return Ok(Vec::new());
+    }
+    let debs = Path::new("/var/cache/imgforge/debs");
+    let deb = std::fs::read_dir(debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("no kernel package in /var/cache/imgforge/debs: run imgforge helper-image build")?;
+    let tree = work.join("kernel");
+    std::fs::create_dir_all(&tree)?;
+    sh(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    let release = std::fs::read_dir(tree.join("lib/modules"))?
+        .flatten()
+        .next()
+        .context("no modules in the kernel package")?
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    sh(Command::new("depmod").arg("-b").arg(&tree).arg(&release))?;
+    // supermin lstat()s the host's /lib/modules even when pointed elsewhere.
+    std::fs::create_dir_all("/lib/modules")?;
+    Ok(vec![
+        ("SUPERMIN_KERNEL".into(), tree.join(format!("boot/vmlinuz-{release}")).display().to_string()),
+        ("SUPERMIN_MODULES".into(), tree.join(format!("lib/modules/{release}")).display().to_string()),
+        ("SUPERMIN_KERNEL_VERSION".into(), release),
+    ])
+}
+
+fn timed(cmd: &mut Command) -> Result<Duration> {
+    let started = Instant::now();
+    sh(cmd)?;
+    Ok(started.elapsed())
+}
+
+fn verify(img: &Path, payload: &[u8], tool: &str) -> Result<()> {
+    let root = Mount::partition(img, 1)?;
+    ensure!(root.read("/etc/hostname")?.trim() == "bench1", "{tool}: hostname not set");
+    // virt-customize picks the guest's default (yescrypt on Debian 12): check with libcrypt.
+    let hash = shadow_field(&root.read("/etc/shadow")?, "root")?;
+    let check = format!("import crypt,sys; sys.exit(0 if crypt.crypt({PASSWORD:?}, {hash:?}) == {hash:?} else 1)");
+    ensure!(
+        Command::new("python3").args(["-W", "ignore", "-c", &check]).status()?.success(),
+        "{tool}: root password does not verify"
+    );
+    ensure!(root.read("/root/.ssh/authorized_keys")?.contains(KEY), "{tool}: key not injected");
+    ensure!(std::fs::read(root.join("/opt/bench-payload.bin"))? == payload, "{tool}: upload differs");
+    ensure!(root.read("/root/command-ran")?.trim() == "bench1", "{tool}: run-command did not run after --hostname");
+    Ok(())
+}
+
+fn bench_customize() -> Result<()> {
+    fixtures::require_root();
+    let imgforge = imgforge()?;
+    ensure_virt_customize()?;
+    let work = tempfile::tempdir()?;
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let payload_file = work.path().join("bench-payload.bin");
+    std::fs::write(&payload_file, &payload)?;
+    let ops = |_: &str| -> Vec<String> {
+        vec![
+            "--hostname".into(),
+            "bench1".into(),
+            "--root-password".into(),
+            format!("password:{PASSWORD}"),
+            "--ssh-inject".into(),
+            format!("root:string:{KEY}"),
+            "--upload".into(),
+            format!("{}:/opt/", payload_file.display()),
+            "--run-command".into(),
+            "cat /etc/hostname > /root/command-ran".into(),
+        ]
+    };
+    let fixture = fixtures::disk(Shape::GptXfsBoot)?;
+    println!(
+        "fixture: {} ({} MiB, GPT, XFS root, ext4 /boot)",
+        fixture.display(),
+        std::fs::metadata(&fixture)?.len() >> 20
+    );
+
+    // Warm both tools' caches (imgforge's helper image, libguestfs's appliance) outside the timing.
+    let warm = fixtures::copy(Shape::GptXfsBoot, work.path())?;
+    sh(Command::new(&imgforge).args(["customize", "--accel", "tcg", "-a"]).arg(&warm).args(["--hostname", "warm"]))?;
+    let env = supermin_kernel(work.path())?;
+    let virt = |img: &Path| {
+        let mut c = Command::new("virt-customize");
+        c.args(["-q", "--format", "raw", "-a"])
+            .arg(img)
+            .envs(env.iter().cloned())
+            .env("LIBGUESTFS_BACKEND", "direct")
+            .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
+        c
+    };
+    sh(virt(&warm).args(["--hostname", "warm"]))?;
+    std::fs::remove_file(&warm)?;
+
+    let a = work.path().join("imgforge.img");
+    let b = work.path().join("virt-customize.img");
+    sh(Command::new("cp").arg("--sparse=always").arg(&fixture).arg(&a))?;
+    sh(Command::new("cp").arg("--sparse=always").arg(&fixture).arg(&b))?;
+    let t_imgforge = timed(
+        Command::new(&imgforge)
+            .args(["customize", "--accel", "tcg", "--progress", "none", "-a"])
+            .arg(&a)
+            .args(ops("imgforge")),
+    )?;
+    let t_virt = timed(virt(&b).args(ops("virt-customize")))?;
+    verify(&a, &payload, "imgforge")?;
+    verify(&b, &payload, "virt-customize")?;
+
+    println!("operations: --hostname --root-password --ssh-inject --upload (1 MB) --run-command, TCG, warm caches");
+    println!("imgforge customize      {:>7.2} s", t_imgforge.as_secs_f64());
+    println!("virt-customize          {:>7.2} s", t_virt.as_secs_f64());
+    println!("ratio (virt/imgforge)   {:>7.2}x", t_virt.as_secs_f64() / t_imgforge.as_secs_f64());
+    Ok(())
+}
