@@ -10,6 +10,7 @@ const HELPER_TARGET: &str = "x86_64-unknown-linux-gnu";
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let workspace = manifest_dir.parent().unwrap().to_path_buf();
+    println!("cargo:rerun-if-changed={}", manifest_dir.join("src/helper_image").display());
     for dir in ["helper", "protocol", "tasks", "helper-image"] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
@@ -27,6 +28,11 @@ fn main() {
     let mut digest = Sha256::new();
     digest.update(&helper_bytes);
     let tasks = embed_tasks(&workspace.join("tasks"), &out, &mut digest);
+    // The assembly code and recipe decide the image's contents too: a change to either must
+    // make cached images stale.
+    for dir in [manifest_dir.join("src/helper_image"), workspace.join("helper-image")] {
+        digest_dir(&dir, &mut digest);
+    }
     println!("cargo:rustc-env=IMGFORGE_HELPER_DIGEST={}", hex::encode(digest.finalize()));
     println!("cargo:rerun-if-changed={}", tasks.display());
 }
@@ -63,6 +69,19 @@ fn build_helper(workspace: &Path) -> PathBuf {
     let status = cmd.status().expect("cannot run cargo to build imgforge-helper");
     assert!(status.success(), "building the static imgforge-helper failed ({status})");
     target_dir.join(HELPER_TARGET).join("release").join("imgforge-helper")
+}
+
+fn digest_dir(dir: &Path, digest: &mut Sha256) {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    for path in paths {
+        if path.is_dir() {
+            digest_dir(&path, digest);
+        } else {
+            digest.update(path.file_name().unwrap().as_encoded_bytes());
+            digest.update(std::fs::read(&path).unwrap());
+        }
+    }
 }
 
 /// Copies the task scripts into OUT_DIR and writes `tasks.rs`, a table of (name, mode, bytes).

@@ -43,8 +43,12 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum HelperImageCommand {
-    /// Build (or rebuild) the helper kernel and initramfs into the cache.
-    Build,
+    /// Build the helper kernel and initramfs into the cache (when missing or stale).
+    Build {
+        /// Rebuild even if the cached image is current.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -291,9 +295,10 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             let result = customize::run(&args.disk, plan, &settings, &progress, &interrupt).await;
             finish(&progress, result)
         }
-        Command::HelperImage(HelperImageCommand::Build) => {
+        Command::HelperImage(HelperImageCommand::Build { force }) => {
             let cache = crate::helper_image::cache_dir();
-            let image = tokio::task::spawn_blocking(move || crate::helper_image::rebuild(&cache))
+            let build = if force { crate::helper_image::rebuild } else { crate::helper_image::ensure };
+            let image = tokio::task::spawn_blocking(move || build(&cache))
                 .await
                 .map_err(|e| Failure::environment(format!("helper image build panicked: {e}")))??;
             println!(

@@ -29,6 +29,8 @@ pub enum Shape {
     DosExt4,
     /// GPT, an ext4 /boot partition and an XFS root partition.
     GptXfsBoot,
+    /// MBR, one LVM physical volume; volume group `imgforge`, ext4 root on LV `root`.
+    LvmExt4,
 }
 
 impl Shape {
@@ -36,6 +38,7 @@ impl Shape {
         match self {
             Shape::DosExt4 => "dos-ext4.img",
             Shape::GptXfsBoot => "gpt-xfs-boot.img",
+            Shape::LvmExt4 => "lvm-ext4.img",
         }
     }
 }
@@ -135,6 +138,7 @@ pub fn disk(shape: Shape) -> Result<PathBuf> {
     match shape {
         Shape::DosExt4 => build_dos_ext4(&staging, &img)?,
         Shape::GptXfsBoot => build_gpt_xfs_boot(&staging, &img)?,
+        Shape::LvmExt4 => build_lvm_ext4(&staging, &img, work.path())?,
     }
     std::fs::rename(&img, &path)?;
     Ok(path)
@@ -189,6 +193,82 @@ fn build_gpt_xfs_boot(staging: &Path, img: &Path) -> Result<()> {
     })();
     sh(Command::new("losetup").args(["-d", &loopdev]))?;
     result
+}
+
+/// Where the LV's data starts inside the PV partition (`pvcreate --dataalignment 1m`, the
+/// first LV allocated from extent 0): lets tests read the root without device-mapper.
+pub const LVM_DATA_OFFSET: u64 = MIB;
+/// Size of the LVM fixture's root LV.
+pub const LVM_ROOT_BYTES: u64 = 900 * MIB;
+
+/// The host kernel has no device-mapper: the volume group is assembled inside a VM booted from
+/// the helper image, with this /init appended to its initramfs.
+const LVM_INIT: &str = r#"#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+while read -r m; do insmod "$m" 2>/dev/null; done < /lib/modules/imgforge.load
+i=0; while [ ! -b /dev/vda1 ] || [ ! -b /dev/vdb ]; do i=$((i+1)); [ $i -gt 300 ] && break; sleep 0.1; done
+lvm pvcreate -ff -y --dataalignment 1m /dev/vda1 && lvm vgcreate imgforge /dev/vda1   && lvm lvcreate -y -n root -L 900m imgforge && dd if=/dev/vdb of=/dev/imgforge/root bs=1M conv=fsync   && lvm vgchange -an imgforge && echo FIXTURE-OK
+sync; poweroff -f
+"#;
+
+fn build_lvm_ext4(staging: &Path, img: &Path, work: &Path) -> Result<()> {
+    std::fs::write(staging.join("etc/fstab"), "/dev/mapper/imgforge-root / ext4 errors=remount-ro 0 1\n")?;
+    let fs = work.join("root.ext4");
+    create_sparse(&fs, LVM_ROOT_BYTES)?;
+    mkfs_ext4(staging, &fs, 0, LVM_ROOT_BYTES, ROOT_UUID, "root")?;
+    create_sparse(img, 1024 * MIB)?;
+    partition(img, "label: dos\nstart=2048, type=8e\n")?;
+
+    let out = sh(Command::new(crate::run::binary()).args(["helper-image", "build"]))?;
+    let path = |label: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .map(|p| PathBuf::from(p.trim()))
+            .context("helper image paths")
+    };
+    let (kernel, initrd) = (path("kernel ")?, path("initrd ")?);
+    let extra = work.join("init");
+    std::fs::create_dir_all(&extra)?;
+    std::fs::write(extra.join("init"), LVM_INIT)?;
+    std::fs::set_permissions(extra.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let combined = work.join("initrd.cpio");
+    let mut bytes = std::fs::read(&initrd)?;
+    bytes.extend(
+        Command::new("sh").arg("-c").arg("echo init | cpio --quiet -o -H newc").current_dir(&extra).output()?.stdout,
+    );
+    std::fs::write(&combined, bytes)?;
+    let log = work.join("console.log");
+    sh(Command::new("timeout")
+        .args([
+            "300",
+            "qemu-system-x86_64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&combined)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", img.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio,readonly=on", fs.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", log.display())))?;
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    if !console.contains("FIXTURE-OK") {
+        bail!("assembling the LVM fixture failed; console:\n{console}");
+    }
+    Ok(())
 }
 
 fn create_sparse(img: &Path, size: u64) -> Result<()> {

@@ -40,6 +40,12 @@ impl Mount {
     pub fn partition(image: &Path, index: usize) -> Result<Self> {
         let part =
             *partitions(image)?.get(index).with_context(|| format!("{} has no partition {index}", image.display()))?;
+        Self::at(image, part.offset, part.size)
+    }
+
+    /// Mounts the filesystem at `offset` (of `size` bytes) in `image` read-only.
+    pub fn at(image: &Path, offset: u64, size: u64) -> Result<Self> {
+        let part = Partition { offset, size };
         let fstype = sh(Command::new("blkid")
             .args(["-p", "-o", "value", "-s", "TYPE", "-O", &part.offset.to_string()])
             .arg(image))?;
@@ -53,7 +59,7 @@ impl Mount {
             .args(["-o", &format!("ro,loop,offset={},sizelimit={}{extra}", part.offset, part.size)])
             .arg(image)
             .arg(dir.path()))
-        .with_context(|| format!("loop-mounting partition {index} of {}", image.display()))?;
+        .with_context(|| format!("loop-mounting the filesystem at byte {offset} of {}", image.display()))?;
         Ok(Self { dir })
     }
 

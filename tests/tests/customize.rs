@@ -216,3 +216,26 @@ fn bad_input_is_refused_before_any_vm() {
     }
     assert_eq!(std::fs::read(&img).unwrap(), vec![0u8; 1 << 20], "the disk is unchanged");
 }
+
+#[test]
+fn lvm_root() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::LvmExt4, work.path()).unwrap();
+    let out = imgforge(&[
+        "customize",
+        "-a",
+        &s(&img),
+        "--accel",
+        "tcg",
+        "--hostname",
+        "lvm1",
+        "--write",
+        "/etc/marker:on lvm",
+    ]);
+    assert_eq!(code(&out), 0);
+    // Read the LV without device-mapper: it starts LVM_DATA_OFFSET into the PV partition.
+    let part = imgforge_tests::readback::partitions(&img).unwrap()[0];
+    let m = Mount::at(&img, part.offset + fixtures::LVM_DATA_OFFSET, fixtures::LVM_ROOT_BYTES).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), "lvm1\n");
+    assert_eq!(m.read("/etc/marker").unwrap(), "on lvm");
+}

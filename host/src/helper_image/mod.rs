@@ -28,6 +28,10 @@ const HELPER_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/imgforge-
 const HELPER_DIGEST: &str = env!("IMGFORGE_HELPER_DIGEST");
 include!(concat!(env!("OUT_DIR"), "/tasks.rs"));
 
+/// The helper has no udev: LVM must create its device nodes itself and not wait for udev.
+const LVM_CONF: &str =
+    "activation {\n    udev_sync = 0\n    udev_rules = 0\n}\ndevices {\n    obtain_device_list_from_udev = 0\n}\n";
+
 /// Where the tasks go in the initramfs.
 const TASKS_DIR: &str = "usr/lib/imgforge/tasks";
 /// The module load list the helper reads.
@@ -277,6 +281,7 @@ fn assemble(tree: &kernel::KernelTree, inputs: &mut Vec<PathBuf>) -> Result<Arch
     a.insert("etc/mtab", Entry::Symlink("/proc/self/mounts".into()));
     a.insert("etc/passwd", Entry::File { mode: 0o644, data: b"root:x:0:0:root:/root:/bin/sh\n".to_vec() });
     a.insert("etc/group", Entry::File { mode: 0o644, data: b"root:x:0:\n".to_vec() });
+    a.insert("etc/lvm/lvm.conf", Entry::File { mode: 0o644, data: LVM_CONF.as_bytes().to_vec() });
 
     let programs: Vec<PathBuf> = tools::parse_list(FILES_LIST).into_iter().map(PathBuf::from).collect();
     if let Some(busybox) = programs.iter().find(|p| p.file_name().is_some_and(|n| n == "busybox")) {
