@@ -102,6 +102,7 @@ fn run_one(path: &Path, task: &TaskName, rules: &Rules) -> Outcome {
         .env("IMGFORGE_ERROR_FILE", &error_path)
         .env("IMGFORGE_SELINUX_RELABEL", if rules.selinux_relabel { "yes" } else { "no" })
         .env("IMGFORGE_ROOT_PARTITION", rules.root_partition.as_deref().unwrap_or(""))
+        .env("IMGFORGE_GROW_FILESYSTEM", if rules.grow_filesystem { "yes" } else { "no" })
         .env("IMGFORGE_VERBOSE", if rules.verbose { "yes" } else { "no" })
         .stdin(Stdio::null())
         .stdout(writer)

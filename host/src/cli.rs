@@ -8,6 +8,8 @@ use crate::vm::accel::Accel;
 use crate::vm::privilege::DEFAULT_HELPER_USER;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// imgforge: customize operating-system images offline, in an unprivileged helper VM.
@@ -146,9 +148,6 @@ struct VmArgs {
     /// qemu binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64", hide = true)]
     qemu: PathBuf,
-    /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
-    progress: ProgressMode,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +155,9 @@ struct CustomizeArgs {
     /// The disk image (raw or qcow2) or block device to customize in place.
     #[arg(short = 'a', long = "add", value_name = "DISK")]
     disk: PathBuf,
+    /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
     #[command(flatten)]
     ops: OpsArgs,
     #[command(flatten)]
@@ -164,12 +166,8 @@ struct CustomizeArgs {
 
 #[derive(Debug, Args)]
 struct DeployArgs {
-    /// Source image: path or http(s) URL.
-    #[arg(long, value_name = "SRC")]
-    image: String,
-    /// Target block device or file.
-    #[arg(long, value_name = "DEST")]
-    target: PathBuf,
+    #[command(flatten)]
+    write: WriteArgs,
     #[command(flatten)]
     ops: OpsArgs,
     #[command(flatten)]
@@ -178,12 +176,47 @@ struct DeployArgs {
 
 #[derive(Debug, Args)]
 struct WriteArgs {
-    /// Source image: path or http(s) URL.
+    /// Source image: path or http(s) URL (raw, qcow2 & other qemu-img formats, gzip/xz/zstd
+    /// raw, liveimg), detected from content.
     #[arg(long, value_name = "SRC")]
     image: String,
-    /// Target block device or file.
+    /// Target block device or file (a new file appears only when complete).
     #[arg(long, value_name = "DEST")]
     target: PathBuf,
+    /// Write into an existing regular file in place (never truncated or shrunk).
+    #[arg(long)]
+    force: bool,
+    /// Size of a new target file, to make room for growth (e.g. 10G, 512M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    size: Option<u64>,
+    /// Expected SHA-256 of the source as given; checked before the target is committed.
+    #[arg(long, value_name = "HEX", value_parser = crate::write::check_sha256_arg)]
+    sha256: Option<String>,
+    /// Allow a qcow2 source to read this backing file (refused otherwise).
+    #[arg(long, value_name = "PATH")]
+    backing_file: Option<PathBuf>,
+    /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, id = "write_progress")]
+    progress: ProgressMode,
+}
+
+/// Parses `10G`, `512M`, `4096` (bytes; K/M/G/T are powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 10G, 512M or 4096"))?;
+    let shift = match unit.trim_end_matches(['B', 'b', 'i']) {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift).filter(|n| *n > 0).ok_or_else(|| format!("{text:?} is not a usable size"))
 }
 
 #[derive(Debug, Args)]
@@ -290,9 +323,30 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
             let plan = ordered_ops(sub)?;
-            let progress = Progress::new(args.vm.progress);
+            let progress = Progress::new(args.progress);
             let settings = vm_settings(&args.vm, cli.verbose);
-            let result = customize::run(&args.disk, plan, &settings, &progress, &interrupt).await;
+            let result = customize::run(&args.disk, plan, false, &settings, &progress, &interrupt).await;
+            finish(&progress, result)
+        }
+        Command::Write(args) => {
+            let progress = Arc::new(Progress::new(args.progress));
+            let result = write_image(&args, progress.clone(), &interrupt).await.map(drop);
+            finish(&progress, result)
+        }
+        Command::Deploy(args) => {
+            let sub = matches.subcommand_matches("deploy").expect("deploy matches");
+            let plan = ordered_ops(sub)?;
+            let progress = Arc::new(Progress::new(args.write.progress));
+            let settings = vm_settings(&args.vm, cli.verbose);
+            let result = async {
+                let written = write_image(&args.write, progress.clone(), &interrupt).await?;
+                if plan.is_empty() && !written.bare_filesystem {
+                    return Ok(());
+                }
+                customize::run(&args.write.target, plan, written.bare_filesystem, &settings, &progress, &interrupt)
+                    .await
+            }
+            .await;
             finish(&progress, result)
         }
         Command::HelperImage(HelperImageCommand::Build { force }) => {
@@ -309,14 +363,44 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Deploy(_) => Err(not_yet("deploy", "image streaming is being built")),
-        Command::Write(_) => Err(not_yet("write", "image streaming is being built")),
         Command::Inspect(_) => Err(not_yet("inspect", "image inspection is being built")),
         Command::Verify(_) => Err(not_yet("verify", "the image test step is being built")),
         Command::Ganeti(GanetiCommand::InstallOs { .. }) => {
             Err(not_yet("ganeti install-os", "the Ganeti OS interface is being built"))
         }
     }
+}
+
+/// Runs the blocking write off the runtime; an interrupt cancels it (no partial output).
+async fn write_image(
+    args: &WriteArgs,
+    progress: Arc<Progress>,
+    interrupt: &crate::vm::Interrupt,
+) -> Result<crate::write::Written, Failure> {
+    let request = crate::write::WriteRequest {
+        image: crate::source::Location::parse(&args.image),
+        target: args.target.clone(),
+        force: args.force,
+        size: args.size,
+        sha256: args.sha256.clone(),
+        backing_file: args.backing_file.clone(),
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut watch = interrupt.clone();
+    let flag = cancel.clone();
+    let watcher = tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            if watch.borrow().is_some() {
+                flag.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    });
+    let result = tokio::task::spawn_blocking(move || crate::write::write(&request, &progress, &cancel))
+        .await
+        .map_err(|e| Failure::environment(format!("the writer panicked: {e}")))?;
+    watcher.abort();
+    result
 }
 
 fn finish(progress: &Progress, result: Result<(), Failure>) -> Result<(), Failure> {
@@ -403,6 +487,18 @@ mod tests {
             ]
         );
         assert!(plan.selinux_relabel);
+    }
+
+    #[test]
+    fn sizes() {
+        for (text, want) in
+            [("4096", 4096), ("10G", 10 << 30), ("512M", 512 << 20), ("1T", 1 << 40), ("2GiB", 2 << 30), ("8k", 8192)]
+        {
+            assert_eq!(parse_size(text), Ok(want), "{text}");
+        }
+        for bad in ["", "G", "10X", "-1", "0", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -36,10 +36,12 @@ pub struct VmSettings {
     pub qemu: PathBuf,
 }
 
-/// Customizes `disk` in place with `plan`.
+/// Customizes `disk` in place with `plan`; `grow_filesystem` also grows a whole-disk root
+/// filesystem to the disk's size.
 pub async fn run(
     disk: &std::path::Path,
     plan: Plan,
+    grow_filesystem: bool,
     settings: &VmSettings,
     progress: &Progress,
     interrupt: &Interrupt,
@@ -73,6 +75,7 @@ pub async fn run(
     rules.operations = plan.operations;
     rules.selinux_relabel = plan.selinux_relabel;
     rules.verbose = settings.trace_tasks;
+    rules.grow_filesystem = grow_filesystem;
     let floppy_path = work.path().join("rules.img");
     floppy::build(&rules, &floppy_path).map_err(|e| match e {
         floppy::FloppyError::TooLarge(_) => Failure::bad_input(e.to_string()),

@@ -205,6 +205,11 @@ fn host_file(path: &str) -> Result<std::fs::Metadata, String> {
 }
 
 impl Plan {
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_empty() && !self.selinux_relabel
+    }
+
     fn payload_file(&mut self, source: &str) -> String {
         let base =
             Path::new(source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());

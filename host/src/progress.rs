@@ -86,6 +86,29 @@ impl Progress {
         self.emit(event);
     }
 
+    /// `image-copy-progress`, and the bar moved (bytes).
+    pub fn copy_progress(&self, position: u64, total: Option<u64>) {
+        let percent = total.filter(|t| *t > 0).map(|t| (position as f64 * 100.0 / t as f64).min(100.0));
+        self.emit(json!({"type": "image-copy-progress", "position": position, "total": total, "progress": percent.map(|p| (p * 100.0).round() / 100.0)}));
+        if let Some(b) = &self.bar {
+            if b.length() != total {
+                match total {
+                    Some(t) => {
+                        b.set_style(
+                            ProgressStyle::with_template(
+                                "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                            )
+                            .expect("static template"),
+                        );
+                        b.set_length(t);
+                    }
+                    None => b.unset_length(),
+                }
+            }
+            b.set_position(position);
+        }
+    }
+
     /// `image-helper` with a subtype (`task-start`, `task-end`, `warning`, `error`).
     pub fn helper(&self, subtype: &str, task: &str, message: Option<&str>) {
         let mut event = json!({"type": "image-helper", "subtype": subtype, "task": task});

@@ -45,6 +45,10 @@ pub struct Rules {
     /// should not be used.
     #[serde(default)]
     pub root_partition: Option<String>,
+    /// Grow the root filesystem to fill its device (a liveimg's bare filesystem written onto a
+    /// larger target).
+    #[serde(default)]
+    pub grow_filesystem: bool,
     /// Echo every task's output line by line (otherwise only failing tasks' output is shown).
     #[serde(default)]
     pub verbose: bool,
@@ -59,6 +63,7 @@ impl Rules {
             selinux_relabel: false,
             excluded_tasks: Vec::new(),
             root_partition: None,
+            grow_filesystem: false,
             verbose: false,
         }
     }

@@ -308,3 +308,80 @@ pub fn copy(shape: Shape, dir: &Path) -> Result<PathBuf> {
     sh(Command::new("cp").arg("--sparse=always").arg(&src).arg(&dest))?;
     Ok(dest)
 }
+
+/// A 64 MiB raw image with every kind of content: random data, written zeros, holes.
+/// Layout (MiB): 0–8 data, 8–16 written zeros, 16–48 hole, 48–56 data, 56–64 hole.
+pub fn synthetic_raw(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("synthetic.raw");
+    let f = std::fs::File::create(&path)?;
+    f.set_len(64 * MIB)?;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    f.write_all_at(&random(8 * MIB as usize), 0)?;
+    f.write_all_at(&vec![0u8; 8 * MIB as usize], 8 * MIB)?;
+    f.write_all_at(&random(8 * MIB as usize), 48 * MIB)?;
+    f.sync_all()?;
+    Ok(path)
+}
+
+/// An ext4 image of the fixture root (what a liveimg carries as `LiveOS/rootfs.img`).
+pub fn rootfs_ext4() -> Result<PathBuf> {
+    let path = dir().join("rootfs.ext4");
+    if path.exists() {
+        return Ok(path);
+    }
+    let root = rootfs()?;
+    let _l = lock("rootfs.ext4")?;
+    if path.exists() {
+        return Ok(path);
+    }
+    let work = tempfile::Builder::new().prefix("fixture-").tempdir_in(dir())?;
+    let staging = work.path().join("root");
+    sh(Command::new("cp").arg("-a").arg(&root).arg(&staging))?;
+    std::fs::remove_file(staging.join(".complete"))?;
+    std::fs::write(staging.join("etc/fstab"), "LABEL=rootfs / ext4 defaults 0 1\n")?;
+    let img = work.path().join("rootfs.ext4");
+    create_sparse(&img, 640 * MIB)?;
+    sh(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "rootfs", "-d"]).arg(&staging).arg(&img))?;
+    std::fs::rename(&img, &path)?;
+    Ok(path)
+}
+
+/// A liveimg (squashfs holding `LiveOS/rootfs.img`) of `fs_image`, compressed with `comp`.
+pub fn liveimg_of(fs_image: &Path, comp: &str, dir: &Path) -> Result<PathBuf> {
+    let tree = dir.join(format!("liveimg-tree-{comp}"));
+    std::fs::create_dir_all(tree.join("LiveOS"))?;
+    sh(Command::new("cp").arg("--sparse=always").arg(fs_image).arg(tree.join("LiveOS/rootfs.img")))?;
+    let out = dir.join(format!("live-{comp}.squashfs.img"));
+    let _ = std::fs::remove_file(&out);
+    sh(Command::new("mksquashfs").arg(&tree).arg(&out).args(["-comp", comp, "-noappend", "-quiet", "-no-progress"]))?;
+    std::fs::remove_dir_all(&tree)?;
+    Ok(out)
+}
+
+/// The cached liveimg of the fixture root, compressed with `comp` (`xz`, `zstd`).
+pub fn liveimg(comp: &str) -> Result<PathBuf> {
+    let path = dir().join(format!("live-{comp}.squashfs.img"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let fs = rootfs_ext4()?;
+    let _l = lock(&format!("live-{comp}"))?;
+    if path.exists() {
+        return Ok(path);
+    }
+    let work = tempfile::Builder::new().prefix("fixture-").tempdir_in(dir())?;
+    let built = liveimg_of(&fs, comp, work.path())?;
+    std::fs::rename(built, &path)?;
+    Ok(path)
+}

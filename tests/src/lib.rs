@@ -3,5 +3,6 @@
 //! imgforge (loop mounts made by the test itself).
 
 pub mod fixtures;
+pub mod http;
 pub mod readback;
 pub mod run;

@@ -1,0 +1,315 @@
+//! Image sources: a path or an http(s) URL, its format detected from content (never from the
+//! name), opened for streaming.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// How many leading bytes format detection looks at.
+pub const HEADER_BYTES: usize = 4096;
+
+/// Formats imgforge reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A raw disk or filesystem image.
+    Raw,
+    /// A format `qemu-img` converts, by its qemu name.
+    Qemu(&'static str),
+    /// gzip-compressed raw.
+    Gzip,
+    /// xz-compressed raw.
+    Xz,
+    /// zstd-compressed raw.
+    Zstd,
+    /// A squashfs: a liveimg when it holds `LiveOS/rootfs.img` or `LiveOS/ext3fs.img`.
+    Squashfs,
+}
+
+impl Format {
+    /// A short name for messages and `image-info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qemu(n) => n,
+            Format::Gzip => "gzip",
+            Format::Xz => "xz",
+            Format::Zstd => "zstd",
+            Format::Squashfs => "liveimg",
+        }
+    }
+}
+
+/// Why a source cannot be used.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    /// Cannot open or read.
+    #[error("cannot read image {name}: {source}")]
+    Io {
+        /// The source.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Zero bytes.
+    #[error("image {0} is empty")]
+    Empty(String),
+    /// Not a supported or safe image.
+    #[error("image {name}: {reason}")]
+    Unsupported {
+        /// The source.
+        name: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// HTTP trouble.
+    #[error("cannot download {url}: {reason}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Detects the format from the first bytes (pure).
+pub fn detect(header: &[u8]) -> Format {
+    let at = |offset: usize, magic: &[u8]| header.get(offset..offset + magic.len()) == Some(magic);
+    if at(0, b"QFI\xfb") {
+        return Format::Qemu(if header.get(7) == Some(&1) { "qcow" } else { "qcow2" });
+    }
+    if at(0, b"QED\0") {
+        return Format::Qemu("qed");
+    }
+    if at(0, b"KDMV") {
+        return Format::Qemu("vmdk");
+    }
+    if at(0, b"vhdxfile") {
+        return Format::Qemu("vhdx");
+    }
+    if at(0, b"conectix") {
+        return Format::Qemu("vpc");
+    }
+    if at(0x40, b"\x7f\x10\xda\xbe") {
+        return Format::Qemu("vdi");
+    }
+    if at(0, b"\x1f\x8b") {
+        return Format::Gzip;
+    }
+    if at(0, b"\xfd7zXZ\x00") {
+        return Format::Xz;
+    }
+    if at(0, b"\x28\xb5\x2f\xfd") {
+        return Format::Zstd;
+    }
+    if at(0, b"hsqs") {
+        return Format::Squashfs;
+    }
+    Format::Raw
+}
+
+/// True for text that a VMDK descriptor starts with (it names other files: refused).
+pub fn is_vmdk_descriptor(header: &[u8]) -> bool {
+    header.starts_with(b"# Disk DescriptorFile")
+}
+
+/// Where the image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local file or block device.
+    Path(PathBuf),
+    /// An http(s) URL.
+    Url(String),
+}
+
+impl Location {
+    /// Parses the `--image` argument.
+    pub fn parse(text: &str) -> Self {
+        if text.starts_with("http://") || text.starts_with("https://") {
+            Location::Url(text.to_owned())
+        } else {
+            Location::Path(PathBuf::from(text))
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Path(p) => write!(f, "{}", p.display()),
+            Location::Url(u) => f.write_str(u),
+        }
+    }
+}
+
+/// Reads up to [`HEADER_BYTES`] from the start of a file.
+pub fn read_header(path: &Path) -> Result<Vec<u8>, SourceError> {
+    let err = |source| SourceError::Io { name: path.display().to_string(), source };
+    let mut f = std::fs::File::open(path).map_err(err)?;
+    let mut header = vec![0u8; HEADER_BYTES];
+    let mut got = 0;
+    while got < header.len() {
+        match f.read(&mut header[got..]).map_err(err)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    header.truncate(got);
+    if header.is_empty() {
+        return Err(SourceError::Empty(path.display().to_string()));
+    }
+    Ok(header)
+}
+
+/// A decompressing reader for a compressed format.
+pub fn decompressor<'a, R: Read + Send + 'a>(format: Format, inner: R) -> Box<dyn Read + Send + 'a> {
+    match format {
+        Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, inner))),
+        Format::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::with_capacity(1 << 20, inner))),
+        Format::Zstd => match zstd::stream::read::Decoder::new(inner) {
+            Ok(d) => Box::new(d),
+            Err(e) => Box::new(FailingReader(Some(e))),
+        },
+        _ => Box::new(inner),
+    }
+}
+
+struct FailingReader(Option<std::io::Error>);
+
+impl Read for FailingReader {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(self.0.take().unwrap_or_else(|| std::io::Error::other("decoder failed")))
+    }
+}
+
+/// The uncompressed size of a compressed file, when its format records it.
+pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
+    match format {
+        Format::Xz => {
+            let out = duct::cmd!("xz", "--robot", "--list", path).stderr_null().read().ok()?;
+            out.lines()
+                .find(|l| l.starts_with("totals"))
+                .and_then(|l| l.split('\t').nth(4))
+                .and_then(|n| n.parse().ok())
+        }
+        Format::Zstd => {
+            let header = read_header(path).ok()?;
+            zstd::zstd_safe::get_frame_content_size(&header).ok().flatten()
+        }
+        _ => None,
+    }
+}
+
+/// An HTTP body with its announced length.
+pub struct Download {
+    /// The body, buffered so its first bytes can be inspected.
+    pub body: BufReader<Box<dyn Read + Send>>,
+    /// Content-Length, if the server sent one.
+    pub length: Option<u64>,
+}
+
+/// Starts downloading `url`.
+pub fn download(url: &str) -> Result<Download, SourceError> {
+    let err = |reason: String| SourceError::Http { url: url.to_owned(), reason };
+    let response = ureq::get(url).call().map_err(|e| err(e.to_string()))?;
+    let length = response.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let reader: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
+    Ok(Download { body: BufReader::with_capacity(1 << 20, reader), length })
+}
+
+impl Download {
+    /// The first bytes, without consuming them.
+    pub fn peek(&mut self, url: &str) -> Result<Vec<u8>, SourceError> {
+        let buf = self.body.fill_buf().map_err(|e| SourceError::Http { url: url.to_owned(), reason: e.to_string() })?;
+        if buf.is_empty() {
+            return Err(SourceError::Empty(url.to_owned()));
+        }
+        Ok(buf[..buf.len().min(HEADER_BYTES)].to_vec())
+    }
+}
+
+/// Reads exactly `expected` bytes from `inner`: fewer is a truncated download.
+pub struct Exact<R> {
+    inner: R,
+    remaining: u64,
+    url: String,
+}
+
+impl<R> Exact<R> {
+    /// Wraps `inner`, which must deliver `expected` bytes.
+    pub fn new(inner: R, expected: u64, url: &str) -> Self {
+        Self { inner, remaining: expected, url: url.to_owned() }
+    }
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.remaining > 0 && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{} ended {} bytes before its Content-Length", self.url, self.remaining),
+            ));
+        }
+        self.remaining = self.remaining.saturating_sub(n as u64);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_table() {
+        let mut vdi = vec![0u8; 512];
+        vdi[0x40..0x44].copy_from_slice(b"\x7f\x10\xda\xbe");
+        let mut qcow1 = b"QFI\xfb\0\0\0\x01".to_vec();
+        qcow1.resize(512, 0);
+        let cases: Vec<(Vec<u8>, Format)> = vec![
+            (b"QFI\xfb\0\0\0\x03rest".to_vec(), Format::Qemu("qcow2")),
+            (qcow1, Format::Qemu("qcow")),
+            (b"KDMV\x01".to_vec(), Format::Qemu("vmdk")),
+            (b"vhdxfile".to_vec(), Format::Qemu("vhdx")),
+            (b"conectix".to_vec(), Format::Qemu("vpc")),
+            (b"QED\0".to_vec(), Format::Qemu("qed")),
+            (vdi, Format::Qemu("vdi")),
+            (b"\x1f\x8b\x08".to_vec(), Format::Gzip),
+            (b"\xfd7zXZ\x00\x00".to_vec(), Format::Xz),
+            (b"\x28\xb5\x2f\xfd".to_vec(), Format::Zstd),
+            (b"hsqs".to_vec(), Format::Squashfs),
+            (vec![0u8; 512], Format::Raw),
+            (b"QFI".to_vec(), Format::Raw),
+            (b"\x1f".to_vec(), Format::Raw),
+        ];
+        for (header, want) in cases {
+            assert_eq!(detect(&header), want, "{:?}", &header[..header.len().min(8)]);
+        }
+        assert!(is_vmdk_descriptor(b"# Disk DescriptorFile\nversion=1"));
+    }
+
+    #[test]
+    fn locations() {
+        assert_eq!(Location::parse("https://x/y.img"), Location::Url("https://x/y.img".into()));
+        assert_eq!(Location::parse("/srv/y.img"), Location::Path("/srv/y.img".into()));
+        assert_eq!(Location::parse("ftp://x"), Location::Path("ftp://x".into()));
+    }
+
+    #[test]
+    fn exact_reader_reports_short_bodies() {
+        let mut r = Exact::new(&b"abc"[..], 5, "http://h/x");
+        let mut out = Vec::new();
+        let err = r.read_to_end(&mut out).unwrap_err();
+        assert!(err.to_string().contains("2 bytes before"), "{err}");
+        let mut ok = Exact::new(&b"abc"[..], 3, "u");
+        out.clear();
+        ok.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"abc");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn detect_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = detect(&bytes);
+        }
+    }
+}

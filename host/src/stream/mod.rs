@@ -1,0 +1,351 @@
+//! Streaming an image onto a destination with direct I/O.
+//!
+//! One reader (this thread) fills page-aligned buffers; several writer threads `pwrite` them
+//! with O_DIRECT, so reads and writes overlap and several writes are in flight. Ranges the
+//! source holds as zeros (holes found with SEEK_DATA/SEEK_HOLE, or all-zero buffers) are
+//! skipped where the destination already reads back zeros, zeroed with BLKZEROOUT on block
+//! devices, and punched on existing files — never assumed.
+
+pub mod buffer;
+pub mod destination;
+
+use buffer::{is_zero, AlignedBuf};
+use destination::Destination;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Bytes per buffer.
+pub const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Writer threads (writes in flight).
+pub const WRITERS: usize = 4;
+/// Buffers in circulation: enough to keep every writer busy while the reader fills more.
+pub const BUFFERS: usize = WRITERS * 2 + 2;
+/// How often progress is reported.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why streaming failed.
+#[derive(Debug, Error)]
+pub enum StreamError {
+    /// Reading the source failed.
+    #[error("reading {what}: {source}")]
+    Read {
+        /// The source.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Writing the destination failed.
+    #[error("writing {what}: {source}")]
+    Write {
+        /// The destination.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The source ended early or ran long.
+    #[error("{what} is truncated or corrupt: expected {expected} bytes, got {got}")]
+    Length {
+        /// The source.
+        what: String,
+        /// Size announced.
+        expected: u64,
+        /// Size read.
+        got: u64,
+    },
+    /// The final check before the destination is committed failed (e.g. --sha256).
+    #[error("{0}")]
+    Verify(String),
+    /// Stopped on request.
+    #[error("interrupted")]
+    Cancelled,
+}
+
+/// What the next stretch of the source is.
+pub enum Piece {
+    /// `n` bytes were read into the buffer.
+    Data(usize),
+    /// The next `n` bytes are zero and were not read.
+    Hole(u64),
+    /// The source is exhausted.
+    End,
+}
+
+/// A source of image bytes, read sequentially.
+pub trait ChunkReader: Send {
+    /// Fills `buf` (completely unless at the end) or reports a hole.
+    fn next(&mut self, buf: &mut [u8]) -> std::io::Result<Piece>;
+}
+
+/// A raw image file, whose holes are skipped without reading (SEEK_DATA/SEEK_HOLE).
+pub struct RawFile {
+    file: std::fs::File,
+    pos: u64,
+    size: u64,
+}
+
+impl RawFile {
+    /// Reads `file` of `size` bytes from the start.
+    pub fn new(file: std::fs::File, size: u64) -> Self {
+        Self { file, pos: 0, size }
+    }
+
+    fn seek(&self, whence: i32) -> Option<u64> {
+        // SAFETY: valid fd.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), self.pos as i64, whence) };
+        (r >= 0).then_some(r as u64)
+    }
+}
+
+impl ChunkReader for RawFile {
+    fn next(&mut self, buf: &mut [u8]) -> std::io::Result<Piece> {
+        use std::os::unix::fs::FileExt;
+        if self.pos >= self.size {
+            return Ok(Piece::End);
+        }
+        // A filesystem without SEEK_DATA support reports everything as data: still correct.
+        let data_at = self.seek(libc::SEEK_DATA).unwrap_or(self.size).min(self.size);
+        if data_at > self.pos {
+            let hole = data_at - self.pos;
+            self.pos = data_at;
+            return Ok(Piece::Hole(hole));
+        }
+        let hole_at = self.seek(libc::SEEK_HOLE).unwrap_or(self.size).min(self.size);
+        let want = (hole_at - self.pos).min(buf.len() as u64) as usize;
+        let mut got = 0;
+        while got < want {
+            let n = self.file.read_at(&mut buf[got..want], self.pos + got as u64)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        if got == 0 {
+            return Ok(Piece::End);
+        }
+        self.pos += got as u64;
+        Ok(Piece::Data(got))
+    }
+}
+
+/// Any byte stream (decompressors, HTTP bodies, files inside squashfs).
+pub struct Stream<R>(pub R);
+
+impl<R: Read + Send> ChunkReader for Stream<R> {
+    fn next(&mut self, buf: &mut [u8]) -> std::io::Result<Piece> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.0.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(if got == 0 { Piece::End } else { Piece::Data(got) })
+    }
+}
+
+/// How a stream should run.
+pub struct StreamOptions<'a> {
+    /// Source name for messages.
+    pub source_name: String,
+    /// Expected number of bytes, if known (a short or long source is an error).
+    pub expected_size: Option<u64>,
+    /// Called with (bytes done, total) every [`PROGRESS_INTERVAL`].
+    pub progress: &'a (dyn Fn(u64, Option<u64>) + Sync),
+    /// Set to stop early.
+    pub cancel: &'a AtomicBool,
+}
+
+/// What was written.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamStats {
+    /// Total bytes of the image.
+    pub bytes: u64,
+    /// Bytes written as data.
+    pub data_bytes: u64,
+    /// Bytes handled as zeros.
+    pub zero_bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+enum Job {
+    Data { offset: u64, buf: AlignedBuf },
+    Zero { offset: u64, len: u64 },
+}
+
+/// Streams everything `reader` yields onto `dest`, then commits it.
+pub fn copy(reader: &mut dyn ChunkReader, dest: Destination, opts: &StreamOptions) -> Result<StreamStats, StreamError> {
+    copy_verified(reader, dest, opts, &|| Ok(()))
+}
+
+/// Like [`copy`], with `verify` deciding, after the last byte and before the commit, whether
+/// the destination may be committed (a failed check leaves no new file behind).
+pub fn copy_verified(
+    reader: &mut dyn ChunkReader,
+    dest: Destination,
+    opts: &StreamOptions,
+    verify: &dyn Fn() -> Result<(), String>,
+) -> Result<StreamStats, StreamError> {
+    let started = Instant::now();
+    let dest_name = dest.path.display().to_string();
+    let write_err = |source| StreamError::Write { what: dest_name.clone(), source };
+    let read_err = |source| StreamError::Read { what: opts.source_name.clone(), source };
+    let zeros = AlignedBuf::new(CHUNK_BYTES);
+    let done = AtomicU64::new(0);
+    let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
+    let abort = AtomicBool::new(false);
+    let progress_stop = AtomicBool::new(false);
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(BUFFERS);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+    for _ in 0..BUFFERS {
+        free_tx.send(AlignedBuf::new(CHUNK_BYTES)).expect("receiver alive");
+    }
+    let mut offset = 0u64;
+    let mut data_bytes = 0u64;
+    let mut pending_zero: Option<(u64, u64)> = None;
+
+    let result: Result<(), StreamError> = std::thread::scope(|scope| {
+        let mut workers = Vec::new();
+        for _ in 0..WRITERS {
+            let (job_rx, free_tx, dest, zeros, done, failed, abort) =
+                (job_rx.clone(), free_tx.clone(), &dest, &zeros, &done, &failed, &abort);
+            workers.push(scope.spawn(move || loop {
+                let job = match job_rx.lock().expect("job lock").recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                };
+                if abort.load(Ordering::Relaxed) {
+                    if let Job::Data { buf, .. } = job {
+                        let _ = free_tx.send(buf);
+                    }
+                    continue;
+                }
+                let (result, len) = match job {
+                    Job::Data { offset, buf } => {
+                        let r = dest.write_at(buf.data(), offset);
+                        let len = buf.len as u64;
+                        let _ = free_tx.send(buf);
+                        (r, len)
+                    }
+                    Job::Zero { offset, len } => (dest.zero_range(offset, len, zeros.data_full()), len),
+                };
+                match result {
+                    Ok(()) => {
+                        done.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        abort.store(true, Ordering::Relaxed);
+                        failed.lock().expect("error lock").get_or_insert(e);
+                    }
+                }
+            }));
+        }
+        let progress_stop = &progress_stop;
+        let done = &done;
+        let progress = scope.spawn(move || {
+            while !progress_stop.load(Ordering::Relaxed) {
+                (opts.progress)(done.load(Ordering::Relaxed), opts.expected_size);
+                std::thread::park_timeout(PROGRESS_INTERVAL);
+            }
+        });
+
+        let read_result = (|| -> Result<(), StreamError> {
+            loop {
+                if opts.cancel.load(Ordering::Relaxed) {
+                    return Err(StreamError::Cancelled);
+                }
+                if abort.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let mut buf = free_rx.recv().expect("buffers circulate");
+                let piece = reader.next(buf.as_mut_full()).map_err(read_err)?;
+                match piece {
+                    Piece::End => {
+                        let _ = free_tx.send(buf);
+                        break;
+                    }
+                    Piece::Hole(len) => {
+                        let _ = free_tx.send(buf);
+                        pending_zero = Some(merge_zero(pending_zero, offset, len, &job_tx));
+                        offset += len;
+                    }
+                    Piece::Data(n) => {
+                        buf.len = n;
+                        if is_zero(buf.data()) {
+                            let _ = free_tx.send(buf);
+                            pending_zero = Some(merge_zero(pending_zero, offset, n as u64, &job_tx));
+                        } else {
+                            if let Some((o, l)) = pending_zero.take() {
+                                let _ = job_tx.send(Job::Zero { offset: o, len: l });
+                            }
+                            data_bytes += n as u64;
+                            let _ = job_tx.send(Job::Data { offset, buf });
+                        }
+                        offset += n as u64;
+                    }
+                }
+            }
+            if let Some((o, l)) = pending_zero.take() {
+                let _ = job_tx.send(Job::Zero { offset: o, len: l });
+            }
+            Ok(())
+        })();
+        drop(job_tx);
+        for w in workers {
+            let _ = w.join();
+        }
+        progress_stop.store(true, Ordering::Relaxed);
+        progress.thread().unpark();
+        let _ = progress.join();
+        read_result
+    });
+    result?;
+    if let Some(e) = failed.into_inner().expect("error lock") {
+        return Err(write_err(e));
+    }
+    if let Some(expected) = opts.expected_size {
+        if offset != expected {
+            return Err(StreamError::Length { what: opts.source_name.clone(), expected, got: offset });
+        }
+    }
+    verify().map_err(StreamError::Verify)?;
+    if offset > dest.capacity {
+        return Err(StreamError::Write {
+            what: dest_name.clone(),
+            source: std::io::Error::other(format!(
+                "the image ({offset} bytes) is larger than the target ({} bytes)",
+                dest.capacity
+            )),
+        });
+    }
+    (opts.progress)(offset, Some(offset));
+    dest.commit(offset).map_err(write_err)?;
+    Ok(StreamStats { bytes: offset, data_bytes, zero_bytes: offset - data_bytes, elapsed: started.elapsed() })
+}
+
+/// Extends a pending zero range, or flushes it and starts a new one.
+fn merge_zero(pending: Option<(u64, u64)>, offset: u64, len: u64, jobs: &mpsc::SyncSender<Job>) -> (u64, u64) {
+    match pending {
+        Some((o, l)) if o + l == offset => (o, l + len),
+        Some((o, l)) => {
+            let _ = jobs.send(Job::Zero { offset: o, len: l });
+            (offset, len)
+        }
+        None => (offset, len),
+    }
+}
+
+impl AlignedBuf {
+    /// The whole buffer (for a zero buffer shared read-only).
+    fn data_full(&self) -> &[u8] {
+        // SAFETY: reading within capacity; the buffer was zero-initialized.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.capacity()) }
+    }
+}

@@ -1,0 +1,348 @@
+//! `imgforge write`: any supported source onto a block device or file, streamed with direct I/O.
+
+use crate::exit::{ExitStatus, Failure};
+use crate::progress::Progress;
+use crate::source::{self, Format, Location, SourceError};
+use crate::stream::destination::{Destination, DestinationError, DestinationOptions};
+use crate::stream::{self, RawFile, StreamError, StreamOptions};
+use sha2::{Digest, Sha256};
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Names of the filesystem image inside a liveimg, in order of preference.
+pub const LIVEIMG_ROOTFS: &[&str] = &["/LiveOS/rootfs.img", "/LiveOS/ext3fs.img"];
+
+/// What to write where.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    /// The source.
+    pub image: Location,
+    /// The destination.
+    pub target: PathBuf,
+    /// Write into an existing regular file.
+    pub force: bool,
+    /// Size of a new file target.
+    pub size: Option<u64>,
+    /// Expected SHA-256 of the source (as given: the compressed file, the qcow2, ...).
+    pub sha256: Option<String>,
+    /// A qcow2 backing file the user explicitly allows.
+    pub backing_file: Option<PathBuf>,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// Source format.
+    pub format: Format,
+    /// Bytes written (the raw image size).
+    pub bytes: u64,
+    /// True when the target now holds a bare filesystem (from a liveimg).
+    pub bare_filesystem: bool,
+}
+
+impl From<SourceError> for Failure {
+    fn from(e: SourceError) -> Self {
+        Failure::bad_input(e.to_string())
+    }
+}
+
+impl From<DestinationError> for Failure {
+    fn from(e: DestinationError) -> Self {
+        match &e {
+            DestinationError::Open { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                Failure::environment(e.to_string())
+            }
+            DestinationError::Open { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                Failure::environment(e.to_string())
+            }
+            _ => Failure::bad_input(e.to_string()),
+        }
+    }
+}
+
+impl From<StreamError> for Failure {
+    fn from(e: StreamError) -> Self {
+        match &e {
+            StreamError::Cancelled => Failure::new(ExitStatus::Interrupted, "interrupted; nothing was left behind"),
+            StreamError::Write { .. } => Failure::environment(e.to_string()),
+            StreamError::Verify(message) => Failure::bad_input(message.clone()),
+            _ => Failure::bad_input(e.to_string()),
+        }
+    }
+}
+
+/// A reader that feeds every byte into a shared SHA-256.
+struct Hashing<R> {
+    inner: R,
+    hasher: Arc<Mutex<Sha256>>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.lock().expect("hash lock").update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn check_sha(name: &str, expected: &Option<String>, hasher: &Arc<Mutex<Sha256>>) -> Result<(), String> {
+    let Some(expected) = expected else { return Ok(()) };
+    let actual = hex::encode(hasher.lock().expect("hash lock").clone().finalize());
+    if actual.eq_ignore_ascii_case(expected) {
+        Ok(())
+    } else {
+        Err(format!("image {name} does not match --sha256: expected {expected}, computed {actual}"))
+    }
+}
+
+fn sha256_of_file(path: &Path, cancel: &AtomicBool) -> Result<String, Failure> {
+    let mut f =
+        std::fs::File::open(path).map_err(|source| SourceError::Io { name: path.display().to_string(), source })?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(StreamError::Cancelled.into());
+        }
+        let n = f.read(&mut buf).map_err(|source| SourceError::Io { name: path.display().to_string(), source })?;
+        if n == 0 {
+            return Ok(hex::encode(h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Checks a valid SHA-256 hex string (exit 2 otherwise).
+pub fn check_sha256_arg(text: &str) -> Result<String, String> {
+    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(format!("{text:?} is not a SHA-256 (64 hex digits)"))
+    }
+}
+
+/// Writes the image (blocking; run it off the async runtime).
+pub fn write(req: &WriteRequest, progress: &Progress, cancel: &AtomicBool) -> Result<Written, Failure> {
+    match &req.image {
+        Location::Path(path) => write_path(req, path, progress, cancel),
+        Location::Url(url) => write_url(req, url, progress, cancel),
+    }
+}
+
+fn source_size(path: &Path, meta: &std::fs::Metadata) -> Result<u64, Failure> {
+    use std::os::unix::fs::FileTypeExt;
+    if meta.file_type().is_block_device() {
+        use std::io::Seek;
+        let mut f =
+            std::fs::File::open(path).map_err(|source| SourceError::Io { name: path.display().to_string(), source })?;
+        return f
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|source| SourceError::Io { name: path.display().to_string(), source }.into());
+    }
+    Ok(meta.len())
+}
+
+fn stream_options<'a>(
+    name: String,
+    expected: Option<u64>,
+    progress: &'a (dyn Fn(u64, Option<u64>) + Sync),
+    cancel: &'a AtomicBool,
+) -> StreamOptions<'a> {
+    StreamOptions { source_name: name, expected_size: expected, progress, cancel }
+}
+
+fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &AtomicBool) -> Result<Written, Failure> {
+    let name = path.display().to_string();
+    let io = |source| SourceError::Io { name: name.clone(), source };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_dir() {
+        return Err(Failure::bad_input(format!("image {name} is a directory")));
+    }
+    let header = source::read_header(path)?;
+    if source::is_vmdk_descriptor(&header) {
+        return Err(SourceError::Unsupported {
+            name,
+            reason: "a VMDK descriptor names other files: convert it to a single-file image first".into(),
+        }
+        .into());
+    }
+    let format = source::detect(&header);
+    let report = |p: u64, t: Option<u64>| progress.copy_progress(p, t);
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    match format {
+        Format::Raw => {
+            let size = source_size(path, &meta)?;
+            progress
+                .image_info(serde_json::json!({"source": name, "format": "raw", "size": size, "target": req.target}));
+            let dest = open_destination(req, Some(size), Some(path))?;
+            let file = std::fs::File::open(path).map_err(io)?;
+            let opts = stream_options(name.clone(), Some(size), &report, cancel);
+            let stats = if req.sha256.is_some() {
+                let mut r = stream::Stream(Hashing { inner: file, hasher: hasher.clone() });
+                stream::copy_verified(&mut r, dest, &opts, &|| check_sha(&name, &req.sha256, &hasher))?
+            } else {
+                stream::copy(&mut RawFile::new(file, size), dest, &opts)?
+            };
+            Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
+        }
+        Format::Gzip | Format::Xz | Format::Zstd => {
+            let size = source::uncompressed_size(format, path);
+            progress.image_info(
+                serde_json::json!({"source": name, "format": format.name(), "size": size, "target": req.target}),
+            );
+            let dest = open_destination(req, size, Some(path))?;
+            let file = std::fs::File::open(path).map_err(io)?;
+            let mut r = stream::Stream(source::decompressor(format, Hashing { inner: file, hasher: hasher.clone() }));
+            let opts = stream_options(name.clone(), size, &report, cancel);
+            let stats = stream::copy_verified(&mut r, dest, &opts, &|| check_sha(&name, &req.sha256, &hasher))
+                .map_err(|e| decode_failure(e, &name, format))?;
+            Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
+        }
+        Format::Qemu(qemu_format) => {
+            if let Some(expected) = &req.sha256 {
+                let actual = sha256_of_file(path, cancel)?;
+                if &actual != expected {
+                    return Err(Failure::bad_input(format!(
+                        "image {name} does not match --sha256: expected {expected}, computed {actual}"
+                    )));
+                }
+            }
+            crate::qemu_img::convert(req, path, qemu_format, progress, cancel).map(|bytes| Written {
+                format,
+                bytes,
+                bare_filesystem: false,
+            })
+        }
+        Format::Squashfs => {
+            if let Some(expected) = &req.sha256 {
+                let actual = sha256_of_file(path, cancel)?;
+                if &actual != expected {
+                    return Err(Failure::bad_input(format!(
+                        "image {name} does not match --sha256: expected {expected}, computed {actual}"
+                    )));
+                }
+            }
+            write_liveimg(req, path, progress, cancel)
+        }
+    }
+}
+
+fn decode_failure(e: StreamError, name: &str, format: Format) -> Failure {
+    match e {
+        StreamError::Read { source, .. } => {
+            Failure::bad_input(format!("image {name} ({}) is truncated or corrupt: {source}", format.name()))
+        }
+        other => other.into(),
+    }
+}
+
+fn open_destination(req: &WriteRequest, size: Option<u64>, source: Option<&Path>) -> Result<Destination, Failure> {
+    Ok(Destination::open(&req.target, size, source, &DestinationOptions { force: req.force, size: req.size })?)
+}
+
+/// The filesystem image inside a liveimg: its path and size.
+pub fn liveimg_rootfs(fs: &backhand::FilesystemReader) -> Option<(String, u64)> {
+    LIVEIMG_ROOTFS.iter().find_map(|want| {
+        fs.files().find(|n| n.fullpath == Path::new(want)).and_then(|n| match &n.inner {
+            backhand::InnerNode::File(f) => Some((want.to_string(), f.file_len() as u64)),
+            _ => None,
+        })
+    })
+}
+
+fn open_squashfs(path: &Path) -> Result<backhand::FilesystemReader<'static>, Failure> {
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
+    backhand::FilesystemReader::from_reader(BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| SourceError::Unsupported { name, reason: format!("not a readable squashfs ({e})") }.into())
+}
+
+fn write_liveimg(
+    req: &WriteRequest,
+    path: &Path,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Written, Failure> {
+    let name = path.display().to_string();
+    let fs = open_squashfs(path)?;
+    let (inner, size) = liveimg_rootfs(&fs).ok_or_else(|| SourceError::Unsupported {
+        name: name.clone(),
+        reason: format!("a squashfs without {}: not a liveimg", LIVEIMG_ROOTFS.join(" or ")),
+    })?;
+    progress.image_info(
+        serde_json::json!({"source": name, "format": "liveimg", "rootfs": inner, "size": size, "target": req.target}),
+    );
+    let node = fs.files().find(|n| n.fullpath == Path::new(&inner)).expect("found above");
+    let backhand::InnerNode::File(file) = &node.inner else { unreachable!("checked above") };
+    let dest = open_destination(req, Some(size), Some(path))?;
+    let report = |p: u64, t: Option<u64>| progress.copy_progress(p, t);
+    let mut r = stream::Stream(fs.file(file).reader());
+    let stats = stream::copy(&mut r, dest, &stream_options(format!("{name}:{inner}"), Some(size), &report, cancel))
+        .map_err(|e| decode_failure(e, &name, Format::Squashfs))?;
+    Ok(Written { format: Format::Squashfs, bytes: stats.bytes, bare_filesystem: true })
+}
+
+fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &AtomicBool) -> Result<Written, Failure> {
+    let mut dl = source::download(url)?;
+    let header = dl.peek(url)?;
+    let format = source::detect(&header);
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    let length = dl.length;
+    let body: Box<dyn Read + Send> = match length {
+        Some(len) => Box::new(source::Exact::new(dl.body, len, url)),
+        None => Box::new(dl.body),
+    };
+    let hashed = Hashing { inner: body, hasher: hasher.clone() };
+    match format {
+        Format::Raw | Format::Gzip | Format::Xz | Format::Zstd => {
+            let size = if format == Format::Raw { length } else { None };
+            progress.image_info(serde_json::json!({"source": url, "format": format.name(), "size": size, "download_size": length, "target": req.target}));
+            let dest = open_destination(req, size, None)?;
+            let report = |p: u64, t: Option<u64>| progress.copy_progress(p, t);
+            let mut r = stream::Stream(source::decompressor(format, hashed));
+            let stats =
+                stream::copy_verified(&mut r, dest, &stream_options(url.to_owned(), size, &report, cancel), &|| {
+                    check_sha(url, &req.sha256, &hasher)
+                })
+                .map_err(|e| decode_failure(e, url, format))?;
+            Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
+        }
+        // qemu-img and squashfs need random access: download first, next to the target.
+        Format::Qemu(_) | Format::Squashfs => {
+            let dir = req
+                .target
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty() && p.is_dir())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(std::env::temp_dir);
+            let dir = if crate::stream::destination::is_block_device(&req.target) { std::env::temp_dir() } else { dir };
+            let mut tmp = tempfile::Builder::new().prefix(".imgforge-download-").tempfile_in(&dir).map_err(|e| {
+                Failure::environment(format!("cannot create a download file in {}: {e}", dir.display()))
+            })?;
+            let mut reader = hashed;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut done = 0u64;
+            loop {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(StreamError::Cancelled.into());
+                }
+                let n = reader
+                    .read(&mut buf)
+                    .map_err(|e| SourceError::Http { url: url.to_owned(), reason: e.to_string() })?;
+                if n == 0 {
+                    break;
+                }
+                std::io::Write::write_all(tmp.as_file_mut(), &buf[..n]).map_err(|e| {
+                    Failure::environment(format!("cannot store the download in {}: {e}", dir.display()))
+                })?;
+                done += n as u64;
+                progress.copy_progress(done, length);
+            }
+            check_sha(url, &req.sha256, &hasher).map_err(Failure::bad_input)?;
+            let local = WriteRequest { image: Location::Path(tmp.path().to_owned()), sha256: None, ..req.clone() };
+            write_path(&local, tmp.path(), progress, cancel)
+        }
+    }
+}

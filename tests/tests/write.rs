@@ -1,0 +1,273 @@
+//! `imgforge write`: every source kind, byte-exact onto new files and onto a loop device full
+//! of 0xff (proving zero ranges are really zeroed), refusals, URLs, interruption.
+
+use imgforge_tests::fixtures::{self, sh};
+use imgforge_tests::http::{self, Response};
+use imgforge_tests::run::{binary, code, imgforge};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn digest(path: &Path) -> String {
+    sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()
+}
+
+/// Every way imgforge can be handed the synthetic image: (name, source file).
+fn sources(dir: &Path, raw: &Path) -> Vec<(&'static str, PathBuf)> {
+    let mut out = vec![("raw", raw.to_owned())];
+    let qcow2 = dir.join("src.qcow2");
+    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(&qcow2)).unwrap();
+    out.push(("qcow2", qcow2));
+    let vmdk = dir.join("src.vmdk");
+    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "vmdk"]).arg(raw).arg(&vmdk)).unwrap();
+    out.push(("vmdk", vmdk));
+    for (name, tool, ext) in [("gzip", "gzip", "gz"), ("xz", "xz", "xz"), ("zstd", "zstd", "zst")] {
+        let p = dir.join(format!("src.raw.{ext}"));
+        sh(Command::new("sh").arg("-c").arg(format!("{tool} -c < '{}' > '{}'", raw.display(), p.display()))).unwrap();
+        out.push((name, p));
+    }
+    out.push(("liveimg-xz", fixtures::liveimg_of(raw, "xz", dir).unwrap()));
+    out.push(("liveimg-zstd", fixtures::liveimg_of(raw, "zstd", dir).unwrap()));
+    out
+}
+
+struct Loop {
+    dev: String,
+}
+
+impl Loop {
+    /// A loop device (direct I/O) over a file of `size` bytes of 0xff.
+    fn filled(dir: &Path, size: u64) -> Self {
+        let backing = dir.join("loop-backing");
+        std::fs::write(&backing, vec![0xffu8; size as usize]).unwrap();
+        let dev = sh(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(&backing))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Self { dev }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dev).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+fn same_prefix(a: &Path, b: &str, len: u64) -> bool {
+    Command::new("cmp").args(["-n", &len.to_string()]).arg(a).arg(b).status().unwrap().success()
+}
+
+#[test]
+fn every_source_kind_round_trips_onto_files_and_a_dirty_block_device() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let size = std::fs::metadata(&raw).unwrap().len();
+    let lo = Loop::filled(dir.path(), size + (8 << 20));
+    for (kind, src) in sources(dir.path(), &raw) {
+        let before = digest(&src);
+        let out_file = dir.path().join(format!("out-{kind}.img"));
+        let out = imgforge(&["write", "--image", &s(&src), "--target", &s(&out_file), "--progress", "none"]);
+        assert_eq!(code(&out), 0, "{kind} onto a file");
+        assert_eq!(digest(&out_file), digest(&raw), "{kind}: file differs from the source image");
+        // Zero ranges of the image must overwrite the 0xff on the device.
+        sh(Command::new("sh").arg("-c").arg(format!(
+            "head -c {} /dev/zero | tr '\\0' '\\377' | dd of={} bs=1M oflag=direct status=none",
+            size, lo.dev
+        )))
+        .unwrap();
+        let out = imgforge(&["write", "--image", &s(&src), "--target", &lo.dev, "--progress", "none"]);
+        assert_eq!(code(&out), 0, "{kind} onto {}", lo.dev);
+        assert!(same_prefix(&raw, &lo.dev, size), "{kind}: block device differs from the source image");
+        assert_eq!(digest(&src), before, "{kind}: the source changed");
+    }
+}
+
+#[test]
+fn json_progress_reports_the_copy() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let out =
+        imgforge(&["write", "--image", &s(&raw), "--target", &s(&dir.path().join("o.img")), "--progress", "json"]);
+    assert_eq!(code(&out), 0);
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events[0]["type"], "image-info");
+    assert_eq!(events[0]["size"], 64 << 20);
+    let last_copy = events.iter().rev().find(|e| e["type"] == "image-copy-progress").expect("copy progress");
+    assert_eq!((last_copy["position"].as_u64(), last_copy["progress"].as_f64()), (Some(64 << 20), Some(100.0)));
+    assert_eq!(events.last().unwrap()["type"], "image-done");
+}
+
+#[test]
+fn refusals_leave_source_and_target_untouched() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = fixtures::synthetic_raw(d).unwrap();
+    let empty = d.join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    let random = d.join("random.img");
+    sh(Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf 'hsqs' > {0}; head -c 100000 /dev/urandom >> {0}", random.display())))
+    .unwrap();
+    let truncated_xz = d.join("trunc.raw.xz");
+    sh(Command::new("sh").arg("-c").arg(format!(
+        "xz -c < {} | head -c 100000 > {}",
+        raw.display(),
+        truncated_xz.display()
+    )))
+    .unwrap();
+    let truncated_qcow2 = d.join("trunc.qcow2");
+    sh(Command::new("sh").arg("-c").arg(format!(
+        "qemu-img convert -f raw -O qcow2 {} {}.full && head -c 300000 {}.full > {}",
+        raw.display(),
+        truncated_qcow2.display(),
+        truncated_qcow2.display(),
+        truncated_qcow2.display()
+    )))
+    .unwrap();
+    let backed = d.join("backed.qcow2");
+    sh(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&raw).arg(&backed))
+        .unwrap();
+    let no_liveos = d.join("plain.squashfs");
+    std::fs::create_dir_all(d.join("plain/etc")).unwrap();
+    sh(Command::new("mksquashfs").arg(d.join("plain")).arg(&no_liveos).args(["-quiet", "-no-progress"])).unwrap();
+    let existing = d.join("existing.img");
+    std::fs::write(&existing, vec![7u8; 1 << 20]).unwrap();
+    let small = d.join("small.img");
+    std::fs::write(&small, vec![7u8; 1 << 20]).unwrap();
+
+    let new_target = d.join("new.img");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![s(&d.join("missing.img")), s(&new_target)], "missing.img"),
+        (vec![s(&empty), s(&new_target)], "is empty"),
+        (vec![s(&random), s(&new_target)], "random.img"),
+        (vec![s(&truncated_xz), s(&new_target)], "truncated or corrupt"),
+        (vec![s(&truncated_qcow2), s(&new_target)], "trunc.qcow2"),
+        (vec![s(&backed), s(&new_target)], "backing file"),
+        (vec![s(&no_liveos), s(&new_target)], "not a liveimg"),
+        (vec![s(&raw), s(&existing)], "--force"),
+        (vec![s(&raw), s(&small), "--force".into()], "holds 1048576 bytes"),
+        (vec![s(&raw), s(d)], "neither a block device nor a regular file"),
+        (vec![s(&raw), s(&raw), "--force".into()], "source image itself"),
+        (vec![s(&raw), s(&new_target), "--sha256".into(), "0".repeat(64)], "does not match --sha256"),
+        (vec![s(d), s(&new_target)], "directory"),
+    ];
+    let digests: Vec<(PathBuf, String)> =
+        [&raw, &existing, &small, &truncated_xz, &backed].iter().map(|p| (p.to_path_buf(), digest(p))).collect();
+    for (args, want) in cases {
+        let mut full = vec![
+            "write".to_owned(),
+            "--progress".into(),
+            "none".into(),
+            "--image".into(),
+            args[0].clone(),
+            "--target".into(),
+            args[1].clone(),
+        ];
+        full.extend(args[2..].iter().cloned());
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        let out = imgforge(&refs);
+        assert_eq!(code(&out), 2, "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!new_target.exists(), "{args:?} left an output file");
+        let leftovers: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".imgforge-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{args:?} left temporary files: {leftovers:?}");
+    }
+    for (p, before) in digests {
+        assert_eq!(digest(&p), before, "{} changed", p.display());
+    }
+}
+
+#[test]
+fn mounted_block_device_is_refused() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let lo = Loop::filled(dir.path(), 80 << 20);
+    sh(Command::new("mkfs.ext4").args(["-q", "-F", &lo.dev])).unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    sh(Command::new("mount").arg(&lo.dev).arg(mnt.path())).unwrap();
+    let out = imgforge(&["write", "--image", &s(&raw), "--target", &lo.dev, "--progress", "none"]);
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    assert_eq!(code(&out), 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    // Not a byte of the image reached the device: the filesystem is intact.
+    assert!(!same_prefix(&raw, &lo.dev, 8 << 20));
+    sh(Command::new("e2fsck").args(["-n", "-f", &lo.dev])).expect("the mounted filesystem is intact");
+}
+
+#[test]
+fn url_sources_stream_and_short_reads_fail_cleanly() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let body = std::fs::read(&raw).unwrap();
+    let url = http::serve(Response::full(body.clone()));
+    let target = dir.path().join("from-url.img");
+    let out = imgforge(&["write", "--image", &url, "--target", &s(&target), "--progress", "none"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(digest(&target), digest(&raw));
+
+    let xz = dir.path().join("src.xz");
+    sh(Command::new("sh").arg("-c").arg(format!("xz -c < {} > {}", raw.display(), xz.display()))).unwrap();
+    let url = http::serve(Response::full(std::fs::read(&xz).unwrap()));
+    let target = dir.path().join("from-url-xz.img");
+    let out =
+        imgforge(&["write", "--image", &url, "--target", &s(&target), "--progress", "none", "--sha256", &digest(&xz)]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(digest(&target), digest(&raw));
+
+    let short = Response { announce: Some(body.len() as u64), send: body.len() / 3, ..Response::full(body) };
+    let url = http::serve(short);
+    let target = dir.path().join("short.img");
+    let out = imgforge(&["write", "--image", &url, "--target", &s(&target), "--progress", "none"]);
+    assert_eq!(code(&out), 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+    assert!(!target.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn sigint_leaves_no_output_and_no_temporary_file() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let slow = Response { pause: Duration::from_millis(50), ..Response::full(std::fs::read(&raw).unwrap()) };
+    let url = http::serve(slow);
+    let out_dir = tempfile::tempdir().unwrap();
+    let target = out_dir.path().join("interrupted.img");
+    let mut child = Command::new(binary())
+        .args(["write", "--progress", "none", "--image", &url, "--target", &s(&target)])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?} to stop", started.elapsed());
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 0, "output or temporary file left behind");
+}
