@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod bench_write;
+
 const PASSWORD: &str = "Bench-Pw-1";
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchKeyOfImgforge000000000000000000000000 bench@imgforge";
 
@@ -15,7 +17,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["bench", "customize"] => bench_customize(),
-        _ => bail!("usage: cargo xtask bench customize"),
+        ["bench", "write"] => bench_write::run(&imgforge()?),
+        _ => bail!("usage: cargo xtask bench customize|write"),
     }
 }
 
