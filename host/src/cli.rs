@@ -363,7 +363,19 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Inspect(_) => Err(not_yet("inspect", "image inspection is being built")),
+        Command::Inspect(args) => {
+            let report =
+                tokio::task::spawn_blocking(move || crate::inspect::inspect(&args.image).map(|r| (r, args.json)))
+                    .await
+                    .map_err(|e| Failure::environment(format!("inspect panicked: {e}")))?;
+            let (report, json) = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+            } else {
+                print!("{}", crate::inspect::render(&report));
+            }
+            Ok(())
+        }
         Command::Verify(_) => Err(not_yet("verify", "the image test step is being built")),
         Command::Ganeti(GanetiCommand::InstallOs { .. }) => {
             Err(not_yet("ganeti install-os", "the Ganeti OS interface is being built"))

@@ -10,6 +10,7 @@ pub mod customize;
 pub mod exit;
 pub mod floppy;
 pub mod helper_image;
+pub mod inspect;
 pub mod ops;
 pub mod password;
 pub mod payload;

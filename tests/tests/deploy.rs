@@ -16,18 +16,34 @@ fn liveimg_onto_a_larger_target_grows_and_customizes() {
     let before = sh(Command::new("sha256sum").arg(&live)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("live-root.img");
-    let out = imgforge(&["deploy", "--accel", "tcg", "--image", &s(&live), "--target", &s(&target), "--size", "4G", "--hostname", "live1", "--progress", "json"]);
+    let out = imgforge(&[
+        "deploy",
+        "--accel",
+        "tcg",
+        "--image",
+        &s(&live),
+        "--target",
+        &s(&target),
+        "--size",
+        "4G",
+        "--hostname",
+        "live1",
+        "--progress",
+        "json",
+    ]);
     assert_eq!(code(&out), 0);
     assert_eq!(std::fs::metadata(&target).unwrap().len(), 4 << 30);
     sh(Command::new("e2fsck").args(["-n", "-f"]).arg(&target)).expect("the filesystem is clean");
     let dump = sh(Command::new("dumpe2fs").arg("-h").arg(&target)).unwrap();
-    let field = |name: &str| -> u64 { dump.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().parse().unwrap() };
+    let field =
+        |name: &str| -> u64 { dump.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().parse().unwrap() };
     let fs_bytes = field("Block count:") * field("Block size:");
     assert!(fs_bytes > (4u64 << 30) - (64 << 20), "filesystem not grown: {fs_bytes} bytes");
     let m = Mount::at(&target, 0, 4 << 30).unwrap();
     assert_eq!(m.read("/etc/hostname").unwrap(), "live1\n");
     assert_eq!(sh(Command::new("sha256sum").arg(&live)).unwrap(), before, "the source changed");
-    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     let first_helper = types.iter().position(|t| *t == "image-helper").expect("helper events");
     assert!(types[..first_helper].contains(&"image-copy-progress"), "copy progress comes before the helper: {types:?}");
@@ -39,9 +55,25 @@ fn liveimg_onto_a_larger_target_grows_and_customizes() {
 fn qcow2_disk_image_deployed_and_customized() {
     let dir = tempfile::tempdir().unwrap();
     let qcow2 = dir.path().join("disk.qcow2");
-    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(fixtures::disk(Shape::DosExt4).unwrap()).arg(&qcow2)).unwrap();
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(fixtures::disk(Shape::DosExt4).unwrap())
+        .arg(&qcow2))
+    .unwrap();
     let target = dir.path().join("deployed.img");
-    let out = imgforge(&["deploy", "--accel", "tcg", "--image", &s(&qcow2), "--target", &s(&target), "--hostname", "deployed1", "--run-command", "echo ok > /root/deployed"]);
+    let out = imgforge(&[
+        "deploy",
+        "--accel",
+        "tcg",
+        "--image",
+        &s(&qcow2),
+        "--target",
+        &s(&target),
+        "--hostname",
+        "deployed1",
+        "--run-command",
+        "echo ok > /root/deployed",
+    ]);
     assert_eq!(code(&out), 0);
     let m = Mount::partition(&target, 0).unwrap();
     assert_eq!(m.read("/etc/hostname").unwrap(), "deployed1\n");
@@ -52,7 +84,17 @@ fn qcow2_disk_image_deployed_and_customized() {
 fn a_failing_customization_fails_the_deploy() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("deployed.img");
-    let out = imgforge(&["deploy", "--accel", "tcg", "--image", &s(&fixtures::disk(Shape::DosExt4).unwrap()), "--target", &s(&target), "--run-command", "false"]);
+    let out = imgforge(&[
+        "deploy",
+        "--accel",
+        "tcg",
+        "--image",
+        &s(&fixtures::disk(Shape::DosExt4).unwrap()),
+        "--target",
+        &s(&target),
+        "--run-command",
+        "false",
+    ]);
     assert_eq!(code(&out), 1);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--run-command 'false'"));
 }

@@ -50,7 +50,13 @@ fn xz_image() -> Result<PathBuf> {
     let path = bench_dir().join("os-disk.raw.xz");
     if !path.exists() {
         let disk = fixtures::disk(fixtures::Shape::DosExt4)?;
-        sh(Command::new("sh").arg("-c").arg(format!("xz -T0 -6 -c < '{}' > '{}.tmp' && mv '{}.tmp' '{}'", disk.display(), path.display(), path.display(), path.display())))?;
+        sh(Command::new("sh").arg("-c").arg(format!(
+            "xz -T0 -6 -c < '{}' > '{}.tmp' && mv '{}.tmp' '{}'",
+            disk.display(),
+            path.display(),
+            path.display(),
+            path.display()
+        )))?;
     }
     Ok(path)
 }
@@ -65,7 +71,8 @@ impl Loop {
         let backing = bench_dir().join("loop-target");
         let f = std::fs::File::create(&backing)?;
         f.set_len(size)?;
-        let dev = sh(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(&backing))?.trim().to_owned();
+        let dev =
+            sh(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(&backing))?.trim().to_owned();
         Ok(Self { dev, backing })
     }
 
@@ -108,7 +115,11 @@ fn best_of(lo: &Loop, len: u64, expect: &Path, script: &str) -> Result<Duration>
 }
 
 fn row(name: &str, t: Duration, reference: Duration) {
-    println!("  {name:<44} {:>7.2} s   imgforge is {:>5.2}x faster", t.as_secs_f64(), t.as_secs_f64() / reference.as_secs_f64());
+    println!(
+        "  {name:<44} {:>7.2} s   imgforge is {:>5.2}x faster",
+        t.as_secs_f64(),
+        t.as_secs_f64() / reference.as_secs_f64()
+    );
 }
 
 pub fn run(imgforge: &Path) -> Result<()> {
@@ -118,11 +129,13 @@ pub fn run(imgforge: &Path) -> Result<()> {
     let lo = Loop::new(size + 64 * MIB)?;
     let dev = lo.dev.clone();
     let img = raw.display();
-    let ours = |src: &Path| format!("{} write --progress none --image '{}' --target {dev}", imgforge.display(), src.display());
+    let ours =
+        |src: &Path| format!("{} write --progress none --image '{}' --target {dev}", imgforge.display(), src.display());
 
     println!("raw image {img}: 2 GiB (1 GiB data, 256 MiB written zeros, 768 MiB hole) onto {dev} (loop, direct-io, pre-filled with 0xff); cold cache, best of {RUNS}");
     let t_ours = best_of(&lo, size, &raw, &ours(&raw))?;
-    let t_dd = best_of(&lo, size, &raw, &format!("dd if='{img}' of={dev} bs=1M oflag=direct conv=notrunc status=none"))?;
+    let t_dd =
+        best_of(&lo, size, &raw, &format!("dd if='{img}' of={dev} bs=1M oflag=direct conv=notrunc status=none"))?;
     let t_qemu = best_of(&lo, size, &raw, &format!("qemu-img convert -f raw -O raw -t none -W -m 8 -n '{img}' {dev}"))?;
     println!("  {:<44} {:>7.2} s", "imgforge write", t_ours.as_secs_f64());
     row("dd bs=1M oflag=direct conv=notrunc", t_dd, t_ours);
@@ -133,7 +146,15 @@ pub fn run(imgforge: &Path) -> Result<()> {
     let fs_len = std::fs::metadata(&fs)?.len();
     println!("liveimg {} (xz squashfs, {} MiB rootfs.img)", live.display(), fs_len >> 20);
     let t_ours = best_of(&lo, fs_len, &fs, &ours(&live))?;
-    let t_peer = best_of(&lo, fs_len, &fs, &format!("unsquashfs -cat '{}' LiveOS/rootfs.img | dd of={dev} bs=1M oflag=direct iflag=fullblock status=none", live.display()))?;
+    let t_peer = best_of(
+        &lo,
+        fs_len,
+        &fs,
+        &format!(
+            "unsquashfs -cat '{}' LiveOS/rootfs.img | dd of={dev} bs=1M oflag=direct iflag=fullblock status=none",
+            live.display()
+        ),
+    )?;
     println!("  {:<44} {:>7.2} s", "imgforge write", t_ours.as_secs_f64());
     row("unsquashfs -cat | dd oflag=direct", t_peer, t_ours);
 
@@ -142,7 +163,12 @@ pub fn run(imgforge: &Path) -> Result<()> {
     let disk_len = std::fs::metadata(&disk)?.len();
     println!("xz image {} ({} MiB raw OS disk)", xz.display(), disk_len >> 20);
     let t_ours = best_of(&lo, disk_len, &disk, &ours(&xz))?;
-    let t_peer = best_of(&lo, disk_len, &disk, &format!("xz -dc '{}' | dd of={dev} bs=1M oflag=direct iflag=fullblock status=none", xz.display()))?;
+    let t_peer = best_of(
+        &lo,
+        disk_len,
+        &disk,
+        &format!("xz -dc '{}' | dd of={dev} bs=1M oflag=direct iflag=fullblock status=none", xz.display()),
+    )?;
     println!("  {:<44} {:>7.2} s", "imgforge write", t_ours.as_secs_f64());
     row("xz -dc | dd oflag=direct", t_peer, t_ours);
     Ok(())

@@ -233,7 +233,11 @@ impl Destination {
     /// Writes `data` at `offset`: through O_DIRECT for the aligned part, buffered for a tail.
     pub fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         let aligned = data.len() / ALIGN_BYTES * ALIGN_BYTES;
-        if aligned > 0 && offset.is_multiple_of(ALIGN_BYTES as u64) {
+        // O_DIRECT needs the memory, the offset and the length aligned.
+        if aligned > 0
+            && offset.is_multiple_of(ALIGN_BYTES as u64)
+            && (data.as_ptr() as usize).is_multiple_of(ALIGN_BYTES)
+        {
             self.direct.write_all_at(&data[..aligned], offset)?;
             if aligned < data.len() {
                 self.buffered.write_all_at(&data[aligned..], offset + aligned as u64)?;

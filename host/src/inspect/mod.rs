@@ -1,0 +1,298 @@
+//! `imgforge inspect`: format, virtual size, partition table and filesystems of an image, read
+//! from headers in Rust — nothing booted, nothing mounted.
+
+pub mod filesystems;
+pub mod partitions;
+
+use crate::exit::Failure;
+use crate::source::{self, Format, SourceError};
+use filesystems::{Filesystem, PROBE_BYTES};
+use partitions::{Partition, Table, SECTOR};
+use serde::Serialize;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Random reads from the raw view of an image.
+trait ReadAt {
+    /// Up to `len` bytes at `offset` (fewer at the end).
+    fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>>;
+}
+
+struct RawAt(std::fs::File);
+
+impl ReadAt for RawAt {
+    fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match self.0.read_at(&mut buf[got..], offset + got as u64)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+}
+
+/// A qemu-format image read through `qemu-img dd` (explicit `-f`, never probed).
+struct QemuAt {
+    path: PathBuf,
+    format: &'static str,
+}
+
+impl ReadAt for QemuAt {
+    fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let tmp = tempfile::NamedTempFile::new()?;
+        // qemu-img dd counts `count` from the start of the image, skipped blocks included.
+        let (skip, count) = (offset / SECTOR, offset / SECTOR + (len as u64).div_ceil(SECTOR));
+        let out = duct::cmd!(
+            "qemu-img",
+            "dd",
+            "-f",
+            self.format,
+            "-O",
+            "raw",
+            "bs=512",
+            format!("skip={skip}"),
+            format!("count={count}"),
+            format!("if={}", self.path.display()),
+            format!("of={}", tmp.path().display())
+        )
+        .stderr_capture()
+        .stdout_null()
+        .unchecked()
+        .run()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        let mut data = std::fs::read(tmp.path())?;
+        data.truncate(len);
+        Ok(data)
+    }
+}
+
+/// A forward-only stream (decompressor, file in a squashfs), restarted to go backwards.
+struct StreamAt<F: FnMut() -> std::io::Result<Box<dyn Read + Send>>> {
+    open: F,
+    stream: Option<Box<dyn Read + Send>>,
+    pos: u64,
+}
+
+impl<F: FnMut() -> std::io::Result<Box<dyn Read + Send>>> ReadAt for StreamAt<F> {
+    fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        if self.stream.is_none() || offset < self.pos {
+            self.stream = Some((self.open)()?);
+            self.pos = 0;
+        }
+        let s = self.stream.as_mut().expect("opened above");
+        let skipped = std::io::copy(&mut s.take(offset - self.pos), &mut std::io::sink())?;
+        self.pos += skipped;
+        let mut buf = Vec::with_capacity(len);
+        s.take(len as u64).read_to_end(&mut buf)?;
+        self.pos += buf.len() as u64;
+        Ok(buf)
+    }
+}
+
+/// A filesystem found on the image.
+#[derive(Debug, Clone, Serialize)]
+pub struct FoundFilesystem {
+    /// Partition number (none: the whole image).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// Byte offset.
+    pub offset: u64,
+    /// What is there.
+    #[serde(flatten)]
+    pub filesystem: Filesystem,
+}
+
+/// A liveimg's squashfs details.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveImg {
+    /// squashfs compressor.
+    pub compressor: String,
+    /// squashfs block size.
+    pub block_size: u32,
+    /// The filesystem image inside.
+    pub rootfs: String,
+    /// Its size.
+    pub rootfs_size: u64,
+}
+
+/// The inspection result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The image.
+    pub image: PathBuf,
+    /// Its format.
+    pub format: &'static str,
+    /// Size of the raw disk (or of the liveimg's filesystem image).
+    pub virtual_size: Option<u64>,
+    /// Partition table.
+    pub partition_table: Option<Table>,
+    /// Filesystems found.
+    pub filesystems: Vec<FoundFilesystem>,
+    /// liveimg details.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub liveimg: Option<LiveImg>,
+}
+
+fn table(r: &mut dyn ReadAt) -> std::io::Result<Option<Table>> {
+    let head = r.read_at(0, 2 * SECTOR as usize)?;
+    if head.len() < 1024 {
+        return Ok(None);
+    }
+    let Some((mbr, protective)) = partitions::parse_mbr(&head[..512]).map_err(std::io::Error::other)? else {
+        return Ok(None);
+    };
+    if protective {
+        if let Some((lba, count, size, disk_guid)) =
+            partitions::parse_gpt_header(&head[512..1024]).map_err(std::io::Error::other)?
+        {
+            let entries = r.read_at(lba * SECTOR, count as usize * size as usize)?;
+            let partitions = partitions::parse_gpt_entries(&entries, count, size).map_err(std::io::Error::other)?;
+            return Ok(Some(Table::Gpt { disk_guid, partitions }));
+        }
+    }
+    // A boot signature alone (a FAT or NTFS boot sector) is not a partition table.
+    if mbr.is_empty() || filesystems::detect(&r.read_at(0, PROBE_BYTES)?).is_some() {
+        return Ok(None);
+    }
+    Ok(Some(Table::Mbr { partitions: mbr }))
+}
+
+fn scan(r: &mut dyn ReadAt) -> std::io::Result<(Option<Table>, Vec<FoundFilesystem>)> {
+    let table = table(r)?;
+    let mut found = Vec::new();
+    let parts: Vec<Partition> = match &table {
+        Some(Table::Mbr { partitions }) | Some(Table::Gpt { partitions, .. }) => partitions.clone(),
+        None => Vec::new(),
+    };
+    if parts.is_empty() {
+        if let Some(fs) = filesystems::detect(&r.read_at(0, PROBE_BYTES)?) {
+            found.push(FoundFilesystem { partition: None, offset: 0, filesystem: fs });
+        }
+    }
+    let mut sorted = parts;
+    sorted.sort_by_key(|p| p.start);
+    for p in sorted {
+        if let Some(fs) = filesystems::detect(&r.read_at(p.start, PROBE_BYTES)?) {
+            found.push(FoundFilesystem { partition: Some(p.number), offset: p.start, filesystem: fs });
+        }
+    }
+    Ok((table, found))
+}
+
+/// Inspects `path`.
+pub fn inspect(path: &Path) -> Result<Report, Failure> {
+    let name = path.display().to_string();
+    let io = |source| SourceError::Io { name: name.clone(), source };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_dir() {
+        return Err(Failure::bad_input(format!("image {name} is a directory")));
+    }
+    let header = source::read_header(path)?;
+    let format = source::detect(&header);
+    let corrupt =
+        |e: std::io::Error| Failure::bad_input(format!("image {name} could not be read as {}: {e}", format.name()));
+    let mut report = Report {
+        image: path.to_owned(),
+        format: format.name(),
+        virtual_size: None,
+        partition_table: None,
+        filesystems: Vec::new(),
+        liveimg: None,
+    };
+    let (table, found) = match format {
+        Format::Raw => {
+            report.virtual_size = Some(meta.len());
+            scan(&mut RawAt(std::fs::File::open(path).map_err(io)?)).map_err(corrupt)?
+        }
+        Format::Qemu(f) => {
+            let info = crate::qemu_img::info(path, f)?;
+            report.virtual_size = Some(info.virtual_size);
+            scan(&mut QemuAt { path: path.to_owned(), format: f }).map_err(corrupt)?
+        }
+        Format::Gzip | Format::Xz | Format::Zstd => {
+            report.virtual_size = source::uncompressed_size(format, path);
+            let p = path.to_owned();
+            let open = move || -> std::io::Result<Box<dyn Read + Send>> {
+                Ok(source::decompressor(format, std::fs::File::open(&p)?))
+            };
+            scan(&mut StreamAt { open, stream: None, pos: 0 }).map_err(corrupt)?
+        }
+        Format::Squashfs => {
+            let file = std::fs::File::open(path).map_err(io)?;
+            let fs = backhand::FilesystemReader::from_reader(std::io::BufReader::new(file))
+                .map_err(|e| Failure::bad_input(format!("image {name} is not a readable squashfs: {e}")))?;
+            let (inner, size) = crate::write::liveimg_rootfs(&fs).ok_or_else(|| {
+                Failure::bad_input(format!(
+                    "image {name} is a squashfs without LiveOS/rootfs.img or LiveOS/ext3fs.img: not a liveimg"
+                ))
+            })?;
+            report.virtual_size = Some(size);
+            report.liveimg = Some(LiveImg {
+                compressor: fs.compressor.map(|c| format!("{c:?}").to_lowercase()).unwrap_or_else(|| "unknown".into()),
+                block_size: fs.block_size,
+                rootfs: inner.trim_start_matches('/').to_owned(),
+                rootfs_size: size,
+            });
+            // The filesystem image's superblock is at its start: one read suffices.
+            let node = fs.files().find(|n| n.fullpath == Path::new(&inner)).expect("found above");
+            let backhand::InnerNode::File(f) = &node.inner else { unreachable!("a file") };
+            let mut head = Vec::new();
+            fs.file(f).reader().take(PROBE_BYTES as u64).read_to_end(&mut head).map_err(corrupt)?;
+            let found =
+                filesystems::detect(&head).map(|filesystem| FoundFilesystem { partition: None, offset: 0, filesystem });
+            (None, found.into_iter().collect())
+        }
+    };
+    report.partition_table = table;
+    report.filesystems = found;
+    Ok(report)
+}
+
+/// The report for people.
+pub fn render(r: &Report) -> String {
+    let mut out = format!("image:        {}\nformat:       {}\n", r.image.display(), r.format);
+    if let Some(s) = r.virtual_size {
+        out.push_str(&format!("virtual size: {s} bytes ({:.2} GiB)\n", s as f64 / (1u64 << 30) as f64));
+    }
+    if let Some(l) = &r.liveimg {
+        out.push_str(&format!(
+            "liveimg:      {} ({} bytes), squashfs {} compression, {} byte blocks\n",
+            l.rootfs, l.rootfs_size, l.compressor, l.block_size
+        ));
+    }
+    match &r.partition_table {
+        Some(Table::Mbr { partitions }) | Some(Table::Gpt { partitions, .. }) => {
+            let kind = if matches!(r.partition_table, Some(Table::Gpt { .. })) { "gpt" } else { "dos (MBR)" };
+            out.push_str(&format!("partitions:   {kind}\n"));
+            for p in partitions {
+                out.push_str(&format!(
+                    "  {:>3}  start {:>12}  size {:>12}  type {}{}\n",
+                    p.number,
+                    p.start,
+                    p.size,
+                    p.type_id,
+                    p.name.as_ref().map(|n| format!("  name {n}")).unwrap_or_default()
+                ));
+            }
+        }
+        None => out.push_str("partitions:   none\n"),
+    }
+    for f in &r.filesystems {
+        let place = f.partition.map(|n| format!("partition {n}")).unwrap_or_else(|| "whole image".into());
+        out.push_str(&format!(
+            "filesystem:   {place}: {}{}{}{}\n",
+            f.filesystem.kind,
+            f.filesystem.label.as_ref().map(|l| format!(" label={l}")).unwrap_or_default(),
+            f.filesystem.uuid.as_ref().map(|u| format!(" uuid={u}")).unwrap_or_default(),
+            f.filesystem.size.map(|s| format!(" size={s}")).unwrap_or_default()
+        ));
+    }
+    out
+}
