@@ -22,7 +22,7 @@ pub struct Filesystem {
     pub size: Option<u64>,
 }
 
-fn at<'a>(b: &'a [u8], offset: usize, len: usize) -> Option<&'a [u8]> {
+fn at(b: &[u8], offset: usize, len: usize) -> Option<&[u8]> {
     b.get(offset..offset.checked_add(len)?)
 }
 
