@@ -429,6 +429,7 @@ fn finish(progress: &Progress, result: Result<(), Failure>) -> Result<(), Failur
 /// Runs the command line; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let matches = Cli::command().get_matches();
+    crate::argv::scrub();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),

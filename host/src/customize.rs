@@ -92,11 +92,14 @@ pub async fn run(
         Some(p)
     };
 
+    let overlay = crate::overlay::Overlay::create(&target.path, target.format, target.virtual_size, work.path())
+        .map_err(|e| Failure::environment(e.to_string()))?;
     let spec = VmSpec {
         qemu: settings.qemu.clone(),
         image,
         disk: target.path.clone(),
         disk_format: target.format,
+        overlay: Some(overlay.path.clone()),
         floppy: floppy_path,
         payload: payload_path,
         memory_mib: settings.memory_mib,
@@ -108,10 +111,18 @@ pub async fn run(
     };
     progress.message("booting the helper VM");
     let outcome = run_vm(&spec, settings.show_console, progress, interrupt).await?;
-    drop(target);
-    match outcome.verdict {
+    let result = match outcome.verdict {
         Verdict::Success => {
             tracing::info!(accel = %outcome.accel, secs = outcome.elapsed.as_secs_f32(), "customization succeeded");
+            // Past this point an interrupt waits for the commit: a half-committed disk is the
+            // one outcome worse than either before or after.
+            progress.message("committing the changes");
+            let bytes = overlay.allocated_bytes();
+            let spent = tokio::task::spawn_blocking(move || overlay.commit().map(|d| (d, overlay)))
+                .await
+                .map_err(|e| Failure::environment(format!("commit panicked: {e}")))?
+                .map_err(|e| Failure::environment(e.to_string()))?;
+            tracing::info!(secs = spent.0.as_secs_f32(), overlay_bytes = bytes, "changes committed into the disk");
             Ok(())
         }
         Verdict::Failed { task, message } => Err(Failure::new(
@@ -119,7 +130,9 @@ pub async fn run(
             format!("task {task} failed in the helper VM: {message}"),
         )),
         Verdict::Incomplete { .. } => unreachable!("vm::run turns an incomplete report into an error"),
-    }
+    };
+    drop(target);
+    result
 }
 
 /// Runs the VM, forwarding its events to the progress sink and (with -v) the console to stderr.

@@ -3,6 +3,7 @@
 use imgforge_protocol::rules::Rules;
 use imgforge_protocol::{FLOPPY_LABEL, RULES_FILE_NAME};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -36,7 +37,9 @@ pub fn build(rules: &Rules, path: &Path) -> Result<(), FloppyError> {
         return Err(FloppyError::TooLarge(json.len()));
     }
     let io = |source| FloppyError::Io { path: path.to_owned(), source };
-    let mut file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io)?;
+    // The rules hold password hashes: readable by root only (qemu gets a descriptor).
+    let mut file =
+        std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
     file.set_len(FLOPPY_BYTES).map_err(io)?;
     let mut label = [b' '; 11];
     label[..FLOPPY_LABEL.len()].copy_from_slice(FLOPPY_LABEL.as_bytes());

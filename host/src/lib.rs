@@ -4,6 +4,7 @@
 //! keeps the helper image (kernel + initramfs) built, runs the confined helper VM and turns
 //! its report into an exit status.
 
+pub mod argv;
 pub mod cli;
 pub mod commands_file;
 pub mod customize;
@@ -12,6 +13,7 @@ pub mod floppy;
 pub mod helper_image;
 pub mod inspect;
 pub mod ops;
+pub mod overlay;
 pub mod password;
 pub mod payload;
 pub mod progress;

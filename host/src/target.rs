@@ -40,14 +40,16 @@ pub struct Target {
     pub path: PathBuf,
     /// Its format.
     pub format: DiskFormat,
-    /// Size in bytes.
+    /// Size in bytes (of the file or device).
     pub size: u64,
+    /// Size of the disk it holds (a qcow2's virtual size).
+    pub virtual_size: u64,
     _lock: std::fs::File,
 }
 
 /// Parses the format from the first bytes of a disk (pure).
 pub fn format_from_header(header: &[u8]) -> (DiskFormat, bool) {
-    if header.len() >= 24 && &header[..4] == QCOW2_MAGIC {
+    if header.len() >= 32 && &header[..4] == QCOW2_MAGIC {
         let backing_offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
         return (DiskFormat::Qcow2, backing_offset != 0);
     }
@@ -75,6 +77,10 @@ pub fn open(path: &Path) -> Result<Target, TargetError> {
     let mut header = [0u8; 512];
     let n = file.read(&mut header).map_err(err)?;
     let (format, backing) = format_from_header(&header[..n]);
+    let virtual_size = match format {
+        DiskFormat::Qcow2 => u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")),
+        DiskFormat::Raw => size,
+    };
     if backing {
         return Err(TargetError::BackingFile(path.to_owned()));
     }
@@ -82,7 +88,7 @@ pub fn open(path: &Path) -> Result<Target, TargetError> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(TargetError::Busy(path.to_owned()));
     }
-    Ok(Target { path: path.to_owned(), format, size, _lock: file })
+    Ok(Target { path: path.to_owned(), format, size, virtual_size, _lock: file })
 }
 
 #[cfg(test)]
@@ -114,5 +120,17 @@ mod tests {
         assert!(matches!(open(&disk), Err(TargetError::Busy(_))));
         drop(held);
         open(&disk).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    proptest::proptest! {
+        #[test]
+        fn qcow2_header_parsing_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let mut b = bytes;
+            if b.len() >= 4 { b[..4].copy_from_slice(super::QCOW2_MAGIC); }
+            let _ = super::format_from_header(&b);
+        }
     }
 }

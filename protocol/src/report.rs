@@ -345,3 +345,28 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_lines_never_panic(line in ".{0,300}") {
+            let _ = ReportLine::parse(&line);
+        }
+
+        #[test]
+        fn arbitrary_bytes_give_a_verdict(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = verdict_of(&bytes);
+        }
+
+        #[test]
+        fn truncating_a_success_report_never_succeeds(cut in 0usize..60) {
+            let full = b"TASK-START 10-A\nTASK-END 10-A 5\nSUCCESS\n";
+            let cut = cut.min(full.len() - 1);
+            prop_assert_ne!(verdict_of(&full[..cut]), Verdict::Success);
+        }
+    }
+}

@@ -282,3 +282,27 @@ mod tests {
         assert!(!op.describe().contains("secret"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_is_a_typed_error_or_rules(text in ".{0,400}") {
+            let _ = Rules::from_json(&text);
+        }
+
+        #[test]
+        fn written_rules_read_back(name in "[a-z]{1,20}", content in ".{0,200}", mode in 0u32..0o7777) {
+            let mut r = Rules::new();
+            r.operations = vec![
+                Operation::Hostname { name },
+                Operation::Write { path: "/x".into(), content },
+                Operation::Chmod { mode, path: "/x".into() },
+            ];
+            prop_assert_eq!(Rules::from_json(&r.to_json()).unwrap(), r);
+        }
+    }
+}

@@ -42,12 +42,14 @@ pub struct QemuConfig {
     pub initrd_fd: i32,
     /// Target disk opened read-only.
     pub disk_ro_fd: i32,
-    /// Target disk opened read-write.
-    pub disk_rw_fd: i32,
+    /// Target disk opened read-write (None: it is only the read-only base of `overlay`).
+    pub disk_rw_fd: Option<i32>,
     /// Target disk format.
     pub disk_format: DiskFormat,
     /// Whether the disk descriptors carry O_DIRECT (then `cache=none`).
     pub disk_direct: bool,
+    /// A qcow2 overlay over the disk that receives every write (transactional customization).
+    pub overlay: Option<OverlayFds>,
     /// Parameter floppy, read-only.
     pub floppy_fd: i32,
     /// Payload disk, read-only, if any.
@@ -60,7 +62,19 @@ pub struct QemuConfig {
     pub qmp_fd: i32,
 }
 
+/// The overlay's descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct OverlayFds {
+    /// Opened read-only.
+    pub ro_fd: i32,
+    /// Opened read-write.
+    pub rw_fd: i32,
+    /// Whether they carry O_DIRECT.
+    pub direct: bool,
+}
+
 const FDSET_DISK: u32 = 1;
+const FDSET_OVERLAY: u32 = 6;
 const FDSET_FLOPPY: u32 = 2;
 const FDSET_PAYLOAD: u32 = 3;
 const FDSET_CONSOLE: u32 = 4;
@@ -92,17 +106,33 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
     push(&["-kernel", &format!("/proc/self/fd/{}", c.kernel_fd), "-initrd", &format!("/proc/self/fd/{}", c.initrd_fd)]);
     push(&["-append", &c.kernel_cmdline]);
 
-    let cache = if c.disk_direct { "none" } else { "writeback" };
+    // -blockdev with explicit drivers: nothing is probed, and a backing chain is built from
+    // node names, never from a path recorded in an image.
+    let direct = |d: bool| if d { "on" } else { "off" };
     push(&["-add-fd", &format!("fd={},set={FDSET_DISK},opaque=target-ro", c.disk_ro_fd)]);
-    push(&["-add-fd", &format!("fd={},set={FDSET_DISK},opaque=target-rw", c.disk_rw_fd)]);
+    if let Some(rw) = c.disk_rw_fd {
+        push(&["-add-fd", &format!("fd={rw},set={FDSET_DISK},opaque=target-rw")]);
+    }
+    let base_ro = if c.disk_rw_fd.is_none() { ",read-only=on" } else { "" };
     push(&[
-        "-drive",
+        "-blockdev",
         &format!(
-            "file=/dev/fdset/{FDSET_DISK},format={},if=none,id=target,cache={cache},aio=threads",
-            c.disk_format.as_str()
+            "driver=file,node-name=disk-file,filename=/dev/fdset/{FDSET_DISK},cache.direct={},aio=threads{base_ro}",
+            direct(c.disk_direct)
         ),
     ]);
-    push(&["-device", &format!("virtio-blk-pci,drive=target,serial={TARGET_SERIAL}")]);
+    push(&["-blockdev", &format!("driver={},node-name=disk,file=disk-file{base_ro}", c.disk_format.as_str())]);
+    let top = match c.overlay {
+        Some(o) => {
+            push(&["-add-fd", &format!("fd={},set={FDSET_OVERLAY},opaque=overlay-ro", o.ro_fd)]);
+            push(&["-add-fd", &format!("fd={},set={FDSET_OVERLAY},opaque=overlay-rw", o.rw_fd)]);
+            push(&["-blockdev", &format!("driver=file,node-name=overlay-file,filename=/dev/fdset/{FDSET_OVERLAY},cache.direct={},aio=threads", direct(o.direct))]);
+            push(&["-blockdev", "driver=qcow2,node-name=overlay,file=overlay-file,backing=disk"]);
+            "overlay"
+        }
+        None => "disk",
+    };
+    push(&["-device", &format!("virtio-blk-pci,drive={top},serial={TARGET_SERIAL}")]);
 
     push(&["-add-fd", &format!("fd={},set={FDSET_FLOPPY},opaque=rules-floppy", c.floppy_fd)]);
     push(&["-drive", &format!("file=/dev/fdset/{FDSET_FLOPPY},format=raw,if=floppy,index=0,readonly=on")]);
@@ -150,7 +180,8 @@ mod tests {
             kernel_fd: 10,
             initrd_fd: 11,
             disk_ro_fd: 12,
-            disk_rw_fd: 13,
+            disk_rw_fd: Some(13),
+            overlay: None,
             disk_format: DiskFormat::Raw,
             disk_direct: true,
             floppy_fd: 14,
@@ -172,7 +203,9 @@ mod tests {
             "-nodefaults",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny",
             "-no-reboot",
-            "format=raw,if=none,id=target,cache=none",
+            "driver=raw,node-name=disk,file=disk-file",
+            "cache.direct=on",
+            "drive=disk,",
             "-kernel /proc/self/fd/10",
             "fd=12,set=1",
             "fd=13,set=1",
@@ -187,8 +220,11 @@ mod tests {
         // Every path qemu opens is an fdset or an inherited descriptor.
         for arg in args(&config()) {
             for part in arg.split(',') {
-                if let Some(path) = part.strip_prefix("file=").or_else(|| part.strip_prefix("path=")) {
+                if let Some(path) = part.strip_prefix("filename=").or_else(|| part.strip_prefix("path=")) {
                     assert!(path.starts_with("/dev/fdset/"), "{arg}");
+                }
+                if let Some(file) = part.strip_prefix("file=") {
+                    assert!(file.starts_with("/dev/fdset/") || !file.contains('/'), "{arg}");
                 }
             }
         }
@@ -204,6 +240,14 @@ mod tests {
         assert!(
             line.contains("fd=20,set=3") && line.contains("serial=imgforge-payload") && line.contains("readonly=on")
         );
-        assert!(line.contains("format=qcow2,if=none,id=target,cache=writeback"));
+        assert!(line.contains("cache.direct=off") && line.contains("driver=qcow2,node-name=disk,"));
+        c.overlay = Some(OverlayFds { ro_fd: 30, rw_fd: 31, direct: false });
+        c.disk_rw_fd = None;
+        let line = joined(&c);
+        assert!(
+            line.contains("read-only=on") && line.contains("backing=disk") && line.contains("drive=overlay,"),
+            "{line}"
+        );
+        assert!(!line.contains("fd=13"));
     }
 }

@@ -44,6 +44,8 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// Its format.
     pub disk_format: DiskFormat,
+    /// A qcow2 overlay over `disk` to receive the writes (the disk is then only read).
+    pub overlay: Option<PathBuf>,
     /// The parameter floppy image.
     pub floppy: PathBuf,
     /// The payload disk image, if any.
@@ -175,22 +177,26 @@ fn open(path: &Path, options: &std::fs::OpenOptions) -> Result<File, VmError> {
     options.open(path).map_err(|source| VmError::Open { path: path.to_owned(), source })
 }
 
-/// Opens the target disk twice (read-only and read-write), with O_DIRECT where supported
-/// (`cache=none`); tmpfs and some others refuse O_DIRECT, then the page cache is used.
-fn open_disk(path: &Path) -> Result<(File, File, bool), VmError> {
-    let direct = |write: bool| {
+/// Opens a disk read-only (and read-write when `writable`), with O_DIRECT where supported
+/// (`cache.direct=on`); tmpfs and some others refuse O_DIRECT, then the page cache is used.
+fn open_disk(path: &Path, writable: bool) -> Result<(File, Option<File>, bool), VmError> {
+    let options = |write: bool, direct: bool| {
         let mut o = std::fs::OpenOptions::new();
-        o.read(true).write(write).custom_flags(libc::O_DIRECT);
+        o.read(true).write(write).custom_flags(if direct { libc::O_DIRECT } else { 0 });
         o
     };
-    match (direct(false).open(path), direct(true).open(path)) {
-        (Ok(ro), Ok(rw)) => Ok((ro, rw, true)),
-        (Err(e), _) | (_, Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
-            let ro = open(path, std::fs::OpenOptions::new().read(true))?;
-            let rw = open(path, std::fs::OpenOptions::new().read(true).write(true))?;
+    let open_pair = |direct: bool| -> std::io::Result<(File, Option<File>)> {
+        let ro = options(false, direct).open(path)?;
+        let rw = if writable { Some(options(true, direct).open(path)?) } else { None };
+        Ok((ro, rw))
+    };
+    match open_pair(true) {
+        Ok((ro, rw)) => Ok((ro, rw, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let (ro, rw) = open_pair(false).map_err(|source| VmError::Open { path: path.to_owned(), source })?;
             Ok((ro, rw, false))
         }
-        (Err(source), _) | (_, Err(source)) => Err(VmError::Open { path: path.to_owned(), source }),
+        Err(source) => Err(VmError::Open { path: path.to_owned(), source }),
     }
 }
 
@@ -211,7 +217,18 @@ async fn attempt(
     let ro = std::fs::OpenOptions::new().read(true).clone();
     let kernel = open(&spec.image.kernel, &ro)?;
     let initrd = open(&spec.image.initrd, &ro)?;
-    let (disk_ro, disk_rw, disk_direct) = open_disk(&spec.disk)?;
+    let (disk_ro, disk_rw, disk_direct) = match &spec.overlay {
+        // The disk is only the overlay's read-only base: it cannot be written at all.
+        Some(_) => {
+            let (ro, _, direct) = open_disk(&spec.disk, false)?;
+            (ro, None, direct)
+        }
+        None => {
+            let (ro, rw, direct) = open_disk(&spec.disk, true)?;
+            (ro, rw, direct)
+        }
+    };
+    let overlay_files = spec.overlay.as_ref().map(|p| open_disk(p, true)).transpose()?;
     let floppy = open(&spec.floppy, &ro)?;
     let payload = spec.payload.as_ref().map(|p| open(p, &ro)).transpose()?;
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
@@ -232,7 +249,12 @@ async fn attempt(
         kernel_fd: kernel.as_raw_fd(),
         initrd_fd: initrd.as_raw_fd(),
         disk_ro_fd: disk_ro.as_raw_fd(),
-        disk_rw_fd: disk_rw.as_raw_fd(),
+        disk_rw_fd: disk_rw.as_ref().map(|f| f.as_raw_fd()),
+        overlay: overlay_files.as_ref().map(|(ro, rw, direct)| cmdline::OverlayFds {
+            ro_fd: ro.as_raw_fd(),
+            rw_fd: rw.as_ref().expect("opened read-write").as_raw_fd(),
+            direct: *direct,
+        }),
         disk_format: spec.disk_format,
         disk_direct,
         floppy_fd: floppy.as_raw_fd(),
@@ -245,13 +267,14 @@ async fn attempt(
         config.kernel_fd,
         config.initrd_fd,
         config.disk_ro_fd,
-        config.disk_rw_fd,
         config.floppy_fd,
         config.console_fd,
         config.report_fd,
         config.qmp_fd,
     ];
     inherited.extend(config.payload_fd);
+    inherited.extend(config.disk_rw_fd);
+    inherited.extend(config.overlay.iter().flat_map(|o| [o.ro_fd, o.rw_fd]));
     let args = cmdline::args(&config);
     tracing::debug!(qemu = %spec.qemu.display(), args = %args.join(" "), "starting the helper VM");
 
@@ -291,7 +314,7 @@ async fn attempt(
         _ => VmError::Setup(format!("cannot start {}: {e}", spec.qemu.display())),
     })?;
     // qemu holds its own copies now; ours would keep the pipes from reaching EOF.
-    drop((console_w, report_w, qmp_listener, kernel, initrd, disk_ro, disk_rw, floppy, payload));
+    drop((console_w, report_w, qmp_listener, kernel, initrd, disk_ro, disk_rw, floppy, payload, overlay_files));
     let _ = events.send(VmEvent::Started(accel));
 
     let shared = Arc::new(Shared {

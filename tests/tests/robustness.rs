@@ -1,0 +1,251 @@
+//! Security and robustness of customize: transactional writes, confinement of qemu, no
+//! secrets in argv, interruption, outside kills, concurrency, full disks.
+
+use imgforge_tests::fixtures::{self, sh, Shape};
+use imgforge_tests::readback::Mount;
+use imgforge_tests::run::{binary, code, holders, imgforge};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn digest(path: &Path) -> String {
+    sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()
+}
+
+fn spawn(args: &[&str], tmpdir: &Path) -> Child {
+    Command::new(binary())
+        .args(args)
+        .env("TMPDIR", tmpdir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until some process holds `path` open (qemu started), returning its pids.
+fn wait_for_holders(path: &Path, child: &mut Child) -> Vec<u32> {
+    let started = Instant::now();
+    loop {
+        let pids: Vec<u32> = holders(path).into_iter().filter(|p| *p != child.id()).collect();
+        if !pids.is_empty() {
+            return pids;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "imgforge exited before qemu started");
+        assert!(started.elapsed() < Duration::from_secs(60), "qemu never opened {}", path.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn nobody_uid() -> u32 {
+    sh(Command::new("id").args(["-u", "nobody"])).unwrap().trim().parse().unwrap()
+}
+
+fn all_cmdlines() -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .map(|p| (p, cmdline(p)))
+        .collect()
+}
+
+fn empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().next().is_none()
+}
+
+#[test]
+fn a_failed_customization_leaves_the_disk_byte_identical() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let before = digest(&img);
+    // The first operation changes the disk, the second fails: nothing may reach the disk.
+    let out = imgforge(&[
+        "customize",
+        "-a",
+        &s(&img),
+        "--accel",
+        "tcg",
+        "--hostname",
+        "changed",
+        "--run-command",
+        "rm -rf /etc/apt; exit 9",
+    ]);
+    assert_eq!(code(&out), 1);
+    assert_eq!(digest(&img), before);
+    let out = imgforge(&[
+        "customize",
+        "-a",
+        &s(&img),
+        "--accel",
+        "tcg",
+        "--hostname",
+        "changed",
+        "--timeout",
+        "15",
+        "--run-command",
+        "sleep 300",
+    ]);
+    assert_eq!(code(&out), 3);
+    assert_eq!(digest(&img), before);
+    let out = imgforge(&["customize", "-a", &s(&img), "--accel", "tcg", "--hostname", "changed"]);
+    assert_eq!(code(&out), 0);
+    assert_ne!(digest(&img), before);
+    assert_eq!(Mount::partition(&img, 0).unwrap().read("/etc/hostname").unwrap(), "changed\n");
+}
+
+#[test]
+fn qemu_is_unprivileged_confined_and_sees_no_secret_or_host_mount() {
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let secret = "Very-Secret-Pw-42";
+    let pw = format!("password:{secret}");
+    let mut child = spawn(
+        &["customize", "-a", &s(&img), "--accel", "tcg", "--root-password", &pw, "--run-command", "sleep 4"],
+        tmp.path(),
+    );
+    let qemu = wait_for_holders(&img, &mut child);
+    let mut sampled = 0;
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(120) {
+        for (pid, line) in all_cmdlines() {
+            assert!(!line.contains(secret), "the password is in the argv of pid {pid}: {line}");
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(img.to_str().unwrap()), "the image is mounted on the host");
+        for lo in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            let backing = std::fs::read_to_string(lo.path().join("loop/backing_file")).unwrap_or_default();
+            assert!(!backing.contains(img.to_str().unwrap()), "the image is loop-attached on the host");
+        }
+        for pid in &qemu {
+            let line = cmdline(*pid);
+            if line.is_empty() {
+                continue;
+            }
+            assert_eq!(uid_of(*pid), Some(nobody_uid()), "qemu is not running as nobody: {line}");
+            assert!(line.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"), "{line}");
+            assert!(
+                line.contains("-nodefaults") && !line.contains("-netdev") && !line.contains(img.to_str().unwrap()),
+                "{line}"
+            );
+            sampled += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(sampled > 3, "qemu was sampled only {sampled} times");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(secret));
+    assert!(empty_dir(tmp.path()), "temporary files left behind");
+}
+
+#[test]
+fn sigint_stops_qemu_cleans_up_and_keeps_the_disk() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let work = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+        let before = digest(&img);
+        let mut child = spawn(
+            &["customize", "-a", &s(&img), "--accel", "tcg", "--hostname", "x", "--run-command", "sleep 300"],
+            tmp.path(),
+        );
+        wait_for_holders(&img, &mut child);
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let started = Instant::now();
+        let status = child.wait().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+        assert_eq!(status.code(), Some(130), "signal {signal}");
+        assert_eq!(holders(&img), Vec::<u32>::new(), "qemu left running");
+        assert!(empty_dir(tmp.path()), "temporary files left behind");
+        assert_eq!(digest(&img), before);
+    }
+}
+
+#[test]
+fn qemu_killed_from_outside_is_reported() {
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let before = digest(&img);
+    let mut child = spawn(&["customize", "-a", &s(&img), "--accel", "tcg", "--run-command", "sleep 300"], tmp.path());
+    let qemu = wait_for_holders(&img, &mut child);
+    std::thread::sleep(Duration::from_secs(1));
+    for pid in qemu {
+        // SAFETY: killing the qemu this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("killed by signal 9 from outside"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(digest(&img), before);
+    assert!(empty_dir(tmp.path()));
+}
+
+#[test]
+fn concurrent_runs_work_and_the_same_disk_is_locked() {
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let b: PathBuf = work.path().join("second.img");
+    sh(Command::new("cp").arg("--sparse=always").arg(&a).arg(&b)).unwrap();
+    let mut first = spawn(
+        &["customize", "-a", &s(&a), "--accel", "tcg", "--hostname", "first", "--run-command", "sleep 3"],
+        tmp.path(),
+    );
+    wait_for_holders(&a, &mut first);
+    let second = spawn(&["customize", "-a", &s(&b), "--accel", "tcg", "--hostname", "second"], tmp.path());
+    let same = imgforge(&["customize", "-a", &s(&a), "--accel", "tcg", "--hostname", "third"]);
+    assert_eq!(code(&same), 2);
+    assert!(String::from_utf8_lossy(&same.stderr).contains("in use"));
+    let (o1, o2) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
+    assert!(
+        o1.status.success() && o2.status.success(),
+        "{} / {}",
+        String::from_utf8_lossy(&o1.stderr),
+        String::from_utf8_lossy(&o2.stderr)
+    );
+    assert_eq!(Mount::partition(&a, 0).unwrap().read("/etc/hostname").unwrap(), "first\n");
+    assert_eq!(Mount::partition(&b, 0).unwrap().read("/etc/hostname").unwrap(), "second\n");
+}
+
+#[test]
+fn a_full_target_filesystem_is_a_clear_error() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    sh(Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(dir.path())).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(src.path()).unwrap();
+    let target = dir.path().join("out.img");
+    let out = imgforge(&["write", "--image", &s(&raw), "--target", &s(&target), "--progress", "none"]);
+    let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+    let _ = Command::new("umount").arg(dir.path()).status();
+    assert_eq!(code(&out), 4);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No space left"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(leftovers, 0, "a partial file was left on the full filesystem");
+}
