@@ -121,6 +121,9 @@ struct OpsArgs {
     /// Local yum/dnf repository for --install.
     #[arg(long, value_name = "DIR")]
     repo: Vec<String>,
+    /// Check package signatures of --repo (off by default: the packages are your own).
+    #[arg(long)]
+    gpgcheck: bool,
     /// Read operations from a file (virt-customize syntax).
     #[arg(long, value_name = "FILE")]
     commands_from_file: Vec<String>,
@@ -266,6 +269,7 @@ fn ordered_ops(matches: &ArgMatches) -> Result<Plan, Failure> {
     for (_, option, value) in occurrences {
         plan.add(option, value.as_deref())?;
     }
+    plan.finish()?;
     Ok(plan)
 }
 

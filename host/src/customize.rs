@@ -73,6 +73,10 @@ pub async fn run(
     })?;
     let mut rules = Rules::new();
     rules.operations = plan.operations;
+    rules.rpms = plan.rpms;
+    rules.install = plan.install;
+    rules.repo = plan.repo;
+    rules.gpgcheck = plan.gpgcheck;
     rules.selinux_relabel = plan.selinux_relabel;
     rules.verbose = settings.trace_tasks;
     rules.grow_filesystem = grow_filesystem;

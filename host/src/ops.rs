@@ -34,7 +34,7 @@ pub const VALUE_OPTIONS: &[&str] = &[
     "commands-from-file",
 ];
 /// Operation options that are flags.
-pub const FLAG_OPTIONS: &[&str] = &["selinux-relabel"];
+pub const FLAG_OPTIONS: &[&str] = &["selinux-relabel", "gpgcheck"];
 
 /// How deep `--commands-from-file` may nest.
 const MAX_COMMANDS_FILE_DEPTH: usize = 8;
@@ -52,9 +52,6 @@ pub enum OpsError {
         /// What is wrong and what to do.
         reason: String,
     },
-    /// An option this build does not carry out yet.
-    #[error("--{0} is not supported by this version of imgforge yet")]
-    Unsupported(String),
     /// An unknown option in a commands file.
     #[error("{file}: line {line}: unknown command {name:?} (use the option names of `imgforge customize --help`, without dashes)")]
     UnknownCommand {
@@ -95,6 +92,59 @@ pub struct Plan {
     pub selinux_relabel: bool,
     /// `(user, clear text)` of `random` passwords, to tell the user.
     pub random_passwords: Vec<(String, String)>,
+    /// RPM files (payload paths), installed in one transaction after the operations.
+    pub rpms: Vec<String>,
+    /// Packages for dnf/yum from `repo`.
+    pub install: Vec<String>,
+    /// The repository's directory on the payload disk.
+    pub repo: Option<String>,
+    /// `--gpgcheck`.
+    pub gpgcheck: bool,
+}
+
+/// The first bytes of every RPM file (the lead).
+const RPM_MAGIC: &[u8] = b"\xed\xab\xee\xdb";
+
+fn check_rpm(path: &str) -> Result<(), String> {
+    use std::io::Read;
+    host_file(path)?;
+    let mut magic = [0u8; 4];
+    let ok = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == RPM_MAGIC;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{path} is not an RPM package (no RPM lead)"))
+    }
+}
+
+fn check_package_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-:~*".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a package name"))
+    }
+}
+
+/// Every regular file under `dir`, relative to it, sorted.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| format!("cannot list {}: {e}", d.display()))? {
+            let e = e.map_err(|e| e.to_string())?;
+            let ft = e.file_type().map_err(|e| e.to_string())?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path().strip_prefix(dir).expect("under dir").to_owned());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Validates a host name (RFC 1123: dot-separated labels of letters, digits and inner dashes).
@@ -207,13 +257,29 @@ fn host_file(path: &str) -> Result<std::fs::Metadata, String> {
 impl Plan {
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.operations.is_empty() && !self.selinux_relabel
+        self.operations.is_empty() && !self.selinux_relabel && self.rpms.is_empty() && self.install.is_empty()
+    }
+
+    /// Checks what only the whole command line can tell (after every option was added).
+    pub fn finish(&self) -> Result<(), OpsError> {
+        if !self.install.is_empty() && self.repo.is_none() {
+            return Err(OpsError::Invalid {
+                option: "install".into(),
+                shown: self.install.join(","),
+                reason: "needs --repo DIR: imgforge installs from a local repository only (no network)".into(),
+            });
+        }
+        Ok(())
     }
 
     fn payload_file(&mut self, source: &str) -> String {
+        self.payload_file_in("files", source)
+    }
+
+    fn payload_file_in(&mut self, dir: &str, source: &str) -> String {
         let base =
             Path::new(source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
-        let name = format!("files/{:04}-{base}", self.payload.len() + 1);
+        let name = format!("{dir}/{:04}-{base}", self.payload.len() + 1);
         self.payload.push(PayloadFile { name: name.clone(), source: PathBuf::from(source) });
         name
     }
@@ -238,8 +304,9 @@ impl Plan {
             reason,
         };
         if FLAG_OPTIONS.contains(&option) {
-            if option == "selinux-relabel" {
-                self.selinux_relabel = true;
+            match option {
+                "selinux-relabel" => self.selinux_relabel = true,
+                _ => self.gpgcheck = true,
             }
             return Ok(());
         }
@@ -351,7 +418,37 @@ impl Plan {
                 Operation::Timezone { zone: value.to_owned() }
             }
             "commands-from-file" => return self.add_commands_file(Path::new(value), depth),
-            "install-rpm" | "install" | "repo" => return Err(OpsError::Unsupported(option.to_owned())),
+            "install-rpm" => {
+                check_rpm(value).map_err(invalid)?;
+                let payload_path = self.payload_file_in("rpms", value);
+                self.rpms.push(payload_path);
+                return Ok(());
+            }
+            "install" => {
+                for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    check_package_name(name).map_err(invalid)?;
+                    self.install.push(name.to_owned());
+                }
+                return Ok(());
+            }
+            "repo" => {
+                if self.repo.is_some() {
+                    return Err(invalid("only one --repo may be given".into()));
+                }
+                let dir = Path::new(value);
+                if !dir.join("repodata/repomd.xml").is_file() {
+                    return Err(invalid(format!(
+                        "{value} is not a yum/dnf repository (no repodata/repomd.xml): run createrepo_c on it"
+                    )));
+                }
+                for rel in files_under(dir).map_err(invalid)? {
+                    let name = format!("repo/{}", rel.display());
+                    self.payload.push(PayloadFile { name, source: dir.join(&rel) });
+                }
+                self.repo = Some("repo".into());
+                return Ok(());
+            }
+
             _ => return Err(invalid("unknown operation".into())),
         };
         self.operations.push(op);
@@ -370,7 +467,7 @@ impl Plan {
                 return Err(OpsError::UnknownCommand { file: file.to_owned(), line: c.line, name: c.name });
             }
             self.add_nested(&c.name, c.arg.as_deref(), depth + 1).map_err(|e| match e {
-                OpsError::Invalid { .. } | OpsError::Unsupported(_) => fail(format!("line {}: {e}", c.line)),
+                OpsError::Invalid { .. } => fail(format!("line {}: {e}", c.line)),
                 other => other,
             })?;
         }
@@ -452,7 +549,16 @@ mod tests {
         assert!(err.contains("alice") && !err.contains("topsecret"), "{err}");
         let err = plan.add("root-password", Some("plain-secret")).unwrap_err().to_string();
         assert!(!err.contains("plain-secret"), "{err}");
-        assert!(matches!(plan.add("install-rpm", Some("/x.rpm")), Err(OpsError::Unsupported(_))));
+        let not_rpm = tempfile::NamedTempFile::new().unwrap();
+        let err = plan.add("install-rpm", Some(not_rpm.path().to_str().unwrap())).unwrap_err().to_string();
+        assert!(err.contains("not an RPM"), "{err}");
+        let err = plan.add("repo", Some("/nonexistent/repo")).unwrap_err().to_string();
+        assert!(err.contains("repomd.xml"), "{err}");
+        let err = plan.add("install", Some("ok,-bad")).unwrap_err().to_string();
+        assert!(err.contains("-bad"), "{err}");
+        let mut only_install = Plan::default();
+        only_install.add("install", Some("demo")).unwrap();
+        assert!(only_install.finish().unwrap_err().to_string().contains("--repo"));
     }
 
     #[test]

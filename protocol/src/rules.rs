@@ -45,6 +45,18 @@ pub struct Rules {
     /// should not be used.
     #[serde(default)]
     pub root_partition: Option<String>,
+    /// RPM files on the payload disk, installed in one transaction with the guest's rpm.
+    #[serde(default)]
+    pub rpms: Vec<String>,
+    /// Packages to install with the guest's dnf (or yum) from `repo`.
+    #[serde(default)]
+    pub install: Vec<String>,
+    /// A yum/dnf repository on the payload disk (its directory).
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// Check package signatures for `repo` (off: the packages are the user's own).
+    #[serde(default)]
+    pub gpgcheck: bool,
     /// Grow the root filesystem to fill its device (a liveimg's bare filesystem written onto a
     /// larger target).
     #[serde(default)]
@@ -64,6 +76,10 @@ impl Rules {
             excluded_tasks: Vec::new(),
             root_partition: None,
             grow_filesystem: false,
+            rpms: Vec::new(),
+            install: Vec::new(),
+            repo: None,
+            gpgcheck: false,
             verbose: false,
         }
     }

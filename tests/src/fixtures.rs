@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bumped when the fixtures change shape, so stale caches are rebuilt.
-const FIXTURE_VERSION: u32 = 1;
+const FIXTURE_VERSION: u32 = 2;
 /// Debian suite of the fixture guest.
 const SUITE: &str = "bookworm";
 /// Mirror used by debootstrap.
@@ -31,6 +31,8 @@ pub enum Shape {
     GptXfsBoot,
     /// MBR, one LVM physical volume; volume group `imgforge`, ext4 root on LV `root`.
     LvmExt4,
+    /// Like `DosExt4`, the guest carrying rpm and dnf (the stand-in for an RPM distribution).
+    RpmDosExt4,
 }
 
 impl Shape {
@@ -39,6 +41,7 @@ impl Shape {
             Shape::DosExt4 => "dos-ext4.img",
             Shape::GptXfsBoot => "gpt-xfs-boot.img",
             Shape::LvmExt4 => "lvm-ext4.img",
+            Shape::RpmDosExt4 => "rpm-dos-ext4.img",
         }
     }
 }
@@ -75,11 +78,11 @@ pub fn sh(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-struct Lock {
+pub(crate) struct Lock {
     _file: std::fs::File,
 }
 
-fn lock(name: &str) -> Result<Lock> {
+pub(crate) fn lock(name: &str) -> Result<Lock> {
     std::fs::create_dir_all(dir())?;
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -125,7 +128,7 @@ pub fn disk(shape: Shape) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
-    let root = rootfs()?;
+    let root = if shape == Shape::RpmDosExt4 { crate::rpm::rootfs()? } else { rootfs()? };
     let _l = lock(shape.file_name())?;
     if path.exists() {
         return Ok(path);
@@ -136,7 +139,7 @@ pub fn disk(shape: Shape) -> Result<PathBuf> {
     std::fs::remove_file(staging.join(".complete"))?;
     let img = work.path().join("disk.img");
     match shape {
-        Shape::DosExt4 => build_dos_ext4(&staging, &img)?,
+        Shape::DosExt4 | Shape::RpmDosExt4 => build_dos_ext4(&staging, &img)?,
         Shape::GptXfsBoot => build_gpt_xfs_boot(&staging, &img)?,
         Shape::LvmExt4 => build_lvm_ext4(&staging, &img, work.path())?,
     }
@@ -336,12 +339,17 @@ pub fn synthetic_raw(dir: &Path) -> Result<PathBuf> {
 
 /// An ext4 image of the fixture root (what a liveimg carries as `LiveOS/rootfs.img`).
 pub fn rootfs_ext4() -> Result<PathBuf> {
-    let path = dir().join("rootfs.ext4");
+    fs_image_of("rootfs.ext4", rootfs)
+}
+
+/// An ext4 image of the root tree `tree()`, cached as `name`.
+pub fn fs_image_of(name: &str, tree: fn() -> Result<PathBuf>) -> Result<PathBuf> {
+    let path = dir().join(name);
     if path.exists() {
         return Ok(path);
     }
-    let root = rootfs()?;
-    let _l = lock("rootfs.ext4")?;
+    let root = tree()?;
+    let _l = lock(name)?;
     if path.exists() {
         return Ok(path);
     }
@@ -350,8 +358,8 @@ pub fn rootfs_ext4() -> Result<PathBuf> {
     sh(Command::new("cp").arg("-a").arg(&root).arg(&staging))?;
     std::fs::remove_file(staging.join(".complete"))?;
     std::fs::write(staging.join("etc/fstab"), "LABEL=rootfs / ext4 defaults 0 1\n")?;
-    let img = work.path().join("rootfs.ext4");
-    create_sparse(&img, 640 * MIB)?;
+    let img = work.path().join(name);
+    create_sparse(&img, 896 * MIB)?;
     sh(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "rootfs", "-d"]).arg(&staging).arg(&img))?;
     std::fs::rename(&img, &path)?;
     Ok(path)
@@ -371,12 +379,17 @@ pub fn liveimg_of(fs_image: &Path, comp: &str, dir: &Path) -> Result<PathBuf> {
 
 /// The cached liveimg of the fixture root, compressed with `comp` (`xz`, `zstd`).
 pub fn liveimg(comp: &str) -> Result<PathBuf> {
-    let path = dir().join(format!("live-{comp}.squashfs.img"));
+    liveimg_cached(&format!("live-{comp}.squashfs.img"), comp, rootfs_ext4)
+}
+
+/// A cached liveimg named `name` of the filesystem image `fs()`.
+pub fn liveimg_cached(name: &str, comp: &str, fs: fn() -> Result<PathBuf>) -> Result<PathBuf> {
+    let path = dir().join(name);
     if path.exists() {
         return Ok(path);
     }
-    let fs = rootfs_ext4()?;
-    let _l = lock(&format!("live-{comp}"))?;
+    let fs = fs()?;
+    let _l = lock(name)?;
     if path.exists() {
         return Ok(path);
     }

@@ -5,4 +5,5 @@
 pub mod fixtures;
 pub mod http;
 pub mod readback;
+pub mod rpm;
 pub mod run;
