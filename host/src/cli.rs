@@ -167,17 +167,29 @@ struct CustomizeArgs {
     vm: VmArgs,
 }
 
+/// What `deploy` produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TargetFormat {
+    /// The image as a disk or filesystem (default).
+    Raw,
+    /// A customized liveimg (squashfs with the same compressor as the source).
+    Liveimg,
+}
+
 #[derive(Debug, Args)]
 struct DeployArgs {
     #[command(flatten)]
     write: WriteArgs,
+    /// Write a customized liveimg instead of a raw disk or filesystem (the source must be one).
+    #[arg(long, value_enum, default_value_t = TargetFormat::Raw)]
+    target_format: TargetFormat,
     #[command(flatten)]
     ops: OpsArgs,
     #[command(flatten)]
     vm: VmArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct WriteArgs {
     /// Source image: path or http(s) URL (raw, qcow2 & other qemu-img formats, gzip/xz/zstd
     /// raw, liveimg), detected from content.
@@ -343,6 +355,9 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             let progress = Arc::new(Progress::new(args.write.progress));
             let settings = vm_settings(&args.vm, cli.verbose);
             let result = async {
+                if args.target_format == TargetFormat::Liveimg {
+                    return deploy_liveimg(&args, plan, &settings, progress.clone(), &interrupt).await;
+                }
                 let written = write_image(&args.write, progress.clone(), &interrupt).await?;
                 if plan.is_empty() && !written.bare_filesystem {
                     return Ok(());
@@ -385,6 +400,45 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             Err(not_yet("ganeti install-os", "the Ganeti OS interface is being built"))
         }
     }
+}
+
+/// liveimg → customized liveimg: rootfs out to a temporary file, customized, repacked.
+async fn deploy_liveimg(
+    args: &DeployArgs,
+    plan: Plan,
+    settings: &VmSettings,
+    progress: Arc<Progress>,
+    interrupt: &crate::vm::Interrupt,
+) -> Result<(), Failure> {
+    let source = match crate::source::Location::parse(&args.write.image) {
+        crate::source::Location::Path(p) => p,
+        crate::source::Location::Url(u) => {
+            return Err(Failure::bad_input(format!(
+                "--target-format liveimg reads a local liveimg; download {u} first"
+            )))
+        }
+    };
+    crate::liveimg::check_target(&args.write.target, args.write.force)?;
+    let rootfs = crate::liveimg::TempPath(crate::liveimg::temp_beside(&args.write.target, "rootfs"));
+    let write = WriteArgs { target: rootfs.0.clone(), force: false, ..args.write.clone() };
+    let written = write_image(&write, progress.clone(), interrupt).await?;
+    if !written.bare_filesystem {
+        return Err(Failure::bad_input(format!(
+            "--target-format liveimg needs a liveimg source; {} is {}",
+            source.display(),
+            written.format.name()
+        )));
+    }
+    customize::run(&rootfs.0, plan, args.write.size.is_some(), settings, &progress, interrupt).await?;
+    progress.message("repacking the liveimg");
+    let target = args.write.target.clone();
+    let rootfs_path = rootfs.0.clone();
+    let spent = tokio::task::spawn_blocking(move || crate::liveimg::repack(&source, &rootfs_path, &target))
+        .await
+        .map_err(|e| Failure::environment(format!("repack panicked: {e}")))??;
+    tracing::info!(secs = spent.as_secs_f32(), "liveimg repacked");
+    drop(rootfs);
+    Ok(())
 }
 
 /// Runs the blocking write off the runtime; an interrupt cancels it (no partial output).

@@ -12,6 +12,7 @@ pub mod exit;
 pub mod floppy;
 pub mod helper_image;
 pub mod inspect;
+pub mod liveimg;
 pub mod ops;
 pub mod overlay;
 pub mod password;
