@@ -45,13 +45,15 @@ pub fn run() -> ! {
 }
 
 fn prepare(reporter: &mut Reporter) -> Result<Rules, String> {
-    for warning in kmod::load_listed(Path::new(kmod::LOAD_LIST)) {
+    for warning in kmod::load_boot_set() {
         reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
     }
     reporter.send(&ReportLine::Phase { name: "modules".into(), uptime_ms: uptime_ms() });
 
     wait_for(Path::new(floppy::FLOPPY_DEVICE))?;
+    reporter.send(&ReportLine::Phase { name: "floppy-ready".into(), uptime_ms: uptime_ms() });
     let text = floppy::read_rules(Path::new(floppy::FLOPPY_DEVICE))?;
+
     let rules = Rules::from_json(&text).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(STATE_DIR).map_err(|e| format!("cannot create {STATE_DIR}: {e}"))?;
     std::fs::write(Path::new(STATE_DIR).join("rules.json"), &text)
@@ -111,13 +113,15 @@ fn install_panic_hook() {
     }));
 }
 
-/// Syncs and powers the VM off; qemu runs with `-no-reboot`, so a reboot fallback also ends it.
+/// Syncs and ends the VM. qemu runs with `-no-reboot`, so a reset ends it at once, and
+/// needs no ACPI (the helper kernel runs with `acpi=off`: faster boot); power-off is the
+/// fallback for kernels that cannot reset.
 pub fn power_off() -> ! {
     // SAFETY: sync and reboot take no pointers; as PID 1 we may call reboot.
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
         libc::reboot(libc::RB_AUTOBOOT);
+        libc::reboot(libc::RB_POWER_OFF);
     }
     loop {
         std::thread::sleep(Duration::from_secs(1));

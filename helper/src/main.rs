@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("customize") => customize::main(),
         Some("guest-path") if args.len() == 2 => customize::guest_path_main(&args[1]),
+        Some("modprobe") if args.len() >= 2 => kmod::modprobe_main(&args[1..]),
         _ => {
             eprintln!("usage: imgforge-helper customize          run the rules' operations (the 50-Customize task)");
             eprintln!(

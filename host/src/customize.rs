@@ -139,25 +139,67 @@ pub async fn run(
     result
 }
 
+/// When each phase of a helper run was reached: host time since qemu started, and the
+/// guest's uptime where the helper reported it.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    /// (phase, host milliseconds since qemu started, guest uptime in milliseconds).
+    pub phases: Vec<(String, u64, Option<u64>)>,
+}
+
+impl Timeline {
+    /// The table printed with `-v`.
+    pub fn render(&self) -> String {
+        let mut out = String::from("helper VM phases:   host ms   guest ms   step ms\n");
+        let mut previous = 0;
+        for (name, host, guest) in &self.phases {
+            let guest = guest.map(|g| g.to_string()).unwrap_or_else(|| "-".into());
+            out.push_str(&format!("  {name:<22} {host:>7}   {guest:>8}   {:>7}\n", host - previous));
+            previous = *host;
+        }
+        out
+    }
+}
+
 /// Runs the VM, forwarding its events to the progress sink and (with -v) the console to stderr.
-pub async fn run_vm(
-    spec: &VmSpec,
-    verbose: bool,
-    progress: &Progress,
-    interrupt: &Interrupt,
-) -> Result<vm::VmOutcome, Failure> {
+pub async fn run_vm(spec: &VmSpec, verbose: bool, progress: &Progress, interrupt: &Interrupt) -> Result<vm::VmOutcome, Failure> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut timeline = Timeline::default();
+    let mut started: Option<std::time::Instant> = None;
+    let mut console_seen = false;
     let forward = async {
         while let Some(event) = rx.recv().await {
+            if let VmEvent::Started(_) = event {
+                started = Some(std::time::Instant::now());
+            }
+            let since = started;
+            let mark = |name: String, guest: Option<u64>, timeline: &mut Timeline| {
+                let host = since.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+                progress.phase(&name, host, guest);
+                timeline.phases.push((name, host, guest));
+            };
             match event {
-                VmEvent::Started(accel) => tracing::info!(%accel, "helper VM started"),
+                VmEvent::Started(accel) => {
+                    tracing::info!(%accel, "helper VM started");
+                    timeline.phases.clear();
+                    console_seen = false;
+                    mark(format!("qemu started ({accel})"), None, &mut timeline);
+                }
                 VmEvent::Fallback(why) => tracing::warn!("{why}"),
-                VmEvent::Console(line) if verbose => progress.println(&format!("helper: {line}")),
-                VmEvent::Console(_) => {}
+                VmEvent::Console(line) => {
+                    if !console_seen {
+                        console_seen = true;
+                        mark("first console line".into(), None, &mut timeline);
+                    }
+                    if verbose {
+                        progress.println(&format!("helper: {line}"));
+                    }
+                }
                 VmEvent::Report(line) => match line {
                     ReportLine::TaskStart { task } => progress.helper("task-start", &task, None),
                     ReportLine::TaskEnd { task, millis } => {
                         tracing::info!(%task, millis, "task done");
+                        mark(format!("task {task}"), None, &mut timeline);
                         progress.helper("task-end", &task, None)
                     }
                     ReportLine::Warning { task, message } => {
@@ -165,17 +207,26 @@ pub async fn run_vm(
                         progress.helper("warning", &task, Some(&message))
                     }
                     ReportLine::Error { task, message } => progress.helper("error", &task, Some(&message)),
-                    ReportLine::Phase { name, uptime_ms } => tracing::info!(phase = %name, uptime_ms, "helper phase"),
-                    ReportLine::Success => {}
+                    ReportLine::Phase { name, uptime_ms } => mark(format!("helper {name}"), Some(uptime_ms), &mut timeline),
+                    ReportLine::Success => mark("SUCCESS reported".into(), None, &mut timeline),
                 },
             }
         }
+        if let Some(s) = started {
+            let host = s.elapsed().as_millis() as u64;
+            progress.phase("qemu exited", host, None);
+            timeline.phases.push(("qemu exited".into(), host, None));
+        }
+        timeline
     };
     let run = async {
         let result = vm::run(spec, &tx, interrupt).await;
         drop(tx);
         result
     };
-    let (result, ()) = tokio::join!(run, forward);
+    let (result, timeline) = tokio::join!(run, forward);
+    if verbose {
+        progress.println(timeline.render().trim_end());
+    }
     Ok(result?)
 }

@@ -121,6 +121,12 @@ impl Progress {
         }
     }
 
+    /// `image-helper` subtype `phase`: a helper VM phase reached (host ms since qemu started,
+    /// guest uptime where known).
+    pub fn phase(&self, name: &str, host_ms: u64, guest_ms: Option<u64>) {
+        self.emit(json!({"type": "image-helper", "subtype": "phase", "phase": name, "host_ms": host_ms, "guest_ms": guest_ms}));
+    }
+
     /// `image-error`.
     pub fn error(&self, messages: &[String]) {
         self.emit(json!({"type": "image-error", "messages": messages}));

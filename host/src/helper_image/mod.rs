@@ -34,8 +34,8 @@ const LVM_CONF: &str =
 
 /// Where the tasks go in the initramfs.
 const TASKS_DIR: &str = "usr/lib/imgforge/tasks";
-/// The module load list the helper reads.
-const MODULE_LOAD_LIST: &str = "lib/modules/imgforge.load";
+/// The module map the helper reads (see imgforge-helper's kmod).
+const MODULE_MAP: &str = "lib/modules/imgforge.modules";
 
 /// Why the helper image could not be built or found.
 #[derive(Debug, Error)]
@@ -245,6 +245,15 @@ fn build_locked(cache: &Path) -> Result<HelperImage, BuildError> {
         kernel_release: tree.release.clone(),
         inputs: inputs.iter().filter_map(|p| Fingerprint::of(p)).collect(),
     };
+    // Older images are never used again (qemu keeps open what it already opened).
+    if let Ok(entries) = std::fs::read_dir(&images) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() && name != key && !name.starts_with('.') {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let current = images.join("current.json");
     let tmp = images.join(".current.json.new");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest).expect("manifest serializes"))
@@ -311,15 +320,26 @@ fn assemble(tree: &kernel::KernelTree, inputs: &mut Vec<PathBuf>) -> Result<Arch
     let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| BuildError::io(&p, e));
     let dep = read(tree.modules_dir.join("modules.dep"))?;
     let builtin = read(tree.modules_dir.join("modules.builtin"))?;
-    let order = kernel::load_order(&dep, &builtin, &tools::parse_list(MODULES_LIST)).map_err(BuildError::Modules)?;
-    let mut load_list = String::new();
-    for rel in &order {
-        let src = tree.modules_dir.join(rel);
-        let data = std::fs::read(&src).map_err(|e| BuildError::io(&src, e))?;
-        let dest = format!("lib/modules/{}/{rel}", tree.release);
-        a.insert(&dest, Entry::File { mode: 0o644, data });
-        load_list.push_str(&format!("/{dest}\n"));
+    let mut map = String::new();
+    for line in tools::parse_list(MODULES_LIST) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let name = words[0];
+        let boot = words.contains(&"boot");
+        let mut wanted: Vec<&str> = words.iter().filter_map(|w| w.strip_prefix('+')).collect();
+        wanted.push(name);
+        let order = kernel::load_order(&dep, &builtin, &wanted).map_err(BuildError::Modules)?;
+        let mut paths = Vec::new();
+        for rel in &order {
+            let dest = format!("lib/modules/{}/{rel}", tree.release);
+            if !a.contains(&dest) {
+                let src = tree.modules_dir.join(rel);
+                let data = std::fs::read(&src).map_err(|e| BuildError::io(&src, e))?;
+                a.insert(&dest, Entry::File { mode: 0o644, data });
+            }
+            paths.push(format!("/{dest}"));
+        }
+        map.push_str(&format!("{name}{} {}\n", if boot { " boot" } else { "" }, paths.join(" ")));
     }
-    a.insert(MODULE_LOAD_LIST, Entry::File { mode: 0o644, data: load_list.into_bytes() });
+    a.insert(MODULE_MAP, Entry::File { mode: 0o644, data: map.into_bytes() });
     Ok(a)
 }
