@@ -51,7 +51,12 @@ pub fn load_boot_set() -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(MODULE_MAP) else {
         return vec![format!("module map {MODULE_MAP} is missing")];
     };
-    parse_map(&text).into_iter().filter(|(_, e)| e.boot).flat_map(|(_, e)| e.paths).filter_map(|p| load(Path::new(&p)).err()).collect()
+    parse_map(&text)
+        .into_iter()
+        .filter(|(_, e)| e.boot)
+        .flat_map(|(_, e)| e.paths)
+        .filter_map(|p| load(Path::new(&p)).err())
+        .collect()
 }
 
 /// `imgforge-helper modprobe NAME...`: loads modules and their dependencies.

@@ -39,7 +39,7 @@ pub fn plan(dir: &Path, rules: &Rules) -> Result<Vec<TaskName>, String> {
         .collect();
     Ok(run_parts_order(names)
         .into_iter()
-        .filter(|t| !rules.excluded_tasks.iter().any(|x| x.eq_ignore_ascii_case(t.short())))
+        .filter(|t| !rules.excluded_tasks.iter().any(|x| x == "*" || x.eq_ignore_ascii_case(t.short())))
         .collect())
 }
 
@@ -197,5 +197,7 @@ mod tests {
         rules.excluded_tasks = vec!["selinuxrelabel".into()];
         let got: Vec<String> = plan(dir.path(), &rules).unwrap().iter().map(|t| t.to_string()).collect();
         assert_eq!(got, ["10-MountRoot", "50-Customize", "90-Unmount"]);
+        rules.excluded_tasks = vec!["*".into()];
+        assert!(plan(dir.path(), &rules).unwrap().is_empty());
     }
 }

@@ -151,6 +151,12 @@ struct VmArgs {
     /// qemu binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64", hide = true)]
     qemu: PathBuf,
+    /// Skip a helper task by name, e.g. SELinuxRelabel (snf-image's EXCLUDE_TASK_<Name>).
+    #[arg(long, value_name = "NAME")]
+    exclude_task: Vec<String>,
+    /// Run no task at all: boot the helper, read the rules, stop (a bare-boot baseline).
+    #[arg(long)]
+    exclude_all_tasks: bool,
 }
 
 #[derive(Debug, Args)]
@@ -291,6 +297,7 @@ fn vm_settings(vm: &VmArgs, verbose: u8) -> VmSettings {
         timeout: Duration::from_secs(vm.timeout),
         memory_mib: vm.memory,
         helper_user: vm.helper_user.clone(),
+        excluded_tasks: if vm.exclude_all_tasks { vec!["*".into()] } else { vm.exclude_task.clone() },
         show_console: verbose > 0,
         trace_tasks: verbose > 1,
         qemu: vm.qemu.clone(),

@@ -28,6 +28,8 @@ pub struct VmSettings {
     pub memory_mib: u32,
     /// User qemu runs as.
     pub helper_user: String,
+    /// Helper tasks not to run, by short name (`*`: all).
+    pub excluded_tasks: Vec<String>,
     /// Show the helper console on stderr.
     pub show_console: bool,
     /// Trace every task command (`set -x`) in the console.
@@ -80,6 +82,7 @@ pub async fn run(
     rules.selinux_relabel = plan.selinux_relabel;
     rules.verbose = settings.trace_tasks;
     rules.grow_filesystem = grow_filesystem;
+    rules.excluded_tasks = settings.excluded_tasks.clone();
     let floppy_path = work.path().join("rules.img");
     floppy::build(&rules, &floppy_path).map_err(|e| match e {
         floppy::FloppyError::TooLarge(_) => Failure::bad_input(e.to_string()),
@@ -162,7 +165,12 @@ impl Timeline {
 }
 
 /// Runs the VM, forwarding its events to the progress sink and (with -v) the console to stderr.
-pub async fn run_vm(spec: &VmSpec, verbose: bool, progress: &Progress, interrupt: &Interrupt) -> Result<vm::VmOutcome, Failure> {
+pub async fn run_vm(
+    spec: &VmSpec,
+    verbose: bool,
+    progress: &Progress,
+    interrupt: &Interrupt,
+) -> Result<vm::VmOutcome, Failure> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut timeline = Timeline::default();
     let mut started: Option<std::time::Instant> = None;
@@ -207,7 +215,9 @@ pub async fn run_vm(spec: &VmSpec, verbose: bool, progress: &Progress, interrupt
                         progress.helper("warning", &task, Some(&message))
                     }
                     ReportLine::Error { task, message } => progress.helper("error", &task, Some(&message)),
-                    ReportLine::Phase { name, uptime_ms } => mark(format!("helper {name}"), Some(uptime_ms), &mut timeline),
+                    ReportLine::Phase { name, uptime_ms } => {
+                        mark(format!("helper {name}"), Some(uptime_ms), &mut timeline)
+                    }
                     ReportLine::Success => mark("SUCCESS reported".into(), None, &mut timeline),
                 },
             }
