@@ -53,6 +53,9 @@ pub fn run_all(dir: &Path, rules: &Rules, reporter: &mut Reporter) -> Result<(),
         for message in outcome.warnings {
             reporter.send(&ReportLine::Warning { task: task.to_string(), message });
         }
+        for check in outcome.checks {
+            reporter.send(&check);
+        }
         if let Some(message) = outcome.failure {
             return Err(TaskFailure { task: task.to_string(), message });
         }
@@ -63,12 +66,14 @@ pub fn run_all(dir: &Path, rules: &Rules, reporter: &mut Reporter) -> Result<(),
 
 struct Outcome {
     warnings: Vec<String>,
+    checks: Vec<ReportLine>,
     failure: Option<String>,
 }
 
 struct Output {
     tail: VecDeque<String>,
     warnings: Vec<String>,
+    checks: Vec<ReportLine>,
 }
 
 fn error_file(task: &TaskName) -> PathBuf {
@@ -76,7 +81,7 @@ fn error_file(task: &TaskName) -> PathBuf {
 }
 
 fn run_one(path: &Path, task: &TaskName, rules: &Rules) -> Outcome {
-    let fail = |message: String| Outcome { warnings: Vec::new(), failure: Some(message) };
+    let fail = |message: String| Outcome { warnings: Vec::new(), checks: Vec::new(), failure: Some(message) };
     let (reader, writer) = match std::io::pipe() {
         Ok(p) => p,
         Err(e) => return fail(format!("cannot create a pipe for the task's output: {e}")),
@@ -102,6 +107,8 @@ fn run_one(path: &Path, task: &TaskName, rules: &Rules) -> Outcome {
         .env("IMGFORGE_ERROR_FILE", &error_path)
         .env("IMGFORGE_SELINUX_RELABEL", if rules.selinux_relabel { "yes" } else { "no" })
         .env("IMGFORGE_ROOT_PARTITION", rules.root_partition.as_deref().unwrap_or(""))
+        .env("IMGFORGE_MODE", if rules.verify { "verify" } else { "customize" })
+        .env("IMGFORGE_REQUIRED_PACKAGES", rules.required_packages.join(" "))
         .env("IMGFORGE_RPMS", rules.rpms.join(" "))
         .env("IMGFORGE_INSTALL", rules.install.join(" "))
         .env("IMGFORGE_REPO", rules.repo.as_deref().unwrap_or(""))
@@ -127,6 +134,7 @@ fn run_one(path: &Path, task: &TaskName, rules: &Rules) -> Outcome {
     let output = rx.recv_timeout(OUTPUT_DRAIN_WAIT).unwrap_or_else(|_| Output {
         tail: VecDeque::new(),
         warnings: vec!["the task left a process holding its output open".into()],
+        checks: Vec::new(),
     });
 
     let failure = match status {
@@ -134,11 +142,11 @@ fn run_one(path: &Path, task: &TaskName, rules: &Rules) -> Outcome {
         Ok(s) => Some(failure_message(&error_path, s, &output.tail)),
         Err(e) => Some(format!("cannot wait for the task: {e}")),
     };
-    Outcome { warnings: output.warnings, failure }
+    Outcome { warnings: output.warnings, checks: output.checks, failure }
 }
 
 fn forward_output(reader: std::io::PipeReader, label: &str) -> Output {
-    let mut out = Output { tail: VecDeque::new(), warnings: Vec::new() };
+    let mut out = Output { tail: VecDeque::new(), warnings: Vec::new(), checks: Vec::new() };
     let stdout = std::io::stdout();
     for line in BufReader::new(reader).split(b'\n') {
         let Ok(line) = line else { break };
@@ -146,6 +154,12 @@ fn forward_output(reader: std::io::PipeReader, label: &str) -> Output {
         let _ = writeln!(stdout.lock(), "[{label}] {line}");
         if let Some(w) = line.strip_prefix(WARNING_PREFIX) {
             out.warnings.push(w.to_string());
+        }
+        // Verify tasks print their results as report lines.
+        if line.starts_with("CHECK ") {
+            if let Ok(check @ ReportLine::Check { .. }) = ReportLine::parse(&line) {
+                out.checks.push(check);
+            }
         }
         if out.tail.len() == ERROR_TAIL_LINES {
             out.tail.pop_front();

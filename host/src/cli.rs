@@ -251,7 +251,7 @@ struct InspectArgs {
 
 #[derive(Debug, Args)]
 struct VerifyArgs {
-    /// The image.
+    /// The image (disk image, liveimg or compressed raw).
     image: PathBuf,
     /// A package that must be installed (repeatable).
     #[arg(long, value_name = "NAME")]
@@ -259,6 +259,8 @@ struct VerifyArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
 }
 
 /// The clap argument id of an operation option (`root-password` → `root_password`).
@@ -402,7 +404,20 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Verify(_) => Err(not_yet("verify", "the image test step is being built")),
+        Command::Verify(args) => {
+            let settings = vm_settings(&args.vm, cli.verbose);
+            let report = crate::verify::run(&args.image, &args.require_package, &settings, &interrupt).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+            } else {
+                print!("{}", report.render());
+            }
+            if report.ok {
+                Ok(())
+            } else {
+                Err(crate::verify::failure(&report))
+            }
+        }
         Command::Ganeti(GanetiCommand::InstallOs { .. }) => {
             Err(not_yet("ganeti install-os", "the Ganeti OS interface is being built"))
         }

@@ -171,6 +171,20 @@ pub async fn run_vm(
     progress: &Progress,
     interrupt: &Interrupt,
 ) -> Result<vm::VmOutcome, Failure> {
+    run_vm_collecting(spec, verbose, progress, interrupt).await.map(|(outcome, _)| outcome)
+}
+
+/// A `CHECK` result the helper reported: (ok, name, detail).
+pub type CheckResult = (bool, String, String);
+
+/// [`run_vm`], also returning the `CHECK` results the helper reported.
+pub async fn run_vm_collecting(
+    spec: &VmSpec,
+    verbose: bool,
+    progress: &Progress,
+    interrupt: &Interrupt,
+) -> Result<(vm::VmOutcome, Vec<CheckResult>), Failure> {
+    let mut checks = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut timeline = Timeline::default();
     let mut started: Option<std::time::Instant> = None;
@@ -219,6 +233,7 @@ pub async fn run_vm(
                         mark(format!("helper {name}"), Some(uptime_ms), &mut timeline)
                     }
                     ReportLine::Success => mark("SUCCESS reported".into(), None, &mut timeline),
+                    ReportLine::Check { ok, name, detail } => checks.push((ok, name, detail)),
                 },
             }
         }
@@ -238,5 +253,5 @@ pub async fn run_vm(
     if verbose {
         progress.println(timeline.render().trim_end());
     }
-    Ok(result?)
+    Ok((result?, checks))
 }

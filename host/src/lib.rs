@@ -22,5 +22,6 @@ pub mod qemu_img;
 pub mod source;
 pub mod stream;
 pub mod target;
+pub mod verify;
 pub mod vm;
 pub mod write;

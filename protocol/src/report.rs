@@ -74,6 +74,15 @@ pub enum ReportLine {
         /// What went wrong.
         message: String,
     },
+    /// The result of one `verify` check.
+    Check {
+        /// Whether it passed.
+        ok: bool,
+        /// What was checked (`filesystem-vda1`, `package-demo`).
+        name: String,
+        /// What was found.
+        detail: String,
+    },
     /// Every task succeeded.
     Success,
 }
@@ -112,6 +121,22 @@ impl ReportLine {
                     ReportLine::TaskEnd { task: name.to_owned(), millis: n }
                 })
             }
+            "CHECK" => {
+                let mut parts = rest.splitn(3, ' ');
+                let (Some(status), Some(name), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
+                    return Err(malformed("CHECK"));
+                };
+                let ok = match status {
+                    "ok" => true,
+                    "fail" => false,
+                    _ => return Err(malformed("CHECK")),
+                };
+                if !is_word(name) {
+                    return Err(malformed("CHECK"));
+                }
+                let detail: String = serde_json::from_str(json).map_err(|_| malformed("CHECK"))?;
+                Ok(ReportLine::Check { ok, name: name.to_owned(), detail })
+            }
             "WARNING" | "ERROR" => {
                 let kw = if keyword == "ERROR" { "ERROR" } else { "WARNING" };
                 let (task, json) = rest.split_once(' ').ok_or_else(|| malformed(kw))?;
@@ -140,6 +165,9 @@ impl std::fmt::Display for ReportLine {
             ReportLine::TaskEnd { task, millis } => write!(f, "TASK-END {task} {millis}"),
             ReportLine::Warning { task, message } => write!(f, "WARNING {task} {}", json(message)),
             ReportLine::Error { task, message } => write!(f, "ERROR {task} {}", json(message)),
+            ReportLine::Check { ok, name, detail } => {
+                write!(f, "CHECK {} {name} {}", if *ok { "ok" } else { "fail" }, json(detail))
+            }
             ReportLine::Success => f.write_str("SUCCESS"),
         }
     }
@@ -264,6 +292,14 @@ mod tests {
                 ReportLine::Error { task: "50-Customize".into(), message: "exit 7\nline2".into() },
             ),
             ("WARNING helper \"x\"", ReportLine::Warning { task: "helper".into(), message: "x".into() }),
+            (
+                "CHECK ok package-demo \"1.0\"",
+                ReportLine::Check { ok: true, name: "package-demo".into(), detail: "1.0".into() },
+            ),
+            (
+                "CHECK fail fs-vda1 \"bad\"",
+                ReportLine::Check { ok: false, name: "fs-vda1".into(), detail: "bad".into() },
+            ),
         ];
         for (text, want) in ok {
             assert_eq!(&ReportLine::parse(text).unwrap(), want, "{text:?}");
@@ -284,6 +320,9 @@ mod tests {
             "ERROR 50-Customize unquoted",
             "ERROR 50-Customize \"unterminated",
             "ERROR bad/task \"x\"",
+            "CHECK maybe x \"y\"",
+            "CHECK ok x",
+            "CHECK ok a/b \"y\"",
             "\u{0}\u{1}garbage",
         ];
         for text in bad {
@@ -300,6 +339,7 @@ mod tests {
             ReportLine::Phase { name: "modules".into(), uptime_ms: 99 },
             ReportLine::Error { task: "10-A".into(), message: "multi\nline \"quoted\" \u{7f}".into() },
             ReportLine::Warning { task: "10-A".into(), message: String::new() },
+            ReportLine::Check { ok: false, name: "package-x".into(), detail: "not \"installed\"".into() },
         ];
         for line in lines {
             let text = line.to_string();

@@ -57,6 +57,13 @@ pub struct Rules {
     /// Check package signatures for `repo` (off: the packages are the user's own).
     #[serde(default)]
     pub gpgcheck: bool,
+    /// Verify instead of customize: check the filesystems read-only and report each of
+    /// `required_packages` as installed or not (`CHECK` report lines).
+    #[serde(default)]
+    pub verify: bool,
+    /// Packages that `verify` requires.
+    #[serde(default)]
+    pub required_packages: Vec<String>,
     /// Grow the root filesystem to fill its device (a liveimg's bare filesystem written onto a
     /// larger target).
     #[serde(default)]
@@ -76,6 +83,8 @@ impl Rules {
             excluded_tasks: Vec::new(),
             root_partition: None,
             grow_filesystem: false,
+            verify: false,
+            required_packages: Vec::new(),
             rpms: Vec::new(),
             install: Vec::new(),
             repo: None,
