@@ -61,6 +61,16 @@ enum GanetiCommand {
         #[arg(long, default_value = "/srv/ganeti/os")]
         os_dir: PathBuf,
     },
+    /// OS script: deploy img_id onto DISK_0_PATH and customize it (Ganeti's environment).
+    Create,
+    /// OS script: a raw disk stream on stdin onto DISK_0_PATH.
+    Import,
+    /// OS script: DISK_0_PATH to stdout.
+    Export,
+    /// OS script: set the new INSTANCE_NAME as the image's hostname.
+    Rename,
+    /// OS script: check the OSP_* parameters before any disk is touched.
+    Verify,
 }
 
 /// The customization operations, applied in the order given.
@@ -338,10 +348,6 @@ fn interrupt_channel() -> crate::vm::Interrupt {
     rx
 }
 
-fn not_yet(command: &str, issue: &str) -> Failure {
-    Failure::bad_input(format!("`imgforge {command}` is not available in this version yet ({issue}); use `imgforge customize -a DISK` on a disk you already have"))
-}
-
 async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
     let interrupt = interrupt_channel();
     match cli.command {
@@ -418,9 +424,22 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
                 Err(crate::verify::failure(&report))
             }
         }
-        Command::Ganeti(GanetiCommand::InstallOs { .. }) => {
-            Err(not_yet("ganeti install-os", "the Ganeti OS interface is being built"))
+        Command::Ganeti(GanetiCommand::InstallOs { os_dir }) => {
+            let exe = std::env::current_exe()
+                .map_err(|e| Failure::environment(format!("cannot find this program's path: {e}")))?;
+            let dir = crate::ganeti::install_os(&os_dir, &exe)?;
+            println!("Ganeti OS definition written to {}", dir.display());
+            Ok(())
         }
+        Command::Ganeti(GanetiCommand::Create) => crate::ganeti::create(&interrupt).await,
+        Command::Ganeti(GanetiCommand::Rename) => crate::ganeti::rename(&interrupt).await,
+        Command::Ganeti(GanetiCommand::Import) => {
+            tokio::task::spawn_blocking(crate::ganeti::import).await.map_err(|e| Failure::environment(e.to_string()))?
+        }
+        Command::Ganeti(GanetiCommand::Export) => {
+            tokio::task::spawn_blocking(crate::ganeti::export).await.map_err(|e| Failure::environment(e.to_string()))?
+        }
+        Command::Ganeti(GanetiCommand::Verify) => crate::ganeti::verify(),
     }
 }
 

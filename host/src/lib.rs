@@ -10,6 +10,7 @@ pub mod commands_file;
 pub mod customize;
 pub mod exit;
 pub mod floppy;
+pub mod ganeti;
 pub mod helper_image;
 pub mod inspect;
 pub mod liveimg;

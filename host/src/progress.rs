@@ -24,6 +24,8 @@ pub enum ProgressMode {
 pub struct Progress {
     json: bool,
     bar: Option<ProgressBar>,
+    /// Where JSON goes instead of stdout (Ganeti's PROGRESS_MONITOR).
+    sink: Option<std::sync::Mutex<Box<dyn Write + Send>>>,
 }
 
 fn now() -> f64 {
@@ -44,12 +46,17 @@ impl Progress {
             b.enable_steady_tick(std::time::Duration::from_millis(120));
             b
         });
-        Self { json: mode == ProgressMode::Json, bar }
+        Self { json: mode == ProgressMode::Json, bar, sink: None }
+    }
+
+    /// JSON events written to `sink` (a monitor's stdin) instead of stdout.
+    pub fn to_writer(sink: Box<dyn Write + Send>) -> Self {
+        Self { json: true, bar: None, sink: Some(std::sync::Mutex::new(sink)) }
     }
 
     /// True when events go out as JSON on stdout (so stdout carries nothing else).
     pub fn is_json(&self) -> bool {
-        self.json
+        self.json && self.sink.is_none()
     }
 
     fn emit(&self, mut event: Value) {
@@ -57,6 +64,12 @@ impl Progress {
             return;
         }
         event["timestamp"] = json!(now());
+        if let Some(sink) = &self.sink {
+            let mut out = sink.lock().expect("progress sink");
+            let _ = writeln!(out, "{event}");
+            let _ = out.flush();
+            return;
+        }
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{event}");
         let _ = out.flush();

@@ -18,7 +18,8 @@ fn main() -> Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["bench", "customize"] => bench_customize(),
         ["bench", "write"] => bench_write::run(&imgforge()?),
-        _ => bail!("usage: cargo xtask bench customize|write"),
+        ["bench", "liveimg"] => bench_liveimg(),
+        _ => bail!("usage: cargo xtask bench customize|write|liveimg"),
     }
 }
 
@@ -175,5 +176,47 @@ fn bench_customize() -> Result<()> {
     );
     println!("virt-customize          {:>7.2} s", t_virt.as_secs_f64());
     println!("ratio (virt/imgforge)   {:>7.2}x", t_virt.as_secs_f64() / t_imgforge.as_secs_f64());
+    Ok(())
+}
+
+/// liveimg repack: imgforge (backhand) against mksquashfs with the same compressor and block
+/// size, on the same filesystem image.
+fn bench_liveimg() -> Result<()> {
+    fixtures::require_root();
+    for comp in ["zstd", "xz"] {
+        let live = fixtures::liveimg(comp)?;
+        let work = tempfile::tempdir()?;
+        let tree = work.path().join("tree");
+        std::fs::create_dir_all(tree.join("LiveOS"))?;
+        let rootfs = tree.join("LiveOS/rootfs.img");
+        sh(Command::new("sh").arg("-c").arg(format!(
+            "unsquashfs -cat '{}' LiveOS/rootfs.img > '{}'",
+            live.display(),
+            rootfs.display()
+        )))?;
+        let ours = work.path().join("imgforge.squashfs");
+        let started = Instant::now();
+        imgforge::liveimg::repack(&live, &rootfs, &ours).map_err(|e| anyhow::anyhow!(e.message))?;
+        let t_ours = started.elapsed();
+        let peer = work.path().join("mksquashfs.squashfs");
+        let t_peer = timed(Command::new("mksquashfs").arg(&tree).arg(&peer).args([
+            "-comp",
+            comp,
+            "-b",
+            "131072",
+            "-noappend",
+            "-quiet",
+            "-no-progress",
+        ]))?;
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() >> 20).unwrap_or(0);
+        println!("liveimg repack, {comp}, {} MiB rootfs.img (2 cores):", std::fs::metadata(&rootfs)?.len() >> 20);
+        println!("  imgforge (backhand)   {:>7.2} s  -> {} MiB", t_ours.as_secs_f64(), size(&ours));
+        println!(
+            "  mksquashfs            {:>7.2} s  -> {} MiB   (imgforge takes {:.2}x as long)",
+            t_peer.as_secs_f64(),
+            size(&peer),
+            t_ours.as_secs_f64() / t_peer.as_secs_f64()
+        );
+    }
     Ok(())
 }

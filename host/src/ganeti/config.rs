@@ -1,0 +1,157 @@
+//! `/etc/default/imgforge`: `KEY=value` lines (shell syntax, read — never executed).
+
+use thiserror::Error;
+
+/// Where the configuration lives.
+pub const CONFIG_PATH: &str = "/etc/default/imgforge";
+
+/// A bad configuration value.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{path}: line {line}: {reason}")]
+pub struct ConfigError {
+    /// The file.
+    pub path: String,
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// The settings, with snf-image's names where snf-image has them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where `img_id` names are looked up.
+    pub image_dir: String,
+    /// Helper VM soft timeout (seconds).
+    pub helper_soft_timeout: u64,
+    /// Grace after the soft timeout before SIGKILL (seconds).
+    pub helper_hard_timeout: u64,
+    /// Helper VM memory (MiB).
+    pub helper_memory: u32,
+    /// User qemu runs as.
+    pub helper_user: String,
+    /// Command fed the progress JSON on stdin (empty: none).
+    pub progress_monitor: String,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            image_dir: "/var/lib/imgforge/images".into(),
+            helper_soft_timeout: 600,
+            helper_hard_timeout: 10,
+            helper_memory: 1024,
+            helper_user: "nobody".into(),
+            progress_monitor: String::new(),
+            accel: "auto".into(),
+        }
+    }
+}
+
+/// Removes shell quoting from a value: `'a b'`, `"a b"`, or a bare word.
+fn unquote(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    if let Some(inner) = raw.strip_prefix('\'') {
+        return inner.strip_suffix('\'').map(String::from).ok_or_else(|| "unterminated single quote".into());
+    }
+    if let Some(inner) = raw.strip_prefix('"') {
+        let inner = inner.strip_suffix('"').ok_or("unterminated double quote")?;
+        if inner.contains('$') || inner.contains('`') {
+            return Err("expansions ($, `) are not evaluated: write the value literally".into());
+        }
+        return Ok(inner.replace("\\\"", "\"").replace("\\\\", "\\"));
+    }
+    if raw.contains(char::is_whitespace) || raw.contains('$') || raw.contains('`') {
+        return Err("quote values with spaces; expansions are not evaluated".into());
+    }
+    Ok(raw.to_owned())
+}
+
+/// Parses the file's text; returns the settings and warnings (unknown keys).
+pub fn parse(path: &str, text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+    let mut c = Config::default();
+    let mut warnings = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let err = |reason: String| ConfigError { path: path.into(), line: i + 1, reason };
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let (key, raw) = line.split_once('=').ok_or_else(|| err(format!("expected KEY=value, found {line:?}")))?;
+        let value = unquote(raw).map_err(|r| err(format!("{key}: {r}")))?;
+        let number = |max: u64| -> Result<u64, ConfigError> {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n >= 1 && *n <= max)
+                .ok_or_else(|| err(format!("{key}={value:?} must be a whole number from 1 to {max}")))
+        };
+        match key.trim() {
+            "IMAGE_DIR" => {
+                if !value.starts_with('/') {
+                    return Err(err(format!("IMAGE_DIR={value:?} must be an absolute path")));
+                }
+                c.image_dir = value;
+            }
+            "HELPER_SOFT_TIMEOUT" => c.helper_soft_timeout = number(86_400)?,
+            "HELPER_HARD_TIMEOUT" => c.helper_hard_timeout = number(3_600)?,
+            "HELPER_MEMORY" => c.helper_memory = number(65_536)?.max(128) as u32,
+            "HELPER_USER" => {
+                if value.is_empty() || value == "root" {
+                    return Err(err("HELPER_USER must name an unprivileged user".into()));
+                }
+                c.helper_user = value;
+            }
+            "PROGRESS_MONITOR" => c.progress_monitor = value,
+            "ACCEL" => {
+                if !["auto", "kvm", "tcg"].contains(&value.as_str()) {
+                    return Err(err(format!("ACCEL={value:?} must be auto, kvm or tcg")));
+                }
+                c.accel = value;
+            }
+            other => warnings.push(format!("{path}: line {}: unknown setting {other} ignored", i + 1)),
+        }
+    }
+    Ok((c, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let (c, w) = parse("f", "# c\nIMAGE_DIR=/srv/images\nHELPER_SOFT_TIMEOUT='120'\nexport ACCEL=\"tcg\"\nPROGRESS_MONITOR=\"logger -t x\"\nFOO=1\n").unwrap();
+        assert_eq!(c.image_dir, "/srv/images");
+        assert_eq!(c.helper_soft_timeout, 120);
+        assert_eq!(c.accel, "tcg");
+        assert_eq!(c.progress_monitor, "logger -t x");
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("FOO"));
+        let bad = [
+            "IMAGE_DIR=relative",
+            "HELPER_SOFT_TIMEOUT=soon",
+            "HELPER_SOFT_TIMEOUT=0",
+            "ACCEL=xen",
+            "HELPER_USER=root",
+            "IMAGE_DIR=\"/a/$(reboot)\"",
+            "NOEQUALS",
+            "IMAGE_DIR='/unterminated",
+            "IMAGE_DIR=/a b",
+        ];
+        for line in bad {
+            let e = parse("f", line).unwrap_err();
+            assert_eq!(e.line, 1, "{line}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(text in ".{0,300}") {
+            let _ = parse("f", &text);
+        }
+    }
+}

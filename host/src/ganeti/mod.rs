@@ -1,0 +1,339 @@
+//! The Ganeti OS interface (API 20): `imgforge ganeti install-os` writes the OS definition,
+//! whose scripts are thin shims that exec `imgforge ganeti ACTION`; all the logic is here.
+//! Parameters are snf-image's (`OSP_*`), so a Ganeti site can switch by changing the OS name.
+
+pub mod config;
+pub mod params;
+
+use crate::customize::{self, VmSettings};
+use crate::exit::Failure;
+use crate::ops::Plan;
+use crate::progress::{Progress, ProgressMode};
+use crate::vm::accel::Accel;
+use crate::vm::Interrupt;
+use config::Config;
+use params::{ImageFormat, Params};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The OS API version imgforge implements.
+pub const API_VERSION: u32 = 20;
+/// The scripts Ganeti calls.
+pub const ACTIONS: &[&str] = &["create", "import", "export", "rename", "verify"];
+/// Extensions tried after the exact `img_id`.
+const IMAGE_EXTENSIONS: &[&str] = &["", ".raw", ".img", ".qcow2", ".diskdump"];
+
+/// Writes `dir/imgforge/` (scripts, API version, variants, parameters).
+pub fn install_os(os_dir: &Path, imgforge: &Path) -> Result<PathBuf, Failure> {
+    let dir = os_dir.join("imgforge");
+    let io = |what: &Path, e: std::io::Error| Failure::environment(format!("cannot write {}: {e}", what.display()));
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    for action in ACTIONS {
+        let path = dir.join(action);
+        let script = format!(
+            "#!/bin/sh\n# Ganeti OS script, written by imgforge ganeti install-os.\nexec '{}' ganeti {action} \"$@\"\n",
+            imgforge.display()
+        );
+        std::fs::write(&path, script).map_err(|e| io(&path, e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| io(&path, e))?;
+    }
+    let files = [
+        ("ganeti_api_version", format!("{API_VERSION}\n")),
+        ("variants.list", "default\n".to_string()),
+        ("parameters.list", params::PARAMETERS.iter().map(|(n, d)| format!("{n} {d}\n")).collect()),
+    ];
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| io(&path, e))?;
+    }
+    Ok(dir)
+}
+
+fn environment() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
+fn require(env: &BTreeMap<String, String>, key: &str) -> Result<String, Failure> {
+    env.get(key)
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .ok_or_else(|| Failure::bad_input(format!("{key} is not set: run this as Ganeti does")))
+}
+
+/// Loads `/etc/default/imgforge` (or `$IMGFORGE_GANETI_CONFIG`), warning about unknown keys.
+pub fn load_config() -> Result<Config, Failure> {
+    let path = std::env::var("IMGFORGE_GANETI_CONFIG").unwrap_or_else(|_| config::CONFIG_PATH.into());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+        Err(e) => return Err(Failure::environment(format!("cannot read {path}: {e}"))),
+    };
+    let (c, warnings) = config::parse(&path, &text).map_err(|e| Failure::bad_input(e.to_string()))?;
+    for w in warnings {
+        eprintln!("imgforge: warning: {w}");
+    }
+    Ok(c)
+}
+
+/// Resolves `img_id` inside IMAGE_DIR; refuses anything leading outside it.
+pub fn resolve_image(config: &Config, id: &str) -> Result<String, Failure> {
+    if id.starts_with("http://") || id.starts_with("https://") {
+        return Ok(id.to_owned());
+    }
+    resolve_in_image_dir(config, "img_id", id, IMAGE_EXTENSIONS)
+}
+
+fn resolve_in_image_dir(config: &Config, param: &str, name: &str, extensions: &[&str]) -> Result<String, Failure> {
+    params::check_image_name(param, name).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let dir = std::fs::canonicalize(&config.image_dir)
+        .map_err(|e| Failure::environment(format!("IMAGE_DIR {}: {e}", config.image_dir)))?;
+    for ext in extensions {
+        let candidate = dir.join(format!("{name}{ext}"));
+        if let Ok(real) = std::fs::canonicalize(&candidate) {
+            if !real.starts_with(&dir) {
+                return Err(Failure::bad_input(format!(
+                    "{param} {name}: {} leads outside IMAGE_DIR {}",
+                    candidate.display(),
+                    dir.display()
+                )));
+            }
+            return Ok(real.display().to_string());
+        }
+    }
+    Err(Failure::bad_input(format!(
+        "{param} {name}: no such image in IMAGE_DIR {} (tried {})",
+        dir.display(),
+        extensions.iter().map(|e| format!("{name}{e}")).collect::<Vec<_>>().join(", ")
+    )))
+}
+
+fn settings(config: &Config) -> VmSettings {
+    VmSettings {
+        accel: match config.accel.as_str() {
+            "kvm" => Accel::Kvm,
+            "tcg" => Accel::Tcg,
+            _ => Accel::Auto,
+        },
+        timeout: Duration::from_secs(config.helper_soft_timeout),
+        memory_mib: config.helper_memory,
+        helper_user: config.helper_user.clone(),
+        excluded_tasks: Vec::new(),
+        show_console: true,
+        trace_tasks: false,
+        qemu: PathBuf::from("qemu-system-x86_64"),
+    }
+}
+
+/// Builds the operations of a create (or rename) from the parameters.
+fn plan(params: &Params, config: &Config, hostname: &str, work: &Path) -> Result<Plan, Failure> {
+    let mut plan = Plan::default();
+    if !params.excludes("AssignHostname") {
+        plan.add("hostname", Some(hostname))?;
+    }
+    if !params.excludes("ChangePassword") {
+        if let Some(pw) = &params.passwd {
+            let field = crate::password::sha512_crypt(pw).map_err(|e| Failure::environment(e.to_string()))?;
+            plan.operations
+                .push(imgforge_protocol::rules::Operation::Password { user: "root".into(), shadow_field: field });
+        }
+        if let Some(hash) = &params.passwd_hash {
+            plan.operations.push(imgforge_protocol::rules::Operation::Password {
+                user: "root".into(),
+                shadow_field: hash.clone(),
+            });
+        }
+    }
+    for key in &params.auth_keys {
+        plan.add("ssh-inject", Some(&format!("root:string:{key}")))?;
+    }
+    if !params.excludes("EnforcePersonality") {
+        for (i, (file, data)) in params.personality.iter().enumerate() {
+            let local = work.join(format!("personality-{i}"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&local)
+                .map_err(|e| Failure::environment(format!("cannot stage {}: {e}", file.path)))?;
+            f.write_all(data).map_err(|e| Failure::environment(format!("cannot stage {}: {e}", file.path)))?;
+            plan.add("upload", Some(&format!("{}:{}", local.display(), file.path)))?;
+            // Owner and group are guest names: resolved by the guest's own chown.
+            plan.add("run-command", Some(&format!("chown '{}:{}' '{}'", file.owner, file.group, file.path)))?;
+            plan.add("chmod", Some(&format!("{:o}:{}", file.mode, file.path)))?;
+        }
+    }
+    for rpm in &params.install_rpms {
+        let path = resolve_in_image_dir(config, "install_rpms", rpm, &[""])?;
+        plan.add("install-rpm", Some(&path))?;
+    }
+    if let Some(repo) = &params.repo {
+        let dir = resolve_in_image_dir(config, "repo", repo, &[""])?;
+        plan.add("repo", Some(&dir))?;
+        for pkg in &params.install {
+            plan.add("install", Some(pkg))?;
+        }
+    }
+    plan.finish()?;
+    Ok(plan)
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// The progress sink: `PROGRESS_MONITOR` fed JSON on stdin, or nothing.
+fn progress(config: &Config) -> Result<(Progress, Option<std::process::Child>), Failure> {
+    if config.progress_monitor.is_empty() {
+        return Ok((Progress::new(ProgressMode::None), None));
+    }
+    let mut child = std::process::Command::new("/bin/sh")
+        .args(["-c", &config.progress_monitor])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            Failure::environment(format!("cannot start PROGRESS_MONITOR {:?}: {e}", config.progress_monitor))
+        })?;
+    let stdin = child.stdin.take().expect("piped");
+    Ok((Progress::to_writer(Box::new(stdin)), Some(child)))
+}
+
+/// `create`: deploy `img_id` onto `DISK_0_PATH` and customize it.
+pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
+    let env = environment();
+    let config = load_config()?;
+    let params = params::parse(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
+    let name = require(&env, "INSTANCE_NAME")?;
+    let image = resolve_image(&config, &params.img_id)?;
+    let work = tempfile::Builder::new()
+        .prefix("imgforge-ganeti-")
+        .tempdir()
+        .map_err(|e| Failure::environment(format!("cannot create a temporary directory: {e}")))?;
+    let plan = plan(&params, &config, &name, work.path())?;
+    let (progress, monitor) = progress(&config)?;
+    let progress = std::sync::Arc::new(progress);
+    let request = crate::write::WriteRequest {
+        image: crate::source::Location::parse(&image),
+        target: disk.clone(),
+        // Ganeti's disk (a device, or a file for the file template) exists: written in place.
+        force: true,
+        size: None,
+        sha256: None,
+        backing_file: None,
+    };
+    eprintln!("imgforge: deploying {image} onto {} for {name}", disk.display());
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let result = async {
+        let p = progress.clone();
+        let c = cancel.clone();
+        let written = tokio::task::spawn_blocking(move || crate::write::write(&request, &p, &c))
+            .await
+            .map_err(|e| Failure::environment(format!("writer panicked: {e}")))??;
+        if written.bare_filesystem != (params.img_format == ImageFormat::Liveimg) {
+            eprintln!(
+                "imgforge: warning: img_format is {:?} but the image is {}",
+                params.img_format,
+                written.format.name()
+            );
+        }
+        if params.excludes("ALL_TASKS") || (plan.is_empty() && !written.bare_filesystem) {
+            return Ok(());
+        }
+        customize::run(&disk, plan, written.bare_filesystem, &settings(&config), &progress, interrupt).await
+    }
+    .await;
+    match &result {
+        Ok(()) => progress.done(),
+        Err(f) => progress.error(std::slice::from_ref(&f.message)),
+    }
+    drop(progress);
+    if let Some(mut m) = monitor {
+        let _ = m.wait();
+    }
+    result
+}
+
+/// `rename`: set the new hostname in the image (snf-image does nothing here).
+pub async fn rename(interrupt: &Interrupt) -> Result<(), Failure> {
+    let env = environment();
+    let config = load_config()?;
+    let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
+    let name = require(&env, "INSTANCE_NAME")?;
+    let mut props = BTreeMap::new();
+    if let Some(text) = env.get("OSP_IMG_PROPERTIES").filter(|t| !t.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Failure::bad_input(format!("OS parameter img_properties: is not JSON: {e}")))?;
+        for (k, v) in v.as_object().into_iter().flatten() {
+            props.insert(k.to_ascii_uppercase(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string()));
+        }
+    }
+    let excluded = |k: &str| props.get(k).is_some_and(|v| !v.is_empty() && v != "0" && v != "false" && v != "no");
+    if excluded("EXCLUDE_ALL_TASKS") || excluded("EXCLUDE_TASK_ASSIGNHOSTNAME") {
+        eprintln!("imgforge: img_properties exclude AssignHostname: the image keeps its hostname");
+        return Ok(());
+    }
+    let mut plan = Plan::default();
+    plan.add("hostname", Some(&name))?;
+    let quiet = Progress::new(ProgressMode::None);
+    customize::run(&disk, plan, false, &settings(&config), &quiet, interrupt).await
+}
+
+/// `import`: a raw disk stream on stdin onto `DISK_0_PATH`.
+pub fn import() -> Result<(), Failure> {
+    let env = environment();
+    let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
+    let dest = crate::stream::destination::Destination::open(
+        &disk,
+        None,
+        None,
+        &crate::stream::destination::DestinationOptions { force: true, size: None },
+    )?;
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let report = |_: u64, _: Option<u64>| {};
+    let opts = crate::stream::StreamOptions {
+        source_name: "standard input".into(),
+        expected_size: None,
+        progress: &report,
+        cancel: &cancel,
+    };
+    let mut reader = crate::stream::Stream(std::io::stdin());
+    crate::stream::copy(&mut reader, dest, &opts)?;
+    Ok(())
+}
+
+/// `export`: `DISK_0_PATH` to stdout, its size announced on `EXP_SIZE_FD` when given.
+pub fn export() -> Result<(), Failure> {
+    use std::os::fd::FromRawFd;
+    let env = environment();
+    let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
+    let mut file =
+        std::fs::File::open(&disk).map_err(|e| Failure::bad_input(format!("cannot open {}: {e}", disk.display())))?;
+    let size =
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(|e| Failure::environment(e.to_string()))?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).map_err(|e| Failure::environment(e.to_string()))?;
+    if let Some(fd) = env.get("EXP_SIZE_FD").and_then(|v| v.parse::<i32>().ok()) {
+        // SAFETY: Ganeti passes this descriptor open for us to write the size into.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let _ = writeln!(f, "{size}");
+    }
+    let mut out = std::io::stdout().lock();
+    std::io::copy(&mut file, &mut out)
+        .map_err(|e| Failure::environment(format!("exporting {}: {e}", disk.display())))?;
+    out.flush().map_err(|e| Failure::environment(e.to_string()))
+}
+
+/// `verify`: every parameter checked before any disk is touched.
+pub fn verify() -> Result<(), Failure> {
+    let env = environment();
+    let config = load_config()?;
+    let params = params::parse(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
+    resolve_image(&config, &params.img_id)?;
+    for rpm in &params.install_rpms {
+        resolve_in_image_dir(&config, "install_rpms", rpm, &[""])?;
+    }
+    if let Some(repo) = &params.repo {
+        resolve_in_image_dir(&config, "repo", repo, &[""])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! The OS parameters Ganeti passes as `OSP_*` (snf-image's names, plus imgforge's own), parsed
+//! and checked — pure functions over the environment's strings.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// Every parameter with its one-line description (`parameters.list`).
+pub const PARAMETERS: &[(&str, &str)] = &[
+    ("img_id", "Image to deploy: a file name in IMAGE_DIR (also tried with .raw, .img, .qcow2, .diskdump) or an http(s) URL"),
+    ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
+    ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
+    ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
+    ("img_properties", "JSON object: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, ROOT_PARTITION, USERS, SWAP, OSFAMILY, PASSWORD_HASHING_METHOD"),
+    ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
+    ("auth_keys", "SSH public keys for root, one a line"),
+    ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
+    ("repo", "A yum/dnf repository directory in IMAGE_DIR, for install"),
+    ("install", "Packages to install from repo with the guest's dnf or yum (comma-separated)"),
+];
+
+/// A parameter that cannot be used.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("OS parameter {param}: {reason}")]
+pub struct ParamError {
+    /// The parameter (`img_id`).
+    pub param: String,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+fn err(param: &str, reason: impl Into<String>) -> ParamError {
+    ParamError { param: param.into(), reason: reason.into() }
+}
+
+/// `img_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// A disk image.
+    Diskdump,
+    /// A liveimg.
+    Liveimg,
+}
+
+/// One `img_personality` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersonalityFile {
+    /// Absolute guest path.
+    pub path: String,
+    /// base64 contents.
+    pub contents: String,
+    /// Owner (name or number).
+    #[serde(default = "root")]
+    pub owner: String,
+    /// Group.
+    #[serde(default = "root")]
+    pub group: String,
+    /// Mode, decimal (as snf-image).
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+}
+
+fn root() -> String {
+    "root".into()
+}
+
+fn default_mode() -> u32 {
+    0o440
+}
+
+/// The parsed parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Params {
+    /// `img_id`.
+    pub img_id: String,
+    /// `img_format`.
+    pub img_format: ImageFormat,
+    /// `img_passwd` (clear text; never logged).
+    pub passwd: Option<String>,
+    /// `img_passwd_hash`.
+    pub passwd_hash: Option<String>,
+    /// `img_properties`, keys upper-cased.
+    pub properties: BTreeMap<String, String>,
+    /// `img_personality`, decoded.
+    pub personality: Vec<(PersonalityFile, Vec<u8>)>,
+    /// `auth_keys`.
+    pub auth_keys: Vec<String>,
+    /// `install_rpms`.
+    pub install_rpms: Vec<String>,
+    /// `repo`.
+    pub repo: Option<String>,
+    /// `install`.
+    pub install: Vec<String>,
+}
+
+impl Params {
+    /// True if `img_properties` excludes the task `name` (or all tasks).
+    pub fn excludes(&self, name: &str) -> bool {
+        let yes = |k: &str| {
+            self.properties.get(k).is_some_and(|v| {
+                !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("no") && !v.eq_ignore_ascii_case("false")
+            })
+        };
+        yes("EXCLUDE_ALL_TASKS") || yes(&format!("EXCLUDE_TASK_{}", name.to_ascii_uppercase()))
+    }
+}
+
+/// A file name inside IMAGE_DIR: no path separators, no `..`.
+pub fn check_image_name(param: &str, name: &str) -> Result<(), ParamError> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0') {
+        return Err(err(param, format!("{name:?} must be a file name in IMAGE_DIR (no '/', no '..')")));
+    }
+    Ok(())
+}
+
+fn list(text: &str) -> Vec<String> {
+    text.split([',', ' ', '\n']).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let clean: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if clean.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(clean.len() / 4 * 3);
+    for chunk in clean.chunks(4) {
+        let mut n = 0u32;
+        let mut pad = 0;
+        for (i, c) in chunk.iter().enumerate() {
+            let v = if *c == b'=' && i >= 2 {
+                pad += 1;
+                0
+            } else if pad > 0 {
+                return None;
+            } else {
+                ALPHABET.iter().position(|a| a == c)? as u32
+            };
+            n = n << 6 | v;
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+/// Parses the `OSP_*` variables (keys as Ganeti passes them, `OSP_IMG_ID`).
+pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
+    let get = |name: &str| {
+        env.get(&format!("OSP_{}", name.to_ascii_uppercase())).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    };
+    let img_id = get("img_id").ok_or_else(|| err("img_id", "is required (the image to deploy)"))?;
+    if !(img_id.starts_with("http://") || img_id.starts_with("https://")) {
+        check_image_name("img_id", &img_id)?;
+    }
+    let img_format = match get("img_format").as_deref() {
+        None | Some("diskdump") => ImageFormat::Diskdump,
+        Some("liveimg") => ImageFormat::Liveimg,
+        Some(other) => return Err(err("img_format", format!("{other:?} is not diskdump or liveimg"))),
+    };
+    let passwd = get("img_passwd");
+    let passwd_hash = get("img_passwd_hash");
+    if let Some(h) = &passwd_hash {
+        if !h.starts_with('$') || h.contains([':', '\n']) {
+            return Err(err("img_passwd_hash", "is not a crypt(3) hash such as $6$salt$hash"));
+        }
+        if passwd.is_some() {
+            return Err(err("img_passwd_hash", "give img_passwd or img_passwd_hash, not both"));
+        }
+    }
+    let mut properties = BTreeMap::new();
+    if let Some(text) = get("img_properties") {
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err("img_properties", format!("is not JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| err("img_properties", "must be a JSON object"))?;
+        for (k, v) in obj {
+            let value = match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => {
+                    if *b {
+                        "1".into()
+                    } else {
+                        "0".into()
+                    }
+                }
+                _ => return Err(err("img_properties", format!("{k} must be a string, number or boolean"))),
+            };
+            properties.insert(k.to_ascii_uppercase(), value);
+        }
+    }
+    let mut personality = Vec::new();
+    if let Some(text) = get("img_personality") {
+        let files: Vec<PersonalityFile> = serde_json::from_str(&text).map_err(|e| {
+            err("img_personality", format!("is not a JSON list of {{path, contents, owner, group, mode}}: {e}"))
+        })?;
+        for f in files {
+            crate::ops::check_guest_path(&f.path).map_err(|r| err("img_personality", r))?;
+            if f.mode > 0o7777 {
+                return Err(err(
+                    "img_personality",
+                    format!("mode {} of {} is out of range (decimal, at most 4095)", f.mode, f.path),
+                ));
+            }
+            for name in [&f.owner, &f.group] {
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+                    return Err(err("img_personality", format!("{name:?} is not a user or group name")));
+                }
+            }
+            let data = base64_decode(&f.contents)
+                .ok_or_else(|| err("img_personality", format!("contents of {} are not base64", f.path)))?;
+            personality.push((f, data));
+        }
+    }
+    let auth_keys: Vec<String> = get("auth_keys")
+        .map(|t| t.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        .unwrap_or_default();
+    let install_rpms = get("install_rpms").map(|t| list(&t)).unwrap_or_default();
+    for r in &install_rpms {
+        check_image_name("install_rpms", r)?;
+    }
+    let repo = get("repo");
+    if let Some(r) = &repo {
+        check_image_name("repo", r)?;
+    }
+    let install = get("install").map(|t| list(&t)).unwrap_or_default();
+    if !install.is_empty() && repo.is_none() {
+        return Err(err("install", "needs repo (a repository directory in IMAGE_DIR)"));
+    }
+    Ok(Params {
+        img_id,
+        img_format,
+        passwd,
+        passwd_hash,
+        properties,
+        personality,
+        auth_keys,
+        install_rpms,
+        repo,
+        install,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn good_parameters() {
+        let p = parse(&env(&[
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PASSWD", "pw"),
+            ("OSP_IMG_PROPERTIES", r#"{"exclude_task_assignhostname": "yes", "ROOT_PARTITION": 1}"#),
+            (
+                "OSP_IMG_PERSONALITY",
+                r#"[{"path": "/etc/motd", "contents": "aGVsbG8=", "owner": "root", "group": "root", "mode": 420}]"#,
+            ),
+            ("OSP_AUTH_KEYS", "ssh-ed25519 AAAA a\n\nssh-rsa BBBB b\n"),
+        ]))
+        .unwrap();
+        assert_eq!(p.img_format, ImageFormat::Diskdump);
+        assert!(p.excludes("AssignHostname") && !p.excludes("ChangePassword"));
+        assert_eq!(p.properties["ROOT_PARTITION"], "1");
+        assert_eq!(p.personality[0].1, b"hello");
+        assert_eq!(p.personality[0].0.mode, 0o644);
+        assert_eq!(p.auth_keys.len(), 2);
+        let defaults =
+            parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", r#"[{"path": "/a", "contents": ""}]"#)]))
+                .unwrap();
+        assert_eq!(defaults.personality[0].0.mode, 0o440);
+    }
+
+    #[test]
+    fn bad_parameters() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[], "img_id"),
+            (&[("OSP_IMG_ID", "../etc/shadow")], "img_id"),
+            (&[("OSP_IMG_ID", "/etc/shadow")], "img_id"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_FORMAT", "vmdk")], "img_format"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", "{not json")], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", "[1]")], "img_properties"),
+            (
+                &[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", r#"[{"path": "etc/x", "contents": ""}]"#)],
+                "img_personality",
+            ),
+            (
+                &[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", r#"[{"path": "/../x", "contents": ""}]"#)],
+                "img_personality",
+            ),
+            (
+                &[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", r#"[{"path": "/x", "contents": "!!"}]"#)],
+                "img_personality",
+            ),
+            (
+                &[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", r#"[{"path": "/x", "contents": "", "mode": 99999}]"#)],
+                "img_personality",
+            ),
+            (
+                &[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", r#"[{"path": "/x", "contents": "", "owner": "a b"}]"#)],
+                "img_personality",
+            ),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "plain")], "img_passwd_hash"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "$6$a$b"), ("OSP_IMG_PASSWD", "p")], "img_passwd_hash"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL", "demo")], "install"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL_RPMS", "../a.rpm")], "install_rpms"),
+        ];
+        for (pairs, param) in cases {
+            let e = parse(&env(pairs)).unwrap_err();
+            assert_eq!(e.param, *param, "{pairs:?}: {e}");
+        }
+        let e = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD", "s3cret"), ("OSP_IMG_PASSWD_HASH", "$6$x")]))
+            .unwrap_err();
+        assert!(!e.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_decode("aGVsbG8gd29ybGQ=").unwrap(), b"hello world");
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert!(base64_decode("abc").is_none());
+        assert!(base64_decode("a=bc").is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn personality_and_properties_never_panic(p in ".{0,200}", q in ".{0,200}") {
+            let _ = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", &p), ("OSP_IMG_PROPERTIES", &q)]));
+        }
+    }
+}

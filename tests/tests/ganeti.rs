@@ -1,0 +1,175 @@
+//! The Ganeti OS definition, run as Ganeti runs it: the installed scripts, an emptied
+//! environment (`PATH=/sbin:/bin:/usr/sbin:/usr/bin`, no HOME, cwd = the OS directory), a file
+//! disk; results read back with the test's own loop mount.
+
+use imgforge_tests::fixtures::{self, sh, Shape};
+use imgforge_tests::readback::{shadow_field, Mount};
+use imgforge_tests::run::binary;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+struct Site {
+    _dir: tempfile::TempDir,
+    os_dir: PathBuf,
+    config: PathBuf,
+    disks: PathBuf,
+}
+
+fn site() -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    sh(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(fixtures::disk(Shape::DosExt4).unwrap())
+        .arg(images.join("debian.img")))
+    .unwrap();
+    let config = dir.path().join("imgforge.default");
+    std::fs::write(&config, format!("IMAGE_DIR={}\nACCEL=tcg\nHELPER_SOFT_TIMEOUT=300\n", images.display())).unwrap();
+    let os_dir = dir.path().join("os");
+    let out = Command::new(binary()).args(["ganeti", "install-os", "--os-dir"]).arg(&os_dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let disks = dir.path().join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    Site { os_dir: os_dir.join("imgforge"), config, disks, _dir: dir }
+}
+
+impl Site {
+    fn disk(&self, name: &str) -> PathBuf {
+        let p = self.disks.join(name);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(2 << 30).unwrap();
+        p
+    }
+
+    fn run(&self, script: &str, env: &[(&str, &str)], stdin: Option<&Path>) -> Output {
+        let mut c = Command::new(self.os_dir.join(script));
+        c.env_clear()
+            .env("PATH", "/sbin:/bin:/usr/sbin:/usr/bin")
+            .env("OS_API_VERSION", "20")
+            .env("OS_NAME", "imgforge")
+            .env("OS_VARIANT", "default")
+            .env("DISK_COUNT", "1")
+            .env("IMGFORGE_GANETI_CONFIG", &self.config)
+            .current_dir(&self.os_dir)
+            .envs(env.iter().copied());
+        if let Some(p) = stdin {
+            c.stdin(Stdio::from(std::fs::File::open(p).unwrap()));
+        }
+        let out = c.output().unwrap();
+        eprintln!("{script} -> {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        out
+    }
+}
+
+#[test]
+fn os_definition_files() {
+    let s = site();
+    assert_eq!(std::fs::read_to_string(s.os_dir.join("ganeti_api_version")).unwrap(), "20\n");
+    assert_eq!(std::fs::read_to_string(s.os_dir.join("variants.list")).unwrap(), "default\n");
+    let params = std::fs::read_to_string(s.os_dir.join("parameters.list")).unwrap();
+    for p in ["img_id", "img_format", "img_passwd", "img_passwd_hash", "img_properties", "img_personality", "auth_keys"]
+    {
+        assert!(params.lines().any(|l| l.starts_with(&format!("{p} "))), "{p} missing");
+    }
+    for script in ["create", "import", "export", "rename", "verify"] {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(s.os_dir.join(script)).unwrap().permissions().mode() & 0o100, 0o100);
+    }
+}
+
+#[test]
+fn create_rename_export_import() {
+    let s = site();
+    let disk = s.disk("inst1.disk0");
+    let disk_str = disk.to_str().unwrap();
+    let personality = r#"[{"path": "/etc/imgforge-personality", "contents": "cGVyc29uYWxpdHkK", "owner": "alice", "group": "alice", "mode": 384}]"#;
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGanetiTestKey000000000000000000000000000 ganeti@test";
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "inst1.example.com"),
+            ("DISK_0_PATH", disk_str),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_FORMAT", "diskdump"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PERSONALITY", personality),
+            ("OSP_AUTH_KEYS", key),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2 << 30, "Ganeti's disk file was replaced or resized");
+    {
+        let m = Mount::partition(&disk, 0).unwrap();
+        assert_eq!(m.read("/etc/hostname").unwrap(), "inst1.example.com\n");
+        sha_crypt_check("Ganeti-Pw-1", &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap());
+        assert_eq!(m.read("/etc/imgforge-personality").unwrap(), "personality\n");
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(m.join("/etc/imgforge-personality")).unwrap();
+        let alice = std::fs::metadata(m.join("/home/alice")).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.uid(), meta.gid()), (0o600, alice.uid(), alice.gid()));
+        assert_eq!(m.read("/root/.ssh/authorized_keys").unwrap(), format!("{key}\n"));
+    }
+
+    let out = s.run(
+        "rename",
+        &[("INSTANCE_NAME", "inst2"), ("OLD_INSTANCE_NAME", "inst1.example.com"), ("DISK_0_PATH", disk_str)],
+        None,
+    );
+    assert!(out.status.success());
+    assert_eq!(Mount::partition(&disk, 0).unwrap().read("/etc/hostname").unwrap(), "inst2\n");
+
+    let exported = s.disks.join("exported.raw");
+    let out = s.run("export", &[("INSTANCE_NAME", "inst2"), ("DISK_0_PATH", disk_str)], None);
+    assert!(out.status.success());
+    std::fs::write(&exported, &out.stdout).unwrap();
+    assert_eq!(out.stdout.len() as u64, 2 << 30);
+    let second = s.disk("inst3.disk0");
+    let out =
+        s.run("import", &[("INSTANCE_NAME", "inst3"), ("DISK_0_PATH", second.to_str().unwrap())], Some(&exported));
+    assert!(out.status.success());
+    assert_eq!(
+        sh(Command::new("sha256sum").arg(&second)).unwrap().split_whitespace().next(),
+        sh(Command::new("sha256sum").arg(&disk)).unwrap().split_whitespace().next()
+    );
+}
+
+fn sha_crypt_check(pw: &str, hash: &str) {
+    let check = format!("import crypt,sys; sys.exit(0 if crypt.crypt({pw:?}, {hash:?}) == {hash:?} else 1)");
+    assert!(
+        Command::new("python3").args(["-W", "ignore", "-c", &check]).status().unwrap().success(),
+        "password does not verify"
+    );
+}
+
+#[test]
+fn verify_rejects_bad_parameters_before_touching_a_disk() {
+    let s = site();
+    let ok = s.run("verify", &[("OSP_IMG_ID", "debian")], None);
+    assert!(ok.status.success());
+    for (param, value, want) in [
+        ("OSP_IMG_PROPERTIES", "{not json", "img_properties"),
+        ("OSP_IMG_ID", "../images/debian.img", "img_id"),
+        ("OSP_IMG_ID", "nonexistent", "no such image"),
+        ("OSP_IMG_FORMAT", "vmdk", "img_format"),
+        ("OSP_IMG_PERSONALITY", r#"[{"path": "relative", "contents": ""}]"#, "img_personality"),
+    ] {
+        let mut env = vec![("OSP_IMG_ID", "debian")];
+        env.retain(|(k, _)| *k != param);
+        env.push((param, value));
+        let out = s.run("verify", &env, None);
+        assert!(!out.status.success(), "{param}={value} accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{param}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A symlink in IMAGE_DIR leading outside it is refused.
+    let images = s.config.parent().unwrap().join("images");
+    std::os::unix::fs::symlink("/etc/passwd", images.join("escape.img")).unwrap();
+    let out = s.run("verify", &[("OSP_IMG_ID", "escape")], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside IMAGE_DIR"));
+}
