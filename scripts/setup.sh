@@ -9,7 +9,7 @@ PACKAGES=(
     qemu-system-x86 qemu-utils qemu-block-extra  # the helper VM, qemu-img
     busybox-static util-linux e2fsprogs xfsprogs lvm2 gdisk fdisk squashfs-tools  # helper image tools
     kmod dpkg cpio  # helper image build (depmod, dpkg-deb)
-    debootstrap dosfstools zstd xz-utils gzip  # test fixtures
+    debootstrap dosfstools zstd xz-utils gzip rpm createrepo-c  # test fixtures (rpm: rpmbuild)
 )
 
 missing=()
