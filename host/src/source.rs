@@ -53,6 +53,9 @@ pub enum SourceError {
     /// Zero bytes.
     #[error("image {0} is empty")]
     Empty(String),
+    /// A directory.
+    #[error("image {0} is a directory")]
+    Directory(String),
     /// Not a supported or safe image.
     #[error("image {name}: {reason}")]
     Unsupported {
@@ -139,6 +142,16 @@ impl std::fmt::Display for Location {
             Location::Url(u) => f.write_str(u),
         }
     }
+}
+
+/// Opens a local image: its metadata and first bytes; refuses directories and empty files.
+pub fn open_local(path: &Path) -> Result<(std::fs::Metadata, Vec<u8>), SourceError> {
+    let name = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
+    if meta.is_dir() {
+        return Err(SourceError::Directory(name));
+    }
+    Ok((meta, read_header(path)?))
 }
 
 /// Reads up to [`HEADER_BYTES`] from the start of a file.

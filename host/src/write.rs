@@ -156,11 +156,7 @@ fn stream_options<'a>(
 fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &AtomicBool) -> Result<Written, Failure> {
     let name = path.display().to_string();
     let io = |source| SourceError::Io { name: name.clone(), source };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if meta.is_dir() {
-        return Err(Failure::bad_input(format!("image {name} is a directory")));
-    }
-    let header = source::read_header(path)?;
+    let (meta, header) = source::open_local(path)?;
     if source::is_vmdk_descriptor(&header) {
         return Err(SourceError::Unsupported {
             name,

@@ -75,3 +75,8 @@ pub fn holders(path: &Path) -> Vec<u32> {
     }
     pids
 }
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}

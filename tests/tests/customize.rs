@@ -3,15 +3,11 @@
 
 use imgforge_tests::fixtures::{self, Shape, FIXTURE_USER};
 use imgforge_tests::readback::{shadow_field, Mount};
-use imgforge_tests::run::{code, holders, imgforge};
+use imgforge_tests::run::{code, holders, imgforge, s};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIImgforgeFixtureKeyForTestsOnly000000000000 test@imgforge";
-
-fn s(p: &std::path::Path) -> String {
-    p.display().to_string()
-}
 
 #[test]
 fn every_operation_on_a_dos_ext4_disk() {

@@ -2,13 +2,8 @@
 
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::Mount;
-use imgforge_tests::run::{code, imgforge};
-use std::path::Path;
+use imgforge_tests::run::{code, imgforge, s};
 use std::process::Command;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 #[test]
 fn liveimg_onto_a_larger_target_grows_and_customizes() {

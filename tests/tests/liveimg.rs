@@ -3,13 +3,9 @@
 use imgforge_tests::fixtures::sh;
 use imgforge_tests::readback::Mount;
 use imgforge_tests::rpm;
-use imgforge_tests::run::{code, imgforge};
+use imgforge_tests::run::{code, imgforge, s};
 use std::path::Path;
 use std::process::Command;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 fn squashfs_settings(p: &Path) -> (String, String) {
     let out = sh(Command::new("unsquashfs").arg("-s").arg(p)).unwrap();

@@ -3,14 +3,10 @@
 
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::Mount;
-use imgforge_tests::run::{binary, code, holders, imgforge};
+use imgforge_tests::run::{binary, code, holders, imgforge, s};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 fn digest(path: &Path) -> String {
     sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()

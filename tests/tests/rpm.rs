@@ -5,13 +5,8 @@
 use imgforge_tests::fixtures::{self, Shape};
 use imgforge_tests::readback::Mount;
 use imgforge_tests::rpm;
-use imgforge_tests::run::{code, imgforge};
-use std::path::Path;
+use imgforge_tests::run::{code, imgforge, s};
 use std::process::Command;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// `rpm -q NAMES` inside the mounted guest (read-only: rpm only reads its database).
 fn rpm_q(m: &Mount, names: &[&str]) -> bool {

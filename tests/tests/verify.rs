@@ -3,14 +3,10 @@
 
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::rpm;
-use imgforge_tests::run::{code, imgforge};
+use imgforge_tests::run::{code, imgforge, s};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 fn digest(p: &Path) -> String {
     sh(Command::new("sha256sum").arg(p)).unwrap()

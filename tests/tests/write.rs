@@ -3,14 +3,10 @@
 
 use imgforge_tests::fixtures::{self, sh};
 use imgforge_tests::http::{self, Response};
-use imgforge_tests::run::{binary, code, imgforge};
+use imgforge_tests::run::{binary, code, imgforge, s};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 fn digest(path: &Path) -> String {
     sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()

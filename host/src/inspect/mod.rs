@@ -190,11 +190,7 @@ fn scan(r: &mut dyn ReadAt) -> std::io::Result<(Option<Table>, Vec<FoundFilesyst
 pub fn inspect(path: &Path) -> Result<Report, Failure> {
     let name = path.display().to_string();
     let io = |source| SourceError::Io { name: name.clone(), source };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if meta.is_dir() {
-        return Err(Failure::bad_input(format!("image {name} is a directory")));
-    }
-    let header = source::read_header(path)?;
+    let (meta, header) = source::open_local(path)?;
     let format = source::detect(&header);
     let corrupt =
         |e: std::io::Error| Failure::bad_input(format!("image {name} could not be read as {}: {e}", format.name()));
