@@ -123,6 +123,24 @@ pub fn vmlinux_from_bzimage(bzimage: &[u8]) -> Option<Vec<u8>> {
     elf.starts_with(ELF_MAGIC).then_some(elf)
 }
 
+/// What a signed module ends with.
+const MODULE_SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature`: 12 bytes before the magic, the signature's length last (BE).
+const MODULE_SIG_INFO_BYTES: usize = 12;
+
+/// Removes the appended signature of a kernel module. The helper kernel does not enforce
+/// signatures, and verifying them (hashing megabytes under TCG) was most of the cost of
+/// loading xfs or ext4. Unsigned input is returned unchanged.
+pub fn strip_module_signature(module: &[u8]) -> &[u8] {
+    let Some(body) = module.strip_suffix(MODULE_SIG_MAGIC) else { return module };
+    if body.len() < MODULE_SIG_INFO_BYTES {
+        return module;
+    }
+    let info = &body[body.len() - MODULE_SIG_INFO_BYTES..];
+    let sig_len = u32::from_be_bytes(info[8..12].try_into().expect("4 bytes")) as usize;
+    body.len().checked_sub(MODULE_SIG_INFO_BYTES + sig_len).map(|end| &module[..end]).unwrap_or(module)
+}
+
 fn normalize(name: &str) -> String {
     name.replace('-', "_")
 }
@@ -206,6 +224,20 @@ kernel/drivers/virtio/virtio.ko:\n";
                 "kernel/arch/x86/crypto/crc32c-intel.ko",
             ]
         );
+    }
+
+    #[test]
+    fn signatures_are_stripped() {
+        let mut signed = b"ELFBODY".to_vec();
+        signed.extend_from_slice(b"SIG!");
+        signed.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4]);
+        signed.extend_from_slice(MODULE_SIG_MAGIC);
+        assert_eq!(strip_module_signature(&signed), b"ELFBODY");
+        assert_eq!(strip_module_signature(b"ELFBODY"), b"ELFBODY");
+        let mut bogus = b"x".to_vec();
+        bogus.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        bogus.extend_from_slice(MODULE_SIG_MAGIC);
+        assert_eq!(strip_module_signature(&bogus), &bogus[..]);
     }
 
     #[test]

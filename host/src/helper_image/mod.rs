@@ -334,6 +334,7 @@ fn assemble(tree: &kernel::KernelTree, inputs: &mut Vec<PathBuf>) -> Result<Arch
             if !a.contains(&dest) {
                 let src = tree.modules_dir.join(rel);
                 let data = std::fs::read(&src).map_err(|e| BuildError::io(&src, e))?;
+                let data = kernel::strip_module_signature(&data).to_vec();
                 a.insert(&dest, Entry::File { mode: 0o644, data });
             }
             paths.push(format!("/{dest}"));
