@@ -34,7 +34,7 @@ time ./target/release/imgforge customize -a "$img" \
     --root-password password:demo \
     --ssh-inject "root:string:$key" \
     --timezone Europe/Athens \
-    --write /etc/motd:"Customized by imgforge" \
+    --write /etc/motd:"" --append-line /etc/motd:"Customized by imgforge" \
     --run-command 'echo "built on $(cat /etc/debian_version)" >> /etc/motd'
 
 echo "== reading the result back (read-only loop mount)"
