@@ -133,6 +133,11 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
                 .map(drop)
                 .map_err(|e| format!("cannot install the firstboot script: {e}"))
         }
+        Operation::Network { nics } => {
+            let stack = crate::network::apply(guest, nics)?;
+            println!("network: {} NIC(s) configured for {stack:?}", nics.len());
+            Ok(())
+        }
         Operation::FirstbootCommand { command } => {
             let script = format!("#!/bin/sh\n{command}\n");
             firstboot::install(guest, "command", script.as_bytes())

@@ -218,6 +218,24 @@ pub enum Operation {
         /// The command line.
         command: String,
     },
+    /// Configure the guest's network interfaces (Ganeti's NICs), for the network stack the
+    /// guest uses.
+    Network {
+        /// The interfaces, in Ganeti's order.
+        nics: Vec<Nic>,
+    },
+}
+
+/// One network interface to configure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    /// MAC address (how the guest's interface is recognized).
+    pub mac: String,
+    /// Static IPv4 `address/prefix`; DHCP when absent.
+    pub ipv4: Option<String>,
+    /// IPv4 gateway for a static address.
+    pub gateway4: Option<String>,
 }
 
 impl Operation {
@@ -239,6 +257,7 @@ impl Operation {
             Operation::Timezone { .. } => "--timezone",
             Operation::Firstboot { .. } => "--firstboot",
             Operation::FirstbootCommand { .. } => "--firstboot-command",
+            Operation::Network { .. } => "network (Ganeti NICs)",
         }
     }
 
@@ -259,6 +278,7 @@ impl Operation {
             Operation::Timezone { zone } => format!("--timezone {zone}"),
             Operation::Firstboot { name, .. } => format!("--firstboot {name}"),
             Operation::FirstbootCommand { command } => format!("--firstboot-command '{command}'"),
+            Operation::Network { nics } => format!("network configuration of {} NIC(s)", nics.len()),
         }
     }
 }

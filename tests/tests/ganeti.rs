@@ -95,6 +95,14 @@ fn create_rename_export_import() {
             ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
             ("OSP_IMG_PERSONALITY", personality),
             ("OSP_AUTH_KEYS", key),
+            ("NIC_COUNT", "2"),
+            ("NIC_0_MAC", "aa:00:00:77:5e:a9"),
+            ("NIC_0_IP", "192.0.2.10"),
+            ("NIC_0_NETWORK_SUBNET", "192.0.2.0/24"),
+            ("NIC_0_NETWORK_GATEWAY", "192.0.2.1"),
+            ("NIC_0_MODE", "bridged"),
+            ("NIC_0_LINK", "gntbr0"),
+            ("NIC_1_MAC", "aa:00:00:77:5e:aa"),
         ],
         None,
     );
@@ -110,6 +118,16 @@ fn create_rename_export_import() {
         let alice = std::fs::metadata(m.join("/home/alice")).unwrap();
         assert_eq!((meta.mode() & 0o7777, meta.uid(), meta.gid()), (0o600, alice.uid(), alice.gid()));
         assert_eq!(m.read("/root/.ssh/authorized_keys").unwrap(), format!("{key}\n"));
+        // A Debian image with neither /etc/network nor networkd enabled: networkd files,
+        // directories created (snf-image fails here).
+        let nic0 = m.read("/etc/systemd/network/50-imgforge-nic0.network").unwrap();
+        assert!(
+            nic0.contains("MACAddress=aa:00:00:77:5e:a9")
+                && nic0.contains("Address=192.0.2.10/24")
+                && nic0.contains("Gateway=192.0.2.1"),
+            "{nic0}"
+        );
+        assert!(m.read("/etc/systemd/network/50-imgforge-nic1.network").unwrap().contains("DHCP=yes"));
     }
 
     let out = s.run(

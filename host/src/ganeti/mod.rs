@@ -128,10 +128,19 @@ fn settings(config: &Config) -> VmSettings {
 }
 
 /// Builds the operations of a create (or rename) from the parameters.
-fn plan(params: &Params, config: &Config, hostname: &str, work: &Path) -> Result<Plan, Failure> {
+fn plan(
+    params: &Params,
+    config: &Config,
+    hostname: &str,
+    nics: Vec<imgforge_protocol::rules::Nic>,
+    work: &Path,
+) -> Result<Plan, Failure> {
     let mut plan = Plan::default();
     if !params.excludes("AssignHostname") {
         plan.add("hostname", Some(hostname))?;
+    }
+    if !nics.is_empty() && !params.excludes("ConfigureNetwork") {
+        plan.operations.push(imgforge_protocol::rules::Operation::Network { nics });
     }
     if !params.excludes("ChangePassword") {
         if let Some(pw) = &params.passwd {
@@ -210,7 +219,8 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
         .prefix("imgforge-ganeti-")
         .tempdir()
         .map_err(|e| Failure::environment(format!("cannot create a temporary directory: {e}")))?;
-    let plan = plan(&params, &config, &name, work.path())?;
+    let nics = params::nics(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
     let progress = std::sync::Arc::new(progress);
     let request = crate::write::WriteRequest {
@@ -328,6 +338,7 @@ pub fn verify() -> Result<(), Failure> {
     let env = environment();
     let config = load_config()?;
     let params = params::parse(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
+    params::nics(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
     resolve_image(&config, &params.img_id)?;
     for rpm in &params.install_rpms {
         resolve_in_image_dir(&config, "install_rpms", rpm, &[""])?;

@@ -333,3 +333,84 @@ mod tests {
         }
     }
 }
+
+/// Ganeti's NICs (`NIC_COUNT`, `NIC_<i>_MAC`, `NIC_<i>_IP`, `NIC_<i>_NETWORK_SUBNET`,
+/// `NIC_<i>_NETWORK_GATEWAY`) as interfaces to configure: static where Ganeti knows the
+/// address and its subnet, DHCP otherwise.
+pub fn nics(env: &BTreeMap<String, String>) -> Result<Vec<imgforge_protocol::rules::Nic>, ParamError> {
+    let count: usize = match env.get("NIC_COUNT").map(|v| v.trim()) {
+        None | Some("") => return Ok(Vec::new()),
+        Some(v) => v.parse().map_err(|_| err("NIC_COUNT", format!("{v:?} is not a number")))?,
+    };
+    let mut out = Vec::new();
+    for i in 0..count.min(64) {
+        let get = |k: &str| env.get(&format!("NIC_{i}_{k}")).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let mac = get("MAC").ok_or_else(|| err(&format!("NIC_{i}_MAC"), "is missing"))?;
+        let hex_pairs = mac.split(':').collect::<Vec<_>>();
+        if hex_pairs.len() != 6 || !hex_pairs.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(err(&format!("NIC_{i}_MAC"), format!("{mac:?} is not a MAC address")));
+        }
+        let ip = get("IP");
+        let subnet = get("NETWORK_SUBNET");
+        let ipv4 = match (&ip, &subnet) {
+            (Some(ip), Some(subnet)) => {
+                ip.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| err(&format!("NIC_{i}_IP"), format!("{ip:?} is not an IPv4 address")))?;
+                let prefix =
+                    subnet.split_once('/').and_then(|(_, p)| p.parse::<u8>().ok()).filter(|p| *p <= 32).ok_or_else(
+                        || {
+                            err(
+                                &format!("NIC_{i}_NETWORK_SUBNET"),
+                                format!("{subnet:?} is not a subnet such as 192.0.2.0/24"),
+                            )
+                        },
+                    )?;
+                Some(format!("{ip}/{prefix}"))
+            }
+            _ => None,
+        };
+        let gateway4 = match (&ipv4, get("NETWORK_GATEWAY")) {
+            (Some(_), Some(gw)) => {
+                gw.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| err(&format!("NIC_{i}_NETWORK_GATEWAY"), format!("{gw:?} is not an IPv4 address")))?;
+                Some(gw)
+            }
+            _ => None,
+        };
+        out.push(imgforge_protocol::rules::Nic { mac: mac.to_ascii_lowercase(), ipv4, gateway4 });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod nic_tests {
+    use super::*;
+
+    #[test]
+    fn nic_table() {
+        let env: BTreeMap<String, String> = [
+            ("NIC_COUNT", "2"),
+            ("NIC_0_MAC", "AA:00:00:77:5e:a9"),
+            ("NIC_0_IP", "192.0.2.10"),
+            ("NIC_0_NETWORK_SUBNET", "192.0.2.0/24"),
+            ("NIC_0_NETWORK_GATEWAY", "192.0.2.1"),
+            ("NIC_1_MAC", "aa:00:00:77:5e:aa"),
+            ("NIC_1_IP", "198.51.100.7"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let n = nics(&env).unwrap();
+        assert_eq!(n[0].ipv4.as_deref(), Some("192.0.2.10/24"));
+        assert_eq!(n[0].gateway4.as_deref(), Some("192.0.2.1"));
+        assert_eq!(n[0].mac, "aa:00:00:77:5e:a9");
+        assert_eq!(n[1].ipv4, None, "an address without a subnet is left to DHCP");
+        let mut bad = env.clone();
+        bad.insert("NIC_0_MAC".into(), "nope".into());
+        assert!(nics(&bad).is_err());
+        let mut bad = env.clone();
+        bad.insert("NIC_0_NETWORK_SUBNET".into(), "192.0.2.0".into());
+        assert!(nics(&bad).is_err());
+        assert!(nics(&BTreeMap::new()).unwrap().is_empty());
+    }
+}
