@@ -10,6 +10,7 @@ PACKAGES=(
     busybox-static util-linux e2fsprogs xfsprogs lvm2 gdisk fdisk squashfs-tools  # helper image tools
     kmod dpkg cpio  # helper image build (depmod, dpkg-deb)
     debootstrap dosfstools zstd xz-utils gzip rpm createrepo-c  # test fixtures (rpm: rpmbuild)
+    ganeti iproute2 bc  # the single-node Ganeti cluster test
 )
 
 missing=()

@@ -62,15 +62,35 @@ enum GanetiCommand {
         os_dir: PathBuf,
     },
     /// OS script: deploy img_id onto DISK_0_PATH and customize it (Ganeti's environment).
-    Create,
+    Create {
+        /// What Ganeti asks to check or pass (`verify parameters`); all is checked anyway.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// OS script: a raw disk stream on stdin onto DISK_0_PATH.
-    Import,
+    Import {
+        /// What Ganeti asks to check or pass (`verify parameters`); all is checked anyway.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// OS script: DISK_0_PATH to stdout.
-    Export,
+    Export {
+        /// What Ganeti asks to check or pass (`verify parameters`); all is checked anyway.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// OS script: set the new INSTANCE_NAME as the image's hostname.
-    Rename,
+    Rename {
+        /// What Ganeti asks to check or pass (`verify parameters`); all is checked anyway.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// OS script: check the OSP_* parameters before any disk is touched.
-    Verify,
+    Verify {
+        /// What Ganeti asks to check or pass (`verify parameters`); all is checked anyway.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
 }
 
 /// The customization operations, applied in the order given.
@@ -431,15 +451,15 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             println!("Ganeti OS definition written to {}", dir.display());
             Ok(())
         }
-        Command::Ganeti(GanetiCommand::Create) => crate::ganeti::create(&interrupt).await,
-        Command::Ganeti(GanetiCommand::Rename) => crate::ganeti::rename(&interrupt).await,
-        Command::Ganeti(GanetiCommand::Import) => {
+        Command::Ganeti(GanetiCommand::Create { .. }) => crate::ganeti::create(&interrupt).await,
+        Command::Ganeti(GanetiCommand::Rename { .. }) => crate::ganeti::rename(&interrupt).await,
+        Command::Ganeti(GanetiCommand::Import { .. }) => {
             tokio::task::spawn_blocking(crate::ganeti::import).await.map_err(|e| Failure::environment(e.to_string()))?
         }
-        Command::Ganeti(GanetiCommand::Export) => {
+        Command::Ganeti(GanetiCommand::Export { .. }) => {
             tokio::task::spawn_blocking(crate::ganeti::export).await.map_err(|e| Failure::environment(e.to_string()))?
         }
-        Command::Ganeti(GanetiCommand::Verify) => crate::ganeti::verify(),
+        Command::Ganeti(GanetiCommand::Verify { .. }) => crate::ganeti::verify(),
     }
 }
 

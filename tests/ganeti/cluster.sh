@@ -1,0 +1,51 @@
+#!/bin/sh
+# A single-node Ganeti cluster (fake hypervisor, file disks) in namespaces of its own: private
+# hostname, private /etc/hosts, a documentation-range address on the namespace's loopback, all
+# Ganeti state on tmpfs. Run as:
+#   unshare --net --uts --mount --pid --fork --mount-proc cluster.sh IMGFORGE IMAGE_DIR OUT KEY
+# The disks and OS logs it produces are copied to OUT for the test to read back.
+set -eu
+IMGFORGE=$1
+IMAGES=$2
+OUT=$3
+KEY=$4
+hostname node1.imgforge.test
+ip link set lo up
+ip addr add 192.0.2.10/32 dev lo
+mount --make-rprivate /
+mount -t sysfs sysfs /sys
+for d in /var/lib/ganeti /var/log/ganeti /run/ganeti /srv/ganeti /var/run/ganeti; do mkdir -p $d; mount -t tmpfs tmpfs $d; done
+saved=$(mktemp -d)
+cp -a /etc/ganeti/. "$saved"/ 2>/dev/null || true
+mount -t tmpfs tmpfs /etc/ganeti
+cp -a "$saved"/. /etc/ganeti/ 2>/dev/null || true
+hosts=$(mktemp)
+printf '127.0.0.1 localhost\n192.0.2.10 node1.imgforge.test node1\n192.0.2.20 cluster.imgforge.test cluster\n' > "$hosts"
+chmod 644 "$hosts"
+mount --bind "$hosts" /etc/hosts
+ip link add gntbr0 type bridge; ip link set gntbr0 up
+mkdir -p /srv/ganeti/file-storage /srv/ganeti/os
+echo /srv/ganeti/file-storage > /etc/ganeti/file-storage-paths
+mkdir -p /root/.ssh
+gnt-cluster init --enabled-hypervisors=fake --enabled-disk-templates=file,blockdev --master-netdev=lo --no-etc-hosts --no-ssh-init --file-storage-dir=/srv/ganeti/file-storage --nic-parameters=link=gntbr0 cluster.imgforge.test
+echo INIT-OK
+"$IMGFORGE" ganeti install-os --os-dir /srv/ganeti/os
+mount -t tmpfs tmpfs /etc/default
+printf 'IMAGE_DIR=%s\nACCEL=tcg\nHELPER_SOFT_TIMEOUT=300\n' "$IMAGES" > /etc/default/imgforge
+gnt-cluster modify --ipolicy-bounds-specs min:disk-size=128,cpu-count=1,disk-count=1,memory-size=64,nic-count=1,spindle-use=1/max:disk-size=1048576,cpu-count=8,disk-count=16,memory-size=65536,nic-count=8,spindle-use=12
+add() { gnt-instance add -t file --disk 0:size=2048 -B memory=128 -o imgforge+default --no-start --no-ip-check --no-name-check -n node1.imgforge.test "$@"; }
+copy_disk() { cp --sparse=always "$(ls -t /srv/ganeti/file-storage/*/*.disk0 | head -n 1)" "$OUT/$1"; }
+
+started=$(date +%s%N)
+add -O "img_id=debian,img_passwd=Cluster-Pw-1,auth_keys=$KEY" inst1.imgforge.test
+echo "ADD-MS $(( ($(date +%s%N) - started) / 1000000 ))"
+copy_disk create.disk0
+
+gnt-instance reinstall -f -O "img_id=debian,img_passwd=Reinstall-Pw-2" inst1.imgforge.test
+copy_disk reinstall.disk0
+
+
+if add -O 'img_id=debian,img_properties={bad json' inst9.imgforge.test; then echo BAD-PROPERTIES-ACCEPTED; else echo BAD-PROPERTIES-REJECTED; fi
+
+cp -r /var/log/ganeti/os "$OUT/os-log"
+echo CLUSTER-DONE

@@ -1,0 +1,62 @@
+//! A real single-node Ganeti 3.0 cluster (fake hypervisor, `file` disks) in namespaces the test
+//! creates (`tests/ganeti/cluster.sh`): `gnt-instance add -o imgforge+default`, reinstall, and a
+//! bad `img_properties` rejected by verify; the disks are read back with loop mounts.
+
+use imgforge_tests::fixtures::{self, sh, Shape};
+use imgforge_tests::readback::{shadow_field, Mount};
+use imgforge_tests::run::binary;
+use std::process::Command;
+
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGanetiClusterKey00000000000000000000000000 cluster@imgforge";
+
+fn password_ok(pw: &str, hash: &str) -> bool {
+    let check = format!("import crypt,sys; sys.exit(0 if crypt.crypt({pw:?}, {hash:?}) == {hash:?} else 1)");
+    Command::new("python3").args(["-W", "ignore", "-c", &check]).status().unwrap().success()
+}
+
+#[test]
+fn gnt_instance_add_and_reinstall_with_imgforge() {
+    fixtures::require_root();
+    let images = tempfile::tempdir().unwrap();
+    sh(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(fixtures::disk(Shape::DosExt4).unwrap())
+        .arg(images.path().join("debian.img")))
+    .unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ganeti/cluster.sh");
+    let out = Command::new("timeout")
+        .args(["900", "unshare", "--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc"])
+        .arg(&script)
+        .arg(binary())
+        .arg(images.path())
+        .arg(out_dir.path())
+        .arg(KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("CLUSTER-DONE"), "the cluster run failed");
+    assert!(stdout.contains("BAD-PROPERTIES-REJECTED"), "a bad img_properties was accepted");
+    if let Some(ms) = stdout.lines().find_map(|l| l.strip_prefix("ADD-MS ")) {
+        eprintln!("gnt-instance add took {ms} ms");
+    }
+
+    let create = out_dir.path().join("create.disk0");
+    assert_eq!(std::fs::metadata(&create).unwrap().len(), 2 << 30);
+    {
+        let m = Mount::partition(&create, 0).unwrap();
+        assert_eq!(m.read("/etc/hostname").unwrap(), "inst1.imgforge.test\n");
+        assert!(password_ok("Cluster-Pw-1", &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap()));
+        assert_eq!(m.read("/root/.ssh/authorized_keys").unwrap(), format!("{KEY}\n"));
+    }
+    let reinstall = out_dir.path().join("reinstall.disk0");
+    let m = Mount::partition(&reinstall, 0).unwrap();
+    assert!(password_ok("Reinstall-Pw-2", &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap()));
+    let logs: String = std::fs::read_dir(out_dir.path().join("os-log"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(logs.contains("imgforge-helper"), "the OS log lacks the helper's console");
+}
