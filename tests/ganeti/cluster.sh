@@ -20,7 +20,7 @@ cp -a /etc/ganeti/. "$saved"/ 2>/dev/null || true
 mount -t tmpfs tmpfs /etc/ganeti
 cp -a "$saved"/. /etc/ganeti/ 2>/dev/null || true
 hosts=$(mktemp)
-printf '127.0.0.1 localhost\n192.0.2.10 node1.imgforge.test node1\n192.0.2.20 cluster.imgforge.test cluster\n' > "$hosts"
+printf '127.0.0.1 localhost\n192.0.2.10 node1.imgforge.test node1\n192.0.2.20 cluster.imgforge.test cluster\n192.0.2.30 inst1.imgforge.test inst1\n192.0.2.31 inst2.imgforge.test inst2\n' > "$hosts"
 chmod 644 "$hosts"
 mount --bind "$hosts" /etc/hosts
 ip link add gntbr0 type bridge; ip link set gntbr0 up
