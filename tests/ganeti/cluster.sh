@@ -20,7 +20,7 @@ cp -a /etc/ganeti/. "$saved"/ 2>/dev/null || true
 mount -t tmpfs tmpfs /etc/ganeti
 cp -a "$saved"/. /etc/ganeti/ 2>/dev/null || true
 hosts=$(mktemp)
-printf '127.0.0.1 localhost\n192.0.2.10 node1.imgforge.test node1\n192.0.2.20 cluster.imgforge.test cluster\n192.0.2.30 inst1.imgforge.test inst1\n192.0.2.31 inst2.imgforge.test inst2\n' > "$hosts"
+printf '127.0.0.1 localhost\n192.0.2.10 node1.imgforge.test node1\n192.0.2.20 cluster.imgforge.test cluster\n192.0.2.30 inst1.imgforge.test inst1\n192.0.2.31 inst2.imgforge.test inst2\n192.0.2.32 inst3.imgforge.test inst3\n' > "$hosts"
 chmod 644 "$hosts"
 mount --bind "$hosts" /etc/hosts
 ip link add gntbr0 type bridge; ip link set gntbr0 up
@@ -37,13 +37,25 @@ add() { gnt-instance add -t file --disk 0:size=2048 -B memory=128 -o imgforge+de
 copy_disk() { cp --sparse=always "$(ls -t /srv/ganeti/file-storage/*/*.disk0 | head -n 1)" "$OUT/$1"; }
 
 started=$(date +%s%N)
-add -O "img_id=debian,img_passwd=Cluster-Pw-1,auth_keys=$KEY" inst1.imgforge.test
+# Commas inside a value are escaped for gnt-instance's -O parser.
+PERSONALITY='[{"path": "/etc/imgforge-personality"\,"contents": "cGVyc29uYWxpdHkK"}]'
+add -O "img_id=debian,img_passwd=Cluster-Pw-1,auth_keys=$KEY,img_personality=$PERSONALITY" inst1.imgforge.test
 echo "ADD-MS $(( ($(date +%s%N) - started) / 1000000 ))"
 copy_disk create.disk0
 
 gnt-instance reinstall -f -O "img_id=debian,img_passwd=Reinstall-Pw-2" inst1.imgforge.test
 copy_disk reinstall.disk0
 
+
+# Name check on (the names resolve in the private /etc/hosts): without it gnt-instance rename
+# asks for confirmation on a terminal.
+gnt-instance rename --no-ip-check inst1.imgforge.test inst2.imgforge.test
+copy_disk rename.disk0
+
+gnt-backup export -n node1.imgforge.test inst2.imgforge.test
+gnt-backup import -t file --disk 0:size=2048 -B memory=128 -n node1.imgforge.test --src-node=node1.imgforge.test \
+    --src-dir=/var/lib/ganeti/export/inst2.imgforge.test --no-ip-check --net 0:mac=generate inst3.imgforge.test
+copy_disk import.disk0
 
 if add -O 'img_id=debian,img_properties={bad json' inst9.imgforge.test; then echo BAD-PROPERTIES-ACCEPTED; else echo BAD-PROPERTIES-REJECTED; fi
 

@@ -1,6 +1,7 @@
 //! A real single-node Ganeti 3.0 cluster (fake hypervisor, `file` disks) in namespaces the test
-//! creates (`tests/ganeti/cluster.sh`): `gnt-instance add -o imgforge+default`, reinstall, and a
-//! bad `img_properties` rejected by verify; the disks are read back with loop mounts.
+//! creates (`tests/ganeti/cluster.sh`): `gnt-instance add -o imgforge+default`, reinstall,
+//! rename, export -> import into a second instance, and a bad `img_properties` rejected by
+//! verify; the disks are read back with loop mounts.
 
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::{shadow_field, Mount};
@@ -15,7 +16,7 @@ fn password_ok(pw: &str, hash: &str) -> bool {
 }
 
 #[test]
-fn gnt_instance_add_and_reinstall_with_imgforge() {
+fn ganeti_instance_life_cycle_with_imgforge() {
     fixtures::require_root();
     let images = tempfile::tempdir().unwrap();
     sh(Command::new("cp")
@@ -49,10 +50,28 @@ fn gnt_instance_add_and_reinstall_with_imgforge() {
         assert_eq!(m.read("/etc/hostname").unwrap(), "inst1.imgforge.test\n");
         assert!(password_ok("Cluster-Pw-1", &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap()));
         assert_eq!(m.read("/root/.ssh/authorized_keys").unwrap(), format!("{KEY}\n"));
+        assert_eq!(m.read("/etc/imgforge-personality").unwrap(), "personality\n");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(m.join("/etc/imgforge-personality")).unwrap().mode() & 0o7777,
+            0o440,
+            "snf-image's default mode"
+        );
     }
     let reinstall = out_dir.path().join("reinstall.disk0");
     let m = Mount::partition(&reinstall, 0).unwrap();
     assert!(password_ok("Reinstall-Pw-2", &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap()));
+    drop(m);
+    let renamed = out_dir.path().join("rename.disk0");
+    assert_eq!(Mount::partition(&renamed, 0).unwrap().read("/etc/hostname").unwrap(), "inst2.imgforge.test\n");
+    // Ganeti runs the OS rename script after importing under a new name: the imported disk is
+    // the exported one with the new hostname.
+    let imported = out_dir.path().join("import.disk0");
+    let m = Mount::partition(&imported, 0).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), "inst3.imgforge.test\n");
+    assert_eq!(m.read("/etc/imgforge-personality").unwrap(), "personality\n", "the exported contents came along");
+    assert!(password_ok("Reinstall-Pw-2", &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap()));
+    drop(m);
     let logs: String = std::fs::read_dir(out_dir.path().join("os-log"))
         .unwrap()
         .flatten()
