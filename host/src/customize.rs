@@ -79,6 +79,7 @@ pub async fn run(
     rules.install = plan.install;
     rules.repo = plan.repo;
     rules.gpgcheck = plan.gpgcheck;
+    rules.root_partition = plan.root_partition;
     rules.selinux_relabel = plan.selinux_relabel;
     rules.verbose = settings.trace_tasks;
     rules.grow_filesystem = grow_filesystem;

@@ -100,6 +100,8 @@ pub struct Plan {
     pub repo: Option<String>,
     /// `--gpgcheck`.
     pub gpgcheck: bool,
+    /// The root filesystem's helper device, when auto-detection is not wanted.
+    pub root_partition: Option<String>,
 }
 
 /// The first bytes of every RPM file (the lead).

@@ -105,6 +105,13 @@ pub fn sha512_crypt(password: &str) -> Result<String, PasswordError> {
     sha_crypt::sha512_simple(password, &params).map_err(|e| PasswordError::Hash(format!("{e:?}")))
 }
 
+/// Hashes clear text with SHA-256 crypt and a random salt.
+pub fn sha256_crypt(password: &str) -> Result<String, PasswordError> {
+    let params =
+        sha_crypt::Sha256Params::new(sha_crypt::ROUNDS_DEFAULT).map_err(|e| PasswordError::Hash(format!("{e:?}")))?;
+    sha_crypt::sha256_simple(password, &params).map_err(|e| PasswordError::Hash(format!("{e:?}")))
+}
+
 fn random_password() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";

@@ -95,6 +95,10 @@ fn create_rename_export_import() {
             ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
             ("OSP_IMG_PERSONALITY", personality),
             ("OSP_AUTH_KEYS", key),
+            (
+                "OSP_IMG_PROPERTIES",
+                r#"{"USERS": "root alice", "root_partition": 1, "PASSWORD_HASHING_METHOD": "sha512"}"#,
+            ),
             ("NIC_COUNT", "2"),
             ("NIC_0_MAC", "aa:00:00:77:5e:a9"),
             ("NIC_0_IP", "192.0.2.10"),
@@ -112,6 +116,7 @@ fn create_rename_export_import() {
         let m = Mount::partition(&disk, 0).unwrap();
         assert_eq!(m.read("/etc/hostname").unwrap(), "inst1.example.com\n");
         sha_crypt_check("Ganeti-Pw-1", &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap());
+        sha_crypt_check("Ganeti-Pw-1", &shadow_field(&m.read("/etc/shadow").unwrap(), "alice").unwrap());
         assert_eq!(m.read("/etc/imgforge-personality").unwrap(), "personality\n");
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(m.join("/etc/imgforge-personality")).unwrap();
@@ -171,6 +176,7 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
         ("OSP_IMG_ID", "../images/debian.img", "img_id"),
         ("OSP_IMG_ID", "nonexistent", "no such image"),
         ("OSP_IMG_FORMAT", "vmdk", "img_format"),
+        ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#, "Linux images only"),
         ("OSP_IMG_PERSONALITY", r#"[{"path": "relative", "contents": ""}]"#, "img_personality"),
     ] {
         let mut env = vec![("OSP_IMG_ID", "debian")];

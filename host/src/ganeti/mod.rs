@@ -143,18 +143,18 @@ fn plan(
         plan.operations.push(imgforge_protocol::rules::Operation::Network { nics });
     }
     if !params.excludes("ChangePassword") {
-        if let Some(pw) = &params.passwd {
-            let field = crate::password::sha512_crypt(pw).map_err(|e| Failure::environment(e.to_string()))?;
-            plan.operations
-                .push(imgforge_protocol::rules::Operation::Password { user: "root".into(), shadow_field: field });
-        }
-        if let Some(hash) = &params.passwd_hash {
-            plan.operations.push(imgforge_protocol::rules::Operation::Password {
-                user: "root".into(),
-                shadow_field: hash.clone(),
-            });
+        for user in params.users() {
+            let field = match (&params.passwd, &params.passwd_hash) {
+                (Some(pw), _) => Some(params.hash_password(pw).map_err(|e| Failure::bad_input(e.to_string()))?),
+                (None, Some(hash)) => Some(hash.clone()),
+                (None, None) => None,
+            };
+            if let Some(shadow_field) = field {
+                plan.operations.push(imgforge_protocol::rules::Operation::Password { user, shadow_field });
+            }
         }
     }
+    plan.root_partition = params.root_partition();
     for key in &params.auth_keys {
         plan.add("ssh-inject", Some(&format!("root:string:{key}")))?;
     }

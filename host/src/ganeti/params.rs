@@ -11,7 +11,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, ROOT_PARTITION, USERS, SWAP, OSFAMILY, PASSWORD_HASHING_METHOD"),
+    ("img_properties", "JSON object: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWORD_HASHING_METHOD (sha512|sha256); SWAP is refused"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
@@ -95,6 +95,31 @@ pub struct Params {
 }
 
 impl Params {
+    /// `USERS`: whose password img_passwd sets (default root).
+    pub fn users(&self) -> Vec<String> {
+        match self.properties.get("USERS") {
+            Some(u) if !u.trim().is_empty() => u.split_whitespace().map(String::from).collect(),
+            _ => vec!["root".into()],
+        }
+    }
+
+    /// `ROOT_PARTITION`: the root's partition number, as the helper names its device.
+    pub fn root_partition(&self) -> Option<String> {
+        self.properties.get("ROOT_PARTITION").map(|n| format!("/dev/vda{n}"))
+    }
+
+    /// Hashes `img_passwd` with `PASSWORD_HASHING_METHOD` (sha512, the default, or sha256).
+    pub fn hash_password(&self, pw: &str) -> Result<String, ParamError> {
+        match self.properties.get("PASSWORD_HASHING_METHOD").map(|m| m.to_ascii_lowercase()).as_deref() {
+            None | Some("sha512") => crate::password::sha512_crypt(pw).map_err(|e| err("img_passwd", e.to_string())),
+            Some("sha256") => crate::password::sha256_crypt(pw).map_err(|e| err("img_passwd", e.to_string())),
+            Some(other) => Err(err(
+                "img_properties",
+                format!("PASSWORD_HASHING_METHOD {other:?} is not supported (sha512 or sha256)"),
+            )),
+        }
+    }
+
     /// True if `img_properties` excludes the task `name` (or all tasks).
     pub fn excludes(&self, name: &str) -> bool {
         let yes = |k: &str| {
@@ -189,6 +214,35 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
             };
             properties.insert(k.to_ascii_uppercase(), value);
         }
+    }
+    if let Some(n) = properties.get("ROOT_PARTITION") {
+        if n.parse::<u32>().map_or(true, |n| n == 0 || n > 128) {
+            return Err(err("img_properties", format!("ROOT_PARTITION {n:?} must be a partition number (1-128)")));
+        }
+    }
+    if let Some(users) = properties.get("USERS") {
+        if users.split_whitespace().any(|u| !u.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))) {
+            return Err(err("img_properties", format!("USERS {users:?} must be user names separated by spaces")));
+        }
+    }
+    if let Some(m) = properties.get("PASSWORD_HASHING_METHOD") {
+        if !["sha512", "sha256"].contains(&m.to_ascii_lowercase().as_str()) {
+            return Err(err(
+                "img_properties",
+                format!("PASSWORD_HASHING_METHOD {m:?} is not supported (sha512 or sha256)"),
+            ));
+        }
+    }
+    if let Some(f) = properties.get("OSFAMILY") {
+        if !f.eq_ignore_ascii_case("linux") {
+            return Err(err("img_properties", format!("OSFAMILY {f:?}: imgforge customizes Linux images only")));
+        }
+    }
+    if properties.contains_key("SWAP") {
+        return Err(err(
+            "img_properties",
+            "SWAP (adding a swap partition) is not supported: size the image's own swap instead",
+        ));
     }
     let mut personality = Vec::new();
     if let Some(text) = get("img_personality") {
@@ -307,6 +361,11 @@ mod tests {
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "plain")], "img_passwd_hash"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "$6$a$b"), ("OSP_IMG_PASSWD", "p")], "img_passwd_hash"),
             (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL", "demo")], "install"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": "a"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"PASSWORD_HASHING_METHOD": "md5"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"USERS": "root;rm"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL_RPMS", "../a.rpm")], "install_rpms"),
         ];
         for (pairs, param) in cases {
