@@ -327,6 +327,7 @@ fn vm_settings(vm: &VmArgs, verbose: u8) -> VmSettings {
     VmSettings {
         accel: vm.accel,
         timeout: Duration::from_secs(vm.timeout),
+        hard_grace: Duration::from_secs(crate::customize::HELPER_HARD_GRACE_SECS),
         memory_mib: vm.memory,
         helper_user: vm.helper_user.clone(),
         excluded_tasks: if vm.exclude_all_tasks { vec!["*".into()] } else { vm.exclude_task.clone() },

@@ -24,6 +24,8 @@ pub struct VmSettings {
     pub accel: Accel,
     /// Soft timeout.
     pub timeout: Duration,
+    /// After the soft timeout's graceful stop, how long until SIGKILL.
+    pub hard_grace: Duration,
     /// Memory.
     pub memory_mib: u32,
     /// User qemu runs as.
@@ -113,7 +115,7 @@ pub async fn run(
         memory_mib: settings.memory_mib,
         accel: settings.accel,
         soft_timeout: settings.timeout,
-        hard_grace: Duration::from_secs(HELPER_HARD_GRACE_SECS),
+        hard_grace: settings.hard_grace,
         user,
         cache,
     };

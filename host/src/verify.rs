@@ -13,7 +13,6 @@ use imgforge_protocol::rules::Rules;
 use serde::Serialize;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 /// One check's result.
 #[derive(Debug, Clone, Serialize)]
@@ -123,7 +122,7 @@ pub async fn run(
         memory_mib: settings.memory_mib,
         accel: settings.accel,
         soft_timeout: settings.timeout,
-        hard_grace: Duration::from_secs(customize::HELPER_HARD_GRACE_SECS),
+        hard_grace: settings.hard_grace,
         user,
         cache,
     };

@@ -25,7 +25,16 @@ fn site() -> Site {
         .arg(images.join("debian.img")))
     .unwrap();
     let config = dir.path().join("imgforge.default");
-    std::fs::write(&config, format!("IMAGE_DIR={}\nACCEL=tcg\nHELPER_SOFT_TIMEOUT=300\n", images.display())).unwrap();
+    let monitor = dir.path().join("monitor.jsonl");
+    std::fs::write(
+        &config,
+        format!(
+            "IMAGE_DIR={}\nACCEL=tcg\nHELPER_SOFT_TIMEOUT=300\nHELPER_HARD_TIMEOUT=5\nPROGRESS_MONITOR=\"cat >> {}\"\n",
+            images.display(),
+            monitor.display()
+        ),
+    )
+    .unwrap();
     let os_dir = dir.path().join("os");
     let out = Command::new(binary()).args(["ganeti", "install-os", "--os-dir"]).arg(&os_dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -112,6 +121,15 @@ fn create_rename_export_import() {
     );
     assert!(out.status.success());
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2 << 30, "Ganeti's disk file was replaced or resized");
+    // The progress went to PROGRESS_MONITOR as snf-image monitor messages.
+    let monitor = std::fs::read_to_string(s.config.parent().unwrap().join("monitor.jsonl")).unwrap();
+    let types: Vec<String> = monitor
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["type"].as_str().unwrap().to_owned())
+        .collect();
+    for t in ["image-info", "image-copy-progress", "image-helper", "image-done"] {
+        assert!(types.iter().any(|x| x == t), "{t} missing from the monitor's input: {types:?}");
+    }
     {
         let m = Mount::partition(&disk, 0).unwrap();
         assert_eq!(m.read("/etc/hostname").unwrap(), "inst1.example.com\n");

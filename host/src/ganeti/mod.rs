@@ -118,6 +118,7 @@ fn settings(config: &Config) -> VmSettings {
             _ => Accel::Auto,
         },
         timeout: Duration::from_secs(config.helper_soft_timeout),
+        hard_grace: Duration::from_secs(config.helper_hard_timeout),
         memory_mib: config.helper_memory,
         helper_user: config.helper_user.clone(),
         excluded_tasks: Vec::new(),
