@@ -95,3 +95,10 @@ pub fn shadow_field(shadow: &str, user: &str) -> Result<String> {
     }
     bail!("no shadow entry for {user}")
 }
+
+/// True if `password` matches the crypt(3) `hash` (any method the host's libcrypt knows:
+/// SHA-512, SHA-256, yescrypt, ...), checked with Python's crypt module.
+pub fn password_matches(password: &str, hash: &str) -> bool {
+    let check = format!("import crypt,sys; sys.exit(0 if crypt.crypt({password:?}, {hash:?}) == {hash:?} else 1)");
+    Command::new("python3").args(["-W", "ignore", "-c", &check]).status().is_ok_and(|s| s.success())
+}
