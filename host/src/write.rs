@@ -114,6 +114,19 @@ fn sha256_of_file(path: &Path, cancel: &AtomicBool) -> Result<String, Failure> {
     }
 }
 
+/// Checks `--sha256` against a whole file first (formats read with random access).
+fn verify_file_sha(path: &Path, expected: &Option<String>, cancel: &AtomicBool) -> Result<(), Failure> {
+    let Some(expected) = expected else { return Ok(()) };
+    let actual = sha256_of_file(path, cancel)?;
+    if &actual != expected {
+        return Err(Failure::bad_input(format!(
+            "image {} does not match --sha256: expected {expected}, computed {actual}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a valid SHA-256 hex string (exit 2 otherwise).
 pub fn check_sha256_arg(text: &str) -> Result<String, String> {
     if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -197,14 +210,7 @@ fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &Ato
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Qemu(qemu_format) => {
-            if let Some(expected) = &req.sha256 {
-                let actual = sha256_of_file(path, cancel)?;
-                if &actual != expected {
-                    return Err(Failure::bad_input(format!(
-                        "image {name} does not match --sha256: expected {expected}, computed {actual}"
-                    )));
-                }
-            }
+            verify_file_sha(path, &req.sha256, cancel)?;
             crate::qemu_img::convert(req, path, qemu_format, progress, cancel).map(|bytes| Written {
                 format,
                 bytes,
@@ -212,14 +218,7 @@ fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &Ato
             })
         }
         Format::Squashfs => {
-            if let Some(expected) = &req.sha256 {
-                let actual = sha256_of_file(path, cancel)?;
-                if &actual != expected {
-                    return Err(Failure::bad_input(format!(
-                        "image {name} does not match --sha256: expected {expected}, computed {actual}"
-                    )));
-                }
-            }
+            verify_file_sha(path, &req.sha256, cancel)?;
             write_liveimg(req, path, progress, cancel)
         }
     }

@@ -35,6 +35,16 @@ fn build_in(cache: &Path, deb: &Path) -> (Vec<u8>, Vec<u8>) {
     (std::fs::read(path("kernel ")).unwrap(), std::fs::read(path("initrd ")).unwrap())
 }
 
+/// `customize -v --hostname NAME` with its own helper image cache.
+fn customize_with_cache(cache: &Path, deb: &Path, img: &Path, accel: &str, name: &str) -> std::process::Output {
+    Command::new(binary())
+        .args(["customize", "-v", "-a", img.to_str().unwrap(), "--accel", accel, "--hostname", name])
+        .env("IMGFORGE_CACHE_DIR", cache)
+        .env("IMGFORGE_KERNEL_DEB", deb)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn two_builds_are_byte_identical() {
     let deb = kernel_deb();
@@ -58,12 +68,7 @@ fn stale_cache_is_rebuilt() {
     std::fs::write(&manifest, stale).unwrap();
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let out = Command::new(binary())
-        .args(["customize", "-v", "-a", img.to_str().unwrap(), "--accel", "tcg", "--hostname", "rebuilt"])
-        .env("IMGFORGE_CACHE_DIR", cache.path())
-        .env("IMGFORGE_KERNEL_DEB", &deb)
-        .output()
-        .unwrap();
+    let out = customize_with_cache(cache.path(), &deb, &img, "tcg", "rebuilt");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(code(&out), 0, "{stderr}");
     assert!(stderr.contains("building the helper image"), "the stale image was used: {stderr}");
@@ -76,12 +81,7 @@ fn accel_auto_finds_a_working_accelerator_and_remembers_it() {
     let cache = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let out = Command::new(binary())
-        .args(["customize", "-v", "-a", img.to_str().unwrap(), "--accel", "auto", "--hostname", "auto1"])
-        .env("IMGFORGE_CACHE_DIR", cache.path())
-        .env("IMGFORGE_KERNEL_DEB", &deb)
-        .output()
-        .unwrap();
+    let out = customize_with_cache(cache.path(), &deb, &img, "auto", "auto1");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(code(&out), 0, "{stderr}");
     let kvm_device = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();

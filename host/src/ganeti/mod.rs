@@ -271,16 +271,11 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), Failure> {
     let config = load_config()?;
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
-    let mut props = BTreeMap::new();
-    if let Some(text) = env.get("OSP_IMG_PROPERTIES").filter(|t| !t.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Failure::bad_input(format!("OS parameter img_properties: is not JSON: {e}")))?;
-        for (k, v) in v.as_object().into_iter().flatten() {
-            props.insert(k.to_ascii_uppercase(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string()));
-        }
-    }
-    let excluded = |k: &str| props.get(k).is_some_and(|v| !v.is_empty() && v != "0" && v != "false" && v != "no");
-    if excluded("EXCLUDE_ALL_TASKS") || excluded("EXCLUDE_TASK_ASSIGNHOSTNAME") {
+    let properties = match env.get("OSP_IMG_PROPERTIES").filter(|t| !t.trim().is_empty()) {
+        Some(text) => params::parse_properties(text).map_err(|e| Failure::bad_input(e.to_string()))?,
+        None => BTreeMap::new(),
+    };
+    if params::excluded(&properties, "AssignHostname") {
         eprintln!("imgforge: img_properties exclude AssignHostname: the image keeps its hostname");
         return Ok(());
     }

@@ -122,12 +122,7 @@ impl Params {
 
     /// True if `img_properties` excludes the task `name` (or all tasks).
     pub fn excludes(&self, name: &str) -> bool {
-        let yes = |k: &str| {
-            self.properties.get(k).is_some_and(|v| {
-                !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("no") && !v.eq_ignore_ascii_case("false")
-            })
-        };
-        yes("EXCLUDE_ALL_TASKS") || yes(&format!("EXCLUDE_TASK_{}", name.to_ascii_uppercase()))
+        excluded(&self.properties, name)
     }
 }
 
@@ -170,50 +165,26 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Parses the `OSP_*` variables (keys as Ganeti passes them, `OSP_IMG_ID`).
-pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
-    let get = |name: &str| {
-        env.get(&format!("OSP_{}", name.to_ascii_uppercase())).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
-    };
-    let img_id = get("img_id").ok_or_else(|| err("img_id", "is required (the image to deploy)"))?;
-    if !(img_id.starts_with("http://") || img_id.starts_with("https://")) {
-        check_image_name("img_id", &img_id)?;
-    }
-    let img_format = match get("img_format").as_deref() {
-        None | Some("diskdump") => ImageFormat::Diskdump,
-        Some("liveimg") => ImageFormat::Liveimg,
-        Some(other) => return Err(err("img_format", format!("{other:?} is not diskdump or liveimg"))),
-    };
-    let passwd = get("img_passwd");
-    let passwd_hash = get("img_passwd_hash");
-    if let Some(h) = &passwd_hash {
-        if !h.starts_with('$') || h.contains([':', '\n']) {
-            return Err(err("img_passwd_hash", "is not a crypt(3) hash such as $6$salt$hash"));
-        }
-        if passwd.is_some() {
-            return Err(err("img_passwd_hash", "give img_passwd or img_passwd_hash, not both"));
-        }
-    }
+/// Parses and checks `img_properties` (a JSON object; keys are case-insensitive).
+pub fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, ParamError> {
     let mut properties = BTreeMap::new();
-    if let Some(text) = get("img_properties") {
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| err("img_properties", format!("is not JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| err("img_properties", "must be a JSON object"))?;
-        for (k, v) in obj {
-            let value = match v {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Number(n) => n.to_string(),
-                serde_json::Value::Bool(b) => {
-                    if *b {
-                        "1".into()
-                    } else {
-                        "0".into()
-                    }
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| err("img_properties", format!("is not JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| err("img_properties", "must be a JSON object"))?;
+    for (k, v) in obj {
+        let value = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => {
+                if *b {
+                    "1".into()
+                } else {
+                    "0".into()
                 }
-                _ => return Err(err("img_properties", format!("{k} must be a string, number or boolean"))),
-            };
-            properties.insert(k.to_ascii_uppercase(), value);
-        }
+            }
+            _ => return Err(err("img_properties", format!("{k} must be a string, number or boolean"))),
+        };
+        properties.insert(k.to_ascii_uppercase(), value);
     }
     if let Some(n) = properties.get("ROOT_PARTITION") {
         if n.parse::<u32>().map_or(true, |n| n == 0 || n > 128) {
@@ -244,6 +215,48 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
             "SWAP (adding a swap partition) is not supported: size the image's own swap instead",
         ));
     }
+    Ok(properties)
+}
+
+/// True if `properties` exclude the task `name` (or all tasks): snf-image's
+/// `EXCLUDE_TASK_<Name>` and `EXCLUDE_ALL_TASKS`, set to anything but empty, 0, no or false.
+pub fn excluded(properties: &BTreeMap<String, String>, name: &str) -> bool {
+    let yes = |k: &str| {
+        properties.get(k).is_some_and(|v| {
+            !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("no") && !v.eq_ignore_ascii_case("false")
+        })
+    };
+    yes("EXCLUDE_ALL_TASKS") || yes(&format!("EXCLUDE_TASK_{}", name.to_ascii_uppercase()))
+}
+
+/// Parses the `OSP_*` variables (keys as Ganeti passes them, `OSP_IMG_ID`).
+pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
+    let get = |name: &str| {
+        env.get(&format!("OSP_{}", name.to_ascii_uppercase())).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    };
+    let img_id = get("img_id").ok_or_else(|| err("img_id", "is required (the image to deploy)"))?;
+    if !(img_id.starts_with("http://") || img_id.starts_with("https://")) {
+        check_image_name("img_id", &img_id)?;
+    }
+    let img_format = match get("img_format").as_deref() {
+        None | Some("diskdump") => ImageFormat::Diskdump,
+        Some("liveimg") => ImageFormat::Liveimg,
+        Some(other) => return Err(err("img_format", format!("{other:?} is not diskdump or liveimg"))),
+    };
+    let passwd = get("img_passwd");
+    let passwd_hash = get("img_passwd_hash");
+    if let Some(h) = &passwd_hash {
+        if !h.starts_with('$') || h.contains([':', '\n']) {
+            return Err(err("img_passwd_hash", "is not a crypt(3) hash such as $6$salt$hash"));
+        }
+        if passwd.is_some() {
+            return Err(err("img_passwd_hash", "give img_passwd or img_passwd_hash, not both"));
+        }
+    }
+    let properties = match get("img_properties") {
+        Some(text) => parse_properties(&text)?,
+        None => BTreeMap::new(),
+    };
     let mut personality = Vec::new();
     if let Some(text) = get("img_personality") {
         let files: Vec<PersonalityFile> = serde_json::from_str(&text).map_err(|e| {

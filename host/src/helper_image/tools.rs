@@ -2,7 +2,7 @@
 
 use super::BuildError;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Parses `ldd` output into the absolute paths of the libraries (and loader) it lists.
 pub fn parse_ldd(output: &str) -> Vec<PathBuf> {
@@ -44,13 +44,6 @@ pub fn closure(programs: &[PathBuf]) -> Result<BTreeSet<PathBuf>, BuildError> {
 /// Reads a recipe list: one entry a line, `#` comments and blank lines ignored.
 pub fn parse_list(text: &str) -> Vec<&str> {
     text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect()
-}
-
-/// True if the file starts with `#!` (a script: included as is).
-pub fn is_script(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 2];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"#!"
 }
 
 #[cfg(test)]

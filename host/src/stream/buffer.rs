@@ -51,16 +51,6 @@ impl AlignedBuf {
         // SAFETY: ptr is valid for capacity >= len bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
-
-    /// The valid bytes, extended with zeros to a multiple of `block` (for a final O_DIRECT write).
-    pub fn data_padded(&mut self, block: usize) -> &[u8] {
-        let padded = self.len.div_ceil(block) * block;
-        assert!(padded <= self.capacity);
-        let len = self.len;
-        self.as_mut_full()[len..padded].fill(0);
-        // SAFETY: within capacity.
-        unsafe { std::slice::from_raw_parts(self.ptr, padded) }
-    }
 }
 
 impl Drop for AlignedBuf {
@@ -91,7 +81,6 @@ mod tests {
         assert!(is_zero(b.data()));
         b.as_mut_full()[4999] = 1;
         assert!(!is_zero(b.data()));
-        assert_eq!(b.data_padded(4096).len(), 8192);
         for n in 0..70 {
             let mut v = vec![0u8; n];
             assert!(is_zero(&v));
