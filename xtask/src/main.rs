@@ -206,7 +206,7 @@ fn bench_liveimg() -> Result<()> {
         ]))?;
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() >> 20).unwrap_or(0);
         println!("liveimg repack, {comp}, {} MiB rootfs.img (2 cores):", std::fs::metadata(&rootfs)?.len() >> 20);
-        println!("  imgforge (backhand)   {:>7.2} s  -> {} MiB", t_ours.as_secs_f64(), size(&ours));
+        println!("  imgforge              {:>7.2} s  -> {} MiB", t_ours.as_secs_f64(), size(&ours));
         println!(
             "  mksquashfs            {:>7.2} s  -> {} MiB   (imgforge takes {:.2}x as long)",
             t_peer.as_secs_f64(),
