@@ -49,6 +49,8 @@ fn prepare(reporter: &mut Reporter) -> Result<Rules, String> {
         reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
     }
     reporter.send(&ReportLine::Phase { name: "modules".into(), uptime_ms: uptime_ms() });
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let preload = kmod::spawn_preload(kmod::preload_names(&cmdline));
 
     wait_for(Path::new(floppy::FLOPPY_DEVICE))?;
     reporter.send(&ReportLine::Phase { name: "floppy-ready".into(), uptime_ms: uptime_ms() });
@@ -59,6 +61,10 @@ fn prepare(reporter: &mut Reporter) -> Result<Rules, String> {
     std::fs::write(Path::new(STATE_DIR).join("rules.json"), &text)
         .map_err(|e| format!("cannot store the rules in {STATE_DIR}: {e}"))?;
     reporter.send(&ReportLine::Phase { name: "rules-read".into(), uptime_ms: uptime_ms() });
+    for warning in preload.join().unwrap_or_default() {
+        reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
+    }
+    reporter.send(&ReportLine::Phase { name: "preloaded".into(), uptime_ms: uptime_ms() });
 
     wait_for(Path::new(TARGET_DISK))?;
     Ok(rules)

@@ -59,34 +59,58 @@ pub fn load_boot_set() -> Vec<String> {
         .collect()
 }
 
+/// The kernel command line parameter with the modules the host expects the tasks to need
+/// (from the disk's partition table and superblocks, parsed on the host).
+pub const PRELOAD_PARAM: &str = "imgforge.preload=";
+
+/// The module names of `imgforge.preload=a,b` in a kernel command line (pure).
+pub fn preload_names(cmdline: &str) -> Vec<String> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix(PRELOAD_PARAM))
+        .flat_map(|list| list.split(','))
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Loads `names` on a thread of their own, so that their relocation runs while the main thread
+/// waits for the floppy; the handle yields the failures. The tasks load on demand anyway: a
+/// wrong hint costs time, never correctness.
+pub fn spawn_preload(names: Vec<String>) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || load_modules(&names))
+}
+
+/// Loads the named modules with their dependencies; returns the failures.
+pub fn load_modules(names: &[String]) -> Vec<String> {
+    match std::fs::read_to_string(MODULE_MAP) {
+        Ok(t) => load_named(&t, names),
+        Err(e) => vec![format!("cannot read {MODULE_MAP}: {e}")],
+    }
+}
+
+/// Loads the named modules of the map `text` with their dependencies; returns the failures.
+fn load_named(text: &str, names: &[String]) -> Vec<String> {
+    let map: HashMap<String, Entry> = parse_map(text).into_iter().map(|(n, e)| (normalize(&n), e)).collect();
+    names
+        .iter()
+        // Not in the map: built into the kernel (or part of the boot set), nothing to load.
+        .filter_map(|name| map.get(&normalize(name)))
+        .flat_map(|e| e.paths.iter())
+        .filter_map(|path| load(Path::new(path)).err())
+        .collect()
+}
+
 /// `imgforge-helper modprobe NAME...`: loads modules and their dependencies.
 pub fn modprobe_main(names: &[String]) -> ExitCode {
-    let map: HashMap<String, Entry> = match std::fs::read_to_string(MODULE_MAP) {
-        Ok(t) => parse_map(&t).into_iter().map(|(n, e)| (normalize(&n), e)).collect(),
-        Err(e) => {
-            eprintln!("imgforge-helper modprobe: cannot read {MODULE_MAP}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut failed = false;
-    for name in names {
-        match map.get(&normalize(name)) {
-            // Built into the kernel (or already part of the boot set): nothing to load.
-            None => {}
-            Some(e) => {
-                for path in &e.paths {
-                    if let Err(err) = load(Path::new(path)) {
-                        eprintln!("imgforge-helper modprobe: {err}");
-                        failed = true;
-                    }
-                }
-            }
-        }
+    let failures = load_modules(names);
+    for err in &failures {
+        eprintln!("imgforge-helper modprobe: {err}");
     }
-    if failed {
-        ExitCode::FAILURE
-    } else {
+    if failures.is_empty() {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -116,5 +140,18 @@ mod tests {
         assert_eq!(map[0], ("virtio_blk".into(), Entry { boot: true, paths: vec!["/a.ko".into(), "/b.ko".into()] }));
         assert_eq!(map[1].1, Entry { boot: false, paths: vec!["/c.ko".into(), "/d.ko".into()] });
         assert_eq!(map[2].1.paths, Vec::<String>::new());
+    }
+
+    #[test]
+    fn preload_parameter() {
+        let cases: &[(&str, &[&str])] = &[
+            ("console=ttyS0 imgforge.preload=xfs,ext4 quiet", &["xfs", "ext4"]),
+            ("imgforge.preload=squashfs imgforge.preload=dm_mod,", &["squashfs", "dm_mod"]),
+            ("imgforge.preload= quiet", &[]),
+            ("quiet", &[]),
+        ];
+        for (cmdline, want) in cases {
+            assert_eq!(preload_names(cmdline), *want, "{cmdline}");
+        }
     }
 }

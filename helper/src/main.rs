@@ -12,6 +12,7 @@ mod floppy;
 mod guest;
 mod init;
 mod kmod;
+mod mounts;
 mod network;
 mod reporter;
 mod tasks;
@@ -27,11 +28,19 @@ fn main() -> ExitCode {
         Some("customize") => customize::main(),
         Some("guest-path") if args.len() == 2 => customize::guest_path_main(&args[1]),
         Some("modprobe") if args.len() >= 2 => kmod::modprobe_main(&args[1..]),
+        Some("mount-root") => mounts::mount_root_main(),
+        Some("mount-payload") => mounts::mount_payload_main(),
+        Some("unmount") => mounts::unmount_main(),
         _ => {
             eprintln!("usage: imgforge-helper customize          run the rules' operations (the 50-Customize task)");
             eprintln!(
                 "       imgforge-helper guest-path PATH    print where guest PATH is, resolved inside the guest root"
             );
+            eprintln!("       imgforge-helper mount-payload      mount the payload disk (the 05-MountPayload task)");
+            eprintln!(
+                "       imgforge-helper mount-root         mount the guest's filesystems (the 10-MountRoot task)"
+            );
+            eprintln!("       imgforge-helper unmount            unmount them again and sync (the 90-Unmount task)");
             eprintln!("As PID 1 of the helper VM it runs the tasks; see the imgforge documentation.");
             ExitCode::from(2)
         }

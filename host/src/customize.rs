@@ -104,6 +104,7 @@ pub async fn run(
 
     let overlay = crate::overlay::Overlay::create(&target.path, target.format, target.virtual_size, work.path())
         .map_err(|e| Failure::environment(e.to_string()))?;
+    let spec_payload = payload_path.is_some();
     let spec = VmSpec {
         qemu: settings.qemu.clone(),
         image,
@@ -118,6 +119,7 @@ pub async fn run(
         hard_grace: settings.hard_grace,
         user,
         cache,
+        preload: preload_for(&target, &settings.excluded_tasks, spec_payload),
     };
     progress.message("booting the helper VM");
     let outcome = run_vm(&spec, settings.show_console, progress, interrupt).await?;
@@ -168,6 +170,20 @@ impl Timeline {
 }
 
 /// Runs the VM, forwarding its events to the progress sink and (with -v) the console to stderr.
+/// The modules worth loading early for `target` (nothing when every task is excluded: then
+/// nothing is mounted).
+pub fn preload_for(target: &target::Target, excluded_tasks: &[String], payload: bool) -> Vec<&'static str> {
+    if excluded_tasks.iter().any(|t| t == "*") {
+        return Vec::new();
+    }
+    let kinds = match target.format {
+        vm::cmdline::DiskFormat::Raw => crate::inspect::raw_filesystem_kinds(&target.path),
+        // qcow2 is read by qemu only: the host parses no image data with C code.
+        vm::cmdline::DiskFormat::Qcow2 => Vec::new(),
+    };
+    vm::preload_modules(&kinds, payload)
+}
+
 pub async fn run_vm(
     spec: &VmSpec,
     verbose: bool,

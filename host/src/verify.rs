@@ -125,6 +125,7 @@ pub async fn run(
         hard_grace: settings.hard_grace,
         user,
         cache,
+        preload: customize::preload_for(&target, &[], false),
     };
     let quiet = Progress::new(ProgressMode::None);
     let (outcome, checks) = customize::run_vm_collecting(&spec, settings.show_console, &quiet, interrupt).await?;

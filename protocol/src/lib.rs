@@ -2,7 +2,9 @@
 //!
 //! Nothing here does I/O: the host writes [`rules::Rules`] to the parameter floppy and reads
 //! [`report::ReportLine`]s from the helper's second serial port; the helper does the reverse.
+//! Both recognize filesystems by their superblocks the same way ([`filesystems`]).
 
+pub mod filesystems;
 pub mod report;
 pub mod rules;
 pub mod task;

@@ -141,6 +141,40 @@ pub fn strip_module_signature(module: &[u8]) -> &[u8] {
     body.len().checked_sub(MODULE_SIG_INFO_BYTES + sig_len).map(|end| &module[..end]).unwrap_or(module)
 }
 
+/// Hides a module's BTF type information (renames its `.BTF` section): the kernel then skips
+/// parsing and validating thousands of types on every load, which under TCG cost more than
+/// the rest of loading xfs. BTF serves BPF tracing, which the helper never does. Returns
+/// whether a section was renamed; anything but a well-formed 64-bit little-endian ELF file is
+/// left alone.
+pub fn hide_module_btf(module: &mut [u8]) -> bool {
+    let u16_at = |b: &[u8], o: usize| b.get(o..o + 2).map(|x| u16::from_le_bytes([x[0], x[1]]) as usize);
+    let u32_at = |b: &[u8], o: usize| b.get(o..o + 4).map(|x| u32::from_le_bytes(x.try_into().expect("4")) as usize);
+    let u64_at = |b: &[u8], o: usize| {
+        b.get(o..o + 8).and_then(|x| usize::try_from(u64::from_le_bytes(x.try_into().expect("8"))).ok())
+    };
+    // ELFCLASS64, ELFDATA2LSB.
+    if !module.starts_with(ELF_MAGIC) || module.get(4..6) != Some(&[2, 1]) {
+        return false;
+    }
+    let (Some(shoff), Some(shentsize), Some(shnum), Some(shstrndx)) =
+        (u64_at(module, 0x28), u16_at(module, 0x3a), u16_at(module, 0x3c), u16_at(module, 0x3e))
+    else {
+        return false;
+    };
+    let header = |i: usize| shoff.checked_add(i.checked_mul(shentsize)?);
+    let Some(strtab) = header(shstrndx).and_then(|h| u64_at(module, h + 0x18)) else { return false };
+    for i in 0..shnum {
+        let Some(name_at) = header(i).and_then(|h| u32_at(module, h)).and_then(|n| strtab.checked_add(n)) else {
+            return false;
+        };
+        if module.get(name_at..name_at + 5) == Some(b".BTF\0") {
+            module[name_at] = b'_';
+            return true;
+        }
+    }
+    false
+}
+
 fn normalize(name: &str) -> String {
     name.replace('-', "_")
 }
@@ -238,6 +272,33 @@ kernel/drivers/virtio/virtio.ko:\n";
         bogus.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
         bogus.extend_from_slice(MODULE_SIG_MAGIC);
         assert_eq!(strip_module_signature(&bogus), &bogus[..]);
+    }
+
+    #[test]
+    fn btf_section_is_hidden() {
+        // An ELF header and a two-entry section table: a section named ".BTF", then the names.
+        let built = || {
+            let mut m = vec![0u8; 0x200];
+            m[..4].copy_from_slice(ELF_MAGIC);
+            m[4..6].copy_from_slice(&[2, 1]);
+            m[0x28..0x30].copy_from_slice(&0x100u64.to_le_bytes());
+            m[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+            m[0x3c..0x3e].copy_from_slice(&2u16.to_le_bytes());
+            m[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+            // Section 0 named at 1 (".BTF"), section 1 the names at 0x40.
+            m[0x100..0x104].copy_from_slice(&1u32.to_le_bytes());
+            m[0x140 + 0x18..0x140 + 0x20].copy_from_slice(&0x40u64.to_le_bytes());
+            m[0x41..0x46].copy_from_slice(b".BTF\0");
+            m
+        };
+        let mut m = built();
+        assert!(hide_module_btf(&mut m));
+        assert_eq!(&m[0x41..0x46], b"_BTF\0");
+        assert!(!hide_module_btf(&mut m), "only once");
+        let mut truncated = built()[..0x150].to_vec();
+        assert!(!hide_module_btf(&mut truncated));
+        let mut not_elf = b"not an ELF file at all".to_vec();
+        assert!(!hide_module_btf(&mut not_elf));
     }
 
     #[test]

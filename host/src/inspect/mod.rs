@@ -1,7 +1,7 @@
 //! `imgforge inspect`: format, virtual size, partition table and filesystems of an image, read
 //! from headers in Rust — nothing booted, nothing mounted.
 
-pub mod filesystems;
+pub use imgforge_protocol::filesystems;
 pub mod partitions;
 
 use crate::exit::Failure;
@@ -184,6 +184,16 @@ fn scan(r: &mut dyn ReadAt) -> std::io::Result<(Option<Table>, Vec<FoundFilesyst
         }
     }
     Ok((table, found))
+}
+
+/// The filesystem types on a raw disk (or bare filesystem) at `path`, from its partition table
+/// and superblocks; empty when nothing can be read.
+pub fn raw_filesystem_kinds(path: &Path) -> Vec<&'static str> {
+    let Ok(file) = std::fs::File::open(path) else { return Vec::new() };
+    match scan(&mut RawAt(file)) {
+        Ok((_, found)) => found.into_iter().map(|f| f.filesystem.kind).collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Inspects `path`.

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
-/// Kernel command line of the helper.
 /// Kernel command line of the helper: no ACPI (the helper ends with a reset), no probing of
 /// hardware qemu does not give it, no self-tests, expedited RCU — each one measured to shorten
 /// the boot under TCG and harmless under KVM.
@@ -67,6 +66,40 @@ pub struct VmSpec {
     pub user: Option<Unprivileged>,
     /// Cache directory (where the KVM verdict is remembered).
     pub cache: PathBuf,
+    /// Modules the helper loads while it reads the floppy (see [`preload_modules`]).
+    pub preload: Vec<&'static str>,
+}
+
+/// The kernel modules the tasks will need, from what the host found on the disk (its partition
+/// table and superblocks, parsed in Rust) and whether a payload disk comes along. The helper
+/// loads them while it waits for the floppy (under TCG a module's relocation costs up to half a
+/// second, the floppy wait leaves the CPU idle). A hint only: the tasks load what they need.
+pub fn preload_modules(disk_filesystems: &[&str], payload: bool) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for kind in disk_filesystems {
+        let module = match *kind {
+            "ext2" | "ext3" | "ext4" => "ext4",
+            "xfs" => "xfs",
+            "vfat" => "vfat",
+            "LVM2_member" => "dm_mod",
+            _ => continue,
+        };
+        if !out.contains(&module) {
+            out.push(module);
+        }
+    }
+    if payload {
+        out.push("squashfs");
+    }
+    out
+}
+
+/// `cmdline` with the preload hint for the helper appended.
+fn with_preload(cmdline: String, preload: &[&str]) -> String {
+    if preload.is_empty() {
+        return cmdline;
+    }
+    format!("{cmdline} imgforge.preload={}", preload.join(","))
 }
 
 /// Something that happened while the VM ran.
@@ -251,7 +284,10 @@ async fn attempt(
         accel,
         memory_mib: spec.memory_mib,
         // A tuning knob for measuring boot options; the default is what ships.
-        kernel_cmdline: std::env::var("IMGFORGE_KERNEL_CMDLINE").unwrap_or_else(|_| KERNEL_CMDLINE.to_owned()),
+        kernel_cmdline: with_preload(
+            std::env::var("IMGFORGE_KERNEL_CMDLINE").unwrap_or_else(|_| KERNEL_CMDLINE.to_owned()),
+            &spec.preload,
+        ),
         kernel_fd: kernel.as_raw_fd(),
         initrd_fd: initrd.as_raw_fd(),
         disk_ro_fd: disk_ro.as_raw_fd(),
@@ -469,4 +505,18 @@ fn spawn_report_reader(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preload_hint() {
+        assert_eq!(preload_modules(&["vfat", "ext4", "xfs", "ext3", "swap"], false), ["vfat", "ext4", "xfs"]);
+        assert_eq!(preload_modules(&["LVM2_member"], true), ["dm_mod", "squashfs"]);
+        assert!(preload_modules(&[], false).is_empty());
+        assert_eq!(with_preload("quiet".into(), &["xfs", "ext4"]), "quiet imgforge.preload=xfs,ext4");
+        assert_eq!(with_preload("quiet".into(), &[]), "quiet");
+    }
 }

@@ -1,4 +1,5 @@
-//! Filesystems recognized by their superblocks (pure, over the first bytes of a partition).
+//! Filesystems recognized by their superblocks (pure, over the first bytes of a partition):
+//! the host inspects images with it, the helper finds the guest's filesystems with it.
 
 use serde::Serialize;
 
@@ -132,10 +133,25 @@ fn simple(b: &[u8]) -> Option<Filesystem> {
             size: None,
         });
     }
-    if at(b, 510, 2) == Some(&[0x55, 0xaa])
-        && (at(b, 54, 5) == Some(b"FAT16") || at(b, 54, 5) == Some(b"FAT12") || at(b, 82, 5) == Some(b"FAT32"))
-    {
-        return plain("vfat");
+    if at(b, 510, 2) == Some(&[0x55, 0xaa]) {
+        // The volume id and label sit after the FAT12/16 or the longer FAT32 boot sector fields.
+        let fat = if at(b, 54, 5) == Some(b"FAT16") || at(b, 54, 5) == Some(b"FAT12") {
+            Some(39)
+        } else if at(b, 82, 5) == Some(b"FAT32") {
+            Some(67)
+        } else {
+            None
+        };
+        if let Some(id_at) = fat {
+            let id = le32(b, id_at)?;
+            return Some(Filesystem {
+                kind: "vfat",
+                label: text(at(b, id_at + 4, 11)?).filter(|l| l != "NO NAME"),
+                // As blkid and fstab write it.
+                uuid: Some(format!("{:04X}-{:04X}", id >> 16, id & 0xffff)),
+                size: None,
+            });
+        }
     }
     None
 }
@@ -175,11 +191,16 @@ mod tests {
             ("mkfs.ext3 -q -F", "ext3", None),
             ("mkfs.xfs -q -f -L lblx", "xfs", Some("lblx")),
             ("mkswap -L sw", "swap", Some("sw")),
-            ("mkfs.vfat", "vfat", None),
+            ("mkfs.vfat -i 1234abcd", "vfat", None),
+            ("mkfs.vfat -F 32 -i 0badf00d -n EFI", "vfat", Some("EFI")),
         ] {
             let Some(bytes) = real(cmd) else { continue };
             let fs = detect(&bytes).unwrap_or_else(|| panic!("{cmd} not recognized"));
             assert_eq!((fs.kind, fs.label.as_deref()), (kind, label), "{cmd}");
+            if kind == "vfat" {
+                let want = if label.is_some() { "0BAD-F00D" } else { "1234-ABCD" };
+                assert_eq!(fs.uuid.as_deref(), Some(want), "{cmd}");
+            }
             if kind == "ext4" || kind == "xfs" {
                 assert_eq!(fs.size, Some(64 << 20), "{cmd}");
                 assert!(fs.uuid.is_some());

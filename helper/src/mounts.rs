@@ -1,0 +1,530 @@
+//! The mounting tasks, done by the helper binary: `mount-payload` (05-MountPayload),
+//! `mount-root` (10-MountRoot) and `unmount` (90-Unmount).
+//!
+//! `mount-root` finds the guest's root filesystem on a
+//! partitioned disk, a bare filesystem or LVM, mounts it, then what its fstab lists (/boot, …),
+//! then /dev, /proc and /sys for chroots. In Rust rather than shell because under TCG every
+//! process costs tens of milliseconds: superblocks are read in-process (blkid only for what
+//! they cannot tell, such as PARTUUID, and then once for every device), the mounts are
+//! syscalls and the modules load in-process.
+
+use crate::guest::GuestRoot;
+use crate::kmod;
+use imgforge_protocol::filesystems::{self, PROBE_BYTES};
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// What is known about one device: TYPE, UUID, LABEL from its superblock, or everything
+/// `blkid -o export` says (PARTUUID, PARTLABEL, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Device node.
+    pub dev: String,
+    /// Tags by name.
+    pub tags: HashMap<String, String>,
+}
+
+impl Probe {
+    fn tag(&self, name: &str) -> Option<&str> {
+        self.tags.get(name).map(String::as_str)
+    }
+}
+
+/// Parses `blkid -o export` output: blocks of `KEY=value` lines separated by blank lines (pure).
+pub fn parse_blkid_export(text: &str) -> Vec<Probe> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let tags: HashMap<String, String> = block
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect();
+            let dev = tags.get("DEVNAME")?.clone();
+            Some(Probe { dev, tags })
+        })
+        .collect()
+}
+
+/// One line of the guest's fstab that imgforge may mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FstabEntry {
+    /// Device spec (`UUID=…`, `/dev/…`).
+    pub spec: String,
+    /// Mount point in the guest.
+    pub mount_point: String,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount options (only `nofail`/`noauto` matter here).
+    pub options: String,
+}
+
+/// The filesystem types imgforge mounts from the guest's fstab.
+const FSTAB_TYPES: [&str; 5] = ["ext2", "ext3", "ext4", "xfs", "vfat"];
+
+/// The fstab entries to mount, shallow mount points first so that /boot comes before /boot/efi
+/// (pure).
+pub fn parse_fstab(text: &str) -> Vec<FstabEntry> {
+    let mut entries: Vec<FstabEntry> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3).then(|| FstabEntry {
+                spec: f[0].to_owned(),
+                mount_point: f[1].to_owned(),
+                fstype: f[2].to_owned(),
+                options: f.get(3).copied().unwrap_or("defaults").to_owned(),
+            })
+        })
+        .filter(|e| !matches!(e.mount_point.as_str(), "/" | "none" | "swap"))
+        .filter(|e| FSTAB_TYPES.contains(&e.fstype.as_str()))
+        .collect();
+    entries.sort_by_key(|e| e.mount_point.len());
+    entries
+}
+
+/// The device an fstab spec names, among the probed devices (pure).
+pub fn resolve_spec(spec: &str, probes: &[Probe]) -> Option<String> {
+    let by = |tag: &str, value: &str| probes.iter().find(|p| p.tag(tag) == Some(value)).map(|p| p.dev.clone());
+    for (prefix, tag) in
+        [("UUID=", "UUID"), ("LABEL=", "LABEL"), ("PARTUUID=", "PARTUUID"), ("PARTLABEL=", "PARTLABEL")]
+    {
+        if let Some(v) = spec.strip_prefix(prefix) {
+            return by(tag, v.trim_matches('"'));
+        }
+    }
+    for (dir, tag) in
+        [("/dev/disk/by-uuid/", "UUID"), ("/dev/disk/by-label/", "LABEL"), ("/dev/disk/by-partuuid/", "PARTUUID")]
+    {
+        if let Some(v) = spec.strip_prefix(dir) {
+            return by(tag, v);
+        }
+    }
+    // LVM names (/dev/mapper/vg-lv, /dev/vg/lv) exist in the helper once the groups are active.
+    let lvm_name = spec.starts_with("/dev/mapper/")
+        || spec.strip_prefix("/dev/").is_some_and(|rest| rest.split('/').count() == 2 && !rest.starts_with("disk/"));
+    (lvm_name && is_block_device(Path::new(spec))).then(|| spec.to_owned())
+}
+
+/// Root candidates: the root-partition rule alone if given; else the partitions largest first
+/// (the root is rarely the small /boot or ESP, and every wrong guess costs a mount), or the
+/// whole disk if it has none; then the LVM volumes (pure).
+pub fn candidates(rule: Option<&str>, disk: &str, partitions: &[(String, u64)], volumes: &[String]) -> Vec<String> {
+    if let Some(dev) = rule.filter(|r| !r.is_empty()) {
+        return vec![dev.to_owned()];
+    }
+    let mut parts = partitions.to_vec();
+    parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+    let mut out: Vec<String> =
+        if parts.is_empty() { vec![disk.to_owned()] } else { parts.into_iter().map(|p| p.0).collect() };
+    out.extend(volumes.iter().cloned());
+    out
+}
+
+/// The module a filesystem type needs, if it is one imgforge mounts.
+fn module_for(fstype: &str) -> Option<&'static str> {
+    match fstype {
+        "ext2" | "ext3" | "ext4" => Some("ext4"),
+        "xfs" => Some("xfs"),
+        "vfat" => Some("vfat"),
+        _ => None,
+    }
+}
+
+/// How the task was called (from the environment the task runner sets).
+struct Env {
+    target: PathBuf,
+    disk: String,
+    state: PathBuf,
+    root_rule: Option<String>,
+    read_only: bool,
+}
+
+/// `mount-root` (the 10-MountRoot task).
+pub fn mount_root_main() -> ExitCode {
+    let var = |name: &str| std::env::var(name).ok();
+    let (Some(target), Some(disk), Some(state)) = (var("IMGFORGE_TARGET"), var("IMGFORGE_DISK"), var("IMGFORGE_STATE"))
+    else {
+        eprintln!("imgforge-helper mount-root: IMGFORGE_TARGET, IMGFORGE_DISK or IMGFORGE_STATE is not set: run this from a task");
+        return ExitCode::from(2);
+    };
+    let env = Env {
+        target: PathBuf::from(target),
+        disk,
+        state: PathBuf::from(state),
+        root_rule: var("IMGFORGE_ROOT_PARTITION"),
+        // verify looks, never writes: read-only, and no journal replay.
+        read_only: var("IMGFORGE_MODE").as_deref() == Some("verify"),
+    };
+    finish(run(&env))
+}
+
+/// The exit of a task done in Rust: on failure the message goes where the task runner reads
+/// it (`IMGFORGE_ERROR_FILE`, what the host reports) and to the console.
+pub fn finish(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ERROR: {message}");
+            if let Some(path) = std::env::var_os("IMGFORGE_ERROR_FILE") {
+                let _ = std::fs::write(path, &message);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `mount-payload` (the 05-MountPayload task): mounts the read-only payload disk (uploaded
+/// files, scripts, RPMs) when there is one, found by its serial number.
+pub fn mount_payload_main() -> ExitCode {
+    let Some(dir) = std::env::var_os("IMGFORGE_PAYLOAD").map(PathBuf::from) else {
+        eprintln!("imgforge-helper mount-payload: IMGFORGE_PAYLOAD is not set: run this from a task");
+        return ExitCode::from(2);
+    };
+    finish(mount_payload(&dir))
+}
+
+/// The serial number qemu gives the payload disk.
+const PAYLOAD_SERIAL: &str = "imgforge-payload";
+
+fn mount_payload(dir: &Path) -> Result<(), String> {
+    let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
+        .map_err(|e| format!("cannot list /sys/block: {e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vd"))
+        .collect();
+    disks.sort();
+    for name in disks {
+        let serial = std::fs::read_to_string(format!("/sys/block/{name}/serial")).unwrap_or_default();
+        if serial.trim() != PAYLOAD_SERIAL {
+            continue;
+        }
+        let dev = format!("/dev/{name}");
+        load_modules(&["squashfs"]);
+        let flags = libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID;
+        mount_flags(&dev, dir, "squashfs", flags)
+            .map_err(|e| format!("cannot mount the payload disk {dev} (squashfs): {e}"))?;
+        println!("payload disk {dev} mounted on {}", dir.display());
+        return Ok(());
+    }
+    println!("no payload disk");
+    Ok(())
+}
+
+/// `unmount` (the 90-Unmount task): unmounts what mount-root mounted, in reverse order,
+/// deactivates LVM and syncs.
+pub fn unmount_main() -> ExitCode {
+    let Some(state) = std::env::var_os("IMGFORGE_STATE").map(PathBuf::from) else {
+        eprintln!("imgforge-helper unmount: IMGFORGE_STATE is not set: run this from a task");
+        return ExitCode::from(2);
+    };
+    finish(unmount_all(&state))
+}
+
+fn unmount_all(state: &Path) -> Result<(), String> {
+    let mounts = state.join("mounts");
+    if let Ok(text) = std::fs::read_to_string(&mounts) {
+        for where_ in text.lines().rev().filter(|l| !l.is_empty()) {
+            unmount(Path::new(where_))
+                .map_err(|e| format!("cannot unmount {where_} (a process left running in the guest?): {e}"))?;
+        }
+        let _ = std::fs::remove_file(&mounts);
+    }
+    if state.join("lvm-active").exists() {
+        let ok = Command::new("lvm").args(["vgchange", "-an"]).stdout(std::process::Stdio::null()).status();
+        if !ok.is_ok_and(|s| s.success()) {
+            return Err("cannot deactivate the guest's LVM volume groups".into());
+        }
+    }
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    Ok(())
+}
+
+fn run(env: &Env) -> Result<(), String> {
+    let mounts = env.state.join("mounts");
+    std::fs::write(&mounts, "").map_err(|e| format!("cannot write {}: {e}", mounts.display()))?;
+    let name = Path::new(&env.disk).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partitions = partitions(&name);
+    // The disk and its partitions, never the floppy: probing a floppy costs seconds.
+    let mut devices: Vec<String> =
+        std::iter::once(env.disk.clone()).chain(partitions.iter().map(|p| p.0.clone())).collect();
+    let mut probes = superblocks(&devices);
+
+    // LVM only where a partition is a physical volume (lvm is slow to start).
+    let mut volumes = Vec::new();
+    if probes.iter().any(|p| p.tag("TYPE") == Some("LVM2_member")) {
+        load_modules(&["dm_mod"]);
+        let ok =
+            Command::new("lvm").args(["vgchange", "-ay", "--sysinit"]).stdout(std::process::Stdio::null()).status();
+        if !ok.is_ok_and(|s| s.success()) {
+            println!("WARNING: could not activate every LVM volume group");
+        }
+        std::fs::write(env.state.join("lvm-active"), "").map_err(|e| format!("cannot record LVM activation: {e}"))?;
+        volumes = mapper_volumes();
+        devices.extend(volumes.iter().cloned());
+        probes = superblocks(&devices);
+    }
+    let fstype_of = |dev: &str| probes.iter().find(|p| p.dev == dev).and_then(|p| p.tag("TYPE")).map(str::to_owned);
+    let mut blkid_done = false;
+
+    let mut root = None;
+    for dev in candidates(env.root_rule.as_deref(), &env.disk, &partitions, &volumes) {
+        if !is_block_device(Path::new(&dev)) {
+            continue;
+        }
+        let Some(fstype) = fstype_of(&dev).filter(|t| matches!(t.as_str(), "ext2" | "ext3" | "ext4" | "xfs")) else {
+            continue;
+        };
+        load_modules(&[module_for(&fstype).unwrap_or_default()]);
+        if mount(&dev, &env.target, &fstype, env.read_only).is_ok() {
+            if looks_like_root(&env.target) {
+                root = Some((dev, fstype));
+                break;
+            }
+            let _ = unmount(&env.target);
+        }
+    }
+    let Some((root, fstype)) = root else {
+        return Err(format!(
+            "no root filesystem found on {} (looked for ext2/3/4 or xfs holding /etc and /bin/sh{})",
+            env.disk,
+            env.root_rule.as_deref().map(|r| format!(" on {r}")).unwrap_or_default()
+        ));
+    };
+    record_mount(&mounts, &env.target)?;
+    println!("guest root: {root} ({fstype})");
+    std::fs::write(env.state.join("root-device"), format!("{root}\n"))
+        .map_err(|e| format!("cannot record the root device: {e}"))?;
+
+    let guest = GuestRoot::open(&env.target)
+        .map_err(|e| format!("cannot open the guest root {}: {e}", env.target.display()))?;
+    if let Ok(fstab) = guest.read_to_string("/etc/fstab") {
+        for entry in parse_fstab(&fstab) {
+            load_modules(&[module_for(&entry.fstype).unwrap_or_default()]);
+            let mut found = resolve_spec(&entry.spec, &probes);
+            if found.is_none() && !blkid_done {
+                probes = blkid(&devices);
+                blkid_done = true;
+                found = resolve_spec(&entry.spec, &probes);
+            }
+            let Some(dev) = found else {
+                if entry.options.split(',').any(|o| o == "nofail" || o == "noauto") {
+                    continue;
+                }
+                return Err(format!(
+                    "fstab lists {} on {}, but no such device is on the disk",
+                    entry.spec, entry.mount_point
+                ));
+            };
+            if dev == root {
+                continue;
+            }
+            let where_ = guest
+                .resolve(&entry.mount_point)
+                .map_err(|_| format!("fstab mount point {} does not exist in the guest", entry.mount_point))?;
+            mount(&dev, &where_, &entry.fstype, env.read_only).map_err(|e| {
+                format!("cannot mount {dev} ({}) on {} from the guest's fstab: {e}", entry.fstype, entry.mount_point)
+            })?;
+            record_mount(&mounts, &where_)?;
+            println!("mounted {dev} on {}", entry.mount_point);
+        }
+    }
+
+    // What chrooted commands expect; never on a symlink (resolved inside the guest).
+    for (fs, source, fstype) in
+        [("/dev", "/dev", None), ("/proc", "proc", Some("proc")), ("/sys", "sysfs", Some("sysfs"))]
+    {
+        let Ok(where_) = guest.resolve(fs) else { continue };
+        if !where_.is_dir() {
+            continue;
+        }
+        let done = match fstype {
+            None => bind(source, &where_),
+            Some(t) => mount(source, &where_, t, false),
+        };
+        if done.is_ok() {
+            record_mount(&mounts, &where_)?;
+        }
+    }
+    Ok(())
+}
+
+/// The disk's partitions (`/dev/vdaN`) with their sizes in sectors, from sysfs.
+fn partitions(disk_name: &str) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/sys/block/{disk_name}")) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(disk_name) || name == disk_name {
+                return None;
+            }
+            let size = std::fs::read_to_string(e.path().join("size")).ok()?.trim().parse().ok()?;
+            Some((format!("/dev/{name}"), size))
+        })
+        .collect()
+}
+
+/// Active LVM volumes (`/dev/mapper/*` but the control node).
+fn mapper_volumes() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/dev/mapper") else { return Vec::new() };
+    let mut out: Vec<String> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n != "control") && is_block_device(p))
+        .map(|p| p.display().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+/// TYPE, UUID and LABEL of each device from its first bytes.
+fn superblocks(devices: &[String]) -> Vec<Probe> {
+    devices
+        .iter()
+        .map(|dev| {
+            let mut head = Vec::with_capacity(PROBE_BYTES);
+            let _ = std::fs::File::open(dev).and_then(|f| f.take(PROBE_BYTES as u64).read_to_end(&mut head));
+            let mut tags = HashMap::new();
+            if let Some(fs) = filesystems::detect(&head) {
+                tags.insert("TYPE".to_owned(), fs.kind.to_owned());
+                tags.extend(fs.uuid.map(|u| ("UUID".to_owned(), u)));
+                tags.extend(fs.label.map(|l| ("LABEL".to_owned(), l)));
+            }
+            Probe { dev: dev.clone(), tags }
+        })
+        .collect()
+}
+
+/// One blkid call for every device (each process costs under TCG).
+fn blkid(devices: &[String]) -> Vec<Probe> {
+    // blkid exits 2 when some device has no filesystem: the output is still right.
+    match Command::new("blkid").args(["-o", "export"]).args(devices).output() {
+        Ok(out) => parse_blkid_export(&String::from_utf8_lossy(&out.stdout)),
+        Err(e) => {
+            println!("WARNING: cannot run blkid: {e}");
+            Vec::new()
+        }
+    }
+}
+
+fn load_modules(names: &[&str]) {
+    let names: Vec<String> = names.iter().filter(|n| !n.is_empty()).map(|n| (*n).to_owned()).collect();
+    for failure in kmod::load_modules(&names) {
+        println!("WARNING: {failure}");
+    }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+fn looks_like_root(target: &Path) -> bool {
+    let etc = std::fs::symlink_metadata(target.join("etc"));
+    etc.is_ok_and(|m| m.is_dir()) && std::fs::symlink_metadata(target.join("bin/sh")).is_ok()
+}
+
+fn record_mount(mounts: &Path, where_: &Path) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(mounts)
+        .and_then(|mut f| writeln!(f, "{}", where_.display()))
+        .map_err(|e| format!("cannot record a mount in {}: {e}", mounts.display()))
+}
+
+fn cstring(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+fn path_cstring(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default()
+}
+
+fn mount(source: &str, target: &Path, fstype: &str, read_only: bool) -> std::io::Result<()> {
+    mount_flags(source, target, fstype, if read_only { libc::MS_RDONLY } else { 0 })
+}
+
+fn bind(source: &str, target: &Path) -> std::io::Result<()> {
+    mount_flags(source, target, "", libc::MS_BIND)
+}
+
+fn mount_flags(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) -> std::io::Result<()> {
+    let (source, target, fstype) = (cstring(source), path_cstring(target), cstring(fstype));
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call; no data argument.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn unmount(target: &Path) -> std::io::Result<()> {
+    let target = path_cstring(target);
+    // SAFETY: a NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::umount(target.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLKID: &str =
+        "DEVNAME=/dev/vda1\nUUID=1111-2222\nBLOCK_SIZE=512\nTYPE=vfat\nPARTLABEL=EFI\nPARTUUID=aaaa\n\n\
+DEVNAME=/dev/vda2\nUUID=8c1a\nTYPE=ext4\nPARTUUID=bbbb\n\nDEVNAME=/dev/vda3\nLABEL=root fs\nTYPE=xfs\n";
+
+    #[test]
+    fn blkid_export_and_fstab_specs() {
+        let probes = parse_blkid_export(BLKID);
+        assert_eq!(probes.len(), 3);
+        assert_eq!(probes[2].tag("LABEL"), Some("root fs"));
+        let cases = [
+            ("UUID=1111-2222", Some("/dev/vda1")),
+            ("UUID=\"8c1a\"", Some("/dev/vda2")),
+            ("PARTUUID=bbbb", Some("/dev/vda2")),
+            ("PARTLABEL=EFI", Some("/dev/vda1")),
+            ("/dev/disk/by-uuid/8c1a", Some("/dev/vda2")),
+            ("/dev/disk/by-partuuid/aaaa", Some("/dev/vda1")),
+            ("UUID=none", None),
+            ("/dev/sda1", None),
+            ("/dev/mapper/vg-nonexistent", None),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(resolve_spec(spec, &probes).as_deref(), want, "{spec}");
+        }
+    }
+
+    #[test]
+    fn fstab_entries_shallow_first() {
+        let text = "# c\nUUID=a / ext4 defaults 0 1\nUUID=c /boot/efi vfat umask=077 0 1\nUUID=b /boot ext4 defaults 0 2\n\
+UUID=d none swap sw 0 0\nproc /proc proc defaults 0 0\nUUID=e /srv btrfs defaults 0 0\nUUID=f /data xfs nofail\nshort line\n";
+        let got: Vec<(String, String)> = parse_fstab(text).into_iter().map(|e| (e.mount_point, e.options)).collect();
+        let want = [("/boot", "defaults"), ("/data", "nofail"), ("/boot/efi", "umask=077")];
+        assert_eq!(got, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    }
+
+    #[test]
+    fn root_candidates() {
+        let parts =
+            vec![("/dev/vda1".to_owned(), 2048), ("/dev/vda2".to_owned(), 900_000), ("/dev/vda3".to_owned(), 4096)];
+        let lv = vec!["/dev/mapper/vg-root".to_owned()];
+        assert_eq!(
+            candidates(None, "/dev/vda", &parts, &lv),
+            ["/dev/vda2", "/dev/vda3", "/dev/vda1", "/dev/mapper/vg-root"]
+        );
+        assert_eq!(candidates(None, "/dev/vda", &[], &[]), ["/dev/vda"]);
+        assert_eq!(candidates(Some("/dev/vda3"), "/dev/vda", &parts, &lv), ["/dev/vda3"]);
+        assert_eq!(candidates(Some(""), "/dev/vda", &[], &[]), ["/dev/vda"]);
+    }
+}
