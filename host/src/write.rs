@@ -211,11 +211,16 @@ fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &Ato
         }
         Format::Qemu(qemu_format) => {
             verify_file_sha(path, &req.sha256, cancel)?;
-            crate::qemu_img::convert(req, path, qemu_format, progress, cancel).map(|bytes| Written {
-                format,
-                bytes,
-                bare_filesystem: false,
-            })
+            let image = crate::qemu_source::open(path, qemu_format, req.backing_file.as_deref())?;
+            let size = image.info.virtual_size;
+            progress.image_info(
+                serde_json::json!({"source": name, "format": qemu_format, "size": size, "target": req.target}),
+            );
+            let dest = open_destination(req, Some(size), Some(path))?;
+            let mut r = stream::Stream(image.into_reader());
+            let opts = stream_options(name.clone(), Some(size), &report, cancel);
+            let stats = stream::copy(&mut r, dest, &opts).map_err(|e| decode_failure(e, &name, format))?;
+            Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Squashfs => {
             verify_file_sha(path, &req.sha256, cancel)?;

@@ -36,40 +36,12 @@ impl ReadAt for RawAt {
     }
 }
 
-/// A qemu-format image read through `qemu-img dd` (explicit `-f`, never probed).
-struct QemuAt {
-    path: PathBuf,
-    format: &'static str,
-}
+/// A qemu-format image read from the confined qemu that serves it.
+struct QemuAt(crate::qemu_source::QemuImage);
 
 impl ReadAt for QemuAt {
     fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        let tmp = tempfile::NamedTempFile::new()?;
-        // qemu-img dd counts `count` from the start of the image, skipped blocks included.
-        let (skip, count) = (offset / SECTOR, offset / SECTOR + (len as u64).div_ceil(SECTOR));
-        let out = duct::cmd!(
-            "qemu-img",
-            "dd",
-            "-f",
-            self.format,
-            "-O",
-            "raw",
-            "bs=512",
-            format!("skip={skip}"),
-            format!("count={count}"),
-            format!("if={}", self.path.display()),
-            format!("of={}", tmp.path().display())
-        )
-        .stderr_capture()
-        .stdout_null()
-        .unchecked()
-        .run()?;
-        if !out.status.success() {
-            return Err(std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-        }
-        let mut data = std::fs::read(tmp.path())?;
-        data.truncate(len);
-        Ok(data)
+        self.0.read_at(offset, len)
     }
 }
 
@@ -218,9 +190,9 @@ pub fn inspect(path: &Path) -> Result<Report, Failure> {
             scan(&mut RawAt(std::fs::File::open(path).map_err(io)?)).map_err(corrupt)?
         }
         Format::Qemu(f) => {
-            let info = crate::qemu_img::info(path, f)?;
-            report.virtual_size = Some(info.virtual_size);
-            scan(&mut QemuAt { path: path.to_owned(), format: f }).map_err(corrupt)?
+            let image = crate::qemu_source::open(path, f, None)?;
+            report.virtual_size = Some(image.info.virtual_size);
+            scan(&mut QemuAt(image)).map_err(corrupt)?
         }
         Format::Gzip | Format::Xz | Format::Zstd => {
             report.virtual_size = source::uncompressed_size(format, path);

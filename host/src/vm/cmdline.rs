@@ -8,6 +8,10 @@
 
 use super::accel::Accel;
 
+/// qemu's seccomp sandbox: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler
+/// or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Disk image format given to qemu explicitly (never probed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
@@ -102,7 +106,7 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
     ]);
     push(&["-machine", "pc", "-accel", c.accel.qemu_name(), "-cpu", c.accel.cpu_model()]);
     push(&["-m", &c.memory_mib.to_string(), "-smp", "1"]);
-    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    push(&["-sandbox", SANDBOX]);
     push(&["-kernel", &format!("/proc/self/fd/{}", c.kernel_fd), "-initrd", &format!("/proc/self/fd/{}", c.initrd_fd)]);
     push(&["-append", &c.kernel_cmdline]);
 

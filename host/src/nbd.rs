@@ -1,0 +1,298 @@
+//! A minimal NBD client (fixed newstyle handshake, `NBD_OPT_GO`, simple replies): how the host
+//! reads a qemu-format image that only the confined qemu parses ([`crate::qemu_source`]).
+//! Every length and size the server sends is checked before use.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+const NBDMAGIC: &[u8; 8] = b"NBDMAGIC";
+const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const OPT_GO: u32 = 7;
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const REP_ERROR_BIT: u32 = 1 << 31;
+const INFO_EXPORT: u16 = 0;
+const CMD_READ: u16 = 0;
+const CMD_DISC: u16 = 2;
+/// Longest option reply accepted (qemu's are a few dozen bytes, error texts a few hundred).
+const MAX_OPTION_REPLY: u32 = 64 * 1024;
+/// Longest read asked for in one request (qemu serves up to 32 MiB).
+pub const MAX_READ: usize = 4 << 20;
+
+/// What can go wrong talking NBD.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// The socket failed.
+    #[error("NBD connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server broke the protocol.
+    #[error("NBD server sent {0}")]
+    Protocol(String),
+    /// The server refused the export.
+    #[error("NBD server refused the export: {0}")]
+    Refused(String),
+    /// A read failed on the server (the image is damaged, or its file is short).
+    #[error("reading {len} bytes at offset {offset} failed on the NBD server (errno {errno})")]
+    Read { offset: u64, len: usize, errno: u32 },
+}
+
+/// A connected client in the transmission phase.
+pub struct Client {
+    stream: UnixStream,
+    size: u64,
+    handle: u64,
+}
+
+fn u16_be(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn u32_be(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
+}
+fn u64_be(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+/// Checks the server's greeting (18 bytes); returns its handshake flags (pure).
+pub fn parse_greeting(b: &[u8; 18]) -> Result<u16, NbdError> {
+    if &b[..8] != NBDMAGIC || &b[8..16] != IHAVEOPT {
+        return Err(NbdError::Protocol("a greeting that is not fixed-newstyle NBD".into()));
+    }
+    let flags = u16_be(&b[16..]);
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(NbdError::Protocol("no fixed-newstyle support".into()));
+    }
+    Ok(flags)
+}
+
+/// One option reply header (20 bytes): (option, reply type, payload length) (pure).
+pub fn parse_option_reply(b: &[u8; 20]) -> Result<(u32, u32, u32), NbdError> {
+    if u64_be(b) != OPT_REPLY_MAGIC {
+        return Err(NbdError::Protocol("an option reply with a bad magic".into()));
+    }
+    let (option, kind, len) = (u32_be(&b[8..]), u32_be(&b[12..]), u32_be(&b[16..]));
+    if len > MAX_OPTION_REPLY {
+        return Err(NbdError::Protocol(format!("an option reply of {len} bytes")));
+    }
+    Ok((option, kind, len))
+}
+
+/// The export size in an `NBD_REP_INFO` payload, if it is `NBD_INFO_EXPORT` (pure).
+pub fn parse_info_export(payload: &[u8]) -> Option<u64> {
+    (payload.len() >= 12 && u16_be(payload) == INFO_EXPORT).then(|| u64_be(&payload[2..]))
+}
+
+/// A simple reply header (16 bytes): (errno, handle) (pure).
+pub fn parse_simple_reply(b: &[u8; 16]) -> Result<(u32, u64), NbdError> {
+    if u32_be(b) != SIMPLE_REPLY_MAGIC {
+        return Err(NbdError::Protocol("a reply with a bad magic".into()));
+    }
+    Ok((u32_be(&b[4..]), u64_be(&b[8..])))
+}
+
+impl Client {
+    /// Connects to the server listening on `socket` and opens `export`.
+    pub fn connect(socket: &Path, export: &str) -> Result<Client, NbdError> {
+        let mut stream = UnixStream::connect(socket)?;
+        let mut greeting = [0u8; 18];
+        stream.read_exact(&mut greeting)?;
+        parse_greeting(&greeting)?;
+        stream.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+        let name = export.as_bytes();
+        let mut opt = Vec::with_capacity(16 + 6 + name.len());
+        opt.extend_from_slice(IHAVEOPT);
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        opt.extend_from_slice(name);
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        stream.write_all(&opt)?;
+        let mut size = None;
+        loop {
+            let mut header = [0u8; 20];
+            stream.read_exact(&mut header)?;
+            let (option, kind, len) = parse_option_reply(&header)?;
+            let mut payload = vec![0u8; len as usize];
+            stream.read_exact(&mut payload)?;
+            if option != OPT_GO {
+                return Err(NbdError::Protocol(format!("a reply to option {option}, not to NBD_OPT_GO")));
+            }
+            match kind {
+                REP_ACK => break,
+                REP_INFO => size = size.or(parse_info_export(&payload)),
+                k if k & REP_ERROR_BIT != 0 => return Err(NbdError::Refused(String::from_utf8_lossy(&payload).into())),
+                _ => {}
+            }
+        }
+        let size = size.ok_or_else(|| NbdError::Protocol("no export size".into()))?;
+        Ok(Client { stream, size, handle: 0 })
+    }
+
+    /// Size of the export in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Fills `buf` from `offset` (at most [`MAX_READ`] bytes, within the export).
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+        let len = buf.len();
+        if len > MAX_READ || offset.checked_add(len as u64).is_none_or(|end| end > self.size) {
+            return Err(NbdError::Protocol(format!("a request for {len} bytes at {offset} was about to be sent")));
+        }
+        self.handle += 1;
+        let mut req = Vec::with_capacity(28);
+        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&CMD_READ.to_be_bytes());
+        req.extend_from_slice(&self.handle.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&(len as u32).to_be_bytes());
+        self.stream.write_all(&req)?;
+        let mut header = [0u8; 16];
+        self.stream.read_exact(&mut header)?;
+        let (errno, handle) = parse_simple_reply(&header)?;
+        if handle != self.handle {
+            return Err(NbdError::Protocol(format!("a reply to request {handle}, not {}", self.handle)));
+        }
+        if errno != 0 {
+            return Err(NbdError::Read { offset, len, errno });
+        }
+        self.stream.read_exact(buf)?;
+        Ok(())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut req = Vec::with_capacity(28);
+        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&CMD_DISC.to_be_bytes());
+        req.extend_from_slice(&[0u8; 20]);
+        let _ = self.stream.write_all(&req);
+    }
+}
+
+/// The export read front to back, [`MAX_READ`] bytes per request.
+pub struct Reader {
+    client: Client,
+    pos: u64,
+}
+
+impl Reader {
+    /// Reads `client`'s export from the start.
+    pub fn new(client: Client) -> Reader {
+        Reader { client, pos: 0 }
+    }
+}
+
+impl Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.client.size().saturating_sub(self.pos);
+        let n = buf.len().min(MAX_READ).min(usize::try_from(left).unwrap_or(usize::MAX));
+        if n == 0 {
+            return Ok(0);
+        }
+        self.client.read_at(self.pos, &mut buf[..n]).map_err(std::io::Error::other)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that speaks just enough NBD for one export of `data`, in a thread.
+    fn serve(data: Vec<u8>, fail_at: Option<u64>) -> (tempfile::TempDir, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
+            let mut flags = [0u8; 4];
+            s.read_exact(&mut flags).unwrap();
+            let mut head = [0u8; 16];
+            s.read_exact(&mut head).unwrap();
+            let mut body = vec![0u8; u32_be(&head[12..]) as usize];
+            s.read_exact(&mut body).unwrap();
+            let reply = |s: &mut UnixStream, kind: u32, payload: &[u8]| {
+                let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                r.extend_from_slice(&OPT_GO.to_be_bytes());
+                r.extend_from_slice(&kind.to_be_bytes());
+                r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                r.extend_from_slice(payload);
+                s.write_all(&r).unwrap();
+            };
+            let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+            info.extend_from_slice(&(data.len() as u64).to_be_bytes());
+            info.extend_from_slice(&1u16.to_be_bytes());
+            reply(&mut s, REP_INFO, &info);
+            reply(&mut s, REP_ACK, &[]);
+            loop {
+                let mut req = [0u8; 28];
+                if s.read_exact(&mut req).is_err() || u16_be(&req[6..]) == CMD_DISC {
+                    return;
+                }
+                let (handle, offset, len) = (u64_be(&req[8..]), u64_be(&req[16..]), u32_be(&req[24..]) as usize);
+                let errno = u32::from(fail_at.is_some_and(|f| (offset..offset + len as u64).contains(&f))) * 5;
+                let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                r.extend_from_slice(&errno.to_be_bytes());
+                r.extend_from_slice(&handle.to_be_bytes());
+                if errno == 0 {
+                    r.extend_from_slice(&data[offset as usize..offset as usize + len]);
+                }
+                s.write_all(&r).unwrap();
+            }
+        });
+        (dir, t)
+    }
+
+    #[test]
+    fn reads_an_export_front_to_back() {
+        let data: Vec<u8> = (0..(MAX_READ + 12345) as u32).map(|i| (i % 251) as u8).collect();
+        let (dir, t) = serve(data.clone(), None);
+        let client = Client::connect(&dir.path().join("s"), "src").unwrap();
+        assert_eq!(client.size(), data.len() as u64);
+        let mut got = Vec::new();
+        Reader::new(client).read_to_end(&mut got).unwrap();
+        assert!(got == data);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_read_names_the_offset() {
+        let (dir, t) = serve(vec![1u8; 8192], Some(5000));
+        let mut client = Client::connect(&dir.path().join("s"), "src").unwrap();
+        let mut buf = [0u8; 4096];
+        client.read_at(0, &mut buf).unwrap();
+        let err = client.read_at(4096, &mut buf).unwrap_err();
+        assert!(err.to_string().contains("offset 4096"), "{err}");
+        assert!(client.read_at(8000, &mut buf).is_err(), "past the end is never requested");
+        drop(client);
+        t.join().unwrap();
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let mut g = [0u8; 18];
+            let mut o = [0u8; 20];
+            let mut r = [0u8; 16];
+            for (dst, src) in [(&mut g[..], &bytes), (&mut o[..], &bytes), (&mut r[..], &bytes)] {
+                let n = dst.len().min(src.len());
+                dst[..n].copy_from_slice(&src[..n]);
+            }
+            let _ = parse_greeting(&g);
+            let _ = parse_option_reply(&o);
+            let _ = parse_simple_reply(&r);
+            let _ = parse_info_export(&bytes);
+        }
+    }
+}
