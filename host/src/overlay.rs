@@ -2,7 +2,10 @@
 //! overlay is committed into the disk only after the helper reported success. Any failure
 //! (task error, timeout, crash, interrupt) just drops the overlay: the disk was only ever read.
 
+use crate::vm::blockdev_qemu::BlockdevQemu;
 use crate::vm::cmdline::DiskFormat;
+use serde_json::json;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -18,7 +21,7 @@ pub enum OverlayError {
         /// Why.
         reason: String,
     },
-    /// `qemu-img commit` failed: the disk may be partly updated.
+    /// The commit failed: the disk may be partly updated.
     #[error("committing the changes into {disk} failed: {reason}")]
     Commit {
         /// The disk.
@@ -33,6 +36,7 @@ pub struct Overlay {
     /// The overlay file.
     pub path: PathBuf,
     disk: PathBuf,
+    format: DiskFormat,
 }
 
 impl Overlay {
@@ -60,23 +64,54 @@ impl Overlay {
         .stdout_null()
         .run()
         .map_err(|e| OverlayError::Create { path: path.clone(), reason: e.to_string() })?;
-        Ok(Self { path, disk })
+        Ok(Self { path, disk, format })
     }
 
-    /// Writes the overlay's changes into the disk; returns how long it took.
+    /// Writes the overlay's changes into the disk; returns how long it took. The commit runs in
+    /// a confined qemu ([`BlockdevQemu`]): the overlay was written by the helper VM's qemu and the
+    /// disk may be the user's qcow2, so neither is parsed by a qemu running as root.
     pub fn commit(&self) -> Result<Duration, OverlayError> {
         let started = Instant::now();
-        let out = duct::cmd!("qemu-img", "commit", "-q", "-f", "qcow2", "-d", &self.path)
-            .stderr_capture()
-            .stdout_null()
-            .unchecked()
-            .run()
-            .map_err(|e| OverlayError::Commit { disk: self.disk.clone(), reason: e.to_string() })?;
-        if !out.status.success() {
-            return Err(OverlayError::Commit {
-                disk: self.disk.clone(),
-                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
+        let err = |reason: String| OverlayError::Commit { disk: self.disk.clone(), reason };
+        let open_rw = |p: &Path| {
+            std::fs::OpenOptions::new().read(true).write(true).open(p).map_err(|e| err(format!("{}: {e}", p.display())))
+        };
+        let (disk, overlay) = (open_rw(&self.disk)?, open_rw(&self.path)?);
+        let blockdevs = [
+            json!({"driver": "file", "node-name": "disk-file", "filename": "/dev/fdset/1"}),
+            json!({"driver": self.format.as_str(), "node-name": "disk", "file": "disk-file"}),
+            json!({"driver": "file", "node-name": "overlay-file", "filename": "/dev/fdset/2"}),
+            json!({"driver": "qcow2", "node-name": "overlay", "file": "overlay-file", "backing": "disk"}),
+        ];
+        let fdsets = [(1, disk.as_raw_fd(), "disk"), (2, overlay.as_raw_fd(), "overlay")];
+        let started_qemu = BlockdevQemu::start(&fdsets, &blockdevs);
+        drop((disk, overlay));
+        let mut qemu = started_qemu.map_err(err)?;
+        // The overlay is the active layer: its commit is a mirror that reports ready, is told
+        // to complete, then completes (or reports the error).
+        let mut run = || -> Result<(), String> {
+            let job = json!({"execute": "block-commit", "arguments": {"job-id": "commit", "device": "overlay"}});
+            qemu.qmp.execute(&job)?;
+            loop {
+                let event = qemu.qmp.next_event()?;
+                match event["event"].as_str() {
+                    Some("BLOCK_JOB_READY") => {
+                        qemu.qmp.execute(&json!({"execute": "job-complete", "arguments": {"id": "commit"}}))?;
+                    }
+                    Some("BLOCK_JOB_COMPLETED") => {
+                        return match event["data"]["error"].as_str() {
+                            Some(e) => Err(e.to_owned()),
+                            None => Ok(()),
+                        };
+                    }
+                    Some("BLOCK_JOB_CANCELLED") => return Err("the commit job was cancelled".into()),
+                    _ => {}
+                }
+            }
+        };
+        match run() {
+            Ok(()) => qemu.quit().map_err(err)?,
+            Err(e) => return Err(err(qemu.failure(e))),
         }
         Ok(started.elapsed())
     }

@@ -9,20 +9,11 @@
 use crate::exit::Failure;
 use crate::nbd;
 use crate::source::SourceError;
-use crate::vm::privilege::{self, Unprivileged};
+use crate::vm::blockdev_qemu::BlockdevQemu;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-/// How long qemu may take to answer one QMP command (opening a large image included).
-const QMP_TIMEOUT: Duration = Duration::from_secs(60);
-/// The qemu that serves images (the helper VM's, without a machine).
-const QEMU: &str = "qemu-system-x86_64";
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 /// The NBD export's name.
 const EXPORT: &str = "src";
 /// Formats whose qemu driver takes a `backing` option.
@@ -37,22 +28,9 @@ pub struct Info {
     pub backing_file: Option<String>,
 }
 
-/// The confined qemu serving one image; stopped when dropped.
-struct Server {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// An image served by a confined qemu, readable as a raw disk.
 pub struct QemuImage {
-    server: Server,
+    server: BlockdevQemu,
     client: nbd::Client,
     /// What qemu found.
     pub info: Info,
@@ -60,7 +38,7 @@ pub struct QemuImage {
 
 /// The raw disk of a [`QemuImage`], front to back.
 pub struct QemuReader {
-    _server: Server,
+    _server: BlockdevQemu,
     inner: nbd::Reader,
 }
 
@@ -103,70 +81,34 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
         Some(b) => Some((std::fs::File::open(b).map_err(io)?, backing_format(b).map_err(io)?)),
         None => None,
     };
-    let user = privilege::for_this_process(privilege::DEFAULT_HELPER_USER)
-        .map_err(|e| Failure::environment(format!("cannot run qemu unprivileged: {e}")))?;
-    let dir = tempfile::Builder::new()
-        .prefix("imgforge-qemu-")
-        .tempdir()
-        .map_err(|e| Failure::environment(format!("cannot create a private directory for qemu's sockets: {e}")))?;
-    let qmp_path = dir.path().join("qmp.sock");
-    let nbd_path = dir.path().join("nbd.sock");
-    let listen = |p: &Path| {
-        UnixListener::bind(p).map_err(|e| Failure::environment(format!("cannot listen on {}: {e}", p.display())))
-    };
-    let qmp_listener = listen(&qmp_path)?;
-    let nbd_listener = listen(&nbd_path)?;
-
-    let mut args = vec![
-        "-machine".to_owned(),
-        "none".into(),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-display".into(),
-        "none".into(),
-        "-sandbox".into(),
-        crate::vm::cmdline::SANDBOX.into(),
-        "-add-fd".into(),
-        format!("fd={},set=1,opaque=source", image.as_raw_fd()),
-        "-blockdev".into(),
-        json!({"driver": "file", "node-name": "src-file", "filename": "/dev/fdset/1", "read-only": true}).to_string(),
-    ];
+    let mut fdsets = vec![(1, image.as_raw_fd(), "source")];
+    let mut blockdevs =
+        vec![json!({"driver": "file", "node-name": "src-file", "filename": "/dev/fdset/1", "read-only": true})];
     let mut source = json!({"driver": format, "node-name": "src", "file": "src-file", "read-only": true});
     if let Some((file, fmt)) = &backing {
-        args.extend(["-add-fd".into(), format!("fd={},set=2,opaque=backing", file.as_raw_fd())]);
-        let file_node =
-            json!({"driver": "file", "node-name": "backing-file", "filename": "/dev/fdset/2", "read-only": true});
-        args.extend(["-blockdev".into(), file_node.to_string()]);
+        fdsets.push((2, file.as_raw_fd(), "backing"));
+        blockdevs.push(
+            json!({"driver": "file", "node-name": "backing-file", "filename": "/dev/fdset/2", "read-only": true}),
+        );
         let mut node = json!({"driver": fmt, "node-name": "backing", "file": "backing-file", "read-only": true});
         if WITH_BACKING.contains(fmt) {
             node["backing"] = Value::Null;
         }
-        args.extend(["-blockdev".into(), node.to_string()]);
+        blockdevs.push(node);
         source["backing"] = json!("backing");
     } else if WITH_BACKING.contains(&format) {
         // Never a file named inside the image.
         source["backing"] = Value::Null;
     }
-    args.extend(["-blockdev".into(), source.to_string()]);
-    args.extend([
-        "-chardev".into(),
-        format!("socket,id=qmp,fd={},server=on,wait=off", qmp_listener.as_raw_fd()),
-        "-mon".into(),
-        "chardev=qmp,mode=control".into(),
-    ]);
-    let mut inherited: Vec<RawFd> = vec![image.as_raw_fd(), qmp_listener.as_raw_fd()];
-    inherited.extend(backing.as_ref().map(|(f, _)| f.as_raw_fd()));
-    let child = spawn(&args, &inherited, user)?;
-    // qemu holds its own copies: if it dies, connecting fails instead of waiting forever.
-    drop((qmp_listener, image, backing));
-    let mut server = Server { child, _dir: dir };
-
-    let mut qmp = match Qmp::connect(&qmp_path) {
-        Ok(q) => q,
-        Err(e) => return Err(qemu_failure(&mut server, &name, format, &e)),
-    };
+    blockdevs.push(source);
+    let opened = BlockdevQemu::start(&fdsets, &blockdevs);
+    drop((image, backing));
+    let mut server = opened.map_err(|e| refuse(format!("qemu cannot read it as {format}: {e}")))?;
+    let nbd_path = server.socket_path("nbd.sock");
+    let nbd_listener = UnixListener::bind(&nbd_path)
+        .map_err(|e| Failure::environment(format!("cannot listen on {}: {e}", nbd_path.display())))?;
+    let qmp = &mut server.qmp;
     let setup = (|| -> Result<Value, String> {
-        qmp.execute(&json!({"execute": "qmp_capabilities"}))?;
         qmp.send_fd(&json!({"execute": "getfd", "arguments": {"fdname": "nbd"}}), nbd_listener.as_raw_fd())?;
         qmp.execute(
             &json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "fd", "data": {"str": "nbd"}}}}),
@@ -175,8 +117,8 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
         qmp.execute(&json!({"execute": "query-named-block-nodes", "arguments": {"flat": true}}))
     })();
     drop(nbd_listener);
-    let nodes = setup.map_err(|e| qemu_failure(&mut server, &name, format, &e))?;
-    let info = parse_nodes(&nodes).map_err(|e| qemu_failure(&mut server, &name, format, &e))?;
+    let nodes = setup.map_err(|e| refuse(format!("qemu cannot read it as {format}: {}", server.failure(e))))?;
+    let info = parse_nodes(&nodes).map_err(|e| refuse(format!("qemu cannot read it as {format}: {e}")))?;
     if let Some(backing) = &info.backing_file {
         let allowed = allowed_backing.is_some_and(|b| {
             Path::new(backing) == b || std::fs::canonicalize(b).ok() == std::fs::canonicalize(backing).ok()
@@ -207,120 +149,6 @@ pub fn parse_nodes(nodes: &Value) -> Result<Info, String> {
     let virtual_size = image["virtual-size"].as_u64().ok_or("qemu reports no virtual size")?;
     let backing_file = image["backing-filename"].as_str().map(String::from);
     Ok(Info { virtual_size, backing_file })
-}
-
-/// A failure while qemu opened the image: its stderr says why (a damaged image, mostly).
-fn qemu_failure(server: &mut Server, name: &str, format: &str, detail: &str) -> Failure {
-    let _ = server.child.kill();
-    let _ = server.child.wait();
-    let mut stderr = String::new();
-    if let Some(mut e) = server.child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-    }
-    let why = if stderr.trim().is_empty() { detail.to_owned() } else { stderr.trim().to_owned() };
-    SourceError::Unsupported { name: name.to_owned(), reason: format!("qemu cannot read it as {format}: {why}") }.into()
-}
-
-fn spawn(args: &[String], inherited: &[RawFd], user: Option<Unprivileged>) -> Result<Child, Failure> {
-    let qemu = PathBuf::from(QEMU);
-    let inherited = inherited.to_vec();
-    let mut command = Command::new(&qemu);
-    command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe syscalls run between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            libc::setsid();
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            for fd in &inherited {
-                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if let Some(u) = &user {
-                privilege::drop_to(u, &[])?;
-            }
-            Ok(())
-        });
-    }
-    command
-        .spawn()
-        .map_err(|e| Failure::environment(format!("cannot start {} (install qemu-system-x86): {e}", qemu.display())))
-}
-
-/// A QMP connection speaking plain JSON lines (the commands used here exist in qemu 7.2 to 10).
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, String> {
-        let stream = UnixStream::connect(path).map_err(|e| format!("QMP: {e}"))?;
-        stream.set_read_timeout(Some(QMP_TIMEOUT)).map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut qmp = Qmp { reader: BufReader::new(stream), writer };
-        qmp.answer()?; // The greeting.
-        Ok(qmp)
-    }
-
-    /// The next line that is not an event.
-    fn answer(&mut self) -> Result<Value, String> {
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) => return Err("qemu closed its QMP connection".into()),
-                Ok(_) => {}
-                Err(e) => return Err(format!("QMP: {e}")),
-            }
-            let v: Value = serde_json::from_str(&line).map_err(|e| format!("QMP sent invalid JSON: {e}"))?;
-            if v.get("event").is_none() {
-                return Ok(v);
-            }
-        }
-    }
-
-    fn result(&mut self) -> Result<Value, String> {
-        let v = self.answer()?;
-        if let Some(e) = v.get("error") {
-            return Err(e["desc"].as_str().unwrap_or("QMP error").to_owned());
-        }
-        Ok(v["return"].clone())
-    }
-
-    fn execute(&mut self, command: &Value) -> Result<Value, String> {
-        self.writer.write_all(format!("{command}\n").as_bytes()).map_err(|e| format!("QMP: {e}"))?;
-        self.result()
-    }
-
-    /// Sends `command` with `fd` attached (SCM_RIGHTS), as `getfd` wants.
-    fn send_fd(&mut self, command: &Value, fd: RawFd) -> Result<Value, String> {
-        let text = format!("{command}\n");
-        let mut iov = libc::iovec { iov_base: text.as_ptr() as *mut libc::c_void, iov_len: text.len() };
-        // SAFETY: CMSG_SPACE/CMSG_LEN are pure computations.
-        let (space, cmsg_len) = unsafe {
-            (libc::CMSG_SPACE(size_of::<RawFd>() as u32) as usize, libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize)
-        };
-        let mut control = vec![0u8; space];
-        // SAFETY: msghdr is plain data; every pointer in it is valid for the sendmsg call, and the
-        // control buffer is CMSG_SPACE bytes, room for one header and one descriptor.
-        let sent = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-            msg.msg_controllen = space;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = cmsg_len;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
-            libc::sendmsg(self.writer.as_raw_fd(), &msg, 0)
-        };
-        if sent != text.len() as isize {
-            return Err(format!("QMP: cannot pass a descriptor: {}", std::io::Error::last_os_error()));
-        }
-        self.result()
-    }
 }
 
 #[cfg(test)]

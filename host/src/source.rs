@@ -173,45 +173,6 @@ pub fn read_header(path: &Path) -> Result<Vec<u8>, SourceError> {
     Ok(header)
 }
 
-/// A decompressing reader for a compressed format.
-pub fn decompressor<'a, R: Read + Send + 'a>(format: Format, inner: R) -> Box<dyn Read + Send + 'a> {
-    match format {
-        Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, inner))),
-        Format::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::with_capacity(1 << 20, inner))),
-        Format::Zstd => match zstd::stream::read::Decoder::new(inner) {
-            Ok(d) => Box::new(d),
-            Err(e) => Box::new(FailingReader(Some(e))),
-        },
-        _ => Box::new(inner),
-    }
-}
-
-struct FailingReader(Option<std::io::Error>);
-
-impl Read for FailingReader {
-    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
-        Err(self.0.take().unwrap_or_else(|| std::io::Error::other("decoder failed")))
-    }
-}
-
-/// The uncompressed size of a compressed file, when its format records it.
-pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
-    match format {
-        Format::Xz => {
-            let out = duct::cmd!("xz", "--robot", "--list", path).stderr_null().read().ok()?;
-            out.lines()
-                .find(|l| l.starts_with("totals"))
-                .and_then(|l| l.split('\t').nth(4))
-                .and_then(|n| n.parse().ok())
-        }
-        Format::Zstd => {
-            let header = read_header(path).ok()?;
-            zstd::zstd_safe::get_frame_content_size(&header).ok().flatten()
-        }
-        _ => None,
-    }
-}
-
 /// An HTTP body with its announced length.
 pub struct Download {
     /// The body, buffered so its first bytes can be inspected.

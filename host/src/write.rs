@@ -197,13 +197,16 @@ fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &Ato
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Gzip | Format::Xz | Format::Zstd => {
-            let size = source::uncompressed_size(format, path);
+            let size = crate::decompress::uncompressed_size(format, path);
             progress.image_info(
                 serde_json::json!({"source": name, "format": format.name(), "size": size, "target": req.target}),
             );
             let dest = open_destination(req, size, Some(path))?;
             let file = std::fs::File::open(path).map_err(io)?;
-            let mut r = stream::Stream(source::decompressor(format, Hashing { inner: file, hasher: hasher.clone() }));
+            let mut r = stream::Stream(crate::decompress::decompressor(
+                format,
+                Hashing { inner: file, hasher: hasher.clone() },
+            ));
             let opts = stream_options(name.clone(), size, &report, cancel);
             let stats = stream::copy_verified(&mut r, dest, &opts, &|| check_sha(&name, &req.sha256, &hasher))
                 .map_err(|e| decode_failure(e, &name, format))?;
@@ -255,7 +258,7 @@ pub fn liveimg_rootfs(fs: &backhand::FilesystemReader) -> Option<(String, u64)> 
 fn open_squashfs(path: &Path) -> Result<backhand::FilesystemReader<'static>, Failure> {
     let name = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
-    backhand::FilesystemReader::from_reader(BufReader::with_capacity(1 << 20, file))
+    crate::squashfs::open(BufReader::with_capacity(1 << 20, file))
         .map_err(|e| SourceError::Unsupported { name, reason: format!("not a readable squashfs ({e})") }.into())
 }
 
@@ -301,7 +304,7 @@ fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &Atomic
             progress.image_info(serde_json::json!({"source": url, "format": format.name(), "size": size, "download_size": length, "target": req.target}));
             let dest = open_destination(req, size, None)?;
             let report = |p: u64, t: Option<u64>| progress.copy_progress(p, t);
-            let mut r = stream::Stream(source::decompressor(format, hashed));
+            let mut r = stream::Stream(crate::decompress::decompressor(format, hashed));
             let stats =
                 stream::copy_verified(&mut r, dest, &stream_options(url.to_owned(), size, &report, cancel), &|| {
                     check_sha(url, &req.sha256, &hasher)

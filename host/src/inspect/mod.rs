@@ -195,16 +195,16 @@ pub fn inspect(path: &Path) -> Result<Report, Failure> {
             scan(&mut QemuAt(image)).map_err(corrupt)?
         }
         Format::Gzip | Format::Xz | Format::Zstd => {
-            report.virtual_size = source::uncompressed_size(format, path);
+            report.virtual_size = crate::decompress::uncompressed_size(format, path);
             let p = path.to_owned();
             let open = move || -> std::io::Result<Box<dyn Read + Send>> {
-                Ok(source::decompressor(format, std::fs::File::open(&p)?))
+                Ok(crate::decompress::decompressor(format, std::fs::File::open(&p)?))
             };
             scan(&mut StreamAt { open, stream: None, pos: 0 }).map_err(corrupt)?
         }
         Format::Squashfs => {
             let file = std::fs::File::open(path).map_err(io)?;
-            let fs = backhand::FilesystemReader::from_reader(std::io::BufReader::new(file))
+            let fs = crate::squashfs::open(std::io::BufReader::new(file))
                 .map_err(|e| Failure::bad_input(format!("image {name} is not a readable squashfs: {e}")))?;
             let (inner, size) = crate::write::liveimg_rootfs(&fs).ok_or_else(|| {
                 Failure::bad_input(format!(

@@ -52,7 +52,7 @@ pub fn repack(source: &Path, rootfs: &Path, target: &Path) -> Result<Duration, F
         std::io::Read::read(&mut file, &mut head).map_err(|e| SourceError::Io { name: name.clone(), source: e })?;
     head.truncate(got);
     std::io::Seek::rewind(&mut file).map_err(|e| SourceError::Io { name: name.clone(), source: e })?;
-    let reader = backhand::FilesystemReader::from_reader(BufReader::with_capacity(1 << 20, file))
+    let reader = crate::squashfs::open(BufReader::with_capacity(1 << 20, file))
         .map_err(|e| Failure::bad_input(format!("image {name} is not a readable squashfs: {e}")))?;
     let inner = crate::write::liveimg_rootfs(&reader)
         .map(|(p, _)| p)

@@ -2,6 +2,7 @@
 //! report, QMP for a graceful stop; soft then hard timeout; KVM with TCG fallback.
 
 pub mod accel;
+pub mod blockdev_qemu;
 pub mod cmdline;
 pub mod privilege;
 mod qmp;
