@@ -245,3 +245,42 @@ fn a_full_target_filesystem_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("No space left"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(leftovers, 0, "a partial file was left on the full filesystem");
 }
+
+/// qemu formats are opened by a confined qemu only: sampled while a qcow2 is written, the one
+/// process holding the image is qemu without a machine, as nobody, in its sandbox, given the
+/// image as a descriptor; no qemu-img runs; the result is the raw disk.
+#[test]
+fn qemu_formats_are_read_by_a_confined_qemu_only() {
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(work.path()).unwrap();
+    // 2 GiB, the rest zeros: a write long enough to watch.
+    std::fs::OpenOptions::new().write(true).open(&raw).unwrap().set_len(2 << 30).unwrap();
+    let qcow2 = work.path().join("src.qcow2");
+    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2)).unwrap();
+    let target = work.path().join("out.raw");
+    let mut child = spawn(&["write", "--progress", "none", "--image", &s(&qcow2), "--target", &s(&target)], tmp.path());
+    let qemu = wait_for_holders(&qcow2, &mut child);
+    let mut sampled = 0;
+    while child.try_wait().unwrap().is_none() {
+        for (pid, line) in all_cmdlines() {
+            assert!(!line.starts_with("qemu-img"), "qemu-img runs as pid {pid}: {line}");
+        }
+        for pid in &qemu {
+            let line = cmdline(*pid);
+            if line.is_empty() {
+                continue;
+            }
+            assert!(line.contains("-machine none") && line.contains("-sandbox on,"), "{line}");
+            assert!(line.contains("/dev/fdset/1") && !line.contains(qcow2.to_str().unwrap()), "{line}");
+            assert_eq!(uid_of(*pid), Some(nobody_uid()), "qemu is not running as nobody: {line}");
+            sampled += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(sampled > 0, "the serving qemu was never sampled");
+    assert_eq!(digest(&target), digest(&raw));
+    assert!(empty_dir(tmp.path()), "temporary files left behind");
+}
