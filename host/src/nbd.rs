@@ -1,6 +1,7 @@
-//! A minimal NBD client (fixed newstyle handshake, `NBD_OPT_GO`, simple replies): how the host
-//! reads a qemu-format image that only the confined qemu parses ([`crate::qemu_source`]).
-//! Every length and size the server sends is checked before use.
+//! A minimal NBD client (fixed newstyle handshake, `NBD_OPT_GO`, structured replies when the
+//! server offers them, so that holes arrive as a length instead of zeros): how the host reads a
+//! qemu-format image that only the confined qemu parses ([`crate::qemu_source`]). Every length,
+//! offset and size the server sends is checked before use.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -11,6 +12,13 @@ const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
 const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const CHUNK_DONE: u16 = 1;
+const CHUNK_NONE: u16 = 0;
+const CHUNK_OFFSET_DATA: u16 = 1;
+const CHUNK_OFFSET_HOLE: u16 = 2;
+const CHUNK_ERROR_BIT: u16 = 1 << 15;
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
 const OPT_GO: u32 = 7;
@@ -47,6 +55,16 @@ pub struct Client {
     stream: UnixStream,
     size: u64,
     handle: u64,
+    structured: bool,
+}
+
+/// What a read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// The buffer holds the bytes (holes in it zeroed).
+    Data,
+    /// The whole range is a hole: the buffer was not touched.
+    Hole,
 }
 
 fn u16_be(b: &[u8]) -> u16 {
@@ -88,6 +106,35 @@ pub fn parse_info_export(payload: &[u8]) -> Option<u64> {
     (payload.len() >= 12 && u16_be(payload) == INFO_EXPORT).then(|| u64_be(&payload[2..]))
 }
 
+/// A structured reply chunk header (20 bytes): (flags, type, handle, payload length) (pure).
+pub fn parse_chunk_header(b: &[u8; 20]) -> Result<(u16, u16, u64, u32), NbdError> {
+    if u32_be(b) != STRUCTURED_REPLY_MAGIC {
+        return Err(NbdError::Protocol("a reply chunk with a bad magic".into()));
+    }
+    let len = u32_be(&b[16..]);
+    if len as usize > MAX_READ + 8 {
+        return Err(NbdError::Protocol(format!("a reply chunk of {len} bytes")));
+    }
+    Ok((u16_be(&b[4..]), u16_be(&b[6..]), u64_be(&b[8..]), len))
+}
+
+/// Where a chunk's bytes go in a request for `len` bytes at `offset`: the range in the
+/// buffer, or a protocol error if it falls outside the request (pure).
+pub fn chunk_range(
+    offset: u64,
+    len: usize,
+    chunk_offset: u64,
+    chunk_len: u64,
+) -> Result<std::ops::Range<usize>, NbdError> {
+    let start = chunk_offset.checked_sub(offset).filter(|s| *s <= len as u64);
+    match start.and_then(|s| s.checked_add(chunk_len).filter(|e| *e <= len as u64).map(|e| (s, e))) {
+        Some((s, e)) => Ok(s as usize..e as usize),
+        None => Err(NbdError::Protocol(format!(
+            "a chunk of {chunk_len} bytes at {chunk_offset}, outside the request for {len} bytes at {offset}"
+        ))),
+    }
+}
+
 /// A simple reply header (16 bytes): (errno, handle) (pure).
 pub fn parse_simple_reply(b: &[u8; 16]) -> Result<(u32, u64), NbdError> {
     if u32_be(b) != SIMPLE_REPLY_MAGIC {
@@ -104,6 +151,25 @@ impl Client {
         stream.read_exact(&mut greeting)?;
         parse_greeting(&greeting)?;
         stream.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+        let mut ask = IHAVEOPT.to_vec();
+        ask.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+        ask.extend_from_slice(&0u32.to_be_bytes());
+        stream.write_all(&ask)?;
+        let structured = loop {
+            let mut header = [0u8; 20];
+            stream.read_exact(&mut header)?;
+            let (option, kind, len) = parse_option_reply(&header)?;
+            let mut payload = vec![0u8; len as usize];
+            stream.read_exact(&mut payload)?;
+            if option != OPT_STRUCTURED_REPLY {
+                return Err(NbdError::Protocol(format!("a reply to option {option}, not to NBD_OPT_STRUCTURED_REPLY")));
+            }
+            match kind {
+                REP_ACK => break true,
+                k if k & REP_ERROR_BIT != 0 => break false,
+                _ => {}
+            }
+        };
         let name = export.as_bytes();
         let mut opt = Vec::with_capacity(16 + 6 + name.len());
         opt.extend_from_slice(IHAVEOPT);
@@ -131,7 +197,7 @@ impl Client {
             }
         }
         let size = size.ok_or_else(|| NbdError::Protocol("no export size".into()))?;
-        Ok(Client { stream, size, handle: 0 })
+        Ok(Client { stream, size, handle: 0, structured })
     }
 
     /// Size of the export in bytes.
@@ -140,7 +206,7 @@ impl Client {
     }
 
     /// Fills `buf` from `offset` (at most [`MAX_READ`] bytes, within the export).
-    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<Filled, NbdError> {
         let len = buf.len();
         if len > MAX_READ || offset.checked_add(len as u64).is_none_or(|end| end > self.size) {
             return Err(NbdError::Protocol(format!("a request for {len} bytes at {offset} was about to be sent")));
@@ -154,16 +220,58 @@ impl Client {
         req.extend_from_slice(&offset.to_be_bytes());
         req.extend_from_slice(&(len as u32).to_be_bytes());
         self.stream.write_all(&req)?;
-        let mut header = [0u8; 16];
-        self.stream.read_exact(&mut header)?;
-        let (errno, handle) = parse_simple_reply(&header)?;
+        if !self.structured {
+            let mut header = [0u8; 16];
+            self.stream.read_exact(&mut header)?;
+            let (errno, handle) = parse_simple_reply(&header)?;
+            self.check_handle(handle)?;
+            if errno != 0 {
+                return Err(NbdError::Read { offset, len, errno });
+            }
+            self.stream.read_exact(buf)?;
+            return Ok(Filled::Data);
+        }
+        let (mut hole_bytes, mut error) = (0u64, None);
+        loop {
+            let mut header = [0u8; 20];
+            self.stream.read_exact(&mut header)?;
+            let (flags, kind, handle, chunk_len) = parse_chunk_header(&header)?;
+            self.check_handle(handle)?;
+            let mut fixed = [0u8; 12];
+            match kind {
+                CHUNK_OFFSET_DATA if chunk_len >= 8 => {
+                    self.stream.read_exact(&mut fixed[..8])?;
+                    let range = chunk_range(offset, len, u64_be(&fixed), u64::from(chunk_len - 8))?;
+                    self.stream.read_exact(&mut buf[range])?;
+                }
+                CHUNK_OFFSET_HOLE if chunk_len == 12 => {
+                    self.stream.read_exact(&mut fixed)?;
+                    let range = chunk_range(offset, len, u64_be(&fixed), u64::from(u32_be(&fixed[8..])))?;
+                    hole_bytes += range.len() as u64;
+                    buf[range].fill(0);
+                }
+                CHUNK_NONE if chunk_len == 0 => {}
+                k if k & CHUNK_ERROR_BIT != 0 && chunk_len >= 6 => {
+                    let mut payload = vec![0u8; chunk_len as usize];
+                    self.stream.read_exact(&mut payload)?;
+                    error = Some(u32_be(&payload));
+                }
+                k => return Err(NbdError::Protocol(format!("a reply chunk of type {k} and {chunk_len} bytes"))),
+            }
+            if flags & CHUNK_DONE != 0 {
+                break;
+            }
+        }
+        if let Some(errno) = error {
+            return Err(NbdError::Read { offset, len, errno });
+        }
+        Ok(if hole_bytes == len as u64 { Filled::Hole } else { Filled::Data })
+    }
+
+    fn check_handle(&self, handle: u64) -> Result<(), NbdError> {
         if handle != self.handle {
             return Err(NbdError::Protocol(format!("a reply to request {handle}, not {}", self.handle)));
         }
-        if errno != 0 {
-            return Err(NbdError::Read { offset, len, errno });
-        }
-        self.stream.read_exact(buf)?;
         Ok(())
     }
 }
@@ -179,7 +287,7 @@ impl Drop for Client {
     }
 }
 
-/// The export read front to back, [`MAX_READ`] bytes per request.
+/// The export read front to back, [`MAX_READ`] bytes per request, holes reported as such.
 pub struct Reader {
     client: Client,
     pos: u64,
@@ -192,16 +300,20 @@ impl Reader {
     }
 }
 
-impl Read for Reader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl crate::stream::ChunkReader for Reader {
+    fn next(&mut self, buf: &mut [u8]) -> std::io::Result<crate::stream::Piece> {
+        use crate::stream::Piece;
         let left = self.client.size().saturating_sub(self.pos);
         let n = buf.len().min(MAX_READ).min(usize::try_from(left).unwrap_or(usize::MAX));
         if n == 0 {
-            return Ok(0);
+            return Ok(Piece::End);
         }
-        self.client.read_at(self.pos, &mut buf[..n]).map_err(std::io::Error::other)?;
+        let filled = self.client.read_at(self.pos, &mut buf[..n]).map_err(std::io::Error::other)?;
         self.pos += n as u64;
-        Ok(n)
+        Ok(match filled {
+            Filled::Data => Piece::Data(n),
+            Filled::Hole => Piece::Hole(n as u64),
+        })
     }
 }
 
@@ -218,18 +330,26 @@ mod tests {
             s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
             let mut flags = [0u8; 4];
             s.read_exact(&mut flags).unwrap();
-            let mut head = [0u8; 16];
-            s.read_exact(&mut head).unwrap();
-            let mut body = vec![0u8; u32_be(&head[12..]) as usize];
-            s.read_exact(&mut body).unwrap();
-            let reply = |s: &mut UnixStream, kind: u32, payload: &[u8]| {
+            let reply_to = |s: &mut UnixStream, option: u32, kind: u32, payload: &[u8]| {
                 let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-                r.extend_from_slice(&OPT_GO.to_be_bytes());
+                r.extend_from_slice(&option.to_be_bytes());
                 r.extend_from_slice(&kind.to_be_bytes());
                 r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
                 r.extend_from_slice(payload);
                 s.write_all(&r).unwrap();
             };
+            // Structured replies refused (NBD_REP_ERR_UNSUP): the client falls back to simple ones.
+            loop {
+                let mut head = [0u8; 16];
+                s.read_exact(&mut head).unwrap();
+                let mut body = vec![0u8; u32_be(&head[12..]) as usize];
+                s.read_exact(&mut body).unwrap();
+                match u32_be(&head[8..]) {
+                    OPT_GO => break,
+                    other => reply_to(&mut s, other, REP_ERROR_BIT | 1, b""),
+                }
+            }
+            let reply = |s: &mut UnixStream, kind: u32, payload: &[u8]| reply_to(s, OPT_GO, kind, payload);
             let mut info = INFO_EXPORT.to_be_bytes().to_vec();
             info.extend_from_slice(&(data.len() as u64).to_be_bytes());
             info.extend_from_slice(&1u16.to_be_bytes());
@@ -261,8 +381,17 @@ mod tests {
         let client = Client::connect(&dir.path().join("s"), "src").unwrap();
         assert_eq!(client.size(), data.len() as u64);
         let mut got = Vec::new();
-        Reader::new(client).read_to_end(&mut got).unwrap();
+        let mut reader = Reader::new(client);
+        let mut buf = vec![0u8; MAX_READ];
+        loop {
+            match crate::stream::ChunkReader::next(&mut reader, &mut buf).unwrap() {
+                crate::stream::Piece::Data(n) => got.extend_from_slice(&buf[..n]),
+                crate::stream::Piece::Hole(n) => got.resize(got.len() + n as usize, 0),
+                crate::stream::Piece::End => break,
+            }
+        }
         assert!(got == data);
+        drop(reader);
         t.join().unwrap();
     }
 
@@ -279,6 +408,24 @@ mod tests {
         t.join().unwrap();
     }
 
+    #[test]
+    fn chunks_stay_inside_the_request() {
+        assert_eq!(chunk_range(1000, 100, 1000, 100).unwrap(), 0..100);
+        assert_eq!(chunk_range(1000, 100, 1050, 50).unwrap(), 50..100);
+        assert!(chunk_range(1000, 100, 999, 10).is_err());
+        assert!(chunk_range(1000, 100, 1050, 51).is_err());
+        assert!(chunk_range(1000, 100, u64::MAX, 1).is_err());
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        h[4..6].copy_from_slice(&CHUNK_DONE.to_be_bytes());
+        h[6..8].copy_from_slice(&CHUNK_OFFSET_HOLE.to_be_bytes());
+        h[8..16].copy_from_slice(&7u64.to_be_bytes());
+        h[16..20].copy_from_slice(&12u32.to_be_bytes());
+        assert_eq!(parse_chunk_header(&h).unwrap(), (CHUNK_DONE, CHUNK_OFFSET_HOLE, 7, 12));
+        h[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_chunk_header(&h).is_err());
+    }
+
     proptest::proptest! {
         #[test]
         fn parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
@@ -292,6 +439,10 @@ mod tests {
             let _ = parse_greeting(&g);
             let _ = parse_option_reply(&o);
             let _ = parse_simple_reply(&r);
+            let _ = parse_chunk_header(&o);
+            if bytes.len() >= 16 {
+                let _ = chunk_range(u64_be(&bytes), 4096, u64_be(&bytes[8..]), u64::from(bytes[0]) << 8);
+            }
             let _ = parse_info_export(&bytes);
         }
     }

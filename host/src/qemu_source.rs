@@ -36,15 +36,15 @@ pub struct QemuImage {
     pub info: Info,
 }
 
-/// The raw disk of a [`QemuImage`], front to back.
+/// The raw disk of a [`QemuImage`], front to back, holes as holes.
 pub struct QemuReader {
     _server: BlockdevQemu,
     inner: nbd::Reader,
 }
 
-impl std::io::Read for QemuReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(buf)
+impl crate::stream::ChunkReader for QemuReader {
+    fn next(&mut self, buf: &mut [u8]) -> std::io::Result<crate::stream::Piece> {
+        self.inner.next(buf)
     }
 }
 

@@ -220,7 +220,7 @@ fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &Ato
                 serde_json::json!({"source": name, "format": qemu_format, "size": size, "target": req.target}),
             );
             let dest = open_destination(req, Some(size), Some(path))?;
-            let mut r = stream::Stream(image.into_reader());
+            let mut r = image.into_reader();
             let opts = stream_options(name.clone(), Some(size), &report, cancel);
             let stats = stream::copy(&mut r, dest, &opts).map_err(|e| decode_failure(e, &name, format))?;
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
