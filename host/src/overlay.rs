@@ -3,7 +3,8 @@
 //! (task error, timeout, crash, interrupt) just drops the overlay: the disk was only ever read.
 
 use crate::vm::blockdev_qemu::BlockdevQemu;
-use crate::vm::cmdline::DiskFormat;
+use crate::vm::cmdline::{protocol_driver, DiskFormat};
+use crate::vm::is_block_device;
 use serde_json::json;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -78,7 +79,7 @@ impl Overlay {
         };
         let (disk, overlay) = (open_rw(&self.disk)?, open_rw(&self.path)?);
         let blockdevs = [
-            json!({"driver": "file", "node-name": "disk-file", "filename": "/dev/fdset/1"}),
+            json!({"driver": protocol_driver(is_block_device(&self.disk)), "node-name": "disk-file", "filename": "/dev/fdset/1"}),
             json!({"driver": self.format.as_str(), "node-name": "disk", "file": "disk-file"}),
             json!({"driver": "file", "node-name": "overlay-file", "filename": "/dev/fdset/2"}),
             json!({"driver": "qcow2", "node-name": "overlay", "file": "overlay-file", "backing": "disk"}),

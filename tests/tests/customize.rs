@@ -235,3 +235,21 @@ fn lvm_root() {
     assert_eq!(m.read("/etc/hostname").unwrap(), "lvm1\n");
     assert_eq!(m.read("/etc/marker").unwrap(), "on lvm");
 }
+
+/// A block device is customized in place too (qemu's `host_device` driver, for the helper VM
+/// and for the confined commit): a loop device over the fixture, read back after detaching.
+#[test]
+fn a_block_device_is_customized() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, dir.path()).unwrap();
+    let dev = fixtures::sh(std::process::Command::new("losetup").args(["--find", "--show"]).arg(&img))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let out = imgforge(&["customize", "--accel", "tcg", "-a", &dev, "--hostname", "on-a-device"]);
+    let _ = std::process::Command::new("losetup").args(["-d", &dev]).status();
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let m = Mount::partition(&img, 0).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), "on-a-device\n");
+}

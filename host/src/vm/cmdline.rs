@@ -12,6 +12,16 @@ use super::accel::Accel;
 /// or resource changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// qemu's protocol driver for a disk: `host_device` for block devices (qemu refuses `file`
+/// there), `file` for regular files.
+pub fn protocol_driver(is_device: bool) -> &'static str {
+    if is_device {
+        "host_device"
+    } else {
+        "file"
+    }
+}
+
 /// Disk image format given to qemu explicitly (never probed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
@@ -52,6 +62,8 @@ pub struct QemuConfig {
     pub disk_format: DiskFormat,
     /// Whether the disk descriptors carry O_DIRECT (then `cache=none`).
     pub disk_direct: bool,
+    /// Whether the disk is a block device (qemu's `host_device` driver, not `file`).
+    pub disk_is_device: bool,
     /// A qcow2 overlay over the disk that receives every write (transactional customization).
     pub overlay: Option<OverlayFds>,
     /// Parameter floppy, read-only.
@@ -121,7 +133,8 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
     push(&[
         "-blockdev",
         &format!(
-            "driver=file,node-name=disk-file,filename=/dev/fdset/{FDSET_DISK},cache.direct={},aio=threads{base_ro}",
+            "driver={},node-name=disk-file,filename=/dev/fdset/{FDSET_DISK},cache.direct={},aio=threads{base_ro}",
+            protocol_driver(c.disk_is_device),
             direct(c.disk_direct)
         ),
     ]);
@@ -188,6 +201,7 @@ mod tests {
             overlay: None,
             disk_format: DiskFormat::Raw,
             disk_direct: true,
+            disk_is_device: false,
             floppy_fd: 14,
             payload_fd: None,
             console_fd: 15,

@@ -212,6 +212,12 @@ pub async fn run(
     Err(last_err.unwrap_or_else(|| VmError::Setup("no accelerator to try".into())))
 }
 
+/// Whether `path` is a block device (the driver qemu needs differs).
+pub fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
 fn open(path: &Path, options: &std::fs::OpenOptions) -> Result<File, VmError> {
     options.open(path).map_err(|source| VmError::Open { path: path.to_owned(), source })
 }
@@ -300,6 +306,7 @@ async fn attempt(
         }),
         disk_format: spec.disk_format,
         disk_direct,
+        disk_is_device: is_block_device(&spec.disk),
         floppy_fd: floppy.as_raw_fd(),
         payload_fd: payload.as_ref().map(|p| p.as_raw_fd()),
         console_fd: console_w.as_raw_fd(),
