@@ -143,6 +143,43 @@ pub fn parse_simple_reply(b: &[u8; 16]) -> Result<(u32, u64), NbdError> {
     Ok((u32_be(&b[4..]), u64_be(&b[8..])))
 }
 
+/// A transmission-phase request (pure).
+fn request(command: u16, handle: u64, offset: u64, len: u32) -> [u8; 28] {
+    let mut req = [0u8; 28];
+    req[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    req[6..8].copy_from_slice(&command.to_be_bytes());
+    req[8..16].copy_from_slice(&handle.to_be_bytes());
+    req[16..24].copy_from_slice(&offset.to_be_bytes());
+    req[24..].copy_from_slice(&len.to_be_bytes());
+    req
+}
+
+/// Sends option `code` with `data` and reads its replies up to the acknowledgement, handing
+/// each other reply's type and payload to `each`; an error reply is [`NbdError::Refused`].
+fn option(stream: &mut UnixStream, code: u32, data: &[u8], mut each: impl FnMut(u32, &[u8])) -> Result<(), NbdError> {
+    let mut opt = Vec::with_capacity(16 + data.len());
+    opt.extend_from_slice(IHAVEOPT);
+    opt.extend_from_slice(&code.to_be_bytes());
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(data);
+    stream.write_all(&opt)?;
+    loop {
+        let mut header = [0u8; 20];
+        stream.read_exact(&mut header)?;
+        let (option, kind, len) = parse_option_reply(&header)?;
+        let mut payload = vec![0u8; len as usize];
+        stream.read_exact(&mut payload)?;
+        if option != code {
+            return Err(NbdError::Protocol(format!("a reply to option {option}, not to option {code}")));
+        }
+        match kind {
+            REP_ACK => return Ok(()),
+            k if k & REP_ERROR_BIT != 0 => return Err(NbdError::Refused(String::from_utf8_lossy(&payload).into())),
+            k => each(k, &payload),
+        }
+    }
+}
+
 impl Client {
     /// Connects to the server listening on `socket` and opens `export`.
     pub fn connect(socket: &Path, export: &str) -> Result<Client, NbdError> {
@@ -151,51 +188,23 @@ impl Client {
         stream.read_exact(&mut greeting)?;
         parse_greeting(&greeting)?;
         stream.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
-        let mut ask = IHAVEOPT.to_vec();
-        ask.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
-        ask.extend_from_slice(&0u32.to_be_bytes());
-        stream.write_all(&ask)?;
-        let structured = loop {
-            let mut header = [0u8; 20];
-            stream.read_exact(&mut header)?;
-            let (option, kind, len) = parse_option_reply(&header)?;
-            let mut payload = vec![0u8; len as usize];
-            stream.read_exact(&mut payload)?;
-            if option != OPT_STRUCTURED_REPLY {
-                return Err(NbdError::Protocol(format!("a reply to option {option}, not to NBD_OPT_STRUCTURED_REPLY")));
-            }
-            match kind {
-                REP_ACK => break true,
-                k if k & REP_ERROR_BIT != 0 => break false,
-                _ => {}
-            }
+        // Structured replies when offered (holes then come as lengths); simple ones otherwise.
+        let structured = match option(&mut stream, OPT_STRUCTURED_REPLY, &[], |_, _| ()) {
+            Ok(()) => true,
+            Err(NbdError::Refused(_)) => false,
+            Err(e) => return Err(e),
         };
         let name = export.as_bytes();
-        let mut opt = Vec::with_capacity(16 + 6 + name.len());
-        opt.extend_from_slice(IHAVEOPT);
-        opt.extend_from_slice(&OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        opt.extend_from_slice(name);
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        stream.write_all(&opt)?;
+        let mut go = Vec::with_capacity(6 + name.len());
+        go.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        go.extend_from_slice(name);
+        go.extend_from_slice(&0u16.to_be_bytes());
         let mut size = None;
-        loop {
-            let mut header = [0u8; 20];
-            stream.read_exact(&mut header)?;
-            let (option, kind, len) = parse_option_reply(&header)?;
-            let mut payload = vec![0u8; len as usize];
-            stream.read_exact(&mut payload)?;
-            if option != OPT_GO {
-                return Err(NbdError::Protocol(format!("a reply to option {option}, not to NBD_OPT_GO")));
+        option(&mut stream, OPT_GO, &go, |kind, payload| {
+            if kind == REP_INFO {
+                size = size.or(parse_info_export(payload));
             }
-            match kind {
-                REP_ACK => break,
-                REP_INFO => size = size.or(parse_info_export(&payload)),
-                k if k & REP_ERROR_BIT != 0 => return Err(NbdError::Refused(String::from_utf8_lossy(&payload).into())),
-                _ => {}
-            }
-        }
+        })?;
         let size = size.ok_or_else(|| NbdError::Protocol("no export size".into()))?;
         Ok(Client { stream, size, handle: 0, structured })
     }
@@ -212,14 +221,7 @@ impl Client {
             return Err(NbdError::Protocol(format!("a request for {len} bytes at {offset} was about to be sent")));
         }
         self.handle += 1;
-        let mut req = Vec::with_capacity(28);
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&CMD_READ.to_be_bytes());
-        req.extend_from_slice(&self.handle.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&(len as u32).to_be_bytes());
-        self.stream.write_all(&req)?;
+        self.stream.write_all(&request(CMD_READ, self.handle, offset, len as u32))?;
         if !self.structured {
             let mut header = [0u8; 16];
             self.stream.read_exact(&mut header)?;
@@ -278,12 +280,7 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let mut req = Vec::with_capacity(28);
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&CMD_DISC.to_be_bytes());
-        req.extend_from_slice(&[0u8; 20]);
-        let _ = self.stream.write_all(&req);
+        let _ = self.stream.write_all(&request(CMD_DISC, 0, 0, 0));
     }
 }
 

@@ -2,9 +2,9 @@
 //! overlay is committed into the disk only after the helper reported success. Any failure
 //! (task error, timeout, crash, interrupt) just drops the overlay: the disk was only ever read.
 
+use crate::stream::destination::is_block_device;
 use crate::vm::blockdev_qemu::BlockdevQemu;
 use crate::vm::cmdline::{protocol_driver, DiskFormat};
-use crate::vm::is_block_device;
 use serde_json::json;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};

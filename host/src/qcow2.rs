@@ -7,6 +7,8 @@
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
 
+/// What a qcow2 file starts with.
+pub const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Incompatible feature bits imgforge understands.
 const INCOMPAT_DIRTY: u64 = 1;
 const INCOMPAT_CORRUPT: u64 = 2;
@@ -66,7 +68,7 @@ fn be64(b: &[u8], o: usize) -> Option<u64> {
 /// Parses a qcow2 header (pure).
 pub fn parse_header(b: &[u8]) -> Result<Header, Qcow2Error> {
     let short = || Qcow2Error::Header("it is shorter than a qcow2 header".into());
-    if b.get(..4) != Some(b"QFI\xfb") {
+    if b.get(..4) != Some(MAGIC) {
         return Err(Qcow2Error::Header("no qcow2 magic".into()));
     }
     let version = be32(b, 4).ok_or_else(short)?;

@@ -136,7 +136,7 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
 fn backing_format(path: &Path) -> std::io::Result<&'static str> {
     let mut head = [0u8; 4];
     let n = std::io::Read::read(&mut std::fs::File::open(path)?, &mut head)?;
-    Ok(if head[..n] == *b"QFI\xfb" { "qcow2" } else { "raw" })
+    Ok(if head[..n] == *crate::qcow2::MAGIC { "qcow2" } else { "raw" })
 }
 
 /// The virtual size and backing file of node `src` in `query-named-block-nodes` (pure).

@@ -77,7 +77,7 @@ pub enum SourceError {
 /// Detects the format from the first bytes (pure).
 pub fn detect(header: &[u8]) -> Format {
     let at = |offset: usize, magic: &[u8]| header.get(offset..offset + magic.len()) == Some(magic);
-    if at(0, b"QFI\xfb") {
+    if at(0, crate::qcow2::MAGIC) {
         return Format::Qemu(if header.get(7) == Some(&1) { "qcow" } else { "qcow2" });
     }
     if at(0, b"QED\0") {

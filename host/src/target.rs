@@ -1,13 +1,12 @@
 //! The disk `customize` works on: checked, its format read from its header, locked.
 
+use crate::qcow2::MAGIC as QCOW2_MAGIC;
 use crate::vm::cmdline::DiskFormat;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
-
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
 /// Why the disk cannot be customized.
 #[derive(Debug, Error)]

@@ -123,19 +123,7 @@ fn spawn(args: &[String], inherited: Vec<RawFd>, user: Option<Unprivileged>) -> 
     command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     // SAFETY: only async-signal-safe syscalls run between fork and exec.
     unsafe {
-        command.pre_exec(move || {
-            libc::setsid();
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            for fd in &inherited {
-                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if let Some(u) = &user {
-                privilege::drop_to(u, &[])?;
-            }
-            Ok(())
-        });
+        command.pre_exec(privilege::child_setup(inherited, user, Vec::new()));
     }
     command.spawn().map_err(|e| format!("cannot start {QEMU} (install qemu-system-x86): {e}"))
 }

@@ -212,12 +212,6 @@ pub async fn run(
     Err(last_err.unwrap_or_else(|| VmError::Setup("no accelerator to try".into())))
 }
 
-/// Whether `path` is a block device (the driver qemu needs differs).
-pub fn is_block_device(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
-}
-
 fn open(path: &Path, options: &std::fs::OpenOptions) -> Result<File, VmError> {
     options.open(path).map_err(|source| VmError::Open { path: path.to_owned(), source })
 }
@@ -306,7 +300,7 @@ async fn attempt(
         }),
         disk_format: spec.disk_format,
         disk_direct,
-        disk_is_device: is_block_device(&spec.disk),
+        disk_is_device: crate::stream::destination::is_block_device(&spec.disk),
         floppy_fd: floppy.as_raw_fd(),
         payload_fd: payload.as_ref().map(|p| p.as_raw_fd()),
         console_fd: console_w.as_raw_fd(),
@@ -344,20 +338,7 @@ async fn attempt(
         .kill_on_drop(true);
     // SAFETY: only async-signal-safe syscalls run between fork and exec.
     unsafe {
-        command.pre_exec(move || {
-            // Own session: a terminal's Ctrl-C reaches imgforge, which stops qemu itself.
-            libc::setsid();
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            for fd in &inherited {
-                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if let Some(u) = &user {
-                privilege::drop_to(u, &kvm_groups)?;
-            }
-            Ok(())
-        });
+        command.pre_exec(privilege::child_setup(inherited, user, kvm_groups));
     }
     let mut child = command.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => VmError::QemuNotFound(spec.qemu.clone()),

@@ -55,6 +55,32 @@ pub fn for_this_process(name: &str) -> Result<Option<Unprivileged>, PrivilegeErr
     lookup(name).map(Some)
 }
 
+/// What a confined qemu does between fork and exec: its own session (a terminal's Ctrl-C
+/// reaches imgforge, which stops qemu itself), death with imgforge, `inherited` descriptors kept
+/// across exec, then the drop to `user` with only `extra_groups`. Pass it to `pre_exec`.
+pub fn child_setup(
+    inherited: Vec<std::os::fd::RawFd>,
+    user: Option<Unprivileged>,
+    extra_groups: Vec<u32>,
+) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    move || {
+        // SAFETY: async-signal-safe syscalls on plain arguments.
+        unsafe {
+            libc::setsid();
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            for fd in &inherited {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+        }
+        if let Some(u) = &user {
+            drop_to(u, &extra_groups)?;
+        }
+        Ok(())
+    }
+}
+
 /// Drops to `user` with only `extra_groups` as supplementary groups. Called between fork and
 /// exec: async-signal-safe calls only.
 pub fn drop_to(user: &Unprivileged, extra_groups: &[u32]) -> std::io::Result<()> {
