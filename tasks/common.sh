@@ -13,8 +13,6 @@ die() {
 # guest_path GUESTPATH: the helper path of GUESTPATH, resolved inside the guest root
 # (symlinks in a hostile image cannot lead out of it).
 guest_path() { imgforge-helper guest-path "$1"; }
-# record_mount PATH: remember a mount for 90-Unmount (unmounted in reverse order).
-record_mount() { printf '%s\n' "$1" >> "$IMGFORGE_STATE/mounts"; }
 
 [ "${IMGFORGE_VERBOSE:-no}" = yes ] && set -x
 true

@@ -14,7 +14,6 @@ struct Env {
     rules: PathBuf,
     target: PathBuf,
     payload: PathBuf,
-    error_file: Option<PathBuf>,
 }
 
 impl Env {
@@ -22,12 +21,7 @@ impl Env {
         let var = |name: &str| {
             std::env::var_os(name).map(PathBuf::from).ok_or_else(|| format!("{name} is not set: run this from a task"))
         };
-        Ok(Self {
-            rules: var("IMGFORGE_RULES")?,
-            target: var("IMGFORGE_TARGET")?,
-            payload: var("IMGFORGE_PAYLOAD")?,
-            error_file: std::env::var_os("IMGFORGE_ERROR_FILE").map(PathBuf::from),
-        })
+        Ok(Self { rules: var("IMGFORGE_RULES")?, target: var("IMGFORGE_TARGET")?, payload: var("IMGFORGE_PAYLOAD")? })
     }
 }
 
@@ -40,16 +34,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&env) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("{message}");
-            if let Some(path) = &env.error_file {
-                let _ = std::fs::write(path, &message);
-            }
-            ExitCode::FAILURE
-        }
-    }
+    crate::tasks::finish(run(&env))
 }
 
 /// Entry point of `guest-path PATH`: prints the helper path of an existing guest path, with

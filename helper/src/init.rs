@@ -4,7 +4,6 @@ use crate::reporter::{uptime_ms, Reporter};
 use crate::{floppy, kmod, tasks};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
-use std::ffi::CString;
 use std::path::Path;
 use std::time::Duration;
 
@@ -87,15 +86,8 @@ fn wait_for(device: &Path) -> Result<(), String> {
 
 fn mount(source: &str, target: &str, fstype: &str) {
     let _ = std::fs::create_dir_all(target);
-    let (s, t, f) = (
-        CString::new(source).expect("static"),
-        CString::new(target).expect("static"),
-        CString::new(fstype).expect("static"),
-    );
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        eprintln!("imgforge-helper: mounting {fstype} on {target}: {}", std::io::Error::last_os_error());
+    if let Err(e) = crate::mounts::mount(source, Path::new(target), fstype, false) {
+        eprintln!("imgforge-helper: mounting {fstype} on {target}: {e}");
     }
 }
 

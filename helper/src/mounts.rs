@@ -160,22 +160,7 @@ pub fn mount_root_main() -> ExitCode {
         // verify looks, never writes: read-only, and no journal replay.
         read_only: var("IMGFORGE_MODE").as_deref() == Some("verify"),
     };
-    finish(run(&env))
-}
-
-/// The exit of a task done in Rust: on failure the message goes where the task runner reads
-/// it (`IMGFORGE_ERROR_FILE`, what the host reports) and to the console.
-pub fn finish(result: Result<(), String>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("ERROR: {message}");
-            if let Some(path) = std::env::var_os("IMGFORGE_ERROR_FILE") {
-                let _ = std::fs::write(path, &message);
-            }
-            ExitCode::FAILURE
-        }
-    }
+    crate::tasks::finish(run(&env))
 }
 
 /// `mount-payload` (the 05-MountPayload task): mounts the read-only payload disk (uploaded
@@ -185,7 +170,7 @@ pub fn mount_payload_main() -> ExitCode {
         eprintln!("imgforge-helper mount-payload: IMGFORGE_PAYLOAD is not set: run this from a task");
         return ExitCode::from(2);
     };
-    finish(mount_payload(&dir))
+    crate::tasks::finish(mount_payload(&dir))
 }
 
 /// The serial number qemu gives the payload disk.
@@ -223,7 +208,7 @@ pub fn unmount_main() -> ExitCode {
         eprintln!("imgforge-helper unmount: IMGFORGE_STATE is not set: run this from a task");
         return ExitCode::from(2);
     };
-    finish(unmount_all(&state))
+    crate::tasks::finish(unmount_all(&state))
 }
 
 fn unmount_all(state: &Path) -> Result<(), String> {
@@ -446,7 +431,8 @@ fn path_cstring(p: &Path) -> CString {
     CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default()
 }
 
-fn mount(source: &str, target: &Path, fstype: &str, read_only: bool) -> std::io::Result<()> {
+/// mount(2) of `source` on `target` as `fstype`, read-only if asked.
+pub fn mount(source: &str, target: &Path, fstype: &str, read_only: bool) -> std::io::Result<()> {
     mount_flags(source, target, fstype, if read_only { libc::MS_RDONLY } else { 0 })
 }
 

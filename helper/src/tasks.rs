@@ -169,6 +169,21 @@ fn forward_output(reader: std::io::PipeReader, label: &str) -> Output {
     out
 }
 
+/// The exit of a task done in Rust: on failure the message goes where the task runner reads
+/// it (`IMGFORGE_ERROR_FILE`, what the host reports) and to the console.
+pub fn finish(result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ERROR: {message}");
+            if let Some(path) = std::env::var_os("IMGFORGE_ERROR_FILE") {
+                let _ = std::fs::write(path, &message);
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn failure_message(error_path: &Path, status: std::process::ExitStatus, tail: &VecDeque<String>) -> String {
     if let Ok(text) = std::fs::read_to_string(error_path) {
         let text = text.trim();
