@@ -57,6 +57,14 @@ pub fn imgforge(args: &[&str]) -> Output {
     out
 }
 
+/// Runs `imgforge customize -a DISK --accel tcg OPS...`, capturing its output.
+pub fn customize_tcg(disk: &Path, ops: &[&str]) -> Output {
+    let disk = s(disk);
+    let mut args = vec!["customize", "-a", &disk, "--accel", "tcg"];
+    args.extend_from_slice(ops);
+    imgforge(&args)
+}
+
 /// The exit code (panics on death by signal).
 pub fn code(out: &Output) -> i32 {
     out.status.code().expect("imgforge was killed by a signal")

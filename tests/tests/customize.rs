@@ -3,7 +3,7 @@
 
 use imgforge_tests::fixtures::{self, Shape, FIXTURE_USER};
 use imgforge_tests::readback::{shadow_field, Mount};
-use imgforge_tests::run::{code, holders, imgforge, s};
+use imgforge_tests::run::{code, customize_tcg, holders, imgforge, s};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
@@ -26,54 +26,52 @@ fn every_operation_on_a_dos_ext4_disk() {
     let ssh = format!("{FIXTURE_USER}:string:{KEY}");
     let alice_pw = format!("{FIXTURE_USER}:password:Alice-Pw-2");
     let upload = format!("{}:/opt/", s(&payload_file));
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--progress",
-        "json",
-        "--hostname",
-        "web1.example.com",
-        "--root-password",
-        "password:Root-Pw-1",
-        "--password",
-        &alice_pw,
-        "--ssh-inject",
-        &ssh,
-        "--upload",
-        &upload,
-        "--mkdir",
-        "/opt/newdir/sub",
-        "--write",
-        "/etc/motd:first",
-        "--write",
-        "/etc/motd:second",
-        "--append-line",
-        "/etc/motd:third",
-        "--commands-from-file",
-        &s(&commands),
-        "--delete",
-        "/etc/issue",
-        "--chmod",
-        "0600:/opt/payload.bin",
-        "--run",
-        &s(&script),
-        "--run-command",
-        "cat /etc/hostname > /root/hostname-at-run",
-        "--write",
-        "/root/order:before-run-command",
-        "--run-command",
-        "cat /root/order > /root/order-seen",
-        "--timezone",
-        "Europe/Athens",
-        "--firstboot",
-        &s(&firstboot),
-        "--firstboot-command",
-        "touch /root/firstboot-ran",
-        "--selinux-relabel",
-    ]);
+    let out = customize_tcg(
+        &img,
+        &[
+            "--progress",
+            "json",
+            "--hostname",
+            "web1.example.com",
+            "--root-password",
+            "password:Root-Pw-1",
+            "--password",
+            &alice_pw,
+            "--ssh-inject",
+            &ssh,
+            "--upload",
+            &upload,
+            "--mkdir",
+            "/opt/newdir/sub",
+            "--write",
+            "/etc/motd:first",
+            "--write",
+            "/etc/motd:second",
+            "--append-line",
+            "/etc/motd:third",
+            "--commands-from-file",
+            &s(&commands),
+            "--delete",
+            "/etc/issue",
+            "--chmod",
+            "0600:/opt/payload.bin",
+            "--run",
+            &s(&script),
+            "--run-command",
+            "cat /etc/hostname > /root/hostname-at-run",
+            "--write",
+            "/root/order:before-run-command",
+            "--run-command",
+            "cat /root/order > /root/order-seen",
+            "--timezone",
+            "Europe/Athens",
+            "--firstboot",
+            &s(&firstboot),
+            "--firstboot-command",
+            "touch /root/firstboot-ran",
+            "--selinux-relabel",
+        ],
+    );
     assert_eq!(code(&out), 0);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -137,19 +135,10 @@ fn every_operation_on_a_dos_ext4_disk() {
 fn gpt_xfs_root_with_separate_boot() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::GptXfsBoot, work.path()).unwrap();
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--hostname",
-        "gpt1",
-        "--write",
-        "/boot/imgforge-marker:on boot",
-        "--write",
-        "/etc/marker:on root",
-    ]);
+    let out = customize_tcg(
+        &img,
+        &["--hostname", "gpt1", "--write", "/boot/imgforge-marker:on boot", "--write", "/etc/marker:on root"],
+    );
     assert_eq!(code(&out), 0);
     let boot = Mount::partition(&img, 0).unwrap();
     assert_eq!(boot.read("/imgforge-marker").unwrap(), "on boot");
@@ -164,7 +153,7 @@ fn gpt_xfs_root_with_separate_boot() {
 fn failing_command_names_task_and_command() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let out = imgforge(&["customize", "-a", &s(&img), "--accel", "tcg", "--run-command", "exit 7"]);
+    let out = customize_tcg(&img, &["--run-command", "exit 7"]);
     assert_eq!(code(&out), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -178,8 +167,7 @@ fn hanging_command_times_out_and_leaves_no_qemu() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
     let started = Instant::now();
-    let out =
-        imgforge(&["customize", "-a", &s(&img), "--accel", "tcg", "--timeout", "20", "--run-command", "sleep 600"]);
+    let out = customize_tcg(&img, &["--timeout", "20", "--run-command", "sleep 600"]);
     assert_eq!(code(&out), 3);
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -217,17 +205,7 @@ fn bad_input_is_refused_before_any_vm() {
 fn lvm_root() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::LvmExt4, work.path()).unwrap();
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--hostname",
-        "lvm1",
-        "--write",
-        "/etc/marker:on lvm",
-    ]);
+    let out = customize_tcg(&img, &["--hostname", "lvm1", "--write", "/etc/marker:on lvm"]);
     assert_eq!(code(&out), 0);
     // Read the LV without device-mapper: it starts LVM_DATA_OFFSET into the PV partition.
     let part = imgforge_tests::readback::partitions(&img).unwrap()[0];
@@ -247,7 +225,7 @@ fn a_block_device_is_customized() {
         .unwrap()
         .trim()
         .to_owned();
-    let out = imgforge(&["customize", "--accel", "tcg", "-a", &dev, "--hostname", "on-a-device"]);
+    let out = customize_tcg(std::path::Path::new(&dev), &["--hostname", "on-a-device"]);
     let _ = std::process::Command::new("losetup").args(["-d", &dev]).status();
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
     let m = Mount::partition(&img, 0).unwrap();

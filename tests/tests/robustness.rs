@@ -3,7 +3,7 @@
 
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::Mount;
-use imgforge_tests::run::{binary, code, holders, imgforge, s};
+use imgforge_tests::run::{binary, code, customize_tcg, holders, imgforge, s};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,35 +74,13 @@ fn a_failed_customization_leaves_the_disk_byte_identical() {
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
     let before = digest(&img);
     // The first operation changes the disk, the second fails: nothing may reach the disk.
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--hostname",
-        "changed",
-        "--run-command",
-        "rm -rf /etc/apt; exit 9",
-    ]);
+    let out = customize_tcg(&img, &["--hostname", "changed", "--run-command", "rm -rf /etc/apt; exit 9"]);
     assert_eq!(code(&out), 1);
     assert_eq!(digest(&img), before);
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--hostname",
-        "changed",
-        "--timeout",
-        "15",
-        "--run-command",
-        "sleep 300",
-    ]);
+    let out = customize_tcg(&img, &["--hostname", "changed", "--timeout", "15", "--run-command", "sleep 300"]);
     assert_eq!(code(&out), 3);
     assert_eq!(digest(&img), before);
-    let out = imgforge(&["customize", "-a", &s(&img), "--accel", "tcg", "--hostname", "changed"]);
+    let out = customize_tcg(&img, &["--hostname", "changed"]);
     assert_eq!(code(&out), 0);
     assert_ne!(digest(&img), before);
     assert_eq!(Mount::partition(&img, 0).unwrap().read("/etc/hostname").unwrap(), "changed\n");
@@ -216,7 +194,7 @@ fn concurrent_runs_work_and_the_same_disk_is_locked() {
     );
     wait_for_holders(&a, &mut first);
     let second = spawn(&["customize", "-a", &s(&b), "--accel", "tcg", "--hostname", "second"], tmp.path());
-    let same = imgforge(&["customize", "-a", &s(&a), "--accel", "tcg", "--hostname", "third"]);
+    let same = customize_tcg(&a, &["--hostname", "third"]);
     assert_eq!(code(&same), 2);
     assert!(String::from_utf8_lossy(&same.stderr).contains("in use"));
     let (o1, o2) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());

@@ -5,7 +5,7 @@
 use imgforge_tests::fixtures::{self, Shape};
 use imgforge_tests::readback::Mount;
 use imgforge_tests::rpm;
-use imgforge_tests::run::{code, imgforge, s};
+use imgforge_tests::run::{code, customize_tcg, imgforge, s};
 use std::process::Command;
 
 /// `rpm -q NAMES` inside the mounted guest (read-only: rpm only reads its database).
@@ -19,17 +19,7 @@ fn install_rpm_in_one_transaction_runs_scriptlets() {
     let img = fixtures::copy(Shape::RpmDosExt4, work.path()).unwrap();
     // Given application first, library second: rpm orders the transaction itself.
     let (demo, lib) = (rpm::package("demo").unwrap(), rpm::package("libdemo").unwrap());
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--install-rpm",
-        &s(&demo),
-        "--install-rpm",
-        &s(&lib),
-    ]);
+    let out = customize_tcg(&img, &["--install-rpm", &s(&demo), "--install-rpm", &s(&lib)]);
     assert_eq!(code(&out), 0);
     let m = Mount::partition(&img, 0).unwrap();
     assert!(rpm_q(&m, &["demo", "libdemo"]));
@@ -41,15 +31,7 @@ fn install_rpm_in_one_transaction_runs_scriptlets() {
 fn a_missing_dependency_fails_with_rpms_message() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::RpmDosExt4, work.path()).unwrap();
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--install-rpm",
-        &s(&rpm::package("broken").unwrap()),
-    ]);
+    let out = customize_tcg(&img, &["--install-rpm", &s(&rpm::package("broken").unwrap())]);
     assert_eq!(code(&out), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("60-InstallPackages") && stderr.contains("no-such-capability-imgforge"), "{stderr}");
@@ -61,17 +43,7 @@ fn a_missing_dependency_fails_with_rpms_message() {
 fn install_from_a_local_repo_pulls_dependencies() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::RpmDosExt4, work.path()).unwrap();
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--install",
-        "demo",
-        "--repo",
-        &s(&rpm::repo().unwrap()),
-    ]);
+    let out = customize_tcg(&img, &["--install", "demo", "--repo", &s(&rpm::repo().unwrap())]);
     assert_eq!(code(&out), 0);
     let m = Mount::partition(&img, 0).unwrap();
     assert!(rpm_q(&m, &["demo", "libdemo"]), "libdemo came from the repository as a dependency");
@@ -101,17 +73,7 @@ fn host_side_refusals() {
 fn a_guest_without_dnf_or_yum_is_told_so() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let out = imgforge(&[
-        "customize",
-        "-a",
-        &s(&img),
-        "--accel",
-        "tcg",
-        "--install",
-        "demo",
-        "--repo",
-        &s(&rpm::repo().unwrap()),
-    ]);
+    let out = customize_tcg(&img, &["--install", "demo", "--repo", &s(&rpm::repo().unwrap())]);
     assert_eq!(code(&out), 1);
     assert!(String::from_utf8_lossy(&out.stderr).contains("neither dnf nor yum"));
 }
