@@ -335,7 +335,7 @@ fn assemble(tree: &kernel::KernelTree, inputs: &mut Vec<PathBuf>) -> Result<Arch
                 let src = tree.modules_dir.join(rel);
                 let data = std::fs::read(&src).map_err(|e| BuildError::io(&src, e))?;
                 let mut data = kernel::strip_module_signature(&data).to_vec();
-                kernel::hide_module_btf(&mut data);
+                kernel::hide_module_sections(&mut data);
                 a.insert(&dest, Entry::File { mode: 0o644, data });
             }
             paths.push(format!("/{dest}"));
