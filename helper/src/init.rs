@@ -25,16 +25,32 @@ pub fn run() -> ! {
     // The first console line: the host's sign of life that the accelerator works.
     eprintln!("imgforge-helper {} started", env!("CARGO_PKG_VERSION"));
     mount_pseudo_filesystems();
+    // Built-in tasks run in this process and start programs (blkid, lvm, chrooted commands):
+    // they get what a task script gets. The kernel starts PID 1 with no PATH and the console
+    // as its input.
+    std::env::set_var("PATH", tasks::SEARCH_PATH);
+    std::env::set_var("LANG", "C");
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        // SAFETY: dup2 onto fd 0, which no Rust object owns.
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) };
+    }
     let mut reporter = Reporter::open();
     install_panic_hook();
     reporter.send(&ReportLine::Phase { name: "init".into(), uptime_ms: uptime_ms() });
 
     match prepare(&mut reporter) {
-        Ok(rules) => {
-            if let Err(failure) = tasks::run_all(Path::new(TASKS_DIR), &rules, &mut reporter) {
-                reporter.send(&ReportLine::Error { task: failure.task, message: failure.message });
-            } else {
-                reporter.send(&ReportLine::Success);
+        Ok((rules, preload)) => {
+            let result = tasks::run_all(Path::new(TASKS_DIR), &rules, &mut reporter);
+            // The tasks load what they need themselves, waiting for a module the preload is
+            // still loading: the preload only ever saves time.
+            let (warnings, done_ms) = preload.join().unwrap_or_default();
+            for warning in warnings {
+                reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
+            }
+            reporter.send(&ReportLine::Phase { name: "preloaded".into(), uptime_ms: done_ms });
+            match result {
+                Err(failure) => reporter.send(&ReportLine::Error { task: failure.task, message: failure.message }),
+                Ok(()) => reporter.send(&ReportLine::Success),
             }
         }
         Err(message) => reporter.send(&ReportLine::Error { task: "helper".into(), message }),
@@ -43,7 +59,7 @@ pub fn run() -> ! {
     power_off()
 }
 
-fn prepare(reporter: &mut Reporter) -> Result<Rules, String> {
+fn prepare(reporter: &mut Reporter) -> Result<(Rules, kmod::Preload), String> {
     for warning in kmod::load_boot_set() {
         reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
     }
@@ -53,6 +69,9 @@ fn prepare(reporter: &mut Reporter) -> Result<Rules, String> {
 
     wait_for(Path::new(floppy::FLOPPY_DEVICE))?;
     reporter.send(&ReportLine::Phase { name: "floppy-ready".into(), uptime_ms: uptime_ms() });
+    if let Err(e) = floppy::skip_spin_up(Path::new(floppy::FLOPPY_DEVICE)) {
+        eprintln!("imgforge-helper: cannot shorten the floppy's spin-up wait: {e}");
+    }
     let text = floppy::read_rules(Path::new(floppy::FLOPPY_DEVICE))?;
 
     let rules = Rules::from_json(&text).map_err(|e| e.to_string())?;
@@ -60,13 +79,8 @@ fn prepare(reporter: &mut Reporter) -> Result<Rules, String> {
     std::fs::write(Path::new(STATE_DIR).join("rules.json"), &text)
         .map_err(|e| format!("cannot store the rules in {STATE_DIR}: {e}"))?;
     reporter.send(&ReportLine::Phase { name: "rules-read".into(), uptime_ms: uptime_ms() });
-    for warning in preload.join().unwrap_or_default() {
-        reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
-    }
-    reporter.send(&ReportLine::Phase { name: "preloaded".into(), uptime_ms: uptime_ms() });
-
     wait_for(Path::new(TARGET_DISK))?;
-    Ok(rules)
+    Ok((rules, preload))
 }
 
 fn wait_for(device: &Path) -> Result<(), String> {

@@ -74,11 +74,17 @@ pub fn preload_names(cmdline: &str) -> Vec<String> {
         .collect()
 }
 
+/// The preload thread: it yields the failures and the guest uptime (ms) when it was done.
+pub type Preload = std::thread::JoinHandle<(Vec<String>, u64)>;
+
 /// Loads `names` on a thread of their own, so that their relocation runs while the main thread
-/// waits for the floppy; the handle yields the failures. The tasks load on demand anyway: a
+/// waits for the floppy and for the first tasks' reads. The tasks load on demand anyway: a
 /// wrong hint costs time, never correctness.
-pub fn spawn_preload(names: Vec<String>) -> std::thread::JoinHandle<Vec<String>> {
-    std::thread::spawn(move || load_modules(&names))
+pub fn spawn_preload(names: Vec<String>) -> Preload {
+    std::thread::spawn(move || {
+        let failures = load_modules(&names);
+        (failures, crate::reporter::uptime_ms())
+    })
 }
 
 /// Loads the named modules with their dependencies; returns the failures.
@@ -114,7 +120,32 @@ pub fn modprobe_main(names: &[String]) -> ExitCode {
     }
 }
 
+/// How long a module another thread is loading may take to become live.
+const COMING_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether the module of file `path` is loaded and initialized (its `initstate` reads `live`),
+/// waiting while another thread (the preload) is still loading it. Loading it again would only
+/// fail with EEXIST, after the kernel read and laid out the whole file (25 ms for xfs under
+/// TCG).
+fn is_live(path: &Path) -> bool {
+    let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('.').next()) else {
+        return false;
+    };
+    let state = Path::new("/sys/module").join(normalize(stem)).join("initstate");
+    let started = std::time::Instant::now();
+    loop {
+        match std::fs::read_to_string(&state).as_deref().map(str::trim) {
+            Ok("live") => return true,
+            Ok("coming") if started.elapsed() < COMING_WAIT => std::thread::sleep(std::time::Duration::from_millis(2)),
+            _ => return false,
+        }
+    }
+}
+
 fn load(path: &Path) -> Result<(), String> {
+    if is_live(path) {
+        return Ok(());
+    }
     let file = File::open(path).map_err(|e| format!("cannot open module {}: {e}", path.display()))?;
     let params = c"";
     // SAFETY: the fd is open for the duration of the call and params is NUL-terminated.

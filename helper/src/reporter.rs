@@ -39,11 +39,12 @@ impl Reporter {
     }
 }
 
-/// Guest uptime in milliseconds, from `/proc/uptime`.
+/// Guest uptime in milliseconds (CLOCK_BOOTTIME: what `/proc/uptime` shows, to the millisecond).
 pub fn uptime_ms() -> u64 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|f| f.parse::<f64>().ok()))
-        .map(|secs| (secs * 1000.0) as u64)
-        .unwrap_or(0)
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }

@@ -159,13 +159,18 @@ fn scan(r: &mut dyn ReadAt) -> std::io::Result<(Option<Table>, Vec<FoundFilesyst
 }
 
 /// The filesystem types on a raw disk (or bare filesystem) at `path`, from its partition table
-/// and superblocks; empty when nothing can be read.
+/// and superblocks, largest partition first: the order in which the helper looks for the root;
+/// empty when nothing can be read.
 pub fn raw_filesystem_kinds(path: &Path) -> Vec<&'static str> {
     let Ok(file) = std::fs::File::open(path) else { return Vec::new() };
-    match scan(&mut RawAt(file)) {
-        Ok((_, found)) => found.into_iter().map(|f| f.filesystem.kind).collect(),
-        Err(_) => Vec::new(),
-    }
+    let Ok((table, mut found)) = scan(&mut RawAt(file)) else { return Vec::new() };
+    let parts = match &table {
+        Some(Table::Mbr { partitions }) | Some(Table::Gpt { partitions, .. }) => partitions.as_slice(),
+        None => &[],
+    };
+    let size = |f: &FoundFilesystem| parts.iter().find(|p| Some(p.number) == f.partition).map_or(0, |p| p.size);
+    found.sort_by_key(|f| std::cmp::Reverse(size(f)));
+    found.into_iter().map(|f| f.filesystem.kind).collect()
 }
 
 /// Inspects `path`.

@@ -73,10 +73,13 @@ pub struct VmSpec {
 
 /// The kernel modules the tasks will need, from what the host found on the disk (its partition
 /// table and superblocks, parsed in Rust) and whether a payload disk comes along. The helper
-/// loads them while it waits for the floppy (under TCG a module's relocation costs up to half a
-/// second, the floppy wait leaves the CPU idle). A hint only: the tasks load what they need.
+/// loads them on a thread of their own from before it reads the floppy, while the CPU would
+/// otherwise wait for the floppy and the first tasks' reads. A hint only: the tasks load what
+/// they need.
 pub fn preload_modules(disk_filesystems: &[&str], payload: bool) -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = Vec::new();
+    // In the order the tasks need them (the preload runs alongside): the payload disk is
+    // mounted first, then the root (the disk's filesystems come largest partition first).
+    let mut out: Vec<&'static str> = if payload { vec!["squashfs"] } else { Vec::new() };
     for kind in disk_filesystems {
         let module = match *kind {
             "ext2" | "ext3" | "ext4" => "ext4",
@@ -88,9 +91,6 @@ pub fn preload_modules(disk_filesystems: &[&str], payload: bool) -> Vec<&'static
         if !out.contains(&module) {
             out.push(module);
         }
-    }
-    if payload {
-        out.push("squashfs");
     }
     out
 }
@@ -503,7 +503,7 @@ mod tests {
     #[test]
     fn preload_hint() {
         assert_eq!(preload_modules(&["vfat", "ext4", "xfs", "ext3", "swap"], false), ["vfat", "ext4", "xfs"]);
-        assert_eq!(preload_modules(&["LVM2_member"], true), ["dm_mod", "squashfs"]);
+        assert_eq!(preload_modules(&["LVM2_member"], true), ["squashfs", "dm_mod"]);
         assert!(preload_modules(&[], false).is_empty());
         assert_eq!(with_preload("quiet".into(), &["xfs", "ext4"]), "quiet imgforge.preload=xfs,ext4");
         assert_eq!(with_preload("quiet".into(), &[]), "quiet");
