@@ -3,39 +3,12 @@
 use crate::accounts;
 use crate::firstboot;
 use crate::guest::GuestRoot;
+use crate::tasks::TaskEnv;
 use imgforge_protocol::rules::{Operation, Rules};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
-
-/// Environment of the task that calls us (see `tasks.rs`).
-struct Env {
-    rules: PathBuf,
-    target: PathBuf,
-    payload: PathBuf,
-}
-
-impl Env {
-    fn from_process() -> Result<Self, String> {
-        let var = |name: &str| {
-            std::env::var_os(name).map(PathBuf::from).ok_or_else(|| format!("{name} is not set: run this from a task"))
-        };
-        Ok(Self { rules: var("IMGFORGE_RULES")?, target: var("IMGFORGE_TARGET")?, payload: var("IMGFORGE_PAYLOAD")? })
-    }
-}
-
-/// Entry point of the subcommand.
-pub fn main() -> ExitCode {
-    let env = match Env::from_process() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("imgforge-helper customize: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    crate::tasks::finish(run(&env))
-}
+use std::process::{Command, ExitCode, Stdio};
 
 /// Entry point of `guest-path PATH`: prints the helper path of an existing guest path, with
 /// every symlink resolved inside the guest root.
@@ -56,15 +29,17 @@ pub fn guest_path_main(path: &str) -> ExitCode {
     }
 }
 
-fn run(env: &Env) -> Result<(), String> {
-    let text = std::fs::read_to_string(&env.rules)
-        .map_err(|e| format!("cannot read the rules {}: {e}", env.rules.display()))?;
+/// The 50-Customize task: applies the rules' operations in order.
+pub fn run(env: &TaskEnv) -> Result<(), String> {
+    let rules_path = env.require("IMGFORGE_RULES")?;
+    let text = std::fs::read_to_string(rules_path).map_err(|e| format!("cannot read the rules {rules_path}: {e}"))?;
     let rules = Rules::from_json(&text).map_err(|e| e.to_string())?;
-    let guest = GuestRoot::open(&env.target)
-        .map_err(|e| format!("cannot open the guest root {}: {e}", env.target.display()))?;
+    let target = env.require("IMGFORGE_TARGET")?;
+    let payload = Path::new(env.require("IMGFORGE_PAYLOAD")?);
+    let guest = GuestRoot::open(Path::new(target)).map_err(|e| format!("cannot open the guest root {target}: {e}"))?;
     for (i, op) in rules.operations.iter().enumerate() {
         println!("==> [{}/{}] {}", i + 1, rules.operations.len(), op.describe());
-        apply(&guest, &env.payload, op).map_err(|e| format!("{} failed: {e}", op.describe()))?;
+        apply(&guest, payload, op).map_err(|e| format!("{} failed: {e}", op.describe()))?;
     }
     Ok(())
 }
@@ -208,7 +183,8 @@ fn run_in_guest(guest: &GuestRoot, argv: &[&str]) -> Result<(), String> {
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("HOME", "/root")
         .env("LANG", "C")
-        .env("DEBIAN_FRONTEND", "noninteractive");
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null());
     // SAFETY: chroot and chdir are async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         command.pre_exec(move || {

@@ -261,7 +261,8 @@ impl GuestRoot {
             f.write_all(content)?;
             std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()))?;
             f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(old.mode() & 0o7777))?;
-            f.sync_all()?;
+            // No fsync: nothing reads the guest before 90-Unmount syncs it, and a helper that
+            // dies before then leaves the disk as it was (the overlay is dropped).
             // SAFETY: valid dirfd and NUL-terminated names.
             if unsafe { libc::renameat(dir.as_raw_fd(), tmp_name.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
                 return Err(io::Error::last_os_error());

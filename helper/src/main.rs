@@ -14,7 +14,9 @@ mod init;
 mod kmod;
 mod mounts;
 mod network;
+mod prefetch;
 mod reporter;
+mod script;
 mod tasks;
 
 use std::process::ExitCode;
@@ -25,12 +27,12 @@ fn main() -> ExitCode {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("customize") => customize::main(),
+        Some(name) if args.len() == 1 && tasks::builtin(name).is_some() => {
+            let run = tasks::builtin(name).expect("checked");
+            tasks::finish(run(&tasks::TaskEnv::from_process()))
+        }
         Some("guest-path") if args.len() == 2 => customize::guest_path_main(&args[1]),
         Some("modprobe") if args.len() >= 2 => kmod::modprobe_main(&args[1..]),
-        Some("mount-root") => mounts::mount_root_main(),
-        Some("mount-payload") => mounts::mount_payload_main(),
-        Some("unmount") => mounts::unmount_main(),
         _ => {
             eprintln!("usage: imgforge-helper customize          run the rules' operations (the 50-Customize task)");
             eprintln!(

@@ -10,12 +10,14 @@
 
 use crate::guest::GuestRoot;
 use crate::kmod;
+use crate::tasks::TaskEnv;
 use imgforge_protocol::filesystems::{self, PROBE_BYTES};
+use imgforge_protocol::rules::Rules;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
 /// What is known about one device: TYPE, UUID, LABEL from its superblock, or everything
 /// `blkid -o export` says (PARTUUID, PARTLABEL, …).
@@ -135,48 +137,42 @@ fn module_for(fstype: &str) -> Option<&'static str> {
     }
 }
 
-/// How the task was called (from the environment the task runner sets).
+/// How the task was called (from the variables the task runner sets).
 struct Env {
     target: PathBuf,
     disk: String,
     state: PathBuf,
     root_rule: Option<String>,
     read_only: bool,
+    /// Warm the guest's shell once the root is mounted: the run starts guest programs.
+    prefetch: bool,
 }
 
-/// `mount-root` (the 10-MountRoot task).
-pub fn mount_root_main() -> ExitCode {
-    let var = |name: &str| std::env::var(name).ok();
-    let (Some(target), Some(disk), Some(state)) = (var("IMGFORGE_TARGET"), var("IMGFORGE_DISK"), var("IMGFORGE_STATE"))
-    else {
-        eprintln!("imgforge-helper mount-root: IMGFORGE_TARGET, IMGFORGE_DISK or IMGFORGE_STATE is not set: run this from a task");
-        return ExitCode::from(2);
-    };
+/// The 10-MountRoot task.
+pub fn mount_root(vars: &TaskEnv) -> Result<(), String> {
     let env = Env {
-        target: PathBuf::from(target),
-        disk,
-        state: PathBuf::from(state),
-        root_rule: var("IMGFORGE_ROOT_PARTITION"),
+        target: PathBuf::from(vars.require("IMGFORGE_TARGET")?),
+        disk: vars.require("IMGFORGE_DISK")?.to_owned(),
+        state: PathBuf::from(vars.require("IMGFORGE_STATE")?),
+        root_rule: vars.get("IMGFORGE_ROOT_PARTITION").map(str::to_owned),
         // verify looks, never writes: read-only, and no journal replay.
-        read_only: var("IMGFORGE_MODE").as_deref() == Some("verify"),
+        read_only: vars.get("IMGFORGE_MODE") == Some("verify"),
+        prefetch: vars
+            .get("IMGFORGE_RULES")
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|text| Rules::from_json(&text).ok())
+            .is_some_and(|rules| rules.runs_guest_programs()),
     };
-    crate::tasks::finish(run(&env))
-}
-
-/// `mount-payload` (the 05-MountPayload task): mounts the read-only payload disk (uploaded
-/// files, scripts, RPMs) when there is one, found by its serial number.
-pub fn mount_payload_main() -> ExitCode {
-    let Some(dir) = std::env::var_os("IMGFORGE_PAYLOAD").map(PathBuf::from) else {
-        eprintln!("imgforge-helper mount-payload: IMGFORGE_PAYLOAD is not set: run this from a task");
-        return ExitCode::from(2);
-    };
-    crate::tasks::finish(mount_payload(&dir))
+    run(&env)
 }
 
 /// The serial number qemu gives the payload disk.
 const PAYLOAD_SERIAL: &str = "imgforge-payload";
 
-fn mount_payload(dir: &Path) -> Result<(), String> {
+/// The 05-MountPayload task: mounts the read-only payload disk (uploaded files, scripts, RPMs)
+/// when there is one, found by its serial number.
+pub fn mount_payload(vars: &TaskEnv) -> Result<(), String> {
+    let dir = Path::new(vars.require("IMGFORGE_PAYLOAD")?);
     let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
         .map_err(|e| format!("cannot list /sys/block: {e}"))?
         .flatten()
@@ -201,17 +197,10 @@ fn mount_payload(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `unmount` (the 90-Unmount task): unmounts what mount-root mounted, in reverse order,
-/// deactivates LVM and syncs.
-pub fn unmount_main() -> ExitCode {
-    let Some(state) = std::env::var_os("IMGFORGE_STATE").map(PathBuf::from) else {
-        eprintln!("imgforge-helper unmount: IMGFORGE_STATE is not set: run this from a task");
-        return ExitCode::from(2);
-    };
-    crate::tasks::finish(unmount_all(&state))
-}
-
-fn unmount_all(state: &Path) -> Result<(), String> {
+/// The 90-Unmount task: unmounts what mount-root mounted, in reverse order, deactivates LVM
+/// and syncs.
+pub fn unmount_all(vars: &TaskEnv) -> Result<(), String> {
+    let state = Path::new(vars.require("IMGFORGE_STATE")?);
     let mounts = state.join("mounts");
     if let Ok(text) = std::fs::read_to_string(&mounts) {
         for where_ in text.lines().rev().filter(|l| !l.is_empty()) {
@@ -289,6 +278,9 @@ fn run(env: &Env) -> Result<(), String> {
 
     let guest = GuestRoot::open(&env.target)
         .map_err(|e| format!("cannot open the guest root {}: {e}", env.target.display()))?;
+    if env.prefetch {
+        crate::prefetch::guest_shell(&guest);
+    }
     if let Ok(fstab) = guest.read_to_string("/etc/fstab") {
         for entry in parse_fstab(&fstab) {
             load_modules(&[module_for(&entry.fstype).unwrap_or_default()]);

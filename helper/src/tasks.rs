@@ -2,11 +2,14 @@
 
 use crate::init::{PAYLOAD_DIR, STATE_DIR, TARGET_DIR, TARGET_DISK};
 use crate::reporter::Reporter;
+use crate::{customize, mounts, script};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use imgforge_protocol::task::{run_parts_order, TaskName};
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,6 +32,67 @@ pub struct TaskFailure {
     pub message: String,
 }
 
+/// The variables a task runs with: the environment of a task script, and what a built-in task
+/// reads.
+#[derive(Debug, Clone, Default)]
+pub struct TaskEnv(Vec<(String, String)>);
+
+impl TaskEnv {
+    /// The variables of `task` in a run of `rules`.
+    pub fn new(task: &TaskName, rules: &Rules) -> Self {
+        let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
+        let vars = [
+            ("IMGFORGE_TASK", task.as_str().to_owned()),
+            ("IMGFORGE_TARGET", TARGET_DIR.to_owned()),
+            ("IMGFORGE_DISK", TARGET_DISK.to_owned()),
+            ("IMGFORGE_PAYLOAD", PAYLOAD_DIR.to_owned()),
+            ("IMGFORGE_STATE", STATE_DIR.to_owned()),
+            ("IMGFORGE_RULES", format!("{STATE_DIR}/rules.json")),
+            ("IMGFORGE_ERROR_FILE", error_file(task).display().to_string()),
+            ("IMGFORGE_SELINUX_RELABEL", yes_no(rules.selinux_relabel)),
+            ("IMGFORGE_ROOT_PARTITION", rules.root_partition.clone().unwrap_or_default()),
+            ("IMGFORGE_MODE", if rules.verify { "verify" } else { "customize" }.to_owned()),
+            ("IMGFORGE_REQUIRED_PACKAGES", rules.required_packages.join(" ")),
+            ("IMGFORGE_RPMS", rules.rpms.join(" ")),
+            ("IMGFORGE_INSTALL", rules.install.join(" ")),
+            ("IMGFORGE_REPO", rules.repo.clone().unwrap_or_default()),
+            ("IMGFORGE_GPGCHECK", yes_no(rules.gpgcheck)),
+            ("IMGFORGE_GROW_FILESYSTEM", yes_no(rules.grow_filesystem)),
+            ("IMGFORGE_VERBOSE", yes_no(rules.verbose)),
+        ];
+        Self(vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    }
+
+    /// The variables of the current process (a task script called a subcommand).
+    pub fn from_process() -> Self {
+        Self(std::env::vars().filter(|(name, _)| name.starts_with("IMGFORGE_")).collect())
+    }
+
+    /// A variable's value.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// A variable's value, or the error that the subcommand was not run from a task.
+    pub fn require(&self, name: &str) -> Result<&str, String> {
+        self.get(name).ok_or_else(|| format!("{name} is not set: run this from a task"))
+    }
+}
+
+/// A task built into the helper: what `exec imgforge-helper NAME` would do.
+pub type Builtin = fn(&TaskEnv) -> Result<(), String>;
+
+/// The task built in under the subcommand `name`, if any.
+pub fn builtin(name: &str) -> Option<Builtin> {
+    match name {
+        "customize" => Some(customize::run),
+        "mount-payload" => Some(mounts::mount_payload),
+        "mount-root" => Some(mounts::mount_root),
+        "unmount" => Some(mounts::unmount_all),
+        _ => None,
+    }
+}
+
 /// Lists the tasks to run: executables in `dir` in run-parts order, minus the excluded ones.
 pub fn plan(dir: &Path, rules: &Rules) -> Result<Vec<TaskName>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list the tasks in {}: {e}", dir.display()))?;
@@ -49,7 +113,7 @@ pub fn run_all(dir: &Path, rules: &Rules, reporter: &mut Reporter) -> Result<(),
     for task in tasks {
         reporter.send(&ReportLine::TaskStart { task: task.to_string() });
         let started = Instant::now();
-        let outcome = run_one(&dir.join(task.as_str()), &task, rules);
+        let outcome = run_one(&dir.join(task.as_str()), &task, &TaskEnv::new(&task, rules));
         for message in outcome.warnings {
             reporter.send(&ReportLine::Warning { task: task.to_string(), message });
         }
@@ -80,41 +144,67 @@ fn error_file(task: &TaskName) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{}.error", task.as_str()))
 }
 
-fn run_one(path: &Path, task: &TaskName, rules: &Rules) -> Outcome {
+fn run_one(path: &Path, task: &TaskName, env: &TaskEnv) -> Outcome {
     let fail = |message: String| Outcome { warnings: Vec::new(), checks: Vec::new(), failure: Some(message) };
+    let text = match std::fs::read(path) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+        Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+    };
+    let script = script::parse(&text);
+    if let Some(unmet) = script.only_if.iter().find(|c| !c.holds(|name| env.get(name))) {
+        println!("[{task}] nothing to do (only if {unmet})");
+        return Outcome { warnings: Vec::new(), checks: Vec::new(), failure: None };
+    }
     let (reader, writer) = match std::io::pipe() {
         Ok(p) => p,
         Err(e) => return fail(format!("cannot create a pipe for the task's output: {e}")),
     };
+    let console = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => File::from(fd),
+        Err(e) => return fail(format!("cannot duplicate the console: {e}")),
+    };
+    let error_path = error_file(task);
+    let _ = std::fs::remove_file(&error_path);
+    let (tx, rx) = mpsc::channel();
+    let label = task.to_string();
+    std::thread::spawn(move || {
+        let _ = tx.send(forward_output(reader, console, &label));
+    });
+    let drain = move || {
+        rx.recv_timeout(OUTPUT_DRAIN_WAIT).unwrap_or_else(|_| Output {
+            tail: VecDeque::new(),
+            warnings: vec!["the task left a process holding its output open".into()],
+            checks: Vec::new(),
+        })
+    };
+
+    if let Some(run) = script.builtin.as_deref().and_then(builtin) {
+        let result = match Redirect::to(writer.into()) {
+            Ok(redirect) => {
+                let result = run(env);
+                if let Err(message) = &result {
+                    eprintln!("ERROR: {message}");
+                }
+                drop(redirect);
+                result
+            }
+            Err(e) => Err(format!("cannot redirect the output of the task: {e}")),
+        };
+        let output = drain();
+        return Outcome { warnings: output.warnings, checks: output.checks, failure: result.err() };
+    }
+
     let writer_err = match writer.try_clone() {
         Ok(w) => w,
         Err(e) => return fail(format!("cannot duplicate the task's output pipe: {e}")),
     };
-    let error_path = error_file(task);
-    let _ = std::fs::remove_file(&error_path);
     let mut command = Command::new(path);
     command
         .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("PATH", SEARCH_PATH)
         .env("HOME", "/root")
         .env("LANG", "C")
-        .env("IMGFORGE_TASK", task.as_str())
-        .env("IMGFORGE_TARGET", TARGET_DIR)
-        .env("IMGFORGE_DISK", TARGET_DISK)
-        .env("IMGFORGE_PAYLOAD", PAYLOAD_DIR)
-        .env("IMGFORGE_STATE", STATE_DIR)
-        .env("IMGFORGE_RULES", Path::new(STATE_DIR).join("rules.json"))
-        .env("IMGFORGE_ERROR_FILE", &error_path)
-        .env("IMGFORGE_SELINUX_RELABEL", if rules.selinux_relabel { "yes" } else { "no" })
-        .env("IMGFORGE_ROOT_PARTITION", rules.root_partition.as_deref().unwrap_or(""))
-        .env("IMGFORGE_MODE", if rules.verify { "verify" } else { "customize" })
-        .env("IMGFORGE_REQUIRED_PACKAGES", rules.required_packages.join(" "))
-        .env("IMGFORGE_RPMS", rules.rpms.join(" "))
-        .env("IMGFORGE_INSTALL", rules.install.join(" "))
-        .env("IMGFORGE_REPO", rules.repo.as_deref().unwrap_or(""))
-        .env("IMGFORGE_GPGCHECK", if rules.gpgcheck { "yes" } else { "no" })
-        .env("IMGFORGE_GROW_FILESYSTEM", if rules.grow_filesystem { "yes" } else { "no" })
-        .env("IMGFORGE_VERBOSE", if rules.verbose { "yes" } else { "no" })
+        .envs(env.0.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer_err);
@@ -124,19 +214,8 @@ fn run_one(path: &Path, task: &TaskName, rules: &Rules) -> Outcome {
     };
     // The Command still holds the pipe's write ends; drop it so EOF can arrive.
     drop(command);
-
-    let (tx, rx) = mpsc::channel();
-    let label = task.to_string();
-    std::thread::spawn(move || {
-        let _ = tx.send(forward_output(reader, &label));
-    });
     let status = child.wait();
-    let output = rx.recv_timeout(OUTPUT_DRAIN_WAIT).unwrap_or_else(|_| Output {
-        tail: VecDeque::new(),
-        warnings: vec!["the task left a process holding its output open".into()],
-        checks: Vec::new(),
-    });
-
+    let output = drain();
     let failure = match status {
         Ok(s) if s.success() => None,
         Ok(s) => Some(failure_message(&error_path, s, &output.tail)),
@@ -145,13 +224,52 @@ fn run_one(path: &Path, task: &TaskName, rules: &Rules) -> Outcome {
     Outcome { warnings: output.warnings, checks: output.checks, failure }
 }
 
-fn forward_output(reader: std::io::PipeReader, label: &str) -> Output {
+/// The command search path of tasks, and of the helper itself.
+pub const SEARCH_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The standard output and error of this process sent into a pipe while a built-in task runs,
+/// so that its output, and that of the programs it starts, is logged and scanned exactly like a
+/// script's; dropping it puts the console back.
+struct Redirect {
+    saved: [(i32, OwnedFd); 2],
+}
+
+impl Redirect {
+    fn to(pipe: OwnedFd) -> std::io::Result<Self> {
+        let saved = [
+            (1, std::io::stdout().as_fd().try_clone_to_owned()?),
+            (2, std::io::stderr().as_fd().try_clone_to_owned()?),
+        ];
+        for fd in [1, 2] {
+            dup2(pipe.as_raw_fd(), fd)?;
+        }
+        Ok(Self { saved })
+    }
+}
+
+impl Drop for Redirect {
+    fn drop(&mut self) {
+        let _ = std::io::stdout().flush();
+        for (fd, saved) in &self.saved {
+            let _ = dup2(saved.as_raw_fd(), *fd);
+        }
+    }
+}
+
+fn dup2(from: i32, to: i32) -> std::io::Result<()> {
+    // SAFETY: dup2 on descriptors this process owns; `to` is 1 or 2, never a Rust-owned fd.
+    if unsafe { libc::dup2(from, to) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn forward_output(reader: std::io::PipeReader, mut console: File, label: &str) -> Output {
     let mut out = Output { tail: VecDeque::new(), warnings: Vec::new(), checks: Vec::new() };
-    let stdout = std::io::stdout();
     for line in BufReader::new(reader).split(b'\n') {
         let Ok(line) = line else { break };
         let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
-        let _ = writeln!(stdout.lock(), "[{label}] {line}");
+        let _ = writeln!(console, "[{label}] {line}");
         if let Some(w) = line.strip_prefix(WARNING_PREFIX) {
             out.warnings.push(w.to_string());
         }
@@ -228,5 +346,38 @@ mod tests {
         assert_eq!(got, ["10-MountRoot", "50-Customize", "90-Unmount"]);
         rules.excluded_tasks = vec!["*".into()];
         assert!(plan(dir.path(), &rules).unwrap().is_empty());
+    }
+
+    fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    /// A script whose `only-if` does not hold is not started; one that does runs with the
+    /// task's variables, its warnings and last output collected.
+    #[test]
+    fn scripts_run_with_their_variables_unless_their_condition_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = TaskName::parse("60-InstallPackages").unwrap();
+        let mut rules = Rules::new();
+        let marker = dir.path().join("started");
+        let text = format!(
+            "#!/bin/sh\n# only-if: IMGFORGE_RPMS IMGFORGE_INSTALL\ntouch {}\necho \"WARNING: rpms $IMGFORGE_RPMS\"\necho last\nexit 3\n",
+            marker.display()
+        );
+        let path = script(dir.path(), task.as_str(), &text);
+
+        let skipped = run_one(&path, &task, &TaskEnv::new(&task, &rules));
+        assert!(skipped.failure.is_none() && skipped.warnings.is_empty());
+        assert!(!marker.exists(), "the script was started");
+
+        rules.rpms = vec!["a.rpm".into()];
+        let ran = run_one(&path, &task, &TaskEnv::new(&task, &rules));
+        assert!(marker.exists());
+        assert_eq!(ran.warnings, ["rpms a.rpm"]);
+        let failure = ran.failure.expect("exit 3 is a failure");
+        assert!(failure.contains("exited with status 3") && failure.ends_with("last"), "{failure}");
     }
 }

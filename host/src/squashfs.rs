@@ -7,11 +7,20 @@ use backhand::{BackhandError, FilesystemCompressor, FilesystemReader, SuperBlock
 use std::io::Read;
 
 /// The [`CompressionAction`] of squashfs images imgforge reads: Rust decoders; compression
-/// (of the liveimgs imgforge writes) stays backhand's.
-pub struct RustDecoder;
+/// stays backhand's, or is declined block by block (`store_only`).
+pub struct RustDecoder {
+    store_only: bool,
+}
 
-/// The one instance: backhand takes a `&'static` compressor.
-pub static RUST_DECODER: RustDecoder = RustDecoder;
+/// The instance that reads: backhand takes a `&'static` compressor.
+pub static RUST_DECODER: RustDecoder = RustDecoder { store_only: false };
+
+/// The instance that writes every block stored, uncompressed (the payload disk: its files are
+/// mostly compressed already, it never leaves the host, and the helper under TCG would spend
+/// more time decompressing than reading). It declines each block as backhand expects of a
+/// compressor whose output would be larger; the superblock still names a compressor, as the
+/// kernel requires.
+pub static STORE_ONLY: RustDecoder = RustDecoder { store_only: true };
 
 /// Opens a squashfs with [`RustDecoder`] (squashfs 4.0, little-endian: what mksquashfs makes).
 pub fn open<'b>(reader: impl backhand::BufReadSeek + 'b) -> Result<FilesystemReader<'b>, BackhandError> {
@@ -67,6 +76,10 @@ impl CompressionAction for RustDecoder {
     }
 
     fn compress(&self, bytes: &[u8], fc: FilesystemCompressor, block_size: u32) -> Result<Vec<u8>, BackhandError> {
+        if self.store_only {
+            // Longer than the input: backhand stores the block as it is.
+            return Ok(vec![0; bytes.len() + 1]);
+        }
         DefaultCompressor.compress(bytes, fc, block_size)
     }
 

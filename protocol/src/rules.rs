@@ -110,6 +110,14 @@ impl Rules {
         }
         Ok(serde_json::from_str(text)?)
     }
+
+    /// Whether the run starts programs of the guest (chrooted commands and scripts, package
+    /// installs), so that the helper warms the guest's shell and C library ahead of them.
+    pub fn runs_guest_programs(&self) -> bool {
+        !self.rpms.is_empty()
+            || !self.install.is_empty()
+            || self.operations.iter().any(|op| matches!(op, Operation::Run { .. } | Operation::RunCommand { .. }))
+    }
 }
 
 impl Default for Rules {
