@@ -143,8 +143,11 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
         Some(o) => {
             push(&["-add-fd", &format!("fd={},set={FDSET_OVERLAY},opaque=overlay-ro", o.ro_fd)]);
             push(&["-add-fd", &format!("fd={},set={FDSET_OVERLAY},opaque=overlay-rw", o.rw_fd)]);
-            push(&["-blockdev", &format!("driver=file,node-name=overlay-file,filename=/dev/fdset/{FDSET_OVERLAY},cache.direct={},aio=threads", direct(o.direct))]);
-            push(&["-blockdev", "driver=qcow2,node-name=overlay,file=overlay-file,backing=disk"]);
+            // The guest's flushes (journal commits, every fsync of a package install) do not
+            // reach the host's disk: the overlay is scratch until the commit, which flushes the
+            // disk it writes; a run that does not end in success drops the overlay anyway.
+            push(&["-blockdev", &format!("driver=file,node-name=overlay-file,filename=/dev/fdset/{FDSET_OVERLAY},cache.direct={},cache.no-flush=on,aio=threads", direct(o.direct))]);
+            push(&["-blockdev", "driver=qcow2,node-name=overlay,file=overlay-file,backing=disk,cache.no-flush=on"]);
             "overlay"
         }
         None => "disk",
