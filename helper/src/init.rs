@@ -60,12 +60,14 @@ pub fn run() -> ! {
 }
 
 fn prepare(reporter: &mut Reporter) -> Result<(Rules, kmod::Preload), String> {
+    // The preload starts first: its relocations fill the CPU while the boot set's drivers wait
+    // for their devices.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let preload = kmod::spawn_preload(kmod::preload_names(&cmdline));
     for warning in kmod::load_boot_set() {
         reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
     }
     reporter.send(&ReportLine::Phase { name: "modules".into(), uptime_ms: uptime_ms() });
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let preload = kmod::spawn_preload(kmod::preload_names(&cmdline));
 
     wait_for(Path::new(floppy::FLOPPY_DEVICE))?;
     reporter.send(&ReportLine::Phase { name: "floppy-ready".into(), uptime_ms: uptime_ms() });

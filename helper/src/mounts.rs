@@ -201,6 +201,7 @@ pub fn mount_payload(vars: &TaskEnv) -> Result<(), String> {
 /// and syncs.
 pub fn unmount_all(vars: &TaskEnv) -> Result<(), String> {
     let state = Path::new(vars.require("IMGFORGE_STATE")?);
+    crate::prefetch::wait();
     let mounts = state.join("mounts");
     if let Ok(text) = std::fs::read_to_string(&mounts) {
         for where_ in text.lines().rev().filter(|l| !l.is_empty()) {
@@ -279,7 +280,7 @@ fn run(env: &Env) -> Result<(), String> {
     let guest = GuestRoot::open(&env.target)
         .map_err(|e| format!("cannot open the guest root {}: {e}", env.target.display()))?;
     if env.prefetch {
-        crate::prefetch::guest_shell(&guest);
+        crate::prefetch::start(env.target.clone());
     }
     if let Ok(fstab) = guest.read_to_string("/etc/fstab") {
         for entry in parse_fstab(&fstab) {

@@ -1,12 +1,38 @@
 //! Warms the page cache with the guest's shell, its dynamic loader and its libraries as soon as
 //! the root filesystem is mounted, when the run will start guest programs. Under TCG the first
-//! chrooted command otherwise waits about 75 ms for these reads alone; asked for ahead
-//! (`posix_fadvise(WILLNEED)` starts the reads and returns), they proceed while the other
-//! filesystems are mounted and the file operations run.
+//! chrooted command otherwise waits about 75 ms for these reads alone; asked for ahead, on a
+//! thread of their own (`posix_fadvise(WILLNEED)` starts the reads and returns), they proceed
+//! while the other filesystems are mounted and the file operations run.
 
 use crate::guest::GuestRoot;
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+/// The warming thread, while it runs: it holds files of the guest open.
+static RUNNING: Mutex<Option<JoinHandle<()>>> = Mutex::new(None);
+
+/// Starts warming the guest mounted at `root` on a thread; [`wait`] for it before unmounting.
+pub fn start(root: PathBuf) {
+    let thread = std::thread::spawn(move || {
+        if let Ok(guest) = GuestRoot::open(&root) {
+            guest_shell(&guest);
+        }
+    });
+    if let Ok(mut running) = RUNNING.lock() {
+        *running = Some(thread);
+    }
+}
+
+/// Waits for the warming thread, if one was started: then no file of the guest is open.
+pub fn wait() {
+    let thread = RUNNING.lock().ok().and_then(|mut r| r.take());
+    if let Some(thread) = thread {
+        let _ = thread.join();
+    }
+}
 
 /// Largest shell binary read to find its dependencies (dash is 125 KiB, bash 1.3 MiB).
 const MAX_SHELL_BYTES: u64 = 4 << 20;
