@@ -155,49 +155,75 @@ fn run_one(path: &Path, task: &TaskName, env: &TaskEnv) -> Outcome {
         println!("[{task}] nothing to do (only if {unmet})");
         return Outcome { warnings: Vec::new(), checks: Vec::new(), failure: None };
     }
-    let (reader, writer) = match std::io::pipe() {
-        Ok(p) => p,
-        Err(e) => return fail(format!("cannot create a pipe for the task's output: {e}")),
-    };
-    let console = match std::io::stdout().as_fd().try_clone_to_owned() {
-        Ok(fd) => File::from(fd),
-        Err(e) => return fail(format!("cannot duplicate the console: {e}")),
-    };
     let error_path = error_file(task);
     let _ = std::fs::remove_file(&error_path);
-    let (tx, rx) = mpsc::channel();
-    let label = task.to_string();
-    std::thread::spawn(move || {
-        let _ = tx.send(forward_output(reader, console, &label));
-    });
-    let drain = move || {
-        rx.recv_timeout(OUTPUT_DRAIN_WAIT).unwrap_or_else(|_| Output {
+    let (writer, capture) = match Capture::start(task) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot capture the task's output: {e}")),
+    };
+    let result = match script.builtin.as_deref().and_then(builtin) {
+        Some(run) => run_builtin(run, env, writer),
+        None => run_script(path, env, writer),
+    };
+    let output = capture.finish();
+    let failure = match result {
+        Ok(()) => None,
+        Err(Failed::Message(m)) => Some(m),
+        Err(Failed::Exited(status)) => Some(failure_message(&error_path, status, &output.tail)),
+    };
+    Outcome { warnings: output.warnings, checks: output.checks, failure }
+}
+
+/// How a task failed: with its message, or with an exit status (its message is then in its
+/// error file, or else its last output).
+enum Failed {
+    Message(String),
+    Exited(std::process::ExitStatus),
+}
+
+/// A task's output on its way to the console, prefixed with the task's name and scanned for
+/// warnings, checks and the last lines.
+struct Capture(mpsc::Receiver<Output>);
+
+impl Capture {
+    /// The pipe's write end for the task, and the capture reading the other end.
+    fn start(task: &TaskName) -> std::io::Result<(std::io::PipeWriter, Self)> {
+        let (reader, writer) = std::io::pipe()?;
+        let console = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+        let (tx, rx) = mpsc::channel();
+        let label = task.to_string();
+        std::thread::spawn(move || {
+            let _ = tx.send(forward_output(reader, console, &label));
+        });
+        Ok((writer, Self(rx)))
+    }
+
+    /// What the task wrote, once every write end is closed (or after a grace period).
+    fn finish(self) -> Output {
+        self.0.recv_timeout(OUTPUT_DRAIN_WAIT).unwrap_or_else(|_| Output {
             tail: VecDeque::new(),
             warnings: vec!["the task left a process holding its output open".into()],
             checks: Vec::new(),
         })
-    };
-
-    if let Some(run) = script.builtin.as_deref().and_then(builtin) {
-        let result = match Redirect::to(writer.into()) {
-            Ok(redirect) => {
-                let result = run(env);
-                if let Err(message) = &result {
-                    eprintln!("ERROR: {message}");
-                }
-                drop(redirect);
-                result
-            }
-            Err(e) => Err(format!("cannot redirect the output of the task: {e}")),
-        };
-        let output = drain();
-        return Outcome { warnings: output.warnings, checks: output.checks, failure: result.err() };
     }
+}
 
-    let writer_err = match writer.try_clone() {
-        Ok(w) => w,
-        Err(e) => return fail(format!("cannot duplicate the task's output pipe: {e}")),
-    };
+/// Runs a built-in task in this process, its output (and that of what it starts) into `writer`.
+fn run_builtin(run: Builtin, env: &TaskEnv, writer: std::io::PipeWriter) -> Result<(), Failed> {
+    let redirect =
+        Redirect::to(writer.into()).map_err(|e| Failed::Message(format!("cannot redirect the task's output: {e}")))?;
+    let result = run(env);
+    if let Err(message) = &result {
+        eprintln!("ERROR: {message}");
+    }
+    drop(redirect);
+    result.map_err(Failed::Message)
+}
+
+/// Runs a task script with the task's variables, its output into `writer`.
+fn run_script(path: &Path, env: &TaskEnv, writer: std::io::PipeWriter) -> Result<(), Failed> {
+    let writer_err =
+        writer.try_clone().map_err(|e| Failed::Message(format!("cannot duplicate the task's output pipe: {e}")))?;
     let mut command = Command::new(path);
     command
         .env_clear()
@@ -208,20 +234,14 @@ fn run_one(path: &Path, task: &TaskName, env: &TaskEnv) -> Outcome {
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer_err);
-    let mut child = match command.spawn() {
-        Ok(c) => c,
-        Err(e) => return fail(format!("cannot start {}: {e}", path.display())),
-    };
+    let mut child = command.spawn().map_err(|e| Failed::Message(format!("cannot start {}: {e}", path.display())))?;
     // The Command still holds the pipe's write ends; drop it so EOF can arrive.
     drop(command);
-    let status = child.wait();
-    let output = drain();
-    let failure = match status {
-        Ok(s) if s.success() => None,
-        Ok(s) => Some(failure_message(&error_path, s, &output.tail)),
-        Err(e) => Some(format!("cannot wait for the task: {e}")),
-    };
-    Outcome { warnings: output.warnings, checks: output.checks, failure }
+    match child.wait() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(Failed::Exited(s)),
+        Err(e) => Err(Failed::Message(format!("cannot wait for the task: {e}"))),
+    }
 }
 
 /// The command search path of tasks, and of the helper itself.
