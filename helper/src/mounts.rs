@@ -226,9 +226,10 @@ fn run(env: &Env) -> Result<(), String> {
     std::fs::write(&mounts, "").map_err(|e| format!("cannot write {}: {e}", mounts.display()))?;
     let name = Path::new(&env.disk).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let partitions = partitions(&name);
-    // The disk and its partitions, never the floppy: probing a floppy costs seconds.
+    // The partitions, or the disk when it has none; never the floppy: probing a floppy costs
+    // seconds.
     let mut devices: Vec<String> =
-        std::iter::once(env.disk.clone()).chain(partitions.iter().map(|p| p.0.clone())).collect();
+        if partitions.is_empty() { vec![env.disk.clone()] } else { partitions.iter().map(|p| p.0.clone()).collect() };
     let mut probes = superblocks(&devices);
 
     // LVM only where a partition is a physical volume (lvm is slow to start).
@@ -361,15 +362,24 @@ fn mapper_volumes() -> Vec<String> {
     out
 }
 
-/// TYPE, UUID and LABEL of each device from its first bytes.
+/// What a first read of a device covers: the superblocks of ext2/3/4, XFS, vfat and LVM.
+const FIRST_PROBE_BYTES: u64 = 4096;
+
+/// TYPE, UUID and LABEL of each device from its first bytes (4 KiB, all `PROBE_BYTES` only
+/// when those tell nothing: under TCG every byte read costs).
 fn superblocks(devices: &[String]) -> Vec<Probe> {
+    let head = |dev: &str, len: u64| {
+        let mut head = Vec::with_capacity(len as usize);
+        let _ = std::fs::File::open(dev).and_then(|f| f.take(len).read_to_end(&mut head));
+        head
+    };
     devices
         .iter()
         .map(|dev| {
-            let mut head = Vec::with_capacity(PROBE_BYTES);
-            let _ = std::fs::File::open(dev).and_then(|f| f.take(PROBE_BYTES as u64).read_to_end(&mut head));
+            let detected = filesystems::detect(&head(dev, FIRST_PROBE_BYTES))
+                .or_else(|| filesystems::detect(&head(dev, PROBE_BYTES as u64)));
             let mut tags = HashMap::new();
-            if let Some(fs) = filesystems::detect(&head) {
+            if let Some(fs) = detected {
                 tags.insert("TYPE".to_owned(), fs.kind.to_owned());
                 tags.extend(fs.uuid.map(|u| ("UUID".to_owned(), u)));
                 tags.extend(fs.label.map(|l| ("LABEL".to_owned(), l)));
