@@ -7,17 +7,21 @@ use crate::tasks::TaskEnv;
 use imgforge_protocol::rules::{Operation, Rules};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
 /// Entry point of `guest-path PATH`: prints the helper path of an existing guest path, with
 /// every symlink resolved inside the guest root.
 pub fn guest_path_main(path: &str) -> ExitCode {
-    let Some(target) = std::env::var_os("IMGFORGE_TARGET").map(PathBuf::from) else {
-        eprintln!("imgforge-helper guest-path: IMGFORGE_TARGET is not set: run this from a task");
-        return ExitCode::from(2);
+    let env = TaskEnv::from_process();
+    let target = match env.require("IMGFORGE_TARGET") {
+        Ok(t) => Path::new(t),
+        Err(e) => {
+            eprintln!("imgforge-helper guest-path: {e}");
+            return ExitCode::from(2);
+        }
     };
-    match GuestRoot::open(&target).and_then(|g| g.resolve(path)) {
+    match GuestRoot::open(target).and_then(|g| g.resolve(path)) {
         Ok(resolved) => {
             println!("{}", resolved.display());
             ExitCode::SUCCESS

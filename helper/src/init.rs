@@ -11,6 +11,8 @@ use std::time::Duration;
 pub const TASKS_DIR: &str = "/usr/lib/imgforge/tasks";
 /// Scratch state shared by the tasks of one run.
 pub const STATE_DIR: &str = "/run/imgforge";
+/// Where the rules read from the floppy are kept for the tasks.
+pub const RULES_PATH: &str = "/run/imgforge/rules.json";
 /// Where 10-MountRoot mounts the guest's root filesystem.
 pub const TARGET_DIR: &str = "/mnt/guest";
 /// Where 05-MountPayload mounts the payload disk.
@@ -78,8 +80,7 @@ fn prepare(reporter: &mut Reporter) -> Result<(Rules, kmod::Preload), String> {
 
     let rules = Rules::from_json(&text).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(STATE_DIR).map_err(|e| format!("cannot create {STATE_DIR}: {e}"))?;
-    std::fs::write(Path::new(STATE_DIR).join("rules.json"), &text)
-        .map_err(|e| format!("cannot store the rules in {STATE_DIR}: {e}"))?;
+    std::fs::write(RULES_PATH, &text).map_err(|e| format!("cannot store the rules in {STATE_DIR}: {e}"))?;
     reporter.send(&ReportLine::Phase { name: "rules-read".into(), uptime_ms: uptime_ms() });
     wait_for(Path::new(TARGET_DISK))?;
     Ok((rules, preload))

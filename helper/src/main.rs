@@ -26,11 +26,12 @@ fn main() -> ExitCode {
         init::run()
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some(name) if args.len() == 1 && tasks::builtin(name).is_some() => {
-            let run = tasks::builtin(name).expect("checked");
-            tasks::finish(run(&tasks::TaskEnv::from_process()))
+    if let [name] = args.as_slice() {
+        if let Some(run) = tasks::builtin(name) {
+            return tasks::finish(run(&tasks::TaskEnv::from_process()));
         }
+    }
+    match args.first().map(String::as_str) {
         Some("guest-path") if args.len() == 2 => customize::guest_path_main(&args[1]),
         Some("modprobe") if args.len() >= 2 => kmod::modprobe_main(&args[1..]),
         _ => {

@@ -12,7 +12,6 @@ use crate::guest::GuestRoot;
 use crate::kmod;
 use crate::tasks::TaskEnv;
 use imgforge_protocol::filesystems::{self, PROBE_BYTES};
-use imgforge_protocol::rules::Rules;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -157,11 +156,7 @@ pub fn mount_root(vars: &TaskEnv) -> Result<(), String> {
         root_rule: vars.get("IMGFORGE_ROOT_PARTITION").map(str::to_owned),
         // verify looks, never writes: read-only, and no journal replay.
         read_only: vars.get("IMGFORGE_MODE") == Some("verify"),
-        prefetch: vars
-            .get("IMGFORGE_RULES")
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|text| Rules::from_json(&text).ok())
-            .is_some_and(|rules| rules.runs_guest_programs()),
+        prefetch: vars.get("IMGFORGE_GUEST_PROGRAMS") == Some("yes"),
     };
     run(&env)
 }

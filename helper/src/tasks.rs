@@ -1,6 +1,6 @@
 //! Runs the task scripts in run-parts order, logging their output and reporting each.
 
-use crate::init::{PAYLOAD_DIR, STATE_DIR, TARGET_DIR, TARGET_DISK};
+use crate::init::{PAYLOAD_DIR, RULES_PATH, STATE_DIR, TARGET_DIR, TARGET_DISK};
 use crate::reporter::Reporter;
 use crate::{customize, mounts, script};
 use imgforge_protocol::report::ReportLine;
@@ -47,7 +47,7 @@ impl TaskEnv {
             ("IMGFORGE_DISK", TARGET_DISK.to_owned()),
             ("IMGFORGE_PAYLOAD", PAYLOAD_DIR.to_owned()),
             ("IMGFORGE_STATE", STATE_DIR.to_owned()),
-            ("IMGFORGE_RULES", format!("{STATE_DIR}/rules.json")),
+            ("IMGFORGE_RULES", RULES_PATH.to_owned()),
             ("IMGFORGE_ERROR_FILE", error_file(task).display().to_string()),
             ("IMGFORGE_SELINUX_RELABEL", yes_no(rules.selinux_relabel)),
             ("IMGFORGE_ROOT_PARTITION", rules.root_partition.clone().unwrap_or_default()),
@@ -59,6 +59,7 @@ impl TaskEnv {
             ("IMGFORGE_GPGCHECK", yes_no(rules.gpgcheck)),
             ("IMGFORGE_GROW_FILESYSTEM", yes_no(rules.grow_filesystem)),
             ("IMGFORGE_VERBOSE", yes_no(rules.verbose)),
+            ("IMGFORGE_GUEST_PROGRAMS", yes_no(rules.runs_guest_programs())),
         ];
         Self(vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
     }
