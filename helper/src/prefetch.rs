@@ -5,6 +5,7 @@
 //! while the other filesystems are mounted and the file operations run.
 
 use crate::guest::GuestRoot;
+use imgforge_protocol::bytes::{le16, le32, le64};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -60,9 +61,8 @@ pub struct Needs {
 /// anything malformed yields what could be read).
 pub fn needs(elf: &[u8]) -> Needs {
     let mut out = Needs::default();
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4")));
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8")));
+    let u16_at = |o: usize| le16(elf, o).map(usize::from);
+    let (u32_at, u64_at) = (|o| le32(elf, o), |o| le64(elf, o));
     let c_str = |o: usize| {
         let rest = elf.get(o..)?;
         let end = rest.iter().position(|&b| b == 0)?;
@@ -78,7 +78,8 @@ pub fn needs(elf: &[u8]) -> Needs {
     let headers: Vec<(u32, u64, u64, u64)> = (0..phnum)
         .filter_map(|i| {
             let h = usize::try_from(phoff).ok()?.checked_add(i.checked_mul(phentsize)?)?;
-            Some((u32_at(h)?, u64_at(h + 8)?, u64_at(h + 16)?, u64_at(h + 32)?))
+            let at = |delta: usize| h.checked_add(delta);
+            Some((u32_at(h)?, u64_at(at(8)?)?, u64_at(at(16)?)?, u64_at(at(32)?)?))
         })
         .collect();
     let file_offset = |vaddr: u64| {

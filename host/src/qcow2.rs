@@ -4,6 +4,7 @@
 //! write a silently wrong disk. Bounded: each L2 table is read once, however many L1 entries
 //! name it.
 
+use imgforge_protocol::bytes::{be32, be64};
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
 
@@ -56,13 +57,6 @@ pub struct Header {
     pub has_backing: bool,
     /// Incompatible feature bits.
     pub incompatible: u64,
-}
-
-fn be32(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(o..o + 4)?.try_into().ok()?))
-}
-fn be64(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(b.get(o..o + 8)?.try_into().ok()?))
 }
 
 /// Parses a qcow2 header (pure).

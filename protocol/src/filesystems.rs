@@ -1,6 +1,7 @@
 //! Filesystems recognized by their superblocks (pure, over the first bytes of a partition):
 //! the host inspects images with it, the helper finds the guest's filesystems with it.
 
+use crate::bytes::{be32, be64, le16, le32};
 use serde::Serialize;
 
 /// How many bytes from the start of a partition detection looks at.
@@ -25,22 +26,6 @@ pub struct Filesystem {
 
 fn at(b: &[u8], offset: usize, len: usize) -> Option<&[u8]> {
     b.get(offset..offset.checked_add(len)?)
-}
-
-fn le16(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(at(b, o, 2)?.try_into().ok()?))
-}
-
-fn le32(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(at(b, o, 4)?.try_into().ok()?))
-}
-
-fn be32(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(at(b, o, 4)?.try_into().ok()?))
-}
-
-fn be64(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(at(b, o, 8)?.try_into().ok()?))
 }
 
 fn text(b: &[u8]) -> Option<String> {

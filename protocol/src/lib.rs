@@ -4,6 +4,7 @@
 //! [`report::ReportLine`]s from the helper's second serial port; the helper does the reverse.
 //! Both recognize filesystems by their superblocks the same way ([`filesystems`]).
 
+pub mod bytes;
 pub mod filesystems;
 pub mod report;
 pub mod rules;

@@ -1,6 +1,7 @@
 //! The helper kernel and its modules, taken from Debian's `linux-image-*-amd64` package.
 
 use super::BuildError;
+use imgforge_protocol::bytes::{le16, le32, le64};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -181,11 +182,9 @@ pub const HIDDEN_MODULE_SECTIONS: &[&str] = &[
 /// Returns how many sections were renamed; anything but a well-formed 64-bit little-endian ELF
 /// file is left alone.
 pub fn hide_module_sections(module: &mut [u8]) -> usize {
-    let u16_at = |b: &[u8], o: usize| b.get(o..o + 2).map(|x| u16::from_le_bytes([x[0], x[1]]) as usize);
-    let u32_at = |b: &[u8], o: usize| b.get(o..o + 4).map(|x| u32::from_le_bytes(x.try_into().expect("4")) as usize);
-    let u64_at = |b: &[u8], o: usize| {
-        b.get(o..o + 8).and_then(|x| usize::try_from(u64::from_le_bytes(x.try_into().expect("8"))).ok())
-    };
+    let u16_at = |b: &[u8], o: usize| le16(b, o).map(usize::from);
+    let u32_at = |b: &[u8], o: usize| le32(b, o).and_then(|v| usize::try_from(v).ok());
+    let u64_at = |b: &[u8], o: usize| le64(b, o).and_then(|v| usize::try_from(v).ok());
     // ELFCLASS64, ELFDATA2LSB.
     if !module.starts_with(ELF_MAGIC) || module.get(4..6) != Some(&[2, 1]) {
         return 0;
