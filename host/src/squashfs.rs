@@ -6,21 +6,35 @@ use backhand::compression::{CompressionAction, Compressor, DefaultCompressor};
 use backhand::{BackhandError, FilesystemCompressor, FilesystemReader, SuperBlock};
 use std::io::Read;
 
-/// The [`CompressionAction`] of squashfs images imgforge reads: Rust decoders; compression
-/// stays backhand's, or is declined block by block (`store_only`).
+/// How one block is compressed for backhand's writer: `(block, filesystem compressor, block
+/// size)`, as [`CompressionAction::compress`] is called.
+pub type BlockCompress = fn(&[u8], FilesystemCompressor, u32) -> Result<Vec<u8>, BackhandError>;
+
+/// The [`CompressionAction`] of every squashfs imgforge reads or writes: Rust decoders, and
+/// `compress` for the blocks it writes.
 pub struct RustDecoder {
-    store_only: bool,
+    compress: BlockCompress,
+}
+
+impl RustDecoder {
+    /// Rust decoders, and `compress` for written blocks.
+    pub const fn new(compress: BlockCompress) -> Self {
+        Self { compress }
+    }
 }
 
 /// The instance that reads: backhand takes a `&'static` compressor.
-pub static RUST_DECODER: RustDecoder = RustDecoder { store_only: false };
+pub static RUST_DECODER: RustDecoder =
+    RustDecoder::new(|bytes, fc, block_size| DefaultCompressor.compress(bytes, fc, block_size));
 
 /// The instance that writes every block stored, uncompressed (the payload disk: its files are
 /// mostly compressed already, it never leaves the host, and the helper under TCG would spend
 /// more time decompressing than reading). It declines each block as backhand expects of a
 /// compressor whose output would be larger; the superblock still names a compressor, as the
 /// kernel requires.
-pub static STORE_ONLY: RustDecoder = RustDecoder { store_only: true };
+pub static STORE_ONLY: RustDecoder =
+    // Longer than the input: backhand stores the block as it is.
+    RustDecoder::new(|bytes, _, _| Ok(vec![0; bytes.len() + 1]));
 
 /// Opens a squashfs with [`RustDecoder`] (squashfs 4.0, little-endian: what mksquashfs makes).
 pub fn open<'b>(reader: impl backhand::BufReadSeek + 'b) -> Result<FilesystemReader<'b>, BackhandError> {
@@ -76,11 +90,7 @@ impl CompressionAction for RustDecoder {
     }
 
     fn compress(&self, bytes: &[u8], fc: FilesystemCompressor, block_size: u32) -> Result<Vec<u8>, BackhandError> {
-        if self.store_only {
-            // Longer than the input: backhand stores the block as it is.
-            return Ok(vec![0; bytes.len() + 1]);
-        }
-        DefaultCompressor.compress(bytes, fc, block_size)
+        (self.compress)(bytes, fc, block_size)
     }
 
     fn compression_options(

@@ -8,8 +8,10 @@
 //! single-threaded xz stream per block (backhand starts a two-thread encoder for every block),
 //! trying plain LZMA2 and each BCJ filter the source was made with and keeping the smallest.
 
-use backhand::compression::{CompressionAction, Compressor, DefaultCompressor};
-use backhand::{BackhandError, FilesystemCompressor, SuperBlock};
+use crate::squashfs::RustDecoder;
+use backhand::compression::{CompressionAction, DefaultCompressor};
+use backhand::{BackhandError, FilesystemCompressor};
+use imgforge_protocol::bytes::{le16, le32};
 use liblzma::stream::{Action, Check, Filters, LzmaOptions, Status, Stream};
 use std::fs::File;
 use std::io::Read;
@@ -51,8 +53,7 @@ const SUPERBLOCK_LEN: usize = 96;
 impl Codec {
     /// The codec of a squashfs from its first bytes (superblock and compression options).
     pub fn of_squashfs(head: &[u8]) -> Codec {
-        let u16_at = |o: usize| head.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-        let u32_at = |o: usize| head.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let (u16_at, u32_at) = (|o| le16(head, o), |o| le32(head, o));
         if head.get(..4) != Some(b"hsqs") || u16_at(20) != Some(XZ_ID) {
             return Codec::Backhand;
         }
@@ -125,7 +126,7 @@ fn compress_block(
     }
 }
 
-/// A [`CompressionAction`] that answers from blocks compressed ahead when it can.
+/// The repack's block compressor, answering from blocks compressed ahead when it can.
 pub struct AheadCompressor {
     ahead: Mutex<Option<Ahead>>,
     codec: Mutex<Codec>,
@@ -212,16 +213,9 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> usize {
     filled
 }
 
-impl CompressionAction for AheadCompressor {
-    type Error = BackhandError;
-    type Compressor = Compressor;
-    type FilesystemCompressor = FilesystemCompressor;
-    type SuperBlock = SuperBlock;
-
-    fn decompress(&self, bytes: &[u8], out: &mut Vec<u8>, compressor: Compressor) -> Result<(), BackhandError> {
-        crate::squashfs::decode(bytes, out, compressor)
-    }
-
+impl AheadCompressor {
+    /// One block for backhand's writer: the one compressed ahead if it is this block, else
+    /// compressed now.
     fn compress(&self, bytes: &[u8], fc: FilesystemCompressor, block_size: u32) -> Result<Vec<u8>, BackhandError> {
         match self.take_ahead(bytes) {
             Some(result) => result,
@@ -231,16 +225,10 @@ impl CompressionAction for AheadCompressor {
             }
         }
     }
-
-    fn compression_options(
-        &self,
-        superblock: &mut SuperBlock,
-        kind: &backhand::kind::Kind,
-        fs_compressor: FilesystemCompressor,
-    ) -> Result<Option<Vec<u8>>, BackhandError> {
-        DefaultCompressor.compression_options(superblock, kind, fs_compressor)
-    }
 }
+
+/// The [`CompressionAction`] of the repack: Rust decoders, blocks from [`AHEAD`].
+pub static REPACK: RustDecoder = RustDecoder::new(|bytes, fc, block_size| AHEAD.compress(bytes, fc, block_size));
 
 #[cfg(test)]
 mod tests {
@@ -281,7 +269,7 @@ mod tests {
         assert!(with_bcj.len() <= plain.len());
         for packed in [plain, with_bcj] {
             let mut out = Vec::with_capacity(block.len());
-            crate::squashfs::decode(&packed, &mut out, Compressor::Xz).unwrap();
+            crate::squashfs::decode(&packed, &mut out, backhand::compression::Compressor::Xz).unwrap();
             assert_eq!(out, block);
         }
     }

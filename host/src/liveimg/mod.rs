@@ -106,7 +106,7 @@ fn compress_ahead(
     if compressor::AHEAD.start(rootfs, codec, fc, reader.block_size).is_err() {
         return false;
     }
-    writer.set_kind(backhand::kind::Kind::new_v4_with_const(&compressor::AHEAD, backhand::kind::LE_V4_0));
+    writer.set_kind(backhand::kind::Kind::new_v4_with_const(&compressor::REPACK, backhand::kind::LE_V4_0));
     true
 }
 
