@@ -210,7 +210,7 @@ pub async fn run_vm_collecting(
     let mut console_seen = false;
     let forward = async {
         while let Some(event) = rx.recv().await {
-            if let VmEvent::Started(_) = event {
+            if let VmEvent::Started { .. } = event {
                 started = Some(std::time::Instant::now());
             }
             let since = started;
@@ -220,12 +220,13 @@ pub async fn run_vm_collecting(
                 timeline.phases.push((name, host, guest));
             };
             match event {
-                VmEvent::Started(accel) => {
-                    tracing::info!(%accel, "helper VM started");
+                VmEvent::Started { accel, cpu } => {
+                    tracing::info!(%accel, %cpu, "helper VM started");
                     timeline.phases.clear();
                     console_seen = false;
                     mark(format!("qemu started ({accel})"), None, &mut timeline);
                 }
+                VmEvent::KvmProbe(what) => tracing::info!("{what}"),
                 VmEvent::Fallback(why) => tracing::warn!("{why}"),
                 VmEvent::Console(line) => {
                     if !console_seen {
@@ -269,7 +270,7 @@ pub async fn run_vm_collecting(
         result
     };
     let (result, timeline) = tokio::join!(run, forward);
-    if verbose {
+    if verbose && !timeline.phases.is_empty() {
         progress.println(timeline.render().trim_end());
     }
     Ok((result?, checks))

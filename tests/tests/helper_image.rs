@@ -5,19 +5,15 @@ use imgforge_tests::run::{binary, code};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The kernel package the main cache already holds (so fresh caches need no download).
+/// The kernel package the main cache's helper image was built from (so that fresh caches need
+/// no download).
 fn kernel_deb() -> PathBuf {
     let out = Command::new(binary()).args(["helper-image", "build"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let debs = Path::new("/var/cache/imgforge/debs");
-    let cache =
-        std::env::var_os("IMGFORGE_CACHE_DIR").map(PathBuf::from).map(|c| c.join("debs")).unwrap_or(debs.to_owned());
-    std::fs::read_dir(&cache)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("a kernel package in the cache")
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let deb = stdout.lines().find_map(|l| l.trim().strip_prefix("package ")).expect("a package line");
+    assert!(deb.ends_with(".deb") && Path::new(deb).is_file(), "{stdout}");
+    PathBuf::from(deb)
 }
 
 fn build_in(cache: &Path, deb: &Path) -> (Vec<u8>, Vec<u8>) {
@@ -97,37 +93,46 @@ fn accel_auto_finds_a_working_accelerator_and_remembers_it() {
     assert_eq!(m.read("/etc/hostname").unwrap(), "auto1\n");
 }
 
+/// A stand-in for qemu: `script` runs first (a POSIX sh `case` on the arguments), then the real
+/// qemu. qemu runs as nobody: the wrapper and its directory must be reachable by it.
+fn fake_qemu(name: &str, script: &str) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.path().join(name);
+    std::fs::write(&fake, format!("#!/bin/sh\n{script}\nexec qemu-system-x86_64 \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (bin, fake)
+}
+
+/// `customize -v -a IMG --accel ACCEL --hostname NAME` with the stand-in `qemu`, its own helper
+/// image cache, and /dev/kvm taken as usable.
+fn customize_with_qemu(qemu: &Path, cache: &Path, img: &Path, accel: &str, name: &str) -> std::process::Output {
+    let out = Command::new(binary())
+        .args(["customize", "-v", "-a", img.to_str().unwrap(), "--accel", accel, "--hostname", name])
+        .arg("--qemu")
+        .arg(qemu)
+        .env("IMGFORGE_CACHE_DIR", cache)
+        .env("IMGFORGE_KERNEL_DEB", kernel_deb())
+        .env("IMGFORGE_ASSUME_KVM_DEVICE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("customize --accel {accel} -> {}\n{stderr}", out.status);
+    // Logs read by CI and Ganeti carry no terminal colour codes.
+    assert!(!stderr.contains('\u{1b}'), "ANSI escapes in a log that is not a terminal: {stderr}");
+    out
+}
+
 /// A qemu whose KVM guests hang silently (as KVM does on these machines): `--accel auto` must
 /// give up on KVM after the sign-of-life window, fall back to TCG and remember the verdict.
 #[test]
 fn accel_auto_falls_back_when_kvm_guests_hang() {
-    use std::os::unix::fs::PermissionsExt;
-    let deb = kernel_deb();
     let cache = tempfile::tempdir().unwrap();
-    // qemu runs as nobody: the wrapper must be reachable by it.
-    let bin = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fake = bin.path().join("qemu-kvm-hangs");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\ncase \" $* \" in *' -accel kvm '*) exec sleep 600 ;; esac\nexec qemu-system-x86_64 \"$@\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_bin, fake) = fake_qemu("qemu-kvm-hangs", "case \" $* \" in *' -accel kvm '*) exec sleep 600 ;; esac");
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let run = || {
-        Command::new(binary())
-            .args(["customize", "-v", "-a", img.to_str().unwrap(), "--accel", "auto", "--hostname", "fallback1"])
-            .arg("--qemu")
-            .arg(&fake)
-            .env("IMGFORGE_CACHE_DIR", cache.path())
-            .env("IMGFORGE_KERNEL_DEB", &deb)
-            .env("IMGFORGE_ASSUME_KVM_DEVICE", "1")
-            .output()
-            .unwrap()
-    };
-    let first = run();
+    let first = customize_with_qemu(&fake, cache.path(), &img, "auto", "fallback1");
     let stderr = String::from_utf8_lossy(&first.stderr);
     assert_eq!(code(&first), 0, "{stderr}");
     assert!(stderr.contains("no sign of life") && stderr.contains("using TCG"), "{stderr}");
@@ -135,9 +140,73 @@ fn accel_auto_falls_back_when_kvm_guests_hang() {
     assert!(verdict.contains("broken"), "{verdict}");
     // The verdict holds for this host boot: the next run goes straight to TCG.
     let started = std::time::Instant::now();
-    let second = run();
+    let second = customize_with_qemu(&fake, cache.path(), &img, "auto", "fallback1");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(code(&second), 0, "{stderr}");
-    assert!(!stderr.contains("accel=kvm"), "KVM was tried again: {stderr}");
+    assert!(!stderr.contains("accel=kvm") && !stderr.contains("KVM probe"), "KVM was tried again: {stderr}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
+/// What qemu 7.2 says and does when the host (itself a VM) refuses an MSR `-cpu host` implies.
+const MSR_ABORT: &str = "echo 'qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69' >&2; \
+echo 'qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion failed.' >&2; kill -ABRT $$";
+
+/// A qemu that aborts at once under KVM (nested-virtualization hosts refusing an MSR):
+/// `--accel auto` narrows the CPU model, then finishes under TCG; `--accel kvm` fails with
+/// exit 4 and qemu's own message.
+#[test]
+fn accel_auto_falls_back_when_qemu_aborts_under_kvm() {
+    let cache = tempfile::tempdir().unwrap();
+    let (_bin, fake) = fake_qemu("qemu-kvm-aborts", &format!("case \" $* \" in *' -accel kvm '*) {MSR_ABORT} ;; esac"));
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+
+    let auto = customize_with_qemu(&fake, cache.path(), &img, "auto", "aborted1");
+    let stderr = String::from_utf8_lossy(&auto.stderr);
+    assert_eq!(code(&auto), 0, "{stderr}");
+    assert!(stderr.contains("trying -cpu host,-arch-capabilities"), "the CPU model was not narrowed: {stderr}");
+    assert!(stderr.contains("failed to set MSR 0x10a") && stderr.contains("using TCG"), "{stderr}");
+    assert!(stderr.contains("accel=tcg"), "{stderr}");
+    let verdict = std::fs::read_to_string(cache.path().join("kvm-verdict.json")).unwrap();
+    assert!(verdict.contains("broken"), "{verdict}");
+    let m = imgforge_tests::readback::Mount::partition(&img, 0).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), "aborted1\n");
+    drop(m);
+
+    let before = std::fs::read(&img).unwrap();
+    let kvm = customize_with_qemu(&fake, cache.path(), &img, "kvm", "aborted2");
+    let stderr = String::from_utf8_lossy(&kvm.stderr);
+    assert_eq!(code(&kvm), 4, "{stderr}");
+    assert!(stderr.contains("KVM does not work") && stderr.contains("failed to set MSR 0x10a"), "{stderr}");
+    assert!(std::fs::read(&img).unwrap() == before, "the disk changed although nothing ran");
+}
+
+/// A qemu whose KVM works (the stand-in runs KVM guests under TCG) but that fails on the disk
+/// (as on a corrupt image): the failure is reported, and KVM is not marked broken for the
+/// rest of the boot.
+#[test]
+fn an_image_qemu_refuses_does_not_mark_kvm_broken() {
+    let cache = tempfile::tempdir().unwrap();
+    // Under KVM: the helper run (it has disks) fails as on a corrupt image; the probe (no
+    // disk) runs, its -accel and -cpu values swapped for TCG's, argument by argument.
+    let script = r#"case " $* " in
+  *' -accel kvm '*' -blockdev '*) echo "qemu-system-x86_64: -blockdev driver=raw,node-name=disk: Image is corrupt" >&2; exit 1 ;;
+  *' -accel kvm '*)
+    n=$#; prev=
+    while [ "$n" -gt 0 ]; do
+      a=$1; shift; n=$((n - 1)); orig=$a
+      case "$prev" in -accel) a=tcg ;; -cpu) a=max ;; esac
+      set -- "$@" "$a"; prev=$orig
+    done ;;
+esac"#;
+    let (_bin, fake) = fake_qemu("qemu-kvm-ok-disk-corrupt", script);
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let out = customize_with_qemu(&fake, cache.path(), &img, "auto", "corrupt1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(code(&out), 0, "{stderr}");
+    assert!(stderr.contains("Image is corrupt"), "qemu's message was lost: {stderr}");
+    assert!(stderr.contains("a guest runs under KVM with -cpu host"), "{stderr}");
+    let verdict = std::fs::read_to_string(cache.path().join("kvm-verdict.json")).unwrap();
+    assert!(verdict.contains("works") && verdict.contains("\"cpu\":\"host\""), "{verdict}");
 }

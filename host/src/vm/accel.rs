@@ -1,4 +1,7 @@
 //! Choosing the accelerator: KVM where it works, TCG otherwise, remembered per host boot.
+//!
+//! Whether KVM works is decided by a probe of its own ([`super::kvm_probe`]), never by a helper
+//! run: a qemu that fails on an image must not mark KVM broken for the rest of the boot.
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -15,23 +18,21 @@ pub enum Accel {
     Tcg,
 }
 
+/// qemu's CPU model under KVM when nothing is known to fail: the host's own CPU.
+pub const KVM_CPU: &str = "host";
+
+/// The CPU model under TCG: every instruction set the guest's programs may need (RHEL 10
+/// userlands require x86-64-v3), but not 5-level paging: the helper has 1 GiB of memory, and
+/// each page walk TCG emulates got one level longer (measured: the bare boot's median 1.76 s
+/// against 1.94 s with it, the customize part 45 ms shorter).
+pub const TCG_CPU: &str = "max,la57=off";
+
 impl Accel {
     /// qemu's `-accel` name.
     pub fn qemu_name(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg | Accel::Auto => "tcg",
-        }
-    }
-
-    /// The CPU model for this accelerator. Under TCG every instruction set the guest's programs
-    /// may need (RHEL 10 userlands require x86-64-v3), but not 5-level paging: the helper has
-    /// 1 GiB of memory, and each page walk TCG emulates got one level longer (measured: the
-    /// bare boot's median 1.76 s against 1.94 s with it, the customize part 45 ms shorter).
-    pub fn cpu_model(self) -> &'static str {
-        match self {
-            Accel::Kvm => "host",
-            Accel::Tcg | Accel::Auto => "max,la57=off",
         }
     }
 }
@@ -47,19 +48,32 @@ impl std::fmt::Display for Accel {
 }
 
 /// What was learnt about KVM on this host boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kvm")]
 pub enum KvmVerdict {
-    /// A KVM guest showed signs of life.
-    Works,
-    /// KVM failed to start or the guest stayed silent.
-    Broken,
+    /// A KVM guest printed on its console with this CPU model.
+    Works {
+        /// The `-cpu` value that worked.
+        #[serde(default = "default_kvm_cpu")]
+        cpu: String,
+    },
+    /// KVM failed to start or its guest stayed silent.
+    Broken {
+        /// Why, in qemu's words where it said something.
+        #[serde(default)]
+        reason: String,
+    },
+}
+
+fn default_kvm_cpu() -> String {
+    KVM_CPU.to_owned()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Remembered {
     boot_id: String,
-    kvm: KvmVerdict,
+    #[serde(flatten)]
+    verdict: KvmVerdict,
 }
 
 fn boot_id() -> Option<String> {
@@ -74,57 +88,160 @@ pub fn verdict_path(cache: &Path) -> PathBuf {
 /// The verdict remembered for this boot, if any.
 pub fn remembered(cache: &Path) -> Option<KvmVerdict> {
     let r: Remembered = serde_json::from_str(&std::fs::read_to_string(verdict_path(cache)).ok()?).ok()?;
-    (Some(r.boot_id) == boot_id()).then_some(r.kvm)
+    (Some(r.boot_id) == boot_id()).then_some(r.verdict)
 }
 
-/// Remembers a verdict for this boot (best effort).
-pub fn remember(cache: &Path, kvm: KvmVerdict) {
+/// Remembers a verdict for this boot (best effort: without it the next run probes again).
+pub fn remember(cache: &Path, verdict: &KvmVerdict) {
     let Some(boot_id) = boot_id() else { return };
+    let Ok(bytes) = serde_json::to_vec(&Remembered { boot_id, verdict: verdict.clone() }) else { return };
     let _ = std::fs::create_dir_all(cache);
     let tmp = cache.join(format!(".kvm-verdict.{}", std::process::id()));
-    if std::fs::write(&tmp, serde_json::to_vec(&Remembered { boot_id, kvm }).unwrap_or_default()).is_ok() {
+    if std::fs::write(&tmp, bytes).is_ok() {
         let _ = std::fs::rename(&tmp, verdict_path(cache));
     }
 }
 
 /// True if `/dev/kvm` can be opened read-write (`IMGFORGE_ASSUME_KVM_DEVICE=1` pretends it can,
-/// for tests that stand in a qemu whose KVM guests hang).
+/// for tests that stand in a qemu whose KVM misbehaves).
 pub fn kvm_device_usable() -> bool {
     std::env::var_os("IMGFORGE_ASSUME_KVM_DEVICE").is_some_and(|v| v == "1")
         || std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
 }
 
-/// The accelerators to try, in order, for a `--accel` choice.
-pub fn plan(choice: Accel, device_usable: bool, remembered: Option<KvmVerdict>) -> Vec<Accel> {
-    match choice {
-        Accel::Kvm => vec![Accel::Kvm],
-        Accel::Tcg => vec![Accel::Tcg],
-        Accel::Auto if device_usable && remembered != Some(KvmVerdict::Broken) => vec![Accel::Kvm, Accel::Tcg],
-        Accel::Auto => vec![Accel::Tcg],
+/// How to get the KVM CPU model for a run, before anything is started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmPlan {
+    /// Do not use KVM.
+    Skip,
+    /// Use KVM with this CPU model (remembered from this boot's probe).
+    Use(String),
+    /// Probe first; `required`: a broken KVM is an error rather than a reason to use TCG.
+    Probe {
+        /// `--accel kvm`.
+        required: bool,
+    },
+}
+
+/// What to do about KVM for a `--accel` choice (pure).
+pub fn plan(choice: Accel, device_usable: bool, remembered: Option<KvmVerdict>) -> KvmPlan {
+    match (choice, remembered) {
+        (Accel::Tcg, _) => KvmPlan::Skip,
+        (Accel::Kvm | Accel::Auto, Some(KvmVerdict::Works { cpu })) => KvmPlan::Use(cpu),
+        // The user asked for KVM: find out again, so that the error is qemu's own.
+        (Accel::Kvm, _) => KvmPlan::Probe { required: true },
+        (Accel::Auto, Some(KvmVerdict::Broken { .. })) => KvmPlan::Skip,
+        (Accel::Auto, None) if device_usable => KvmPlan::Probe { required: false },
+        (Accel::Auto, None) => KvmPlan::Skip,
     }
+}
+
+/// MSRs that hosts running nested under another hypervisor are known to refuse, and the CPU
+/// option that keeps qemu from setting them: (first MSR, last MSR, option).
+const REFUSED_MSRS: &[(u32, u32, &str)] = &[
+    // IA32_ARCH_CAPABILITIES: some clouds' nested KVM rejects the value qemu derives.
+    (0x10a, 0x10a, "-arch-capabilities"),
+    // IA32_SPEC_CTRL.
+    (0x48, 0x48, "-spec-ctrl"),
+    // Performance counters (IA32_PMCx, IA32_PERFEVTSELx, the fixed counters and their controls).
+    (0xc1, 0xc8, "pmu=off"),
+    (0x186, 0x18f, "pmu=off"),
+    (0x309, 0x30b, "pmu=off"),
+    (0x38d, 0x390, "pmu=off"),
+];
+
+/// The MSR number of qemu's `failed to set MSR 0x10a to 0x69` in its error output (pure).
+pub fn refused_msr(qemu_stderr: &str) -> Option<u32> {
+    qemu_stderr.lines().find_map(|line| {
+        let rest = line.split("failed to set MSR 0x").nth(1)?;
+        let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+        u32::from_str_radix(&hex, 16).ok()
+    })
+}
+
+/// The CPU model to try after `tried` failed with `qemu_stderr` (`crashed`: qemu died of a
+/// signal), if any is worth a try (pure): `-cpu host` without the feature behind a refused MSR;
+/// after a crash that names none, `max` once. A qemu that could not open or set up KVM at all
+/// exits with an error, and no CPU model helps it.
+pub fn next_kvm_cpu(tried: &str, qemu_stderr: &str, crashed: bool) -> Option<String> {
+    if let Some(msr) = refused_msr(qemu_stderr) {
+        let option = REFUSED_MSRS.iter().find(|(first, last, _)| (*first..=*last).contains(&msr)).map(|r| r.2)?;
+        if tried.split(',').any(|o| o == option) {
+            return None;
+        }
+        return Some(format!("{tried},{option}"));
+    }
+    (crashed && tried == KVM_CPU).then(|| "max".to_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn works(cpu: &str) -> Option<KvmVerdict> {
+        Some(KvmVerdict::Works { cpu: cpu.into() })
+    }
+
     #[test]
     fn plans() {
-        assert_eq!(plan(Accel::Auto, true, None), [Accel::Kvm, Accel::Tcg]);
-        assert_eq!(plan(Accel::Auto, true, Some(KvmVerdict::Works)), [Accel::Kvm, Accel::Tcg]);
-        assert_eq!(plan(Accel::Auto, true, Some(KvmVerdict::Broken)), [Accel::Tcg]);
-        assert_eq!(plan(Accel::Auto, false, None), [Accel::Tcg]);
-        assert_eq!(plan(Accel::Kvm, false, Some(KvmVerdict::Broken)), [Accel::Kvm]);
-        assert_eq!(plan(Accel::Tcg, true, None), [Accel::Tcg]);
+        let broken = Some(KvmVerdict::Broken { reason: "x".into() });
+        assert_eq!(plan(Accel::Auto, true, None), KvmPlan::Probe { required: false });
+        assert_eq!(plan(Accel::Auto, true, works("host")), KvmPlan::Use("host".into()));
+        assert_eq!(plan(Accel::Auto, true, broken.clone()), KvmPlan::Skip);
+        assert_eq!(plan(Accel::Auto, false, None), KvmPlan::Skip);
+        assert_eq!(plan(Accel::Kvm, false, broken), KvmPlan::Probe { required: true });
+        assert_eq!(
+            plan(Accel::Kvm, true, works("host,-arch-capabilities")),
+            KvmPlan::Use("host,-arch-capabilities".into())
+        );
+        assert_eq!(plan(Accel::Tcg, true, works("host")), KvmPlan::Skip);
     }
 
     #[test]
     fn verdict_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(remembered(dir.path()), None);
-        remember(dir.path(), KvmVerdict::Broken);
-        assert_eq!(remembered(dir.path()), Some(KvmVerdict::Broken));
+        let broken = KvmVerdict::Broken { reason: "qemu aborted".into() };
+        remember(dir.path(), &broken);
+        assert_eq!(remembered(dir.path()), Some(broken));
+        remember(dir.path(), &KvmVerdict::Works { cpu: "host,pmu=off".into() });
+        assert_eq!(remembered(dir.path()), works("host,pmu=off"));
         std::fs::write(verdict_path(dir.path()), r#"{"boot_id":"other","kvm":"works"}"#).unwrap();
         assert_eq!(remembered(dir.path()), None);
+        // A verdict written before the CPU model was kept.
+        let boot = boot_id().unwrap();
+        std::fs::write(verdict_path(dir.path()), format!(r#"{{"boot_id":"{boot}","kvm":"works"}}"#)).unwrap();
+        assert_eq!(remembered(dir.path()), works(KVM_CPU));
+        std::fs::write(verdict_path(dir.path()), format!(r#"{{"boot_id":"{boot}","kvm":"broken"}}"#)).unwrap();
+        assert_eq!(remembered(dir.path()), Some(KvmVerdict::Broken { reason: String::new() }));
+    }
+
+    #[test]
+    fn refused_msrs() {
+        let abort = "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\n\
+                     qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion failed.";
+        assert_eq!(refused_msr(abort), Some(0x10a));
+        assert_eq!(refused_msr("failed to set MSR 0x38d to 0x0"), Some(0x38d));
+        assert_eq!(refused_msr("failed to set MSR 0xzz"), None);
+        assert_eq!(refused_msr("Could not access KVM kernel module"), None);
+        let denied = "Could not access KVM kernel module: Permission denied\n\
+                      qemu-system-x86_64: -accel kvm: failed to initialize kvm: Permission denied";
+        let cases: &[(&str, &str, bool, Option<&str>)] = &[
+            ("host", abort, true, Some("host,-arch-capabilities")),
+            ("host,-arch-capabilities", abort, true, None),
+            (
+                "host,-arch-capabilities",
+                "failed to set MSR 0x38f to 0x1",
+                true,
+                Some("host,-arch-capabilities,pmu=off"),
+            ),
+            ("host", "failed to set MSR 0x4b564d00 to 0x1", true, None),
+            ("host", "kvm_init_vcpu: something else went wrong", true, Some("max")),
+            ("max", "kvm_init_vcpu: something else went wrong", true, None),
+            ("host", denied, false, None),
+        ];
+        for (tried, stderr, crashed, want) in cases {
+            assert_eq!(next_kvm_cpu(tried, stderr, *crashed).as_deref(), *want, "{tried} / {stderr}");
+        }
     }
 }

@@ -46,6 +46,8 @@ impl DiskFormat {
 pub struct QemuConfig {
     /// Accelerator for this attempt.
     pub accel: Accel,
+    /// qemu's `-cpu` model for it.
+    pub cpu: String,
     /// Guest memory.
     pub memory_mib: u32,
     /// Kernel command line.
@@ -101,13 +103,13 @@ pub const PAYLOAD_SERIAL: &str = "imgforge-payload";
 /// The serial number of the target disk.
 pub const TARGET_SERIAL: &str = "imgforge-target";
 
-/// Builds the argument list (without the program name).
-pub fn args(c: &QemuConfig) -> Vec<String> {
-    let mut a: Vec<String> = Vec::new();
-    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    push(&[
+/// The machine every run of ours gets: no defaults, no display, no network, one vCPU, the
+/// seccomp sandbox, and an exit instead of a reboot.
+fn machine_args(name: &str, accel: Accel, cpu: &str, memory_mib: u32) -> Vec<String> {
+    let memory = memory_mib.to_string();
+    [
         "-name",
-        "imgforge-helper",
+        name,
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -115,10 +117,57 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
         "-vga",
         "none",
         "-no-reboot",
-    ]);
-    push(&["-machine", "pc", "-accel", c.accel.qemu_name(), "-cpu", c.accel.cpu_model()]);
-    push(&["-m", &c.memory_mib.to_string(), "-smp", "1"]);
-    push(&["-sandbox", SANDBOX]);
+        "-machine",
+        "pc",
+        "-accel",
+        accel.qemu_name(),
+        "-cpu",
+        cpu,
+        "-m",
+        &memory,
+        "-smp",
+        "1",
+        "-sandbox",
+        SANDBOX,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The next serial port, written to the inherited pipe `fd`. `append=on`: without it qemu
+/// truncates the descriptor, which a pipe refuses (EINVAL).
+fn serial_args(fd: i32, fdset: u32, id: &str) -> [String; 6] {
+    [
+        "-add-fd".into(),
+        format!("fd={fd},set={fdset},opaque={id}"),
+        "-chardev".into(),
+        format!("file,id={id},path=/dev/fdset/{fdset},append=on"),
+        "-serial".into(),
+        format!("chardev:{id}"),
+    ]
+}
+
+/// Memory of the KVM probe's guest: enough for the kernel to reach its first console line.
+pub const PROBE_MEMORY_MIB: u32 = 128;
+/// Kernel command line of the KVM probe: print from the first instructions on
+/// (`earlyprintk`), and no initramfs to look for (the kernel then panics, and -no-reboot
+/// ends qemu, unless the probe killed it at the first line).
+pub const PROBE_KERNEL_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 acpi=off nokaslr";
+
+/// The KVM probe: the helper kernel alone under `-accel kvm -cpu CPU`, confined like the helper
+/// VM, with its serial console on `console_fd` (argument list without the program name).
+pub fn probe_args(cpu: &str, kernel_fd: i32, console_fd: i32) -> Vec<String> {
+    let mut a = machine_args("imgforge-kvm-probe", Accel::Kvm, cpu, PROBE_MEMORY_MIB);
+    a.extend(["-kernel".into(), format!("/proc/self/fd/{kernel_fd}"), "-append".into(), PROBE_KERNEL_CMDLINE.into()]);
+    a.extend(serial_args(console_fd, FDSET_CONSOLE, "console"));
+    a
+}
+
+/// Builds the argument list (without the program name).
+pub fn args(c: &QemuConfig) -> Vec<String> {
+    let mut a = machine_args("imgforge-helper", c.accel, &c.cpu, c.memory_mib);
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-kernel", &format!("/proc/self/fd/{}", c.kernel_fd), "-initrd", &format!("/proc/self/fd/{}", c.initrd_fd)]);
     push(&["-append", &c.kernel_cmdline]);
 
@@ -163,21 +212,8 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
         push(&["-device", &format!("virtio-blk-pci,drive=payload,serial={PAYLOAD_SERIAL}")]);
     }
 
-    // append=on: without it qemu truncates the descriptor, which a pipe refuses (EINVAL).
-    push(&["-add-fd", &format!("fd={},set={FDSET_CONSOLE},opaque=console", c.console_fd)]);
-    push(&[
-        "-chardev",
-        &format!("file,id=console,path=/dev/fdset/{FDSET_CONSOLE},append=on"),
-        "-serial",
-        "chardev:console",
-    ]);
-    push(&["-add-fd", &format!("fd={},set={FDSET_REPORT},opaque=report", c.report_fd)]);
-    push(&[
-        "-chardev",
-        &format!("file,id=report,path=/dev/fdset/{FDSET_REPORT},append=on"),
-        "-serial",
-        "chardev:report",
-    ]);
+    push(&serial_args(c.console_fd, FDSET_CONSOLE, "console").each_ref().map(String::as_str));
+    push(&serial_args(c.report_fd, FDSET_REPORT, "report").each_ref().map(String::as_str));
 
     push(&[
         "-chardev",
@@ -195,6 +231,7 @@ mod tests {
     fn config() -> QemuConfig {
         QemuConfig {
             accel: Accel::Tcg,
+            cpu: super::super::accel::TCG_CPU.into(),
             memory_mib: 512,
             kernel_cmdline: "console=ttyS0".into(),
             kernel_fd: 10,
@@ -249,6 +286,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn probe_is_the_bare_kernel_under_kvm() {
+        let line = probe_args("host,-arch-capabilities", 7, 8).join(" ");
+        for want in [
+            "-accel kvm -cpu host,-arch-capabilities",
+            "-sandbox on,",
+            "-no-reboot",
+            "-kernel /proc/self/fd/7",
+            "fd=8,set=4",
+            "earlyprintk=serial,ttyS0",
+        ] {
+            assert!(line.contains(want), "{want} missing from {line}");
+        }
+        for unwanted in ["-initrd", "-blockdev", "-drive", "-netdev", "-mon"] {
+            assert!(!line.contains(unwanted), "{unwanted} in {line}");
+        }
+        assert!(joined(&config()).contains("-accel tcg -cpu max,la57=off -m 512 -smp 1"));
     }
 
     #[test]

@@ -4,11 +4,12 @@
 pub mod accel;
 pub mod blockdev_qemu;
 pub mod cmdline;
+pub mod kvm_probe;
 pub mod privilege;
 mod qmp;
 
 use crate::helper_image::HelperImage;
-use accel::{Accel, KvmVerdict};
+use accel::{Accel, KvmPlan, KvmVerdict};
 use cmdline::{DiskFormat, QemuConfig};
 use imgforge_protocol::report::{LineSplitter, ReportLine, Verdict, VerdictBuilder};
 use privilege::Unprivileged;
@@ -106,8 +107,15 @@ fn with_preload(cmdline: String, preload: &[&str]) -> String {
 /// Something that happened while the VM ran.
 #[derive(Debug, Clone)]
 pub enum VmEvent {
-    /// qemu started with this accelerator.
-    Started(Accel),
+    /// qemu started with this accelerator and CPU model.
+    Started {
+        /// The accelerator.
+        accel: Accel,
+        /// qemu's `-cpu`.
+        cpu: String,
+    },
+    /// What the KVM probe found or tried (shown with `-v`).
+    KvmProbe(String),
     /// KVM did not work; trying TCG.
     Fallback(String),
     /// A line on the console (serial 0).
@@ -160,9 +168,17 @@ pub enum VmError {
         /// Its error output.
         stderr: String,
     },
-    /// qemu died from a signal imgforge did not send.
-    #[error("qemu was killed by signal {0} from outside imgforge")]
-    Killed(i32),
+    /// qemu died from a signal imgforge did not send (killed from outside, or a crash).
+    #[error("qemu died of signal {signal}, not sent by imgforge{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    Killed {
+        /// The signal.
+        signal: i32,
+        /// Its error output.
+        stderr: String,
+    },
+    /// `--accel kvm`, and KVM does not work on this host.
+    #[error("KVM does not work on this host ({0}); use --accel auto or tcg")]
+    KvmUnusable(String),
     /// imgforge was asked to stop.
     #[error("interrupted by {0}; the helper VM was stopped")]
     Interrupted(&'static str),
@@ -182,34 +198,66 @@ pub enum VmError {
 /// Receives interrupt notifications (`Some(signal name)` once one arrives).
 pub type Interrupt = watch::Receiver<Option<&'static str>>;
 
-/// Runs the helper VM to a verdict, falling back from KVM to TCG under `--accel auto`.
+/// Runs the helper VM to a verdict: under KVM where it works (probed once per host boot, with
+/// the CPU model the probe found), else under TCG.
 pub async fn run(
     spec: &VmSpec,
     events: &mpsc::UnboundedSender<VmEvent>,
     interrupt: &Interrupt,
 ) -> Result<VmOutcome, VmError> {
-    let plan = accel::plan(spec.accel, accel::kvm_device_usable(), accel::remembered(&spec.cache));
-    let auto = spec.accel == Accel::Auto;
-    let mut last_err = None;
-    for (i, &accel) in plan.iter().enumerate() {
-        let has_fallback = i + 1 < plan.len();
-        let probe = accel == Accel::Kvm && auto;
-        match attempt(spec, accel, probe, events, interrupt.clone()).await {
-            Ok(outcome) => {
-                if probe {
-                    accel::remember(&spec.cache, KvmVerdict::Works);
-                }
-                return Ok(outcome);
-            }
-            Err(e @ (VmError::NoSignOfLife | VmError::QemuFailed { .. })) if probe && has_fallback => {
-                accel::remember(&spec.cache, KvmVerdict::Broken);
+    if let Some(cpu) = kvm_cpu(spec, events, interrupt).await? {
+        let auto = spec.accel == Accel::Auto;
+        match attempt(spec, Accel::Kvm, &cpu, auto, events, interrupt.clone()).await {
+            // The probe's guest printed, this one did not: KVM is not to be trusted after all.
+            Err(e @ VmError::NoSignOfLife) if auto => {
+                accel::remember(&spec.cache, &KvmVerdict::Broken { reason: e.to_string() });
                 let _ = events.send(VmEvent::Fallback(format!("KVM did not work ({e}); using TCG")));
-                last_err = Some(e);
             }
-            Err(e) => return Err(e),
+            other => return other,
         }
     }
-    Err(last_err.unwrap_or_else(|| VmError::Setup("no accelerator to try".into())))
+    attempt(spec, Accel::Tcg, accel::TCG_CPU, false, events, interrupt.clone()).await
+}
+
+/// The CPU model to run the helper under KVM with, or None for TCG.
+async fn kvm_cpu(
+    spec: &VmSpec,
+    events: &mpsc::UnboundedSender<VmEvent>,
+    interrupt: &Interrupt,
+) -> Result<Option<String>, VmError> {
+    let required = match accel::plan(spec.accel, accel::kvm_device_usable(), accel::remembered(&spec.cache)) {
+        KvmPlan::Skip => return Ok(None),
+        KvmPlan::Use(cpu) => return Ok(Some(cpu)),
+        KvmPlan::Probe { required } => required,
+    };
+    let mut note = |line: String| {
+        let _ = events.send(VmEvent::KvmProbe(line));
+    };
+    let verdict = kvm_probe::probe(&spec.qemu, &spec.image.kernel, spec.user.as_ref(), interrupt, &mut note).await?;
+    accel::remember(&spec.cache, &verdict);
+    match verdict {
+        KvmVerdict::Works { cpu } => {
+            note(format!("KVM probe: a guest runs under KVM with -cpu {cpu}"));
+            Ok(Some(cpu))
+        }
+        KvmVerdict::Broken { reason } if required => Err(VmError::KvmUnusable(reason)),
+        KvmVerdict::Broken { reason } => {
+            let _ = events.send(VmEvent::Fallback(format!("KVM did not work ({reason}); using TCG")));
+            Ok(None)
+        }
+    }
+}
+
+/// Resolves with the signal's name once an interrupt arrives (never, if none can).
+pub(crate) async fn interrupted(mut interrupt: Interrupt) -> &'static str {
+    loop {
+        if let Some(signal) = *interrupt.borrow_and_update() {
+            return signal;
+        }
+        if interrupt.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 fn open(path: &Path, options: &std::fs::OpenOptions) -> Result<File, VmError> {
@@ -245,12 +293,15 @@ struct Shared {
     alive: AtomicBool,
 }
 
+/// One run of the helper VM; `watch_life`: give up when the console stays silent for the
+/// sign-of-life window.
 async fn attempt(
     spec: &VmSpec,
     accel: Accel,
-    probe: bool,
+    cpu: &str,
+    watch_life: bool,
     events: &mpsc::UnboundedSender<VmEvent>,
-    mut interrupt: Interrupt,
+    interrupt: Interrupt,
 ) -> Result<VmOutcome, VmError> {
     let started = Instant::now();
     let ro = std::fs::OpenOptions::new().read(true).clone();
@@ -283,6 +334,7 @@ async fn attempt(
 
     let config = QemuConfig {
         accel,
+        cpu: cpu.to_owned(),
         memory_mib: spec.memory_mib,
         // A tuning knob for measuring boot options; the default is what ships.
         kernel_cmdline: with_preload(
@@ -346,7 +398,7 @@ async fn attempt(
     })?;
     // qemu holds its own copies now; ours would keep the pipes from reaching EOF.
     drop((console_w, report_w, qmp_listener, kernel, initrd, disk_ro, disk_rw, floppy, payload, overlay_files));
-    let _ = events.send(VmEvent::Started(accel));
+    let _ = events.send(VmEvent::Started { accel, cpu: cpu.to_owned() });
 
     let shared = Arc::new(Shared {
         console_tail: Mutex::new(VecDeque::new()),
@@ -369,7 +421,9 @@ async fn attempt(
     tokio::pin!(soft);
     let life = tokio::time::sleep(KVM_SIGN_OF_LIFE);
     tokio::pin!(life);
-    let mut probing = probe;
+    let mut probing = watch_life;
+    let interrupted = interrupted(interrupt);
+    tokio::pin!(interrupted);
     let status = loop {
         tokio::select! {
             status = child.wait() => break status.map_err(|e| VmError::Setup(format!("waiting for qemu: {e}")))?,
@@ -387,12 +441,9 @@ async fn attempt(
                     return Err(VmError::NoSignOfLife);
                 }
             }
-            changed = interrupt.changed() => {
-                let signal = match changed { Ok(()) => *interrupt.borrow(), Err(_) => None };
-                if let Some(signal) = signal {
-                    stop(&mut child, &qmp_path, spec.hard_grace.min(Duration::from_secs(3))).await;
-                    return Err(VmError::Interrupted(signal));
-                }
+            signal = &mut interrupted => {
+                stop(&mut child, &qmp_path, spec.hard_grace.min(Duration::from_secs(3))).await;
+                return Err(VmError::Interrupted(signal));
             }
         }
     };
@@ -403,7 +454,7 @@ async fn attempt(
     .await;
     let stderr = stderr_task.await.unwrap_or_default();
     if let Some(signal) = status.signal() {
-        return Err(VmError::Killed(signal));
+        return Err(VmError::Killed { signal, stderr });
     }
     if !status.success() {
         return Err(VmError::QemuFailed { status: status.to_string(), stderr });
