@@ -345,8 +345,14 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    // Colours only for a person at a terminal: CI logs and Ganeti's OS logs get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
 }
 
 /// Turns SIGINT/SIGTERM/SIGHUP into a watch value, so running work can stop and clean up.
@@ -411,10 +417,11 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
                 .await
                 .map_err(|e| Failure::environment(format!("helper image build panicked: {e}")))??;
             println!(
-                "helper image {}\n  kernel {}\n  initrd {}",
+                "helper image {}\n  kernel {}\n  initrd {}\n  package {}",
                 image.key,
                 image.kernel.display(),
-                image.initrd.display()
+                image.initrd.display(),
+                image.package.display()
             );
             Ok(())
         }
