@@ -1,7 +1,8 @@
 //! RPM fixtures: a Debian guest carrying rpm and dnf (no RPM distribution can be downloaded
 //! here), demo packages built with rpmbuild, and a local repository made with createrepo_c.
 
-use crate::fixtures::{dir, lock, sh};
+use crate::fixtures::cache::Recipe;
+use crate::fixtures::{recipe, sh, stage_tree};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,40 +37,38 @@ fn specs() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// This file: what builds the RPM fixtures, hence part of their keys.
+const SOURCE: &str = include_str!("rpm.rs");
+
+fn packages_recipe() -> Recipe {
+    recipe("rpms", &[SOURCE], &[])
+}
+
 /// Builds the fixture RPMs (cached); returns the directory holding `NAME-1.0-1.noarch.rpm`.
 pub fn packages() -> Result<PathBuf> {
-    let out = dir().join("rpms");
-    if out.join(".complete").exists() {
-        return Ok(out);
-    }
-    let _l = lock("rpms")?;
-    if out.join(".complete").exists() {
-        return Ok(out);
-    }
-    let top = tempfile::Builder::new().prefix("rpmbuild-").tempdir_in(dir())?;
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out)?;
-    for (name, text) in specs() {
-        let spec_path = top.path().join(format!("{name}.spec"));
-        std::fs::write(&spec_path, text)?;
-        sh(Command::new("rpmbuild")
-            .args(["--quiet", "-bb", "--define"])
-            .arg(format!("_topdir {}", top.path().display()))
-            .args([
-                "--define",
-                "__os_install_post %{nil}",
-                "--define",
-                "_build_id_links none",
-                "--define",
-                "_binary_payload w9.gzdio",
-            ])
-            .arg(&spec_path))
-        .with_context(|| format!("rpmbuild {name} (apt-get install rpm)"))?;
-        let rpm = top.path().join(format!("RPMS/noarch/{name}-1.0-1.noarch.rpm"));
-        std::fs::copy(&rpm, out.join(rpm.file_name().unwrap()))?;
-    }
-    std::fs::write(out.join(".complete"), "")?;
-    Ok(out)
+    packages_recipe().get_or_build(|out, top| {
+        std::fs::create_dir_all(out)?;
+        for (name, text) in specs() {
+            let spec_path = top.join(format!("{name}.spec"));
+            std::fs::write(&spec_path, text)?;
+            sh(Command::new("rpmbuild")
+                .args(["--quiet", "-bb", "--define"])
+                .arg(format!("_topdir {}", top.display()))
+                .args([
+                    "--define",
+                    "__os_install_post %{nil}",
+                    "--define",
+                    "_build_id_links none",
+                    "--define",
+                    "_binary_payload w9.gzdio",
+                ])
+                .arg(&spec_path))
+            .with_context(|| format!("rpmbuild {name} (apt-get install rpm)"))?;
+            let file = format!("{name}-1.0-1.noarch.rpm");
+            std::fs::copy(top.join("RPMS/noarch").join(&file), out.join(&file))?;
+        }
+        Ok(())
+    })
 }
 
 /// One fixture RPM by package name.
@@ -79,73 +78,63 @@ pub fn package(name: &str) -> Result<PathBuf> {
 
 /// A yum/dnf repository (createrepo_c) holding libdemo and demo.
 pub fn repo() -> Result<PathBuf> {
-    let path = dir().join("repo");
-    if path.join("repodata/repomd.xml").exists() {
-        return Ok(path);
-    }
-    let _l = lock("repo")?;
-    if path.join("repodata/repomd.xml").exists() {
-        return Ok(path);
-    }
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path)?;
-    for name in ["libdemo", "demo"] {
-        std::fs::copy(package(name)?, path.join(format!("{name}-1.0-1.noarch.rpm")))?;
-    }
-    sh(Command::new("createrepo_c").arg("--quiet").arg(&path))
-        .context("createrepo_c (apt-get install createrepo-c)")?;
-    Ok(path)
+    recipe("repo", &[SOURCE], &[packages_recipe().key()]).get_or_build(|path, _| {
+        std::fs::create_dir_all(path)?;
+        for name in ["libdemo", "demo"] {
+            std::fs::copy(package(name)?, path.join(format!("{name}-1.0-1.noarch.rpm")))?;
+        }
+        sh(Command::new("createrepo_c").arg("--quiet").arg(path))
+            .context("createrepo_c (apt-get install createrepo-c)")?;
+        Ok(())
+    })
 }
 
 fn chroot(root: &Path, args: &[&str]) -> Result<String> {
     sh(Command::new("chroot").arg(root).args(args).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// The recipe of the RPM root tree.
+pub fn rootfs_recipe() -> Recipe {
+    recipe("rpm-rootfs", &[SOURCE], &[crate::fixtures::rootfs_recipe().key(), packages_recipe().key()])
+}
+
 /// The fixture root with rpm and dnf, rpm's database where RPM distributions keep it, and the
 /// base capabilities registered.
 pub fn rootfs() -> Result<PathBuf> {
-    let done = dir().join("rpm-rootfs");
-    if done.join(".complete").exists() {
-        return Ok(done);
-    }
-    let base = crate::fixtures::rootfs()?;
-    let base_provides = package("imgforge-base-provides")?;
-    let _l = lock("rpm-rootfs")?;
-    if done.join(".complete").exists() {
-        return Ok(done);
-    }
-    let tmp = dir().join("rpm-rootfs.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    let _ = std::fs::remove_dir_all(&done);
-    sh(Command::new("cp").arg("-a").arg(&base).arg(&tmp))?;
-    std::fs::remove_file(tmp.join(".complete"))?;
-    std::fs::copy("/etc/resolv.conf", tmp.join("etc/resolv.conf"))?;
-    sh(Command::new("mount").args(["-t", "proc", "proc"]).arg(tmp.join("proc")))?;
-    let installed = (|| -> Result<()> {
-        chroot(&tmp, &["apt-get", "update", "-q"])?;
-        chroot(&tmp, &["apt-get", "install", "-y", "-q", "--no-install-recommends", "rpm", "dnf"])?;
-        chroot(&tmp, &["apt-get", "clean"])?;
-        std::fs::create_dir_all(tmp.join("etc/rpm"))?;
-        std::fs::write(tmp.join("etc/rpm/macros.dbpath"), "%_dbpath /var/lib/rpm\n")?;
-        chroot(&tmp, &["rpm", "--initdb"])?;
-        std::fs::copy(&base_provides, tmp.join("tmp/base.rpm"))?;
-        chroot(&tmp, &["rpm", "-i", "/tmp/base.rpm"])?;
-        std::fs::remove_file(tmp.join("tmp/base.rpm"))?;
-        Ok(())
-    })();
-    let _ = Command::new("umount").arg(tmp.join("proc")).status();
-    installed?;
-    std::fs::write(tmp.join(".complete"), "")?;
-    std::fs::rename(&tmp, &done)?;
-    Ok(done)
+    rootfs_recipe().get_or_build(|tree, _| {
+        stage_tree(&crate::fixtures::rootfs()?, tree)?;
+        let base_provides = package("imgforge-base-provides")?;
+        std::fs::copy("/etc/resolv.conf", tree.join("etc/resolv.conf"))?;
+        sh(Command::new("mount").args(["-t", "proc", "proc"]).arg(tree.join("proc")))?;
+        let installed = (|| -> Result<()> {
+            chroot(tree, &["apt-get", "update", "-q"])?;
+            chroot(tree, &["apt-get", "install", "-y", "-q", "--no-install-recommends", "rpm", "dnf"])?;
+            chroot(tree, &["apt-get", "clean"])?;
+            std::fs::create_dir_all(tree.join("etc/rpm"))?;
+            std::fs::write(tree.join("etc/rpm/macros.dbpath"), "%_dbpath /var/lib/rpm\n")?;
+            chroot(tree, &["rpm", "--initdb"])?;
+            std::fs::copy(&base_provides, tree.join("tmp/base.rpm"))?;
+            chroot(tree, &["rpm", "-i", "/tmp/base.rpm"])?;
+            std::fs::remove_file(tree.join("tmp/base.rpm"))?;
+            Ok(())
+        })();
+        let _ = Command::new("umount").arg(tree.join("proc")).status();
+        installed
+    })
 }
 
 /// An ext4 image of the RPM root (for liveimgs).
 pub fn rootfs_ext4() -> Result<PathBuf> {
-    crate::fixtures::fs_image_of("rpm-rootfs.ext4", rootfs)
+    crate::fixtures::fs_image_of("rpm-rootfs.ext4", &rootfs_recipe(), rootfs)
 }
 
 /// A liveimg of the RPM root, compressed with `comp`.
 pub fn liveimg(comp: &str) -> Result<PathBuf> {
-    crate::fixtures::liveimg_cached(&format!("rpm-live-{comp}.squashfs.img"), comp, rootfs_ext4)
+    crate::fixtures::liveimg_cached(
+        &format!("rpm-live-{comp}.squashfs.img"),
+        comp,
+        "rpm-rootfs.ext4",
+        &rootfs_recipe(),
+        rootfs,
+    )
 }
