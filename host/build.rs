@@ -34,13 +34,21 @@ fn main() {
         digest_dir(&dir, &mut digest);
     }
     println!("cargo:rustc-env=IMGFORGE_HELPER_DIGEST={}", hex::encode(digest.finalize()));
+    // The code that chooses and downloads the kernel package keys the package cache: a change
+    // to it must not go on using a package an older choice downloaded.
+    let kernel_code = manifest_dir.join("src/helper_image/kernel.rs");
+    let kernel_digest = Sha256::digest(std::fs::read(&kernel_code).unwrap());
+    println!("cargo:rustc-env=IMGFORGE_KERNEL_CODE_DIGEST={}", hex::encode(&kernel_digest[..8]));
     println!("cargo:rerun-if-changed={}", tasks.display());
 }
 
 /// Builds `imgforge-helper` statically in its own target directory (no musl target here, so
-/// glibc's static libc: `+crt-static`).
+/// glibc's static libc: `+crt-static`), under `$CARGO_TARGET_DIR` when the build has one.
 fn build_helper(workspace: &Path) -> PathBuf {
-    let target_dir = workspace.join("target").join("helper");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+    let target_root =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+    let target_dir = target_root.join("helper");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let home = std::env::var("HOME").unwrap_or_default();
     let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));

@@ -55,12 +55,12 @@ fn supermin_kernel(work: &Path) -> Result<Vec<(String, String)>> {
     {
         return Ok(Vec::new());
     }
-    let debs = Path::new("/var/cache/imgforge/debs");
-    let deb = std::fs::read_dir(debs)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("no kernel package in /var/cache/imgforge/debs: run imgforge helper-image build")?;
+    let built = sh(Command::new(imgforge()?).args(["helper-image", "build"]))?;
+    let deb = built
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("package "))
+        .map(PathBuf::from)
+        .context("`imgforge helper-image build` named no kernel package")?;
     let tree = work.join("kernel");
     std::fs::create_dir_all(&tree)?;
     sh(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;

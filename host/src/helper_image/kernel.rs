@@ -15,11 +15,21 @@ pub struct KernelTree {
     pub modules_dir: PathBuf,
 }
 
-/// Finds or downloads the kernel package into `debs_dir`.
-pub fn find_or_download_deb(debs_dir: &Path) -> Result<PathBuf, BuildError> {
+/// Digest of this file, which chooses and downloads the kernel package (see build.rs).
+const CODE_DIGEST: &str = env!("IMGFORGE_KERNEL_CODE_DIGEST");
+
+/// Where downloaded kernel packages are kept under `cache`: keyed on the code that chose them.
+pub fn debs_dir(cache: &Path) -> PathBuf {
+    cache.join("debs").join(CODE_DIGEST)
+}
+
+/// Finds or downloads the kernel package into [`debs_dir`] (`$IMGFORGE_KERNEL_DEB` if set).
+pub fn find_or_download_deb(cache: &Path) -> Result<PathBuf, BuildError> {
     if let Some(path) = std::env::var_os("IMGFORGE_KERNEL_DEB") {
         return Ok(PathBuf::from(path));
     }
+    let debs_dir = &debs_dir(cache);
+    remove_other_package_dirs(debs_dir);
     if let Some(deb) = newest_deb(debs_dir)? {
         return Ok(deb);
     }
@@ -43,6 +53,19 @@ pub fn find_or_download_deb(debs_dir: &Path) -> Result<PathBuf, BuildError> {
         tool: format!("apt-get download {package}"),
         reason: "no package file appeared".into(),
     })
+}
+
+/// Packages chosen by other code (and loose ones from before packages were keyed) are never
+/// used again.
+fn remove_other_package_dirs(keep: &Path) {
+    let Some(parent) = keep.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        if e.path() == keep {
+            continue;
+        }
+        let _ = if e.path().is_dir() { std::fs::remove_dir_all(e.path()) } else { std::fs::remove_file(e.path()) };
+    }
 }
 
 fn newest_deb(dir: &Path) -> Result<Option<PathBuf>, BuildError> {

@@ -79,6 +79,8 @@ pub struct HelperImage {
     pub initrd: PathBuf,
     /// Content key (sha256 of the outputs).
     pub key: String,
+    /// The kernel package it was built from.
+    pub package: PathBuf,
 }
 
 /// Identity of an input file, cheap to check on every run.
@@ -106,6 +108,7 @@ impl Fingerprint {
 #[derive(Debug, Serialize, Deserialize)]
 struct Manifest {
     key: String,
+    package: PathBuf,
     recipe_digest: String,
     helper_digest: String,
     kernel_release: String,
@@ -165,9 +168,14 @@ impl CacheLock {
     }
 }
 
-fn image_paths(cache: &Path, key: &str) -> HelperImage {
+fn image_paths(cache: &Path, key: &str, package: &Path) -> HelperImage {
     let dir = images_dir(cache).join(key);
-    HelperImage { kernel: dir.join("kernel"), initrd: dir.join("initrd.cpio"), key: key.to_owned() }
+    HelperImage {
+        kernel: dir.join("kernel"),
+        initrd: dir.join("initrd.cpio"),
+        key: key.to_owned(),
+        package: package.to_owned(),
+    }
 }
 
 fn current(cache: &Path) -> Option<HelperImage> {
@@ -179,7 +187,7 @@ fn current(cache: &Path) -> Option<HelperImage> {
     if manifest.inputs.iter().any(|f| Fingerprint::of(&f.path).as_ref() != Some(f)) {
         return None;
     }
-    let image = image_paths(cache, &manifest.key);
+    let image = image_paths(cache, &manifest.key, &manifest.package);
     (image.kernel.is_file() && image.initrd.is_file()).then_some(image)
 }
 
@@ -204,7 +212,7 @@ pub fn rebuild(cache: &Path) -> Result<HelperImage, BuildError> {
 
 fn build_locked(cache: &Path) -> Result<HelperImage, BuildError> {
     let started = std::time::Instant::now();
-    let deb = kernel::find_or_download_deb(&cache.join("debs"))?;
+    let deb = kernel::find_or_download_deb(cache)?;
     tracing::info!(deb = %deb.display(), "building the helper image");
     let images = images_dir(cache);
     let work =
@@ -224,7 +232,7 @@ fn build_locked(cache: &Path) -> Result<HelperImage, BuildError> {
     h.update(&vmlinuz);
     h.update(&initrd);
     let key = hex::encode(&h.finalize()[..16]);
-    let image = image_paths(cache, &key);
+    let image = image_paths(cache, &key, &deb);
     let out_dir = images.join(&key);
     if !out_dir.is_dir() {
         let staging = work.path().join("out");
@@ -240,6 +248,7 @@ fn build_locked(cache: &Path) -> Result<HelperImage, BuildError> {
     }
     let manifest = Manifest {
         key: key.clone(),
+        package: deb.clone(),
         recipe_digest: recipe_digest(),
         helper_digest: HELPER_DIGEST.to_owned(),
         kernel_release: tree.release.clone(),
