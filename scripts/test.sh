@@ -18,7 +18,13 @@ for arg in "$@"; do
 done
 if [ "$fresh" = 1 ]; then
     scratch=$(mktemp -d /var/tmp/imgforge-fresh.XXXXXX)
-    trap 'rm -rf "$scratch"' EXIT
+    # An interrupted fixture build can leave mounts (a chroot's /proc) behind: unmount them,
+    # and never let the removal cross into another filesystem.
+    cleanup() {
+        findmnt -rn -o TARGET | grep -F "$scratch/" | sort -r | xargs -r -n1 umount -l || true
+        rm -rf --one-file-system "$scratch"
+    }
+    trap cleanup EXIT
     export CARGO_TARGET_DIR=$scratch/target IMGFORGE_CACHE_DIR=$scratch/cache IMGFORGE_FIXTURES=$scratch/fixtures
     echo "== fresh-machine rehearsal: build, helper image cache and fixtures start empty in $scratch"
 fi

@@ -181,16 +181,13 @@ fn accel_auto_falls_back_when_qemu_aborts_under_kvm() {
     assert!(std::fs::read(&img).unwrap() == before, "the disk changed although nothing ran");
 }
 
-/// A qemu whose KVM works (the stand-in runs KVM guests under TCG) but that fails on the disk
-/// (as on a corrupt image): the failure is reported, and KVM is not marked broken for the
-/// rest of the boot.
-#[test]
-fn an_image_qemu_refuses_does_not_mark_kvm_broken() {
-    let cache = tempfile::tempdir().unwrap();
-    // Under KVM: the helper run (it has disks) fails as on a corrupt image; the probe (no
-    // disk) runs, its -accel and -cpu values swapped for TCG's, argument by argument.
-    let script = r#"case " $* " in
-  *' -accel kvm '*' -blockdev '*) echo "qemu-system-x86_64: -blockdev driver=raw,node-name=disk: Image is corrupt" >&2; exit 1 ;;
+/// A stand-in qemu whose KVM works for the probe (its KVM guests run under TCG: -accel and
+/// -cpu values swapped, argument by argument) and whose helper runs (they have disks) fail
+/// with `message` when the arguments match the sh pattern `failing`.
+fn kvm_works_but_helper_runs_fail(failing: &str, message: &str) -> (tempfile::TempDir, PathBuf) {
+    let script = format!(
+        r#"case " $* " in
+  {failing}) echo "qemu-system-x86_64: {message}" >&2; exit 1 ;;
   *' -accel kvm '*)
     n=$#; prev=
     while [ "$n" -gt 0 ]; do
@@ -198,8 +195,18 @@ fn an_image_qemu_refuses_does_not_mark_kvm_broken() {
       case "$prev" in -accel) a=tcg ;; -cpu) a=max ;; esac
       set -- "$@" "$a"; prev=$orig
     done ;;
-esac"#;
-    let (_bin, fake) = fake_qemu("qemu-kvm-ok-disk-corrupt", script);
+esac"#
+    );
+    fake_qemu("qemu-kvm-probe-ok", &script)
+}
+
+/// A disk qemu refuses under any accelerator (as a corrupt image): the failure is reported in
+/// qemu's words, and KVM, whose probe guest ran, is not marked broken for the rest of the boot.
+#[test]
+fn an_image_qemu_refuses_does_not_mark_kvm_broken() {
+    let cache = tempfile::tempdir().unwrap();
+    let (_bin, fake) =
+        kvm_works_but_helper_runs_fail("*' -blockdev '*", "-blockdev driver=raw,node-name=disk: Image is corrupt");
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
     let out = customize_with_qemu(&fake, cache.path(), &img, "auto", "corrupt1");
@@ -209,4 +216,24 @@ esac"#;
     assert!(stderr.contains("a guest runs under KVM with -cpu host"), "{stderr}");
     let verdict = std::fs::read_to_string(cache.path().join("kvm-verdict.json")).unwrap();
     assert!(verdict.contains("works") && verdict.contains("\"cpu\":\"host\""), "{verdict}");
+}
+
+/// KVM that fails for a helper run after its probe passed (say the module went away): the run
+/// finishes under TCG instead of failing, and the verdict is left for the next probe.
+#[test]
+fn a_helper_run_qemu_fails_under_kvm_finishes_under_tcg() {
+    let cache = tempfile::tempdir().unwrap();
+    let (_bin, fake) = kvm_works_but_helper_runs_fail(
+        "*' -accel kvm '*' -blockdev '*",
+        "-accel kvm: failed to initialize kvm: No such file or directory",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let out = customize_with_qemu(&fake, cache.path(), &img, "auto", "retried1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 0, "{stderr}");
+    assert!(stderr.contains("qemu failed under KVM") && stderr.contains("trying TCG"), "{stderr}");
+    assert!(stderr.contains("failed to initialize kvm"), "{stderr}");
+    let m = imgforge_tests::readback::Mount::partition(&img, 0).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), "retried1\n");
 }

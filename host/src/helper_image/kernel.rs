@@ -55,16 +55,39 @@ pub fn find_or_download_deb(cache: &Path) -> Result<PathBuf, BuildError> {
     })
 }
 
-/// Packages chosen by other code (and loose ones from before packages were keyed) are never
-/// used again.
+/// How long a package chosen by other code is kept: another imgforge version sharing the
+/// cache (an upgrade while a job runs) may still be reading it.
+const OTHER_PACKAGES_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Packages chosen by other code (and loose ones from before packages were keyed) are not
+/// used again: they go once they are [`OTHER_PACKAGES_KEPT`] old. Only what imgforge puts
+/// there goes: directories named like a code digest and `.deb` files, never through a
+/// symlinked `debs` directory (which may point at a shared one).
 fn remove_other_package_dirs(keep: &Path) {
     let Some(parent) = keep.parent() else { return };
+    if !std::fs::symlink_metadata(parent).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for e in entries.flatten() {
-        if e.path() == keep {
+        let (path, name) = (e.path(), e.file_name());
+        let Ok(kind) = e.file_type() else { continue };
+        let name = name.to_string_lossy();
+        let digest_named = name.len() == CODE_DIGEST.len() && name.bytes().all(|b| b.is_ascii_hexdigit());
+        let recent = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t.elapsed().map_or(true, |age| age < OTHER_PACKAGES_KEPT));
+        if path == keep || recent {
             continue;
         }
-        let _ = if e.path().is_dir() { std::fs::remove_dir_all(e.path()) } else { std::fs::remove_file(e.path()) };
+        let _ = if kind.is_dir() && digest_named {
+            std::fs::remove_dir_all(&path)
+        } else if (kind.is_file() && name.ends_with(".deb")) || (kind.is_symlink() && digest_named) {
+            std::fs::remove_file(&path)
+        } else {
+            Ok(())
+        };
     }
 }
 
@@ -287,6 +310,42 @@ pub fn load_order(modules_dep: &str, modules_builtin: &str, wanted: &[&str]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_packages_go_and_nothing_else() {
+        let cache = tempfile::tempdir().unwrap();
+        let debs = cache.path().join("debs");
+        let keep = debs_dir(cache.path());
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::write(keep.join("linux-image-1_amd64.deb"), "current").unwrap();
+        let stale = debs.join("0123456789abcdef");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("linux-image-0_amd64.deb"), "old").unwrap();
+        std::fs::write(debs.join("linux-image-loose_amd64.deb"), "loose").unwrap();
+        std::fs::write(debs.join("notes.txt"), "an admin's").unwrap();
+        // Another version's package, just downloaded: it may be being read right now.
+        let fresh = debs.join("fedcba9876543210");
+        std::fs::create_dir_all(&fresh).unwrap();
+        let long_ago = std::time::SystemTime::now() - OTHER_PACKAGES_KEPT - std::time::Duration::from_secs(60);
+        for old in [&stale, &debs.join("linux-image-loose_amd64.deb")] {
+            std::fs::File::open(old).unwrap().set_modified(long_ago).unwrap();
+        }
+        remove_other_package_dirs(&keep);
+        assert!(keep.join("linux-image-1_amd64.deb").exists());
+        assert!(!stale.exists() && !debs.join("linux-image-loose_amd64.deb").exists());
+        assert!(debs.join("notes.txt").exists() && fresh.exists());
+
+        // `debs` a link to a shared directory: nothing in it is touched.
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::write(shared.path().join("precious.deb"), "shared").unwrap();
+        std::fs::create_dir(shared.path().join("fedcba9876543210")).unwrap();
+        std::fs::File::open(shared.path().join("fedcba9876543210")).unwrap().set_modified(long_ago).unwrap();
+        let linked = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(shared.path(), linked.path().join("debs")).unwrap();
+        remove_other_package_dirs(&debs_dir(linked.path()));
+        assert!(shared.path().join("precious.deb").exists());
+        assert!(shared.path().join("fedcba9876543210").exists());
+    }
 
     const DEP: &str = "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n\
 kernel/lib/crc16.ko:\n\

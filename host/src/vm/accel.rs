@@ -72,9 +72,15 @@ fn default_kvm_cpu() -> String {
 #[derive(Debug, Serialize, Deserialize)]
 struct Remembered {
     boot_id: String,
+    /// The qemu binary the verdict is about: another one may behave otherwise.
+    #[serde(default)]
+    qemu: PathBuf,
     #[serde(flatten)]
     verdict: KvmVerdict,
 }
+
+/// The verdict file is a few hundred bytes: anything larger is not one.
+const VERDICT_MAX_BYTES: u64 = 4096;
 
 fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
@@ -85,21 +91,52 @@ pub fn verdict_path(cache: &Path) -> PathBuf {
     cache.join("kvm-verdict.json")
 }
 
-/// The verdict remembered for this boot, if any.
-pub fn remembered(cache: &Path) -> Option<KvmVerdict> {
-    let r: Remembered = serde_json::from_str(&std::fs::read_to_string(verdict_path(cache)).ok()?).ok()?;
-    (Some(r.boot_id) == boot_id()).then_some(r.verdict)
+/// The verdict remembered for this boot and `qemu`, if any. The file is only trusted as a
+/// small regular file (not through a symlink, not a FIFO) naming a CPU model of ours.
+pub fn remembered(cache: &Path, qemu: &Path) -> Option<KvmVerdict> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(verdict_path(cache))
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(VERDICT_MAX_BYTES).read_to_string(&mut text).ok()?;
+    let r: Remembered = serde_json::from_str(&text).ok()?;
+    if Some(&r.boot_id) != boot_id().as_ref() || r.qemu != qemu {
+        return None;
+    }
+    match &r.verdict {
+        KvmVerdict::Works { cpu } if !is_kvm_cpu_model(cpu) => None,
+        _ => Some(r.verdict),
+    }
 }
 
-/// Remembers a verdict for this boot (best effort: without it the next run probes again).
-pub fn remember(cache: &Path, verdict: &KvmVerdict) {
+/// Remembers a verdict about `qemu` for this boot (best effort: without it the next run
+/// probes again). Written to a fresh temporary file, then renamed over the old verdict.
+pub fn remember(cache: &Path, qemu: &Path, verdict: &KvmVerdict) {
+    use std::io::Write;
     let Some(boot_id) = boot_id() else { return };
-    let Ok(bytes) = serde_json::to_vec(&Remembered { boot_id, verdict: verdict.clone() }) else { return };
+    let remembered = Remembered { boot_id, qemu: qemu.to_owned(), verdict: verdict.clone() };
+    let Ok(bytes) = serde_json::to_vec(&remembered) else { return };
     let _ = std::fs::create_dir_all(cache);
-    let tmp = cache.join(format!(".kvm-verdict.{}", std::process::id()));
-    if std::fs::write(&tmp, bytes).is_ok() {
-        let _ = std::fs::rename(&tmp, verdict_path(cache));
+    let Ok(mut tmp) = tempfile::Builder::new().prefix(".kvm-verdict.").tempfile_in(cache) else { return };
+    if tmp.write_all(&bytes).is_ok() {
+        let _ = tmp.persist(verdict_path(cache));
     }
+}
+
+/// Whether `cpu` is a CPU model the probe can have chosen: `host` or `max`, less features
+/// of [`REFUSED_MSRS`] (pure).
+pub fn is_kvm_cpu_model(cpu: &str) -> bool {
+    let mut parts = cpu.split(',');
+    matches!(parts.next(), Some(KVM_CPU | "max"))
+        && parts.all(|option| REFUSED_MSRS.iter().any(|(_, _, o)| *o == option))
+        && cpu.len() <= 128
 }
 
 /// True if `/dev/kvm` can be opened read-write (`IMGFORGE_ASSUME_KVM_DEVICE=1` pretends it can,
@@ -127,12 +164,12 @@ pub enum KvmPlan {
 pub fn plan(choice: Accel, device_usable: bool, remembered: Option<KvmVerdict>) -> KvmPlan {
     match (choice, remembered) {
         (Accel::Tcg, _) => KvmPlan::Skip,
-        (Accel::Kvm | Accel::Auto, Some(KvmVerdict::Works { cpu })) => KvmPlan::Use(cpu),
+        (Accel::Kvm | Accel::Auto, Some(KvmVerdict::Works { cpu })) if device_usable => KvmPlan::Use(cpu),
         // The user asked for KVM: find out again, so that the error is qemu's own.
         (Accel::Kvm, _) => KvmPlan::Probe { required: true },
+        (Accel::Auto, _) if !device_usable => KvmPlan::Skip,
         (Accel::Auto, Some(KvmVerdict::Broken { .. })) => KvmPlan::Skip,
-        (Accel::Auto, None) if device_usable => KvmPlan::Probe { required: false },
-        (Accel::Auto, None) => KvmPlan::Skip,
+        (Accel::Auto, _) => KvmPlan::Probe { required: false },
     }
 }
 
@@ -195,25 +232,71 @@ mod tests {
             KvmPlan::Use("host,-arch-capabilities".into())
         );
         assert_eq!(plan(Accel::Tcg, true, works("host")), KvmPlan::Skip);
+        // /dev/kvm gone since the verdict (module unloaded, permissions changed).
+        assert_eq!(plan(Accel::Auto, false, works("host")), KvmPlan::Skip);
+        assert_eq!(plan(Accel::Kvm, false, works("host")), KvmPlan::Probe { required: true });
+    }
+
+    #[test]
+    fn cpu_models() {
+        for good in ["host", "max", "host,-arch-capabilities", "host,-arch-capabilities,pmu=off"] {
+            assert!(is_kvm_cpu_model(good), "{good}");
+        }
+        let long = format!("host{}", ",pmu=off".repeat(30_000));
+        for bad in ["", "help", "host,foo=bar", "max,-sandbox off", "qemu64", "host,", &long] {
+            assert!(!is_kvm_cpu_model(bad), "{bad}");
+        }
     }
 
     #[test]
     fn verdict_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(remembered(dir.path()), None);
+        let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+        assert_eq!(remembered(dir.path(), qemu), None);
         let broken = KvmVerdict::Broken { reason: "qemu aborted".into() };
-        remember(dir.path(), &broken);
-        assert_eq!(remembered(dir.path()), Some(broken));
-        remember(dir.path(), &KvmVerdict::Works { cpu: "host,pmu=off".into() });
-        assert_eq!(remembered(dir.path()), works("host,pmu=off"));
+        remember(dir.path(), qemu, &broken);
+        assert_eq!(remembered(dir.path(), qemu), Some(broken));
+        remember(dir.path(), qemu, &KvmVerdict::Works { cpu: "host,pmu=off".into() });
+        assert_eq!(remembered(dir.path(), qemu), works("host,pmu=off"));
+        // About another qemu, another boot: nothing is known.
+        assert_eq!(remembered(dir.path(), Path::new("/opt/qemu/bin/qemu-system-x86_64")), None);
         std::fs::write(verdict_path(dir.path()), r#"{"boot_id":"other","kvm":"works"}"#).unwrap();
-        assert_eq!(remembered(dir.path()), None);
-        // A verdict written before the CPU model was kept.
+        assert_eq!(remembered(dir.path(), qemu), None);
         let boot = boot_id().unwrap();
-        std::fs::write(verdict_path(dir.path()), format!(r#"{{"boot_id":"{boot}","kvm":"works"}}"#)).unwrap();
-        assert_eq!(remembered(dir.path()), works(KVM_CPU));
-        std::fs::write(verdict_path(dir.path()), format!(r#"{{"boot_id":"{boot}","kvm":"broken"}}"#)).unwrap();
-        assert_eq!(remembered(dir.path()), Some(KvmVerdict::Broken { reason: String::new() }));
+        let q = qemu.display();
+        let write = |json: String| std::fs::write(verdict_path(dir.path()), json).unwrap();
+        // A verdict written before the CPU model was kept.
+        write(format!(r#"{{"boot_id":"{boot}","qemu":"{q}","kvm":"works"}}"#));
+        assert_eq!(remembered(dir.path(), qemu), works(KVM_CPU));
+        write(format!(r#"{{"boot_id":"{boot}","qemu":"{q}","kvm":"broken"}}"#));
+        assert_eq!(remembered(dir.path(), qemu), Some(KvmVerdict::Broken { reason: String::new() }));
+        // A CPU model no probe chooses is not passed to qemu.
+        write(format!(r#"{{"boot_id":"{boot}","qemu":"{q}","kvm":"works","cpu":"help"}}"#));
+        assert_eq!(remembered(dir.path(), qemu), None);
+    }
+
+    #[test]
+    fn verdict_files_are_not_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = Path::new("qemu-system-x86_64");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        // A link where the verdict goes: replaced, never written through.
+        symlink(&victim, verdict_path(dir.path())).unwrap();
+        assert_eq!(remembered(dir.path(), qemu), None);
+        remember(dir.path(), qemu, &KvmVerdict::Broken { reason: "x".into() });
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(verdict_path(dir.path())).unwrap().file_type().is_symlink());
+        // A FIFO or an endless file does not hang or exhaust the run.
+        std::fs::remove_file(verdict_path(dir.path())).unwrap();
+        let path = std::ffi::CString::new(verdict_path(dir.path()).into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        assert_eq!(remembered(dir.path(), qemu), None);
+        std::fs::remove_file(verdict_path(dir.path())).unwrap();
+        symlink("/dev/zero", verdict_path(dir.path())).unwrap();
+        assert_eq!(remembered(dir.path(), qemu), None);
     }
 
     #[test]

@@ -21,6 +21,8 @@ use std::time::Duration;
 const MAX_CPU_MODELS: usize = 4;
 /// How much of qemu's stderr is kept for the verdict.
 const STDERR_LIMIT_BYTES: u64 = 4096;
+/// How long a qemu whose console closed may take to exit and finish its error output.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
 
 /// What one probe run showed.
 #[derive(Debug)]
@@ -103,8 +105,7 @@ async fn attempt(
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     let args = cmdline::probe_args(cpu, kernel_file.as_raw_fd(), console_w.as_raw_fd());
     tracing::debug!(qemu = %qemu.display(), args = %args.join(" "), "probing KVM");
-    // qemu opens /dev/kvm itself: keep only the group that grants it.
-    let kvm_groups: Vec<u32> = std::fs::metadata("/dev/kvm").map(|m| vec![m.gid()]).unwrap_or_default();
+    let kvm_groups = privilege::kvm_device_groups();
     let mut command = tokio::process::Command::new(qemu);
     command
         .args(&args)
@@ -147,8 +148,15 @@ async fn attempt(
             Ok(true) => Attempt::Printed,
             // The console closed without a byte: qemu is gone; its status says why.
             _ => {
-                let status = child.wait().await.map_err(|e| VmError::Setup(format!("waiting for qemu: {e}")))?;
-                let stderr = stderr_task.await.unwrap_or_default();
+                // The console closes when qemu exits: its status is at hand (bounded anyway).
+                let status = match tokio::time::timeout(EXIT_WAIT, child.wait()).await {
+                    Ok(status) => status.map_err(|e| VmError::Setup(format!("waiting for qemu: {e}")))?,
+                    Err(_) => {
+                        let _ = child.start_kill();
+                        child.wait().await.map_err(|e| VmError::Setup(format!("waiting for qemu: {e}")))?
+                    }
+                };
+                let stderr = tokio::time::timeout(EXIT_WAIT, stderr_task).await.ok().and_then(Result::ok).unwrap_or_default();
                 return Ok(Attempt::Failed { why: describe_exit(status, &stderr), crashed: status.signal().is_some() });
             }
         },

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -169,7 +169,7 @@ pub enum VmError {
         stderr: String,
     },
     /// qemu died from a signal imgforge did not send (killed from outside, or a crash).
-    #[error("qemu died of signal {signal}, not sent by imgforge{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    #[error("qemu was killed by signal {signal} from outside imgforge, or crashed{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
     Killed {
         /// The signal.
         signal: i32,
@@ -210,8 +210,14 @@ pub async fn run(
         match attempt(spec, Accel::Kvm, &cpu, auto, events, interrupt.clone()).await {
             // The probe's guest printed, this one did not: KVM is not to be trusted after all.
             Err(e @ VmError::NoSignOfLife) if auto => {
-                accel::remember(&spec.cache, &KvmVerdict::Broken { reason: e.to_string() });
+                accel::remember(&spec.cache, &spec.qemu, &KvmVerdict::Broken { reason: e.to_string() });
                 let _ = events.send(VmEvent::Fallback(format!("KVM did not work ({e}); using TCG")));
+            }
+            // qemu failed under KVM although the probe's guest ran: the disk may be at fault as
+            // well as KVM, so the verdict stays as it is, and TCG tells which (a disk qemu
+            // refuses fails there too, with the same message).
+            Err(e @ (VmError::QemuFailed { .. } | VmError::Killed { .. })) if auto => {
+                let _ = events.send(VmEvent::Fallback(format!("qemu failed under KVM ({e}); trying TCG")));
             }
             other => return other,
         }
@@ -225,7 +231,8 @@ async fn kvm_cpu(
     events: &mpsc::UnboundedSender<VmEvent>,
     interrupt: &Interrupt,
 ) -> Result<Option<String>, VmError> {
-    let required = match accel::plan(spec.accel, accel::kvm_device_usable(), accel::remembered(&spec.cache)) {
+    let required = match accel::plan(spec.accel, accel::kvm_device_usable(), accel::remembered(&spec.cache, &spec.qemu))
+    {
         KvmPlan::Skip => return Ok(None),
         KvmPlan::Use(cpu) => return Ok(Some(cpu)),
         KvmPlan::Probe { required } => required,
@@ -234,7 +241,7 @@ async fn kvm_cpu(
         let _ = events.send(VmEvent::KvmProbe(line));
     };
     let verdict = kvm_probe::probe(&spec.qemu, &spec.image.kernel, spec.user.as_ref(), interrupt, &mut note).await?;
-    accel::remember(&spec.cache, &verdict);
+    accel::remember(&spec.cache, &spec.qemu, &verdict);
     match verdict {
         KvmVerdict::Works { cpu } => {
             note(format!("KVM probe: a guest runs under KVM with -cpu {cpu}"));
@@ -375,12 +382,7 @@ async fn attempt(
     tracing::debug!(qemu = %spec.qemu.display(), args = %args.join(" "), "starting the helper VM");
 
     let user = spec.user.clone();
-    // KVM needs /dev/kvm, which qemu opens itself: keep only the group that grants it.
-    let kvm_groups: Vec<u32> = if accel == Accel::Kvm {
-        std::fs::metadata("/dev/kvm").map(|m| vec![m.gid()]).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    let kvm_groups = if accel == Accel::Kvm { privilege::kvm_device_groups() } else { Vec::new() };
     let mut command = tokio::process::Command::new(&spec.qemu);
     command
         .args(&args)

@@ -63,11 +63,12 @@ pub fn child_setup(
     user: Option<Unprivileged>,
     extra_groups: Vec<u32>,
 ) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    // SAFETY: getpid cannot fail.
+    let parent = unsafe { libc::getpid() };
     move || {
         // SAFETY: async-signal-safe syscalls on plain arguments.
         unsafe {
             libc::setsid();
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             for fd in &inherited {
                 if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -77,7 +78,27 @@ pub fn child_setup(
         if let Some(u) = &user {
             drop_to(u, &extra_groups)?;
         }
+        // The kernel clears the parent-death signal when the uid changes: armed only now.
+        // SAFETY: async-signal-safe syscalls on plain arguments.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // imgforge may have died before the signal was armed: then nobody is left to stop
+            // this qemu.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("imgforge exited while starting qemu"));
+            }
+        }
         Ok(())
+    }
+}
+
+/// The supplementary group that lets qemu open /dev/kvm: its group, when that group may read
+/// and write it and is not root's (qemu never gets group 0).
+pub fn kvm_device_groups() -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/dev/kvm") {
+        Ok(m) if m.gid() != 0 && m.mode() & 0o060 == 0o060 => vec![m.gid()],
+        _ => Vec::new(),
     }
 }
 
@@ -103,6 +124,59 @@ pub fn drop_to(user: &Unprivileged, extra_groups: &[u32]) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `IMGFORGE_TEST_SPAWN_CONFINED` set (see `confined_children_die_with_imgforge`):
+    /// starts a confined `sleep` as nobody, prints its pid, and waits to be killed.
+    #[test]
+    #[ignore = "a helper process of confined_children_die_with_imgforge"]
+    fn spawn_confined_sleep() {
+        use std::os::unix::process::CommandExt;
+        if std::env::var_os("IMGFORGE_TEST_SPAWN_CONFINED").is_none() {
+            return;
+        }
+        let nobody = lookup(DEFAULT_HELPER_USER).unwrap();
+        let mut command = std::process::Command::new("sleep");
+        command.arg("120");
+        // SAFETY: child_setup runs only async-signal-safe syscalls.
+        unsafe { command.pre_exec(child_setup(Vec::new(), Some(nobody), Vec::new())) };
+        let mut child = command.spawn().unwrap();
+        println!("CONFINED-PID {}", child.id());
+        // Killed before this returns: the confined child must die with this process.
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn confined_children_die_with_imgforge() {
+        use std::io::BufRead;
+        // SAFETY: geteuid cannot fail.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "run the tests as root, as CI does");
+        let mut parent = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "vm::privilege::tests::spawn_confined_sleep", "--nocapture"])
+            .env("IMGFORGE_TEST_SPAWN_CONFINED", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(parent.stdout.take().unwrap());
+        let pid: u32 = out
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("CONFINED-PID ").map(|p| p.trim().parse().unwrap()))
+            .expect("the confined child's pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.lines().any(|l| l.starts_with("Uid:") && !l.contains("\t0\t")), "{status}");
+        parent.kill().unwrap();
+        parent.wait().unwrap();
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        });
+        if !gone {
+            // SAFETY: the test's own leftover.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        assert!(gone, "the confined child outlived its parent");
+    }
 
     #[test]
     fn lookups() {
