@@ -2,13 +2,12 @@
 
 use crate::reporter::{uptime_ms, Reporter};
 use crate::{floppy, kmod, tasks};
+use imgforge_protocol::helper_vm::{TARGET_DISK, TASKS_DIR};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use std::path::Path;
 use std::time::Duration;
 
-/// Where the tasks live inside the helper image.
-pub const TASKS_DIR: &str = "/usr/lib/imgforge/tasks";
 /// Scratch state shared by the tasks of one run.
 pub const STATE_DIR: &str = "/run/imgforge";
 /// Where the rules read from the floppy are kept for the tasks.
@@ -17,8 +16,6 @@ pub const RULES_PATH: &str = "/run/imgforge/rules.json";
 pub const TARGET_DIR: &str = "/mnt/guest";
 /// Where 05-MountPayload mounts the payload disk.
 pub const PAYLOAD_DIR: &str = "/mnt/payload";
-/// The disk being customized.
-pub const TARGET_DISK: &str = "/dev/vda";
 /// How long to wait for a device node to appear after its driver loaded.
 const DEVICE_WAIT: Duration = Duration::from_secs(15);
 

@@ -1,15 +1,12 @@
 //! Loads kernel modules: the boot set at start, the rest on demand (`imgforge-helper modprobe`),
 //! each with its dependencies first, as the helper image build resolved them.
 
+use imgforge_protocol::helper_vm::MODULE_MAP;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::ExitCode;
-
-/// `NAME [boot] PATH...` a line: a module, whether it loads at boot, and the files to load
-/// for it, dependencies first (written by the helper image build).
-pub const MODULE_MAP: &str = "/lib/modules/imgforge.modules";
 
 /// One module of the map.
 #[derive(Debug, Clone, PartialEq, Eq)]

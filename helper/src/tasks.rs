@@ -1,8 +1,9 @@
 //! Runs the task scripts in run-parts order, logging their output and reporting each.
 
-use crate::init::{PAYLOAD_DIR, RULES_PATH, STATE_DIR, TARGET_DIR, TARGET_DISK};
+use crate::init::{PAYLOAD_DIR, RULES_PATH, STATE_DIR, TARGET_DIR};
 use crate::reporter::Reporter;
 use crate::{customize, mounts, script};
+use imgforge_protocol::helper_vm::TARGET_DISK;
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use imgforge_protocol::task::{run_parts_order, TaskName};
