@@ -2,7 +2,7 @@
 
 use crate::reporter::{uptime_ms, Reporter};
 use crate::{floppy, kmod, tasks};
-use imgforge_protocol::helper_vm::{TARGET_DISK, TASKS_DIR};
+use imgforge_protocol::helper_vm::{self, TARGET_DISK, TASKS_DIR};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use std::path::Path;
@@ -62,7 +62,7 @@ fn prepare(reporter: &mut Reporter) -> Result<(Rules, kmod::Preload), String> {
     // The preload starts first: its relocations fill the CPU while the boot set's drivers wait
     // for their devices.
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let preload = kmod::spawn_preload(kmod::preload_names(&cmdline));
+    let preload = kmod::spawn_preload(helper_vm::preload_names(&cmdline));
     for warning in kmod::load_boot_set() {
         reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
     }
