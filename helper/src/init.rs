@@ -1,5 +1,6 @@
 //! The PID 1 flow: prepare the VM, run the tasks, report, power off. Never returns, never hangs.
 
+use crate::layout::{PAYLOAD_DIR, RULES_PATH, SEARCH_PATH, STATE_DIR, TARGET_DIR};
 use crate::reporter::{uptime_ms, Reporter};
 use crate::{floppy, kmod, tasks};
 use imgforge_protocol::helper_vm::{self, TARGET_DISK, TASKS_DIR};
@@ -8,14 +9,6 @@ use imgforge_protocol::rules::Rules;
 use std::path::Path;
 use std::time::Duration;
 
-/// Scratch state shared by the tasks of one run.
-pub const STATE_DIR: &str = "/run/imgforge";
-/// Where the rules read from the floppy are kept for the tasks.
-pub const RULES_PATH: &str = "/run/imgforge/rules.json";
-/// Where 10-MountRoot mounts the guest's root filesystem.
-pub const TARGET_DIR: &str = "/mnt/guest";
-/// Where 05-MountPayload mounts the payload disk.
-pub const PAYLOAD_DIR: &str = "/mnt/payload";
 /// How long to wait for a device node to appear after its driver loaded.
 const DEVICE_WAIT: Duration = Duration::from_secs(15);
 
@@ -27,7 +20,7 @@ pub fn run() -> ! {
     // Built-in tasks run in this process and start programs (blkid, lvm, chrooted commands):
     // they get what a task script gets. The kernel starts PID 1 with no PATH and the console
     // as its input.
-    std::env::set_var("PATH", tasks::SEARCH_PATH);
+    std::env::set_var("PATH", SEARCH_PATH);
     std::env::set_var("LANG", "C");
     if let Ok(null) = std::fs::File::open("/dev/null") {
         // SAFETY: dup2 onto fd 0, which no Rust object owns.

@@ -12,6 +12,7 @@ mod floppy;
 mod guest;
 mod init;
 mod kmod;
+mod layout;
 mod mounts;
 mod network;
 mod prefetch;

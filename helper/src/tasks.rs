@@ -1,6 +1,6 @@
 //! Runs the task scripts in run-parts order, logging their output and reporting each.
 
-use crate::init::{PAYLOAD_DIR, RULES_PATH, STATE_DIR, TARGET_DIR};
+use crate::layout::{PAYLOAD_DIR, RULES_PATH, SEARCH_PATH, STATE_DIR, TARGET_DIR};
 use crate::reporter::Reporter;
 use crate::{customize, mounts, script};
 use imgforge_protocol::helper_vm::TARGET_DISK;
@@ -245,9 +245,6 @@ fn run_script(path: &Path, env: &TaskEnv, writer: std::io::PipeWriter) -> Result
         Err(e) => Err(Failed::Message(format!("cannot wait for the task: {e}"))),
     }
 }
-
-/// The command search path of tasks, and of the helper itself.
-pub const SEARCH_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The standard output and error of this process sent into a pipe while a built-in task runs,
 /// so that its output, and that of the programs it starts, is logged and scanned exactly like a
