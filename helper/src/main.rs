@@ -18,6 +18,7 @@ mod network;
 mod prefetch;
 mod reporter;
 mod script;
+mod task_env;
 mod tasks;
 
 use std::process::ExitCode;
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [name] = args.as_slice() {
         if let Some(run) = tasks::builtin(name) {
-            return tasks::finish(run(&tasks::TaskEnv::from_process()));
+            return tasks::finish(run(&task_env::TaskEnv::from_process()));
         }
     }
     match args.first().map(String::as_str) {

@@ -10,7 +10,7 @@
 
 use crate::guest::GuestRoot;
 use crate::kmod;
-use crate::tasks::TaskEnv;
+use crate::task_env::TaskEnv;
 use imgforge_protocol::filesystems::{self, PROBE_BYTES};
 use imgforge_protocol::helper_vm::PAYLOAD_SERIAL;
 use std::collections::HashMap;

@@ -1,9 +1,9 @@
 //! Runs the task scripts in run-parts order, logging their output and reporting each.
 
-use crate::layout::{PAYLOAD_DIR, RULES_PATH, SEARCH_PATH, STATE_DIR, TARGET_DIR};
+use crate::layout::SEARCH_PATH;
 use crate::reporter::Reporter;
+use crate::task_env::{error_file, TaskEnv};
 use crate::{customize, mounts, script};
-use imgforge_protocol::helper_vm::TARGET_DISK;
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use imgforge_protocol::task::{run_parts_order, TaskName};
@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -31,54 +31,6 @@ pub struct TaskFailure {
     pub task: String,
     /// Its error message.
     pub message: String,
-}
-
-/// The variables a task runs with: the environment of a task script, and what a built-in task
-/// reads.
-#[derive(Debug, Clone, Default)]
-pub struct TaskEnv(Vec<(String, String)>);
-
-impl TaskEnv {
-    /// The variables of `task` in a run of `rules`.
-    pub fn new(task: &TaskName, rules: &Rules) -> Self {
-        let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
-        let vars = [
-            ("IMGFORGE_TASK", task.as_str().to_owned()),
-            ("IMGFORGE_TARGET", TARGET_DIR.to_owned()),
-            ("IMGFORGE_DISK", TARGET_DISK.to_owned()),
-            ("IMGFORGE_PAYLOAD", PAYLOAD_DIR.to_owned()),
-            ("IMGFORGE_STATE", STATE_DIR.to_owned()),
-            ("IMGFORGE_RULES", RULES_PATH.to_owned()),
-            ("IMGFORGE_ERROR_FILE", error_file(task).display().to_string()),
-            ("IMGFORGE_SELINUX_RELABEL", yes_no(rules.selinux_relabel)),
-            ("IMGFORGE_ROOT_PARTITION", rules.root_partition.clone().unwrap_or_default()),
-            ("IMGFORGE_MODE", if rules.verify { "verify" } else { "customize" }.to_owned()),
-            ("IMGFORGE_REQUIRED_PACKAGES", rules.required_packages.join(" ")),
-            ("IMGFORGE_RPMS", rules.rpms.join(" ")),
-            ("IMGFORGE_INSTALL", rules.install.join(" ")),
-            ("IMGFORGE_REPO", rules.repo.clone().unwrap_or_default()),
-            ("IMGFORGE_GPGCHECK", yes_no(rules.gpgcheck)),
-            ("IMGFORGE_GROW_FILESYSTEM", yes_no(rules.grow_filesystem)),
-            ("IMGFORGE_VERBOSE", yes_no(rules.verbose)),
-            ("IMGFORGE_GUEST_PROGRAMS", yes_no(rules.runs_guest_programs())),
-        ];
-        Self(vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
-    }
-
-    /// The variables of the current process (a task script called a subcommand).
-    pub fn from_process() -> Self {
-        Self(std::env::vars().filter(|(name, _)| name.starts_with("IMGFORGE_")).collect())
-    }
-
-    /// A variable's value.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
-    }
-
-    /// A variable's value, or the error that the subcommand was not run from a task.
-    pub fn require(&self, name: &str) -> Result<&str, String> {
-        self.get(name).ok_or_else(|| format!("{name} is not set: run this from a task"))
-    }
 }
 
 /// A task built into the helper: what `exec imgforge-helper NAME` would do.
@@ -140,10 +92,6 @@ struct Output {
     tail: VecDeque<String>,
     warnings: Vec<String>,
     checks: Vec<ReportLine>,
-}
-
-fn error_file(task: &TaskName) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("{}.error", task.as_str()))
 }
 
 fn run_one(path: &Path, task: &TaskName, env: &TaskEnv) -> Outcome {
@@ -232,7 +180,7 @@ fn run_script(path: &Path, env: &TaskEnv, writer: std::io::PipeWriter) -> Result
         .env("PATH", SEARCH_PATH)
         .env("HOME", "/root")
         .env("LANG", "C")
-        .envs(env.0.iter().map(|(k, v)| (k, v)))
+        .envs(env.vars())
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer_err);
@@ -343,6 +291,7 @@ fn failure_message(error_path: &Path, status: std::process::ExitStatus, tail: &V
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
 
     #[test]
     fn plan_orders_skips_and_excludes() {
