@@ -12,8 +12,8 @@ use std::time::Duration;
 /// How long to wait for a device node to appear after its driver loaded.
 const DEVICE_WAIT: Duration = Duration::from_secs(15);
 
-/// Runs the helper as PID 1.
-pub fn run() -> ! {
+/// Runs the helper as PID 1, with the tasks built into it.
+pub fn run(builtins: tasks::Builtins) -> ! {
     // The first console line: the host's sign of life that the accelerator works.
     eprintln!("imgforge-helper {} started", env!("CARGO_PKG_VERSION"));
     mount_pseudo_filesystems();
@@ -32,7 +32,7 @@ pub fn run() -> ! {
 
     match prepare(&mut reporter) {
         Ok((rules, preload)) => {
-            let result = tasks::run_all(Path::new(TASKS_DIR), &rules, &mut reporter);
+            let result = tasks::run_all(Path::new(TASKS_DIR), &rules, builtins, &mut reporter);
             // The tasks load what they need themselves, waiting for a module the preload is
             // still loading: the preload only ever saves time.
             let (warnings, done_ms) = preload.join().unwrap_or_default();

@@ -2,8 +2,8 @@
 
 use crate::layout::SEARCH_PATH;
 use crate::reporter::Reporter;
+use crate::script;
 use crate::task_env::{error_file, TaskEnv};
-use crate::{customize, mounts, script};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use imgforge_protocol::task::{run_parts_order, TaskName};
@@ -36,16 +36,8 @@ pub struct TaskFailure {
 /// A task built into the helper: what `exec imgforge-helper NAME` would do.
 pub type Builtin = fn(&TaskEnv) -> Result<(), String>;
 
-/// The task built in under the subcommand `name`, if any.
-pub fn builtin(name: &str) -> Option<Builtin> {
-    match name {
-        "customize" => Some(customize::run),
-        "mount-payload" => Some(mounts::mount_payload),
-        "mount-root" => Some(mounts::mount_root),
-        "unmount" => Some(mounts::unmount_all),
-        _ => None,
-    }
-}
+/// The helper's built-in tasks: the one under the subcommand `name`, if any.
+pub type Builtins = fn(&str) -> Option<Builtin>;
 
 /// Lists the tasks to run: executables in `dir` in run-parts order, minus the excluded ones.
 pub fn plan(dir: &Path, rules: &Rules) -> Result<Vec<TaskName>, String> {
@@ -61,13 +53,14 @@ pub fn plan(dir: &Path, rules: &Rules) -> Result<Vec<TaskName>, String> {
         .collect())
 }
 
-/// Runs every planned task; stops at the first failure.
-pub fn run_all(dir: &Path, rules: &Rules, reporter: &mut Reporter) -> Result<(), TaskFailure> {
+/// Runs every planned task, a script that only execs a built-in task as that built-in; stops at
+/// the first failure.
+pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Reporter) -> Result<(), TaskFailure> {
     let tasks = plan(dir, rules).map_err(|message| TaskFailure { task: "helper".into(), message })?;
     for task in tasks {
         reporter.send(&ReportLine::TaskStart { task: task.to_string() });
         let started = Instant::now();
-        let outcome = run_one(&dir.join(task.as_str()), &task, &TaskEnv::new(&task, rules));
+        let outcome = run_one(&dir.join(task.as_str()), &task, &TaskEnv::new(&task, rules), builtins);
         for message in outcome.warnings {
             reporter.send(&ReportLine::Warning { task: task.to_string(), message });
         }
@@ -94,7 +87,7 @@ struct Output {
     checks: Vec<ReportLine>,
 }
 
-fn run_one(path: &Path, task: &TaskName, env: &TaskEnv) -> Outcome {
+fn run_one(path: &Path, task: &TaskName, env: &TaskEnv, builtins: Builtins) -> Outcome {
     let fail = |message: String| Outcome { warnings: Vec::new(), checks: Vec::new(), failure: Some(message) };
     let text = match std::fs::read(path) {
         Ok(t) => String::from_utf8_lossy(&t).into_owned(),
@@ -111,7 +104,7 @@ fn run_one(path: &Path, task: &TaskName, env: &TaskEnv) -> Outcome {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot capture the task's output: {e}")),
     };
-    let result = match script.builtin.as_deref().and_then(builtin) {
+    let result = match script.builtin.as_deref().and_then(builtins) {
         Some(run) => run_builtin(run, env, writer),
         None => run_script(path, env, writer),
     };
@@ -337,12 +330,12 @@ mod tests {
         );
         let path = script(dir.path(), task.as_str(), &text);
 
-        let skipped = run_one(&path, &task, &TaskEnv::new(&task, &rules));
+        let skipped = run_one(&path, &task, &TaskEnv::new(&task, &rules), |_| None);
         assert!(skipped.failure.is_none() && skipped.warnings.is_empty());
         assert!(!marker.exists(), "the script was started");
 
         rules.rpms = vec!["a.rpm".into()];
-        let ran = run_one(&path, &task, &TaskEnv::new(&task, &rules));
+        let ran = run_one(&path, &task, &TaskEnv::new(&task, &rules), |_| None);
         assert!(marker.exists());
         assert_eq!(ran.warnings, ["rpms a.rpm"]);
         let failure = ran.failure.expect("exit 3 is a failure");
