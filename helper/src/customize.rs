@@ -3,7 +3,7 @@
 use crate::accounts;
 use crate::firstboot;
 use crate::guest::GuestRoot;
-use crate::tasks::TaskEnv;
+use crate::task_env::TaskEnv;
 use imgforge_protocol::rules::{Operation, Rules};
 use std::io::Read;
 use std::os::unix::process::CommandExt;

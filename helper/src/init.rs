@@ -1,36 +1,26 @@
 //! The PID 1 flow: prepare the VM, run the tasks, report, power off. Never returns, never hangs.
 
+use crate::layout::{PAYLOAD_DIR, RULES_PATH, SEARCH_PATH, STATE_DIR, TARGET_DIR};
 use crate::reporter::{uptime_ms, Reporter};
 use crate::{floppy, kmod, tasks};
+use imgforge_protocol::helper_vm::{self, TARGET_DISK, TASKS_DIR};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use std::path::Path;
 use std::time::Duration;
 
-/// Where the tasks live inside the helper image.
-pub const TASKS_DIR: &str = "/usr/lib/imgforge/tasks";
-/// Scratch state shared by the tasks of one run.
-pub const STATE_DIR: &str = "/run/imgforge";
-/// Where the rules read from the floppy are kept for the tasks.
-pub const RULES_PATH: &str = "/run/imgforge/rules.json";
-/// Where 10-MountRoot mounts the guest's root filesystem.
-pub const TARGET_DIR: &str = "/mnt/guest";
-/// Where 05-MountPayload mounts the payload disk.
-pub const PAYLOAD_DIR: &str = "/mnt/payload";
-/// The disk being customized.
-pub const TARGET_DISK: &str = "/dev/vda";
 /// How long to wait for a device node to appear after its driver loaded.
 const DEVICE_WAIT: Duration = Duration::from_secs(15);
 
-/// Runs the helper as PID 1.
-pub fn run() -> ! {
+/// Runs the helper as PID 1, with the tasks built into it.
+pub fn run(builtins: tasks::Builtins) -> ! {
     // The first console line: the host's sign of life that the accelerator works.
     eprintln!("imgforge-helper {} started", env!("CARGO_PKG_VERSION"));
     mount_pseudo_filesystems();
     // Built-in tasks run in this process and start programs (blkid, lvm, chrooted commands):
     // they get what a task script gets. The kernel starts PID 1 with no PATH and the console
     // as its input.
-    std::env::set_var("PATH", tasks::SEARCH_PATH);
+    std::env::set_var("PATH", SEARCH_PATH);
     std::env::set_var("LANG", "C");
     if let Ok(null) = std::fs::File::open("/dev/null") {
         // SAFETY: dup2 onto fd 0, which no Rust object owns.
@@ -42,7 +32,7 @@ pub fn run() -> ! {
 
     match prepare(&mut reporter) {
         Ok((rules, preload)) => {
-            let result = tasks::run_all(Path::new(TASKS_DIR), &rules, &mut reporter);
+            let result = tasks::run_all(Path::new(TASKS_DIR), &rules, builtins, &mut reporter);
             // The tasks load what they need themselves, waiting for a module the preload is
             // still loading: the preload only ever saves time.
             let (warnings, done_ms) = preload.join().unwrap_or_default();
@@ -65,7 +55,7 @@ fn prepare(reporter: &mut Reporter) -> Result<(Rules, kmod::Preload), String> {
     // The preload starts first: its relocations fill the CPU while the boot set's drivers wait
     // for their devices.
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let preload = kmod::spawn_preload(kmod::preload_names(&cmdline));
+    let preload = kmod::spawn_preload(helper_vm::preload_names(&cmdline));
     for warning in kmod::load_boot_set() {
         reporter.send(&ReportLine::Warning { task: "helper".into(), message: warning });
     }

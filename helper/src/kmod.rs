@@ -1,15 +1,12 @@
 //! Loads kernel modules: the boot set at start, the rest on demand (`imgforge-helper modprobe`),
 //! each with its dependencies first, as the helper image build resolved them.
 
+use imgforge_protocol::helper_vm::MODULE_MAP;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::ExitCode;
-
-/// `NAME [boot] PATH...` a line: a module, whether it loads at boot, and the files to load
-/// for it, dependencies first (written by the helper image build).
-pub const MODULE_MAP: &str = "/lib/modules/imgforge.modules";
 
 /// One module of the map.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,21 +53,6 @@ pub fn load_boot_set() -> Vec<String> {
         .filter(|(_, e)| e.boot)
         .flat_map(|(_, e)| e.paths)
         .filter_map(|p| load(Path::new(&p)).err())
-        .collect()
-}
-
-/// The kernel command line parameter with the modules the host expects the tasks to need
-/// (from the disk's partition table and superblocks, parsed on the host).
-pub const PRELOAD_PARAM: &str = "imgforge.preload=";
-
-/// The module names of `imgforge.preload=a,b` in a kernel command line (pure).
-pub fn preload_names(cmdline: &str) -> Vec<String> {
-    cmdline
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix(PRELOAD_PARAM))
-        .flat_map(|list| list.split(','))
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
         .collect()
 }
 
@@ -171,18 +153,5 @@ mod tests {
         assert_eq!(map[0], ("virtio_blk".into(), Entry { boot: true, paths: vec!["/a.ko".into(), "/b.ko".into()] }));
         assert_eq!(map[1].1, Entry { boot: false, paths: vec!["/c.ko".into(), "/d.ko".into()] });
         assert_eq!(map[2].1.paths, Vec::<String>::new());
-    }
-
-    #[test]
-    fn preload_parameter() {
-        let cases: &[(&str, &[&str])] = &[
-            ("console=ttyS0 imgforge.preload=xfs,ext4 quiet", &["xfs", "ext4"]),
-            ("imgforge.preload=squashfs imgforge.preload=dm_mod,", &["squashfs", "dm_mod"]),
-            ("imgforge.preload= quiet", &[]),
-            ("quiet", &[]),
-        ];
-        for (cmdline, want) in cases {
-            assert_eq!(preload_names(cmdline), *want, "{cmdline}");
-        }
     }
 }

@@ -12,23 +12,26 @@ mod floppy;
 mod guest;
 mod init;
 mod kmod;
+mod layout;
 mod mounts;
 mod network;
 mod prefetch;
 mod reporter;
 mod script;
+mod task_env;
 mod tasks;
 
 use std::process::ExitCode;
+use task_env::TaskEnv;
 
 fn main() -> ExitCode {
     if std::process::id() == 1 {
-        init::run()
+        init::run(builtin)
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [name] = args.as_slice() {
-        if let Some(run) = tasks::builtin(name) {
-            return tasks::finish(run(&tasks::TaskEnv::from_process()));
+        if let Some(run) = builtin(name) {
+            return tasks::finish(run(&TaskEnv::from_process()));
         }
     }
     match args.first().map(String::as_str) {
@@ -46,6 +49,38 @@ fn main() -> ExitCode {
             eprintln!("       imgforge-helper unmount            unmount them again and sync (the 90-Unmount task)");
             eprintln!("As PID 1 of the helper VM it runs the tasks; see the imgforge documentation.");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The task built in under the subcommand `name`, if any. The table is here, where every module
+/// is known, so that the runner is handed it and depends on none of the tasks it runs.
+fn builtin(name: &str) -> Option<tasks::Builtin> {
+    match name {
+        "customize" => Some(customize::run),
+        "mount-payload" => Some(mounts::mount_payload),
+        "mount-root" => Some(mounts::mount_root),
+        "unmount" => Some(mounts::unmount_all),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every task script that only hands over to a built-in task names one the table has.
+    #[test]
+    fn task_scripts_name_builtins_the_table_has() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks");
+        let mut handed_over = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            handed_over.extend(script::parse(&text).builtin);
+        }
+        assert!(!handed_over.is_empty(), "no task script in {} execs imgforge-helper", dir.display());
+        for name in handed_over {
+            assert!(builtin(&name).is_some(), "no built-in task {name}");
         }
     }
 }

@@ -10,8 +10,9 @@
 
 use crate::guest::GuestRoot;
 use crate::kmod;
-use crate::tasks::TaskEnv;
+use crate::task_env::TaskEnv;
 use imgforge_protocol::filesystems::{self, PROBE_BYTES};
+use imgforge_protocol::helper_vm::PAYLOAD_SERIAL;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -160,9 +161,6 @@ pub fn mount_root(vars: &TaskEnv) -> Result<(), String> {
     };
     run(&env)
 }
-
-/// The serial number qemu gives the payload disk.
-const PAYLOAD_SERIAL: &str = "imgforge-payload";
 
 /// The 05-MountPayload task: mounts the read-only payload disk (uploaded files, scripts, RPMs)
 /// when there is one, found by its serial number.

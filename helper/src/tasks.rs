@@ -1,8 +1,9 @@
 //! Runs the task scripts in run-parts order, logging their output and reporting each.
 
-use crate::init::{PAYLOAD_DIR, RULES_PATH, STATE_DIR, TARGET_DIR, TARGET_DISK};
+use crate::layout::SEARCH_PATH;
 use crate::reporter::Reporter;
-use crate::{customize, mounts, script};
+use crate::script;
+use crate::task_env::{error_file, TaskEnv};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use imgforge_protocol::task::{run_parts_order, TaskName};
@@ -11,7 +12,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -32,67 +33,11 @@ pub struct TaskFailure {
     pub message: String,
 }
 
-/// The variables a task runs with: the environment of a task script, and what a built-in task
-/// reads.
-#[derive(Debug, Clone, Default)]
-pub struct TaskEnv(Vec<(String, String)>);
-
-impl TaskEnv {
-    /// The variables of `task` in a run of `rules`.
-    pub fn new(task: &TaskName, rules: &Rules) -> Self {
-        let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
-        let vars = [
-            ("IMGFORGE_TASK", task.as_str().to_owned()),
-            ("IMGFORGE_TARGET", TARGET_DIR.to_owned()),
-            ("IMGFORGE_DISK", TARGET_DISK.to_owned()),
-            ("IMGFORGE_PAYLOAD", PAYLOAD_DIR.to_owned()),
-            ("IMGFORGE_STATE", STATE_DIR.to_owned()),
-            ("IMGFORGE_RULES", RULES_PATH.to_owned()),
-            ("IMGFORGE_ERROR_FILE", error_file(task).display().to_string()),
-            ("IMGFORGE_SELINUX_RELABEL", yes_no(rules.selinux_relabel)),
-            ("IMGFORGE_ROOT_PARTITION", rules.root_partition.clone().unwrap_or_default()),
-            ("IMGFORGE_MODE", if rules.verify { "verify" } else { "customize" }.to_owned()),
-            ("IMGFORGE_REQUIRED_PACKAGES", rules.required_packages.join(" ")),
-            ("IMGFORGE_RPMS", rules.rpms.join(" ")),
-            ("IMGFORGE_INSTALL", rules.install.join(" ")),
-            ("IMGFORGE_REPO", rules.repo.clone().unwrap_or_default()),
-            ("IMGFORGE_GPGCHECK", yes_no(rules.gpgcheck)),
-            ("IMGFORGE_GROW_FILESYSTEM", yes_no(rules.grow_filesystem)),
-            ("IMGFORGE_VERBOSE", yes_no(rules.verbose)),
-            ("IMGFORGE_GUEST_PROGRAMS", yes_no(rules.runs_guest_programs())),
-        ];
-        Self(vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
-    }
-
-    /// The variables of the current process (a task script called a subcommand).
-    pub fn from_process() -> Self {
-        Self(std::env::vars().filter(|(name, _)| name.starts_with("IMGFORGE_")).collect())
-    }
-
-    /// A variable's value.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
-    }
-
-    /// A variable's value, or the error that the subcommand was not run from a task.
-    pub fn require(&self, name: &str) -> Result<&str, String> {
-        self.get(name).ok_or_else(|| format!("{name} is not set: run this from a task"))
-    }
-}
-
 /// A task built into the helper: what `exec imgforge-helper NAME` would do.
 pub type Builtin = fn(&TaskEnv) -> Result<(), String>;
 
-/// The task built in under the subcommand `name`, if any.
-pub fn builtin(name: &str) -> Option<Builtin> {
-    match name {
-        "customize" => Some(customize::run),
-        "mount-payload" => Some(mounts::mount_payload),
-        "mount-root" => Some(mounts::mount_root),
-        "unmount" => Some(mounts::unmount_all),
-        _ => None,
-    }
-}
+/// The helper's built-in tasks: the one under the subcommand `name`, if any.
+pub type Builtins = fn(&str) -> Option<Builtin>;
 
 /// Lists the tasks to run: executables in `dir` in run-parts order, minus the excluded ones.
 pub fn plan(dir: &Path, rules: &Rules) -> Result<Vec<TaskName>, String> {
@@ -108,13 +53,14 @@ pub fn plan(dir: &Path, rules: &Rules) -> Result<Vec<TaskName>, String> {
         .collect())
 }
 
-/// Runs every planned task; stops at the first failure.
-pub fn run_all(dir: &Path, rules: &Rules, reporter: &mut Reporter) -> Result<(), TaskFailure> {
+/// Runs every planned task, a script that only execs a built-in task as that built-in; stops at
+/// the first failure.
+pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Reporter) -> Result<(), TaskFailure> {
     let tasks = plan(dir, rules).map_err(|message| TaskFailure { task: "helper".into(), message })?;
     for task in tasks {
         reporter.send(&ReportLine::TaskStart { task: task.to_string() });
         let started = Instant::now();
-        let outcome = run_one(&dir.join(task.as_str()), &task, &TaskEnv::new(&task, rules));
+        let outcome = run_one(&dir.join(task.as_str()), &task, &TaskEnv::new(&task, rules), builtins);
         for message in outcome.warnings {
             reporter.send(&ReportLine::Warning { task: task.to_string(), message });
         }
@@ -141,11 +87,7 @@ struct Output {
     checks: Vec<ReportLine>,
 }
 
-fn error_file(task: &TaskName) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("{}.error", task.as_str()))
-}
-
-fn run_one(path: &Path, task: &TaskName, env: &TaskEnv) -> Outcome {
+fn run_one(path: &Path, task: &TaskName, env: &TaskEnv, builtins: Builtins) -> Outcome {
     let fail = |message: String| Outcome { warnings: Vec::new(), checks: Vec::new(), failure: Some(message) };
     let text = match std::fs::read(path) {
         Ok(t) => String::from_utf8_lossy(&t).into_owned(),
@@ -162,7 +104,7 @@ fn run_one(path: &Path, task: &TaskName, env: &TaskEnv) -> Outcome {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot capture the task's output: {e}")),
     };
-    let result = match script.builtin.as_deref().and_then(builtin) {
+    let result = match script.builtin.as_deref().and_then(builtins) {
         Some(run) => run_builtin(run, env, writer),
         None => run_script(path, env, writer),
     };
@@ -231,7 +173,7 @@ fn run_script(path: &Path, env: &TaskEnv, writer: std::io::PipeWriter) -> Result
         .env("PATH", SEARCH_PATH)
         .env("HOME", "/root")
         .env("LANG", "C")
-        .envs(env.0.iter().map(|(k, v)| (k, v)))
+        .envs(env.vars())
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer_err);
@@ -244,9 +186,6 @@ fn run_script(path: &Path, env: &TaskEnv, writer: std::io::PipeWriter) -> Result
         Err(e) => Err(Failed::Message(format!("cannot wait for the task: {e}"))),
     }
 }
-
-/// The command search path of tasks, and of the helper itself.
-pub const SEARCH_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The standard output and error of this process sent into a pipe while a built-in task runs,
 /// so that its output, and that of the programs it starts, is logged and scanned exactly like a
@@ -345,6 +284,7 @@ fn failure_message(error_path: &Path, status: std::process::ExitStatus, tail: &V
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
 
     #[test]
     fn plan_orders_skips_and_excludes() {
@@ -390,12 +330,12 @@ mod tests {
         );
         let path = script(dir.path(), task.as_str(), &text);
 
-        let skipped = run_one(&path, &task, &TaskEnv::new(&task, &rules));
+        let skipped = run_one(&path, &task, &TaskEnv::new(&task, &rules), |_| None);
         assert!(skipped.failure.is_none() && skipped.warnings.is_empty());
         assert!(!marker.exists(), "the script was started");
 
         rules.rpms = vec!["a.rpm".into()];
-        let ran = run_one(&path, &task, &TaskEnv::new(&task, &rules));
+        let ran = run_one(&path, &task, &TaskEnv::new(&task, &rules), |_| None);
         assert!(marker.exists());
         assert_eq!(ran.warnings, ["rpms a.rpm"]);
         let failure = ran.failure.expect("exit 3 is a failure");

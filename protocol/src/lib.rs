@@ -2,10 +2,12 @@
 //!
 //! Nothing here does I/O: the host writes [`rules::Rules`] to the parameter floppy and reads
 //! [`report::ReportLine`]s from the helper's second serial port; the helper does the reverse.
-//! Both recognize filesystems by their superblocks the same way ([`filesystems`]).
+//! Both recognize filesystems by their superblocks the same way ([`filesystems`]), and name the
+//! helper VM's disks and paths the same way ([`helper_vm`]).
 
 pub mod bytes;
 pub mod filesystems;
+pub mod helper_vm;
 pub mod report;
 pub mod rules;
 pub mod task;

@@ -1,6 +1,7 @@
 //! The OS parameters Ganeti passes as `OSP_*` (snf-image's names, plus imgforge's own), parsed
 //! and checked — pure functions over the environment's strings.
 
+use imgforge_protocol::helper_vm::TARGET_DISK;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -105,7 +106,7 @@ impl Params {
 
     /// `ROOT_PARTITION`: the root's partition number, as the helper names its device.
     pub fn root_partition(&self) -> Option<String> {
-        self.properties.get("ROOT_PARTITION").map(|n| format!("/dev/vda{n}"))
+        self.properties.get("ROOT_PARTITION").map(|n| format!("{TARGET_DISK}{n}"))
     }
 
     /// Hashes `img_passwd` with `PASSWORD_HASHING_METHOD` (sha512, the default, or sha256).

@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod tools;
 
 use cpio::{Archive, Entry};
+use imgforge_protocol::helper_vm::{MODULE_MAP, TASKS_DIR};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -31,11 +32,6 @@ include!(concat!(env!("OUT_DIR"), "/tasks.rs"));
 /// The helper has no udev: LVM must create its device nodes itself and not wait for udev.
 const LVM_CONF: &str =
     "activation {\n    udev_sync = 0\n    udev_rules = 0\n}\ndevices {\n    obtain_device_list_from_udev = 0\n}\n";
-
-/// Where the tasks go in the initramfs.
-const TASKS_DIR: &str = "usr/lib/imgforge/tasks";
-/// The module map the helper reads (see imgforge-helper's kmod).
-const MODULE_MAP: &str = "lib/modules/imgforge.modules";
 
 /// Why the helper image could not be built or found.
 #[derive(Debug, Error)]

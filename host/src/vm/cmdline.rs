@@ -7,6 +7,7 @@
 //! qemu ≥ 9.1 has no `-runas` at all — dropping privileges before exec works with both).
 
 use super::accel::Accel;
+use imgforge_protocol::helper_vm::{PAYLOAD_SERIAL, TARGET_SERIAL};
 
 /// qemu's seccomp sandbox: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler
 /// or resource changes.
@@ -97,11 +98,6 @@ const FDSET_FLOPPY: u32 = 2;
 const FDSET_PAYLOAD: u32 = 3;
 const FDSET_CONSOLE: u32 = 4;
 const FDSET_REPORT: u32 = 5;
-
-/// The serial number by which the helper finds the payload disk.
-pub const PAYLOAD_SERIAL: &str = "imgforge-payload";
-/// The serial number of the target disk.
-pub const TARGET_SERIAL: &str = "imgforge-target";
 
 /// The machine every run of ours gets: no defaults, no display, no network, one vCPU, the
 /// seccomp sandbox, and an exit instead of a reboot.

@@ -11,6 +11,7 @@ mod qmp;
 use crate::helper_image::HelperImage;
 use accel::{Accel, KvmPlan, KvmVerdict};
 use cmdline::{DiskFormat, QemuConfig};
+use imgforge_protocol::helper_vm;
 use imgforge_protocol::report::{LineSplitter, ReportLine, Verdict, VerdictBuilder};
 use privilege::Unprivileged;
 use std::collections::VecDeque;
@@ -101,7 +102,7 @@ fn with_preload(cmdline: String, preload: &[&str]) -> String {
     if preload.is_empty() {
         return cmdline;
     }
-    format!("{cmdline} imgforge.preload={}", preload.join(","))
+    format!("{cmdline} {}", helper_vm::preload_param(preload))
 }
 
 /// Something that happened while the VM ran.
