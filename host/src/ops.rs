@@ -256,6 +256,19 @@ fn host_file(path: &str) -> Result<std::fs::Metadata, String> {
     Ok(meta)
 }
 
+/// An option's argument as safe to show in an error: passwords redacted, long text cut.
+fn shown(option: &str, value: Option<&str>) -> String {
+    let secret = matches!(option, "root-password" | "password");
+    match (secret, value) {
+        (true, Some(v)) => v
+            .split_once(':')
+            .map(|(u, _)| if option == "password" { format!("{u}:…") } else { "…".into() })
+            .unwrap_or_else(|| "…".into()),
+        (_, Some(v)) => v.chars().take(120).collect(),
+        (_, None) => String::new(),
+    }
+}
+
 impl Plan {
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
@@ -292,19 +305,8 @@ impl Plan {
     }
 
     fn add_nested(&mut self, option: &str, value: Option<&str>, depth: usize) -> Result<(), OpsError> {
-        let secret = matches!(option, "root-password" | "password");
-        let invalid = |reason: String| OpsError::Invalid {
-            option: option.to_owned(),
-            shown: match (secret, value) {
-                (true, Some(v)) => v
-                    .split_once(':')
-                    .map(|(u, _)| if option == "password" { format!("{u}:…") } else { "…".into() })
-                    .unwrap_or_else(|| "…".into()),
-                (_, Some(v)) => v.chars().take(120).collect(),
-                (_, None) => String::new(),
-            },
-            reason,
-        };
+        let invalid =
+            |reason: String| OpsError::Invalid { option: option.to_owned(), shown: shown(option, value), reason };
         if FLAG_OPTIONS.contains(&option) {
             match option {
                 "selinux-relabel" => self.selinux_relabel = true,
@@ -313,65 +315,37 @@ impl Plan {
             return Ok(());
         }
         let value = value.ok_or_else(|| invalid("this option needs an argument".into()))?;
-        let op = match option {
+        match option {
+            "commands-from-file" => self.add_commands_file(Path::new(value), depth),
+            "ssh-inject" => self.add_ssh_keys(value).map_err(invalid),
+            "install-rpm" => self.add_rpm(value).map_err(invalid),
+            "install" => self.add_packages(value).map_err(invalid),
+            "repo" => self.add_repo(value).map_err(invalid),
+            _ => {
+                let op = self.operation(option, value).map_err(invalid)?;
+                self.operations.push(op);
+                Ok(())
+            }
+        }
+    }
+
+    /// The operation of an option that adds exactly one.
+    fn operation(&mut self, option: &str, value: &str) -> Result<Operation, String> {
+        Ok(match option {
             "hostname" => {
-                check_hostname(value).map_err(invalid)?;
+                check_hostname(value)?;
                 Operation::Hostname { name: value.to_owned() }
             }
-            "root-password" | "password" => {
-                let (user, selector) = if option == "root-password" {
-                    ("root", value)
-                } else {
-                    split_pair(value, "USER:SELECTOR").map_err(invalid)?
-                };
-                if user.is_empty() || user.contains(['\n', ':']) {
-                    return Err(invalid(format!("{user:?} is not a user name")));
-                }
-                let selector = PasswordSelector::parse(selector).map_err(|e| invalid(e.to_string()))?;
-                let field = selector.to_shadow_field().map_err(|e| invalid(e.to_string()))?;
-                if let Some(pw) = field.random_password {
-                    self.random_passwords.push((user.to_owned(), pw));
-                }
-                Operation::Password { user: user.to_owned(), shadow_field: field.field }
+            "root-password" => self.password("root", value)?,
+            "password" => {
+                let (user, selector) = split_pair(value, "USER:SELECTOR")?;
+                self.password(user, selector)?
             }
-            "ssh-inject" => {
-                let (user, keys) = match value.split_once(':') {
-                    None => (value, default_public_keys().map_err(invalid)?),
-                    Some((user, rest)) => match rest.split_once(':') {
-                        Some(("file", path)) => (user, read_keys(Path::new(path)).map_err(invalid)?),
-                        Some(("string", key)) => (user, vec![key.to_owned()]),
-                        _ => return Err(invalid("expected USER, USER:file:PATH or USER:string:KEY".into())),
-                    },
-                };
-                if user.is_empty() {
-                    return Err(invalid("the user name is empty".into()));
-                }
-                for key in keys {
-                    check_key(&key).map_err(invalid)?;
-                    self.operations.push(Operation::SshInject { user: user.to_owned(), key });
-                }
-                return Ok(());
-            }
-            "upload" => {
-                let (local, guest) = split_pair(value, "LOCAL:GUESTPATH").map_err(invalid)?;
-                let meta = host_file(local).map_err(invalid)?;
-                check_guest_path(guest).map_err(invalid)?;
-                let file_name =
-                    Path::new(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let payload_path = self.payload_file(local);
-                Operation::Upload {
-                    payload_path,
-                    guest_path: guest.to_owned(),
-                    file_name,
-                    mode: meta.mode() & 0o7777,
-                    uid: meta.uid(),
-                    gid: meta.gid(),
-                }
-            }
+            "upload" => self.upload(value)?,
             "mkdir" | "delete" => {
-                check_guest_path(value).map_err(invalid)?;
+                check_guest_path(value)?;
                 if value.trim_end_matches('/').is_empty() {
-                    return Err(invalid("refusing to operate on the guest's root directory".into()));
+                    return Err("refusing to operate on the guest's root directory".into());
                 }
                 let path = value.to_owned();
                 if option == "mkdir" {
@@ -381,8 +355,8 @@ impl Plan {
                 }
             }
             "write" | "append-line" => {
-                let (path, text) = split_pair(value, "GUESTFILE:CONTENT").map_err(invalid)?;
-                check_guest_path(path).map_err(invalid)?;
+                let (path, text) = split_pair(value, "GUESTFILE:CONTENT")?;
+                check_guest_path(path)?;
                 if option == "write" {
                     Operation::Write { path: path.to_owned(), content: text.to_owned() }
                 } else {
@@ -390,13 +364,13 @@ impl Plan {
                 }
             }
             "chmod" => {
-                let (mode, path) = split_pair(value, "MODE:GUESTPATH").map_err(invalid)?;
-                let mode = parse_mode(mode).map_err(invalid)?;
-                check_guest_path(path).map_err(invalid)?;
+                let (mode, path) = split_pair(value, "MODE:GUESTPATH")?;
+                let mode = parse_mode(mode)?;
+                check_guest_path(path)?;
                 Operation::Chmod { mode, path: path.to_owned() }
             }
             "run" | "firstboot" => {
-                host_file(value).map_err(invalid)?;
+                host_file(value)?;
                 let name = Path::new(value).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let payload_path = self.payload_file(value);
                 if option == "run" {
@@ -407,7 +381,7 @@ impl Plan {
             }
             "run-command" | "firstboot-command" => {
                 if value.trim().is_empty() {
-                    return Err(invalid("the command is empty".into()));
+                    return Err("the command is empty".into());
                 }
                 if option == "run-command" {
                     Operation::RunCommand { command: value.to_owned() }
@@ -416,44 +390,96 @@ impl Plan {
                 }
             }
             "timezone" => {
-                check_timezone(value).map_err(invalid)?;
+                check_timezone(value)?;
                 Operation::Timezone { zone: value.to_owned() }
             }
-            "commands-from-file" => return self.add_commands_file(Path::new(value), depth),
-            "install-rpm" => {
-                check_rpm(value).map_err(invalid)?;
-                let payload_path = self.payload_file_in("rpms", value);
-                self.rpms.push(payload_path);
-                return Ok(());
-            }
-            "install" => {
-                for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                    check_package_name(name).map_err(invalid)?;
-                    self.install.push(name.to_owned());
-                }
-                return Ok(());
-            }
-            "repo" => {
-                if self.repo.is_some() {
-                    return Err(invalid("only one --repo may be given".into()));
-                }
-                let dir = Path::new(value);
-                if !dir.join("repodata/repomd.xml").is_file() {
-                    return Err(invalid(format!(
-                        "{value} is not a yum/dnf repository (no repodata/repomd.xml): run createrepo_c on it"
-                    )));
-                }
-                for rel in files_under(dir).map_err(invalid)? {
-                    let name = format!("repo/{}", rel.display());
-                    self.payload.push(PayloadFile { name, source: dir.join(&rel) });
-                }
-                self.repo = Some("repo".into());
-                return Ok(());
-            }
+            _ => return Err("unknown operation".into()),
+        })
+    }
 
-            _ => return Err(invalid("unknown operation".into())),
+    /// `user`'s password from a selector; a random one is remembered to tell the user.
+    fn password(&mut self, user: &str, selector: &str) -> Result<Operation, String> {
+        if user.is_empty() || user.contains(['\n', ':']) {
+            return Err(format!("{user:?} is not a user name"));
+        }
+        let selector = PasswordSelector::parse(selector).map_err(|e| e.to_string())?;
+        let field = selector.to_shadow_field().map_err(|e| e.to_string())?;
+        if let Some(pw) = field.random_password {
+            self.random_passwords.push((user.to_owned(), pw));
+        }
+        Ok(Operation::Password { user: user.to_owned(), shadow_field: field.field })
+    }
+
+    /// `LOCAL:GUESTPATH`: the host file goes on the payload disk, with its owner and mode.
+    fn upload(&mut self, value: &str) -> Result<Operation, String> {
+        let (local, guest) = split_pair(value, "LOCAL:GUESTPATH")?;
+        let meta = host_file(local)?;
+        check_guest_path(guest)?;
+        let file_name = Path::new(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let payload_path = self.payload_file(local);
+        Ok(Operation::Upload {
+            payload_path,
+            guest_path: guest.to_owned(),
+            file_name,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+
+    /// `--ssh-inject`: one operation per key.
+    fn add_ssh_keys(&mut self, value: &str) -> Result<(), String> {
+        let (user, keys) = match value.split_once(':') {
+            None => (value, default_public_keys()?),
+            Some((user, rest)) => match rest.split_once(':') {
+                Some(("file", path)) => (user, read_keys(Path::new(path))?),
+                Some(("string", key)) => (user, vec![key.to_owned()]),
+                _ => return Err("expected USER, USER:file:PATH or USER:string:KEY".into()),
+            },
         };
-        self.operations.push(op);
+        if user.is_empty() {
+            return Err("the user name is empty".into());
+        }
+        for key in keys {
+            check_key(&key)?;
+            self.operations.push(Operation::SshInject { user: user.to_owned(), key });
+        }
+        Ok(())
+    }
+
+    /// `--install-rpm`: the file goes on the payload disk, for the one rpm transaction.
+    fn add_rpm(&mut self, path: &str) -> Result<(), String> {
+        check_rpm(path)?;
+        let payload_path = self.payload_file_in("rpms", path);
+        self.rpms.push(payload_path);
+        Ok(())
+    }
+
+    /// `--install PKG[,PKG...]`.
+    fn add_packages(&mut self, list: &str) -> Result<(), String> {
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            check_package_name(name)?;
+            self.install.push(name.to_owned());
+        }
+        Ok(())
+    }
+
+    /// `--repo DIR`: every file of the repository goes on the payload disk.
+    fn add_repo(&mut self, value: &str) -> Result<(), String> {
+        if self.repo.is_some() {
+            return Err("only one --repo may be given".into());
+        }
+        let dir = Path::new(value);
+        if !dir.join("repodata/repomd.xml").is_file() {
+            return Err(format!(
+                "{value} is not a yum/dnf repository (no repodata/repomd.xml): run createrepo_c on it"
+            ));
+        }
+        for rel in files_under(dir)? {
+            let name = format!("repo/{}", rel.display());
+            self.payload.push(PayloadFile { name, source: dir.join(&rel) });
+        }
+        self.repo = Some("repo".into());
         Ok(())
     }
 
