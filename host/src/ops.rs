@@ -6,35 +6,108 @@
 
 use crate::commands_file;
 use crate::password::PasswordSelector;
+use clap::Args;
 use imgforge_protocol::rules::Operation;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 use thiserror::Error;
 
-/// Operation options that take an argument, by name without `--`.
-pub const VALUE_OPTIONS: &[&str] = &[
-    "hostname",
-    "root-password",
-    "password",
-    "ssh-inject",
-    "upload",
-    "mkdir",
-    "write",
-    "append-line",
-    "delete",
-    "chmod",
-    "run",
-    "run-command",
-    "timezone",
-    "firstboot",
-    "firstboot-command",
-    "install-rpm",
-    "install",
-    "repo",
-    "commands-from-file",
-];
-/// Operation options that are flags.
-pub const FLAG_OPTIONS: &[&str] = &["selinux-relabel", "gpgcheck"];
+/// The customization operations, applied in the order given: the one definition of the
+/// operation options (names, arguments, help), which the rest reads through [`operation_options`].
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Customization operations (applied in the order given)")]
+pub struct OpsArgs {
+    /// Set the host name.
+    #[arg(long, value_name = "NAME")]
+    hostname: Vec<String>,
+    /// Set root's password: password:PW, file:PATH, random, disabled, locked:SELECTOR.
+    #[arg(long, value_name = "SELECTOR")]
+    root_password: Vec<String>,
+    /// Set USER's password (same selectors).
+    #[arg(long, value_name = "USER:SELECTOR")]
+    password: Vec<String>,
+    /// Append SSH public keys to USER's ~/.ssh/authorized_keys (default: your ~/.ssh/*.pub).
+    #[arg(long, value_name = "USER[:file:PATH|:string:KEY]")]
+    ssh_inject: Vec<String>,
+    /// Copy a host file into the guest (owner and mode kept).
+    #[arg(long, value_name = "LOCAL:GUESTPATH")]
+    upload: Vec<String>,
+    /// Create a directory and its parents.
+    #[arg(long, value_name = "GUESTDIR")]
+    mkdir: Vec<String>,
+    /// Replace a file's contents.
+    #[arg(long, value_name = "GUESTFILE:CONTENT")]
+    write: Vec<String>,
+    /// Append a line to a file.
+    #[arg(long, value_name = "GUESTFILE:LINE")]
+    append_line: Vec<String>,
+    /// Delete a file or directory (recursively).
+    #[arg(long, value_name = "GUESTPATH")]
+    delete: Vec<String>,
+    /// Change permissions (octal).
+    #[arg(long, value_name = "MODE:GUESTPATH")]
+    chmod: Vec<String>,
+    /// Run a host script in the guest (chroot, /bin/sh).
+    #[arg(long, value_name = "SCRIPT")]
+    run: Vec<String>,
+    /// Run a command in the guest (chroot, /bin/sh -c).
+    #[arg(long, value_name = "CMD")]
+    run_command: Vec<String>,
+    /// Set the timezone (e.g. Europe/Athens).
+    #[arg(long, value_name = "TZ")]
+    timezone: Vec<String>,
+    /// Install a script to run once at first boot.
+    #[arg(long, value_name = "SCRIPT")]
+    firstboot: Vec<String>,
+    /// Install a command to run once at first boot.
+    #[arg(long, value_name = "CMD")]
+    firstboot_command: Vec<String>,
+    /// Install RPM files in one transaction with the guest's rpm.
+    #[arg(long, value_name = "PATH.rpm")]
+    install_rpm: Vec<String>,
+    /// Install packages from --repo with the guest's dnf or yum.
+    #[arg(long, value_name = "PKG[,PKG...]")]
+    install: Vec<String>,
+    /// Local yum/dnf repository for --install.
+    #[arg(long, value_name = "DIR")]
+    repo: Vec<String>,
+    /// Check package signatures of --repo (off by default: the packages are your own).
+    #[arg(long)]
+    gpgcheck: bool,
+    /// Read operations from a file (virt-customize syntax).
+    #[arg(long, value_name = "FILE")]
+    commands_from_file: Vec<String>,
+    /// Relabel SELinux contexts at the guest's next boot.
+    #[arg(long)]
+    selinux_relabel: bool,
+}
+
+/// One operation option, as [`OpsArgs`] defines it.
+#[derive(Debug)]
+pub struct OperationOption {
+    /// Its clap argument id (`root_password`).
+    pub id: String,
+    /// Its name without `--` (`root-password`).
+    pub name: String,
+    /// False for a flag.
+    pub takes_value: bool,
+}
+
+/// Every operation option, in [`OpsArgs`] order.
+pub fn operation_options() -> &'static [OperationOption] {
+    static OPTIONS: LazyLock<Vec<OperationOption>> = LazyLock::new(|| {
+        OpsArgs::augment_args(clap::Command::new("ops"))
+            .get_arguments()
+            .map(|arg| OperationOption {
+                id: arg.get_id().to_string(),
+                name: arg.get_long().expect("every operation option is a long option").to_owned(),
+                takes_value: arg.get_action().takes_values(),
+            })
+            .collect()
+    });
+    &OPTIONS
+}
 
 /// How deep `--commands-from-file` may nest.
 const MAX_COMMANDS_FILE_DEPTH: usize = 8;
@@ -307,11 +380,7 @@ impl Plan {
     fn add_nested(&mut self, option: &str, value: Option<&str>, depth: usize) -> Result<(), OpsError> {
         let invalid =
             |reason: String| OpsError::Invalid { option: option.to_owned(), shown: shown(option, value), reason };
-        if FLAG_OPTIONS.contains(&option) {
-            match option {
-                "selinux-relabel" => self.selinux_relabel = true,
-                _ => self.gpgcheck = true,
-            }
+        if self.set_flag(option) {
             return Ok(());
         }
         let value = value.ok_or_else(|| invalid("this option needs an argument".into()))?;
@@ -327,6 +396,17 @@ impl Plan {
                 Ok(())
             }
         }
+    }
+
+    /// Sets the flag `option` names (any argument ignored); false if it names none.
+    fn set_flag(&mut self, option: &str) -> bool {
+        let flag = match option {
+            "selinux-relabel" => &mut self.selinux_relabel,
+            "gpgcheck" => &mut self.gpgcheck,
+            _ => return false,
+        };
+        *flag = true;
+        true
     }
 
     /// The operation of an option that adds exactly one.
@@ -491,7 +571,7 @@ impl Plan {
         let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
         let commands = commands_file::parse(&text).map_err(|e| fail(e.to_string()))?;
         for c in commands {
-            if !VALUE_OPTIONS.contains(&c.name.as_str()) && !FLAG_OPTIONS.contains(&c.name.as_str()) {
+            if !operation_options().iter().any(|o| o.name == c.name) {
                 return Err(OpsError::UnknownCommand { file: file.to_owned(), line: c.line, name: c.name });
             }
             self.add_nested(&c.name, c.arg.as_deref(), depth + 1).map_err(|e| match e {
@@ -608,6 +688,19 @@ mod tests {
         std::fs::write(&f, format!("commands-from-file {}\n", f.display())).unwrap();
         let err = Plan::default().add("commands-from-file", Some(f.to_str().unwrap())).unwrap_err().to_string();
         assert!(err.contains("nest"), "{err}");
+    }
+
+    #[test]
+    fn operation_options_come_from_ops_args() {
+        let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
+        assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
+        assert_eq!(operation_options().len(), 21);
+        for option in operation_options() {
+            assert_eq!(option.id, option.name.replace('-', "_"));
+            if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
+                assert_ne!(reason, "unknown operation", "--{} is not implemented", option.name);
+            }
+        }
     }
 
     #[test]
