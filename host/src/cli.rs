@@ -1,4 +1,4 @@
-//! The command line (contract: docs/cli.md): parsing, dispatch, exit statuses.
+//! The command line: parsing, dispatch, exit statuses (the CLI contract: shared/docs/cli.md).
 
 use crate::customize::{self, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS};
 use crate::exit::{ExitStatus, Failure};

@@ -140,7 +140,7 @@ pub enum OpsError {
     CommandsFile {
         /// The file.
         file: PathBuf,
-        /// Why.
+        /// The read or syntax error, the nesting limit, or a numbered line's invalid option.
         reason: String,
     },
 }

@@ -45,7 +45,7 @@ pub enum BuildError {
     Io {
         /// The path.
         path: PathBuf,
-        /// Why.
+        /// The I/O error on that path.
         source: std::io::Error,
     },
     /// An external tool failed.
@@ -53,7 +53,7 @@ pub enum BuildError {
     Tool {
         /// The command.
         tool: String,
-        /// Why.
+        /// The tool's error, or what its output lacked.
         reason: String,
     },
     /// A program of files.list is not installed.

@@ -35,7 +35,7 @@ pub enum StreamError {
     Read {
         /// The source.
         what: String,
-        /// Why.
+        /// The error the source's reader returned.
         source: std::io::Error,
     },
     /// Writing the destination failed.
@@ -43,7 +43,7 @@ pub enum StreamError {
     Write {
         /// The destination.
         what: String,
-        /// Why.
+        /// The write, zeroing or commit error, or the image outgrowing the destination.
         source: std::io::Error,
     },
     /// The source ended early or ran long.
