@@ -1,8 +1,8 @@
-//! The command line (contract: docs/cli.md): parsing, dispatch, exit statuses.
+//! The command line: parsing, dispatch, exit statuses (the CLI contract: shared/docs/cli.md).
 
 use crate::customize::{self, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS};
 use crate::exit::{ExitStatus, Failure};
-use crate::ops::{Plan, FLAG_OPTIONS, VALUE_OPTIONS};
+use crate::ops::{operation_options, OpsArgs, Plan};
 use crate::progress::{Progress, ProgressMode};
 use crate::vm::accel::Accel;
 use crate::vm::privilege::DEFAULT_HELPER_USER;
@@ -91,75 +91,6 @@ enum GanetiCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         args: Vec<String>,
     },
-}
-
-/// The customization operations, applied in the order given.
-#[derive(Debug, Args)]
-#[command(next_help_heading = "Customization operations (applied in the order given)")]
-struct OpsArgs {
-    /// Set the host name.
-    #[arg(long, value_name = "NAME")]
-    hostname: Vec<String>,
-    /// Set root's password: password:PW, file:PATH, random, disabled, locked:SELECTOR.
-    #[arg(long, value_name = "SELECTOR")]
-    root_password: Vec<String>,
-    /// Set USER's password (same selectors).
-    #[arg(long, value_name = "USER:SELECTOR")]
-    password: Vec<String>,
-    /// Append SSH public keys to USER's ~/.ssh/authorized_keys (default: your ~/.ssh/*.pub).
-    #[arg(long, value_name = "USER[:file:PATH|:string:KEY]")]
-    ssh_inject: Vec<String>,
-    /// Copy a host file into the guest (owner and mode kept).
-    #[arg(long, value_name = "LOCAL:GUESTPATH")]
-    upload: Vec<String>,
-    /// Create a directory and its parents.
-    #[arg(long, value_name = "GUESTDIR")]
-    mkdir: Vec<String>,
-    /// Replace a file's contents.
-    #[arg(long, value_name = "GUESTFILE:CONTENT")]
-    write: Vec<String>,
-    /// Append a line to a file.
-    #[arg(long, value_name = "GUESTFILE:LINE")]
-    append_line: Vec<String>,
-    /// Delete a file or directory (recursively).
-    #[arg(long, value_name = "GUESTPATH")]
-    delete: Vec<String>,
-    /// Change permissions (octal).
-    #[arg(long, value_name = "MODE:GUESTPATH")]
-    chmod: Vec<String>,
-    /// Run a host script in the guest (chroot, /bin/sh).
-    #[arg(long, value_name = "SCRIPT")]
-    run: Vec<String>,
-    /// Run a command in the guest (chroot, /bin/sh -c).
-    #[arg(long, value_name = "CMD")]
-    run_command: Vec<String>,
-    /// Set the timezone (e.g. Europe/Athens).
-    #[arg(long, value_name = "TZ")]
-    timezone: Vec<String>,
-    /// Install a script to run once at first boot.
-    #[arg(long, value_name = "SCRIPT")]
-    firstboot: Vec<String>,
-    /// Install a command to run once at first boot.
-    #[arg(long, value_name = "CMD")]
-    firstboot_command: Vec<String>,
-    /// Install RPM files in one transaction with the guest's rpm.
-    #[arg(long, value_name = "PATH.rpm")]
-    install_rpm: Vec<String>,
-    /// Install packages from --repo with the guest's dnf or yum.
-    #[arg(long, value_name = "PKG[,PKG...]")]
-    install: Vec<String>,
-    /// Local yum/dnf repository for --install.
-    #[arg(long, value_name = "DIR")]
-    repo: Vec<String>,
-    /// Check package signatures of --repo (off by default: the packages are your own).
-    #[arg(long)]
-    gpgcheck: bool,
-    /// Read operations from a file (virt-customize syntax).
-    #[arg(long, value_name = "FILE")]
-    commands_from_file: Vec<String>,
-    /// Relabel SELinux contexts at the guest's next boot.
-    #[arg(long)]
-    selinux_relabel: bool,
 }
 
 /// How the helper VM runs.
@@ -293,25 +224,18 @@ struct VerifyArgs {
     vm: VmArgs,
 }
 
-/// The clap argument id of an operation option (`root-password` → `root_password`).
-fn arg_id(option: &str) -> String {
-    option.replace('-', "_")
-}
-
 /// The operation options of `matches`, in command-line order.
 fn ordered_ops(matches: &ArgMatches) -> Result<Plan, Failure> {
     let mut occurrences: Vec<(usize, &str, Option<String>)> = Vec::new();
-    for option in VALUE_OPTIONS {
-        let id = arg_id(option);
-        if let (Some(indices), Some(values)) = (matches.indices_of(&id), matches.get_raw(&id)) {
-            for (index, value) in indices.zip(values) {
-                occurrences.push((index, option, Some(value.to_string_lossy().into_owned())));
+    for option in operation_options() {
+        if !option.takes_value {
+            if matches.get_flag(&option.id) {
+                occurrences.push((0, &option.name, None));
             }
-        }
-    }
-    for option in FLAG_OPTIONS {
-        if matches.get_flag(&arg_id(option)) {
-            occurrences.push((0, option, None));
+        } else if let (Some(indices), Some(values)) = (matches.indices_of(&option.id), matches.get_raw(&option.id)) {
+            for (index, value) in indices.zip(values) {
+                occurrences.push((index, &option.name, Some(value.to_string_lossy().into_owned())));
+            }
         }
     }
     occurrences.sort_by_key(|(i, _, _)| *i);
@@ -591,9 +515,12 @@ mod tests {
     #[test]
     fn every_operation_option_exists() {
         let cmd = Cli::command();
-        let customize = cmd.find_subcommand("customize").unwrap();
-        for option in VALUE_OPTIONS.iter().chain(FLAG_OPTIONS) {
-            assert!(customize.get_arguments().any(|a| a.get_long() == Some(option)), "--{option} missing");
+        for sub in ["customize", "deploy"] {
+            let sub = cmd.find_subcommand(sub).unwrap();
+            for option in operation_options() {
+                let option = &option.name;
+                assert!(sub.get_arguments().any(|a| a.get_long() == Some(option)), "--{option} missing");
+            }
         }
     }
 

@@ -1,4 +1,4 @@
-//! Exit statuses of the command line (cli.md) and the error that carries one.
+//! Exit statuses of the command line (the CLI contract, shared/docs/cli.md) and the error that carries one.
 
 use thiserror::Error;
 

@@ -25,7 +25,7 @@ pub enum FloppyError {
     Io {
         /// The image file.
         path: PathBuf,
-        /// Why.
+        /// The I/O error creating, formatting or writing it.
         source: std::io::Error,
     },
 }

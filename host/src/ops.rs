@@ -6,35 +6,108 @@
 
 use crate::commands_file;
 use crate::password::PasswordSelector;
+use clap::Args;
 use imgforge_protocol::rules::Operation;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 use thiserror::Error;
 
-/// Operation options that take an argument, by name without `--`.
-pub const VALUE_OPTIONS: &[&str] = &[
-    "hostname",
-    "root-password",
-    "password",
-    "ssh-inject",
-    "upload",
-    "mkdir",
-    "write",
-    "append-line",
-    "delete",
-    "chmod",
-    "run",
-    "run-command",
-    "timezone",
-    "firstboot",
-    "firstboot-command",
-    "install-rpm",
-    "install",
-    "repo",
-    "commands-from-file",
-];
-/// Operation options that are flags.
-pub const FLAG_OPTIONS: &[&str] = &["selinux-relabel", "gpgcheck"];
+/// The customization operations, applied in the order given: the one definition of the
+/// operation options (names, arguments, help), which the rest reads through [`operation_options`].
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Customization operations (applied in the order given)")]
+pub struct OpsArgs {
+    /// Set the host name.
+    #[arg(long, value_name = "NAME")]
+    hostname: Vec<String>,
+    /// Set root's password: password:PW, file:PATH, random, disabled, locked:SELECTOR.
+    #[arg(long, value_name = "SELECTOR")]
+    root_password: Vec<String>,
+    /// Set USER's password (same selectors).
+    #[arg(long, value_name = "USER:SELECTOR")]
+    password: Vec<String>,
+    /// Append SSH public keys to USER's ~/.ssh/authorized_keys (default: your ~/.ssh/*.pub).
+    #[arg(long, value_name = "USER[:file:PATH|:string:KEY]")]
+    ssh_inject: Vec<String>,
+    /// Copy a host file into the guest (owner and mode kept).
+    #[arg(long, value_name = "LOCAL:GUESTPATH")]
+    upload: Vec<String>,
+    /// Create a directory and its parents.
+    #[arg(long, value_name = "GUESTDIR")]
+    mkdir: Vec<String>,
+    /// Replace a file's contents.
+    #[arg(long, value_name = "GUESTFILE:CONTENT")]
+    write: Vec<String>,
+    /// Append a line to a file.
+    #[arg(long, value_name = "GUESTFILE:LINE")]
+    append_line: Vec<String>,
+    /// Delete a file or directory (recursively).
+    #[arg(long, value_name = "GUESTPATH")]
+    delete: Vec<String>,
+    /// Change permissions (octal).
+    #[arg(long, value_name = "MODE:GUESTPATH")]
+    chmod: Vec<String>,
+    /// Run a host script in the guest (chroot, /bin/sh).
+    #[arg(long, value_name = "SCRIPT")]
+    run: Vec<String>,
+    /// Run a command in the guest (chroot, /bin/sh -c).
+    #[arg(long, value_name = "CMD")]
+    run_command: Vec<String>,
+    /// Set the timezone (e.g. Europe/Athens).
+    #[arg(long, value_name = "TZ")]
+    timezone: Vec<String>,
+    /// Install a script to run once at first boot.
+    #[arg(long, value_name = "SCRIPT")]
+    firstboot: Vec<String>,
+    /// Install a command to run once at first boot.
+    #[arg(long, value_name = "CMD")]
+    firstboot_command: Vec<String>,
+    /// Install RPM files in one transaction with the guest's rpm.
+    #[arg(long, value_name = "PATH.rpm")]
+    install_rpm: Vec<String>,
+    /// Install packages from --repo with the guest's dnf or yum.
+    #[arg(long, value_name = "PKG[,PKG...]")]
+    install: Vec<String>,
+    /// Local yum/dnf repository for --install.
+    #[arg(long, value_name = "DIR")]
+    repo: Vec<String>,
+    /// Check package signatures of --repo (off by default: the packages are your own).
+    #[arg(long)]
+    gpgcheck: bool,
+    /// Read operations from a file (virt-customize syntax).
+    #[arg(long, value_name = "FILE")]
+    commands_from_file: Vec<String>,
+    /// Relabel SELinux contexts at the guest's next boot.
+    #[arg(long)]
+    selinux_relabel: bool,
+}
+
+/// One operation option, as [`OpsArgs`] defines it.
+#[derive(Debug)]
+pub struct OperationOption {
+    /// Its clap argument id (`root_password`).
+    pub id: String,
+    /// Its name without `--` (`root-password`).
+    pub name: String,
+    /// False for a flag.
+    pub takes_value: bool,
+}
+
+/// Every operation option, in [`OpsArgs`] order.
+pub fn operation_options() -> &'static [OperationOption] {
+    static OPTIONS: LazyLock<Vec<OperationOption>> = LazyLock::new(|| {
+        OpsArgs::augment_args(clap::Command::new("ops"))
+            .get_arguments()
+            .map(|arg| OperationOption {
+                id: arg.get_id().to_string(),
+                name: arg.get_long().expect("every operation option is a long option").to_owned(),
+                takes_value: arg.get_action().takes_values(),
+            })
+            .collect()
+    });
+    &OPTIONS
+}
 
 /// How deep `--commands-from-file` may nest.
 const MAX_COMMANDS_FILE_DEPTH: usize = 8;
@@ -67,7 +140,7 @@ pub enum OpsError {
     CommandsFile {
         /// The file.
         file: PathBuf,
-        /// Why.
+        /// The read or syntax error, the nesting limit, or a numbered line's invalid option.
         reason: String,
     },
 }
@@ -256,6 +329,19 @@ fn host_file(path: &str) -> Result<std::fs::Metadata, String> {
     Ok(meta)
 }
 
+/// An option's argument as safe to show in an error: passwords redacted, long text cut.
+fn shown(option: &str, value: Option<&str>) -> String {
+    let secret = matches!(option, "root-password" | "password");
+    match (secret, value) {
+        (true, Some(v)) => v
+            .split_once(':')
+            .map(|(u, _)| if option == "password" { format!("{u}:…") } else { "…".into() })
+            .unwrap_or_else(|| "…".into()),
+        (_, Some(v)) => v.chars().take(120).collect(),
+        (_, None) => String::new(),
+    }
+}
+
 impl Plan {
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
@@ -292,86 +378,54 @@ impl Plan {
     }
 
     fn add_nested(&mut self, option: &str, value: Option<&str>, depth: usize) -> Result<(), OpsError> {
-        let secret = matches!(option, "root-password" | "password");
-        let invalid = |reason: String| OpsError::Invalid {
-            option: option.to_owned(),
-            shown: match (secret, value) {
-                (true, Some(v)) => v
-                    .split_once(':')
-                    .map(|(u, _)| if option == "password" { format!("{u}:…") } else { "…".into() })
-                    .unwrap_or_else(|| "…".into()),
-                (_, Some(v)) => v.chars().take(120).collect(),
-                (_, None) => String::new(),
-            },
-            reason,
-        };
-        if FLAG_OPTIONS.contains(&option) {
-            match option {
-                "selinux-relabel" => self.selinux_relabel = true,
-                _ => self.gpgcheck = true,
-            }
+        let invalid =
+            |reason: String| OpsError::Invalid { option: option.to_owned(), shown: shown(option, value), reason };
+        if self.set_flag(option) {
             return Ok(());
         }
         let value = value.ok_or_else(|| invalid("this option needs an argument".into()))?;
-        let op = match option {
+        match option {
+            "commands-from-file" => self.add_commands_file(Path::new(value), depth),
+            "ssh-inject" => self.add_ssh_keys(value).map_err(invalid),
+            "install-rpm" => self.add_rpm(value).map_err(invalid),
+            "install" => self.add_packages(value).map_err(invalid),
+            "repo" => self.add_repo(value).map_err(invalid),
+            _ => {
+                let op = self.operation(option, value).map_err(invalid)?;
+                self.operations.push(op);
+                Ok(())
+            }
+        }
+    }
+
+    /// Sets the flag `option` names (any argument ignored); false if it names none.
+    fn set_flag(&mut self, option: &str) -> bool {
+        let flag = match option {
+            "selinux-relabel" => &mut self.selinux_relabel,
+            "gpgcheck" => &mut self.gpgcheck,
+            _ => return false,
+        };
+        *flag = true;
+        true
+    }
+
+    /// The operation of an option that adds exactly one.
+    fn operation(&mut self, option: &str, value: &str) -> Result<Operation, String> {
+        Ok(match option {
             "hostname" => {
-                check_hostname(value).map_err(invalid)?;
+                check_hostname(value)?;
                 Operation::Hostname { name: value.to_owned() }
             }
-            "root-password" | "password" => {
-                let (user, selector) = if option == "root-password" {
-                    ("root", value)
-                } else {
-                    split_pair(value, "USER:SELECTOR").map_err(invalid)?
-                };
-                if user.is_empty() || user.contains(['\n', ':']) {
-                    return Err(invalid(format!("{user:?} is not a user name")));
-                }
-                let selector = PasswordSelector::parse(selector).map_err(|e| invalid(e.to_string()))?;
-                let field = selector.to_shadow_field().map_err(|e| invalid(e.to_string()))?;
-                if let Some(pw) = field.random_password {
-                    self.random_passwords.push((user.to_owned(), pw));
-                }
-                Operation::Password { user: user.to_owned(), shadow_field: field.field }
+            "root-password" => self.password("root", value)?,
+            "password" => {
+                let (user, selector) = split_pair(value, "USER:SELECTOR")?;
+                self.password(user, selector)?
             }
-            "ssh-inject" => {
-                let (user, keys) = match value.split_once(':') {
-                    None => (value, default_public_keys().map_err(invalid)?),
-                    Some((user, rest)) => match rest.split_once(':') {
-                        Some(("file", path)) => (user, read_keys(Path::new(path)).map_err(invalid)?),
-                        Some(("string", key)) => (user, vec![key.to_owned()]),
-                        _ => return Err(invalid("expected USER, USER:file:PATH or USER:string:KEY".into())),
-                    },
-                };
-                if user.is_empty() {
-                    return Err(invalid("the user name is empty".into()));
-                }
-                for key in keys {
-                    check_key(&key).map_err(invalid)?;
-                    self.operations.push(Operation::SshInject { user: user.to_owned(), key });
-                }
-                return Ok(());
-            }
-            "upload" => {
-                let (local, guest) = split_pair(value, "LOCAL:GUESTPATH").map_err(invalid)?;
-                let meta = host_file(local).map_err(invalid)?;
-                check_guest_path(guest).map_err(invalid)?;
-                let file_name =
-                    Path::new(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let payload_path = self.payload_file(local);
-                Operation::Upload {
-                    payload_path,
-                    guest_path: guest.to_owned(),
-                    file_name,
-                    mode: meta.mode() & 0o7777,
-                    uid: meta.uid(),
-                    gid: meta.gid(),
-                }
-            }
+            "upload" => self.upload(value)?,
             "mkdir" | "delete" => {
-                check_guest_path(value).map_err(invalid)?;
+                check_guest_path(value)?;
                 if value.trim_end_matches('/').is_empty() {
-                    return Err(invalid("refusing to operate on the guest's root directory".into()));
+                    return Err("refusing to operate on the guest's root directory".into());
                 }
                 let path = value.to_owned();
                 if option == "mkdir" {
@@ -381,8 +435,8 @@ impl Plan {
                 }
             }
             "write" | "append-line" => {
-                let (path, text) = split_pair(value, "GUESTFILE:CONTENT").map_err(invalid)?;
-                check_guest_path(path).map_err(invalid)?;
+                let (path, text) = split_pair(value, "GUESTFILE:CONTENT")?;
+                check_guest_path(path)?;
                 if option == "write" {
                     Operation::Write { path: path.to_owned(), content: text.to_owned() }
                 } else {
@@ -390,13 +444,13 @@ impl Plan {
                 }
             }
             "chmod" => {
-                let (mode, path) = split_pair(value, "MODE:GUESTPATH").map_err(invalid)?;
-                let mode = parse_mode(mode).map_err(invalid)?;
-                check_guest_path(path).map_err(invalid)?;
+                let (mode, path) = split_pair(value, "MODE:GUESTPATH")?;
+                let mode = parse_mode(mode)?;
+                check_guest_path(path)?;
                 Operation::Chmod { mode, path: path.to_owned() }
             }
             "run" | "firstboot" => {
-                host_file(value).map_err(invalid)?;
+                host_file(value)?;
                 let name = Path::new(value).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let payload_path = self.payload_file(value);
                 if option == "run" {
@@ -407,7 +461,7 @@ impl Plan {
             }
             "run-command" | "firstboot-command" => {
                 if value.trim().is_empty() {
-                    return Err(invalid("the command is empty".into()));
+                    return Err("the command is empty".into());
                 }
                 if option == "run-command" {
                     Operation::RunCommand { command: value.to_owned() }
@@ -416,44 +470,96 @@ impl Plan {
                 }
             }
             "timezone" => {
-                check_timezone(value).map_err(invalid)?;
+                check_timezone(value)?;
                 Operation::Timezone { zone: value.to_owned() }
             }
-            "commands-from-file" => return self.add_commands_file(Path::new(value), depth),
-            "install-rpm" => {
-                check_rpm(value).map_err(invalid)?;
-                let payload_path = self.payload_file_in("rpms", value);
-                self.rpms.push(payload_path);
-                return Ok(());
-            }
-            "install" => {
-                for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                    check_package_name(name).map_err(invalid)?;
-                    self.install.push(name.to_owned());
-                }
-                return Ok(());
-            }
-            "repo" => {
-                if self.repo.is_some() {
-                    return Err(invalid("only one --repo may be given".into()));
-                }
-                let dir = Path::new(value);
-                if !dir.join("repodata/repomd.xml").is_file() {
-                    return Err(invalid(format!(
-                        "{value} is not a yum/dnf repository (no repodata/repomd.xml): run createrepo_c on it"
-                    )));
-                }
-                for rel in files_under(dir).map_err(invalid)? {
-                    let name = format!("repo/{}", rel.display());
-                    self.payload.push(PayloadFile { name, source: dir.join(&rel) });
-                }
-                self.repo = Some("repo".into());
-                return Ok(());
-            }
+            _ => return Err("unknown operation".into()),
+        })
+    }
 
-            _ => return Err(invalid("unknown operation".into())),
+    /// `user`'s password from a selector; a random one is remembered to tell the user.
+    fn password(&mut self, user: &str, selector: &str) -> Result<Operation, String> {
+        if user.is_empty() || user.contains(['\n', ':']) {
+            return Err(format!("{user:?} is not a user name"));
+        }
+        let selector = PasswordSelector::parse(selector).map_err(|e| e.to_string())?;
+        let field = selector.to_shadow_field().map_err(|e| e.to_string())?;
+        if let Some(pw) = field.random_password {
+            self.random_passwords.push((user.to_owned(), pw));
+        }
+        Ok(Operation::Password { user: user.to_owned(), shadow_field: field.field })
+    }
+
+    /// `LOCAL:GUESTPATH`: the host file goes on the payload disk, with its owner and mode.
+    fn upload(&mut self, value: &str) -> Result<Operation, String> {
+        let (local, guest) = split_pair(value, "LOCAL:GUESTPATH")?;
+        let meta = host_file(local)?;
+        check_guest_path(guest)?;
+        let file_name = Path::new(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let payload_path = self.payload_file(local);
+        Ok(Operation::Upload {
+            payload_path,
+            guest_path: guest.to_owned(),
+            file_name,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+
+    /// `--ssh-inject`: one operation per key.
+    fn add_ssh_keys(&mut self, value: &str) -> Result<(), String> {
+        let (user, keys) = match value.split_once(':') {
+            None => (value, default_public_keys()?),
+            Some((user, rest)) => match rest.split_once(':') {
+                Some(("file", path)) => (user, read_keys(Path::new(path))?),
+                Some(("string", key)) => (user, vec![key.to_owned()]),
+                _ => return Err("expected USER, USER:file:PATH or USER:string:KEY".into()),
+            },
         };
-        self.operations.push(op);
+        if user.is_empty() {
+            return Err("the user name is empty".into());
+        }
+        for key in keys {
+            check_key(&key)?;
+            self.operations.push(Operation::SshInject { user: user.to_owned(), key });
+        }
+        Ok(())
+    }
+
+    /// `--install-rpm`: the file goes on the payload disk, for the one rpm transaction.
+    fn add_rpm(&mut self, path: &str) -> Result<(), String> {
+        check_rpm(path)?;
+        let payload_path = self.payload_file_in("rpms", path);
+        self.rpms.push(payload_path);
+        Ok(())
+    }
+
+    /// `--install PKG[,PKG...]`.
+    fn add_packages(&mut self, list: &str) -> Result<(), String> {
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            check_package_name(name)?;
+            self.install.push(name.to_owned());
+        }
+        Ok(())
+    }
+
+    /// `--repo DIR`: every file of the repository goes on the payload disk.
+    fn add_repo(&mut self, value: &str) -> Result<(), String> {
+        if self.repo.is_some() {
+            return Err("only one --repo may be given".into());
+        }
+        let dir = Path::new(value);
+        if !dir.join("repodata/repomd.xml").is_file() {
+            return Err(format!(
+                "{value} is not a yum/dnf repository (no repodata/repomd.xml): run createrepo_c on it"
+            ));
+        }
+        for rel in files_under(dir)? {
+            let name = format!("repo/{}", rel.display());
+            self.payload.push(PayloadFile { name, source: dir.join(&rel) });
+        }
+        self.repo = Some("repo".into());
         Ok(())
     }
 
@@ -465,7 +571,7 @@ impl Plan {
         let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
         let commands = commands_file::parse(&text).map_err(|e| fail(e.to_string()))?;
         for c in commands {
-            if !VALUE_OPTIONS.contains(&c.name.as_str()) && !FLAG_OPTIONS.contains(&c.name.as_str()) {
+            if !operation_options().iter().any(|o| o.name == c.name) {
                 return Err(OpsError::UnknownCommand { file: file.to_owned(), line: c.line, name: c.name });
             }
             self.add_nested(&c.name, c.arg.as_deref(), depth + 1).map_err(|e| match e {
@@ -582,6 +688,19 @@ mod tests {
         std::fs::write(&f, format!("commands-from-file {}\n", f.display())).unwrap();
         let err = Plan::default().add("commands-from-file", Some(f.to_str().unwrap())).unwrap_err().to_string();
         assert!(err.contains("nest"), "{err}");
+    }
+
+    #[test]
+    fn operation_options_come_from_ops_args() {
+        let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
+        assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
+        assert_eq!(operation_options().len(), 21);
+        for option in operation_options() {
+            assert_eq!(option.id, option.name.replace('-', "_"));
+            if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
+                assert_ne!(reason, "unknown operation", "--{} is not implemented", option.name);
+            }
+        }
     }
 
     #[test]

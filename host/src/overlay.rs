@@ -19,7 +19,7 @@ pub enum OverlayError {
     Create {
         /// The overlay.
         path: PathBuf,
-        /// Why.
+        /// The error resolving the disk's path or running qemu-img.
         reason: String,
     },
     /// The commit failed: the disk may be partly updated.
@@ -27,7 +27,7 @@ pub enum OverlayError {
     Commit {
         /// The disk.
         disk: PathBuf,
-        /// Why.
+        /// The step that failed (opening a file, starting the confined qemu, the block job) and its error.
         reason: String,
     },
 }

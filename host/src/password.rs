@@ -17,7 +17,7 @@ pub enum PasswordError {
     File {
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// The I/O error reading it.
         source: std::io::Error,
     },
     /// The password is empty (or the file holds none).

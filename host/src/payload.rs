@@ -18,7 +18,7 @@ pub enum PayloadError {
     Source {
         /// The host file.
         path: PathBuf,
-        /// Why.
+        /// The I/O error opening it.
         source: std::io::Error,
     },
     /// Writing the image failed.
@@ -26,7 +26,7 @@ pub enum PayloadError {
     Write {
         /// The image.
         path: PathBuf,
-        /// Why.
+        /// The squashfs writer's or the file's I/O error.
         reason: String,
     },
 }

@@ -47,7 +47,7 @@ pub enum SourceError {
     Io {
         /// The source.
         name: String,
-        /// Why.
+        /// The I/O error from stat, open or read.
         source: std::io::Error,
     },
     /// Zero bytes.
@@ -69,7 +69,7 @@ pub enum SourceError {
     Http {
         /// The URL.
         url: String,
-        /// Why.
+        /// The HTTP client's error (request, status or body).
         reason: String,
     },
 }

@@ -16,7 +16,7 @@ pub enum TargetError {
     Open {
         /// The disk.
         path: PathBuf,
-        /// Why.
+        /// The I/O error opening or reading it.
         source: std::io::Error,
     },
     /// A directory, socket, ...

@@ -139,29 +139,24 @@ fn list(text: &str) -> Vec<String> {
     text.split([',', ' ', '\n']).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
 }
 
+/// Decodes `img_personality` contents as the hand-written decoder this replaced did: the
+/// standard alphabet with `=` padding, ASCII whitespace anywhere ignored, stray bits in a
+/// group's last character ignored, and more groups allowed after a padded one (concatenated
+/// encodings).
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    use base64::engine::general_purpose::{GeneralPurpose, PAD};
+    use base64::Engine;
+    const STANDARD_LENIENT: GeneralPurpose =
+        GeneralPurpose::new(&base64::alphabet::STANDARD, PAD.with_decode_allow_trailing_bits(true));
     let clean: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if !clean.len().is_multiple_of(4) {
-        return None;
-    }
     let mut out = Vec::with_capacity(clean.len() / 4 * 3);
-    for chunk in clean.chunks(4) {
-        let mut n = 0u32;
-        let mut pad = 0;
-        for (i, c) in chunk.iter().enumerate() {
-            let v = if *c == b'=' && i >= 2 {
-                pad += 1;
-                0
-            } else if pad > 0 {
-                return None;
-            } else {
-                ALPHABET.iter().position(|a| a == c)? as u32
-            };
-            n = n << 6 | v;
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
+    let mut rest = clean.as_slice();
+    while !rest.is_empty() {
+        // The engine takes padding only at the end of its input: each padded group ends one.
+        let end = rest.chunks(4).position(|group| group.ends_with(b"=")).map_or(rest.len(), |i| 4 * i + 4);
+        let (encoding, tail) = rest.split_at(end.min(rest.len()));
+        STANDARD_LENIENT.decode_vec(encoding, &mut out).ok()?;
+        rest = tail;
     }
     Some(out)
 }
@@ -397,6 +392,12 @@ mod tests {
         assert_eq!(base64_decode("").unwrap(), b"");
         assert!(base64_decode("abc").is_none());
         assert!(base64_decode("a=bc").is_none());
+        assert_eq!(base64_decode(" aGVs\nbG8g\r\nd29y\tbGQ= ").unwrap(), b"hello world");
+        assert_eq!(base64_decode("aGk=aGk=").unwrap(), b"hihi");
+        assert_eq!(base64_decode("aGl=").unwrap(), b"hi", "stray bits in the last character");
+        for bad in ["ab=c", "a===", "====", "abc=d", "ab-c", "abcd=", "YQ\x0b==", "aé=="] {
+            assert!(base64_decode(bad).is_none(), "{bad:?}");
+        }
     }
 
     proptest::proptest! {

@@ -41,7 +41,7 @@ pub enum BuildError {
     Io {
         /// The path.
         path: PathBuf,
-        /// Why.
+        /// The I/O error on that path.
         source: std::io::Error,
     },
     /// An external tool failed.
@@ -49,7 +49,7 @@ pub enum BuildError {
     Tool {
         /// The command.
         tool: String,
-        /// Why.
+        /// The tool's error, or what its output lacked.
         reason: String,
     },
     /// A program of files.list is not installed.

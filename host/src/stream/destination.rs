@@ -16,7 +16,7 @@ pub enum DestinationError {
     Open {
         /// The target.
         path: PathBuf,
-        /// Why.
+        /// The I/O error opening or sizing it.
         source: std::io::Error,
     },
     /// A directory or other non-disk.

@@ -35,7 +35,7 @@ pub enum StreamError {
     Read {
         /// The source.
         what: String,
-        /// Why.
+        /// The error the source's reader returned.
         source: std::io::Error,
     },
     /// Writing the destination failed.
@@ -43,7 +43,7 @@ pub enum StreamError {
     Write {
         /// The destination.
         what: String,
-        /// Why.
+        /// The write, zeroing or commit error, or the image outgrowing the destination.
         source: std::io::Error,
     },
     /// The source ended early or ran long.
@@ -193,13 +193,51 @@ pub fn copy_verified(
     verify: &dyn Fn() -> Result<(), String>,
 ) -> Result<StreamStats, StreamError> {
     let started = Instant::now();
-    let dest_name = dest.path.display().to_string();
-    let write_err = |source| StreamError::Write { what: dest_name.clone(), source };
-    let read_err = |source| StreamError::Read { what: opts.source_name.clone(), source };
-    let zeros = AlignedBuf::new(CHUNK_BYTES);
-    let done = AtomicU64::new(0);
-    let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
-    let abort = AtomicBool::new(false);
+    let state = WriteState {
+        dest: &dest,
+        zeros: AlignedBuf::new(CHUNK_BYTES),
+        done: AtomicU64::new(0),
+        failed: Mutex::new(None),
+        abort: AtomicBool::new(false),
+    };
+    let read = pump(reader, &state, opts)?;
+    if let Some(e) = state.failed.into_inner().expect("error lock") {
+        return Err(StreamError::Write { what: dest.path.display().to_string(), source: e });
+    }
+    commit_checked(dest, read.bytes, opts, verify)?;
+    Ok(StreamStats {
+        bytes: read.bytes,
+        data_bytes: read.data_bytes,
+        zero_bytes: read.bytes - read.data_bytes,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// What the writer threads share with the reader and with each other.
+struct WriteState<'a> {
+    /// Where every job writes.
+    dest: &'a Destination,
+    /// Zeros for ranges the destination cannot zero by itself.
+    zeros: AlignedBuf,
+    /// Bytes written or zeroed so far, for progress.
+    done: AtomicU64,
+    /// The first write error.
+    failed: Mutex<Option<std::io::Error>>,
+    /// Set on the first write error: the reader stops and the writers drop what is queued.
+    abort: AtomicBool,
+}
+
+/// How much of the source the reader handed to the writers.
+struct ReadTotals {
+    /// Every byte, holes and zeros included.
+    bytes: u64,
+    /// The bytes sent as data.
+    data_bytes: u64,
+}
+
+/// Reads on this thread while [`WRITERS`] threads write and one reports progress; returns when
+/// the source ended (or a write failed) and every queued job is done.
+fn pump(reader: &mut dyn ChunkReader, state: &WriteState, opts: &StreamOptions) -> Result<ReadTotals, StreamError> {
     let progress_stop = AtomicBool::new(false);
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(BUFFERS);
     let job_rx = Arc::new(Mutex::new(job_rx));
@@ -207,96 +245,15 @@ pub fn copy_verified(
     for _ in 0..BUFFERS {
         free_tx.send(AlignedBuf::new(CHUNK_BYTES)).expect("receiver alive");
     }
-    let mut offset = 0u64;
-    let mut data_bytes = 0u64;
-    let mut pending_zero: Option<(u64, u64)> = None;
-
-    let result: Result<(), StreamError> = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let mut workers = Vec::new();
         for _ in 0..WRITERS {
-            let (job_rx, free_tx, dest, zeros, done, failed, abort) =
-                (job_rx.clone(), free_tx.clone(), &dest, &zeros, &done, &failed, &abort);
-            workers.push(scope.spawn(move || loop {
-                let job = match job_rx.lock().expect("job lock").recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                };
-                if abort.load(Ordering::Relaxed) {
-                    if let Job::Data { buf, .. } = job {
-                        let _ = free_tx.send(buf);
-                    }
-                    continue;
-                }
-                let (result, len) = match job {
-                    Job::Data { offset, buf } => {
-                        let r = dest.write_at(buf.data(), offset);
-                        let len = buf.len as u64;
-                        let _ = free_tx.send(buf);
-                        (r, len)
-                    }
-                    Job::Zero { offset, len } => (dest.zero_range(offset, len, zeros.data_full()), len),
-                };
-                match result {
-                    Ok(()) => {
-                        done.fetch_add(len, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        abort.store(true, Ordering::Relaxed);
-                        failed.lock().expect("error lock").get_or_insert(e);
-                    }
-                }
-            }));
+            let (job_rx, free_tx) = (job_rx.clone(), free_tx.clone());
+            workers.push(scope.spawn(move || write_jobs(&job_rx, &free_tx, state)));
         }
         let progress_stop = &progress_stop;
-        let done = &done;
-        let progress = scope.spawn(move || {
-            while !progress_stop.load(Ordering::Relaxed) {
-                (opts.progress)(done.load(Ordering::Relaxed), opts.expected_size);
-                std::thread::park_timeout(PROGRESS_INTERVAL);
-            }
-        });
-
-        let read_result = (|| -> Result<(), StreamError> {
-            loop {
-                if opts.cancel.load(Ordering::Relaxed) {
-                    return Err(StreamError::Cancelled);
-                }
-                if abort.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                let mut buf = free_rx.recv().expect("buffers circulate");
-                let piece = reader.next(buf.as_mut_full()).map_err(read_err)?;
-                match piece {
-                    Piece::End => {
-                        let _ = free_tx.send(buf);
-                        break;
-                    }
-                    Piece::Hole(len) => {
-                        let _ = free_tx.send(buf);
-                        pending_zero = Some(merge_zero(pending_zero, offset, len, &job_tx));
-                        offset += len;
-                    }
-                    Piece::Data(n) => {
-                        buf.len = n;
-                        if is_zero(buf.data()) {
-                            let _ = free_tx.send(buf);
-                            pending_zero = Some(merge_zero(pending_zero, offset, n as u64, &job_tx));
-                        } else {
-                            if let Some((o, l)) = pending_zero.take() {
-                                let _ = job_tx.send(Job::Zero { offset: o, len: l });
-                            }
-                            data_bytes += n as u64;
-                            let _ = job_tx.send(Job::Data { offset, buf });
-                        }
-                        offset += n as u64;
-                    }
-                }
-            }
-            if let Some((o, l)) = pending_zero.take() {
-                let _ = job_tx.send(Job::Zero { offset: o, len: l });
-            }
-            Ok(())
-        })();
+        let progress = scope.spawn(move || report_progress(opts, &state.done, progress_stop));
+        let read_result = read_jobs(reader, opts, &job_tx, &free_rx, &free_tx, &state.abort);
         drop(job_tx);
         for w in workers {
             let _ = w.join();
@@ -305,29 +262,132 @@ pub fn copy_verified(
         progress.thread().unpark();
         let _ = progress.join();
         read_result
-    });
-    result?;
-    if let Some(e) = failed.into_inner().expect("error lock") {
-        return Err(write_err(e));
+    })
+}
+
+/// One writer thread: carries out jobs until the reader hangs up, returning every buffer to
+/// `free`; after a failure it only drains the queue.
+fn write_jobs(jobs: &Mutex<mpsc::Receiver<Job>>, free: &mpsc::Sender<AlignedBuf>, state: &WriteState) {
+    loop {
+        let job = match jobs.lock().expect("job lock").recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        if state.abort.load(Ordering::Relaxed) {
+            if let Job::Data { buf, .. } = job {
+                let _ = free.send(buf);
+            }
+            continue;
+        }
+        let (result, len) = match job {
+            Job::Data { offset, buf } => {
+                let r = state.dest.write_at(buf.data(), offset);
+                let len = buf.len as u64;
+                let _ = free.send(buf);
+                (r, len)
+            }
+            Job::Zero { offset, len } => (state.dest.zero_range(offset, len, state.zeros.data_full()), len),
+        };
+        match result {
+            Ok(()) => {
+                state.done.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(e) => {
+                state.abort.store(true, Ordering::Relaxed);
+                state.failed.lock().expect("error lock").get_or_insert(e);
+            }
+        }
     }
+}
+
+/// Calls the progress callback every [`PROGRESS_INTERVAL`] (or when unparked) until `stop`.
+fn report_progress(opts: &StreamOptions, done: &AtomicU64, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        (opts.progress)(done.load(Ordering::Relaxed), opts.expected_size);
+        std::thread::park_timeout(PROGRESS_INTERVAL);
+    }
+}
+
+/// Reads the source into jobs: non-zero buffers as data, zero buffers and holes merged into
+/// zero ranges. Stops early, without error, when a writer failed (`abort`).
+fn read_jobs(
+    reader: &mut dyn ChunkReader,
+    opts: &StreamOptions,
+    jobs: &mpsc::SyncSender<Job>,
+    free_rx: &mpsc::Receiver<AlignedBuf>,
+    free_tx: &mpsc::Sender<AlignedBuf>,
+    abort: &AtomicBool,
+) -> Result<ReadTotals, StreamError> {
+    let mut offset = 0u64;
+    let mut data_bytes = 0u64;
+    let mut pending_zero: Option<(u64, u64)> = None;
+    loop {
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(StreamError::Cancelled);
+        }
+        if abort.load(Ordering::Relaxed) {
+            return Ok(ReadTotals { bytes: offset, data_bytes });
+        }
+        let mut buf = free_rx.recv().expect("buffers circulate");
+        let piece = reader
+            .next(buf.as_mut_full())
+            .map_err(|source| StreamError::Read { what: opts.source_name.clone(), source })?;
+        match piece {
+            Piece::End => {
+                let _ = free_tx.send(buf);
+                break;
+            }
+            Piece::Hole(len) => {
+                let _ = free_tx.send(buf);
+                pending_zero = Some(merge_zero(pending_zero, offset, len, jobs));
+                offset += len;
+            }
+            Piece::Data(n) => {
+                buf.len = n;
+                if is_zero(buf.data()) {
+                    let _ = free_tx.send(buf);
+                    pending_zero = Some(merge_zero(pending_zero, offset, n as u64, jobs));
+                } else {
+                    if let Some((o, l)) = pending_zero.take() {
+                        let _ = jobs.send(Job::Zero { offset: o, len: l });
+                    }
+                    data_bytes += n as u64;
+                    let _ = jobs.send(Job::Data { offset, buf });
+                }
+                offset += n as u64;
+            }
+        }
+    }
+    if let Some((o, l)) = pending_zero.take() {
+        let _ = jobs.send(Job::Zero { offset: o, len: l });
+    }
+    Ok(ReadTotals { bytes: offset, data_bytes })
+}
+
+/// The checks between the last write and the commit: the announced size, `verify`, the
+/// destination's capacity; then the commit of `bytes` bytes.
+fn commit_checked(
+    dest: Destination,
+    bytes: u64,
+    opts: &StreamOptions,
+    verify: &dyn Fn() -> Result<(), String>,
+) -> Result<(), StreamError> {
+    let dest_name = dest.path.display().to_string();
+    let write_err = |source| StreamError::Write { what: dest_name.clone(), source };
     if let Some(expected) = opts.expected_size {
-        if offset != expected {
-            return Err(StreamError::Length { what: opts.source_name.clone(), expected, got: offset });
+        if bytes != expected {
+            return Err(StreamError::Length { what: opts.source_name.clone(), expected, got: bytes });
         }
     }
     verify().map_err(StreamError::Verify)?;
-    if offset > dest.capacity {
-        return Err(StreamError::Write {
-            what: dest_name.clone(),
-            source: std::io::Error::other(format!(
-                "the image ({offset} bytes) is larger than the target ({} bytes)",
-                dest.capacity
-            )),
-        });
+    if bytes > dest.capacity {
+        return Err(write_err(std::io::Error::other(format!(
+            "the image ({bytes} bytes) is larger than the target ({} bytes)",
+            dest.capacity
+        ))));
     }
-    (opts.progress)(offset, Some(offset));
-    dest.commit(offset).map_err(write_err)?;
-    Ok(StreamStats { bytes: offset, data_bytes, zero_bytes: offset - data_bytes, elapsed: started.elapsed() })
+    (opts.progress)(bytes, Some(bytes));
+    dest.commit(bytes).map_err(write_err)
 }
 
 /// Extends a pending zero range, or flushes it and starts a new one.
@@ -347,5 +407,89 @@ impl AlignedBuf {
     fn data_full(&self) -> &[u8] {
         // SAFETY: reading within capacity; the buffer was zero-initialized.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.capacity()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::destination::DestinationOptions;
+    use super::*;
+
+    /// Yields its pieces in turn: `Some(bytes)` as data, `None` as a hole of `HOLE_BYTES`.
+    struct Pieces(std::vec::IntoIter<Option<Vec<u8>>>);
+
+    const HOLE_BYTES: u64 = 3 * 4096;
+
+    impl ChunkReader for Pieces {
+        fn next(&mut self, buf: &mut [u8]) -> std::io::Result<Piece> {
+            Ok(match self.0.next() {
+                None => Piece::End,
+                Some(None) => Piece::Hole(HOLE_BYTES),
+                Some(Some(data)) => {
+                    buf[..data.len()].copy_from_slice(&data);
+                    Piece::Data(data.len())
+                }
+            })
+        }
+    }
+
+    /// Data, an all-zero buffer, a hole, more data, a short tail: what every test streams.
+    fn pieces() -> (Pieces, Vec<u8>) {
+        let list = vec![
+            Some(vec![1u8; CHUNK_BYTES]),
+            Some(vec![0u8; CHUNK_BYTES]),
+            None,
+            Some((0..CHUNK_BYTES).map(|i| (i % 251) as u8).collect()),
+            Some(vec![9u8; 1000]),
+        ];
+        let image = list.iter().flat_map(|p| p.clone().unwrap_or_else(|| vec![0; HOLE_BYTES as usize])).collect();
+        (Pieces(list.into_iter()), image)
+    }
+
+    fn options<'a>(expected_size: Option<u64>, cancel: &'a AtomicBool) -> StreamOptions<'a> {
+        StreamOptions { source_name: "test source".into(), expected_size, progress: &|_, _| {}, cancel }
+    }
+
+    #[test]
+    fn data_holes_and_zeros_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut reader, image) = pieces();
+        let existing = dir.path().join("existing");
+        std::fs::write(&existing, vec![0xffu8; image.len() + 4096]).unwrap();
+        let force = DestinationOptions { force: true, size: None };
+        let dest = Destination::open(&existing, Some(image.len() as u64), None, &force).unwrap();
+        let cancel = AtomicBool::new(false);
+        let stats = copy(&mut reader, dest, &options(Some(image.len() as u64), &cancel)).unwrap();
+        assert_eq!(stats.bytes, image.len() as u64);
+        assert_eq!(stats.data_bytes, 2 * CHUNK_BYTES as u64 + 1000);
+        assert_eq!(stats.zero_bytes, CHUNK_BYTES as u64 + HOLE_BYTES);
+        assert_eq!(std::fs::read(&existing).unwrap()[..image.len()], image[..]);
+
+        let (mut reader, _) = pieces();
+        let new = dir.path().join("new");
+        let dest = Destination::open(&new, None, None, &DestinationOptions::default()).unwrap();
+        copy(&mut reader, dest, &options(None, &cancel)).unwrap();
+        assert_eq!(std::fs::read(&new).unwrap(), image);
+    }
+
+    #[test]
+    fn failures_leave_no_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new");
+        let cancel = AtomicBool::new(false);
+        let open = || Destination::open(&path, None, None, &DestinationOptions::default()).unwrap();
+
+        let (mut reader, image) = pieces();
+        let err = copy_verified(&mut reader, open(), &options(None, &cancel), &|| Err("digest differs".into()));
+        assert!(matches!(err, Err(StreamError::Verify(m)) if m == "digest differs"));
+
+        let (mut reader, _) = pieces();
+        let err = copy(&mut reader, open(), &options(Some(image.len() as u64 + 1), &cancel));
+        assert!(matches!(err, Err(StreamError::Length { got, .. }) if got == image.len() as u64));
+
+        let (mut reader, _) = pieces();
+        cancel.store(true, Ordering::Relaxed);
+        assert!(matches!(copy(&mut reader, open(), &options(None, &cancel)), Err(StreamError::Cancelled)));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a file was left behind");
     }
 }

@@ -147,7 +147,7 @@ pub enum VmError {
     Open {
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// The I/O error opening it.
         source: std::io::Error,
     },
     /// Pipes, sockets or the process could not be set up.
