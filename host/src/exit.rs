@@ -46,15 +46,42 @@ impl Failure {
     }
 }
 
-impl From<crate::vm::VmError> for Failure {
-    fn from(e: crate::vm::VmError) -> Self {
+impl Failure {
+    /// The failure for a helper VM that did not report, with `message`.
+    fn from_vm(e: &crate::vm::VmError, message: String) -> Self {
         use crate::vm::VmError as E;
-        let status = match &e {
+        let status = match e {
             E::Timeout { .. } => ExitStatus::Timeout,
             E::Interrupted(_) => ExitStatus::Interrupted,
             E::NoReport { .. } => ExitStatus::CustomizationFailed,
             E::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ExitStatus::BadInput,
             _ => ExitStatus::Environment,
+        };
+        Self::new(status, message)
+    }
+}
+
+impl From<crate::vm::VmError> for Failure {
+    fn from(e: crate::vm::VmError) -> Self {
+        let message = e.to_string();
+        Self::from_vm(&e, message)
+    }
+}
+
+impl From<crate::job::JobError> for Failure {
+    fn from(e: crate::job::JobError) -> Self {
+        use crate::floppy::FloppyError;
+        use crate::job::JobError as E;
+        use crate::payload::PayloadError;
+        let status = match &e {
+            E::Step(failure) => failure.status,
+            E::Vm(vm) => return Failure::from_vm(vm, e.to_string()),
+            E::Target(_) | E::HelperUser(_) => ExitStatus::BadInput,
+            E::Floppy(FloppyError::TooLarge(_)) | E::Payload(PayloadError::Source { .. }) => ExitStatus::BadInput,
+            E::TaskFailed { .. } => ExitStatus::CustomizationFailed,
+            E::HelperImage(_) | E::WorkDir { .. } | E::Floppy(_) | E::Payload(_) | E::Overlay(_) | E::Panicked(..) => {
+                ExitStatus::Environment
+            }
         };
         Self::new(status, e.to_string())
     }
@@ -68,6 +95,6 @@ impl From<crate::ops::OpsError> for Failure {
 
 impl From<crate::helper_image::BuildError> for Failure {
     fn from(e: crate::helper_image::BuildError) -> Self {
-        Self::environment(format!("cannot prepare the helper image: {e}"))
+        crate::job::JobError::from(e).into()
     }
 }
