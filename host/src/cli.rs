@@ -436,7 +436,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             if report.ok {
                 Ok(())
             } else {
-                Err(crate::verify::failure(&report))
+                Err(Failure::new(ExitStatus::CustomizationFailed, crate::verify::summary(&report)))
             }
         }
         Command::Ganeti(GanetiCommand::InstallOs { os_dir }) => {

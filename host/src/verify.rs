@@ -2,16 +2,16 @@
 //! filesystem read-only and asks the guest's package database for each required package;
 //! the image is never modified (the helper works on an overlay that is thrown away).
 
-use crate::exit::{ExitStatus, Failure};
 use crate::job::{self, Job, JobError, VmSettings};
 use crate::progress::{Progress, ProgressMode};
-use crate::source::{self, Format, Location};
+use crate::source::{self, Format, Location, SourceError};
 use crate::vm::Interrupt;
 use imgforge_protocol::report::Verdict;
 use imgforge_protocol::rules::Rules;
 use serde::Serialize;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
+use thiserror::Error;
 
 /// One check's result.
 #[derive(Debug, Clone, Serialize)]
@@ -53,20 +53,34 @@ impl Report {
     }
 }
 
+/// Why an image could not be verified (a bad image is a [`Report`], not an error).
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    /// A `--require-package` value that no package manager takes.
+    #[error("--require-package {0:?} is not a package name")]
+    PackageName(String),
+    /// The image cannot be read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The helper run did not complete.
+    #[error(transparent)]
+    Job(#[from] JobError),
+}
+
 /// Verifies `image`, requiring `packages`.
 pub async fn run(
     image: &Path,
     packages: &[String],
     settings: &VmSettings,
     interrupt: &Interrupt,
-) -> Result<Report, JobError> {
+) -> Result<Report, VerifyError> {
     for p in packages {
         if p.is_empty() || p.starts_with('-') || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-:~".contains(&b))
         {
-            return Err(Failure::bad_input(format!("--require-package {p:?} is not a package name")).into());
+            return Err(VerifyError::PackageName(p.clone()));
         }
     }
-    let header = source::read_header(image).map_err(Failure::from)?;
+    let header = source::read_header(image)?;
     let tmp = std::env::temp_dir();
     let work = tempfile::Builder::new()
         .prefix("imgforge-verify-")
@@ -87,7 +101,9 @@ pub async fn run(
                 backing_file: None,
             };
             let cancel = AtomicBool::new(false);
-            job::blocking("unpacking", move || crate::write::write(&request, &quiet, &cancel)).await??;
+            job::blocking("unpacking", move || crate::write::write(&request, &quiet, &cancel))
+                .await?
+                .map_err(JobError::from)?;
             unpacked
         }
     };
@@ -109,13 +125,10 @@ pub async fn run(
     Ok(Report { image: image.display().to_string(), ok, checks, error })
 }
 
-/// The failure for a bad report (exit 1, naming what failed).
-pub fn failure(report: &Report) -> Failure {
+/// What failed in a bad report, in one line naming the image.
+pub fn summary(report: &Report) -> String {
     let mut failed: Vec<String> =
         report.checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
     failed.extend(report.error.clone());
-    Failure::new(
-        ExitStatus::CustomizationFailed,
-        format!("{} failed verification: {}", report.image, failed.join("; ")),
-    )
+    format!("{} failed verification: {}", report.image, failed.join("; "))
 }

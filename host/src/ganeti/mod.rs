@@ -301,8 +301,7 @@ pub async fn import(interrupt: &Interrupt) -> Result<(), Failure> {
             cancel,
         };
         let mut reader = crate::stream::Stream(std::io::stdin());
-        crate::stream::copy(&mut reader, dest, &opts)?;
-        Ok(())
+        crate::stream::copy(&mut reader, dest, &opts).map(drop).map_err(crate::write::WriteError::from)
     })
     .await
     .map_err(Failure::from)

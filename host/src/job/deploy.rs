@@ -2,8 +2,7 @@
 //! --target-format liveimg`, and Ganeti's `create` all go through here.
 
 use super::{blocking, customize, JobError, VmSettings};
-use crate::exit::Failure;
-use crate::liveimg::{self, TempPath};
+use crate::liveimg::{self, LiveimgError, TempPath};
 use crate::ops::Plan;
 use crate::progress::Progress;
 use crate::source::Location;
@@ -34,10 +33,10 @@ pub async fn write(
 
 /// Runs the blocking `f` off the async runtime with a flag that an interrupt raises; `f` is
 /// to stop and clean up when it sees it. `what` names `f` if it panics.
-pub async fn cancellable<T: Send + 'static>(
+pub async fn cancellable<T: Send + 'static, E: Into<JobError> + Send + 'static>(
     what: &'static str,
     interrupt: &Interrupt,
-    f: impl FnOnce(&AtomicBool) -> Result<T, Failure> + Send + 'static,
+    f: impl FnOnce(&AtomicBool) -> Result<T, E> + Send + 'static,
 ) -> Result<T, JobError> {
     let cancel = Arc::new(AtomicBool::new(false));
     let watcher = {
@@ -49,7 +48,7 @@ pub async fn cancellable<T: Send + 'static>(
     };
     let result = blocking(what, move || f(&cancel)).await;
     watcher.abort();
-    Ok(result??)
+    result?.map_err(Into::into)
 }
 
 /// Customizes what `write` just wrote with `plan`: nothing to do for a disk and no
@@ -91,24 +90,14 @@ pub async fn deploy_liveimg(
 ) -> Result<(), JobError> {
     let source = match &request.image {
         Location::Path(p) => p.clone(),
-        Location::Url(u) => {
-            return Err(Failure::bad_input(format!(
-                "--target-format liveimg reads a local liveimg; download {u} first"
-            ))
-            .into())
-        }
+        Location::Url(u) => return Err(LiveimgError::Remote(u.clone()).into()),
     };
     liveimg::check_target(&request.target, request.force)?;
     let rootfs = TempPath(liveimg::temp_beside(&request.target, "rootfs"));
     let to_rootfs = WriteRequest { target: rootfs.0.clone(), force: false, ..request.clone() };
     let written = write(&to_rootfs, progress.clone(), interrupt).await?;
     if !written.bare_filesystem {
-        return Err(Failure::bad_input(format!(
-            "--target-format liveimg needs a liveimg source; {} is {}",
-            source.display(),
-            written.format.name()
-        ))
-        .into());
+        return Err(LiveimgError::NotALiveimg { name: source, format: written.format.name() }.into());
     }
     customize(&rootfs.0, plan, request.size.is_some(), settings, &progress, interrupt).await?;
     progress.message("repacking the liveimg");

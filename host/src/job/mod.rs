@@ -98,7 +98,13 @@ pub enum JobError {
         /// Its message.
         message: String,
     },
-    /// Writing the image, or another step that already carries its exit status.
+    /// The image could not be written.
+    #[error(transparent)]
+    Write(#[from] crate::write::WriteError),
+    /// The liveimg could not be taken apart or repacked.
+    #[error(transparent)]
+    Liveimg(#[from] crate::liveimg::LiveimgError),
+    /// Another step that already carries its exit status.
     #[error(transparent)]
     Step(#[from] Failure),
     /// A blocking step died.
