@@ -1,14 +1,13 @@
 //! The command line: parsing, dispatch, exit statuses (the CLI contract: shared/docs/cli.md).
 
-use crate::customize::{self, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS};
 use crate::exit::{ExitStatus, Failure};
+use crate::job::{self, DeployTarget, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS};
 use crate::ops::{operation_options, OpsArgs, Plan};
 use crate::progress::{Progress, ProgressMode};
 use crate::vm::accel::Accel;
 use crate::vm::privilege::DEFAULT_HELPER_USER;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,22 +133,13 @@ struct CustomizeArgs {
     vm: VmArgs,
 }
 
-/// What `deploy` produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum TargetFormat {
-    /// The image as a disk or filesystem (default).
-    Raw,
-    /// A customized liveimg (squashfs with the same compressor as the source).
-    Liveimg,
-}
-
 #[derive(Debug, Args)]
 struct DeployArgs {
     #[command(flatten)]
     write: WriteArgs,
     /// Write a customized liveimg instead of a raw disk or filesystem (the source must be one).
-    #[arg(long, value_enum, default_value_t = TargetFormat::Raw)]
-    target_format: TargetFormat,
+    #[arg(long, value_enum, default_value_t = DeployTarget::Raw)]
+    target_format: DeployTarget,
     #[command(flatten)]
     ops: OpsArgs,
     #[command(flatten)]
@@ -251,7 +241,7 @@ fn vm_settings(vm: &VmArgs, verbose: u8) -> VmSettings {
     VmSettings {
         accel: vm.accel,
         timeout: Duration::from_secs(vm.timeout),
-        hard_grace: Duration::from_secs(crate::customize::HELPER_HARD_GRACE_SECS),
+        hard_grace: Duration::from_secs(job::HELPER_HARD_GRACE_SECS),
         memory_mib: vm.memory,
         helper_user: vm.helper_user.clone(),
         excluded_tasks: if vm.exclude_all_tasks { vec!["*".into()] } else { vm.exclude_task.clone() },
@@ -307,32 +297,29 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             let plan = ordered_ops(sub)?;
             let progress = Progress::new(args.progress);
             let settings = vm_settings(&args.vm, cli.verbose);
-            let result = customize::run(&args.disk, plan, false, &settings, &progress, &interrupt).await;
-            finish(&progress, result)
+            announce_random_passwords(&plan, &progress);
+            let result = job::customize(&args.disk, plan, false, &settings, &progress, &interrupt).await;
+            finish(&progress, result.map_err(Failure::from))
         }
         Command::Write(args) => {
             let progress = Arc::new(Progress::new(args.progress));
-            let result = write_image(&args, progress.clone(), &interrupt).await.map(drop);
-            finish(&progress, result)
+            let result = job::write(&write_request(&args), progress.clone(), &interrupt).await.map(drop);
+            finish(&progress, result.map_err(Failure::from))
         }
         Command::Deploy(args) => {
             let sub = matches.subcommand_matches("deploy").expect("deploy matches");
             let plan = ordered_ops(sub)?;
             let progress = Arc::new(Progress::new(args.write.progress));
             let settings = vm_settings(&args.vm, cli.verbose);
-            let result = async {
-                if args.target_format == TargetFormat::Liveimg {
-                    return deploy_liveimg(&args, plan, &settings, progress.clone(), &interrupt).await;
+            announce_random_passwords(&plan, &progress);
+            let request = write_request(&args.write);
+            let result = match args.target_format {
+                DeployTarget::Liveimg => {
+                    job::deploy_liveimg(&request, plan, &settings, progress.clone(), &interrupt).await
                 }
-                let written = write_image(&args.write, progress.clone(), &interrupt).await?;
-                if plan.is_empty() && !written.bare_filesystem {
-                    return Ok(());
-                }
-                customize::run(&args.write.target, plan, written.bare_filesystem, &settings, &progress, &interrupt)
-                    .await
-            }
-            .await;
-            finish(&progress, result)
+                DeployTarget::Raw => job::deploy(&request, plan, &settings, progress.clone(), &interrupt).await,
+            };
+            finish(&progress, result.map_err(Failure::from))
         }
         Command::HelperImage(HelperImageCommand::Build { force }) => {
             let cache = crate::helper_image::cache_dir();
@@ -373,7 +360,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             if report.ok {
                 Ok(())
             } else {
-                Err(crate::verify::failure(&report))
+                Err(Failure::new(ExitStatus::CustomizationFailed, crate::verify::summary(&report)))
             }
         }
         Command::Ganeti(GanetiCommand::InstallOs { os_dir }) => {
@@ -385,9 +372,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         }
         Command::Ganeti(GanetiCommand::Create { .. }) => crate::ganeti::create(&interrupt).await,
         Command::Ganeti(GanetiCommand::Rename { .. }) => crate::ganeti::rename(&interrupt).await,
-        Command::Ganeti(GanetiCommand::Import { .. }) => {
-            tokio::task::spawn_blocking(crate::ganeti::import).await.map_err(|e| Failure::environment(e.to_string()))?
-        }
+        Command::Ganeti(GanetiCommand::Import { .. }) => crate::ganeti::import(&interrupt).await,
         Command::Ganeti(GanetiCommand::Export { .. }) => {
             tokio::task::spawn_blocking(crate::ganeti::export).await.map_err(|e| Failure::environment(e.to_string()))?
         }
@@ -395,75 +380,29 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
     }
 }
 
-/// liveimg → customized liveimg: rootfs out to a temporary file, customized, repacked.
-async fn deploy_liveimg(
-    args: &DeployArgs,
-    plan: Plan,
-    settings: &VmSettings,
-    progress: Arc<Progress>,
-    interrupt: &crate::vm::Interrupt,
-) -> Result<(), Failure> {
-    let source = match crate::source::Location::parse(&args.write.image) {
-        crate::source::Location::Path(p) => p,
-        crate::source::Location::Url(u) => {
-            return Err(Failure::bad_input(format!(
-                "--target-format liveimg reads a local liveimg; download {u} first"
-            )))
-        }
-    };
-    crate::liveimg::check_target(&args.write.target, args.write.force)?;
-    let rootfs = crate::liveimg::TempPath(crate::liveimg::temp_beside(&args.write.target, "rootfs"));
-    let write = WriteArgs { target: rootfs.0.clone(), force: false, ..args.write.clone() };
-    let written = write_image(&write, progress.clone(), interrupt).await?;
-    if !written.bare_filesystem {
-        return Err(Failure::bad_input(format!(
-            "--target-format liveimg needs a liveimg source; {} is {}",
-            source.display(),
-            written.format.name()
-        )));
-    }
-    customize::run(&rootfs.0, plan, args.write.size.is_some(), settings, &progress, interrupt).await?;
-    progress.message("repacking the liveimg");
-    let target = args.write.target.clone();
-    let rootfs_path = rootfs.0.clone();
-    let spent = tokio::task::spawn_blocking(move || crate::liveimg::repack(&source, &rootfs_path, &target))
-        .await
-        .map_err(|e| Failure::environment(format!("repack panicked: {e}")))??;
-    tracing::info!(secs = spent.as_secs_f32(), "liveimg repacked");
-    drop(rootfs);
-    Ok(())
-}
-
-/// Runs the blocking write off the runtime; an interrupt cancels it (no partial output).
-async fn write_image(
-    args: &WriteArgs,
-    progress: Arc<Progress>,
-    interrupt: &crate::vm::Interrupt,
-) -> Result<crate::write::Written, Failure> {
-    let request = crate::write::WriteRequest {
+/// The write request of `write`/`deploy`'s arguments.
+fn write_request(args: &WriteArgs) -> crate::write::WriteRequest {
+    crate::write::WriteRequest {
         image: crate::source::Location::parse(&args.image),
         target: args.target.clone(),
         force: args.force,
         size: args.size,
         sha256: args.sha256.clone(),
         backing_file: args.backing_file.clone(),
-    };
-    let cancel = Arc::new(AtomicBool::new(false));
-    let mut watch = interrupt.clone();
-    let flag = cancel.clone();
-    let watcher = tokio::spawn(async move {
-        while watch.changed().await.is_ok() {
-            if watch.borrow().is_some() {
-                flag.store(true, Ordering::Relaxed);
-                return;
-            }
+    }
+}
+
+/// Tells the user the random passwords the plan sets: on stdout, or on stderr when stdout
+/// carries JSON progress.
+fn announce_random_passwords(plan: &Plan, progress: &Progress) {
+    for (user, password) in &plan.random_passwords {
+        let line = format!("Setting random password of {user} to {password}");
+        if progress.is_json() {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
         }
-    });
-    let result = tokio::task::spawn_blocking(move || crate::write::write(&request, &progress, &cancel))
-        .await
-        .map_err(|e| Failure::environment(format!("the writer panicked: {e}")))?;
-    watcher.abort();
-    result
+    }
 }
 
 fn finish(progress: &Progress, result: Result<(), Failure>) -> Result<(), Failure> {

@@ -1,5 +1,11 @@
-//! Exit statuses of the command line (the CLI contract, shared/docs/cli.md) and the error that carries one.
+//! Exit statuses of the command line (the CLI contract, shared/docs/cli.md) and the error that
+//! carries one. The library's typed errors are mapped to a status here, and only here.
 
+use crate::job::JobError;
+use crate::stream::destination::DestinationError;
+use crate::stream::StreamError;
+use crate::vm::VmError;
+use crate::write::WriteError;
 use thiserror::Error;
 
 /// What the process exit code means.
@@ -46,19 +52,95 @@ impl Failure {
     }
 }
 
-impl From<crate::vm::VmError> for Failure {
-    fn from(e: crate::vm::VmError) -> Self {
-        use crate::vm::VmError as E;
-        let status = match &e {
-            E::Timeout { .. } => ExitStatus::Timeout,
-            E::Interrupted(_) => ExitStatus::Interrupted,
-            E::NoReport { .. } => ExitStatus::CustomizationFailed,
-            E::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ExitStatus::BadInput,
-            _ => ExitStatus::Environment,
-        };
-        Self::new(status, e.to_string())
+/// How a write that did not complete ends.
+fn write_status(e: &WriteError) -> ExitStatus {
+    use WriteError as E;
+    match e {
+        E::Qemu(failure) => failure.status,
+        E::Destination(DestinationError::Open { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied || source.raw_os_error() == Some(libc::ENOSPC) =>
+        {
+            ExitStatus::Environment
+        }
+        E::Stream(StreamError::Cancelled) => ExitStatus::Interrupted,
+        E::Stream(StreamError::Write { .. }) | E::Download { .. } => ExitStatus::Environment,
+        E::Source(_) | E::Destination(_) | E::Stream(_) | E::Corrupt { .. } | E::Sha256Mismatch { .. } => {
+            ExitStatus::BadInput
+        }
     }
 }
+
+/// How a helper VM that did not report ends.
+fn vm_status(e: &VmError) -> ExitStatus {
+    use VmError as E;
+    match e {
+        E::Timeout { .. } => ExitStatus::Timeout,
+        E::Interrupted(_) => ExitStatus::Interrupted,
+        E::NoReport { .. } => ExitStatus::CustomizationFailed,
+        E::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ExitStatus::BadInput,
+        _ => ExitStatus::Environment,
+    }
+}
+
+/// How a job that did not reach its end ends.
+fn job_status(e: &JobError) -> ExitStatus {
+    use crate::floppy::FloppyError;
+    use crate::payload::PayloadError;
+    use JobError as E;
+    match e {
+        E::Step(failure) => failure.status,
+        E::Write(write) => write_status(write),
+        E::Liveimg(crate::liveimg::LiveimgError::Repack { .. }) => ExitStatus::Environment,
+        E::Liveimg(_) => ExitStatus::BadInput,
+        E::Vm(vm) => vm_status(vm),
+        E::Target(_) | E::HelperUser(_) => ExitStatus::BadInput,
+        E::Floppy(FloppyError::TooLarge(_)) | E::Payload(PayloadError::Source { .. }) => ExitStatus::BadInput,
+        E::TaskFailed { .. } => ExitStatus::CustomizationFailed,
+        E::HelperImage(_) | E::WorkDir { .. } | E::Floppy(_) | E::Payload(_) | E::Overlay(_) | E::Panicked(..) => {
+            ExitStatus::Environment
+        }
+    }
+}
+
+/// `From` impls that give each typed error its exit status, keeping its message.
+macro_rules! exit_status_of {
+    ($($error:ty => $status:expr),* $(,)?) => {$(
+        impl From<$error> for Failure {
+            fn from(e: $error) -> Self {
+                Self::new($status(&e), e.to_string())
+            }
+        }
+    )*};
+}
+
+/// How a verification that could not run ends (a bad image is a report, and exit 1).
+fn verify_status(e: &crate::verify::VerifyError) -> ExitStatus {
+    use crate::verify::VerifyError as E;
+    match e {
+        E::PackageName(_) | E::Source(_) => ExitStatus::BadInput,
+        E::Job(job) => job_status(job),
+    }
+}
+
+exit_status_of! {
+    WriteError => write_status,
+    VmError => vm_status,
+    JobError => job_status,
+    crate::verify::VerifyError => verify_status,
+}
+
+/// Errors that are a step of a write: they end as the write would.
+macro_rules! as_write_error {
+    ($($error:ty),*) => {$(
+        impl From<$error> for Failure {
+            fn from(e: $error) -> Self {
+                WriteError::from(e).into()
+            }
+        }
+    )*};
+}
+
+as_write_error!(crate::source::SourceError, DestinationError, StreamError);
 
 impl From<crate::ops::OpsError> for Failure {
     fn from(e: crate::ops::OpsError) -> Self {
@@ -68,6 +150,6 @@ impl From<crate::ops::OpsError> for Failure {
 
 impl From<crate::helper_image::BuildError> for Failure {
     fn from(e: crate::helper_image::BuildError) -> Self {
-        Self::environment(format!("cannot prepare the helper image: {e}"))
+        JobError::from(e).into()
     }
 }

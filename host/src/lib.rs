@@ -7,13 +7,13 @@
 pub mod argv;
 pub mod cli;
 pub mod commands_file;
-pub mod customize;
 pub mod decompress;
 pub mod exit;
 pub mod floppy;
 pub mod ganeti;
 pub mod helper_image;
 pub mod inspect;
+pub mod job;
 pub mod liveimg;
 pub mod nbd;
 pub mod ops;

@@ -2,17 +2,16 @@
 //! filesystem read-only and asks the guest's package database for each required package;
 //! the image is never modified (the helper works on an overlay that is thrown away).
 
-use crate::customize::{self, VmSettings};
-use crate::exit::{ExitStatus, Failure};
+use crate::job::{self, Job, JobError, VmSettings};
 use crate::progress::{Progress, ProgressMode};
-use crate::source::{self, Format, Location};
-use crate::vm::{privilege, Interrupt, VmSpec};
-use crate::{floppy, helper_image, overlay, target};
+use crate::source::{self, Format, Location, SourceError};
+use crate::vm::Interrupt;
 use imgforge_protocol::report::Verdict;
 use imgforge_protocol::rules::Rules;
 use serde::Serialize;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
+use thiserror::Error;
 
 /// One check's result.
 #[derive(Debug, Clone, Serialize)]
@@ -54,24 +53,40 @@ impl Report {
     }
 }
 
+/// Why an image could not be verified (a bad image is a [`Report`], not an error).
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    /// A `--require-package` value that no package manager takes.
+    #[error("--require-package {0:?} is not a package name")]
+    PackageName(String),
+    /// The image cannot be read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The helper run did not complete.
+    #[error(transparent)]
+    Job(#[from] JobError),
+}
+
 /// Verifies `image`, requiring `packages`.
 pub async fn run(
     image: &Path,
     packages: &[String],
     settings: &VmSettings,
     interrupt: &Interrupt,
-) -> Result<Report, Failure> {
+) -> Result<Report, VerifyError> {
     for p in packages {
         if p.is_empty() || p.starts_with('-') || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-:~".contains(&b))
         {
-            return Err(Failure::bad_input(format!("--require-package {p:?} is not a package name")));
+            return Err(VerifyError::PackageName(p.clone()));
         }
     }
     let header = source::read_header(image)?;
+    let tmp = std::env::temp_dir();
     let work = tempfile::Builder::new()
         .prefix("imgforge-verify-")
         .tempdir()
-        .map_err(|e| Failure::environment(format!("cannot create a temporary directory: {e}")))?;
+        .map_err(|source| JobError::WorkDir { dir: tmp, source })?;
+    let quiet = Progress::new(ProgressMode::None);
     // Disks are checked where they are; anything else (liveimg, compressed) is unpacked first.
     let disk = match source::detect(&header) {
         Format::Raw | Format::Qemu("qcow2") => image.to_owned(),
@@ -86,51 +101,22 @@ pub async fn run(
                 backing_file: None,
             };
             let cancel = AtomicBool::new(false);
-            let quiet = Progress::new(ProgressMode::None);
-            tokio::task::spawn_blocking(move || crate::write::write(&request, &quiet, &cancel))
-                .await
-                .map_err(|e| Failure::environment(format!("unpacking panicked: {e}")))??;
+            job::blocking("unpacking", move || crate::write::write(&request, &quiet, &cancel))
+                .await?
+                .map_err(JobError::from)?;
             unpacked
         }
-    };
-    let target = target::open(&disk).map_err(|e| Failure::bad_input(e.to_string()))?;
-    let user = privilege::for_this_process(&settings.helper_user).map_err(|e| Failure::bad_input(e.to_string()))?;
-    let cache = helper_image::cache_dir();
-    let image_files = {
-        let cache = cache.clone();
-        tokio::task::spawn_blocking(move || helper_image::ensure(&cache))
-            .await
-            .map_err(|e| Failure::environment(format!("helper image build panicked: {e}")))??
     };
     let mut rules = Rules::new();
     rules.verify = true;
     rules.required_packages = packages.to_vec();
     rules.verbose = settings.trace_tasks;
-    let floppy_path = work.path().join("rules.img");
-    floppy::build(&rules, &floppy_path).map_err(|e| Failure::environment(e.to_string()))?;
-    // Mounting, even read-only, may replay a journal: it lands in the overlay, never the image.
-    let overlay = overlay::Overlay::create(&target.path, target.format, target.virtual_size, work.path())
-        .map_err(|e| Failure::environment(e.to_string()))?;
-    let spec = VmSpec {
-        qemu: settings.qemu.clone(),
-        image: image_files,
-        disk: target.path.clone(),
-        disk_format: target.format,
-        overlay: Some(overlay.path.clone()),
-        floppy: floppy_path,
-        payload: None,
-        memory_mib: settings.memory_mib,
-        accel: settings.accel,
-        soft_timeout: settings.timeout,
-        hard_grace: settings.hard_grace,
-        user,
-        cache,
-        preload: customize::preload_for(&target, &[], false),
-    };
     let quiet = Progress::new(ProgressMode::None);
-    let (outcome, checks) = customize::run_vm_collecting(&spec, settings.show_console, &quiet, interrupt).await?;
-    let checks: Vec<Check> = checks.into_iter().map(|(ok, name, detail)| Check { name, ok, detail }).collect();
-    let error = match outcome.verdict {
+    let job = Job::prepare(&disk, rules, &[], settings, &quiet).await?;
+    let result = job.run(settings.show_console, &quiet, interrupt).await?;
+    job.discard();
+    let checks: Vec<Check> = result.checks.into_iter().map(|(ok, name, detail)| Check { name, ok, detail }).collect();
+    let error = match result.outcome.verdict {
         Verdict::Success => None,
         Verdict::Failed { task, message } => Some(format!("task {task} failed: {message}")),
         Verdict::Incomplete { .. } => Some("the helper stopped without a verdict".into()),
@@ -139,13 +125,10 @@ pub async fn run(
     Ok(Report { image: image.display().to_string(), ok, checks, error })
 }
 
-/// The failure for a bad report (exit 1, naming what failed).
-pub fn failure(report: &Report) -> Failure {
+/// What failed in a bad report, in one line naming the image.
+pub fn summary(report: &Report) -> String {
     let mut failed: Vec<String> =
         report.checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
     failed.extend(report.error.clone());
-    Failure::new(
-        ExitStatus::CustomizationFailed,
-        format!("{} failed verification: {}", report.image, failed.join("; ")),
-    )
+    format!("{} failed verification: {}", report.image, failed.join("; "))
 }

@@ -1,6 +1,6 @@
 //! `imgforge write`: any supported source onto a block device or file, streamed with direct I/O.
 
-use crate::exit::{ExitStatus, Failure};
+use crate::exit::Failure;
 use crate::progress::Progress;
 use crate::source::{self, Format, Location, SourceError};
 use crate::stream::destination::{Destination, DestinationError, DestinationOptions};
@@ -10,6 +10,7 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use thiserror::Error;
 
 /// Names of the filesystem image inside a liveimg, in order of preference.
 pub const LIVEIMG_ROOTFS: &[&str] = &["/LiveOS/rootfs.img", "/LiveOS/ext3fs.img"];
@@ -42,35 +43,51 @@ pub struct Written {
     pub bare_filesystem: bool,
 }
 
-impl From<SourceError> for Failure {
-    fn from(e: SourceError) -> Self {
-        Failure::bad_input(e.to_string())
-    }
-}
-
-impl From<DestinationError> for Failure {
-    fn from(e: DestinationError) -> Self {
-        match &e {
-            DestinationError::Open { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
-                Failure::environment(e.to_string())
-            }
-            DestinationError::Open { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                Failure::environment(e.to_string())
-            }
-            _ => Failure::bad_input(e.to_string()),
-        }
-    }
-}
-
-impl From<StreamError> for Failure {
-    fn from(e: StreamError) -> Self {
-        match &e {
-            StreamError::Cancelled => Failure::new(ExitStatus::Interrupted, "interrupted; nothing was left behind"),
-            StreamError::Write { .. } => Failure::environment(e.to_string()),
-            StreamError::Verify(message) => Failure::bad_input(message.clone()),
-            _ => Failure::bad_input(e.to_string()),
-        }
-    }
+/// Why an image could not be written.
+#[derive(Debug, Error)]
+pub enum WriteError {
+    /// The source cannot be read, or is not an image imgforge writes.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The target cannot be opened or prepared.
+    #[error(transparent)]
+    Destination(#[from] DestinationError),
+    /// Streaming failed, or was interrupted.
+    #[error("{}", match .0 { StreamError::Cancelled => "interrupted; nothing was left behind".to_owned(), other => other.to_string() })]
+    Stream(#[from] StreamError),
+    /// The image decodes to garbage or ends early.
+    #[error("image {name} ({format}) is truncated or corrupt: {source}")]
+    Corrupt {
+        /// The source.
+        name: String,
+        /// Its format's name.
+        format: &'static str,
+        /// The read error.
+        source: std::io::Error,
+    },
+    /// `--sha256` does not match the source.
+    #[error("image {name} does not match --sha256: expected {expected}, computed {actual}")]
+    Sha256Mismatch {
+        /// The source.
+        name: String,
+        /// What the user gave.
+        expected: String,
+        /// What the source hashes to.
+        actual: String,
+    },
+    /// A download that needs random access cannot be stored.
+    #[error("cannot {what} in {}: {source}", dir.display())]
+    Download {
+        /// `create a download file` or `store the download`.
+        what: &'static str,
+        /// Where.
+        dir: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A qemu-format image could not be opened in the confined qemu.
+    #[error(transparent)]
+    Qemu(#[from] Failure),
 }
 
 /// A reader that feeds every byte into a shared SHA-256.
@@ -97,7 +114,7 @@ fn check_sha(name: &str, expected: &Option<String>, hasher: &Arc<Mutex<Sha256>>)
     }
 }
 
-fn sha256_of_file(path: &Path, cancel: &AtomicBool) -> Result<String, Failure> {
+fn sha256_of_file(path: &Path, cancel: &AtomicBool) -> Result<String, WriteError> {
     let mut f =
         std::fs::File::open(path).map_err(|source| SourceError::Io { name: path.display().to_string(), source })?;
     let mut h = Sha256::new();
@@ -115,14 +132,15 @@ fn sha256_of_file(path: &Path, cancel: &AtomicBool) -> Result<String, Failure> {
 }
 
 /// Checks `--sha256` against a whole file first (formats read with random access).
-fn verify_file_sha(path: &Path, expected: &Option<String>, cancel: &AtomicBool) -> Result<(), Failure> {
+fn verify_file_sha(path: &Path, expected: &Option<String>, cancel: &AtomicBool) -> Result<(), WriteError> {
     let Some(expected) = expected else { return Ok(()) };
     let actual = sha256_of_file(path, cancel)?;
     if &actual != expected {
-        return Err(Failure::bad_input(format!(
-            "image {} does not match --sha256: expected {expected}, computed {actual}",
-            path.display()
-        )));
+        return Err(WriteError::Sha256Mismatch {
+            name: path.display().to_string(),
+            expected: expected.clone(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -137,14 +155,14 @@ pub fn check_sha256_arg(text: &str) -> Result<String, String> {
 }
 
 /// Writes the image (blocking; run it off the async runtime).
-pub fn write(req: &WriteRequest, progress: &Progress, cancel: &AtomicBool) -> Result<Written, Failure> {
+pub fn write(req: &WriteRequest, progress: &Progress, cancel: &AtomicBool) -> Result<Written, WriteError> {
     match &req.image {
         Location::Path(path) => write_path(req, path, progress, cancel),
         Location::Url(url) => write_url(req, url, progress, cancel),
     }
 }
 
-fn source_size(path: &Path, meta: &std::fs::Metadata) -> Result<u64, Failure> {
+fn source_size(path: &Path, meta: &std::fs::Metadata) -> Result<u64, WriteError> {
     use std::os::unix::fs::FileTypeExt;
     if meta.file_type().is_block_device() {
         use std::io::Seek;
@@ -166,7 +184,12 @@ fn stream_options<'a>(
     StreamOptions { source_name: name, expected_size: expected, progress, cancel }
 }
 
-fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &AtomicBool) -> Result<Written, Failure> {
+fn write_path(
+    req: &WriteRequest,
+    path: &Path,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Written, WriteError> {
     let name = path.display().to_string();
     let io = |source| SourceError::Io { name: name.clone(), source };
     let (meta, header) = source::open_local(path)?;
@@ -232,16 +255,16 @@ fn write_path(req: &WriteRequest, path: &Path, progress: &Progress, cancel: &Ato
     }
 }
 
-fn decode_failure(e: StreamError, name: &str, format: Format) -> Failure {
+fn decode_failure(e: StreamError, name: &str, format: Format) -> WriteError {
     match e {
         StreamError::Read { source, .. } => {
-            Failure::bad_input(format!("image {name} ({}) is truncated or corrupt: {source}", format.name()))
+            WriteError::Corrupt { name: name.to_owned(), format: format.name(), source }
         }
         other => other.into(),
     }
 }
 
-fn open_destination(req: &WriteRequest, size: Option<u64>, source: Option<&Path>) -> Result<Destination, Failure> {
+fn open_destination(req: &WriteRequest, size: Option<u64>, source: Option<&Path>) -> Result<Destination, WriteError> {
     Ok(Destination::open(&req.target, size, source, &DestinationOptions { force: req.force, size: req.size })?)
 }
 
@@ -255,7 +278,7 @@ pub fn liveimg_rootfs(fs: &backhand::FilesystemReader) -> Option<(String, u64)> 
     })
 }
 
-fn open_squashfs(path: &Path) -> Result<backhand::FilesystemReader<'static>, Failure> {
+fn open_squashfs(path: &Path) -> Result<backhand::FilesystemReader<'static>, WriteError> {
     let name = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
     crate::squashfs::open(BufReader::with_capacity(1 << 20, file))
@@ -267,7 +290,7 @@ fn write_liveimg(
     path: &Path,
     progress: &Progress,
     cancel: &AtomicBool,
-) -> Result<Written, Failure> {
+) -> Result<Written, WriteError> {
     let name = path.display().to_string();
     let fs = open_squashfs(path)?;
     let (inner, size) = liveimg_rootfs(&fs).ok_or_else(|| SourceError::Unsupported {
@@ -287,7 +310,7 @@ fn write_liveimg(
     Ok(Written { format: Format::Squashfs, bytes: stats.bytes, bare_filesystem: true })
 }
 
-fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &AtomicBool) -> Result<Written, Failure> {
+fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &AtomicBool) -> Result<Written, WriteError> {
     let mut dl = source::download(url)?;
     let header = dl.peek(url)?;
     let format = source::detect(&header);
@@ -321,9 +344,10 @@ fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &Atomic
                 .map(Path::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
             let dir = if crate::stream::destination::is_block_device(&req.target) { std::env::temp_dir() } else { dir };
-            let mut tmp = tempfile::Builder::new().prefix(".imgforge-download-").tempfile_in(&dir).map_err(|e| {
-                Failure::environment(format!("cannot create a download file in {}: {e}", dir.display()))
-            })?;
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".imgforge-download-")
+                .tempfile_in(&dir)
+                .map_err(|source| WriteError::Download { what: "create a download file", dir: dir.clone(), source })?;
             let mut reader = hashed;
             let mut buf = vec![0u8; 1 << 20];
             let mut done = 0u64;
@@ -337,13 +361,15 @@ fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &Atomic
                 if n == 0 {
                     break;
                 }
-                std::io::Write::write_all(tmp.as_file_mut(), &buf[..n]).map_err(|e| {
-                    Failure::environment(format!("cannot store the download in {}: {e}", dir.display()))
+                std::io::Write::write_all(tmp.as_file_mut(), &buf[..n]).map_err(|source| WriteError::Download {
+                    what: "store the download",
+                    dir: dir.clone(),
+                    source,
                 })?;
                 done += n as u64;
                 progress.copy_progress(done, length);
             }
-            check_sha(url, &req.sha256, &hasher).map_err(Failure::bad_input)?;
+            check_sha(url, &req.sha256, &hasher).map_err(StreamError::Verify)?;
             let local = WriteRequest { image: Location::Path(tmp.path().to_owned()), sha256: None, ..req.clone() };
             write_path(&local, tmp.path(), progress, cancel)
         }

@@ -5,8 +5,8 @@
 pub mod config;
 pub mod params;
 
-use crate::customize::{self, VmSettings};
 use crate::exit::Failure;
+use crate::job::{self, VmSettings};
 use crate::ops::Plan;
 use crate::progress::{Progress, ProgressMode};
 use crate::vm::accel::Accel;
@@ -234,13 +234,8 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
         backing_file: None,
     };
     eprintln!("imgforge: deploying {image} onto {} for {name}", disk.display());
-    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let result = async {
-        let p = progress.clone();
-        let c = cancel.clone();
-        let written = tokio::task::spawn_blocking(move || crate::write::write(&request, &p, &c))
-            .await
-            .map_err(|e| Failure::environment(format!("writer panicked: {e}")))??;
+        let written = job::write(&request, progress.clone(), interrupt).await?;
         if written.bare_filesystem != (params.img_format == ImageFormat::Liveimg) {
             eprintln!(
                 "imgforge: warning: img_format is {:?} but the image is {}",
@@ -248,12 +243,13 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
                 written.format.name()
             );
         }
-        if params.excludes("ALL_TASKS") || (plan.is_empty() && !written.bare_filesystem) {
+        if params.excludes("ALL_TASKS") {
             return Ok(());
         }
-        customize::run(&disk, plan, written.bare_filesystem, &settings(&config), &progress, interrupt).await
+        job::customize_written(&written, &request, plan, &settings(&config), &progress, interrupt).await
     }
-    .await;
+    .await
+    .map_err(Failure::from);
     match &result {
         Ok(()) => progress.done(),
         Err(f) => progress.error(std::slice::from_ref(&f.message)),
@@ -282,11 +278,12 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), Failure> {
     let mut plan = Plan::default();
     plan.add("hostname", Some(&name))?;
     let quiet = Progress::new(ProgressMode::None);
-    customize::run(&disk, plan, false, &settings(&config), &quiet, interrupt).await
+    job::customize(&disk, plan, false, &settings(&config), &quiet, interrupt).await.map_err(Failure::from)
 }
 
-/// `import`: a raw disk stream on stdin onto `DISK_0_PATH`.
-pub fn import() -> Result<(), Failure> {
+/// `import`: a raw disk stream on stdin onto `DISK_0_PATH`; an interrupt (Ganeti aborting the
+/// job) stops it.
+pub async fn import(interrupt: &Interrupt) -> Result<(), Failure> {
     let env = environment();
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let dest = crate::stream::destination::Destination::open(
@@ -295,17 +292,19 @@ pub fn import() -> Result<(), Failure> {
         None,
         &crate::stream::destination::DestinationOptions { force: true, size: None },
     )?;
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let report = |_: u64, _: Option<u64>| {};
-    let opts = crate::stream::StreamOptions {
-        source_name: "standard input".into(),
-        expected_size: None,
-        progress: &report,
-        cancel: &cancel,
-    };
-    let mut reader = crate::stream::Stream(std::io::stdin());
-    crate::stream::copy(&mut reader, dest, &opts)?;
-    Ok(())
+    job::cancellable("import", interrupt, move |cancel| {
+        let report = |_: u64, _: Option<u64>| {};
+        let opts = crate::stream::StreamOptions {
+            source_name: "standard input".into(),
+            expected_size: None,
+            progress: &report,
+            cancel,
+        };
+        let mut reader = crate::stream::Stream(std::io::stdin());
+        crate::stream::copy(&mut reader, dest, &opts).map(drop).map_err(crate::write::WriteError::from)
+    })
+    .await
+    .map_err(Failure::from)
 }
 
 /// `export`: `DISK_0_PATH` to stdout, its size announced on `EXP_SIZE_FD` when given.

@@ -5,12 +5,55 @@
 
 mod compressor;
 
-use crate::exit::Failure;
 use crate::source::SourceError;
 use crate::write::LIVEIMG_ROOTFS;
 use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Why a liveimg could not be made.
+#[derive(Debug, Error)]
+pub enum LiveimgError {
+    /// The output cannot go where it was asked to.
+    #[error("target {} {reason}", target.display())]
+    Target {
+        /// The output.
+        target: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The source is not a liveimg that can be repacked.
+    #[error("image {name} {reason}")]
+    Source {
+        /// The source.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The source cannot be read.
+    #[error(transparent)]
+    Read(#[from] SourceError),
+    /// The source is a URL: repacking needs random access to a local file.
+    #[error("--target-format liveimg reads a local liveimg; download {0} first")]
+    Remote(String),
+    /// The source is another kind of image.
+    #[error("--target-format liveimg needs a liveimg source; {} is {format}", name.display())]
+    NotALiveimg {
+        /// The source.
+        name: PathBuf,
+        /// What it is.
+        format: &'static str,
+    },
+    /// The new squashfs cannot be built or stored.
+    #[error("cannot {what}: {reason}")]
+    Repack {
+        /// The step, naming the file.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
 
 /// A file removed when dropped (temporary rootfs, unfinished output).
 pub struct TempPath(pub PathBuf);
@@ -29,21 +72,19 @@ pub fn temp_beside(target: &Path, what: &str) -> PathBuf {
 }
 
 /// Checks the output can be created (before any work).
-pub fn check_target(target: &Path, force: bool) -> Result<(), Failure> {
+pub fn check_target(target: &Path, force: bool) -> Result<(), LiveimgError> {
+    let refuse = |reason| Err(LiveimgError::Target { target: target.to_owned(), reason });
     if target.is_dir() {
-        return Err(Failure::bad_input(format!("target {} is a directory", target.display())));
+        return refuse("is a directory");
     }
     if target.exists() && !force {
-        return Err(Failure::bad_input(format!(
-            "target {} exists: pass --force to replace it with the new liveimg",
-            target.display()
-        )));
+        return refuse("exists: pass --force to replace it with the new liveimg");
     }
     Ok(())
 }
 
 /// Repacks `source` with `rootfs` as its filesystem image into `target`; returns the time spent.
-pub fn repack(source: &Path, rootfs: &Path, target: &Path) -> Result<Duration, Failure> {
+pub fn repack(source: &Path, rootfs: &Path, target: &Path) -> Result<Duration, LiveimgError> {
     let started = Instant::now();
     let name = source.display().to_string();
     let mut file = std::fs::File::open(source).map_err(|e| SourceError::Io { name: name.clone(), source: e })?;
@@ -53,16 +94,18 @@ pub fn repack(source: &Path, rootfs: &Path, target: &Path) -> Result<Duration, F
     head.truncate(got);
     std::io::Seek::rewind(&mut file).map_err(|e| SourceError::Io { name: name.clone(), source: e })?;
     let reader = crate::squashfs::open(BufReader::with_capacity(1 << 20, file))
-        .map_err(|e| Failure::bad_input(format!("image {name} is not a readable squashfs: {e}")))?;
-    let inner = crate::write::liveimg_rootfs(&reader)
-        .map(|(p, _)| p)
-        .ok_or_else(|| Failure::bad_input(format!("image {name} holds no {}", LIVEIMG_ROOTFS.join(" or "))))?;
+        .map_err(|e| LiveimgError::Source { name: name.clone(), reason: format!("is not a readable squashfs: {e}") })?;
+    let inner = crate::write::liveimg_rootfs(&reader).map(|(p, _)| p).ok_or_else(|| LiveimgError::Source {
+        name: name.clone(),
+        reason: format!("holds no {}", LIVEIMG_ROOTFS.join(" or ")),
+    })?;
     // Same compressor, options and block size as the source: from_fs_reader inherits them.
     let mut writer = backhand::FilesystemWriter::from_fs_reader(&reader)
-        .map_err(|e| Failure::environment(format!("cannot prepare the new squashfs: {e}")))?;
-    writer
-        .replace_file_from_path(&inner, rootfs.to_owned())
-        .map_err(|e| Failure::environment(format!("cannot replace {inner} in the new squashfs: {e}")))?;
+        .map_err(|e| LiveimgError::Repack { what: "prepare the new squashfs".into(), reason: e.to_string() })?;
+    writer.replace_file_from_path(&inner, rootfs.to_owned()).map_err(|e| LiveimgError::Repack {
+        what: format!("replace {inner} in the new squashfs"),
+        reason: e.to_string(),
+    })?;
     let parallel = compress_ahead(&reader, &mut writer, &head, rootfs);
     let out_path = temp_beside(target, "out");
     let out = TempPath(out_path.clone());
@@ -70,17 +113,25 @@ pub fn repack(source: &Path, rootfs: &Path, target: &Path) -> Result<Duration, F
         .write(true)
         .create_new(true)
         .open(&out_path)
-        .map_err(|e| Failure::environment(format!("cannot create {}: {e}", out_path.display())))?;
+        .map_err(|e| LiveimgError::Repack { what: format!("create {}", out_path.display()), reason: e.to_string() })?;
     let mut w = BufWriter::with_capacity(4 << 20, file);
     let written = writer.write(&mut w);
     if parallel {
         compressor::AHEAD.stop();
     }
-    written.map_err(|e| Failure::environment(format!("cannot write the new liveimg {}: {e}", target.display())))?;
-    let file = w.into_inner().map_err(|e| Failure::environment(format!("cannot write {}: {e}", out_path.display())))?;
-    file.sync_all().map_err(|e| Failure::environment(format!("cannot flush {}: {e}", out_path.display())))?;
-    std::fs::rename(&out.0, target)
-        .map_err(|e| Failure::environment(format!("cannot rename the new liveimg to {}: {e}", target.display())))?;
+    written.map_err(|e| LiveimgError::Repack {
+        what: format!("write the new liveimg {}", target.display()),
+        reason: e.to_string(),
+    })?;
+    let file = w
+        .into_inner()
+        .map_err(|e| LiveimgError::Repack { what: format!("write {}", out_path.display()), reason: e.to_string() })?;
+    file.sync_all()
+        .map_err(|e| LiveimgError::Repack { what: format!("flush {}", out_path.display()), reason: e.to_string() })?;
+    std::fs::rename(&out.0, target).map_err(|e| LiveimgError::Repack {
+        what: format!("rename the new liveimg to {}", target.display()),
+        reason: e.to_string(),
+    })?;
     std::mem::forget(out);
     Ok(started.elapsed())
 }
@@ -161,7 +212,7 @@ mod tests {
         let rootfs = dir.path().join("rootfs.img");
         std::fs::write(&rootfs, &changed).unwrap();
         let target = dir.path().join("out.img");
-        repack(&source, &rootfs, &target).map_err(|e| e.message).unwrap();
+        repack(&source, &rootfs, &target).map_err(|e| e.to_string()).unwrap();
         assert_eq!(settings(&target), settings(&source));
         assert!(settings(&target).iter().any(|l| l.contains("x86")), "{:?}", settings(&target));
         let cat = |name: &str| Command::new("unsquashfs").arg("-cat").arg(&target).arg(name).output().unwrap().stdout;

@@ -1,0 +1,112 @@
+//! A helper VM run's events turned into progress: phases (and the `-v` phase table), the
+//! console with `-v`, task starts and ends, warnings, and the `CHECK` results of `verify`.
+
+use crate::progress::Progress;
+use crate::vm::{self, Interrupt, VmError, VmEvent, VmSpec};
+use imgforge_protocol::report::ReportLine;
+
+/// When each phase of a helper run was reached: host time since qemu started, and the
+/// guest's uptime where the helper reported it.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    /// (phase, host milliseconds since qemu started, guest uptime in milliseconds).
+    pub phases: Vec<(String, u64, Option<u64>)>,
+}
+
+impl Timeline {
+    /// The table printed with `-v`.
+    pub fn render(&self) -> String {
+        let mut out = String::from("helper VM phases:   host ms   guest ms   step ms\n");
+        let mut previous = 0;
+        for (name, host, guest) in &self.phases {
+            let guest = guest.map(|g| g.to_string()).unwrap_or_else(|| "-".into());
+            out.push_str(&format!("  {name:<22} {host:>7}   {guest:>8}   {:>7}\n", host - previous));
+            previous = *host;
+        }
+        out
+    }
+}
+
+/// A `CHECK` result the helper reported: (ok, name, detail).
+pub type CheckResult = (bool, String, String);
+
+/// Runs the VM, forwarding its events to the progress sink (and with `verbose` the console
+/// and the phase table to stderr); returns its outcome and the `CHECK` results it reported.
+pub(super) async fn run_vm(
+    spec: &VmSpec,
+    verbose: bool,
+    progress: &Progress,
+    interrupt: &Interrupt,
+) -> Result<(vm::VmOutcome, Vec<CheckResult>), VmError> {
+    let mut checks = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut timeline = Timeline::default();
+    let mut started: Option<std::time::Instant> = None;
+    let mut console_seen = false;
+    let forward = async {
+        while let Some(event) = rx.recv().await {
+            if let VmEvent::Started { .. } = event {
+                started = Some(std::time::Instant::now());
+            }
+            let since = started;
+            let mark = |name: String, guest: Option<u64>, timeline: &mut Timeline| {
+                let host = since.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+                progress.phase(&name, host, guest);
+                timeline.phases.push((name, host, guest));
+            };
+            match event {
+                VmEvent::Started { accel, cpu } => {
+                    tracing::info!(%accel, %cpu, "helper VM started");
+                    timeline.phases.clear();
+                    console_seen = false;
+                    mark(format!("qemu started ({accel})"), None, &mut timeline);
+                }
+                VmEvent::KvmProbe(what) => tracing::info!("{what}"),
+                VmEvent::Fallback(why) => tracing::warn!("{why}"),
+                VmEvent::Console(line) => {
+                    if !console_seen {
+                        console_seen = true;
+                        mark("first console line".into(), None, &mut timeline);
+                    }
+                    if verbose {
+                        progress.println(&format!("helper: {line}"));
+                    }
+                }
+                VmEvent::Report(line) => match line {
+                    ReportLine::TaskStart { task } => progress.helper("task-start", &task, None),
+                    ReportLine::TaskEnd { task, millis } => {
+                        tracing::info!(%task, millis, "task done");
+                        mark(format!("task {task}"), None, &mut timeline);
+                        progress.helper("task-end", &task, None)
+                    }
+                    ReportLine::Warning { task, message } => {
+                        tracing::warn!(%task, "{message}");
+                        progress.helper("warning", &task, Some(&message))
+                    }
+                    ReportLine::Error { task, message } => progress.helper("error", &task, Some(&message)),
+                    ReportLine::Phase { name, uptime_ms } => {
+                        mark(format!("helper {name}"), Some(uptime_ms), &mut timeline)
+                    }
+                    ReportLine::Success => mark("SUCCESS reported".into(), None, &mut timeline),
+                    ReportLine::Check { ok, name, detail } => checks.push((ok, name, detail)),
+                },
+            }
+        }
+        if let Some(s) = started {
+            let host = s.elapsed().as_millis() as u64;
+            progress.phase("qemu exited", host, None);
+            timeline.phases.push(("qemu exited".into(), host, None));
+        }
+        timeline
+    };
+    let run = async {
+        let result = vm::run(spec, &tx, interrupt).await;
+        drop(tx);
+        result
+    };
+    let (result, timeline) = tokio::join!(run, forward);
+    if verbose && !timeline.phases.is_empty() {
+        progress.println(timeline.render().trim_end());
+    }
+    Ok((result?, checks))
+}

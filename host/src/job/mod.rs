@@ -1,0 +1,268 @@
+//! The one pipeline every command and Ganeti action goes through: prepare a helper run (the
+//! disk opened and locked, the helper image, the rules floppy, the payload disk, a qcow2
+//! overlay, the VM spec), run it, then commit the overlay into the disk or discard it.
+//!
+//! `customize`, `verify`, `deploy` (to a disk or a liveimg) and Ganeti's `create` and `rename`
+//! differ only in the rules they hand over and in what they do with the outcome; the CLI and
+//! Ganeti parse, build a request, call here, and map the result to an exit status.
+
+mod deploy;
+mod helper_events;
+
+pub use deploy::{cancellable, customize_written, deploy, deploy_liveimg, write, DeployTarget};
+pub use helper_events::{CheckResult, Timeline};
+
+use crate::exit::Failure;
+use crate::floppy::{self, FloppyError};
+use crate::helper_image::{self, BuildError};
+use crate::ops::Plan;
+use crate::overlay::{Overlay, OverlayError};
+use crate::payload::{self, PayloadError};
+use crate::progress::Progress;
+use crate::target::{self, Target, TargetError};
+use crate::vm::privilege::{self, PrivilegeError};
+use crate::vm::{self, accel::Accel, Interrupt, VmError, VmOutcome, VmSpec};
+use imgforge_protocol::report::Verdict;
+use imgforge_protocol::rules::Rules;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Default soft timeout of the helper VM.
+pub const HELPER_SOFT_TIMEOUT_SECS: u64 = 600;
+/// Grace between the soft timeout's graceful stop and SIGKILL.
+pub const HELPER_HARD_GRACE_SECS: u64 = 10;
+/// Default helper VM memory.
+pub const HELPER_MEMORY_MIB: u32 = 1024;
+
+/// How to run the helper VM.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    /// Accelerator choice.
+    pub accel: Accel,
+    /// Soft timeout.
+    pub timeout: Duration,
+    /// After the soft timeout's graceful stop, how long until SIGKILL.
+    pub hard_grace: Duration,
+    /// Memory.
+    pub memory_mib: u32,
+    /// User qemu runs as.
+    pub helper_user: String,
+    /// Helper tasks not to run, by short name (`*`: all).
+    pub excluded_tasks: Vec<String>,
+    /// Show the helper console on stderr.
+    pub show_console: bool,
+    /// Trace every task command (`set -x`) in the console.
+    pub trace_tasks: bool,
+    /// qemu binary.
+    pub qemu: PathBuf,
+}
+
+/// Why a job did not reach its end.
+#[derive(Debug, Error)]
+pub enum JobError {
+    /// The disk cannot be customized.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// The helper user cannot be used.
+    #[error(transparent)]
+    HelperUser(#[from] PrivilegeError),
+    /// The helper image cannot be built or found.
+    #[error("cannot prepare the helper image: {0}")]
+    HelperImage(#[from] BuildError),
+    /// No scratch directory for the job's files.
+    #[error("cannot create a temporary directory in {}: {source}", dir.display())]
+    WorkDir {
+        /// Where it was to be made.
+        dir: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The rules do not fit on, or cannot be written to, the floppy.
+    #[error(transparent)]
+    Floppy(#[from] FloppyError),
+    /// The payload disk cannot be built.
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    /// The overlay cannot be created or committed.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    /// The helper VM did not report.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A task failed inside the helper VM.
+    #[error("task {task} failed in the helper VM: {message}")]
+    TaskFailed {
+        /// `NN-Name`.
+        task: String,
+        /// Its message.
+        message: String,
+    },
+    /// The image could not be written.
+    #[error(transparent)]
+    Write(#[from] crate::write::WriteError),
+    /// The liveimg could not be taken apart or repacked.
+    #[error(transparent)]
+    Liveimg(#[from] crate::liveimg::LiveimgError),
+    /// Another step that already carries its exit status.
+    #[error(transparent)]
+    Step(#[from] Failure),
+    /// A blocking step died.
+    #[error("{0} panicked: {1}")]
+    Panicked(&'static str, String),
+}
+
+/// Runs blocking `f` off the async runtime; `what` names it if it panics.
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, JobError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| JobError::Panicked(what, e.to_string()))
+}
+
+/// What a finished helper run reported.
+#[derive(Debug)]
+pub struct RunResult {
+    /// The VM's outcome (success or the failing task, the accelerator, the time).
+    pub outcome: VmOutcome,
+    /// The `CHECK` results the helper reported (verify).
+    pub checks: Vec<CheckResult>,
+}
+
+/// A prepared helper run on one disk: the disk locked, the helper writing into an overlay.
+pub struct Job {
+    target: Target,
+    overlay: Overlay,
+    spec: VmSpec,
+    // Holds the floppy, payload and overlay files until the job ends.
+    _work: tempfile::TempDir,
+}
+
+impl Job {
+    /// Prepares a helper run with `rules` (and the `payload` files) on `disk`.
+    pub async fn prepare(
+        disk: &Path,
+        rules: Rules,
+        payload: &[crate::ops::PayloadFile],
+        settings: &VmSettings,
+        progress: &Progress,
+    ) -> Result<Job, JobError> {
+        let target = target::open(disk)?;
+        let user = privilege::for_this_process(&settings.helper_user)?;
+        progress.image_info(
+            serde_json::json!({"path": target.path, "format": target.format.as_str(), "size": target.size}),
+        );
+        progress.message("preparing the helper image");
+        let cache = helper_image::cache_dir();
+        let image = {
+            let cache = cache.clone();
+            blocking("helper image build", move || helper_image::ensure(&cache)).await??
+        };
+        let tmp = std::env::temp_dir();
+        let work = tempfile::Builder::new()
+            .prefix("imgforge-")
+            .tempdir()
+            .map_err(|source| JobError::WorkDir { dir: tmp, source })?;
+        let floppy_path = work.path().join("rules.img");
+        floppy::build(&rules, &floppy_path)?;
+        let payload_path = if payload.is_empty() {
+            None
+        } else {
+            let p = work.path().join("payload.img");
+            payload::build(payload, &p)?;
+            Some(p)
+        };
+        // Mounting, even read-only, may replay a journal: every write lands in the overlay.
+        let overlay = Overlay::create(&target.path, target.format, target.virtual_size, work.path())?;
+        let preload = preload_for(&target, &rules.excluded_tasks, payload_path.is_some());
+        let spec = VmSpec {
+            qemu: settings.qemu.clone(),
+            image,
+            disk: target.path.clone(),
+            disk_format: target.format,
+            overlay: Some(overlay.path.clone()),
+            floppy: floppy_path,
+            payload: payload_path,
+            memory_mib: settings.memory_mib,
+            accel: settings.accel,
+            soft_timeout: settings.timeout,
+            hard_grace: settings.hard_grace,
+            user,
+            cache,
+            preload,
+        };
+        Ok(Job { target, overlay, spec, _work: work })
+    }
+
+    /// Boots the helper VM on the prepared disk and collects its report.
+    pub async fn run(&self, verbose: bool, progress: &Progress, interrupt: &Interrupt) -> Result<RunResult, JobError> {
+        progress.message("booting the helper VM");
+        let (outcome, checks) = helper_events::run_vm(&self.spec, verbose, progress, interrupt).await?;
+        Ok(RunResult { outcome, checks })
+    }
+
+    /// Commits the helper's writes into the disk. Past this point an interrupt waits for the
+    /// commit: a half-committed disk is the one outcome worse than either before or after.
+    pub async fn commit(self, progress: &Progress) -> Result<(), JobError> {
+        progress.message("committing the changes");
+        let Job { target, overlay, _work, .. } = self;
+        let bytes = overlay.allocated_bytes();
+        let (spent, overlay) = blocking("commit", move || overlay.commit().map(|d| (d, overlay))).await??;
+        tracing::info!(secs = spent.as_secs_f32(), overlay_bytes = bytes, "changes committed into the disk");
+        drop((overlay, target));
+        Ok(())
+    }
+
+    /// Drops the helper's writes: the disk was only ever read.
+    pub fn discard(self) {}
+}
+
+/// Customizes `disk` in place with `plan`; `grow_filesystem` also grows a whole-disk root
+/// filesystem to the disk's size. The disk changes only if every task succeeded.
+pub async fn customize(
+    disk: &Path,
+    plan: Plan,
+    grow_filesystem: bool,
+    settings: &VmSettings,
+    progress: &Progress,
+    interrupt: &Interrupt,
+) -> Result<(), JobError> {
+    let mut rules = Rules::new();
+    rules.operations = plan.operations;
+    rules.rpms = plan.rpms;
+    rules.install = plan.install;
+    rules.repo = plan.repo;
+    rules.gpgcheck = plan.gpgcheck;
+    rules.root_partition = plan.root_partition;
+    rules.selinux_relabel = plan.selinux_relabel;
+    rules.verbose = settings.trace_tasks;
+    rules.grow_filesystem = grow_filesystem;
+    rules.excluded_tasks = settings.excluded_tasks.clone();
+    let job = Job::prepare(disk, rules, &plan.payload, settings, progress).await?;
+    let result = job.run(settings.show_console, progress, interrupt).await?;
+    match result.outcome.verdict {
+        Verdict::Success => {
+            tracing::info!(accel = %result.outcome.accel, secs = result.outcome.elapsed.as_secs_f32(), "customization succeeded");
+            job.commit(progress).await
+        }
+        Verdict::Failed { task, message } => {
+            job.discard();
+            Err(JobError::TaskFailed { task, message })
+        }
+        Verdict::Incomplete { .. } => unreachable!("vm::run turns an incomplete report into an error"),
+    }
+}
+
+/// The modules worth loading early for `target` (nothing when every task is excluded: then
+/// nothing is mounted).
+fn preload_for(target: &Target, excluded_tasks: &[String], payload: bool) -> Vec<&'static str> {
+    if excluded_tasks.iter().any(|t| t == "*") {
+        return Vec::new();
+    }
+    let kinds = match target.format {
+        vm::cmdline::DiskFormat::Raw => crate::inspect::raw_filesystem_kinds(&target.path),
+        // qcow2 is read by qemu only: the host parses no image data with C code.
+        vm::cmdline::DiskFormat::Qcow2 => Vec::new(),
+    };
+    vm::preload_modules(&kinds, payload)
+}
