@@ -1,32 +1,19 @@
 //! imgforge: customizes operating-system images offline, in an unprivileged helper VM.
 //!
-//! The host side: checks the user's operations, builds the rules floppy and payload disk,
-//! keeps the helper image (kernel + initramfs) built, runs the confined helper VM and turns
-//! its report into an exit status.
+//! Layered, top to bottom: `cli` (clap, exit statuses; the only place that knows about exit
+//! codes) and `ganeti` (the OS interface) call `job`, the one pipeline every command goes
+//! through (write the image, prepare the helper run, run it, commit or discard). Below it:
+//! `source` (format detection, decoders, confined qemu for qemu formats), `stream` (the
+//! direct-I/O writer), `ops` (the virt-customize grammar into rules), `vm` (qemu, QMP,
+//! timeouts, the accelerator), `helper_image` (kernel + initramfs), `inspect`, `progress`.
 
-pub mod argv;
 pub mod cli;
-pub mod commands_file;
-pub mod decompress;
-pub mod exit;
-pub mod floppy;
 pub mod ganeti;
 pub mod helper_image;
 pub mod inspect;
 pub mod job;
-pub mod liveimg;
-pub mod nbd;
 pub mod ops;
-pub mod overlay;
-pub mod password;
-pub mod payload;
 pub mod progress;
-pub mod qcow2;
-pub mod qemu_source;
 pub mod source;
-pub mod squashfs;
 pub mod stream;
-pub mod target;
-pub mod verify;
 pub mod vm;
-pub mod write;

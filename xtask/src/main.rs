@@ -218,7 +218,7 @@ fn bench_liveimg() -> Result<()> {
         )))?;
         let ours = work.path().join("imgforge.squashfs");
         let started = Instant::now();
-        imgforge::liveimg::repack(&live, &rootfs, &ours)?;
+        imgforge::source::liveimg::repack(&live, &rootfs, &ours)?;
         let t_ours = started.elapsed();
         let peer = work.path().join("mksquashfs.squashfs");
         let t_peer = timed(Command::new("mksquashfs").arg(&tree).arg(&peer).args([

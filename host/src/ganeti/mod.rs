@@ -5,7 +5,7 @@
 pub mod config;
 pub mod params;
 
-use crate::exit::Failure;
+use crate::cli::exit::Failure;
 use crate::job::{self, VmSettings};
 use crate::ops::Plan;
 use crate::progress::{Progress, ProgressMode};
@@ -224,7 +224,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
     let progress = std::sync::Arc::new(progress);
-    let request = crate::write::WriteRequest {
+    let request = crate::job::write::WriteRequest {
         image: crate::source::Location::parse(&image),
         target: disk.clone(),
         // Ganeti's disk (a device, or a file for the file template) exists: written in place.
@@ -301,7 +301,7 @@ pub async fn import(interrupt: &Interrupt) -> Result<(), Failure> {
             cancel,
         };
         let mut reader = crate::stream::Stream(std::io::stdin());
-        crate::stream::copy(&mut reader, dest, &opts).map(drop).map_err(crate::write::WriteError::from)
+        crate::stream::copy(&mut reader, dest, &opts).map(drop).map_err(crate::job::write::WriteError::from)
     })
     .await
     .map_err(Failure::from)

@@ -112,8 +112,10 @@ impl Params {
     /// Hashes `img_passwd` with `PASSWORD_HASHING_METHOD` (sha512, the default, or sha256).
     pub fn hash_password(&self, pw: &str) -> Result<String, ParamError> {
         match self.properties.get("PASSWORD_HASHING_METHOD").map(|m| m.to_ascii_lowercase()).as_deref() {
-            None | Some("sha512") => crate::password::sha512_crypt(pw).map_err(|e| err("img_passwd", e.to_string())),
-            Some("sha256") => crate::password::sha256_crypt(pw).map_err(|e| err("img_passwd", e.to_string())),
+            None | Some("sha512") => {
+                crate::ops::password::sha512_crypt(pw).map_err(|e| err("img_passwd", e.to_string()))
+            }
+            Some("sha256") => crate::ops::password::sha256_crypt(pw).map_err(|e| err("img_passwd", e.to_string())),
             Some(other) => Err(err(
                 "img_properties",
                 format!("PASSWORD_HASHING_METHOD {other:?} is not supported (sha512 or sha256)"),

@@ -4,7 +4,7 @@
 pub use imgforge_protocol::filesystems;
 pub mod partitions;
 
-use crate::exit::Failure;
+use crate::cli::exit::Failure;
 use crate::source::{self, Format, SourceError};
 use filesystems::{Filesystem, PROBE_BYTES};
 use partitions::{Partition, Table, SECTOR};
@@ -37,7 +37,7 @@ impl ReadAt for RawAt {
 }
 
 /// A qemu-format image read from the confined qemu that serves it.
-struct QemuAt(crate::qemu_source::QemuImage);
+struct QemuAt(crate::source::qemu::QemuImage);
 
 impl ReadAt for QemuAt {
     fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -195,23 +195,23 @@ pub fn inspect(path: &Path) -> Result<Report, Failure> {
             scan(&mut RawAt(std::fs::File::open(path).map_err(io)?)).map_err(corrupt)?
         }
         Format::Qemu(f) => {
-            let image = crate::qemu_source::open(path, f, None)?;
+            let image = crate::source::qemu::open(path, f, None)?;
             report.virtual_size = Some(image.info.virtual_size);
             scan(&mut QemuAt(image)).map_err(corrupt)?
         }
         Format::Gzip | Format::Xz | Format::Zstd => {
-            report.virtual_size = crate::decompress::uncompressed_size(format, path);
+            report.virtual_size = crate::source::decompress::uncompressed_size(format, path);
             let p = path.to_owned();
             let open = move || -> std::io::Result<Box<dyn Read + Send>> {
-                Ok(crate::decompress::decompressor(format, std::fs::File::open(&p)?))
+                Ok(crate::source::decompress::decompressor(format, std::fs::File::open(&p)?))
             };
             scan(&mut StreamAt { open, stream: None, pos: 0 }).map_err(corrupt)?
         }
         Format::Squashfs => {
             let file = std::fs::File::open(path).map_err(io)?;
-            let fs = crate::squashfs::open(std::io::BufReader::new(file))
+            let fs = crate::source::squashfs::open(std::io::BufReader::new(file))
                 .map_err(|e| Failure::bad_input(format!("image {name} is not a readable squashfs: {e}")))?;
-            let (inner, size) = crate::write::liveimg_rootfs(&fs).ok_or_else(|| {
+            let (inner, size) = crate::job::write::liveimg_rootfs(&fs).ok_or_else(|| {
                 Failure::bad_input(format!(
                     "image {name} is a squashfs without LiveOS/rootfs.img or LiveOS/ext3fs.img: not a liveimg"
                 ))

@@ -1,13 +1,13 @@
 //! Writing an image and customizing what was written: `deploy` to a disk or file, `deploy
 //! --target-format liveimg`, and Ganeti's `create` all go through here.
 
+use super::write::{WriteRequest, Written};
 use super::{blocking, customize, JobError, VmSettings};
-use crate::liveimg::{self, LiveimgError, TempPath};
 use crate::ops::Plan;
 use crate::progress::Progress;
+use crate::source::liveimg::{self, LiveimgError, TempPath};
 use crate::source::Location;
 use crate::vm::Interrupt;
-use crate::write::{WriteRequest, Written};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ pub async fn write(
     interrupt: &Interrupt,
 ) -> Result<Written, JobError> {
     let request = request.clone();
-    cancellable("the writer", interrupt, move |cancel| crate::write::write(&request, &progress, cancel)).await
+    cancellable("the writer", interrupt, move |cancel| super::write::write(&request, &progress, cancel)).await
 }
 
 /// Runs the blocking `f` off the async runtime with a flag that an interrupt raises; `f` is

@@ -7,25 +7,31 @@
 //! Ganeti parse, build a request, call here, and map the result to an exit status.
 
 mod deploy;
+pub mod floppy;
 mod helper_events;
+pub mod overlay;
+pub mod payload;
+pub mod target;
+pub mod verify;
+pub mod write;
 
 pub use deploy::{cancellable, customize_written, deploy, deploy_liveimg, write, DeployTarget};
 pub use helper_events::{CheckResult, Timeline};
 
-use crate::exit::Failure;
-use crate::floppy::{self, FloppyError};
+use crate::cli::exit::Failure;
 use crate::helper_image::{self, BuildError};
 use crate::ops::Plan;
-use crate::overlay::{Overlay, OverlayError};
-use crate::payload::{self, PayloadError};
 use crate::progress::Progress;
-use crate::target::{self, Target, TargetError};
 use crate::vm::privilege::{self, PrivilegeError};
 use crate::vm::{self, accel::Accel, Interrupt, VmError, VmOutcome, VmSpec};
+use floppy::FloppyError;
 use imgforge_protocol::report::Verdict;
 use imgforge_protocol::rules::Rules;
+use overlay::{Overlay, OverlayError};
+use payload::PayloadError;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use target::{Target, TargetError};
 use thiserror::Error;
 
 /// Default soft timeout of the helper VM.
@@ -100,10 +106,10 @@ pub enum JobError {
     },
     /// The image could not be written.
     #[error(transparent)]
-    Write(#[from] crate::write::WriteError),
+    Write(#[from] crate::job::write::WriteError),
     /// The liveimg could not be taken apart or repacked.
     #[error(transparent)]
-    Liveimg(#[from] crate::liveimg::LiveimgError),
+    Liveimg(#[from] crate::source::liveimg::LiveimgError),
     /// Another step that already carries its exit status.
     #[error(transparent)]
     Step(#[from] Failure),

@@ -1,7 +1,7 @@
 //! qemu without a machine (`-machine none`): its block layer alone, confined like the helper
 //! VM — the unprivileged user, `-sandbox`, every file an inherited descriptor (fdsets), QMP on a
 //! listening socket in a private directory. It serves qemu-format images over NBD
-//! ([`crate::qemu_source`]) and commits overlays ([`crate::overlay`]), so that only a confined
+//! ([`crate::source::qemu`]) and commits overlays ([`crate::job::overlay`]), so that only a confined
 //! qemu ever parses qcow2 and its kin.
 
 use super::cmdline::SANDBOX;

@@ -3,11 +3,11 @@
 //! the unprivileged user under `-sandbox`, gets the image as an inherited descriptor (an fdset,
 //! never a path), opens it with an explicit driver and no backing file, and serves the raw disk
 //! over NBD on a socket the host created and handed over through QMP. The host reads it with
-//! [`crate::nbd`]; no C code on the host parses the image. qcow2 metadata is checked in Rust
-//! first ([`crate::qcow2`]), where qemu would read zeros past the end of a truncated file.
+//! [`crate::source::nbd`]; no C code on the host parses the image. qcow2 metadata is checked in Rust
+//! first ([`crate::source::qcow2`]), where qemu would read zeros past the end of a truncated file.
 
-use crate::exit::Failure;
-use crate::nbd;
+use crate::cli::exit::Failure;
+use crate::source::nbd;
 use crate::source::SourceError;
 use crate::vm::blockdev_qemu::BlockdevQemu;
 use serde_json::{json, Value};
@@ -75,7 +75,7 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
     let image = std::fs::File::open(path).map_err(io)?;
     let len = image.metadata().map_err(io)?.len();
     if format == "qcow2" {
-        crate::qcow2::check(&image, len).map_err(|e| refuse(e.to_string()))?;
+        crate::source::qcow2::check(&image, len).map_err(|e| refuse(e.to_string()))?;
     }
     let backing = match allowed_backing {
         Some(b) => Some((std::fs::File::open(b).map_err(io)?, backing_format(b).map_err(io)?)),
@@ -136,7 +136,7 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
 fn backing_format(path: &Path) -> std::io::Result<&'static str> {
     let mut head = [0u8; 4];
     let n = std::io::Read::read(&mut std::fs::File::open(path)?, &mut head)?;
-    Ok(if head[..n] == *crate::qcow2::MAGIC { "qcow2" } else { "raw" })
+    Ok(if head[..n] == *crate::source::qcow2::MAGIC { "qcow2" } else { "raw" })
 }
 
 /// The virtual size and backing file of node `src` in `query-named-block-nodes` (pure).

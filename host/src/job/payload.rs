@@ -36,7 +36,7 @@ pub fn build(files: &[PayloadFile], path: &Path) -> Result<(), PayloadError> {
     let write_err = |reason: String| PayloadError::Write { path: path.to_owned(), reason };
     let mut fs = FilesystemWriter::default();
     // Blocks stored uncompressed (see STORE_ONLY); gzip is the compressor the superblock names.
-    fs.set_kind(backhand::kind::Kind::new_v4_with_const(&crate::squashfs::STORE_ONLY, backhand::kind::LE_V4_0));
+    fs.set_kind(backhand::kind::Kind::new_v4_with_const(&crate::source::squashfs::STORE_ONLY, backhand::kind::LE_V4_0));
     fs.set_compressor(FilesystemCompressor::new(Compressor::Gzip, None).map_err(|e| write_err(e.to_string()))?);
     let dir_header = NodeHeader::new(0o755, 0, 0, 0);
     let mut dirs = std::collections::BTreeSet::new();

@@ -8,7 +8,7 @@
 //! single-threaded xz stream per block (backhand starts a two-thread encoder for every block),
 //! trying plain LZMA2 and each BCJ filter the source was made with and keeping the smallest.
 
-use crate::squashfs::RustDecoder;
+use crate::source::squashfs::RustDecoder;
 use backhand::compression::{CompressionAction, DefaultCompressor};
 use backhand::{BackhandError, FilesystemCompressor};
 use imgforge_protocol::bytes::{le16, le32};
@@ -269,7 +269,7 @@ mod tests {
         assert!(with_bcj.len() <= plain.len());
         for packed in [plain, with_bcj] {
             let mut out = Vec::with_capacity(block.len());
-            crate::squashfs::decode(&packed, &mut out, backhand::compression::Compressor::Xz).unwrap();
+            crate::source::squashfs::decode(&packed, &mut out, backhand::compression::Compressor::Xz).unwrap();
             assert_eq!(out, block);
         }
     }

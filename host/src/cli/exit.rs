@@ -1,11 +1,11 @@
 //! Exit statuses of the command line (the CLI contract, shared/docs/cli.md) and the error that
 //! carries one. The library's typed errors are mapped to a status here, and only here.
 
+use crate::job::write::WriteError;
 use crate::job::JobError;
 use crate::stream::destination::DestinationError;
 use crate::stream::StreamError;
 use crate::vm::VmError;
-use crate::write::WriteError;
 use thiserror::Error;
 
 /// What the process exit code means.
@@ -84,13 +84,13 @@ fn vm_status(e: &VmError) -> ExitStatus {
 
 /// How a job that did not reach its end ends.
 fn job_status(e: &JobError) -> ExitStatus {
-    use crate::floppy::FloppyError;
-    use crate::payload::PayloadError;
+    use crate::job::floppy::FloppyError;
+    use crate::job::payload::PayloadError;
     use JobError as E;
     match e {
         E::Step(failure) => failure.status,
         E::Write(write) => write_status(write),
-        E::Liveimg(crate::liveimg::LiveimgError::Repack { .. }) => ExitStatus::Environment,
+        E::Liveimg(crate::source::liveimg::LiveimgError::Repack { .. }) => ExitStatus::Environment,
         E::Liveimg(_) => ExitStatus::BadInput,
         E::Vm(vm) => vm_status(vm),
         E::Target(_) | E::HelperUser(_) => ExitStatus::BadInput,
@@ -114,8 +114,8 @@ macro_rules! exit_status_of {
 }
 
 /// How a verification that could not run ends (a bad image is a report, and exit 1).
-fn verify_status(e: &crate::verify::VerifyError) -> ExitStatus {
-    use crate::verify::VerifyError as E;
+fn verify_status(e: &crate::job::verify::VerifyError) -> ExitStatus {
+    use crate::job::verify::VerifyError as E;
     match e {
         E::PackageName(_) | E::Source(_) => ExitStatus::BadInput,
         E::Job(job) => job_status(job),
@@ -126,7 +126,7 @@ exit_status_of! {
     WriteError => write_status,
     VmError => vm_status,
     JobError => job_status,
-    crate::verify::VerifyError => verify_status,
+    crate::job::verify::VerifyError => verify_status,
 }
 
 /// Errors that are a step of a write: they end as the write would.

@@ -1,6 +1,6 @@
 //! A minimal NBD client (fixed newstyle handshake, `NBD_OPT_GO`, structured replies when the
 //! server offers them, so that holes arrive as a length instead of zeros): how the host reads a
-//! qemu-format image that only the confined qemu parses ([`crate::qemu_source`]). Every length,
+//! qemu-format image that only the confined qemu parses ([`crate::source::qemu`]). Every length,
 //! offset and size the server sends is checked before use.
 
 use std::io::{Read, Write};

@@ -1,6 +1,13 @@
 //! Image sources: a path or an http(s) URL, its format detected from content (never from the
 //! name), opened for streaming.
 
+pub mod decompress;
+pub mod liveimg;
+pub mod nbd;
+pub mod qcow2;
+pub mod qemu;
+pub mod squashfs;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -77,7 +84,7 @@ pub enum SourceError {
 /// Detects the format from the first bytes (pure).
 pub fn detect(header: &[u8]) -> Format {
     let at = |offset: usize, magic: &[u8]| header.get(offset..offset + magic.len()) == Some(magic);
-    if at(0, crate::qcow2::MAGIC) {
+    if at(0, crate::source::qcow2::MAGIC) {
         return Format::Qemu(if header.get(7) == Some(&1) { "qcow" } else { "qcow2" });
     }
     if at(0, b"QED\0") {

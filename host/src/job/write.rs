@@ -1,6 +1,6 @@
 //! `imgforge write`: any supported source onto a block device or file, streamed with direct I/O.
 
-use crate::exit::Failure;
+use crate::cli::exit::Failure;
 use crate::progress::Progress;
 use crate::source::{self, Format, Location, SourceError};
 use crate::stream::destination::{Destination, DestinationError, DestinationOptions};
@@ -220,13 +220,13 @@ fn write_path(
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Gzip | Format::Xz | Format::Zstd => {
-            let size = crate::decompress::uncompressed_size(format, path);
+            let size = crate::source::decompress::uncompressed_size(format, path);
             progress.image_info(
                 serde_json::json!({"source": name, "format": format.name(), "size": size, "target": req.target}),
             );
             let dest = open_destination(req, size, Some(path))?;
             let file = std::fs::File::open(path).map_err(io)?;
-            let mut r = stream::Stream(crate::decompress::decompressor(
+            let mut r = stream::Stream(crate::source::decompress::decompressor(
                 format,
                 Hashing { inner: file, hasher: hasher.clone() },
             ));
@@ -237,7 +237,7 @@ fn write_path(
         }
         Format::Qemu(qemu_format) => {
             verify_file_sha(path, &req.sha256, cancel)?;
-            let image = crate::qemu_source::open(path, qemu_format, req.backing_file.as_deref())?;
+            let image = crate::source::qemu::open(path, qemu_format, req.backing_file.as_deref())?;
             let size = image.info.virtual_size;
             progress.image_info(
                 serde_json::json!({"source": name, "format": qemu_format, "size": size, "target": req.target}),
@@ -281,7 +281,7 @@ pub fn liveimg_rootfs(fs: &backhand::FilesystemReader) -> Option<(String, u64)> 
 fn open_squashfs(path: &Path) -> Result<backhand::FilesystemReader<'static>, WriteError> {
     let name = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
-    crate::squashfs::open(BufReader::with_capacity(1 << 20, file))
+    crate::source::squashfs::open(BufReader::with_capacity(1 << 20, file))
         .map_err(|e| SourceError::Unsupported { name, reason: format!("not a readable squashfs ({e})") }.into())
 }
 
@@ -327,7 +327,7 @@ fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &Atomic
             progress.image_info(serde_json::json!({"source": url, "format": format.name(), "size": size, "download_size": length, "target": req.target}));
             let dest = open_destination(req, size, None)?;
             let report = |p: u64, t: Option<u64>| progress.copy_progress(p, t);
-            let mut r = stream::Stream(crate::decompress::decompressor(format, hashed));
+            let mut r = stream::Stream(crate::source::decompress::decompressor(format, hashed));
             let stats =
                 stream::copy_verified(&mut r, dest, &stream_options(url.to_owned(), size, &report, cancel), &|| {
                     check_sha(url, &req.sha256, &hasher)

@@ -2,7 +2,7 @@
 //! filesystem read-only and asks the guest's package database for each required package;
 //! the image is never modified (the helper works on an overlay that is thrown away).
 
-use crate::job::{self, Job, JobError, VmSettings};
+use super::{Job, JobError, VmSettings};
 use crate::progress::{Progress, ProgressMode};
 use crate::source::{self, Format, Location, SourceError};
 use crate::vm::Interrupt;
@@ -92,7 +92,7 @@ pub async fn run(
         Format::Raw | Format::Qemu("qcow2") => image.to_owned(),
         _ => {
             let unpacked = work.path().join("image.raw");
-            let request = crate::write::WriteRequest {
+            let request = super::write::WriteRequest {
                 image: Location::Path(image.to_owned()),
                 target: unpacked.clone(),
                 force: false,
@@ -101,7 +101,7 @@ pub async fn run(
                 backing_file: None,
             };
             let cancel = AtomicBool::new(false);
-            job::blocking("unpacking", move || crate::write::write(&request, &quiet, &cancel))
+            super::blocking("unpacking", move || super::write::write(&request, &quiet, &cancel))
                 .await?
                 .map_err(JobError::from)?;
             unpacked

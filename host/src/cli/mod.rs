@@ -1,6 +1,9 @@
 //! The command line: parsing, dispatch, exit statuses (the CLI contract: shared/docs/cli.md).
 
-use crate::exit::{ExitStatus, Failure};
+pub mod argv;
+pub mod exit;
+
+use crate::cli::exit::{ExitStatus, Failure};
 use crate::job::{self, DeployTarget, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS};
 use crate::ops::{operation_options, OpsArgs, Plan};
 use crate::progress::{Progress, ProgressMode};
@@ -162,7 +165,7 @@ struct WriteArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     size: Option<u64>,
     /// Expected SHA-256 of the source as given; checked before the target is committed.
-    #[arg(long, value_name = "HEX", value_parser = crate::write::check_sha256_arg)]
+    #[arg(long, value_name = "HEX", value_parser = crate::job::write::check_sha256_arg)]
     sha256: Option<String>,
     /// Allow a qcow2 source to read this backing file (refused otherwise).
     #[arg(long, value_name = "PATH")]
@@ -351,7 +354,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         }
         Command::Verify(args) => {
             let settings = vm_settings(&args.vm, cli.verbose);
-            let report = crate::verify::run(&args.image, &args.require_package, &settings, &interrupt).await?;
+            let report = crate::job::verify::run(&args.image, &args.require_package, &settings, &interrupt).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
             } else {
@@ -360,7 +363,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             if report.ok {
                 Ok(())
             } else {
-                Err(Failure::new(ExitStatus::CustomizationFailed, crate::verify::summary(&report)))
+                Err(Failure::new(ExitStatus::CustomizationFailed, crate::job::verify::summary(&report)))
             }
         }
         Command::Ganeti(GanetiCommand::InstallOs { os_dir }) => {
@@ -381,8 +384,8 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
 }
 
 /// The write request of `write`/`deploy`'s arguments.
-fn write_request(args: &WriteArgs) -> crate::write::WriteRequest {
-    crate::write::WriteRequest {
+fn write_request(args: &WriteArgs) -> crate::job::write::WriteRequest {
+    crate::job::write::WriteRequest {
         image: crate::source::Location::parse(&args.image),
         target: args.target.clone(),
         force: args.force,
@@ -419,7 +422,7 @@ fn finish(progress: &Progress, result: Result<(), Failure>) -> Result<(), Failur
 /// Runs the command line; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let matches = Cli::command().get_matches();
-    crate::argv::scrub();
+    crate::cli::argv::scrub();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),

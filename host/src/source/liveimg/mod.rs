@@ -5,8 +5,8 @@
 
 mod compressor;
 
+use crate::job::write::LIVEIMG_ROOTFS;
 use crate::source::SourceError;
-use crate::write::LIVEIMG_ROOTFS;
 use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -93,9 +93,9 @@ pub fn repack(source: &Path, rootfs: &Path, target: &Path) -> Result<Duration, L
         std::io::Read::read(&mut file, &mut head).map_err(|e| SourceError::Io { name: name.clone(), source: e })?;
     head.truncate(got);
     std::io::Seek::rewind(&mut file).map_err(|e| SourceError::Io { name: name.clone(), source: e })?;
-    let reader = crate::squashfs::open(BufReader::with_capacity(1 << 20, file))
+    let reader = crate::source::squashfs::open(BufReader::with_capacity(1 << 20, file))
         .map_err(|e| LiveimgError::Source { name: name.clone(), reason: format!("is not a readable squashfs: {e}") })?;
-    let inner = crate::write::liveimg_rootfs(&reader).map(|(p, _)| p).ok_or_else(|| LiveimgError::Source {
+    let inner = crate::job::write::liveimg_rootfs(&reader).map(|(p, _)| p).ok_or_else(|| LiveimgError::Source {
         name: name.clone(),
         reason: format!("holds no {}", LIVEIMG_ROOTFS.join(" or ")),
     })?;

@@ -4,8 +4,10 @@
 //! from `--commands-from-file`; everything that can be checked on the host is checked here,
 //! before any VM boots.
 
-use crate::commands_file;
-use crate::password::PasswordSelector;
+pub mod commands_file;
+pub mod password;
+
+use crate::ops::password::PasswordSelector;
 use clap::Args;
 use imgforge_protocol::rules::Operation;
 use std::os::unix::fs::MetadataExt;

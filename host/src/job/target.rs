@@ -1,6 +1,6 @@
 //! The disk `customize` works on: checked, its format read from its header, locked.
 
-use crate::qcow2::MAGIC as QCOW2_MAGIC;
+use crate::source::qcow2::MAGIC as QCOW2_MAGIC;
 use crate::vm::cmdline::DiskFormat;
 use std::io::Read;
 use std::os::fd::AsRawFd;
