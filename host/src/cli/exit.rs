@@ -88,7 +88,6 @@ fn job_status(e: &JobError) -> ExitStatus {
     use crate::job::payload::PayloadError;
     use JobError as E;
     match e {
-        E::Step(failure) => failure.status,
         E::Write(write) => write_status(write),
         E::Liveimg(crate::source::liveimg::LiveimgError::Repack { .. }) => ExitStatus::Environment,
         E::Liveimg(_) => ExitStatus::BadInput,
@@ -122,7 +121,41 @@ fn verify_status(e: &crate::job::verify::VerifyError) -> ExitStatus {
     }
 }
 
+/// How a Ganeti OS action that failed ends.
+fn ganeti_status(e: &crate::ganeti::GanetiError) -> ExitStatus {
+    use crate::ganeti::GanetiError as E;
+    match e {
+        E::Write(write) => write_status(write),
+        E::Job(job) => job_status(job),
+        E::Unset(_)
+        | E::Config(_)
+        | E::Param(_)
+        | E::OutsideImageDir { .. }
+        | E::NoSuchImage { .. }
+        | E::OpenDisk { .. }
+        | E::Ops(_) => ExitStatus::BadInput,
+        E::ConfigRead { .. }
+        | E::ImageDir { .. }
+        | E::Stage { .. }
+        | E::Monitor { .. }
+        | E::WorkDir(_)
+        | E::Install { .. }
+        | E::Export { .. } => ExitStatus::Environment,
+    }
+}
+
+/// How an inspection that could not finish ends.
+fn inspect_status(e: &crate::inspect::InspectError) -> ExitStatus {
+    use crate::inspect::InspectError as E;
+    match e {
+        E::Qemu(failure) => failure.status,
+        E::Source(_) | E::Corrupt { .. } => ExitStatus::BadInput,
+    }
+}
+
 exit_status_of! {
+    crate::inspect::InspectError => inspect_status,
+    crate::ganeti::GanetiError => ganeti_status,
     WriteError => write_status,
     VmError => vm_status,
     JobError => job_status,

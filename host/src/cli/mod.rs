@@ -373,13 +373,14 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             println!("Ganeti OS definition written to {}", dir.display());
             Ok(())
         }
-        Command::Ganeti(GanetiCommand::Create { .. }) => crate::ganeti::create(&interrupt).await,
-        Command::Ganeti(GanetiCommand::Rename { .. }) => crate::ganeti::rename(&interrupt).await,
-        Command::Ganeti(GanetiCommand::Import { .. }) => crate::ganeti::import(&interrupt).await,
-        Command::Ganeti(GanetiCommand::Export { .. }) => {
-            tokio::task::spawn_blocking(crate::ganeti::export).await.map_err(|e| Failure::environment(e.to_string()))?
-        }
-        Command::Ganeti(GanetiCommand::Verify { .. }) => crate::ganeti::verify(),
+        Command::Ganeti(GanetiCommand::Create { .. }) => crate::ganeti::create(&interrupt).await.map_err(Failure::from),
+        Command::Ganeti(GanetiCommand::Rename { .. }) => crate::ganeti::rename(&interrupt).await.map_err(Failure::from),
+        Command::Ganeti(GanetiCommand::Import { .. }) => crate::ganeti::import(&interrupt).await.map_err(Failure::from),
+        Command::Ganeti(GanetiCommand::Export { .. }) => tokio::task::spawn_blocking(crate::ganeti::export)
+            .await
+            .map_err(|e| Failure::environment(e.to_string()))?
+            .map_err(Failure::from),
+        Command::Ganeti(GanetiCommand::Verify { .. }) => crate::ganeti::verify().map_err(Failure::from),
     }
 }
 

@@ -5,7 +5,6 @@
 pub mod config;
 pub mod params;
 
-use crate::cli::exit::Failure;
 use crate::job::{self, VmSettings};
 use crate::ops::Plan;
 use crate::progress::{Progress, ProgressMode};
@@ -18,6 +17,113 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use thiserror::Error;
+
+/// Why a Ganeti OS action failed.
+#[derive(Debug, Error)]
+pub enum GanetiError {
+    /// A variable Ganeti always passes is missing.
+    #[error("{0} is not set: run this as Ganeti does")]
+    Unset(&'static str),
+    /// `/etc/default/imgforge` cannot be read.
+    #[error("cannot read {path}: {source}")]
+    ConfigRead {
+        /// The settings file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `/etc/default/imgforge` has a bad line.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// An OS parameter (`OSP_*`, `NIC_*`) is malformed.
+    #[error(transparent)]
+    Param(#[from] params::ParamError),
+    /// IMAGE_DIR is missing or unreadable.
+    #[error("IMAGE_DIR {dir}: {source}")]
+    ImageDir {
+        /// The configured directory.
+        dir: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A name given for a file in IMAGE_DIR resolves outside it.
+    #[error("{param} {name}: {} leads outside IMAGE_DIR {}", candidate.display(), dir.display())]
+    OutsideImageDir {
+        /// The parameter.
+        param: String,
+        /// Its value.
+        name: String,
+        /// What it resolved to.
+        candidate: PathBuf,
+        /// IMAGE_DIR.
+        dir: PathBuf,
+    },
+    /// No file of that name in IMAGE_DIR.
+    #[error("{param} {name}: no such image in IMAGE_DIR {} (tried {tried})", dir.display())]
+    NoSuchImage {
+        /// The parameter.
+        param: String,
+        /// Its value.
+        name: String,
+        /// IMAGE_DIR.
+        dir: PathBuf,
+        /// The names tried.
+        tried: String,
+    },
+    /// A file for the helper (a personality file) cannot be written.
+    #[error("cannot stage {path}: {source}")]
+    Stage {
+        /// The guest path it is for.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// PROGRESS_MONITOR cannot be started.
+    #[error("cannot start PROGRESS_MONITOR {command:?}: {source}")]
+    Monitor {
+        /// The command.
+        command: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No scratch directory.
+    #[error("cannot create a temporary directory: {0}")]
+    WorkDir(std::io::Error),
+    /// The OS definition cannot be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Install {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The instance's disk cannot be opened for export.
+    #[error("cannot open {}: {source}", path.display())]
+    OpenDisk {
+        /// DISK_0_PATH.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Streaming the disk out failed.
+    #[error("exporting {}: {source}", path.display())]
+    Export {
+        /// DISK_0_PATH.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// An operation built from the parameters is refused.
+    #[error(transparent)]
+    Ops(#[from] crate::ops::OpsError),
+    /// Writing the image onto the disk failed.
+    #[error(transparent)]
+    Write(#[from] crate::job::write::WriteError),
+    /// The helper run failed.
+    #[error(transparent)]
+    Job(#[from] job::JobError),
+}
 
 /// The OS API version imgforge implements.
 pub const API_VERSION: u32 = 20;
@@ -27,9 +133,9 @@ pub const ACTIONS: &[&str] = &["create", "import", "export", "rename", "verify"]
 const IMAGE_EXTENSIONS: &[&str] = &["", ".raw", ".img", ".qcow2", ".diskdump"];
 
 /// Writes `dir/imgforge/` (scripts, API version, variants, parameters).
-pub fn install_os(os_dir: &Path, imgforge: &Path) -> Result<PathBuf, Failure> {
+pub fn install_os(os_dir: &Path, imgforge: &Path) -> Result<PathBuf, GanetiError> {
     let dir = os_dir.join("imgforge");
-    let io = |what: &Path, e: std::io::Error| Failure::environment(format!("cannot write {}: {e}", what.display()));
+    let io = |what: &Path, source| GanetiError::Install { path: what.to_owned(), source };
     std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
     for action in ACTIONS {
         let path = dir.join(action);
@@ -56,22 +162,19 @@ fn environment() -> BTreeMap<String, String> {
     std::env::vars().collect()
 }
 
-fn require(env: &BTreeMap<String, String>, key: &str) -> Result<String, Failure> {
-    env.get(key)
-        .filter(|v| !v.is_empty())
-        .cloned()
-        .ok_or_else(|| Failure::bad_input(format!("{key} is not set: run this as Ganeti does")))
+fn require(env: &BTreeMap<String, String>, key: &'static str) -> Result<String, GanetiError> {
+    env.get(key).filter(|v| !v.is_empty()).cloned().ok_or(GanetiError::Unset(key))
 }
 
 /// Loads `/etc/default/imgforge` (or `$IMGFORGE_GANETI_CONFIG`), warning about unknown keys.
-pub fn load_config() -> Result<Config, Failure> {
+pub fn load_config() -> Result<Config, GanetiError> {
     let path = std::env::var("IMGFORGE_GANETI_CONFIG").unwrap_or_else(|_| config::CONFIG_PATH.into());
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
-        Err(e) => return Err(Failure::environment(format!("cannot read {path}: {e}"))),
+        Err(source) => return Err(GanetiError::ConfigRead { path, source }),
     };
-    let (c, warnings) = config::parse(&path, &text).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let (c, warnings) = config::parse(&path, &text)?;
     for w in warnings {
         eprintln!("imgforge: warning: {w}");
     }
@@ -79,35 +182,37 @@ pub fn load_config() -> Result<Config, Failure> {
 }
 
 /// Resolves `img_id` inside IMAGE_DIR; refuses anything leading outside it.
-pub fn resolve_image(config: &Config, id: &str) -> Result<String, Failure> {
+pub fn resolve_image(config: &Config, id: &str) -> Result<String, GanetiError> {
     if id.starts_with("http://") || id.starts_with("https://") {
         return Ok(id.to_owned());
     }
     resolve_in_image_dir(config, "img_id", id, IMAGE_EXTENSIONS)
 }
 
-fn resolve_in_image_dir(config: &Config, param: &str, name: &str, extensions: &[&str]) -> Result<String, Failure> {
-    params::check_image_name(param, name).map_err(|e| Failure::bad_input(e.to_string()))?;
+fn resolve_in_image_dir(config: &Config, param: &str, name: &str, extensions: &[&str]) -> Result<String, GanetiError> {
+    params::check_image_name(param, name)?;
     let dir = std::fs::canonicalize(&config.image_dir)
-        .map_err(|e| Failure::environment(format!("IMAGE_DIR {}: {e}", config.image_dir)))?;
+        .map_err(|source| GanetiError::ImageDir { dir: config.image_dir.clone(), source })?;
     for ext in extensions {
         let candidate = dir.join(format!("{name}{ext}"));
         if let Ok(real) = std::fs::canonicalize(&candidate) {
             if !real.starts_with(&dir) {
-                return Err(Failure::bad_input(format!(
-                    "{param} {name}: {} leads outside IMAGE_DIR {}",
-                    candidate.display(),
-                    dir.display()
-                )));
+                return Err(GanetiError::OutsideImageDir {
+                    param: param.to_owned(),
+                    name: name.to_owned(),
+                    candidate,
+                    dir,
+                });
             }
             return Ok(real.display().to_string());
         }
     }
-    Err(Failure::bad_input(format!(
-        "{param} {name}: no such image in IMAGE_DIR {} (tried {})",
-        dir.display(),
-        extensions.iter().map(|e| format!("{name}{e}")).collect::<Vec<_>>().join(", ")
-    )))
+    Err(GanetiError::NoSuchImage {
+        param: param.to_owned(),
+        name: name.to_owned(),
+        dir,
+        tried: extensions.iter().map(|e| format!("{name}{e}")).collect::<Vec<_>>().join(", "),
+    })
 }
 
 fn settings(config: &Config) -> VmSettings {
@@ -135,7 +240,7 @@ fn plan(
     hostname: &str,
     nics: Vec<imgforge_protocol::rules::Nic>,
     work: &Path,
-) -> Result<Plan, Failure> {
+) -> Result<Plan, GanetiError> {
     let mut plan = Plan::default();
     if !params.excludes("AssignHostname") {
         plan.add("hostname", Some(hostname))?;
@@ -146,7 +251,7 @@ fn plan(
     if !params.excludes("ChangePassword") {
         for user in params.users() {
             let field = match (&params.passwd, &params.passwd_hash) {
-                (Some(pw), _) => Some(params.hash_password(pw).map_err(|e| Failure::bad_input(e.to_string()))?),
+                (Some(pw), _) => Some(params.hash_password(pw)?),
                 (None, Some(hash)) => Some(hash.clone()),
                 (None, None) => None,
             };
@@ -167,8 +272,8 @@ fn plan(
                 .create_new(true)
                 .mode(0o600)
                 .open(&local)
-                .map_err(|e| Failure::environment(format!("cannot stage {}: {e}", file.path)))?;
-            f.write_all(data).map_err(|e| Failure::environment(format!("cannot stage {}: {e}", file.path)))?;
+                .map_err(|source| GanetiError::Stage { path: file.path.clone(), source })?;
+            f.write_all(data).map_err(|source| GanetiError::Stage { path: file.path.clone(), source })?;
             plan.add("upload", Some(&format!("{}:{}", local.display(), file.path)))?;
             // Owner and group are guest names: resolved by the guest's own chown.
             plan.add("run-command", Some(&format!("chown '{}:{}' '{}'", file.owner, file.group, file.path)))?;
@@ -193,7 +298,7 @@ fn plan(
 use std::os::unix::fs::OpenOptionsExt;
 
 /// The progress sink: `PROGRESS_MONITOR` fed JSON on stdin, or nothing.
-fn progress(config: &Config) -> Result<(Progress, Option<std::process::Child>), Failure> {
+fn progress(config: &Config) -> Result<(Progress, Option<std::process::Child>), GanetiError> {
     if config.progress_monitor.is_empty() {
         return Ok((Progress::new(ProgressMode::None), None));
     }
@@ -201,26 +306,21 @@ fn progress(config: &Config) -> Result<(Progress, Option<std::process::Child>), 
         .args(["-c", &config.progress_monitor])
         .stdin(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            Failure::environment(format!("cannot start PROGRESS_MONITOR {:?}: {e}", config.progress_monitor))
-        })?;
+        .map_err(|source| GanetiError::Monitor { command: config.progress_monitor.clone(), source })?;
     let stdin = child.stdin.take().expect("piped");
     Ok((Progress::to_writer(Box::new(stdin)), Some(child)))
 }
 
 /// `create`: deploy `img_id` onto `DISK_0_PATH` and customize it.
-pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
+pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let env = environment();
     let config = load_config()?;
-    let params = params::parse(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let params = params::parse(&env)?;
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
     let image = resolve_image(&config, &params.img_id)?;
-    let work = tempfile::Builder::new()
-        .prefix("imgforge-ganeti-")
-        .tempdir()
-        .map_err(|e| Failure::environment(format!("cannot create a temporary directory: {e}")))?;
-    let nics = params::nics(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let work = tempfile::Builder::new().prefix("imgforge-ganeti-").tempdir().map_err(GanetiError::WorkDir)?;
+    let nics = params::nics(&env)?;
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
     let progress = std::sync::Arc::new(progress);
@@ -248,27 +348,26 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
         }
         job::customize_written(&written, &request, plan, &settings(&config), &progress, interrupt).await
     }
-    .await
-    .map_err(Failure::from);
+    .await;
     match &result {
         Ok(()) => progress.done(),
-        Err(f) => progress.error(std::slice::from_ref(&f.message)),
+        Err(e) => progress.error(&[e.to_string()]),
     }
     drop(progress);
     if let Some(mut m) = monitor {
         let _ = m.wait();
     }
-    result
+    Ok(result?)
 }
 
 /// `rename`: set the new hostname in the image (snf-image does nothing here).
-pub async fn rename(interrupt: &Interrupt) -> Result<(), Failure> {
+pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let env = environment();
     let config = load_config()?;
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
     let properties = match env.get("OSP_IMG_PROPERTIES").filter(|t| !t.trim().is_empty()) {
-        Some(text) => params::parse_properties(text).map_err(|e| Failure::bad_input(e.to_string()))?,
+        Some(text) => params::parse_properties(text)?,
         None => BTreeMap::new(),
     };
     if params::excluded(&properties, "AssignHostname") {
@@ -278,12 +377,12 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), Failure> {
     let mut plan = Plan::default();
     plan.add("hostname", Some(&name))?;
     let quiet = Progress::new(ProgressMode::None);
-    job::customize(&disk, plan, false, &settings(&config), &quiet, interrupt).await.map_err(Failure::from)
+    Ok(job::customize(&disk, plan, false, &settings(&config), &quiet, interrupt).await?)
 }
 
 /// `import`: a raw disk stream on stdin onto `DISK_0_PATH`; an interrupt (Ganeti aborting the
 /// job) stops it.
-pub async fn import(interrupt: &Interrupt) -> Result<(), Failure> {
+pub async fn import(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let env = environment();
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let dest = crate::stream::destination::Destination::open(
@@ -291,7 +390,8 @@ pub async fn import(interrupt: &Interrupt) -> Result<(), Failure> {
         None,
         None,
         &crate::stream::destination::DestinationOptions { force: true, size: None },
-    )?;
+    )
+    .map_err(crate::job::write::WriteError::from)?;
     job::cancellable("import", interrupt, move |cancel| {
         let report = |_: u64, _: Option<u64>| {};
         let opts = crate::stream::StreamOptions {
@@ -303,37 +403,35 @@ pub async fn import(interrupt: &Interrupt) -> Result<(), Failure> {
         let mut reader = crate::stream::Stream(std::io::stdin());
         crate::stream::copy(&mut reader, dest, &opts).map(drop).map_err(crate::job::write::WriteError::from)
     })
-    .await
-    .map_err(Failure::from)
+    .await?;
+    Ok(())
 }
 
 /// `export`: `DISK_0_PATH` to stdout, its size announced on `EXP_SIZE_FD` when given.
-pub fn export() -> Result<(), Failure> {
+pub fn export() -> Result<(), GanetiError> {
     use std::os::fd::FromRawFd;
     let env = environment();
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
-    let mut file =
-        std::fs::File::open(&disk).map_err(|e| Failure::bad_input(format!("cannot open {}: {e}", disk.display())))?;
-    let size =
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(|e| Failure::environment(e.to_string()))?;
-    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).map_err(|e| Failure::environment(e.to_string()))?;
+    let mut file = std::fs::File::open(&disk).map_err(|source| GanetiError::OpenDisk { path: disk.clone(), source })?;
+    let failed = |source| GanetiError::Export { path: disk.clone(), source };
+    let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(failed)?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).map_err(failed)?;
     if let Some(fd) = env.get("EXP_SIZE_FD").and_then(|v| v.parse::<i32>().ok()) {
         // SAFETY: Ganeti passes this descriptor open for us to write the size into.
         let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
         let _ = writeln!(f, "{size}");
     }
     let mut out = std::io::stdout().lock();
-    std::io::copy(&mut file, &mut out)
-        .map_err(|e| Failure::environment(format!("exporting {}: {e}", disk.display())))?;
-    out.flush().map_err(|e| Failure::environment(e.to_string()))
+    std::io::copy(&mut file, &mut out).map_err(failed)?;
+    out.flush().map_err(failed)
 }
 
 /// `verify`: every parameter checked before any disk is touched.
-pub fn verify() -> Result<(), Failure> {
+pub fn verify() -> Result<(), GanetiError> {
     let env = environment();
     let config = load_config()?;
-    let params = params::parse(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
-    params::nics(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let params = params::parse(&env)?;
+    params::nics(&env)?;
     resolve_image(&config, &params.img_id)?;
     for rpm in &params.install_rpms {
         resolve_in_image_dir(&config, "install_rpms", rpm, &[""])?;

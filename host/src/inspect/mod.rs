@@ -12,6 +12,7 @@ use serde::Serialize;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use thiserror::Error;
 
 /// Random reads from the raw view of an image.
 trait ReadAt {
@@ -173,14 +174,35 @@ pub fn raw_filesystem_kinds(path: &Path) -> Vec<&'static str> {
     found.into_iter().map(|f| f.filesystem.kind).collect()
 }
 
+/// Why an image could not be inspected.
+#[derive(Debug, Error)]
+pub enum InspectError {
+    /// The image cannot be opened or read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Its contents do not read as its format says.
+    #[error("image {name} {reason}")]
+    Corrupt {
+        /// The image.
+        name: String,
+        /// What did not read.
+        reason: String,
+    },
+    /// A qemu-format image could not be opened in the confined qemu.
+    #[error(transparent)]
+    Qemu(#[from] Failure),
+}
+
 /// Inspects `path`.
-pub fn inspect(path: &Path) -> Result<Report, Failure> {
+pub fn inspect(path: &Path) -> Result<Report, InspectError> {
     let name = path.display().to_string();
     let io = |source| SourceError::Io { name: name.clone(), source };
     let (meta, header) = source::open_local(path)?;
     let format = source::detect(&header);
-    let corrupt =
-        |e: std::io::Error| Failure::bad_input(format!("image {name} could not be read as {}: {e}", format.name()));
+    let corrupt = |e: std::io::Error| InspectError::Corrupt {
+        name: name.clone(),
+        reason: format!("could not be read as {}: {e}", format.name()),
+    };
     let mut report = Report {
         image: path.to_owned(),
         format: format.name(),
@@ -209,12 +231,12 @@ pub fn inspect(path: &Path) -> Result<Report, Failure> {
         }
         Format::Squashfs => {
             let file = std::fs::File::open(path).map_err(io)?;
-            let fs = crate::source::squashfs::open(std::io::BufReader::new(file))
-                .map_err(|e| Failure::bad_input(format!("image {name} is not a readable squashfs: {e}")))?;
-            let (inner, size) = crate::job::write::liveimg_rootfs(&fs).ok_or_else(|| {
-                Failure::bad_input(format!(
-                    "image {name} is a squashfs without LiveOS/rootfs.img or LiveOS/ext3fs.img: not a liveimg"
-                ))
+            let fs = crate::source::squashfs::open(std::io::BufReader::new(file)).map_err(|e| {
+                InspectError::Corrupt { name: name.clone(), reason: format!("is not a readable squashfs: {e}") }
+            })?;
+            let (inner, size) = crate::job::write::liveimg_rootfs(&fs).ok_or_else(|| InspectError::Corrupt {
+                name: name.clone(),
+                reason: "is a squashfs without LiveOS/rootfs.img or LiveOS/ext3fs.img: not a liveimg".into(),
             })?;
             report.virtual_size = Some(size);
             report.liveimg = Some(LiveImg {

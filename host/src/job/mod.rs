@@ -18,7 +18,6 @@ pub mod write;
 pub use deploy::{cancellable, customize_written, deploy, deploy_liveimg, write, DeployTarget};
 pub use helper_events::{CheckResult, Timeline};
 
-use crate::cli::exit::Failure;
 use crate::helper_image::{self, BuildError};
 use crate::ops::Plan;
 use crate::progress::Progress;
@@ -110,9 +109,6 @@ pub enum JobError {
     /// The liveimg could not be taken apart or repacked.
     #[error(transparent)]
     Liveimg(#[from] crate::source::liveimg::LiveimgError),
-    /// Another step that already carries its exit status.
-    #[error(transparent)]
-    Step(#[from] Failure),
     /// A blocking step died.
     #[error("{0} panicked: {1}")]
     Panicked(&'static str, String),
