@@ -217,55 +217,8 @@ pub fn unmount_all(vars: &TaskEnv) -> Result<(), String> {
 fn run(env: &Env) -> Result<(), String> {
     let mounts = env.state.join("mounts");
     std::fs::write(&mounts, "").map_err(|e| format!("cannot write {}: {e}", mounts.display()))?;
-    let name = Path::new(&env.disk).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let partitions = partitions(&name);
-    // The partitions, or the disk when it has none; never the floppy: probing a floppy costs
-    // seconds.
-    let mut devices: Vec<String> =
-        if partitions.is_empty() { vec![env.disk.clone()] } else { partitions.iter().map(|p| p.0.clone()).collect() };
-    let mut probes = superblocks(&devices);
-
-    // LVM only where a partition is a physical volume (lvm is slow to start).
-    let mut volumes = Vec::new();
-    if probes.iter().any(|p| p.tag("TYPE") == Some("LVM2_member")) {
-        load_modules(&["dm_mod"]);
-        let ok =
-            Command::new("lvm").args(["vgchange", "-ay", "--sysinit"]).stdout(std::process::Stdio::null()).status();
-        if !ok.is_ok_and(|s| s.success()) {
-            println!("WARNING: could not activate every LVM volume group");
-        }
-        std::fs::write(env.state.join("lvm-active"), "").map_err(|e| format!("cannot record LVM activation: {e}"))?;
-        volumes = mapper_volumes();
-        devices.extend(volumes.iter().cloned());
-        probes = superblocks(&devices);
-    }
-    let fstype_of = |dev: &str| probes.iter().find(|p| p.dev == dev).and_then(|p| p.tag("TYPE")).map(str::to_owned);
-    let mut blkid_done = false;
-
-    let mut root = None;
-    for dev in candidates(env.root_rule.as_deref(), &env.disk, &partitions, &volumes) {
-        if !is_block_device(Path::new(&dev)) {
-            continue;
-        }
-        let Some(fstype) = fstype_of(&dev).filter(|t| matches!(t.as_str(), "ext2" | "ext3" | "ext4" | "xfs")) else {
-            continue;
-        };
-        load_modules(&[module_for(&fstype).unwrap_or_default()]);
-        if mount(&dev, &env.target, &fstype, env.read_only).is_ok() {
-            if looks_like_root(&env.target) {
-                root = Some((dev, fstype));
-                break;
-            }
-            let _ = unmount(&env.target);
-        }
-    }
-    let Some((root, fstype)) = root else {
-        return Err(format!(
-            "no root filesystem found on {} (looked for ext2/3/4 or xfs holding /etc and /bin/sh{})",
-            env.disk,
-            env.root_rule.as_deref().map(|r| format!(" on {r}")).unwrap_or_default()
-        ));
-    };
+    let mut disk = Devices::find(env)?;
+    let (root, fstype) = mount_guest_root(env, &disk)?;
     record_mount(&mounts, &env.target)?;
     println!("guest root: {root} ({fstype})");
     std::fs::write(env.state.join("root-device"), format!("{root}\n"))
@@ -277,38 +230,134 @@ fn run(env: &Env) -> Result<(), String> {
         crate::prefetch::start(env.target.clone());
     }
     if let Ok(fstab) = guest.read_to_string("/etc/fstab") {
-        for entry in parse_fstab(&fstab) {
-            load_modules(&[module_for(&entry.fstype).unwrap_or_default()]);
-            let mut found = resolve_spec(&entry.spec, &probes);
-            if found.is_none() && !blkid_done {
-                probes = blkid(&devices);
-                blkid_done = true;
-                found = resolve_spec(&entry.spec, &probes);
+        mount_fstab(env, &guest, &fstab, &root, &mut disk, &mounts)?;
+    }
+    mount_pseudo_filesystems(&guest, &mounts)
+}
+
+/// The block devices of the disk and what their superblocks say.
+struct Devices {
+    /// The disk's partitions with their sizes in sectors.
+    partitions: Vec<(String, u64)>,
+    /// LVM logical volumes, once activated.
+    volumes: Vec<String>,
+    /// Every device probed: the partitions (or the whole disk), then the volumes.
+    devices: Vec<String>,
+    /// Their superblocks.
+    probes: Vec<Probe>,
+    /// Whether blkid's slower, fuller probe already ran.
+    blkid_done: bool,
+}
+
+impl Devices {
+    /// Probes the disk's partitions (the disk when it has none; never the floppy: probing a
+    /// floppy costs seconds), activating LVM only where a partition is a physical volume (lvm
+    /// is slow to start).
+    fn find(env: &Env) -> Result<Self, String> {
+        let name = Path::new(&env.disk).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let partitions = partitions(&name);
+        let mut devices: Vec<String> = if partitions.is_empty() {
+            vec![env.disk.clone()]
+        } else {
+            partitions.iter().map(|p| p.0.clone()).collect()
+        };
+        let mut probes = superblocks(&devices);
+        let mut volumes = Vec::new();
+        if probes.iter().any(|p| p.tag("TYPE") == Some("LVM2_member")) {
+            load_modules(&["dm_mod"]);
+            let ok =
+                Command::new("lvm").args(["vgchange", "-ay", "--sysinit"]).stdout(std::process::Stdio::null()).status();
+            if !ok.is_ok_and(|s| s.success()) {
+                println!("WARNING: could not activate every LVM volume group");
             }
-            let Some(dev) = found else {
-                if entry.options.split(',').any(|o| o == "nofail" || o == "noauto") {
-                    continue;
-                }
-                return Err(format!(
-                    "fstab lists {} on {}, but no such device is on the disk",
-                    entry.spec, entry.mount_point
-                ));
-            };
-            if dev == root {
-                continue;
-            }
-            let where_ = guest
-                .resolve(&entry.mount_point)
-                .map_err(|_| format!("fstab mount point {} does not exist in the guest", entry.mount_point))?;
-            mount(&dev, &where_, &entry.fstype, env.read_only).map_err(|e| {
-                format!("cannot mount {dev} ({}) on {} from the guest's fstab: {e}", entry.fstype, entry.mount_point)
-            })?;
-            record_mount(&mounts, &where_)?;
-            println!("mounted {dev} on {}", entry.mount_point);
+            std::fs::write(env.state.join("lvm-active"), "")
+                .map_err(|e| format!("cannot record LVM activation: {e}"))?;
+            volumes = mapper_volumes();
+            devices.extend(volumes.iter().cloned());
+            probes = superblocks(&devices);
         }
+        Ok(Self { partitions, volumes, devices, probes, blkid_done: false })
     }
 
-    // What chrooted commands expect; never on a symlink (resolved inside the guest).
+    fn fstype(&self, dev: &str) -> Option<String> {
+        self.probes.iter().find(|p| p.dev == dev).and_then(|p| p.tag("TYPE")).map(str::to_owned)
+    }
+
+    /// The device an fstab `spec` names: from the superblocks read so far, then once from
+    /// blkid (PARTUUID, PARTLABEL: what only the partition table knows).
+    fn resolve(&mut self, spec: &str) -> Option<String> {
+        let found = resolve_spec(spec, &self.probes);
+        if found.is_some() || self.blkid_done {
+            return found;
+        }
+        self.probes = blkid(&self.devices);
+        self.blkid_done = true;
+        resolve_spec(spec, &self.probes)
+    }
+}
+
+/// Mounts the first candidate holding a root filesystem on the target: its device and type.
+fn mount_guest_root(env: &Env, disk: &Devices) -> Result<(String, String), String> {
+    for dev in candidates(env.root_rule.as_deref(), &env.disk, &disk.partitions, &disk.volumes) {
+        if !is_block_device(Path::new(&dev)) {
+            continue;
+        }
+        let Some(fstype) = disk.fstype(&dev).filter(|t| matches!(t.as_str(), "ext2" | "ext3" | "ext4" | "xfs")) else {
+            continue;
+        };
+        load_modules(&[module_for(&fstype).unwrap_or_default()]);
+        if mount(&dev, &env.target, &fstype, env.read_only).is_ok() {
+            if looks_like_root(&env.target) {
+                return Ok((dev, fstype));
+            }
+            let _ = unmount(&env.target);
+        }
+    }
+    Err(format!(
+        "no root filesystem found on {} (looked for ext2/3/4 or xfs holding /etc and /bin/sh{})",
+        env.disk,
+        env.root_rule.as_deref().map(|r| format!(" on {r}")).unwrap_or_default()
+    ))
+}
+
+/// Mounts what the guest's fstab lists (`/boot` & co.) under the guest root.
+fn mount_fstab(
+    env: &Env,
+    guest: &GuestRoot,
+    fstab: &str,
+    root: &str,
+    disk: &mut Devices,
+    mounts: &Path,
+) -> Result<(), String> {
+    for entry in parse_fstab(fstab) {
+        load_modules(&[module_for(&entry.fstype).unwrap_or_default()]);
+        let Some(dev) = disk.resolve(&entry.spec) else {
+            if entry.options.split(',').any(|o| o == "nofail" || o == "noauto") {
+                continue;
+            }
+            return Err(format!(
+                "fstab lists {} on {}, but no such device is on the disk",
+                entry.spec, entry.mount_point
+            ));
+        };
+        if dev == root {
+            continue;
+        }
+        let where_ = guest
+            .resolve(&entry.mount_point)
+            .map_err(|_| format!("fstab mount point {} does not exist in the guest", entry.mount_point))?;
+        mount(&dev, &where_, &entry.fstype, env.read_only).map_err(|e| {
+            format!("cannot mount {dev} ({}) on {} from the guest's fstab: {e}", entry.fstype, entry.mount_point)
+        })?;
+        record_mount(mounts, &where_)?;
+        println!("mounted {dev} on {}", entry.mount_point);
+    }
+    Ok(())
+}
+
+/// What chrooted commands expect: /dev, /proc, /sys; never on a symlink (resolved inside the
+/// guest).
+fn mount_pseudo_filesystems(guest: &GuestRoot, mounts: &Path) -> Result<(), String> {
     for (fs, source, fstype) in
         [("/dev", "/dev", None), ("/proc", "proc", Some("proc")), ("/sys", "sysfs", Some("sysfs"))]
     {
@@ -321,7 +370,7 @@ fn run(env: &Env) -> Result<(), String> {
             Some(t) => mount(source, &where_, t, false),
         };
         if done.is_ok() {
-            record_mount(&mounts, &where_)?;
+            record_mount(mounts, &where_)?;
         }
     }
     Ok(())

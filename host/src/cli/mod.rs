@@ -324,63 +324,79 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             };
             finish(&progress, result.map_err(Failure::from))
         }
-        Command::HelperImage(HelperImageCommand::Build { force }) => {
-            let cache = crate::helper_image::cache_dir();
-            let build = if force { crate::helper_image::rebuild } else { crate::helper_image::ensure };
-            let image = tokio::task::spawn_blocking(move || build(&cache))
-                .await
-                .map_err(|e| Failure::environment(format!("helper image build panicked: {e}")))??;
-            println!(
-                "helper image {}\n  kernel {}\n  initrd {}\n  package {}",
-                image.key,
-                image.kernel.display(),
-                image.initrd.display(),
-                image.package.display()
-            );
-            Ok(())
-        }
-        Command::Inspect(args) => {
-            let report =
-                tokio::task::spawn_blocking(move || crate::inspect::inspect(&args.image).map(|r| (r, args.json)))
-                    .await
-                    .map_err(|e| Failure::environment(format!("inspect panicked: {e}")))?;
-            let (report, json) = report?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
-            } else {
-                print!("{}", crate::inspect::render(&report));
-            }
-            Ok(())
-        }
+        Command::HelperImage(HelperImageCommand::Build { force }) => build_helper_image(force).await,
+        Command::Inspect(args) => inspect(args).await,
         Command::Verify(args) => {
             let settings = vm_settings(&args.vm, cli.verbose);
-            let report = crate::job::verify::run(&args.image, &args.require_package, &settings, &interrupt).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
-            } else {
-                print!("{}", report.render());
-            }
-            if report.ok {
-                Ok(())
-            } else {
-                Err(Failure::new(ExitStatus::CustomizationFailed, crate::job::verify::summary(&report)))
-            }
+            verify(args, &settings, &interrupt).await
         }
-        Command::Ganeti(GanetiCommand::InstallOs { os_dir }) => {
+        Command::Ganeti(action) => ganeti(action, &interrupt).await,
+    }
+}
+
+/// `helper-image build`: prints where the image is and what it was built from.
+async fn build_helper_image(force: bool) -> Result<(), Failure> {
+    let cache = crate::helper_image::cache_dir();
+    let build = if force { crate::helper_image::rebuild } else { crate::helper_image::ensure };
+    let image = tokio::task::spawn_blocking(move || build(&cache))
+        .await
+        .map_err(|e| Failure::environment(format!("helper image build panicked: {e}")))??;
+    println!(
+        "helper image {}\n  kernel {}\n  initrd {}\n  package {}",
+        image.key,
+        image.kernel.display(),
+        image.initrd.display(),
+        image.package.display()
+    );
+    Ok(())
+}
+
+/// `inspect`: the report as a table, or JSON.
+async fn inspect(args: InspectArgs) -> Result<(), Failure> {
+    let report = tokio::task::spawn_blocking(move || crate::inspect::inspect(&args.image).map(|r| (r, args.json)))
+        .await
+        .map_err(|e| Failure::environment(format!("inspect panicked: {e}")))?;
+    let (report, json) = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+    } else {
+        print!("{}", crate::inspect::render(&report));
+    }
+    Ok(())
+}
+
+/// `verify`: the report as a table, or JSON; a bad image exits 1.
+async fn verify(args: VerifyArgs, settings: &VmSettings, interrupt: &crate::vm::Interrupt) -> Result<(), Failure> {
+    let report = crate::job::verify::run(&args.image, &args.require_package, settings, interrupt).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(Failure::new(ExitStatus::CustomizationFailed, crate::job::verify::summary(&report)))
+    }
+}
+
+/// The Ganeti OS interface's actions.
+async fn ganeti(action: GanetiCommand, interrupt: &crate::vm::Interrupt) -> Result<(), Failure> {
+    match action {
+        GanetiCommand::InstallOs { os_dir } => {
             let exe = std::env::current_exe()
                 .map_err(|e| Failure::environment(format!("cannot find this program's path: {e}")))?;
             let dir = crate::ganeti::install_os(&os_dir, &exe)?;
             println!("Ganeti OS definition written to {}", dir.display());
             Ok(())
         }
-        Command::Ganeti(GanetiCommand::Create { .. }) => crate::ganeti::create(&interrupt).await.map_err(Failure::from),
-        Command::Ganeti(GanetiCommand::Rename { .. }) => crate::ganeti::rename(&interrupt).await.map_err(Failure::from),
-        Command::Ganeti(GanetiCommand::Import { .. }) => crate::ganeti::import(&interrupt).await.map_err(Failure::from),
-        Command::Ganeti(GanetiCommand::Export { .. }) => tokio::task::spawn_blocking(crate::ganeti::export)
+        GanetiCommand::Create { .. } => Ok(crate::ganeti::create(interrupt).await?),
+        GanetiCommand::Rename { .. } => Ok(crate::ganeti::rename(interrupt).await?),
+        GanetiCommand::Import { .. } => Ok(crate::ganeti::import(interrupt).await?),
+        GanetiCommand::Export { .. } => Ok(tokio::task::spawn_blocking(crate::ganeti::export)
             .await
-            .map_err(|e| Failure::environment(e.to_string()))?
-            .map_err(Failure::from),
-        Command::Ganeti(GanetiCommand::Verify { .. }) => crate::ganeti::verify().map_err(Failure::from),
+            .map_err(|e| Failure::environment(e.to_string()))??),
+        GanetiCommand::Verify { .. } => Ok(crate::ganeti::verify()?),
     }
 }
 

@@ -322,6 +322,13 @@ fn assemble(tree: &kernel::KernelTree, inputs: &mut Vec<PathBuf>) -> Result<Arch
         a.insert(&format!("{TASKS_DIR}/{name}"), Entry::File { mode: *mode, data: data.to_vec() });
     }
 
+    add_modules(&mut a, tree)?;
+    Ok(a)
+}
+
+/// The kernel modules of `modules.list` with their dependencies (signatures stripped, tracing
+/// sections hidden) and the map the helper loads them by.
+fn add_modules(a: &mut Archive, tree: &kernel::KernelTree) -> Result<(), BuildError> {
     let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| BuildError::io(&p, e));
     let dep = read(tree.modules_dir.join("modules.dep"))?;
     let builtin = read(tree.modules_dir.join("modules.builtin"))?;
@@ -348,5 +355,5 @@ fn assemble(tree: &kernel::KernelTree, inputs: &mut Vec<PathBuf>) -> Result<Arch
         map.push_str(&format!("{name}{} {}\n", if boot { " boot" } else { "" }, paths.join(" ")));
     }
     a.insert(MODULE_MAP, Entry::File { mode: 0o644, data: map.into_bytes() });
-    Ok(a)
+    Ok(())
 }
