@@ -55,6 +55,7 @@ impl GuestRoot {
         let rel: PathBuf = components(guest_path)?.iter().collect();
         let rel = if rel.as_os_str().is_empty() { PathBuf::from(".") } else { rel };
         let c = cstring(rel.as_os_str().as_bytes())?;
+        // SAFETY: open_how is plain old data; all-zero means no flags, mode or resolve rules.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = (flags | libc::O_CLOEXEC) as u64;
         how.mode = if flags & libc::O_CREAT != 0 { mode as u64 } else { 0 };

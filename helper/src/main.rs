@@ -5,6 +5,9 @@
 //! by another name or PID it runs a subcommand (`customize`), so that what is error-prone in
 //! shell is done here.
 
+// Product code never unwraps: a panic in PID 1 or mid-write is the worst error report.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod accounts;
 mod customize;
 mod firstboot;

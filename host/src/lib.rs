@@ -7,6 +7,9 @@
 //! direct-I/O writer), `ops` (the virt-customize grammar into rules), `vm` (qemu, QMP,
 //! timeouts, the accelerator), `helper_image` (kernel + initramfs), `inspect`, `progress`.
 
+// Product code never unwraps: a panic in PID 1 or mid-write is the worst error report.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod cli;
 pub mod ganeti;
 pub mod helper_image;

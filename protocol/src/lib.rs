@@ -5,6 +5,9 @@
 //! Both recognize filesystems by their superblocks the same way ([`filesystems`]), and name the
 //! helper VM's disks and paths the same way ([`helper_vm`]).
 
+// Product code never unwraps: a panic in PID 1 or mid-write is the worst error report.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod bytes;
 pub mod filesystems;
 pub mod helper_vm;

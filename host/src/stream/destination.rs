@@ -255,10 +255,10 @@ impl Destination {
             ZeroMode::ZeroOut => {
                 let range: [u64; 2] = [offset, len];
                 // SAFETY: valid fd and pointer to two u64.
-                if offset.is_multiple_of(512)
-                    && len.is_multiple_of(512)
-                    && unsafe { libc::ioctl(self.direct.as_raw_fd(), BLKZEROOUT, &range) } == 0
-                {
+                // SAFETY: BLKZEROOUT reads the two u64 of `range`, which outlives the call, on a
+                // descriptor this value owns.
+                let zeroed = || unsafe { libc::ioctl(self.direct.as_raw_fd(), BLKZEROOUT, &range) } == 0;
+                if offset.is_multiple_of(512) && len.is_multiple_of(512) && zeroed() {
                     return Ok(());
                 }
                 self.write_zeros(offset, len, zeros)

@@ -31,6 +31,7 @@ pub struct Unprivileged {
 /// Looks the user up in the host's user database.
 pub fn lookup(name: &str) -> Result<Unprivileged, PrivilegeError> {
     let c = CString::new(name).map_err(|_| PrivilegeError::NoSuchUser(name.to_owned()))?;
+    // SAFETY: passwd is plain old data; all-zero is a valid value that getpwnam_r overwrites.
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut result: *mut libc::passwd = std::ptr::null_mut();
