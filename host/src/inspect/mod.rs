@@ -1,6 +1,9 @@
 //! `imgforge inspect`: format, virtual size, partition table and filesystems of an image, read
 //! from headers in Rust — nothing booted, nothing mounted.
 
+// Image data decides lengths and offsets here: no silent truncation.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
+
 pub use imgforge_protocol::filesystems;
 pub mod partitions;
 
@@ -8,6 +11,10 @@ use crate::cli::exit::Failure;
 use crate::source::{self, Format, SourceError};
 use filesystems::{Filesystem, PROBE_BYTES};
 use partitions::{Partition, Table, SECTOR};
+
+/// What the partition tables need from the disk's start: the MBR and the GPT header (two
+/// 512-byte sectors).
+const TABLE_HEAD_BYTES: usize = 1024;
 use serde::Serialize;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -114,7 +121,7 @@ pub struct Report {
 }
 
 fn table(r: &mut dyn ReadAt) -> std::io::Result<Option<Table>> {
-    let head = r.read_at(0, 2 * SECTOR as usize)?;
+    let head = r.read_at(0, TABLE_HEAD_BYTES)?;
     if head.len() < 1024 {
         return Ok(None);
     }

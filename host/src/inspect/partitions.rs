@@ -89,7 +89,7 @@ pub fn parse_mbr(sector0: &[u8]) -> Result<Option<(Vec<Partition>, bool)>, Table
     }
     let mut parts = Vec::new();
     let mut protective = false;
-    for i in 0..4 {
+    for (i, number) in (0..4).zip(1u32..) {
         let e = &sector0[446 + i * 16..446 + (i + 1) * 16];
         let kind = e[4];
         let (start, count) = (le32(e, 8) as u64, le32(e, 12) as u64);
@@ -100,7 +100,7 @@ pub fn parse_mbr(sector0: &[u8]) -> Result<Option<(Vec<Partition>, bool)>, Table
             protective = true;
         }
         parts.push(Partition {
-            number: i as u32 + 1,
+            number,
             start: start * SECTOR,
             size: count * SECTOR,
             type_id: format!("{kind:02x}"),
@@ -143,7 +143,7 @@ pub fn parse_gpt_entries(bytes: &[u8], count: u32, entry_size: u32) -> Result<Ve
         return Err(TableError::Truncated { need, have: bytes.len() });
     }
     let mut parts = Vec::new();
-    for i in 0..count as usize {
+    for (i, number) in (0..count as usize).zip(1u32..) {
         let e = &bytes[i * entry_size as usize..(i + 1) * entry_size as usize];
         if e[..16].iter().all(|b| *b == 0) {
             continue;
@@ -157,7 +157,7 @@ pub fn parse_gpt_entries(bytes: &[u8], count: u32, entry_size: u32) -> Result<Ve
                 .map(|c| c.unwrap_or('?'))
                 .collect();
         parts.push(Partition {
-            number: i as u32 + 1,
+            number,
             start: first.saturating_mul(SECTOR),
             size: (last - first + 1).saturating_mul(SECTOR),
             type_id: guid(&e[..16]),

@@ -1,6 +1,9 @@
 //! Image sources: a path or an http(s) URL, its format detected from content (never from the
 //! name), opened for streaming.
 
+// Image data decides lengths and offsets here: no silent truncation.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
+
 pub mod decompress;
 pub mod liveimg;
 pub mod nbd;

@@ -127,8 +127,9 @@ pub fn chunk_range(
     chunk_len: u64,
 ) -> Result<std::ops::Range<usize>, NbdError> {
     let start = chunk_offset.checked_sub(offset).filter(|s| *s <= len as u64);
-    match start.and_then(|s| s.checked_add(chunk_len).filter(|e| *e <= len as u64).map(|e| (s, e))) {
-        Some((s, e)) => Ok(s as usize..e as usize),
+    let end = |s: u64| s.checked_add(chunk_len).filter(|e| *e <= len as u64);
+    match start.and_then(|s| Some(usize::try_from(s).ok()?..usize::try_from(end(s)?).ok()?)) {
+        Some(range) => Ok(range),
         None => Err(NbdError::Protocol(format!(
             "a chunk of {chunk_len} bytes at {chunk_offset}, outside the request for {len} bytes at {offset}"
         ))),
@@ -160,7 +161,9 @@ fn option(stream: &mut UnixStream, code: u32, data: &[u8], mut each: impl FnMut(
     let mut opt = Vec::with_capacity(16 + data.len());
     opt.extend_from_slice(IHAVEOPT);
     opt.extend_from_slice(&code.to_be_bytes());
-    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let data_len = u32::try_from(data.len())
+        .map_err(|_| NbdError::Protocol(format!("an option of {} bytes is too long to send", data.len())))?;
+    opt.extend_from_slice(&data_len.to_be_bytes());
     opt.extend_from_slice(data);
     stream.write_all(&opt)?;
     loop {
@@ -196,7 +199,9 @@ impl Client {
         };
         let name = export.as_bytes();
         let mut go = Vec::with_capacity(6 + name.len());
-        go.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        let name_len = u16::try_from(name.len())
+            .map_err(|_| NbdError::Protocol(format!("export name of {} bytes is too long", name.len())))?;
+        go.extend_from_slice(&u32::from(name_len).to_be_bytes());
         go.extend_from_slice(name);
         go.extend_from_slice(&0u16.to_be_bytes());
         let mut size = None;
@@ -220,8 +225,10 @@ impl Client {
         if len > MAX_READ || offset.checked_add(len as u64).is_none_or(|end| end > self.size) {
             return Err(NbdError::Protocol(format!("a request for {len} bytes at {offset} was about to be sent")));
         }
+        // At most MAX_READ, checked above.
+        let len32 = u32::try_from(len).map_err(|_| NbdError::Protocol(format!("a read of {len} bytes")))?;
         self.handle += 1;
-        self.stream.write_all(&request(CMD_READ, self.handle, offset, len as u32))?;
+        self.stream.write_all(&request(CMD_READ, self.handle, offset, len32))?;
         if !self.structured {
             let mut header = [0u8; 16];
             self.stream.read_exact(&mut header)?;

@@ -105,12 +105,14 @@ fn l2_data_offset(entry: u64, cluster_bits: u32) -> Option<u64> {
 
 /// Checks the header and every L1/L2 entry of the qcow2 `file` (`len` bytes long).
 pub fn check(file: &std::fs::File, len: u64) -> Result<Header, Qcow2Error> {
-    let read = |offset: u64, n: usize| -> Result<Vec<u8>, Qcow2Error> {
+    let read = |offset: u64, n: u64| -> Result<Vec<u8>, Qcow2Error> {
+        // Every length here was checked against the file's length first.
+        let n = usize::try_from(n).map_err(|_| Qcow2Error::Io(format!("a table of {n} bytes")))?;
         let mut buf = vec![0u8; n];
         file.read_exact_at(&mut buf, offset).map_err(|e| Qcow2Error::Io(e.to_string()))?;
         Ok(buf)
     };
-    let header = parse_header(&read(0, 104.min(len as usize))?)?;
+    let header = parse_header(&read(0, len.min(104))?)?;
     if header.incompatible & INCOMPAT_DATA_FILE != 0 {
         return Err(Qcow2Error::DataFile);
     }
@@ -123,7 +125,7 @@ pub fn check(file: &std::fs::File, len: u64) -> Result<Header, Qcow2Error> {
     if past_end(header.l1_offset, l1_bytes) {
         return Err(Qcow2Error::Truncated { what: "L1 table", offset: header.l1_offset, len });
     }
-    let l1 = read(header.l1_offset, l1_bytes as usize)?;
+    let l1 = read(header.l1_offset, l1_bytes)?;
     let entry_bytes = if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 { 16 } else { 8 };
     let mut seen = HashSet::new();
     for l1_entry in l1.chunks_exact(8).filter_map(|c| be64(c, 0)) {
@@ -134,7 +136,7 @@ pub fn check(file: &std::fs::File, len: u64) -> Result<Header, Qcow2Error> {
         if past_end(l2_offset, cluster) {
             return Err(Qcow2Error::Truncated { what: "L2 table", offset: l2_offset, len });
         }
-        let l2 = read(l2_offset, cluster as usize)?;
+        let l2 = read(l2_offset, cluster)?;
         for entry in l2.chunks_exact(entry_bytes).filter_map(|c| be64(c, 0)) {
             if let Some(data) = l2_data_offset(entry, header.cluster_bits) {
                 if data >= len {

@@ -57,7 +57,7 @@ impl QemuImage {
     /// Reads `len` bytes at `offset` (fewer at the end of the disk).
     pub fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
         let end = offset.saturating_add(len as u64).min(self.info.virtual_size);
-        let mut out = vec![0u8; end.saturating_sub(offset) as usize];
+        let mut out = vec![0u8; crate::stream::at_most(end.saturating_sub(offset), len)];
         for (i, chunk) in out.chunks_mut(nbd::MAX_READ).enumerate() {
             let at = offset + (i * nbd::MAX_READ) as u64;
             self.client.read_at(at, chunk).map_err(std::io::Error::other)?;

@@ -284,7 +284,7 @@ impl Destination {
     fn write_zeros(&self, mut offset: u64, len: u64, zeros: &[u8]) -> std::io::Result<()> {
         let end = offset + len;
         while offset < end {
-            let n = (end - offset).min(zeros.len() as u64) as usize;
+            let n = super::at_most(end - offset, zeros.len());
             self.write_at(&zeros[..n], offset)?;
             offset += n as u64;
         }

@@ -6,6 +6,9 @@
 //! skipped where the destination already reads back zeros, zeroed with BLKZEROOUT on block
 //! devices, and punched on existing files — never assumed.
 
+// Image data decides lengths and offsets here: no silent truncation.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
+
 pub mod buffer;
 pub mod destination;
 
@@ -64,6 +67,11 @@ pub enum StreamError {
     Cancelled,
 }
 
+/// `n`, but at most `limit`: how much of a `limit`-byte buffer a stretch of `n` bytes fills.
+pub(crate) fn at_most(n: u64, limit: usize) -> usize {
+    usize::try_from(n).map_or(limit, |n| n.min(limit))
+}
+
 /// What the next stretch of the source is.
 pub enum Piece {
     /// `n` bytes were read into the buffer.
@@ -114,7 +122,7 @@ impl ChunkReader for RawFile {
             return Ok(Piece::Hole(hole));
         }
         let hole_at = self.seek(libc::SEEK_HOLE).unwrap_or(self.size).min(self.size);
-        let want = (hole_at - self.pos).min(buf.len() as u64) as usize;
+        let want = at_most(hole_at - self.pos, buf.len());
         let mut got = 0;
         while got < want {
             let n = self.file.read_at(&mut buf[got..want], self.pos + got as u64)?;

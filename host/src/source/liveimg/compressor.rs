@@ -100,7 +100,7 @@ fn xz_block(bytes: &[u8], dict_size: u32, filters: u32) -> Result<Vec<u8>, Backh
         let mut stream = Stream::new_stream_encoder(&chain, Check::Crc32).map_err(xz_error)?;
         let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 16 + 256);
         loop {
-            let consumed = stream.total_in() as usize;
+            let consumed = crate::stream::at_most(stream.total_in(), bytes.len());
             match stream.process_vec(&bytes[consumed..], &mut out, Action::Finish).map_err(xz_error)? {
                 Status::StreamEnd => break,
                 _ => out.reserve(out.capacity().max(4096)),
