@@ -6,7 +6,7 @@ pub mod blockdev_qemu;
 pub mod cmdline;
 pub mod kvm_probe;
 pub mod privilege;
-mod qmp;
+pub mod qmp;
 
 use crate::helper_image::HelperImage;
 use accel::{Accel, KvmPlan, KvmVerdict};
