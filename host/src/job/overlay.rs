@@ -3,13 +3,19 @@
 //! (task error, timeout, crash, interrupt) just drops the overlay: the disk was only ever read.
 
 use crate::stream::destination::is_block_device;
-use crate::vm::blockdev_qemu::BlockdevQemu;
+use crate::vm::blockdev_qemu::{BlockdevQemu, QMP_TIMEOUT};
 use crate::vm::cmdline::{protocol_driver, DiskFormat};
+use crate::vm::qmp::{Qmp, QmpError};
 use serde_json::json;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+/// The commit job's id.
+const COMMIT_JOB: &str = "commit";
+/// The events that move the commit job on or end it.
+const COMMIT_JOB_EVENTS: [&str; 3] = ["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"];
 
 /// Why the overlay could not be created or committed.
 #[derive(Debug, Error)]
@@ -88,29 +94,7 @@ impl Overlay {
         let started_qemu = BlockdevQemu::start(&fdsets, &blockdevs);
         drop((disk, overlay));
         let mut qemu = started_qemu.map_err(err)?;
-        // The overlay is the active layer: its commit is a mirror that reports ready, is told
-        // to complete, then completes (or reports the error).
-        let mut run = || -> Result<(), String> {
-            let job = json!({"execute": "block-commit", "arguments": {"job-id": "commit", "device": "overlay"}});
-            qemu.qmp.execute(&job)?;
-            loop {
-                let event = qemu.qmp.next_event()?;
-                match event["event"].as_str() {
-                    Some("BLOCK_JOB_READY") => {
-                        qemu.qmp.execute(&json!({"execute": "job-complete", "arguments": {"id": "commit"}}))?;
-                    }
-                    Some("BLOCK_JOB_COMPLETED") => {
-                        return match event["data"]["error"].as_str() {
-                            Some(e) => Err(e.to_owned()),
-                            None => Ok(()),
-                        };
-                    }
-                    Some("BLOCK_JOB_CANCELLED") => return Err("the commit job was cancelled".into()),
-                    _ => {}
-                }
-            }
-        };
-        match run() {
+        match run_commit_job(&mut qemu.qmp) {
             Ok(()) => qemu.quit().map_err(err)?,
             Err(e) => return Err(err(qemu.failure(e))),
         }
@@ -121,5 +105,27 @@ impl Overlay {
     pub fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&self.path).map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+}
+
+/// Runs the commit job to its end. The overlay is the active layer: its commit is a mirror that
+/// reports ready, is told to complete, then completes (or reports the error).
+fn run_commit_job(qmp: &mut Qmp) -> Result<(), String> {
+    let qmp_failed = |e: QmpError| e.to_string();
+    qmp.execute("block-commit", Some(json!({"job-id": COMMIT_JOB, "device": "overlay"}))).map_err(qmp_failed)?;
+    loop {
+        let event = qmp.wait_for_event(&COMMIT_JOB_EVENTS, QMP_TIMEOUT).map_err(qmp_failed)?;
+        match event.name.as_str() {
+            "BLOCK_JOB_READY" => {
+                qmp.execute("job-complete", Some(json!({"id": COMMIT_JOB}))).map_err(qmp_failed)?;
+            }
+            "BLOCK_JOB_COMPLETED" => {
+                return match event.data["error"].as_str() {
+                    Some(e) => Err(e.to_owned()),
+                    None => Ok(()),
+                };
+            }
+            _ => return Err("the commit job was cancelled".into()),
+        }
     }
 }

@@ -10,8 +10,9 @@ use crate::cli::exit::Failure;
 use crate::source::nbd;
 use crate::source::SourceError;
 use crate::vm::blockdev_qemu::BlockdevQemu;
+use crate::vm::qmp::QmpError;
 use serde_json::{json, Value};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 /// The NBD export's name.
@@ -108,16 +109,15 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
     let nbd_listener = UnixListener::bind(&nbd_path)
         .map_err(|e| Failure::environment(format!("cannot listen on {}: {e}", nbd_path.display())))?;
     let qmp = &mut server.qmp;
-    let setup = (|| -> Result<Value, String> {
-        qmp.send_fd(&json!({"execute": "getfd", "arguments": {"fdname": "nbd"}}), nbd_listener.as_raw_fd())?;
-        qmp.execute(
-            &json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "fd", "data": {"str": "nbd"}}}}),
-        )?;
-        qmp.execute(&json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "src", "node-name": "src", "name": EXPORT}}))?;
-        qmp.execute(&json!({"execute": "query-named-block-nodes", "arguments": {"flat": true}}))
+    let setup = (|| -> Result<Value, QmpError> {
+        qmp.execute_with_fd("getfd", Some(json!({"fdname": "nbd"})), nbd_listener.as_fd())?;
+        qmp.execute("nbd-server-start", Some(json!({"addr": {"type": "fd", "data": {"str": "nbd"}}})))?;
+        qmp.execute("block-export-add", Some(json!({"type": "nbd", "id": "src", "node-name": "src", "name": EXPORT})))?;
+        qmp.execute("query-named-block-nodes", Some(json!({"flat": true})))
     })();
     drop(nbd_listener);
-    let nodes = setup.map_err(|e| refuse(format!("qemu cannot read it as {format}: {}", server.failure(e))))?;
+    let nodes =
+        setup.map_err(|e| refuse(format!("qemu cannot read it as {format}: {}", server.failure(e.to_string()))))?;
     let info = parse_nodes(&nodes).map_err(|e| refuse(format!("qemu cannot read it as {format}: {e}")))?;
     if let Some(backing) = &info.backing_file {
         let allowed = allowed_backing.is_some_and(|b| {

@@ -6,7 +6,7 @@ pub mod blockdev_qemu;
 pub mod cmdline;
 pub mod kvm_probe;
 pub mod privilege;
-mod qmp;
+pub mod qmp;
 
 use crate::helper_image::HelperImage;
 use accel::{Accel, KvmPlan, KvmVerdict};
@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +40,8 @@ pub const KVM_SIGN_OF_LIFE: Duration = Duration::from_secs(10);
 const CONSOLE_TAIL_LINES: usize = 40;
 /// How much of qemu's stderr is kept.
 const STDERR_LIMIT_BYTES: u64 = 16 * 1024;
+/// The QMP socket's name in its private directory.
+const QMP_SOCKET: &str = "qmp.sock";
 
 /// Everything needed to run the helper VM once.
 #[derive(Debug, Clone)]
@@ -295,10 +298,36 @@ fn open_disk(path: &Path, writable: bool) -> Result<(File, Option<File>, bool), 
     }
 }
 
+/// What the reader threads learn from the guest while it runs.
+#[derive(Default)]
 struct Shared {
     console_tail: Mutex<VecDeque<String>>,
     verdict: Mutex<VerdictBuilder>,
     alive: AtomicBool,
+}
+
+/// The descriptors qemu inherits for one attempt.
+struct QemuFds {
+    kernel: File,
+    initrd: File,
+    disk_ro: File,
+    disk_rw: Option<File>,
+    disk_direct: bool,
+    /// The overlay read-only, read-write, and whether opened with O_DIRECT.
+    overlay: Option<(File, Option<File>, bool)>,
+    floppy: File,
+    payload: Option<File>,
+    console_w: std::io::PipeWriter,
+    report_w: std::io::PipeWriter,
+    qmp_listener: UnixListener,
+}
+
+/// This process's side of one attempt: the read ends of the serial ports, and the directory of
+/// the QMP socket.
+struct HostEnds {
+    console_r: std::io::PipeReader,
+    report_r: std::io::PipeReader,
+    qmp_dir: tempfile::TempDir,
 }
 
 /// One run of the helper VM; `watch_life`: give up when the console stays silent for the
@@ -312,6 +341,31 @@ async fn attempt(
     interrupt: Interrupt,
 ) -> Result<VmOutcome, VmError> {
     let started = Instant::now();
+    let (fds, HostEnds { console_r, report_r, qmp_dir }) = open_descriptors(spec)?;
+    let config = qemu_config(spec, accel, cpu, &fds);
+    let mut child = spawn_qemu(spec, accel, &config)?;
+    // qemu holds its own copies now; ours would keep the pipes from reaching EOF.
+    drop(fds);
+    let _ = events.send(VmEvent::Started { accel, cpu: cpu.to_owned() });
+
+    let shared = Arc::new(Shared::default());
+    let console_thread = spawn_console_reader(console_r, shared.clone(), events.clone());
+    let report_thread = spawn_report_reader(report_r, shared.clone(), events.clone());
+    let stderr_task = spawn_stderr_reader(child.stderr.take().expect("stderr is piped"));
+    let qmp_path = qmp_dir.path().join(QMP_SOCKET);
+    let status = wait_for_exit(&mut child, spec, &qmp_path, &shared, watch_life, interrupt).await?;
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = console_thread.join();
+        let _ = report_thread.join();
+    })
+    .await;
+    let stderr = stderr_task.await.unwrap_or_default();
+    outcome(status, stderr, &shared, accel, started)
+}
+
+/// Opens everything qemu inherits: the helper image, the disk (and overlay), the floppy, the
+/// payload, the serial pipes and the QMP socket.
+fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
     let ro = std::fs::OpenOptions::new().read(true).clone();
     let kernel = open(&spec.image.kernel, &ro)?;
     let initrd = open(&spec.image.initrd, &ro)?;
@@ -326,7 +380,7 @@ async fn attempt(
             (ro, rw, direct)
         }
     };
-    let overlay_files = spec.overlay.as_ref().map(|p| open_disk(p, true)).transpose()?;
+    let overlay = spec.overlay.as_ref().map(|p| open_disk(p, true)).transpose()?;
     let floppy = open(&spec.floppy, &ro)?;
     let payload = spec.payload.as_ref().map(|p| open(p, &ro)).transpose()?;
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
@@ -336,11 +390,28 @@ async fn attempt(
         .prefix("imgforge-qmp-")
         .tempdir()
         .map_err(|e| VmError::Setup(format!("QMP directory: {e}")))?;
-    let qmp_path = qmp_dir.path().join("qmp.sock");
-    let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_path)
-        .map_err(|e| VmError::Setup(format!("QMP socket {}: {e}", qmp_path.display())))?;
+    let qmp_path = qmp_dir.path().join(QMP_SOCKET);
+    let qmp_listener =
+        UnixListener::bind(&qmp_path).map_err(|e| VmError::Setup(format!("QMP socket {}: {e}", qmp_path.display())))?;
+    let fds = QemuFds {
+        kernel,
+        initrd,
+        disk_ro,
+        disk_rw,
+        disk_direct,
+        overlay,
+        floppy,
+        payload,
+        console_w,
+        report_w,
+        qmp_listener,
+    };
+    Ok((fds, HostEnds { console_r, report_r, qmp_dir }))
+}
 
-    let config = QemuConfig {
+/// qemu's configuration for one attempt, every file given as one of `fds`.
+fn qemu_config(spec: &VmSpec, accel: Accel, cpu: &str, fds: &QemuFds) -> QemuConfig {
+    QemuConfig {
         accel,
         cpu: cpu.to_owned(),
         memory_mib: spec.memory_mib,
@@ -349,24 +420,28 @@ async fn attempt(
             std::env::var("IMGFORGE_KERNEL_CMDLINE").unwrap_or_else(|_| KERNEL_CMDLINE.to_owned()),
             &spec.preload,
         ),
-        kernel_fd: kernel.as_raw_fd(),
-        initrd_fd: initrd.as_raw_fd(),
-        disk_ro_fd: disk_ro.as_raw_fd(),
-        disk_rw_fd: disk_rw.as_ref().map(|f| f.as_raw_fd()),
-        overlay: overlay_files.as_ref().map(|(ro, rw, direct)| cmdline::OverlayFds {
+        kernel_fd: fds.kernel.as_raw_fd(),
+        initrd_fd: fds.initrd.as_raw_fd(),
+        disk_ro_fd: fds.disk_ro.as_raw_fd(),
+        disk_rw_fd: fds.disk_rw.as_ref().map(|f| f.as_raw_fd()),
+        overlay: fds.overlay.as_ref().map(|(ro, rw, direct)| cmdline::OverlayFds {
             ro_fd: ro.as_raw_fd(),
             rw_fd: rw.as_ref().expect("opened read-write").as_raw_fd(),
             direct: *direct,
         }),
         disk_format: spec.disk_format,
-        disk_direct,
+        disk_direct: fds.disk_direct,
         disk_is_device: crate::stream::destination::is_block_device(&spec.disk),
-        floppy_fd: floppy.as_raw_fd(),
-        payload_fd: payload.as_ref().map(|p| p.as_raw_fd()),
-        console_fd: console_w.as_raw_fd(),
-        report_fd: report_w.as_raw_fd(),
-        qmp_fd: qmp_listener.as_raw_fd(),
-    };
+        floppy_fd: fds.floppy.as_raw_fd(),
+        payload_fd: fds.payload.as_ref().map(|p| p.as_raw_fd()),
+        console_fd: fds.console_w.as_raw_fd(),
+        report_fd: fds.report_w.as_raw_fd(),
+        qmp_fd: fds.qmp_listener.as_raw_fd(),
+    }
+}
+
+/// Every descriptor `config` names, which the child keeps across exec.
+fn inherited_fds(config: &QemuConfig) -> Vec<RawFd> {
     let mut inherited: Vec<RawFd> = vec![
         config.kernel_fd,
         config.initrd_fd,
@@ -379,7 +454,13 @@ async fn attempt(
     inherited.extend(config.payload_fd);
     inherited.extend(config.disk_rw_fd);
     inherited.extend(config.overlay.iter().flat_map(|o| [o.ro_fd, o.rw_fd]));
-    let args = cmdline::args(&config);
+    inherited
+}
+
+/// Starts qemu confined: as the unprivileged user, with only the descriptors `config` names.
+fn spawn_qemu(spec: &VmSpec, accel: Accel, config: &QemuConfig) -> Result<tokio::process::Child, VmError> {
+    let inherited = inherited_fds(config);
+    let args = cmdline::args(config);
     tracing::debug!(qemu = %spec.qemu.display(), args = %args.join(" "), "starting the helper VM");
 
     let user = spec.user.clone();
@@ -395,31 +476,34 @@ async fn attempt(
     unsafe {
         command.pre_exec(privilege::child_setup(inherited, user, kvm_groups));
     }
-    let mut child = command.spawn().map_err(|e| match e.kind() {
+    command.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => VmError::QemuNotFound(spec.qemu.clone()),
         _ => VmError::Setup(format!("cannot start {}: {e}", spec.qemu.display())),
-    })?;
-    // qemu holds its own copies now; ours would keep the pipes from reaching EOF.
-    drop((console_w, report_w, qmp_listener, kernel, initrd, disk_ro, disk_rw, floppy, payload, overlay_files));
-    let _ = events.send(VmEvent::Started { accel, cpu: cpu.to_owned() });
+    })
+}
 
-    let shared = Arc::new(Shared {
-        console_tail: Mutex::new(VecDeque::new()),
-        verdict: Mutex::new(VerdictBuilder::default()),
-        alive: AtomicBool::new(false),
-    });
-    let console_thread = spawn_console_reader(console_r, shared.clone(), events.clone());
-    let report_thread = spawn_report_reader(report_r, shared.clone(), events.clone());
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let stderr_task = tokio::spawn(async move {
+/// Keeps the start of qemu's stderr, up to [`STDERR_LIMIT_BYTES`].
+fn spawn_stderr_reader(mut stderr: tokio::process::ChildStderr) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
         use tokio::io::AsyncReadExt;
         let mut buf = Vec::new();
         let _ = (&mut stderr).take(STDERR_LIMIT_BYTES).read_to_end(&mut buf).await;
         // Keep draining so qemu never blocks on a full pipe.
         let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
         String::from_utf8_lossy(&buf).trim().to_string()
-    });
+    })
+}
 
+/// Waits for qemu to exit. At the soft timeout or an interrupt it stops qemu and fails; with
+/// `watch_life`, it kills a qemu whose console stayed silent through the sign-of-life window.
+async fn wait_for_exit(
+    child: &mut tokio::process::Child,
+    spec: &VmSpec,
+    qmp_path: &Path,
+    shared: &Shared,
+    watch_life: bool,
+    interrupt: Interrupt,
+) -> Result<std::process::ExitStatus, VmError> {
     let soft = tokio::time::sleep(spec.soft_timeout);
     tokio::pin!(soft);
     let life = tokio::time::sleep(KVM_SIGN_OF_LIFE);
@@ -427,12 +511,12 @@ async fn attempt(
     let mut probing = watch_life;
     let interrupted = interrupted(interrupt);
     tokio::pin!(interrupted);
-    let status = loop {
+    loop {
         tokio::select! {
-            status = child.wait() => break status.map_err(|e| VmError::Setup(format!("waiting for qemu: {e}")))?,
+            status = child.wait() => return status.map_err(|e| VmError::Setup(format!("waiting for qemu: {e}"))),
             _ = &mut soft => {
-                stop(&mut child, &qmp_path, spec.hard_grace).await;
-                let running = running_task(&shared);
+                stop(child, qmp_path, spec.hard_grace).await;
+                let running = running_task(shared);
                 return Err(VmError::Timeout { secs: spec.soft_timeout.as_secs(), running });
             }
             _ = &mut life, if probing => {
@@ -445,17 +529,21 @@ async fn attempt(
                 }
             }
             signal = &mut interrupted => {
-                stop(&mut child, &qmp_path, spec.hard_grace.min(Duration::from_secs(3))).await;
+                stop(child, qmp_path, spec.hard_grace.min(Duration::from_secs(3))).await;
                 return Err(VmError::Interrupted(signal));
             }
         }
-    };
-    let _ = tokio::task::spawn_blocking(move || {
-        let _ = console_thread.join();
-        let _ = report_thread.join();
-    })
-    .await;
-    let stderr = stderr_task.await.unwrap_or_default();
+    }
+}
+
+/// The attempt's result, from how qemu exited and what the guest reported.
+fn outcome(
+    status: std::process::ExitStatus,
+    stderr: String,
+    shared: &Shared,
+    accel: Accel,
+    started: Instant,
+) -> Result<VmOutcome, VmError> {
     if let Some(signal) = status.signal() {
         return Err(VmError::Killed { signal, stderr });
     }
