@@ -52,11 +52,19 @@ impl Failure {
     }
 }
 
+/// How an image qemu could not open for imgforge ends.
+fn qemu_source_status(e: &crate::source::qemu::QemuSourceError) -> ExitStatus {
+    match e {
+        crate::source::qemu::QemuSourceError::Image(_) => ExitStatus::BadInput,
+        crate::source::qemu::QemuSourceError::Confinement { .. } => ExitStatus::Environment,
+    }
+}
+
 /// How a write that did not complete ends.
 fn write_status(e: &WriteError) -> ExitStatus {
     use WriteError as E;
     match e {
-        E::Qemu(failure) => failure.status,
+        E::Qemu(qemu) => qemu_source_status(qemu),
         E::Destination(DestinationError::Open { source, .. })
             if source.kind() == std::io::ErrorKind::PermissionDenied || source.raw_os_error() == Some(libc::ENOSPC) =>
         {
@@ -148,7 +156,7 @@ fn ganeti_status(e: &crate::ganeti::GanetiError) -> ExitStatus {
 fn inspect_status(e: &crate::inspect::InspectError) -> ExitStatus {
     use crate::inspect::InspectError as E;
     match e {
-        E::Qemu(failure) => failure.status,
+        E::Qemu(qemu) => qemu_source_status(qemu),
         E::Source(_) | E::Corrupt { .. } => ExitStatus::BadInput,
     }
 }

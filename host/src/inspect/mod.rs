@@ -7,7 +7,6 @@
 pub use imgforge_protocol::filesystems;
 pub mod partitions;
 
-use crate::cli::exit::Failure;
 use crate::source::{self, Format, SourceError};
 use filesystems::{Filesystem, PROBE_BYTES};
 use partitions::{Partition, Table, SECTOR};
@@ -197,7 +196,7 @@ pub enum InspectError {
     },
     /// A qemu-format image could not be opened in the confined qemu.
     #[error(transparent)]
-    Qemu(#[from] Failure),
+    Qemu(#[from] crate::source::qemu::QemuSourceError),
 }
 
 /// Inspects `path`.

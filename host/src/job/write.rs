@@ -1,6 +1,5 @@
 //! `imgforge write`: any supported source onto a block device or file, streamed with direct I/O.
 
-use crate::cli::exit::Failure;
 use crate::progress::Progress;
 use crate::source::{self, Format, Location, SourceError};
 use crate::stream::destination::{Destination, DestinationError, DestinationOptions};
@@ -87,7 +86,7 @@ pub enum WriteError {
     },
     /// A qemu-format image could not be opened in the confined qemu.
     #[error(transparent)]
-    Qemu(#[from] Failure),
+    Qemu(#[from] crate::source::qemu::QemuSourceError),
 }
 
 /// A reader that feeds every byte into a shared SHA-256.

@@ -6,7 +6,6 @@
 //! [`crate::source::nbd`]; no C code on the host parses the image. qcow2 metadata is checked in Rust
 //! first ([`crate::source::qcow2`]), where qemu would read zeros past the end of a truncated file.
 
-use crate::cli::exit::Failure;
 use crate::source::nbd;
 use crate::source::SourceError;
 use crate::vm::blockdev_qemu::BlockdevQemu;
@@ -67,11 +66,27 @@ impl QemuImage {
     }
 }
 
+/// Why a qemu-format image could not be opened for reading.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuSourceError {
+    /// The image is refused or unreadable (its own fault).
+    #[error(transparent)]
+    Image(#[from] SourceError),
+    /// The confined qemu could not be reached (the host's fault).
+    #[error("cannot {what}: {reason}")]
+    Confinement {
+        /// What was being set up, naming the socket or image.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Opens `path` as `format` in a confined qemu. A backing file named in the image is refused
 /// unless it is `allowed_backing` (then qemu gets that file as a descriptor too).
-pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -> Result<QemuImage, Failure> {
+pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -> Result<QemuImage, QemuSourceError> {
     let name = path.display().to_string();
-    let refuse = |reason: String| -> Failure { SourceError::Unsupported { name: name.clone(), reason }.into() };
+    let refuse = |reason: String| -> QemuSourceError { SourceError::Unsupported { name: name.clone(), reason }.into() };
     let io = |source| SourceError::Io { name: name.clone(), source };
     let image = std::fs::File::open(path).map_err(io)?;
     let len = image.metadata().map_err(io)?.len();
@@ -106,8 +121,10 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
     drop((image, backing));
     let mut server = opened.map_err(|e| refuse(format!("qemu cannot read it as {format}: {e}")))?;
     let nbd_path = server.socket_path("nbd.sock");
-    let nbd_listener = UnixListener::bind(&nbd_path)
-        .map_err(|e| Failure::environment(format!("cannot listen on {}: {e}", nbd_path.display())))?;
+    let nbd_listener = UnixListener::bind(&nbd_path).map_err(|e| QemuSourceError::Confinement {
+        what: format!("listen on {}", nbd_path.display()),
+        reason: e.to_string(),
+    })?;
     let qmp = &mut server.qmp;
     let setup = (|| -> Result<Value, QmpError> {
         qmp.execute_with_fd("getfd", Some(json!({"fdname": "nbd"})), nbd_listener.as_fd())?;
@@ -127,8 +144,10 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
             return Err(refuse(format!("it has the backing file {backing}, which could be any host file: pass --backing-file {backing} if you mean it, or flatten the image")));
         }
     }
-    let client = nbd::Client::connect(&nbd_path, EXPORT)
-        .map_err(|e| Failure::environment(format!("cannot read {name} from the confined qemu: {e}")))?;
+    let client = nbd::Client::connect(&nbd_path, EXPORT).map_err(|e| QemuSourceError::Confinement {
+        what: format!("read {name} from the confined qemu"),
+        reason: e.to_string(),
+    })?;
     Ok(QemuImage { server, client, info })
 }
 
