@@ -11,6 +11,7 @@
 pub mod bytes;
 pub mod filesystems;
 pub mod helper_vm;
+pub mod printable;
 pub mod report;
 pub mod rules;
 pub mod task;

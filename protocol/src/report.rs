@@ -94,6 +94,21 @@ fn is_word(s: &str) -> bool {
 }
 
 impl ReportLine {
+    /// This line with every string made safe to print ([`crate::printable::printable`]): the
+    /// messages carry output of programs in the guest.
+    pub fn printable(self) -> Self {
+        let p = |s: String| crate::printable::printable(&s).into_owned();
+        match self {
+            ReportLine::Phase { name, uptime_ms } => ReportLine::Phase { name: p(name), uptime_ms },
+            ReportLine::TaskStart { task } => ReportLine::TaskStart { task: p(task) },
+            ReportLine::TaskEnd { task, millis } => ReportLine::TaskEnd { task: p(task), millis },
+            ReportLine::Warning { task, message } => ReportLine::Warning { task: p(task), message: p(message) },
+            ReportLine::Error { task, message } => ReportLine::Error { task: p(task), message: p(message) },
+            ReportLine::Check { ok, name, detail } => ReportLine::Check { ok, name: p(name), detail: p(detail) },
+            ReportLine::Success => ReportLine::Success,
+        }
+    }
+
     /// Parses one line (trailing `\r`/`\n` ignored).
     pub fn parse(line: &str) -> Result<Self, ReportLineError> {
         let line = line.trim_end_matches(['\r', '\n']);

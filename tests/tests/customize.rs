@@ -162,6 +162,21 @@ fn failing_command_names_task_and_command() {
     );
 }
 
+/// What a program in a hostile image prints reaches the user's terminal only as text: the
+/// console with -v and the failing task's output in the error, escape sequences escaped.
+#[test]
+fn guest_output_cannot_drive_the_terminal() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let evil = r"printf 'owned\033]0;title\007\033[2J\r\n'; printf 'tail\033[8m\n'; exit 3";
+    let out = customize_tcg(&img, &["-v", "--run-command", evil]);
+    assert_eq!(code(&out), 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("owned") && stderr.contains("tail"), "the output was lost: {stderr}");
+    assert!(!stderr.contains(['\u{1b}', '\u{7}', '\r']), "raw control characters reached stderr: {stderr:?}");
+    assert!(stderr.contains(r"\u{1b}]0;title"), "{stderr}");
+}
+
 #[test]
 fn hanging_command_times_out_and_leaves_no_qemu() {
     let work = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@ use crate::helper_image::HelperImage;
 use accel::{Accel, KvmPlan, KvmVerdict};
 use cmdline::{DiskFormat, QemuConfig};
 use imgforge_protocol::helper_vm;
+use imgforge_protocol::printable::printable;
 use imgforge_protocol::report::{LineSplitter, ReportLine, Verdict, VerdictBuilder};
 use privilege::Unprivileged;
 use std::collections::VecDeque;
@@ -599,7 +600,8 @@ fn spawn_console_reader(
                 Ok(_) => {}
             }
             shared.alive.store(true, Ordering::SeqCst);
-            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+            let line = String::from_utf8_lossy(&buf);
+            let line = printable(line.trim_end_matches(['\r', '\n'])).into_owned();
             {
                 let mut tail = shared.console_tail.lock().expect("tail lock");
                 if tail.len() == CONSOLE_TAIL_LINES {
@@ -626,7 +628,7 @@ fn spawn_report_reader(
                 Ok(n) => n,
             };
             for line in splitter.push(&buf[..n]) {
-                match ReportLine::parse(&line) {
+                match ReportLine::parse(&line).map(ReportLine::printable) {
                     Ok(parsed) => {
                         shared.verdict.lock().expect("verdict lock").observe(&parsed);
                         let _ = events.send(VmEvent::Report(parsed));
