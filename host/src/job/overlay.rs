@@ -108,13 +108,30 @@ impl Overlay {
     }
 }
 
+/// How often a commit that sends no event is looked at: qemu is silent while it copies.
+const COMMIT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Runs the commit job to its end. The overlay is the active layer: its commit is a mirror that
-/// reports ready, is told to complete, then completes (or reports the error).
+/// reports ready, is told to complete, then completes (or reports the error). A large overlay
+/// copies for minutes without an event: the job is looked at every [`COMMIT_CHECK_INTERVAL`],
+/// and given up only when it made no progress for [`QMP_TIMEOUT`].
 fn run_commit_job(qmp: &mut Qmp) -> Result<(), String> {
+    run_commit_job_checking(qmp, COMMIT_CHECK_INTERVAL, QMP_TIMEOUT)
+}
+
+fn run_commit_job_checking(qmp: &mut Qmp, check_every: Duration, stall_limit: Duration) -> Result<(), String> {
     let qmp_failed = |e: QmpError| e.to_string();
     qmp.execute("block-commit", Some(json!({"job-id": COMMIT_JOB, "device": "overlay"}))).map_err(qmp_failed)?;
+    let mut progress = CommitProgress { offset: None, since: Instant::now(), missing: false };
     loop {
-        let event = qmp.wait_for_event(&COMMIT_JOB_EVENTS, QMP_TIMEOUT).map_err(qmp_failed)?;
+        let event = match qmp.wait_for_event(&COMMIT_JOB_EVENTS, check_every) {
+            Ok(event) => event,
+            Err(QmpError::Timeout { .. }) => {
+                progress.check(qmp, stall_limit)?;
+                continue;
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         match event.name.as_str() {
             "BLOCK_JOB_READY" => {
                 qmp.execute("job-complete", Some(json!({"id": COMMIT_JOB}))).map_err(qmp_failed)?;
@@ -127,5 +144,89 @@ fn run_commit_job(qmp: &mut Qmp) -> Result<(), String> {
             }
             _ => return Err("the commit job was cancelled".into()),
         }
+    }
+}
+
+/// What a silent commit job was last seen doing.
+struct CommitProgress {
+    /// Bytes copied at the last look (`query-block-jobs`' offset).
+    offset: Option<u64>,
+    /// When that offset was first seen.
+    since: Instant,
+    /// The job was not listed at the last look (its last event may still be on its way).
+    missing: bool,
+}
+
+impl CommitProgress {
+    /// Looks at the job: fine while it copies, an error once it is gone or stalled.
+    fn check(&mut self, qmp: &mut Qmp, stall_limit: Duration) -> Result<(), String> {
+        let jobs = qmp.execute("query-block-jobs", None).map_err(|e| e.to_string())?;
+        let job = jobs.as_array().and_then(|jobs| jobs.iter().find(|j| j["device"] == COMMIT_JOB));
+        let Some(offset) = job.and_then(|j| j["offset"].as_u64()) else {
+            if std::mem::replace(&mut self.missing, true) {
+                return Err("the commit job ended without saying how".into());
+            }
+            return Ok(());
+        };
+        self.missing = false;
+        if self.offset != Some(offset) {
+            (self.offset, self.since) = (Some(offset), Instant::now());
+        } else if self.since.elapsed() > stall_limit {
+            return Err(format!("the commit made no progress for {} s (at byte {offset})", stall_limit.as_secs()));
+        }
+        tracing::debug!(offset, "committing the overlay");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::qmp::tests::{connected, step, EMPTY_RETURN};
+
+    const TICK: Duration = Duration::from_millis(30);
+
+    fn at(offset: u64) -> &'static str {
+        Box::leak(
+            format!(r#"{{"return": [{{"device": "commit", "offset": {offset}, "len": 1000}}]}}"#).into_boxed_str(),
+        )
+    }
+
+    #[test]
+    fn a_long_silent_commit_is_waited_for_while_it_progresses() {
+        let (mut qmp, server) = connected(vec![
+            step("block-commit", &[EMPTY_RETURN]),
+            step("query-block-jobs", &[at(100)]),
+            step("query-block-jobs", &[at(600)]),
+            step("query-block-jobs", &[at(1000), r#"{"event": "BLOCK_JOB_READY", "data": {"device": "commit"}}"#]),
+            step("job-complete", &[EMPTY_RETURN, r#"{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "commit"}}"#]),
+        ]);
+        run_commit_job_checking(&mut qmp, TICK, TICK * 2).unwrap();
+        assert_eq!(server.join().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn a_stalled_or_vanished_commit_is_an_error() {
+        let (mut qmp, server) = connected(vec![
+            step("block-commit", &[EMPTY_RETURN]),
+            step("query-block-jobs", &[at(100)]),
+            step("query-block-jobs", &[at(100)]),
+            step("query-block-jobs", &[at(100)]),
+            step("query-block-jobs", &[at(100)]),
+        ]);
+        let err = run_commit_job_checking(&mut qmp, TICK, TICK * 2).unwrap_err();
+        assert!(err.contains("no progress"), "{err}");
+        // The fake may still wait for a look the client did not need: hang up first.
+        drop(qmp);
+        let _ = server.join();
+
+        let (mut qmp, server) = connected(vec![
+            step("block-commit", &[EMPTY_RETURN]),
+            step("query-block-jobs", &[r#"{"return": []}"#]),
+            step("query-block-jobs", &[r#"{"return": []}"#]),
+        ]);
+        let err = run_commit_job_checking(&mut qmp, TICK, TICK * 10).unwrap_err();
+        assert!(err.contains("ended without"), "{err}");
+        server.join().unwrap();
     }
 }

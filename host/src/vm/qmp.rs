@@ -296,7 +296,7 @@ fn send_with_fd(mut socket: &UnixStream, bytes: &[u8], fd: RawFd) -> std::io::Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Read;
     use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -304,7 +304,7 @@ mod tests {
 
     const GREETING: &str =
         r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": []}}"#;
-    const EMPTY_RETURN: &str = r#"{"return": {}}"#;
+    pub(crate) const EMPTY_RETURN: &str = r#"{"return": {}}"#;
     const TEST_SOCKET: &str = "/run/test/qmp.sock";
     const TEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -356,23 +356,23 @@ mod tests {
     }
 
     /// One command the fake qemu expects, and the lines it answers with (`None`: it hangs up).
-    struct Step {
+    pub(crate) struct Step {
         execute: &'static str,
         answer: Option<Vec<&'static str>>,
     }
 
-    fn step(execute: &'static str, answer: &[&'static str]) -> Step {
+    pub(crate) fn step(execute: &'static str, answer: &[&'static str]) -> Step {
         Step { execute, answer: Some(answer.to_vec()) }
     }
 
     /// A command the fake qemu got, with the descriptors that came with it.
-    struct Received {
-        command: Value,
+    pub(crate) struct Received {
+        pub(crate) command: Value,
         fds: Vec<OwnedFd>,
     }
 
     /// The fake qemu's thread; it yields what it received.
-    type FakeQemu = JoinHandle<Vec<Received>>;
+    pub(crate) type FakeQemu = JoinHandle<Vec<Received>>;
 
     /// A fake qemu on the far end of a socket pair: greets, then follows `script`. Returns the
     /// client's end and the server thread.
@@ -428,7 +428,7 @@ mod tests {
     }
 
     /// A client past the handshake with a fake qemu that then follows `script`.
-    fn connected(mut script: Vec<Step>) -> (Qmp, FakeQemu) {
+    pub(crate) fn connected(mut script: Vec<Step>) -> (Qmp, FakeQemu) {
         script.insert(0, step("qmp_capabilities", &[EMPTY_RETURN]));
         let (client, server) = fake_qemu(script);
         (Qmp::handshake(client, Path::new(TEST_SOCKET), TEST_TIMEOUT).unwrap(), server)
