@@ -8,7 +8,7 @@ pub mod params;
 use crate::exit::Failure;
 use crate::job::{self, VmSettings};
 use crate::ops::Plan;
-use crate::progress::{Progress, ProgressMode};
+use crate::progress::{Event, JsonLines, Progress, Silent};
 use crate::vm::accel::Accel;
 use crate::vm::Interrupt;
 use config::Config;
@@ -193,9 +193,9 @@ fn plan(
 use std::os::unix::fs::OpenOptionsExt;
 
 /// The progress sink: `PROGRESS_MONITOR` fed JSON on stdin, or nothing.
-fn progress(config: &Config) -> Result<(Progress, Option<std::process::Child>), Failure> {
+fn progress(config: &Config) -> Result<(std::sync::Arc<dyn Progress>, Option<std::process::Child>), Failure> {
     if config.progress_monitor.is_empty() {
-        return Ok((Progress::new(ProgressMode::None), None));
+        return Ok((std::sync::Arc::new(Silent), None));
     }
     let mut child = std::process::Command::new("/bin/sh")
         .args(["-c", &config.progress_monitor])
@@ -205,7 +205,7 @@ fn progress(config: &Config) -> Result<(Progress, Option<std::process::Child>), 
             Failure::environment(format!("cannot start PROGRESS_MONITOR {:?}: {e}", config.progress_monitor))
         })?;
     let stdin = child.stdin.take().expect("piped");
-    Ok((Progress::to_writer(Box::new(stdin)), Some(child)))
+    Ok((std::sync::Arc::new(JsonLines::new(stdin)), Some(child)))
 }
 
 /// `create`: deploy `img_id` onto `DISK_0_PATH` and customize it.
@@ -223,7 +223,6 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
     let nics = params::nics(&env).map_err(|e| Failure::bad_input(e.to_string()))?;
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
-    let progress = std::sync::Arc::new(progress);
     let request = crate::write::WriteRequest {
         image: crate::source::Location::parse(&image),
         target: disk.clone(),
@@ -246,13 +245,13 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), Failure> {
         if params.excludes("ALL_TASKS") {
             return Ok(());
         }
-        job::customize_written(&written, &request, plan, &settings(&config), &progress, interrupt).await
+        job::customize_written(&written, &request, plan, &settings(&config), progress.as_ref(), interrupt).await
     }
     .await
     .map_err(Failure::from);
     match &result {
-        Ok(()) => progress.done(),
-        Err(f) => progress.error(std::slice::from_ref(&f.message)),
+        Ok(()) => progress.emit(Event::ImageDone),
+        Err(f) => progress.emit(Event::error(&f.message)),
     }
     drop(progress);
     if let Some(mut m) = monitor {
@@ -277,8 +276,7 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), Failure> {
     }
     let mut plan = Plan::default();
     plan.add("hostname", Some(&name))?;
-    let quiet = Progress::new(ProgressMode::None);
-    job::customize(&disk, plan, false, &settings(&config), &quiet, interrupt).await.map_err(Failure::from)
+    job::customize(&disk, plan, false, &settings(&config), &Silent, interrupt).await.map_err(Failure::from)
 }
 
 /// `import`: a raw disk stream on stdin onto `DISK_0_PATH`; an interrupt (Ganeti aborting the

@@ -1,7 +1,7 @@
 //! Writing an image and customizing what was written: `deploy` to a disk or file, `deploy
 //! --target-format liveimg`, and Ganeti's `create` all go through here.
 
-use super::{blocking, customize, JobError, VmSettings};
+use super::{announce_random_passwords, blocking, customize, JobError, VmSettings};
 use crate::exit::Failure;
 use crate::liveimg::{self, TempPath};
 use crate::ops::Plan;
@@ -25,11 +25,11 @@ pub enum DeployTarget {
 /// (no partial output).
 pub async fn write(
     request: &WriteRequest,
-    progress: Arc<Progress>,
+    progress: Arc<dyn Progress>,
     interrupt: &Interrupt,
 ) -> Result<Written, JobError> {
     let request = request.clone();
-    cancellable("the writer", interrupt, move |cancel| crate::write::write(&request, &progress, cancel)).await
+    cancellable("the writer", interrupt, move |cancel| crate::write::write(&request, progress.as_ref(), cancel)).await
 }
 
 /// Runs the blocking `f` off the async runtime with a flag that an interrupt raises; `f` is
@@ -59,7 +59,7 @@ pub async fn customize_written(
     request: &WriteRequest,
     plan: Plan,
     settings: &VmSettings,
-    progress: &Progress,
+    progress: &dyn Progress,
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
     if plan.is_empty() && !written.bare_filesystem {
@@ -71,24 +71,26 @@ pub async fn customize_written(
 /// Writes `request`'s image, then customizes it with `plan`.
 pub async fn deploy(
     request: &WriteRequest,
-    plan: Plan,
+    mut plan: Plan,
     settings: &VmSettings,
-    progress: Arc<Progress>,
+    progress: Arc<dyn Progress>,
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
+    announce_random_passwords(&mut plan, progress.as_ref());
     let written = write(request, progress.clone(), interrupt).await?;
-    customize_written(&written, request, plan, settings, &progress, interrupt).await
+    customize_written(&written, request, plan, settings, progress.as_ref(), interrupt).await
 }
 
 /// liveimg → customized liveimg: the rootfs out to a temporary file beside the target,
 /// customized there (grown first when `request.size` asks for room), repacked into the target.
 pub async fn deploy_liveimg(
     request: &WriteRequest,
-    plan: Plan,
+    mut plan: Plan,
     settings: &VmSettings,
-    progress: Arc<Progress>,
+    progress: Arc<dyn Progress>,
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
+    announce_random_passwords(&mut plan, progress.as_ref());
     let source = match &request.image {
         Location::Path(p) => p.clone(),
         Location::Url(u) => {
@@ -110,8 +112,8 @@ pub async fn deploy_liveimg(
         ))
         .into());
     }
-    customize(&rootfs.0, plan, request.size.is_some(), settings, &progress, interrupt).await?;
-    progress.message("repacking the liveimg");
+    customize(&rootfs.0, plan, request.size.is_some(), settings, progress.as_ref(), interrupt).await?;
+    progress.status("repacking the liveimg");
     let target = request.target.clone();
     let rootfs_path = rootfs.0.clone();
     let spent = blocking("repack", move || liveimg::repack(&source, &rootfs_path, &target)).await??;
