@@ -49,11 +49,6 @@ impl<W: Write + Send> JsonLines<W> {
     pub fn new(out: W) -> Self {
         Self { out: Mutex::new(out) }
     }
-
-    /// The writer back (the lines written so far are in it).
-    pub fn into_inner(self) -> W {
-        self.out.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 /// `line` as one line of JSON, keys in alphabetical order: the order the untyped emitter
