@@ -7,6 +7,8 @@ use imgforge_tests::run::{code, customize_tcg, holders, imgforge, s};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
+mod progress_schema;
+
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIImgforgeFixtureKeyForTestsOnly000000000000 test@imgforge";
 
 #[test]
@@ -78,8 +80,7 @@ fn every_operation_on_a_dos_ext4_disk() {
     for secret in ["Root-Pw-1", "Alice-Pw-2"] {
         assert!(!stdout.contains(secret) && !stderr.contains(secret), "a password leaked into the output");
     }
-    let events: Vec<serde_json::Value> =
-        stdout.lines().map(|l| serde_json::from_str(l).expect("every stdout line is JSON")).collect();
+    let events = progress_schema::events(&stdout);
     assert!(events
         .iter()
         .any(|e| e["type"] == "image-helper" && e["subtype"] == "task-start" && e["task"] == "50-Customize"));

@@ -1,9 +1,11 @@
 //! `imgforge deploy`: stream, then customize in the helper, one command, one exit status.
 
 use imgforge_tests::fixtures::{self, sh, Shape};
-use imgforge_tests::readback::Mount;
+use imgforge_tests::readback::{shadow_field, Mount};
 use imgforge_tests::run::{code, imgforge, s};
 use std::process::Command;
+
+mod progress_schema;
 
 #[test]
 fn liveimg_onto_a_larger_target_grows_and_customizes() {
@@ -23,6 +25,8 @@ fn liveimg_onto_a_larger_target_grows_and_customizes() {
         "4G",
         "--hostname",
         "live1",
+        "--root-password",
+        "random",
         "--progress",
         "json",
     ]);
@@ -37,13 +41,23 @@ fn liveimg_onto_a_larger_target_grows_and_customizes() {
     let m = Mount::at(&target, 0, 4 << 30).unwrap();
     assert_eq!(m.read("/etc/hostname").unwrap(), "live1\n");
     assert_eq!(sh(Command::new("sha256sum").arg(&live)).unwrap(), before, "the source changed");
-    let events: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events = progress_schema::events(&String::from_utf8_lossy(&out.stdout));
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     let first_helper = types.iter().position(|t| *t == "image-helper").expect("helper events");
     assert!(types[..first_helper].contains(&"image-copy-progress"), "copy progress comes before the helper: {types:?}");
     assert!(events.iter().any(|e| e["subtype"] == "task-end" && e["task"] == "15-GrowFilesystem"));
     assert_eq!(*types.last().unwrap(), "image-done");
+    // The random password: an event naming the user in the stream, the clear text on stderr
+    // (stdout carries the stream) and nowhere in the stream.
+    assert!(events.iter().any(|e| e["type"] == "random-password" && e["user"] == "root"), "{types:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let password = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Setting random password of root to "))
+        .expect("the random password is told on stderr");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(password), "the password is in the JSON stream");
+    sha_crypt::sha512_check(password, &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap())
+        .expect("the random password is root's");
 }
 
 #[test]

@@ -8,6 +8,8 @@ use imgforge_tests::run::binary;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+mod progress_schema;
+
 struct Site {
     _dir: tempfile::TempDir,
     os_dir: PathBuf,
@@ -123,10 +125,8 @@ fn create_rename_export_import() {
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2 << 30, "Ganeti's disk file was replaced or resized");
     // The progress went to PROGRESS_MONITOR as snf-image monitor messages.
     let monitor = std::fs::read_to_string(s.config.parent().unwrap().join("monitor.jsonl")).unwrap();
-    let types: Vec<String> = monitor
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["type"].as_str().unwrap().to_owned())
-        .collect();
+    let types: Vec<String> =
+        progress_schema::events(&monitor).iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect();
     for t in ["image-info", "image-copy-progress", "image-helper", "image-done"] {
         assert!(types.iter().any(|x| x == t), "{t} missing from the monitor's input: {types:?}");
     }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+mod progress_schema;
+
 fn digest(path: &Path) -> String {
     sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()
 }
@@ -93,13 +95,38 @@ fn json_progress_reports_the_copy() {
     let out =
         imgforge(&["write", "--image", &s(&raw), "--target", &s(&dir.path().join("o.img")), "--progress", "json"]);
     assert_eq!(code(&out), 0);
-    let events: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events = progress_schema::events(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(events[0]["type"], "image-info");
     assert_eq!(events[0]["size"], 64 << 20);
     let last_copy = events.iter().rev().find(|e| e["type"] == "image-copy-progress").expect("copy progress");
     assert_eq!((last_copy["position"].as_u64(), last_copy["progress"].as_f64()), (Some(64 << 20), Some(100.0)));
     assert_eq!(events.last().unwrap()["type"], "image-done");
+}
+
+/// Every kind of source (files, URLs with and without a length, a qcow2 downloaded first) and a
+/// failure: every line on stdout matches the published schema.
+#[test]
+fn json_progress_lines_match_the_schema() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let body = std::fs::read(&raw).unwrap();
+    let sources = sources(dir.path(), &raw);
+    let qcow2 = std::fs::read(&sources.iter().find(|(name, _)| *name == "qcow2").unwrap().1).unwrap();
+    let mut runs: Vec<(String, i32)> = sources.iter().map(|(_, src)| (s(src), 0)).collect();
+    runs.push((http::serve(Response::full(body.clone())), 0));
+    runs.push((http::serve(Response { announce: None, ..Response::full(body) }), 0));
+    runs.push((http::serve(Response::full(qcow2)), 0));
+    runs.push((s(&dir.path().join("missing.img")), 2));
+    for (i, (src, want)) in runs.iter().enumerate() {
+        let target = dir.path().join(format!("out-{i}.img"));
+        let out = imgforge(&["write", "--image", src, "--target", &s(&target), "--progress", "json"]);
+        assert_eq!(code(&out), *want, "{src}");
+        let events = progress_schema::events(&String::from_utf8_lossy(&out.stdout));
+        let last = if *want == 0 { "image-done" } else { "image-error" };
+        assert_eq!(events.last().unwrap()["type"], last, "{src}");
+        assert!(events.iter().all(|e| e["v"] == 1), "{src}");
+    }
 }
 
 #[test]

@@ -6,13 +6,15 @@ pub mod exit;
 use crate::cli::exit::{ExitStatus, Failure};
 use crate::job::{self, DeployTarget, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS};
 use crate::ops::{operation_options, OpsArgs, Plan};
-use crate::progress::{Progress, ProgressMode};
+use crate::progress::{Event, Progress};
 use crate::vm::accel::Accel;
 use crate::vm::privilege::DEFAULT_HELPER_USER;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
+
+mod render;
+use render::ProgressMode;
 
 /// imgforge: customize operating-system images offline, in an unprivileged helper VM.
 #[derive(Debug, Parser)]
@@ -298,23 +300,21 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
             let plan = ordered_ops(sub)?;
-            let progress = Progress::new(args.progress);
+            let progress = render::renderer(args.progress);
             let settings = vm_settings(&args.vm, cli.verbose);
-            announce_random_passwords(&plan, &progress);
-            let result = job::customize(&args.disk, plan, false, &settings, &progress, &interrupt).await;
-            finish(&progress, result.map_err(Failure::from))
+            let result = job::customize(&args.disk, plan, false, &settings, progress.as_ref(), &interrupt).await;
+            finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::Write(args) => {
-            let progress = Arc::new(Progress::new(args.progress));
+            let progress = render::renderer(args.progress);
             let result = job::write(&write_request(&args), progress.clone(), &interrupt).await.map(drop);
-            finish(&progress, result.map_err(Failure::from))
+            finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::Deploy(args) => {
             let sub = matches.subcommand_matches("deploy").expect("deploy matches");
             let plan = ordered_ops(sub)?;
-            let progress = Arc::new(Progress::new(args.write.progress));
+            let progress = render::renderer(args.write.progress);
             let settings = vm_settings(&args.vm, cli.verbose);
-            announce_random_passwords(&plan, &progress);
             let request = write_request(&args.write);
             let result = match args.target_format {
                 DeployTarget::Liveimg => {
@@ -322,7 +322,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
                 }
                 DeployTarget::Raw => job::deploy(&request, plan, &settings, progress.clone(), &interrupt).await,
             };
-            finish(&progress, result.map_err(Failure::from))
+            finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::HelperImage(HelperImageCommand::Build { force }) => build_helper_image(force).await,
         Command::Inspect(args) => inspect(args).await,
@@ -412,26 +412,11 @@ fn write_request(args: &WriteArgs) -> crate::job::write::WriteRequest {
     }
 }
 
-/// Tells the user the random passwords the plan sets: on stdout, or on stderr when stdout
-/// carries JSON progress.
-fn announce_random_passwords(plan: &Plan, progress: &Progress) {
-    for (user, password) in &plan.random_passwords {
-        let line = format!("Setting random password of {user} to {password}");
-        if progress.is_json() {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    }
-}
-
-fn finish(progress: &Progress, result: Result<(), Failure>) -> Result<(), Failure> {
+/// The job's last event: `image-done`, or `image-error` with the failure's message.
+fn finish(progress: &dyn Progress, result: Result<(), Failure>) -> Result<(), Failure> {
     match &result {
-        Ok(()) => progress.done(),
-        Err(f) => {
-            progress.finish();
-            progress.error(std::slice::from_ref(&f.message));
-        }
+        Ok(()) => progress.emit(Event::ImageDone),
+        Err(f) => progress.emit(Event::error(&f.message)),
     }
     result
 }

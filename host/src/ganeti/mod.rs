@@ -7,7 +7,7 @@ pub mod params;
 
 use crate::job::{self, VmSettings};
 use crate::ops::Plan;
-use crate::progress::{Progress, ProgressMode};
+use crate::progress::{Event, JsonLines, Progress, Silent};
 use crate::vm::accel::Accel;
 use crate::vm::Interrupt;
 use config::Config;
@@ -298,9 +298,9 @@ fn plan(
 use std::os::unix::fs::OpenOptionsExt;
 
 /// The progress sink: `PROGRESS_MONITOR` fed JSON on stdin, or nothing.
-fn progress(config: &Config) -> Result<(Progress, Option<std::process::Child>), GanetiError> {
+fn progress(config: &Config) -> Result<(std::sync::Arc<dyn Progress>, Option<std::process::Child>), GanetiError> {
     if config.progress_monitor.is_empty() {
-        return Ok((Progress::new(ProgressMode::None), None));
+        return Ok((std::sync::Arc::new(Silent), None));
     }
     let mut child = std::process::Command::new("/bin/sh")
         .args(["-c", &config.progress_monitor])
@@ -308,7 +308,7 @@ fn progress(config: &Config) -> Result<(Progress, Option<std::process::Child>), 
         .spawn()
         .map_err(|source| GanetiError::Monitor { command: config.progress_monitor.clone(), source })?;
     let stdin = child.stdin.take().expect("piped");
-    Ok((Progress::to_writer(Box::new(stdin)), Some(child)))
+    Ok((std::sync::Arc::new(JsonLines::new(stdin)), Some(child)))
 }
 
 /// `create`: deploy `img_id` onto `DISK_0_PATH` and customize it.
@@ -323,7 +323,6 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let nics = params::nics(&env)?;
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
-    let progress = std::sync::Arc::new(progress);
     let request = crate::job::write::WriteRequest {
         image: crate::source::Location::parse(&image),
         target: disk.clone(),
@@ -346,12 +345,12 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         if params.excludes("ALL_TASKS") {
             return Ok(());
         }
-        job::customize_written(&written, &request, plan, &settings(&config), &progress, interrupt).await
+        job::customize_written(&written, &request, plan, &settings(&config), progress.as_ref(), interrupt).await
     }
     .await;
     match &result {
-        Ok(()) => progress.done(),
-        Err(e) => progress.error(&[e.to_string()]),
+        Ok(()) => progress.emit(Event::ImageDone),
+        Err(e) => progress.emit(Event::error(&e.to_string())),
     }
     drop(progress);
     if let Some(mut m) = monitor {
@@ -376,8 +375,7 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
     }
     let mut plan = Plan::default();
     plan.add("hostname", Some(&name))?;
-    let quiet = Progress::new(ProgressMode::None);
-    Ok(job::customize(&disk, plan, false, &settings(&config), &quiet, interrupt).await?)
+    Ok(job::customize(&disk, plan, false, &settings(&config), &Silent, interrupt).await?)
 }
 
 /// `import`: a raw disk stream on stdin onto `DISK_0_PATH`; an interrupt (Ganeti aborting the

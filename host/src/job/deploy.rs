@@ -2,7 +2,7 @@
 //! --target-format liveimg`, and Ganeti's `create` all go through here.
 
 use super::write::{WriteRequest, Written};
-use super::{blocking, customize, JobError, VmSettings};
+use super::{announce_random_passwords, blocking, customize, JobError, VmSettings};
 use crate::ops::Plan;
 use crate::progress::Progress;
 use crate::source::liveimg::{self, LiveimgError, TempPath};
@@ -24,11 +24,11 @@ pub enum DeployTarget {
 /// (no partial output).
 pub async fn write(
     request: &WriteRequest,
-    progress: Arc<Progress>,
+    progress: Arc<dyn Progress>,
     interrupt: &Interrupt,
 ) -> Result<Written, JobError> {
     let request = request.clone();
-    cancellable("the writer", interrupt, move |cancel| super::write::write(&request, &progress, cancel)).await
+    cancellable("the writer", interrupt, move |cancel| super::write::write(&request, progress.as_ref(), cancel)).await
 }
 
 /// Runs the blocking `f` off the async runtime with a flag that an interrupt raises; `f` is
@@ -58,7 +58,7 @@ pub async fn customize_written(
     request: &WriteRequest,
     plan: Plan,
     settings: &VmSettings,
-    progress: &Progress,
+    progress: &dyn Progress,
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
     if plan.is_empty() && !written.bare_filesystem {
@@ -70,24 +70,26 @@ pub async fn customize_written(
 /// Writes `request`'s image, then customizes it with `plan`.
 pub async fn deploy(
     request: &WriteRequest,
-    plan: Plan,
+    mut plan: Plan,
     settings: &VmSettings,
-    progress: Arc<Progress>,
+    progress: Arc<dyn Progress>,
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
+    announce_random_passwords(&mut plan, progress.as_ref());
     let written = write(request, progress.clone(), interrupt).await?;
-    customize_written(&written, request, plan, settings, &progress, interrupt).await
+    customize_written(&written, request, plan, settings, progress.as_ref(), interrupt).await
 }
 
 /// liveimg → customized liveimg: the rootfs out to a temporary file beside the target,
 /// customized there (grown first when `request.size` asks for room), repacked into the target.
 pub async fn deploy_liveimg(
     request: &WriteRequest,
-    plan: Plan,
+    mut plan: Plan,
     settings: &VmSettings,
-    progress: Arc<Progress>,
+    progress: Arc<dyn Progress>,
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
+    announce_random_passwords(&mut plan, progress.as_ref());
     let source = match &request.image {
         Location::Path(p) => p.clone(),
         Location::Url(u) => return Err(LiveimgError::Remote(u.clone()).into()),
@@ -99,8 +101,8 @@ pub async fn deploy_liveimg(
     if !written.bare_filesystem {
         return Err(LiveimgError::NotALiveimg { name: source, format: written.format.name() }.into());
     }
-    customize(&rootfs.0, plan, request.size.is_some(), settings, &progress, interrupt).await?;
-    progress.message("repacking the liveimg");
+    customize(&rootfs.0, plan, request.size.is_some(), settings, progress.as_ref(), interrupt).await?;
+    progress.status("repacking the liveimg");
     let target = request.target.clone();
     let rootfs_path = rootfs.0.clone();
     let spent = blocking("repack", move || liveimg::repack(&source, &rootfs_path, &target)).await??;

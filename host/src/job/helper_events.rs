@@ -1,7 +1,7 @@
 //! A helper VM run's events turned into progress: phases (and the `-v` phase table), the
 //! console with `-v`, task starts and ends, warnings, and the `CHECK` results of `verify`.
 
-use crate::progress::Progress;
+use crate::progress::{HelperEvent, Progress};
 use crate::vm::{self, Interrupt, VmError, VmEvent, VmSpec};
 use imgforge_protocol::report::ReportLine;
 
@@ -35,7 +35,7 @@ pub type CheckResult = (bool, String, String);
 pub(super) async fn run_vm(
     spec: &VmSpec,
     verbose: bool,
-    progress: &Progress,
+    progress: &dyn Progress,
     interrupt: &Interrupt,
 ) -> Result<(vm::VmOutcome, Vec<CheckResult>), VmError> {
     let mut checks = Vec::new();
@@ -51,7 +51,7 @@ pub(super) async fn run_vm(
             let since = started;
             let mark = |name: String, guest: Option<u64>, timeline: &mut Timeline| {
                 let host = since.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
-                progress.phase(&name, host, guest);
+                progress.emit(HelperEvent::Phase { phase: name.clone(), host_ms: host, guest_ms: guest }.into());
                 timeline.phases.push((name, host, guest));
             };
             match event {
@@ -69,21 +69,23 @@ pub(super) async fn run_vm(
                         mark("first console line".into(), None, &mut timeline);
                     }
                     if verbose {
-                        progress.println(&format!("helper: {line}"));
+                        progress.note(&format!("helper: {line}"));
                     }
                 }
                 VmEvent::Report(line) => match line {
-                    ReportLine::TaskStart { task } => progress.helper("task-start", &task, None),
+                    ReportLine::TaskStart { task } => progress.emit(HelperEvent::TaskStart { task }.into()),
                     ReportLine::TaskEnd { task, millis } => {
                         tracing::info!(%task, millis, "task done");
                         mark(format!("task {task}"), None, &mut timeline);
-                        progress.helper("task-end", &task, None)
+                        progress.emit(HelperEvent::TaskEnd { task }.into())
                     }
                     ReportLine::Warning { task, message } => {
                         tracing::warn!(%task, "{message}");
-                        progress.helper("warning", &task, Some(&message))
+                        progress.emit(HelperEvent::Warning { task, messages: vec![message] }.into())
                     }
-                    ReportLine::Error { task, message } => progress.helper("error", &task, Some(&message)),
+                    ReportLine::Error { task, message } => {
+                        progress.emit(HelperEvent::Error { task, messages: vec![message] }.into())
+                    }
                     ReportLine::Phase { name, uptime_ms } => {
                         mark(format!("helper {name}"), Some(uptime_ms), &mut timeline)
                     }
@@ -94,7 +96,7 @@ pub(super) async fn run_vm(
         }
         if let Some(s) = started {
             let host = s.elapsed().as_millis() as u64;
-            progress.phase("qemu exited", host, None);
+            progress.emit(HelperEvent::Phase { phase: "qemu exited".into(), host_ms: host, guest_ms: None }.into());
             timeline.phases.push(("qemu exited".into(), host, None));
         }
         timeline
@@ -106,7 +108,7 @@ pub(super) async fn run_vm(
     };
     let (result, timeline) = tokio::join!(run, forward);
     if verbose && !timeline.phases.is_empty() {
-        progress.println(timeline.render().trim_end());
+        progress.note(timeline.render().trim_end());
     }
     Ok((result?, checks))
 }

@@ -20,7 +20,7 @@ pub use helper_events::{CheckResult, Timeline};
 
 use crate::helper_image::{self, BuildError};
 use crate::ops::Plan;
-use crate::progress::Progress;
+use crate::progress::{Event, ImageInfo, Progress, Secret};
 use crate::vm::privilege::{self, PrivilegeError};
 use crate::vm::{self, accel::Accel, Interrupt, VmError, VmOutcome, VmSpec};
 use floppy::FloppyError;
@@ -147,14 +147,12 @@ impl Job {
         rules: Rules,
         payload: &[crate::ops::PayloadFile],
         settings: &VmSettings,
-        progress: &Progress,
+        progress: &dyn Progress,
     ) -> Result<Job, JobError> {
         let target = target::open(disk)?;
         let user = privilege::for_this_process(&settings.helper_user)?;
-        progress.image_info(
-            serde_json::json!({"path": target.path, "format": target.format.as_str(), "size": target.size}),
-        );
-        progress.message("preparing the helper image");
+        progress.emit(ImageInfo::disk(&target.path, target.format.as_str(), target.size).into());
+        progress.status("preparing the helper image");
         let cache = helper_image::cache_dir();
         let image = {
             let cache = cache.clone();
@@ -197,16 +195,21 @@ impl Job {
     }
 
     /// Boots the helper VM on the prepared disk and collects its report.
-    pub async fn run(&self, verbose: bool, progress: &Progress, interrupt: &Interrupt) -> Result<RunResult, JobError> {
-        progress.message("booting the helper VM");
+    pub async fn run(
+        &self,
+        verbose: bool,
+        progress: &dyn Progress,
+        interrupt: &Interrupt,
+    ) -> Result<RunResult, JobError> {
+        progress.status("booting the helper VM");
         let (outcome, checks) = helper_events::run_vm(&self.spec, verbose, progress, interrupt).await?;
         Ok(RunResult { outcome, checks })
     }
 
     /// Commits the helper's writes into the disk. Past this point an interrupt waits for the
     /// commit: a half-committed disk is the one outcome worse than either before or after.
-    pub async fn commit(self, progress: &Progress) -> Result<(), JobError> {
-        progress.message("committing the changes");
+    pub async fn commit(self, progress: &dyn Progress) -> Result<(), JobError> {
+        progress.status("committing the changes");
         let Job { target, overlay, _work, .. } = self;
         let bytes = overlay.allocated_bytes();
         let (spent, overlay) = blocking("commit", move || overlay.commit().map(|d| (d, overlay))).await??;
@@ -223,12 +226,13 @@ impl Job {
 /// filesystem to the disk's size. The disk changes only if every task succeeded.
 pub async fn customize(
     disk: &Path,
-    plan: Plan,
+    mut plan: Plan,
     grow_filesystem: bool,
     settings: &VmSettings,
-    progress: &Progress,
+    progress: &dyn Progress,
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
+    announce_random_passwords(&mut plan, progress);
     let mut rules = Rules::new();
     rules.operations = plan.operations;
     rules.rpms = plan.rpms;
@@ -252,6 +256,15 @@ pub async fn customize(
             Err(JobError::TaskFailed { task, message })
         }
         Verdict::Incomplete { .. } => unreachable!("vm::run turns an incomplete report into an error"),
+    }
+}
+
+/// Emits a `random-password` event for each random password `plan` sets, at the start of the
+/// job that sets them; they are taken out of the plan, so a later step of the same job does
+/// not announce them again.
+fn announce_random_passwords(plan: &mut Plan, progress: &dyn Progress) {
+    for (user, password) in std::mem::take(&mut plan.random_passwords) {
+        progress.emit(Event::RandomPassword { user, password: Secret::new(password) });
     }
 }
 

@@ -3,7 +3,7 @@
 //! the image is never modified (the helper works on an overlay that is thrown away).
 
 use super::{Job, JobError, VmSettings};
-use crate::progress::{Progress, ProgressMode};
+use crate::progress::Silent;
 use crate::source::{self, Format, Location, SourceError};
 use crate::vm::Interrupt;
 use imgforge_protocol::report::Verdict;
@@ -86,7 +86,6 @@ pub async fn run(
         .prefix("imgforge-verify-")
         .tempdir()
         .map_err(|source| JobError::WorkDir { dir: tmp, source })?;
-    let quiet = Progress::new(ProgressMode::None);
     // Disks are checked where they are; anything else (liveimg, compressed) is unpacked first.
     let disk = match source::detect(&header) {
         Format::Raw | Format::Qemu("qcow2") => image.to_owned(),
@@ -101,7 +100,7 @@ pub async fn run(
                 backing_file: None,
             };
             let cancel = AtomicBool::new(false);
-            super::blocking("unpacking", move || super::write::write(&request, &quiet, &cancel))
+            super::blocking("unpacking", move || super::write::write(&request, &Silent, &cancel))
                 .await?
                 .map_err(JobError::from)?;
             unpacked
@@ -111,9 +110,8 @@ pub async fn run(
     rules.verify = true;
     rules.required_packages = packages.to_vec();
     rules.verbose = settings.trace_tasks;
-    let quiet = Progress::new(ProgressMode::None);
-    let job = Job::prepare(&disk, rules, &[], settings, &quiet).await?;
-    let result = job.run(settings.show_console, &quiet, interrupt).await?;
+    let job = Job::prepare(&disk, rules, &[], settings, &Silent).await?;
+    let result = job.run(settings.show_console, &Silent, interrupt).await?;
     job.discard();
     let checks: Vec<Check> = result.checks.into_iter().map(|(ok, name, detail)| Check { name, ok, detail }).collect();
     let error = match result.outcome.verdict {

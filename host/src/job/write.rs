@@ -1,6 +1,6 @@
 //! `imgforge write`: any supported source onto a block device or file, streamed with direct I/O.
 
-use crate::progress::Progress;
+use crate::progress::{Event, ImageInfo, Progress};
 use crate::source::{self, Format, Location, SourceError};
 use crate::stream::destination::{Destination, DestinationError, DestinationOptions};
 use crate::stream::{self, RawFile, StreamError, StreamOptions};
@@ -154,7 +154,7 @@ pub fn check_sha256_arg(text: &str) -> Result<String, String> {
 }
 
 /// Writes the image (blocking; run it off the async runtime).
-pub fn write(req: &WriteRequest, progress: &Progress, cancel: &AtomicBool) -> Result<Written, WriteError> {
+pub fn write(req: &WriteRequest, progress: &dyn Progress, cancel: &AtomicBool) -> Result<Written, WriteError> {
     match &req.image {
         Location::Path(path) => write_path(req, path, progress, cancel),
         Location::Url(url) => write_url(req, url, progress, cancel),
@@ -186,7 +186,7 @@ fn stream_options<'a>(
 fn write_path(
     req: &WriteRequest,
     path: &Path,
-    progress: &Progress,
+    progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Written, WriteError> {
     let name = path.display().to_string();
@@ -200,13 +200,12 @@ fn write_path(
         .into());
     }
     let format = source::detect(&header);
-    let report = |p: u64, t: Option<u64>| progress.copy_progress(p, t);
+    let report = |p: u64, t: Option<u64>| progress.emit(Event::copy_progress(p, t));
     let hasher = Arc::new(Mutex::new(Sha256::new()));
     match format {
         Format::Raw => {
             let size = source_size(path, &meta)?;
-            progress
-                .image_info(serde_json::json!({"source": name, "format": "raw", "size": size, "target": req.target}));
+            progress.emit(ImageInfo::source(&name, "raw", Some(size), &req.target).into());
             let dest = open_destination(req, Some(size), Some(path))?;
             let file = std::fs::File::open(path).map_err(io)?;
             let opts = stream_options(name.clone(), Some(size), &report, cancel);
@@ -220,9 +219,7 @@ fn write_path(
         }
         Format::Gzip | Format::Xz | Format::Zstd => {
             let size = crate::source::decompress::uncompressed_size(format, path);
-            progress.image_info(
-                serde_json::json!({"source": name, "format": format.name(), "size": size, "target": req.target}),
-            );
+            progress.emit(ImageInfo::source(&name, format.name(), size, &req.target).into());
             let dest = open_destination(req, size, Some(path))?;
             let file = std::fs::File::open(path).map_err(io)?;
             let mut r = stream::Stream(crate::source::decompress::decompressor(
@@ -238,9 +235,7 @@ fn write_path(
             verify_file_sha(path, &req.sha256, cancel)?;
             let image = crate::source::qemu::open(path, qemu_format, req.backing_file.as_deref())?;
             let size = image.info.virtual_size;
-            progress.image_info(
-                serde_json::json!({"source": name, "format": qemu_format, "size": size, "target": req.target}),
-            );
+            progress.emit(ImageInfo::source(&name, qemu_format, Some(size), &req.target).into());
             let dest = open_destination(req, Some(size), Some(path))?;
             let mut r = image.into_reader();
             let opts = stream_options(name.clone(), Some(size), &report, cancel);
@@ -287,7 +282,7 @@ fn open_squashfs(path: &Path) -> Result<backhand::FilesystemReader<'static>, Wri
 fn write_liveimg(
     req: &WriteRequest,
     path: &Path,
-    progress: &Progress,
+    progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Written, WriteError> {
     let name = path.display().to_string();
@@ -296,20 +291,23 @@ fn write_liveimg(
         name: name.clone(),
         reason: format!("a squashfs without {}: not a liveimg", LIVEIMG_ROOTFS.join(" or ")),
     })?;
-    progress.image_info(
-        serde_json::json!({"source": name, "format": "liveimg", "rootfs": inner, "size": size, "target": req.target}),
-    );
+    progress.emit(ImageInfo::source(&name, "liveimg", Some(size), &req.target).with_rootfs(&inner).into());
     let node = fs.files().find(|n| n.fullpath == Path::new(&inner)).expect("found above");
     let backhand::InnerNode::File(file) = &node.inner else { unreachable!("checked above") };
     let dest = open_destination(req, Some(size), Some(path))?;
-    let report = |p: u64, t: Option<u64>| progress.copy_progress(p, t);
+    let report = |p: u64, t: Option<u64>| progress.emit(Event::copy_progress(p, t));
     let mut r = stream::Stream(fs.file(file).reader());
     let stats = stream::copy(&mut r, dest, &stream_options(format!("{name}:{inner}"), Some(size), &report, cancel))
         .map_err(|e| decode_failure(e, &name, Format::Squashfs))?;
     Ok(Written { format: Format::Squashfs, bytes: stats.bytes, bare_filesystem: true })
 }
 
-fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &AtomicBool) -> Result<Written, WriteError> {
+fn write_url(
+    req: &WriteRequest,
+    url: &str,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Written, WriteError> {
     let mut dl = source::download(url)?;
     let header = dl.peek(url)?;
     let format = source::detect(&header);
@@ -323,9 +321,9 @@ fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &Atomic
     match format {
         Format::Raw | Format::Gzip | Format::Xz | Format::Zstd => {
             let size = if format == Format::Raw { length } else { None };
-            progress.image_info(serde_json::json!({"source": url, "format": format.name(), "size": size, "download_size": length, "target": req.target}));
+            progress.emit(ImageInfo::source(url, format.name(), size, &req.target).with_download_size(length).into());
             let dest = open_destination(req, size, None)?;
-            let report = |p: u64, t: Option<u64>| progress.copy_progress(p, t);
+            let report = |p: u64, t: Option<u64>| progress.emit(Event::copy_progress(p, t));
             let mut r = stream::Stream(crate::source::decompress::decompressor(format, hashed));
             let stats =
                 stream::copy_verified(&mut r, dest, &stream_options(url.to_owned(), size, &report, cancel), &|| {
@@ -366,7 +364,7 @@ fn write_url(req: &WriteRequest, url: &str, progress: &Progress, cancel: &Atomic
                     source,
                 })?;
                 done += n as u64;
-                progress.copy_progress(done, length);
+                progress.emit(Event::copy_progress(done, length));
             }
             check_sha(url, &req.sha256, &hasher).map_err(StreamError::Verify)?;
             let local = WriteRequest { image: Location::Path(tmp.path().to_owned()), sha256: None, ..req.clone() };

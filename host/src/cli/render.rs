@@ -1,0 +1,122 @@
+//! How the command line shows the progress stream (`--progress auto|bar|json|none`): an
+//! indicatif bar on stderr, JSON lines on stdout, or nothing; and the random passwords a job
+//! sets, on stdout, or on stderr when stdout carries JSON.
+
+use crate::progress::{Event, HelperEvent, JsonLines, Progress};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+/// How often the spinner turns.
+const SPINNER_TICK_MILLIS: u64 = 120;
+
+/// The `--progress` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// A bar on a terminal, nothing otherwise.
+    Auto,
+    /// Always a bar (on stderr).
+    Bar,
+    /// One JSON object a line on stdout.
+    Json,
+    /// Nothing.
+    None,
+}
+
+/// The renderer for `mode` (`auto` looks at whether stderr is a terminal).
+pub fn renderer(mode: ProgressMode) -> Arc<dyn Progress> {
+    match mode {
+        ProgressMode::Json => Arc::new(JsonStdout(JsonLines::new(std::io::stdout()))),
+        ProgressMode::Bar => Arc::new(Terminal::with_bar()),
+        ProgressMode::Auto if std::io::stderr().is_terminal() => Arc::new(Terminal::with_bar()),
+        ProgressMode::Auto | ProgressMode::None => Arc::new(Terminal { bar: None }),
+    }
+}
+
+/// What the user is told of a random password.
+fn random_password_line(user: &str, password: &str) -> String {
+    format!("Setting random password of {user} to {password}")
+}
+
+/// For a person: a bar on stderr (or nothing), random passwords on stdout.
+struct Terminal {
+    bar: Option<ProgressBar>,
+}
+
+impl Terminal {
+    fn with_bar() -> Self {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("static template"));
+        bar.enable_steady_tick(std::time::Duration::from_millis(SPINNER_TICK_MILLIS));
+        Self { bar: Some(bar) }
+    }
+
+    fn copy_progress(bar: &ProgressBar, position: u64, total: Option<u64>) {
+        if bar.length() != total {
+            match total {
+                Some(t) => {
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                        )
+                        .expect("static template"),
+                    );
+                    bar.set_length(t);
+                }
+                None => bar.unset_length(),
+            }
+        }
+        bar.set_position(position);
+    }
+}
+
+impl Progress for Terminal {
+    fn emit(&self, event: Event) {
+        match event {
+            Event::RandomPassword { user, password } => {
+                let line = random_password_line(&user, password.expose());
+                match &self.bar {
+                    Some(bar) => bar.suspend(|| println!("{line}")),
+                    None => println!("{line}"),
+                }
+            }
+            Event::ImageCopyProgress { position, total, .. } => {
+                if let Some(bar) = &self.bar {
+                    Self::copy_progress(bar, position, total);
+                }
+            }
+            Event::ImageHelper(HelperEvent::TaskStart { task }) => self.status(&format!("helper: {task}")),
+            Event::ImageDone | Event::ImageError { .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.finish_and_clear();
+                }
+            }
+            Event::ImageInfo(_) | Event::ImageHelper(_) => {}
+        }
+    }
+
+    fn status(&self, text: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(text.to_owned());
+        }
+    }
+
+    fn note(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+/// For a program: JSON lines on stdout, so whatever a person is told goes to stderr.
+struct JsonStdout(JsonLines<std::io::Stdout>);
+
+impl Progress for JsonStdout {
+    fn emit(&self, event: Event) {
+        if let Event::RandomPassword { user, password } = &event {
+            eprintln!("{}", random_password_line(user, password.expose()));
+        }
+        self.0.emit(event);
+    }
+}
