@@ -8,7 +8,7 @@
 //! implies (then the CPU model is narrowed and tried again), or the guest never runs (silence).
 
 use super::accel::{self, KvmVerdict};
-use super::privilege::{self, Unprivileged};
+use super::privilege::Unprivileged;
 use super::{cmdline, Interrupt, VmError, KVM_SIGN_OF_LIFE};
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -19,8 +19,6 @@ use std::time::Duration;
 
 /// How many CPU models are tried before KVM is judged broken.
 const MAX_CPU_MODELS: usize = 4;
-/// How much of qemu's stderr is kept for the verdict.
-const STDERR_LIMIT_BYTES: u64 = 4096;
 /// How long a qemu whose console closed may take to exit and finish its error output.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -105,23 +103,8 @@ async fn attempt(
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     let args = cmdline::probe_args(cpu, kernel_file.as_raw_fd(), console_w.as_raw_fd());
     tracing::debug!(qemu = %qemu.display(), args = %args.join(" "), "probing KVM");
-    let kvm_groups = privilege::kvm_device_groups();
-    let mut command = tokio::process::Command::new(qemu);
-    command
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
     let inherited = vec![kernel_file.as_raw_fd(), console_w.as_raw_fd()];
-    // SAFETY: child_setup runs only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        command.pre_exec(privilege::child_setup(inherited, user.cloned(), kvm_groups));
-    }
-    let mut child = command.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => VmError::QemuNotFound(qemu.to_owned()),
-        _ => VmError::Setup(format!("cannot start {}: {e}", qemu.display())),
-    })?;
+    let mut child = super::spawn_confined(qemu, &args, inherited, user, true)?;
     drop((console_w, kernel_file));
 
     // The first byte on the console, or EOF when qemu is gone.
@@ -134,14 +117,8 @@ async fn attempt(
         // Drain, so that qemu never blocks on a full pipe before it is killed.
         let _ = std::io::copy(&mut console_r, &mut std::io::sink());
     });
-    let mut stderr = child.stderr.take().ok_or_else(|| VmError::Setup("qemu's stderr is not piped".into()))?;
-    let stderr_task = tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = Vec::new();
-        let _ = (&mut stderr).take(STDERR_LIMIT_BYTES).read_to_end(&mut buf).await;
-        let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
-        String::from_utf8_lossy(&buf).trim().to_string()
-    });
+    let stderr = child.stderr.take().ok_or_else(|| VmError::Setup("qemu's stderr is not piped".into()))?;
+    let stderr_task = super::spawn_stderr_reader(stderr);
 
     let outcome = tokio::select! {
         printed = printed_rx => match printed {

@@ -460,31 +460,41 @@ fn inherited_fds(config: &QemuConfig) -> Vec<RawFd> {
 
 /// Starts qemu confined: as the unprivileged user, with only the descriptors `config` names.
 fn spawn_qemu(spec: &VmSpec, accel: Accel, config: &QemuConfig) -> Result<tokio::process::Child, VmError> {
-    let inherited = inherited_fds(config);
     let args = cmdline::args(config);
     tracing::debug!(qemu = %spec.qemu.display(), args = %args.join(" "), "starting the helper VM");
+    spawn_confined(&spec.qemu, &args, inherited_fds(config), spec.user.as_ref(), accel == Accel::Kvm)
+}
 
-    let user = spec.user.clone();
-    let kvm_groups = if accel == Accel::Kvm { privilege::kvm_device_groups() } else { Vec::new() };
-    let mut command = tokio::process::Command::new(&spec.qemu);
+/// Starts `qemu` with `args` as `user` (when imgforge runs as root), keeping only `inherited`
+/// descriptors, with no input or output but a piped stderr, killed with imgforge; `kvm`: with
+/// the group that may open /dev/kvm.
+pub(crate) fn spawn_confined(
+    qemu: &Path,
+    args: &[String],
+    inherited: Vec<RawFd>,
+    user: Option<&Unprivileged>,
+    kvm: bool,
+) -> Result<tokio::process::Child, VmError> {
+    let kvm_groups = if kvm { privilege::kvm_device_groups() } else { Vec::new() };
+    let mut command = tokio::process::Command::new(qemu);
     command
-        .args(&args)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     // SAFETY: only async-signal-safe syscalls run between fork and exec.
     unsafe {
-        command.pre_exec(privilege::child_setup(inherited, user, kvm_groups));
+        command.pre_exec(privilege::child_setup(inherited, user.cloned(), kvm_groups));
     }
     command.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => VmError::QemuNotFound(spec.qemu.clone()),
-        _ => VmError::Setup(format!("cannot start {}: {e}", spec.qemu.display())),
+        std::io::ErrorKind::NotFound => VmError::QemuNotFound(qemu.to_owned()),
+        _ => VmError::Setup(format!("cannot start {}: {e}", qemu.display())),
     })
 }
 
 /// Keeps the start of qemu's stderr, up to [`STDERR_LIMIT_BYTES`].
-fn spawn_stderr_reader(mut stderr: tokio::process::ChildStderr) -> tokio::task::JoinHandle<String> {
+pub(crate) fn spawn_stderr_reader(mut stderr: tokio::process::ChildStderr) -> tokio::task::JoinHandle<String> {
     tokio::spawn(async move {
         use tokio::io::AsyncReadExt;
         let mut buf = Vec::new();
