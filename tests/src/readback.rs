@@ -96,9 +96,51 @@ pub fn shadow_field(shadow: &str, user: &str) -> Result<String> {
     bail!("no shadow entry for {user}")
 }
 
+/// Checks that `field` (an `/etc/shadow` password field) is `password` hashed as imgforge writes
+/// it, the layout of glibc's crypt(3): `$6$<16-char salt>$<86-char hash>`, no `rounds=` for
+/// the default rounds. Verified with sha-crypt.
+pub fn check_sha512_crypt(password: &str, field: &str) -> Result<()> {
+    use sha_crypt::PasswordVerifier;
+    let parts: Vec<&str> = field.split('$').collect();
+    let crypt_char = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '/';
+    let layout = parts.len() == 4
+        && parts[0].is_empty()
+        && parts[1] == "6"
+        && parts[2].len() == 16
+        && parts[3].len() == 86
+        && parts[2].chars().chain(parts[3].chars()).all(crypt_char);
+    if !layout {
+        bail!("{field:?} is not $6$<16-char salt>$<86-char hash>");
+    }
+    sha_crypt::ShaCrypt::default()
+        .verify_password(password.as_bytes(), field)
+        .map_err(|e| anyhow::anyhow!("the password does not verify against {field:?}: {e}"))
+}
+
 /// True if `password` matches the crypt(3) `hash` (any method the host's libcrypt knows:
 /// SHA-512, SHA-256, yescrypt, ...), checked with Python's crypt module.
 pub fn password_matches(password: &str, hash: &str) -> bool {
     let check = format!("import crypt,sys; sys.exit(0 if crypt.crypt({password:?}, {hash:?}) == {hash:?} else 1)");
     Command::new("python3").args(["-W", "ignore", "-c", &check]).status().is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// glibc's crypt(3) of `hunter2` with the salt `saltsaltsaltsalt` (Python's `crypt.crypt`).
+    const GLIBC: &str =
+        "$6$saltsaltsaltsalt$dJX0KuyM7nCXuBPN.nYtdrJDotQEB1rFBumzix6FHzliKxLBinGY49pMJNvCoNf9fHmNyZ1IgX/glbcKhuXoh.";
+
+    #[test]
+    fn sha512_crypt_layout_and_password() {
+        check_sha512_crypt("hunter2", GLIBC).unwrap();
+        assert!(check_sha512_crypt("hunter3", GLIBC).is_err());
+        // The same hash with the default rounds spelled out, and SHA-256, are not our layout.
+        let rounds = GLIBC.replacen("$6$", "$6$rounds=5000$", 1);
+        assert!(check_sha512_crypt("hunter2", &rounds).is_err());
+        assert!(
+            check_sha512_crypt("hunter2", "$5$saltsaltsaltsalt$LTm0e1epoLCOhH8WjaKAzYHFbzuOTFXssEJnxJiG5YC").is_err()
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! back with the test's own loop mounts.
 
 use imgforge_tests::fixtures::{self, Shape, FIXTURE_USER};
-use imgforge_tests::readback::{shadow_field, Mount};
+use imgforge_tests::readback::{check_sha512_crypt, shadow_field, Mount};
 use imgforge_tests::run::{code, customize_tcg, holders, imgforge, s};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
@@ -90,9 +90,8 @@ fn every_operation_on_a_dos_ext4_disk() {
     assert_eq!(m.read("/etc/hostname").unwrap(), "web1.example.com\n");
     assert!(m.read("/etc/hosts").unwrap().contains("127.0.1.1\tweb1.example.com web1\n"));
     let shadow = m.read("/etc/shadow").unwrap();
-    sha_crypt::sha512_check("Root-Pw-1", &shadow_field(&shadow, "root").unwrap()).expect("root password verifies");
-    sha_crypt::sha512_check("Alice-Pw-2", &shadow_field(&shadow, FIXTURE_USER).unwrap())
-        .expect("alice password verifies");
+    check_sha512_crypt("Root-Pw-1", &shadow_field(&shadow, "root").unwrap()).expect("root password verifies");
+    check_sha512_crypt("Alice-Pw-2", &shadow_field(&shadow, FIXTURE_USER).unwrap()).expect("alice password verifies");
     let shadow_meta = std::fs::metadata(m.join("/etc/shadow")).unwrap();
     assert_eq!(shadow_meta.mode() & 0o777, 0o640, "shadow keeps its mode");
 

@@ -1,7 +1,7 @@
 //! `imgforge deploy`: stream, then customize in the helper, one command, one exit status.
 
 use imgforge_tests::fixtures::{self, sh, Shape};
-use imgforge_tests::readback::{shadow_field, Mount};
+use imgforge_tests::readback::{check_sha512_crypt, shadow_field, Mount};
 use imgforge_tests::run::{code, imgforge, s};
 use std::process::Command;
 
@@ -56,7 +56,7 @@ fn liveimg_onto_a_larger_target_grows_and_customizes() {
         .find_map(|l| l.strip_prefix("Setting random password of root to "))
         .expect("the random password is told on stderr");
     assert!(!String::from_utf8_lossy(&out.stdout).contains(password), "the password is in the JSON stream");
-    sha_crypt::sha512_check(password, &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap())
+    check_sha512_crypt(password, &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap())
         .expect("the random password is root's");
 }
 

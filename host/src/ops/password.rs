@@ -98,25 +98,64 @@ impl std::fmt::Debug for ShadowField {
 /// Length of generated passwords, as virt-customize.
 const RANDOM_PASSWORD_LEN: usize = 16;
 
-/// Hashes clear text with SHA-512 crypt and a random salt.
+/// crypt(3)'s default SHA-crypt rounds, which it leaves out of the hash (no `rounds=` field).
+const ROUNDS_DEFAULT: u32 = 5000;
+
+/// Random bytes in a salt. SHA-crypt uses at most 16 salt characters of `./0-9A-Za-z`; sha-crypt
+/// takes the salt as bytes and writes them in crypt's base64, where 12 bytes are exactly 16
+/// characters (so every such salt is equally likely).
+const SALT_BYTES: usize = 12;
+
+/// Hashes clear text with SHA-512 crypt and a random salt: `$6$<16-char salt>$<86-char hash>`.
 pub fn sha512_crypt(password: &str) -> Result<String, PasswordError> {
-    let params =
-        sha_crypt::Sha512Params::new(sha_crypt::ROUNDS_DEFAULT).map_err(|e| PasswordError::Hash(format!("{e:?}")))?;
-    sha_crypt::sha512_simple(password, &params).map_err(|e| PasswordError::Hash(format!("{e:?}")))
+    crypt_with_salt(password, sha_crypt::Algorithm::Sha512Crypt, &random_salt())
 }
 
-/// Hashes clear text with SHA-256 crypt and a random salt.
+/// Hashes clear text with SHA-256 crypt and a random salt: `$5$<16-char salt>$<43-char hash>`.
 pub fn sha256_crypt(password: &str) -> Result<String, PasswordError> {
-    let params =
-        sha_crypt::Sha256Params::new(sha_crypt::ROUNDS_DEFAULT).map_err(|e| PasswordError::Hash(format!("{e:?}")))?;
-    sha_crypt::sha256_simple(password, &params).map_err(|e| PasswordError::Hash(format!("{e:?}")))
+    crypt_with_salt(password, sha_crypt::Algorithm::Sha256Crypt, &random_salt())
+}
+
+fn random_salt() -> [u8; SALT_BYTES] {
+    use rand::Rng;
+    let mut salt = [0; SALT_BYTES];
+    rand::rng().fill_bytes(&mut salt);
+    salt
+}
+
+/// SHA-crypt with default rounds, formatted as glibc's crypt(3): `$<id>$<salt>$<hash>`.
+fn crypt_with_salt(
+    password: &str,
+    algorithm: sha_crypt::Algorithm,
+    salt: &[u8; SALT_BYTES],
+) -> Result<String, PasswordError> {
+    use sha_crypt::PasswordHasher;
+    let hash_err = |e: &dyn std::fmt::Display| PasswordError::Hash(e.to_string());
+    let params = sha_crypt::Params::new(ROUNDS_DEFAULT).map_err(|e| hash_err(&e))?;
+    let full = sha_crypt::ShaCrypt::new(algorithm, params)
+        .hash_password_with_salt(password.as_bytes(), salt)
+        .map_err(|e| hash_err(&e))?;
+    // sha-crypt always writes the rounds (`$6$rounds=5000$SALT$HASH`); crypt(3) leaves the
+    // default out (`$6$SALT$HASH`), as sha-crypt 0.5 did for the hashes we wrote before.
+    let mut fields = full.fields();
+    let (Some(rounds), Some(salt), Some(hash), None) = (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return Err(hash_err(&"sha-crypt wrote an unexpected hash layout"));
+    };
+    if rounds.as_str() != format!("rounds={ROUNDS_DEFAULT}") {
+        return Err(hash_err(&"sha-crypt wrote unexpected rounds"));
+    }
+    let mut short = sha_crypt::PasswordHash::from_id(full.id()).map_err(|e| hash_err(&e))?;
+    short.push_field(salt);
+    short.push_field(hash);
+    Ok(short.into())
 }
 
 fn random_password() -> String {
-    use rand::Rng;
+    use rand::RngExt;
     const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut rng = rand::thread_rng();
-    (0..RANDOM_PASSWORD_LEN).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
+    let mut rng = rand::rng();
+    (0..RANDOM_PASSWORD_LEN).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
 }
 
 impl PasswordSelector {
@@ -150,6 +189,77 @@ impl PasswordSelector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha_crypt::PasswordVerifier;
+
+    /// Checks `password` against a SHA-crypt hash (either method, as the hash says).
+    fn verify(password: &str, hash: &str) -> Result<(), sha_crypt::password_hash::Error> {
+        sha_crypt::ShaCrypt::default().verify_password(password.as_bytes(), hash)
+    }
+
+    /// The bytes whose crypt base64 is the salt `saltsaltsaltsalt` (decoded with base64ct's
+    /// `Base64ShaCrypt`, the encoding sha-crypt writes salts in).
+    const SALT_SALT: [u8; SALT_BYTES] = [184, 25, 231, 184, 25, 231, 184, 25, 231, 184, 25, 231];
+    /// The bytes whose crypt base64 is the salt `./09AZaz.Zz9/aA0`.
+    const SALT_MIXED: [u8; SALT_BYTES] = [64, 32, 44, 76, 105, 254, 64, 249, 47, 129, 201, 8];
+
+    /// Our hashes against glibc's crypt(3) for the same password and salt, computed with
+    /// Python 3.11's `crypt.crypt('hunter2', '$6$saltsaltsaltsalt')` (and `$5$`, and the second
+    /// pair) and matched by `openssl passwd -6 -salt saltsaltsaltsalt hunter2` (and `-5`).
+    #[test]
+    fn matches_glibc_crypt() {
+        use sha_crypt::Algorithm::{Sha256Crypt, Sha512Crypt};
+        let cases = [
+            (
+                "hunter2",
+                Sha512Crypt,
+                SALT_SALT,
+                "$6$saltsaltsaltsalt$dJX0KuyM7nCXuBPN.nYtdrJDotQEB1rFBumzix6FHzliKxLBinGY49pMJNvCoNf9fHmNyZ1IgX/glbcKhuXoh.",
+            ),
+            ("hunter2", Sha256Crypt, SALT_SALT, "$5$saltsaltsaltsalt$LTm0e1epoLCOhH8WjaKAzYHFbzuOTFXssEJnxJiG5YC"),
+            (
+                "correct horse battery staple",
+                Sha512Crypt,
+                SALT_MIXED,
+                "$6$./09AZaz.Zz9/aA0$xNrdo460lN40fty8q0XOj22uZXKcaKJ/Aav25AR6LvxwW28xys13ohc9zlzOY/I0REimszhV8av0d1T.X4njO.",
+            ),
+            (
+                "correct horse battery staple",
+                Sha256Crypt,
+                SALT_MIXED,
+                "$5$./09AZaz.Zz9/aA0$kAzAnYbbu0fwNlOTy6Zv6Y1pMBNpx5XjH5JU6sipL89",
+            ),
+        ];
+        for (password, algorithm, salt, glibc) in cases {
+            assert_eq!(crypt_with_salt(password, algorithm, &salt).unwrap(), glibc, "{algorithm:?}");
+            verify(password, glibc).unwrap();
+        }
+    }
+
+    /// `$6$` or `$5$`, 16 salt characters from `./0-9A-Za-z`, no `rounds=`, the hash's length.
+    fn assert_crypt_layout(hash: &str, id: &str, hash_len: usize) {
+        let crypt_char = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '/';
+        let fields: Vec<&str> = hash.split('$').collect();
+        assert_eq!(fields.len(), 4, "{hash}");
+        assert_eq!((fields[0], fields[1]), ("", id), "{hash}");
+        assert_eq!(fields[2].len(), 16, "{hash}");
+        assert_eq!(fields[3].len(), hash_len, "{hash}");
+        assert!(fields[2].chars().chain(fields[3].chars()).all(crypt_char), "{hash}");
+    }
+
+    #[test]
+    fn random_salts_have_the_crypt_layout_and_verify() {
+        let a = sha512_crypt("hunter2").unwrap();
+        let b = sha512_crypt("hunter2").unwrap();
+        assert_crypt_layout(&a, "6", 86);
+        assert_crypt_layout(&b, "6", 86);
+        assert_ne!(a, b, "two random salts");
+        verify("hunter2", &a).unwrap();
+        assert!(verify("hunter3", &a).is_err());
+        let c = sha256_crypt("hunter2").unwrap();
+        assert_crypt_layout(&c, "5", 43);
+        verify("hunter2", &c).unwrap();
+        assert!(verify("hunter3", &c).is_err());
+    }
 
     #[test]
     fn parse_table() {
@@ -177,8 +287,8 @@ mod tests {
         assert!(!format!("{sel:?}").contains("hunter2"));
         let f = sel.to_shadow_field().unwrap();
         assert!(f.field.starts_with("$6$"), "{}", f.field);
-        sha_crypt::sha512_check("hunter2", &f.field).unwrap();
-        assert!(sha_crypt::sha512_check("hunter3", &f.field).is_err());
+        verify("hunter2", &f.field).unwrap();
+        assert!(verify("hunter3", &f.field).is_err());
     }
 
     #[test]
@@ -188,7 +298,8 @@ mod tests {
         assert!(locked.field.starts_with("!$6$"));
         let pw = locked.random_password.unwrap();
         assert_eq!(pw.len(), RANDOM_PASSWORD_LEN);
-        sha_crypt::sha512_check(&pw, &locked.field[1..]).unwrap();
+        assert!(pw.chars().all(|c| c.is_ascii_alphanumeric()), "{pw}");
+        verify(&pw, &locked.field[1..]).unwrap();
     }
 
     #[test]
@@ -196,7 +307,7 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), "fromfile\nignored\n").unwrap();
         let field = PasswordSelector::File(f.path().into()).to_shadow_field().unwrap().field;
-        sha_crypt::sha512_check("fromfile", &field).unwrap();
+        verify("fromfile", &field).unwrap();
         let missing = PasswordSelector::File("/nonexistent/pw".into()).to_shadow_field().unwrap_err().to_string();
         assert!(missing.contains("/nonexistent/pw"), "{missing}");
     }
