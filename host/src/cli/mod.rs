@@ -360,7 +360,8 @@ async fn inspect(args: InspectArgs) -> Result<(), Failure> {
     if json {
         println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
     } else {
-        print!("{}", crate::inspect::render(&report));
+        // Labels, partition names and paths come from the image.
+        print!("{}", imgforge_protocol::printable::printable(&crate::inspect::render(&report)));
     }
     Ok(())
 }
@@ -440,7 +441,9 @@ pub fn main() -> std::process::ExitCode {
     match runtime.block_on(dispatch(cli, matches)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("imgforge: {}", f.message);
+            // Messages name images, parameters and what qemu said: all may carry a hostile
+            // image's or tenant's bytes, which a terminal must not obey.
+            eprintln!("imgforge: {}", imgforge_protocol::printable::printable(&f.message));
             std::process::ExitCode::from(f.status as u8)
         }
     }

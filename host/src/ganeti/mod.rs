@@ -276,7 +276,10 @@ fn plan(
             f.write_all(data).map_err(|source| GanetiError::Stage { path: file.path.clone(), source })?;
             plan.add("upload", Some(&format!("{}:{}", local.display(), file.path)))?;
             // Owner and group are guest names: resolved by the guest's own chown.
-            plan.add("run-command", Some(&format!("chown '{}:{}' '{}'", file.owner, file.group, file.path)))?;
+            // The path is the tenant's: quoted, so that a quote in it cannot end the argument.
+            let owner = format!("{}:{}", file.owner, file.group);
+            let chown = format!("chown {} {}", shell_quoted(&owner), shell_quoted(&file.path));
+            plan.add("run-command", Some(&chown))?;
             plan.add("chmod", Some(&format!("{:o}:{}", file.mode, file.path)))?;
         }
     }
@@ -319,7 +322,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
     let image = resolve_image(&config, &params.img_id)?;
-    let work = tempfile::Builder::new().prefix("imgforge-ganeti-").tempdir().map_err(GanetiError::WorkDir)?;
+    let work = crate::vm::privilege::private_tempdir("imgforge-ganeti-").map_err(GanetiError::WorkDir)?;
     let nics = params::nics(&env)?;
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
@@ -332,7 +335,8 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         sha256: None,
         backing_file: None,
     };
-    eprintln!("imgforge: deploying {image} onto {} for {name}", disk.display());
+    let line = format!("imgforge: deploying {image} onto {} for {name}", disk.display());
+    eprintln!("{}", imgforge_protocol::printable::printable(&line));
     let result = async {
         let written = job::write(&request, progress.clone(), interrupt).await?;
         if written.bare_filesystem != (params.img_format == ImageFormat::Liveimg) {
@@ -438,4 +442,32 @@ pub fn verify() -> Result<(), GanetiError> {
         resolve_in_image_dir(&config, "repo", repo, &[""])?;
     }
     Ok(())
+}
+
+/// `text` as one POSIX shell word (pure).
+fn shell_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn personality_paths_stay_one_argument() {
+        let cases: &[(&str, &str)] = &[
+            ("/etc/motd", "'/etc/motd'"),
+            ("/tmp/a'b", r"'/tmp/a'\''b'"),
+            ("/x'; touch /pwned; '", r"'/x'\''; touch /pwned; '\'''"),
+        ];
+        for (path, want) in cases {
+            assert_eq!(shell_quoted(path), *want, "{path}");
+            // What sh makes of it is the path itself, as one argument.
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("printf '%s|' {}", shell_quoted(path))])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{path}|"));
+        }
+    }
 }

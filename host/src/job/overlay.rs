@@ -162,14 +162,17 @@ impl CommitProgress {
     fn check(&mut self, qmp: &mut Qmp, stall_limit: Duration) -> Result<(), String> {
         let jobs = qmp.execute("query-block-jobs", None).map_err(|e| e.to_string())?;
         let job = jobs.as_array().and_then(|jobs| jobs.iter().find(|j| j["device"] == COMMIT_JOB));
-        let Some(offset) = job.and_then(|j| j["offset"].as_u64()) else {
+        // Progress is an offset that rose and stays within the job's length: anything else
+        // (a qemu confused by the image) counts as none, so the stall limit still ends it.
+        let len = job.and_then(|j| j["len"].as_u64()).unwrap_or(u64::MAX);
+        let Some(offset) = job.and_then(|j| j["offset"].as_u64()).filter(|o| *o <= len) else {
             if std::mem::replace(&mut self.missing, true) {
                 return Err("the commit job ended without saying how".into());
             }
             return Ok(());
         };
         self.missing = false;
-        if self.offset != Some(offset) {
+        if self.offset.is_none_or(|last| offset > last) {
             (self.offset, self.since) = (Some(offset), Instant::now());
         } else if self.since.elapsed() > stall_limit {
             return Err(format!("the commit made no progress for {} s (at byte {offset})", stall_limit.as_secs()));
@@ -217,6 +220,22 @@ mod tests {
         let err = run_commit_job_checking(&mut qmp, TICK, TICK * 2).unwrap_err();
         assert!(err.contains("no progress"), "{err}");
         // The fake may still wait for a look the client did not need: hang up first.
+        drop(qmp);
+        let _ = server.join();
+
+        // An offset that goes back and forth is no progress either.
+        let (mut qmp, server) = connected(vec![
+            step("block-commit", &[EMPTY_RETURN]),
+            step("query-block-jobs", &[at(100)]),
+            step("query-block-jobs", &[at(200)]),
+            step("query-block-jobs", &[at(100)]),
+            step("query-block-jobs", &[at(200)]),
+            step("query-block-jobs", &[at(100)]),
+            step("query-block-jobs", &[at(200)]),
+            step("query-block-jobs", &[at(100)]),
+        ]);
+        let err = run_commit_job_checking(&mut qmp, TICK, TICK * 3).unwrap_err();
+        assert!(err.contains("no progress"), "{err}");
         drop(qmp);
         let _ = server.join();
 

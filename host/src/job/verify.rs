@@ -10,7 +10,6 @@ use imgforge_protocol::report::Verdict;
 use imgforge_protocol::rules::Rules;
 use serde::Serialize;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use thiserror::Error;
 
 /// One check's result.
@@ -82,9 +81,7 @@ pub async fn run(
     }
     let header = source::read_header(image)?;
     let tmp = std::env::temp_dir();
-    let work = tempfile::Builder::new()
-        .prefix("imgforge-verify-")
-        .tempdir()
+    let work = crate::vm::privilege::private_tempdir("imgforge-verify-")
         .map_err(|source| JobError::WorkDir { dir: tmp, source })?;
     // Disks are checked where they are; anything else (liveimg, compressed) is unpacked first.
     let disk = match source::detect(&header) {
@@ -99,10 +96,8 @@ pub async fn run(
                 sha256: None,
                 backing_file: None,
             };
-            let cancel = AtomicBool::new(false);
-            super::blocking("unpacking", move || super::write::write(&request, &Silent, &cancel))
-                .await?
-                .map_err(JobError::from)?;
+            super::cancellable("unpacking", interrupt, move |cancel| super::write::write(&request, &Silent, cancel))
+                .await?;
             unpacked
         }
     };

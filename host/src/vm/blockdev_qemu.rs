@@ -42,9 +42,7 @@ impl BlockdevQemu {
     pub fn start(fdsets: &[(u32, RawFd, &str)], blockdevs: &[Value]) -> Result<BlockdevQemu, String> {
         let user = privilege::for_this_process(privilege::DEFAULT_HELPER_USER)
             .map_err(|e| format!("cannot run qemu unprivileged: {e}"))?;
-        let dir = tempfile::Builder::new()
-            .prefix("imgforge-qemu-")
-            .tempdir()
+        let dir = privilege::private_tempdir("imgforge-qemu-")
             .map_err(|e| format!("cannot create a private directory for qemu's sockets: {e}"))?;
         let qmp_path = dir.path().join("qmp.sock");
         let listener =
@@ -120,6 +118,7 @@ fn stderr_or(child: &mut Child, detail: String) -> String {
 
 fn spawn(args: &[String], inherited: Vec<RawFd>, user: Option<Unprivileged>) -> Result<Child, String> {
     let mut command = Command::new(QEMU);
+    command.env_clear().envs(privilege::confined_environment());
     command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     // SAFETY: only async-signal-safe syscalls run between fork and exec.
     unsafe {

@@ -93,6 +93,21 @@ pub fn child_setup(
     }
 }
 
+/// A temporary directory only its owner may enter (0700): the job's floppy, payload, overlay
+/// (the guest's new /etc/shadow among its blocks) and qemu's sockets go there. qemu gets
+/// descriptors, never these paths, so it needs no access.
+pub fn private_tempdir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new().prefix(prefix).permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
+}
+
+/// The environment a confined qemu gets: only PATH (where the stand-ins and qemu's helpers are
+/// found). Nothing of imgforge's own environment — Ganeti's `OSP_IMG_PASSWD` among it — may be
+/// readable by the helper user in `/proc/PID/environ`.
+pub fn confined_environment() -> Vec<(&'static str, std::ffi::OsString)> {
+    std::env::var_os("PATH").map(|path| ("PATH", path)).into_iter().collect()
+}
+
 /// The supplementary group that lets qemu open /dev/kvm: its group, when that group may read
 /// and write it and is not root's (qemu never gets group 0).
 pub fn kvm_device_groups() -> Vec<u32> {
@@ -177,6 +192,15 @@ mod tests {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         assert!(gone, "the confined child outlived its parent");
+    }
+
+    #[test]
+    fn private_directories_and_environment() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = private_tempdir("imgforge-test-").unwrap();
+        assert_eq!(std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
+        let env = confined_environment();
+        assert!(env.iter().all(|(k, _)| *k == "PATH"), "{env:?}");
     }
 
     #[test]
