@@ -237,3 +237,32 @@ fn a_helper_run_qemu_fails_under_kvm_finishes_under_tcg() {
     let m = imgforge_tests::readback::Mount::partition(&img, 0).unwrap();
     assert_eq!(m.read("/etc/hostname").unwrap(), "retried1\n");
 }
+
+/// qemu runs as the helper user, who can read its `/proc/PID/environ`: it gets nothing of
+/// imgforge's environment but PATH — Ganeti passes `OSP_IMG_PASSWD` in it.
+#[test]
+fn qemu_gets_no_secrets_in_its_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    let seen = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(seen.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let record = seen.path().join("environ");
+    let (_bin, fake) = fake_qemu("qemu-records-env", &format!("env > '{}'", record.display()));
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let out = Command::new(binary())
+        .args(["customize", "-a", img.to_str().unwrap(), "--accel", "tcg", "--hostname", "env1"])
+        .arg("--qemu")
+        .arg(&fake)
+        .env("IMGFORGE_CACHE_DIR", cache.path())
+        .env("IMGFORGE_KERNEL_DEB", kernel_deb())
+        .env("OSP_IMG_PASSWD", "hunter2-in-the-environment")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let environ = std::fs::read_to_string(&record).expect("the stand-in qemu ran");
+    assert!(!environ.contains("hunter2") && !environ.contains("OSP_"), "{environ}");
+    let names: Vec<&str> = environ.lines().filter_map(|l| l.split('=').next()).collect();
+    // sh itself adds PWD (and may add SHLVL, _); nothing else of imgforge's comes through.
+    assert!(names.iter().all(|n| matches!(*n, "PATH" | "PWD" | "SHLVL" | "_")), "{environ}");
+}
