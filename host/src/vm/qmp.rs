@@ -20,6 +20,10 @@ use thiserror::Error;
 
 /// How long each exchange may take while stopping the helper VM.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest line read: the largest reply asked for (the named block nodes) is a few KiB.
+const MAX_LINE_BYTES: usize = 1 << 20;
+/// Events kept while a reply is awaited; beyond this the oldest go (none asked for is that late).
+const MAX_QUEUED_EVENTS: usize = 1024;
 
 /// Why a QMP exchange failed.
 #[derive(Debug, Error)]
@@ -69,6 +73,16 @@ pub enum QmpError {
         awaiting: String,
         /// How long it waited.
         timeout: Duration,
+    },
+    /// A line longer than any reply imgforge asks for (a qemu confused by the image).
+    #[error("qemu sent a line of over {limit} bytes on QMP at {path} while imgforge waited for {awaiting}")]
+    TooLong {
+        /// The monitor socket.
+        path: PathBuf,
+        /// What the client waited for.
+        awaiting: String,
+        /// The limit.
+        limit: usize,
     },
     /// qemu answered a command with an error.
     #[error("qemu refused {command}: {desc}")]
@@ -225,7 +239,12 @@ impl Qmp {
         let awaiting = format!("the reply to {command}");
         loop {
             match self.receive(started, self.reply_timeout, &awaiting)? {
-                Message::Event(event) => self.events.push_back(event),
+                Message::Event(event) => {
+                    if self.events.len() == MAX_QUEUED_EVENTS {
+                        self.events.pop_front();
+                    }
+                    self.events.push_back(event);
+                }
                 Message::Error { class, desc } => {
                     return Err(QmpError::Refused { command: command.into(), class, desc })
                 }
@@ -237,22 +256,42 @@ impl Qmp {
     /// The next message, if it arrives within `timeout` of `started`.
     fn receive(&mut self, started: Instant, timeout: Duration, awaiting: &str) -> Result<Message, QmpError> {
         let timed_out = || QmpError::Timeout { path: self.path.clone(), awaiting: awaiting.into(), timeout };
-        let remaining = timeout.saturating_sub(started.elapsed());
-        if remaining.is_zero() {
-            return Err(timed_out());
-        }
         let doing = || format!("waiting for {awaiting}");
-        self.reader.get_ref().set_read_timeout(Some(remaining)).map_err(|e| self.io_error(doing(), e))?;
         let mut line = Vec::new();
-        match self.reader.read_until(b'\n', &mut line) {
-            Ok(0) => Err(QmpError::Closed { path: self.path.clone(), awaiting: awaiting.into() }),
-            Ok(_) => Message::parse(&line).map_err(|source| QmpError::InvalidJson {
-                path: self.path.clone(),
-                awaiting: awaiting.into(),
-                source,
-            }),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Err(timed_out()),
-            Err(e) => Err(self.io_error(doing(), e)),
+        // The deadline holds for the whole line: a peer that trickles bytes cannot stretch it.
+        loop {
+            let remaining = timeout.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Err(timed_out());
+            }
+            self.reader.get_ref().set_read_timeout(Some(remaining)).map_err(|e| self.io_error(doing(), e))?;
+            let (taken, complete) = match self.reader.fill_buf() {
+                Ok([]) => return Err(QmpError::Closed { path: self.path.clone(), awaiting: awaiting.into() }),
+                Ok(buf) => {
+                    let (taken, complete) =
+                        buf.iter().position(|b| *b == b'\n').map_or((buf.len(), false), |i| (i + 1, true));
+                    line.extend_from_slice(&buf[..taken]);
+                    (taken, complete)
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Err(timed_out()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.io_error(doing(), e)),
+            };
+            self.reader.consume(taken);
+            if line.len() > MAX_LINE_BYTES {
+                return Err(QmpError::TooLong {
+                    path: self.path.clone(),
+                    awaiting: awaiting.into(),
+                    limit: MAX_LINE_BYTES,
+                });
+            }
+            if complete {
+                return Message::parse(&line).map_err(|source| QmpError::InvalidJson {
+                    path: self.path.clone(),
+                    awaiting: awaiting.into(),
+                    source,
+                });
+            }
         }
     }
 
@@ -530,5 +569,53 @@ pub(crate) mod tests {
         let path = dir.path().join("qmp.sock");
         let err = quit(&path).unwrap_err();
         assert!(err.to_string().starts_with(&format!("cannot connect to QMP at {}: ", path.display())), "{err}");
+    }
+
+    #[test]
+    fn a_confused_qemu_cannot_exhaust_memory_or_time() {
+        // One line longer than any reply.
+        let long: &'static str = Box::leak(format!(r#"{{"return": "{}"}}"#, "x".repeat(2 << 20)).into_boxed_str());
+        let (mut qmp, server) = connected(vec![step("query-status", &[long])]);
+        let err = qmp.execute("query-status", None).unwrap_err();
+        assert!(matches!(err, QmpError::TooLong { limit: MAX_LINE_BYTES, .. }), "{err:?}");
+        drop(qmp);
+        let _ = server.join();
+
+        // A flood of events before the reply: only the latest are kept.
+        let flood: Vec<&'static str> = (0..5000)
+            .map(|i| &*Box::leak(format!(r#"{{"event": "E{i}"}}"#).into_boxed_str()))
+            .chain([EMPTY_RETURN])
+            .collect();
+        let (mut qmp, server) = connected(vec![step("query-status", &flood)]);
+        qmp.execute("query-status", None).unwrap();
+        assert_eq!(qmp.events.len(), MAX_QUEUED_EVENTS);
+        assert_eq!(qmp.events.back().map(|e| e.name.as_str()), Some("E4999"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_trickling_qemu_cannot_stretch_the_deadline() {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            server.write_all(format!("{GREETING}\n").as_bytes()).unwrap();
+            receive_line(&server);
+            server.write_all(format!("{EMPTY_RETURN}\n").as_bytes()).unwrap();
+            receive_line(&server);
+            // A byte every 20 ms, never a newline: each read succeeds, the line never ends.
+            for _ in 0..100 {
+                if server.write_all(b" ").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let mut qmp = Qmp::handshake(client, Path::new(TEST_SOCKET), timeout).unwrap();
+        let started = Instant::now();
+        let err = qmp.execute("query-status", None).unwrap_err();
+        assert!(matches!(err, QmpError::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < timeout * 3, "waited {:?}", started.elapsed());
+        drop(qmp);
+        let _ = peer.join();
     }
 }
