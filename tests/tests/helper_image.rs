@@ -239,14 +239,17 @@ fn a_helper_run_qemu_fails_under_kvm_finishes_under_tcg() {
 }
 
 /// qemu runs as the helper user, who can read its `/proc/PID/environ`: it gets nothing of
-/// imgforge's environment but PATH — Ganeti passes `OSP_IMG_PASSWD` in it.
+/// imgforge's environment but PATH — Ganeti passes `OSP_IMG_PASSWD` in it. Both qemus of a
+/// customization, the helper VM and the block-layer one that commits, are the `--qemu` given.
 #[test]
 fn qemu_gets_no_secrets_in_its_environment() {
     use std::os::unix::fs::PermissionsExt;
     let seen = tempfile::tempdir().unwrap();
     std::fs::set_permissions(seen.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let record = seen.path().join("environ");
-    let (_bin, fake) = fake_qemu("qemu-records-env", &format!("env > '{}'", record.display()));
+    let calls = seen.path().join("calls");
+    let script = format!("env > '{}'; echo \"$*\" >> '{}'", record.display(), calls.display());
+    let (_bin, fake) = fake_qemu("qemu-records-env", &script);
     let cache = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
@@ -265,4 +268,6 @@ fn qemu_gets_no_secrets_in_its_environment() {
     let names: Vec<&str> = environ.lines().filter_map(|l| l.split('=').next()).collect();
     // sh itself adds PWD (and may add SHLVL, _); nothing else of imgforge's comes through.
     assert!(names.iter().all(|n| matches!(*n, "PATH" | "PWD" | "SHLVL" | "_")), "{environ}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert!(calls.contains("-machine pc") && calls.contains("-machine none"), "{calls}");
 }

@@ -8,6 +8,7 @@ use crate::job::{self, DeployTarget, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_
 use crate::ops::{operation_options, OpsArgs, Plan};
 use crate::progress::{Event, Progress};
 use crate::vm::accel::Accel;
+use crate::vm::blockdev_qemu::Confinement;
 use crate::vm::privilege::DEFAULT_HELPER_USER;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -307,7 +308,8 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         }
         Command::Write(args) => {
             let progress = render::renderer(args.progress);
-            let result = job::write(&write_request(&args), progress.clone(), &interrupt).await.map(drop);
+            let result =
+                job::write(&write_request(&args, Confinement::default()), progress.clone(), &interrupt).await.map(drop);
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::Deploy(args) => {
@@ -315,7 +317,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             let plan = ordered_ops(sub)?;
             let progress = render::renderer(args.write.progress);
             let settings = vm_settings(&args.vm, cli.verbose);
-            let request = write_request(&args.write);
+            let request = write_request(&args.write, settings.confinement());
             let result = match args.target_format {
                 DeployTarget::Liveimg => {
                     job::deploy_liveimg(&request, plan, &settings, progress.clone(), &interrupt).await
@@ -353,9 +355,11 @@ async fn build_helper_image(force: bool) -> Result<(), Failure> {
 
 /// `inspect`: the report as a table, or JSON.
 async fn inspect(args: InspectArgs) -> Result<(), Failure> {
-    let report = tokio::task::spawn_blocking(move || crate::inspect::inspect(&args.image).map(|r| (r, args.json)))
-        .await
-        .map_err(|e| Failure::environment(format!("inspect panicked: {e}")))?;
+    let report = tokio::task::spawn_blocking(move || {
+        crate::inspect::inspect(&args.image, &Confinement::default()).map(|r| (r, args.json))
+    })
+    .await
+    .map_err(|e| Failure::environment(format!("inspect panicked: {e}")))?;
     let (report, json) = report?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
@@ -401,9 +405,11 @@ async fn ganeti(action: GanetiCommand, interrupt: &crate::vm::Interrupt) -> Resu
     }
 }
 
-/// The write request of `write`/`deploy`'s arguments.
-fn write_request(args: &WriteArgs) -> crate::job::write::WriteRequest {
+/// The write request of `write`/`deploy`'s arguments; qemu formats are read by `confinement`
+/// (deploy's helper VM settings, or the defaults for `write`).
+fn write_request(args: &WriteArgs, confinement: Confinement) -> crate::job::write::WriteRequest {
     crate::job::write::WriteRequest {
+        confinement,
         image: crate::source::Location::parse(&args.image),
         target: args.target.clone(),
         force: args.force,

@@ -327,6 +327,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
     let request = crate::job::write::WriteRequest {
+        confinement: settings(&config).confinement(),
         image: crate::source::Location::parse(&image),
         target: disk.clone(),
         // Ganeti's disk (a device, or a file for the file template) exists: written in place.

@@ -200,7 +200,7 @@ pub enum InspectError {
 }
 
 /// Inspects `path`.
-pub fn inspect(path: &Path) -> Result<Report, InspectError> {
+pub fn inspect(path: &Path, confinement: &crate::vm::blockdev_qemu::Confinement) -> Result<Report, InspectError> {
     let name = path.display().to_string();
     let io = |source| SourceError::Io { name: name.clone(), source };
     let (meta, header) = source::open_local(path)?;
@@ -223,7 +223,7 @@ pub fn inspect(path: &Path) -> Result<Report, InspectError> {
             scan(&mut RawAt(std::fs::File::open(path).map_err(io)?)).map_err(corrupt)?
         }
         Format::Qemu(f) => {
-            let image = crate::source::qemu::open(path, f, None)?;
+            let image = crate::source::qemu::open(path, f, None, confinement)?;
             report.virtual_size = Some(image.info.virtual_size);
             scan(&mut QemuAt(image)).map_err(corrupt)?
         }

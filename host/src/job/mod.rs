@@ -63,6 +63,13 @@ pub struct VmSettings {
     pub qemu: PathBuf,
 }
 
+impl VmSettings {
+    /// The qemu that reads images and commits overlays, as the helper VM's user.
+    pub fn confinement(&self) -> crate::vm::blockdev_qemu::Confinement {
+        crate::vm::blockdev_qemu::Confinement { qemu: self.qemu.clone(), user: self.helper_user.clone() }
+    }
+}
+
 /// Why a job did not reach its end.
 #[derive(Debug, Error)]
 pub enum JobError {
@@ -136,6 +143,8 @@ pub struct Job {
     target: Target,
     overlay: Overlay,
     spec: VmSpec,
+    /// The qemu and user the commit runs with: the helper VM's.
+    confinement: crate::vm::blockdev_qemu::Confinement,
     // Holds the floppy, payload and overlay files until the job ends.
     _work: tempfile::TempDir,
 }
@@ -188,7 +197,7 @@ impl Job {
             cache,
             preload,
         };
-        Ok(Job { target, overlay, spec, _work: work })
+        Ok(Job { target, overlay, spec, confinement: settings.confinement(), _work: work })
     }
 
     /// Boots the helper VM on the prepared disk and collects its report.
@@ -207,9 +216,9 @@ impl Job {
     /// commit: a half-committed disk is the one outcome worse than either before or after.
     pub async fn commit(self, progress: &dyn Progress) -> Result<(), JobError> {
         progress.status("committing the changes");
-        let Job { target, overlay, _work, .. } = self;
+        let Job { target, overlay, confinement, _work, .. } = self;
         let bytes = overlay.allocated_bytes();
-        let (spent, overlay) = blocking("commit", move || overlay.commit().map(|d| (d, overlay))).await??;
+        let (spent, overlay) = blocking("commit", move || overlay.commit(&confinement).map(|d| (d, overlay))).await??;
         tracing::info!(secs = spent.as_secs_f32(), overlay_bytes = bytes, "changes committed into the disk");
         drop((overlay, target));
         Ok(())

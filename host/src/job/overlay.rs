@@ -3,7 +3,7 @@
 //! (task error, timeout, crash, interrupt) just drops the overlay: the disk was only ever read.
 
 use crate::stream::destination::is_block_device;
-use crate::vm::blockdev_qemu::{BlockdevQemu, QMP_TIMEOUT};
+use crate::vm::blockdev_qemu::{BlockdevQemu, Confinement, QMP_TIMEOUT};
 use crate::vm::cmdline::{protocol_driver, DiskFormat};
 use crate::vm::qmp::{Qmp, QmpError};
 use serde_json::json;
@@ -77,7 +77,7 @@ impl Overlay {
     /// Writes the overlay's changes into the disk; returns how long it took. The commit runs in
     /// a confined qemu ([`BlockdevQemu`]): the overlay was written by the helper VM's qemu and the
     /// disk may be the user's qcow2, so neither is parsed by a qemu running as root.
-    pub fn commit(&self) -> Result<Duration, OverlayError> {
+    pub fn commit(&self, confinement: &Confinement) -> Result<Duration, OverlayError> {
         let started = Instant::now();
         let err = |reason: String| OverlayError::Commit { disk: self.disk.clone(), reason };
         let open_rw = |p: &Path| {
@@ -91,7 +91,7 @@ impl Overlay {
             json!({"driver": "qcow2", "node-name": "overlay", "file": "overlay-file", "backing": "disk"}),
         ];
         let fdsets = [(1, disk.as_raw_fd(), "disk"), (2, overlay.as_raw_fd(), "overlay")];
-        let started_qemu = BlockdevQemu::start(&fdsets, &blockdevs);
+        let started_qemu = BlockdevQemu::start(confinement, &fdsets, &blockdevs);
         drop((disk, overlay));
         let mut qemu = started_qemu.map_err(err)?;
         match run_commit_job(&mut qemu.qmp) {

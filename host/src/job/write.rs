@@ -29,6 +29,8 @@ pub struct WriteRequest {
     pub sha256: Option<String>,
     /// A qcow2 backing file the user explicitly allows.
     pub backing_file: Option<PathBuf>,
+    /// The qemu that reads qemu formats, and as whom.
+    pub confinement: crate::vm::blockdev_qemu::Confinement,
 }
 
 /// What was written.
@@ -233,7 +235,7 @@ fn write_path(
         }
         Format::Qemu(qemu_format) => {
             verify_file_sha(path, &req.sha256, cancel)?;
-            let image = crate::source::qemu::open(path, qemu_format, req.backing_file.as_deref())?;
+            let image = crate::source::qemu::open(path, qemu_format, req.backing_file.as_deref(), &req.confinement)?;
             let size = image.info.virtual_size;
             progress.emit(ImageInfo::source(&name, qemu_format, Some(size), &req.target).into());
             let dest = open_destination(req, Some(size), Some(path))?;

@@ -84,7 +84,12 @@ pub enum QemuSourceError {
 
 /// Opens `path` as `format` in a confined qemu. A backing file named in the image is refused
 /// unless it is `allowed_backing` (then qemu gets that file as a descriptor too).
-pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -> Result<QemuImage, QemuSourceError> {
+pub fn open(
+    path: &Path,
+    format: &'static str,
+    allowed_backing: Option<&Path>,
+    confinement: &crate::vm::blockdev_qemu::Confinement,
+) -> Result<QemuImage, QemuSourceError> {
     let name = path.display().to_string();
     let refuse = |reason: String| -> QemuSourceError { SourceError::Unsupported { name: name.clone(), reason }.into() };
     let io = |source| SourceError::Io { name: name.clone(), source };
@@ -117,7 +122,7 @@ pub fn open(path: &Path, format: &'static str, allowed_backing: Option<&Path>) -
         source["backing"] = Value::Null;
     }
     blockdevs.push(source);
-    let opened = BlockdevQemu::start(&fdsets, &blockdevs);
+    let opened = BlockdevQemu::start(confinement, &fdsets, &blockdevs);
     drop((image, backing));
     let mut server = opened.map_err(|e| refuse(format!("qemu cannot read it as {format}: {e}")))?;
     let nbd_path = server.socket_path("nbd.sock");

@@ -12,14 +12,27 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// How long qemu may take to answer one QMP command or send the next event.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(120);
-/// The qemu binary (the helper VM's, without a machine).
-const QEMU: &str = "qemu-system-x86_64";
+/// Which qemu serves images and commits, and as whom: the helper VM's settings
+/// (`--qemu`, `--helper-user`, Ganeti's `HELPER_USER`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    /// qemu-system-x86_64.
+    pub qemu: std::path::PathBuf,
+    /// The unprivileged user it runs as when imgforge runs as root.
+    pub user: String,
+}
+
+impl Default for Confinement {
+    fn default() -> Self {
+        Self { qemu: "qemu-system-x86_64".into(), user: privilege::DEFAULT_HELPER_USER.into() }
+    }
+}
 
 /// A running confined qemu; killed when dropped.
 pub struct BlockdevQemu {
@@ -39,9 +52,13 @@ impl Drop for BlockdevQemu {
 impl BlockdevQemu {
     /// Starts qemu with `fdsets` (set number, descriptor, label) and the `-blockdev` nodes
     /// `blockdevs`, and connects to its monitor. An error carries qemu's own message.
-    pub fn start(fdsets: &[(u32, RawFd, &str)], blockdevs: &[Value]) -> Result<BlockdevQemu, String> {
-        let user = privilege::for_this_process(privilege::DEFAULT_HELPER_USER)
-            .map_err(|e| format!("cannot run qemu unprivileged: {e}"))?;
+    pub fn start(
+        confinement: &Confinement,
+        fdsets: &[(u32, RawFd, &str)],
+        blockdevs: &[Value],
+    ) -> Result<BlockdevQemu, String> {
+        let user =
+            privilege::for_this_process(&confinement.user).map_err(|e| format!("cannot run qemu unprivileged: {e}"))?;
         let dir = privilege::private_tempdir("imgforge-qemu-")
             .map_err(|e| format!("cannot create a private directory for qemu's sockets: {e}"))?;
         let qmp_path = dir.path().join("qmp.sock");
@@ -65,7 +82,7 @@ impl BlockdevQemu {
         ]);
         let mut inherited: Vec<RawFd> = fdsets.iter().map(|(_, fd, _)| *fd).collect();
         inherited.push(listener.as_raw_fd());
-        let child = spawn(&args, inherited, user)?;
+        let child = spawn(&confinement.qemu, &args, inherited, user)?;
         // qemu holds its own copy: if it dies, connecting fails instead of waiting forever.
         drop(listener);
         let mut child = child;
@@ -116,13 +133,13 @@ fn stderr_or(child: &mut Child, detail: String) -> String {
     }
 }
 
-fn spawn(args: &[String], inherited: Vec<RawFd>, user: Option<Unprivileged>) -> Result<Child, String> {
-    let mut command = Command::new(QEMU);
+fn spawn(qemu: &Path, args: &[String], inherited: Vec<RawFd>, user: Option<Unprivileged>) -> Result<Child, String> {
+    let mut command = Command::new(qemu);
     command.env_clear().envs(privilege::confined_environment());
     command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     // SAFETY: only async-signal-safe syscalls run between fork and exec.
     unsafe {
         command.pre_exec(privilege::child_setup(inherited, user, Vec::new()));
     }
-    command.spawn().map_err(|e| format!("cannot start {QEMU} (install qemu-system-x86): {e}"))
+    command.spawn().map_err(|e| format!("cannot start {} (install qemu-system-x86): {e}", qemu.display()))
 }
