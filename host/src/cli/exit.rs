@@ -100,7 +100,9 @@ fn job_status(e: &JobError) -> ExitStatus {
         E::Liveimg(crate::source::liveimg::LiveimgError::Repack { .. }) => ExitStatus::Environment,
         E::Liveimg(_) => ExitStatus::BadInput,
         E::Vm(vm) => vm_status(vm),
-        E::Target(_) | E::HelperUser(_) => ExitStatus::BadInput,
+        E::Target(_) | E::HelperUser(_) | E::Overlay(crate::job::overlay::OverlayError::Refused { .. }) => {
+            ExitStatus::BadInput
+        }
         E::Floppy(FloppyError::TooLarge(_)) | E::Payload(PayloadError::Source { .. }) => ExitStatus::BadInput,
         E::TaskFailed { .. } => ExitStatus::CustomizationFailed,
         E::HelperImage(_) | E::WorkDir { .. } | E::Floppy(_) | E::Payload(_) | E::Overlay(_) | E::Panicked(..) => {

@@ -303,7 +303,16 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             let plan = ordered_ops(sub)?;
             let progress = render::renderer(args.progress);
             let settings = vm_settings(&args.vm, cli.verbose);
-            let result = job::customize(&args.disk, plan, false, &settings, progress.as_ref(), &interrupt).await;
+            let result = job::customize(
+                &args.disk,
+                job::KnownFormat::FromHeader,
+                plan,
+                false,
+                &settings,
+                progress.as_ref(),
+                &interrupt,
+            )
+            .await;
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::Write(args) => {

@@ -129,6 +129,9 @@ pub enum GanetiError {
 pub const API_VERSION: u32 = 20;
 /// The scripts Ganeti calls.
 pub const ACTIONS: &[&str] = &["create", "import", "export", "rename", "verify"];
+/// Ganeti's disks are raw, always: their bytes are the tenant's, so a qcow2 header a tenant
+/// wrote at sector 0 must not make imgforge open the disk as qcow2.
+const DISK_FORMAT: job::KnownFormat = job::KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw);
 /// Extensions tried after the exact `img_id`.
 const IMAGE_EXTENSIONS: &[&str] = &["", ".raw", ".img", ".qcow2", ".diskdump"];
 
@@ -380,7 +383,7 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
     }
     let mut plan = Plan::default();
     plan.add("hostname", Some(&name))?;
-    Ok(job::customize(&disk, plan, false, &settings(&config), &Silent, interrupt).await?)
+    Ok(job::customize(&disk, DISK_FORMAT, plan, false, &settings(&config), &Silent, interrupt).await?)
 }
 
 /// `import`: a raw disk stream on stdin onto `DISK_0_PATH`; an interrupt (Ganeti aborting the

@@ -2,7 +2,7 @@
 //! --target-format liveimg`, and Ganeti's `create` all go through here.
 
 use super::write::{WriteRequest, Written};
-use super::{announce_random_passwords, blocking, customize, JobError, VmSettings};
+use super::{announce_random_passwords, blocking, customize, JobError, KnownFormat, VmSettings};
 use crate::ops::Plan;
 use crate::progress::Progress;
 use crate::source::liveimg::{self, LiveimgError, TempPath};
@@ -10,6 +10,9 @@ use crate::source::Location;
 use crate::vm::Interrupt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// What `write` leaves on its target.
+const RAW: KnownFormat = KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw);
 
 /// What `deploy` produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,7 +67,8 @@ pub async fn customize_written(
     if plan.is_empty() && !written.bare_filesystem {
         return Ok(());
     }
-    customize(&request.target, plan, written.bare_filesystem, settings, progress, interrupt).await
+    // What was written is raw, whatever its first bytes look like (they are the guest's).
+    customize(&request.target, RAW, plan, written.bare_filesystem, settings, progress, interrupt).await
 }
 
 /// Writes `request`'s image, then customizes it with `plan`.
@@ -101,7 +105,7 @@ pub async fn deploy_liveimg(
     if !written.bare_filesystem {
         return Err(LiveimgError::NotALiveimg { name: source, format: written.format.name() }.into());
     }
-    customize(&rootfs.0, plan, request.size.is_some(), settings, progress.as_ref(), interrupt).await?;
+    customize(&rootfs.0, RAW, plan, request.size.is_some(), settings, progress.as_ref(), interrupt).await?;
     progress.status("repacking the liveimg");
     let target = request.target.clone();
     let rootfs_path = rootfs.0.clone();

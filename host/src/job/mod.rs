@@ -30,6 +30,7 @@ use overlay::{Overlay, OverlayError};
 use payload::PayloadError;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+pub use target::KnownFormat;
 use target::{Target, TargetError};
 use thiserror::Error;
 
@@ -153,12 +154,13 @@ impl Job {
     /// Prepares a helper run with `rules` (and the `payload` files) on `disk`.
     pub async fn prepare(
         disk: &Path,
+        format: target::KnownFormat,
         rules: Rules,
         payload: &[crate::ops::PayloadFile],
         settings: &VmSettings,
         progress: &dyn Progress,
     ) -> Result<Job, JobError> {
-        let target = target::open(disk)?;
+        let target = target::open(disk, format)?;
         let user = privilege::for_this_process(&settings.helper_user)?;
         progress.emit(ImageInfo::disk(&target.path, target.format.as_str(), target.size).into());
         progress.status("preparing the helper image");
@@ -228,10 +230,11 @@ impl Job {
     pub fn discard(self) {}
 }
 
-/// Customizes `disk` in place with `plan`; `grow_filesystem` also grows a whole-disk root
-/// filesystem to the disk's size. The disk changes only if every task succeeded.
+/// Customizes `disk` (of `format`) in place with `plan`; `grow_filesystem` also grows a
+/// whole-disk root filesystem to the disk's size. The disk changes only if every task succeeded.
 pub async fn customize(
     disk: &Path,
+    format: target::KnownFormat,
     mut plan: Plan,
     grow_filesystem: bool,
     settings: &VmSettings,
@@ -250,7 +253,7 @@ pub async fn customize(
     rules.verbose = settings.trace_tasks;
     rules.grow_filesystem = grow_filesystem;
     rules.excluded_tasks = settings.excluded_tasks.clone();
-    let job = Job::prepare(disk, rules, &plan.payload, settings, progress).await?;
+    let job = Job::prepare(disk, format, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;
     match result.outcome.verdict {
         Verdict::Success => {

@@ -28,6 +28,14 @@ pub enum OverlayError {
         /// The error resolving the disk's path or running qemu-img.
         reason: String,
     },
+    /// The disk is a qcow2 imgforge does not write into (checked again at the commit).
+    #[error("cannot commit into disk {disk}: {source}")]
+    Refused {
+        /// The disk.
+        disk: PathBuf,
+        /// What the qcow2 check found.
+        source: crate::source::qcow2::Qcow2Error,
+    },
     /// The commit failed: the disk may be partly updated.
     #[error("committing the changes into {disk} failed: {reason}")]
     Commit {
@@ -84,9 +92,17 @@ impl Overlay {
             std::fs::OpenOptions::new().read(true).write(true).open(p).map_err(|e| err(format!("{}: {e}", p.display())))
         };
         let (disk, overlay) = (open_rw(&self.disk)?, open_rw(&self.path)?);
+        let mut disk_node = json!({"driver": self.format.as_str(), "node-name": "disk", "file": "disk-file"});
+        if self.format == DiskFormat::Qcow2 {
+            // The file opened here is the one qemu writes: it is checked, not the one opened before.
+            let len = disk.metadata().map_err(|e| err(format!("{}: {e}", self.disk.display())))?.len();
+            crate::source::qcow2::check(&disk, len, crate::source::qcow2::Backing::Refused)
+                .map_err(|source| OverlayError::Refused { disk: self.disk.clone(), source })?;
+            disk_node["backing"] = serde_json::Value::Null;
+        }
         let blockdevs = [
             json!({"driver": protocol_driver(is_block_device(&self.disk)), "node-name": "disk-file", "filename": "/dev/fdset/1"}),
-            json!({"driver": self.format.as_str(), "node-name": "disk", "file": "disk-file"}),
+            disk_node,
             json!({"driver": "file", "node-name": "overlay-file", "filename": "/dev/fdset/2"}),
             json!({"driver": "qcow2", "node-name": "overlay", "file": "overlay-file", "backing": "disk"}),
         ];
@@ -188,6 +204,35 @@ mod tests {
     use crate::vm::qmp::tests::{connected, step, EMPTY_RETURN};
 
     const TICK: Duration = Duration::from_millis(30);
+
+    fn run(program: &str, args: &[&str]) {
+        let out = std::process::Command::new(program).args(args).output().expect("qemu-utils is installed");
+        assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The commit checks the disk it writes into: a qcow2 whose data file is a host file the
+    /// helper user may write is refused, and that file keeps its bytes (qemu wrote the
+    /// overlay's data into it before).
+    #[test]
+    fn a_commit_into_a_qcow2_with_a_data_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let host = dir.path().join("host-file");
+        let disk = dir.path().join("evil.qcow2");
+        let data_file = format!("data_file={}", host.display());
+        run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &data_file, disk.to_str().unwrap(), "1M"]);
+        // Written after qemu-img, which creates the data file empty.
+        std::fs::write(&host, vec![b's'; 1 << 20]).unwrap();
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let overlay = Overlay::create(&disk, DiskFormat::Qcow2, 1 << 20, work.path()).unwrap();
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x41 0 64k", overlay.path.to_str().unwrap()]);
+        let err = overlay.commit(&Confinement::default()).unwrap_err();
+        assert!(matches!(err, OverlayError::Refused { .. }), "{err}");
+        assert!(err.to_string().contains("evil.qcow2"), "{err}");
+        assert!(std::fs::read(&host).unwrap() == vec![b's'; 1 << 20], "the host file changed");
+    }
 
     fn at(offset: u64) -> &'static str {
         Box::leak(

@@ -2,7 +2,7 @@
 //! filesystem read-only and asks the guest's package database for each required package;
 //! the image is never modified (the helper works on an overlay that is thrown away).
 
-use super::{Job, JobError, VmSettings};
+use super::{Job, JobError, KnownFormat, VmSettings};
 use crate::progress::Silent;
 use crate::source::{self, Format, Location, SourceError};
 use crate::vm::Interrupt;
@@ -84,8 +84,8 @@ pub async fn run(
     let work = crate::vm::privilege::private_tempdir("imgforge-verify-")
         .map_err(|source| JobError::WorkDir { dir: tmp, source })?;
     // Disks are checked where they are; anything else (liveimg, compressed) is unpacked first.
-    let disk = match source::detect(&header) {
-        Format::Raw | Format::Qemu("qcow2") => image.to_owned(),
+    let (disk, format) = match source::detect(&header) {
+        Format::Raw | Format::Qemu("qcow2") => (image.to_owned(), KnownFormat::FromHeader),
         _ => {
             let unpacked = work.path().join("image.raw");
             let request = super::write::WriteRequest {
@@ -99,14 +99,15 @@ pub async fn run(
             };
             super::cancellable("unpacking", interrupt, move |cancel| super::write::write(&request, &Silent, cancel))
                 .await?;
-            unpacked
+            // Unpacked bytes are the guest's: raw, whatever they start with.
+            (unpacked, KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw))
         }
     };
     let mut rules = Rules::new();
     rules.verify = true;
     rules.required_packages = packages.to_vec();
     rules.verbose = settings.trace_tasks;
-    let job = Job::prepare(&disk, rules, &[], settings, &Silent).await?;
+    let job = Job::prepare(&disk, format, rules, &[], settings, &Silent).await?;
     let result = job.run(settings.show_console, &Silent, interrupt).await?;
     job.discard();
     let checks: Vec<Check> = result.checks.into_iter().map(|(ok, name, detail)| Check { name, ok, detail }).collect();

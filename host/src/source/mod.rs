@@ -10,6 +10,8 @@ pub mod nbd;
 pub mod qcow2;
 pub mod qemu;
 pub mod squashfs;
+pub mod vmdk;
+pub mod vpc;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -93,13 +95,13 @@ pub fn detect(header: &[u8]) -> Format {
     if at(0, b"QED\0") {
         return Format::Qemu("qed");
     }
-    if at(0, b"KDMV") {
+    if at(0, crate::source::vmdk::MAGIC) {
         return Format::Qemu("vmdk");
     }
     if at(0, b"vhdxfile") {
         return Format::Qemu("vhdx");
     }
-    if at(0, b"conectix") {
+    if at(0, crate::source::vpc::MAGIC) {
         return Format::Qemu("vpc");
     }
     if at(0x40, b"\x7f\x10\xda\xbe") {

@@ -95,11 +95,19 @@ pub fn open(
     let io = |source| SourceError::Io { name: name.clone(), source };
     let image = std::fs::File::open(path).map_err(io)?;
     let len = image.metadata().map_err(io)?.len();
-    if format == "qcow2" {
-        crate::source::qcow2::check(&image, len).map_err(|e| refuse(e.to_string()))?;
-    }
+    check_metadata(&image, len, format, allowed_backing.is_some()).map_err(refuse)?;
     let backing = match allowed_backing {
-        Some(b) => Some((std::fs::File::open(b).map_err(io)?, backing_format(b).map_err(io)?)),
+        Some(b) => {
+            let file = std::fs::File::open(b).map_err(io)?;
+            let fmt = backing_format(b).map_err(io)?;
+            if fmt == "qcow2" {
+                // The backing file is opened as qcow2 too: the same check, and no chain of its own.
+                let len = file.metadata().map_err(io)?.len();
+                crate::source::qcow2::check(&file, len, crate::source::qcow2::Backing::Refused)
+                    .map_err(|e| refuse(format!("its backing file {}: {e}", b.display())))?;
+            }
+            Some((file, fmt))
+        }
         None => None,
     };
     let mut fdsets = vec![(1, image.as_raw_fd(), "source")];
@@ -154,6 +162,23 @@ pub fn open(
         reason: e.to_string(),
     })?;
     Ok(QemuImage { server, client, info })
+}
+
+/// Refuses, before qemu opens it, an image whose metadata would make qemu open other files
+/// (or read part of the disk from nowhere). The formats not checked here name no other file
+/// that qemu opens: vdi has none, qcow and qed backing files are pinned to nothing (and then
+/// refused from what qemu reports), and qemu refuses differencing vhdx itself.
+fn check_metadata(image: &std::fs::File, len: u64, format: &str, backing_allowed: bool) -> Result<(), String> {
+    use crate::source::{qcow2, vmdk, vpc};
+    match format {
+        "qcow2" => {
+            let backing = if backing_allowed { qcow2::Backing::Allowed } else { qcow2::Backing::Refused };
+            qcow2::check(image, len, backing).map(drop).map_err(|e| e.to_string())
+        }
+        "vmdk" => vmdk::check(image, len).map(drop).map_err(|e| e.to_string()),
+        "vpc" => vpc::check(image).map_err(|e| e.to_string()),
+        _ => Ok(()),
+    }
 }
 
 /// The format of a backing file, from its first bytes (qcow2 or raw).

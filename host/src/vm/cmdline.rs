@@ -183,7 +183,14 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
             direct(c.disk_direct)
         ),
     ]);
-    push(&["-blockdev", &format!("driver={},node-name=disk,file=disk-file{base_ro}", c.disk_format.as_str())]);
+    // A qcow2 disk gets no backing file, whatever its header names (`backing=` is null in
+    // qemu's key=value syntax). qemu has no such pin for an external data file (a null
+    // `data-file` is refused): the qcow2 check refuses those before qemu runs.
+    let no_backing = if c.disk_format == DiskFormat::Qcow2 { ",backing=" } else { "" };
+    push(&[
+        "-blockdev",
+        &format!("driver={},node-name=disk,file=disk-file{no_backing}{base_ro}", c.disk_format.as_str()),
+    ]);
     let top = match c.overlay {
         Some(o) => {
             push(&["-add-fd", &format!("fd={},set={FDSET_OVERLAY},opaque=overlay-ro", o.ro_fd)]);
@@ -313,7 +320,9 @@ mod tests {
         assert!(
             line.contains("fd=20,set=3") && line.contains("serial=imgforge-payload") && line.contains("readonly=on")
         );
-        assert!(line.contains("cache.direct=off") && line.contains("driver=qcow2,node-name=disk,"));
+        assert!(
+            line.contains("cache.direct=off") && line.contains("driver=qcow2,node-name=disk,file=disk-file,backing= ")
+        );
         c.overlay = Some(OverlayFds { ro_fd: 30, rw_fd: 31, direct: false });
         c.disk_rw_fd = None;
         let line = joined(&c);
