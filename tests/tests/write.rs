@@ -294,3 +294,145 @@ fn sigint_leaves_no_output_and_no_temporary_file() {
     assert_eq!(status.code(), Some(130));
     assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 0, "output or temporary file left behind");
 }
+
+/// A host file the helper user may read (and write): what a hostile image would name.
+fn host_file(dir: &Path) -> (PathBuf, Vec<u8>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("host-secret");
+    let bytes: Vec<u8> = b"HOST-SECRET-7f3a9c ".iter().copied().cycle().take(64 << 10).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    (path, bytes)
+}
+
+fn qemu_img(args: &[&str]) {
+    sh(Command::new("qemu-img").args(args)).unwrap();
+}
+
+/// A `KDMV` sparse header of `capacity` sectors with `descriptor` embedded at sector 1.
+fn vmdk_with_descriptor(capacity: u64, descriptor: &str) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    b[..4].copy_from_slice(b"KDMV");
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
+    b[12..20].copy_from_slice(&capacity.to_le_bytes());
+    b[20..28].copy_from_slice(&128u64.to_le_bytes());
+    b[28..36].copy_from_slice(&1u64.to_le_bytes());
+    b[36..44].copy_from_slice(&1u64.to_le_bytes());
+    b[44..48].copy_from_slice(&512u32.to_le_bytes());
+    b[512..512 + descriptor.len()].copy_from_slice(descriptor.as_bytes());
+    b
+}
+
+/// A VHD made by qemu-img, turned into a differencing disk (type 4, checksums fixed).
+fn vpc_differencing(dir: &Path) -> PathBuf {
+    let p = dir.join("made.vpc");
+    qemu_img(&["create", "-q", "-f", "vpc", &s(&p), "1M"]);
+    let mut b = std::fs::read(&p).unwrap();
+    let end = b.len() - 512;
+    for at in [0, end] {
+        let footer = &mut b[at..at + 512];
+        footer[0x3c..0x40].copy_from_slice(&4u32.to_be_bytes());
+        footer[0x40..0x44].fill(0);
+        let sum = !footer.iter().map(|x| u32::from(*x)).sum::<u32>();
+        footer[0x40..0x44].copy_from_slice(&sum.to_be_bytes());
+    }
+    let out = dir.join("diff.vpc");
+    std::fs::write(&out, b).unwrap();
+    out
+}
+
+/// A VHDX made by qemu-img whose file parameters say it has a parent (a differencing disk).
+fn vhdx_differencing(dir: &Path) -> PathBuf {
+    const FILE_PARAMETERS: [u8; 16] =
+        [0x37, 0x67, 0xa1, 0xca, 0x36, 0xfa, 0x43, 0x4d, 0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b];
+    let p = dir.join("made.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", &s(&p), "1M"]);
+    let mut b = std::fs::read(&p).unwrap();
+    let table = b.windows(8).position(|w| w == b"metadata").expect("a metadata table");
+    let count = u16::from_le_bytes([b[table + 10], b[table + 11]]) as usize;
+    let entry = (0..count).map(|i| table + 32 + 32 * i).find(|e| b[*e..*e + 16] == FILE_PARAMETERS).unwrap();
+    let item = table + u32::from_le_bytes(b[entry + 16..entry + 20].try_into().unwrap()) as usize;
+    b[item + 4] |= 2; // HasParent
+    let out = dir.join("diff.vhdx");
+    std::fs::write(&out, b).unwrap();
+    out
+}
+
+/// Images whose metadata name host files, one per format (and a VMDK over http, as Ganeti's
+/// `img_id=http://…/x.vmdk` fetches it): refused with exit 2 naming the image, no output,
+/// the host file unchanged.
+#[test]
+fn images_naming_host_files_are_refused() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (host, host_bytes) = host_file(d);
+    let host_s = s(&host);
+    let flat = format!("# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 128 FLAT \"{host_s}\" 0\n");
+    let mut images: Vec<(&str, PathBuf)> = Vec::new();
+    let mut add = |name: &'static str, bytes: Vec<u8>| {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        images.push((name, p));
+    };
+    add("capacity0.vmdk", vmdk_with_descriptor(0, &flat));
+    add("flat-extent.vmdk", vmdk_with_descriptor(128, &flat));
+    let data_file = d.join("data-file.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={host_s}"), &s(&data_file), "64K"]);
+    std::fs::write(&host, &host_bytes).unwrap(); // qemu-img created it empty
+    let json = format!("json:{{\"driver\": \"raw\", \"file\": {{\"driver\": \"file\", \"filename\": \"{host_s}\"}}}}");
+    let json_backing = d.join("json-backing.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", &json, &s(&json_backing), "64K"]);
+    let qed = d.join("backing.qed");
+    qemu_img(&["create", "-q", "-f", "qed", "-F", "raw", "-b", &host_s, &s(&qed), "64K"]);
+    let qcow = d.join("backing.qcow");
+    qemu_img(&["create", "-q", "-f", "qcow", "-F", "raw", "-b", &host_s, &s(&qcow), "64K"]);
+    let mut cases: Vec<(String, String)> = images.iter().map(|(n, p)| (n.to_string(), s(p))).collect();
+    for p in [data_file, json_backing, qed, qcow, vpc_differencing(d), vhdx_differencing(d)] {
+        cases.push((p.file_name().unwrap().to_string_lossy().into_owned(), s(&p)));
+    }
+    let served = http::serve(Response::full(vmdk_with_descriptor(0, &flat)));
+    cases.push(("over http".into(), served));
+
+    for (name, image) in &cases {
+        let target = d.join("out.img");
+        let out = imgforge(&["write", "--progress", "none", "--image", image, "--target", &s(&target)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 2, "{name}: {stderr}");
+        let shown = if image.starts_with("http") { image.as_str() } else { name.as_str() };
+        assert!(stderr.contains(shown), "{name}: {stderr}");
+        assert!(!target.exists(), "{name} left an output");
+        assert!(std::fs::read(&host).unwrap() == host_bytes, "{name} changed the host file");
+    }
+}
+
+/// A qemu that cannot be started is the host's trouble (exit 4); a qemu that refuses the
+/// image is the image's (exit 2, tested above with differencing VHDX).
+#[test]
+fn a_qemu_that_cannot_start_is_an_environment_error() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let qcow2 = dir.path().join("src.qcow2");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&qcow2)]);
+    let target = dir.path().join("out.img");
+    for qemu in ["/nonexistent/qemu-system-x86_64", "/bin/false"] {
+        let out = imgforge(&[
+            "deploy",
+            "--progress",
+            "none",
+            "--image",
+            &s(&qcow2),
+            "--target",
+            &s(&target),
+            "--qemu",
+            qemu,
+            "--hostname",
+            "x",
+        ]);
+        assert_eq!(code(&out), 4, "{qemu}");
+        assert!(!target.exists());
+    }
+}

@@ -109,7 +109,7 @@ impl Overlay {
         let fdsets = [(1, disk.as_raw_fd(), "disk"), (2, overlay.as_raw_fd(), "overlay")];
         let started_qemu = BlockdevQemu::start(confinement, &fdsets, &blockdevs);
         drop((disk, overlay));
-        let mut qemu = started_qemu.map_err(err)?;
+        let mut qemu = started_qemu.map_err(|e| err(e.to_string()))?;
         match run_commit_job(&mut qemu.qmp) {
             Ok(()) => qemu.quit().map_err(err)?,
             Err(e) => return Err(err(qemu.failure(e))),

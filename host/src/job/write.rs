@@ -370,7 +370,21 @@ fn write_url(
             }
             check_sha(url, &req.sha256, &hasher).map_err(StreamError::Verify)?;
             let local = WriteRequest { image: Location::Path(tmp.path().to_owned()), sha256: None, ..req.clone() };
-            write_path(&local, tmp.path(), progress, cancel)
+            write_path(&local, tmp.path(), progress, cancel).map_err(|e| named_after_url(e, url))
         }
+    }
+}
+
+/// A refusal of a downloaded image names its URL, not the temporary file it was stored in.
+fn named_after_url(e: WriteError, url: &str) -> WriteError {
+    use crate::source::qemu::QemuSourceError;
+    let rename = |source: SourceError| match source {
+        SourceError::Unsupported { reason, .. } => SourceError::Unsupported { name: url.to_owned(), reason },
+        other => other,
+    };
+    match e {
+        WriteError::Source(source) => WriteError::Source(rename(source)),
+        WriteError::Qemu(QemuSourceError::Image(source)) => WriteError::Qemu(QemuSourceError::Image(rename(source))),
+        other => other,
     }
 }

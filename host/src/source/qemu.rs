@@ -8,7 +8,7 @@
 
 use crate::source::nbd;
 use crate::source::SourceError;
-use crate::vm::blockdev_qemu::BlockdevQemu;
+use crate::vm::blockdev_qemu::{BlockdevQemu, StartError};
 use crate::vm::qmp::QmpError;
 use serde_json::{json, Value};
 use std::os::fd::{AsFd, AsRawFd};
@@ -132,7 +132,12 @@ pub fn open(
     blockdevs.push(source);
     let opened = BlockdevQemu::start(confinement, &fdsets, &blockdevs);
     drop((image, backing));
-    let mut server = opened.map_err(|e| refuse(format!("qemu cannot read it as {format}: {e}")))?;
+    let mut server = opened.map_err(|e| match e {
+        StartError::Refused(e) => refuse(format!("qemu cannot read it as {format}: {e}")),
+        StartError::Host(reason) => {
+            QemuSourceError::Confinement { what: format!("start the confined qemu to read {name}"), reason }
+        }
+    })?;
     let nbd_path = server.socket_path("nbd.sock");
     let nbd_listener = UnixListener::bind(&nbd_path).map_err(|e| QemuSourceError::Confinement {
         what: format!("listen on {}", nbd_path.display()),

@@ -34,6 +34,32 @@ impl Default for Confinement {
     }
 }
 
+/// Why the confined qemu did not start serving.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// qemu could not be started or confined, or died for a reason not tied to a disk: the
+    /// host's trouble.
+    #[error("{0}")]
+    Host(String),
+    /// qemu started and refused one of its `-blockdev` nodes (its error names the option): the
+    /// image's fault.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl StartError {
+    /// Classifies what qemu printed when it stopped before its monitor answered (pure).
+    pub fn from_qemu_output(output: String) -> Self {
+        // qemu prefixes an option's error with the option itself: "qemu-system-x86_64:
+        // -blockdev {...}: Could not open ...".
+        if output.lines().any(|l| l.contains(": -blockdev ")) {
+            StartError::Refused(output)
+        } else {
+            StartError::Host(output)
+        }
+    }
+}
+
 /// A running confined qemu; killed when dropped.
 pub struct BlockdevQemu {
     child: Child,
@@ -56,14 +82,15 @@ impl BlockdevQemu {
         confinement: &Confinement,
         fdsets: &[(u32, RawFd, &str)],
         blockdevs: &[Value],
-    ) -> Result<BlockdevQemu, String> {
-        let user =
-            privilege::for_this_process(&confinement.user).map_err(|e| format!("cannot run qemu unprivileged: {e}"))?;
+    ) -> Result<BlockdevQemu, StartError> {
+        let host = StartError::Host;
+        let user = privilege::for_this_process(&confinement.user)
+            .map_err(|e| host(format!("cannot run qemu unprivileged: {e}")))?;
         let dir = privilege::private_tempdir("imgforge-qemu-")
-            .map_err(|e| format!("cannot create a private directory for qemu's sockets: {e}"))?;
+            .map_err(|e| host(format!("cannot create a private directory for qemu's sockets: {e}")))?;
         let qmp_path = dir.path().join("qmp.sock");
         let listener =
-            UnixListener::bind(&qmp_path).map_err(|e| format!("cannot listen on {}: {e}", qmp_path.display()))?;
+            UnixListener::bind(&qmp_path).map_err(|e| host(format!("cannot listen on {}: {e}", qmp_path.display())))?;
         let mut args: Vec<String> =
             ["-machine", "none", "-nodefaults", "-no-user-config", "-display", "none", "-sandbox", SANDBOX]
                 .map(String::from)
@@ -82,7 +109,7 @@ impl BlockdevQemu {
         ]);
         let mut inherited: Vec<RawFd> = fdsets.iter().map(|(_, fd, _)| *fd).collect();
         inherited.push(listener.as_raw_fd());
-        let child = spawn(&confinement.qemu, &args, inherited, user)?;
+        let child = spawn(&confinement.qemu, &args, inherited, user).map_err(host)?;
         // qemu holds its own copy: if it dies, connecting fails instead of waiting forever.
         drop(listener);
         let mut child = child;
@@ -91,7 +118,7 @@ impl BlockdevQemu {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(stderr_or(&mut child, e.to_string()));
+                return Err(StartError::from_qemu_output(stderr_or(&mut child, e.to_string())));
             }
         };
         Ok(BlockdevQemu { child, dir, qmp })
