@@ -213,3 +213,26 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside IMAGE_DIR"));
 }
+
+/// Ganeti's disks are raw: a tenant who wrote a qcow2 header at sector 0 of the instance's
+/// disk (in the MBR's boot code, the partition table intact) still gets a raw disk renamed.
+/// Sniffed, the disk was opened as a qcow2 (with whatever data file the header named).
+#[test]
+fn a_raw_disk_starting_with_a_qcow2_header_stays_raw() {
+    let s = site();
+    let disk = s.disks.join("inst9.disk0");
+    sh(Command::new("cp").arg("--sparse=always").arg(fixtures::disk(Shape::DosExt4).unwrap()).arg(&disk)).unwrap();
+    let mut header = vec![0u8; 104];
+    header[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+    header[20..24].copy_from_slice(&16u32.to_be_bytes());
+    header[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+    header[100..104].copy_from_slice(&104u32.to_be_bytes());
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().write_all_at(&header, 0).unwrap();
+    let out = s.run("rename", &[("INSTANCE_NAME", "inst9"), ("DISK_0_PATH", disk.to_str().unwrap())], None);
+    assert!(out.status.success());
+    assert_eq!(Mount::partition(&disk, 0).unwrap().read("/etc/hostname").unwrap(), "inst9\n");
+    let mut kept = vec![0u8; 104];
+    std::fs::File::open(&disk).unwrap().read_exact_at(&mut kept, 0).unwrap();
+    assert_eq!(kept, header, "the header the tenant wrote is kept");
+}

@@ -5,7 +5,7 @@ use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::Mount;
 use imgforge_tests::run::{binary, code, customize_tcg, holders, imgforge, s};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn digest(path: &Path) -> String {
@@ -261,4 +261,89 @@ fn qemu_formats_are_read_by_a_confined_qemu_only() {
     assert!(sampled > 0, "the serving qemu was never sampled");
     assert_eq!(digest(&target), digest(&raw));
     assert!(empty_dir(tmp.path()), "temporary files left behind");
+}
+
+/// A host file the helper user may write, and a qcow2 whose data file it is.
+fn qcow2_over_host_file(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let host = dir.join("host-file");
+    let disk = dir.join("evil.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("data_file={}", host.display()))
+        .arg(&disk)
+        .arg("64M"))
+    .unwrap();
+    // After qemu-img, which creates the data file empty.
+    let bytes: Vec<u8> = b"HOST-FILE ".iter().copied().cycle().take(1 << 20).collect();
+    std::fs::write(&host, &bytes).unwrap();
+    std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o666)).unwrap();
+    (disk, host, bytes)
+}
+
+/// `customize` and `verify` of a qcow2 whose data file is a host file: refused before any
+/// qemu runs (the helper read the file and the commit wrote into it), exit 2 naming the disk.
+#[test]
+fn a_qcow2_with_a_host_data_file_is_refused_by_customize_and_verify() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, host, bytes) = qcow2_over_host_file(dir.path());
+    let before = digest(&disk);
+    for args in [
+        vec!["customize", "-a", &s(&disk), "--accel", "tcg", "--hostname", "x", "--progress", "none"],
+        vec!["verify", &s(&disk), "--accel", "tcg"],
+    ] {
+        let out = imgforge(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 2, "{}: {stderr}", args[0]);
+        assert!(stderr.contains("evil.qcow2") && stderr.contains("external file"), "{stderr}");
+        assert!(std::fs::read(&host).unwrap() == bytes, "{} changed the host file", args[0]);
+        assert_eq!(digest(&disk), before);
+    }
+}
+
+/// A mounted block device is refused by customize, verify and Ganeti's rename (each holds
+/// the device with O_EXCL for its run); the mounted filesystem is intact.
+#[test]
+fn a_mounted_block_device_is_refused_by_every_helper_run() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("loop-backing");
+    std::fs::File::create(&backing).unwrap().set_len(80 << 20).unwrap();
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&backing)).unwrap();
+    let dev = sh(Command::new("losetup").args(["--find", "--show"]).arg(&backing)).unwrap().trim().to_owned();
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = sh(Command::new("mount").arg(&dev).arg(mnt.path()));
+    let runs: Vec<(&str, Output)> = if mounted.is_ok() {
+        vec![
+            (
+                "customize",
+                imgforge(&["customize", "-a", &dev, "--accel", "tcg", "--hostname", "x", "--progress", "none"]),
+            ),
+            ("verify", imgforge(&["verify", &dev, "--accel", "tcg"])),
+            (
+                "rename",
+                Command::new(binary())
+                    .args(["ganeti", "rename"])
+                    .env("DISK_0_PATH", &dev)
+                    .env("INSTANCE_NAME", "inst2")
+                    .env("IMGFORGE_GANETI_CONFIG", dir.path().join("no-config"))
+                    .output()
+                    .unwrap(),
+            ),
+        ]
+    } else {
+        Vec::new()
+    };
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    let fsck = sh(Command::new("e2fsck").args(["-n", "-f", &dev]));
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    mounted.unwrap();
+    for (name, out) in runs {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 2, "{name}: {stderr}");
+        assert!(stderr.contains(&dev) && stderr.contains("in use"), "{name}: {stderr}");
+    }
+    fsck.expect("the mounted filesystem is intact");
 }

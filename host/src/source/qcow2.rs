@@ -195,7 +195,7 @@ pub fn check(file: &std::fs::File, len: u64, backing: Backing) -> Result<Header,
     refuse_features(&header, &extensions, backing)?;
     let past_end = |offset: u64, n: u64| offset.checked_add(n).is_none_or(|end| end > len);
     let l1_bytes = header.l1_entries * 8;
-    if header.l1_offset % cluster != 0 || header.l1_offset == 0 {
+    if !header.l1_offset.is_multiple_of(cluster) || header.l1_offset == 0 {
         return Err(Qcow2Error::Misplaced { what: "L1 table", offset: header.l1_offset, problem: PLACEMENT });
     }
     if past_end(header.l1_offset, l1_bytes) {
@@ -216,7 +216,7 @@ pub fn check(file: &std::fs::File, len: u64, backing: Backing) -> Result<Header,
         if l2_offset == 0 {
             continue;
         }
-        let misplaced = l2_offset % cluster != 0
+        let misplaced = !l2_offset.is_multiple_of(cluster)
             || l2_offset < cluster
             || (l2_offset < l1_end && header.l1_offset < l2_offset + cluster);
         if misplaced {

@@ -170,3 +170,22 @@ fn spawn(qemu: &Path, args: &[String], inherited: Vec<RawFd>, user: Option<Unpri
     }
     command.spawn().map_err(|e| format!("cannot start {} (install qemu-system-x86): {e}", qemu.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_failures_are_told_apart() {
+        let refused =
+            "qemu-system-x86_64: -blockdev {\"driver\":\"vhdx\"}: Could not open '/dev/fdset/1': Invalid argument";
+        assert_eq!(StartError::from_qemu_output(refused.into()), StartError::Refused(refused.into()));
+        for host in [
+            "qemu-system-x86_64: -sandbox on,obsolete=deny: seccomp support is disabled",
+            "cannot connect to qemu's monitor: connection refused",
+            "",
+        ] {
+            assert_eq!(StartError::from_qemu_output(host.into()), StartError::Host(host.into()), "{host}");
+        }
+    }
+}
