@@ -70,8 +70,9 @@ fn write_status(e: &WriteError) -> ExitStatus {
         {
             ExitStatus::Environment
         }
-        E::Stream(StreamError::Cancelled) => ExitStatus::Interrupted,
-        E::Stream(StreamError::Write { .. }) | E::Download { .. } => ExitStatus::Environment,
+        E::Stream(stream) if matches!(stream.cause(), StreamError::Cancelled) => ExitStatus::Interrupted,
+        E::Stream(stream) if matches!(stream.cause(), StreamError::Write { .. }) => ExitStatus::Environment,
+        E::Download { .. } => ExitStatus::Environment,
         E::Source(_) | E::Destination(_) | E::Stream(_) | E::Corrupt { .. } | E::Sha256Mismatch { .. } => {
             ExitStatus::BadInput
         }
