@@ -96,7 +96,7 @@ fn job_status(e: &JobError) -> ExitStatus {
     use crate::job::floppy::FloppyError;
     use crate::job::payload::PayloadError;
     use JobError as E;
-    match e {
+    match e.cause() {
         E::Write(write) => write_status(write),
         E::Liveimg(crate::source::liveimg::LiveimgError::Repack { .. }) => ExitStatus::Environment,
         E::Liveimg(_) => ExitStatus::BadInput,
@@ -104,9 +104,14 @@ fn job_status(e: &JobError) -> ExitStatus {
         E::Target(_) | E::HelperUser(_) => ExitStatus::BadInput,
         E::Floppy(FloppyError::TooLarge(_)) | E::Payload(PayloadError::Source { .. }) => ExitStatus::BadInput,
         E::TaskFailed { .. } => ExitStatus::CustomizationFailed,
-        E::HelperImage(_) | E::WorkDir { .. } | E::Floppy(_) | E::Payload(_) | E::Overlay(_) | E::Panicked(..) => {
-            ExitStatus::Environment
-        }
+        E::HelperImage(_)
+        | E::WorkDir { .. }
+        | E::Floppy(_)
+        | E::Payload(_)
+        | E::Overlay(_)
+        | E::Panicked(..)
+        | E::Publish { .. }
+        | E::StartZeroed { .. } => ExitStatus::Environment,
     }
 }
 
