@@ -134,9 +134,9 @@ fn a_failed_customization_leaves_no_complete_looking_output() {
     let forced = crafted::filled_file(&out_dir.path().join("forced.img"), 16 << 20);
     let out = deploy(&forced, &["--force"]);
     assert_eq!(code(&out), 1);
+    assert!(crafted::head(&forced, 1 << 20).iter().all(|b| *b == 0), "the start of the target was not zeroed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("the first MiB of {} was zeroed", forced.display())), "{stderr}");
-    assert!(crafted::head(&forced, 1 << 20).iter().all(|b| *b == 0), "the start of the target was not zeroed");
     assert_eq!(std::fs::metadata(&forced).unwrap().len(), 16 << 20);
 }
 
@@ -161,8 +161,8 @@ fn deploy_writes_nothing_past_the_target_and_holds_back_its_start() {
         "x",
     ]);
     assert_eq!(code(&out), 2);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
     assert_eq!(std::fs::metadata(&forced).unwrap().len(), 1 << 20, "deploy grew the target");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
 
     let disk = fixtures::disk(Shape::DosExt4).unwrap();
     let big = crafted::filled_file(&dir.path().join("big.img"), std::fs::metadata(&disk).unwrap().len());
@@ -181,6 +181,6 @@ fn deploy_writes_nothing_past_the_target_and_holds_back_its_start() {
         "x",
     ]);
     assert_eq!(code(&out), 2);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("was zeroed"));
     assert!(crafted::head(&big, 1 << 20).iter().all(|b| *b == 0), "the image's start reached the target");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was zeroed"));
 }

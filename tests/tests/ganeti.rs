@@ -237,12 +237,12 @@ fn create_and_import_never_write_past_the_disk() {
         None,
     );
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20, "create grew DISK_0_PATH");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
 
     let stream = crafted::filled_file(&crafted_dir.path().join("stream.raw"), 8 << 20);
     let out = s.run("import", &[("INSTANCE_NAME", "small.example.com"), ("DISK_0_PATH", disk_str)], Some(&stream));
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20, "import grew DISK_0_PATH");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
 }

@@ -322,8 +322,8 @@ fn nothing_is_written_past_the_end_of_a_target() {
         crafted::filled_file(&forced, 1 << 20);
         let out = imgforge(&write_args(src, &s(&forced), &["--force"]));
         assert_eq!(code(&out), 2, "{src} onto a --force file");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"), "{src}");
         assert_eq!(std::fs::metadata(&forced).unwrap().len(), 1 << 20, "{src} grew the --force target");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"), "{src}");
 
         let out = imgforge(&write_args(src, &s(&new), &["--size", "1M"]));
         assert_eq!(code(&out), 2, "{src} onto a new file of --size 1M");
@@ -361,10 +361,10 @@ fn a_checksum_mismatch_leaves_the_start_of_a_disk_zeroed() {
         for target in [lo.dev.clone(), s(&forced)] {
             let out = imgforge(&write_args(&src_arg, &target, &["--force", "--sha256", &wrong]));
             assert_eq!(code(&out), 2, "{} onto {target}", src.display());
+            assert!(crafted::head(Path::new(&target), 1 << 20).iter().all(|b| *b == 0), "{target}: start not zeroed");
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(stderr.contains("does not match --sha256"), "{stderr}");
             assert!(stderr.contains(&format!("the first MiB of {target} was zeroed")), "{stderr}");
-            assert!(crafted::head(Path::new(&target), 1 << 20).iter().all(|b| *b == 0), "{target}: start not zeroed");
 
             let out = imgforge(&write_args(&src_arg, &target, &["--force", "--sha256", &right]));
             assert_eq!(code(&out), 0, "{} onto {target}", src.display());
