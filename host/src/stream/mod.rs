@@ -348,7 +348,7 @@ fn pump(
         let progress_stop = &progress_stop;
         let progress = scope.spawn(move || report_progress(opts, &state.done, progress_stop));
         let limits = Limits { expected: opts.expected_size, capacity: state.dest.capacity, held };
-        let read_result = read_jobs(reader, opts, limits, &job_tx, &free_rx, &free_tx, &state);
+        let read_result = read_jobs(reader, opts, limits, &job_tx, &free_rx, &free_tx, state);
         drop(job_tx);
         for w in workers {
             let _ = w.join();
