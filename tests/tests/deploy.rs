@@ -184,3 +184,33 @@ fn deploy_writes_nothing_past_the_target_and_holds_back_its_start() {
     assert!(crafted::head(&big, 1 << 20).iter().all(|b| *b == 0), "the image's start reached the target");
     assert!(String::from_utf8_lossy(&out.stderr).contains("was zeroed"));
 }
+
+/// SIGTERM while the helper customizes a deploy onto a new file: exit 130, and neither the
+/// output nor its temporary name is left.
+#[test]
+fn an_interrupted_deploy_leaves_no_new_output() {
+    use std::time::{Duration, Instant};
+    let out_dir = tempfile::tempdir().unwrap();
+    let target = out_dir.path().join("deployed.img");
+    let disk = fixtures::disk(Shape::DosExt4).unwrap();
+    let mut child = Command::new(imgforge_tests::run::binary())
+        .args(["deploy", "--accel", "tcg", "--progress", "none", "--image", &s(&disk), "--target", &s(&target)])
+        .args(["--run-command", "sleep 300"])
+        .spawn()
+        .unwrap();
+    // The write is done once the written image has a name (the hidden one, or the target's
+    // own): the helper runs then.
+    let started = Instant::now();
+    let hidden = out_dir.path().join(format!(".deployed.img.imgforge-deploy-{}", child.id()));
+    while !hidden.exists() && !target.exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "the write did not finish");
+        assert!(child.try_wait().unwrap().is_none(), "imgforge ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "an interrupted deploy left {left:?}");
+}
