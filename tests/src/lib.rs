@@ -2,6 +2,7 @@
 //! between runs), the imgforge binary under test, and read-back of results that does not use
 //! imgforge (loop mounts made by the test itself).
 
+pub mod crafted;
 pub mod fixtures;
 pub mod http;
 pub mod readback;

@@ -2,6 +2,7 @@
 //! environment (`PATH=/sbin:/bin:/usr/sbin:/usr/bin`, no HOME, cwd = the OS directory), a file
 //! disk; results read back with the test's own loop mount.
 
+use imgforge_tests::crafted;
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::{password_matches, shadow_field, Mount};
 use imgforge_tests::run::binary;
@@ -235,4 +236,36 @@ fn a_raw_disk_starting_with_a_qcow2_header_stays_raw() {
     let mut kept = vec![0u8; 104];
     std::fs::File::open(&disk).unwrap().read_exact_at(&mut kept, 0).unwrap();
     assert_eq!(kept, header, "the header the tenant wrote is kept");
+}
+
+/// `create` with a 2 KB `img_id` that decodes to 64 MiB (two zstd frames, the first announcing
+/// 4 KiB) and `import` of 8 MiB on stdin, onto a 1 MiB file disk: exit 2 as soon as the image
+/// outgrows the disk, which keeps its size.
+#[test]
+fn create_and_import_never_write_past_the_disk() {
+    let s = site();
+    let images = s.config.parent().unwrap().join("images");
+    let crafted_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(crafted::zstd_frames(crafted_dir.path()), images.join("frames.raw.zst")).unwrap();
+    let disk = crafted::filled_file(&s.disks.join("small.disk0"), 1 << 20);
+    let disk_str = disk.to_str().unwrap();
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "small.example.com"),
+            ("DISK_0_PATH", disk_str),
+            ("OSP_IMG_ID", "frames.raw.zst"),
+            ("OSP_IMG_FORMAT", "diskdump"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20, "create grew DISK_0_PATH");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
+
+    let stream = crafted::filled_file(&crafted_dir.path().join("stream.raw"), 8 << 20);
+    let out = s.run("import", &[("INSTANCE_NAME", "small.example.com"), ("DISK_0_PATH", disk_str)], Some(&stream));
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20, "import grew DISK_0_PATH");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
 }

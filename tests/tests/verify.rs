@@ -1,6 +1,7 @@
 //! `imgforge verify`: the image "test" step — filesystems checked read-only, required packages
 //! present; exit 0 only if all hold; the image never changes.
 
+use imgforge_tests::crafted;
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::rpm;
 use imgforge_tests::run::{code, imgforge, s};
@@ -78,4 +79,30 @@ fn liveimgs_are_verified_too() {
     let out = imgforge(&["verify", "--accel", "tcg", "--json", &s(&live), "--require-package", "rpm"]);
     assert_eq!(code(&out), 0);
     assert_eq!(report(&out)["checks"][0]["name"], "filesystem-vda");
+}
+
+/// verify unpacks a compressed image to a work file sized by what the image announces: a 2 KB
+/// .zst whose frame announces 4 KiB and holds 64 MiB is refused (exit 2) without writing past
+/// the 4 KiB (the run is limited to 16 MiB files: a longer write would kill it).
+#[test]
+fn unpacking_stops_at_the_announced_size() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let liar = crafted::zstd_liar(dir.path());
+    let mut cmd = Command::new(imgforge_tests::run::binary());
+    cmd.args(["verify", "--accel", "tcg"]).arg(&liar);
+    // SAFETY: setrlimit is async-signal-safe; the limit is for the child only.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 16 << 20, rlim_max: 16 << 20 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{:?}: {stderr}", out.status);
+    assert!(stderr.contains("more than the 4096 bytes it announces"), "{stderr}");
 }

@@ -1,6 +1,7 @@
 //! `imgforge write`: every source kind, byte-exact onto new files and onto a loop device full
 //! of 0xff (proving zero ranges are really zeroed), refusals, URLs, interruption.
 
+use imgforge_tests::crafted;
 use imgforge_tests::fixtures::{self, sh};
 use imgforge_tests::http::{self, Response};
 use imgforge_tests::run::{binary, code, imgforge, s};
@@ -434,5 +435,83 @@ fn a_qemu_that_cannot_start_is_an_environment_error() {
         ]);
         assert_eq!(code(&out), 4, "{qemu}");
         assert!(!target.exists());
+    }
+}
+
+fn write_args<'a>(src: &'a str, target: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["write", "--progress", "none", "--image", src, "--target", target];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Images that decode to 64 MiB while announcing 4 KiB or nothing (two zstd frames, two gzip
+/// members, two xz streams) and a raw download with no Content-Length, onto a 1 MiB `--force`
+/// file, a new file of `--size 1M` and a 1 MiB block device: refused with exit 2 as soon as
+/// the image outgrows the target, and a file target keeps its size.
+#[test]
+fn nothing_is_written_past_the_end_of_a_target() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let body = vec![crafted::FILL; 8 << 20];
+    let mut sources: Vec<String> =
+        [crafted::zstd_frames(d), crafted::gzip_members(d), crafted::xz_streams(d)].iter().map(|p| s(p)).collect();
+    sources.push(http::serve(Response { announce: None, ..Response::full(body) }));
+    let lo = crafted::Loop::filled(d, "loop-backing", 1 << 20);
+    let forced = d.join("forced.img");
+    let new = d.join("new.img");
+    for src in &sources {
+        crafted::filled_file(&forced, 1 << 20);
+        let out = imgforge(&write_args(src, &s(&forced), &["--force"]));
+        assert_eq!(code(&out), 2, "{src} onto a --force file");
+        assert_eq!(std::fs::metadata(&forced).unwrap().len(), 1 << 20, "{src} grew the --force target");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"), "{src}");
+
+        let out = imgforge(&write_args(src, &s(&new), &["--size", "1M"]));
+        assert_eq!(code(&out), 2, "{src} onto a new file of --size 1M");
+        assert!(!new.exists(), "{src}: a new file appeared");
+
+        let out = imgforge(&write_args(src, &lo.dev, &[]));
+        assert_eq!(code(&out), 2, "{src} onto {}", lo.dev);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"), "{src}");
+    }
+    let leftovers: Vec<_> =
+        std::fs::read_dir(d).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// `--sha256` that does not match, onto a block device and a `--force` file: exit 2, the
+/// first MiB reads as zeros (the message says so); a matching one gives the image byte for
+/// byte.
+#[test]
+fn a_checksum_mismatch_leaves_the_start_of_a_disk_zeroed() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = fixtures::synthetic_raw(d).unwrap();
+    let size = std::fs::metadata(&raw).unwrap().len();
+    let compressed = d.join("src.raw.zst");
+    sh(Command::new("sh").arg("-c").arg(format!("zstd -qc < '{}' > '{}'", raw.display(), compressed.display())))
+        .unwrap();
+    let lo = crafted::Loop::filled(d, "loop-backing", size + (1 << 20));
+    let forced = d.join("forced.img");
+    let wrong = "0".repeat(64);
+    for src in [&raw, &compressed] {
+        let right = digest(src);
+        crafted::filled_file(&forced, size);
+        let src_arg = s(src);
+        for target in [lo.dev.clone(), s(&forced)] {
+            let out = imgforge(&write_args(&src_arg, &target, &["--force", "--sha256", &wrong]));
+            assert_eq!(code(&out), 2, "{} onto {target}", src.display());
+            assert!(crafted::head(Path::new(&target), 1 << 20).iter().all(|b| *b == 0), "{target}: start not zeroed");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("does not match --sha256"), "{stderr}");
+            assert!(stderr.contains(&format!("the first MiB of {target} was zeroed")), "{stderr}");
+
+            let out = imgforge(&write_args(&src_arg, &target, &["--force", "--sha256", &right]));
+            assert_eq!(code(&out), 0, "{} onto {target}", src.display());
+            assert!(same_prefix(&raw, &target, size), "{target} differs from the image");
+        }
+        assert_eq!(std::fs::metadata(&forced).unwrap().len(), size);
     }
 }

@@ -70,8 +70,9 @@ fn write_status(e: &WriteError) -> ExitStatus {
         {
             ExitStatus::Environment
         }
-        E::Stream(StreamError::Cancelled) => ExitStatus::Interrupted,
-        E::Stream(StreamError::Write { .. }) | E::Download { .. } => ExitStatus::Environment,
+        E::Stream(stream) if matches!(stream.cause(), StreamError::Cancelled) => ExitStatus::Interrupted,
+        E::Stream(stream) if matches!(stream.cause(), StreamError::Write { .. }) => ExitStatus::Environment,
+        E::Download { .. } => ExitStatus::Environment,
         E::Source(_) | E::Destination(_) | E::Stream(_) | E::Corrupt { .. } | E::Sha256Mismatch { .. } => {
             ExitStatus::BadInput
         }
@@ -95,7 +96,7 @@ fn job_status(e: &JobError) -> ExitStatus {
     use crate::job::floppy::FloppyError;
     use crate::job::payload::PayloadError;
     use JobError as E;
-    match e {
+    match e.cause() {
         E::Write(write) => write_status(write),
         E::Liveimg(crate::source::liveimg::LiveimgError::Repack { .. }) => ExitStatus::Environment,
         E::Liveimg(_) => ExitStatus::BadInput,
@@ -105,9 +106,14 @@ fn job_status(e: &JobError) -> ExitStatus {
         }
         E::Floppy(FloppyError::TooLarge(_)) | E::Payload(PayloadError::Source { .. }) => ExitStatus::BadInput,
         E::TaskFailed { .. } => ExitStatus::CustomizationFailed,
-        E::HelperImage(_) | E::WorkDir { .. } | E::Floppy(_) | E::Payload(_) | E::Overlay(_) | E::Panicked(..) => {
-            ExitStatus::Environment
-        }
+        E::HelperImage(_)
+        | E::WorkDir { .. }
+        | E::Floppy(_)
+        | E::Payload(_)
+        | E::Overlay(_)
+        | E::Panicked(..)
+        | E::Publish { .. }
+        | E::StartZeroed { .. } => ExitStatus::Environment,
     }
 }
 

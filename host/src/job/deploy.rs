@@ -7,6 +7,8 @@ use crate::ops::Plan;
 use crate::progress::Progress;
 use crate::source::liveimg::{self, LiveimgError, TempPath};
 use crate::source::Location;
+use crate::stream::destination::publish;
+use crate::stream::held_start::zero_start;
 use crate::vm::Interrupt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,6 +58,10 @@ pub async fn cancellable<T: Send + 'static, E: Into<JobError> + Send + 'static>(
 
 /// Customizes what `write` just wrote with `plan`: nothing to do for a disk and no
 /// operations; a bare filesystem (from a liveimg) is always grown to its target's size.
+///
+/// A device or existing file (`request.force`) cannot be hidden until the customization
+/// succeeded: when it fails, the target's first MiB is zeroed so it does not boot an image
+/// that was not customized, and the error says so.
 pub async fn customize_written(
     written: &Written,
     request: &WriteRequest,
@@ -68,10 +74,26 @@ pub async fn customize_written(
         return Ok(());
     }
     // What was written is raw, whatever its first bytes look like (they are the guest's).
-    customize(&request.target, RAW, plan, written.bare_filesystem, settings, progress, interrupt).await
+    let result = customize(&request.target, RAW, plan, written.bare_filesystem, settings, progress, interrupt).await;
+    let in_place = request.force || crate::stream::destination::is_block_device(&request.target);
+    match result {
+        Err(e) if in_place => {
+            let target = request.target.clone();
+            match blocking("zeroing", move || zero_start(&target)).await? {
+                Ok(_) => Err(JobError::StartZeroed { target: request.target.clone(), source: Box::new(e) }),
+                Err(zeroing) => {
+                    tracing::error!(target = %request.target.display(), error = %zeroing, "cannot zero the start of the target");
+                    Err(e)
+                }
+            }
+        }
+        other => other,
+    }
 }
 
-/// Writes `request`'s image, then customizes it with `plan`.
+/// Writes `request`'s image, then customizes it with `plan`. A new file appears under its name
+/// only when both succeeded: it is written and customized under a temporary name beside it,
+/// removed on any failure or interrupt.
 pub async fn deploy(
     request: &WriteRequest,
     mut plan: Plan,
@@ -80,8 +102,18 @@ pub async fn deploy(
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
     announce_random_passwords(&mut plan, progress.as_ref());
-    let written = write(request, progress.clone(), interrupt).await?;
-    customize_written(&written, request, plan, settings, progress.as_ref(), interrupt).await
+    let new_file =
+        matches!(std::fs::symlink_metadata(&request.target), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    if !new_file {
+        let written = write(request, progress.clone(), interrupt).await?;
+        return customize_written(&written, request, plan, settings, progress.as_ref(), interrupt).await;
+    }
+    let temp = TempPath(liveimg::temp_beside(&request.target, "deploy"));
+    let to_temp = WriteRequest { target: temp.0.clone(), force: false, ..request.clone() };
+    let written = write(&to_temp, progress.clone(), interrupt).await?;
+    customize_written(&written, &to_temp, plan, settings, progress.as_ref(), interrupt).await?;
+    publish(&temp.0, &request.target).map_err(|source| JobError::Publish { path: request.target.clone(), source })?;
+    Ok(())
 }
 
 /// liveimg → customized liveimg: the rootfs out to a temporary file beside the target,

@@ -120,6 +120,33 @@ pub enum JobError {
     /// A blocking step died.
     #[error("{0} panicked: {1}")]
     Panicked(&'static str, String),
+    /// The finished, customized image cannot be given its name.
+    #[error("cannot move the finished image to {}: {source}", path.display())]
+    Publish {
+        /// The output.
+        path: PathBuf,
+        /// The rename's error.
+        source: std::io::Error,
+    },
+    /// Customizing a device or existing file failed after the image was written there; its
+    /// start was zeroed.
+    #[error("{source}; the first MiB of {} was zeroed so it does not boot a partial image", target.display())]
+    StartZeroed {
+        /// The target.
+        target: PathBuf,
+        /// Why the job failed.
+        source: Box<JobError>,
+    },
+}
+
+impl JobError {
+    /// The failure itself, whatever was done to the target afterwards.
+    pub fn cause(&self) -> &JobError {
+        match self {
+            JobError::StartZeroed { source, .. } => source.cause(),
+            other => other,
+        }
+    }
 }
 
 /// Runs blocking `f` off the async runtime; `what` names it if it panics.

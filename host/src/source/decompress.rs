@@ -70,11 +70,7 @@ pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
             // One stream exactly (header, blocks, index, footer): else the size is unknown.
             (12 + blocks + index_len + 12 == len).then_some(uncompressed)
         }
-        Format::Zstd => {
-            let mut header = [0u8; 18];
-            let n = file.read_at(&mut header, 0).ok()?;
-            zstd_content_size(&header[..n])
-        }
+        Format::Zstd => zstd_total_size(&file, len),
         _ => None,
     }
 }
@@ -118,6 +114,117 @@ pub fn xz_index_sizes(index: &[u8]) -> Option<(u64, u64)> {
         }
     }
     Some((uncompressed, stored))
+}
+
+/// Longest zstd frame header: magic, descriptor, window, dictionary id, content size.
+const ZSTD_MAX_HEADER_BYTES: usize = 18;
+
+/// The sum of the content sizes every frame of a zstd file declares; unknown when one frame
+/// declares none or the frames do not end exactly at the end of the file. Every frame counts:
+/// `zstd -d` decodes them all, so the first frame's size alone would let a small file announce
+/// a small image and deliver a large one.
+fn zstd_total_size(file: &std::fs::File, len: u64) -> Option<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut r = BufReader::with_capacity(1 << 16, file);
+    let (mut pos, mut total) = (0u64, 0u64);
+    let mut header = [0u8; ZSTD_MAX_HEADER_BYTES];
+    while pos < len {
+        r.seek(SeekFrom::Start(pos)).ok()?;
+        let n = read_up_to(&mut r, &mut header)?;
+        match zstd_frame(&header[..n])? {
+            ZstdFrame::Skippable { bytes } => pos = pos.checked_add(bytes)?,
+            ZstdFrame::Data { header_bytes, content_size, checksum } => {
+                total = total.checked_add(content_size?)?;
+                pos = pos.checked_add(header_bytes)?;
+                r.seek(SeekFrom::Start(pos)).ok()?;
+                loop {
+                    let mut block = [0u8; 3];
+                    r.read_exact(&mut block).ok()?;
+                    let (last, stored) = zstd_block(block)?;
+                    pos = pos.checked_add(3 + stored)?;
+                    if last {
+                        break;
+                    }
+                    r.seek_relative(i64::try_from(stored).ok()?).ok()?;
+                }
+                pos = pos.checked_add(if checksum { 4 } else { 0 })?;
+            }
+        }
+    }
+    (pos == len).then_some(total)
+}
+
+/// Fills as much of `buf` as the reader has left; the count, or None on an I/O error.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> Option<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]).ok()? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Some(got)
+}
+
+/// What a zstd file holds at a frame boundary.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ZstdFrame {
+    /// A frame of data: its header's length, the content size it declares, and whether a
+    /// 4-byte checksum follows its last block.
+    Data {
+        /// Bytes of the frame header.
+        header_bytes: u64,
+        /// Declared content size.
+        content_size: Option<u64>,
+        /// A content checksum follows the blocks.
+        checksum: bool,
+    },
+    /// A skippable frame of `bytes` bytes in all.
+    Skippable {
+        /// Its whole length, header included.
+        bytes: u64,
+    },
+}
+
+/// Parses the frame that starts `h` (pure).
+pub fn zstd_frame(h: &[u8]) -> Option<ZstdFrame> {
+    let magic = u32::from_le_bytes(h.get(..4)?.try_into().ok()?);
+    if magic & 0xffff_fff0 == 0x184d_2a50 {
+        let size = u32::from_le_bytes(h.get(4..8)?.try_into().ok()?);
+        return Some(ZstdFrame::Skippable { bytes: 8 + u64::from(size) });
+    }
+    if magic != 0xfd2f_b528 {
+        return None;
+    }
+    let fhd = *h.get(4)?;
+    if fhd & 0x08 != 0 {
+        return None;
+    }
+    let single_segment = fhd & 0x20 != 0;
+    let dict_len = [0u64, 1, 2, 4][usize::from(fhd & 3)];
+    let fcs_len = match fhd >> 6 {
+        0 => u64::from(single_segment),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    Some(ZstdFrame::Data {
+        header_bytes: 5 + u64::from(!single_segment) + dict_len + fcs_len,
+        content_size: zstd_content_size(h),
+        checksum: fhd & 0x04 != 0,
+    })
+}
+
+/// (last block, bytes stored after the header) from a zstd block header (pure).
+pub fn zstd_block(h: [u8; 3]) -> Option<(bool, u64)> {
+    let v = u32::from_le_bytes([h[0], h[1], h[2], 0]);
+    let size = u64::from(v >> 3);
+    let stored = match (v >> 1) & 3 {
+        0 | 2 => size,
+        1 => 1,
+        _ => return None,
+    };
+    Some((v & 1 != 0, stored))
 }
 
 /// The content size a zstd frame header declares, if it declares one (pure).
@@ -177,7 +284,7 @@ mod tests {
             ("one.xz", Format::Xz, &data, Some(data.len() as u64)),
             ("two.xz", Format::Xz, &twice, None),
             ("one.zst", Format::Zstd, &data, Some(data.len() as u64)),
-            ("two.zst", Format::Zstd, &twice, Some(data.len() as u64)),
+            ("two.zst", Format::Zstd, &twice, Some(twice.len() as u64)),
             ("one.gz", Format::Gzip, &data, None),
         ] {
             let path = dir.path().join(name);
@@ -205,6 +312,56 @@ mod tests {
         assert_eq!(zstd_content_size(&[0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x58]), None);
         assert_eq!(zstd_content_size(&[0x28, 0xb5, 0x2f, 0xfd, 0x40, 0x58, 1, 0]), Some(257));
         assert_eq!(zstd_content_size(b"not zstd"), None);
+        assert_eq!(
+            zstd_frame(&[0x28, 0xb5, 0x2f, 0xfd, 0x24, 42]),
+            Some(ZstdFrame::Data { header_bytes: 6, content_size: Some(42), checksum: true })
+        );
+        assert_eq!(
+            zstd_frame(&[0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x58]),
+            Some(ZstdFrame::Data { header_bytes: 6, content_size: None, checksum: false })
+        );
+        assert_eq!(zstd_frame(&[0x5a, 0x2a, 0x4d, 0x18, 10, 0, 0, 0]), Some(ZstdFrame::Skippable { bytes: 18 }));
+        assert_eq!(zstd_frame(&[0x28, 0xb5, 0x2f, 0xfd, 0x08]), None, "reserved bit");
+        // Last RLE block of 128 KiB: one byte stored.
+        assert_eq!(
+            zstd_block(((128 << 10) << 3 | 1 << 1 | 1u32).to_le_bytes()[..3].try_into().unwrap()),
+            Some((true, 1))
+        );
+        assert_eq!(zstd_block([0x06, 0, 0]), None, "reserved block type");
+    }
+
+    /// A file whose first frame declares 4 KiB and whose next frames (declaring nothing, or
+    /// lying) deliver 64 MiB: its size is not the first frame's.
+    #[test]
+    fn zstd_size_counts_every_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let rle = |declared: Option<u32>, blocks: u32, block_bytes: u32| -> Vec<u8> {
+            let mut f = vec![0x28, 0xb5, 0x2f, 0xfd];
+            match declared {
+                Some(n) => {
+                    f.push(0xa0);
+                    f.extend(n.to_le_bytes());
+                }
+                None => f.extend([0x00, 0x58]),
+            }
+            for i in 0..blocks {
+                let last = u32::from(i + 1 == blocks);
+                f.extend(&(block_bytes << 3 | 1 << 1 | last).to_le_bytes()[..3]);
+                f.push(0xab);
+            }
+            f
+        };
+        let first = rle(Some(4096), 1, 4096);
+        let path = dir.path().join("x.zst");
+        for (rest, want) in [
+            (vec![], Some(4096)),
+            (rle(None, 512, 128 << 10), None),
+            (rle(Some(4096), 512, 128 << 10), Some(8192)),
+            (vec![0x28, 0xb5], None),
+        ] {
+            std::fs::write(&path, [first.clone(), rest].concat()).unwrap();
+            assert_eq!(uncompressed_size(Format::Zstd, &path), want);
+        }
     }
 
     proptest::proptest! {

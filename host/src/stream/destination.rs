@@ -204,7 +204,8 @@ impl Destination {
             path: path.to_owned(),
             direct,
             buffered,
-            capacity: u64::MAX,
+            // A new file grows with the image, up to --size when one was given.
+            capacity: opts.size.unwrap_or(u64::MAX),
             zero_mode: ZeroMode::Skip,
             is_block_device: false,
             temp: Some(temp),
@@ -230,8 +231,21 @@ impl Destination {
         flags >= 0 && flags & libc::O_DIRECT != 0
     }
 
+    /// Refuses a range past the end: a write there would grow a file target.
+    fn check_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.capacity) {
+            return Err(std::io::Error::other(format!(
+                "refusing to write {len} bytes at offset {offset}: past the end of {} ({} bytes)",
+                self.path.display(),
+                self.capacity
+            )));
+        }
+        Ok(())
+    }
+
     /// Writes `data` at `offset`: through O_DIRECT for the aligned part, buffered for a tail.
     pub fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.check_range(offset, data.len() as u64)?;
         let aligned = data.len() / ALIGN_BYTES * ALIGN_BYTES;
         // O_DIRECT needs the memory, the offset and the length aligned.
         if aligned > 0
@@ -250,6 +264,7 @@ impl Destination {
 
     /// Makes `[offset, offset+len)` read back as zeros.
     pub fn zero_range(&self, offset: u64, len: u64, zeros: &[u8]) -> std::io::Result<()> {
+        self.check_range(offset, len)?;
         match self.zero_mode {
             ZeroMode::Skip => Ok(()),
             ZeroMode::ZeroOut => {
@@ -291,8 +306,9 @@ impl Destination {
         Ok(())
     }
 
-    /// Flushes everything, re-reads a device's partition table, and gives a new file its name.
-    pub fn commit(mut self, final_size: u64) -> std::io::Result<()> {
+    /// Flushes everything, writes `start` (the held-back first bytes) last and flushes again,
+    /// re-reads a device's partition table, and gives a new file its name.
+    pub fn commit(mut self, final_size: u64, start: Option<&[u8]>) -> std::io::Result<()> {
         let io_err = |what: &str, e: std::io::Error| {
             std::io::Error::new(e.kind(), format!("{what} {}: {e}", self.path.display()))
         };
@@ -304,6 +320,12 @@ impl Destination {
         }
         self.direct.sync_all().map_err(|e| io_err("cannot flush", e))?;
         self.buffered.sync_all().map_err(|e| io_err("cannot flush", e))?;
+        if let Some(start) = start {
+            // Only once everything after it is on disk: a crash in between leaves zeros there.
+            self.write_at(start, 0).map_err(|e| io_err("cannot write the first MiB of", e))?;
+            self.direct.sync_all().map_err(|e| io_err("cannot flush", e))?;
+            self.buffered.sync_all().map_err(|e| io_err("cannot flush", e))?;
+        }
         if self.is_block_device {
             // SAFETY: valid fd. Fails harmlessly (EINVAL) on devices without partitions.
             unsafe { libc::ioctl(self.direct.as_raw_fd(), BLKRRPART) };
@@ -327,6 +349,16 @@ impl Drop for Destination {
             let _ = std::fs::remove_file(temp);
         }
     }
+}
+
+/// Renames `from` to `to` unless `to` exists (never replaces what appeared meanwhile), then
+/// flushes the directory so the name survives a crash.
+pub fn publish(from: &Path, to: &Path) -> std::io::Result<()> {
+    rename_noreplace(from, to)?;
+    if let Some(dir) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -364,7 +396,7 @@ mod tests {
 
         let dest = Destination::open(&path, Some(8192), None, &DestinationOptions::default()).unwrap();
         dest.write_at(&[1u8; 5000], 0).unwrap();
-        dest.commit(8192).unwrap();
+        dest.commit(8192, None).unwrap();
         let data = std::fs::read(&path).unwrap();
         assert_eq!(data.len(), 8192);
         assert!(data[..5000].iter().all(|b| *b == 1) && data[5000..].iter().all(|b| *b == 0));
@@ -403,7 +435,7 @@ mod tests {
         let dest = Destination::open(&existing, Some(3 * 4096), None, &DestinationOptions { force: true, size: None })
             .unwrap();
         dest.zero_range(4096, 4096, &[0u8; 4096]).unwrap();
-        dest.commit(3 * 4096).unwrap();
+        dest.commit(3 * 4096, None).unwrap();
         let data = std::fs::read(&existing).unwrap();
         assert_eq!(data.len(), 3 * 4096, "never truncated");
         assert!(data[4096..8192].iter().all(|b| *b == 0) && data[..4096].iter().all(|b| *b == 0xff));

@@ -11,9 +11,11 @@
 
 pub mod buffer;
 pub mod destination;
+pub mod held_start;
 
 use buffer::{is_zero, AlignedBuf};
 use destination::Destination;
+use held_start::HeldStart;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,12 +61,51 @@ pub enum StreamError {
         /// Size read.
         got: u64,
     },
+    /// The source holds more than the size it announced (its header or index lies).
+    #[error("{what} is corrupt: it holds more than the {expected} bytes it announces; nothing was written past them")]
+    Overrun {
+        /// The source.
+        what: String,
+        /// Size announced.
+        expected: u64,
+    },
+    /// The source holds more than the target can: refused before the byte that does not fit.
+    #[error(
+        "the image {what} is larger than target {target} ({capacity} bytes): nothing was written past its end; \
+         use a larger target"
+    )]
+    TooLarge {
+        /// The source.
+        what: String,
+        /// The target.
+        target: String,
+        /// The target's size.
+        capacity: u64,
+    },
     /// The final check before the destination is committed failed (e.g. --sha256).
     #[error("{0}")]
     Verify(String),
     /// Stopped on request.
     #[error("interrupted")]
     Cancelled,
+    /// Streaming onto a device or existing file failed; its start was left zeroed.
+    #[error("{source}; the first MiB of {target} was zeroed so it does not boot a partial image")]
+    StartZeroed {
+        /// The target.
+        target: String,
+        /// Why streaming failed.
+        source: Box<StreamError>,
+    },
+}
+
+impl StreamError {
+    /// The failure itself, whatever was done to the target afterwards.
+    pub fn cause(&self) -> &StreamError {
+        match self {
+            StreamError::StartZeroed { source, .. } => source.cause(),
+            other => other,
+        }
+    }
 }
 
 /// `n`, but at most `limit`: how much of a `limit`-byte buffer a stretch of `n` bytes fills.
@@ -194,6 +235,11 @@ pub fn copy(reader: &mut dyn ChunkReader, dest: Destination, opts: &StreamOption
 
 /// Like [`copy`], with `verify` deciding, after the last byte and before the commit, whether
 /// the destination may be committed (a failed check leaves no new file behind).
+///
+/// Nothing is written past the destination's capacity, nor past the size the source
+/// announced: the stream stops at the first piece that would not fit. On a device or an
+/// existing file, the first MiB is written as zeros and the image's own first MiB last, once
+/// every check passed; a failure leaves that start zeroed ([`StreamError::StartZeroed`]).
 pub fn copy_verified(
     reader: &mut dyn ChunkReader,
     dest: Destination,
@@ -201,24 +247,59 @@ pub fn copy_verified(
     verify: &dyn Fn() -> Result<(), String>,
 ) -> Result<StreamStats, StreamError> {
     let started = Instant::now();
-    let state = WriteState {
-        dest: &dest,
-        zeros: AlignedBuf::new(CHUNK_BYTES),
-        done: AtomicU64::new(0),
-        failed: Mutex::new(None),
-        abort: AtomicBool::new(false),
-    };
-    let read = pump(reader, &state, opts)?;
-    if let Some(e) = state.failed.into_inner().expect("error lock") {
-        return Err(StreamError::Write { what: dest.path.display().to_string(), source: e });
+    let dest_name = dest.path.display().to_string();
+    let mut held = (!dest.is_new_file()).then(|| HeldStart::new(dest.capacity));
+    if let Some(held) = &held {
+        // Zeroed first and flushed: even a kill mid-stream leaves a start that does not boot.
+        dest.write_at(&AlignedBuf::new(held.len()).data_full()[..held.len()], 0)
+            .and_then(|()| dest.direct.sync_data())
+            .and_then(|()| dest.buffered.sync_data())
+            .map_err(|source| StreamError::Write { what: dest_name.clone(), source })?;
     }
-    commit_checked(dest, read.bytes, opts, verify)?;
+    let checked = stream_checked(reader, &dest, opts, verify, held.as_mut());
+    let read = match checked {
+        Ok(read) => read,
+        Err(e) if held.is_some() => return Err(StreamError::StartZeroed { target: dest_name, source: Box::new(e) }),
+        Err(e) => return Err(e),
+    };
+    (opts.progress)(read.bytes, Some(read.bytes));
+    dest.commit(read.bytes, held.as_ref().map(HeldStart::data))
+        .map_err(|source| StreamError::Write { what: dest_name, source })?;
     Ok(StreamStats {
         bytes: read.bytes,
         data_bytes: read.data_bytes,
         zero_bytes: read.bytes - read.data_bytes,
         elapsed: started.elapsed(),
     })
+}
+
+/// Streams the source onto `dest` and runs the checks between the last write and the commit:
+/// the announced size, then `verify`.
+fn stream_checked(
+    reader: &mut dyn ChunkReader,
+    dest: &Destination,
+    opts: &StreamOptions,
+    verify: &dyn Fn() -> Result<(), String>,
+    held: Option<&mut HeldStart>,
+) -> Result<ReadTotals, StreamError> {
+    let state = WriteState {
+        dest,
+        zeros: AlignedBuf::new(CHUNK_BYTES),
+        done: AtomicU64::new(0),
+        failed: Mutex::new(None),
+        abort: AtomicBool::new(false),
+    };
+    let read = pump(reader, &state, opts, held)?;
+    if let Some(e) = state.failed.into_inner().expect("error lock") {
+        return Err(StreamError::Write { what: dest.path.display().to_string(), source: e });
+    }
+    if let Some(expected) = opts.expected_size {
+        if read.bytes != expected {
+            return Err(StreamError::Length { what: opts.source_name.clone(), expected, got: read.bytes });
+        }
+    }
+    verify().map_err(StreamError::Verify)?;
+    Ok(read)
 }
 
 /// What the writer threads share with the reader and with each other.
@@ -245,7 +326,12 @@ struct ReadTotals {
 
 /// Reads on this thread while [`WRITERS`] threads write and one reports progress; returns when
 /// the source ended (or a write failed) and every queued job is done.
-fn pump(reader: &mut dyn ChunkReader, state: &WriteState, opts: &StreamOptions) -> Result<ReadTotals, StreamError> {
+fn pump(
+    reader: &mut dyn ChunkReader,
+    state: &WriteState,
+    opts: &StreamOptions,
+    held: Option<&mut HeldStart>,
+) -> Result<ReadTotals, StreamError> {
     let progress_stop = AtomicBool::new(false);
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(BUFFERS);
     let job_rx = Arc::new(Mutex::new(job_rx));
@@ -261,7 +347,8 @@ fn pump(reader: &mut dyn ChunkReader, state: &WriteState, opts: &StreamOptions) 
         }
         let progress_stop = &progress_stop;
         let progress = scope.spawn(move || report_progress(opts, &state.done, progress_stop));
-        let read_result = read_jobs(reader, opts, &job_tx, &free_rx, &free_tx, &state.abort);
+        let limits = Limits { expected: opts.expected_size, capacity: state.dest.capacity, held };
+        let read_result = read_jobs(reader, opts, limits, &job_tx, &free_rx, &free_tx, state);
         drop(job_tx);
         for w in workers {
             let _ = w.join();
@@ -316,16 +403,48 @@ fn report_progress(opts: &StreamOptions, done: &AtomicU64, stop: &AtomicBool) {
     }
 }
 
+/// Where the reader must stop, and what it must hold back.
+struct Limits<'h> {
+    /// The size the source announced.
+    expected: Option<u64>,
+    /// The destination's size.
+    capacity: u64,
+    /// The destination's start, held back until the commit.
+    held: Option<&'h mut HeldStart>,
+}
+
+impl Limits<'_> {
+    /// Refuses a piece of `len` bytes at `offset` that would go past the announced size or
+    /// the destination's end: checked before the piece becomes a job, so nothing of it is
+    /// written.
+    fn admit(&self, offset: u64, len: u64, opts: &StreamOptions, dest: &Destination) -> Result<(), StreamError> {
+        let end = offset.saturating_add(len);
+        if let Some(expected) = self.expected.filter(|e| end > *e) {
+            return Err(StreamError::Overrun { what: opts.source_name.clone(), expected });
+        }
+        if end > self.capacity {
+            return Err(StreamError::TooLarge {
+                what: opts.source_name.clone(),
+                target: dest.path.display().to_string(),
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Reads the source into jobs: non-zero buffers as data, zero buffers and holes merged into
 /// zero ranges. Stops early, without error, when a writer failed (`abort`).
 fn read_jobs(
     reader: &mut dyn ChunkReader,
     opts: &StreamOptions,
+    mut limits: Limits,
     jobs: &mpsc::SyncSender<Job>,
     free_rx: &mpsc::Receiver<AlignedBuf>,
     free_tx: &mpsc::Sender<AlignedBuf>,
-    abort: &AtomicBool,
+    state: &WriteState,
 ) -> Result<ReadTotals, StreamError> {
+    let abort = &state.abort;
     let mut offset = 0u64;
     let mut data_bytes = 0u64;
     let mut pending_zero: Option<(u64, u64)> = None;
@@ -347,10 +466,18 @@ fn read_jobs(
             }
             Piece::Hole(len) => {
                 let _ = free_tx.send(buf);
+                limits.admit(offset, len, opts, state.dest)?;
                 pending_zero = Some(merge_zero(pending_zero, offset, len, jobs));
                 offset += len;
             }
             Piece::Data(n) => {
+                if let Err(e) = limits.admit(offset, n as u64, opts, state.dest) {
+                    let _ = free_tx.send(buf);
+                    return Err(e);
+                }
+                if let Some(held) = limits.held.as_deref_mut() {
+                    held.capture(offset, &mut buf.as_mut_full()[..n]);
+                }
                 buf.len = n;
                 if is_zero(buf.data()) {
                     let _ = free_tx.send(buf);
@@ -370,32 +497,6 @@ fn read_jobs(
         let _ = jobs.send(Job::Zero { offset: o, len: l });
     }
     Ok(ReadTotals { bytes: offset, data_bytes })
-}
-
-/// The checks between the last write and the commit: the announced size, `verify`, the
-/// destination's capacity; then the commit of `bytes` bytes.
-fn commit_checked(
-    dest: Destination,
-    bytes: u64,
-    opts: &StreamOptions,
-    verify: &dyn Fn() -> Result<(), String>,
-) -> Result<(), StreamError> {
-    let dest_name = dest.path.display().to_string();
-    let write_err = |source| StreamError::Write { what: dest_name.clone(), source };
-    if let Some(expected) = opts.expected_size {
-        if bytes != expected {
-            return Err(StreamError::Length { what: opts.source_name.clone(), expected, got: bytes });
-        }
-    }
-    verify().map_err(StreamError::Verify)?;
-    if bytes > dest.capacity {
-        return Err(write_err(std::io::Error::other(format!(
-            "the image ({bytes} bytes) is larger than the target ({} bytes)",
-            dest.capacity
-        ))));
-    }
-    (opts.progress)(bytes, Some(bytes));
-    dest.commit(bytes).map_err(write_err)
 }
 
 /// Extends a pending zero range, or flushes it and starts a new one.
@@ -499,5 +600,60 @@ mod tests {
         cancel.store(true, Ordering::Relaxed);
         assert!(matches!(copy(&mut reader, open(), &options(None, &cancel)), Err(StreamError::Cancelled)));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a file was left behind");
+    }
+
+    /// An image larger than an existing file, than a new file's --size, or than the size it
+    /// announced: refused at the first piece that does not fit, the file keeping its size.
+    #[test]
+    fn nothing_is_written_past_a_target_or_an_announced_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = AtomicBool::new(false);
+        let existing = dir.path().join("existing");
+        std::fs::write(&existing, vec![0xffu8; 1 << 20]).unwrap();
+        let force = DestinationOptions { force: true, size: None };
+        let (mut reader, _) = pieces();
+        let dest = Destination::open(&existing, None, None, &force).unwrap();
+        let err = copy(&mut reader, dest, &options(None, &cancel)).unwrap_err();
+        assert!(matches!(err.cause(), StreamError::TooLarge { capacity, .. } if *capacity == 1 << 20), "{err}");
+        assert_eq!(std::fs::metadata(&existing).unwrap().len(), 1 << 20, "the target grew");
+
+        let sized = DestinationOptions { force: false, size: Some(1 << 20) };
+        let new = dir.path().join("new");
+        let (mut reader, _) = pieces();
+        let err = copy(&mut reader, Destination::open(&new, None, None, &sized).unwrap(), &options(None, &cancel));
+        assert!(matches!(err, Err(StreamError::TooLarge { .. })), "{err:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a new file was left behind");
+
+        let (mut reader, _) = pieces();
+        let dest = Destination::open(&new, Some(4096), None, &DestinationOptions::default()).unwrap();
+        let err = copy(&mut reader, dest, &options(Some(4096), &cancel));
+        assert!(matches!(err, Err(StreamError::Overrun { expected: 4096, .. })), "{err:?}");
+        assert!(!new.exists());
+    }
+
+    /// On an existing target the image's first MiB is written last: a failed check leaves it
+    /// zeroed (and says so), a passed one leaves the image byte for byte.
+    #[test]
+    fn a_failed_check_leaves_the_start_of_an_existing_target_zeroed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = AtomicBool::new(false);
+        let (_, image) = pieces();
+        let existing = dir.path().join("existing");
+        let force = DestinationOptions { force: true, size: None };
+        std::fs::write(&existing, vec![0xffu8; image.len()]).unwrap();
+        let (mut reader, _) = pieces();
+        let dest = Destination::open(&existing, None, None, &force).unwrap();
+        let err =
+            copy_verified(&mut reader, dest, &options(None, &cancel), &|| Err("digest differs".into())).unwrap_err();
+        assert!(matches!(err.cause(), StreamError::Verify(_)), "{err}");
+        assert!(err.to_string().contains("the first MiB of") && err.to_string().contains("was zeroed"), "{err}");
+        let data = std::fs::read(&existing).unwrap();
+        assert!(data[..held_start::HELD_BYTES].iter().all(|b| *b == 0), "the image's start reached the target");
+        assert_eq!(data[held_start::HELD_BYTES..], image[held_start::HELD_BYTES..]);
+
+        let (mut reader, _) = pieces();
+        let dest = Destination::open(&existing, None, None, &force).unwrap();
+        copy_verified(&mut reader, dest, &options(None, &cancel), &|| Ok(())).unwrap();
+        assert_eq!(std::fs::read(&existing).unwrap(), image);
     }
 }
