@@ -10,6 +10,13 @@ use std::path::Path;
 /// Memory one xz block may use while decoding (LZMA2 dictionaries of `xz -9` need 64 MiB).
 const XZ_MEM_LIMIT_KIB: u32 = 1 << 20;
 
+/// An xz stream header's length (magic, flags, CRC32).
+const XZ_HEADER_BYTES: u64 = 12;
+/// An xz stream footer's length (CRC32, backward size, flags, magic).
+const XZ_FOOTER_BYTES: u64 = 12;
+/// The fewest bytes an xz index record takes (two one-byte varints).
+const XZ_MIN_RECORD_BYTES: u64 = 2;
+
 /// A reader of `inner`'s decompressed bytes.
 pub fn decompressor<'a, R: Read + Send + 'a>(format: Format, inner: R) -> Box<dyn Read + Send + 'a> {
     let buffered = BufReader::with_capacity(1 << 20, inner);
@@ -61,14 +68,20 @@ pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
     let len = file.metadata().ok()?.len();
     match format {
         Format::Xz => {
-            let mut footer = [0u8; 12];
-            file.read_exact_at(&mut footer, len.checked_sub(12)?).ok()?;
+            let mut footer = [0u8; XZ_FOOTER_BYTES as usize];
+            file.read_exact_at(&mut footer, len.checked_sub(XZ_FOOTER_BYTES)?).ok()?;
             let index_len = xz_index_len(&footer)?;
+            // The footer's backward size is image data: it must fit in the file (behind a
+            // stream header) before anything is allocated for it.
+            if index_len > len.checked_sub(XZ_HEADER_BYTES + XZ_FOOTER_BYTES)? {
+                return None;
+            }
             let mut index = vec![0u8; usize::try_from(index_len).ok()?];
-            file.read_exact_at(&mut index, len.checked_sub(12 + index_len)?).ok()?;
+            file.read_exact_at(&mut index, len.checked_sub(XZ_FOOTER_BYTES + index_len)?).ok()?;
             let (uncompressed, blocks) = xz_index_sizes(&index)?;
             // One stream exactly (header, blocks, index, footer): else the size is unknown.
-            (12 + blocks + index_len + 12 == len).then_some(uncompressed)
+            (XZ_HEADER_BYTES.checked_add(blocks)?.checked_add(index_len)?.checked_add(XZ_FOOTER_BYTES)? == len)
+                .then_some(uncompressed)
         }
         Format::Zstd => {
             let mut header = [0u8; 18];
@@ -108,6 +121,10 @@ pub fn xz_index_sizes(index: &[u8]) -> Option<(u64, u64)> {
     }
     let mut pos = 1;
     let records = varint(index, &mut pos)?;
+    // A count the index cannot hold is a lie: refuse it before looping over it.
+    if records > (index.len() as u64) / XZ_MIN_RECORD_BYTES {
+        return None;
+    }
     let (mut uncompressed, mut stored) = (0u64, 0u64);
     for _ in 0..records {
         let unpadded = varint(index, &mut pos)?;
