@@ -126,3 +126,41 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// A helper VM (a stand-in qemu) printing one 400 MiB console line: the host keeps 64 KiB of
+/// it, so the run ends with a verdict instead of running out of memory.
+#[test]
+fn a_400_mib_console_line_costs_bounded_memory() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let qemu = bin.path().join("qemu-long-line");
+    std::fs::write(
+        &qemu,
+        r#"#!/bin/bash
+for a in "$@"; do
+  case "$a" in
+    fd=*,opaque=console) c=${a#fd=}; c=${c%%,*} ;;
+    fd=*,opaque=report) r=${a#fd=}; r=${r%%,*} ;;
+  esac
+done
+{ head -c 400M /dev/zero | tr '\0' x; echo; echo after; } >&"$c"
+printf 'SUCCESS\n' >&"$r"
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = imgforge_tests::fixtures::disk(imgforge_tests::fixtures::Shape::DosExt4).unwrap();
+    let out = imgforge_capped(&[
+        "verify",
+        "--accel",
+        "tcg",
+        "--json",
+        "--qemu",
+        qemu.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // No checks were reported: a bad verdict, exit 1, reached in bounded memory.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+}
