@@ -68,7 +68,7 @@ pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
     let len = file.metadata().ok()?.len();
     match format {
         Format::Xz => {
-            let mut footer = [0u8; XZ_FOOTER_BYTES as usize];
+            let mut footer = [0u8; 12];
             file.read_exact_at(&mut footer, len.checked_sub(XZ_FOOTER_BYTES)?).ok()?;
             let index_len = xz_index_len(&footer)?;
             // The footer's backward size is image data: it must fit in the file (behind a
