@@ -83,9 +83,7 @@ pub fn parse(path: &str, text: &str) -> Result<(Config, Vec<String>), ConfigErro
         let (key, raw) = line.split_once('=').ok_or_else(|| err(format!("expected KEY=value, found {line:?}")))?;
         let value = unquote(raw).map_err(|r| err(format!("{key}: {r}")))?;
         let number = |max: u64| -> Result<u64, ConfigError> {
-            value
-                .parse::<u64>()
-                .ok()
+            crate::plain_number::parse::<u64>(&value)
                 .filter(|n| *n >= 1 && *n <= max)
                 .ok_or_else(|| err(format!("{key}={value:?} must be a whole number from 1 to {max}")))
         };
@@ -135,6 +133,7 @@ mod tests {
             "IMAGE_DIR=relative",
             "HELPER_SOFT_TIMEOUT=soon",
             "HELPER_SOFT_TIMEOUT=0",
+            "HELPER_SOFT_TIMEOUT=+60",
             "ACCEL=xen",
             "HELPER_USER=root",
             "IMAGE_DIR=\"/a/$(reboot)\"",

@@ -185,7 +185,7 @@ pub fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, ParamErr
         properties.insert(k.to_ascii_uppercase(), value);
     }
     if let Some(n) = properties.get("ROOT_PARTITION") {
-        if n.parse::<u32>().map_or(true, |n| n == 0 || n > 128) {
+        if crate::plain_number::parse::<u32>(n).is_none_or(|n| n == 0 || n > 128) {
             return Err(err("img_properties", format!("ROOT_PARTITION {n:?} must be a partition number (1-128)")));
         }
     }
@@ -373,6 +373,9 @@ mod tests {
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "$6$a$b"), ("OSP_IMG_PASSWD", "p")], "img_passwd_hash"),
             (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL", "demo")], "install"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": "a"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": "+3"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": " 3"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": 3.0}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"PASSWORD_HASHING_METHOD": "md5"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#)], "img_properties"),
@@ -416,7 +419,7 @@ mod tests {
 pub fn nics(env: &BTreeMap<String, String>) -> Result<Vec<imgforge_protocol::rules::Nic>, ParamError> {
     let count: usize = match env.get("NIC_COUNT").map(|v| v.trim()) {
         None | Some("") => return Ok(Vec::new()),
-        Some(v) => v.parse().map_err(|_| err("NIC_COUNT", format!("{v:?} is not a number")))?,
+        Some(v) => crate::plain_number::parse(v).ok_or_else(|| err("NIC_COUNT", format!("{v:?} is not a number")))?,
     };
     let mut out = Vec::new();
     for i in 0..count.min(64) {
@@ -432,15 +435,16 @@ pub fn nics(env: &BTreeMap<String, String>) -> Result<Vec<imgforge_protocol::rul
             (Some(ip), Some(subnet)) => {
                 ip.parse::<std::net::Ipv4Addr>()
                     .map_err(|_| err(&format!("NIC_{i}_IP"), format!("{ip:?} is not an IPv4 address")))?;
-                let prefix =
-                    subnet.split_once('/').and_then(|(_, p)| p.parse::<u8>().ok()).filter(|p| *p <= 32).ok_or_else(
-                        || {
-                            err(
-                                &format!("NIC_{i}_NETWORK_SUBNET"),
-                                format!("{subnet:?} is not a subnet such as 192.0.2.0/24"),
-                            )
-                        },
-                    )?;
+                let prefix = subnet
+                    .split_once('/')
+                    .and_then(|(_, p)| crate::plain_number::parse::<u8>(p))
+                    .filter(|p| *p <= 32)
+                    .ok_or_else(|| {
+                        err(
+                            &format!("NIC_{i}_NETWORK_SUBNET"),
+                            format!("{subnet:?} is not a subnet such as 192.0.2.0/24"),
+                        )
+                    })?;
                 Some(format!("{ip}/{prefix}"))
             }
             _ => None,
@@ -486,6 +490,13 @@ mod nic_tests {
         assert!(nics(&bad).is_err());
         let mut bad = env.clone();
         bad.insert("NIC_0_NETWORK_SUBNET".into(), "192.0.2.0".into());
+        assert!(nics(&bad).is_err());
+        // Plain digits only: Rust's parse takes a leading +.
+        let mut bad = env.clone();
+        bad.insert("NIC_0_NETWORK_SUBNET".into(), "192.0.2.0/+24".into());
+        assert!(nics(&bad).is_err());
+        let mut bad = env.clone();
+        bad.insert("NIC_COUNT".into(), "+2".into());
         assert!(nics(&bad).is_err());
         assert!(nics(&BTreeMap::new()).unwrap().is_empty());
     }
