@@ -164,3 +164,61 @@ printf 'SUCCESS\n' >&"$r"
     // No checks were reported: a bad verdict, exit 1, reached in bounded memory.
     assert_eq!(out.status.code(), Some(1), "{stderr}");
 }
+
+/// A gzip disk whose MBR puts a partition at 2 TiB, followed by 1500 gzip members of 64 MiB of
+/// zeros each (100 MB that decode to 94 GiB): reaching the partition means decoding them all.
+/// SIGTERM must stop `inspect` within seconds (it once went on to the end, the signal caught
+/// and never looked at).
+#[test]
+fn inspect_stops_on_sigterm_in_a_decompression_bomb() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut disk = vec![0u8; 1 << 20];
+    disk[446 + 4] = 0x83;
+    disk[446 + 8..446 + 12].copy_from_slice(&0xffff_0000u32.to_le_bytes());
+    disk[446 + 12..446 + 16].copy_from_slice(&1u32.to_le_bytes());
+    disk[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(d.join("disk"), &disk).unwrap();
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg("gzip -1c disk > head.gz && head -c 64M /dev/zero | gzip -1c > zeros.gz")
+        .current_dir(d)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let zeros = std::fs::read(d.join("zeros.gz")).unwrap();
+    let image = d.join("bomb.img.gz");
+    let mut out = std::fs::File::create(&image).unwrap();
+    out.write_all(&std::fs::read(d.join("head.gz")).unwrap()).unwrap();
+    for _ in 0..1500 {
+        out.write_all(&zeros).unwrap();
+    }
+    drop(out);
+    let mut child = Command::new(binary())
+        .args(["inspect", image.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(child.try_wait().unwrap().is_none(), "inspect ended before it was interrupted");
+    // SAFETY: kill(2) on the child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("inspect still ran 10 s after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted") && stderr.contains("bomb.img.gz"), "{stderr}");
+}

@@ -18,6 +18,7 @@ use serde::Serialize;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 
 /// Random reads from the raw view of an image.
@@ -59,22 +60,37 @@ impl ReadAt for QemuAt {
     }
 }
 
+/// How much of a stream is skipped between two looks at the cancel flag.
+const SKIP_CHUNK_BYTES: u64 = 16 << 20;
+
 /// A forward-only stream (decompressor, file in a squashfs), restarted to go backwards.
-struct StreamAt<F: FnMut() -> std::io::Result<Box<dyn Read + Send>>> {
+struct StreamAt<'c, F: FnMut() -> std::io::Result<Box<dyn Read + Send>>> {
     open: F,
     stream: Option<Box<dyn Read + Send>>,
     pos: u64,
+    /// Raised by an interrupt: reaching a partition far into a compressed image decodes
+    /// everything before it, which can take hours (a decompression bomb).
+    cancel: &'c AtomicBool,
 }
 
-impl<F: FnMut() -> std::io::Result<Box<dyn Read + Send>>> ReadAt for StreamAt<F> {
+impl<F: FnMut() -> std::io::Result<Box<dyn Read + Send>>> ReadAt for StreamAt<'_, F> {
     fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
         if self.stream.is_none() || offset < self.pos {
             self.stream = Some((self.open)()?);
             self.pos = 0;
         }
         let s = self.stream.as_mut().expect("opened above");
-        let skipped = std::io::copy(&mut s.take(offset - self.pos), &mut std::io::sink())?;
-        self.pos += skipped;
+        while self.pos < offset {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, INTERRUPTED));
+            }
+            let chunk = (offset - self.pos).min(SKIP_CHUNK_BYTES);
+            let skipped = std::io::copy(&mut s.take(chunk), &mut std::io::sink())?;
+            self.pos += skipped;
+            if skipped < chunk {
+                break;
+            }
+        }
         let mut buf = Vec::with_capacity(len);
         s.take(len as u64).read_to_end(&mut buf)?;
         self.pos += buf.len() as u64;
@@ -219,17 +235,29 @@ pub enum InspectError {
     /// A qemu-format image could not be opened in the confined qemu.
     #[error(transparent)]
     Qemu(#[from] crate::source::qemu::QemuSourceError),
+    /// An interrupt stopped the inspection.
+    #[error("inspecting {0} was interrupted")]
+    Interrupted(String),
 }
 
-/// Inspects `path`.
-pub fn inspect(path: &Path, confinement: &crate::vm::blockdev_qemu::Confinement) -> Result<Report, InspectError> {
+/// The message of the I/O error an interrupted read ends with.
+const INTERRUPTED: &str = "interrupted";
+
+/// Inspects `path`, stopping when `cancel` is raised.
+pub fn inspect(
+    path: &Path,
+    confinement: &crate::vm::blockdev_qemu::Confinement,
+    cancel: &AtomicBool,
+) -> Result<Report, InspectError> {
     let name = path.display().to_string();
     let io = |source| SourceError::Io { name: name.clone(), source };
     let (_, header) = source::open_local(path)?;
     let format = source::detect(&header);
-    let corrupt = |e: std::io::Error| InspectError::Corrupt {
-        name: name.clone(),
-        reason: format!("could not be read as {}: {e}", format.name()),
+    let corrupt = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::Interrupted && cancel.load(Ordering::Relaxed) {
+            return InspectError::Interrupted(name.clone());
+        }
+        InspectError::Corrupt { name: name.clone(), reason: format!("could not be read as {}: {e}", format.name()) }
     };
     let mut report = Report {
         image: path.to_owned(),
@@ -256,7 +284,7 @@ pub fn inspect(path: &Path, confinement: &crate::vm::blockdev_qemu::Confinement)
             let open = move || -> std::io::Result<Box<dyn Read + Send>> {
                 Ok(crate::source::decompress::decompressor(format, std::fs::File::open(&p)?))
             };
-            scan(&mut StreamAt { open, stream: None, pos: 0 }, report.virtual_size).map_err(corrupt)?
+            scan(&mut StreamAt { open, stream: None, pos: 0, cancel }, report.virtual_size).map_err(corrupt)?
         }
         Format::Squashfs => {
             let file = std::fs::File::open(path).map_err(io)?;
