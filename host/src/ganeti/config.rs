@@ -149,8 +149,13 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn never_panics(text in ".{0,300}") {
-            let _ = parse("f", &text);
+        /// A parsed configuration holds only values its checks allow.
+        fn parsed_values_are_in_range(text in "(HELPER_SOFT_TIMEOUT|HELPER_HARD_TIMEOUT|IMAGE_DIR|ACCEL)=[-+0-9a-z/ ]{0,12}\n.{0,100}") {
+            if let Ok((c, _)) = parse("f", &text) {
+                proptest::prop_assert!((1..=86_400).contains(&c.helper_soft_timeout), "{}", c.helper_soft_timeout);
+                proptest::prop_assert!((1..=3_600).contains(&c.helper_hard_timeout), "{}", c.helper_hard_timeout);
+                proptest::prop_assert!(c.image_dir.starts_with('/'));
+            }
         }
     }
 }

@@ -407,8 +407,18 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn personality_and_properties_never_panic(p in ".{0,200}", q in ".{0,200}") {
-            let _ = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", &p), ("OSP_IMG_PROPERTIES", &q)]));
+        /// Whatever Ganeti passes, what is accepted is in range: a partition number of plain
+        /// digits, file modes of at most 07777, absolute paths.
+        fn accepted_parameters_are_in_range(p in ".{0,200}", q in r#"\{"(ROOT_PARTITION|root_partition|USERS)": ("[-+ 0-9a-z]{0,5}"|[-0-9.e]{1,6})\}|.{0,100}"#) {
+            if let Ok(params) = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", &p), ("OSP_IMG_PROPERTIES", &q)])) {
+                if let Some(n) = params.properties.get("ROOT_PARTITION") {
+                    proptest::prop_assert!(n.bytes().all(|b| b.is_ascii_digit()), "{n:?}");
+                    proptest::prop_assert!((1..=128).contains(&n.parse::<u32>().unwrap_or(0)), "{n:?}");
+                }
+                for (f, _) in &params.personality {
+                    proptest::prop_assert!(f.mode <= 0o7777 && f.path.starts_with('/'), "{f:?}");
+                }
+            }
         }
     }
 }
