@@ -665,8 +665,7 @@ fn xz_index_and_zstd_header() {
                 }
                 // And when the whole stream decodes (the decoder checks the index at its end),
                 // the size is what it decodes to.
-                let mut reader =
-                    std::io::Read::take(decompress::decompressor(Format::Xz, data), MAX_DECODED_BYTES);
+                let mut reader = std::io::Read::take(decompress::decompressor(Format::Xz, data), MAX_DECODED_BYTES);
                 if let Ok(decoded) = std::io::copy(&mut reader, &mut std::io::sink()) {
                     if decoded < MAX_DECODED_BYTES && decoded != size {
                         return Err(format!("the index says {size} bytes, the stream decodes to {decoded}"));
