@@ -34,6 +34,8 @@ bash scripts/setup.sh
 cargo build --workspace --locked
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz targets (tests/tests/fuzz.rs) take IMGFORGE_FUZZ_SECONDS (default 150) in total,
+# about half of it in wall time at two threads; IMGFORGE_FUZZ_SEED picks other cases.
 # Two cores: at most two helper VMs at once. --no-fail-fast: one failing test binary must not
 # hide the failures of the others.
 cargo test --workspace --locked --no-fail-fast -- --test-threads 2

@@ -16,6 +16,7 @@ pub mod helper_image;
 pub mod inspect;
 pub mod job;
 pub mod ops;
+pub mod plain_number;
 pub mod progress;
 pub mod source;
 pub mod stream;

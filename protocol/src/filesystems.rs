@@ -207,7 +207,19 @@ mod tests {
             let plants: [(usize, &[u8]); 6] = [(1080, &[0x53, 0xef]), (0, b"XFSB"), (0, b"hsqs"), (4086, b"SWAPSPACE2"), (512, b"LABELONE"), (510, &[0x55, 0xaa])];
             let (o, m) = plants[magic];
             if b.len() >= o + m.len() { b[o..o + m.len()].copy_from_slice(m); }
-            let _ = detect(&b);
+            // Detection reads the probe only, and what it reports is printable text.
+            let found = detect(&b);
+            let mut longer = b.clone();
+            longer.resize(PROBE_BYTES, 0);
+            longer.extend_from_slice(&[0xa5; 64]);
+            let padded = detect(&longer);
+            b.resize(PROBE_BYTES, 0);
+            proptest::prop_assert_eq!(detect(&b), padded);
+            if let Some(fs) = found {
+                for text in fs.label.iter().chain(fs.uuid.iter()) {
+                    proptest::prop_assert!(!text.contains('\0'), "{text:?}");
+                }
+            }
         }
     }
 }

@@ -408,8 +408,13 @@ mod properties {
 
     proptest! {
         #[test]
-        fn arbitrary_lines_never_panic(line in ".{0,300}") {
-            let _ = ReportLine::parse(&line);
+        /// Whatever parses formats back to one line that parses to the same event.
+        fn parsed_lines_round_trip(line in "(SUCCESS|TASK-START|TASK-END|PHASE|WARNING|ERROR|CHECK)( [-a-z0-9_.]{1,8})?( ok| fail)?( [0-9]{1,4}| \"[^\"]{0,20}\")?|.{0,300}") {
+            if let Ok(parsed) = ReportLine::parse(&line) {
+                let formatted = parsed.to_string();
+                prop_assert!(!formatted.contains('\n'));
+                prop_assert_eq!(ReportLine::parse(&formatted), Ok(parsed));
+            }
         }
 
         #[test]

@@ -106,3 +106,42 @@ fn unpacking_stops_at_the_announced_size() {
     assert_eq!(out.status.code(), Some(2), "{:?}: {stderr}", out.status);
     assert!(stderr.contains("more than the 4096 bytes it announces"), "{stderr}");
 }
+
+/// A helper run (a stand-in qemu writing the serial ports, then exiting) whose task printed a
+/// `CHECK` line that does not parse, beside a good one and `SUCCESS`: `verify` fails, naming
+/// the line quoted with its escapes (the helper drops such a line from the report; its
+/// console log keeps it).
+#[test]
+fn an_unparseable_check_line_fails_verify() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let qemu = bin.path().join("qemu-check-lines");
+    std::fs::write(
+        &qemu,
+        r#"#!/bin/bash
+for a in "$@"; do
+  case "$a" in
+    fd=*,opaque=console) c=${a#fd=}; c=${c%%,*} ;;
+    fd=*,opaque=report) r=${a#fd=}; r=${r%%,*} ;;
+  esac
+done
+printf '%s\n' '[70-CheckPackages] CHECK ok package-dnf "1.0"' "[70-CheckPackages] CHECK ok package-x $(printf '\033')[2J" >&"$c"
+printf '%s\n' 'TASK-START 70-CheckPackages' 'CHECK ok package-dnf "1.0"' 'TASK-END 70-CheckPackages 5' SUCCESS >&"$r"
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = fixtures::disk(Shape::DosExt4).unwrap();
+    let out = imgforge(&["verify", "--accel", "tcg", "--json", "--qemu", &s(&qemu), &s(&img)]);
+    assert_eq!(code(&out), 1, "a check that could not be read passed verify");
+    let r = report(&out);
+    assert_eq!(r["ok"], false);
+    let checks = r["checks"].as_array().unwrap();
+    assert!(checks.iter().any(|c| c["name"] == "package-dnf" && c["ok"] == true), "{r}");
+    let bad = checks.iter().find(|c| c["name"] == "malformed-check").unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(bad["ok"], false);
+    let detail = bad["detail"].as_str().unwrap();
+    assert!(detail.contains(r#""CHECK ok package-x \\u{1b}[2J""#), "{detail}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains('\u{1b}'), "the guest's escape reached the terminal");
+}

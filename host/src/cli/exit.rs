@@ -166,6 +166,7 @@ fn inspect_status(e: &crate::inspect::InspectError) -> ExitStatus {
     match e {
         E::Qemu(qemu) => qemu_source_status(qemu),
         E::Source(_) | E::Corrupt { .. } => ExitStatus::BadInput,
+        E::Interrupted(_) => ExitStatus::Interrupted,
     }
 }
 

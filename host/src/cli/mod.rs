@@ -336,7 +336,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::HelperImage(HelperImageCommand::Build { force }) => build_helper_image(force).await,
-        Command::Inspect(args) => inspect(args).await,
+        Command::Inspect(args) => inspect(args, &interrupt).await,
         Command::Verify(args) => {
             let settings = vm_settings(&args.vm, cli.verbose);
             verify(args, &settings, &interrupt).await
@@ -363,12 +363,21 @@ async fn build_helper_image(force: bool) -> Result<(), Failure> {
 }
 
 /// `inspect`: the report as a table, or JSON.
-async fn inspect(args: InspectArgs) -> Result<(), Failure> {
+async fn inspect(args: InspectArgs, interrupt: &crate::vm::Interrupt) -> Result<(), Failure> {
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (interrupt, flag) = (interrupt.clone(), cancel.clone());
+        tokio::spawn(async move {
+            crate::vm::interrupted(interrupt).await;
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
     let report = tokio::task::spawn_blocking(move || {
-        crate::inspect::inspect(&args.image, &Confinement::default()).map(|r| (r, args.json))
+        crate::inspect::inspect(&args.image, &Confinement::default(), &cancel).map(|r| (r, args.json))
     })
     .await
     .map_err(|e| Failure::environment(format!("inspect panicked: {e}")))?;
+    watcher.abort();
     let (report, json) = report?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));

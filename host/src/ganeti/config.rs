@@ -83,9 +83,7 @@ pub fn parse(path: &str, text: &str) -> Result<(Config, Vec<String>), ConfigErro
         let (key, raw) = line.split_once('=').ok_or_else(|| err(format!("expected KEY=value, found {line:?}")))?;
         let value = unquote(raw).map_err(|r| err(format!("{key}: {r}")))?;
         let number = |max: u64| -> Result<u64, ConfigError> {
-            value
-                .parse::<u64>()
-                .ok()
+            crate::plain_number::parse::<u64>(&value)
                 .filter(|n| *n >= 1 && *n <= max)
                 .ok_or_else(|| err(format!("{key}={value:?} must be a whole number from 1 to {max}")))
         };
@@ -135,6 +133,7 @@ mod tests {
             "IMAGE_DIR=relative",
             "HELPER_SOFT_TIMEOUT=soon",
             "HELPER_SOFT_TIMEOUT=0",
+            "HELPER_SOFT_TIMEOUT=+60",
             "ACCEL=xen",
             "HELPER_USER=root",
             "IMAGE_DIR=\"/a/$(reboot)\"",
@@ -150,8 +149,13 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn never_panics(text in ".{0,300}") {
-            let _ = parse("f", &text);
+        /// A parsed configuration holds only values its checks allow.
+        fn parsed_values_are_in_range(text in "(HELPER_SOFT_TIMEOUT|HELPER_HARD_TIMEOUT|IMAGE_DIR|ACCEL)=[-+0-9a-z/ ]{0,12}\n.{0,100}") {
+            if let Ok((c, _)) = parse("f", &text) {
+                proptest::prop_assert!((1..=86_400).contains(&c.helper_soft_timeout), "{}", c.helper_soft_timeout);
+                proptest::prop_assert!((1..=3_600).contains(&c.helper_hard_timeout), "{}", c.helper_hard_timeout);
+                proptest::prop_assert!(c.image_dir.starts_with('/'));
+            }
         }
     }
 }

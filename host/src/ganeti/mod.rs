@@ -422,7 +422,7 @@ pub fn export() -> Result<(), GanetiError> {
     let failed = |source| GanetiError::Export { path: disk.clone(), source };
     let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(failed)?;
     std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).map_err(failed)?;
-    if let Some(fd) = env.get("EXP_SIZE_FD").and_then(|v| v.parse::<i32>().ok()) {
+    if let Some(fd) = env.get("EXP_SIZE_FD").and_then(|v| crate::plain_number::parse::<i32>(v)) {
         // SAFETY: Ganeti passes this descriptor open for us to write the size into.
         let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
         let _ = writeln!(f, "{size}");

@@ -185,7 +185,7 @@ pub fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, ParamErr
         properties.insert(k.to_ascii_uppercase(), value);
     }
     if let Some(n) = properties.get("ROOT_PARTITION") {
-        if n.parse::<u32>().map_or(true, |n| n == 0 || n > 128) {
+        if crate::plain_number::parse::<u32>(n).is_none_or(|n| n == 0 || n > 128) {
             return Err(err("img_properties", format!("ROOT_PARTITION {n:?} must be a partition number (1-128)")));
         }
     }
@@ -373,6 +373,9 @@ mod tests {
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "$6$a$b"), ("OSP_IMG_PASSWD", "p")], "img_passwd_hash"),
             (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL", "demo")], "install"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": "a"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": "+3"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": " 3"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": 3.0}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"PASSWORD_HASHING_METHOD": "md5"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#)], "img_properties"),
@@ -404,8 +407,18 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn personality_and_properties_never_panic(p in ".{0,200}", q in ".{0,200}") {
-            let _ = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", &p), ("OSP_IMG_PROPERTIES", &q)]));
+        /// Whatever Ganeti passes, what is accepted is in range: a partition number of plain
+        /// digits, file modes of at most 07777, absolute paths.
+        fn accepted_parameters_are_in_range(p in ".{0,200}", q in r#"\{"(ROOT_PARTITION|root_partition|USERS)": ("[-+ 0-9a-z]{0,5}"|[-0-9.e]{1,6})\}|.{0,100}"#) {
+            if let Ok(params) = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PERSONALITY", &p), ("OSP_IMG_PROPERTIES", &q)])) {
+                if let Some(n) = params.properties.get("ROOT_PARTITION") {
+                    proptest::prop_assert!(n.bytes().all(|b| b.is_ascii_digit()), "{n:?}");
+                    proptest::prop_assert!((1..=128).contains(&n.parse::<u32>().unwrap_or(0)), "{n:?}");
+                }
+                for (f, _) in &params.personality {
+                    proptest::prop_assert!(f.mode <= 0o7777 && f.path.starts_with('/'), "{f:?}");
+                }
+            }
         }
     }
 }
@@ -416,7 +429,7 @@ mod tests {
 pub fn nics(env: &BTreeMap<String, String>) -> Result<Vec<imgforge_protocol::rules::Nic>, ParamError> {
     let count: usize = match env.get("NIC_COUNT").map(|v| v.trim()) {
         None | Some("") => return Ok(Vec::new()),
-        Some(v) => v.parse().map_err(|_| err("NIC_COUNT", format!("{v:?} is not a number")))?,
+        Some(v) => crate::plain_number::parse(v).ok_or_else(|| err("NIC_COUNT", format!("{v:?} is not a number")))?,
     };
     let mut out = Vec::new();
     for i in 0..count.min(64) {
@@ -432,15 +445,16 @@ pub fn nics(env: &BTreeMap<String, String>) -> Result<Vec<imgforge_protocol::rul
             (Some(ip), Some(subnet)) => {
                 ip.parse::<std::net::Ipv4Addr>()
                     .map_err(|_| err(&format!("NIC_{i}_IP"), format!("{ip:?} is not an IPv4 address")))?;
-                let prefix =
-                    subnet.split_once('/').and_then(|(_, p)| p.parse::<u8>().ok()).filter(|p| *p <= 32).ok_or_else(
-                        || {
-                            err(
-                                &format!("NIC_{i}_NETWORK_SUBNET"),
-                                format!("{subnet:?} is not a subnet such as 192.0.2.0/24"),
-                            )
-                        },
-                    )?;
+                let prefix = subnet
+                    .split_once('/')
+                    .and_then(|(_, p)| crate::plain_number::parse::<u8>(p))
+                    .filter(|p| *p <= 32)
+                    .ok_or_else(|| {
+                        err(
+                            &format!("NIC_{i}_NETWORK_SUBNET"),
+                            format!("{subnet:?} is not a subnet such as 192.0.2.0/24"),
+                        )
+                    })?;
                 Some(format!("{ip}/{prefix}"))
             }
             _ => None,
@@ -486,6 +500,13 @@ mod nic_tests {
         assert!(nics(&bad).is_err());
         let mut bad = env.clone();
         bad.insert("NIC_0_NETWORK_SUBNET".into(), "192.0.2.0".into());
+        assert!(nics(&bad).is_err());
+        // Plain digits only: Rust's parse takes a leading +.
+        let mut bad = env.clone();
+        bad.insert("NIC_0_NETWORK_SUBNET".into(), "192.0.2.0/+24".into());
+        assert!(nics(&bad).is_err());
+        let mut bad = env.clone();
+        bad.insert("NIC_COUNT".into(), "+2".into());
         assert!(nics(&bad).is_err());
         assert!(nics(&BTreeMap::new()).unwrap().is_empty());
     }

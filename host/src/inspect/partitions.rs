@@ -22,6 +22,40 @@ pub enum TableError {
     /// GPT header fields out of range.
     #[error("GPT header invalid: {0}")]
     BadGpt(String),
+    /// A partition whose bounds do not fit the numbers or the disk.
+    #[error("partition {number} {reason}")]
+    BadPartition {
+        /// Its number in the table.
+        number: u32,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// `sectors` sectors in bytes, or an error naming partition `number` (image data: no wrap).
+fn sector_bytes(number: u32, what: &str, sectors: u64) -> Result<u64, TableError> {
+    sectors.checked_mul(SECTOR).ok_or_else(|| TableError::BadPartition {
+        number,
+        reason: format!("{what} {sectors} sectors is past the largest disk"),
+    })
+}
+
+/// Checks that every partition lies inside a disk of `disk_bytes` bytes and is not empty.
+pub fn check_within(partitions: &[Partition], disk_bytes: u64) -> Result<(), TableError> {
+    for p in partitions {
+        let bad = |reason: String| TableError::BadPartition { number: p.number, reason };
+        let end = p.start.checked_add(p.size).ok_or_else(|| bad("ends past the largest disk".into()))?;
+        if p.size == 0 {
+            return Err(bad("is empty".into()));
+        }
+        if end > disk_bytes {
+            return Err(bad(format!(
+                "(bytes {} to {end}) ends past the end of the disk ({disk_bytes} bytes)",
+                p.start
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One partition.
@@ -101,8 +135,8 @@ pub fn parse_mbr(sector0: &[u8]) -> Result<Option<(Vec<Partition>, bool)>, Table
         }
         parts.push(Partition {
             number,
-            start: start * SECTOR,
-            size: count * SECTOR,
+            start: sector_bytes(number, "start", start)?,
+            size: sector_bytes(number, "length", count)?,
             type_id: format!("{kind:02x}"),
             name: None,
         });
@@ -150,16 +184,20 @@ pub fn parse_gpt_entries(bytes: &[u8], count: u32, entry_size: u32) -> Result<Ve
         }
         let (first, last) = (le64(e, 32), le64(e, 40));
         if last < first {
-            return Err(TableError::BadGpt(format!("entry {} ends before it starts", i + 1)));
+            return Err(TableError::BadPartition { number, reason: "ends before it starts".into() });
         }
+        let sectors = (last - first).checked_add(1).ok_or_else(|| TableError::BadPartition {
+            number,
+            reason: format!("spans sectors {first} to {last}: past the largest disk"),
+        })?;
         let name: String =
             char::decode_utf16(e[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|c| *c != 0))
                 .map(|c| c.unwrap_or('?'))
                 .collect();
         parts.push(Partition {
             number,
-            start: first.saturating_mul(SECTOR),
-            size: (last - first + 1).saturating_mul(SECTOR),
+            start: sector_bytes(number, "start", first)?,
+            size: sector_bytes(number, "length", sectors)?,
             type_id: guid(&e[..16]),
             name: (!name.is_empty()).then_some(name),
         });
@@ -226,10 +264,21 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048), count in 0u32..300, size in 0u32..5000) {
-            let _ = parse_mbr(&bytes);
-            let _ = parse_gpt_header(&bytes);
-            let _ = parse_gpt_entries(&bytes, count.min(MAX_GPT_ENTRIES), size.clamp(128, 4096));
+        fn parsed_partitions_do_not_wrap(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048), count in 0u32..300, size in 0u32..5000) {
+            let mut parts = Vec::new();
+            if let Ok(Some((mbr, _))) = parse_mbr(&bytes) {
+                parts.extend(mbr);
+            }
+            if let Ok(Some((lba, count, size, _))) = parse_gpt_header(&bytes) {
+                proptest::prop_assert!(lba >= 2 && (1..=MAX_GPT_ENTRIES).contains(&count) && (128..=4096).contains(&size));
+            }
+            if let Ok(gpt) = parse_gpt_entries(&bytes, count.min(MAX_GPT_ENTRIES), size.clamp(128, 4096)) {
+                parts.extend(gpt);
+            }
+            for p in parts {
+                proptest::prop_assert!(p.size > 0 && p.start.checked_add(p.size).is_some(), "{p:?}");
+                proptest::prop_assert!(p.start % SECTOR == 0 && p.size % SECTOR == 0, "{p:?}");
+            }
         }
     }
 }

@@ -30,6 +30,15 @@ impl Timeline {
 /// A `CHECK` result the helper reported: (ok, name, detail).
 pub type CheckResult = (bool, String, String);
 
+/// Name of the failed check an unparseable `CHECK` line becomes.
+pub const MALFORMED_CHECK: &str = "malformed-check";
+
+/// The failed check an unparseable `CHECK` line becomes: `verify` must not pass over a result
+/// it could not read. The line is quoted with its escapes (it comes from the guest).
+pub fn malformed_check_result(line: &str) -> CheckResult {
+    (false, MALFORMED_CHECK.into(), format!("a task printed a CHECK line that does not parse: {line:?}"))
+}
+
 /// Runs the VM, forwarding its events to the progress sink (and with `verbose` the console
 /// and the phase table to stderr); returns its outcome and the `CHECK` results it reported.
 pub(super) async fn run_vm(
@@ -71,6 +80,10 @@ pub(super) async fn run_vm(
                     if verbose {
                         progress.note(&format!("helper: {line}"));
                     }
+                }
+                VmEvent::MalformedCheck(line) => {
+                    tracing::warn!("unparseable CHECK line from the helper: {line:?}");
+                    checks.push(malformed_check_result(&line));
                 }
                 VmEvent::Report(line) => match line {
                     ReportLine::TaskStart { task } => progress.emit(HelperEvent::TaskStart { task }.into()),

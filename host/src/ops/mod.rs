@@ -271,7 +271,8 @@ fn check_timezone(zone: &str) -> Result<(), String> {
 
 /// Parses an octal permission string (`0644`, `755`).
 pub fn parse_mode(text: &str) -> Result<u32, String> {
-    let mode = u32::from_str_radix(text, 8).map_err(|_| format!("{text:?} is not an octal mode such as 0644"))?;
+    let mode =
+        crate::plain_number::parse_octal(text).ok_or_else(|| format!("{text:?} is not an octal mode such as 0644"))?;
     if mode > 0o7777 {
         return Err(format!("mode {text} is out of range (at most 7777)"));
     }
@@ -613,7 +614,7 @@ mod tests {
     fn modes() {
         assert_eq!(parse_mode("0644"), Ok(0o644));
         assert_eq!(parse_mode("4755"), Ok(0o4755));
-        for bad in ["", "8", "rwx", "17777", "-1"] {
+        for bad in ["", "8", "rwx", "17777", "-1", "+644", " 644"] {
             assert!(parse_mode(bad).is_err(), "{bad}");
         }
     }

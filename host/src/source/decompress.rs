@@ -10,6 +10,13 @@ use std::path::Path;
 /// Memory one xz block may use while decoding (LZMA2 dictionaries of `xz -9` need 64 MiB).
 const XZ_MEM_LIMIT_KIB: u32 = 1 << 20;
 
+/// An xz stream header's length (magic, flags, CRC32).
+const XZ_HEADER_BYTES: u64 = 12;
+/// An xz stream footer's length (CRC32, backward size, flags, magic).
+const XZ_FOOTER_BYTES: u64 = 12;
+/// The fewest bytes an xz index record takes (two one-byte varints).
+const XZ_MIN_RECORD_BYTES: u64 = 2;
+
 /// A reader of `inner`'s decompressed bytes.
 pub fn decompressor<'a, R: Read + Send + 'a>(format: Format, inner: R) -> Box<dyn Read + Send + 'a> {
     let buffered = BufReader::with_capacity(1 << 20, inner);
@@ -62,13 +69,19 @@ pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
     match format {
         Format::Xz => {
             let mut footer = [0u8; 12];
-            file.read_exact_at(&mut footer, len.checked_sub(12)?).ok()?;
+            file.read_exact_at(&mut footer, len.checked_sub(XZ_FOOTER_BYTES)?).ok()?;
             let index_len = xz_index_len(&footer)?;
+            // The footer's backward size is image data: it must fit in the file (behind a
+            // stream header) before anything is allocated for it.
+            if index_len > len.checked_sub(XZ_HEADER_BYTES + XZ_FOOTER_BYTES)? {
+                return None;
+            }
             let mut index = vec![0u8; usize::try_from(index_len).ok()?];
-            file.read_exact_at(&mut index, len.checked_sub(12 + index_len)?).ok()?;
+            file.read_exact_at(&mut index, len.checked_sub(XZ_FOOTER_BYTES + index_len)?).ok()?;
             let (uncompressed, blocks) = xz_index_sizes(&index)?;
             // One stream exactly (header, blocks, index, footer): else the size is unknown.
-            (12 + blocks + index_len + 12 == len).then_some(uncompressed)
+            (XZ_HEADER_BYTES.checked_add(blocks)?.checked_add(index_len)?.checked_add(XZ_FOOTER_BYTES)? == len)
+                .then_some(uncompressed)
         }
         Format::Zstd => zstd_total_size(&file, len),
         _ => None,
@@ -104,6 +117,10 @@ pub fn xz_index_sizes(index: &[u8]) -> Option<(u64, u64)> {
     }
     let mut pos = 1;
     let records = varint(index, &mut pos)?;
+    // A count the index cannot hold is a lie: refuse it before looping over it.
+    if records > (index.len() as u64) / XZ_MIN_RECORD_BYTES {
+        return None;
+    }
     let (mut uncompressed, mut stored) = (0u64, 0u64);
     for _ in 0..records {
         let unpadded = varint(index, &mut pos)?;
@@ -366,13 +383,25 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
-            let _ = xz_index_sizes(&bytes);
-            let _ = zstd_content_size(&bytes);
+        /// What the parsers accept is consistent: stored xz blocks are padded to 4 bytes, an
+        /// index holds no more records than its bytes can, a zstd size needs the magic, an
+        /// index length is a multiple of 4.
+        fn parsers_accept_consistent_values(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Some((_, stored)) = xz_index_sizes(&bytes) {
+                proptest::prop_assert_eq!(stored % 4, 0);
+                let mut pos = 1;
+                let records = varint(&bytes, &mut pos).unwrap_or(0);
+                proptest::prop_assert!(records <= bytes.len() as u64 / XZ_MIN_RECORD_BYTES);
+            }
+            if zstd_content_size(&bytes).is_some() {
+                proptest::prop_assert!(bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+            }
             let mut f = [0u8; 12];
             let n = bytes.len().min(12);
             f[..n].copy_from_slice(&bytes[..n]);
-            let _ = xz_index_len(&f);
+            if let Some(len) = xz_index_len(&f) {
+                proptest::prop_assert!(len % 4 == 0 && len >= 4 && &f[10..] == b"YZ");
+            }
         }
     }
 }

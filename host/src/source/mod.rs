@@ -294,8 +294,13 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn detect_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
-            let _ = detect(&bytes);
+        /// Detection looks at the header only: what follows it changes nothing.
+        #[test]
+        fn detection_depends_on_the_header_only(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let mut header = bytes;
+            header.resize(HEADER_BYTES, 0);
+            let format = detect(&header);
+            proptest::prop_assert_eq!(detect(&[header, tail].concat()), format);
         }
     }
 }

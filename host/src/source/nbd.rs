@@ -431,8 +431,10 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Whatever the bytes: accepted lengths are within the limits, a chunk's range lies in
+        /// its request and is as long as the chunk, a greeting carries its magic.
         #[test]
-        fn parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+        fn parsers_keep_their_bounds(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
             let mut g = [0u8; 18];
             let mut o = [0u8; 20];
             let mut r = [0u8; 16];
@@ -440,14 +442,26 @@ mod tests {
                 let n = dst.len().min(src.len());
                 dst[..n].copy_from_slice(&src[..n]);
             }
-            let _ = parse_greeting(&g);
-            let _ = parse_option_reply(&o);
-            let _ = parse_simple_reply(&r);
-            let _ = parse_chunk_header(&o);
-            if bytes.len() >= 16 {
-                let _ = chunk_range(u64_be(&bytes), 4096, u64_be(&bytes[8..]), u64::from(bytes[0]) << 8);
+            if parse_greeting(&g).is_ok() {
+                proptest::prop_assert!(&g[..8] == NBDMAGIC && &g[8..16] == IHAVEOPT);
             }
-            let _ = parse_info_export(&bytes);
+            if let Ok((_, _, len)) = parse_option_reply(&o) {
+                proptest::prop_assert!(len <= MAX_OPTION_REPLY);
+            }
+            let _ = parse_simple_reply(&r);
+            if let Ok((_, _, _, len)) = parse_chunk_header(&o) {
+                proptest::prop_assert!(len as usize <= MAX_READ + 8);
+            }
+            if bytes.len() >= 16 {
+                let chunk_len = u64::from(bytes[0]) << 8;
+                if let Ok(range) = chunk_range(u64_be(&bytes), 4096, u64_be(&bytes[8..]), chunk_len) {
+                    proptest::prop_assert!(range.start <= range.end && range.end <= 4096);
+                    proptest::prop_assert_eq!((range.end - range.start) as u64, chunk_len);
+                }
+            }
+            if parse_info_export(&bytes).is_some() {
+                proptest::prop_assert!(bytes.len() >= 12);
+            }
         }
     }
 }

@@ -46,26 +46,40 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> BackhandError {
     BackhandError::StdIo(std::io::Error::other(format!("{what} block: {e}")))
 }
 
-/// Decodes one squashfs block (or metadata block) compressed with `compressor` into `out`.
+/// The most a data block holds uncompressed (squashfs's largest block size).
+pub const MAX_BLOCK_BYTES: u64 = 1 << 20;
+/// The most a metadata block holds uncompressed (by the format: 8 KiB).
+pub const METADATA_BLOCK_BYTES: u64 = 8 << 10;
+
+/// The most a block handed to [`decode`] in an `out` of `capacity` may decode to. backhand passes every block in
+/// an empty `out` reserved for the most it may hold: exactly 8 KiB for a metadata block, the
+/// block size for a data block (its own decoders fill exactly that capacity, as its
+/// `CompressionAction::decompress` documents). It does not tell a custom decoder which kind of
+/// block it is, and a hostile metadata block decoded to 1 MiB, a thousand of them held at once,
+/// is how a 52 KB image took 1 GB.
+pub fn block_limit(capacity: usize) -> u64 {
+    (capacity as u64).clamp(METADATA_BLOCK_BYTES, MAX_BLOCK_BYTES)
+}
+
+/// Decodes one squashfs block (or metadata block) compressed with `compressor` into `out`, at
+/// most [`block_limit`] bytes.
 pub fn decode(bytes: &[u8], out: &mut Vec<u8>, compressor: Compressor) -> Result<(), BackhandError> {
-    // squashfs blocks are at most 1 MiB uncompressed, metadata blocks 8 KiB: cap what a
-    // hostile block can make us allocate.
-    const MAX_BLOCK: u64 = 1 << 20;
     out.clear();
+    let max_block = block_limit(out.capacity());
     match compressor {
         Compressor::Xz => {
             lzma_rust2::XzReader::new_mem_limit(bytes, false, 64 << 10)
-                .take(MAX_BLOCK + 1)
+                .take(max_block + 1)
                 .read_to_end(out)
                 .map_err(|e| corrupt("xz", e))?;
         }
         Compressor::Zstd => {
             let mut d = ruzstd::decoding::StreamingDecoder::new(bytes).map_err(|e| corrupt("zstd", e))?;
-            d.by_ref().take(MAX_BLOCK + 1).read_to_end(out).map_err(|e| corrupt("zstd", e))?;
+            d.by_ref().take(max_block + 1).read_to_end(out).map_err(|e| corrupt("zstd", e))?;
         }
         Compressor::Gzip => {
             flate2::read::ZlibDecoder::new(bytes)
-                .take(MAX_BLOCK + 1)
+                .take(max_block + 1)
                 .read_to_end(out)
                 .map_err(|e| corrupt("gzip", e))?;
         }
@@ -73,8 +87,8 @@ pub fn decode(bytes: &[u8], out: &mut Vec<u8>, compressor: Compressor) -> Result
         Compressor::Lz4 => return DefaultCompressor.decompress(bytes, out, compressor),
         other => return Err(BackhandError::UnsupportedCompression(format!("{other:?}"))),
     }
-    if out.len() as u64 > MAX_BLOCK {
-        return Err(corrupt("oversized", format!("more than {MAX_BLOCK} bytes")));
+    if out.len() as u64 > max_block {
+        return Err(corrupt("oversized", format!("more than {max_block} bytes")));
     }
     Ok(())
 }
@@ -119,11 +133,18 @@ mod tests {
         std::fs::write(tree.join("LiveOS/rootfs.img"), &data).unwrap();
         std::fs::write(tree.join("small"), b"a fragment").unwrap();
         for comp in ["xz", "zstd", "gzip", "lz4"] {
+            // The smallest and the largest block size too: data blocks must not be held to
+            // the metadata block limit, nor cut at 1 MiB.
+            let block_size = match comp {
+                "xz" => "4K",
+                "zstd" => "1M",
+                _ => "128K",
+            };
             let image = dir.path().join(format!("{comp}.img"));
             let ok = Command::new("mksquashfs")
                 .arg(&tree)
                 .arg(&image)
-                .args(["-comp", comp, "-noappend", "-quiet", "-no-progress"])
+                .args(["-comp", comp, "-b", block_size, "-noappend", "-quiet", "-no-progress"])
                 .status()
                 .expect("squashfs-tools are installed by scripts/setup.sh");
             assert!(ok.success(), "{comp}");
@@ -136,6 +157,26 @@ mod tests {
                 assert!(got == want, "{comp}: {path} differs");
             }
         }
+    }
+
+    /// A zstd frame of 1 MiB of zeros: refused as a metadata block (backhand's 8 KiB `out`),
+    /// taken as a 1 MiB data block.
+    #[test]
+    fn metadata_blocks_decode_to_at_most_8_kib() {
+        let zeros = vec![0u8; 1 << 20];
+        let frame = ruzstd::encoding::compress_to_vec(&zeros[..], ruzstd::encoding::CompressionLevel::Fastest);
+        let mut metadata = Vec::with_capacity(METADATA_BLOCK_BYTES as usize);
+        let err = decode(&frame, &mut metadata, Compressor::Zstd).unwrap_err();
+        assert!(err.to_string().contains("more than 8192 bytes"), "{err}");
+        let mut small = Vec::new();
+        assert!(decode(&frame, &mut small, Compressor::Zstd).is_err(), "an unreserved out is a metadata block");
+        let mut data = Vec::with_capacity(MAX_BLOCK_BYTES as usize);
+        decode(&frame, &mut data, Compressor::Zstd).unwrap();
+        assert!(data == zeros);
+        let over =
+            ruzstd::encoding::compress_to_vec(&[0u8; (1 << 20) + 1][..], ruzstd::encoding::CompressionLevel::Fastest);
+        let mut big = Vec::with_capacity(4 << 20);
+        assert!(decode(&over, &mut big, Compressor::Zstd).is_err(), "no block holds over 1 MiB");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod blockdev_qemu;
 pub mod cmdline;
+pub mod console;
 pub mod kvm_probe;
 pub mod privilege;
 pub mod qmp;
@@ -17,7 +18,7 @@ use imgforge_protocol::report::{LineSplitter, ReportLine, Verdict, VerdictBuilde
 use privilege::Unprivileged;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
@@ -127,6 +128,9 @@ pub enum VmEvent {
     Console(String),
     /// A line on the report port (serial 1).
     Report(ReportLine),
+    /// A line that claims to be a `CHECK` result but does not parse (on either port): the
+    /// line, made printable. `verify` fails on it.
+    MalformedCheck(String),
 }
 
 /// How a finished helper run went.
@@ -604,14 +608,21 @@ fn spawn_console_reader(
         let mut reader = BufReader::new(pipe);
         let mut buf = Vec::new();
         loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            match console::read_line_capped(&mut reader, &mut buf, console::MAX_LINE_BYTES) {
+                Ok(false) | Err(_) => break,
+                Ok(true) => {}
             }
             shared.alive.store(true, Ordering::SeqCst);
-            let line = String::from_utf8_lossy(&buf);
-            let line = printable(line.trim_end_matches(['\r', '\n'])).into_owned();
+            let raw = String::from_utf8_lossy(&buf);
+            let raw = raw.trim_end_matches(['\r', '\n']);
+            // The helper drops a task's CHECK line that does not parse from the report: its
+            // console log of the task's output is where the host still sees it.
+            if let Some((_, output)) = console::task_output(raw) {
+                if console::malformed_check(output).is_some() {
+                    let _ = events.send(VmEvent::MalformedCheck(printable(output).into_owned()));
+                }
+            }
+            let line = printable(raw).into_owned();
             {
                 let mut tail = shared.console_tail.lock().expect("tail lock");
                 if tail.len() == CONSOLE_TAIL_LINES {
@@ -643,6 +654,9 @@ fn spawn_report_reader(
                         shared.verdict.lock().expect("verdict lock").observe(&parsed);
                         let _ = events.send(VmEvent::Report(parsed));
                     }
+                    Err(_) if console::malformed_check(&line).is_some() => {
+                        let _ = events.send(VmEvent::MalformedCheck(printable(&line).into_owned()));
+                    }
                     Err(e) => tracing::debug!("ignoring report line: {e}"),
                 }
             }
@@ -653,6 +667,57 @@ fn spawn_report_reader(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds `bytes` to a serial reader thread (`spawn` = the console's or the report's) and
+    /// returns the events it sent.
+    fn events_of(
+        bytes: Vec<u8>,
+        spawn: fn(std::io::PipeReader, Arc<Shared>, mpsc::UnboundedSender<VmEvent>) -> std::thread::JoinHandle<()>,
+    ) -> Vec<VmEvent> {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let reader = spawn(r, Arc::new(Shared::default()), tx);
+        std::io::Write::write_all(&mut w, &bytes).unwrap();
+        drop(w);
+        reader.join().unwrap();
+        let mut events = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        events
+    }
+
+    /// A guest printing a 3 MiB console line: the host keeps 64 KiB of it and a mark.
+    #[test]
+    fn console_lines_are_capped() {
+        let mut bytes = vec![b'x'; 3 << 20];
+        bytes.extend_from_slice(b"\nafter\n");
+        let events = events_of(bytes, spawn_console_reader);
+        let lines: Vec<&String> =
+            events.iter().filter_map(|e| if let VmEvent::Console(l) = e { Some(l) } else { None }).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].len(), console::MAX_LINE_BYTES + console::TRUNCATED_MARK.len());
+        assert!(lines[0].ends_with(console::TRUNCATED_MARK));
+        assert_eq!(lines[1], "after");
+    }
+
+    /// A task's CHECK line that does not parse (the helper drops it from the report; its
+    /// console log keeps it) and one on the report port both become a malformed check, the
+    /// line escaped; well-formed ones and other lines do not.
+    #[test]
+    fn unparseable_check_lines_are_reported() {
+        let console =
+            b"[70-CheckPackages] CHECK ok package-x \"1.0\"\n[70-CheckPackages] CHECK ok bad/name \"\x1b[2J\"\n\
+[07-CheckFilesystems] e2fsck 1.47\nCHECK garbage\n";
+        let malformed = |events: Vec<VmEvent>| -> Vec<String> {
+            events.into_iter().filter_map(|e| if let VmEvent::MalformedCheck(l) = e { Some(l) } else { None }).collect()
+        };
+        assert_eq!(malformed(events_of(console.to_vec(), spawn_console_reader)), ["CHECK ok bad/name \"\\u{1b}[2J\""]);
+        let report = b"TASK-START 70-CheckPackages\nCHECK fail package-y \"no\"\nCHECK ok x\nSUCCESS\n";
+        let events = events_of(report.to_vec(), spawn_report_reader);
+        assert!(events.iter().any(|e| matches!(e, VmEvent::Report(ReportLine::Check { ok: false, .. }))));
+        assert_eq!(malformed(events), ["CHECK ok x"]);
+    }
 
     #[test]
     fn preload_hint() {
