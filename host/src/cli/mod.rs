@@ -176,6 +176,12 @@ struct WriteArgs {
     /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto, id = "write_progress")]
     progress: ProgressMode,
+    /// An http(s) source must connect within SECS.
+    #[arg(long, value_name = "SECS", default_value_t = crate::source::http::CONNECT_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_connect_timeout: u64,
+    /// An http(s) source may send nothing for at most SECS (headers or body).
+    #[arg(long, value_name = "SECS", default_value_t = crate::source::http::IDLE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_idle_timeout: u64,
 }
 
 /// Parses `10G`, `512M`, `4096` (bytes; K/M/G/T are powers of 1024).
@@ -416,6 +422,10 @@ fn write_request(args: &WriteArgs, confinement: Confinement) -> crate::job::writ
         size: args.size,
         sha256: args.sha256.clone(),
         backing_file: args.backing_file.clone(),
+        http: crate::source::http::HttpTimeouts {
+            connect: Duration::from_secs(args.http_connect_timeout),
+            idle: Duration::from_secs(args.http_idle_timeout),
+        },
     }
 }
 

@@ -327,6 +327,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
     let request = crate::job::write::WriteRequest {
+        http: Default::default(),
         confinement: settings(&config).confinement(),
         image: crate::source::Location::parse(&image),
         target: disk.clone(),
@@ -336,7 +337,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         sha256: None,
         backing_file: None,
     };
-    let line = format!("imgforge: deploying {image} onto {} for {name}", disk.display());
+    let line = format!("imgforge: deploying {} onto {} for {name}", request.image, disk.display());
     eprintln!("{}", imgforge_protocol::printable::printable(&line));
     let result = async {
         let written = job::write(&request, progress.clone(), interrupt).await?;

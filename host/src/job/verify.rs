@@ -89,6 +89,7 @@ pub async fn run(
         _ => {
             let unpacked = work.path().join("image.raw");
             let request = super::write::WriteRequest {
+                http: Default::default(),
                 confinement: settings.confinement(),
                 image: Location::Path(image.to_owned()),
                 target: unpacked.clone(),
