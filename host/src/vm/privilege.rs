@@ -70,6 +70,9 @@ pub fn child_setup(
         // SAFETY: async-signal-safe syscalls on plain arguments.
         unsafe {
             libc::setsid();
+            // Whatever imgforge inherited or opened without close-on-exec (a Ganeti pipe, a
+            // disk) must not reach qemu: only 0-2 and `inherited` survive the exec.
+            close_on_exec_from(3);
             for fd in &inherited {
                 if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -92,6 +95,36 @@ pub fn child_setup(
         Ok(())
     }
 }
+
+/// Marks every descriptor from `first` up close-on-exec. Between fork and exec:
+/// async-signal-safe calls only.
+///
+/// # Safety
+/// Changes descriptor flags process-wide: call it in a forked child.
+unsafe fn close_on_exec_from(first: u32) {
+    // SAFETY: plain syscalls on integers (the caller runs in a forked child).
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) == 0 {
+            return;
+        }
+        // Kernels before 5.11 have no CLOSE_RANGE_CLOEXEC: one descriptor at a time.
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let last = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(MAX_FD_SCAN) as libc::c_int
+        } else {
+            MAX_FD_SCAN as libc::c_int
+        };
+        for fd in first as libc::c_int..last {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// Highest descriptor number the fallback of [`close_on_exec_from`] looks at.
+const MAX_FD_SCAN: u64 = 1 << 16;
 
 /// A temporary directory only its owner may enter (0700): the job's floppy, payload, overlay
 /// (the guest's new /etc/shadow among its blocks) and qemu's sockets go there. qemu gets
