@@ -241,9 +241,18 @@ fn write_path(
             let size = image.info.virtual_size;
             progress.emit(ImageInfo::source(&name, qemu_format, Some(size), &req.target).into());
             let dest = open_destination(req, Some(size), Some(path))?;
+            let interrupter = image.interrupter().ok();
             let mut r = image.into_reader();
             let opts = stream_options(name.clone(), Some(size), &report, cancel);
-            let stats = stream::copy(&mut r, dest, &opts).map_err(|e| decode_failure(e, &name, format))?;
+            // A read blocked on a hung qemu returns when its socket is shut down.
+            let shutdown = move || drop(interrupter.map(|s| s.shutdown(std::net::Shutdown::Both)));
+            let stats = crate::cancel::watch(cancel, shutdown, || stream::copy(&mut r, dest, &opts)).map_err(|e| {
+                if cancel.load(Ordering::Relaxed) {
+                    StreamError::Cancelled.into()
+                } else {
+                    decode_failure(e, &name, format)
+                }
+            })?;
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Squashfs => {

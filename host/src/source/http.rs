@@ -12,8 +12,6 @@ use std::time::Duration;
 pub const CONNECT_TIMEOUT_SECS: u64 = 30;
 /// Default time a server may stay silent (headers or body) before the download fails.
 pub const IDLE_TIMEOUT_SECS: u64 = 60;
-/// How often a running download looks at the cancel flag: bounds how long a signal waits.
-const CANCEL_POLL: Duration = Duration::from_millis(100);
 /// What a download may exceed its target's size by: container metadata (qcow2 tables, gzip
 /// framing, squashfs padding) never comes near it.
 const DOWNLOAD_SLACK_BYTES: u64 = 16 << 20;
@@ -157,24 +155,9 @@ impl Client {
     }
 
     /// Runs `f` while a watcher closes this client's connections once `cancel` is raised, so a
-    /// read blocked on a silent server returns within [`CANCEL_POLL`] of the signal.
+    /// read blocked on a silent server returns at once.
     pub fn cancellable<T>(&self, cancel: &AtomicBool, f: impl FnOnce() -> T) -> T {
-        let done = AtomicBool::new(false);
-        std::thread::scope(|scope| {
-            let watcher = scope.spawn(|| {
-                while !done.load(Ordering::Relaxed) {
-                    if cancel.load(Ordering::Relaxed) {
-                        self.agent.clone().shutdown();
-                        return;
-                    }
-                    std::thread::park_timeout(CANCEL_POLL);
-                }
-            });
-            let result = f();
-            done.store(true, Ordering::Relaxed);
-            watcher.thread().unpark();
-            result
-        })
+        crate::cancel::watch(cancel, || self.agent.clone().shutdown(), f)
     }
 }
 
