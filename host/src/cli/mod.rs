@@ -332,13 +332,31 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             };
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
-        Command::HelperImage(HelperImageCommand::Build { force }) => build_helper_image(force).await,
-        Command::Inspect(args) => inspect(args).await,
+        Command::HelperImage(HelperImageCommand::Build { force }) => {
+            until_interrupted(&interrupt, build_helper_image(force)).await
+        }
+        Command::Inspect(args) => until_interrupted(&interrupt, inspect(args)).await,
         Command::Verify(args) => {
             let settings = vm_settings(&args.vm, cli.verbose);
             verify(args, &settings, &interrupt).await
         }
         Command::Ganeti(action) => ganeti(action, &interrupt).await,
+    }
+}
+
+/// Runs `work` (blocking reads and writes with nothing to roll back: `inspect`, `helper-image
+/// build`, Ganeti's `export`) until it ends or a signal comes; a signal ends the command with
+/// the interrupted status, and the process exits without waiting for a read or write blocked
+/// on a pipe or a hung qemu (its children die with it: parent-death signal).
+async fn until_interrupted(
+    interrupt: &crate::vm::Interrupt,
+    work: impl std::future::Future<Output = Result<(), Failure>>,
+) -> Result<(), Failure> {
+    tokio::select! {
+        result = work => result,
+        signal = crate::vm::interrupted(interrupt.clone()) => {
+            Err(Failure::new(ExitStatus::Interrupted, format!("interrupted by {signal}")))
+        }
     }
 }
 
@@ -404,9 +422,14 @@ async fn ganeti(action: GanetiCommand, interrupt: &crate::vm::Interrupt) -> Resu
         GanetiCommand::Create { .. } => Ok(crate::ganeti::create(interrupt).await?),
         GanetiCommand::Rename { .. } => Ok(crate::ganeti::rename(interrupt).await?),
         GanetiCommand::Import { .. } => Ok(crate::ganeti::import(interrupt).await?),
-        GanetiCommand::Export { .. } => Ok(tokio::task::spawn_blocking(crate::ganeti::export)
+        GanetiCommand::Export { .. } => {
+            until_interrupted(interrupt, async {
+                Ok(tokio::task::spawn_blocking(crate::ganeti::export)
+                    .await
+                    .map_err(|e| Failure::environment(e.to_string()))??)
+            })
             .await
-            .map_err(|e| Failure::environment(e.to_string()))??),
+        }
         GanetiCommand::Verify { .. } => Ok(crate::ganeti::verify()?),
     }
 }
@@ -438,6 +461,9 @@ fn finish(progress: &dyn Progress, result: Result<(), Failure>) -> Result<(), Fa
     result
 }
 
+/// How long blocking work still running at exit may take to finish (after an interrupt).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let matches = Cli::command().get_matches();
@@ -454,7 +480,10 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(ExitStatus::Environment as u8);
         }
     };
-    match runtime.block_on(dispatch(cli, matches)) {
+    let result = runtime.block_on(dispatch(cli, matches));
+    // Work left behind by an interrupt (blocked on a pipe or a hung peer) must not hold up exit.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(f) => {
             // Messages name images, parameters and what qemu said: all may carry a hostile
