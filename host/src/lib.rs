@@ -21,3 +21,4 @@ pub mod progress;
 pub mod source;
 pub mod stream;
 pub mod vm;
+pub mod workdir;

@@ -349,6 +349,43 @@ fn url_stalled_server_stops_on_sigterm() {
     }
 }
 
+/// `kill -9` of a URL write stalled mid-download leaves the download beside the target (no
+/// destructor runs); the next write there removes it, and nothing imgforge-named stays in the
+/// private TMPDIR either.
+#[test]
+fn url_download_left_by_sigkill_is_removed_by_the_next_write() {
+    fixtures::require_root();
+    let partial = Response { announce: None, after: http::After::Stall, ..Response::full(qcow2_header(1 << 20)) };
+    let url = http::serve(partial);
+    let (out_dir, tmp, src) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let target = out_dir.path().join("killed.img");
+    let entries = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    };
+    let mut child = Command::new(binary())
+        .args(["write", "--progress", "none", "--image", &url, "--target", &s(&target)])
+        .env("TMPDIR", tmp.path())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while entries(out_dir.path()).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(20), "no download file appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = entries(out_dir.path());
+    eprintln!("left by the killed imgforge: {left:?}");
+    assert!(left.iter().all(|n| n.starts_with(".imgforge-")), "{left:?}");
+
+    let raw = fixtures::synthetic_raw(src.path()).unwrap();
+    let out = imgforge(&["write", "--progress", "none", "--image", &s(&raw), "--target", &s(&target)]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(entries(out_dir.path()), vec!["killed.img".to_owned()], "the old download was left");
+    assert_eq!(entries(tmp.path()), Vec::<String>::new());
+}
+
 /// A silent server fails the download after --http-idle-timeout, naming the (redacted) URL.
 #[test]
 fn url_idle_timeout_fails_a_silent_server() {

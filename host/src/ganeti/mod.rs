@@ -322,7 +322,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
     let image = resolve_image(&config, &params.img_id)?;
-    let work = crate::vm::privilege::private_tempdir("imgforge-ganeti-").map_err(GanetiError::WorkDir)?;
+    let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = params::nics(&env)?;
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;

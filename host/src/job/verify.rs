@@ -81,8 +81,7 @@ pub async fn run(
     }
     let header = source::read_header(image)?;
     let tmp = std::env::temp_dir();
-    let work = crate::vm::privilege::private_tempdir("imgforge-verify-")
-        .map_err(|source| JobError::WorkDir { dir: tmp, source })?;
+    let work = crate::workdir::private_tempdir("verify").map_err(|source| JobError::WorkDir { dir: tmp, source })?;
     // Disks are checked where they are; anything else (liveimg, compressed) is unpacked first.
     let disk = match source::detect(&header) {
         Format::Raw | Format::Qemu("qcow2") => image.to_owned(),

@@ -423,8 +423,11 @@ fn write_body(
                 .map(Path::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
             let dir = if crate::stream::destination::is_block_device(&req.target) { std::env::temp_dir() } else { dir };
+            // Kept beside the target for its size (the temporary directory may be a small
+            // tmpfs); what a killed imgforge left there goes first.
+            crate::workdir::sweep_logged(&dir);
             let mut tmp = tempfile::Builder::new()
-                .prefix(".imgforge-download-")
+                .prefix(&crate::workdir::hidden_prefix("download"))
                 .tempfile_in(&dir)
                 .map_err(|source| WriteError::Download { what: "create a download file", dir: dir.clone(), source })?;
             let mut reader = hashed;

@@ -62,7 +62,7 @@ impl BlockdevQemu {
     ) -> Result<BlockdevQemu, String> {
         let user =
             privilege::for_this_process(&confinement.user).map_err(|e| format!("cannot run qemu unprivileged: {e}"))?;
-        let dir = privilege::private_tempdir("imgforge-qemu-")
+        let dir = crate::workdir::private_tempdir("qemu")
             .map_err(|e| format!("cannot create a private directory for qemu's sockets: {e}"))?;
         let qmp_path = dir.path().join("qmp.sock");
         let listener =

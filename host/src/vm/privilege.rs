@@ -126,14 +126,6 @@ unsafe fn close_on_exec_from(first: u32) {
 /// Highest descriptor number the fallback of [`close_on_exec_from`] looks at.
 const MAX_FD_SCAN: u64 = 1 << 16;
 
-/// A temporary directory only its owner may enter (0700): the job's floppy, payload, overlay
-/// (the guest's new /etc/shadow among its blocks) and qemu's sockets go there. qemu gets
-/// descriptors, never these paths, so it needs no access.
-pub fn private_tempdir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
-    use std::os::unix::fs::PermissionsExt;
-    tempfile::Builder::new().prefix(prefix).permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
-}
-
 /// The environment a confined qemu gets: only PATH (where the stand-ins and qemu's helpers are
 /// found). Nothing of imgforge's own environment — Ganeti's `OSP_IMG_PASSWD` among it — may be
 /// readable by the helper user in `/proc/PID/environ`.
@@ -230,7 +222,7 @@ mod tests {
     #[test]
     fn private_directories_and_environment() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = private_tempdir("imgforge-test-").unwrap();
+        let dir = crate::workdir::private_tempdir("test").unwrap();
         assert_eq!(std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
         let env = confined_environment();
         assert!(env.iter().all(|(k, _)| *k == "PATH"), "{env:?}");
