@@ -353,7 +353,7 @@ fn download_and_write(
 ) -> Result<Written, WriteError> {
     let shown = http::redact(url);
     let room = target_room(req);
-    let mut dl = client.get(url)?;
+    let mut dl = client.get(url, cancel)?;
     let header = dl.peek(url)?;
     let format = source::detect(&header);
     // A qcow2 says how large a disk it is in its first bytes: no need to download the rest.

@@ -15,6 +15,9 @@ pub const IDLE_TIMEOUT_SECS: u64 = 60;
 /// What a download may exceed its target's size by: container metadata (qcow2 tables, gzip
 /// framing, squashfs padding) never comes near it.
 const DOWNLOAD_SLACK_BYTES: u64 = 16 << 20;
+/// How often a request still connecting looks at the cancel flag: bounds how long a signal
+/// waits for a server that does not answer.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
 /// What replaces a credential in a shown URL.
 const HIDDEN: &str = "***";
 
@@ -137,8 +140,9 @@ impl Client {
         Self { agent: config.new_agent() }
     }
 
-    /// Starts downloading `url` (credentials in it are sent as HTTP basic authentication).
-    pub fn get(&self, url: &str) -> Result<Download, SourceError> {
+    /// Starts downloading `url` (credentials in it are sent as HTTP basic authentication); a
+    /// raised `cancel` ends the wait for the connection and the response headers.
+    pub fn get(&self, url: &str, cancel: &AtomicBool) -> Result<Download, SourceError> {
         let err = |reason: String| SourceError::Http { url: redact(url), reason: scrub(&reason, url) };
         let (bare, credentials) = split_credentials(url);
         let mut request = self.agent.get(&bare);
@@ -147,7 +151,29 @@ impl Client {
             let token = base64::engine::general_purpose::STANDARD.encode(credentials);
             request = request.header("Authorization", format!("Basic {token}"));
         }
-        let response = request.call().map_err(|e| err(e.to_string()))?;
+        // ureq cannot abort a connect in progress (shutting the agent down closes only its
+        // pooled connections), so the request runs in a thread of its own that a cancel
+        // leaves behind: it holds only its socket and ends by the connect timeout, or with
+        // the process.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("http-request".into())
+            .spawn(move || {
+                let _ = tx.send(request.call());
+            })
+            .map_err(|e| err(format!("cannot start the request: {e}")))?;
+        let response = loop {
+            match rx.recv_timeout(CANCEL_POLL) {
+                Ok(response) => break response.map_err(|e| err(e.to_string()))?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancel.load(Ordering::Relaxed) => {
+                    return Err(err("interrupted while connecting".into()));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(err("the request ended without an answer".into()));
+                }
+            }
+        };
         let length =
             response.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         let reader: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
@@ -233,6 +259,43 @@ impl<R: Read> Read for Bounded<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener whose accept queue is full: the kernel drops new SYNs, so a connect to it
+    /// hangs until its timeout (what an unreachable or overloaded server does).
+    fn unanswering_server() -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen again on our own socket, with the smallest queue.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let addr = listener.local_addr().unwrap();
+        let queued = (0..4)
+            .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+            .collect();
+        (listener, queued)
+    }
+
+    #[test]
+    fn a_cancel_ends_a_hanging_connect() {
+        let (listener, _queued) = unanswering_server();
+        let url = format!("http://{}/image", listener.local_addr().unwrap());
+        let client = Client::new(HttpTimeouts { connect: Duration::from_secs(20), idle: Duration::from_secs(20) });
+        let cancel = AtomicBool::new(false);
+        let started = std::time::Instant::now();
+        let result = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(500));
+                cancel.store(true, Ordering::Relaxed);
+            });
+            client.get(&url, &cancel).map(|_| ())
+        });
+        let took = started.elapsed();
+        eprintln!("connect interrupted after {took:?}: {result:?}");
+        assert!(
+            matches!(&result, Err(SourceError::Http { reason, .. }) if reason.contains("interrupted")),
+            "{result:?}"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
 
     #[test]
     fn redaction_table() {
