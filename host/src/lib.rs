@@ -10,6 +10,7 @@
 // Product code never unwraps: a panic in PID 1 or mid-write is the worst error report.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod cancel;
 pub mod cli;
 pub mod ganeti;
 pub mod helper_image;
@@ -21,3 +22,4 @@ pub mod progress;
 pub mod source;
 pub mod stream;
 pub mod vm;
+pub mod workdir;

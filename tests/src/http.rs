@@ -1,8 +1,23 @@
-//! A tiny HTTP server on 127.0.0.1 for URL-source tests.
+//! A tiny HTTP server on 127.0.0.1 for URL-source tests: well-behaved, short, slow, silent
+//! after its headers, or sending without end.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// What the server does once the body (`send` bytes of it) is out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Closes the connection.
+    Close,
+    /// Keeps the connection open and sends nothing more (a hung server).
+    Stall,
+    /// Sends 0x5a bytes until the client goes away, or until this many more were sent (a
+    /// bound, so a client that never stops cannot fill the test machine's disk).
+    Endless(u64),
+}
 
 /// How the server answers.
 #[derive(Clone)]
@@ -15,30 +30,52 @@ pub struct Response {
     pub send: usize,
     /// Pause between 64 KiB pieces (a slow server).
     pub pause: Duration,
+    /// What follows the body.
+    pub after: After,
 }
 
 impl Response {
     /// The whole body with a correct Content-Length.
     pub fn full(body: Vec<u8>) -> Self {
         let n = body.len();
-        Self { announce: Some(n as u64), body, send: n, pause: Duration::ZERO }
+        Self { announce: Some(n as u64), body, send: n, pause: Duration::ZERO, after: After::Close }
     }
+}
+
+/// A running server: its URL, the body bytes it sent, the requests it received (headers).
+pub struct Server {
+    /// `http://127.0.0.1:PORT/image`.
+    pub url: String,
+    /// Body bytes written to clients so far (those still in socket buffers included).
+    pub sent: Arc<AtomicU64>,
+    /// Each request's head, as received.
+    pub requests: Arc<Mutex<Vec<String>>>,
 }
 
 /// Serves `response` to every connection, in a background thread; returns the URL.
 pub fn serve(response: Response) -> String {
+    start(response).url
+}
+
+/// Serves `response` to every connection, in a background thread.
+pub fn start(response: Response) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
     let port = listener.local_addr().unwrap().port();
+    let sent = Arc::new(AtomicU64::new(0));
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let (sent_count, request_log) = (sent.clone(), requests.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
             let r = response.clone();
+            let (sent, requests) = (sent_count.clone(), request_log.clone());
             std::thread::spawn(move || {
                 let mut request = Vec::new();
                 let mut byte = [0u8; 1];
                 while !request.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
                     request.push(byte[0]);
                 }
+                requests.lock().unwrap().push(String::from_utf8_lossy(&request).into_owned());
                 let mut head =
                     String::from("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n");
                 if let Some(n) = r.announce {
@@ -52,12 +89,26 @@ pub fn serve(response: Response) -> String {
                     if conn.write_all(piece).is_err() {
                         return;
                     }
+                    sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
                     if !r.pause.is_zero() {
                         std::thread::sleep(r.pause);
+                    }
+                }
+                match r.after {
+                    After::Close => {}
+                    // Returns when the client closes its end.
+                    After::Stall => while conn.read(&mut byte).unwrap_or(0) == 1 {},
+                    After::Endless(cap) => {
+                        let filler = vec![0x5au8; 64 * 1024];
+                        let mut more = 0u64;
+                        while more < cap && conn.write_all(&filler).is_ok() {
+                            more += filler.len() as u64;
+                            sent.fetch_add(filler.len() as u64, Ordering::Relaxed);
+                        }
                     }
                 }
             });
         }
     });
-    format!("http://127.0.0.1:{port}/image")
+    Server { url: format!("http://127.0.0.1:{port}/image"), sent, requests }
 }

@@ -269,3 +269,42 @@ fn create_and_import_never_write_past_the_disk() {
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20, "import grew DISK_0_PATH");
     assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
 }
+
+/// `export` blocked on a pipe nobody reads (Ganeti's transfer stalled) stops on SIGTERM with
+/// the interrupted status instead of ignoring it.
+#[test]
+fn export_stops_on_sigterm() {
+    let s = site();
+    let disk = s.disk("inst-export.disk0");
+    let mut child = Command::new(s.os_dir.join("export"))
+        .env_clear()
+        .env("PATH", "/sbin:/bin:/usr/sbin:/usr/bin")
+        .env("OS_API_VERSION", "20")
+        .env("IMGFORGE_GANETI_CONFIG", &s.config)
+        .env("DISK_COUNT", "1")
+        .env("DISK_0_PATH", &disk)
+        .current_dir(&s.os_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "export ended before the signal");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("export still running 20 s after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    eprintln!("export stopped {:?} after SIGTERM: {status}", started.elapsed());
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130));
+}

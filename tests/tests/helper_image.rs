@@ -1,6 +1,6 @@
 //! The helper image: reproducible builds, and `--accel auto` finding its way on this host.
 
-use imgforge_tests::fixtures::{self, Shape};
+use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::run::{binary, code};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -270,4 +270,56 @@ fn qemu_gets_no_secrets_in_its_environment() {
     assert!(names.iter().all(|n| matches!(*n, "PATH" | "PWD" | "SHLVL" | "_")), "{environ}");
     let calls = std::fs::read_to_string(&calls).unwrap();
     assert!(calls.contains("-machine pc") && calls.contains("-machine none"), "{calls}");
+}
+
+/// A descriptor imgforge inherited without close-on-exec (as a caller's pipe or disk) never
+/// reaches qemu: the stand-in block-layer qemu of a qcow2 `deploy` lists its descriptors, and
+/// holds only 0-2 and the ones named in its arguments (`fd=N`), besides its script.
+#[test]
+fn qemu_gets_only_the_descriptors_passed_to_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let seen = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(seen.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let record = seen.path().join("fds");
+    let script = format!(
+        // python3 writes the record itself: a shell redirection would add descriptors.
+        "python3 -c 'import os, sys\nd = \"/proc/%s/fd\" % sys.argv[1]\nwith open(sys.argv[2], \"a\") as f:\n    \
+         f.writelines(\"%s -> %s\\n\" % (n, os.readlink(d + \"/\" + n)) for n in os.listdir(d))\n    \
+         f.write(\"args \" + \" \".join(sys.argv[3:]) + \"\\n\")' $$ '{0}' \"$@\"",
+        record.display()
+    );
+    let (_bin, fake) = fake_qemu("qemu-lists-fds", &script);
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("src.raw");
+    std::fs::write(&raw, vec![0x42u8; 1 << 20]).unwrap();
+    let qcow2 = work.path().join("src.qcow2");
+    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2)).unwrap();
+    let leaked = work.path().join("leaked-descriptor");
+    std::fs::write(&leaked, b"not for qemu").unwrap();
+    let c_path = std::ffi::CString::new(leaked.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; the descriptor is closed below. No O_CLOEXEC, on purpose.
+    let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_RDONLY) };
+    assert!(fd > 2);
+    let target = work.path().join("out.img");
+    let out = Command::new(binary())
+        .args(["deploy", "--progress", "none", "--image", qcow2.to_str().unwrap(), "--target"])
+        .arg(&target)
+        .arg("--qemu")
+        .arg(&fake)
+        .output()
+        .unwrap();
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let listing = std::fs::read_to_string(&record).expect("the stand-in qemu ran");
+    eprintln!("{listing}");
+    let args = listing.lines().find_map(|l| l.strip_prefix("args ")).unwrap();
+    for line in listing.lines().filter_map(|l| l.split_once(" -> ")) {
+        let (n, target) = (line.0.rsplit(' ').next().unwrap(), line.1);
+        let passed = n.parse::<u32>().unwrap() <= 2
+            || args.contains(&format!("fd={n},"))
+            || target.contains(&*fake.to_string_lossy());
+        assert!(passed && !target.contains("leaked-descriptor"), "qemu holds descriptor {n} ({target}):\n{listing}");
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), std::fs::read(&raw).unwrap());
 }

@@ -347,3 +347,111 @@ fn a_mounted_block_device_is_refused_by_every_helper_run() {
     }
     fsck.expect("the mounted filesystem is intact");
 }
+
+/// This process's start time, `/proc/self/stat` field 22 (counted after the command name).
+fn own_start_time() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// A pid no process has: a child that exited and was waited for.
+fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+fn private_dir(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Runs `imgforge inspect` on a small raw file with `tmpdir` as TMPDIR (any command sweeps).
+fn inspect_with_tmpdir(tmpdir: &Path) {
+    let work = tempfile::tempdir().unwrap();
+    let small = work.path().join("small.raw");
+    std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
+    let out = spawn(&["inspect", &s(&small)], tmpdir).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// What a dead imgforge left in TMPDIR (work dirs `imgforge-<pid>-<start time>-<kind>-XXXX`,
+/// hidden downloads) is removed by the next command, without following a symlink inside; a
+/// live process's dir, another user's, one open to others and a symlink named like ours stay.
+#[test]
+fn leftovers_of_dead_processes_are_removed_at_the_next_start() {
+    use std::os::unix::fs::symlink;
+    fixtures::require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let precious = outside.path().join("precious");
+    std::fs::write(&precious, "keep me").unwrap();
+    let (dead, own, start) = (dead_pid(), std::process::id(), own_start_time());
+    let name = |pid: u32, start: u64, rest: &str| tmp.path().join(format!("imgforge-{pid}-{start}-{rest}"));
+
+    let stale = name(dead, 12345, "job-a1b2c3");
+    private_dir(&stale, 0o700);
+    std::fs::create_dir_all(stale.join("qmp/deeper")).unwrap();
+    std::fs::write(stale.join("rules.img"), vec![1u8; 4096]).unwrap();
+    std::fs::write(stale.join("qmp/deeper/sock"), "x").unwrap();
+    symlink(&precious, stale.join("link-to-file")).unwrap();
+    symlink(outside.path(), stale.join("qmp/link-to-dir")).unwrap();
+    let stale_download = tmp.path().join(format!(".imgforge-{dead}-12345-download-xyz"));
+    std::fs::write(&stale_download, "partial").unwrap();
+    // This test's own pid, started at another time: the pid was reused.
+    let reused = name(own, start + 1, "qmp-d4e5f6");
+    private_dir(&reused, 0o700);
+
+    let live = name(own, start, "job-live00");
+    private_dir(&live, 0o700);
+    let others = name(dead, 12345, "job-nobody");
+    private_dir(&others, 0o700);
+    std::os::unix::fs::chown(&others, Some(nobody_uid()), None).unwrap();
+    let open = name(dead, 12345, "job-open00");
+    private_dir(&open, 0o755);
+    let link = name(dead, 12345, "job-link00");
+    symlink(outside.path(), &link).unwrap();
+
+    inspect_with_tmpdir(tmp.path());
+
+    for gone in [&stale, &stale_download, &reused] {
+        assert!(gone.symlink_metadata().is_err(), "{} was left", gone.display());
+    }
+    for kept in [&live, &others, &open] {
+        assert!(kept.is_dir(), "{} was removed", kept.display());
+    }
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink(), "the symlink was removed");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 4, "only the four kept entries remain");
+}
+
+/// `kill -9` of a customization leaves its work dirs (no destructor runs); the next imgforge
+/// removes them all, and the disk is as it was.
+#[test]
+fn nothing_is_left_after_sigkill_of_a_customization() {
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let before = digest(&img);
+    let mut child = spawn(
+        &["customize", "-a", &s(&img), "--accel", "tcg", "--hostname", "x", "--run-command", "sleep 300"],
+        tmp.path(),
+    );
+    wait_for_holders(&img, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let started = Instant::now();
+    while !holders(&img).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "qemu outlived imgforge");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    eprintln!("left by the killed imgforge: {left:?}");
+    assert!(!left.is_empty(), "the killed imgforge left nothing: this test proves nothing");
+    inspect_with_tmpdir(tmp.path());
+    assert!(empty_dir(tmp.path()), "left behind: {:?}", std::fs::read_dir(tmp.path()).unwrap().collect::<Vec<_>>());
+    assert_eq!(digest(&img), before);
+}

@@ -176,6 +176,12 @@ struct WriteArgs {
     /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto, id = "write_progress")]
     progress: ProgressMode,
+    /// An http(s) source must connect within SECS.
+    #[arg(long, value_name = "SECS", default_value_t = crate::source::http::CONNECT_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_connect_timeout: u64,
+    /// An http(s) source may send nothing for at most SECS (headers or body).
+    #[arg(long, value_name = "SECS", default_value_t = crate::source::http::IDLE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_idle_timeout: u64,
 }
 
 /// Parses `10G`, `512M`, `4096` (bytes; K/M/G/T are powers of 1024).
@@ -297,6 +303,8 @@ fn interrupt_channel() -> crate::vm::Interrupt {
 
 async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
     let interrupt = interrupt_channel();
+    // SIGKILL runs no destructor: what an imgforge killed so left behind goes now.
+    crate::workdir::sweep_logged(&std::env::temp_dir());
     match cli.command {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
@@ -335,13 +343,31 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             };
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
-        Command::HelperImage(HelperImageCommand::Build { force }) => build_helper_image(force).await,
-        Command::Inspect(args) => inspect(args, &interrupt).await,
+        Command::HelperImage(HelperImageCommand::Build { force }) => {
+            until_interrupted(&interrupt, build_helper_image(force)).await
+        }
+        Command::Inspect(args) => until_interrupted(&interrupt, inspect(args, &interrupt)).await,
         Command::Verify(args) => {
             let settings = vm_settings(&args.vm, cli.verbose);
             verify(args, &settings, &interrupt).await
         }
         Command::Ganeti(action) => ganeti(action, &interrupt).await,
+    }
+}
+
+/// Runs `work` (blocking reads and writes with nothing to roll back: `inspect`, `helper-image
+/// build`, Ganeti's `export`) until it ends or a signal comes; a signal ends the command with
+/// the interrupted status, and the process exits without waiting for a read or write blocked
+/// on a pipe or a hung qemu (its children die with it: parent-death signal).
+async fn until_interrupted(
+    interrupt: &crate::vm::Interrupt,
+    work: impl std::future::Future<Output = Result<(), Failure>>,
+) -> Result<(), Failure> {
+    tokio::select! {
+        result = work => result,
+        signal = crate::vm::interrupted(interrupt.clone()) => {
+            Err(Failure::new(ExitStatus::Interrupted, format!("interrupted by {signal}")))
+        }
     }
 }
 
@@ -416,9 +442,14 @@ async fn ganeti(action: GanetiCommand, interrupt: &crate::vm::Interrupt) -> Resu
         GanetiCommand::Create { .. } => Ok(crate::ganeti::create(interrupt).await?),
         GanetiCommand::Rename { .. } => Ok(crate::ganeti::rename(interrupt).await?),
         GanetiCommand::Import { .. } => Ok(crate::ganeti::import(interrupt).await?),
-        GanetiCommand::Export { .. } => Ok(tokio::task::spawn_blocking(crate::ganeti::export)
+        GanetiCommand::Export { .. } => {
+            until_interrupted(interrupt, async {
+                Ok(tokio::task::spawn_blocking(crate::ganeti::export)
+                    .await
+                    .map_err(|e| Failure::environment(e.to_string()))??)
+            })
             .await
-            .map_err(|e| Failure::environment(e.to_string()))??),
+        }
         GanetiCommand::Verify { .. } => Ok(crate::ganeti::verify()?),
     }
 }
@@ -434,6 +465,10 @@ fn write_request(args: &WriteArgs, confinement: Confinement) -> crate::job::writ
         size: args.size,
         sha256: args.sha256.clone(),
         backing_file: args.backing_file.clone(),
+        http: crate::source::http::HttpTimeouts {
+            connect: Duration::from_secs(args.http_connect_timeout),
+            idle: Duration::from_secs(args.http_idle_timeout),
+        },
     }
 }
 
@@ -445,6 +480,9 @@ fn finish(progress: &dyn Progress, result: Result<(), Failure>) -> Result<(), Fa
     }
     result
 }
+
+/// How long blocking work still running at exit may take to finish (after an interrupt).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
@@ -462,7 +500,10 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(ExitStatus::Environment as u8);
         }
     };
-    match runtime.block_on(dispatch(cli, matches)) {
+    let result = runtime.block_on(dispatch(cli, matches));
+    // Work left behind by an interrupt (blocked on a pipe or a hung peer) must not hold up exit.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(f) => {
             // Messages name images, parameters and what qemu said: all may carry a hostile

@@ -325,11 +325,12 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
     let image = resolve_image(&config, &params.img_id)?;
-    let work = crate::vm::privilege::private_tempdir("imgforge-ganeti-").map_err(GanetiError::WorkDir)?;
+    let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = params::nics(&env)?;
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
     let request = crate::job::write::WriteRequest {
+        http: Default::default(),
         confinement: settings(&config).confinement(),
         image: crate::source::Location::parse(&image),
         target: disk.clone(),
@@ -339,7 +340,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         sha256: None,
         backing_file: None,
     };
-    let line = format!("imgforge: deploying {image} onto {} for {name}", disk.display());
+    let line = format!("imgforge: deploying {} onto {} for {name}", request.image, disk.display());
     eprintln!("{}", imgforge_protocol::printable::printable(&line));
     let result = async {
         let written = job::write(&request, progress.clone(), interrupt).await?;

@@ -128,7 +128,7 @@ pub async fn deploy_liveimg(
     announce_random_passwords(&mut plan, progress.as_ref());
     let source = match &request.image {
         Location::Path(p) => p.clone(),
-        Location::Url(u) => return Err(LiveimgError::Remote(u.clone()).into()),
+        Location::Url(u) => return Err(LiveimgError::Remote(crate::source::http::redact(u)).into()),
     };
     liveimg::check_target(&request.target, request.force)?;
     let rootfs = TempPath(liveimg::temp_beside(&request.target, "rootfs"));

@@ -197,7 +197,7 @@ impl Job {
             blocking("helper image build", move || helper_image::ensure(&cache)).await??
         };
         let tmp = std::env::temp_dir();
-        let work = privilege::private_tempdir("imgforge-").map_err(|source| JobError::WorkDir { dir: tmp, source })?;
+        let work = crate::workdir::private_tempdir("job").map_err(|source| JobError::WorkDir { dir: tmp, source })?;
         let floppy_path = work.path().join("rules.img");
         floppy::build(&rules, &floppy_path)?;
         let payload_path = if payload.is_empty() {

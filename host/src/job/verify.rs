@@ -81,14 +81,14 @@ pub async fn run(
     }
     let header = source::read_header(image)?;
     let tmp = std::env::temp_dir();
-    let work = crate::vm::privilege::private_tempdir("imgforge-verify-")
-        .map_err(|source| JobError::WorkDir { dir: tmp, source })?;
+    let work = crate::workdir::private_tempdir("verify").map_err(|source| JobError::WorkDir { dir: tmp, source })?;
     // Disks are checked where they are; anything else (liveimg, compressed) is unpacked first.
     let (disk, format) = match source::detect(&header) {
         Format::Raw | Format::Qemu("qcow2") => (image.to_owned(), KnownFormat::FromHeader),
         _ => {
             let unpacked = work.path().join("image.raw");
             let request = super::write::WriteRequest {
+                http: Default::default(),
                 confinement: settings.confinement(),
                 image: Location::Path(image.to_owned()),
                 target: unpacked.clone(),

@@ -1,7 +1,7 @@
 //! `imgforge write`: any supported source onto a block device or file, streamed with direct I/O.
 
 use crate::progress::{Event, ImageInfo, Progress};
-use crate::source::{self, Format, Location, SourceError};
+use crate::source::{self, http, Format, Location, SourceError};
 use crate::stream::destination::{Destination, DestinationError, DestinationOptions};
 use crate::stream::{self, RawFile, StreamError, StreamOptions};
 use sha2::{Digest, Sha256};
@@ -31,6 +31,8 @@ pub struct WriteRequest {
     pub backing_file: Option<PathBuf>,
     /// The qemu that reads qemu formats, and as whom.
     pub confinement: crate::vm::blockdev_qemu::Confinement,
+    /// How long an http(s) source may take to connect and stay silent.
+    pub http: http::HttpTimeouts,
 }
 
 /// What was written.
@@ -239,9 +241,18 @@ fn write_path(
             let size = image.info.virtual_size;
             progress.emit(ImageInfo::source(&name, qemu_format, Some(size), &req.target).into());
             let dest = open_destination(req, Some(size), Some(path))?;
+            let interrupter = image.interrupter().ok();
             let mut r = image.into_reader();
             let opts = stream_options(name.clone(), Some(size), &report, cancel);
-            let stats = stream::copy(&mut r, dest, &opts).map_err(|e| decode_failure(e, &name, format))?;
+            // A read blocked on a hung qemu returns when its socket is shut down.
+            let shutdown = move || drop(interrupter.map(|s| s.shutdown(std::net::Shutdown::Both)));
+            let stats = crate::cancel::watch(cancel, shutdown, || stream::copy(&mut r, dest, &opts)).map_err(|e| {
+                if cancel.load(Ordering::Relaxed) {
+                    StreamError::Cancelled.into()
+                } else {
+                    decode_failure(e, &name, format)
+                }
+            })?;
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Squashfs => {
@@ -304,34 +315,103 @@ fn write_liveimg(
     Ok(Written { format: Format::Squashfs, bytes: stats.bytes, bare_filesystem: true })
 }
 
+/// How many bytes the target can take (None: a new file sized by the image).
+fn target_room(req: &WriteRequest) -> Option<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(&req.target) {
+        Ok(m) if m.file_type().is_block_device() => {
+            use std::io::Seek;
+            std::fs::File::open(&req.target).and_then(|mut f| f.seek(std::io::SeekFrom::End(0))).ok()
+        }
+        Ok(m) if m.is_file() && req.force => Some(m.len()),
+        Ok(_) => None,
+        Err(_) => req.size,
+    }
+}
+
 fn write_url(
     req: &WriteRequest,
     url: &str,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Written, WriteError> {
-    let mut dl = source::download(url)?;
+    let client = http::Client::new(req.http);
+    let result = client.cancellable(cancel, || download_and_write(&client, req, url, progress, cancel));
+    match result {
+        // The cancel watcher closed the connection: the read error is the interrupt.
+        Err(_) if cancel.load(Ordering::Relaxed) => Err(StreamError::Cancelled.into()),
+        other => other,
+    }
+}
+
+fn download_and_write(
+    client: &http::Client,
+    req: &WriteRequest,
+    url: &str,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Written, WriteError> {
+    let shown = http::redact(url);
+    let room = target_room(req);
+    let mut dl = client.get(url, cancel)?;
     let header = dl.peek(url)?;
     let format = source::detect(&header);
-    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    // A qcow2 says how large a disk it is in its first bytes: no need to download the rest.
+    if let (Some(need), Some(have)) = (source::declared_virtual_size(format, &header), room) {
+        if need > have {
+            return Err(DestinationError::TooSmall { path: req.target.clone(), have, need }.into());
+        }
+    }
+    let limit = http::body_limit(format, &header, room);
+    let too_large = || SourceError::TooLarge {
+        name: shown.clone(),
+        limit: limit.unwrap_or(u64::MAX),
+        target: req.target.display().to_string(),
+    };
     let length = dl.length;
+    if let (Some(len), Some(limit)) = (length, limit) {
+        if len > limit && format != Format::Raw {
+            return Err(too_large().into());
+        }
+    }
+    let exceeded = Arc::new(AtomicBool::new(false));
     let body: Box<dyn Read + Send> = match length {
-        Some(len) => Box::new(source::Exact::new(dl.body, len, url)),
+        Some(len) => Box::new(source::Exact::new(dl.body, len, &shown)),
         None => Box::new(dl.body),
     };
+    let body: Box<dyn Read + Send> = match limit {
+        Some(limit) => Box::new(http::Bounded::new(body, limit, exceeded.clone())),
+        None => body,
+    };
+    let result = write_body(req, body, (&shown, format, length), progress, cancel);
+    if exceeded.load(Ordering::Relaxed) {
+        return Err(too_large().into());
+    }
+    result
+}
+
+/// Writes a download's `body` (shown as `name`, of `format`, `length` bytes if announced).
+fn write_body(
+    req: &WriteRequest,
+    body: Box<dyn Read + Send>,
+    (name, format, length): (&str, Format, Option<u64>),
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Written, WriteError> {
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
     let hashed = Hashing { inner: body, hasher: hasher.clone() };
     match format {
         Format::Raw | Format::Gzip | Format::Xz | Format::Zstd => {
             let size = if format == Format::Raw { length } else { None };
-            progress.emit(ImageInfo::source(url, format.name(), size, &req.target).with_download_size(length).into());
+            progress.emit(ImageInfo::source(name, format.name(), size, &req.target).with_download_size(length).into());
             let dest = open_destination(req, size, None)?;
             let report = |p: u64, t: Option<u64>| progress.emit(Event::copy_progress(p, t));
             let mut r = stream::Stream(crate::source::decompress::decompressor(format, hashed));
             let stats =
-                stream::copy_verified(&mut r, dest, &stream_options(url.to_owned(), size, &report, cancel), &|| {
-                    check_sha(url, &req.sha256, &hasher)
+                stream::copy_verified(&mut r, dest, &stream_options(name.to_owned(), size, &report, cancel), &|| {
+                    check_sha(name, &req.sha256, &hasher)
                 })
-                .map_err(|e| decode_failure(e, url, format))?;
+                .map_err(|e| decode_failure(e, name, format))?;
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         // qemu-img and squashfs need random access: download first, next to the target.
@@ -343,8 +423,11 @@ fn write_url(
                 .map(Path::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
             let dir = if crate::stream::destination::is_block_device(&req.target) { std::env::temp_dir() } else { dir };
+            // Kept beside the target for its size (the temporary directory may be a small
+            // tmpfs); what a killed imgforge left there goes first.
+            crate::workdir::sweep_logged(&dir);
             let mut tmp = tempfile::Builder::new()
-                .prefix(".imgforge-download-")
+                .prefix(&crate::workdir::hidden_prefix("download"))
                 .tempfile_in(&dir)
                 .map_err(|source| WriteError::Download { what: "create a download file", dir: dir.clone(), source })?;
             let mut reader = hashed;
@@ -356,7 +439,7 @@ fn write_url(
                 }
                 let n = reader
                     .read(&mut buf)
-                    .map_err(|e| SourceError::Http { url: url.to_owned(), reason: e.to_string() })?;
+                    .map_err(|e| SourceError::Http { url: name.to_owned(), reason: e.to_string() })?;
                 if n == 0 {
                     break;
                 }
@@ -368,9 +451,9 @@ fn write_url(
                 done += n as u64;
                 progress.emit(Event::copy_progress(done, length));
             }
-            check_sha(url, &req.sha256, &hasher).map_err(StreamError::Verify)?;
+            check_sha(name, &req.sha256, &hasher).map_err(StreamError::Verify)?;
             let local = WriteRequest { image: Location::Path(tmp.path().to_owned()), sha256: None, ..req.clone() };
-            write_path(&local, tmp.path(), progress, cancel).map_err(|e| named_after_url(e, url))
+            write_path(&local, tmp.path(), progress, cancel).map_err(|e| named_after_url(e, name))
         }
     }
 }

@@ -246,6 +246,7 @@ fn the_emitter_writes_lines_that_match_the_schema() {
     progress.emit(Event::RandomPassword { user: "root".into(), password: Secret::new(password.into()) });
     for (source, target) in [(&raw, "a.img"), (&gz, "b.img")] {
         let request = crate::job::write::WriteRequest {
+            http: Default::default(),
             confinement: Default::default(),
             image: crate::source::Location::Path(source.clone()),
             target: dir.path().join(target),

@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
 pub mod decompress;
+pub mod http;
 pub mod liveimg;
 pub mod nbd;
 pub mod qcow2;
@@ -13,7 +14,7 @@ pub mod squashfs;
 pub mod vmdk;
 pub mod vpc;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -79,10 +80,20 @@ pub enum SourceError {
     /// HTTP trouble.
     #[error("cannot download {url}: {reason}")]
     Http {
-        /// The URL.
+        /// The URL, redacted.
         url: String,
         /// The HTTP client's error (request, status or body).
         reason: String,
+    },
+    /// A download larger than its target can hold.
+    #[error("image {name}: the download passed {limit} bytes, more than the target {target} can take: use a larger target (or --size for a new file)")]
+    TooLarge {
+        /// The source, redacted.
+        name: String,
+        /// Bytes allowed.
+        limit: u64,
+        /// The target.
+        target: String,
     },
 }
 
@@ -122,6 +133,29 @@ pub fn detect(header: &[u8]) -> Format {
     Format::Raw
 }
 
+/// The cluster size a qcow2 header declares (log2 big-endian at byte 20), if sane; pure.
+pub fn declared_cluster_bytes(format: Format, header: &[u8]) -> Option<u64> {
+    match format {
+        Format::Qemu("qcow2") => {
+            imgforge_protocol::bytes::be32(header, 20).filter(|b| (9..=21).contains(b)).map(|b| 1 << b)
+        }
+        _ => None,
+    }
+}
+
+/// The virtual disk size a qcow or qcow2 header declares (big-endian at byte 24); pure.
+pub fn declared_virtual_size(format: Format, header: &[u8]) -> Option<u64> {
+    match format {
+        Format::Qemu("qcow2" | "qcow") => imgforge_protocol::bytes::be64(header, 24),
+        _ => None,
+    }
+}
+
+/// The bytes a squashfs occupies, from its superblock (little-endian at byte 40); pure.
+pub fn squashfs_bytes_used(header: &[u8]) -> Option<u64> {
+    imgforge_protocol::bytes::le64(header, 40)
+}
+
 /// True for text that a VMDK descriptor starts with (it names other files: refused).
 pub fn is_vmdk_descriptor(header: &[u8]) -> bool {
     header.starts_with(b"# Disk DescriptorFile")
@@ -151,7 +185,7 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Path(p) => write!(f, "{}", p.display()),
-            Location::Url(u) => f.write_str(u),
+            Location::Url(u) => f.write_str(&http::redact(u)),
         }
     }
 }
@@ -185,34 +219,6 @@ pub fn read_header(path: &Path) -> Result<Vec<u8>, SourceError> {
     Ok(header)
 }
 
-/// An HTTP body with its announced length.
-pub struct Download {
-    /// The body, buffered so its first bytes can be inspected.
-    pub body: BufReader<Box<dyn Read + Send>>,
-    /// Content-Length, if the server sent one.
-    pub length: Option<u64>,
-}
-
-/// Starts downloading `url`.
-pub fn download(url: &str) -> Result<Download, SourceError> {
-    let err = |reason: String| SourceError::Http { url: url.to_owned(), reason };
-    let response = ureq::get(url).call().map_err(|e| err(e.to_string()))?;
-    let length = response.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-    let reader: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
-    Ok(Download { body: BufReader::with_capacity(1 << 20, reader), length })
-}
-
-impl Download {
-    /// The first bytes, without consuming them.
-    pub fn peek(&mut self, url: &str) -> Result<Vec<u8>, SourceError> {
-        let buf = self.body.fill_buf().map_err(|e| SourceError::Http { url: url.to_owned(), reason: e.to_string() })?;
-        if buf.is_empty() {
-            return Err(SourceError::Empty(url.to_owned()));
-        }
-        Ok(buf[..buf.len().min(HEADER_BYTES)].to_vec())
-    }
-}
-
 /// Reads exactly `expected` bytes from `inner`: fewer is a truncated download.
 pub struct Exact<R> {
     inner: R,
@@ -221,9 +227,9 @@ pub struct Exact<R> {
 }
 
 impl<R> Exact<R> {
-    /// Wraps `inner`, which must deliver `expected` bytes.
-    pub fn new(inner: R, expected: u64, url: &str) -> Self {
-        Self { inner, remaining: expected, url: url.to_owned() }
+    /// Wraps `inner`, which must deliver `expected` bytes; `name` is the source as shown.
+    pub fn new(inner: R, expected: u64, name: &str) -> Self {
+        Self { inner, remaining: expected, url: name.to_owned() }
     }
 }
 
@@ -271,6 +277,24 @@ mod tests {
             assert_eq!(detect(&header), want, "{:?}", &header[..header.len().min(8)]);
         }
         assert!(is_vmdk_descriptor(b"# Disk DescriptorFile\nversion=1"));
+    }
+
+    #[test]
+    fn declared_sizes() {
+        let mut qcow2 = b"QFI\xfb\0\0\0\x03".to_vec();
+        qcow2.resize(32, 0);
+        qcow2[20..24].copy_from_slice(&16u32.to_be_bytes());
+        qcow2[24..32].copy_from_slice(&(64u64 << 20).to_be_bytes());
+        assert_eq!(declared_virtual_size(detect(&qcow2), &qcow2), Some(64 << 20));
+        assert_eq!(declared_cluster_bytes(detect(&qcow2), &qcow2), Some(64 << 10));
+        assert_eq!(declared_virtual_size(Format::Raw, &qcow2), None);
+        assert_eq!(declared_virtual_size(Format::Qemu("qcow2"), &qcow2[..30]), None);
+        qcow2[20..24].copy_from_slice(&40u32.to_be_bytes());
+        assert_eq!(declared_cluster_bytes(Format::Qemu("qcow2"), &qcow2), None);
+        let mut sq = b"hsqs".to_vec();
+        sq.resize(48, 0);
+        sq[40..48].copy_from_slice(&12345u64.to_le_bytes());
+        assert_eq!(squashfs_bytes_used(&sq), Some(12345));
     }
 
     #[test]

@@ -30,6 +30,9 @@ const CMD_READ: u16 = 0;
 const CMD_DISC: u16 = 2;
 /// Longest option reply accepted (qemu's are a few dozen bytes, error texts a few hundred).
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
+/// How long the confined qemu may stay silent (or refuse our bytes) before it is taken as hung:
+/// a 4 MiB read of a compressed qcow2 under TCG takes well under a second.
+pub const NBD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Longest read asked for in one request (qemu serves up to 32 MiB).
 pub const MAX_READ: usize = 4 << 20;
 
@@ -187,6 +190,8 @@ impl Client {
     /// Connects to the server listening on `socket` and opens `export`.
     pub fn connect(socket: &Path, export: &str) -> Result<Client, NbdError> {
         let mut stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(NBD_TIMEOUT))?;
+        stream.set_write_timeout(Some(NBD_TIMEOUT))?;
         let mut greeting = [0u8; 18];
         stream.read_exact(&mut greeting)?;
         parse_greeting(&greeting)?;
@@ -212,6 +217,12 @@ impl Client {
         })?;
         let size = size.ok_or_else(|| NbdError::Protocol("no export size".into()))?;
         Ok(Client { stream, size, handle: 0, structured })
+    }
+
+    /// A handle on the connection whose `shutdown` makes a read blocked in another thread
+    /// return at once (an interrupt, or a confined qemu that stopped answering).
+    pub fn interrupter(&self) -> std::io::Result<UnixStream> {
+        self.stream.try_clone()
     }
 
     /// Size of the export in bytes.
@@ -326,7 +337,12 @@ mod tests {
     use super::*;
 
     /// A server that speaks just enough NBD for one export of `data`, in a thread.
-    fn serve(data: Vec<u8>, fail_at: Option<u64>) -> (tempfile::TempDir, std::thread::JoinHandle<()>) {
+    /// From a request at `hang_from` on, it answers nothing more (a hung qemu).
+    fn serve(
+        data: Vec<u8>,
+        fail_at: Option<u64>,
+        hang_from: Option<u64>,
+    ) -> (tempfile::TempDir, std::thread::JoinHandle<()>) {
         let dir = tempfile::tempdir().unwrap();
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
         let t = std::thread::spawn(move || {
@@ -365,6 +381,10 @@ mod tests {
                     return;
                 }
                 let (handle, offset, len) = (u64_be(&req[8..]), u64_be(&req[16..]), u32_be(&req[24..]) as usize);
+                if hang_from.is_some_and(|h| offset >= h) {
+                    while s.read(&mut [0u8; 64]).unwrap_or(0) > 0 {}
+                    return;
+                }
                 let errno = u32::from(fail_at.is_some_and(|f| (offset..offset + len as u64).contains(&f))) * 5;
                 let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
                 r.extend_from_slice(&errno.to_be_bytes());
@@ -381,7 +401,7 @@ mod tests {
     #[test]
     fn reads_an_export_front_to_back() {
         let data: Vec<u8> = (0..(MAX_READ + 12345) as u32).map(|i| (i % 251) as u8).collect();
-        let (dir, t) = serve(data.clone(), None);
+        let (dir, t) = serve(data.clone(), None, None);
         let client = Client::connect(&dir.path().join("s"), "src").unwrap();
         assert_eq!(client.size(), data.len() as u64);
         let mut got = Vec::new();
@@ -401,13 +421,35 @@ mod tests {
 
     #[test]
     fn a_failed_read_names_the_offset() {
-        let (dir, t) = serve(vec![1u8; 8192], Some(5000));
+        let (dir, t) = serve(vec![1u8; 8192], Some(5000), None);
         let mut client = Client::connect(&dir.path().join("s"), "src").unwrap();
         let mut buf = [0u8; 4096];
         client.read_at(0, &mut buf).unwrap();
         let err = client.read_at(4096, &mut buf).unwrap_err();
         assert!(err.to_string().contains("offset 4096"), "{err}");
         assert!(client.read_at(8000, &mut buf).is_err(), "past the end is never requested");
+        drop(client);
+        t.join().unwrap();
+    }
+
+    /// A server that stops answering mid-export: the read is bounded by [`NBD_TIMEOUT`], and
+    /// the interrupter ends it at once.
+    #[test]
+    fn a_hung_server_is_interrupted() {
+        let (dir, t) = serve(vec![1u8; 8192], None, Some(4096));
+        let mut client = Client::connect(&dir.path().join("s"), "src").unwrap();
+        assert_eq!(client.stream.read_timeout().unwrap(), Some(NBD_TIMEOUT));
+        let mut buf = [0u8; 4096];
+        client.read_at(0, &mut buf).unwrap();
+        let interrupter = client.interrupter().unwrap();
+        let started = std::time::Instant::now();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            interrupter.shutdown(std::net::Shutdown::Both).unwrap();
+        });
+        assert!(client.read_at(4096, &mut buf).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+        stopper.join().unwrap();
         drop(client);
         t.join().unwrap();
     }

@@ -49,6 +49,11 @@ impl crate::stream::ChunkReader for QemuReader {
 }
 
 impl QemuImage {
+    /// A handle whose `shutdown` makes a read blocked on the confined qemu return.
+    pub fn interrupter(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        self.client.interrupter()
+    }
+
     /// Reads the whole disk in order.
     pub fn into_reader(self) -> QemuReader {
         QemuReader { _server: self.server, inner: nbd::Reader::new(self.client) }

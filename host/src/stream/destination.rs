@@ -180,9 +180,8 @@ impl Destination {
 
     fn new_file(path: &Path, image_size: Option<u64>, opts: &DestinationOptions) -> Result<Self, DestinationError> {
         let err = |source| DestinationError::Open { path: path.to_owned(), source };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().ok_or_else(|| DestinationError::NotADisk(path.to_owned()))?;
-        let temp = dir.join(format!(".{}.imgforge-{}", name.to_string_lossy(), std::process::id()));
+        let temp = crate::workdir::temp_beside(path, "new", name);
         let (direct, _) = open_direct(&temp, 0, true).map_err(err)?;
         let buffered = match std::fs::OpenOptions::new().read(true).write(true).open(&temp) {
             Ok(f) => f,

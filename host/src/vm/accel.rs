@@ -124,7 +124,11 @@ pub fn remember(cache: &Path, qemu: &Path, verdict: &KvmVerdict) {
     let remembered = Remembered { boot_id, qemu: qemu.to_owned(), verdict: verdict.clone() };
     let Ok(bytes) = serde_json::to_vec(&remembered) else { return };
     let _ = std::fs::create_dir_all(cache);
-    let Ok(mut tmp) = tempfile::Builder::new().prefix(".kvm-verdict.").tempfile_in(cache) else { return };
+    crate::workdir::sweep_logged(cache);
+    let Ok(mut tmp) = tempfile::Builder::new().prefix(&crate::workdir::hidden_prefix("kvm-verdict")).tempfile_in(cache)
+    else {
+        return;
+    };
     if tmp.write_all(&bytes).is_ok() {
         let _ = tmp.persist(verdict_path(cache));
     }

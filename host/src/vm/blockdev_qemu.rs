@@ -18,6 +18,9 @@ use std::time::Duration;
 
 /// How long qemu may take to answer one QMP command or send the next event.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long qemu may take to exit after `quit` before it is killed: a hung qemu must not hang
+/// imgforge.
+pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Which qemu serves images and commits, and as whom: the helper VM's settings
 /// (`--qemu`, `--helper-user`, Ganeti's `HELPER_USER`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +89,7 @@ impl BlockdevQemu {
         let host = StartError::Host;
         let user = privilege::for_this_process(&confinement.user)
             .map_err(|e| host(format!("cannot run qemu unprivileged: {e}")))?;
-        let dir = privilege::private_tempdir("imgforge-qemu-")
+        let dir = crate::workdir::private_tempdir("qemu")
             .map_err(|e| host(format!("cannot create a private directory for qemu's sockets: {e}")))?;
         let qmp_path = dir.path().join("qmp.sock");
         let listener =
@@ -136,15 +139,31 @@ impl BlockdevQemu {
         stderr_or(&mut self.child, detail)
     }
 
-    /// Asks qemu to quit and waits for it.
+    /// Asks qemu to quit and waits for it, at most [`QUIT_TIMEOUT`] (then kills it).
     pub fn quit(mut self) -> Result<(), String> {
         let _ = self.qmp.quit();
-        let status = self.child.wait().map_err(|e| format!("waiting for qemu: {e}"))?;
+        let status = wait_bounded(&mut self.child, QUIT_TIMEOUT)?;
         if status.success() {
             Ok(())
         } else {
             Err(stderr_or(&mut self.child, format!("qemu exited with {status}")))
         }
+    }
+}
+
+/// Waits for `child` at most `limit`; kills it after that.
+fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus, String> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| format!("waiting for qemu: {e}"))? {
+            return Ok(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("qemu did not exit within {} s of being asked to: killed", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -187,5 +206,17 @@ mod tests {
         ] {
             assert_eq!(StartError::from_qemu_output(host.into()), StartError::Host(host.into()), "{host}");
         }
+    }
+
+    #[test]
+    fn a_child_that_does_not_exit_is_killed_after_the_limit() {
+        let mut quick = Command::new("true").spawn().unwrap();
+        assert!(wait_bounded(&mut quick, Duration::from_secs(10)).unwrap().success());
+        let mut hung = Command::new("sleep").arg("60").spawn().unwrap();
+        let started = std::time::Instant::now();
+        let err = wait_bounded(&mut hung, Duration::from_millis(300)).unwrap_err();
+        assert!(err.contains("killed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(hung.try_wait().unwrap().is_some(), "the hung child is gone");
     }
 }

@@ -391,8 +391,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     let (report_r, report_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     // QMP lives in a private 0700 directory; qemu gets the listening socket, not the path.
-    let qmp_dir =
-        privilege::private_tempdir("imgforge-qmp-").map_err(|e| VmError::Setup(format!("QMP directory: {e}")))?;
+    let qmp_dir = crate::workdir::private_tempdir("qmp").map_err(|e| VmError::Setup(format!("QMP directory: {e}")))?;
     let qmp_path = qmp_dir.path().join(QMP_SOCKET);
     let qmp_listener =
         UnixListener::bind(&qmp_path).map_err(|e| VmError::Setup(format!("QMP socket {}: {e}", qmp_path.display())))?;

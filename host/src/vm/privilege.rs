@@ -70,6 +70,9 @@ pub fn child_setup(
         // SAFETY: async-signal-safe syscalls on plain arguments.
         unsafe {
             libc::setsid();
+            // Whatever imgforge inherited or opened without close-on-exec (a Ganeti pipe, a
+            // disk) must not reach qemu: only 0-2 and `inherited` survive the exec.
+            close_on_exec_from(3);
             for fd in &inherited {
                 if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -93,13 +96,35 @@ pub fn child_setup(
     }
 }
 
-/// A temporary directory only its owner may enter (0700): the job's floppy, payload, overlay
-/// (the guest's new /etc/shadow among its blocks) and qemu's sockets go there. qemu gets
-/// descriptors, never these paths, so it needs no access.
-pub fn private_tempdir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
-    use std::os::unix::fs::PermissionsExt;
-    tempfile::Builder::new().prefix(prefix).permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
+/// Marks every descriptor from `first` up close-on-exec. Between fork and exec:
+/// async-signal-safe calls only.
+///
+/// # Safety
+/// Changes descriptor flags process-wide: call it in a forked child.
+unsafe fn close_on_exec_from(first: u32) {
+    // SAFETY: plain syscalls on integers (the caller runs in a forked child).
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) == 0 {
+            return;
+        }
+        // Kernels before 5.11 have no CLOSE_RANGE_CLOEXEC: one descriptor at a time.
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let last = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(MAX_FD_SCAN) as libc::c_int
+        } else {
+            MAX_FD_SCAN as libc::c_int
+        };
+        for fd in first as libc::c_int..last {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
+
+/// Highest descriptor number the fallback of [`close_on_exec_from`] looks at.
+const MAX_FD_SCAN: u64 = 1 << 16;
 
 /// The environment a confined qemu gets: only PATH (where the stand-ins and qemu's helpers are
 /// found). Nothing of imgforge's own environment — Ganeti's `OSP_IMG_PASSWD` among it — may be
@@ -197,7 +222,7 @@ mod tests {
     #[test]
     fn private_directories_and_environment() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = private_tempdir("imgforge-test-").unwrap();
+        let dir = crate::workdir::private_tempdir("test").unwrap();
         assert_eq!(std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
         let env = confined_environment();
         assert!(env.iter().all(|(k, _)| *k == "PATH"), "{env:?}");

@@ -66,9 +66,7 @@ impl Drop for TempPath {
 
 /// Where the temporary files for `target` go: beside it, hidden, named for this process.
 pub fn temp_beside(target: &Path, what: &str) -> PathBuf {
-    let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    dir.join(format!(".{name}.imgforge-{what}-{}", std::process::id()))
+    crate::workdir::temp_beside(target, what, target.file_name().unwrap_or_default())
 }
 
 /// Checks the output can be created (before any work).
