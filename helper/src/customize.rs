@@ -1,14 +1,14 @@
 //! `imgforge-helper customize`: applies the rules' operations to the mounted guest, in order.
 
 use crate::accounts;
+use crate::confinement::GuestCommand;
 use crate::firstboot;
 use crate::guest::GuestRoot;
 use crate::task_env::TaskEnv;
 use imgforge_protocol::rules::{Operation, Rules};
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 
 /// Entry point of `guest-path PATH`: prints the helper path of an existing guest path, with
 /// every symlink resolved inside the guest root.
@@ -31,6 +31,18 @@ pub fn guest_path_main(path: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The 80-SELinuxRelabel task: marks the guest for an SELinux relabel at its next boot.
+pub fn selinux_relabel(env: &TaskEnv) -> Result<(), String> {
+    if env.get("IMGFORGE_SELINUX_RELABEL") != Some("yes") {
+        return Ok(());
+    }
+    let target = env.require("IMGFORGE_TARGET")?;
+    let guest = GuestRoot::open(Path::new(target)).map_err(|_| "cannot resolve the guest root".to_string())?;
+    guest.create_empty_file("/.autorelabel", 0o644).map_err(|e| format!("cannot create /.autorelabel: {e}"))?;
+    println!("created /.autorelabel");
+    Ok(())
 }
 
 /// The 50-Customize task: applies the rules' operations in order.
@@ -177,29 +189,7 @@ fn set_timezone(guest: &GuestRoot, zone: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs a command chrooted into the guest, its output going to the task log.
+/// Runs a command chrooted into the guest and confined, its output going to the task log.
 fn run_in_guest(guest: &GuestRoot, argv: &[&str]) -> Result<(), String> {
-    let root = guest.path().to_owned();
-    let mut command = Command::new(argv[0]);
-    command
-        .args(&argv[1..])
-        .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", "/root")
-        .env("LANG", "C")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null());
-    // SAFETY: chroot and chdir are async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            std::os::unix::fs::chroot(&root)?;
-            std::env::set_current_dir("/")
-        });
-    }
-    let status = command.status().map_err(|e| format!("cannot start {} in the guest: {e}", argv[0]))?;
-    match status.code() {
-        Some(0) => Ok(()),
-        Some(code) => Err(format!("command exited with status {code}")),
-        None => Err(format!("command was killed ({status})")),
-    }
+    GuestCommand::new(guest, argv).status()
 }

@@ -238,6 +238,82 @@ impl GuestRoot {
         Ok(())
     }
 
+    /// Makes `guest_path` an empty regular file (an existing one is emptied). Whatever else is
+    /// there — a symlink, a FIFO, a device node — is replaced, never followed or opened: a
+    /// hostile image's `/.autorelabel -> /mnt/guest/etc/shadow` must not empty a file elsewhere.
+    pub fn create_empty_file(&self, guest_path: &str, mode: u32) -> io::Result<()> {
+        let (dir, name) = self.parent(guest_path)?;
+        // SAFETY: stat is plain old data; all-zero is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid dirfd, NUL-terminated name, writable stat.
+        let found = unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } == 0;
+        if found && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{guest_path} is a directory")));
+        }
+        if found && st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            // SAFETY: valid dirfd and NUL-terminated name.
+            if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let flags =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+        // SAFETY: valid dirfd and NUL-terminated name.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        // A program of the guest still running could have swapped in something else meanwhile.
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other(format!("{guest_path} changed under us into something not a regular file")));
+        }
+        Ok(())
+    }
+
+    /// Creates the directory `guest_path` (its parent resolved inside the root; an existing
+    /// name is an error) and holds it open, so that later steps reach this very directory
+    /// whatever the guest's programs rename or replace meanwhile.
+    pub fn create_dir(&self, guest_path: &str, mode: u32) -> io::Result<CreatedDir> {
+        let (parent, name) = self.parent(guest_path)?;
+        // SAFETY: valid dirfd and NUL-terminated name.
+        if unsafe { libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), mode) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: valid dirfd and NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                parent.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            // SAFETY: valid dirfd and NUL-terminated name.
+            unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) };
+            return Err(err);
+        }
+        // SAFETY: a fresh descriptor we own.
+        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(CreatedDir { parent, name, dir })
+    }
+
+    /// Opens an existing path (following in-root symlinks, crossing mount points) without
+    /// reading it: a handle for mount and unmount calls.
+    pub fn open_path(&self, guest_path: &str) -> io::Result<OwnedFd> {
+        self.open_raw(guest_path, libc::O_PATH, 0)
+    }
+
+    /// True if the path is an executable regular file (following in-root symlinks).
+    pub fn is_executable(&self, guest_path: &str) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        self.open_raw(guest_path, libc::O_PATH, 0)
+            .and_then(|fd| File::from(fd).metadata())
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    }
+
     /// Atomically replaces a file's contents, keeping its owner and mode.
     pub fn replace(&self, guest_path: &str, content: &[u8]) -> io::Result<()> {
         let (dir, name) = self.parent(guest_path)?;
@@ -275,6 +351,30 @@ impl GuestRoot {
             unsafe { libc::unlinkat(dir.as_raw_fd(), tmp_name.as_ptr(), 0) };
         }
         write
+    }
+}
+
+/// A directory [`GuestRoot::create_dir`] made, held open.
+pub struct CreatedDir {
+    parent: OwnedFd,
+    name: CString,
+    dir: OwnedFd,
+}
+
+impl CreatedDir {
+    /// A helper path that leads to this very directory (through `/proc/self/fd`), to mount on.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
+    }
+
+    /// Removes the (empty) directory from where it was made.
+    pub fn remove(self) -> io::Result<()> {
+        drop(self.dir);
+        // SAFETY: valid dirfd and NUL-terminated name.
+        if unsafe { libc::unlinkat(self.parent.as_raw_fd(), self.name.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
@@ -338,6 +438,39 @@ mod tests {
         assert!(!dir.path().join("a").exists());
         assert!(outside.path().join("keep").exists());
         g.remove_all("/does/not/exist").unwrap();
+    }
+
+    /// `/.autorelabel` pointing outside the root (as the helper sees it) or at a FIFO is
+    /// replaced by a regular file; the file it pointed to is untouched.
+    #[test]
+    fn an_empty_file_replaces_links_and_fifos() {
+        let (dir, g) = root();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("task");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".autorelabel")).unwrap();
+        g.create_empty_file("/.autorelabel", 0o644).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        let made = std::fs::symlink_metadata(dir.path().join(".autorelabel")).unwrap();
+        assert!(made.is_file() && made.len() == 0);
+        let fifo = CString::new(dir.path().join("etc/fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        g.create_empty_file("/etc/fifo", 0o644).unwrap();
+        assert!(std::fs::symlink_metadata(dir.path().join("etc/fifo")).unwrap().is_file());
+        assert!(g.create_empty_file("/etc", 0o644).is_err(), "a directory is refused");
+    }
+
+    #[test]
+    fn created_directories_are_found_again_and_removed() {
+        let (dir, g) = root();
+        let made = g.create_dir("/etc/new", 0o700).unwrap();
+        assert!(std::fs::metadata(made.fd_path()).unwrap().is_dir());
+        assert!(g.create_dir("/etc/new", 0o700).is_err(), "an existing name is refused");
+        // Renamed by the guest meanwhile: the held directory is the one removed.
+        std::fs::rename(dir.path().join("etc"), dir.path().join("moved")).unwrap();
+        made.remove().unwrap();
+        assert!(!dir.path().join("moved/new").exists());
     }
 
     #[test]

@@ -61,6 +61,8 @@ fn prepare(reporter: &mut Reporter) -> Result<(Rules, kmod::Preload), String> {
     }
     reporter.send(&ReportLine::Phase { name: "modules".into(), uptime_ms: uptime_ms() });
 
+    // Before any program of the guest can run (see confinement).
+    crate::confinement::disable_user_namespaces()?;
     wait_for(Path::new(floppy::FLOPPY_DEVICE))?;
     reporter.send(&ReportLine::Phase { name: "floppy-ready".into(), uptime_ms: uptime_ms() });
     if let Err(e) = floppy::skip_spin_up(Path::new(floppy::FLOPPY_DEVICE)) {

@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod accounts;
+mod confinement;
 mod customize;
 mod firstboot;
 mod floppy;
@@ -18,6 +19,7 @@ mod kmod;
 mod layout;
 mod mounts;
 mod network;
+mod packages;
 mod prefetch;
 mod reporter;
 mod script;
@@ -40,14 +42,22 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("guest-path") if args.len() == 2 => customize::guest_path_main(&args[1]),
         Some("modprobe") if args.len() >= 2 => kmod::modprobe_main(&args[1..]),
+        Some("in-guest") if args.len() >= 2 => confinement::in_guest_main(&args[1..]),
         _ => {
             eprintln!("usage: imgforge-helper customize          run the rules' operations (the 50-Customize task)");
             eprintln!(
                 "       imgforge-helper guest-path PATH    print where guest PATH is, resolved inside the guest root"
             );
+            eprintln!("       imgforge-helper in-guest PROGRAM ARGS...  run a guest program chrooted and confined");
+            eprintln!(
+                "       imgforge-helper install-packages   install the rules' packages (the 60-InstallPackages task)"
+            );
             eprintln!("       imgforge-helper mount-payload      mount the payload disk (the 05-MountPayload task)");
             eprintln!(
                 "       imgforge-helper mount-root         mount the guest's filesystems (the 10-MountRoot task)"
+            );
+            eprintln!(
+                "       imgforge-helper selinux-relabel    create /.autorelabel if asked (the 80-SELinuxRelabel task)"
             );
             eprintln!("       imgforge-helper unmount            unmount them again and sync (the 90-Unmount task)");
             eprintln!("As PID 1 of the helper VM it runs the tasks; see the imgforge documentation.");
@@ -61,6 +71,8 @@ fn main() -> ExitCode {
 fn builtin(name: &str) -> Option<tasks::Builtin> {
     match name {
         "customize" => Some(customize::run),
+        "install-packages" => Some(packages::run),
+        "selinux-relabel" => Some(customize::selinux_relabel),
         "mount-payload" => Some(mounts::mount_payload),
         "mount-root" => Some(mounts::mount_root),
         "unmount" => Some(mounts::unmount_all),

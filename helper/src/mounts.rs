@@ -232,7 +232,7 @@ fn run(env: &Env) -> Result<(), String> {
     if let Ok(fstab) = guest.read_to_string("/etc/fstab") {
         mount_fstab(env, &guest, &fstab, &root, &mut disk, &mounts)?;
     }
-    mount_pseudo_filesystems(&guest, &mounts)
+    crate::confinement::mount_chroot_filesystems(&guest, &mut |where_| record_mount(&mounts, where_))
 }
 
 /// The block devices of the disk and what their superblocks say.
@@ -306,7 +306,7 @@ fn mount_guest_root(env: &Env, disk: &Devices) -> Result<(String, String), Strin
             continue;
         };
         load_modules(&[module_for(&fstype).unwrap_or_default()]);
-        if mount(&dev, &env.target, &fstype, env.read_only).is_ok() {
+        if mount_guest_fs(&dev, &env.target, &fstype, env.read_only).is_ok() {
             if looks_like_root(&env.target) {
                 return Ok((dev, fstype));
             }
@@ -346,32 +346,11 @@ fn mount_fstab(
         let where_ = guest
             .resolve(&entry.mount_point)
             .map_err(|_| format!("fstab mount point {} does not exist in the guest", entry.mount_point))?;
-        mount(&dev, &where_, &entry.fstype, env.read_only).map_err(|e| {
+        mount_guest_fs(&dev, &where_, &entry.fstype, env.read_only).map_err(|e| {
             format!("cannot mount {dev} ({}) on {} from the guest's fstab: {e}", entry.fstype, entry.mount_point)
         })?;
         record_mount(mounts, &where_)?;
         println!("mounted {dev} on {}", entry.mount_point);
-    }
-    Ok(())
-}
-
-/// What chrooted commands expect: /dev, /proc, /sys; never on a symlink (resolved inside the
-/// guest).
-fn mount_pseudo_filesystems(guest: &GuestRoot, mounts: &Path) -> Result<(), String> {
-    for (fs, source, fstype) in
-        [("/dev", "/dev", None), ("/proc", "proc", Some("proc")), ("/sys", "sysfs", Some("sysfs"))]
-    {
-        let Ok(where_) = guest.resolve(fs) else { continue };
-        if !where_.is_dir() {
-            continue;
-        }
-        let done = match fstype {
-            None => bind(source, &where_),
-            Some(t) => mount(source, &where_, t, false),
-        };
-        if done.is_ok() {
-            record_mount(mounts, &where_)?;
-        }
     }
     Ok(())
 }
@@ -481,8 +460,10 @@ pub fn mount(source: &str, target: &Path, fstype: &str, read_only: bool) -> std:
     mount_flags(source, target, fstype, if read_only { libc::MS_RDONLY } else { 0 })
 }
 
-fn bind(source: &str, target: &Path) -> std::io::Result<()> {
-    mount_flags(source, target, "", libc::MS_BIND)
+/// Mounts one of the guest's filesystems: `nodev`, so that a device node the image carries
+/// (the report port's, the floppy's) opens nothing for the guest's programs or for the helper.
+fn mount_guest_fs(source: &str, target: &Path, fstype: &str, read_only: bool) -> std::io::Result<()> {
+    mount_flags(source, target, fstype, libc::MS_NODEV | if read_only { libc::MS_RDONLY } else { 0 })
 }
 
 fn mount_flags(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) -> std::io::Result<()> {

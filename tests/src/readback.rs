@@ -43,20 +43,33 @@ impl Mount {
         Self::at(image, part.offset, part.size)
     }
 
+    /// Mounts partition `index` (0-based) of `image` read-write: for tests that craft a hostile
+    /// guest from a fixture copy (unmounted, hence written back, on drop).
+    pub fn writable_partition(image: &Path, index: usize) -> Result<Self> {
+        let part =
+            *partitions(image)?.get(index).with_context(|| format!("{} has no partition {index}", image.display()))?;
+        Self::loop_mount(image, part, "rw")
+    }
+
     /// Mounts the filesystem at `offset` (of `size` bytes) in `image` read-only.
     pub fn at(image: &Path, offset: u64, size: u64) -> Result<Self> {
-        let part = Partition { offset, size };
+        Self::loop_mount(image, Partition { offset, size }, "ro")
+    }
+
+    fn loop_mount(image: &Path, part: Partition, mode: &str) -> Result<Self> {
+        let offset = part.offset;
         let fstype = sh(Command::new("blkid")
             .args(["-p", "-o", "value", "-s", "TYPE", "-O", &part.offset.to_string()])
             .arg(image))?;
-        let extra = match fstype.trim() {
-            "xfs" => ",norecovery",
-            "ext4" | "ext3" => ",noload",
+        let extra = match (mode, fstype.trim()) {
+            ("rw", _) => "",
+            (_, "xfs") => ",norecovery",
+            (_, "ext4" | "ext3") => ",noload",
             _ => "",
         };
         let dir = tempfile::tempdir()?;
         sh(Command::new("mount")
-            .args(["-o", &format!("ro,loop,offset={},sizelimit={}{extra}", part.offset, part.size)])
+            .args(["-o", &format!("{mode},loop,offset={},sizelimit={}{extra}", part.offset, part.size)])
             .arg(image)
             .arg(dir.path()))
         .with_context(|| format!("loop-mounting the filesystem at byte {offset} of {}", image.display()))?;

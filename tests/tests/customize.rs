@@ -246,3 +246,67 @@ fn a_block_device_is_customized() {
     let m = Mount::partition(&img, 0).unwrap();
     assert_eq!(m.read("/etc/hostname").unwrap(), "on-a-device\n");
 }
+
+/// Where the helper mounts the guest root: a guest symlink to a path under it names, as the
+/// helper sees it, a guest file the link itself does not lead to inside the guest.
+const HELPER_GUEST_ROOT: &str = "/mnt/guest";
+
+/// The SELinux relabel mark is made inside the guest root and never through a link: a hostile
+/// image's `/.autorelabel` pointing at a helper path (here one that holds the guest's
+/// /etc/hostname) leaves that file whole and becomes a regular, empty `/.autorelabel`.
+#[test]
+fn the_relabel_mark_never_follows_a_guest_link() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let hostname = {
+        let m = Mount::writable_partition(&img, 0).unwrap();
+        let _ = std::fs::remove_file(m.join("/.autorelabel"));
+        std::os::unix::fs::symlink(format!("{HELPER_GUEST_ROOT}/etc/hostname"), m.join("/.autorelabel")).unwrap();
+        m.read("/etc/hostname").unwrap()
+    };
+    assert!(!hostname.is_empty());
+    let out = customize_tcg(&img, &["--selinux-relabel"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let m = Mount::partition(&img, 0).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), hostname, "the mark went through the guest's link");
+    let mark = std::fs::symlink_metadata(m.join("/.autorelabel")).unwrap();
+    assert!(mark.file_type().is_file() && mark.len() == 0, "{mark:?}");
+}
+
+/// A script that tries every way from the chroot to the report port (the helper's node, PID
+/// 1's root, a node the image carries, a node it makes), writes a forged SUCCESS there and
+/// resets the VM before the rest of the customization ran. (A regular file named
+/// /dev/ttyS1 in the guest's own /dev is no port: only character devices count.)
+const FORGE_REPORT: &str = r#"#!/bin/sh
+line=${1:-SUCCESS}
+for port in /dev/ttyS1 /proc/1/root/dev/ttyS1 /root/ttyS1; do
+    [ -c "$port" ] && printf '%b\n' "$line" > "$port" && echo "forged through $port"
+done
+mknod /tmp/ttyS1 c 4 65 && printf '%b\n' "$line" > /tmp/ttyS1 && echo "forged through mknod"
+echo b > /proc/sysrq-trigger
+sleep 30
+exit 1
+"#;
+
+/// The report port is out of reach of the guest's programs: a `--run` script that forges
+/// SUCCESS on it and ends the VM leaves the customization failed, the operations after it
+/// undone.
+#[test]
+fn a_guest_program_cannot_forge_the_report() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    {
+        let m = Mount::writable_partition(&img, 0).unwrap();
+        let node = std::ffi::CString::new(m.join("/root/ttyS1").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; makedev is a pure computation.
+        assert_eq!(unsafe { libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(4, 65)) }, 0);
+    }
+    let script = work.path().join("forge.sh");
+    std::fs::write(&script, FORGE_REPORT).unwrap();
+    let out = customize_tcg(&img, &["-v", "--run", &s(&script), "--write", "/etc/after-run:done"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(code(&out), 0, "a forged SUCCESS was believed: {stderr}");
+    assert!(!stderr.contains("forged through"), "{stderr}");
+    let m = Mount::partition(&img, 0).unwrap();
+    assert!(!m.join("/etc/after-run").exists());
+}

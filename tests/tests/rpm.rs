@@ -77,3 +77,15 @@ fn a_guest_without_dnf_or_yum_is_told_so() {
     assert_eq!(code(&out), 1);
     assert!(String::from_utf8_lossy(&out.stderr).contains("neither dnf nor yum"));
 }
+
+/// Package names reach dnf as they were given: `*` is dnf's pattern (every package of the
+/// repository), never expanded by a shell against the helper's files.
+#[test]
+fn a_package_pattern_reaches_dnf_unexpanded() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::RpmDosExt4, work.path()).unwrap();
+    let out = customize_tcg(&img, &["--install", "*", "--repo", &s(&rpm::repo().unwrap())]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let m = Mount::partition(&img, 0).unwrap();
+    assert!(rpm_q(&m, &["demo", "libdemo"]), "dnf installed what '*' matched in the repository");
+}

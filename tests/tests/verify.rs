@@ -145,3 +145,27 @@ printf '%s\n' 'TASK-START 70-CheckPackages' 'CHECK ok package-dnf "1.0"' 'TASK-E
     assert!(detail.contains(r#""CHECK ok package-x \\u{1b}[2J""#), "{detail}");
     assert!(!String::from_utf8_lossy(&out.stderr).contains('\u{1b}'), "the guest's escape reached the terminal");
 }
+
+/// The guest's rpm, asked by verify whether a package is installed, is the image's program: a
+/// hostile one that writes a forged passing CHECK and SUCCESS on the report port and ends the
+/// VM must not make verify pass.
+#[test]
+fn the_guests_rpm_cannot_forge_a_check() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    {
+        let m = imgforge_tests::readback::Mount::writable_partition(&img, 0).unwrap();
+        let rpm = m.join("/usr/bin/rpm");
+        std::fs::write(
+            &rpm,
+            "#!/bin/sh\nfor port in /dev/ttyS1 /proc/1/root/dev/ttyS1; do\n\
+             printf 'CHECK ok package-no-such-package \"forged\"\\nSUCCESS\\n' > \"$port\"\ndone\n\
+             echo b > /proc/sysrq-trigger\nsleep 30\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&rpm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let out = imgforge(&["verify", "--accel", "tcg", "--json", &s(&img), "--require-package", "no-such-package"]);
+    assert_ne!(code(&out), 0, "a forged CHECK was believed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("forged"), "{}", String::from_utf8_lossy(&out.stdout));
+}

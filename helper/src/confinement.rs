@@ -1,0 +1,289 @@
+//! What the guest's own programs can reach in the helper VM, and how they are started.
+//!
+//! Every program of the guest (its shell for `--run`, its rpm and dnf, their scriptlets) is the
+//! attacker's and runs as root. A chroot alone does not hold root: it could open the report
+//! port (`/dev/ttyS1`) and write `SUCCESS` before the real work failed, make the node again with
+//! `mknod`, reach it through `/proc/1/root`, or leave the chroot. So the guest gets:
+//! - a `/dev` of its own (a tmpfs with null, zero, full, random, urandom, tty, a private devpts
+//!   and `fd` links: what rpm, dnf and apt need), without the serial ports, the floppy (the
+//!   rules) or the disks; the guest's filesystems are mounted `nodev`, so a device node the
+//!   image carries opens nothing;
+//! - `/sys` and `/proc/sys` read-only (a writable `kernel.core_pattern` or `uevent_helper` has the
+//!   kernel start a program of the attacker's with every privilege);
+//! - no capability to undo that: [`DROPPED_CAPABILITIES`] leave the bounding set before the
+//!   guest program starts (mknod, mount, chroot, ptrace of PID 1, raw port I/O, modules), and
+//!   user namespaces (which would hand them back) are disabled for the whole VM.
+//!
+//! This keeps the report channel as simple as it is (no secret to hide from root in the same
+//! VM, which a per-run key on the floppy would need) and closes the other ways out of the chroot
+//! too.
+
+use crate::guest::GuestRoot;
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+
+/// The command search path of guest programs.
+pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Capabilities a guest program never gets (numbers from linux/capability.h): with any of them,
+/// root in the chroot reaches the helper (see the module documentation).
+const DROPPED_CAPABILITIES: [(libc::c_ulong, &str); 10] = [
+    (16, "CAP_SYS_MODULE"),
+    (17, "CAP_SYS_RAWIO"),
+    (18, "CAP_SYS_CHROOT"),
+    (19, "CAP_SYS_PTRACE"),
+    (21, "CAP_SYS_ADMIN"),
+    (22, "CAP_SYS_BOOT"),
+    (26, "CAP_SYS_TTY_CONFIG"),
+    (27, "CAP_MKNOD"),
+    (38, "CAP_PERFMON"),
+    (39, "CAP_BPF"),
+];
+
+/// The character devices of the guest's `/dev`: name, major, minor, mode.
+const GUEST_DEVICES: [(&str, u32, u32, u32); 6] = [
+    ("null", 1, 3, 0o666),
+    ("zero", 1, 5, 0o666),
+    ("full", 1, 7, 0o666),
+    ("random", 1, 8, 0o666),
+    ("urandom", 1, 9, 0o666),
+    ("tty", 5, 0, 0o666),
+];
+
+/// The links of the guest's `/dev`.
+const GUEST_DEV_LINKS: [(&str, &str); 5] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+];
+
+/// Where user namespaces are limited; 0 disables them.
+const MAX_USER_NAMESPACES: &str = "/proc/sys/user/max_user_namespaces";
+
+/// Disables user namespaces in the helper VM before any guest program runs: in a namespace of
+/// its own, a guest program would have every capability again.
+pub fn disable_user_namespaces() -> Result<(), String> {
+    match std::fs::write(MAX_USER_NAMESPACES, "0") {
+        Ok(()) => Ok(()),
+        // A kernel without user namespaces has nothing to disable.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot disable user namespaces ({MAX_USER_NAMESPACES}): {e}")),
+    }
+}
+
+/// A pseudo filesystem mounted for chrooted commands, for the unmount task to undo.
+pub type Recorded<'a> = &'a mut dyn FnMut(&Path) -> Result<(), String>;
+
+/// Mounts what chrooted commands expect, `/dev`, `/proc` and `/sys`, confined as the module
+/// documentation says; never on a symlink (resolved inside the guest), each mount recorded.
+pub fn mount_chroot_filesystems(guest: &GuestRoot, record: Recorded<'_>) -> Result<(), String> {
+    let dir = |path: &str| guest.resolve(path).ok().filter(|p| p.is_dir());
+    if let Some(dev) = dir("/dev") {
+        mount_guest_dev(&dev, record)?;
+    }
+    if let Some(proc) = dir("/proc") {
+        mount_flags("proc", &proc, "proc", NO_DEV_SUID_EXEC, None)
+            .map_err(|e| format!("cannot mount proc on {}: {e}", proc.display()))?;
+        record(&proc)?;
+        // A fresh procfs: nothing of the guest's lies on this path.
+        let sys = proc.join("sys");
+        mount_flags(&sys, &sys, "", libc::MS_BIND, None)
+            .and_then(|()| mount_flags("", &sys, "", libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, None))
+            .map_err(|e| format!("cannot make {} read-only: {e}", sys.display()))?;
+        record(&sys)?;
+    }
+    if let Some(sys) = dir("/sys") {
+        mount_flags("sysfs", &sys, "sysfs", NO_DEV_SUID_EXEC | libc::MS_RDONLY, None)
+            .map_err(|e| format!("cannot mount sysfs on {}: {e}", sys.display()))?;
+        record(&sys)?;
+    }
+    Ok(())
+}
+
+const NO_DEV_SUID_EXEC: libc::c_ulong = libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC;
+
+/// The guest's own `/dev` on `dev` (a helper path): a tmpfs with [`GUEST_DEVICES`] and
+/// [`GUEST_DEV_LINKS`], a private devpts and `/dev/shm`.
+fn mount_guest_dev(dev: &Path, record: Recorded<'_>) -> Result<(), String> {
+    let fail = |what: &str, e: std::io::Error| format!("cannot prepare the guest's /dev ({what}): {e}");
+    mount_flags("imgforge-dev", dev, "tmpfs", libc::MS_NOSUID | libc::MS_NOEXEC, Some("mode=0755,size=1m"))
+        .map_err(|e| fail("tmpfs", e))?;
+    record(dev)?;
+    // A fresh tmpfs: the paths below are ours alone until a guest program runs.
+    for (name, major, minor, mode) in GUEST_DEVICES {
+        let path = path_cstring(&dev.join(name));
+        // SAFETY: a NUL-terminated path; makedev is a pure computation.
+        let rc = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, libc::makedev(major, minor)) };
+        if rc != 0 {
+            return Err(fail(name, std::io::Error::last_os_error()));
+        }
+        // mknod obeys the umask; the modes must be exact.
+        std::os::unix::fs::chown(dev.join(name), Some(0), Some(0)).map_err(|e| fail(name, e))?;
+        std::fs::set_permissions(dev.join(name), std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(|e| fail(name, e))?;
+    }
+    for (name, target) in GUEST_DEV_LINKS {
+        std::os::unix::fs::symlink(target, dev.join(name)).map_err(|e| fail(name, e))?;
+    }
+    let shm = dev.join("shm");
+    std::fs::create_dir(&shm)
+        .and_then(|()| std::fs::set_permissions(&shm, std::os::unix::fs::PermissionsExt::from_mode(0o1777)))
+        .map_err(|e| fail("shm", e))?;
+    let pts = dev.join("pts");
+    std::fs::create_dir(&pts).map_err(|e| fail("pts", e))?;
+    mount_flags(
+        "devpts",
+        &pts,
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(|e| fail("devpts", e))?;
+    record(&pts)
+}
+
+/// A guest program to run chrooted into the guest and confined; its output goes where this
+/// process's goes unless [`GuestCommand::output`] collects it.
+pub struct GuestCommand {
+    command: Command,
+    program: String,
+}
+
+impl GuestCommand {
+    /// `argv[0]` with the rest as its arguments, each one argument (no shell between), with a
+    /// clean environment.
+    pub fn new(guest: &GuestRoot, argv: &[&str]) -> Self {
+        let program = argv.first().copied().unwrap_or_default().to_owned();
+        let mut command = Command::new(&program);
+        command
+            .args(argv.iter().skip(1))
+            .env_clear()
+            .env("PATH", GUEST_PATH)
+            .env("HOME", "/root")
+            .env("LANG", "C")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null());
+        let root = guest.path().to_owned();
+        // SAFETY: chroot, chdir and prctl are async-signal-safe; nothing else runs between fork
+        // and exec.
+        unsafe {
+            command.pre_exec(move || {
+                std::os::unix::fs::chroot(&root)?;
+                std::env::set_current_dir("/")?;
+                drop_capabilities()
+            });
+        }
+        Self { command, program }
+    }
+
+    /// Waits for the program; an error unless it exited 0.
+    pub fn status(&mut self) -> Result<(), String> {
+        let status = self.command.status().map_err(|e| format!("cannot start {} in the guest: {e}", self.program))?;
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(code) => Err(format!("command exited with status {code}")),
+            None => Err(format!("command was killed ({status})")),
+        }
+    }
+
+    /// Runs the program and collects its standard output and error as one text, interleaved
+    /// as it wrote them (the last lines of a failure are its message).
+    pub fn combined_output(mut self) -> Result<(ExitStatus, String), String> {
+        let program = std::mem::take(&mut self.program);
+        let fail = |e: std::io::Error| format!("cannot start {program} in the guest: {e}");
+        let (mut reader, writer) = std::io::pipe().map_err(fail)?;
+        self.command.stdout(writer.try_clone().map_err(fail)?).stderr(writer);
+        let mut child = self.command.spawn().map_err(fail)?;
+        // The Command holds the pipe's write ends; drop it so that EOF can arrive.
+        drop(self.command);
+        let mut bytes = Vec::new();
+        let _ = reader.read_to_end(&mut bytes);
+        let status = child.wait().map_err(|e| format!("cannot wait for {program} in the guest: {e}"))?;
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+}
+
+/// Takes [`DROPPED_CAPABILITIES`] out of the bounding set: root's capabilities after exec.
+fn drop_capabilities() -> std::io::Result<()> {
+    for (cap, _) in DROPPED_CAPABILITIES {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            let err = std::io::Error::last_os_error();
+            // A capability newer than the kernel does not exist there: nothing to drop.
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(err);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `imgforge-helper in-guest PROGRAM ARGS...`: runs a guest program confined (for task
+/// scripts), its exit status passed on.
+pub fn in_guest_main(argv: &[String]) -> std::process::ExitCode {
+    let env = crate::task_env::TaskEnv::from_process();
+    let guest = match env
+        .require("IMGFORGE_TARGET")
+        .and_then(|t| GuestRoot::open(Path::new(t)).map_err(|e| format!("cannot open the guest root {t}: {e}")))
+    {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("imgforge-helper in-guest: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    match GuestCommand::new(&guest, &argv).command.status() {
+        Ok(s) => std::process::ExitCode::from(s.code().map_or(128, |c| c.clamp(0, 255) as u8)),
+        Err(e) => {
+            eprintln!("imgforge-helper in-guest: cannot start {}: {e}", argv[0]);
+            std::process::ExitCode::from(127)
+        }
+    }
+}
+
+/// A path as a C string (an interior NUL, impossible in a path the kernel gave, makes it empty).
+pub fn path_cstring(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default()
+}
+
+/// mount(2), with a data string when given.
+pub fn mount_flags(
+    source: impl AsRef<Path>,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> std::io::Result<()> {
+    let (source, target) = (path_cstring(source.as_ref()), path_cstring(target));
+    let fstype = CString::new(fstype).unwrap_or_default();
+    let data = data.map(|d| CString::new(d).unwrap_or_default());
+    let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
+    // SAFETY: every pointer is NUL-terminated (or null for data) and outlives the call.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data_ptr) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The capabilities that would undo the confinement are all dropped.
+    #[test]
+    fn the_dangerous_capabilities_are_dropped() {
+        let names: Vec<&str> = DROPPED_CAPABILITIES.iter().map(|(_, n)| *n).collect();
+        for cap in ["CAP_MKNOD", "CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO"] {
+            assert!(names.contains(&cap), "{cap}");
+        }
+        assert!(!GUEST_DEVICES.iter().any(|(n, ..)| n.starts_with("tty") && *n != "tty"), "no serial port");
+    }
+}
