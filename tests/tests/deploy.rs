@@ -201,8 +201,14 @@ fn an_interrupted_deploy_leaves_no_new_output() {
     // The write is done once the written image has a name (the hidden one, or the target's
     // own): the helper runs then.
     let started = Instant::now();
-    let hidden = out_dir.path().join(format!(".deployed.img.imgforge-deploy-{}", child.id()));
-    while !hidden.exists() && !target.exists() {
+    let hidden_prefix = format!(".imgforge-{}-", child.id());
+    let hidden = || {
+        std::fs::read_dir(out_dir.path()).unwrap().flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&hidden_prefix) && name.contains("-deploy-")
+        })
+    };
+    while !hidden() && !target.exists() {
         assert!(started.elapsed() < Duration::from_secs(120), "the write did not finish");
         assert!(child.try_wait().unwrap().is_none(), "imgforge ended early");
         std::thread::sleep(Duration::from_millis(100));

@@ -363,10 +363,16 @@ async fn until_interrupted(
     interrupt: &crate::vm::Interrupt,
     work: impl std::future::Future<Output = Result<(), Failure>>,
 ) -> Result<(), Failure> {
+    let mut work = std::pin::pin!(work);
     tokio::select! {
-        result = work => result,
+        result = &mut work => result,
         signal = crate::vm::interrupted(interrupt.clone()) => {
-            Err(Failure::new(ExitStatus::Interrupted, format!("interrupted by {signal}")))
+            // Work that watches the interrupt itself (inspect) ends within a moment with its
+            // own message, which names its input; blocked work does not.
+            match tokio::time::timeout(std::time::Duration::from_secs(1), &mut work).await {
+                Ok(result) => result,
+                Err(_) => Err(Failure::new(ExitStatus::Interrupted, format!("interrupted by {signal}"))),
+            }
         }
     }
 }

@@ -143,7 +143,7 @@ const ZSTD_MAX_HEADER_BYTES: usize = 18;
 fn zstd_total_size(file: &std::fs::File, len: u64) -> Option<u64> {
     use std::io::{Seek, SeekFrom};
     let mut r = BufReader::with_capacity(1 << 16, file);
-    let (mut pos, mut total) = (0u64, 0u64);
+    let (mut pos, mut total, mut frames) = (0u64, 0u64, 0u32);
     let mut header = [0u8; ZSTD_MAX_HEADER_BYTES];
     while pos < len {
         r.seek(SeekFrom::Start(pos)).ok()?;
@@ -152,6 +152,7 @@ fn zstd_total_size(file: &std::fs::File, len: u64) -> Option<u64> {
             ZstdFrame::Skippable { bytes } => pos = pos.checked_add(bytes)?,
             ZstdFrame::Data { header_bytes, content_size, checksum } => {
                 total = total.checked_add(content_size?)?;
+                frames += 1;
                 pos = pos.checked_add(header_bytes)?;
                 r.seek(SeekFrom::Start(pos)).ok()?;
                 loop {
@@ -168,7 +169,8 @@ fn zstd_total_size(file: &std::fs::File, len: u64) -> Option<u64> {
             }
         }
     }
-    (pos == len).then_some(total)
+    // An empty file, or skippable frames alone, is not a zstd image.
+    (pos == len && frames > 0).then_some(total)
 }
 
 /// Fills as much of `buf` as the reader has left; the count, or None on an I/O error.
@@ -378,6 +380,11 @@ mod tests {
         ] {
             std::fs::write(&path, [first.clone(), rest].concat()).unwrap();
             assert_eq!(uncompressed_size(Format::Zstd, &path), want);
+        }
+        // Nothing, or a skippable frame alone, declares no image.
+        for alone in [vec![], vec![0x50, 0x2a, 0x4d, 0x18, 2, 0, 0, 0, 0xaa, 0xbb]] {
+            std::fs::write(&path, alone).unwrap();
+            assert_eq!(uncompressed_size(Format::Zstd, &path), None);
         }
     }
 
