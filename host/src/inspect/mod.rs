@@ -340,7 +340,7 @@ pub fn render(r: &Report) -> String {
                     p.start,
                     p.size,
                     p.type_id,
-                    p.name.as_ref().map(|n| format!("  name {n}")).unwrap_or_default()
+                    p.name.as_ref().map(|n| format!("  name {}", one_line(n))).unwrap_or_default()
                 ));
             }
         }
@@ -351,7 +351,7 @@ pub fn render(r: &Report) -> String {
         out.push_str(&format!(
             "filesystem:   {place}: {}{}{}{}\n",
             f.filesystem.kind,
-            f.filesystem.label.as_ref().map(|l| format!(" label={l}")).unwrap_or_default(),
+            f.filesystem.label.as_ref().map(|l| format!(" label={}", one_line(l))).unwrap_or_default(),
             f.filesystem.uuid.as_ref().map(|u| format!(" uuid={u}")).unwrap_or_default(),
             f.filesystem.size.map(|s| format!(" size={s}")).unwrap_or_default()
         ));
@@ -359,10 +359,46 @@ pub fn render(r: &Report) -> String {
     out
 }
 
+/// A name from the image on one line of the table: its newlines shown as `\n`, so a label
+/// cannot add a forged row (the caller escapes every other control character).
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\n') {
+        text.replace('\n', "\\n").into()
+    } else {
+        text.into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn names_from_the_image_stay_on_their_line() {
+        assert_eq!(one_line("root\nfilesystem:   partition 9: ext4"), "root\\nfilesystem:   partition 9: ext4");
+        assert_eq!(one_line("plain"), "plain");
+        let label = "root\nfilesystem:   partition 9: ext4 label=forged";
+        let report = Report {
+            image: "disk.img".into(),
+            format: "raw",
+            virtual_size: Some(1 << 20),
+            partition_table: None,
+            filesystems: vec![FoundFilesystem {
+                partition: None,
+                offset: 0,
+                filesystem: imgforge_protocol::filesystems::Filesystem {
+                    kind: "ext4",
+                    label: Some(label.into()),
+                    uuid: None,
+                    size: None,
+                },
+            }],
+            liveimg: None,
+        };
+        let table = render(&report);
+        assert_eq!(table.lines().filter(|l| l.starts_with("filesystem:")).count(), 1, "{table}");
+    }
 
     /// A disk in memory.
     struct MemAt(Vec<u8>);
