@@ -226,12 +226,41 @@ pub enum Operation {
         /// The command line.
         command: String,
     },
+    /// Change a path's owner and group (following a final symlink, as guestfs `chown` does).
+    Chown {
+        /// The new owner.
+        user: Principal,
+        /// The new group.
+        group: Principal,
+        /// Absolute guest path.
+        path: String,
+    },
     /// Configure the guest's network interfaces (Ganeti's NICs), for the network stack the
     /// guest uses.
     Network {
         /// The interfaces, in Ganeti's order.
         nics: Vec<Nic>,
     },
+}
+
+/// A user or group as the rules name it: a number, or a name the helper looks up in the
+/// guest's own `/etc/passwd` or `/etc/group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Principal {
+    /// A numeric id, used as is.
+    Id(u32),
+    /// A name to resolve in the guest.
+    Name(String),
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Id(id) => write!(f, "{id}"),
+            Principal::Name(name) => f.write_str(name),
+        }
+    }
 }
 
 /// One network interface to configure.
@@ -265,6 +294,7 @@ impl Operation {
             Operation::Timezone { .. } => "--timezone",
             Operation::Firstboot { .. } => "--firstboot",
             Operation::FirstbootCommand { .. } => "--firstboot-command",
+            Operation::Chown { .. } => "--chown",
             Operation::Network { .. } => "network (Ganeti NICs)",
         }
     }
@@ -286,6 +316,7 @@ impl Operation {
             Operation::Timezone { zone } => format!("--timezone {zone}"),
             Operation::Firstboot { name, .. } => format!("--firstboot {name}"),
             Operation::FirstbootCommand { command } => format!("--firstboot-command '{command}'"),
+            Operation::Chown { user, group, path } => format!("--chown {user}:{group}:{path}"),
             Operation::Network { nics } => format!("network configuration of {} NIC(s)", nics.len()),
         }
     }
@@ -303,6 +334,7 @@ mod tests {
             Operation::Write { path: "/etc/motd".into(), content: "hi\n\"quoted\"".into() },
             Operation::Chmod { mode: 0o600, path: "/etc/motd".into() },
             Operation::RunCommand { command: "echo 'a b' > /x".into() },
+            Operation::Chown { user: Principal::Id(1000), group: Principal::Name("adm".into()), path: "/x".into() },
         ];
         r.selinux_relabel = true;
         r.excluded_tasks = vec!["SELinuxRelabel".into()];

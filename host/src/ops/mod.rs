@@ -9,7 +9,7 @@ pub mod password;
 
 use crate::ops::password::PasswordSelector;
 use clap::Args;
-use imgforge_protocol::rules::Operation;
+use imgforge_protocol::rules::{Operation, Principal};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
@@ -50,6 +50,9 @@ pub struct OpsArgs {
     /// Change permissions (octal).
     #[arg(long, value_name = "MODE:GUESTPATH")]
     chmod: Vec<String>,
+    /// Change owner and group (numeric ids, as virt-customize; a final symlink is followed).
+    #[arg(long, value_name = "UID:GID:PATH")]
+    chown: Vec<String>,
     /// Run a host script in the guest (chroot, /bin/sh).
     #[arg(long, value_name = "SCRIPT")]
     run: Vec<String>,
@@ -279,6 +282,23 @@ pub fn parse_mode(text: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
+/// Parses `--chown UID:GID:PATH`: numeric ids only (as virt-customize; names would mean the
+/// host's users, not the guest's), the path the rest after the second colon.
+pub fn parse_chown(value: &str) -> Result<Operation, String> {
+    let mut parts = value.splitn(3, ':');
+    let (Some(uid), Some(gid), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("expected UID:GID:PATH".into());
+    };
+    let id = |text: &str, what: &str| {
+        crate::plain_number::parse::<u32>(text)
+            .ok_or_else(|| format!("{what} {text:?} is not a number (virt-customize takes numeric ids only)"))
+    };
+    let user = Principal::Id(id(uid, "UID")?);
+    let group = Principal::Id(id(gid, "GID")?);
+    check_guest_path(path)?;
+    Ok(Operation::Chown { user, group, path: path.to_owned() })
+}
+
 fn split_pair<'a>(value: &'a str, what: &str) -> Result<(&'a str, &'a str), String> {
     value.split_once(':').ok_or_else(|| format!("expected {what}"))
 }
@@ -452,6 +472,7 @@ impl Plan {
                 check_guest_path(path)?;
                 Operation::Chmod { mode, path: path.to_owned() }
             }
+            "chown" => parse_chown(value)?,
             "run" | "firstboot" => {
                 host_file(value)?;
                 let name = Path::new(value).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -620,6 +641,34 @@ mod tests {
     }
 
     #[test]
+    fn chown_takes_numeric_ids_as_virt_customize() {
+        let chown = |user, group, path: &str| Operation::Chown {
+            user: Principal::Id(user),
+            group: Principal::Id(group),
+            path: path.into(),
+        };
+        assert_eq!(parse_chown("1000:100:/home/a"), Ok(chown(1000, 100, "/home/a")));
+        assert_eq!(parse_chown("0:0:/a:b"), Ok(chown(0, 0, "/a:b")), "the path keeps its colons");
+        assert_eq!(parse_chown("4294967295:0:/x"), Ok(chown(u32::MAX, 0, "/x")));
+        for bad in [
+            "",
+            "0",
+            "0:0",
+            "root:0:/x",
+            "0:wheel:/x",
+            "-1:0:/x",
+            "+1:0:/x",
+            " 1:0:/x",
+            "0:0:x",
+            "0:0:",
+            "4294967296:0:/x",
+            "0:0:/a/../b",
+        ] {
+            assert!(parse_chown(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn order_is_kept_and_values_parsed() {
         let mut plan = Plan::default();
         plan.add("write", Some("/etc/a:first")).unwrap();
@@ -697,7 +746,7 @@ mod tests {
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
         assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
-        assert_eq!(operation_options().len(), 21);
+        assert_eq!(operation_options().len(), 22);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
