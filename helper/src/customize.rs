@@ -114,6 +114,23 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             let gid = group_id(guest, group)?;
             guest.chown(path, uid, gid).map_err(io_err("cannot chown", path))
         }
+        Operation::Copy { source, dest } => {
+            guest.copy(source, dest).map_err(|e| format!("cannot copy {source} to {dest}: {e}"))
+        }
+        Operation::Move { source, dest } => {
+            guest.rename(source, dest).map_err(|e| format!("cannot move {source} to {dest}: {e}"))
+        }
+        Operation::Link { target, links } => links
+            .iter()
+            .try_for_each(|link| guest.link(target, link).map_err(|e| format!("cannot link {link} to {target}: {e}"))),
+        Operation::Touch { path } => guest.touch(path).map_err(io_err("cannot touch", path)),
+        Operation::Truncate { path } => guest.truncate(path).map_err(io_err("cannot truncate", path)),
+        Operation::TruncateRecursive { path } => {
+            let count = guest.truncate_recursive(path).map_err(io_err("cannot truncate files under", path))?;
+            println!("truncated {count} file(s) under {path}");
+            Ok(())
+        }
+        Operation::Scrub { path } => guest.scrub(path).map_err(io_err("cannot scrub", path)),
         Operation::Network { nics } => {
             let stack = crate::network::apply(guest, nics)?;
             println!("network: {} NIC(s) configured for {stack:?}", nics.len());

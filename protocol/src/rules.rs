@@ -235,6 +235,48 @@ pub enum Operation {
         /// Absolute guest path.
         path: String,
     },
+    /// Copy a file or tree inside the guest as `cp -a` does (modes, owners, times kept;
+    /// symlinks copied as symlinks); an existing directory `dest` receives it under its name.
+    Copy {
+        /// Absolute guest path (a final symlink is copied, not followed).
+        source: String,
+        /// Absolute guest path.
+        dest: String,
+    },
+    /// Move a file or tree inside the guest as `mv` does.
+    Move {
+        /// Absolute guest path (a final symlink is moved, not followed).
+        source: String,
+        /// Absolute guest path; an existing directory receives `source` under its name.
+        dest: String,
+    },
+    /// Make each of `links` a symlink to `target`, as `ln -sf` does.
+    Link {
+        /// The link's target, stored verbatim.
+        target: String,
+        /// Absolute guest paths.
+        links: Vec<String>,
+    },
+    /// Create an empty regular file or update an existing one's times.
+    Touch {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Truncate an existing file to zero length.
+    Truncate {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Truncate every regular file under a directory to zero length (symlinks not followed).
+    TruncateRecursive {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Overwrite a regular file with patterns, then delete it.
+    Scrub {
+        /// Absolute guest path.
+        path: String,
+    },
     /// Configure the guest's network interfaces (Ganeti's NICs), for the network stack the
     /// guest uses.
     Network {
@@ -295,6 +337,13 @@ impl Operation {
             Operation::Firstboot { .. } => "--firstboot",
             Operation::FirstbootCommand { .. } => "--firstboot-command",
             Operation::Chown { .. } => "--chown",
+            Operation::Copy { .. } => "--copy",
+            Operation::Move { .. } => "--move",
+            Operation::Link { .. } => "--link",
+            Operation::Touch { .. } => "--touch",
+            Operation::Truncate { .. } => "--truncate",
+            Operation::TruncateRecursive { .. } => "--truncate-recursive",
+            Operation::Scrub { .. } => "--scrub",
             Operation::Network { .. } => "network (Ganeti NICs)",
         }
     }
@@ -317,6 +366,14 @@ impl Operation {
             Operation::Firstboot { name, .. } => format!("--firstboot {name}"),
             Operation::FirstbootCommand { command } => format!("--firstboot-command '{command}'"),
             Operation::Chown { user, group, path } => format!("--chown {user}:{group}:{path}"),
+            Operation::Copy { source, dest } | Operation::Move { source, dest } => {
+                format!("{} {source}:{dest}", self.option_name())
+            }
+            Operation::Link { target, links } => format!("--link {target}:{}", links.join(":")),
+            Operation::Touch { path }
+            | Operation::Truncate { path }
+            | Operation::TruncateRecursive { path }
+            | Operation::Scrub { path } => format!("{} {path}", self.option_name()),
             Operation::Network { nics } => format!("network configuration of {} NIC(s)", nics.len()),
         }
     }
@@ -335,6 +392,13 @@ mod tests {
             Operation::Chmod { mode: 0o600, path: "/etc/motd".into() },
             Operation::RunCommand { command: "echo 'a b' > /x".into() },
             Operation::Chown { user: Principal::Id(1000), group: Principal::Name("adm".into()), path: "/x".into() },
+            Operation::Copy { source: "/a".into(), dest: "/b".into() },
+            Operation::Move { source: "/a".into(), dest: "/b".into() },
+            Operation::Link { target: "../a".into(), links: vec!["/l1".into(), "/l2".into()] },
+            Operation::Touch { path: "/t".into() },
+            Operation::Truncate { path: "/t".into() },
+            Operation::TruncateRecursive { path: "/var/log".into() },
+            Operation::Scrub { path: "/s".into() },
         ];
         r.selinux_relabel = true;
         r.excluded_tasks = vec!["SELinuxRelabel".into()];

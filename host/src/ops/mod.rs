@@ -53,6 +53,27 @@ pub struct OpsArgs {
     /// Change owner and group (numeric ids, as virt-customize; a final symlink is followed).
     #[arg(long, value_name = "UID:GID:PATH")]
     chown: Vec<String>,
+    /// Copy a file or directory tree inside the guest, as cp -a (modes, owners, times, symlinks kept).
+    #[arg(long, value_name = "SOURCE:DEST")]
+    copy: Vec<String>,
+    /// Move a file or directory inside the guest, as mv.
+    #[arg(long, value_name = "SOURCE:DEST")]
+    r#move: Vec<String>,
+    /// Create symbolic links LINK... pointing at TARGET, as ln -sf.
+    #[arg(long, value_name = "TARGET:LINK[:LINK..]")]
+    link: Vec<String>,
+    /// Create an empty file, or update an existing file's times.
+    #[arg(long, value_name = "FILE")]
+    touch: Vec<String>,
+    /// Truncate an existing file to zero length.
+    #[arg(long, value_name = "FILE")]
+    truncate: Vec<String>,
+    /// Truncate every regular file under a directory to zero length.
+    #[arg(long, value_name = "PATH")]
+    truncate_recursive: Vec<String>,
+    /// Overwrite a regular file with patterns, then delete it.
+    #[arg(long, value_name = "FILE")]
+    scrub: Vec<String>,
     /// Run a host script in the guest (chroot, /bin/sh).
     #[arg(long, value_name = "SCRIPT")]
     run: Vec<String>,
@@ -299,6 +320,40 @@ pub fn parse_chown(value: &str) -> Result<Operation, String> {
     Ok(Operation::Chown { user, group, path: path.to_owned() })
 }
 
+/// A guest path that names something below the root (`/` itself refused).
+fn check_below_root(path: &str) -> Result<(), String> {
+    check_guest_path(path)?;
+    if path.trim_end_matches('/').is_empty() {
+        return Err("refusing to operate on the guest's root directory".into());
+    }
+    Ok(())
+}
+
+/// Parses `--copy` and `--move`'s `SOURCE:DEST` (split at the first colon, as virt-customize).
+fn parse_source_dest(value: &str) -> Result<(String, String), String> {
+    let (source, dest) = split_pair(value, "SOURCE:DEST")?;
+    check_below_root(source)?;
+    check_guest_path(dest)?;
+    Ok((source.to_owned(), dest.to_owned()))
+}
+
+/// Parses `--link TARGET:LINK[:LINK..]`: the target verbatim (it may be relative), then links.
+pub fn parse_link(value: &str) -> Result<Operation, String> {
+    let mut parts = value.split(':');
+    let target = parts.next().unwrap_or_default();
+    let links: Vec<String> = parts.map(str::to_owned).collect();
+    if target.is_empty() || links.is_empty() {
+        return Err("expected TARGET:LINK[:LINK..]".into());
+    }
+    if target.contains('\0') {
+        return Err("the target contains a NUL byte".into());
+    }
+    for link in &links {
+        check_below_root(link)?;
+    }
+    Ok(Operation::Link { target: target.to_owned(), links })
+}
+
 fn split_pair<'a>(value: &'a str, what: &str) -> Result<(&'a str, &'a str), String> {
     value.split_once(':').ok_or_else(|| format!("expected {what}"))
 }
@@ -445,6 +500,28 @@ impl Plan {
                 self.password(user, selector)?
             }
             "upload" => self.upload(value)?,
+            "copy" => {
+                let (source, dest) = parse_source_dest(value)?;
+                Operation::Copy { source, dest }
+            }
+            "move" => {
+                let (source, dest) = parse_source_dest(value)?;
+                Operation::Move { source, dest }
+            }
+            "link" => parse_link(value)?,
+            "touch" | "truncate" | "scrub" => {
+                check_below_root(value)?;
+                let path = value.to_owned();
+                match option {
+                    "touch" => Operation::Touch { path },
+                    "truncate" => Operation::Truncate { path },
+                    _ => Operation::Scrub { path },
+                }
+            }
+            "truncate-recursive" => {
+                check_guest_path(value)?;
+                Operation::TruncateRecursive { path: value.to_owned() }
+            }
             "mkdir" | "delete" => {
                 check_guest_path(value)?;
                 if value.trim_end_matches('/').is_empty() {
@@ -669,6 +746,47 @@ mod tests {
     }
 
     #[test]
+    fn file_operations_parse_as_virt_customize() {
+        let op = |option: &str, value: &str| {
+            let mut plan = Plan::default();
+            plan.add(option, Some(value)).map(|()| plan.operations.remove(0)).map_err(|e| e.to_string())
+        };
+        assert_eq!(op("copy", "/a:/b:c"), Ok(Operation::Copy { source: "/a".into(), dest: "/b:c".into() }));
+        assert_eq!(op("move", "/a/:/b/"), Ok(Operation::Move { source: "/a/".into(), dest: "/b/".into() }));
+        assert_eq!(
+            op("link", "../usr/bin/vim:/usr/local/bin/vi:/usr/local/bin/ex"),
+            Ok(Operation::Link {
+                target: "../usr/bin/vim".into(),
+                links: vec!["/usr/local/bin/vi".into(), "/usr/local/bin/ex".into()]
+            })
+        );
+        assert_eq!(op("touch", "/etc/t"), Ok(Operation::Touch { path: "/etc/t".into() }));
+        assert_eq!(op("truncate", "/var/log/x"), Ok(Operation::Truncate { path: "/var/log/x".into() }));
+        assert_eq!(op("truncate-recursive", "/var/log"), Ok(Operation::TruncateRecursive { path: "/var/log".into() }));
+        assert_eq!(op("scrub", "/root/secret"), Ok(Operation::Scrub { path: "/root/secret".into() }));
+        let refused: &[(&str, &str, &str)] = &[
+            ("copy", "/a", "SOURCE:DEST"),
+            ("copy", "a:/b", "absolute"),
+            ("copy", "/a:b", "absolute"),
+            ("copy", "/:/b", "root directory"),
+            ("move", "/a/../etc:/b", "'..'"),
+            ("move", "//:/b", "root directory"),
+            ("link", "/target", "TARGET:LINK"),
+            ("link", ":/l", "TARGET:LINK"),
+            ("link", "/t:rel", "absolute"),
+            ("link", "/t:/l:", "absolute"),
+            ("touch", "rel", "absolute"),
+            ("truncate", "/", "root directory"),
+            ("scrub", "/x/./y", "'.'"),
+            ("truncate-recursive", "var", "absolute"),
+        ];
+        for (option, value, want) in refused {
+            let err = op(option, value).unwrap_err();
+            assert!(err.starts_with(&format!("--{option} {value}:")) && err.contains(want), "{option} {value}: {err}");
+        }
+    }
+
+    #[test]
     fn order_is_kept_and_values_parsed() {
         let mut plan = Plan::default();
         plan.add("write", Some("/etc/a:first")).unwrap();
@@ -746,7 +864,7 @@ mod tests {
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
         assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
-        assert_eq!(operation_options().len(), 22);
+        assert_eq!(operation_options().len(), 29);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
