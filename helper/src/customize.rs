@@ -130,6 +130,9 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             println!("truncated {count} file(s) under {path}");
             Ok(())
         }
+        Operation::CopyIn { payload_path, remote_dir, name } => guest
+            .copy_in(&payload.join(payload_path), remote_dir, name)
+            .map_err(|e| format!("cannot copy {name} into {remote_dir}: {e}")),
         Operation::Scrub { path } => guest.scrub(path).map_err(io_err("cannot scrub", path)),
         Operation::Network { nics } => {
             let stack = crate::network::apply(guest, nics)?;

@@ -420,6 +420,19 @@ impl GuestRoot {
         crate::copy::copy_entry(src_dir.as_fd(), &src_name, dst_dir.as_fd(), &dst_name)
     }
 
+    /// Copies a helper path (not the guest's: the payload disk) into the existing guest
+    /// directory `guest_dir`, under `name`, as tar extracts it.
+    pub fn copy_in(&self, from: &Path, guest_dir: &str, name: &str) -> io::Result<()> {
+        let parent = from.parent().unwrap_or(Path::new("/"));
+        let src_dir: OwnedFd = File::open(parent)?.into();
+        let src_name = cstring(from.file_name().unwrap_or_default().as_bytes())?;
+        if !self.is_dir(guest_dir) {
+            return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{guest_dir} is not a directory")));
+        }
+        let dst_dir = self.open_raw(guest_dir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        crate::copy::copy_entry(src_dir.as_fd(), &src_name, dst_dir.as_fd(), &cstring(name.as_bytes())?)
+    }
+
     /// `mv SOURCE DEST`: a rename, or a copy then delete across filesystems.
     pub fn rename(&self, source: &str, dest: &str) -> io::Result<()> {
         let (src_dir, src_name) = self.parent(source)?;

@@ -277,6 +277,16 @@ pub enum Operation {
         /// Absolute guest path.
         path: String,
     },
+    /// Copy a host file or tree from the payload disk into an existing guest directory, with
+    /// the modes, numeric owners, times and symlinks it has there (as virt-customize's tar).
+    CopyIn {
+        /// Path of the tree's top on the payload disk.
+        payload_path: String,
+        /// Absolute guest path of an existing directory.
+        remote_dir: String,
+        /// The top's name in `remote_dir`.
+        name: String,
+    },
     /// Configure the guest's network interfaces (Ganeti's NICs), for the network stack the
     /// guest uses.
     Network {
@@ -344,6 +354,7 @@ impl Operation {
             Operation::Truncate { .. } => "--truncate",
             Operation::TruncateRecursive { .. } => "--truncate-recursive",
             Operation::Scrub { .. } => "--scrub",
+            Operation::CopyIn { .. } => "--copy-in",
             Operation::Network { .. } => "network (Ganeti NICs)",
         }
     }
@@ -370,6 +381,7 @@ impl Operation {
                 format!("{} {source}:{dest}", self.option_name())
             }
             Operation::Link { target, links } => format!("--link {target}:{}", links.join(":")),
+            Operation::CopyIn { name, remote_dir, .. } => format!("--copy-in {name}:{remote_dir}"),
             Operation::Touch { path }
             | Operation::Truncate { path }
             | Operation::TruncateRecursive { path }
@@ -399,6 +411,11 @@ mod tests {
             Operation::Truncate { path: "/t".into() },
             Operation::TruncateRecursive { path: "/var/log".into() },
             Operation::Scrub { path: "/s".into() },
+            Operation::CopyIn {
+                payload_path: "copy-in/0001/conf".into(),
+                remote_dir: "/etc".into(),
+                name: "conf".into(),
+            },
         ];
         r.selinux_relabel = true;
         r.excluded_tasks = vec!["SELinuxRelabel".into()];

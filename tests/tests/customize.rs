@@ -450,3 +450,78 @@ fn file_operations_keep_metadata_and_stay_in_the_guest() {
     let chowned = meta("/srv/chowned");
     assert_eq!((chowned.uid(), chowned.gid()), (1000, 1000));
 }
+
+/// `--copy-in` of a host tree: types, modes, numeric owners, times and symlinks arrive as tar
+/// would bring them; a host symlink to a file outside the tree arrives as a symlink, never as
+/// that file's bytes; REMOTEDIR is resolved inside the guest (`/etc/evil -> /`).
+#[test]
+fn copy_in_keeps_the_tree_and_follows_no_host_link() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    {
+        let m = Mount::writable_partition(&img, 0).unwrap();
+        std::os::unix::fs::symlink("/", m.join("/etc/evil")).unwrap();
+        std::fs::create_dir_all(m.join("/srv/merge/conf")).unwrap();
+        std::fs::write(m.join("/srv/merge/conf/old"), "kept\n").unwrap();
+        std::fs::write(m.join("/srv/merge/conf/replaced"), "old\n").unwrap();
+    }
+    let secret_marker = "imgforge-host-secret-3b8e61f2-never-in-a-guest";
+    let secret = work.path().join("host-secret");
+    std::fs::write(&secret, secret_marker).unwrap();
+    let conf = work.path().join("conf");
+    std::fs::create_dir_all(conf.join("sub")).unwrap();
+    std::fs::write(conf.join("replaced"), "new\n").unwrap();
+    std::fs::write(conf.join("sub/tool"), "#!/bin/sh\n").unwrap();
+    // chown first: it clears the set-id bits.
+    std::os::unix::fs::chown(conf.join("sub/tool"), Some(1234), Some(4321)).unwrap();
+    std::fs::set_permissions(conf.join("sub/tool"), PermissionsExt::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(conf.join("sub"), PermissionsExt::from_mode(0o750)).unwrap();
+    std::os::unix::fs::symlink(&secret, conf.join("secret-link")).unwrap();
+    std::os::unix::fs::symlink("sub/tool", conf.join("rel-link")).unwrap();
+    let t = libc::timespec { tv_sec: 1_100_000_000, tv_nsec: 0 };
+    let c = std::ffi::CString::new(conf.join("sub/tool").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and two timespecs.
+    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) }, 0);
+    let single = work.path().join("single.txt");
+    std::fs::write(&single, "single\n").unwrap();
+
+    let missing = imgforge(&["customize", "-a", &s(&img), "--copy-in", "/nonexistent/tree:/srv"]);
+    assert_eq!(code(&missing), 2);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--copy-in /nonexistent/tree:/srv"));
+
+    let out = customize_tcg(
+        &img,
+        &[
+            "--copy-in",
+            &format!("{}:/etc/evil/srv/merge", s(&conf)),
+            "--copy-in",
+            &format!("{}:/root", s(&single)),
+            "--mkdir",
+            "/srv/tree-link",
+            "--copy-in",
+            &format!("{}:/srv/tree-link", s(&conf.join("secret-link"))),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!image_contains(&img, secret_marker), "a host file outside the tree reached the guest");
+    let m = Mount::partition(&img, 0).unwrap();
+    let meta = |p: &str| std::fs::symlink_metadata(m.join(p)).unwrap();
+    assert_eq!(m.read("/srv/merge/conf/old").unwrap(), "kept\n", "an existing directory is merged into");
+    assert_eq!(m.read("/srv/merge/conf/replaced").unwrap(), "new\n");
+    let tool = meta("/srv/merge/conf/sub/tool");
+    assert_eq!((tool.mode() & 0o7777, tool.uid(), tool.gid(), tool.mtime()), (0o4755, 1234, 4321, 1_100_000_000));
+    assert_eq!(meta("/srv/merge/conf/sub").mode() & 0o7777, 0o750);
+    assert_eq!(std::fs::read_link(m.join("/srv/merge/conf/secret-link")).unwrap(), secret);
+    assert_eq!(std::fs::read_link(m.join("/srv/merge/conf/rel-link")).unwrap(), std::path::Path::new("sub/tool"));
+    assert_eq!(m.read("/root/single.txt").unwrap(), "single\n");
+    assert_eq!(std::fs::read_link(m.join("/srv/tree-link/secret-link")).unwrap(), secret, "LOCALPATH's own link");
+    drop(m);
+    // REMOTEDIR must exist, as virt-customize's copy-in requires.
+    let out = customize_tcg(&img, &["--copy-in", &format!("{}:/srv/no-such-dir", s(&single))]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/srv/no-such-dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -5,6 +5,7 @@
 //! before any VM boots.
 
 pub mod commands_file;
+pub mod copy_in;
 pub mod password;
 
 use crate::ops::password::PasswordSelector;
@@ -74,6 +75,10 @@ pub struct OpsArgs {
     /// Overwrite a regular file with patterns, then delete it.
     #[arg(long, value_name = "FILE")]
     scrub: Vec<String>,
+    /// Copy a host file or directory tree into the existing guest directory REMOTEDIR, as
+    /// virt-customize (tar: modes, numeric owners, times and symlinks kept).
+    #[arg(long, value_name = "LOCALPATH:REMOTEDIR")]
+    copy_in: Vec<String>,
     /// Run a host script in the guest (chroot, /bin/sh).
     #[arg(long, value_name = "SCRIPT")]
     run: Vec<String>,
@@ -178,6 +183,35 @@ pub struct PayloadFile {
     pub name: String,
     /// Where it is on the host.
     pub source: PathBuf,
+    /// For a node of a `--copy-in` tree, what it is and its metadata, stored as they are;
+    /// `None` for a file whose bytes alone matter (stored root-owned, 0644).
+    pub tree: Option<TreeNode>,
+}
+
+/// A `--copy-in` tree node as the payload disk stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeNode {
+    /// Directory, file or symlink.
+    pub kind: TreeNodeKind,
+    /// Permission bits (with set-id and sticky bits).
+    pub mode: u16,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Modification time, whole seconds.
+    pub mtime: u32,
+}
+
+/// What a [`TreeNode`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeNodeKind {
+    /// A directory (its entries follow it).
+    Dir,
+    /// A regular file (its bytes read from the source).
+    File,
+    /// A symlink with this target.
+    Symlink(PathBuf),
 }
 
 /// Everything the operations need: the ordered rules operations, the payload, the flags.
@@ -446,7 +480,7 @@ impl Plan {
         let base =
             Path::new(source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
         let name = format!("{dir}/{:04}-{base}", self.payload.len() + 1);
-        self.payload.push(PayloadFile { name: name.clone(), source: PathBuf::from(source) });
+        self.payload.push(PayloadFile { name: name.clone(), source: PathBuf::from(source), tree: None });
         name
     }
 
@@ -509,6 +543,7 @@ impl Plan {
                 Operation::Move { source, dest }
             }
             "link" => parse_link(value)?,
+            "copy-in" => self.copy_in(value)?,
             "touch" | "truncate" | "scrub" => {
                 check_below_root(value)?;
                 let path = value.to_owned();
@@ -608,6 +643,18 @@ impl Plan {
         })
     }
 
+    /// `LOCALPATH:REMOTEDIR`: the host tree goes on the payload disk with its metadata.
+    fn copy_in(&mut self, value: &str) -> Result<Operation, String> {
+        let (local, remote_dir) = split_pair(value, "LOCALPATH:REMOTEDIR")?;
+        check_guest_path(remote_dir)?;
+        let prefix = format!("copy-in/{:04}", self.payload.len() + 1);
+        let entries = copy_in::tree_entries(Path::new(local), &prefix)?;
+        let payload_path = entries.first().map(|e| e.name.clone()).ok_or("nothing to copy")?;
+        let name = Path::new(&payload_path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        self.payload.extend(entries);
+        Ok(Operation::CopyIn { payload_path, remote_dir: remote_dir.to_owned(), name })
+    }
+
     /// `--ssh-inject`: one operation per key.
     fn add_ssh_keys(&mut self, value: &str) -> Result<(), String> {
         let (user, keys) = match value.split_once(':') {
@@ -658,7 +705,7 @@ impl Plan {
         }
         for rel in files_under(dir)? {
             let name = format!("repo/{}", rel.display());
-            self.payload.push(PayloadFile { name, source: dir.join(&rel) });
+            self.payload.push(PayloadFile { name, source: dir.join(&rel), tree: None });
         }
         self.repo = Some("repo".into());
         Ok(())
@@ -787,6 +834,36 @@ mod tests {
     }
 
     #[test]
+    fn copy_in_parses_as_virt_customize() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("conf")).unwrap();
+        std::fs::write(dir.path().join("conf/a"), "a").unwrap();
+        let mut plan = Plan::default();
+        plan.add("upload", Some(&format!("{}:/x", dir.path().join("conf/a").display()))).unwrap();
+        plan.add("copy-in", Some(&format!("{}:/etc", dir.path().join("conf").display()))).unwrap();
+        assert_eq!(
+            plan.operations[1],
+            Operation::CopyIn {
+                payload_path: "copy-in/0002/conf".into(),
+                remote_dir: "/etc".into(),
+                name: "conf".into()
+            }
+        );
+        assert_eq!(plan.payload.len(), 3);
+        assert!(plan.payload[1..].iter().all(|p| p.tree.is_some() && p.name.starts_with("copy-in/0002/conf")));
+        let refused: &[(String, &str)] = &[
+            (dir.path().display().to_string(), "LOCALPATH:REMOTEDIR"),
+            (format!("{}:etc", dir.path().display()), "absolute"),
+            (format!("{}/missing:/etc", dir.path().display()), "missing"),
+            ("..:/etc".to_owned(), "final name"),
+        ];
+        for (value, want) in refused {
+            let err = Plan::default().add("copy-in", Some(value)).unwrap_err().to_string();
+            assert!(err.starts_with("--copy-in ") && err.contains(want), "{value}: {err}");
+        }
+    }
+
+    #[test]
     fn order_is_kept_and_values_parsed() {
         let mut plan = Plan::default();
         plan.add("write", Some("/etc/a:first")).unwrap();
@@ -864,7 +941,7 @@ mod tests {
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
         assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
-        assert_eq!(operation_options().len(), 29);
+        assert_eq!(operation_options().len(), 30);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
