@@ -29,6 +29,17 @@ pub fn find_user(passwd: &str, user: &str) -> Option<PasswdEntry> {
     })
 }
 
+/// The id of `group` in `/etc/group` text; malformed lines are skipped.
+pub fn find_group_id(group_file: &str, group: &str) -> Option<u32> {
+    group_file.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 3 || f[0] != group {
+            return None;
+        }
+        f[2].parse().ok()
+    })
+}
+
 /// Returns shadow text with `user`'s password field replaced; `None` if the user has no line.
 pub fn set_shadow_field(shadow: &str, user: &str, field: &str) -> Option<String> {
     let mut found = false;
@@ -67,6 +78,16 @@ mod tests {
         assert_eq!(find_user(PASSWD, "root").unwrap().home, "/root");
         assert_eq!(find_user(PASSWD, "bob"), None);
         assert_eq!(find_user(PASSWD, "broken"), None);
+    }
+
+    #[test]
+    fn finds_groups() {
+        let group = "root:x:0:\nbroken\nadm:x:4:syslog,alice\nodd:x:notanumber:\n";
+        assert_eq!(find_group_id(group, "adm"), Some(4));
+        assert_eq!(find_group_id(group, "root"), Some(0));
+        assert_eq!(find_group_id(group, "odd"), None);
+        assert_eq!(find_group_id(group, "alice"), None);
+        assert_eq!(find_group_id(group, "broken"), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::confinement::GuestCommand;
 use crate::firstboot;
 use crate::guest::GuestRoot;
 use crate::task_env::TaskEnv;
-use imgforge_protocol::rules::{Operation, Rules};
+use imgforge_protocol::rules::{Operation, Principal, Rules};
 use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
@@ -109,6 +109,31 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
                 .map(drop)
                 .map_err(|e| format!("cannot install the firstboot script: {e}"))
         }
+        Operation::Chown { user, group, path } => {
+            let uid = user_id(guest, user)?;
+            let gid = group_id(guest, group)?;
+            guest.chown(path, uid, gid).map_err(io_err("cannot chown", path))
+        }
+        Operation::Copy { source, dest } => {
+            guest.copy(source, dest).map_err(|e| format!("cannot copy {source} to {dest}: {e}"))
+        }
+        Operation::Move { source, dest } => {
+            guest.rename(source, dest).map_err(|e| format!("cannot move {source} to {dest}: {e}"))
+        }
+        Operation::Link { target, links } => links
+            .iter()
+            .try_for_each(|link| guest.link(target, link).map_err(|e| format!("cannot link {link} to {target}: {e}"))),
+        Operation::Touch { path } => guest.touch(path).map_err(io_err("cannot touch", path)),
+        Operation::Truncate { path } => guest.truncate(path).map_err(io_err("cannot truncate", path)),
+        Operation::TruncateRecursive { path } => {
+            let count = guest.truncate_recursive(path).map_err(io_err("cannot truncate files under", path))?;
+            println!("truncated {count} file(s) under {path}");
+            Ok(())
+        }
+        Operation::CopyIn { payload_path, remote_dir, name } => guest
+            .copy_in(&payload.join(payload_path), remote_dir, name)
+            .map_err(|e| format!("cannot copy {name} into {remote_dir}: {e}")),
+        Operation::Scrub { path } => guest.scrub(path).map_err(io_err("cannot scrub", path)),
         Operation::Network { nics } => {
             let stack = crate::network::apply(guest, nics)?;
             println!("network: {} NIC(s) configured for {stack:?}", nics.len());
@@ -119,6 +144,31 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             firstboot::install(guest, "command", script.as_bytes())
                 .map(drop)
                 .map_err(|e| format!("cannot install the firstboot command: {e}"))
+        }
+    }
+}
+
+/// A user's id: a number as is, a name from the guest's own `/etc/passwd`.
+fn user_id(guest: &GuestRoot, user: &Principal) -> Result<u32, String> {
+    match user {
+        Principal::Id(id) => Ok(*id),
+        Principal::Name(name) => {
+            let passwd = guest.read_to_string("/etc/passwd").map_err(io_err("cannot read", "/etc/passwd"))?;
+            accounts::find_user(&passwd, name)
+                .map(|entry| entry.uid)
+                .ok_or_else(|| format!("user {name:?} does not exist in the guest's /etc/passwd"))
+        }
+    }
+}
+
+/// A group's id: a number as is, a name from the guest's own `/etc/group`.
+fn group_id(guest: &GuestRoot, group: &Principal) -> Result<u32, String> {
+    match group {
+        Principal::Id(id) => Ok(*id),
+        Principal::Name(name) => {
+            let groups = guest.read_to_string("/etc/group").map_err(io_err("cannot read", "/etc/group"))?;
+            accounts::find_group_id(&groups, name)
+                .ok_or_else(|| format!("group {name:?} does not exist in the guest's /etc/group"))
         }
     }
 }
@@ -192,4 +242,29 @@ fn set_timezone(guest: &GuestRoot, zone: &str) -> Result<(), String> {
 /// Runs a command chrooted into the guest and confined, its output going to the task log.
 fn run_in_guest(guest: &GuestRoot, argv: &[&str]) -> Result<(), String> {
     GuestCommand::new(guest, argv).status()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_names_come_from_the_guest_and_unknown_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nadm:x:4:alice\n").unwrap();
+        let guest = GuestRoot::open(dir.path()).unwrap();
+        assert_eq!(user_id(&guest, &Principal::Name("alice".into())), Ok(1000));
+        assert_eq!(user_id(&guest, &Principal::Id(7)), Ok(7));
+        assert_eq!(group_id(&guest, &Principal::Name("adm".into())), Ok(4));
+        let err = user_id(&guest, &Principal::Name("mallory".into())).unwrap_err();
+        assert!(err.contains("mallory") && err.contains("/etc/passwd"), "{err}");
+        let err = group_id(&guest, &Principal::Name("alice".into())).unwrap_err();
+        assert!(err.contains("alice") && err.contains("/etc/group"), "{err}");
+    }
 }

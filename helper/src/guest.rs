@@ -6,7 +6,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -354,6 +354,265 @@ impl GuestRoot {
     }
 }
 
+/// How many times `--scrub` overwrites a file before deleting it: random, random, zeros —
+/// scrub(1)'s default `nnsa` pattern, which guestfs `scrub-file` runs, less its read-back.
+const SCRUB_PASSES: usize = 3;
+
+/// Bytes written per call while scrubbing.
+const SCRUB_CHUNK_BYTES: usize = 1 << 16;
+
+fn not_found_is_none(r: io::Result<libc::stat>) -> io::Result<Option<libc::stat>> {
+    match r {
+        Ok(st) => Ok(Some(st)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn final_name(guest_path: &str) -> io::Result<String> {
+    Path::new(guest_path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{guest_path} has no final name")))
+}
+
+impl GuestRoot {
+    /// `DEST`, or `DEST/<name of SOURCE>` when `DEST` is an existing directory (in-root
+    /// symlinks followed), as cp, mv and ln place things.
+    fn placed(&self, source: &str, dest: &str) -> io::Result<String> {
+        if self.is_dir(dest) {
+            Ok(format!("{}/{}", dest.trim_end_matches('/'), final_name(source)?))
+        } else {
+            Ok(dest.to_owned())
+        }
+    }
+
+    /// The `(dev, ino)` of `fd` and of each directory above it up to the guest root.
+    fn ancestors(&self, fd: OwnedFd) -> io::Result<Vec<(u64, u64)>> {
+        let root = crate::copy::fstat(self.root.as_fd())?;
+        let mut chain = Vec::new();
+        let mut current = fd;
+        for _ in 0..crate::copy::MAX_TREE_DEPTH {
+            let st = crate::copy::fstat(current.as_fd())?;
+            chain.push((st.st_dev, st.st_ino));
+            if (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino) {
+                return Ok(chain);
+            }
+            current = crate::copy::open_at(current.as_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        }
+        Err(io::Error::other("the destination nests too deep"))
+    }
+
+    /// `cp -a SOURCE DEST`: a final symlink in `source` is copied as a symlink; a directory is
+    /// never copied into itself.
+    pub fn copy(&self, source: &str, dest: &str) -> io::Result<()> {
+        let (src_dir, src_name) = self.parent(source)?;
+        let st = crate::copy::lstat_at(src_dir.as_fd(), &src_name)?;
+        let dest = self.placed(source, dest)?;
+        let (dst_dir, dst_name) = self.parent(&dest)?;
+        if crate::copy::kind(&st) == libc::S_IFDIR {
+            let inside =
+                self.ancestors(crate::copy::open_at(dst_dir.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, 0)?)?;
+            if inside.contains(&(st.st_dev, st.st_ino)) {
+                return Err(io::Error::other(format!("cannot copy directory {source} into itself ({dest})")));
+            }
+        }
+        crate::copy::copy_entry(src_dir.as_fd(), &src_name, dst_dir.as_fd(), &dst_name)
+    }
+
+    /// Copies a helper path (not the guest's: the payload disk) into the existing guest
+    /// directory `guest_dir`, under `name`, as tar extracts it.
+    pub fn copy_in(&self, from: &Path, guest_dir: &str, name: &str) -> io::Result<()> {
+        let parent = from.parent().unwrap_or(Path::new("/"));
+        let src_dir: OwnedFd = File::open(parent)?.into();
+        let src_name = cstring(from.file_name().unwrap_or_default().as_bytes())?;
+        if !self.is_dir(guest_dir) {
+            return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{guest_dir} is not a directory")));
+        }
+        let dst_dir = self.open_raw(guest_dir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        crate::copy::copy_entry(src_dir.as_fd(), &src_name, dst_dir.as_fd(), &cstring(name.as_bytes())?)
+    }
+
+    /// `mv SOURCE DEST`: a rename, or a copy then delete across filesystems.
+    pub fn rename(&self, source: &str, dest: &str) -> io::Result<()> {
+        let (src_dir, src_name) = self.parent(source)?;
+        crate::copy::lstat_at(src_dir.as_fd(), &src_name)?;
+        let dest = self.placed(source, dest)?;
+        let (dst_dir, dst_name) = self.parent(&dest)?;
+        // SAFETY: valid dirfds and NUL-terminated names.
+        let rc =
+            unsafe { libc::renameat(src_dir.as_raw_fd(), src_name.as_ptr(), dst_dir.as_raw_fd(), dst_name.as_ptr()) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EXDEV) {
+            return Err(err);
+        }
+        crate::copy::copy_entry(src_dir.as_fd(), &src_name, dst_dir.as_fd(), &dst_name)?;
+        self.remove_all(source)
+    }
+
+    /// `ln -sf TARGET LINK`: an existing directory `link` receives the link under the target's
+    /// name; anything else there but a directory is replaced.
+    pub fn link(&self, target: &str, link: &str) -> io::Result<()> {
+        let link = self.placed(target, link)?;
+        let (dir, name) = self.parent(&link)?;
+        if let Some(st) = not_found_is_none(crate::copy::lstat_at(dir.as_fd(), &name))? {
+            if crate::copy::kind(&st) == libc::S_IFDIR {
+                return Err(io::Error::other(format!("cannot overwrite directory {link}")));
+            }
+            crate::copy::unlink_at(dir.as_fd(), &name, 0)?;
+        }
+        let t = cstring(target.as_bytes())?;
+        // SAFETY: NUL-terminated strings, valid dirfd.
+        if unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// guestfs `touch`: creates an empty file (0644) or sets an existing regular file's times
+    /// to now; anything else — a symlink included — is refused, as guestfs refuses it.
+    pub fn touch(&self, guest_path: &str) -> io::Result<()> {
+        let (dir, name) = self.parent(guest_path)?;
+        if let Some(st) = not_found_is_none(crate::copy::lstat_at(dir.as_fd(), &name))? {
+            if crate::copy::kind(&st) != libc::S_IFREG {
+                return Err(io::Error::other(format!(
+                    "{guest_path} is not a regular file (touch only works on those)"
+                )));
+            }
+        }
+        let fd = crate::copy::open_at(
+            dir.as_fd(),
+            &name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLOCK | libc::O_NOCTTY,
+            0o644,
+        )?;
+        // SAFETY: valid fd; a null times pointer means now.
+        if unsafe { libc::futimens(fd.as_raw_fd(), std::ptr::null()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// guestfs `truncate`: an existing regular file (in-root symlinks followed) to zero length.
+    pub fn truncate(&self, guest_path: &str) -> io::Result<()> {
+        let fd = self.open_raw(guest_path, libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)?;
+        truncate_regular(fd, guest_path)
+    }
+
+    /// Truncates every regular file under the directory `guest_path` (its final component not
+    /// followed, nor any symlink below, as guestfs `find` + `is_file` + `truncate`); returns how
+    /// many. A `guest_path` that is not a directory truncates nothing.
+    pub fn truncate_recursive(&self, guest_path: &str) -> io::Result<usize> {
+        let top = if guest_path.trim_end_matches('/').is_empty() {
+            self.open_raw("/", libc::O_RDONLY | libc::O_DIRECTORY, 0)?
+        } else {
+            let (dir, name) = self.parent(guest_path)?;
+            match crate::copy::open_at(dir.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                Ok(fd) => fd,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => return Ok(0),
+                Err(e) => return Err(e),
+            }
+        };
+        truncate_tree(top, 0)
+    }
+
+    /// guestfs `scrub-file`: the regular file `guest_path` leads to (in-root symlinks followed,
+    /// as guestfs resolves it) is overwritten [`SCRUB_PASSES`] times, then that file is deleted.
+    pub fn scrub(&self, guest_path: &str) -> io::Result<()> {
+        let fd = self.open_raw(guest_path, libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)?;
+        let st = crate::copy::fstat(fd.as_fd())?;
+        if crate::copy::kind(&st) != libc::S_IFREG {
+            return Err(io::Error::other(format!("{guest_path} is not a regular file (only those are scrubbed)")));
+        }
+        let real = self.resolve(guest_path)?;
+        let root = std::fs::read_link(format!("/proc/self/fd/{}", self.root.as_raw_fd()))?;
+        let inside = format!("/{}", real.strip_prefix(&root).map_err(io::Error::other)?.display());
+        let mut file = File::from(fd);
+        let len = st.st_size as u64;
+        for pass in 0..SCRUB_PASSES {
+            file.seek(SeekFrom::Start(0))?;
+            let mut left = len;
+            let mut chunk = vec![0u8; SCRUB_CHUNK_BYTES];
+            while left > 0 {
+                let n = left.min(SCRUB_CHUNK_BYTES as u64) as usize;
+                if pass + 1 < SCRUB_PASSES {
+                    fill_random(&mut chunk[..n])?;
+                } else {
+                    chunk[..n].fill(0);
+                }
+                file.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            // Each pass reaches the disk, or the page cache would keep only the last.
+            file.sync_data()?;
+        }
+        let (dir, name) = self.parent(&inside)?;
+        let there = crate::copy::lstat_at(dir.as_fd(), &name)?;
+        if (there.st_dev, there.st_ino) != (st.st_dev, st.st_ino) {
+            return Err(io::Error::other(format!("{inside} changed while it was scrubbed")));
+        }
+        crate::copy::unlink_at(dir.as_fd(), &name, 0)
+    }
+}
+
+fn truncate_regular(fd: OwnedFd, guest_path: &str) -> io::Result<()> {
+    if crate::copy::kind(&crate::copy::fstat(fd.as_fd())?) != libc::S_IFREG {
+        return Err(io::Error::other(format!("{guest_path} is not a regular file")));
+    }
+    // SAFETY: valid fd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn truncate_tree(dir: OwnedFd, depth: usize) -> io::Result<usize> {
+    if depth > crate::copy::MAX_TREE_DEPTH {
+        return Err(io::Error::other(format!(
+            "the tree nests more than {} directories deep",
+            crate::copy::MAX_TREE_DEPTH
+        )));
+    }
+    let mut count = 0;
+    for name in crate::copy::names_in(dir.as_fd())? {
+        let st = crate::copy::lstat_at(dir.as_fd(), &name)?;
+        match crate::copy::kind(&st) {
+            libc::S_IFREG => {
+                let fd =
+                    crate::copy::open_at(dir.as_fd(), &name, libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)?;
+                truncate_regular(fd, &name.to_string_lossy())?;
+                count += 1;
+            }
+            libc::S_IFDIR => {
+                let sub = crate::copy::open_at(dir.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                count += truncate_tree(sub, depth + 1)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(count)
+}
+
+fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writable buffer of the length given.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
 /// A directory [`GuestRoot::create_dir`] made, held open.
 pub struct CreatedDir {
     parent: OwnedFd,
@@ -471,6 +730,78 @@ mod tests {
         std::fs::rename(dir.path().join("etc"), dir.path().join("moved")).unwrap();
         made.remove().unwrap();
         assert!(!dir.path().join("moved/new").exists());
+    }
+
+    /// A hostile guest: `/etc/evil -> /`, and links to a file outside the root as the helper
+    /// sees it. Copies, moves, links, truncates and scrubs stay inside the guest.
+    #[test]
+    fn file_operations_stay_inside_the_root() {
+        let (dir, g) = root();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink("/", dir.path().join("etc/evil")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("etc/victim-link")).unwrap();
+        std::fs::create_dir_all(dir.path().join("data/sub")).unwrap();
+        std::fs::write(dir.path().join("data/sub/log"), "old log").unwrap();
+        std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("data/passwd-link")).unwrap();
+        std::os::unix::fs::symlink("/", dir.path().join("data/up")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("data/victim-link")).unwrap();
+
+        assert_eq!(g.truncate_recursive("/data").unwrap(), 1);
+        assert_eq!(std::fs::read(dir.path().join("data/sub/log")).unwrap(), b"");
+        assert_eq!(std::fs::read(dir.path().join("etc/passwd")).unwrap(), b"root:x:0:0::/root:/bin/sh\n");
+        assert_eq!(g.truncate_recursive("/etc/evil").unwrap(), 0, "a symlink is not walked");
+
+        g.copy("/etc/evil", "/data/evil-copy").unwrap();
+        assert_eq!(std::fs::read_link(dir.path().join("data/evil-copy")).unwrap().to_str(), Some("/"));
+        g.copy("/etc/evil/etc/passwd", "/data/passwd-copy").unwrap();
+        assert!(std::fs::read(dir.path().join("data/passwd-copy")).unwrap().starts_with(b"root:"));
+        assert!(g.copy("/etc/victim-link/x", "/data/stolen").is_err(), "a link out of the root is not followed out");
+        assert!(g.copy("/data", "/data/sub").is_err(), "a directory is not copied into itself");
+        g.copy("/data/sub", "/etc/evil/copied").unwrap();
+        assert!(dir.path().join("copied/log").is_file());
+
+        g.rename("/etc/evil", "/data/sub").unwrap();
+        assert_eq!(std::fs::read_link(dir.path().join("data/sub/evil")).unwrap().to_str(), Some("/"));
+        assert!(!dir.path().join("etc/evil").exists());
+
+        // ln -sf onto a link to a directory places the link inside it: here the guest's root.
+        g.link("/etc/passwd", "/data/sub/evil").unwrap();
+        assert_eq!(std::fs::read_link(dir.path().join("passwd")).unwrap().to_str(), Some("/etc/passwd"));
+        g.link("/etc/hostname", "/data/sub/log").unwrap();
+        assert_eq!(std::fs::read_link(dir.path().join("data/sub/log")).unwrap().to_str(), Some("/etc/hostname"));
+        g.link("../x", "/data").unwrap();
+        assert_eq!(std::fs::read_link(dir.path().join("data/x")).unwrap().to_str(), Some("../x"), "into a directory");
+
+        // Scrubbing a link scrubs and deletes what it leads to inside the root; a link out of
+        // the root leads to a missing guest file.
+        std::fs::write(dir.path().join("etc/secret"), "secret").unwrap();
+        std::os::unix::fs::symlink("/etc/secret", dir.path().join("data/secret-link")).unwrap();
+        g.scrub("/data/secret-link").unwrap();
+        assert!(!dir.path().join("etc/secret").exists());
+        assert!(std::fs::symlink_metadata(dir.path().join("data/secret-link")).is_ok());
+        assert!(g.scrub("/data/victim-link").is_err());
+        assert!(g.scrub("/data").is_err(), "a directory is not scrubbed");
+        assert!(g.truncate("/data/victim-link").is_err());
+        assert!(g.touch("/data/victim-link").is_err(), "touch refuses symlinks");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn touch_creates_0644_and_truncate_needs_a_file() {
+        let (dir, g) = root();
+        g.touch("/etc/new").unwrap();
+        let m = std::fs::metadata(dir.path().join("etc/new")).unwrap();
+        assert_eq!((m.len(), m.permissions().mode() & 0o7777), (0, 0o644));
+        std::fs::write(dir.path().join("etc/full"), "abc").unwrap();
+        g.touch("/etc/full").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("etc/full")).unwrap(), b"abc", "touch keeps contents");
+        g.truncate("/etc/full").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("etc/full")).unwrap(), b"");
+        assert!(g.truncate("/etc/missing").is_err(), "the file must exist");
+        assert!(g.touch("/etc").is_err(), "a directory is refused");
     }
 
     #[test]

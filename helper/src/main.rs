@@ -10,6 +10,7 @@
 
 mod accounts;
 mod confinement;
+mod copy;
 mod customize;
 mod firstboot;
 mod floppy;

@@ -226,12 +226,93 @@ pub enum Operation {
         /// The command line.
         command: String,
     },
+    /// Change a path's owner and group (following a final symlink, as guestfs `chown` does).
+    Chown {
+        /// The new owner.
+        user: Principal,
+        /// The new group.
+        group: Principal,
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Copy a file or tree inside the guest as `cp -a` does (modes, owners, times kept;
+    /// symlinks copied as symlinks); an existing directory `dest` receives it under its name.
+    Copy {
+        /// Absolute guest path (a final symlink is copied, not followed).
+        source: String,
+        /// Absolute guest path.
+        dest: String,
+    },
+    /// Move a file or tree inside the guest as `mv` does.
+    Move {
+        /// Absolute guest path (a final symlink is moved, not followed).
+        source: String,
+        /// Absolute guest path; an existing directory receives `source` under its name.
+        dest: String,
+    },
+    /// Make each of `links` a symlink to `target`, as `ln -sf` does.
+    Link {
+        /// The link's target, stored verbatim.
+        target: String,
+        /// Absolute guest paths.
+        links: Vec<String>,
+    },
+    /// Create an empty regular file or update an existing one's times.
+    Touch {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Truncate an existing file to zero length.
+    Truncate {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Truncate every regular file under a directory to zero length (symlinks not followed).
+    TruncateRecursive {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Overwrite a regular file with patterns, then delete it.
+    Scrub {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Copy a host file or tree from the payload disk into an existing guest directory, with
+    /// the modes, numeric owners, times and symlinks it has there (as virt-customize's tar).
+    CopyIn {
+        /// Path of the tree's top on the payload disk.
+        payload_path: String,
+        /// Absolute guest path of an existing directory.
+        remote_dir: String,
+        /// The top's name in `remote_dir`.
+        name: String,
+    },
     /// Configure the guest's network interfaces (Ganeti's NICs), for the network stack the
     /// guest uses.
     Network {
         /// The interfaces, in Ganeti's order.
         nics: Vec<Nic>,
     },
+}
+
+/// A user or group as the rules name it: a number, or a name the helper looks up in the
+/// guest's own `/etc/passwd` or `/etc/group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Principal {
+    /// A numeric id, used as is.
+    Id(u32),
+    /// A name to resolve in the guest.
+    Name(String),
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Id(id) => write!(f, "{id}"),
+            Principal::Name(name) => f.write_str(name),
+        }
+    }
 }
 
 /// One network interface to configure.
@@ -265,6 +346,15 @@ impl Operation {
             Operation::Timezone { .. } => "--timezone",
             Operation::Firstboot { .. } => "--firstboot",
             Operation::FirstbootCommand { .. } => "--firstboot-command",
+            Operation::Chown { .. } => "--chown",
+            Operation::Copy { .. } => "--copy",
+            Operation::Move { .. } => "--move",
+            Operation::Link { .. } => "--link",
+            Operation::Touch { .. } => "--touch",
+            Operation::Truncate { .. } => "--truncate",
+            Operation::TruncateRecursive { .. } => "--truncate-recursive",
+            Operation::Scrub { .. } => "--scrub",
+            Operation::CopyIn { .. } => "--copy-in",
             Operation::Network { .. } => "network (Ganeti NICs)",
         }
     }
@@ -286,6 +376,16 @@ impl Operation {
             Operation::Timezone { zone } => format!("--timezone {zone}"),
             Operation::Firstboot { name, .. } => format!("--firstboot {name}"),
             Operation::FirstbootCommand { command } => format!("--firstboot-command '{command}'"),
+            Operation::Chown { user, group, path } => format!("--chown {user}:{group}:{path}"),
+            Operation::Copy { source, dest } | Operation::Move { source, dest } => {
+                format!("{} {source}:{dest}", self.option_name())
+            }
+            Operation::Link { target, links } => format!("--link {target}:{}", links.join(":")),
+            Operation::CopyIn { name, remote_dir, .. } => format!("--copy-in {name}:{remote_dir}"),
+            Operation::Touch { path }
+            | Operation::Truncate { path }
+            | Operation::TruncateRecursive { path }
+            | Operation::Scrub { path } => format!("{} {path}", self.option_name()),
             Operation::Network { nics } => format!("network configuration of {} NIC(s)", nics.len()),
         }
     }
@@ -303,6 +403,19 @@ mod tests {
             Operation::Write { path: "/etc/motd".into(), content: "hi\n\"quoted\"".into() },
             Operation::Chmod { mode: 0o600, path: "/etc/motd".into() },
             Operation::RunCommand { command: "echo 'a b' > /x".into() },
+            Operation::Chown { user: Principal::Id(1000), group: Principal::Name("adm".into()), path: "/x".into() },
+            Operation::Copy { source: "/a".into(), dest: "/b".into() },
+            Operation::Move { source: "/a".into(), dest: "/b".into() },
+            Operation::Link { target: "../a".into(), links: vec!["/l1".into(), "/l2".into()] },
+            Operation::Touch { path: "/t".into() },
+            Operation::Truncate { path: "/t".into() },
+            Operation::TruncateRecursive { path: "/var/log".into() },
+            Operation::Scrub { path: "/s".into() },
+            Operation::CopyIn {
+                payload_path: "copy-in/0001/conf".into(),
+                remote_dir: "/etc".into(),
+                name: "conf".into(),
+            },
         ];
         r.selinux_relabel = true;
         r.excluded_tasks = vec!["SELinuxRelabel".into()];

@@ -310,3 +310,218 @@ fn a_guest_program_cannot_forge_the_report() {
     let m = Mount::partition(&img, 0).unwrap();
     assert!(!m.join("/etc/after-run").exists());
 }
+
+/// A marker no fixture holds, to find scrubbed data on the raw disk.
+const SCRUB_MARKER: &str = "imgforge-scrub-marker-7c1e5b0d9a4f-do-not-keep";
+
+/// True if `image`'s raw bytes contain `text` anywhere.
+fn image_contains(image: &std::path::Path, text: &str) -> bool {
+    std::process::Command::new("grep").args(["-q", "-a", "-F", text]).arg(image).status().unwrap().success()
+}
+
+/// virt-customize's in-guest file operations on a hostile guest (`/etc/evil -> /`, links to the
+/// guest's files as the helper sees them): each has virt-customize's effect, and nothing is
+/// reached through a link outside the guest root. Some come from a commands file.
+#[test]
+fn file_operations_keep_metadata_and_stay_in_the_guest() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let link = |target: &str, at: &std::path::Path| std::os::unix::fs::symlink(target, at).unwrap();
+    let mode = |p: &std::path::Path, m: u32| std::fs::set_permissions(p, PermissionsExt::from_mode(m)).unwrap();
+    let helper_hostname = format!("{HELPER_GUEST_ROOT}/etc/hostname");
+    let (passwd, hostname) = {
+        let m = Mount::writable_partition(&img, 0).unwrap();
+        link("/", &m.join("/etc/evil"));
+        let tree = m.join("/srv/tree");
+        std::fs::create_dir_all(tree.join("sub")).unwrap();
+        std::fs::write(tree.join("a"), "file a\n").unwrap();
+        mode(&tree.join("a"), 0o640);
+        std::fs::write(tree.join("sub/b"), "file b\n").unwrap();
+        mode(&tree.join("sub/b"), 0o4755);
+        mode(&tree.join("sub"), 0o710);
+        std::os::unix::fs::chown(tree.join("sub"), Some(1234), Some(4321)).unwrap();
+        link("/etc/passwd", &tree.join("abs"));
+        link("/", &tree.join("up"));
+        link(&helper_hostname, &tree.join("helper"));
+        let t = libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 0 };
+        let c = std::ffi::CString::new(tree.join("sub/b").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path and two timespecs.
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) }, 0);
+        let logs = m.join("/srv/logs");
+        std::fs::create_dir_all(logs.join("sub")).unwrap();
+        std::fs::write(logs.join("x.log"), "x\n").unwrap();
+        std::fs::write(logs.join("sub/y.log"), "y\n").unwrap();
+        link(&helper_hostname, &logs.join("hostname-link"));
+        link("/etc/passwd", &logs.join("passwd-link"));
+        link("/", &logs.join("evil"));
+        std::fs::write(m.join("/srv/secret"), SCRUB_MARKER.repeat(100)).unwrap();
+        std::fs::write(m.join("/srv/scrub-target"), "scrub target\n").unwrap();
+        link("/srv/scrub-target", &m.join("/srv/scrub-link"));
+        std::fs::write(m.join("/srv/moveme"), "moved\n").unwrap();
+        std::fs::write(m.join("/srv/truncme"), "long text\n").unwrap();
+        std::fs::write(m.join("/srv/chowned"), "").unwrap();
+        (m.read("/etc/passwd").unwrap(), m.read("/etc/hostname").unwrap())
+    };
+    assert!(image_contains(&img, SCRUB_MARKER), "the marker is not on the disk to begin with");
+    let commands = work.path().join("commands");
+    std::fs::write(&commands, "touch /root/touched-from-file\nlink /etc/hostname:/root/l3\ntruncate /srv/truncme\n")
+        .unwrap();
+    let out = customize_tcg(
+        &img,
+        &[
+            "--chown",
+            "1000:100:/srv/tree/a",
+            "--copy",
+            "/srv/tree:/opt",
+            "--copy",
+            "/etc/evil:/root/evil-copy",
+            "--copy",
+            "/etc/evil/etc/hostname:/root/hostname-copy",
+            "--scrub",
+            "/etc/evil/srv/secret",
+            "--scrub",
+            "/srv/scrub-link",
+            "--move",
+            "/srv/moveme:/root",
+            "--move",
+            "/etc/evil:/srv/evil-moved",
+            "--link",
+            "/etc/hostname:/root/l1:/root/l2",
+            "--touch",
+            "/root/touched",
+            "--truncate-recursive",
+            "/srv/logs",
+            "--mkdir",
+            "/srv/newdir/a/b",
+            "--chown",
+            "1000:1000:/srv/evil-moved/srv/chowned",
+            "--commands-from-file",
+            &s(&commands),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!image_contains(&img, SCRUB_MARKER), "the scrubbed file's data is still on the disk");
+    let m = Mount::partition(&img, 0).unwrap();
+    let meta = |p: &str| std::fs::symlink_metadata(m.join(p)).unwrap();
+    let target = |p: &str| std::fs::read_link(m.join(p)).unwrap().to_string_lossy().into_owned();
+    // --chown, then --copy keeping it, modes, times and links verbatim.
+    assert_eq!(m.read("/opt/tree/a").unwrap(), "file a\n");
+    let a = meta("/opt/tree/a");
+    assert_eq!((a.mode() & 0o7777, a.uid(), a.gid()), (0o640, 1000, 100));
+    let sub = meta("/opt/tree/sub");
+    assert_eq!((sub.mode() & 0o7777, sub.uid(), sub.gid()), (0o710, 1234, 4321));
+    let b = meta("/opt/tree/sub/b");
+    assert_eq!(
+        (m.read("/opt/tree/sub/b").unwrap().as_str(), b.mode() & 0o7777, b.mtime()),
+        ("file b\n", 0o4755, 1_000_000_000)
+    );
+    assert_eq!(target("/opt/tree/abs"), "/etc/passwd");
+    assert_eq!(target("/opt/tree/up"), "/");
+    assert_eq!(target("/opt/tree/helper"), helper_hostname);
+    assert_eq!(target("/root/evil-copy"), "/", "a final symlink is copied, not followed");
+    assert_eq!(m.read("/root/hostname-copy").unwrap(), hostname, "/etc/evil/etc/hostname is the guest's");
+    // --scrub: the file a link leads to inside the guest is scrubbed and deleted, the link stays.
+    assert!(!m.join("/srv/secret").exists() && !m.join("/srv/scrub-target").exists());
+    assert_eq!(target("/srv/scrub-link"), "/srv/scrub-target");
+    // --move into a directory; a final symlink moved, not what it leads to.
+    assert_eq!(m.read("/root/moveme").unwrap(), "moved\n");
+    assert!(!m.join("/srv/moveme").exists());
+    assert_eq!(target("/srv/evil-moved"), "/");
+    assert!(std::fs::symlink_metadata(m.join("/etc/evil")).is_err());
+    for l in ["/root/l1", "/root/l2", "/root/l3"] {
+        assert_eq!(target(l), "/etc/hostname", "{l}");
+    }
+    for t in ["/root/touched", "/root/touched-from-file"] {
+        let t = meta(t);
+        assert!(t.is_file() && t.len() == 0 && t.mode() & 0o7777 == 0o644, "{t:?}");
+    }
+    assert_eq!(meta("/srv/truncme").len(), 0);
+    // --truncate-recursive: regular files only; links below are not followed, in the guest
+    // or to the guest's files as the helper sees them.
+    assert_eq!((meta("/srv/logs/x.log").len(), meta("/srv/logs/sub/y.log").len()), (0, 0));
+    assert_eq!(m.read("/etc/passwd").unwrap(), passwd);
+    assert_eq!(m.read("/etc/hostname").unwrap(), hostname);
+    assert_eq!(target("/srv/logs/hostname-link"), helper_hostname);
+    // --mkdir: mkdir -p with 0755, as guestfs mkdir-p under its umask 022.
+    for d in ["/srv/newdir", "/srv/newdir/a", "/srv/newdir/a/b"] {
+        let d = meta(d);
+        assert!(d.is_dir() && d.mode() & 0o7777 == 0o755, "{d:?}");
+    }
+    let chowned = meta("/srv/chowned");
+    assert_eq!((chowned.uid(), chowned.gid()), (1000, 1000));
+}
+
+/// `--copy-in` of a host tree: types, modes, numeric owners, times and symlinks arrive as tar
+/// would bring them; a host symlink to a file outside the tree arrives as a symlink, never as
+/// that file's bytes; REMOTEDIR is resolved inside the guest (`/etc/evil -> /`).
+#[test]
+fn copy_in_keeps_the_tree_and_follows_no_host_link() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    {
+        let m = Mount::writable_partition(&img, 0).unwrap();
+        std::os::unix::fs::symlink("/", m.join("/etc/evil")).unwrap();
+        std::fs::create_dir_all(m.join("/srv/merge/conf")).unwrap();
+        std::fs::write(m.join("/srv/merge/conf/old"), "kept\n").unwrap();
+        std::fs::write(m.join("/srv/merge/conf/replaced"), "old\n").unwrap();
+    }
+    let secret_marker = "imgforge-host-secret-3b8e61f2-never-in-a-guest";
+    let secret = work.path().join("host-secret");
+    std::fs::write(&secret, secret_marker).unwrap();
+    let conf = work.path().join("conf");
+    std::fs::create_dir_all(conf.join("sub")).unwrap();
+    std::fs::write(conf.join("replaced"), "new\n").unwrap();
+    std::fs::write(conf.join("sub/tool"), "#!/bin/sh\n").unwrap();
+    // chown first: it clears the set-id bits.
+    std::os::unix::fs::chown(conf.join("sub/tool"), Some(1234), Some(4321)).unwrap();
+    std::fs::set_permissions(conf.join("sub/tool"), PermissionsExt::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(conf.join("sub"), PermissionsExt::from_mode(0o750)).unwrap();
+    std::os::unix::fs::symlink(&secret, conf.join("secret-link")).unwrap();
+    std::os::unix::fs::symlink("sub/tool", conf.join("rel-link")).unwrap();
+    let t = libc::timespec { tv_sec: 1_100_000_000, tv_nsec: 0 };
+    let c = std::ffi::CString::new(conf.join("sub/tool").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and two timespecs.
+    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) }, 0);
+    let single = work.path().join("single.txt");
+    std::fs::write(&single, "single\n").unwrap();
+
+    let missing = imgforge(&["customize", "-a", &s(&img), "--copy-in", "/nonexistent/tree:/srv"]);
+    assert_eq!(code(&missing), 2);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--copy-in /nonexistent/tree:/srv"));
+
+    let out = customize_tcg(
+        &img,
+        &[
+            "--copy-in",
+            &format!("{}:/etc/evil/srv/merge", s(&conf)),
+            "--copy-in",
+            &format!("{}:/root", s(&single)),
+            "--mkdir",
+            "/srv/tree-link",
+            "--copy-in",
+            &format!("{}:/srv/tree-link", s(&conf.join("secret-link"))),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!image_contains(&img, secret_marker), "a host file outside the tree reached the guest");
+    let m = Mount::partition(&img, 0).unwrap();
+    let meta = |p: &str| std::fs::symlink_metadata(m.join(p)).unwrap();
+    assert_eq!(m.read("/srv/merge/conf/old").unwrap(), "kept\n", "an existing directory is merged into");
+    assert_eq!(m.read("/srv/merge/conf/replaced").unwrap(), "new\n");
+    let tool = meta("/srv/merge/conf/sub/tool");
+    assert_eq!((tool.mode() & 0o7777, tool.uid(), tool.gid(), tool.mtime()), (0o4755, 1234, 4321, 1_100_000_000));
+    assert_eq!(meta("/srv/merge/conf/sub").mode() & 0o7777, 0o750);
+    assert_eq!(std::fs::read_link(m.join("/srv/merge/conf/secret-link")).unwrap(), secret);
+    assert_eq!(std::fs::read_link(m.join("/srv/merge/conf/rel-link")).unwrap(), std::path::Path::new("sub/tool"));
+    assert_eq!(m.read("/root/single.txt").unwrap(), "single\n");
+    assert_eq!(std::fs::read_link(m.join("/srv/tree-link/secret-link")).unwrap(), secret, "LOCALPATH's own link");
+    drop(m);
+    // REMOTEDIR must exist, as virt-customize's copy-in requires.
+    let out = customize_tcg(&img, &["--copy-in", &format!("{}:/srv/no-such-dir", s(&single))]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/srv/no-such-dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

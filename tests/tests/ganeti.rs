@@ -90,12 +90,30 @@ fn os_definition_files() {
     }
 }
 
+/// A group's id in `/etc/group` text.
+fn group_id(group_file: &str, name: &str) -> u32 {
+    group_file
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:x:")).and_then(|rest| rest.split(':').next()?.parse().ok()))
+        .unwrap_or_else(|| panic!("no group {name} in the guest"))
+}
+
 #[test]
 fn create_rename_export_import() {
     let s = site();
+    {
+        // The personality's chown is the helper's own: a guest chown that ran would leave a mark
+        // (and change no owner).
+        let image = Mount::writable_partition(&s.config.parent().unwrap().join("images/debian.img"), 0).unwrap();
+        let chown = image.join("/usr/bin/chown");
+        std::fs::write(&chown, "#!/bin/sh\necho \"$@\" >> /root/guest-chown-ran\n").unwrap();
+        std::fs::set_permissions(&chown, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
     let disk = s.disk("inst1.disk0");
     let disk_str = disk.to_str().unwrap();
-    let personality = r#"[{"path": "/etc/imgforge-personality", "contents": "cGVyc29uYWxpdHkK", "owner": "alice", "group": "alice", "mode": 384}]"#;
+    // A path with a quote and a group that is not the owner's primary group.
+    let personality = r#"[{"path": "/etc/imgforge-personality", "contents": "cGVyc29uYWxpdHkK", "owner": "alice", "group": "adm", "mode": 384},
+        {"path": "/etc/it's-mine", "contents": "", "owner": "root", "group": "alice", "mode": 420}]"#;
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGanetiTestKey000000000000000000000000000 ganeti@test";
     let out = s.run(
         "create",
@@ -146,7 +164,11 @@ fn create_rename_export_import() {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(m.join("/etc/imgforge-personality")).unwrap();
         let alice = std::fs::metadata(m.join("/home/alice")).unwrap();
-        assert_eq!((meta.mode() & 0o7777, meta.uid(), meta.gid()), (0o600, alice.uid(), alice.gid()));
+        let adm = group_id(&m.read("/etc/group").unwrap(), "adm");
+        assert_eq!((meta.mode() & 0o7777, meta.uid(), meta.gid()), (0o600, alice.uid(), adm));
+        let quoted = std::fs::metadata(m.join("/etc/it's-mine")).unwrap();
+        assert_eq!((quoted.mode() & 0o7777, quoted.uid(), quoted.gid()), (0o644, 0, alice.gid()));
+        assert!(!m.join("/root/guest-chown-ran").exists(), "the guest's chown ran");
         assert_eq!(m.read("/root/.ssh/authorized_keys").unwrap(), format!("{key}\n"));
         // A Debian image with neither /etc/network nor networkd enabled: networkd files,
         // directories created (snf-image fails here).

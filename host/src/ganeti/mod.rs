@@ -11,6 +11,7 @@ use crate::progress::{Event, JsonLines, Progress, Silent};
 use crate::vm::accel::Accel;
 use crate::vm::Interrupt;
 use config::Config;
+use imgforge_protocol::rules::{Operation, Principal};
 use params::{ImageFormat, Params};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -278,11 +279,13 @@ fn plan(
                 .map_err(|source| GanetiError::Stage { path: file.path.clone(), source })?;
             f.write_all(data).map_err(|source| GanetiError::Stage { path: file.path.clone(), source })?;
             plan.add("upload", Some(&format!("{}:{}", local.display(), file.path)))?;
-            // Owner and group are guest names: resolved by the guest's own chown.
-            // The path is the tenant's: quoted, so that a quote in it cannot end the argument.
-            let owner = format!("{}:{}", file.owner, file.group);
-            let chown = format!("chown {} {}", shell_quoted(&owner), shell_quoted(&file.path));
-            plan.add("run-command", Some(&chown))?;
+            // Owner and group are guest names: the helper looks them up in the guest's own
+            // /etc/passwd and /etc/group, with no guest program involved.
+            plan.operations.push(Operation::Chown {
+                user: Principal::Name(file.owner.clone()),
+                group: Principal::Name(file.group.clone()),
+                path: file.path.clone(),
+            });
             plan.add("chmod", Some(&format!("{:o}:{}", file.mode, file.path)))?;
         }
     }
@@ -447,32 +450,4 @@ pub fn verify() -> Result<(), GanetiError> {
         resolve_in_image_dir(&config, "repo", repo, &[""])?;
     }
     Ok(())
-}
-
-/// `text` as one POSIX shell word (pure).
-fn shell_quoted(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn personality_paths_stay_one_argument() {
-        let cases: &[(&str, &str)] = &[
-            ("/etc/motd", "'/etc/motd'"),
-            ("/tmp/a'b", r"'/tmp/a'\''b'"),
-            ("/x'; touch /pwned; '", r"'/x'\''; touch /pwned; '\'''"),
-        ];
-        for (path, want) in cases {
-            assert_eq!(shell_quoted(path), *want, "{path}");
-            // What sh makes of it is the path itself, as one argument.
-            let out = std::process::Command::new("sh")
-                .args(["-c", &format!("printf '%s|' {}", shell_quoted(path))])
-                .output()
-                .unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{path}|"));
-        }
-    }
 }

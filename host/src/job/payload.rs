@@ -1,6 +1,6 @@
 //! The read-only payload disk: a squashfs (built with backhand) of uploaded files and scripts.
 
-use crate::ops::PayloadFile;
+use crate::ops::{PayloadFile, TreeNodeKind};
 use backhand::compression::Compressor;
 use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
 use std::io::{Seek, SeekFrom};
@@ -31,6 +31,44 @@ pub enum PayloadError {
     },
 }
 
+/// A tree file opened on first read, never through a symlink, and closed at its end: a large
+/// `--copy-in` tree holds one descriptor at a time, and a file swapped for a symlink since the
+/// tree was read is an error, not a way out of it.
+struct NoFollowFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    done: bool,
+}
+
+impl NoFollowFile {
+    fn new(path: &Path) -> Self {
+        Self { path: path.to_owned(), file: None, done: false }
+    }
+}
+
+impl std::io::Read for NoFollowFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if self.done {
+            return Ok(0);
+        }
+        if self.file.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&self.path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
+            self.file = Some(file);
+        }
+        let n = self.file.as_mut().map_or(Ok(0), |f| f.read(buf))?;
+        if n == 0 && !buf.is_empty() {
+            self.file = None;
+            self.done = true;
+        }
+        Ok(n)
+    }
+}
+
 /// Builds the payload squashfs at `path` from `files`.
 pub fn build(files: &[PayloadFile], path: &Path) -> Result<(), PayloadError> {
     let write_err = |reason: String| PayloadError::Write { path: path.to_owned(), reason };
@@ -41,14 +79,32 @@ pub fn build(files: &[PayloadFile], path: &Path) -> Result<(), PayloadError> {
     let dir_header = NodeHeader::new(0o755, 0, 0, 0);
     let mut dirs = std::collections::BTreeSet::new();
     for f in files {
-        for ancestor in Path::new(&f.name).ancestors().skip(1) {
+        // Parents first: squashfs nodes go under an existing directory.
+        let ancestors: Vec<&Path> = Path::new(&f.name).ancestors().skip(1).collect();
+        for ancestor in ancestors.into_iter().rev() {
             if !ancestor.as_os_str().is_empty() && dirs.insert(ancestor.to_owned()) {
                 fs.push_dir(ancestor, dir_header).map_err(|e| write_err(e.to_string()))?;
             }
         }
-        let source =
-            std::fs::File::open(&f.source).map_err(|source| PayloadError::Source { path: f.source.clone(), source })?;
-        fs.push_file(source, &f.name, NodeHeader::new(0o644, 0, 0, 0)).map_err(|e| write_err(e.to_string()))?;
+        match &f.tree {
+            None => {
+                let source = std::fs::File::open(&f.source)
+                    .map_err(|source| PayloadError::Source { path: f.source.clone(), source })?;
+                fs.push_file(source, &f.name, NodeHeader::new(0o644, 0, 0, 0)).map_err(|e| write_err(e.to_string()))?;
+            }
+            Some(node) => {
+                let header = NodeHeader::new(node.mode, node.uid, node.gid, node.mtime);
+                let pushed = match &node.kind {
+                    TreeNodeKind::Dir => {
+                        dirs.insert(PathBuf::from(&f.name));
+                        fs.push_dir(&f.name, header)
+                    }
+                    TreeNodeKind::File => fs.push_file(NoFollowFile::new(&f.source), &f.name, header),
+                    TreeNodeKind::Symlink(target) => fs.push_symlink(target.clone(), &f.name, header),
+                };
+                pushed.map_err(|e| write_err(e.to_string()))?;
+            }
+        }
     }
     let mut out =
         std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| write_err(e.to_string()))?;
@@ -68,7 +124,7 @@ mod tests {
         let src = dir.path().join("hello.txt");
         std::fs::write(&src, b"hello payload").unwrap();
         let img = dir.path().join("payload.img");
-        build(&[PayloadFile { name: "files/0001-hello.txt".into(), source: src }], &img).unwrap();
+        build(&[PayloadFile { name: "files/0001-hello.txt".into(), source: src, tree: None }], &img).unwrap();
         assert_eq!(std::fs::metadata(&img).unwrap().len() % PAYLOAD_ALIGN_BYTES, 0);
         let reader = std::io::BufReader::new(std::fs::File::open(&img).unwrap());
         let fs = backhand::FilesystemReader::from_reader(reader).unwrap();
@@ -87,7 +143,7 @@ mod tests {
         let text: Vec<u8> = b"compressible line\n".iter().copied().cycle().take(300_000).collect();
         std::fs::write(&src, &text).unwrap();
         let img = dir.path().join("payload.img");
-        build(&[PayloadFile { name: "files/text".into(), source: src }], &img).unwrap();
+        build(&[PayloadFile { name: "files/text".into(), source: src, tree: None }], &img).unwrap();
         assert!(std::fs::metadata(&img).unwrap().len() > text.len() as u64, "stored, not compressed");
         let out = dir.path().join("out");
         let status = std::process::Command::new("unsquashfs").arg("-q").arg("-d").arg(&out).arg(&img).status().unwrap();
@@ -95,11 +151,38 @@ mod tests {
         assert_eq!(std::fs::read(out.join("files/text")).unwrap(), text);
     }
 
+    /// A `--copy-in` tree keeps its types, modes, owners and times on the payload disk, as the
+    /// kernel's squashfs reader (unsquashfs here) sees them.
+    #[test]
+    fn trees_keep_their_metadata() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("tree");
+        std::fs::create_dir_all(t.join("sub")).unwrap();
+        std::fs::write(t.join("sub/f"), "f").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", t.join("abs")).unwrap();
+        std::os::unix::fs::chown(t.join("sub/f"), Some(1234), Some(4321)).unwrap();
+        std::fs::set_permissions(t.join("sub/f"), std::os::unix::fs::PermissionsExt::from_mode(0o4711)).unwrap();
+        let entries = crate::ops::copy_in::tree_entries(&t, "copy-in/0001").unwrap();
+        let img = dir.path().join("payload.img");
+        build(&entries, &img).unwrap();
+        let out = dir.path().join("out");
+        let status = std::process::Command::new("unsquashfs").arg("-q").arg("-d").arg(&out).arg(&img).status().unwrap();
+        assert!(status.success());
+        let f = std::fs::metadata(out.join("copy-in/0001/tree/sub/f")).unwrap();
+        let orig = std::fs::metadata(t.join("sub/f")).unwrap();
+        assert_eq!((f.mode() & 0o7777, f.uid(), f.gid(), f.mtime()), (0o4711, 1234, 4321, orig.mtime()));
+        assert_eq!(std::fs::read_link(out.join("copy-in/0001/tree/abs")).unwrap(), Path::new("/etc/passwd"));
+    }
+
     #[test]
     fn missing_source_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = build(&[PayloadFile { name: "f".into(), source: "/nonexistent/x".into() }], &dir.path().join("p"))
-            .unwrap_err();
+        let err = build(
+            &[PayloadFile { name: "f".into(), source: "/nonexistent/x".into(), tree: None }],
+            &dir.path().join("p"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x"));
     }
 }

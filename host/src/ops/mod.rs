@@ -5,11 +5,12 @@
 //! before any VM boots.
 
 pub mod commands_file;
+pub mod copy_in;
 pub mod password;
 
 use crate::ops::password::PasswordSelector;
 use clap::Args;
-use imgforge_protocol::rules::Operation;
+use imgforge_protocol::rules::{Operation, Principal};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
@@ -50,6 +51,34 @@ pub struct OpsArgs {
     /// Change permissions (octal).
     #[arg(long, value_name = "MODE:GUESTPATH")]
     chmod: Vec<String>,
+    /// Change owner and group (numeric ids, as virt-customize; a final symlink is followed).
+    #[arg(long, value_name = "UID:GID:PATH")]
+    chown: Vec<String>,
+    /// Copy a file or directory tree inside the guest, as cp -a (modes, owners, times, symlinks kept).
+    #[arg(long, value_name = "SOURCE:DEST")]
+    copy: Vec<String>,
+    /// Move a file or directory inside the guest, as mv.
+    #[arg(long, value_name = "SOURCE:DEST")]
+    r#move: Vec<String>,
+    /// Create symbolic links LINK... pointing at TARGET, as ln -sf.
+    #[arg(long, value_name = "TARGET:LINK[:LINK..]")]
+    link: Vec<String>,
+    /// Create an empty file, or update an existing file's times.
+    #[arg(long, value_name = "FILE")]
+    touch: Vec<String>,
+    /// Truncate an existing file to zero length.
+    #[arg(long, value_name = "FILE")]
+    truncate: Vec<String>,
+    /// Truncate every regular file under a directory to zero length.
+    #[arg(long, value_name = "PATH")]
+    truncate_recursive: Vec<String>,
+    /// Overwrite a regular file with patterns, then delete it.
+    #[arg(long, value_name = "FILE")]
+    scrub: Vec<String>,
+    /// Copy a host file or directory tree into the existing guest directory REMOTEDIR, as
+    /// virt-customize (tar: modes, numeric owners, times and symlinks kept).
+    #[arg(long, value_name = "LOCALPATH:REMOTEDIR")]
+    copy_in: Vec<String>,
     /// Run a host script in the guest (chroot, /bin/sh).
     #[arg(long, value_name = "SCRIPT")]
     run: Vec<String>,
@@ -154,6 +183,35 @@ pub struct PayloadFile {
     pub name: String,
     /// Where it is on the host.
     pub source: PathBuf,
+    /// For a node of a `--copy-in` tree, what it is and its metadata, stored as they are;
+    /// `None` for a file whose bytes alone matter (stored root-owned, 0644).
+    pub tree: Option<TreeNode>,
+}
+
+/// A `--copy-in` tree node as the payload disk stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeNode {
+    /// Directory, file or symlink.
+    pub kind: TreeNodeKind,
+    /// Permission bits (with set-id and sticky bits).
+    pub mode: u16,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Modification time, whole seconds.
+    pub mtime: u32,
+}
+
+/// What a [`TreeNode`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeNodeKind {
+    /// A directory (its entries follow it).
+    Dir,
+    /// A regular file (its bytes read from the source).
+    File,
+    /// A symlink with this target.
+    Symlink(PathBuf),
 }
 
 /// Everything the operations need: the ordered rules operations, the payload, the flags.
@@ -279,6 +337,57 @@ pub fn parse_mode(text: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
+/// Parses `--chown UID:GID:PATH`: numeric ids only (as virt-customize; names would mean the
+/// host's users, not the guest's), the path the rest after the second colon.
+pub fn parse_chown(value: &str) -> Result<Operation, String> {
+    let mut parts = value.splitn(3, ':');
+    let (Some(uid), Some(gid), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("expected UID:GID:PATH".into());
+    };
+    let id = |text: &str, what: &str| {
+        crate::plain_number::parse::<u32>(text)
+            .ok_or_else(|| format!("{what} {text:?} is not a number (virt-customize takes numeric ids only)"))
+    };
+    let user = Principal::Id(id(uid, "UID")?);
+    let group = Principal::Id(id(gid, "GID")?);
+    check_guest_path(path)?;
+    Ok(Operation::Chown { user, group, path: path.to_owned() })
+}
+
+/// A guest path that names something below the root (`/` itself refused).
+fn check_below_root(path: &str) -> Result<(), String> {
+    check_guest_path(path)?;
+    if path.trim_end_matches('/').is_empty() {
+        return Err("refusing to operate on the guest's root directory".into());
+    }
+    Ok(())
+}
+
+/// Parses `--copy` and `--move`'s `SOURCE:DEST` (split at the first colon, as virt-customize).
+fn parse_source_dest(value: &str) -> Result<(String, String), String> {
+    let (source, dest) = split_pair(value, "SOURCE:DEST")?;
+    check_below_root(source)?;
+    check_guest_path(dest)?;
+    Ok((source.to_owned(), dest.to_owned()))
+}
+
+/// Parses `--link TARGET:LINK[:LINK..]`: the target verbatim (it may be relative), then links.
+pub fn parse_link(value: &str) -> Result<Operation, String> {
+    let mut parts = value.split(':');
+    let target = parts.next().unwrap_or_default();
+    let links: Vec<String> = parts.map(str::to_owned).collect();
+    if target.is_empty() || links.is_empty() {
+        return Err("expected TARGET:LINK[:LINK..]".into());
+    }
+    if target.contains('\0') {
+        return Err("the target contains a NUL byte".into());
+    }
+    for link in &links {
+        check_below_root(link)?;
+    }
+    Ok(Operation::Link { target: target.to_owned(), links })
+}
+
 fn split_pair<'a>(value: &'a str, what: &str) -> Result<(&'a str, &'a str), String> {
     value.split_once(':').ok_or_else(|| format!("expected {what}"))
 }
@@ -371,7 +480,7 @@ impl Plan {
         let base =
             Path::new(source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
         let name = format!("{dir}/{:04}-{base}", self.payload.len() + 1);
-        self.payload.push(PayloadFile { name: name.clone(), source: PathBuf::from(source) });
+        self.payload.push(PayloadFile { name: name.clone(), source: PathBuf::from(source), tree: None });
         name
     }
 
@@ -425,6 +534,29 @@ impl Plan {
                 self.password(user, selector)?
             }
             "upload" => self.upload(value)?,
+            "copy" => {
+                let (source, dest) = parse_source_dest(value)?;
+                Operation::Copy { source, dest }
+            }
+            "move" => {
+                let (source, dest) = parse_source_dest(value)?;
+                Operation::Move { source, dest }
+            }
+            "link" => parse_link(value)?,
+            "copy-in" => self.copy_in(value)?,
+            "touch" | "truncate" | "scrub" => {
+                check_below_root(value)?;
+                let path = value.to_owned();
+                match option {
+                    "touch" => Operation::Touch { path },
+                    "truncate" => Operation::Truncate { path },
+                    _ => Operation::Scrub { path },
+                }
+            }
+            "truncate-recursive" => {
+                check_guest_path(value)?;
+                Operation::TruncateRecursive { path: value.to_owned() }
+            }
             "mkdir" | "delete" => {
                 check_guest_path(value)?;
                 if value.trim_end_matches('/').is_empty() {
@@ -452,6 +584,7 @@ impl Plan {
                 check_guest_path(path)?;
                 Operation::Chmod { mode, path: path.to_owned() }
             }
+            "chown" => parse_chown(value)?,
             "run" | "firstboot" => {
                 host_file(value)?;
                 let name = Path::new(value).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -510,6 +643,18 @@ impl Plan {
         })
     }
 
+    /// `LOCALPATH:REMOTEDIR`: the host tree goes on the payload disk with its metadata.
+    fn copy_in(&mut self, value: &str) -> Result<Operation, String> {
+        let (local, remote_dir) = split_pair(value, "LOCALPATH:REMOTEDIR")?;
+        check_guest_path(remote_dir)?;
+        let prefix = format!("copy-in/{:04}", self.payload.len() + 1);
+        let entries = copy_in::tree_entries(Path::new(local), &prefix)?;
+        let payload_path = entries.first().map(|e| e.name.clone()).ok_or("nothing to copy")?;
+        let name = Path::new(&payload_path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        self.payload.extend(entries);
+        Ok(Operation::CopyIn { payload_path, remote_dir: remote_dir.to_owned(), name })
+    }
+
     /// `--ssh-inject`: one operation per key.
     fn add_ssh_keys(&mut self, value: &str) -> Result<(), String> {
         let (user, keys) = match value.split_once(':') {
@@ -560,7 +705,7 @@ impl Plan {
         }
         for rel in files_under(dir)? {
             let name = format!("repo/{}", rel.display());
-            self.payload.push(PayloadFile { name, source: dir.join(&rel) });
+            self.payload.push(PayloadFile { name, source: dir.join(&rel), tree: None });
         }
         self.repo = Some("repo".into());
         Ok(())
@@ -616,6 +761,105 @@ mod tests {
         assert_eq!(parse_mode("4755"), Ok(0o4755));
         for bad in ["", "8", "rwx", "17777", "-1", "+644", " 644"] {
             assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn chown_takes_numeric_ids_as_virt_customize() {
+        let chown = |user, group, path: &str| Operation::Chown {
+            user: Principal::Id(user),
+            group: Principal::Id(group),
+            path: path.into(),
+        };
+        assert_eq!(parse_chown("1000:100:/home/a"), Ok(chown(1000, 100, "/home/a")));
+        assert_eq!(parse_chown("0:0:/a:b"), Ok(chown(0, 0, "/a:b")), "the path keeps its colons");
+        assert_eq!(parse_chown("4294967295:0:/x"), Ok(chown(u32::MAX, 0, "/x")));
+        for bad in [
+            "",
+            "0",
+            "0:0",
+            "root:0:/x",
+            "0:wheel:/x",
+            "-1:0:/x",
+            "+1:0:/x",
+            " 1:0:/x",
+            "0:0:x",
+            "0:0:",
+            "4294967296:0:/x",
+            "0:0:/a/../b",
+        ] {
+            assert!(parse_chown(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_operations_parse_as_virt_customize() {
+        let op = |option: &str, value: &str| {
+            let mut plan = Plan::default();
+            plan.add(option, Some(value)).map(|()| plan.operations.remove(0)).map_err(|e| e.to_string())
+        };
+        assert_eq!(op("copy", "/a:/b:c"), Ok(Operation::Copy { source: "/a".into(), dest: "/b:c".into() }));
+        assert_eq!(op("move", "/a/:/b/"), Ok(Operation::Move { source: "/a/".into(), dest: "/b/".into() }));
+        assert_eq!(
+            op("link", "../usr/bin/vim:/usr/local/bin/vi:/usr/local/bin/ex"),
+            Ok(Operation::Link {
+                target: "../usr/bin/vim".into(),
+                links: vec!["/usr/local/bin/vi".into(), "/usr/local/bin/ex".into()]
+            })
+        );
+        assert_eq!(op("touch", "/etc/t"), Ok(Operation::Touch { path: "/etc/t".into() }));
+        assert_eq!(op("truncate", "/var/log/x"), Ok(Operation::Truncate { path: "/var/log/x".into() }));
+        assert_eq!(op("truncate-recursive", "/var/log"), Ok(Operation::TruncateRecursive { path: "/var/log".into() }));
+        assert_eq!(op("scrub", "/root/secret"), Ok(Operation::Scrub { path: "/root/secret".into() }));
+        let refused: &[(&str, &str, &str)] = &[
+            ("copy", "/a", "SOURCE:DEST"),
+            ("copy", "a:/b", "absolute"),
+            ("copy", "/a:b", "absolute"),
+            ("copy", "/:/b", "root directory"),
+            ("move", "/a/../etc:/b", "'..'"),
+            ("move", "//:/b", "root directory"),
+            ("link", "/target", "TARGET:LINK"),
+            ("link", ":/l", "TARGET:LINK"),
+            ("link", "/t:rel", "absolute"),
+            ("link", "/t:/l:", "absolute"),
+            ("touch", "rel", "absolute"),
+            ("truncate", "/", "root directory"),
+            ("scrub", "/x/./y", "'.'"),
+            ("truncate-recursive", "var", "absolute"),
+        ];
+        for (option, value, want) in refused {
+            let err = op(option, value).unwrap_err();
+            assert!(err.starts_with(&format!("--{option} {value}:")) && err.contains(want), "{option} {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn copy_in_parses_as_virt_customize() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("conf")).unwrap();
+        std::fs::write(dir.path().join("conf/a"), "a").unwrap();
+        let mut plan = Plan::default();
+        plan.add("upload", Some(&format!("{}:/x", dir.path().join("conf/a").display()))).unwrap();
+        plan.add("copy-in", Some(&format!("{}:/etc", dir.path().join("conf").display()))).unwrap();
+        assert_eq!(
+            plan.operations[1],
+            Operation::CopyIn {
+                payload_path: "copy-in/0002/conf".into(),
+                remote_dir: "/etc".into(),
+                name: "conf".into()
+            }
+        );
+        assert_eq!(plan.payload.len(), 3);
+        assert!(plan.payload[1..].iter().all(|p| p.tree.is_some() && p.name.starts_with("copy-in/0002/conf")));
+        let refused: &[(String, &str)] = &[
+            (dir.path().display().to_string(), "LOCALPATH:REMOTEDIR"),
+            (format!("{}:etc", dir.path().display()), "absolute"),
+            (format!("{}/missing:/etc", dir.path().display()), "missing"),
+            ("..:/etc".to_owned(), "final name"),
+        ];
+        for (value, want) in refused {
+            let err = Plan::default().add("copy-in", Some(value)).unwrap_err().to_string();
+            assert!(err.starts_with("--copy-in ") && err.contains(want), "{value}: {err}");
         }
     }
 
@@ -697,7 +941,7 @@ mod tests {
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
         assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
-        assert_eq!(operation_options().len(), 21);
+        assert_eq!(operation_options().len(), 30);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
