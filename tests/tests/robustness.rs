@@ -377,7 +377,7 @@ fn inspect_with_tmpdir(tmpdir: &Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// What a dead imgforge left in TMPDIR (work dirs `imgforge-<pid>-<start time>-<kind>-XXXX`,
+/// What a dead imgforge left in TMPDIR (work dirs `imgforge-<pid>-<start time>-<host>-<kind>-XXXX`,
 /// hidden downloads) is removed by the next command, without following a symlink inside; a
 /// live process's dir, another user's, one open to others and a symlink named like ours stay.
 #[test]
@@ -389,7 +389,9 @@ fn leftovers_of_dead_processes_are_removed_at_the_next_start() {
     let precious = outside.path().join("precious");
     std::fs::write(&precious, "keep me").unwrap();
     let (dead, own, start) = (dead_pid(), std::process::id(), own_start_time());
-    let name = |pid: u32, start: u64, rest: &str| tmp.path().join(format!("imgforge-{pid}-{start}-{rest}"));
+    // The tag of this machine and pid namespace: the binary run below computes the same.
+    let host = format!("{:08x}", imgforge::workdir::this_process().host);
+    let name = |pid: u32, start: u64, rest: &str| tmp.path().join(format!("imgforge-{pid}-{start}-{host}-{rest}"));
 
     let stale = name(dead, 12345, "job-a1b2c3");
     private_dir(&stale, 0o700);
@@ -398,7 +400,7 @@ fn leftovers_of_dead_processes_are_removed_at_the_next_start() {
     std::fs::write(stale.join("qmp/deeper/sock"), "x").unwrap();
     symlink(&precious, stale.join("link-to-file")).unwrap();
     symlink(outside.path(), stale.join("qmp/link-to-dir")).unwrap();
-    let stale_download = tmp.path().join(format!(".imgforge-{dead}-12345-download-xyz"));
+    let stale_download = tmp.path().join(format!(".imgforge-{dead}-12345-{host}-download-xyz"));
     std::fs::write(&stale_download, "partial").unwrap();
     // This test's own pid, started at another time: the pid was reused.
     let reused = name(own, start + 1, "qmp-d4e5f6");
