@@ -712,6 +712,32 @@ fn url_endless_body_is_refused_near_the_target_size() {
     }
 }
 
+/// The HTTP client's own trace log (RUST_LOG=trace) shows the URL whole and the request's bytes:
+/// its level is capped, so neither the query token nor the basic-auth header reaches stderr.
+#[test]
+fn url_credentials_stay_out_of_a_trace_log() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let server = http::start(Response::full(std::fs::read(&raw).unwrap()));
+    let url = server.url.replace("http://", "http://alice:s3cret@") + "?token=t0ken";
+    for filter in ["trace", "ureq=trace,ureq_proto=trace"] {
+        let target = dir.path().join(format!("{filter}.img"));
+        let out = Command::new(binary())
+            .args(["write", "-vv", "--progress", "none", "--image", &url, "--target", &s(&target)])
+            .env("RUST_LOG", filter)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{filter}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("DEBUG"), "{filter}: no log at all, the test proves nothing");
+        // "YWxpY2U6czNjcmV0" is base64("alice:s3cret"), as the Authorization header carries it.
+        for secret in ["s3cret", "t0ken", "YWxpY2U6czNjcmV0"] {
+            assert!(!stderr.contains(secret), "{filter}: {secret} shown");
+        }
+    }
+}
+
 /// `user:pass@` and query tokens reach the server (as basic authentication and the query) but
 /// never stderr, the JSON progress or the verbose log, on success and on failure.
 #[test]
