@@ -490,3 +490,46 @@ fn another_process_of_the_helper_user_cannot_reach_qemu() {
     child.wait().unwrap();
     assert!(reached.is_empty(), "the helper user opened {reached:?}");
 }
+
+/// A guest that writes more than TMPDIR holds (the overlay grows with every block it writes,
+/// and the image's own programs decide how much) must fail at once, naming TMPDIR (exit 4):
+/// qemu pauses the VM on ENOSPC and imgforge waits for the soft timeout (600 s by default) with
+/// TMPDIR full, then blames the timeout (exit 3). The disk keeps its bytes, TMPDIR empties.
+/// Not to be fixed with `werror=report` on the disk: tried, the guest's `sync` ignored the lost
+/// writes, the helper reported SUCCESS and a filesystem with lost writes was committed.
+#[test]
+#[ignore = "open finding (adversarial review of issue 15): ENOSPC in TMPDIR pauses the helper VM until the timeout"]
+fn a_guest_filling_tmpdir_fails_at_once() {
+    fixtures::require_root();
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    sh(Command::new("mount").args(["-t", "tmpfs", "-o", "size=48m", "imgforge-test-small-tmp"]).arg(tmp.path()))
+        .unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let before = digest(&img);
+    let started = Instant::now();
+    let child = spawn(
+        &[
+            "customize",
+            "-a",
+            &s(&img),
+            "--accel",
+            "tcg",
+            "--timeout",
+            "240",
+            "--run-command",
+            "dd if=/dev/urandom of=/fill bs=1M count=100 && sync",
+        ],
+        tmp.path(),
+    );
+    let out = child.wait_with_output().unwrap();
+    let spent = started.elapsed();
+    let left = std::fs::read_dir(tmp.path()).unwrap().count();
+    sh(Command::new("umount").arg(tmp.path())).unwrap();
+    eprintln!("exit {:?} after {spent:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "no space is the host's trouble, not a timeout");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("space"), "the message names the cause");
+    assert!(spent < Duration::from_secs(150), "took {spent:?}");
+    assert_eq!(digest(&img), before);
+    assert_eq!(left, 0, "TMPDIR not emptied");
+}
