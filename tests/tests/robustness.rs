@@ -492,13 +492,12 @@ fn another_process_of_the_helper_user_cannot_reach_qemu() {
 }
 
 /// A guest that writes more than TMPDIR holds (the overlay grows with every block it writes,
-/// and the image's own programs decide how much) must fail at once, naming TMPDIR (exit 4):
-/// qemu pauses the VM on ENOSPC and imgforge waits for the soft timeout (600 s by default) with
-/// TMPDIR full, then blames the timeout (exit 3). The disk keeps its bytes, TMPDIR empties.
-/// Not to be fixed with `werror=report` on the disk: tried, the guest's `sync` ignored the lost
-/// writes, the helper reported SUCCESS and a filesystem with lost writes was committed.
+/// and the image's own programs decide how much) fails at once, naming TMPDIR (exit 4): qemu
+/// paused the VM on ENOSPC and imgforge waited for the soft timeout (600 s by default) with
+/// TMPDIR full, then blamed the timeout (exit 3). The disk keeps its bytes, TMPDIR empties.
+/// (`werror=report` is no fix: tried, the guest's `sync` ignored the lost writes, the helper
+/// reported SUCCESS and a filesystem with lost writes was committed.)
 #[test]
-#[ignore = "open finding (adversarial review of issue 15): ENOSPC in TMPDIR pauses the helper VM until the timeout"]
 fn a_guest_filling_tmpdir_fails_at_once() {
     fixtures::require_root();
     let work = tempfile::tempdir().unwrap();
