@@ -377,7 +377,7 @@ fn inspect_with_tmpdir(tmpdir: &Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// What a dead imgforge left in TMPDIR (work dirs `imgforge-<pid>-<start time>-<kind>-XXXX`,
+/// What a dead imgforge left in TMPDIR (work dirs `imgforge-<pid>-<start time>-<host>-<kind>-XXXX`,
 /// hidden downloads) is removed by the next command, without following a symlink inside; a
 /// live process's dir, another user's, one open to others and a symlink named like ours stay.
 #[test]
@@ -389,7 +389,9 @@ fn leftovers_of_dead_processes_are_removed_at_the_next_start() {
     let precious = outside.path().join("precious");
     std::fs::write(&precious, "keep me").unwrap();
     let (dead, own, start) = (dead_pid(), std::process::id(), own_start_time());
-    let name = |pid: u32, start: u64, rest: &str| tmp.path().join(format!("imgforge-{pid}-{start}-{rest}"));
+    // The tag of this machine and pid namespace: the binary run below computes the same.
+    let host = format!("{:08x}", imgforge::workdir::this_process().host);
+    let name = |pid: u32, start: u64, rest: &str| tmp.path().join(format!("imgforge-{pid}-{start}-{host}-{rest}"));
 
     let stale = name(dead, 12345, "job-a1b2c3");
     private_dir(&stale, 0o700);
@@ -398,7 +400,7 @@ fn leftovers_of_dead_processes_are_removed_at_the_next_start() {
     std::fs::write(stale.join("qmp/deeper/sock"), "x").unwrap();
     symlink(&precious, stale.join("link-to-file")).unwrap();
     symlink(outside.path(), stale.join("qmp/link-to-dir")).unwrap();
-    let stale_download = tmp.path().join(format!(".imgforge-{dead}-12345-download-xyz"));
+    let stale_download = tmp.path().join(format!(".imgforge-{dead}-12345-{host}-download-xyz"));
     std::fs::write(&stale_download, "partial").unwrap();
     // This test's own pid, started at another time: the pid was reused.
     let reused = name(own, start + 1, "qmp-d4e5f6");
@@ -454,4 +456,79 @@ fn nothing_is_left_after_sigkill_of_a_customization() {
     inspect_with_tmpdir(tmp.path());
     assert!(empty_dir(tmp.path()), "left behind: {:?}", std::fs::read_dir(tmp.path()).unwrap().collect::<Vec<_>>());
     assert_eq!(digest(&img), before);
+}
+
+/// Another process of the helper user (any daemon running as `nobody`, or a qemu a hostile
+/// image took over in a concurrent job) must not reach a job's qemu: through its memory it
+/// holds the guest's RAM (uploads, keys, the rules), the disk and overlay descriptors and the
+/// report pipe. qemu execs after the drop to the helper user, so the kernel leaves it dumpable
+/// and a same-uid process passes the ptrace check of /proc/PID/mem.
+#[test]
+#[ignore = "open finding (adversarial review of issue 15): a qemu of the shared helper user is dumpable"]
+fn another_process_of_the_helper_user_cannot_reach_qemu() {
+    fixtures::require_root();
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let mut child = spawn(&["customize", "-a", &s(&img), "--accel", "tcg", "--run-command", "sleep 300"], tmp.path());
+    let qemu = wait_for_holders(&img, &mut child);
+    let nobody = nobody_uid();
+    let reached: Vec<String> = qemu
+        .iter()
+        .filter_map(|pid| {
+            let mem = format!("/proc/{pid}/mem");
+            // The probe runs as the helper user, as another of its processes would.
+            let probe = Command::new("setpriv")
+                .args(["--reuid", &nobody.to_string(), "--regid", &nobody.to_string(), "--clear-groups"])
+                .args(["dd", &format!("if={mem}"), "of=/dev/null", "count=0", "status=none"])
+                .status()
+                .unwrap();
+            probe.success().then_some(mem)
+        })
+        .collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(reached.is_empty(), "the helper user opened {reached:?}");
+}
+
+/// A guest that writes more than TMPDIR holds (the overlay grows with every block it writes,
+/// and the image's own programs decide how much) fails at once, naming TMPDIR (exit 4): qemu
+/// paused the VM on ENOSPC and imgforge waited for the soft timeout (600 s by default) with
+/// TMPDIR full, then blamed the timeout (exit 3). The disk keeps its bytes, TMPDIR empties.
+/// (`werror=report` is no fix: tried, the guest's `sync` ignored the lost writes, the helper
+/// reported SUCCESS and a filesystem with lost writes was committed.)
+#[test]
+fn a_guest_filling_tmpdir_fails_at_once() {
+    fixtures::require_root();
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    sh(Command::new("mount").args(["-t", "tmpfs", "-o", "size=48m", "imgforge-test-small-tmp"]).arg(tmp.path()))
+        .unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let before = digest(&img);
+    let started = Instant::now();
+    let child = spawn(
+        &[
+            "customize",
+            "-a",
+            &s(&img),
+            "--accel",
+            "tcg",
+            "--timeout",
+            "240",
+            "--run-command",
+            "dd if=/dev/urandom of=/fill bs=1M count=100 && sync",
+        ],
+        tmp.path(),
+    );
+    let out = child.wait_with_output().unwrap();
+    let spent = started.elapsed();
+    let left = std::fs::read_dir(tmp.path()).unwrap().count();
+    sh(Command::new("umount").arg(tmp.path())).unwrap();
+    eprintln!("exit {:?} after {spent:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "no space is the host's trouble, not a timeout");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("space"), "the message names the cause");
+    assert!(spent < Duration::from_secs(150), "took {spent:?}");
+    assert_eq!(digest(&img), before);
+    assert_eq!(left, 0, "TMPDIR not emptied");
 }

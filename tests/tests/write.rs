@@ -611,6 +611,49 @@ fn url_download_left_by_sigkill_is_removed_by_the_next_write() {
     assert_eq!(entries(tmp.path()), Vec::<String>::new());
 }
 
+/// An imgforge in another pid namespace (a container, or another node writing into a shared
+/// Ganeti file-storage directory) names its temporaries with pids that mean nothing here: a
+/// write beside its target must leave its live download alone (it was removed as a dead
+/// process's leftover, pid 1 of the namespace read as a reused pid).
+#[test]
+fn a_live_download_of_another_pid_namespace_is_not_swept() {
+    fixtures::require_root();
+    let partial = Response { announce: None, after: http::After::Stall, ..Response::full(qcow2_header(1 << 20)) };
+    let url = http::serve(partial);
+    let (out_dir, tmp, src) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let entries = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    };
+    let mut other = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(binary())
+        .args(["write", "--progress", "none", "--image", &url, "--target", &s(&out_dir.path().join("theirs.img"))])
+        .env("TMPDIR", tmp.path())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while entries(out_dir.path()).is_empty() {
+        assert!(other.try_wait().unwrap().is_none(), "the namespaced imgforge ended early");
+        assert!(started.elapsed() < Duration::from_secs(20), "no download file appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let theirs = entries(out_dir.path());
+    eprintln!("the other namespace's download: {theirs:?}");
+
+    let raw = fixtures::synthetic_raw(src.path()).unwrap();
+    let mine = out_dir.path().join("mine.img");
+    let out = imgforge(&["write", "--progress", "none", "--image", &s(&raw), "--target", &s(&mine)]);
+    let still_running = other.try_wait().unwrap().is_none();
+    other.kill().unwrap();
+    other.wait().unwrap();
+    assert_eq!(code(&out), 0);
+    assert!(still_running, "the namespaced imgforge ended during the other write");
+    let mut left = entries(out_dir.path());
+    left.sort();
+    assert_eq!(left, [theirs, vec!["mine.img".to_owned()]].concat(), "the live download was removed");
+}
+
 /// A silent server fails the download after --http-idle-timeout, naming the (redacted) URL.
 #[test]
 fn url_idle_timeout_fails_a_silent_server() {
@@ -670,6 +713,32 @@ fn url_endless_body_is_refused_near_the_target_size() {
         assert!(stderr.contains(message), "{case}: {stderr}");
         assert_eq!(std::fs::metadata(&target).unwrap().len(), MIB, "{case}: the target changed size");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "{case}: a download was left behind");
+    }
+}
+
+/// The HTTP client's own trace log (RUST_LOG=trace) shows the URL whole and the request's bytes:
+/// its level is capped, so neither the query token nor the basic-auth header reaches stderr.
+#[test]
+fn url_credentials_stay_out_of_a_trace_log() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let server = http::start(Response::full(std::fs::read(&raw).unwrap()));
+    let url = server.url.replace("http://", "http://alice:s3cret@") + "?token=t0ken";
+    for filter in ["trace", "ureq=trace,ureq_proto=trace"] {
+        let target = dir.path().join(format!("{filter}.img"));
+        let out = Command::new(binary())
+            .args(["write", "-vv", "--progress", "none", "--image", &url, "--target", &s(&target)])
+            .env("RUST_LOG", filter)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{filter}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("DEBUG"), "{filter}: no log at all, the test proves nothing");
+        // "YWxpY2U6czNjcmV0" is base64("alice:s3cret"), as the Authorization header carries it.
+        for secret in ["s3cret", "t0ken", "YWxpY2U6czNjcmV0"] {
+            assert!(!stderr.contains(secret), "{filter}: {secret} shown");
+        }
     }
 }
 

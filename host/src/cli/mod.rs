@@ -263,14 +263,24 @@ fn vm_settings(vm: &VmArgs, verbose: u8) -> VmSettings {
     }
 }
 
+/// The most the HTTP client may log, whatever RUST_LOG asks: its trace level shows credentials.
+const HTTP_CLIENT_LOG_CAPS: [&str; 2] = ["ureq=debug", "ureq_proto=debug"];
+
 fn init_tracing(verbose: u8) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // The HTTP client's trace level logs the URL whole and the request's bytes (query tokens,
+    // the basic-auth header): its debug level redacts them, and is as far as it may go.
+    for quiet in HTTP_CLIENT_LOG_CAPS {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     // Colours only for a person at a terminal: CI logs and Ganeti's OS logs get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()

@@ -160,6 +160,12 @@ pub fn probe_args(cpu: &str, kernel_fd: i32, console_fd: i32) -> Vec<String> {
     a
 }
 
+/// What the target disk's device does when a read or write of it (or of its overlay) fails:
+/// pause the VM, which the host sees and fails the run on. Never `report`: the guest's `sync`
+/// ignores lost writes, and the helper reported SUCCESS over them (tried with a full TMPDIR).
+/// qemu's default stops on ENOSPC only and reports any other error to the guest.
+const DISK_ERROR_POLICY: &str = "werror=stop,rerror=stop";
+
 /// Builds the argument list (without the program name).
 pub fn args(c: &QemuConfig) -> Vec<String> {
     let mut a = machine_args("imgforge-helper", c.accel, &c.cpu, c.memory_mib);
@@ -204,7 +210,7 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
         }
         None => "disk",
     };
-    push(&["-device", &format!("virtio-blk-pci,drive={top},serial={TARGET_SERIAL}")]);
+    push(&["-device", &format!("virtio-blk-pci,drive={top},serial={TARGET_SERIAL},{DISK_ERROR_POLICY}")]);
 
     push(&["-add-fd", &format!("fd={},set={FDSET_FLOPPY},opaque=rules-floppy", c.floppy_fd)]);
     push(&["-drive", &format!("file=/dev/fdset/{FDSET_FLOPPY},format=raw,if=floppy,index=0,readonly=on")]);
@@ -331,5 +337,6 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("fd=13"));
+        assert!(line.contains("drive=overlay,serial=imgforge-target,werror=stop,rerror=stop"), "{line}");
     }
 }

@@ -194,6 +194,14 @@ pub enum VmError {
     /// KVM ran but the guest never printed anything.
     #[error("the KVM guest showed no sign of life within {} s", KVM_SIGN_OF_LIFE.as_secs())]
     NoSignOfLife,
+    /// qemu paused the VM on a failed read or write of the disk or its overlay: most likely the
+    /// filesystem of the work files (TMPDIR) is full, the overlay holding every block the guest
+    /// writes.
+    #[error("the helper VM stopped on a disk read or write error{}: the filesystem of TMPDIR (which holds the overlay, as large as what the guest writes) is probably full: free space there or point TMPDIR at a larger one", running.as_ref().map(|t| format!(" while running task {t}")).unwrap_or_default())]
+    DiskError {
+        /// The task that was running.
+        running: Option<String>,
+    },
     /// The VM stopped without a verdict.
     #[error("the helper VM stopped without reporting success or failure{}; last console lines:\n{tail}", running.as_ref().map(|t| format!(" (task {t} was running)")).unwrap_or_default())]
     NoReport {
@@ -525,6 +533,8 @@ async fn wait_for_exit(
     let mut probing = watch_life;
     let interrupted = interrupted(interrupt);
     tokio::pin!(interrupted);
+    let mut disk_poll = tokio::time::interval(DISK_ERROR_POLL);
+    disk_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             status = child.wait() => return status.map_err(|e| VmError::Setup(format!("waiting for qemu: {e}"))),
@@ -546,8 +556,35 @@ async fn wait_for_exit(
                 stop(child, qmp_path, spec.hard_grace.min(Duration::from_secs(3))).await;
                 return Err(VmError::Interrupted(signal));
             }
+            _ = disk_poll.tick() => {
+                if paused_on_disk_error(qmp_path).await {
+                    stop(child, qmp_path, spec.hard_grace.min(Duration::from_secs(3))).await;
+                    return Err(VmError::DiskError { running: running_task(shared) });
+                }
+            }
         }
     }
+}
+
+/// How often the helper VM is asked whether a disk error paused it.
+const DISK_ERROR_POLL: Duration = Duration::from_secs(3);
+/// How long that question may take (qemu answers at once when it runs).
+const DISK_ERROR_REPLY: Duration = Duration::from_secs(1);
+
+/// Whether qemu paused the VM on a disk error (the disk's error policy is `stop`): nothing
+/// else would end that pause but the soft timeout.
+async fn paused_on_disk_error(qmp_path: &Path) -> bool {
+    let path = qmp_path.to_owned();
+    let status = tokio::task::spawn_blocking(move || {
+        qmp::Qmp::connect(&path, DISK_ERROR_REPLY).and_then(|mut q| q.execute("query-status", None))
+    })
+    .await;
+    matches!(status, Ok(Ok(v)) if is_disk_error_pause(&v))
+}
+
+/// True for a `query-status` reply of a VM paused on an I/O error (pure).
+fn is_disk_error_pause(status: &serde_json::Value) -> bool {
+    status["status"] == "io-error"
 }
 
 /// The attempt's result, from how qemu exited and what the guest reported.
@@ -684,6 +721,16 @@ mod tests {
             events.push(e);
         }
         events
+    }
+
+    /// Only a pause on an I/O error reads as a disk error.
+    #[test]
+    fn disk_error_pauses() {
+        assert!(is_disk_error_pause(&serde_json::json!({"running": false, "status": "io-error"})));
+        for other in ["running", "paused", "shutdown", "internal-error"] {
+            assert!(!is_disk_error_pause(&serde_json::json!({"running": false, "status": other})), "{other}");
+        }
+        assert!(!is_disk_error_pause(&serde_json::json!({})));
     }
 
     /// A guest printing a 3 MiB console line: the host keeps 64 KiB of it and a mark.

@@ -1,14 +1,15 @@
 //! Temporary files and directories named for the process that made them
-//! (`imgforge-<pid>-<start time>-<kind>-XXXXXX`, with a leading dot beside a target), so that
-//! what a killed imgforge left behind (SIGKILL runs no destructor) is known for a leftover and
-//! removed by the next imgforge: at the start of every command in the temporary directory, and
-//! in a target's directory before a temporary file is made there.
+//! (`imgforge-<pid>-<start time>-<host>-<kind>-XXXXXX`, with a leading dot beside a target), so
+//! that what a killed imgforge left behind (SIGKILL runs no destructor) is known for a leftover
+//! and removed by the next imgforge: at the start of every command in the temporary directory,
+//! and in a target's directory before a temporary file is made there. Only entries tagged with
+//! this machine and pid namespace are looked at: a pid means nothing elsewhere.
 
 mod name;
 mod stale;
 mod sweep;
 
-pub use name::{ProcStat, WorkName};
+pub use name::{host_tag, ProcStat, WorkName};
 pub use stale::{is_stale, EntryKind, Found, Liveness};
 pub use sweep::{sweep, Swept};
 
@@ -21,7 +22,14 @@ pub fn this_process() -> WorkName {
     let start_time = *START_TIME.get_or_init(|| {
         std::fs::read_to_string("/proc/self/stat").ok().and_then(|t| ProcStat::parse(&t)).map_or(0, |s| s.start_time)
     });
-    WorkName { pid: std::process::id(), start_time }
+    static HOST: OnceLock<u32> = OnceLock::new();
+    let host = *HOST.get_or_init(|| {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let pid_namespace =
+            std::fs::read_link("/proc/self/ns/pid").map(|l| l.display().to_string()).unwrap_or_default();
+        host_tag(&read("/etc/machine-id"), &read("/proc/sys/kernel/hostname"), &pid_namespace)
+    });
+    WorkName { pid: std::process::id(), start_time, host }
 }
 
 /// The start of the name of a work entry of `kind` made by this process (`imgforge-…-kind-`).

@@ -4,8 +4,11 @@
 /// a target).
 const PREFIX: &str = "imgforge-";
 
+/// Hex digits of the host tag in a name.
+const HOST_TAG_DIGITS: usize = 8;
+
 /// The process a work entry belongs to, as recorded in its name:
-/// `imgforge-<pid>-<start time>-<kind>-<anything>`.
+/// `imgforge-<pid>-<start time>-<host>-<kind>-<anything>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkName {
     /// The process id of the imgforge that made the entry.
@@ -13,12 +16,15 @@ pub struct WorkName {
     /// That process's start time (clock ticks after boot, `/proc/PID/stat` field 22); 0 when
     /// it could not be read, which makes the entry removable only once the pid is gone.
     pub start_time: u64,
+    /// Where the pid means something (see [`host_tag`]): a pid of another machine sharing the
+    /// directory, or of another pid namespace, says nothing about the processes seen here.
+    pub host: u32,
 }
 
 impl WorkName {
     /// The start of the names this process gives entries of `kind` (e.g. `job`, `download`).
     pub fn prefix(&self, kind: &str) -> String {
-        format!("{PREFIX}{}-{}-{kind}-", self.pid, self.start_time)
+        format!("{PREFIX}{}-{}-{:08x}-{kind}-", self.pid, self.start_time, self.host)
     }
 
     /// The process a work entry's `name` records, if it is one of ours.
@@ -26,12 +32,26 @@ impl WorkName {
         let rest = name.strip_prefix('.').unwrap_or(name).strip_prefix(PREFIX)?;
         let (pid, rest) = rest.split_once('-')?;
         let (start_time, rest) = rest.split_once('-')?;
-        if rest.is_empty() || !is_number(pid) || !is_number(start_time) {
+        let (host, rest) = rest.split_once('-')?;
+        let host_ok = host.len() == HOST_TAG_DIGITS && host.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if rest.is_empty() || !is_number(pid) || !is_number(start_time) || !host_ok {
             return None;
         }
         let pid = pid.parse().ok().filter(|p| *p > 0)?;
-        Some(Self { pid, start_time: start_time.parse().ok()? })
+        Some(Self { pid, start_time: start_time.parse().ok()?, host: u32::from_str_radix(host, 16).ok()? })
     }
+}
+
+/// The tag naming where pids are looked up: the machine (its machine id and host name) and the
+/// pid namespace (its inode), hashed (FNV-1a) into 32 bits. Two imgforges sharing a directory
+/// (a container and its host, two nodes on one shared file storage) tag differently, so
+/// neither takes the other's live entries for a dead process's (pure).
+pub fn host_tag(machine_id: &str, host_name: &str, pid_namespace: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in [machine_id.trim(), host_name.trim(), pid_namespace.trim()].join("\0").bytes() {
+        hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+    }
+    hash
 }
 
 /// Only ASCII digits (`str::parse` also takes a leading `+`).
@@ -73,8 +93,8 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for (pid, start_time) in [(1, 0), (4242, 1_234_567), (u32::MAX, u64::MAX)] {
-            let name = WorkName { pid, start_time };
+        for (pid, start_time, host) in [(1, 0, 0), (4242, 1_234_567, 0xdead_beef), (u32::MAX, u64::MAX, u32::MAX)] {
+            let name = WorkName { pid, start_time, host };
             for kind in ["job", "qmp", "download"] {
                 let made = format!("{}abc123", name.prefix(kind));
                 assert_eq!(WorkName::parse(&made), Some(name), "{made}");
@@ -86,17 +106,21 @@ mod tests {
     #[test]
     fn foreign_names_are_not_ours() {
         for name in [
-            "imgforge-abc123",         // the old unnumbered work dirs
-            "imgforge-12-34",          // nothing after the start time
-            "imgforge-12-34-",         // nothing after the start time
-            "imgforge--34-job-x",      // no pid
-            "imgforge-12--job-x",      // no start time
-            "imgforge-+12-34-job-x",   // a sign is not a digit
-            "imgforge-0-34-job-x",     // pid 0 is no process
-            "imgforge-4294967296-1-x", // pid beyond u32
-            "imgforge-1-18446744073709551616-x",
-            "..imgforge-12-34-job-x",
-            "x.imgforge-12-34-job-x",
+            "imgforge-abc123",                  // the old unnumbered work dirs
+            "imgforge-12-34",                   // nothing after the start time
+            "imgforge-12-34-",                  // nothing after the start time
+            "imgforge-12-34-job-x",             // no host tag: made before tags, by whom is unknown
+            "imgforge-12-34-0000abcd",          // nothing after the host tag
+            "imgforge-12-34-0000ABCD-job-x",    // upper-case hex is not how tags are written
+            "imgforge-12-34-abcd-job-x",        // a short tag
+            "imgforge--34-0000abcd-job-x",      // no pid
+            "imgforge-12--0000abcd-job-x",      // no start time
+            "imgforge-+12-34-0000abcd-job-x",   // a sign is not a digit
+            "imgforge-0-34-0000abcd-job-x",     // pid 0 is no process
+            "imgforge-4294967296-1-0000abcd-x", // pid beyond u32
+            "imgforge-1-18446744073709551616-0000abcd-x",
+            "..imgforge-12-34-0000abcd-job-x",
+            "x.imgforge-12-34-0000abcd-job-x",
             ".disk.img.imgforge-1234", // the old temporary output name
             "imgforge-fixtures",
             "systemd-private-abc",
@@ -104,6 +128,17 @@ mod tests {
         ] {
             assert_eq!(WorkName::parse(name), None, "{name}");
         }
+    }
+
+    /// Another machine or another pid namespace gives another tag.
+    #[test]
+    fn host_tags_tell_machines_and_namespaces_apart() {
+        let here = host_tag("5f1c", "node1", "pid:[4026531836]");
+        assert_eq!(here, host_tag("5f1c\n", "node1\n", "pid:[4026531836]"), "a trailing newline is not part of it");
+        assert_ne!(here, host_tag("77aa", "node1", "pid:[4026531836]"));
+        assert_ne!(here, host_tag("5f1c", "node2", "pid:[4026531836]"));
+        assert_ne!(here, host_tag("5f1c", "node1", "pid:[4026532200]"));
+        assert_ne!(host_tag("ab", "c", ""), host_tag("a", "bc", ""), "fields do not run into each other");
     }
 
     #[test]

@@ -68,7 +68,7 @@ mod tests {
     const ROOT: u32 = 0;
 
     fn found(kind: EntryKind, uid: u32, mode: u32, links: u64, start_time: u64) -> Found {
-        Found { name: WorkName { pid: 4242, start_time }, kind, uid, mode, links }
+        Found { name: WorkName { pid: 4242, start_time, host: 0 }, kind, uid, mode, links }
     }
 
     #[test]

@@ -22,13 +22,15 @@ pub struct Swept {
 }
 
 /// Removes from `dir` the work entries whose process is gone (see [`is_stale`]); other
-/// entries are not touched. One `readdir` of `dir` and one `fstatat` per entry named like ours.
+/// entries, and those made on another machine or in another pid namespace, are not touched.
+/// One `readdir` of `dir` and one `fstatat` per entry named like ours.
 pub fn sweep(dir: &Path) -> io::Result<Swept> {
     let top = std::fs::File::open(dir)?;
     let euid = effective_uid();
+    let host = super::this_process().host;
     let mut swept = Swept::default();
     for name in names(top.as_fd())? {
-        let Some(work) = name.to_str().ok().and_then(WorkName::parse) else { continue };
+        let Some(work) = name.to_str().ok().and_then(WorkName::parse).filter(|w| w.host == host) else { continue };
         let Some(found) = found_at(top.as_fd(), &name, work)? else { continue };
         if !is_stale(&found, euid, liveness(work.pid)) {
             continue;
@@ -233,7 +235,7 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let precious = outside.path().join("precious");
         std::fs::write(&precious, "keep").unwrap();
-        let dead = WorkName { pid: dead_pid(), start_time: 1 };
+        let dead = WorkName { pid: dead_pid(), start_time: 1, host: super::super::this_process().host };
         let stale = tmp.path().join(format!("{}abc", dead.prefix("job")));
         private_dir(&stale);
         std::fs::create_dir_all(stale.join("a/b")).unwrap();
@@ -252,6 +254,10 @@ mod tests {
         let reused = WorkName { start_time: this.start_time + 1, ..this };
         let reused = tmp.path().join(format!("{}old", reused.prefix("qmp")));
         private_dir(&reused);
+        // A dead pid, but of another machine or pid namespace: not ours to judge.
+        let elsewhere = WorkName { host: dead.host ^ 1, ..dead };
+        let elsewhere = tmp.path().join(format!("{}else", elsewhere.prefix("job")));
+        private_dir(&elsewhere);
         let open_to_all = tmp.path().join(format!("{}open", dead.prefix("job")));
         std::fs::create_dir(&open_to_all).unwrap();
         std::fs::set_permissions(&open_to_all, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -263,6 +269,7 @@ mod tests {
         assert_eq!(swept.removed.len(), 3, "{:?}", swept.removed);
         assert!(!stale.exists() && !stale_file.exists() && !reused.exists());
         assert!(link.symlink_metadata().is_ok() && live.is_dir() && foreign.is_file() && open_to_all.is_dir());
+        assert!(elsewhere.is_dir(), "another host's entry was removed");
         assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep");
         assert!(outside.path().is_dir());
     }
