@@ -770,3 +770,45 @@ fn url_credentials_are_never_shown() {
         assert!(request.to_ascii_lowercase().contains(&basic), "{request}");
     }
 }
+
+/// Whether process `pid` holds `path` open.
+fn has_open(pid: u32, path: &Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == path))
+}
+
+/// `--sha256` on a qcow2: another image renamed over the source path once imgforge has it
+/// open changes nothing — what is written is what was hashed (one descriptor for the hash,
+/// the format check and qemu), never the file the path names later.
+#[test]
+fn a_source_renamed_over_after_the_open_is_not_what_gets_written() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("original.raw");
+    // Random, so the hash takes a while and no zero-skipping hides a difference.
+    sh(Command::new("head").args(["-c", "96M", "/dev/urandom"]).stdout(std::fs::File::create(&raw).unwrap())).unwrap();
+    let src = dir.path().join("src.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&src)]);
+    let other = dir.path().join("other.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &s(&other), "96M"]);
+    let src = std::fs::canonicalize(&src).unwrap();
+    let target = dir.path().join("out.img");
+    let mut child = Command::new(binary())
+        .args(["write", "--progress", "none", "--image", &s(&src), "--target", &s(&target)])
+        .args(["--sha256", &digest(&src)])
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !has_open(child.id(), &src) {
+        assert!(started.elapsed() < Duration::from_secs(30), "imgforge never opened {}", src.display());
+        assert!(child.try_wait().unwrap().is_none(), "imgforge ended before it was seen holding the source");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    std::fs::rename(&other, &src).unwrap();
+    let status = wait_within(&mut child, Duration::from_secs(300));
+    assert_eq!(status.code(), Some(0));
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(&raw).unwrap(), "the output is not the verified image");
+}

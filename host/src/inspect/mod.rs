@@ -251,7 +251,7 @@ pub fn inspect(
 ) -> Result<Report, InspectError> {
     let name = path.display().to_string();
     let io = |source| SourceError::Io { name: name.clone(), source };
-    let (_, header) = source::open_local(path)?;
+    let source::LocalImage { file, header, .. } = source::open_local(path)?;
     let format = source::detect(&header);
     let corrupt = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::Interrupted && cancel.load(Ordering::Relaxed) {
@@ -269,12 +269,12 @@ pub fn inspect(
     };
     let (table, found) = match format {
         Format::Raw => {
-            let mut raw = RawAt(std::fs::File::open(path).map_err(io)?);
+            let mut raw = RawAt(file);
             report.virtual_size = Some(raw.size().map_err(io)?);
             scan(&mut raw, report.virtual_size).map_err(corrupt)?
         }
         Format::Qemu(f) => {
-            let image = crate::source::qemu::open(path, f, None, confinement)?;
+            let image = crate::source::qemu::open(&file, &name, f, None, confinement)?;
             report.virtual_size = Some(image.info.virtual_size);
             scan(&mut QemuAt(image), report.virtual_size).map_err(corrupt)?
         }
@@ -287,7 +287,6 @@ pub fn inspect(
             scan(&mut StreamAt { open, stream: None, pos: 0, cancel }, report.virtual_size).map_err(corrupt)?
         }
         Format::Squashfs => {
-            let file = std::fs::File::open(path).map_err(io)?;
             let fs = crate::source::squashfs::open(std::io::BufReader::new(file)).map_err(|e| {
                 InspectError::Corrupt { name: name.clone(), reason: format!("is not a readable squashfs: {e}") }
             })?;

@@ -117,33 +117,41 @@ fn check_sha(name: &str, expected: &Option<String>, hasher: &Arc<Mutex<Sha256>>)
     }
 }
 
-fn sha256_of_file(path: &Path, cancel: &AtomicBool) -> Result<String, WriteError> {
-    let mut f =
-        std::fs::File::open(path).map_err(|source| SourceError::Io { name: path.display().to_string(), source })?;
+/// Hashes `file` from offset 0 with `pread`, so its position does not matter and the caller
+/// goes on reading the same descriptor it verified.
+fn sha256_of_file(file: &std::fs::File, name: &str, cancel: &AtomicBool) -> Result<String, WriteError> {
+    use std::os::unix::fs::FileExt;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
     loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(StreamError::Cancelled.into());
         }
-        let n = f.read(&mut buf).map_err(|source| SourceError::Io { name: path.display().to_string(), source })?;
+        let n = match file.read_at(&mut buf, at) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(source) => return Err(SourceError::Io { name: name.to_owned(), source }.into()),
+        };
         if n == 0 {
             return Ok(hex::encode(h.finalize()));
         }
         h.update(&buf[..n]);
+        at += n as u64;
     }
 }
 
 /// Checks `--sha256` against a whole file first (formats read with random access).
-fn verify_file_sha(path: &Path, expected: &Option<String>, cancel: &AtomicBool) -> Result<(), WriteError> {
+fn verify_file_sha(
+    file: &std::fs::File,
+    name: &str,
+    expected: &Option<String>,
+    cancel: &AtomicBool,
+) -> Result<(), WriteError> {
     let Some(expected) = expected else { return Ok(()) };
-    let actual = sha256_of_file(path, cancel)?;
+    let actual = sha256_of_file(file, name, cancel)?;
     if &actual != expected {
-        return Err(WriteError::Sha256Mismatch {
-            name: path.display().to_string(),
-            expected: expected.clone(),
-            actual,
-        });
+        return Err(WriteError::Sha256Mismatch { name: name.to_owned(), expected: expected.clone(), actual });
     }
     Ok(())
 }
@@ -165,15 +173,15 @@ pub fn write(req: &WriteRequest, progress: &dyn Progress, cancel: &AtomicBool) -
     }
 }
 
-fn source_size(path: &Path, meta: &std::fs::Metadata) -> Result<u64, WriteError> {
+fn source_size(file: &std::fs::File, name: &str, meta: &std::fs::Metadata) -> Result<u64, WriteError> {
     use std::os::unix::fs::FileTypeExt;
     if meta.file_type().is_block_device() {
         use std::io::Seek;
-        let mut f =
-            std::fs::File::open(path).map_err(|source| SourceError::Io { name: path.display().to_string(), source })?;
-        return f
-            .seek(std::io::SeekFrom::End(0))
-            .map_err(|source| SourceError::Io { name: path.display().to_string(), source }.into());
+        let io = |source| SourceError::Io { name: name.to_owned(), source };
+        let mut f = file;
+        let size = f.seek(std::io::SeekFrom::End(0)).map_err(io)?;
+        f.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        return Ok(size);
     }
     Ok(meta.len())
 }
@@ -194,8 +202,8 @@ fn write_path(
     cancel: &AtomicBool,
 ) -> Result<Written, WriteError> {
     let name = path.display().to_string();
-    let io = |source| SourceError::Io { name: name.clone(), source };
-    let (meta, header) = source::open_local(path)?;
+    // Opened once: every read below, hash included, goes through this descriptor.
+    let source::LocalImage { file, meta, header } = source::open_local(path)?;
     if source::is_vmdk_descriptor(&header) {
         return Err(SourceError::Unsupported {
             name,
@@ -208,10 +216,9 @@ fn write_path(
     let hasher = Arc::new(Mutex::new(Sha256::new()));
     match format {
         Format::Raw => {
-            let size = source_size(path, &meta)?;
+            let size = source_size(&file, &name, &meta)?;
             progress.emit(ImageInfo::source(&name, "raw", Some(size), &req.target).into());
             let dest = open_destination(req, Some(size), Some(path))?;
-            let file = std::fs::File::open(path).map_err(io)?;
             let opts = stream_options(name.clone(), Some(size), &report, cancel);
             let stats = if req.sha256.is_some() {
                 let mut r = stream::Stream(Hashing { inner: file, hasher: hasher.clone() });
@@ -222,10 +229,9 @@ fn write_path(
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Gzip | Format::Xz | Format::Zstd => {
-            let size = crate::source::decompress::uncompressed_size(format, path);
+            let size = crate::source::decompress::uncompressed_size_of(format, &file);
             progress.emit(ImageInfo::source(&name, format.name(), size, &req.target).into());
             let dest = open_destination(req, size, Some(path))?;
-            let file = std::fs::File::open(path).map_err(io)?;
             let mut r = stream::Stream(crate::source::decompress::decompressor(
                 format,
                 Hashing { inner: file, hasher: hasher.clone() },
@@ -236,8 +242,10 @@ fn write_path(
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Qemu(qemu_format) => {
-            verify_file_sha(path, &req.sha256, cancel)?;
-            let image = crate::source::qemu::open(path, qemu_format, req.backing_file.as_deref(), &req.confinement)?;
+            verify_file_sha(&file, &name, &req.sha256, cancel)?;
+            let image =
+                crate::source::qemu::open(&file, &name, qemu_format, req.backing_file.as_deref(), &req.confinement)?;
+            drop(file);
             let size = image.info.virtual_size;
             progress.emit(ImageInfo::source(&name, qemu_format, Some(size), &req.target).into());
             let dest = open_destination(req, Some(size), Some(path))?;
@@ -256,8 +264,8 @@ fn write_path(
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
         Format::Squashfs => {
-            verify_file_sha(path, &req.sha256, cancel)?;
-            write_liveimg(req, path, progress, cancel)
+            verify_file_sha(&file, &name, &req.sha256, cancel)?;
+            write_liveimg(req, path, file, progress, cancel)
         }
     }
 }
@@ -285,21 +293,21 @@ pub fn liveimg_rootfs(fs: &backhand::FilesystemReader) -> Option<(String, u64)> 
     })
 }
 
-fn open_squashfs(path: &Path) -> Result<backhand::FilesystemReader<'static>, WriteError> {
-    let name = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
-    crate::source::squashfs::open(BufReader::with_capacity(1 << 20, file))
-        .map_err(|e| SourceError::Unsupported { name, reason: format!("not a readable squashfs ({e})") }.into())
+fn open_squashfs(file: std::fs::File, name: &str) -> Result<backhand::FilesystemReader<'static>, WriteError> {
+    crate::source::squashfs::open(BufReader::with_capacity(1 << 20, file)).map_err(|e| {
+        SourceError::Unsupported { name: name.to_owned(), reason: format!("not a readable squashfs ({e})") }.into()
+    })
 }
 
 fn write_liveimg(
     req: &WriteRequest,
     path: &Path,
+    file: std::fs::File,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Written, WriteError> {
     let name = path.display().to_string();
-    let fs = open_squashfs(path)?;
+    let fs = open_squashfs(file, &name)?;
     let (inner, size) = liveimg_rootfs(&fs).ok_or_else(|| SourceError::Unsupported {
         name: name.clone(),
         reason: format!("a squashfs without {}: not a liveimg", LIVEIMG_ROOTFS.join(" or ")),

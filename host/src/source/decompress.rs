@@ -64,7 +64,11 @@ impl Read for FailingReader {
 
 /// The uncompressed size of a compressed file, when its format records it.
 pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
-    let file = std::fs::File::open(path).ok()?;
+    uncompressed_size_of(format, &std::fs::File::open(path).ok()?)
+}
+
+/// [`uncompressed_size`] of an open file (read with `pread`: its position does not matter).
+pub fn uncompressed_size_of(format: Format, file: &std::fs::File) -> Option<u64> {
     let len = file.metadata().ok()?.len();
     match format {
         Format::Xz => {
@@ -83,7 +87,7 @@ pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
             (XZ_HEADER_BYTES.checked_add(blocks)?.checked_add(index_len)?.checked_add(XZ_FOOTER_BYTES)? == len)
                 .then_some(uncompressed)
         }
-        Format::Zstd => zstd_total_size(&file, len),
+        Format::Zstd => zstd_total_size(file, len),
         _ => None,
     }
 }

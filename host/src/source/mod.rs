@@ -190,31 +190,53 @@ impl std::fmt::Display for Location {
     }
 }
 
+/// A local image opened once: the hash, the format detection and the decoding (qemu's fdset,
+/// backhand) all read this one descriptor, so renaming another file over the path afterwards
+/// changes nothing that is written.
+pub struct LocalImage {
+    /// The open image.
+    pub file: std::fs::File,
+    /// Its metadata, from the descriptor.
+    pub meta: std::fs::Metadata,
+    /// Its first bytes (up to [`HEADER_BYTES`]).
+    pub header: Vec<u8>,
+}
+
 /// Opens a local image: its metadata and first bytes; refuses directories and empty files.
-pub fn open_local(path: &Path) -> Result<(std::fs::Metadata, Vec<u8>), SourceError> {
+pub fn open_local(path: &Path) -> Result<LocalImage, SourceError> {
     let name = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
+    let meta = file.metadata().map_err(|source| SourceError::Io { name: name.clone(), source })?;
     if meta.is_dir() {
         return Err(SourceError::Directory(name));
     }
-    Ok((meta, read_header(path)?))
+    let header = header_of(&file, &name)?;
+    Ok(LocalImage { file, meta, header })
 }
 
 /// Reads up to [`HEADER_BYTES`] from the start of a file.
 pub fn read_header(path: &Path) -> Result<Vec<u8>, SourceError> {
-    let err = |source| SourceError::Io { name: path.display().to_string(), source };
-    let mut f = std::fs::File::open(path).map_err(err)?;
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
+    header_of(&file, &name)
+}
+
+/// Reads up to [`HEADER_BYTES`] from offset 0 of `file` (its position does not matter).
+fn header_of(file: &std::fs::File, name: &str) -> Result<Vec<u8>, SourceError> {
+    use std::os::unix::fs::FileExt;
     let mut header = vec![0u8; HEADER_BYTES];
     let mut got = 0;
     while got < header.len() {
-        match f.read(&mut header[got..]).map_err(err)? {
-            0 => break,
-            n => got += n,
+        match file.read_at(&mut header[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(source) => return Err(SourceError::Io { name: name.to_owned(), source }),
         }
     }
     header.truncate(got);
     if header.is_empty() {
-        return Err(SourceError::Empty(path.display().to_string()));
+        return Err(SourceError::Empty(name.to_owned()));
     }
     Ok(header)
 }

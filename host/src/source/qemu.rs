@@ -87,20 +87,22 @@ pub enum QemuSourceError {
     },
 }
 
-/// Opens `path` as `format` in a confined qemu. A backing file named in the image is refused
-/// unless it is `allowed_backing` (then qemu gets that file as a descriptor too).
+/// Opens the image `image` (shown as `name`) as `format` in a confined qemu. It takes the open
+/// file, never a path, so qemu reads the very descriptor the caller checked or hashed. A backing
+/// file named in the image is refused unless it is `allowed_backing` (then qemu gets that file
+/// as a descriptor too).
 pub fn open(
-    path: &Path,
+    image: &std::fs::File,
+    name: &str,
     format: &'static str,
     allowed_backing: Option<&Path>,
     confinement: &crate::vm::blockdev_qemu::Confinement,
 ) -> Result<QemuImage, QemuSourceError> {
-    let name = path.display().to_string();
+    let name = name.to_owned();
     let refuse = |reason: String| -> QemuSourceError { SourceError::Unsupported { name: name.clone(), reason }.into() };
     let io = |source| SourceError::Io { name: name.clone(), source };
-    let image = std::fs::File::open(path).map_err(io)?;
     let len = image.metadata().map_err(io)?.len();
-    check_metadata(&image, len, format, allowed_backing.is_some()).map_err(refuse)?;
+    check_metadata(image, len, format, allowed_backing.is_some()).map_err(refuse)?;
     let backing = match allowed_backing {
         Some(b) => {
             let file = std::fs::File::open(b).map_err(io)?;
@@ -136,7 +138,7 @@ pub fn open(
     }
     blockdevs.push(source);
     let opened = BlockdevQemu::start(confinement, &fdsets, &blockdevs);
-    drop((image, backing));
+    drop(backing);
     let mut server = opened.map_err(|e| match e {
         StartError::Refused(e) => refuse(format!("qemu cannot read it as {format}: {e}")),
         StartError::Host(reason) => {
