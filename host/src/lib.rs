@@ -20,6 +20,7 @@ pub mod ops;
 pub mod plain_number;
 pub mod progress;
 pub mod source;
+pub mod stdio;
 pub mod stream;
 pub mod vm;
 pub mod workdir;

@@ -532,3 +532,89 @@ fn a_guest_filling_tmpdir_fails_at_once() {
     assert_eq!(digest(&img), before);
     assert_eq!(left, 0, "TMPDIR not emptied");
 }
+
+/// The write end of a pipe whose read end is already closed: every write fails with EPIPE.
+fn broken_pipe() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just returned by pipe2 and are owned here alone.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Stdio::from(write)
+}
+
+/// stdout and stderr a closed pipe (`imgforge … 2>&1 | head -1` once `head` is gone): every
+/// command ends with its normal status — never a panic (101) or a hang — and leaves neither a
+/// temporary nor a partial output behind.
+#[test]
+fn a_closed_stdout_and_stderr_change_no_exit_status() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let target = s(&out_dir.path().join("out.img"));
+    let wrong = "0".repeat(64);
+    // No filesystem: the helper VM runs and the customization fails (exit 1).
+    let garbage = dir.path().join("garbage.img");
+    sh(Command::new("head").args(["-c", "10M", "/dev/urandom"]).stdout(std::fs::File::create(&garbage).unwrap()))
+        .unwrap();
+    let (garbage, deployed) = (s(&garbage), s(&out_dir.path().join("deployed.img")));
+    let cases: [(&[&str], i32); 7] = [
+        (&["-vv", "write", "--progress", "json", "--image", &s(&raw), "--target", &target], 0),
+        (&["write", "--progress", "bar", "--image", &s(&raw), "--target", &target, "--force"], 0),
+        (&["write", "--progress", "none", "--image", &s(&raw), "--target", &target, "--force", "--sha256", &wrong], 2),
+        (&["inspect", &s(&raw)], 0),
+        (&["inspect", "--json", &s(&raw)], 0),
+        (&["customize", "-a", "/nonexistent/disk.img", "--hostname", "x"], 2),
+        (
+            &[
+                "-v",
+                "deploy",
+                "--accel",
+                "tcg",
+                "--progress",
+                "bar",
+                "--image",
+                &garbage,
+                "--target",
+                &deployed,
+                "--hostname",
+                "x",
+                "--root-password",
+                "random",
+            ],
+            1,
+        ),
+    ];
+    for (args, want) in cases {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .stdout(broken_pipe())
+            .stderr(broken_pipe())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("imgforge {args:?} still running after 60 s with a closed stderr");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(want), "imgforge {args:?}");
+        assert!(empty_dir(tmp.path()), "imgforge {args:?} left work files in TMPDIR");
+        let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.iter().all(|n| n == "out.img"), "imgforge {args:?} left {left:?}");
+        if args.contains(&"write") && want == 0 {
+            assert!(std::fs::read(&target).unwrap() == std::fs::read(&raw).unwrap(), "imgforge {args:?}: wrong output");
+        }
+    }
+}

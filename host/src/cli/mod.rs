@@ -285,7 +285,8 @@ fn init_tracing(verbose: u8) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::stdio::LossyStderr)
+        .log_internal_errors(false)
         .with_ansi(ansi)
         .with_target(false)
         .try_init();
@@ -394,13 +395,13 @@ async fn build_helper_image(force: bool) -> Result<(), Failure> {
     let image = tokio::task::spawn_blocking(move || build(&cache))
         .await
         .map_err(|e| Failure::environment(format!("helper image build panicked: {e}")))??;
-    println!(
+    crate::stdio::out_line(&format!(
         "helper image {}\n  kernel {}\n  initrd {}\n  package {}",
         image.key,
         image.kernel.display(),
         image.initrd.display(),
         image.package.display()
-    );
+    ));
     Ok(())
 }
 
@@ -422,10 +423,10 @@ async fn inspect(args: InspectArgs, interrupt: &crate::vm::Interrupt) -> Result<
     watcher.abort();
     let (report, json) = report?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        crate::stdio::out_line(&serde_json::to_string_pretty(&report).expect("report serializes"));
     } else {
         // Labels, partition names and paths come from the image.
-        print!("{}", imgforge_protocol::printable::printable(&crate::inspect::render(&report)));
+        crate::stdio::out(&imgforge_protocol::printable::printable(&crate::inspect::render(&report)));
     }
     Ok(())
 }
@@ -434,9 +435,9 @@ async fn inspect(args: InspectArgs, interrupt: &crate::vm::Interrupt) -> Result<
 async fn verify(args: VerifyArgs, settings: &VmSettings, interrupt: &crate::vm::Interrupt) -> Result<(), Failure> {
     let report = crate::job::verify::run(&args.image, &args.require_package, settings, interrupt).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        crate::stdio::out_line(&serde_json::to_string_pretty(&report).expect("report serializes"));
     } else {
-        print!("{}", report.render());
+        crate::stdio::out(&report.render());
     }
     if report.ok {
         Ok(())
@@ -452,7 +453,7 @@ async fn ganeti(action: GanetiCommand, interrupt: &crate::vm::Interrupt) -> Resu
             let exe = std::env::current_exe()
                 .map_err(|e| Failure::environment(format!("cannot find this program's path: {e}")))?;
             let dir = crate::ganeti::install_os(&os_dir, &exe)?;
-            println!("Ganeti OS definition written to {}", dir.display());
+            crate::stdio::out_line(&format!("Ganeti OS definition written to {}", dir.display()));
             Ok(())
         }
         GanetiCommand::Create { .. } => Ok(crate::ganeti::create(interrupt).await?),
@@ -512,7 +513,7 @@ pub fn main() -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("imgforge: cannot start the async runtime: {e}");
+            crate::stdio::err_line(&format!("imgforge: cannot start the async runtime: {e}"));
             return std::process::ExitCode::from(ExitStatus::Environment as u8);
         }
     };
@@ -524,7 +525,7 @@ pub fn main() -> std::process::ExitCode {
         Err(f) => {
             // Messages name images, parameters and what qemu said: all may carry a hostile
             // image's or tenant's bytes, which a terminal must not obey.
-            eprintln!("imgforge: {}", imgforge_protocol::printable::printable(&f.message));
+            crate::stdio::err_line(&format!("imgforge: {}", imgforge_protocol::printable::printable(&f.message)));
             std::process::ExitCode::from(f.status as u8)
         }
     }

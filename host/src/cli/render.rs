@@ -76,8 +76,8 @@ impl Progress for Terminal {
             Event::RandomPassword { user, password } => {
                 let line = random_password_line(&user, password.expose());
                 match &self.bar {
-                    Some(bar) => bar.suspend(|| println!("{line}")),
-                    None => println!("{line}"),
+                    Some(bar) => bar.suspend(|| crate::stdio::out_line(&line)),
+                    None => crate::stdio::out_line(&line),
                 }
             }
             Event::ImageCopyProgress { position, total, .. } => {
@@ -104,7 +104,7 @@ impl Progress for Terminal {
     fn note(&self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(text),
-            None => eprintln!("{text}"),
+            None => crate::stdio::err_line(text),
         }
     }
 }
@@ -115,7 +115,7 @@ struct JsonStdout(JsonLines<std::io::Stdout>);
 impl Progress for JsonStdout {
     fn emit(&self, event: Event) {
         if let Event::RandomPassword { user, password } = &event {
-            eprintln!("{}", random_password_line(user, password.expose()));
+            crate::stdio::err_line(&random_password_line(user, password.expose()));
         }
         self.0.emit(event);
     }

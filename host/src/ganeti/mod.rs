@@ -180,7 +180,7 @@ pub fn load_config() -> Result<Config, GanetiError> {
     };
     let (c, warnings) = config::parse(&path, &text)?;
     for w in warnings {
-        eprintln!("imgforge: warning: {w}");
+        crate::stdio::err_line(&format!("imgforge: warning: {w}"));
     }
     Ok(c)
 }
@@ -344,15 +344,15 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         backing_file: None,
     };
     let line = format!("imgforge: deploying {} onto {} for {name}", request.image, disk.display());
-    eprintln!("{}", imgforge_protocol::printable::printable(&line));
+    crate::stdio::err_line(&imgforge_protocol::printable::printable(&line));
     let result = async {
         let written = job::write(&request, progress.clone(), interrupt).await?;
         if written.bare_filesystem != (params.img_format == ImageFormat::Liveimg) {
-            eprintln!(
+            crate::stdio::err_line(&format!(
                 "imgforge: warning: img_format is {:?} but the image is {}",
                 params.img_format,
                 written.format.name()
-            );
+            ));
         }
         if params.excludes("ALL_TASKS") {
             return Ok(());
@@ -382,7 +382,7 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
         None => BTreeMap::new(),
     };
     if params::excluded(&properties, "AssignHostname") {
-        eprintln!("imgforge: img_properties exclude AssignHostname: the image keeps its hostname");
+        crate::stdio::err_line("imgforge: img_properties exclude AssignHostname: the image keeps its hostname");
         return Ok(());
     }
     let mut plan = Plan::default();

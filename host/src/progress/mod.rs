@@ -26,7 +26,7 @@ pub trait Progress: Send + Sync {
     /// A line for a person (the helper console with `-v`, the phase table): on stderr unless
     /// the renderer has a better place.
     fn note(&self, text: &str) {
-        eprintln!("{text}");
+        crate::stdio::err_line(text);
     }
 }
 
