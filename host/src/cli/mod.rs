@@ -315,7 +315,7 @@ fn interrupt_channel() -> crate::vm::Interrupt {
 async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
     let interrupt = interrupt_channel();
     // SIGKILL runs no destructor: what an imgforge killed so left behind goes now.
-    crate::workdir::sweep_logged(&std::env::temp_dir());
+    crate::workdir::sweep_logged(&std::env::temp_dir(), crate::workdir::Reach::WorkDirectories);
     match cli.command {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");

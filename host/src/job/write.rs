@@ -433,7 +433,7 @@ fn write_body(
             let dir = if crate::stream::destination::is_block_device(&req.target) { std::env::temp_dir() } else { dir };
             // Kept beside the target for its size (the temporary directory may be a small
             // tmpfs); what a killed imgforge left there goes first.
-            crate::workdir::sweep_logged(&dir);
+            crate::workdir::sweep_logged(&dir, crate::workdir::Reach::Files);
             let mut tmp = tempfile::Builder::new()
                 .prefix(&crate::workdir::hidden_prefix("download"))
                 .tempfile_in(&dir)

@@ -124,7 +124,7 @@ pub fn remember(cache: &Path, qemu: &Path, verdict: &KvmVerdict) {
     let remembered = Remembered { boot_id, qemu: qemu.to_owned(), verdict: verdict.clone() };
     let Ok(bytes) = serde_json::to_vec(&remembered) else { return };
     let _ = std::fs::create_dir_all(cache);
-    crate::workdir::sweep_logged(cache);
+    crate::workdir::sweep_logged(cache, crate::workdir::Reach::Files);
     let Ok(mut tmp) = tempfile::Builder::new().prefix(&crate::workdir::hidden_prefix("kvm-verdict")).tempfile_in(cache)
     else {
         return;

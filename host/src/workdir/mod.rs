@@ -2,8 +2,9 @@
 //! (`imgforge-<pid>-<start time>-<host>-<kind>-XXXXXX`, with a leading dot beside a target), so
 //! that what a killed imgforge left behind (SIGKILL runs no destructor) is known for a leftover
 //! and removed by the next imgforge: at the start of every command in the temporary directory,
-//! and in a target's directory before a temporary file is made there. Only entries tagged with
-//! this machine and pid namespace are looked at: a pid means nothing elsewhere.
+//! and in a target's directory before a temporary file is made there (regular files only: see
+//! [`Reach`]). Only entries tagged with this machine and pid namespace are looked at: a pid
+//! means nothing elsewhere.
 
 mod name;
 mod stale;
@@ -11,7 +12,7 @@ mod sweep;
 
 pub use name::{host_tag, ProcStat, WorkName};
 pub use stale::{is_stale, EntryKind, Found, Liveness};
-pub use sweep::{sweep, Swept};
+pub use sweep::{sweep, Reach, Swept};
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -50,10 +51,10 @@ pub fn private_tempdir(kind: &str) -> std::io::Result<tempfile::TempDir> {
     tempfile::Builder::new().prefix(&prefix(kind)).permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
 }
 
-/// Removes the leftovers of dead imgforge processes from `dir`, logging what it did; a
-/// failure costs only disk space, so it never stops the command.
-pub fn sweep_logged(dir: &Path) {
-    match sweep(dir) {
+/// Removes the leftovers of dead imgforge processes from `dir` that `reach` allows, logging
+/// what it did; a failure costs only disk space, so it never stops the command.
+pub fn sweep_logged(dir: &Path, reach: Reach) {
+    match sweep(dir, reach) {
         Ok(swept) => {
             for name in &swept.removed {
                 tracing::info!("removed {} left by an imgforge that is gone", dir.join(name).display());
@@ -77,7 +78,7 @@ pub fn beside(target: &Path) -> &Path {
 /// target's directory, which a sweep of the temporary directory does not reach.
 pub fn temp_beside(target: &Path, kind: &str, shown: &std::ffi::OsStr) -> PathBuf {
     let dir = beside(target);
-    sweep_logged(dir);
+    sweep_logged(dir, Reach::Files);
     let shown = shown.to_string_lossy();
     let mut end = shown.len().min(SHOWN_NAME_BYTES);
     while !shown.is_char_boundary(end) {

@@ -61,6 +61,16 @@ pub fn is_stale(found: &Found, euid: u32, liveness: Liveness) -> bool {
     }
 }
 
+/// True if no one but `euid` (and root) can rename entries inside a directory owned by `uid`
+/// with permission bits `mode`: it is root's or ours, and either others cannot write to it or
+/// its sticky bit keeps them to their own entries. Only there may a sweep remove directories:
+/// elsewhere a user could rename someone else's private directory to a dead process's name
+/// and have the sweep empty it.
+pub fn renames_guarded(uid: u32, mode: u32, euid: u32) -> bool {
+    const STICKY: u32 = 0o1000;
+    (uid == 0 || uid == euid) && (mode & STICKY != 0 || mode & 0o022 == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +113,24 @@ mod tests {
         // The owner that counts is the running imgforge's, not root's.
         assert!(is_stale(&Found { uid: 1000, ..dir }, 1000, gone));
         assert!(!is_stale(&dir, 1000, gone));
+    }
+
+    #[test]
+    fn where_directories_may_be_removed() {
+        let cases: &[(&str, u32, u32, u32, bool)] = &[
+            ("/tmp: root's, sticky, writable by all", ROOT, 0o1777, ROOT, true),
+            ("root's 0755", ROOT, 0o755, ROOT, true),
+            ("root's 0700", ROOT, 0o700, ROOT, true),
+            ("root's 0775: the group may rename", ROOT, 0o775, ROOT, false),
+            ("root's 0777", ROOT, 0o777, ROOT, false),
+            ("a user's 0755", 1000, 0o755, ROOT, false),
+            ("a user's sticky 1777: its owner may rename", 1000, 0o1777, ROOT, false),
+            ("our own 0755, running as that user", 1000, 0o755, 1000, true),
+            ("our own sticky 1777, running as that user", 1000, 0o1777, 1000, true),
+            ("another user's 0700", 1001, 0o700, 1000, false),
+        ];
+        for (case, uid, mode, euid, want) in cases {
+            assert_eq!(renames_guarded(*uid, *mode, *euid), *want, "{case}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! descriptors (`openat`, `fstatat` without following links, `unlinkat`), so a symbolic link
 //! planted in or beside a work directory is removed as a link and never followed.
 
-use super::stale::{is_stale, EntryKind, Found, Liveness};
+use super::stale::{is_stale, renames_guarded, EntryKind, Found, Liveness};
 use super::{ProcStat, WorkName};
 use std::ffi::{CStr, CString};
 use std::io;
@@ -21,17 +21,33 @@ pub struct Swept {
     pub failed: Vec<(String, io::Error)>,
 }
 
-/// Removes from `dir` the work entries whose process is gone (see [`is_stale`]); other
-/// entries, and those made on another machine or in another pid namespace, are not touched.
-/// One `readdir` of `dir` and one `fstatat` per entry named like ours.
-pub fn sweep(dir: &Path) -> io::Result<Swept> {
+/// What a sweep may remove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Regular files only: beside a target (imgforge makes only files there: downloads,
+    /// temporary outputs), in a directory a user may own and rename anything into.
+    Files,
+    /// Work directories too, where no one else can rename entries (the temporary directory,
+    /// see [`renames_guarded`]); elsewhere only files.
+    WorkDirectories,
+}
+
+/// Removes from `dir` the work entries whose process is gone (see [`is_stale`]) that `reach`
+/// allows; other entries, and those made on another machine or in another pid namespace, are
+/// not touched. One `readdir` of `dir` and one `fstatat` per entry named like ours.
+pub fn sweep(dir: &Path, reach: Reach) -> io::Result<Swept> {
     let top = std::fs::File::open(dir)?;
     let euid = effective_uid();
+    let st = fstat(top.as_fd())?;
+    let directories = reach == Reach::WorkDirectories && renames_guarded(st.st_uid, st.st_mode & 0o7777, euid);
     let host = super::this_process().host;
     let mut swept = Swept::default();
     for name in names(top.as_fd())? {
         let Some(work) = name.to_str().ok().and_then(WorkName::parse).filter(|w| w.host == host) else { continue };
         let Some(found) = found_at(top.as_fd(), &name, work)? else { continue };
+        if found.kind == EntryKind::Directory && !directories {
+            continue;
+        }
         if !is_stale(&found, euid, liveness(work.pid)) {
             continue;
         }
@@ -264,7 +280,7 @@ mod tests {
         let foreign = tmp.path().join("not-ours");
         std::fs::write(&foreign, "x").unwrap();
 
-        let swept = sweep(tmp.path()).unwrap();
+        let swept = sweep(tmp.path(), Reach::WorkDirectories).unwrap();
         assert!(swept.failed.is_empty(), "{:?}", swept.failed);
         assert_eq!(swept.removed.len(), 3, "{:?}", swept.removed);
         assert!(!stale.exists() && !stale_file.exists() && !reused.exists());
@@ -272,5 +288,43 @@ mod tests {
         assert!(elsewhere.is_dir(), "another host's entry was removed");
         assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep");
         assert!(outside.path().is_dir());
+    }
+
+    /// A user's directory beside a target, where the user renamed root's private directory
+    /// to a dead process's work name: the sweep removes stale files there, never directories,
+    /// whatever reach it was asked for; in a sticky root-owned directory (the temporary
+    /// directory) a stale work directory still goes.
+    #[test]
+    fn directories_renamed_into_a_users_directory_are_left_alone() {
+        use std::os::unix::fs::chown;
+        let root = tempfile::tempdir().unwrap();
+        let users = root.path().join("images");
+        std::fs::create_dir(&users).unwrap();
+        chown(&users, Some(1000), Some(1000)).unwrap();
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dead = WorkName { pid: dead_pid(), start_time: 1, host: super::super::this_process().host };
+        let renamed = users.join(format!("{}abc", dead.prefix("job")));
+        private_dir(&renamed);
+        std::fs::write(renamed.join("secret"), "root's").unwrap();
+        let stale_file = users.join(format!(".{}out.img", dead.prefix("output")));
+        std::fs::write(&stale_file, "partial").unwrap();
+        for reach in [Reach::Files, Reach::WorkDirectories] {
+            let swept = sweep(&users, reach).unwrap();
+            assert!(swept.failed.is_empty(), "{:?}", swept.failed);
+            assert_eq!(std::fs::read_to_string(renamed.join("secret")).unwrap(), "root's", "{reach:?}");
+        }
+        assert!(!stale_file.exists(), "the stale file beside the target was kept");
+
+        let sticky = root.path().join("tmp");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let stale_dir = sticky.join(format!("{}xyz", dead.prefix("job")));
+        private_dir(&stale_dir);
+        std::fs::write(stale_dir.join("payload.img"), "x").unwrap();
+        assert!(stale_dir.is_dir());
+        sweep(&sticky, Reach::Files).unwrap();
+        assert!(stale_dir.is_dir(), "a directory was removed by a files-only sweep");
+        sweep(&sticky, Reach::WorkDirectories).unwrap();
+        assert!(!stale_dir.exists(), "the stale work directory in the temporary directory was kept");
     }
 }
