@@ -4,12 +4,13 @@ use crate::layout::SEARCH_PATH;
 use crate::reporter::Reporter;
 use crate::script;
 use crate::task_env::{error_file, TaskEnv};
+use imgforge_protocol::line::{read_line_capped, MAX_LINE_BYTES};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
 use imgforge_protocol::task::{run_parts_order, TaskName};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -226,11 +227,15 @@ fn dup2(from: i32, to: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn forward_output(reader: std::io::PipeReader, mut console: File, label: &str) -> Output {
+/// Copies a task's output to the console line by line, each prefixed with `label`. Lines are
+/// capped at [`MAX_LINE_BYTES`] (the rest dropped, with a mark): a guest program printing an
+/// endless line must not run the helper VM out of memory.
+fn forward_output(reader: impl std::io::Read, mut console: File, label: &str) -> Output {
     let mut out = Output { tail: VecDeque::new(), warnings: Vec::new(), checks: Vec::new() };
-    for line in BufReader::new(reader).split(b'\n') {
-        let Ok(line) = line else { break };
-        let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+    let mut reader = BufReader::new(reader);
+    let mut raw = Vec::new();
+    while let Ok(true) = read_line_capped(&mut reader, &mut raw, MAX_LINE_BYTES) {
+        let line = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_string();
         let _ = writeln!(console, "[{label}] {line}");
         if let Some(w) = line.strip_prefix(WARNING_PREFIX) {
             out.warnings.push(w.to_string());
@@ -342,5 +347,22 @@ mod tests {
         assert_eq!(ran.warnings, ["rpms a.rpm"]);
         let failure = ran.failure.expect("exit 3 is a failure");
         assert!(failure.contains("exited with status 3") && failure.ends_with("last"), "{failure}");
+    }
+
+    /// A task printing an endless line (3 MiB here, no newline until the end): what is kept of
+    /// it is capped and marked, and the lines after it come through whole.
+    #[test]
+    fn an_endless_output_line_is_capped() {
+        use imgforge_protocol::line::TRUNCATED_MARK;
+        let mut output = vec![b'a'; 3 << 20];
+        output.extend_from_slice(b"\nWARNING: after\n");
+        let console = tempfile::tempfile().unwrap();
+        let out = forward_output(&output[..], console.try_clone().unwrap(), "50-Endless");
+        assert_eq!(out.tail.len(), 2);
+        assert_eq!(out.tail[0].len(), MAX_LINE_BYTES + TRUNCATED_MARK.len());
+        assert!(out.tail[0].ends_with(TRUNCATED_MARK));
+        assert_eq!(out.warnings, ["after"]);
+        let logged = console.metadata().unwrap().len();
+        assert!(logged < 2 * MAX_LINE_BYTES as u64, "{logged} bytes logged of one line");
     }
 }

@@ -1,6 +1,7 @@
 //! The only contract between the imgforge host and the helper VM.
 //!
-//! Nothing here does I/O: the host writes [`rules::Rules`] to the parameter floppy and reads
+//! Nothing here does I/O of its own (the capped line reader reads the caller's `BufRead`): the
+//! host writes [`rules::Rules`] to the parameter floppy and reads
 //! [`report::ReportLine`]s from the helper's second serial port; the helper does the reverse.
 //! Both recognize filesystems by their superblocks the same way ([`filesystems`]), and name the
 //! helper VM's disks and paths the same way ([`helper_vm`]).
@@ -11,6 +12,7 @@
 pub mod bytes;
 pub mod filesystems;
 pub mod helper_vm;
+pub mod line;
 pub mod printable;
 pub mod report;
 pub mod rules;
