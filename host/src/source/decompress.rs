@@ -67,8 +67,18 @@ pub fn uncompressed_size(format: Format, path: &Path) -> Option<u64> {
     uncompressed_size_of(format, &std::fs::File::open(path).ok()?)
 }
 
-/// [`uncompressed_size`] of an open file (read with `pread`: its position does not matter).
+/// [`uncompressed_size`] of an open file, leaving its position where it was (the caller then
+/// decodes the same descriptor). None also when the position cannot be restored.
 pub fn uncompressed_size_of(format: Format, file: &std::fs::File) -> Option<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut position = file;
+    let at = position.stream_position().ok()?;
+    let size = declared_size(format, file);
+    position.seek(SeekFrom::Start(at)).ok()?;
+    size
+}
+
+fn declared_size(format: Format, file: &std::fs::File) -> Option<u64> {
     let len = file.metadata().ok()?.len();
     match format {
         Format::Xz => {
@@ -384,6 +394,11 @@ mod tests {
         ] {
             std::fs::write(&path, [first.clone(), rest].concat()).unwrap();
             assert_eq!(uncompressed_size(Format::Zstd, &path), want);
+            // The caller goes on decoding the same descriptor: its position is kept.
+            let mut file = std::fs::File::open(&path).unwrap();
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(3)).unwrap();
+            assert_eq!(uncompressed_size_of(Format::Zstd, &file), want);
+            assert_eq!(std::io::Seek::stream_position(&mut file).unwrap(), 3);
         }
         // Nothing, or a skippable frame alone, declares no image.
         for alone in [vec![], vec![0x50, 0x2a, 0x4d, 0x18, 2, 0, 0, 0, 0xaa, 0xbb]] {
