@@ -812,3 +812,26 @@ fn a_source_renamed_over_after_the_open_is_not_what_gets_written() {
     assert_eq!(status.code(), Some(0));
     assert!(std::fs::read(&target).unwrap() == std::fs::read(&raw).unwrap(), "the output is not the verified image");
 }
+
+/// A qcow2 and a liveimg by URL with `--sha256`: downloaded beside the target, verified, then
+/// read by the confined qemu (or backhand) through the download's own descriptor — which qemu
+/// accepts only read-only — and written byte-exact, the download removed.
+#[test]
+fn url_random_access_formats_are_written_from_the_verified_download() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = fixtures::synthetic_raw(dir.path()).unwrap();
+    let qcow2 = dir.path().join("src.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&qcow2)]);
+    let liveimg = fixtures::liveimg_of(&raw, "xz", dir.path()).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    for (name, src) in [("qcow2", &qcow2), ("liveimg", &liveimg)] {
+        let url = http::serve(Response::full(std::fs::read(src).unwrap()));
+        let target = out_dir.path().join(format!("{name}.img"));
+        let out = imgforge(&write_args(&url, &s(&target), &["--sha256", &digest(src)]));
+        assert_eq!(code(&out), 0, "{name}");
+        assert_eq!(digest(&target), digest(&raw), "{name}");
+    }
+    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 2, "downloads left behind: {left:?}");
+}

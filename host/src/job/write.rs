@@ -201,9 +201,20 @@ fn write_path(
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Written, WriteError> {
+    write_opened(req, path, source::open_local(path)?, progress, cancel)
+}
+
+/// Writes the image at `path`, already open as `image`: every read below, hash included, goes
+/// through that one descriptor, never through the path again.
+fn write_opened(
+    req: &WriteRequest,
+    path: &Path,
+    image: source::LocalImage,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Written, WriteError> {
     let name = path.display().to_string();
-    // Opened once: every read below, hash included, goes through this descriptor.
-    let source::LocalImage { file, meta, header } = source::open_local(path)?;
+    let source::LocalImage { file, meta, header } = image;
     if source::is_vmdk_descriptor(&header) {
         return Err(SourceError::Unsupported {
             name,
@@ -460,8 +471,19 @@ fn write_body(
                 progress.emit(Event::copy_progress(done, length));
             }
             check_sha(name, &req.sha256, &hasher).map_err(StreamError::Verify)?;
+            // The very file that was hashed (its name sits in the target's directory, where its
+            // owner may rename another file over it), opened again through the descriptor's
+            // /proc link, read-only: qemu takes from an fdset only a descriptor whose access
+            // mode matches its read-only open.
+            let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(tmp.as_file()));
+            let stored = std::fs::File::open(&link).map_err(|source| WriteError::Download {
+                what: "reread the download",
+                dir: dir.clone(),
+                source,
+            })?;
+            let image = source::LocalImage::of(stored, &tmp.path().display().to_string())?;
             let local = WriteRequest { image: Location::Path(tmp.path().to_owned()), sha256: None, ..req.clone() };
-            write_path(&local, tmp.path(), progress, cancel).map_err(|e| named_after_url(e, name))
+            write_opened(&local, tmp.path(), image, progress, cancel).map_err(|e| named_after_url(e, name))
         }
     }
 }

@@ -206,12 +206,23 @@ pub struct LocalImage {
 pub fn open_local(path: &Path) -> Result<LocalImage, SourceError> {
     let name = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| SourceError::Io { name: name.clone(), source })?;
-    let meta = file.metadata().map_err(|source| SourceError::Io { name: name.clone(), source })?;
-    if meta.is_dir() {
-        return Err(SourceError::Directory(name));
+    LocalImage::of(file, &name)
+}
+
+impl LocalImage {
+    /// The image open as `file` (shown as `name`), read from its start.
+    pub fn of(file: std::fs::File, name: &str) -> Result<Self, SourceError> {
+        use std::io::Seek;
+        let io = |source| SourceError::Io { name: name.to_owned(), source };
+        let meta = file.metadata().map_err(io)?;
+        if meta.is_dir() {
+            return Err(SourceError::Directory(name.to_owned()));
+        }
+        let header = header_of(&file, name)?;
+        // Sequential readers (raw, decompressors) start where the descriptor is.
+        (&file).seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        Ok(LocalImage { file, meta, header })
     }
-    let header = header_of(&file, &name)?;
-    Ok(LocalImage { file, meta, header })
 }
 
 /// Reads up to [`HEADER_BYTES`] from the start of a file.
