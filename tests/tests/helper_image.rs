@@ -94,7 +94,8 @@ fn accel_auto_finds_a_working_accelerator_and_remembers_it() {
 }
 
 /// A stand-in for qemu: `script` runs first (a POSIX sh `case` on the arguments), then the real
-/// qemu. qemu runs as nobody: the wrapper and its directory must be reachable by it.
+/// qemu. qemu runs as a uid of its own, which owns nothing: the wrapper and its directory must
+/// be readable and executable by anyone (0755).
 fn fake_qemu(name: &str, script: &str) -> (tempfile::TempDir, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     let bin = tempfile::tempdir().unwrap();
