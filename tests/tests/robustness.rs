@@ -512,6 +512,34 @@ fn another_process_of_the_helper_user_cannot_reach_qemu() {
     }
 }
 
+/// `--helper-user NAME` still means that user (here `nobody`), for sites that chose a dedicated
+/// one; the default is a uid of each qemu's own.
+#[test]
+fn a_named_helper_user_is_used_as_given() {
+    fixtures::require_root();
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let args = ["customize", "-a", &s(&img), "--accel", "tcg", "--helper-user", "nobody", "--run-command", "sleep 300"];
+    let mut child = spawn(&args, tmp.path());
+    let qemu = wait_for_holders(&img, &mut child);
+    let started = Instant::now();
+    while !qemu.iter().all(|pid| cmdline(*pid).contains("-sandbox")) && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nobody = nobody_uid().to_string();
+    let uids: Vec<Option<String>> = qemu
+        .iter()
+        .map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            Some(status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.to_owned())
+        })
+        .collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!uids.is_empty() && uids.iter().all(|u| u.as_deref() == Some(nobody.as_str())), "{uids:?}");
+}
+
 /// A guest that writes more than TMPDIR holds (the overlay grows with every block it writes,
 /// and the image's own programs decide how much) fails at once, naming TMPDIR (exit 4): qemu
 /// paused the VM on ENOSPC and imgforge waited for the soft timeout (600 s by default) with

@@ -128,6 +128,8 @@ mod tests {
         assert_eq!(c.helper_soft_timeout, 120);
         assert_eq!(c.accel, "tcg");
         assert_eq!(c.progress_monitor, "logger -t x");
+        assert_eq!(c.helper_user, "dynamic", "qemu gets a uid of its own unless HELPER_USER names one");
+        assert_eq!(parse("f", "HELPER_USER=imgforge-qemu").unwrap().0.helper_user, "imgforge-qemu");
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("FOO"));
         let bad = [
