@@ -94,7 +94,8 @@ fn accel_auto_finds_a_working_accelerator_and_remembers_it() {
 }
 
 /// A stand-in for qemu: `script` runs first (a POSIX sh `case` on the arguments), then the real
-/// qemu. qemu runs as nobody: the wrapper and its directory must be reachable by it.
+/// qemu. qemu runs as a uid of its own, which owns nothing: the wrapper and its directory must
+/// be readable and executable by anyone (0755).
 fn fake_qemu(name: &str, script: &str) -> (tempfile::TempDir, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     let bin = tempfile::tempdir().unwrap();
@@ -241,14 +242,13 @@ fn a_helper_run_qemu_fails_under_kvm_finishes_under_tcg() {
 /// qemu runs as the helper user, who can read its `/proc/PID/environ`: it gets nothing of
 /// imgforge's environment but PATH — Ganeti passes `OSP_IMG_PASSWD` in it. Both qemus of a
 /// customization, the helper VM and the block-layer one that commits, are the `--qemu` given.
+/// Each runs as a uid of its own, so each writes a record of its own.
 #[test]
 fn qemu_gets_no_secrets_in_its_environment() {
     use std::os::unix::fs::PermissionsExt;
     let seen = tempfile::tempdir().unwrap();
     std::fs::set_permissions(seen.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let record = seen.path().join("environ");
-    let calls = seen.path().join("calls");
-    let script = format!("env > '{}'; echo \"$*\" >> '{}'", record.display(), calls.display());
+    let script = format!("{{ echo \"ARGS $*\"; env; }} > '{}/call.'$$", seen.path().display());
     let (_bin, fake) = fake_qemu("qemu-records-env", &script);
     let cache = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -263,13 +263,21 @@ fn qemu_gets_no_secrets_in_its_environment() {
         .output()
         .unwrap();
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    let environ = std::fs::read_to_string(&record).expect("the stand-in qemu ran");
-    assert!(!environ.contains("hunter2") && !environ.contains("OSP_"), "{environ}");
-    let names: Vec<&str> = environ.lines().filter_map(|l| l.split('=').next()).collect();
-    // sh itself adds PWD (and may add SHLVL, _); nothing else of imgforge's comes through.
-    assert!(names.iter().all(|n| matches!(*n, "PATH" | "PWD" | "SHLVL" | "_")), "{environ}");
-    let calls = std::fs::read_to_string(&calls).unwrap();
-    assert!(calls.contains("-machine pc") && calls.contains("-machine none"), "{calls}");
+    let records: Vec<String> =
+        std::fs::read_dir(seen.path()).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect();
+    let args: Vec<&str> = records.iter().filter_map(|r| r.lines().next()?.strip_prefix("ARGS ")).collect();
+    assert_eq!(args.len(), records.len(), "a stand-in qemu could not write its record: {records:?}");
+    assert!(
+        args.iter().any(|a| a.contains("-machine pc")) && args.iter().any(|a| a.contains("-machine none")),
+        "{args:?}"
+    );
+    for record in &records {
+        let environ: Vec<&str> = record.lines().skip(1).collect();
+        assert!(environ.iter().all(|l| !l.contains("hunter2") && !l.contains("OSP_")), "{record}");
+        let names: Vec<&str> = environ.iter().filter_map(|l| l.split('=').next()).collect();
+        // sh itself adds PWD (and may add SHLVL, _); nothing else of imgforge's comes through.
+        assert!(names.iter().all(|n| matches!(*n, "PATH" | "PWD" | "SHLVL" | "_")), "{record}");
+    }
 }
 
 /// A descriptor imgforge inherited without close-on-exec (as a caller's pipe or disk) never

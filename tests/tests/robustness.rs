@@ -42,17 +42,28 @@ fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-fn uid_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
 fn nobody_uid() -> u32 {
     sh(Command::new("id").args(["-u", "nobody"])).unwrap().trim().parse().unwrap()
+}
+
+/// qemu runs as a uid (and gid) of its own, from the range imgforge hands out, not as a user
+/// other processes share.
+fn assert_per_job_uid(pid: u32, line: &str) {
+    if let Err(e) = per_job_uid(pid, line) {
+        panic!("{e}");
+    }
+}
+
+/// Whether `pid` (gone: nothing to say) runs as a per-job uid and gid.
+fn per_job_uid(pid: u32, line: &str) -> Result<(), String> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Ok(()) };
+    let first =
+        |key: &str| status.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse::<u32>().ok());
+    let (uid, gid) = (first("Uid:"), first("Gid:"));
+    match uid {
+        Some(uid) if imgforge::vm::dynamic_user::DYNAMIC_UIDS.contains(&uid) && gid == Some(uid) => Ok(()),
+        _ => Err(format!("qemu runs as uid {uid:?} gid {gid:?}, not a per-job uid: {line}")),
+    }
 }
 
 fn all_cmdlines() -> Vec<(u32, String)> {
@@ -115,7 +126,7 @@ fn qemu_is_unprivileged_confined_and_sees_no_secret_or_host_mount() {
             if line.is_empty() {
                 continue;
             }
-            assert_eq!(uid_of(*pid), Some(nobody_uid()), "qemu is not running as nobody: {line}");
+            assert_per_job_uid(*pid, &line);
             assert!(line.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"), "{line}");
             assert!(
                 line.contains("-nodefaults") && !line.contains("-netdev") && !line.contains(img.to_str().unwrap()),
@@ -251,7 +262,7 @@ fn qemu_formats_are_read_by_a_confined_qemu_only() {
             }
             assert!(line.contains("-machine none") && line.contains("-sandbox on,"), "{line}");
             assert!(line.contains("/dev/fdset/1") && !line.contains(qcow2.to_str().unwrap()), "{line}");
-            assert_eq!(uid_of(*pid), Some(nobody_uid()), "qemu is not running as nobody: {line}");
+            assert_per_job_uid(*pid, &line);
             sampled += 1;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -462,9 +473,10 @@ fn nothing_is_left_after_sigkill_of_a_customization() {
 /// image took over in a concurrent job) must not reach a job's qemu: through its memory it
 /// holds the guest's RAM (uploads, keys, the rules), the disk and overlay descriptors and the
 /// report pipe. qemu execs after the drop to the helper user, so the kernel leaves it dumpable
-/// and a same-uid process passes the ptrace check of /proc/PID/mem.
+/// and a same-uid process passes the ptrace check of /proc/PID/mem: each qemu runs as a uid of
+/// its own instead, which no other process has (`vm::dynamic_user`'s tests show two jobs never
+/// share one).
 #[test]
-#[ignore = "open finding (adversarial review of issue 15): a qemu of the shared helper user is dumpable"]
 fn another_process_of_the_helper_user_cannot_reach_qemu() {
     fixtures::require_root();
     let work = tempfile::tempdir().unwrap();
@@ -473,6 +485,12 @@ fn another_process_of_the_helper_user_cannot_reach_qemu() {
     let mut child = spawn(&["customize", "-a", &s(&img), "--accel", "tcg", "--run-command", "sleep 300"], tmp.path());
     let qemu = wait_for_holders(&img, &mut child);
     let nobody = nobody_uid();
+    // Held between fork and exec too, while still root: looked at once qemu runs.
+    let started = Instant::now();
+    while !qemu.iter().all(|pid| cmdline(*pid).contains("-sandbox")) && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let owners: Vec<Result<(), String>> = qemu.iter().map(|pid| per_job_uid(*pid, &cmdline(*pid))).collect();
     let reached: Vec<String> = qemu
         .iter()
         .filter_map(|pid| {
@@ -489,6 +507,37 @@ fn another_process_of_the_helper_user_cannot_reach_qemu() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(reached.is_empty(), "the helper user opened {reached:?}");
+    for owner in owners {
+        owner.unwrap();
+    }
+}
+
+/// `--helper-user NAME` still means that user (here `nobody`), for sites that chose a dedicated
+/// one; the default is a uid of each qemu's own.
+#[test]
+fn a_named_helper_user_is_used_as_given() {
+    fixtures::require_root();
+    let work = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let args = ["customize", "-a", &s(&img), "--accel", "tcg", "--helper-user", "nobody", "--run-command", "sleep 300"];
+    let mut child = spawn(&args, tmp.path());
+    let qemu = wait_for_holders(&img, &mut child);
+    let started = Instant::now();
+    while !qemu.iter().all(|pid| cmdline(*pid).contains("-sandbox")) && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nobody = nobody_uid().to_string();
+    let uids: Vec<Option<String>> = qemu
+        .iter()
+        .map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            Some(status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.to_owned())
+        })
+        .collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!uids.is_empty() && uids.iter().all(|u| u.as_deref() == Some(nobody.as_str())), "{uids:?}");
 }
 
 /// A guest that writes more than TMPDIR holds (the overlay grows with every block it writes,

@@ -101,6 +101,7 @@ fn job_status(e: &JobError) -> ExitStatus {
         E::Liveimg(crate::source::liveimg::LiveimgError::Repack { .. }) => ExitStatus::Environment,
         E::Liveimg(_) => ExitStatus::BadInput,
         E::Vm(vm) => vm_status(vm),
+        E::HelperUser(crate::vm::privilege::PrivilegeError::Dynamic(_)) => ExitStatus::Environment,
         E::Target(_) | E::HelperUser(_) | E::Overlay(crate::job::overlay::OverlayError::Refused { .. }) => {
             ExitStatus::BadInput
         }

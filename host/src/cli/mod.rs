@@ -111,7 +111,11 @@ struct VmArgs {
     /// Helper VM memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = HELPER_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(128..=65_536))]
     memory: u32,
-    /// Unprivileged user qemu runs as (when imgforge runs as root).
+    /// Unprivileged user qemu runs as (when imgforge runs as root). `dynamic` (the default):
+    /// each qemu gets a uid and gid of its own, from 1879048192..=1879113727, that no user
+    /// database entry names and no other process uses. A named USER is shared with every other
+    /// process of that user, which can then read and write the job's qemu (guest memory, disks,
+    /// the report): give a dedicated user, never `nobody`.
     #[arg(long, value_name = "USER", default_value = DEFAULT_HELPER_USER)]
     helper_user: String,
     /// qemu binary.

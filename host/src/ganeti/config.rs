@@ -28,7 +28,8 @@ pub struct Config {
     pub helper_hard_timeout: u64,
     /// Helper VM memory (MiB).
     pub helper_memory: u32,
-    /// User qemu runs as.
+    /// User qemu runs as: `dynamic` (the default), a uid of each qemu's own; or a named user,
+    /// which every other process of that user shares.
     pub helper_user: String,
     /// Command fed the progress JSON on stdin (empty: none).
     pub progress_monitor: String,
@@ -43,7 +44,7 @@ impl Default for Config {
             helper_soft_timeout: 600,
             helper_hard_timeout: 10,
             helper_memory: 1024,
-            helper_user: "nobody".into(),
+            helper_user: crate::vm::privilege::DEFAULT_HELPER_USER.into(),
             progress_monitor: String::new(),
             accel: "auto".into(),
         }
@@ -127,6 +128,8 @@ mod tests {
         assert_eq!(c.helper_soft_timeout, 120);
         assert_eq!(c.accel, "tcg");
         assert_eq!(c.progress_monitor, "logger -t x");
+        assert_eq!(c.helper_user, "dynamic", "qemu gets a uid of its own unless HELPER_USER names one");
+        assert_eq!(parse("f", "HELPER_USER=imgforge-qemu").unwrap().0.helper_user, "imgforge-qemu");
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("FOO"));
         let bad = [

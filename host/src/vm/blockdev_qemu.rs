@@ -27,7 +27,8 @@ pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Confinement {
     /// qemu-system-x86_64.
     pub qemu: std::path::PathBuf,
-    /// The unprivileged user it runs as when imgforge runs as root.
+    /// The unprivileged user it runs as when imgforge runs as root
+    /// ([`privilege::DYNAMIC_HELPER_USER`]: a uid of its own, reserved while it runs).
     pub user: String,
 }
 
@@ -66,6 +67,8 @@ impl StartError {
 /// A running confined qemu; killed when dropped.
 pub struct BlockdevQemu {
     child: Child,
+    // Its uid's reservation: dropped after the child was reaped (fields drop after `drop`).
+    _user: Option<Unprivileged>,
     dir: tempfile::TempDir,
     /// Its monitor (the commands imgforge sends it exist in qemu 7.2 to 10).
     pub qmp: Qmp,
@@ -112,7 +115,7 @@ impl BlockdevQemu {
         ]);
         let mut inherited: Vec<RawFd> = fdsets.iter().map(|(_, fd, _)| *fd).collect();
         inherited.push(listener.as_raw_fd());
-        let child = spawn(&confinement.qemu, &args, inherited, user).map_err(host)?;
+        let child = spawn(&confinement.qemu, &args, inherited, user.clone()).map_err(host)?;
         // qemu holds its own copy: if it dies, connecting fails instead of waiting forever.
         drop(listener);
         let mut child = child;
@@ -124,7 +127,7 @@ impl BlockdevQemu {
                 return Err(StartError::from_qemu_output(stderr_or(&mut child, e.to_string())));
             }
         };
-        Ok(BlockdevQemu { child, dir, qmp })
+        Ok(BlockdevQemu { child, _user: user, dir, qmp })
     }
 
     /// A path for a socket in qemu's private directory.

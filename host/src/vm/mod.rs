@@ -5,6 +5,7 @@ pub mod accel;
 pub mod blockdev_qemu;
 pub mod cmdline;
 pub mod console;
+pub mod dynamic_user;
 pub mod kvm_probe;
 pub mod privilege;
 pub mod qmp;

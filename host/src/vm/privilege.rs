@@ -1,10 +1,17 @@
 //! The unprivileged user qemu runs as, and dropping to it between fork and exec.
 
+use super::dynamic_user::{self, DynamicUserError, Lease};
 use std::ffi::CString;
+use std::sync::Arc;
 use thiserror::Error;
 
-/// Default user for the helper VM (as snf-image).
-pub const DEFAULT_HELPER_USER: &str = "nobody";
+/// The `--helper-user` (and Ganeti `HELPER_USER`) value that asks for a uid and gid of each
+/// qemu's own, shared with no other process (see [`dynamic_user`]).
+pub const DYNAMIC_HELPER_USER: &str = "dynamic";
+
+/// Default helper user: a per-qemu uid. A named user (snf-image's `nobody`) is shared with every
+/// other process of that user, which may then open qemu's memory and descriptors.
+pub const DEFAULT_HELPER_USER: &str = DYNAMIC_HELPER_USER;
 
 /// Why the helper user cannot be used.
 #[derive(Debug, Error)]
@@ -15,17 +22,43 @@ pub enum PrivilegeError {
     /// The user is root.
     #[error("helper user {0:?} is root: qemu must run unprivileged, pick another user")]
     Root(String),
+    /// No per-qemu uid could be reserved: the host's trouble.
+    #[error(transparent)]
+    Dynamic(#[from] DynamicUserError),
 }
 
 /// A user and group to run qemu as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Unprivileged {
-    /// User name.
+    /// User name (for a per-qemu uid, a description of it).
     pub name: String,
     /// User id.
     pub uid: u32,
     /// Primary group id.
     pub gid: u32,
+    /// For a per-qemu uid, its reservation: held as long as any copy of this user lives.
+    lease: Option<Arc<Lease>>,
+}
+
+impl PartialEq for Unprivileged {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, self.uid, self.gid) == (&other.name, other.uid, other.gid)
+    }
+}
+
+impl Eq for Unprivileged {}
+
+impl Unprivileged {
+    /// The user and group of a reserved uid: the gid is the same number.
+    pub fn dynamic(lease: Lease) -> Self {
+        let uid = lease.uid();
+        Self { name: format!("per-job uid {uid}"), uid, gid: uid, lease: Some(Arc::new(lease)) }
+    }
+
+    /// Whether this is a reserved per-qemu uid rather than a named user.
+    pub fn is_dynamic(&self) -> bool {
+        self.lease.is_some()
+    }
 }
 
 /// Looks the user up in the host's user database.
@@ -43,15 +76,21 @@ pub fn lookup(name: &str) -> Result<Unprivileged, PrivilegeError> {
     if pwd.pw_uid == 0 {
         return Err(PrivilegeError::Root(name.to_owned()));
     }
-    Ok(Unprivileged { name: name.to_owned(), uid: pwd.pw_uid, gid: pwd.pw_gid })
+    Ok(Unprivileged { name: name.to_owned(), uid: pwd.pw_uid, gid: pwd.pw_gid, lease: None })
 }
 
-/// The user to drop to: `name` when running as root; nobody to drop to otherwise (an
-/// unprivileged caller's qemu already runs unprivileged).
+/// The user one qemu drops to: when running as root, a freshly reserved uid for
+/// [`DYNAMIC_HELPER_USER`], or the user `name`; nobody to drop to otherwise (an unprivileged
+/// caller's qemu already runs unprivileged). Keep the result as long as the qemu runs.
 pub fn for_this_process(name: &str) -> Result<Option<Unprivileged>, PrivilegeError> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
+    }
+    if name == DYNAMIC_HELPER_USER {
+        let user = Unprivileged::dynamic(dynamic_user::Allocator::host().allocate()?);
+        tracing::debug!(uid = user.uid, "qemu gets a uid of its own");
+        return Ok(Some(user));
     }
     lookup(name).map(Some)
 }
@@ -175,7 +214,7 @@ mod tests {
         if std::env::var_os("IMGFORGE_TEST_SPAWN_CONFINED").is_none() {
             return;
         }
-        let nobody = lookup(DEFAULT_HELPER_USER).unwrap();
+        let nobody = lookup("nobody").unwrap();
         let mut command = std::process::Command::new("sleep");
         command.arg("120");
         // SAFETY: child_setup runs only async-signal-safe syscalls.
