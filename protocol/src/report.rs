@@ -119,7 +119,7 @@ impl ReportLine {
         let malformed =
             |keyword: &'static str| ReportLineError::Malformed { keyword, line: line.chars().take(200).collect() };
         match keyword {
-            "SUCCESS" if rest.is_empty() => Ok(ReportLine::Success),
+            "SUCCESS" if line == "SUCCESS" => Ok(ReportLine::Success),
             "SUCCESS" => Err(malformed("SUCCESS")),
             "TASK-START" if is_word(rest) => Ok(ReportLine::TaskStart { task: rest.to_owned() }),
             "TASK-START" => Err(malformed("TASK-START")),
@@ -268,6 +268,16 @@ impl VerdictBuilder {
         }
     }
 
+    /// Takes a line that did not parse into account: a garbled `ERROR` or `SUCCESS` line fails
+    /// the run, so that a mangled report never reads as a success (other lines are ignored).
+    pub fn observe_unparsed(&mut self, line: &str, error: &ReportLineError) {
+        let garbled = matches!(error, ReportLineError::Malformed { keyword: "ERROR" | "SUCCESS", .. });
+        if garbled && self.error.is_none() {
+            let shown: String = line.chars().take(200).collect();
+            self.error = Some(("helper".to_owned(), format!("unreadable report line {shown:?}")));
+        }
+    }
+
     /// The verdict so far.
     pub fn verdict(&self) -> Verdict {
         match (&self.error, self.success) {
@@ -278,13 +288,14 @@ impl VerdictBuilder {
     }
 }
 
-/// Reads a whole report (for tests and post-mortem use): lines that do not parse are ignored.
+/// Reads a whole report (for tests and post-mortem use), as the host reads it live.
 pub fn verdict_of(bytes: &[u8]) -> Verdict {
     let mut splitter = LineSplitter::default();
     let mut builder = VerdictBuilder::default();
     for line in splitter.push(bytes) {
-        if let Ok(parsed) = ReportLine::parse(&line) {
-            builder.observe(&parsed);
+        match ReportLine::parse(&line) {
+            Ok(parsed) => builder.observe(&parsed),
+            Err(e) => builder.observe_unparsed(&line, &e),
         }
     }
     builder.verdict()
@@ -324,6 +335,7 @@ mod tests {
             "   ",
             "SUCCES",
             "SUCCESS now",
+            "SUCCESS ",
             "success",
             "TASK-START",
             "TASK-START two words",
@@ -343,6 +355,10 @@ mod tests {
         for text in bad {
             assert!(ReportLine::parse(text).is_err(), "{text:?} should not parse");
         }
+        // A garbled ERROR (its closing quote lost) before SUCCESS is a failure, not a success.
+        let garbled = b"TASK-START 50-Customize\nERROR 50-Customize \"it failed\nSUCCESS\n";
+        assert!(matches!(verdict_of(garbled), Verdict::Failed { .. }), "{:?}", verdict_of(garbled));
+        assert!(matches!(verdict_of(b"SUCCESS now\nSUCCESS\n"), Verdict::Failed { .. }));
     }
 
     #[test]
@@ -393,7 +409,10 @@ mod tests {
                 b"TASK-START 10-A\nERROR 10-A \"boom\"\nERROR helper \"later\"\nSUCCESS\n",
                 Verdict::Failed { task: "10-A".into(), message: "boom".into() },
             ),
-            (b"SUCCESS now\n", Verdict::Incomplete { running: None }),
+            (
+                b"SUCCESS now\n",
+                Verdict::Failed { task: "helper".into(), message: "unreadable report line \"SUCCESS now\"".into() },
+            ),
         ];
         for (bytes, want) in cases {
             assert_eq!(&verdict_of(bytes), want, "{:?}", String::from_utf8_lossy(bytes));

@@ -694,7 +694,10 @@ fn spawn_report_reader(
                     Err(_) if console::malformed_check(&line).is_some() => {
                         let _ = events.send(VmEvent::MalformedCheck(printable(&line).into_owned()));
                     }
-                    Err(e) => tracing::debug!("ignoring report line: {e}"),
+                    Err(e) => {
+                        tracing::debug!("unparsed report line: {e}");
+                        shared.verdict.lock().expect("verdict lock").observe_unparsed(&line, &e);
+                    }
                 }
             }
         }
