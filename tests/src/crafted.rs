@@ -89,7 +89,8 @@ pub fn head(path: &Path, len: usize) -> Vec<u8> {
     out
 }
 
-/// A loop device (direct I/O) over a file of `size` bytes of 0xff, detached on drop.
+/// A loop device (direct I/O) over a file of `size` bytes of 0xff, unmounted and detached on
+/// drop.
 pub struct Loop {
     /// `/dev/loopN`.
     pub dev: String,
@@ -109,6 +110,8 @@ impl Loop {
 
 impl Drop for Loop {
     fn drop(&mut self) {
+        // A test may have mounted it: a mounted loop device does not detach.
+        let _ = Command::new("umount").arg(&self.dev).status();
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
     }
 }

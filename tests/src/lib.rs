@@ -8,3 +8,4 @@ pub mod http;
 pub mod readback;
 pub mod rpm;
 pub mod run;
+pub mod stand_in;

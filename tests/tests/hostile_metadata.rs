@@ -131,25 +131,14 @@ fn crc32(bytes: &[u8]) -> u32 {
 /// it, so the run ends with a verdict instead of running out of memory.
 #[test]
 fn a_400_mib_console_line_costs_bounded_memory() {
-    use std::os::unix::fs::PermissionsExt;
     let bin = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let qemu = bin.path().join("qemu-long-line");
-    std::fs::write(
-        &qemu,
-        r#"#!/bin/bash
-for a in "$@"; do
-  case "$a" in
-    fd=*,opaque=console) c=${a#fd=}; c=${c%%,*} ;;
-    fd=*,opaque=report) r=${a#fd=}; r=${r%%,*} ;;
-  esac
-done
-{ head -c 400M /dev/zero | tr '\0' x; echo; echo after; } >&"$c"
+    let qemu = imgforge_tests::stand_in::serial_qemu(
+        bin.path(),
+        "qemu-long-line",
+        r#"{ head -c 400M /dev/zero | tr '\0' x; echo; echo after; } >&"$c"
 printf 'SUCCESS\n' >&"$r"
 "#,
-    )
-    .unwrap();
-    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let img = imgforge_tests::fixtures::disk(imgforge_tests::fixtures::Shape::DosExt4).unwrap();
     let out = imgforge_capped(&[
         "verify",

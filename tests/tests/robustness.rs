@@ -21,6 +21,17 @@ fn spawn(args: &[&str], tmpdir: &Path) -> Child {
         .spawn()
         .unwrap()
 }
+/// A customization of `img` (TMPDIR `tmpdir`) whose helper VM sleeps in its guest, started and
+/// waited for until its qemus hold the disk: (imgforge, the qemus).
+fn sleeping_customization(img: &Path, tmpdir: &Path, extra: &[&str]) -> (Child, Vec<u32>) {
+    let image = s(img);
+    let mut args = vec!["customize", "-a", &image, "--accel", "tcg"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--run-command", "sleep 300"]);
+    let mut child = spawn(&args, tmpdir);
+    let qemu = wait_for_holders(img, &mut child);
+    (child, qemu)
+}
 
 /// Waits until some process holds `path` open (qemu started), returning its pids.
 fn wait_for_holders(path: &Path, child: &mut Child) -> Vec<u32> {
@@ -150,11 +161,7 @@ fn sigint_stops_qemu_cleans_up_and_keeps_the_disk() {
         let tmp = tempfile::tempdir().unwrap();
         let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
         let before = digest(&img);
-        let mut child = spawn(
-            &["customize", "-a", &s(&img), "--accel", "tcg", "--hostname", "x", "--run-command", "sleep 300"],
-            tmp.path(),
-        );
-        wait_for_holders(&img, &mut child);
+        let (mut child, _) = sleeping_customization(&img, tmp.path(), &["--hostname", "x"]);
         std::thread::sleep(Duration::from_secs(2));
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
@@ -174,8 +181,7 @@ fn qemu_killed_from_outside_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
     let before = digest(&img);
-    let mut child = spawn(&["customize", "-a", &s(&img), "--accel", "tcg", "--run-command", "sleep 300"], tmp.path());
-    let qemu = wait_for_holders(&img, &mut child);
+    let (child, qemu) = sleeping_customization(&img, tmp.path(), &[]);
     std::thread::sleep(Duration::from_secs(1));
     for pid in qemu {
         // SAFETY: killing the qemu this test started.
@@ -449,11 +455,7 @@ fn nothing_is_left_after_sigkill_of_a_customization() {
     let tmp = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
     let before = digest(&img);
-    let mut child = spawn(
-        &["customize", "-a", &s(&img), "--accel", "tcg", "--hostname", "x", "--run-command", "sleep 300"],
-        tmp.path(),
-    );
-    wait_for_holders(&img, &mut child);
+    let (mut child, _) = sleeping_customization(&img, tmp.path(), &["--hostname", "x"]);
     child.kill().unwrap();
     child.wait().unwrap();
     let started = Instant::now();
@@ -482,8 +484,7 @@ fn another_process_of_the_helper_user_cannot_reach_qemu() {
     let work = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let mut child = spawn(&["customize", "-a", &s(&img), "--accel", "tcg", "--run-command", "sleep 300"], tmp.path());
-    let qemu = wait_for_holders(&img, &mut child);
+    let (mut child, qemu) = sleeping_customization(&img, tmp.path(), &[]);
     let nobody = nobody_uid();
     // Held between fork and exec too, while still root: looked at once qemu runs.
     let started = Instant::now();
@@ -520,9 +521,7 @@ fn a_named_helper_user_is_used_as_given() {
     let work = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let args = ["customize", "-a", &s(&img), "--accel", "tcg", "--helper-user", "nobody", "--run-command", "sleep 300"];
-    let mut child = spawn(&args, tmp.path());
-    let qemu = wait_for_holders(&img, &mut child);
+    let (mut child, qemu) = sleeping_customization(&img, tmp.path(), &["--helper-user", "nobody"]);
     let started = Instant::now();
     while !qemu.iter().all(|pid| cmdline(*pid).contains("-sandbox")) && started.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));

@@ -113,25 +113,14 @@ fn unpacking_stops_at_the_announced_size() {
 /// console log keeps it).
 #[test]
 fn an_unparseable_check_line_fails_verify() {
-    use std::os::unix::fs::PermissionsExt;
     let bin = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let qemu = bin.path().join("qemu-check-lines");
-    std::fs::write(
-        &qemu,
-        r#"#!/bin/bash
-for a in "$@"; do
-  case "$a" in
-    fd=*,opaque=console) c=${a#fd=}; c=${c%%,*} ;;
-    fd=*,opaque=report) r=${a#fd=}; r=${r%%,*} ;;
-  esac
-done
-printf '%s\n' '[70-CheckPackages] CHECK ok package-dnf "1.0"' "[70-CheckPackages] CHECK ok package-x $(printf '\033')[2J" >&"$c"
+    let qemu = imgforge_tests::stand_in::serial_qemu(
+        bin.path(),
+        "qemu-check-lines",
+        r#"printf '%s\n' '[70-CheckPackages] CHECK ok package-dnf "1.0"' "[70-CheckPackages] CHECK ok package-x $(printf '\033')[2J" >&"$c"
 printf '%s\n' 'TASK-START 70-CheckPackages' 'CHECK ok package-dnf "1.0"' 'TASK-END 70-CheckPackages 5' SUCCESS >&"$r"
 "#,
-    )
-    .unwrap();
-    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let img = fixtures::disk(Shape::DosExt4).unwrap();
     let out = imgforge(&["verify", "--accel", "tcg", "--json", "--qemu", &s(&qemu), &s(&img)]);
     assert_eq!(code(&out), 1, "a check that could not be read passed verify");

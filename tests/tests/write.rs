@@ -34,30 +34,6 @@ fn sources(dir: &Path, raw: &Path) -> Vec<(&'static str, PathBuf)> {
     out
 }
 
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    /// A loop device (direct I/O) over a file of `size` bytes of 0xff.
-    fn filled(dir: &Path, size: u64) -> Self {
-        let backing = dir.join("loop-backing");
-        std::fs::write(&backing, vec![0xffu8; size as usize]).unwrap();
-        let dev = sh(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(&backing))
-            .unwrap()
-            .trim()
-            .to_owned();
-        Self { dev }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dev).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
 fn same_prefix(a: &Path, b: &str, len: u64) -> bool {
     Command::new("cmp").args(["-n", &len.to_string()]).arg(a).arg(b).status().unwrap().success()
 }
@@ -68,7 +44,7 @@ fn every_source_kind_round_trips_onto_files_and_a_dirty_block_device() {
     let dir = tempfile::tempdir().unwrap();
     let raw = fixtures::synthetic_raw(dir.path()).unwrap();
     let size = std::fs::metadata(&raw).unwrap().len();
-    let lo = Loop::filled(dir.path(), size + (8 << 20));
+    let lo = crafted::Loop::filled(dir.path(), "loop-backing", size + (8 << 20));
     for (kind, src) in sources(dir.path(), &raw) {
         let before = digest(&src);
         let out_file = dir.path().join(format!("out-{kind}.img"));
@@ -222,7 +198,7 @@ fn mounted_block_device_is_refused() {
     fixtures::require_root();
     let dir = tempfile::tempdir().unwrap();
     let raw = fixtures::synthetic_raw(dir.path()).unwrap();
-    let lo = Loop::filled(dir.path(), 80 << 20);
+    let lo = crafted::Loop::filled(dir.path(), "loop-backing", 80 << 20);
     sh(Command::new("mkfs.ext4").args(["-q", "-F", &lo.dev])).unwrap();
     let mnt = tempfile::tempdir().unwrap();
     sh(Command::new("mount").arg(&lo.dev).arg(mnt.path())).unwrap();
