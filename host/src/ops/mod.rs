@@ -8,7 +8,7 @@ pub mod commands_file;
 pub mod copy_in;
 pub mod password;
 
-use crate::ops::password::PasswordSelector;
+use crate::ops::password::{PasswordCrypto, PasswordSelector};
 use clap::Args;
 use imgforge_protocol::rules::{Operation, Principal};
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +30,10 @@ pub struct OpsArgs {
     /// Set USER's password (same selectors).
     #[arg(long, value_name = "USER:SELECTOR")]
     password: Vec<String>,
+    /// The hash --root-password and --password write, wherever it stands: sha512 (default) or
+    /// sha256 (md5 is refused).
+    #[arg(long, value_name = "sha256|sha512")]
+    password_crypto: Vec<String>,
     /// Append SSH public keys to USER's ~/.ssh/authorized_keys (default: your ~/.ssh/*.pub).
     #[arg(long, value_name = "USER[:file:PATH|:string:KEY]")]
     ssh_inject: Vec<String>,
@@ -235,6 +239,8 @@ pub struct Plan {
     pub gpgcheck: bool,
     /// The root filesystem's helper device, when auto-detection is not wanted.
     pub root_partition: Option<String>,
+    /// The hash passwords are written with (`--password-crypto`; set it before adding them).
+    pub password_crypto: PasswordCrypto,
 }
 
 /// The first bytes of every RPM file (the lead).
@@ -498,6 +504,10 @@ impl Plan {
         let value = value.ok_or_else(|| invalid("this option needs an argument".into()))?;
         match option {
             "commands-from-file" => self.add_commands_file(Path::new(value), depth),
+            "password-crypto" => {
+                self.password_crypto = PasswordCrypto::parse(value).map_err(|e| invalid(e.to_string()))?;
+                Ok(())
+            }
             "ssh-inject" => self.add_ssh_keys(value).map_err(invalid),
             "install-rpm" => self.add_rpm(value).map_err(invalid),
             "install" => self.add_packages(value).map_err(invalid),
@@ -619,7 +629,7 @@ impl Plan {
             return Err(format!("{user:?} is not a user name"));
         }
         let selector = PasswordSelector::parse(selector).map_err(|e| e.to_string())?;
-        let field = selector.to_shadow_field().map_err(|e| e.to_string())?;
+        let field = selector.to_shadow_field(self.password_crypto).map_err(|e| e.to_string())?;
         if let Some(pw) = field.random_password {
             self.random_passwords.push((user.to_owned(), pw));
         }
@@ -941,7 +951,7 @@ mod tests {
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
         assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
-        assert_eq!(operation_options().len(), 30);
+        assert_eq!(operation_options().len(), 31);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {

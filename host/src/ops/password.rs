@@ -1,7 +1,8 @@
 //! virt-customize's password selectors, reduced on the host to an `/etc/shadow` field.
 //!
-//! Clear text lives only in this process: it is hashed (SHA-512 crypt) here and only the hash
-//! reaches the rules. `Debug` never prints a password.
+//! Clear text lives only in this process: it is hashed (SHA-512 crypt, or SHA-256 crypt with
+//! `--password-crypto sha256`) here and only the hash reaches the rules. `Debug` never prints a
+//! password.
 
 use std::path::PathBuf;
 use thiserror::Error;
@@ -26,6 +27,42 @@ pub enum PasswordError {
     /// The hash could not be computed.
     #[error("cannot hash the password: {0}")]
     Hash(String),
+    /// `--password-crypto` names a method imgforge does not write.
+    #[error("{0:?} is not a password hash imgforge writes: use sha512 (the default) or sha256")]
+    Crypto(String),
+    /// `--password-crypto md5`: virt-customize's, refused here.
+    #[error("md5 crypt is refused (it is broken for passwords, and no well-kept Rust crate implements it): use sha512 (the default) or sha256")]
+    Md5Refused,
+}
+
+/// The hash `--root-password`/`--password` write (virt-customize's `--password-crypto`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PasswordCrypto {
+    /// SHA-256 crypt, `$5$`.
+    Sha256,
+    /// SHA-512 crypt, `$6$` (virt-customize's default for the guests imgforge handles).
+    #[default]
+    Sha512,
+}
+
+impl PasswordCrypto {
+    /// Parses virt-customize's names (`md5` is refused, naming why).
+    pub fn parse(text: &str) -> Result<Self, PasswordError> {
+        match text {
+            "sha256" => Ok(Self::Sha256),
+            "sha512" => Ok(Self::Sha512),
+            "md5" => Err(PasswordError::Md5Refused),
+            _ => Err(PasswordError::Crypto(text.to_owned())),
+        }
+    }
+
+    /// Hashes clear text with this method and a random salt.
+    pub fn hash(self, password: &str) -> Result<String, PasswordError> {
+        match self {
+            Self::Sha256 => sha256_crypt(password),
+            Self::Sha512 => sha512_crypt(password),
+        }
+    }
 }
 
 /// A parsed selector.
@@ -159,11 +196,12 @@ fn random_password() -> String {
 }
 
 impl PasswordSelector {
-    /// Reduces the selector to a shadow field (reading `file:` here, on the host).
-    pub fn to_shadow_field(&self) -> Result<ShadowField, PasswordError> {
+    /// Reduces the selector to a shadow field hashed with `crypto` (reading `file:` here, on
+    /// the host).
+    pub fn to_shadow_field(&self, crypto: PasswordCrypto) -> Result<ShadowField, PasswordError> {
         match self {
             Self::Password(pw) if pw.is_empty() => Err(PasswordError::Empty("password:".into())),
-            Self::Password(pw) => Ok(ShadowField { field: sha512_crypt(pw)?, random_password: None }),
+            Self::Password(pw) => Ok(ShadowField { field: crypto.hash(pw)?, random_password: None }),
             Self::File(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|source| PasswordError::File { path: path.clone(), source })?;
@@ -171,15 +209,15 @@ impl PasswordSelector {
                 if pw.is_empty() {
                     return Err(PasswordError::Empty(path.display().to_string()));
                 }
-                Ok(ShadowField { field: sha512_crypt(pw)?, random_password: None })
+                Ok(ShadowField { field: crypto.hash(pw)?, random_password: None })
             }
             Self::Random => {
                 let pw = random_password();
-                Ok(ShadowField { field: sha512_crypt(&pw)?, random_password: Some(pw) })
+                Ok(ShadowField { field: crypto.hash(&pw)?, random_password: Some(pw) })
             }
             Self::Disabled => Ok(ShadowField { field: "*".into(), random_password: None }),
             Self::Locked(inner) => {
-                let inner = inner.to_shadow_field()?;
+                let inner = inner.to_shadow_field(crypto)?;
                 Ok(ShadowField { field: format!("!{}", inner.field), random_password: inner.random_password })
             }
         }
@@ -285,7 +323,7 @@ mod tests {
     fn hashes_verify_and_never_debug_print() {
         let sel = PasswordSelector::parse("password:hunter2").unwrap();
         assert!(!format!("{sel:?}").contains("hunter2"));
-        let f = sel.to_shadow_field().unwrap();
+        let f = sel.to_shadow_field(PasswordCrypto::Sha512).unwrap();
         assert!(f.field.starts_with("$6$"), "{}", f.field);
         verify("hunter2", &f.field).unwrap();
         assert!(verify("hunter3", &f.field).is_err());
@@ -293,8 +331,8 @@ mod tests {
 
     #[test]
     fn locked_and_disabled_fields() {
-        assert_eq!(PasswordSelector::Disabled.to_shadow_field().unwrap().field, "*");
-        let locked = PasswordSelector::parse("locked:random").unwrap().to_shadow_field().unwrap();
+        assert_eq!(PasswordSelector::Disabled.to_shadow_field(PasswordCrypto::Sha512).unwrap().field, "*");
+        let locked = PasswordSelector::parse("locked:random").unwrap().to_shadow_field(PasswordCrypto::Sha512).unwrap();
         assert!(locked.field.starts_with("!$6$"));
         let pw = locked.random_password.unwrap();
         assert_eq!(pw.len(), RANDOM_PASSWORD_LEN);
@@ -306,9 +344,36 @@ mod tests {
     fn file_selector_reads_first_line() {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), "fromfile\nignored\n").unwrap();
-        let field = PasswordSelector::File(f.path().into()).to_shadow_field().unwrap().field;
+        let field = PasswordSelector::File(f.path().into()).to_shadow_field(PasswordCrypto::Sha512).unwrap().field;
         verify("fromfile", &field).unwrap();
-        let missing = PasswordSelector::File("/nonexistent/pw".into()).to_shadow_field().unwrap_err().to_string();
+        let missing = PasswordSelector::File("/nonexistent/pw".into())
+            .to_shadow_field(PasswordCrypto::Sha512)
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("/nonexistent/pw"), "{missing}");
+    }
+
+    #[test]
+    fn password_crypto_names() {
+        assert_eq!(PasswordCrypto::parse("sha256").unwrap(), PasswordCrypto::Sha256);
+        assert_eq!(PasswordCrypto::parse("sha512").unwrap(), PasswordCrypto::Sha512);
+        assert_eq!(PasswordCrypto::default(), PasswordCrypto::Sha512);
+        let md5 = PasswordCrypto::parse("md5").unwrap_err().to_string();
+        assert!(md5.contains("md5 crypt is refused") && md5.contains("sha256"), "{md5}");
+        for bad in ["", "SHA256", "sha1", "blowfish", "yescrypt"] {
+            let err = PasswordCrypto::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("sha512") && !err.contains("md5 crypt"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn password_crypto_picks_the_hash() {
+        let sel = PasswordSelector::parse("password:hunter2").unwrap();
+        let sha256 = sel.to_shadow_field(PasswordCrypto::Sha256).unwrap().field;
+        assert!(sha256.starts_with("$5$") && verify("hunter2", &sha256).is_ok(), "{sha256}");
+        let sha512 = sel.to_shadow_field(PasswordCrypto::Sha512).unwrap().field;
+        assert!(sha512.starts_with("$6$") && verify("hunter2", &sha512).is_ok(), "{sha512}");
+        let locked = PasswordSelector::parse("locked:random").unwrap().to_shadow_field(PasswordCrypto::Sha256).unwrap();
+        assert!(locked.field.starts_with("!$5$"), "{}", locked.field);
     }
 }
