@@ -525,3 +525,111 @@ fn copy_in_keeps_the_tree_and_follows_no_host_link() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// virt-customize's global options: `-q` leaves a terminal blank (run under a pseudo-terminal
+/// by script(1), where a bar would otherwise show), `--password-crypto sha256` writes `$5$`, and
+/// the others are accepted.
+#[test]
+fn global_options_as_virt_customize() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let args = [
+        s(&imgforge_tests::run::binary()),
+        "customize".into(),
+        "-a".into(),
+        s(&img),
+        "--accel".into(),
+        "tcg".into(),
+        "-q".into(),
+        "--memsize".into(),
+        "384".into(),
+        "--smp".into(),
+        "2".into(),
+        "--no-network".into(),
+        "--format".into(),
+        "raw".into(),
+        "--colors".into(),
+        "--password-crypto".into(),
+        "sha256".into(),
+        "--root-password".into(),
+        "password:x".into(),
+        "--hostname".into(),
+        "y".into(),
+    ];
+    let line = args.iter().map(|a| format!("'{}'", a.replace('\'', r"'\''"))).collect::<Vec<_>>().join(" ");
+    // stdout and stderr both on one terminal, which script copies to its stdout.
+    let out = std::process::Command::new("script").args(["-qefc", &line, "/dev/null"]).output().unwrap();
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code(&out), 0, "{terminal}");
+    assert_eq!(terminal, "", "-q: nothing on the terminal but errors");
+    let m = Mount::partition(&img, 0).unwrap();
+    assert_eq!(m.read("/etc/hostname").unwrap(), "y\n");
+    let field = shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap();
+    assert!(field.starts_with("$5$"), "{field}");
+    use sha_crypt::PasswordVerifier;
+    sha_crypt::ShaCrypt::default().verify_password(b"x", field.as_str()).expect("root's password verifies");
+}
+
+/// A stand-in qemu that prints its arguments on the console, which `-v` shows; it reports no
+/// success, so the disk stays as it was.
+fn qemu_args_seen(dir: &std::path::Path, img: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let qemu = imgforge_tests::stand_in::serial_qemu(dir, "qemu-args", "echo \"qemu-args: $*\" >&\"$c\"\n");
+    let mut all = vec!["-v", "--qemu", qemu.to_str().unwrap(), "--hostname", "h"];
+    all.extend_from_slice(args);
+    let out = customize_tcg(img, &all);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().find(|l| l.contains("qemu-args: ")).unwrap_or_default().to_owned();
+    (code(&out), line)
+}
+
+#[test]
+fn memsize_and_smp_reach_qemu() {
+    let bin = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, bin.path()).unwrap();
+    let (_, line) = qemu_args_seen(bin.path(), &img, &["--memsize", "384", "--smp", "2"]);
+    assert!(line.contains(" -m 384 -smp 2 "), "{line}");
+    let (_, line) = qemu_args_seen(bin.path(), &img, &["-m", "200"]);
+    assert!(line.contains(" -m 200 -smp 1 "), "{line}");
+    for (bad, named) in [("--smp=0", "--smp"), ("--memsize=64", "--memsize")] {
+        let out = imgforge(&["customize", "-a", &s(&img), bad, "--hostname", "h"]);
+        assert_eq!(code(&out), 2, "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(named), "{bad}");
+    }
+}
+
+/// `--format raw` is the user's word: a raw disk whose first bytes read as a qcow2 header (which
+/// could name a host file as its backing file) goes to qemu as raw, never parsed as qcow2.
+#[test]
+fn format_raw_is_used_as_raw_whatever_the_header_says() {
+    let bin = tempfile::tempdir().unwrap();
+    let img = bin.path().join("looks-like-qcow2.img");
+    let mut bytes = vec![0u8; 4 << 20];
+    bytes[..4].copy_from_slice(b"QFI\xfb");
+    bytes[4..8].copy_from_slice(&3u32.to_be_bytes());
+    bytes[8..16].copy_from_slice(&512u64.to_be_bytes());
+    bytes[16..20].copy_from_slice(&11u32.to_be_bytes());
+    bytes[512..523].copy_from_slice(b"/etc/shadow");
+    std::fs::write(&img, &bytes).unwrap();
+    let sniffed = imgforge(&["customize", "-a", &s(&img), "--accel", "tcg", "--hostname", "h"]);
+    assert_eq!(code(&sniffed), 2, "without --format the header is read, and this one refused");
+    let (_, line) = qemu_args_seen(bin.path(), &img, &["--format", "raw"]);
+    assert!(line.contains("driver=raw,node-name=disk,"), "{line}");
+    assert!(!line.contains("driver=qcow2,node-name=disk,"), "{line}");
+    assert_eq!(std::fs::read(&img).unwrap(), bytes, "the disk is untouched");
+}
+
+#[test]
+fn network_is_refused_naming_the_offline_ways() {
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let out = customize_tcg(&img, &["--network", "--hostname", "h"]);
+    assert_eq!(code(&out), 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for named in ["--network", "--install-rpm", "--repo DIR", "--copy-in", "--upload"] {
+        assert!(stderr.contains(named), "{named} missing from {stderr}");
+    }
+    let md5 = customize_tcg(&img, &["--password-crypto", "md5", "--root-password", "password:x"]);
+    assert_eq!(code(&md5), 2);
+    assert!(String::from_utf8_lossy(&md5.stderr).contains("md5 crypt is refused"));
+}

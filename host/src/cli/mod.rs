@@ -4,7 +4,7 @@ pub mod argv;
 pub mod exit;
 
 use crate::cli::exit::{ExitStatus, Failure};
-use crate::job::{self, DeployTarget, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS};
+use crate::job::{self, DeployTarget, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS, HELPER_VCPUS};
 use crate::ops::{operation_options, OpsArgs, Plan};
 use crate::progress::{Event, Progress};
 use crate::vm::accel::Accel;
@@ -24,6 +24,15 @@ pub struct Cli {
     /// More logging on stderr, including the helper VM's console (-vv: debug and traced tasks).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// No progress and no informational messages; errors are still printed (virt-customize's -q).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Trace: the helper VM's console, with every command of its tasks as it runs (set -x).
+    #[arg(short = 'x', global = true)]
+    pub trace: bool,
+    /// Colour log lines even when stderr is not a terminal (virt-customize's --colors).
+    #[arg(long, visible_alias = "colours", global = true)]
+    pub colors: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -108,9 +117,18 @@ struct VmArgs {
     /// Helper VM soft timeout in seconds (then a graceful stop, then SIGKILL).
     #[arg(long, value_name = "SECS", default_value_t = HELPER_SOFT_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout: u64,
-    /// Helper VM memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = HELPER_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(128..=65_536))]
+    /// Helper VM memory in MiB (128 to 65536).
+    #[arg(short = 'm', long, visible_alias = "memsize", value_name = "MIB", default_value_t = HELPER_MEMORY_MIB, value_parser = parse_memory_mib)]
     memory: u32,
+    /// Helper VM vCPUs (1 to 255).
+    #[arg(long, value_name = "N", default_value_t = HELPER_VCPUS, value_parser = clap::value_parser!(u32).range(1..=255))]
+    smp: u32,
+    /// Accepted, and always so: the helper VM never has a network.
+    #[arg(long, overrides_with = "network")]
+    no_network: bool,
+    /// Refused: the helper VM has no network (see --install-rpm, --repo DIR, --copy-in, --upload).
+    #[arg(long, overrides_with = "no_network")]
+    network: bool,
     /// Unprivileged user qemu runs as (when imgforge runs as root). `dynamic` (the default):
     /// each qemu gets a uid and gid of its own, from 1879048192..=1879113727, that no user
     /// database entry names and no other process uses. A named USER is shared with every other
@@ -134,6 +152,10 @@ struct CustomizeArgs {
     /// The disk image (raw or qcow2) or block device to customize in place.
     #[arg(short = 'a', long = "add", value_name = "DISK")]
     disk: PathBuf,
+    /// The disk's format, as given: raw is used as raw whatever its first bytes look like;
+    /// auto (the default) reads it from the header.
+    #[arg(long, value_enum, default_value_t = DiskFormatArg::Auto)]
+    format: DiskFormatArg,
     /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
@@ -141,6 +163,27 @@ struct CustomizeArgs {
     ops: OpsArgs,
     #[command(flatten)]
     vm: VmArgs,
+}
+
+/// `customize --format`: virt-customize's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DiskFormatArg {
+    /// From the disk's header.
+    Auto,
+    /// Raw, whatever the header says.
+    Raw,
+    /// qcow2 (refused if the header is not qcow2's).
+    Qcow2,
+}
+
+impl DiskFormatArg {
+    fn known(self) -> job::KnownFormat {
+        match self {
+            Self::Auto => job::KnownFormat::FromHeader,
+            Self::Raw => job::KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw),
+            Self::Qcow2 => job::KnownFormat::Given(crate::vm::cmdline::DiskFormat::Qcow2),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +229,16 @@ struct WriteArgs {
     /// An http(s) source may send nothing for at most SECS (headers or body).
     #[arg(long, value_name = "SECS", default_value_t = crate::source::http::IDLE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     http_idle_timeout: u64,
+}
+
+/// Helper VM memory bounds: below 128 MiB the helper kernel does not boot.
+const MEMORY_MIB: std::ops::RangeInclusive<u32> = 128..=65_536;
+
+/// Parses `-m`/`--memsize`/`--memory` (whole MiB), naming all three spellings when refused.
+fn parse_memory_mib(text: &str) -> Result<u32, String> {
+    text.parse::<u32>().ok().filter(|n| MEMORY_MIB.contains(n)).ok_or_else(|| {
+        format!("-m/--memsize/--memory takes whole MiB from {} to {}", MEMORY_MIB.start(), MEMORY_MIB.end())
+    })
 }
 
 /// Parses `10G`, `512M`, `4096` (bytes; K/M/G/T are powers of 1024).
@@ -246,32 +299,59 @@ fn ordered_ops(matches: &ArgMatches) -> Result<Plan, Failure> {
     }
     occurrences.sort_by_key(|(i, _, _)| *i);
     let mut plan = Plan::default();
-    for (_, option, value) in occurrences {
+    // virt-customize's --password-crypto holds for every password, wherever it stands: the
+    // last one given is set first, and only a commands file's own applies to what follows it.
+    if let Some((_, option, value)) = occurrences.iter().rev().find(|(_, o, _)| *o == "password-crypto") {
         plan.add(option, value.as_deref())?;
+    }
+    for (_, option, value) in occurrences {
+        if option != "password-crypto" {
+            plan.add(option, value.as_deref())?;
+        }
     }
     plan.finish()?;
     Ok(plan)
 }
 
-fn vm_settings(vm: &VmArgs, verbose: u8) -> VmSettings {
-    VmSettings {
+/// What the user asked of the helper VM; `--network` is refused here, naming what works offline.
+fn vm_settings(vm: &VmArgs, verbose: u8, trace: bool) -> Result<VmSettings, Failure> {
+    if vm.network {
+        return Err(Failure::bad_input(
+            "--network: the helper VM has no network, by design; give what the guest needs from the host \
+             instead: --install-rpm FILE.rpm, --install PKG with --repo DIR (a local repository), \
+             --copy-in LOCALPATH:REMOTEDIR or --upload FILE:DEST",
+        ));
+    }
+    Ok(VmSettings {
         accel: vm.accel,
         timeout: Duration::from_secs(vm.timeout),
         hard_grace: Duration::from_secs(job::HELPER_HARD_GRACE_SECS),
         memory_mib: vm.memory,
+        vcpus: vm.smp,
         helper_user: vm.helper_user.clone(),
         excluded_tasks: if vm.exclude_all_tasks { vec!["*".into()] } else { vm.exclude_task.clone() },
-        show_console: verbose > 0,
-        trace_tasks: verbose > 1,
+        show_console: verbose > 0 || trace,
+        trace_tasks: verbose > 1 || trace,
         qemu: vm.qemu.clone(),
+    })
+}
+
+/// The progress display: `-q` shows none, whatever `--progress` says (JSON lines are output,
+/// not progress for a person, and stay).
+fn progress_mode(mode: ProgressMode, quiet: bool) -> ProgressMode {
+    match mode {
+        ProgressMode::Json => ProgressMode::Json,
+        _ if quiet => ProgressMode::None,
+        other => other,
     }
 }
 
 /// The most the HTTP client may log, whatever RUST_LOG asks: its trace level shows credentials.
 const HTTP_CLIENT_LOG_CAPS: [&str; 2] = ["ureq=debug", "ureq_proto=debug"];
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, quiet: bool, colors: bool) {
     let default = match verbose {
+        0 if quiet => "error",
         0 => "warn",
         1 => "info",
         _ => "debug",
@@ -286,7 +366,7 @@ fn init_tracing(verbose: u8) {
         }
     }
     // Colours only for a person at a terminal: CI logs and Ganeti's OS logs get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ansi = colors || std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| crate::stdio::LossyStderr)
@@ -320,35 +400,29 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
     let interrupt = interrupt_channel();
     // SIGKILL runs no destructor: what an imgforge killed so left behind goes now.
     crate::workdir::sweep_logged(&std::env::temp_dir(), crate::workdir::Reach::WorkDirectories);
+    let (verbose, quiet, trace) = (cli.verbose, cli.quiet, cli.trace);
     match cli.command {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
+            let settings = vm_settings(&args.vm, verbose, trace)?;
             let plan = ordered_ops(sub)?;
-            let progress = render::renderer(args.progress);
-            let settings = vm_settings(&args.vm, cli.verbose);
-            let result = job::customize(
-                &args.disk,
-                job::KnownFormat::FromHeader,
-                plan,
-                false,
-                &settings,
-                progress.as_ref(),
-                &interrupt,
-            )
-            .await;
+            let progress = render::renderer(progress_mode(args.progress, quiet));
+            let result =
+                job::customize(&args.disk, args.format.known(), plan, false, &settings, progress.as_ref(), &interrupt)
+                    .await;
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::Write(args) => {
-            let progress = render::renderer(args.progress);
+            let progress = render::renderer(progress_mode(args.progress, quiet));
             let result =
                 job::write(&write_request(&args, Confinement::default()), progress.clone(), &interrupt).await.map(drop);
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::Deploy(args) => {
             let sub = matches.subcommand_matches("deploy").expect("deploy matches");
+            let settings = vm_settings(&args.vm, verbose, trace)?;
             let plan = ordered_ops(sub)?;
-            let progress = render::renderer(args.write.progress);
-            let settings = vm_settings(&args.vm, cli.verbose);
+            let progress = render::renderer(progress_mode(args.write.progress, quiet));
             let request = write_request(&args.write, settings.confinement());
             let result = match args.target_format {
                 DeployTarget::Liveimg => {
@@ -363,7 +437,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         }
         Command::Inspect(args) => until_interrupted(&interrupt, inspect(args, &interrupt)).await,
         Command::Verify(args) => {
-            let settings = vm_settings(&args.vm, cli.verbose);
+            let settings = vm_settings(&args.vm, verbose, trace)?;
             verify(args, &settings, &interrupt).await
         }
         Command::Ganeti(action) => ganeti(action, &interrupt).await,
@@ -513,7 +587,7 @@ pub fn main() -> std::process::ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    init_tracing(cli.verbose);
+    init_tracing(cli.verbose, cli.quiet, cli.colors);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -608,9 +682,107 @@ mod tests {
             &["imgforge", "customize", "-a", "d", "--timeout", "0"],
             &["imgforge", "customize", "-a", "d", "--timeout", "soon"],
             &["imgforge", "customize", "-a", "d", "--memory", "1"],
+            &["imgforge", "customize", "-a", "d", "--memsize", "127"],
+            &["imgforge", "customize", "-a", "d", "-m", "65537"],
+            &["imgforge", "customize", "-a", "d", "--smp", "0"],
+            &["imgforge", "customize", "-a", "d", "--smp", "256"],
+            &["imgforge", "customize", "-a", "d", "--smp", "two"],
+            &["imgforge", "customize", "-a", "d", "--format", "vmdk"],
+            &["imgforge", "customize", "-a", "d", "--no-network=yes"],
+            &["imgforge", "customize", "-a", "d", "-q=1"],
         ] {
             let err = Cli::command().try_get_matches_from(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+    }
+
+    /// `imgforge customize -a d.img ARGS`, parsed.
+    fn customize(args: &[&str]) -> Cli {
+        Cli::try_parse_from(["imgforge", "customize", "-a", "d.img"].iter().chain(args)).unwrap()
+    }
+
+    impl Cli {
+        fn customize_args(&self) -> &CustomizeArgs {
+            let Command::Customize(c) = &self.command else { panic!("not customize") };
+            c
+        }
+    }
+
+    #[test]
+    fn global_options_parse_as_virt_customize() {
+        let cli = customize(&[]);
+        let c = cli.customize_args();
+        assert!(!cli.quiet && !cli.trace && !cli.colors);
+        assert_eq!((c.vm.memory, c.vm.smp, c.format), (HELPER_MEMORY_MIB, 1, DiskFormatArg::Auto));
+        let cli = customize(&["-q", "-x", "--colours", "-m", "384", "--smp", "2", "--format", "raw"]);
+        let c = cli.customize_args();
+        assert!(cli.quiet && cli.trace && cli.colors);
+        assert_eq!((c.vm.memory, c.vm.smp, c.format), (384, 2, DiskFormatArg::Raw));
+        let cli = customize(&["--quiet", "--colors", "--memsize", "128", "--smp", "255", "--format", "qcow2"]);
+        let c = cli.customize_args();
+        assert!(cli.quiet && cli.colors);
+        assert_eq!((c.vm.memory, c.vm.smp, c.format), (128, 255, DiskFormatArg::Qcow2));
+        assert_eq!(customize(&["--memory", "65536"]).customize_args().vm.memory, 65_536);
+        // The last of --network/--no-network holds, as in virt-customize.
+        assert!(!customize(&["--no-network"]).customize_args().vm.network);
+        assert!(customize(&["--no-network", "--network"]).customize_args().vm.network);
+        assert!(!customize(&["--network", "--no-network"]).customize_args().vm.network);
+        // Global options may stand before the subcommand too.
+        let cli = Cli::try_parse_from(["imgforge", "-q", "-x", "customize", "-a", "d"]).unwrap();
+        assert!(cli.quiet && cli.trace);
+    }
+
+    #[test]
+    fn format_is_taken_as_given() {
+        use crate::vm::cmdline::DiskFormat;
+        assert!(matches!(DiskFormatArg::Auto.known(), job::KnownFormat::FromHeader));
+        assert!(matches!(DiskFormatArg::Raw.known(), job::KnownFormat::Given(DiskFormat::Raw)));
+        assert!(matches!(DiskFormatArg::Qcow2.known(), job::KnownFormat::Given(DiskFormat::Qcow2)));
+    }
+
+    #[test]
+    fn settings_follow_the_global_options() {
+        let settings = |args: &[&str], trace| vm_settings(&customize(args).customize_args().vm, 0, trace);
+        let s = settings(&["-m", "384", "--smp", "2"], false).unwrap();
+        assert_eq!((s.memory_mib, s.vcpus, s.show_console, s.trace_tasks), (384, 2, false, false));
+        let s = settings(&[], true).unwrap();
+        assert!(s.show_console && s.trace_tasks, "-x shows the console with every command traced");
+        let err = settings(&["--network"], false).unwrap_err();
+        assert_eq!(err.status, ExitStatus::BadInput);
+        for named in ["--network", "--install-rpm", "--repo DIR", "--copy-in", "--upload"] {
+            assert!(err.message.contains(named), "{named}: {}", err.message);
+        }
+        assert_eq!(progress_mode(ProgressMode::Bar, true), ProgressMode::None);
+        assert_eq!(progress_mode(ProgressMode::Auto, true), ProgressMode::None);
+        assert_eq!(progress_mode(ProgressMode::Json, true), ProgressMode::Json);
+        assert_eq!(progress_mode(ProgressMode::Bar, false), ProgressMode::Bar);
+    }
+
+    #[test]
+    fn password_crypto_holds_wherever_it_stands() {
+        let plan = |args: &[&str]| {
+            let matches =
+                Cli::command().try_get_matches_from(["imgforge", "customize", "-a", "d"].iter().chain(args)).unwrap();
+            ordered_ops(matches.subcommand_matches("customize").unwrap())
+        };
+        let field = |args: &[&str]| match &plan(args).unwrap().operations[0] {
+            Operation::Password { shadow_field, .. } => shadow_field.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(field(&["--root-password", "password:x"]).starts_with("$6$"));
+        assert!(field(&["--root-password", "password:x", "--password-crypto", "sha256"]).starts_with("$5$"));
+        assert!(field(&["--password-crypto", "sha256", "--root-password", "password:x"]).starts_with("$5$"));
+        assert!(field(&[
+            "--password-crypto",
+            "sha256",
+            "--password-crypto",
+            "sha512",
+            "--root-password",
+            "password:x"
+        ])
+        .starts_with("$6$"));
+        let md5 = plan(&["--password-crypto", "md5", "--root-password", "password:x"]).unwrap_err();
+        assert_eq!(md5.status, ExitStatus::BadInput);
+        assert!(md5.message.contains("--password-crypto md5") && md5.message.contains("sha256"), "{}", md5.message);
     }
 }

@@ -229,6 +229,7 @@ fn settings(config: &Config) -> VmSettings {
         timeout: Duration::from_secs(config.helper_soft_timeout),
         hard_grace: Duration::from_secs(config.helper_hard_timeout),
         memory_mib: config.helper_memory,
+        vcpus: job::HELPER_VCPUS,
         helper_user: config.helper_user.clone(),
         excluded_tasks: Vec::new(),
         show_console: true,

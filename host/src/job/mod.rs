@@ -40,6 +40,8 @@ pub const HELPER_SOFT_TIMEOUT_SECS: u64 = 600;
 pub const HELPER_HARD_GRACE_SECS: u64 = 10;
 /// Default helper VM memory.
 pub const HELPER_MEMORY_MIB: u32 = 1024;
+/// Default helper VM vCPUs: the tasks run one after another, so one is enough.
+pub const HELPER_VCPUS: u32 = 1;
 
 /// How to run the helper VM.
 #[derive(Debug, Clone)]
@@ -52,6 +54,8 @@ pub struct VmSettings {
     pub hard_grace: Duration,
     /// Memory.
     pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
     /// User qemu runs as.
     pub helper_user: String,
     /// Helper tasks not to run, by short name (`*`: all).
@@ -219,6 +223,7 @@ impl Job {
             floppy: floppy_path,
             payload: payload_path,
             memory_mib: settings.memory_mib,
+            vcpus: settings.vcpus,
             accel: settings.accel,
             soft_timeout: settings.timeout,
             hard_grace: settings.hard_grace,

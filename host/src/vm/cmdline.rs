@@ -51,6 +51,8 @@ pub struct QemuConfig {
     pub cpu: String,
     /// Guest memory.
     pub memory_mib: u32,
+    /// Guest vCPUs.
+    pub vcpus: u32,
     /// Kernel command line.
     pub kernel_cmdline: String,
     /// Kernel image descriptor.
@@ -99,10 +101,11 @@ const FDSET_PAYLOAD: u32 = 3;
 const FDSET_CONSOLE: u32 = 4;
 const FDSET_REPORT: u32 = 5;
 
-/// The machine every run of ours gets: no defaults, no display, no network, one vCPU, the
-/// seccomp sandbox, and an exit instead of a reboot.
-fn machine_args(name: &str, accel: Accel, cpu: &str, memory_mib: u32) -> Vec<String> {
+/// The machine every run of ours gets: no defaults, no display, no network, the seccomp
+/// sandbox, and an exit instead of a reboot.
+fn machine_args(name: &str, accel: Accel, cpu: &str, memory_mib: u32, vcpus: u32) -> Vec<String> {
     let memory = memory_mib.to_string();
+    let vcpus = vcpus.to_string();
     [
         "-name",
         name,
@@ -122,7 +125,7 @@ fn machine_args(name: &str, accel: Accel, cpu: &str, memory_mib: u32) -> Vec<Str
         "-m",
         &memory,
         "-smp",
-        "1",
+        &vcpus,
         "-sandbox",
         SANDBOX,
     ]
@@ -154,7 +157,7 @@ pub const PROBE_KERNEL_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 p
 /// The KVM probe: the helper kernel alone under `-accel kvm -cpu CPU`, confined like the helper
 /// VM, with its serial console on `console_fd` (argument list without the program name).
 pub fn probe_args(cpu: &str, kernel_fd: i32, console_fd: i32) -> Vec<String> {
-    let mut a = machine_args("imgforge-kvm-probe", Accel::Kvm, cpu, PROBE_MEMORY_MIB);
+    let mut a = machine_args("imgforge-kvm-probe", Accel::Kvm, cpu, PROBE_MEMORY_MIB, 1);
     a.extend(["-kernel".into(), format!("/proc/self/fd/{kernel_fd}"), "-append".into(), PROBE_KERNEL_CMDLINE.into()]);
     a.extend(serial_args(console_fd, FDSET_CONSOLE, "console"));
     a
@@ -168,7 +171,7 @@ const DISK_ERROR_POLICY: &str = "werror=stop,rerror=stop";
 
 /// Builds the argument list (without the program name).
 pub fn args(c: &QemuConfig) -> Vec<String> {
-    let mut a = machine_args("imgforge-helper", c.accel, &c.cpu, c.memory_mib);
+    let mut a = machine_args("imgforge-helper", c.accel, &c.cpu, c.memory_mib, c.vcpus);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-kernel", &format!("/proc/self/fd/{}", c.kernel_fd), "-initrd", &format!("/proc/self/fd/{}", c.initrd_fd)]);
     push(&["-append", &c.kernel_cmdline]);
@@ -242,6 +245,7 @@ mod tests {
             accel: Accel::Tcg,
             cpu: super::super::accel::TCG_CPU.into(),
             memory_mib: 512,
+            vcpus: 1,
             kernel_cmdline: "console=ttyS0".into(),
             kernel_fd: 10,
             initrd_fd: 11,
@@ -314,6 +318,15 @@ mod tests {
             assert!(!line.contains(unwanted), "{unwanted} in {line}");
         }
         assert!(joined(&config()).contains("-accel tcg -cpu max,la57=off -m 512 -smp 1"));
+    }
+
+    #[test]
+    fn memory_and_vcpus_as_given() {
+        let mut c = config();
+        c.memory_mib = 384;
+        c.vcpus = 2;
+        assert!(joined(&c).contains(" -m 384 -smp 2 "), "{}", joined(&c));
+        assert!(probe_args("max", 7, 8).join(" ").contains(" -smp 1 "), "the KVM probe keeps one vCPU");
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct VmSpec {
     pub payload: Option<PathBuf>,
     /// Guest memory.
     pub memory_mib: u32,
+    /// Guest vCPUs.
+    pub vcpus: u32,
     /// Accelerator choice.
     pub accel: Accel,
     /// Soft timeout: then qemu is asked to quit.
@@ -426,6 +428,7 @@ fn qemu_config(spec: &VmSpec, accel: Accel, cpu: &str, fds: &QemuFds) -> QemuCon
         accel,
         cpu: cpu.to_owned(),
         memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
         // A tuning knob for measuring boot options; the default is what ships.
         kernel_cmdline: with_preload(
             std::env::var("IMGFORGE_KERNEL_CMDLINE").unwrap_or_else(|_| KERNEL_CMDLINE.to_owned()),
