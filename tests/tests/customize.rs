@@ -633,3 +633,17 @@ fn network_is_refused_naming_the_offline_ways() {
     assert_eq!(code(&md5), 2);
     assert!(String::from_utf8_lossy(&md5.stderr).contains("md5 crypt is refused"));
 }
+
+/// `-x` shows each operation as the helper runs it (its console), which a plain run does not.
+#[test]
+fn trace_shows_each_operation_as_the_helper_runs_it() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let traced = "==> [2/2] --write /etc/motd";
+    for (flag, shown) in [("-x", true), ("--hostname=z", false)] {
+        let out = customize_tcg(&img, &[flag, "--hostname", "y", "--write", "/etc/motd:traced"]);
+        assert_eq!(code(&out), 0);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.contains(traced), shown, "{flag}: {stderr}");
+    }
+}
