@@ -14,7 +14,6 @@ use crate::task_env::TaskEnv;
 use imgforge_protocol::filesystems::{self, PROBE_BYTES};
 use imgforge_protocol::helper_vm::PAYLOAD_SERIAL;
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -447,14 +446,6 @@ fn record_mount(mounts: &Path, where_: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot record a mount in {}: {e}", mounts.display()))
 }
 
-fn cstring(s: &str) -> CString {
-    CString::new(s).unwrap_or_default()
-}
-
-fn path_cstring(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default()
-}
-
 /// mount(2) of `source` on `target` as `fstype`, read-only if asked.
 pub fn mount(source: &str, target: &Path, fstype: &str, read_only: bool) -> std::io::Result<()> {
     mount_flags(source, target, fstype, if read_only { libc::MS_RDONLY } else { 0 })
@@ -466,19 +457,13 @@ fn mount_guest_fs(source: &str, target: &Path, fstype: &str, read_only: bool) ->
     mount_flags(source, target, fstype, libc::MS_NODEV | if read_only { libc::MS_RDONLY } else { 0 })
 }
 
+/// mount(2) with `flags` and no data string: the helper's one mount wrapper.
 fn mount_flags(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) -> std::io::Result<()> {
-    let (source, target, fstype) = (cstring(source), path_cstring(target), cstring(fstype));
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call; no data argument.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::confinement::mount_flags(source, target, fstype, flags, None)
 }
 
 fn unmount(target: &Path) -> std::io::Result<()> {
-    let target = path_cstring(target);
+    let target = crate::confinement::path_cstring(target);
     // SAFETY: a NUL-terminated path that outlives the call.
     let rc = unsafe { libc::umount(target.as_ptr()) };
     if rc == 0 {
