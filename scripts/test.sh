@@ -31,6 +31,7 @@ fi
 started=$(date +%s)
 
 bash scripts/setup.sh
+echo "== $(qemu-img --version | head -n1); $(qemu-system-x86_64 --version | head -n1)"
 cargo build --workspace --locked
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

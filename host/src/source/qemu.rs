@@ -202,10 +202,15 @@ fn backing_format(path: &Path) -> std::io::Result<&'static str> {
 
 /// The virtual size and backing file of node `src` in `query-named-block-nodes` (pure).
 pub fn parse_nodes(nodes: &Value) -> Result<Info, String> {
-    let src = nodes
-        .as_array()
-        .and_then(|a| a.iter().find(|n| n["node-name"] == "src"))
-        .ok_or("qemu lists no node for the image")?;
+    let Some(listed) = nodes.as_array() else {
+        let mut reply = nodes.to_string();
+        reply.truncate(200);
+        return Err(format!("qemu answered the node listing with {reply} instead of a list"));
+    };
+    let src = listed.iter().find(|n| n["node-name"] == "src").ok_or_else(|| {
+        let names: Vec<String> = listed.iter().map(|n| n["node-name"].to_string()).take(8).collect();
+        format!("qemu lists no node for the image (it lists {} node(s): {})", listed.len(), names.join(", "))
+    })?;
     let image = &src["image"];
     let virtual_size = image["virtual-size"].as_u64().ok_or("qemu reports no virtual size")?;
     let backing_file = image["backing-filename"].as_str().map(String::from);
@@ -225,6 +230,9 @@ mod tests {
         let info = parse_nodes(&nodes).unwrap();
         assert_eq!(info, Info { virtual_size: 64 << 20, backing_file: Some("/etc/shadow".into()) });
         assert!(parse_nodes(&json!([{"node-name": "src", "image": {}}])).is_err());
-        assert!(parse_nodes(&json!({})).is_err());
+        let missing = parse_nodes(&json!([{"node-name": "src-file", "image": {}}])).unwrap_err();
+        assert!(missing.contains("1 node(s): \"src-file\""), "{missing}");
+        let not_a_list = parse_nodes(&json!(null)).unwrap_err();
+        assert!(not_a_list.contains("with null instead of a list"), "{not_a_list}");
     }
 }
