@@ -127,7 +127,7 @@ fn create_rename_export_import() {
             ("OSP_AUTH_KEYS", key),
             (
                 "OSP_IMG_PROPERTIES",
-                r#"{"USERS": "root alice", "root_partition": 1, "PASSWORD_HASHING_METHOD": "sha512"}"#,
+                r#"{"USERS": "root alice", "root_partition": 1, "Passwd_Hashing_Method": "sha256", "Frobnicate": "1"}"#,
             ),
             ("NIC_COUNT", "2"),
             ("NIC_0_MAC", "aa:00:00:77:5e:a9"),
@@ -141,6 +141,11 @@ fn create_rename_export_import() {
         None,
     );
     assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("warning: img_properties: unknown property FROBNICATE ignored"),
+        "an unknown property vanished from the OS log: {log}"
+    );
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2 << 30, "Ganeti's disk file was replaced or resized");
     // The progress went to PROGRESS_MONITOR as snf-image monitor messages.
     let monitor = std::fs::read_to_string(s.config.parent().unwrap().join("monitor.jsonl")).unwrap();
@@ -152,6 +157,9 @@ fn create_rename_export_import() {
     {
         let m = Mount::partition(&disk, 0).unwrap();
         assert_eq!(m.read("/etc/hostname").unwrap(), "inst1.example.com\n");
+        // snf-image's PASSWD_HASHING_METHOD (any case) picks SHA-256 crypt.
+        let root_hash = shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap();
+        assert!(root_hash.starts_with("$5$"), "PASSWD_HASHING_METHOD=sha256 wrote {root_hash}");
         assert!(
             password_matches("Ganeti-Pw-1", &shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap()),
             "password does not verify"
@@ -217,6 +225,11 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
         ("OSP_IMG_FORMAT", "vmdk", "img_format"),
         ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#, "Linux images only"),
         ("OSP_IMG_PERSONALITY", r#"[{"path": "relative", "contents": ""}]"#, "img_personality"),
+        ("OSP_IMG_ID", "file://debian", "write local://NAME"),
+        ("OSP_IMG_ID", "local://nonexistent", "no such image"),
+        ("OSP_IMG_PROPERTIES", r#"{"PASSWD_HASHING_METHOD": "blowfish"}"#, "glibc's crypt"),
+        ("OSP_IMG_PROPERTIES", r#"{"passwd_hashing_method": "md5"}"#, "md5 crypt is refused"),
+        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#, "SWAP"),
     ] {
         let mut env = vec![("OSP_IMG_ID", "debian")];
         env.retain(|(k, _)| *k != param);
@@ -235,6 +248,69 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
     let out = s.run("verify", &[("OSP_IMG_ID", "escape")], None);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside IMAGE_DIR"));
+}
+
+fn sha256(path: &Path) -> String {
+    sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()
+}
+
+/// `img_id=local://NAME` deploys the file NAME of IMAGE_DIR (byte for byte, with every task
+/// excluded), with the checks a plain name gets; `img_id=null` writes nothing (the disk keeps
+/// every byte, even with a password given) and says so, for create, rename and verify; other
+/// schemes are refused naming img_id.
+#[test]
+fn local_and_null_image_ids() {
+    let s = site();
+    let image = s.config.parent().unwrap().join("images/debian.img");
+    let image_len = std::fs::metadata(&image).unwrap().len();
+    let disk = s.disk("local.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "local.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "local://debian.img"),
+            ("OSP_IMG_FORMAT", "diskdump"),
+            ("OSP_IMG_PROPERTIES", r#"{"exclude_all_tasks": "yes"}"#),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let status = Command::new("cmp").arg("-n").arg(image_len.to_string()).arg(&image).arg(&disk).status().unwrap();
+    assert!(status.success(), "the disk does not hold local://debian.img");
+
+    let untouched = crafted::filled_file(&s.disks.join("null.disk0"), 8 << 20);
+    let before = sha256(&untouched);
+    for id in ["local://../images/debian.img", "local://", "file://debian.img", "pithos://u/c/debian"] {
+        let out = s.run(
+            "create",
+            &[("INSTANCE_NAME", "bad.example.com"), ("DISK_0_PATH", untouched.to_str().unwrap()), ("OSP_IMG_ID", id)],
+            None,
+        );
+        assert!(!out.status.success(), "img_id={id} accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("OS parameter img_id"), "img_id={id}");
+        assert_eq!(sha256(&untouched), before, "img_id={id} touched the disk");
+    }
+
+    let null_env = [
+        ("INSTANCE_NAME", "null.example.com"),
+        ("DISK_0_PATH", untouched.to_str().unwrap()),
+        ("OSP_IMG_ID", "null"),
+        ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+        ("OSP_IMG_PROPERTIES", r#"{"Frobnicate": "1"}"#),
+    ];
+    let out = s.run("create", &null_env, None);
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("img_id=null: nothing written to"), "{log}");
+    assert!(log.contains("img_id=null: img_passwd ignored"), "{log}");
+    assert!(log.contains("unknown property FROBNICATE ignored"), "{log}");
+    assert_eq!(sha256(&untouched), before, "img_id=null touched the disk");
+    let out = s.run("rename", &null_env, None);
+    assert!(out.status.success());
+    assert_eq!(sha256(&untouched), before, "rename of an img_id=null instance touched the disk");
+    assert!(s.run("verify", &[("OSP_IMG_ID", "null")], None).status.success());
+    assert!(s.run("verify", &[("OSP_IMG_ID", "local://debian")], None).status.success());
 }
 
 /// Ganeti's disks are raw: a tenant who wrote a qcow2 header at sector 0 of the instance's

@@ -12,7 +12,7 @@ use crate::vm::accel::Accel;
 use crate::vm::Interrupt;
 use config::Config;
 use imgforge_protocol::rules::{Operation, Principal};
-use params::{ImageFormat, Params};
+use params::{ImageFormat, ImageId, Params};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -185,12 +185,37 @@ pub fn load_config() -> Result<Config, GanetiError> {
     Ok(c)
 }
 
-/// Resolves `img_id` inside IMAGE_DIR; refuses anything leading outside it.
-pub fn resolve_image(config: &Config, id: &str) -> Result<String, GanetiError> {
-    if id.starts_with("http://") || id.starts_with("https://") {
-        return Ok(id.to_owned());
+/// Resolves `img_id`: a file inside IMAGE_DIR (refusing anything leading outside it), a URL as
+/// is, or `None` for `null`.
+pub fn resolve_image(config: &Config, id: &ImageId) -> Result<Option<String>, GanetiError> {
+    match id {
+        ImageId::Url(url) => Ok(Some(url.clone())),
+        ImageId::Local(name) => resolve_in_image_dir(config, "img_id", name, IMAGE_EXTENSIONS).map(Some),
+        ImageId::Null => Ok(None),
     }
-    resolve_in_image_dir(config, "img_id", id, IMAGE_EXTENSIONS)
+}
+
+/// Writes each warning on stderr, which Ganeti keeps as the OS log.
+fn warn_all(warnings: &[String]) {
+    for w in warnings {
+        crate::stdio::err_line(&format!("imgforge: warning: {w}"));
+    }
+}
+
+/// The parameters given that ask for a customization, which `img_id=null` does not do.
+fn customization_asked(params: &Params) -> Vec<&'static str> {
+    [
+        ("img_passwd", params.passwd.is_some()),
+        ("img_passwd_hash", params.passwd_hash.is_some()),
+        ("img_personality", !params.personality.is_empty()),
+        ("auth_keys", !params.auth_keys.is_empty()),
+        ("install_rpms", !params.install_rpms.is_empty()),
+        ("repo", params.repo.is_some()),
+        ("install", !params.install.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(name, given)| given.then_some(name))
+    .collect()
 }
 
 fn resolve_in_image_dir(config: &Config, param: &str, name: &str, extensions: &[&str]) -> Result<String, GanetiError> {
@@ -219,7 +244,7 @@ fn resolve_in_image_dir(config: &Config, param: &str, name: &str, extensions: &[
     })
 }
 
-fn settings(config: &Config) -> VmSettings {
+fn settings(config: &Config, properties: &BTreeMap<String, String>) -> VmSettings {
     VmSettings {
         accel: match config.accel.as_str() {
             "kvm" => Accel::Kvm,
@@ -231,7 +256,7 @@ fn settings(config: &Config) -> VmSettings {
         memory_mib: config.helper_memory,
         vcpus: job::HELPER_VCPUS,
         helper_user: config.helper_user.clone(),
-        excluded_tasks: Vec::new(),
+        excluded_tasks: params::excluded_helper_tasks(properties),
         show_console: true,
         trace_tasks: false,
         qemu: PathBuf::from("qemu-system-x86_64"),
@@ -326,16 +351,30 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let env = environment();
     let config = load_config()?;
     let params = params::parse(&env)?;
+    warn_all(&params.warnings);
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
-    let image = resolve_image(&config, &params.img_id)?;
+    let Some(image) = resolve_image(&config, &params.img_id)? else {
+        // snf-image's null source: no image. Nothing is customized either, so the disk keeps
+        // every byte (an empty disk for an install from elsewhere, or one adopted as is).
+        let ignored = customization_asked(&params);
+        if !ignored.is_empty() {
+            warn_all(&[format!("img_id=null: {} ignored (nothing is customized)", ignored.join(", "))]);
+        }
+        let line = format!(
+            "imgforge: img_id=null: nothing written to {} for {name}; the disk is left as it is",
+            disk.display()
+        );
+        crate::stdio::err_line(&imgforge_protocol::printable::printable(&line));
+        return Ok(());
+    };
     let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = params::nics(&env)?;
     let plan = plan(&params, &config, &name, nics, work.path())?;
     let (progress, monitor) = progress(&config)?;
     let request = crate::job::write::WriteRequest {
         http: Default::default(),
-        confinement: settings(&config).confinement(),
+        confinement: settings(&config, &params.properties).confinement(),
         image: crate::source::Location::parse(&image),
         target: disk.clone(),
         // Ganeti's disk (a device, or a file for the file template) exists: written in place.
@@ -358,7 +397,8 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         if params.excludes("ALL_TASKS") {
             return Ok(());
         }
-        job::customize_written(&written, &request, plan, &settings(&config), progress.as_ref(), interrupt).await
+        let settings = settings(&config, &params.properties);
+        job::customize_written(&written, &request, plan, &settings, progress.as_ref(), interrupt).await
     }
     .await;
     match &result {
@@ -378,17 +418,22 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let config = load_config()?;
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
-    let properties = match env.get("OSP_IMG_PROPERTIES").filter(|t| !t.trim().is_empty()) {
+    if env.get("OSP_IMG_ID").is_some_and(|id| id.trim() == "null") {
+        crate::stdio::err_line("imgforge: img_id=null: the disk holds no image of imgforge's, left as it is");
+        return Ok(());
+    }
+    let (properties, warnings) = match env.get("OSP_IMG_PROPERTIES").filter(|t| !t.trim().is_empty()) {
         Some(text) => params::parse_properties(text)?,
-        None => BTreeMap::new(),
+        None => (BTreeMap::new(), Vec::new()),
     };
+    warn_all(&warnings);
     if params::excluded(&properties, "AssignHostname") {
         crate::stdio::err_line("imgforge: img_properties exclude AssignHostname: the image keeps its hostname");
         return Ok(());
     }
     let mut plan = Plan::default();
     plan.add("hostname", Some(&name))?;
-    Ok(job::customize(&disk, DISK_FORMAT, plan, false, &settings(&config), &Silent, interrupt).await?)
+    Ok(job::customize(&disk, DISK_FORMAT, plan, false, &settings(&config, &properties), &Silent, interrupt).await?)
 }
 
 /// `import`: a raw disk stream on stdin onto `DISK_0_PATH`; an interrupt (Ganeti aborting the
@@ -442,6 +487,7 @@ pub fn verify() -> Result<(), GanetiError> {
     let env = environment();
     let config = load_config()?;
     let params = params::parse(&env)?;
+    warn_all(&params.warnings);
     params::nics(&env)?;
     resolve_image(&config, &params.img_id)?;
     for rpm in &params.install_rpms {

@@ -1,6 +1,7 @@
 //! The OS parameters Ganeti passes as `OSP_*` (snf-image's names, plus imgforge's own), parsed
 //! and checked — pure functions over the environment's strings.
 
+use crate::ops::password::PasswordCrypto;
 use imgforge_protocol::helper_vm::TARGET_DISK;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -8,11 +9,11 @@ use thiserror::Error;
 
 /// Every parameter with its one-line description (`parameters.list`).
 pub const PARAMETERS: &[(&str, &str)] = &[
-    ("img_id", "Image to deploy: a file name in IMAGE_DIR (also tried with .raw, .img, .qcow2, .diskdump) or an http(s) URL"),
+    ("img_id", "Image to deploy: NAME or local://NAME (a file in IMAGE_DIR, also tried with .raw, .img, .qcow2, .diskdump), an http(s):// URL, or null (nothing written, nothing customized); other schemes (file://, pithos://, ftp://) are refused"),
     ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWORD_HASHING_METHOD (sha512|sha256); SWAP is refused"),
+    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWD_HASHING_METHOD (sha512|sha256; md5, sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
@@ -41,6 +42,51 @@ pub enum ImageFormat {
     Diskdump,
     /// A liveimg.
     Liveimg,
+}
+
+/// What `img_id` names (snf-image's source back-ends that imgforge has).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageId {
+    /// A file in IMAGE_DIR: `local://NAME`, or a plain `NAME` without `:`.
+    Local(String),
+    /// An `http://` or `https://` URL.
+    Url(String),
+    /// `null`: no image; the disk is left as it is.
+    Null,
+}
+
+/// What imgforge's `img_id` takes, for the messages refusing the rest.
+const IMG_ID_FORMS: &str = "NAME or local://NAME (a file in IMAGE_DIR), http://URL, https://URL, or null";
+
+/// Parses `img_id` as snf-image reads it: `null`, `local://NAME`, `http(s)://…`, or a plain
+/// `NAME` (without `:`, which would make it a scheme). The other back-ends snf-image has
+/// (`file://`, `ftp(s)://`, `pithos://`, `pithosmap://`) are refused, naming what is taken.
+pub fn parse_image_id(text: &str) -> Result<ImageId, ParamError> {
+    if text == "null" {
+        return Ok(ImageId::Null);
+    }
+    if text.starts_with("http://") || text.starts_with("https://") {
+        return Ok(ImageId::Url(text.to_owned()));
+    }
+    if let Some(name) = text.strip_prefix("local://") {
+        check_image_name("img_id", name)?;
+        return Ok(ImageId::Local(name.to_owned()));
+    }
+    if let Some((scheme, _)) = text.split_once(':') {
+        let why = match scheme {
+            "file" => "file:// is snf-image's deprecated spelling of local://: write local://NAME",
+            "pithos" | "pithosmap" => "imgforge has no Pithos back-end",
+            "ftp" | "ftps" => "imgforge fetches over http and https only",
+            _ if scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b)) && !scheme.is_empty() => {
+                "not an image source imgforge has (a file name with ':' is written local://NAME)"
+            }
+            _ => "a file name with ':' is written local://NAME",
+        };
+        let scheme = imgforge_protocol::printable::printable(scheme);
+        return Err(err("img_id", format!("{scheme:?}: {why}; img_id takes {IMG_ID_FORMS}")));
+    }
+    check_image_name("img_id", text)?;
+    Ok(ImageId::Local(text.to_owned()))
 }
 
 /// One `img_personality` entry.
@@ -74,7 +120,7 @@ fn default_mode() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Params {
     /// `img_id`.
-    pub img_id: String,
+    pub img_id: ImageId,
     /// `img_format`.
     pub img_format: ImageFormat,
     /// `img_passwd` (clear text; never logged).
@@ -83,6 +129,10 @@ pub struct Params {
     pub passwd_hash: Option<String>,
     /// `img_properties`, keys upper-cased.
     pub properties: BTreeMap<String, String>,
+    /// The hash `img_passwd` is written with (`PASSWD_HASHING_METHOD`).
+    pub password_crypto: PasswordCrypto,
+    /// What `img_properties` asks that imgforge ignores, one line each for Ganeti's OS log.
+    pub warnings: Vec<String>,
     /// `img_personality`, decoded.
     pub personality: Vec<(PersonalityFile, Vec<u8>)>,
     /// `auth_keys`.
@@ -109,18 +159,9 @@ impl Params {
         self.properties.get("ROOT_PARTITION").map(|n| format!("{TARGET_DISK}{n}"))
     }
 
-    /// Hashes `img_passwd` with `PASSWORD_HASHING_METHOD` (sha512, the default, or sha256).
+    /// Hashes `img_passwd` with `PASSWD_HASHING_METHOD`, through the code `--password-crypto` uses.
     pub fn hash_password(&self, pw: &str) -> Result<String, ParamError> {
-        match self.properties.get("PASSWORD_HASHING_METHOD").map(|m| m.to_ascii_lowercase()).as_deref() {
-            None | Some("sha512") => {
-                crate::ops::password::sha512_crypt(pw).map_err(|e| err("img_passwd", e.to_string()))
-            }
-            Some("sha256") => crate::ops::password::sha256_crypt(pw).map_err(|e| err("img_passwd", e.to_string())),
-            Some(other) => Err(err(
-                "img_properties",
-                format!("PASSWORD_HASHING_METHOD {other:?} is not supported (sha512 or sha256)"),
-            )),
-        }
+        self.password_crypto.hash(pw).map_err(|e| err("img_passwd", e.to_string()))
     }
 
     /// True if `img_properties` excludes the task `name` (or all tasks).
@@ -163,8 +204,168 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Parses and checks `img_properties` (a JSON object; keys are case-insensitive).
-pub fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, ParamError> {
+/// snf-image's configuration tasks, the names `EXCLUDE_TASK_<Name>` takes.
+pub const SNF_IMAGE_TASKS: &[&str] = &[
+    "FixPartitionTable",
+    "FilesystemResizeUnmounted",
+    "MountImage",
+    "InitializeDatasource",
+    "InstallUnattend",
+    "FilesystemResizeMounted",
+    "AddSwap",
+    "AssignHostname",
+    "ChangeMachineId",
+    "ChangePassword",
+    "ConfigureNetwork",
+    "DeleteSSHKeys",
+    "DisableRemoteDesktopConnections",
+    "SELinuxAutorelabel",
+    "EnforcePersonality",
+    "RunCustomTask",
+    "UmountImage",
+    "FilesystemResizeAfterUmount",
+];
+
+/// imgforge's helper tasks (tasks/NN-Name), which `EXCLUDE_TASK_<Name>` also skips.
+pub const HELPER_TASKS: &[&str] = &[
+    "MountPayload",
+    "CheckFilesystems",
+    "MountRoot",
+    "GrowFilesystem",
+    "Customize",
+    "InstallPackages",
+    "CheckPackages",
+    "SELinuxRelabel",
+    "Unmount",
+];
+
+/// snf-image's properties imgforge knows but does not honour yet, with what they ask.
+const NOT_HONOURED: &[(&str, &str)] = &[
+    ("CLOUD_INIT", "cloud-init configuration instead of edited files"),
+    ("NM_NETWORKING", "NetworkManager files for the NICs"),
+    ("DO_SYNC", "resize2fs with fsync"),
+    ("ALLOW_MOUNTED_TASK_OVERWRITING", "tasks overwritten from inside the image"),
+    ("EXCLUDE_MOUNTED_TASKS", "only the tasks before the image is mounted"),
+    ("EXCLUDE_FILESYSTEMRESIZE_TASKS", "no filesystem resize task"),
+];
+
+/// snf-image's properties for Windows guests, which imgforge does not customize.
+const WINDOWS_ONLY: &[&str] = &["IGNORE_UNATTEND", "OFFLINE_NTFSRESIZE", "OFFLINE_NTFSRESIZE_NOCHECK"];
+
+/// snf-image's boolean reading (`check_yes_no`): yes, true, on, 1, set are yes; no, false, off,
+/// 0, unset and empty are no (case-insensitive); `None` for anything else, which snf-image
+/// takes as yes with a warning.
+pub fn yes_no(value: &str) -> Option<bool> {
+    let v = value.trim().to_ascii_lowercase();
+    match v.as_str() {
+        "yes" | "true" | "on" | "1" | "set" => Some(true),
+        "no" | "false" | "off" | "0" | "unset" | "" => Some(false),
+        _ => None,
+    }
+}
+
+/// True if snf-image would take `value` as yes.
+fn yes(value: &str) -> bool {
+    yes_no(value).unwrap_or(true)
+}
+
+/// What imgforge does with one `img_properties` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Used as snf-image does (or nothing to do: a "no" for something imgforge never does).
+    Honoured,
+    /// Ignored, or read in a way worth saying: the line for Ganeti's OS log.
+    Warn(String),
+    /// Refused: the reason.
+    Refuse(String),
+}
+
+/// Decides what becomes of the property `name` (upper-cased) with `value`: honoured, ignored
+/// with a warning naming it (unknown, or snf-image's but not honoured yet), or refused (SWAP).
+/// Values of honoured properties are checked apart (`parse_properties`).
+pub fn judge_property(name: &str, value: &str) -> Verdict {
+    let invalid_boolean =
+        || Verdict::Warn(format!("{name}={value:?} is not yes or no: taken as yes, as snf-image does"));
+    match name {
+        "ROOT_PARTITION" | "USERS" | "OSFAMILY" | "PASSWD_HASHING_METHOD" | "PASSWORD_HASHING_METHOD" => {
+            return Verdict::Honoured;
+        }
+        "EXCLUDE_ALL_TASKS" => return yes_no(value).map_or_else(invalid_boolean, |_| Verdict::Honoured),
+        "SWAP" if value.trim().is_empty() => return Verdict::Honoured,
+        "SWAP" => {
+            return Verdict::Refuse(format!(
+                "SWAP {value:?} (adding a swap partition or disk) is not supported: size the image's own swap instead"
+            ))
+        }
+        "CUSTOM_TASK" if value.trim().is_empty() => return Verdict::Honoured,
+        "CUSTOM_TASK" => {
+            return Verdict::Warn(
+                "CUSTOM_TASK (a task run in the helper) is not honoured by imgforge yet: ignored".into(),
+            )
+        }
+        _ => {}
+    }
+    if let Some(task) = name.strip_prefix("EXCLUDE_TASK_") {
+        let known = SNF_IMAGE_TASKS.iter().chain(HELPER_TASKS).any(|t| t.eq_ignore_ascii_case(task));
+        if !known {
+            return Verdict::Warn(format!(
+                "{name}: no task {task} in snf-image's ({}) or imgforge's ({}): ignored",
+                SNF_IMAGE_TASKS.join(", "),
+                HELPER_TASKS.join(", ")
+            ));
+        }
+        return yes_no(value).map_or_else(invalid_boolean, |_| Verdict::Honoured);
+    }
+    if let Some((_, what)) = NOT_HONOURED.iter().find(|(n, _)| *n == name) {
+        if !yes(value) {
+            return Verdict::Honoured;
+        }
+        return Verdict::Warn(format!("{name} ({what}) is not honoured by imgforge yet: ignored"));
+    }
+    if WINDOWS_ONLY.contains(&name) {
+        if !yes(value) {
+            return Verdict::Honoured;
+        }
+        return Verdict::Warn(format!("{name} is for Windows guests, which imgforge does not customize: ignored"));
+    }
+    Verdict::Warn(format!("unknown property {name} ignored (not one of snf-image's)"))
+}
+
+/// The hash `img_passwd` is written with: `PASSWD_HASHING_METHOD` (snf-image's name) or its
+/// alias `PASSWORD_HASHING_METHOD`, read by `--password-crypto`'s parser. snf-image also takes
+/// md5, sha1 and blowfish; they are refused, each saying why.
+pub fn hashing_method(properties: &BTreeMap<String, String>) -> Result<PasswordCrypto, ParamError> {
+    const NAME: &str = "PASSWD_HASHING_METHOD";
+    const ALIAS: &str = "PASSWORD_HASHING_METHOD";
+    let (name, value) = match (properties.get(NAME), properties.get(ALIAS)) {
+        (None, None) => return Ok(PasswordCrypto::default()),
+        (Some(a), Some(b)) if !a.trim().eq_ignore_ascii_case(b.trim()) => {
+            return Err(err("img_properties", format!("{NAME} {a:?} and {ALIAS} {b:?} disagree: give one")))
+        }
+        (Some(v), _) => (NAME, v),
+        (None, Some(v)) => (ALIAS, v),
+    };
+    let method = value.trim().to_ascii_lowercase();
+    let refused = match method.as_str() {
+        "blowfish" => Some(
+            "blowfish (bcrypt, $2b$) is refused: glibc's crypt, which checks passwords on most Linux guests, \
+             cannot check it, so the password would never match; use sha512 (the default) or sha256",
+        ),
+        "sha1" => Some(
+            "sha1 (NetBSD's $sha1$) is refused: glibc's crypt on Linux guests cannot check it; \
+             use sha512 (the default) or sha256",
+        ),
+        _ => None,
+    };
+    if let Some(why) = refused {
+        return Err(err("img_properties", format!("{name}: {why}")));
+    }
+    PasswordCrypto::parse(&method).map_err(|e| err("img_properties", format!("{name}: {e}")))
+}
+
+/// Parses and checks `img_properties` (a JSON object; names are case-insensitive, as
+/// snf-image's). Returns the properties (names upper-cased) and the warnings for Ganeti's log.
+pub fn parse_properties(text: &str) -> Result<(BTreeMap<String, String>, Vec<String>), ParamError> {
     let mut properties = BTreeMap::new();
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| err("img_properties", format!("is not JSON: {e}")))?;
@@ -182,7 +383,24 @@ pub fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, ParamErr
             }
             _ => return Err(err("img_properties", format!("{k} must be a string, number or boolean"))),
         };
-        properties.insert(k.to_ascii_uppercase(), value);
+        let name = k.to_ascii_uppercase();
+        // Which spelling came last is lost in the parsed object: two that disagree are refused.
+        if let Some(earlier) = properties.insert(name.clone(), value.clone()) {
+            if earlier != value {
+                return Err(err(
+                    "img_properties",
+                    format!("{name} is given twice with different values (names are case-insensitive): give it once"),
+                ));
+            }
+        }
+    }
+    let mut warnings = Vec::new();
+    for (name, value) in &properties {
+        match judge_property(name, value) {
+            Verdict::Honoured => {}
+            Verdict::Warn(w) => warnings.push(w),
+            Verdict::Refuse(r) => return Err(err("img_properties", r)),
+        }
     }
     if let Some(n) = properties.get("ROOT_PARTITION") {
         if crate::plain_number::parse::<u32>(n).is_none_or(|n| n == 0 || n > 128) {
@@ -194,37 +412,29 @@ pub fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, ParamErr
             return Err(err("img_properties", format!("USERS {users:?} must be user names separated by spaces")));
         }
     }
-    if let Some(m) = properties.get("PASSWORD_HASHING_METHOD") {
-        if !["sha512", "sha256"].contains(&m.to_ascii_lowercase().as_str()) {
-            return Err(err(
-                "img_properties",
-                format!("PASSWORD_HASHING_METHOD {m:?} is not supported (sha512 or sha256)"),
-            ));
-        }
-    }
+    hashing_method(&properties)?;
     if let Some(f) = properties.get("OSFAMILY") {
         if !f.eq_ignore_ascii_case("linux") {
             return Err(err("img_properties", format!("OSFAMILY {f:?}: imgforge customizes Linux images only")));
         }
     }
-    if properties.contains_key("SWAP") {
-        return Err(err(
-            "img_properties",
-            "SWAP (adding a swap partition) is not supported: size the image's own swap instead",
-        ));
-    }
-    Ok(properties)
+    let warnings = warnings
+        .into_iter()
+        .map(|w| format!("img_properties: {}", imgforge_protocol::printable::printable(&w)))
+        .collect();
+    Ok((properties, warnings))
 }
 
 /// True if `properties` exclude the task `name` (or all tasks): snf-image's
-/// `EXCLUDE_TASK_<Name>` and `EXCLUDE_ALL_TASKS`, set to anything but empty, 0, no or false.
+/// `EXCLUDE_TASK_<Name>` and `EXCLUDE_ALL_TASKS`, read as snf-image reads a boolean.
 pub fn excluded(properties: &BTreeMap<String, String>, name: &str) -> bool {
-    let yes = |k: &str| {
-        properties.get(k).is_some_and(|v| {
-            !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("no") && !v.eq_ignore_ascii_case("false")
-        })
-    };
-    yes("EXCLUDE_ALL_TASKS") || yes(&format!("EXCLUDE_TASK_{}", name.to_ascii_uppercase()))
+    let set = |k: &str| properties.get(k).is_some_and(|v| yes(v));
+    set("EXCLUDE_ALL_TASKS") || set(&format!("EXCLUDE_TASK_{}", name.to_ascii_uppercase()))
+}
+
+/// The imgforge helper tasks `properties` exclude, for the helper's rules.
+pub fn excluded_helper_tasks(properties: &BTreeMap<String, String>) -> Vec<String> {
+    HELPER_TASKS.iter().filter(|t| excluded(properties, t)).map(|t| t.to_string()).collect()
 }
 
 /// Parses the `OSP_*` variables (keys as Ganeti passes them, `OSP_IMG_ID`).
@@ -232,10 +442,7 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
     let get = |name: &str| {
         env.get(&format!("OSP_{}", name.to_ascii_uppercase())).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
     };
-    let img_id = get("img_id").ok_or_else(|| err("img_id", "is required (the image to deploy)"))?;
-    if !(img_id.starts_with("http://") || img_id.starts_with("https://")) {
-        check_image_name("img_id", &img_id)?;
-    }
+    let img_id = parse_image_id(&get("img_id").ok_or_else(|| err("img_id", "is required (the image to deploy)"))?)?;
     let img_format = match get("img_format").as_deref() {
         None | Some("diskdump") => ImageFormat::Diskdump,
         Some("liveimg") => ImageFormat::Liveimg,
@@ -251,10 +458,11 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
             return Err(err("img_passwd_hash", "give img_passwd or img_passwd_hash, not both"));
         }
     }
-    let properties = match get("img_properties") {
+    let (properties, warnings) = match get("img_properties") {
         Some(text) => parse_properties(&text)?,
-        None => BTreeMap::new(),
+        None => (BTreeMap::new(), Vec::new()),
     };
+    let password_crypto = hashing_method(&properties)?;
     let mut personality = Vec::new();
     if let Some(text) = get("img_personality") {
         let files: Vec<PersonalityFile> = serde_json::from_str(&text).map_err(|e| {
@@ -299,6 +507,8 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
         passwd,
         passwd_hash,
         properties,
+        password_crypto,
+        warnings,
         personality,
         auth_keys,
         install_rpms,
@@ -389,6 +599,221 @@ mod tests {
         let e = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD", "s3cret"), ("OSP_IMG_PASSWD_HASH", "$6$x")]))
             .unwrap_err();
         assert!(!e.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn image_id_table() {
+        use ImageId::*;
+        let good: &[(&str, ImageId)] = &[
+            ("debian", Local("debian".into())),
+            ("debian.img", Local("debian.img".into())),
+            ("local://debian.img", Local("debian.img".into())),
+            ("local://a:b", Local("a:b".into())),
+            ("http://example.com/d.img", Url("http://example.com/d.img".into())),
+            ("https://example.com/d.img", Url("https://example.com/d.img".into())),
+            ("null", Null),
+            // snf-image reads only the exact `null`: anything else without ':' is a file name.
+            ("NULL", Local("NULL".into())),
+            ("nullx", Local("nullx".into())),
+        ];
+        for (text, want) in good {
+            assert_eq!(&parse_image_id(text).unwrap(), want, "{text}");
+        }
+        let bad: &[(&str, &str)] = &[
+            ("local://", "file name"),
+            ("local://../etc/shadow", "file name"),
+            ("local://..", "file name"),
+            ("local:///etc/shadow", "file name"),
+            ("local://a/b", "file name"),
+            ("file:///var/lib/snf-image/debian", "local://NAME"),
+            ("file://debian", "local://NAME"),
+            ("pithos://uuid/container/debian", "Pithos"),
+            ("pithosmap://map/1024", "Pithos"),
+            ("ftp://example.com/d.img", "http and https"),
+            ("ftps://example.com/d.img", "http and https"),
+            ("HTTP://example.com/d.img", "not an image source"),
+            ("s3://bucket/d.img", "not an image source"),
+            ("a:b", "not an image source"),
+            ("../x", "file name"),
+            ("/etc/shadow", "file name"),
+        ];
+        for (text, want) in bad {
+            let e = parse_image_id(text).unwrap_err();
+            assert_eq!(e.param, "img_id", "{text}");
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
+        // Every refused scheme names what img_id takes.
+        assert!(parse_image_id("gopher://x").unwrap_err().to_string().contains("local://NAME"));
+        assert_eq!(
+            parse(&env(&[("OSP_IMG_ID", " local://debian ")])).unwrap().img_id,
+            Local("debian".into()),
+            "Ganeti's value is trimmed"
+        );
+    }
+
+    #[test]
+    fn property_verdicts() {
+        use Verdict::*;
+        let honoured = [
+            ("ROOT_PARTITION", "1"),
+            ("USERS", "root"),
+            ("OSFAMILY", "linux"),
+            ("PASSWD_HASHING_METHOD", "sha256"),
+            ("PASSWORD_HASHING_METHOD", "sha256"),
+            ("EXCLUDE_ALL_TASKS", "yes"),
+            ("EXCLUDE_ALL_TASKS", "off"),
+            ("EXCLUDE_TASK_ASSIGNHOSTNAME", "yes"),
+            ("EXCLUDE_TASK_DELETESSHKEYS", "1"),
+            ("EXCLUDE_TASK_SELINUXRELABEL", "true"),
+            ("EXCLUDE_TASK_FILESYSTEMRESIZEAFTERUMOUNT", "no"),
+            ("SWAP", ""),
+            ("CUSTOM_TASK", ""),
+            // A no for what imgforge never does asks nothing.
+            ("CLOUD_INIT", "no"),
+            ("NM_NETWORKING", "false"),
+            ("DO_SYNC", "0"),
+            ("ALLOW_MOUNTED_TASK_OVERWRITING", "off"),
+            ("EXCLUDE_MOUNTED_TASKS", "unset"),
+            ("EXCLUDE_FILESYSTEMRESIZE_TASKS", ""),
+            ("IGNORE_UNATTEND", "no"),
+        ];
+        for (name, value) in honoured {
+            assert_eq!(judge_property(name, value), Honoured, "{name}={value}");
+        }
+        let warned = [
+            ("CLOUD_INIT", "yes", "not honoured by imgforge yet"),
+            ("NM_NETWORKING", "ON", "not honoured by imgforge yet"),
+            ("DO_SYNC", "1", "not honoured by imgforge yet"),
+            ("ALLOW_MOUNTED_TASK_OVERWRITING", "yes", "not honoured by imgforge yet"),
+            ("EXCLUDE_MOUNTED_TASKS", "set", "not honoured by imgforge yet"),
+            ("EXCLUDE_FILESYSTEMRESIZE_TASKS", "True", "not honoured by imgforge yet"),
+            ("EXCLUDE_MOUNTED_TASKS", "maybe", "not honoured by imgforge yet"),
+            ("CUSTOM_TASK", "IyEvYmluL3NoCg==", "not honoured by imgforge yet"),
+            ("OFFLINE_NTFSRESIZE", "yes", "Windows"),
+            ("OFFLINE_NTFSRESIZE_NOCHECK", "yes", "Windows"),
+            ("IGNORE_UNATTEND", "yes", "Windows"),
+            ("EXCLUDE_ALL_TASKS", "maybe", "taken as yes"),
+            ("EXCLUDE_TASK_CHANGEPASSWORD", "sometimes", "taken as yes"),
+            ("EXCLUDE_TASK_ASSIGNHOSTNAM", "yes", "no task ASSIGNHOSTNAM"),
+            ("FROBNICATE", "1", "unknown property FROBNICATE ignored"),
+            ("PASSWD_HASHING", "sha256", "unknown property PASSWD_HASHING ignored"),
+        ];
+        for (name, value, want) in warned {
+            match judge_property(name, value) {
+                Warn(w) => assert!(w.contains(name) && w.contains(want), "{name}={value}: {w}"),
+                other => panic!("{name}={value}: {other:?}"),
+            }
+        }
+        for value in ["2:512", "5:512", "c"] {
+            assert!(matches!(judge_property("SWAP", value), Refuse(r) if r.contains("SWAP")), "{value}");
+        }
+    }
+
+    #[test]
+    fn property_names_are_case_insensitive_and_unknown_ones_warn() {
+        let (p, w) = parse_properties(
+            r#"{"Passwd_Hashing_Method": "SHA256", "users": "root", "Frobnicate": 1, "cloud_init": "yes", "exclude_task_changepassword": "off"}"#,
+        )
+        .unwrap();
+        assert_eq!(p["PASSWD_HASHING_METHOD"], "SHA256");
+        assert_eq!(p["USERS"], "root");
+        assert!(!excluded(&p, "ChangePassword"), "off is no, as snf-image reads it");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w.iter().any(|l| l.contains("FROBNICATE") && l.contains("ignored")), "{w:?}");
+        assert!(w.iter().any(|l| l.contains("CLOUD_INIT") && l.contains("not honoured")), "{w:?}");
+        assert!(w.iter().all(|l| l.starts_with("img_properties: ")));
+        // The same name twice: the same value is fine, two values are refused.
+        assert!(parse_properties(r#"{"users": "root", "USERS": "root"}"#).is_ok());
+        let e = parse_properties(r#"{"users": "root", "USERS": "alice"}"#).unwrap_err();
+        assert!(e.to_string().contains("USERS is given twice"), "{e}");
+        // Control characters in a name are not written raw into Ganeti's log.
+        let (_, w) = parse_properties("{\"A\\u001b[2J\": 1}").unwrap();
+        assert!(!w[0].contains('\x1b'), "{w:?}");
+    }
+
+    #[test]
+    fn yes_no_as_snf_image() {
+        for v in ["yes", "YES", "true", "True", "on", "1", "set", " yes "] {
+            assert_eq!(yes_no(v), Some(true), "{v}");
+        }
+        for v in ["no", "No", "false", "off", "0", "unset", ""] {
+            assert_eq!(yes_no(v), Some(false), "{v}");
+        }
+        for v in ["maybe", "2", "y"] {
+            assert_eq!(yes_no(v), None, "{v}");
+        }
+        let props = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(excluded(&props("EXCLUDE_ALL_TASKS", "maybe"), "AssignHostname"), "snf-image takes it as yes");
+        assert!(!excluded(&props("EXCLUDE_ALL_TASKS", "unset"), "AssignHostname"));
+        assert!(excluded(&props("EXCLUDE_TASK_ASSIGNHOSTNAME", "on"), "AssignHostname"));
+        assert_eq!(excluded_helper_tasks(&props("EXCLUDE_TASK_SELINUXRELABEL", "yes")), ["SELinuxRelabel"]);
+        assert_eq!(excluded_helper_tasks(&props("EXCLUDE_ALL_TASKS", "yes")).len(), HELPER_TASKS.len());
+        assert!(excluded_helper_tasks(&props("EXCLUDE_TASK_ASSIGNHOSTNAME", "yes")).is_empty());
+    }
+
+    #[test]
+    fn hashing_method_table() {
+        let props = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let good: &[(&[(&str, &str)], PasswordCrypto)] = &[
+            (&[], PasswordCrypto::Sha512),
+            (&[("PASSWD_HASHING_METHOD", "sha512")], PasswordCrypto::Sha512),
+            (&[("PASSWD_HASHING_METHOD", "sha256")], PasswordCrypto::Sha256),
+            (&[("PASSWD_HASHING_METHOD", "SHA256")], PasswordCrypto::Sha256),
+            (&[("PASSWORD_HASHING_METHOD", "sha256")], PasswordCrypto::Sha256),
+            (&[("PASSWORD_HASHING_METHOD", "Sha512")], PasswordCrypto::Sha512),
+            (&[("PASSWD_HASHING_METHOD", "sha256"), ("PASSWORD_HASHING_METHOD", "SHA256")], PasswordCrypto::Sha256),
+        ];
+        for (pairs, want) in good {
+            assert_eq!(hashing_method(&props(pairs)).unwrap(), *want, "{pairs:?}");
+        }
+        let bad: &[(&[(&str, &str)], &str)] = &[
+            (&[("PASSWD_HASHING_METHOD", "md5")], "md5 crypt is refused (it is broken"),
+            (&[("PASSWD_HASHING_METHOD", "MD5")], "md5 crypt is refused"),
+            (&[("PASSWORD_HASHING_METHOD", "md5")], "PASSWORD_HASHING_METHOD: md5"),
+            (&[("PASSWD_HASHING_METHOD", "blowfish")], "glibc's crypt"),
+            (&[("PASSWD_HASHING_METHOD", "sha1")], "glibc's crypt"),
+            (&[("PASSWD_HASHING_METHOD", "des")], "not a password hash imgforge writes"),
+            (
+                &[("PASSWD_HASHING_METHOD", "sha256"), ("PASSWORD_HASHING_METHOD", "sha512")],
+                "PASSWD_HASHING_METHOD \"sha256\" and PASSWORD_HASHING_METHOD \"sha512\" disagree",
+            ),
+        ];
+        for (pairs, want) in bad {
+            let e = hashing_method(&props(pairs)).unwrap_err();
+            assert_eq!(e.param, "img_properties");
+            assert!(e.to_string().contains(want), "{pairs:?}: {e}");
+            let json = serde_json::to_string(&props(pairs)).unwrap();
+            assert!(parse_properties(&json).is_err(), "{json} accepted");
+        }
+        // The method reaches the hash img_passwd is written with.
+        for (json, prefix) in [
+            (r#"{"passwd_hashing_method": "sha256"}"#, "$5$"),
+            (r#"{"PASSWORD_HASHING_METHOD": "sha256"}"#, "$5$"),
+            (r#"{"PASSWD_HASHING_METHOD": "sha512"}"#, "$6$"),
+            ("{}", "$6$"),
+        ] {
+            let p = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", json)])).unwrap();
+            let hash = p.hash_password("pw").unwrap();
+            assert!(hash.starts_with(prefix), "{json}: {hash}");
+        }
+    }
+
+    #[test]
+    fn helper_tasks_are_the_tasks_directory() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().into_string().ok())
+            .filter_map(|n| {
+                n.split_once('-').filter(|(nn, _)| nn.bytes().all(|b| b.is_ascii_digit())).map(|(_, t)| t.to_owned())
+            })
+            .collect();
+        on_disk.sort();
+        let mut listed: Vec<String> = HELPER_TASKS.iter().map(|t| t.to_string()).collect();
+        listed.sort();
+        assert_eq!(listed, on_disk, "HELPER_TASKS must name every task in tasks/ (EXCLUDE_TASK_<Name> checks it)");
     }
 
     #[test]
