@@ -5,6 +5,7 @@ use crate::confinement::GuestCommand;
 use crate::firstboot;
 use crate::guest::GuestRoot;
 use crate::task_env::TaskEnv;
+use imgforge_protocol::perl_edit::Program;
 use imgforge_protocol::rules::{Operation, Principal, Rules};
 use std::io::Read;
 use std::path::Path;
@@ -134,6 +135,10 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             .copy_in(&payload.join(payload_path), remote_dir, name)
             .map_err(|e| format!("cannot copy {name} into {remote_dir}: {e}")),
         Operation::Scrub { path } => guest.scrub(path).map_err(io_err("cannot scrub", path)),
+        Operation::Edit { path, expr } => {
+            let program = Program::parse(expr).map_err(|e| e.to_string())?;
+            crate::edit::edit_file(guest, path, &program)
+        }
         Operation::Network { nics } => {
             let stack = crate::network::apply(guest, nics)?;
             println!("network: {} NIC(s) configured for {stack:?}", nics.len());

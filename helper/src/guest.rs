@@ -78,7 +78,7 @@ impl GuestRoot {
     }
 
     /// Opens the parent directory of `guest_path` and returns it with the final name.
-    fn parent(&self, guest_path: &str) -> io::Result<(OwnedFd, CString)> {
+    pub(crate) fn parent(&self, guest_path: &str) -> io::Result<(OwnedFd, CString)> {
         let parts = components(guest_path)?;
         let (name, dirs) = parts.split_last().ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "the guest root itself is not a valid target")

@@ -12,6 +12,7 @@ mod accounts;
 mod confinement;
 mod copy;
 mod customize;
+mod edit;
 mod firstboot;
 mod floppy;
 mod guest;

@@ -13,6 +13,7 @@ pub mod bytes;
 pub mod filesystems;
 pub mod helper_vm;
 pub mod line;
+pub mod perl_edit;
 pub mod printable;
 pub mod report;
 pub mod rules;

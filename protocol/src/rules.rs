@@ -277,6 +277,14 @@ pub enum Operation {
         /// Absolute guest path.
         path: String,
     },
+    /// Edit an existing regular file line by line with a Perl expression of the forms
+    /// [`crate::perl_edit::Program`] runs (checked on the host, parsed again by the helper).
+    Edit {
+        /// Absolute guest path (in-root symlinks followed, as virt-edit edits the real file).
+        path: String,
+        /// The Perl expression as given.
+        expr: String,
+    },
     /// Copy a host file or tree from the payload disk into an existing guest directory, with
     /// the modes, numeric owners, times and symlinks it has there (as virt-customize's tar).
     CopyIn {
@@ -354,6 +362,7 @@ impl Operation {
             Operation::Truncate { .. } => "--truncate",
             Operation::TruncateRecursive { .. } => "--truncate-recursive",
             Operation::Scrub { .. } => "--scrub",
+            Operation::Edit { .. } => "--edit",
             Operation::CopyIn { .. } => "--copy-in",
             Operation::Network { .. } => "network (Ganeti NICs)",
         }
@@ -386,6 +395,8 @@ impl Operation {
             | Operation::Truncate { path }
             | Operation::TruncateRecursive { path }
             | Operation::Scrub { path } => format!("{} {path}", self.option_name()),
+            // The expression may hold what the file should not show in logs (a password line).
+            Operation::Edit { path, .. } => format!("--edit {path}"),
             Operation::Network { nics } => format!("network configuration of {} NIC(s)", nics.len()),
         }
     }
@@ -411,6 +422,7 @@ mod tests {
             Operation::Truncate { path: "/t".into() },
             Operation::TruncateRecursive { path: "/var/log".into() },
             Operation::Scrub { path: "/s".into() },
+            Operation::Edit { path: "/etc/e".into(), expr: "s/a\\/b/\"$1\"/g".into() },
             Operation::CopyIn {
                 payload_path: "copy-in/0001/conf".into(),
                 remote_dir: "/etc".into(),

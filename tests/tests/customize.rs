@@ -203,6 +203,8 @@ fn bad_input_is_refused_before_any_vm() {
         (&["customize", "-a", &s(&img), "--root-password", "plain:secret-text"], "selector"),
         (&["customize", "-a", &s(&img), "--upload", "/nonexistent/f:/x"], "/nonexistent/f"),
         (&["customize", "-a", &s(&img), "--accel", "xen"], "xen"),
+        (&["customize", "-a", &s(&img), "--edit", "/etc/hosts:s/a/b/e"], "\"s/a/b/e\": the e flag runs Perl code"),
+        (&["customize", "-a", &s(&img), "--edit", "/etc/hosts:system('x')"], "s/REGEX/REPLACEMENT/"),
     ];
     for (args, want) in cases {
         let started = Instant::now();
@@ -646,4 +648,63 @@ fn trace_shows_each_operation_as_the_helper_runs_it() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.contains(traced), shown, "{flag}: {stderr}");
     }
+}
+
+/// `--edit FILE:EXPR` as virt-customize's (virt-edit's Perl loop): each line through the
+/// expression, a line set to '' deleted, the file a guest link leads to edited in place of the
+/// link, its mode and owner kept, bytes that are not UTF-8 kept; it sees what an earlier
+/// `--write` wrote. A missing file fails the run, naming it, and leaves the disk as it was.
+#[test]
+fn edit_runs_perl_substitutions_in_the_guest() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let conf: &[u8] = b"a=1\n# drop me\nb=2\r\n\xff\xfe c=3";
+    let hostname = {
+        let m = Mount::writable_partition(&img, 0).unwrap();
+        std::fs::write(m.join("/srv/conf"), conf).unwrap();
+        std::fs::set_permissions(m.join("/srv/conf"), PermissionsExt::from_mode(0o640)).unwrap();
+        std::os::unix::fs::chown(m.join("/srv/conf"), Some(1000), Some(100)).unwrap();
+        std::os::unix::fs::symlink("/srv/conf", m.join("/srv/conf-link")).unwrap();
+        std::os::unix::fs::symlink("/", m.join("/etc/evil")).unwrap();
+        m.read("/etc/hostname").unwrap()
+    };
+    let out = customize_tcg(
+        &img,
+        &[
+            "--edit",
+            "/etc/hostname:s/^/edited-/",
+            "--edit",
+            "/etc/evil/srv/conf-link:s/=/: /g; $_ = '' if /^#/",
+            "--write",
+            "/srv/written:hello world",
+            "--edit",
+            "/srv/written:s{(\\w+) (\\w+)}{$2 $1}; $_ .= \"\\n\"",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let digest = || {
+        let out = std::process::Command::new("sha256sum").arg(&img).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+    };
+    {
+        let m = Mount::partition(&img, 0).unwrap();
+        assert_eq!(m.read("/etc/hostname").unwrap(), format!("edited-{hostname}"));
+        assert_eq!(std::fs::read(m.join("/srv/conf")).unwrap(), b"a: 1\nb: 2\r\n\xff\xfe c: 3");
+        let meta = std::fs::symlink_metadata(m.join("/srv/conf")).unwrap();
+        assert_eq!((meta.is_file(), meta.mode() & 0o7777, meta.uid(), meta.gid()), (true, 0o640, 1000, 100));
+        assert_eq!(std::fs::read_link(m.join("/srv/conf-link")).unwrap(), std::path::Path::new("/srv/conf"));
+        assert_eq!(m.read("/srv/written").unwrap(), "world hello\n");
+        let temporaries: Vec<_> = std::fs::read_dir(m.join("/srv"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("imgforge"))
+            .collect();
+        assert!(temporaries.is_empty(), "{temporaries:?}");
+    }
+    let before = digest();
+    let out = customize_tcg(&img, &["--write", "/srv/first:x", "--edit", "/srv/missing:s/a/b/"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 1, "{stderr}");
+    assert!(stderr.contains("/srv/missing does not exist in the guest"), "{stderr}");
+    assert_eq!(digest(), before, "a failed --edit leaves the disk byte-identical");
 }

@@ -10,6 +10,7 @@ pub mod password;
 
 use crate::ops::password::{PasswordCrypto, PasswordSelector};
 use clap::Args;
+use imgforge_protocol::perl_edit::Program;
 use imgforge_protocol::rules::{Operation, Principal};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -79,6 +80,10 @@ pub struct OpsArgs {
     /// Overwrite a regular file with patterns, then delete it.
     #[arg(long, value_name = "FILE")]
     scrub: Vec<String>,
+    /// Edit FILE line by line with a Perl expression: s/REGEX/REPLACEMENT/[gimsx], tr/A/B/,
+    /// $_ = "..." (an empty string deletes the line), optionally `if /REGEX/`; nothing else.
+    #[arg(long, value_name = "FILE:EXPR")]
+    edit: Vec<String>,
     /// Copy a host file or directory tree into the existing guest directory REMOTEDIR, as
     /// virt-customize (tar: modes, numeric owners, times and symlinks kept).
     #[arg(long, value_name = "LOCALPATH:REMOTEDIR")]
@@ -377,6 +382,15 @@ fn parse_source_dest(value: &str) -> Result<(String, String), String> {
     Ok((source.to_owned(), dest.to_owned()))
 }
 
+/// Parses `--edit FILE:EXPR` (split at the first colon, as virt-customize): the expression
+/// must be one imgforge runs without Perl, or it is refused here, before any VM boots.
+pub fn parse_edit(value: &str) -> Result<Operation, String> {
+    let (path, expr) = split_pair(value, "FILE:EXPR")?;
+    check_below_root(path)?;
+    Program::parse(expr).map_err(|e| e.to_string())?;
+    Ok(Operation::Edit { path: path.to_owned(), expr: expr.to_owned() })
+}
+
 /// Parses `--link TARGET:LINK[:LINK..]`: the target verbatim (it may be relative), then links.
 pub fn parse_link(value: &str) -> Result<Operation, String> {
     let mut parts = value.split(':');
@@ -553,6 +567,7 @@ impl Plan {
                 Operation::Move { source, dest }
             }
             "link" => parse_link(value)?,
+            "edit" => parse_edit(value)?,
             "copy-in" => self.copy_in(value)?,
             "touch" | "truncate" | "scrub" => {
                 check_below_root(value)?;
@@ -844,6 +859,28 @@ mod tests {
     }
 
     #[test]
+    fn edit_parses_as_virt_customize() {
+        let edit = |path: &str, expr: &str| Operation::Edit { path: path.into(), expr: expr.into() };
+        assert_eq!(parse_edit("/etc/hosts:s/a:b/c/"), Ok(edit("/etc/hosts", "s/a:b/c/")), "split at the first colon");
+        assert_eq!(parse_edit("/etc/passwd:$_ = '' if /^apache:/"), Ok(edit("/etc/passwd", "$_ = '' if /^apache:/")));
+        // (argument, what the error says, whether it is about the expression)
+        let refused: &[(&str, &str, bool)] = &[
+            ("/etc/hosts", "FILE:EXPR", false),
+            ("etc/hosts:s/a/b/", "absolute", false),
+            ("/:s/a/b/", "root directory", false),
+            ("/etc/hosts:s/a/b/e", "e flag", true),
+            ("/etc/hosts:print", "\"print\"", true),
+            ("/etc/hosts:s/(?<=a)b/c/", "look-behind", true),
+            ("/etc/hosts:", "empty", true),
+        ];
+        for (value, want, expression) in refused {
+            let err = Plan::default().add("edit", Some(value)).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--edit {value}:")) && err.contains(want), "{value}: {err}");
+            assert_eq!(err.contains("s/REGEX/REPLACEMENT/"), *expression, "the supported forms are listed: {err}");
+        }
+    }
+
+    #[test]
     fn copy_in_parses_as_virt_customize() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("conf")).unwrap();
@@ -951,7 +988,7 @@ mod tests {
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
         assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
-        assert_eq!(operation_options().len(), 31);
+        assert_eq!(operation_options().len(), 32);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
