@@ -139,6 +139,8 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             let program = Program::parse(expr).map_err(|e| e.to_string())?;
             crate::edit::edit_file(guest, path, &program)
         }
+        Operation::ResetMachineId => crate::identity::reset_machine_id(guest),
+        Operation::RegenerateSshHostKeys => crate::identity::regenerate_ssh_host_keys(guest),
         Operation::Network { nics } => {
             let stack = crate::network::apply(guest, nics)?;
             println!("network: {} NIC(s) configured for {stack:?}", nics.len());

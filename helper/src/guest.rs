@@ -300,6 +300,29 @@ impl GuestRoot {
         Ok(CreatedDir { parent, name, dir })
     }
 
+    /// What is at `guest_path` itself, a final symlink not followed (its parents are, inside
+    /// the root); `None` when nothing is there.
+    pub fn lstat(&self, guest_path: &str) -> io::Result<Option<libc::stat>> {
+        let (dir, name) = match self.parent(guest_path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        not_found_is_none(crate::copy::lstat_at(dir.as_fd(), &name))
+    }
+
+    /// Creates the new regular file `guest_path` with `content`, owned by root with `mode`;
+    /// anything already there, a symlink included, is an error.
+    pub fn create_new(&self, guest_path: &str, mode: u32, content: &[u8]) -> io::Result<()> {
+        let (dir, name) = self.parent(guest_path)?;
+        let fd = crate::copy::open_at(dir.as_fd(), &name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0)?;
+        let mut f = File::from(fd);
+        std::os::unix::fs::fchown(&f, Some(0), Some(0))?;
+        // Set after creation: the mode given to open obeys the umask.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        f.write_all(content)
+    }
+
     /// Opens an existing path (following in-root symlinks, crossing mount points) without
     /// reading it: a handle for mount and unmount calls.
     pub fn open_path(&self, guest_path: &str) -> io::Result<OwnedFd> {
@@ -596,7 +619,9 @@ fn truncate_tree(dir: OwnedFd, depth: usize) -> io::Result<usize> {
     Ok(count)
 }
 
-fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+/// Fills `buf` from the kernel's CSPRNG (`getrandom` without flags: it blocks until the CRNG is
+/// initialized, never returning bytes from an unseeded pool).
+pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: writable buffer of the length given.

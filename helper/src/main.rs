@@ -16,6 +16,7 @@ mod edit;
 mod firstboot;
 mod floppy;
 mod guest;
+mod identity;
 mod init;
 mod kmod;
 mod layout;
@@ -23,6 +24,7 @@ mod mounts;
 mod network;
 mod packages;
 mod prefetch;
+mod random_seed;
 mod reporter;
 mod script;
 mod task_env;
@@ -59,6 +61,9 @@ fn main() -> ExitCode {
                 "       imgforge-helper mount-root         mount the guest's filesystems (the 10-MountRoot task)"
             );
             eprintln!(
+                "       imgforge-helper random-seed        write a fresh random seed in the guest (the 45-RandomSeed task)"
+            );
+            eprintln!(
                 "       imgforge-helper selinux-relabel    create /.autorelabel if asked (the 80-SELinuxRelabel task)"
             );
             eprintln!("       imgforge-helper unmount            unmount them again and sync (the 90-Unmount task)");
@@ -75,6 +80,7 @@ fn builtin(name: &str) -> Option<tasks::Builtin> {
         "customize" => Some(customize::run),
         "install-packages" => Some(packages::run),
         "selinux-relabel" => Some(customize::selinux_relabel),
+        "random-seed" => Some(random_seed::run),
         "mount-payload" => Some(mounts::mount_payload),
         "mount-root" => Some(mounts::mount_root),
         "unmount" => Some(mounts::unmount_all),

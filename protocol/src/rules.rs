@@ -116,7 +116,9 @@ impl Rules {
     pub fn runs_guest_programs(&self) -> bool {
         !self.rpms.is_empty()
             || !self.install.is_empty()
-            || self.operations.iter().any(|op| matches!(op, Operation::Run { .. } | Operation::RunCommand { .. }))
+            || self.operations.iter().any(|op| {
+                matches!(op, Operation::Run { .. } | Operation::RunCommand { .. } | Operation::RegenerateSshHostKeys)
+            })
     }
 }
 
@@ -295,6 +297,12 @@ pub enum Operation {
         /// The top's name in `remote_dir`.
         name: String,
     },
+    /// Give the guest a fresh random `/etc/machine-id` (and `/var/lib/dbus/machine-id` when it
+    /// is a regular file), so that clones of one image do not share it.
+    ResetMachineId,
+    /// Remove the SSH host keys (`/etc/ssh/ssh_host_*`) and, when the guest has `sshd` and
+    /// `ssh-keygen`, make new ones with the guest's own `ssh-keygen -A`.
+    RegenerateSshHostKeys,
     /// Configure the guest's network interfaces (Ganeti's NICs), for the network stack the
     /// guest uses.
     Network {
@@ -364,6 +372,8 @@ impl Operation {
             Operation::Scrub { .. } => "--scrub",
             Operation::Edit { .. } => "--edit",
             Operation::CopyIn { .. } => "--copy-in",
+            Operation::ResetMachineId => "--reset-machine-id",
+            Operation::RegenerateSshHostKeys => "--regenerate-ssh-host-keys",
             Operation::Network { .. } => "network (Ganeti NICs)",
         }
     }
@@ -397,6 +407,7 @@ impl Operation {
             | Operation::Scrub { path } => format!("{} {path}", self.option_name()),
             // The expression may hold what the file should not show in logs (a password line).
             Operation::Edit { path, .. } => format!("--edit {path}"),
+            Operation::ResetMachineId | Operation::RegenerateSshHostKeys => self.option_name().to_owned(),
             Operation::Network { nics } => format!("network configuration of {} NIC(s)", nics.len()),
         }
     }
@@ -423,6 +434,8 @@ mod tests {
             Operation::TruncateRecursive { path: "/var/log".into() },
             Operation::Scrub { path: "/s".into() },
             Operation::Edit { path: "/etc/e".into(), expr: "s/a\\/b/\"$1\"/g".into() },
+            Operation::ResetMachineId,
+            Operation::RegenerateSshHostKeys,
             Operation::CopyIn {
                 payload_path: "copy-in/0001/conf".into(),
                 remote_dir: "/etc".into(),

@@ -707,4 +707,127 @@ fn edit_runs_perl_substitutions_in_the_guest() {
     assert_eq!(code(&out), 1, "{stderr}");
     assert!(stderr.contains("/srv/missing does not exist in the guest"), "{stderr}");
     assert_eq!(digest(), before, "a failed --edit leaves the disk byte-identical");
+
+/// The machine id an image carries, which its clones must not keep.
+const IMAGE_MACHINE_ID: &str = "0123456789abcdef0123456789abcdef\n";
+
+/// Makes the fixture a golden image with what clones must not share: a machine id (mode 0444
+/// as systemd writes it) that D-Bus reaches through a symlink, SSH host keys (a file, its
+/// public half, and a symlink named as a key leading to a file that must stay), an sshd_config.
+fn plant_image_identity(img: &std::path::Path) {
+    let m = Mount::writable_partition(img, 0).unwrap();
+    std::fs::write(m.join("/etc/machine-id"), IMAGE_MACHINE_ID).unwrap();
+    std::fs::set_permissions(m.join("/etc/machine-id"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::create_dir_all(m.join("/var/lib/dbus")).unwrap();
+    std::os::unix::fs::symlink("/etc/machine-id", m.join("/var/lib/dbus/machine-id")).unwrap();
+    std::fs::create_dir_all(m.join("/etc/ssh")).unwrap();
+    std::fs::write(m.join("/etc/ssh/ssh_host_ed25519_key"), "image private key\n").unwrap();
+    std::fs::write(m.join("/etc/ssh/ssh_host_ed25519_key.pub"), "ssh-ed25519 AAAA image\n").unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", m.join("/etc/ssh/ssh_host_rsa_key")).unwrap();
+    std::fs::write(m.join("/etc/ssh/sshd_config"), "PermitRootLogin no\n").unwrap();
+    let _ = std::fs::remove_file(m.join("/var/lib/systemd/random-seed"));
+    assert!(m.join("/var/lib/systemd").is_dir(), "the fixture has /var/lib/systemd");
+}
+
+/// The names in the guest's /etc/ssh, sorted.
+fn ssh_dir(m: &Mount) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(m.join("/etc/ssh"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Two clones of one image, each customized with --reset-machine-id and
+/// --regenerate-ssh-host-keys: each has a machine id of its own (neither the image's nor the
+/// other's), D-Bus's symlink is left alone, the host keys are gone (the fixture is a minbase
+/// Debian without openssh-server: no sshd, so they stay removed for the first boot), and each
+/// got a random seed of its own, 0600 and 512 bytes, without being asked.
+#[test]
+fn clones_get_their_own_machine_id_host_keys_and_random_seed() {
+    let work = tempfile::tempdir().unwrap();
+    let img_a = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    plant_image_identity(&img_a);
+    let img_b = work.path().join("clone-b.img");
+    std::fs::copy(&img_a, &img_b).unwrap();
+    let hostname = Mount::partition(&img_a, 0).unwrap().read("/etc/hostname").unwrap();
+
+    let mut seen = Vec::new();
+    for img in [&img_a, &img_b] {
+        let out = customize_tcg(img, &["--reset-machine-id", "--regenerate-ssh-host-keys"]);
+        assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+        let m = Mount::partition(img, 0).unwrap();
+        let id = m.read("/etc/machine-id").unwrap();
+        assert!(id.len() == 33 && id.ends_with('\n'), "{id:?}");
+        assert!(id.trim_end().bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id:?}");
+        assert_ne!(id, IMAGE_MACHINE_ID, "the image's machine id was kept");
+        let meta = std::fs::symlink_metadata(m.join("/etc/machine-id")).unwrap();
+        assert_eq!((meta.is_file(), meta.mode() & 0o7777, meta.uid()), (true, 0o444, 0), "mode and owner kept");
+        let dbus = std::fs::read_link(m.join("/var/lib/dbus/machine-id")).unwrap();
+        assert_eq!(dbus.to_str(), Some("/etc/machine-id"), "D-Bus's symlink was replaced");
+
+        assert_eq!(ssh_dir(&m), ["sshd_config"], "host keys left in the clone");
+        assert_eq!(m.read("/etc/ssh/sshd_config").unwrap(), "PermitRootLogin no\n");
+        assert_eq!(m.read("/etc/hostname").unwrap(), hostname, "a key's symlink was followed");
+
+        let seed_path = m.join("/var/lib/systemd/random-seed");
+        let seed = std::fs::read(&seed_path).unwrap();
+        let meta = std::fs::symlink_metadata(&seed_path).unwrap();
+        assert_eq!((seed.len(), meta.mode() & 0o7777, meta.uid(), meta.gid()), (512, 0o600, 0, 0));
+        assert!(!m.join("/var/lib/urandom").exists(), "no directory made for a legacy seed");
+        seen.push((id, seed));
+    }
+    assert_ne!(seen[0].0, seen[1].0, "two clones got the same machine id");
+    assert_ne!(seen[0].1, seen[1].1, "two clones got the same random seed");
+}
+
+/// A guest with sshd and ssh-keygen (the host's Debian 12 ssh-keygen and its libcrypto,
+/// copied into the Debian 12 fixture, which lacks openssh-server) gets new host keys of every
+/// default type, made by its own ssh-keygen in the helper; the image's key is gone.
+#[test]
+fn host_keys_are_regenerated_by_the_guests_ssh_keygen() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    plant_image_identity(&img);
+    {
+        let m = Mount::writable_partition(&img, 0).unwrap();
+        for (host, guest, mode) in [
+            ("/usr/bin/ssh-keygen", "/usr/bin/ssh-keygen", 0o755),
+            ("/usr/lib/x86_64-linux-gnu/libcrypto.so.3", "/usr/lib/x86_64-linux-gnu/libcrypto.so.3", 0o644),
+            // Never run: its presence says the guest wants host keys.
+            ("/usr/bin/true", "/usr/sbin/sshd", 0o755),
+        ] {
+            std::fs::copy(host, m.join(guest)).unwrap_or_else(|e| panic!("{host}: {e}"));
+            std::fs::set_permissions(m.join(guest), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        // A key at a place of the image's choosing, named by sshd_config.
+        std::fs::write(m.join("/etc/ssh/sshd_config"), "HostKey /srv/ssh/extra\nHostKey /etc/ssh/ssh_host_rsa_key\n")
+            .unwrap();
+        std::fs::create_dir_all(m.join("/srv/ssh")).unwrap();
+        std::fs::write(m.join("/srv/ssh/extra"), "image private key\n").unwrap();
+        std::fs::write(m.join("/srv/ssh/extra.pub"), "ssh-ed25519 AAAA image\n").unwrap();
+    }
+    let out = customize_tcg(&img, &["--regenerate-ssh-host-keys"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let m = Mount::partition(&img, 0).unwrap();
+    let mut want = vec!["sshd_config".to_owned()];
+    for kind in ["ecdsa", "ed25519", "rsa"] {
+        want.push(format!("ssh_host_{kind}_key"));
+        want.push(format!("ssh_host_{kind}_key.pub"));
+    }
+    want.sort();
+    assert_eq!(ssh_dir(&m), want);
+    for kind in ["ecdsa", "ed25519", "rsa"] {
+        let key = m.join(&format!("/etc/ssh/ssh_host_{kind}_key"));
+        let meta = std::fs::symlink_metadata(&key).unwrap();
+        assert_eq!((meta.is_file(), meta.mode() & 0o777, meta.uid()), (true, 0o600, 0), "{kind}");
+        let fingerprint = std::process::Command::new("ssh-keygen").arg("-l").arg("-f").arg(&key).output().unwrap();
+        let text = String::from_utf8_lossy(&fingerprint.stdout);
+        assert!(fingerprint.status.success() && text.to_lowercase().contains(kind), "{kind}: {text}");
+    }
+    assert!(!m.read("/etc/ssh/ssh_host_ed25519_key").unwrap().contains("image private key"));
+    let extra = std::process::Command::new("ssh-keygen").args(["-l", "-f"]).arg(m.join("/srv/ssh/extra")).output().unwrap();
+    let text = String::from_utf8_lossy(&extra.stdout);
+    assert!(extra.status.success() && text.contains("ED25519"), "the HostKey of sshd_config: {text}");
 }

@@ -289,7 +289,9 @@ fn ordered_ops(matches: &ArgMatches) -> Result<Plan, Failure> {
     for option in operation_options() {
         if !option.takes_value {
             if matches.get_flag(&option.id) {
-                occurrences.push((0, &option.name, None));
+                // A flag that is an operation (--reset-machine-id) runs where it stands.
+                let index = matches.index_of(&option.id).unwrap_or(0);
+                occurrences.push((index, &option.name, None));
             }
         } else if let (Some(indices), Some(values)) = (matches.indices_of(&option.id), matches.get_raw(&option.id)) {
             for (index, value) in indices.zip(values) {
@@ -648,6 +650,10 @@ mod tests {
                 "--mkdir",
                 "/d",
                 "--selinux-relabel",
+                "--regenerate-ssh-host-keys",
+                "--write",
+                "/etc/machine-id:old",
+                "--reset-machine-id",
             ])
             .unwrap();
         let plan = ordered_ops(matches.subcommand_matches("customize").unwrap()).unwrap();
@@ -658,6 +664,9 @@ mod tests {
                 Operation::Hostname { name: "h".into() },
                 Operation::Write { path: "/f".into(), content: "2".into() },
                 Operation::Mkdir { path: "/d".into() },
+                Operation::RegenerateSshHostKeys,
+                Operation::Write { path: "/etc/machine-id".into(), content: "old".into() },
+                Operation::ResetMachineId,
             ]
         );
         assert!(plan.selinux_relabel);

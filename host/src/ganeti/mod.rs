@@ -290,6 +290,14 @@ fn plan(
             }
         }
     }
+    // snf-image's ChangeMachineId and DeleteSSHKeys, on by default, before the personality
+    // (which may carry host keys of the user's own).
+    if !params.excludes("ChangeMachineId") {
+        plan.add("reset-machine-id", None)?;
+    }
+    if !params.excludes("DeleteSSHKeys") {
+        plan.add("regenerate-ssh-host-keys", None)?;
+    }
     plan.root_partition = params.root_partition();
     for key in &params.auth_keys {
         plan.add("ssh-inject", Some(&format!("root:string:{key}")))?;
@@ -497,4 +505,31 @@ pub fn verify() -> Result<(), GanetiError> {
         resolve_in_image_dir(&config, "repo", repo, &[""])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_for(properties: &str) -> Vec<Operation> {
+        let env: BTreeMap<String, String> =
+            [("OSP_IMG_ID", "debian"), ("OSP_IMG_PROPERTIES", properties)].map(|(k, v)| (k.into(), v.into())).into();
+        let params = params::parse(&env).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        plan(&params, &Config::default(), "inst1", Vec::new(), work.path()).unwrap().operations
+    }
+
+    /// As snf-image: ChangeMachineId and DeleteSSHKeys run by default, each excludable by its
+    /// own property (any case), and by EXCLUDE_ALL_TASKS' own path (no customization at all).
+    #[test]
+    fn clone_hygiene_by_default_and_excludable_by_snf_image_names() {
+        let both = [Operation::ResetMachineId, Operation::RegenerateSshHostKeys];
+        let hygiene = |ops: Vec<Operation>| -> Vec<Operation> { ops.into_iter().filter(|o| both.contains(o)).collect() };
+        assert_eq!(hygiene(plan_for("{}")), both);
+        assert_eq!(hygiene(plan_for(r#"{"EXCLUDE_TASK_ChangeMachineId": "yes"}"#)), [Operation::RegenerateSshHostKeys]);
+        assert_eq!(hygiene(plan_for(r#"{"exclude_task_deletesshkeys": "1"}"#)), [Operation::ResetMachineId]);
+        assert_eq!(hygiene(plan_for(r#"{"EXCLUDE_TASK_DeleteSSHKeys": "no"}"#)), both, "'no' excludes nothing");
+        let ops = plan_for("{}");
+        assert_eq!(ops[0], Operation::Hostname { name: "inst1".into() });
+    }
 }

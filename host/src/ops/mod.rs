@@ -121,6 +121,14 @@ pub struct OpsArgs {
     /// Relabel SELinux contexts at the guest's next boot.
     #[arg(long)]
     selinux_relabel: bool,
+    /// Write a fresh random /etc/machine-id (and /var/lib/dbus/machine-id when it is a regular
+    /// file), so that clones of one image differ.
+    #[arg(long)]
+    reset_machine_id: bool,
+    /// Remove the SSH host keys (/etc/ssh/ssh_host_*) and make new ones with the guest's own
+    /// ssh-keygen -A when it has sshd; otherwise they stay removed for its first boot to make.
+    #[arg(long)]
+    regenerate_ssh_host_keys: bool,
 }
 
 /// One operation option, as [`OpsArgs`] defines it.
@@ -461,6 +469,16 @@ fn host_file(path: &str) -> Result<std::fs::Metadata, String> {
     Ok(meta)
 }
 
+/// The operation of an operation option that takes no argument (any argument ignored, as for
+/// the other flags).
+fn flag_operation(option: &str) -> Option<Operation> {
+    match option {
+        "reset-machine-id" => Some(Operation::ResetMachineId),
+        "regenerate-ssh-host-keys" => Some(Operation::RegenerateSshHostKeys),
+        _ => None,
+    }
+}
+
 /// An option's argument as safe to show in an error: passwords redacted, long text cut.
 fn shown(option: &str, value: Option<&str>) -> String {
     let secret = matches!(option, "root-password" | "password");
@@ -513,6 +531,10 @@ impl Plan {
         let invalid =
             |reason: String| OpsError::Invalid { option: option.to_owned(), shown: shown(option, value), reason };
         if self.set_flag(option) {
+            return Ok(());
+        }
+        if let Some(op) = flag_operation(option) {
+            self.operations.push(op);
             return Ok(());
         }
         let value = value.ok_or_else(|| invalid("this option needs an argument".into()))?;
@@ -881,6 +903,39 @@ mod tests {
     }
 
     #[test]
+    fn clone_hygiene_flags_are_operations_in_order() {
+        let mut plan = Plan::default();
+        plan.add("write", Some("/etc/machine-id:0")).unwrap();
+        plan.add("reset-machine-id", None).unwrap();
+        plan.add("regenerate-ssh-host-keys", None).unwrap();
+        // Like every flag, an argument (a commands file's stray one) is ignored.
+        plan.add("reset-machine-id", Some("")).unwrap();
+        assert_eq!(
+            plan.operations,
+            [
+                Operation::Write { path: "/etc/machine-id".into(), content: "0".into() },
+                Operation::ResetMachineId,
+                Operation::RegenerateSshHostKeys,
+                Operation::ResetMachineId,
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("cmds");
+        std::fs::write(&f, "regenerate-ssh-host-keys\nhostname h\nreset-machine-id\n").unwrap();
+        let mut plan = Plan::default();
+        plan.add("commands-from-file", Some(f.to_str().unwrap())).unwrap();
+        assert_eq!(
+            plan.operations,
+            [Operation::RegenerateSshHostKeys, Operation::Hostname { name: "h".into() }, Operation::ResetMachineId]
+        );
+        for option in ["reset-machine-id", "regenerate-ssh-host-keys"] {
+            let mut plan = Plan::default();
+            plan.add(option, None).unwrap();
+            assert_eq!(plan.operations[0].describe(), format!("--{option}"));
+        }
+    }
+
+    #[test]
     fn copy_in_parses_as_virt_customize() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("conf")).unwrap();
@@ -987,8 +1042,8 @@ mod tests {
     #[test]
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
-        assert_eq!(flags, ["gpgcheck", "selinux-relabel"]);
-        assert_eq!(operation_options().len(), 32);
+        assert_eq!(flags, ["gpgcheck", "selinux-relabel", "reset-machine-id", "regenerate-ssh-host-keys"]);
+        assert_eq!(operation_options().len(), 34);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
