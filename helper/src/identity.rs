@@ -201,10 +201,7 @@ mod tests {
             HostKey /srv/%h/key\n\
             HostKeyAlgorithms ssh-ed25519\n\
             HostKey /srv/keys/host_ed25519\n";
-        assert_eq!(
-            extra_host_keys(config),
-            ["/srv/keys/host_ed25519", "/srv/keys/eq_rsa", "/srv/keys/quoted ecdsa"]
-        );
+        assert_eq!(extra_host_keys(config), ["/srv/keys/host_ed25519", "/srv/keys/eq_rsa", "/srv/keys/quoted ecdsa"]);
         assert!(extra_host_keys("").is_empty());
     }
 

@@ -764,8 +764,8 @@ fn clones_get_their_own_machine_id_host_keys_and_random_seed() {
         assert_ne!(id, IMAGE_MACHINE_ID, "the image's machine id was kept");
         let meta = std::fs::symlink_metadata(m.join("/etc/machine-id")).unwrap();
         assert_eq!((meta.is_file(), meta.mode() & 0o7777, meta.uid()), (true, 0o444, 0), "mode and owner kept");
-        let dbus = std::fs::read_link(m.join("/var/lib/dbus/machine-id")).unwrap();
-        assert_eq!(dbus.to_str(), Some("/etc/machine-id"), "D-Bus's symlink was replaced");
+        let dbus = std::fs::read_link(m.join("/var/lib/dbus/machine-id")).ok();
+        assert_eq!(dbus, Some("/etc/machine-id".into()), "D-Bus's symlink was replaced");
 
         assert_eq!(ssh_dir(&m), ["sshd_config"], "host keys left in the clone");
         assert_eq!(m.read("/etc/ssh/sshd_config").unwrap(), "PermitRootLogin no\n");
@@ -827,7 +827,8 @@ fn host_keys_are_regenerated_by_the_guests_ssh_keygen() {
         assert!(fingerprint.status.success() && text.to_lowercase().contains(kind), "{kind}: {text}");
     }
     assert!(!m.read("/etc/ssh/ssh_host_ed25519_key").unwrap().contains("image private key"));
-    let extra = std::process::Command::new("ssh-keygen").args(["-l", "-f"]).arg(m.join("/srv/ssh/extra")).output().unwrap();
+    let extra =
+        std::process::Command::new("ssh-keygen").args(["-l", "-f"]).arg(m.join("/srv/ssh/extra")).output().unwrap();
     let text = String::from_utf8_lossy(&extra.stdout);
     assert!(extra.status.success() && text.contains("ED25519"), "the HostKey of sshd_config: {text}");
 }

@@ -524,7 +524,8 @@ mod tests {
     #[test]
     fn clone_hygiene_by_default_and_excludable_by_snf_image_names() {
         let both = [Operation::ResetMachineId, Operation::RegenerateSshHostKeys];
-        let hygiene = |ops: Vec<Operation>| -> Vec<Operation> { ops.into_iter().filter(|o| both.contains(o)).collect() };
+        let hygiene =
+            |ops: Vec<Operation>| -> Vec<Operation> { ops.into_iter().filter(|o| both.contains(o)).collect() };
         assert_eq!(hygiene(plan_for("{}")), both);
         assert_eq!(hygiene(plan_for(r#"{"EXCLUDE_TASK_ChangeMachineId": "yes"}"#)), [Operation::RegenerateSshHostKeys]);
         assert_eq!(hygiene(plan_for(r#"{"exclude_task_deletesshkeys": "1"}"#)), [Operation::ResetMachineId]);
