@@ -707,6 +707,7 @@ fn edit_runs_perl_substitutions_in_the_guest() {
     assert_eq!(code(&out), 1, "{stderr}");
     assert!(stderr.contains("/srv/missing does not exist in the guest"), "{stderr}");
     assert_eq!(digest(), before, "a failed --edit leaves the disk byte-identical");
+}
 
 /// The machine id an image carries, which its clones must not keep.
 const IMAGE_MACHINE_ID: &str = "0123456789abcdef0123456789abcdef\n";

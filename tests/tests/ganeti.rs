@@ -98,6 +98,9 @@ fn group_id(group_file: &str, name: &str) -> u32 {
         .unwrap_or_else(|| panic!("no group {name} in the guest"))
 }
 
+/// The machine id planted in the test's image.
+const IMAGE_MACHINE_ID: &str = "0123456789abcdef0123456789abcdef\n";
+
 #[test]
 fn create_rename_export_import() {
     let s = site();
@@ -108,6 +111,10 @@ fn create_rename_export_import() {
         let chown = image.join("/usr/bin/chown");
         std::fs::write(&chown, "#!/bin/sh\necho \"$@\" >> /root/guest-chown-ran\n").unwrap();
         std::fs::set_permissions(&chown, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        // What every instance of this image would share but for ChangeMachineId and DeleteSSHKeys.
+        std::fs::write(image.join("/etc/machine-id"), IMAGE_MACHINE_ID).unwrap();
+        std::fs::create_dir_all(image.join("/etc/ssh")).unwrap();
+        std::fs::write(image.join("/etc/ssh/ssh_host_ed25519_key"), "image key\n").unwrap();
     }
     let disk = s.disk("inst1.disk0");
     let disk_str = disk.to_str().unwrap();
@@ -178,6 +185,9 @@ fn create_rename_export_import() {
         assert_eq!((quoted.mode() & 0o7777, quoted.uid(), quoted.gid()), (0o644, 0, alice.gid()));
         assert!(!m.join("/root/guest-chown-ran").exists(), "the guest's chown ran");
         assert_eq!(m.read("/root/.ssh/authorized_keys").unwrap(), format!("{key}\n"));
+        let id = m.read("/etc/machine-id").unwrap();
+        assert!(id != IMAGE_MACHINE_ID && id.len() == 33, "the instance kept the image's machine id: {id:?}");
+        assert!(!m.join("/etc/ssh/ssh_host_ed25519_key").exists(), "the instance kept the image's host key");
         // A Debian image with neither /etc/network nor networkd enabled: networkd files,
         // directories created (snf-image fails here).
         let nic0 = m.read("/etc/systemd/network/50-imgforge-nic0.network").unwrap();

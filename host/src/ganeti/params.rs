@@ -232,6 +232,7 @@ pub const HELPER_TASKS: &[&str] = &[
     "CheckFilesystems",
     "MountRoot",
     "GrowFilesystem",
+    "RandomSeed",
     "Customize",
     "InstallPackages",
     "CheckPackages",
