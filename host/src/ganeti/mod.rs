@@ -331,7 +331,11 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let image = resolve_image(&config, &params.img_id)?;
     let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = params::nics(&env)?;
-    let plan = plan(&params, &config, &name, nics, work.path())?;
+    let mut plan = plan(&params, &config, &name, nics, work.path())?;
+    // As snf-image: the image always grows into the instance's disk.
+    plan.grow_to_disk = true;
+    let mut vm_settings = settings(&config);
+    vm_settings.excluded_tasks = grow_exclusions(&params.properties);
     let (progress, monitor) = progress(&config)?;
     let request = crate::job::write::WriteRequest {
         http: Default::default(),
@@ -358,7 +362,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         if params.excludes("ALL_TASKS") {
             return Ok(());
         }
-        job::customize_written(&written, &request, plan, &settings(&config), progress.as_ref(), interrupt).await
+        job::customize_written(&written, &request, plan, &vm_settings, progress.as_ref(), interrupt).await
     }
     .await;
     match &result {
@@ -370,6 +374,22 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         let _ = m.wait();
     }
     Ok(result?)
+}
+
+/// The helper's grow tasks, by snf-image's names.
+const GROW_TASKS: [&str; 3] = ["FixPartitionTable", "FilesystemResizeUnmounted", "FilesystemResizeMounted"];
+
+/// The grow tasks `properties` exclude: each by `EXCLUDE_TASK_<Name>`, the two resize tasks by
+/// snf-image's `EXCLUDE_FilesystemResize_TASKS` (keys are upper-cased when parsed).
+fn grow_exclusions(properties: &BTreeMap<String, String>) -> Vec<String> {
+    let resize_excluded = properties.get("EXCLUDE_FILESYSTEMRESIZE_TASKS").is_some_and(|v| {
+        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("no") && !v.eq_ignore_ascii_case("false")
+    });
+    GROW_TASKS
+        .iter()
+        .filter(|t| params::excluded(properties, t) || (resize_excluded && t.starts_with("FilesystemResize")))
+        .map(|t| (*t).to_owned())
+        .collect()
 }
 
 /// `rename`: set the new hostname in the image (snf-image does nothing here).
@@ -451,4 +471,28 @@ pub fn verify() -> Result<(), GanetiError> {
         resolve_in_image_dir(&config, "repo", repo, &[""])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grow_tasks_excluded_by_snf_image_names() {
+        let props = |json: &str| params::parse_properties(json).unwrap();
+        let cases: [(&str, &[&str]); 6] = [
+            ("{}", &[]),
+            (r#"{"EXCLUDE_TASK_FixPartitionTable": "yes"}"#, &["FixPartitionTable"]),
+            (r#"{"exclude_task_filesystemresizemounted": "1"}"#, &["FilesystemResizeMounted"]),
+            (r#"{"EXCLUDE_FilesystemResize_TASKS": "yes"}"#, &["FilesystemResizeUnmounted", "FilesystemResizeMounted"]),
+            (r#"{"EXCLUDE_FilesystemResize_TASKS": "no"}"#, &[]),
+            (
+                r#"{"EXCLUDE_FILESYSTEMRESIZE_TASKS": true, "EXCLUDE_TASK_FIXPARTITIONTABLE": "false"}"#,
+                &["FilesystemResizeUnmounted", "FilesystemResizeMounted"],
+            ),
+        ];
+        for (json, want) in cases {
+            assert_eq!(grow_exclusions(&props(json)), want, "{json}");
+        }
+    }
 }
