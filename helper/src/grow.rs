@@ -602,7 +602,9 @@ mod tests {
 
     #[test]
     fn the_last_partition_and_what_to_extend() {
-        let cases: [(Table, Option<(Vec<u32>, u32)>); 7] = [
+        // A table, and the partitions to extend with the number of the last one.
+        type Case = (Table, Option<(Vec<u32>, u32)>);
+        let cases: [Case; 7] = [
             (parse_sfdisk_json(GPT).unwrap(), Some((vec![2], 2))),
             // GPT numbers need not follow the disk's order.
             (Table { label: Label::Gpt, ..dos(&[(1, 9000, 10, "L"), (2, 2048, 100, "L")]) }, Some((vec![1], 1))),

@@ -281,6 +281,15 @@ fn customize_grow_and_its_tasks_excluded_by_name() {
         assert_eq!(code(&imgforge(&args)), 0);
     };
     let fs_before = ext_bytes(&Loop::of(&img, &parts(&img)[0]).0);
+    // A run that fails after growing leaves the disk as it was: the overlay is discarded.
+    let p_before = parts(&img)[0].clone();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(f.metadata().unwrap().len() + GIB).unwrap();
+    drop(f);
+    let out = imgforge(&["customize", "--accel", "tcg", "-a", &s(&img), "--grow", "--run-command", "exit 3"]);
+    assert_ne!(code(&out), 0);
+    assert_eq!(parts(&img)[0], p_before, "a failed run grew the partition");
+    assert_eq!(ext_bytes(&Loop::of(&img, &p_before).0), fs_before, "a failed run grew the filesystem");
     grow(&img, &["--exclude-task", "FilesystemResizeUnmounted"]);
     let p = parts(&img)[0].clone();
     assert_eq!(p.last(), sectors(&img) - 1, "the partition did not grow");
