@@ -12,7 +12,7 @@
 use crate::mounts;
 use crate::task_env::TaskEnv;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Where the grow tasks record what grows (`DEVICE FSTYPE`, empty when nothing does).
@@ -345,8 +345,11 @@ fn locate(ctx: &Context, container: &Container) -> Result<Option<Target>, String
         return Ok(Some(Target { dev: root, fstype }));
     }
     if content == "LVM2_member" {
-        if let Some(vg) = same_volume_group(&container.dev, &root)? {
-            println!("the root filesystem ({fstype}) is on {root}, in volume group {vg} on {what}, {}", container.dev);
+        if let Some(how) = same_volume_group(&container.dev, &root)? {
+            println!(
+                "the root filesystem ({fstype}) is on {root}, a logical volume {how} on {what}, {}",
+                container.dev
+            );
             return Ok(Some(Target { dev: root, fstype }));
         }
     }
@@ -357,15 +360,29 @@ fn locate(ctx: &Context, container: &Container) -> Result<Option<Target>, String
     Ok(None)
 }
 
-/// The volume group of the physical volume `pv`, when the logical volume `lv` is in it.
+/// How the logical volume `lv` relates to the physical volume `pv` when it is in its volume
+/// group (`None` when it is not).
 fn same_volume_group(pv: &str, lv: &str) -> Result<Option<String>, String> {
+    // Most often the volume lies on the physical volume: sysfs says so without starting lvm
+    // (each start costs about half a second under TCG).
+    if dm_lies_on(lv, pv) {
+        return Ok(Some("with extents".into()));
+    }
     let pvs = parse_lvm_report(&lvm(&["pvs", "--noheadings", "--separator", ":", "-o", "pv_name,vg_name"])?);
     let Some(vg) = pvs.iter().find(|r| r.first().map(String::as_str) == Some(pv)).and_then(|r| r.get(1)) else {
         return Ok(None);
     };
     let lvs = parse_lvm_report(&lvm(&["lvs", "--noheadings", "--separator", ":", "-o", "lv_dm_path,lv_path,vg_name"])?);
     let found = lvs.iter().any(|r| r.len() == 3 && (r[0] == lv || r[1] == lv) && &r[2] == vg);
-    Ok(found.then(|| vg.clone()))
+    Ok(found.then(|| format!("in volume group {vg}, with a physical volume")))
+}
+
+/// Whether the device-mapper device `dm` is mapped onto the partition `part` (sysfs `slaves`).
+fn dm_lies_on(dm: &str, part: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(meta), Some(part)) = (std::fs::metadata(dm), Path::new(part).file_name()) else { return false };
+    let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+    Path::new(&format!("/sys/dev/block/{major}:{minor}/slaves")).join(part).exists()
 }
 
 /// Grows the physical volume `pv` to its partition and the logical volume `lv` into what that

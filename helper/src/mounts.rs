@@ -291,15 +291,18 @@ impl Devices {
         };
         let mut probes = superblocks(&devices);
         let mut volumes = Vec::new();
-        if probes.iter().any(|p| p.tag("TYPE") == Some("LVM2_member")) {
+        // Activated once a run: FixPartitionTable may have done it already.
+        let active = env.state.join("lvm-active");
+        if probes.iter().any(|p| p.tag("TYPE") == Some("LVM2_member")) && !active.exists() {
             load_modules(&["dm_mod"]);
             let ok =
                 Command::new("lvm").args(["vgchange", "-ay", "--sysinit"]).stdout(std::process::Stdio::null()).status();
             if !ok.is_ok_and(|s| s.success()) {
                 println!("WARNING: could not activate every LVM volume group");
             }
-            std::fs::write(env.state.join("lvm-active"), "")
-                .map_err(|e| format!("cannot record LVM activation: {e}"))?;
+            std::fs::write(&active, "").map_err(|e| format!("cannot record LVM activation: {e}"))?;
+        }
+        if active.exists() {
             volumes = mapper_volumes();
             devices.extend(volumes.iter().cloned());
             probes = superblocks(&devices);

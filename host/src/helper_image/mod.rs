@@ -29,11 +29,9 @@ const HELPER_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/imgforge-
 const HELPER_DIGEST: &str = env!("IMGFORGE_HELPER_DIGEST");
 include!(concat!(env!("OUT_DIR"), "/tasks.rs"));
 
-/// The helper has no udev: LVM must create its device nodes itself and not wait for udev. Nor
-/// does it keep metadata backups (pvresize, lvextend): they would die with the VM.
+/// The helper has no udev: LVM must create its device nodes itself and not wait for udev.
 const LVM_CONF: &str =
-    "activation {\n    udev_sync = 0\n    udev_rules = 0\n}\ndevices {\n    obtain_device_list_from_udev = 0\n}\n\
-backup {\n    backup = 0\n    archive = 0\n}\n";
+    "activation {\n    udev_sync = 0\n    udev_rules = 0\n}\ndevices {\n    obtain_device_list_from_udev = 0\n}\n";
 
 /// Why the helper image could not be built or found.
 #[derive(Debug, Error)]
