@@ -15,6 +15,7 @@ mod customize;
 mod edit;
 mod firstboot;
 mod floppy;
+mod grow;
 mod guest;
 mod identity;
 mod init;
@@ -66,6 +67,15 @@ fn main() -> ExitCode {
             eprintln!(
                 "       imgforge-helper selinux-relabel    create /.autorelabel if asked (the 80-SELinuxRelabel task)"
             );
+            eprintln!(
+                "       imgforge-helper fix-partition-table  grow the last partition to the disk (08-FixPartitionTable)"
+            );
+            eprintln!(
+                "       imgforge-helper filesystem-resize-unmounted  grow an ext2/3/4 root (09-FilesystemResizeUnmounted)"
+            );
+            eprintln!(
+                "       imgforge-helper filesystem-resize-mounted  grow a mounted XFS root (16-FilesystemResizeMounted)"
+            );
             eprintln!("       imgforge-helper unmount            unmount them again and sync (the 90-Unmount task)");
             eprintln!("As PID 1 of the helper VM it runs the tasks; see the imgforge documentation.");
             ExitCode::from(2)
@@ -84,6 +94,9 @@ fn builtin(name: &str) -> Option<tasks::Builtin> {
         "mount-payload" => Some(mounts::mount_payload),
         "mount-root" => Some(mounts::mount_root),
         "unmount" => Some(mounts::unmount_all),
+        "fix-partition-table" => Some(grow::fix_partition_table),
+        "filesystem-resize-unmounted" => Some(grow::filesystem_resize_unmounted),
+        "filesystem-resize-mounted" => Some(grow::filesystem_resize_mounted),
         _ => None,
     }
 }

@@ -213,6 +213,35 @@ pub fn unmount_all(vars: &TaskEnv) -> Result<(), String> {
     Ok(())
 }
 
+/// Finds the guest's root filesystem as 10-MountRoot does, before it runs: each candidate is
+/// mounted read-only on `scratch` and unmounted again. Its device and type. LVM is activated
+/// (and recorded in `state`) when the disk holds a physical volume, as 10-MountRoot would.
+pub fn probe_root(
+    disk: &str,
+    state: &Path,
+    root_rule: Option<&str>,
+    scratch: &Path,
+) -> Result<(String, String), String> {
+    let env = Env {
+        target: scratch.to_owned(),
+        disk: disk.to_owned(),
+        state: state.to_owned(),
+        root_rule: root_rule.map(str::to_owned),
+        read_only: true,
+        prefetch: false,
+    };
+    std::fs::create_dir_all(scratch).map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
+    let devices = Devices::find(&env)?;
+    let found = mount_guest_root(&env, &devices)?;
+    unmount(scratch).map_err(|e| format!("cannot unmount {} from {}: {e}", found.0, scratch.display()))?;
+    Ok(found)
+}
+
+/// What a device's superblock says (filesystem, LVM or swap), if it says anything.
+pub fn superblock(dev: &str) -> Option<filesystems::Filesystem> {
+    filesystems::detect(&head(dev, FIRST_PROBE_BYTES)).or_else(|| filesystems::detect(&head(dev, PROBE_BYTES as u64)))
+}
+
 fn run(env: &Env) -> Result<(), String> {
     let mounts = env.state.join("mounts");
     std::fs::write(&mounts, "").map_err(|e| format!("cannot write {}: {e}", mounts.display()))?;
@@ -262,15 +291,18 @@ impl Devices {
         };
         let mut probes = superblocks(&devices);
         let mut volumes = Vec::new();
-        if probes.iter().any(|p| p.tag("TYPE") == Some("LVM2_member")) {
+        // Activated once a run: FixPartitionTable may have done it already.
+        let active = env.state.join("lvm-active");
+        if probes.iter().any(|p| p.tag("TYPE") == Some("LVM2_member")) && !active.exists() {
             load_modules(&["dm_mod"]);
             let ok =
                 Command::new("lvm").args(["vgchange", "-ay", "--sysinit"]).stdout(std::process::Stdio::null()).status();
             if !ok.is_ok_and(|s| s.success()) {
                 println!("WARNING: could not activate every LVM volume group");
             }
-            std::fs::write(env.state.join("lvm-active"), "")
-                .map_err(|e| format!("cannot record LVM activation: {e}"))?;
+            std::fs::write(&active, "").map_err(|e| format!("cannot record LVM activation: {e}"))?;
+        }
+        if active.exists() {
             volumes = mapper_volumes();
             devices.extend(volumes.iter().cloned());
             probes = superblocks(&devices);
@@ -388,16 +420,10 @@ const FIRST_PROBE_BYTES: u64 = 4096;
 /// TYPE, UUID and LABEL of each device from its first bytes (4 KiB, all `PROBE_BYTES` only
 /// when those tell nothing: under TCG every byte read costs).
 fn superblocks(devices: &[String]) -> Vec<Probe> {
-    let head = |dev: &str, len: u64| {
-        let mut head = Vec::with_capacity(len as usize);
-        let _ = std::fs::File::open(dev).and_then(|f| f.take(len).read_to_end(&mut head));
-        head
-    };
     devices
         .iter()
         .map(|dev| {
-            let detected = filesystems::detect(&head(dev, FIRST_PROBE_BYTES))
-                .or_else(|| filesystems::detect(&head(dev, PROBE_BYTES as u64)));
+            let detected = superblock(dev);
             let mut tags = HashMap::new();
             if let Some(fs) = detected {
                 tags.insert("TYPE".to_owned(), fs.kind.to_owned());
@@ -407,6 +433,13 @@ fn superblocks(devices: &[String]) -> Vec<Probe> {
             Probe { dev: dev.clone(), tags }
         })
         .collect()
+}
+
+/// The first `len` bytes of `dev` (fewer if it is shorter or unreadable).
+fn head(dev: &str, len: u64) -> Vec<u8> {
+    let mut head = Vec::with_capacity(len as usize);
+    let _ = std::fs::File::open(dev).and_then(|f| f.take(len).read_to_end(&mut head));
+    head
 }
 
 /// One blkid call for every device (each process costs under TCG).

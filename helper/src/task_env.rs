@@ -34,6 +34,7 @@ impl TaskEnv {
             ("IMGFORGE_REPO", rules.repo.clone().unwrap_or_default()),
             ("IMGFORGE_GPGCHECK", yes_no(rules.gpgcheck)),
             ("IMGFORGE_GROW_FILESYSTEM", yes_no(rules.grow_filesystem)),
+            ("IMGFORGE_GROW_TO_DISK", yes_no(rules.grow_to_disk)),
             ("IMGFORGE_VERBOSE", yes_no(rules.verbose)),
             ("IMGFORGE_GUEST_PROGRAMS", yes_no(rules.runs_guest_programs())),
         ];

@@ -68,6 +68,12 @@ pub struct Rules {
     /// larger target).
     #[serde(default)]
     pub grow_filesystem: bool,
+    /// Grow the guest into a disk larger than its image, as snf-image does: the GPT backup
+    /// header to the disk's end, the last partition to the disk's end when it holds the root
+    /// filesystem (or the LVM volume group of the root volume), then that filesystem (tasks
+    /// FixPartitionTable, FilesystemResizeUnmounted, FilesystemResizeMounted).
+    #[serde(default)]
+    pub grow_to_disk: bool,
     /// Echo every task's output line by line (otherwise only failing tasks' output is shown).
     #[serde(default)]
     pub verbose: bool,
@@ -83,6 +89,7 @@ impl Rules {
             excluded_tasks: Vec::new(),
             root_partition: None,
             grow_filesystem: false,
+            grow_to_disk: false,
             verify: false,
             required_packages: Vec::new(),
             rpms: Vec::new(),
@@ -443,6 +450,7 @@ mod tests {
             },
         ];
         r.selinux_relabel = true;
+        r.grow_to_disk = true;
         r.excluded_tasks = vec!["SELinuxRelabel".into()];
         r
     }

@@ -416,3 +416,43 @@ fn export_stops_on_sigterm() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(status.code(), Some(130));
 }
+
+/// Size of the filesystem mounted at `dir`, as df reports it.
+fn df_bytes(dir: &Path) -> u64 {
+    sh(Command::new("df").args(["-B1", "--output=size"]).arg(dir))
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `create` grows the 1 GiB image into the 2 GiB instance disk, as snf-image does; snf-image's
+/// `EXCLUDE_FilesystemResize_TASKS` keeps the filesystem its size, the partition still grown.
+#[test]
+fn create_grows_the_image_into_the_instance_disk() {
+    let s = site();
+    for (name, properties, grown) in
+        [("grow1", "{}", true), ("grow2", r#"{"EXCLUDE_FilesystemResize_TASKS": "yes"}"#, false)]
+    {
+        let disk = s.disk(&format!("{name}.disk0"));
+        let out = s.run(
+            "create",
+            &[
+                ("INSTANCE_NAME", name),
+                ("DISK_0_PATH", disk.to_str().unwrap()),
+                ("OSP_IMG_ID", "debian"),
+                ("OSP_IMG_FORMAT", "diskdump"),
+                ("OSP_IMG_PROPERTIES", properties),
+            ],
+            None,
+        );
+        assert!(out.status.success());
+        let part = imgforge_tests::readback::partitions(&disk).unwrap()[0];
+        assert_eq!(part.offset + part.size, 2 << 30, "{name}: the root partition does not reach the end of the disk");
+        let fs = df_bytes(Mount::partition(&disk, 0).unwrap().path());
+        assert_eq!(fs > 1900 << 20, grown, "{name}: the root filesystem has {fs} bytes");
+    }
+}

@@ -159,6 +159,12 @@ struct CustomizeArgs {
     /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+    /// Grow the guest into a disk larger than its image (enlarged with qemu-img resize or
+    /// truncate): the GPT backup header to the disk's end, the last partition to the disk's end
+    /// when it holds the root filesystem (or its LVM volume group), then that filesystem
+    /// (ext2/3/4, XFS). deploy does this by itself onto a larger target.
+    #[arg(long)]
+    grow: bool,
     #[command(flatten)]
     ops: OpsArgs,
     #[command(flatten)]
@@ -407,7 +413,8 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
             let settings = vm_settings(&args.vm, verbose, trace)?;
-            let plan = ordered_ops(sub)?;
+            let mut plan = ordered_ops(sub)?;
+            plan.grow_to_disk = args.grow;
             let progress = render::renderer(progress_mode(args.progress, quiet));
             let result =
                 job::customize(&args.disk, args.format.known(), plan, false, &settings, progress.as_ref(), &interrupt)

@@ -378,7 +378,10 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     };
     let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = params::nics(&env)?;
-    let plan = plan(&params, &config, &name, nics, work.path())?;
+    let mut plan = plan(&params, &config, &name, nics, work.path())?;
+    // As snf-image: the image always grows into the instance's disk.
+    plan.grow_to_disk = true;
+    let vm_settings = settings(&config, &params.properties);
     let (progress, monitor) = progress(&config)?;
     let request = crate::job::write::WriteRequest {
         http: Default::default(),
@@ -405,8 +408,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         if params.excludes("ALL_TASKS") {
             return Ok(());
         }
-        let settings = settings(&config, &params.properties);
-        job::customize_written(&written, &request, plan, &settings, progress.as_ref(), interrupt).await
+        job::customize_written(&written, &request, plan, &vm_settings, progress.as_ref(), interrupt).await
     }
     .await;
     match &result {
@@ -532,5 +534,24 @@ mod tests {
         assert_eq!(hygiene(plan_for(r#"{"EXCLUDE_TASK_DeleteSSHKeys": "no"}"#)), both, "'no' excludes nothing");
         let ops = plan_for("{}");
         assert_eq!(ops[0], Operation::Hostname { name: "inst1".into() });
+    }
+
+    #[test]
+    fn grow_tasks_excluded_by_snf_image_names() {
+        let props = |json: &str| params::parse_properties(json).unwrap().0;
+        let cases: [(&str, &[&str]); 6] = [
+            ("{}", &[]),
+            (r#"{"EXCLUDE_TASK_FixPartitionTable": "yes"}"#, &["FixPartitionTable"]),
+            (r#"{"exclude_task_filesystemresizemounted": "1"}"#, &["FilesystemResizeMounted"]),
+            (r#"{"EXCLUDE_FilesystemResize_TASKS": "yes"}"#, &["FilesystemResizeUnmounted", "FilesystemResizeMounted"]),
+            (r#"{"EXCLUDE_FilesystemResize_TASKS": "no"}"#, &[]),
+            (
+                r#"{"EXCLUDE_FILESYSTEMRESIZE_TASKS": true, "EXCLUDE_TASK_FIXPARTITIONTABLE": "false"}"#,
+                &["FilesystemResizeUnmounted", "FilesystemResizeMounted"],
+            ),
+        ];
+        for (json, want) in cases {
+            assert_eq!(params::excluded_helper_tasks(&props(json)), want, "{json}");
+        }
     }
 }

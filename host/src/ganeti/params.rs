@@ -13,7 +13,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWD_HASHING_METHOD (sha512|sha256; md5, sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
+    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWD_HASHING_METHOD (sha512|sha256; md5, sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
@@ -230,8 +230,11 @@ pub const SNF_IMAGE_TASKS: &[&str] = &[
 pub const HELPER_TASKS: &[&str] = &[
     "MountPayload",
     "CheckFilesystems",
+    "FixPartitionTable",
+    "FilesystemResizeUnmounted",
     "MountRoot",
     "GrowFilesystem",
+    "FilesystemResizeMounted",
     "RandomSeed",
     "Customize",
     "InstallPackages",
@@ -247,7 +250,6 @@ const NOT_HONOURED: &[(&str, &str)] = &[
     ("DO_SYNC", "resize2fs with fsync"),
     ("ALLOW_MOUNTED_TASK_OVERWRITING", "tasks overwritten from inside the image"),
     ("EXCLUDE_MOUNTED_TASKS", "only the tasks before the image is mounted"),
-    ("EXCLUDE_FILESYSTEMRESIZE_TASKS", "no filesystem resize task"),
 ];
 
 /// snf-image's properties for Windows guests, which imgforge does not customize.
@@ -291,7 +293,9 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
         "ROOT_PARTITION" | "USERS" | "OSFAMILY" | "PASSWD_HASHING_METHOD" | "PASSWORD_HASHING_METHOD" => {
             return Verdict::Honoured;
         }
-        "EXCLUDE_ALL_TASKS" => return yes_no(value).map_or_else(invalid_boolean, |_| Verdict::Honoured),
+        "EXCLUDE_ALL_TASKS" | "EXCLUDE_FILESYSTEMRESIZE_TASKS" => {
+            return yes_no(value).map_or_else(invalid_boolean, |_| Verdict::Honoured)
+        }
         "SWAP" if value.trim().is_empty() => return Verdict::Honoured,
         "SWAP" => {
             return Verdict::Refuse(format!(
@@ -433,9 +437,16 @@ pub fn excluded(properties: &BTreeMap<String, String>, name: &str) -> bool {
     set("EXCLUDE_ALL_TASKS") || set(&format!("EXCLUDE_TASK_{}", name.to_ascii_uppercase()))
 }
 
-/// The imgforge helper tasks `properties` exclude, for the helper's rules.
+/// The imgforge helper tasks `properties` exclude, for the helper's rules: each by
+/// `EXCLUDE_TASK_<Name>`, the two resize tasks also by snf-image's
+/// `EXCLUDE_FilesystemResize_TASKS`.
 pub fn excluded_helper_tasks(properties: &BTreeMap<String, String>) -> Vec<String> {
-    HELPER_TASKS.iter().filter(|t| excluded(properties, t)).map(|t| t.to_string()).collect()
+    let resize_excluded = properties.get("EXCLUDE_FILESYSTEMRESIZE_TASKS").is_some_and(|v| yes(v));
+    HELPER_TASKS
+        .iter()
+        .filter(|t| excluded(properties, t) || (resize_excluded && t.starts_with("FilesystemResize")))
+        .map(|t| t.to_string())
+        .collect()
 }
 
 /// Parses the `OSP_*` variables (keys as Ganeti passes them, `OSP_IMG_ID`).
@@ -687,7 +698,6 @@ mod tests {
             ("DO_SYNC", "1", "not honoured by imgforge yet"),
             ("ALLOW_MOUNTED_TASK_OVERWRITING", "yes", "not honoured by imgforge yet"),
             ("EXCLUDE_MOUNTED_TASKS", "set", "not honoured by imgforge yet"),
-            ("EXCLUDE_FILESYSTEMRESIZE_TASKS", "True", "not honoured by imgforge yet"),
             ("EXCLUDE_MOUNTED_TASKS", "maybe", "not honoured by imgforge yet"),
             ("CUSTOM_TASK", "IyEvYmluL3NoCg==", "not honoured by imgforge yet"),
             ("OFFLINE_NTFSRESIZE", "yes", "Windows"),

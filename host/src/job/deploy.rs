@@ -56,8 +56,9 @@ pub async fn cancellable<T: Send + 'static, E: Into<JobError> + Send + 'static>(
     result?.map_err(Into::into)
 }
 
-/// Customizes what `write` just wrote with `plan`: nothing to do for a disk and no
-/// operations; a bare filesystem (from a liveimg) is always grown to its target's size.
+/// Customizes what `write` just wrote with `plan`: nothing to do for a disk no larger than
+/// the image and no operations; a bare filesystem (from a liveimg) is always grown to its
+/// target's size, a disk image onto a larger target grown into it (`Rules::grow_to_disk`).
 ///
 /// A device or existing file (`request.force`) cannot be hidden until the customization
 /// succeeded: when it fails, the target's first MiB is zeroed so it does not boot an image
@@ -65,12 +66,14 @@ pub async fn cancellable<T: Send + 'static, E: Into<JobError> + Send + 'static>(
 pub async fn customize_written(
     written: &Written,
     request: &WriteRequest,
-    plan: Plan,
+    mut plan: Plan,
     settings: &VmSettings,
     progress: &dyn Progress,
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
-    if plan.is_empty() && !written.bare_filesystem {
+    // A liveimg's bare filesystem grows with 15-GrowFilesystem.
+    plan.grow_to_disk |= !written.bare_filesystem && target_bytes(&request.target).is_some_and(|t| t > written.bytes);
+    if plan.is_empty() && !written.bare_filesystem && !plan.grow_to_disk {
         return Ok(());
     }
     // What was written is raw, whatever its first bytes look like (they are the guest's).
@@ -89,6 +92,12 @@ pub async fn customize_written(
         }
         other => other,
     }
+}
+
+/// The size of a target file or block device, if it can be read.
+fn target_bytes(target: &std::path::Path) -> Option<u64> {
+    use std::io::Seek;
+    std::fs::File::open(target).and_then(|mut f| f.seek(std::io::SeekFrom::End(0))).ok()
 }
 
 /// Writes `request`'s image, then customizes it with `plan`. A new file appears under its name

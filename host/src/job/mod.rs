@@ -284,6 +284,7 @@ pub async fn customize(
     rules.selinux_relabel = plan.selinux_relabel;
     rules.verbose = settings.trace_tasks;
     rules.grow_filesystem = grow_filesystem;
+    rules.grow_to_disk = plan.grow_to_disk;
     rules.excluded_tasks = settings.excluded_tasks.clone();
     let job = Job::prepare(disk, format, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;

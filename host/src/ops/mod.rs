@@ -254,6 +254,8 @@ pub struct Plan {
     pub root_partition: Option<String>,
     /// The hash passwords are written with (`--password-crypto`; set it before adding them).
     pub password_crypto: PasswordCrypto,
+    /// Grow the guest into its disk (`customize --grow`, `deploy` onto a larger target, Ganeti).
+    pub grow_to_disk: bool,
 }
 
 /// The first bytes of every RPM file (the lead).
