@@ -232,10 +232,12 @@ pub const HELPER_TASKS: &[&str] = &[
     "CheckFilesystems",
     "MountRoot",
     "GrowFilesystem",
+    "DryRunSnapshot",
     "Customize",
     "InstallPackages",
     "CheckPackages",
     "SELinuxRelabel",
+    "DryRunChanges",
     "Unmount",
 ];
 
