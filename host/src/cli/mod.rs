@@ -159,6 +159,11 @@ struct CustomizeArgs {
     /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+    /// Dry run: run every operation into a throwaway overlay, print each file added, removed or
+    /// changed (with type, mode, owner; `file-change` events with --progress json), and leave
+    /// the disk untouched.
+    #[arg(short = 'n', long, overrides_with = "dry_run")]
+    dry_run: bool,
     #[command(flatten)]
     ops: OpsArgs,
     #[command(flatten)]
@@ -405,7 +410,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
             let settings = vm_settings(&args.vm, verbose, trace)?;
-            let plan = ordered_ops(sub)?;
+            let plan = Plan { dry_run: args.dry_run, ..ordered_ops(sub)? };
             let progress = render::renderer(progress_mode(args.progress, quiet));
             let result =
                 job::customize(&args.disk, args.format.known(), plan, false, &settings, progress.as_ref(), &interrupt)
@@ -730,6 +735,33 @@ mod tests {
         // Global options may stand before the subcommand too.
         let cli = Cli::try_parse_from(["imgforge", "-q", "-x", "customize", "-a", "d"]).unwrap();
         assert!(cli.quiet && cli.trace);
+    }
+
+    #[test]
+    fn dry_run_parses_as_virt_customize() {
+        let accepted: &[(&[&str], bool)] = &[
+            (&[], false),
+            (&["-n"], true),
+            (&["--dry-run"], true),
+            (&["--write", "/f:x", "-n"], true),
+            (&["-qn"], true),
+            (&["-n", "-n"], true),
+            (&["--dry-run", "--progress", "json"], true),
+        ];
+        for (args, want) in accepted {
+            assert_eq!(customize(args).customize_args().dry_run, *want, "{args:?}");
+        }
+        for args in [
+            &["imgforge", "customize", "-a", "d", "--dry-run=yes"][..],
+            &["imgforge", "customize", "-a", "d", "-n1"],
+            &["imgforge", "customize", "-a", "d", "--dryrun"],
+            // A dry run is customize's: deploy writes the image whatever follows.
+            &["imgforge", "deploy", "--image", "i", "--target", "t", "-n"],
+            &["imgforge", "deploy", "--image", "i", "--target", "t", "--dry-run"],
+        ] {
+            let err = Cli::command().try_get_matches_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
     }
 
     #[test]

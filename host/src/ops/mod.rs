@@ -246,6 +246,8 @@ pub struct Plan {
     pub root_partition: Option<String>,
     /// The hash passwords are written with (`--password-crypto`; set it before adding them).
     pub password_crypto: PasswordCrypto,
+    /// `customize -n`/`--dry-run`: run everything, list what changed, keep none of it.
+    pub dry_run: bool,
 }
 
 /// The first bytes of every RPM file (the lead).
