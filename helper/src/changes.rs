@@ -42,8 +42,9 @@ pub fn report_changes(env: &TaskEnv) -> Result<(), String> {
     let after = snapshot::record(Path::new(target))
         .map_err(|e| format!("cannot walk the guest tree at {target} for the dry run: {e}"))?;
     warn_left_out(&after, |w| println!("WARNING: {w}"));
-    let (listed, omitted) = send(&diff(&before.entries, &after.entries), &mut Reporter::open());
-    println!("dry run: {listed} changes listed, {omitted} more not listed");
+    let mut reporter = Reporter::open();
+    let (listed, omitted) = send(&diff(&before.entries, &after.entries), &mut |line| reporter.send(&line));
+    println!("dry run: changes listed: {listed}; past the cap, not listed: {omitted}");
     Ok(())
 }
 
@@ -57,7 +58,7 @@ pub fn report_after_failure(target: &Path, reporter: &mut Reporter) {
     }
     match snapshot::record(target) {
         Ok(after) => {
-            send(&diff(&before.entries, &after.entries), reporter);
+            send(&diff(&before.entries, &after.entries), &mut |line| reporter.send(&line));
         }
         Err(e) => reporter.send(&ReportLine::Warning {
             task: "helper".into(),
@@ -82,15 +83,15 @@ fn warn_left_out(snapshot: &Snapshot, warn: impl Fn(&str)) {
 }
 
 /// Sends the first [`MAX_LISTED_CHANGES`] of `changes` as `CHANGE` lines and counts the rest
-/// in a `CHANGES-OMITTED` line: (listed, omitted).
-fn send(changes: &[FileChange], reporter: &mut Reporter) -> (usize, usize) {
+/// in a `CHANGES-OMITTED` line, each handed to `report`: (listed, omitted).
+fn send(changes: &[FileChange], report: &mut dyn FnMut(ReportLine)) -> (usize, usize) {
     let listed = changes.len().min(MAX_LISTED_CHANGES);
     for change in &changes[..listed] {
-        reporter.send(&ReportLine::Change(change.clone()));
+        report(ReportLine::Change(change.clone()));
     }
     let omitted = changes.len() - listed;
     if omitted > 0 {
-        reporter.send(&ReportLine::ChangesOmitted { count: omitted as u64 });
+        report(ReportLine::ChangesOmitted { count: omitted as u64 });
     }
     (listed, omitted)
 }
@@ -237,6 +238,23 @@ mod tests {
             ]
         );
         assert!(diff(&before, &before).is_empty());
+    }
+
+    #[test]
+    fn the_list_is_capped_and_the_rest_counted() {
+        let before = tree(&[("/", meta(FileType::Directory, 0o755, 1))]);
+        let mut after = before.clone();
+        for i in 0..MAX_LISTED_CHANGES + 7 {
+            after.insert(format!("/f{i:05}").into_bytes(), meta(FileType::File, 0o644, 10 + i as u64));
+        }
+        let mut lines = Vec::new();
+        assert_eq!(send(&diff(&before, &after), &mut |l| lines.push(l)), (MAX_LISTED_CHANGES, 7));
+        assert_eq!(lines.len(), MAX_LISTED_CHANGES + 1);
+        assert_eq!(lines.last(), Some(&ReportLine::ChangesOmitted { count: 7 }));
+        assert!(matches!(&lines[0], ReportLine::Change(c) if c.path == "/f00000"));
+        lines.clear();
+        assert_eq!(send(&diff(&before, &before), &mut |l| lines.push(l)), (0, 0));
+        assert!(lines.is_empty());
     }
 
     #[test]
