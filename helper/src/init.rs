@@ -41,7 +41,12 @@ pub fn run(builtins: tasks::Builtins) -> ! {
             }
             reporter.send(&ReportLine::Phase { name: "preloaded".into(), uptime_ms: done_ms });
             match result {
-                Err(failure) => reporter.send(&ReportLine::Error { task: failure.task, message: failure.message }),
+                Err(failure) => {
+                    if rules.dry_run {
+                        crate::changes::report_after_failure(Path::new(TARGET_DIR), &mut reporter);
+                    }
+                    reporter.send(&ReportLine::Error { task: failure.task, message: failure.message })
+                }
                 Ok(()) => reporter.send(&ReportLine::Success),
             }
         }

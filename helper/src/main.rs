@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod accounts;
+mod changes;
 mod confinement;
 mod copy;
 mod customize;
@@ -28,6 +29,7 @@ mod prefetch;
 mod random_seed;
 mod reporter;
 mod script;
+mod snapshot;
 mod task_env;
 mod tasks;
 
@@ -54,6 +56,10 @@ fn main() -> ExitCode {
                 "       imgforge-helper guest-path PATH    print where guest PATH is, resolved inside the guest root"
             );
             eprintln!("       imgforge-helper in-guest PROGRAM ARGS...  run a guest program chrooted and confined");
+            eprintln!("       imgforge-helper dry-run-snapshot   record the guest's tree (the 20-DryRunSnapshot task)");
+            eprintln!(
+                "       imgforge-helper dry-run-changes    report what changed since (the 85-DryRunChanges task)"
+            );
             eprintln!(
                 "       imgforge-helper install-packages   install the rules' packages (the 60-InstallPackages task)"
             );
@@ -88,6 +94,8 @@ fn main() -> ExitCode {
 fn builtin(name: &str) -> Option<tasks::Builtin> {
     match name {
         "customize" => Some(customize::run),
+        "dry-run-snapshot" => Some(changes::record_before),
+        "dry-run-changes" => Some(changes::report_changes),
         "install-packages" => Some(packages::run),
         "selinux-relabel" => Some(customize::selinux_relabel),
         "random-seed" => Some(random_seed::run),

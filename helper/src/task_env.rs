@@ -36,6 +36,7 @@ impl TaskEnv {
             ("IMGFORGE_GROW_FILESYSTEM", yes_no(rules.grow_filesystem)),
             ("IMGFORGE_GROW_TO_DISK", yes_no(rules.grow_to_disk)),
             ("IMGFORGE_VERBOSE", yes_no(rules.verbose)),
+            ("IMGFORGE_DRY_RUN", yes_no(rules.dry_run)),
             ("IMGFORGE_GUEST_PROGRAMS", yes_no(rules.runs_guest_programs())),
         ];
         Self(vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())

@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod bytes;
+pub mod change;
 pub mod filesystems;
 pub mod helper_vm;
 pub mod line;

@@ -8,12 +8,15 @@
 //! TASK-END 10-MountRoot 412      the task succeeded after this many ms
 //! WARNING 50-Customize "text"    message as a JSON string (one line, escaped)
 //! ERROR 50-Customize "text"      the task failed; nothing runs after it
+//! CHANGE {"change":"added",...}  a dry run added, removed or changed this path (JSON object)
+//! CHANGES-OMITTED 120            and this many more, past the cap on listed changes
 //! SUCCESS                        every task succeeded
 //! ```
 //!
 //! The serial line may add `\r`, lose the end of the stream, or carry noise; anything but a
 //! well-formed `SUCCESS` after no `ERROR` is a failure.
 
+use crate::change::FileChange;
 use thiserror::Error;
 
 /// Longest report line accepted; longer ones are noise (a message is capped well below).
@@ -83,6 +86,13 @@ pub enum ReportLine {
         /// What was found.
         detail: String,
     },
+    /// A dry run added, removed or changed a path (its path escaped by the helper).
+    Change(FileChange),
+    /// A dry run changed this many paths more than it listed.
+    ChangesOmitted {
+        /// How many.
+        count: u64,
+    },
     /// Every task succeeded.
     Success,
 }
@@ -105,6 +115,11 @@ impl ReportLine {
             ReportLine::Warning { task, message } => ReportLine::Warning { task: p(task), message: p(message) },
             ReportLine::Error { task, message } => ReportLine::Error { task: p(task), message: p(message) },
             ReportLine::Check { ok, name, detail } => ReportLine::Check { ok, name: p(name), detail: p(detail) },
+            // One change, one line: the helper escaped the newline already, and must have.
+            ReportLine::Change(change) => {
+                ReportLine::Change(FileChange { path: p(change.path).replace('\n', "\\n"), ..change })
+            }
+            ReportLine::ChangesOmitted { count } => ReportLine::ChangesOmitted { count },
             ReportLine::Success => ReportLine::Success,
         }
     }
@@ -152,6 +167,10 @@ impl ReportLine {
                 let detail: String = serde_json::from_str(json).map_err(|_| malformed("CHECK"))?;
                 Ok(ReportLine::Check { ok, name: name.to_owned(), detail })
             }
+            "CHANGE" => serde_json::from_str(rest).map(ReportLine::Change).map_err(|_| malformed("CHANGE")),
+            "CHANGES-OMITTED" => {
+                rest.parse().map(|count| ReportLine::ChangesOmitted { count }).map_err(|_| malformed("CHANGES-OMITTED"))
+            }
             "WARNING" | "ERROR" => {
                 let kw = if keyword == "ERROR" { "ERROR" } else { "WARNING" };
                 let (task, json) = rest.split_once(' ').ok_or_else(|| malformed(kw))?;
@@ -183,6 +202,10 @@ impl std::fmt::Display for ReportLine {
             ReportLine::Check { ok, name, detail } => {
                 write!(f, "CHECK {} {name} {}", if *ok { "ok" } else { "fail" }, json(detail))
             }
+            ReportLine::Change(change) => {
+                write!(f, "CHANGE {}", serde_json::to_string(change).expect("changes always serialize"))
+            }
+            ReportLine::ChangesOmitted { count } => write!(f, "CHANGES-OMITTED {count}"),
             ReportLine::Success => f.write_str("SUCCESS"),
         }
     }
@@ -348,6 +371,12 @@ mod tests {
             "ERROR 50-Customize \"unterminated",
             "ERROR bad/task \"x\"",
             "CHECK maybe x \"y\"",
+            "CHANGE",
+            "CHANGE {}",
+            "CHANGE {\"change\":\"added\",\"path\":\"/x\"}",
+            "CHANGES-OMITTED",
+            "CHANGES-OMITTED -1",
+            "CHANGES-OMITTED many",
             "CHECK ok x",
             "CHECK ok a/b \"y\"",
             "\u{0}\u{1}garbage",
@@ -371,12 +400,42 @@ mod tests {
             ReportLine::Error { task: "10-A".into(), message: "multi\nline \"quoted\" \u{7f}".into() },
             ReportLine::Warning { task: "10-A".into(), message: String::new() },
             ReportLine::Check { ok: false, name: "package-x".into(), detail: "not \"installed\"".into() },
+            ReportLine::Change(crafted_change()),
+            ReportLine::ChangesOmitted { count: 12 },
         ];
         for line in lines {
             let text = line.to_string();
             assert!(!text.contains('\n'));
             assert_eq!(ReportLine::parse(&text).unwrap(), line);
         }
+    }
+
+    /// A change whose guest file is named `x<newline>SUCCESS`, escaped as the helper does.
+    fn crafted_change() -> FileChange {
+        use crate::change::{escape_path, ChangeKind, FileState, FileType};
+        FileChange {
+            change: ChangeKind::Added,
+            path: escape_path(b"/x\nSUCCESS"),
+            state: FileState { file_type: FileType::File, mode: 0o644, uid: 0, gid: 0 },
+            what: Vec::new(),
+            was: None,
+        }
+    }
+
+    /// A guest file named to look like a verdict stays inside its CHANGE line: the failing run
+    /// it was made in stays a failure.
+    #[test]
+    fn a_crafted_file_name_cannot_forge_a_verdict() {
+        let change = ReportLine::Change(crafted_change()).to_string();
+        assert!(!change.contains('\n'), "{change:?}");
+        let report = format!("TASK-START 50-Customize\n{change}\nERROR 50-Customize \"exit 3\"\n");
+        assert!(matches!(verdict_of(report.as_bytes()), Verdict::Failed { .. }), "{report}");
+        let ReportLine::Change(parsed) = ReportLine::parse(&change).unwrap().printable() else { panic!("{change}") };
+        assert_eq!(parsed.path, "/x\\nSUCCESS");
+        // Even a change whose path was not escaped shows on one line.
+        let raw = ReportLine::Change(FileChange { path: "/x\nSUCCESS".into(), ..crafted_change() });
+        let ReportLine::Change(shown) = ReportLine::parse(&raw.to_string()).unwrap().printable() else { panic!() };
+        assert!(!shown.human_line().contains('\n'), "{shown:?}");
     }
 
     #[test]

@@ -77,6 +77,11 @@ pub struct Rules {
     /// Echo every task's output line by line (otherwise only failing tasks' output is shown).
     #[serde(default)]
     pub verbose: bool,
+    /// A dry run (`customize -n`): record the guest's tree before the operations and report
+    /// what they added, removed and changed (`CHANGE` report lines); the host then drops the
+    /// overlay.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 impl Rules {
@@ -97,6 +102,7 @@ impl Rules {
             repo: None,
             gpgcheck: false,
             verbose: false,
+            dry_run: false,
         }
     }
 

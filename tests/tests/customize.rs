@@ -833,3 +833,113 @@ fn host_keys_are_regenerated_by_the_guests_ssh_keygen() {
     let text = String::from_utf8_lossy(&extra.stdout);
     assert!(extra.status.success() && text.contains("ED25519"), "the HostKey of sshd_config: {text}");
 }
+
+/// The sha256 of `path`'s bytes, in hex.
+fn sha256_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+}
+
+/// The operations of the dry-run tests: one path added, removed, changed and made of each kind.
+const DRY_RUN_OPS: [&str; 8] =
+    ["--write", "/etc/x:hi", "--delete", "/etc/motd", "--chmod", "0600:/etc/hostname", "--mkdir", "/opt/new"];
+
+/// Paths the helper may change on a run of `DRY_RUN_OPS` beyond what they ask, each with why.
+const DRY_RUN_TOLERATED: &[(&str, &str)] =
+    &[("/var/lib/systemd/random-seed", "45-RandomSeed gives every customization a fresh seed, as virt-customize")];
+
+/// `customize -n` (virt-customize's `--dry-run`) runs every operation into the overlay and
+/// drops it: the disk keeps every byte, and stdout lists exactly the paths the operations
+/// added, removed and changed, with type, mode, owner and (for a change) what changed. Then the
+/// same as `file-change` events with `--progress json`, checked against the schema.
+#[test]
+fn dry_run_lists_the_changes_and_leaves_the_disk_unchanged() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    // The modes and owners the fixture gives the files the operations change.
+    let (hostname, motd) = {
+        let m = Mount::partition(&img, 0).unwrap();
+        let meta = |p: &str| std::fs::symlink_metadata(m.join(p)).unwrap();
+        (meta("/etc/hostname"), meta("/etc/motd"))
+    };
+    let owner = |m: &std::fs::Metadata| format!("{}:{}", m.uid(), m.gid());
+    assert!(hostname.is_file() && motd.is_file());
+    let before = sha256_of(&img);
+    let mut args = vec!["-n"];
+    args.extend(DRY_RUN_OPS);
+    let out = customize_tcg(&img, &args);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(code(&out), 0, "{stderr}");
+    assert_eq!(sha256_of(&img), before, "a dry run changed the disk");
+    let tolerated = |line: &str| DRY_RUN_TOLERATED.iter().any(|(path, _)| line.ends_with(&format!(" {path}")));
+    let mut listed: Vec<&str> = stdout.lines().filter(|l| !tolerated(l)).collect();
+    listed.sort_unstable();
+    let mut want = vec![
+        "added    file         0644 0:0       /etc/x".to_owned(),
+        format!(
+            "changed  file         0600 {:<9} /etc/hostname  (mode: was {:04o})",
+            owner(&hostname),
+            hostname.mode() & 0o7777
+        ),
+        format!("removed  file         {:04o} {:<9} /etc/motd", motd.mode() & 0o7777, owner(&motd)),
+        "added    directory    0755 0:0       /opt/new".to_owned(),
+    ];
+    want.sort_unstable();
+    assert_eq!(listed, want, "stdout:\n{stdout}\nstderr:\n{stderr}");
+
+    let mut args = vec!["--dry-run", "--progress", "json"];
+    args.extend(DRY_RUN_OPS);
+    let out = customize_tcg(&img, &args);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sha256_of(&img), before, "a dry run changed the disk");
+    let events = progress_schema::events(&String::from_utf8_lossy(&out.stdout));
+    let mut changes: Vec<String> = events
+        .iter()
+        .filter(|e| e["type"] == "file-change")
+        .filter(|e| !DRY_RUN_TOLERATED.iter().any(|(path, _)| e["path"] == *path))
+        .map(|e| {
+            let what = e.get("what").map(|w| w.to_string()).unwrap_or_default();
+            let was = e.get("was").map(|w| w.to_string()).unwrap_or_default();
+            format!(
+                "{} {} {} {} {}:{} {what} {was}",
+                e["change"], e["path"], e["file_type"], e["mode"], e["uid"], e["gid"]
+            )
+        })
+        .collect();
+    changes.sort_unstable();
+    let (h_mode, h_uid, h_gid) = (hostname.mode() & 0o7777, hostname.uid(), hostname.gid());
+    let mut want = vec![
+        r#""added" "/etc/x" "file" "0644" 0:0  "#.to_owned(),
+        r#""added" "/opt/new" "directory" "0755" 0:0  "#.to_owned(),
+        format!(
+            r#""changed" "/etc/hostname" "file" "0600" {h_uid}:{h_gid} ["mode"] {{"file_type":"file","gid":{h_gid},"mode":"{h_mode:04o}","uid":{h_uid}}}"#
+        ),
+        format!(r#""removed" "/etc/motd" "file" "{:04o}" {}  "#, motd.mode() & 0o7777, owner(&motd)),
+    ];
+    want.sort_unstable();
+    assert_eq!(changes, want);
+    assert!(!events.iter().any(|e| e["type"] == "file-changes-omitted"));
+    assert_eq!(events.last().unwrap()["type"], "image-done");
+}
+
+/// A guest file named `/x<newline>SUCCESS`, made by a dry run that then fails: listed escaped
+/// on one line (the report line carrying it cannot be read as a verdict), and the run fails.
+#[test]
+fn a_crafted_file_name_cannot_forge_a_dry_runs_success() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let before = sha256_of(&img);
+    let out =
+        customize_tcg(&img, &["-n", "--run-command", r#"touch "$(printf '/x\nSUCCESS')""#, "--run-command", "exit 3"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(code(&out), 1, "a failing dry run succeeded: {stderr}");
+    assert!(stderr.contains("--run-command 'exit 3'") && stderr.contains("status 3"), "{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [r"added    file         0644 0:0       /x\nSUCCESS"],
+        "the change made before the failure, escaped: {stderr}"
+    );
+    assert!(!stdout.lines().chain(stderr.lines()).any(|l| l.trim() == "SUCCESS"), "{stdout}{stderr}");
+    assert_eq!(sha256_of(&img), before, "a dry run changed the disk");
+}

@@ -165,6 +165,11 @@ struct CustomizeArgs {
     /// (ext2/3/4, XFS). deploy does this by itself onto a larger target.
     #[arg(long)]
     grow: bool,
+    /// Dry run: run every operation into a throwaway overlay, print each file added, removed or
+    /// changed (with type, mode, owner; `file-change` events with --progress json), and leave
+    /// the disk untouched.
+    #[arg(short = 'n', long, overrides_with = "dry_run")]
+    dry_run: bool,
     #[command(flatten)]
     ops: OpsArgs,
     #[command(flatten)]
@@ -413,7 +418,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
             let settings = vm_settings(&args.vm, verbose, trace)?;
-            let mut plan = ordered_ops(sub)?;
+            let mut plan = Plan { dry_run: args.dry_run, ..ordered_ops(sub)? };
             plan.grow_to_disk = args.grow;
             let progress = render::renderer(progress_mode(args.progress, quiet));
             let result =
@@ -746,6 +751,33 @@ mod tests {
         // Global options may stand before the subcommand too.
         let cli = Cli::try_parse_from(["imgforge", "-q", "-x", "customize", "-a", "d"]).unwrap();
         assert!(cli.quiet && cli.trace);
+    }
+
+    #[test]
+    fn dry_run_parses_as_virt_customize() {
+        let accepted: &[(&[&str], bool)] = &[
+            (&[], false),
+            (&["-n"], true),
+            (&["--dry-run"], true),
+            (&["--write", "/f:x", "-n"], true),
+            (&["-qn"], true),
+            (&["-n", "-n"], true),
+            (&["--dry-run", "--progress", "json"], true),
+        ];
+        for (args, want) in accepted {
+            assert_eq!(customize(args).customize_args().dry_run, *want, "{args:?}");
+        }
+        for args in [
+            &["imgforge", "customize", "-a", "d", "--dry-run=yes"][..],
+            &["imgforge", "customize", "-a", "d", "-n1"],
+            &["imgforge", "customize", "-a", "d", "--dryrun"],
+            // A dry run is customize's: deploy writes the image whatever follows.
+            &["imgforge", "deploy", "--image", "i", "--target", "t", "-n"],
+            &["imgforge", "deploy", "--image", "i", "--target", "t", "--dry-run"],
+        ] {
+            let err = Cli::command().try_get_matches_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! How the command line shows the progress stream (`--progress auto|bar|json|none`): an
 //! indicatif bar on stderr, JSON lines on stdout, or nothing; and the random passwords a job
-//! sets, on stdout, or on stderr when stdout carries JSON.
+//! sets, on stdout, or on stderr when stdout carries JSON; and a dry run's changes, one line
+//! each on stdout (only as JSON events when stdout carries JSON).
 
 use crate::progress::{Event, HelperEvent, JsonLines, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -38,7 +39,13 @@ fn random_password_line(user: &str, password: &str) -> String {
     format!("Setting random password of {user} to {password}")
 }
 
-/// For a person: a bar on stderr (or nothing), random passwords on stdout.
+/// What the user is told of changes a dry run did not list.
+fn omitted_changes_line(count: u64) -> String {
+    format!("and {count} more changes, not listed")
+}
+
+/// For a person: a bar on stderr (or nothing), random passwords and a dry run's changes on
+/// stdout.
 struct Terminal {
     bar: Option<ProgressBar>,
 }
@@ -70,16 +77,22 @@ impl Terminal {
     }
 }
 
+impl Terminal {
+    /// `line` on stdout, the bar (if any) out of its way.
+    fn out_line(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| crate::stdio::out_line(line)),
+            None => crate::stdio::out_line(line),
+        }
+    }
+}
+
 impl Progress for Terminal {
     fn emit(&self, event: Event) {
         match event {
-            Event::RandomPassword { user, password } => {
-                let line = random_password_line(&user, password.expose());
-                match &self.bar {
-                    Some(bar) => bar.suspend(|| crate::stdio::out_line(&line)),
-                    None => crate::stdio::out_line(&line),
-                }
-            }
+            Event::RandomPassword { user, password } => self.out_line(&random_password_line(&user, password.expose())),
+            Event::FileChange(change) => self.out_line(&change.human_line()),
+            Event::FileChangesOmitted { count } => self.out_line(&omitted_changes_line(count)),
             Event::ImageCopyProgress { position, total, .. } => {
                 if let Some(bar) = &self.bar {
                     Self::copy_progress(bar, position, total);

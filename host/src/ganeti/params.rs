@@ -235,11 +235,13 @@ pub const HELPER_TASKS: &[&str] = &[
     "MountRoot",
     "GrowFilesystem",
     "FilesystemResizeMounted",
+    "DryRunSnapshot",
     "RandomSeed",
     "Customize",
     "InstallPackages",
     "CheckPackages",
     "SELinuxRelabel",
+    "DryRunChanges",
     "Unmount",
 ];
 

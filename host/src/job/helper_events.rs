@@ -1,7 +1,8 @@
 //! A helper VM run's events turned into progress: phases (and the `-v` phase table), the
-//! console with `-v`, task starts and ends, warnings, and the `CHECK` results of `verify`.
+//! console with `-v`, task starts and ends, warnings, the `CHECK` results of `verify`, and the
+//! changes a dry run lists.
 
-use crate::progress::{HelperEvent, Progress};
+use crate::progress::{Event, HelperEvent, Progress};
 use crate::vm::{self, Interrupt, VmError, VmEvent, VmSpec};
 use imgforge_protocol::report::ReportLine;
 
@@ -104,6 +105,8 @@ pub(super) async fn run_vm(
                     }
                     ReportLine::Success => mark("SUCCESS reported".into(), None, &mut timeline),
                     ReportLine::Check { ok, name, detail } => checks.push((ok, name, detail)),
+                    ReportLine::Change(change) => progress.emit(Event::FileChange(change)),
+                    ReportLine::ChangesOmitted { count } => progress.emit(Event::FileChangesOmitted { count }),
                 },
             }
         }

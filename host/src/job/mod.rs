@@ -263,7 +263,9 @@ impl Job {
 }
 
 /// Customizes `disk` (of `format`) in place with `plan`; `grow_filesystem` also grows a
-/// whole-disk root filesystem to the disk's size. The disk changes only if every task succeeded.
+/// whole-disk root filesystem to the disk's size. The disk changes only if every task succeeded,
+/// and never in a dry run (`plan.dry_run`): the helper then lists what it changed (as
+/// `file-change` events) and the overlay holding those changes is dropped.
 pub async fn customize(
     disk: &Path,
     format: target::KnownFormat,
@@ -286,9 +288,23 @@ pub async fn customize(
     rules.grow_filesystem = grow_filesystem;
     rules.grow_to_disk = plan.grow_to_disk;
     rules.excluded_tasks = settings.excluded_tasks.clone();
+    rules.dry_run = plan.dry_run;
     let job = Job::prepare(disk, format, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;
     match result.outcome.verdict {
+        Verdict::Success if plan.dry_run => {
+            job.discard();
+            tracing::info!("dry run: the changes listed were dropped, {} is unchanged", disk.display());
+            Ok(())
+        }
+        Verdict::Failed { task, message } if plan.dry_run => {
+            job.discard();
+            tracing::warn!(
+                "dry run failed in {task}: the changes listed are those made before the failure, all dropped; {} is unchanged",
+                disk.display()
+            );
+            Err(JobError::TaskFailed { task, message })
+        }
         Verdict::Success => {
             tracing::info!(accel = %result.outcome.accel, secs = result.outcome.elapsed.as_secs_f32(), "customization succeeded");
             job.commit(progress).await

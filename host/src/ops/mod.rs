@@ -256,6 +256,8 @@ pub struct Plan {
     pub password_crypto: PasswordCrypto,
     /// Grow the guest into its disk (`customize --grow`, `deploy` onto a larger target, Ganeti).
     pub grow_to_disk: bool,
+    /// `customize -n`/`--dry-run`: run everything, list what changed, keep none of it.
+    pub dry_run: bool,
 }
 
 /// The first bytes of every RPM file (the lead).

@@ -5,6 +5,7 @@
 //! PROGRESS_MONITOR, Synnefo's snf-progress-monitor) read; imgforge adds `"v"` on every line
 //! and its own types beside them.
 
+use imgforge_protocol::change::FileChange;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -58,6 +59,14 @@ pub enum Event {
     },
     /// `image-done`: the job succeeded.
     ImageDone,
+    /// `file-change`: a dry run (`customize -n`) added, removed or changed this guest path;
+    /// nothing of it reached the disk.
+    FileChange(FileChange),
+    /// `file-changes-omitted`: a dry run changed `count` paths more than it listed.
+    FileChangesOmitted {
+        /// How many.
+        count: u64,
+    },
     /// `random-password`: the job sets a random password for `user`. The password itself
     /// never goes into the stream: only the command line shows it, to the person who ran it.
     RandomPassword {

@@ -2,6 +2,7 @@
 //! bytes snf-image monitors saw before the stream was typed.
 
 use super::*;
+use imgforge_protocol::change::{escape_path, Aspect, ChangeKind, FileChange, FileState, FileType};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -56,7 +57,9 @@ fn samples() -> Vec<Event> {
         | Event::ImageCopyProgress { .. }
         | Event::ImageError { .. }
         | Event::ImageDone
-        | Event::RandomPassword { .. } => (),
+        | Event::RandomPassword { .. }
+        | Event::FileChange(_)
+        | Event::FileChangesOmitted { .. } => (),
         Event::ImageHelper(helper) => match helper {
             HelperEvent::TaskStart { .. }
             | HelperEvent::TaskEnd { .. }
@@ -90,9 +93,25 @@ fn samples() -> Vec<Event> {
         Event::error("task 50-Customize failed in the helper VM: --run-command 'false' failed"),
         Event::ImageDone,
         Event::RandomPassword { user: "root".into(), password: Secret::new("s3cret-Rand0m".into()) },
+        Event::FileChange(file_change(ChangeKind::Added, "/etc/x", vec![], None)),
+        Event::FileChange(file_change(ChangeKind::Removed, "/etc/motd", vec![], None)),
+        Event::FileChange(file_change(
+            ChangeKind::Changed,
+            "/etc/hostname",
+            vec![Aspect::Mode, Aspect::Owner, Aspect::Content],
+            Some(FileState { file_type: FileType::File, mode: 0o644, uid: 1000, gid: 1000 }),
+        )),
+        Event::FileChange(file_change(ChangeKind::Added, &escape_path(b"/x\nSUCCESS\xff"), vec![], None)),
+        Event::FileChangesOmitted { count: 120 },
     ];
     samples.iter().for_each(every_variant);
     samples
+}
+
+/// A dry run's change of `path`, a 0600 root-owned file after the run.
+fn file_change(change: ChangeKind, path: &str, what: Vec<Aspect>, was: Option<FileState>) -> FileChange {
+    let state = FileState { file_type: FileType::File, mode: 0o600, uid: 0, gid: 0 };
+    FileChange { change, path: path.to_owned(), state, what, was }
 }
 
 #[test]
@@ -130,6 +149,11 @@ fn schema_rejects_what_is_not_an_event() {
         r#"{"type":"image-helper","subtype":"task-start","timestamp":1.5,"v":1}"#,
         r#"{"type":"image-copy-progress","position":1,"total":2,"progress":101.0,"timestamp":1.5,"v":1}"#,
         r#"{"type":"random-password","user":"root","password":"x","timestamp":1.5,"v":1}"#,
+        r#"{"type":"file-change","change":"added","path":"/x","file_type":"file","mode":"644","uid":0,"gid":0,"timestamp":1.5,"v":1}"#,
+        r#"{"type":"file-change","change":"moved","path":"/x","file_type":"file","mode":"0644","uid":0,"gid":0,"timestamp":1.5,"v":1}"#,
+        r#"{"type":"file-change","change":"added","file_type":"file","mode":"0644","uid":0,"gid":0,"timestamp":1.5,"v":1}"#,
+        r#"{"type":"file-change","change":"changed","path":"/x","file_type":"file","mode":"0644","uid":0,"gid":0,"what":["colour"],"timestamp":1.5,"v":1}"#,
+        r#"{"type":"file-changes-omitted","count":-1,"timestamp":1.5,"v":1}"#,
     ] {
         assert!(!validator.is_valid(&serde_json::from_str(bad).unwrap()), "accepted: {bad}");
     }

@@ -1,0 +1,281 @@
+//! A dry run's record of the guest's tree: for every path, the inode's type, permission bits,
+//! owner, size, modification and change times and inode number — metadata only, no file's
+//! content is read, so two walks cost two `fstatat` a path even under TCG.
+//!
+//! The guest is hostile: the walk follows no symlink (every step is `openat(O_NOFOLLOW |
+//! O_DIRECTORY)` from the parent's descriptor, checked to be the inode that was listed), stops
+//! at a depth and a path length, and records at most [`MAX_ENTRIES`] paths. It walks the guest's
+//! own filesystems as the helper mounted them (the root, then `/boot` & co. from the fstab,
+//! each block-backed) and skips the pseudo filesystems mounted for chroots (`/dev`, `/proc`,
+//! `/sys`: anonymous devices, major number 0).
+
+use imgforge_protocol::change::FileType;
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Deepest directory the walk enters, counted from the guest root.
+pub const MAX_DEPTH: usize = 256;
+/// Longest guest path recorded, in bytes (Linux's PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Most paths recorded; past it the walk stops (about 150 bytes each in the helper's memory).
+pub const MAX_ENTRIES: usize = 500_000;
+
+/// What the walk records of one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// The inode's type.
+    pub file_type: FileType,
+    /// `st_mode & 0o7777`.
+    pub mode: u32,
+    /// Owning uid.
+    pub uid: u32,
+    /// Owning gid.
+    pub gid: u32,
+    /// Bytes (a symlink: its target's length).
+    pub size: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, i64),
+    /// Change time (seconds, nanoseconds).
+    pub ctime: (i64, i64),
+    /// Inode number: a path replaced by rename has another.
+    pub ino: u64,
+}
+
+impl Meta {
+    fn of(st: &libc::stat) -> Option<Self> {
+        Some(Self {
+            file_type: FileType::from_mode(st.st_mode)?,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+            ino: st.st_ino,
+        })
+    }
+}
+
+/// The guest's tree at one moment: guest paths (bytes, absolute) to what they were.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Every path recorded, in byte order.
+    pub entries: BTreeMap<Vec<u8>, Meta>,
+    /// Why some of the tree was left out (depth, path length, entry count), for a warning.
+    pub left_out: Vec<String>,
+}
+
+/// Walks the guest tree mounted at `root`.
+pub fn record(root: &Path) -> io::Result<Snapshot> {
+    let c_root = CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "root path holds a NUL byte"))?;
+    // SAFETY: a NUL-terminated path; the descriptor returned is ours.
+    let fd = unsafe { libc::open(c_root.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open returned a new descriptor that we now own.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = fstat(&dir)?;
+    let mut walk = Walk::default();
+    if let Some(meta) = Meta::of(&st) {
+        walk.snapshot.entries.insert(b"/".to_vec(), meta);
+    }
+    walk.directory(dir, b"/".to_vec(), 0);
+    let mut snapshot = walk.snapshot;
+    let counts = [
+        (walk.too_deep, format!("directories deeper than {MAX_DEPTH} levels")),
+        (walk.too_long, format!("paths longer than {MAX_PATH_BYTES} bytes")),
+        (walk.over_cap, format!("paths past the first {MAX_ENTRIES}")),
+    ];
+    snapshot.left_out = counts.into_iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+    Ok(snapshot)
+}
+
+#[derive(Default)]
+struct Walk {
+    snapshot: Snapshot,
+    too_deep: u64,
+    too_long: u64,
+    over_cap: u64,
+}
+
+impl Walk {
+    /// Records the entries of the open directory `dir` (guest path `path`, `depth` levels
+    /// below the root), entering its subdirectories.
+    fn directory(&mut self, dir: OwnedFd, path: Vec<u8>, depth: usize) {
+        let Ok(parent) = fstat(&dir) else { return };
+        let Some(stream) = DirStream::open(dir) else { return };
+        while let Some(name) = stream.next_name() {
+            let mut child = path.clone();
+            if child.len() > 1 {
+                child.push(b'/');
+            }
+            child.extend_from_slice(name.to_bytes());
+            if child.len() > MAX_PATH_BYTES {
+                self.too_long += 1;
+                continue;
+            }
+            let Ok(st) = stream.stat_at(&name) else { continue };
+            // A mount point of a pseudo filesystem (the chroots' /dev, /proc, /sys): not the
+            // guest's, and not on its disk.
+            if st.st_dev != parent.st_dev && libc::major(st.st_dev) == 0 {
+                continue;
+            }
+            let Some(meta) = Meta::of(&st) else { continue };
+            if self.snapshot.entries.len() >= MAX_ENTRIES {
+                self.over_cap += 1;
+                continue;
+            }
+            self.snapshot.entries.insert(child.clone(), meta);
+            if meta.file_type != FileType::Directory {
+                continue;
+            }
+            if depth + 1 > MAX_DEPTH {
+                self.too_deep += 1;
+                continue;
+            }
+            if let Some(sub) = stream.open_dir_at(&name, &st) {
+                self.directory(sub, child, depth + 1);
+            }
+        }
+    }
+}
+
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain old data; fstat fills it for a valid descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor we own and a writable stat.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// An open directory being listed (`fdopendir`), closed when dropped.
+struct DirStream(*mut libc::DIR);
+
+impl DirStream {
+    fn open(dir: OwnedFd) -> Option<Self> {
+        let raw = dir.into_raw_fd();
+        // SAFETY: a descriptor we own; fdopendir takes it over, on success only.
+        let stream = unsafe { libc::fdopendir(raw) };
+        if stream.is_null() {
+            // SAFETY: fdopendir failed, so the descriptor is still ours to close.
+            unsafe { libc::close(raw) };
+            return None;
+        }
+        Some(Self(stream))
+    }
+
+    fn fd(&self) -> libc::c_int {
+        // SAFETY: a stream fdopendir returned, not yet closed.
+        unsafe { libc::dirfd(self.0) }
+    }
+
+    /// The next name but `.` and `..`; `None` at the end (or on a read error: the rest of a
+    /// directory that cannot be read is left out of both walks alike).
+    fn next_name(&self) -> Option<CString> {
+        loop {
+            // SAFETY: a stream fdopendir returned; the entry is copied before the next call.
+            let entry = unsafe { libc::readdir(self.0) };
+            if entry.is_null() {
+                return None;
+            }
+            // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated.
+            let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) };
+            if name.to_bytes() != b"." && name.to_bytes() != b".." {
+                return Some(name.to_owned());
+            }
+        }
+    }
+
+    /// `fstatat(name, AT_SYMLINK_NOFOLLOW)`: a symlink is recorded as itself.
+    fn stat_at(&self, name: &CStr) -> io::Result<libc::stat> {
+        // SAFETY: stat is plain old data.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid directory descriptor, a NUL-terminated name, a writable stat.
+        if unsafe { libc::fstatat(self.fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st)
+    }
+
+    /// Opens the subdirectory `name`, listed as `listed`, without following a link; `None` if
+    /// it is no longer that directory (a guest process may still be running and swapping it).
+    fn open_dir_at(&self, name: &CStr, listed: &libc::stat) -> Option<OwnedFd> {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: a valid directory descriptor and a NUL-terminated name.
+        let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), flags) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: openat returned a new descriptor that we now own.
+        let sub = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat(&sub).ok()?;
+        (st.st_dev == listed.st_dev && st.st_ino == listed.st_ino).then_some(sub)
+    }
+}
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: a stream fdopendir returned, closed once here.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    #[test]
+    fn records_metadata_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("etc/deep")).unwrap();
+        std::fs::write(root.join("etc/hostname"), "h\n").unwrap();
+        std::fs::set_permissions(root.join("etc/hostname"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        symlink("/", root.join("etc/evil")).unwrap();
+        symlink("../../..", root.join("etc/deep/up")).unwrap();
+        let snapshot = record(root).unwrap();
+        let paths: Vec<String> = snapshot.entries.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+        assert_eq!(paths, ["/", "/etc", "/etc/deep", "/etc/deep/up", "/etc/evil", "/etc/hostname"]);
+        let hostname = snapshot.entries[&b"/etc/hostname".to_vec()];
+        assert_eq!((hostname.file_type, hostname.mode, hostname.size), (FileType::File, 0o600, 2));
+        assert_eq!(snapshot.entries[&b"/etc/evil".to_vec()].file_type, FileType::Symlink);
+        assert!(snapshot.left_out.is_empty());
+    }
+
+    #[test]
+    fn the_walk_is_bounded_in_depth_and_path_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut deep = dir.path().to_path_buf();
+        for _ in 0..MAX_DEPTH + 3 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        // Deeper than PATH_MAX lets a path name: made one level at a time from the parent.
+        let name = CString::new("n".repeat(250)).unwrap();
+        std::fs::create_dir(dir.path().join("long")).unwrap();
+        let mut at = std::fs::File::open(dir.path().join("long")).unwrap();
+        for _ in 0..(MAX_PATH_BYTES / 251 + 2) {
+            // SAFETY: a valid directory descriptor and a NUL-terminated name.
+            assert_eq!(unsafe { libc::mkdirat(at.as_raw_fd(), name.as_ptr(), 0o755) }, 0);
+            // SAFETY: likewise; the descriptor returned is owned by the File.
+            let fd = unsafe { libc::openat(at.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+            assert!(fd >= 0);
+            // SAFETY: openat returned a new descriptor.
+            at = unsafe { std::fs::File::from_raw_fd(fd) };
+        }
+        let snapshot = record(dir.path()).unwrap();
+        assert!(snapshot.entries.keys().all(|k| k.len() <= MAX_PATH_BYTES));
+        let deepest = snapshot.entries.keys().map(|k| k.iter().filter(|b| **b == b'/').count()).max().unwrap();
+        assert_eq!(deepest, MAX_DEPTH + 1, "entries of the deepest directory entered are recorded, no deeper");
+        assert_eq!(snapshot.left_out.len(), 2, "{:?}", snapshot.left_out);
+    }
+}
