@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod accounts;
+mod apt;
 mod confinement;
 mod copy;
 mod customize;
@@ -21,6 +22,7 @@ mod kmod;
 mod layout;
 mod mounts;
 mod network;
+mod package_manager;
 mod packages;
 mod prefetch;
 mod reporter;
