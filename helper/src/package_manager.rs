@@ -132,7 +132,9 @@ mod tests {
     fn detection_reads_programs_and_the_dpkg_database() {
         let status = "Package: base-files\nStatus: install ok installed\n";
         let apt = Tools { dpkg: true, apt_get: true, ..Tools::default() };
-        let cases: &[(&[(&str, &str)], Tools, Option<Family>)] = &[
+        /// Guest files (path, contents), the tools found, the family.
+        type Case<'a> = (&'a [(&'a str, &'a str)], Tools, Option<Family>);
+        let cases: &[Case] = &[
             (&[("/usr/bin/dpkg", "x"), ("/usr/bin/apt-get", "x"), (DPKG_STATUS, status)], apt, Some(Family::Deb)),
             (
                 &[("/usr/bin/dpkg", "x"), (DPKG_STATUS, status)],

@@ -126,7 +126,8 @@ struct VmArgs {
     /// Accepted, and always so: the helper VM never has a network.
     #[arg(long, overrides_with = "network")]
     no_network: bool,
-    /// Refused: the helper VM has no network (see --install-rpm, --repo DIR, --copy-in, --upload).
+    /// Refused: the helper VM has no network (see --install-rpm, --install-deb, --repo DIR,
+    /// --copy-in, --upload).
     #[arg(long, overrides_with = "no_network")]
     network: bool,
     /// Unprivileged user qemu runs as (when imgforge runs as root). `dynamic` (the default):
@@ -318,7 +319,9 @@ fn vm_settings(vm: &VmArgs, verbose: u8, trace: bool) -> Result<VmSettings, Fail
     if vm.network {
         return Err(Failure::bad_input(
             "--network: the helper VM has no network, by design; give what the guest needs from the host \
-             instead: --install-rpm FILE.rpm, --install PKG with --repo DIR (a local repository), \
+             instead: --install-rpm FILE.rpm, --install-deb FILE.deb, --install PKG or --update with --repo DIR \
+             (a local apt or yum/dnf repository, or a directory of .deb files), --firstboot-install PKG (at \
+             the guest's first boot, with its network), \
              --copy-in LOCALPATH:REMOTEDIR or --upload FILE:DEST",
         ));
     }
@@ -749,7 +752,7 @@ mod tests {
         assert!(s.show_console && s.trace_tasks, "-x shows the console with every command traced");
         let err = settings(&["--network"], false).unwrap_err();
         assert_eq!(err.status, ExitStatus::BadInput);
-        for named in ["--network", "--install-rpm", "--repo DIR", "--copy-in", "--upload"] {
+        for named in ["--network", "--install-rpm", "--install-deb", "--repo DIR", "--copy-in", "--upload"] {
             assert!(err.message.contains(named), "{named}: {}", err.message);
         }
         assert_eq!(progress_mode(ProgressMode::Bar, true), ProgressMode::None);
