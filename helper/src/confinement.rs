@@ -181,6 +181,12 @@ impl GuestCommand {
         Self { command, program }
     }
 
+    /// Adds one variable to the program's (otherwise clean) environment.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.command.env(name, value);
+        self
+    }
+
     /// Waits for the program; an error unless it exited 0.
     pub fn status(&mut self) -> Result<(), String> {
         let status = self.command.status().map_err(|e| format!("cannot start {} in the guest: {e}", self.program))?;

@@ -146,6 +146,13 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             println!("network: {} NIC(s) configured for {stack:?}", nics.len());
             Ok(())
         }
+        Operation::FirstbootInstall { packages } => {
+            let tools = crate::package_manager::Tools::detect(guest);
+            let script = crate::package_manager::firstboot_install_script(&tools, packages)?;
+            firstboot::install(guest, "install", script.as_bytes())
+                .map(drop)
+                .map_err(|e| format!("cannot install the firstboot script: {e}"))
+        }
         Operation::FirstbootCommand { command } => {
             let script = format!("#!/bin/sh\n{command}\n");
             firstboot::install(guest, "command", script.as_bytes())

@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod accounts;
+mod apt;
 mod changes;
 mod confinement;
 mod copy;
@@ -24,6 +25,7 @@ mod kmod;
 mod layout;
 mod mounts;
 mod network;
+mod package_manager;
 mod packages;
 mod prefetch;
 mod random_seed;

@@ -48,12 +48,25 @@ pub struct Rules {
     /// RPM files on the payload disk, installed in one transaction with the guest's rpm.
     #[serde(default)]
     pub rpms: Vec<String>,
-    /// Packages to install with the guest's dnf (or yum) from `repo`.
+    /// `.deb` files on the payload disk, installed with the guest's apt-get (dependencies
+    /// among them, the installed packages and `repo` resolved).
+    #[serde(default)]
+    pub debs: Vec<String>,
+    /// Packages to install with the guest's package manager (apt-get, dnf or yum) from `repo`.
     #[serde(default)]
     pub install: Vec<String>,
-    /// A yum/dnf repository on the payload disk (its directory).
+    /// Packages to remove with the guest's package manager (no repository needed).
+    #[serde(default)]
+    pub uninstall: Vec<String>,
+    /// Upgrade the guest's installed packages from `repo`.
+    #[serde(default)]
+    pub update: bool,
+    /// A package repository on the payload disk (its directory).
     #[serde(default)]
     pub repo: Option<String>,
+    /// What kind of repository `repo` is.
+    #[serde(default)]
+    pub repo_format: RepoFormat,
     /// Check package signatures for `repo` (off: the packages are the user's own).
     #[serde(default)]
     pub gpgcheck: bool,
@@ -98,8 +111,12 @@ impl Rules {
             verify: false,
             required_packages: Vec::new(),
             rpms: Vec::new(),
+            debs: Vec::new(),
             install: Vec::new(),
+            uninstall: Vec::new(),
+            update: false,
             repo: None,
+            repo_format: RepoFormat::Rpm,
             gpgcheck: false,
             verbose: false,
             dry_run: false,
@@ -127,12 +144,64 @@ impl Rules {
     /// Whether the run starts programs of the guest (chrooted commands and scripts, package
     /// installs), so that the helper warms the guest's shell and C library ahead of them.
     pub fn runs_guest_programs(&self) -> bool {
-        !self.rpms.is_empty()
-            || !self.install.is_empty()
+        self.changes_packages()
             || self.operations.iter().any(|op| {
                 matches!(op, Operation::Run { .. } | Operation::RunCommand { .. } | Operation::RegenerateSshHostKeys)
             })
     }
+}
+
+impl Rules {
+    /// Whether the 60-InstallPackages task has anything to do.
+    pub fn changes_packages(&self) -> bool {
+        !self.rpms.is_empty()
+            || !self.debs.is_empty()
+            || !self.install.is_empty()
+            || !self.uninstall.is_empty()
+            || self.update
+    }
+}
+
+/// The layout of the `--repo` directory, as the host found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RepoFormat {
+    /// A yum/dnf repository (`repodata/repomd.xml`).
+    #[default]
+    Rpm,
+    /// A flat apt repository: `Packages` (compressed or not) at its top, perhaps a `Release`;
+    /// `deb URI ./` (the host writes these for a plain directory of `.deb` files).
+    AptFlat,
+    /// An apt repository with `dists/SUITE/Release` and a pool: `deb URI SUITE COMPONENT...`.
+    AptDists {
+        /// Every suite of `dists/`, with its components.
+        suites: Vec<AptSuite>,
+    },
+}
+
+impl RepoFormat {
+    /// Whether apt reads this repository (dnf or yum otherwise).
+    pub fn is_apt(&self) -> bool {
+        !matches!(self, RepoFormat::Rpm)
+    }
+}
+
+/// One suite of an apt repository's `dists/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AptSuite {
+    /// The directory name under `dists/` (may hold `/`, as `bookworm/updates`).
+    pub suite: String,
+    /// The components its `Release` lists (`main`, `contrib`).
+    pub components: Vec<String>,
+}
+
+/// Whether `word` can stand as a suite or component in an apt sources line: no space, bracket,
+/// `#` or control character (which would change the line's meaning), no `..` component.
+pub fn is_apt_source_word(word: &str) -> bool {
+    !word.is_empty()
+        && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._+~/".contains(&b))
+        && !word.split('/').any(|c| c.is_empty() || c == "." || c == "..")
 }
 
 impl Default for Rules {
@@ -240,6 +309,12 @@ pub enum Operation {
     FirstbootCommand {
         /// The command line.
         command: String,
+    },
+    /// Install packages at the guest's first boot with its own package manager and
+    /// repositories (the guest has a network then; the helper has none).
+    FirstbootInstall {
+        /// Package names (checked on the host: no shell metacharacter but `*`).
+        packages: Vec<String>,
     },
     /// Change a path's owner and group (following a final symlink, as guestfs `chown` does).
     Chown {
@@ -375,6 +450,7 @@ impl Operation {
             Operation::Timezone { .. } => "--timezone",
             Operation::Firstboot { .. } => "--firstboot",
             Operation::FirstbootCommand { .. } => "--firstboot-command",
+            Operation::FirstbootInstall { .. } => "--firstboot-install",
             Operation::Chown { .. } => "--chown",
             Operation::Copy { .. } => "--copy",
             Operation::Move { .. } => "--move",
@@ -408,6 +484,7 @@ impl Operation {
             Operation::Timezone { zone } => format!("--timezone {zone}"),
             Operation::Firstboot { name, .. } => format!("--firstboot {name}"),
             Operation::FirstbootCommand { command } => format!("--firstboot-command '{command}'"),
+            Operation::FirstbootInstall { packages } => format!("--firstboot-install {}", packages.join(",")),
             Operation::Chown { user, group, path } => format!("--chown {user}:{group}:{path}"),
             Operation::Copy { source, dest } | Operation::Move { source, dest } => {
                 format!("{} {source}:{dest}", self.option_name())
@@ -455,6 +532,14 @@ mod tests {
                 name: "conf".into(),
             },
         ];
+        r.operations.push(Operation::FirstbootInstall { packages: vec!["vim".into(), "lib*".into()] });
+        r.debs = vec!["debs/0001-a.deb".into()];
+        r.uninstall = vec!["nano".into()];
+        r.update = true;
+        r.repo = Some("repo".into());
+        r.repo_format = RepoFormat::AptDists {
+            suites: vec![AptSuite { suite: "bookworm".into(), components: vec!["main".into(), "contrib".into()] }],
+        };
         r.selinux_relabel = true;
         r.grow_to_disk = true;
         r.excluded_tasks = vec!["SELinuxRelabel".into()];
@@ -478,6 +563,22 @@ mod tests {
         for text in ["", "{", "[]", "{\"version\":1,\"operations\":[{\"op\":\"nope\"}]}", "{\"version\":1,\"extra\":1}"]
         {
             assert!(matches!(Rules::from_json(text), Err(RulesError::Malformed(_))), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn rules_without_a_repo_format_read_as_rpm() {
+        let text = "{\"version\":1,\"install\":[\"demo\"],\"repo\":\"repo\"}";
+        assert_eq!(Rules::from_json(text).unwrap().repo_format, RepoFormat::Rpm);
+    }
+
+    #[test]
+    fn apt_source_words() {
+        for ok in ["bookworm", "bookworm-updates", "bookworm/updates", "main", "non-free-firmware", "1.0~rc+x"] {
+            assert!(is_apt_source_word(ok), "{ok}");
+        }
+        for bad in ["", "a b", "[trusted=yes]", "main#x", "a\nb", "../x", "/abs", "a//b", "a/", "a/./b"] {
+            assert!(!is_apt_source_word(bad), "{bad:?}");
         }
     }
 

@@ -3,6 +3,7 @@
 //! imgforge (loop mounts made by the test itself).
 
 pub mod crafted;
+pub mod deb;
 pub mod fixtures;
 pub mod http;
 pub mod readback;

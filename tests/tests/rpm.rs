@@ -70,12 +70,13 @@ fn host_side_refusals() {
 }
 
 #[test]
-fn a_guest_without_dnf_or_yum_is_told_so() {
+fn a_debian_guest_is_told_a_yum_repository_needs_an_rpm_guest() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
     let out = customize_tcg(&img, &["--install", "demo", "--repo", &s(&rpm::repo().unwrap())]);
     assert_eq!(code(&out), 1);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("neither dnf nor yum"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("need an RPM-based guest") && stderr.contains("use --install-deb"), "{stderr}");
 }
 
 /// Package names reach dnf as they were given: `*` is dnf's pattern (every package of the

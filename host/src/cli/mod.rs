@@ -126,7 +126,8 @@ struct VmArgs {
     /// Accepted, and always so: the helper VM never has a network.
     #[arg(long, overrides_with = "network")]
     no_network: bool,
-    /// Refused: the helper VM has no network (see --install-rpm, --repo DIR, --copy-in, --upload).
+    /// Refused: the helper VM has no network (see --install-rpm, --install-deb, --repo DIR,
+    /// --copy-in, --upload).
     #[arg(long, overrides_with = "no_network")]
     network: bool,
     /// Unprivileged user qemu runs as (when imgforge runs as root). `dynamic` (the default):
@@ -331,7 +332,9 @@ fn vm_settings(vm: &VmArgs, verbose: u8, trace: bool) -> Result<VmSettings, Fail
     if vm.network {
         return Err(Failure::bad_input(
             "--network: the helper VM has no network, by design; give what the guest needs from the host \
-             instead: --install-rpm FILE.rpm, --install PKG with --repo DIR (a local repository), \
+             instead: --install-rpm FILE.rpm, --install-deb FILE.deb, --install PKG or --update with --repo DIR \
+             (a local apt or yum/dnf repository, or a directory of .deb files), --firstboot-install PKG (at \
+             the guest's first boot, with its network), \
              --copy-in LOCALPATH:REMOTEDIR or --upload FILE:DEST",
         ));
     }
@@ -418,7 +421,8 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
             let settings = vm_settings(&args.vm, verbose, trace)?;
-            let mut plan = Plan { dry_run: args.dry_run, ..ordered_ops(sub)? };
+            let mut plan = ordered_ops(sub)?;
+            plan.dry_run = args.dry_run;
             plan.grow_to_disk = args.grow;
             let progress = render::renderer(progress_mode(args.progress, quiet));
             let result =
@@ -797,7 +801,7 @@ mod tests {
         assert!(s.show_console && s.trace_tasks, "-x shows the console with every command traced");
         let err = settings(&["--network"], false).unwrap_err();
         assert_eq!(err.status, ExitStatus::BadInput);
-        for named in ["--network", "--install-rpm", "--repo DIR", "--copy-in", "--upload"] {
+        for named in ["--network", "--install-rpm", "--install-deb", "--repo DIR", "--copy-in", "--upload"] {
             assert!(err.message.contains(named), "{named}: {}", err.message);
         }
         assert_eq!(progress_mode(ProgressMode::Bar, true), ProgressMode::None);

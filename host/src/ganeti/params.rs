@@ -17,8 +17,8 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
-    ("repo", "A yum/dnf repository directory in IMAGE_DIR, for install"),
-    ("install", "Packages to install from repo with the guest's dnf or yum (comma-separated)"),
+    ("repo", "A package repository directory in IMAGE_DIR, for install: yum/dnf (repodata/), apt (Packages at its top, or dists/), or a directory of .deb files"),
+    ("install", "Packages to install from repo with the guest's apt-get, dnf or yum (comma-separated)"),
 ];
 
 /// A parameter that cannot be used.

@@ -279,8 +279,12 @@ pub async fn customize(
     let mut rules = Rules::new();
     rules.operations = plan.operations;
     rules.rpms = plan.rpms;
+    rules.debs = plan.debs;
     rules.install = plan.install;
+    rules.uninstall = plan.uninstall;
+    rules.update = plan.update;
     rules.repo = plan.repo;
+    rules.repo_format = plan.repo_format;
     rules.gpgcheck = plan.gpgcheck;
     rules.root_partition = plan.root_partition;
     rules.selinux_relabel = plan.selinux_relabel;

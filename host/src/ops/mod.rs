@@ -6,12 +6,14 @@
 
 pub mod commands_file;
 pub mod copy_in;
+pub mod deb;
 pub mod password;
+pub mod repo;
 
 use crate::ops::password::{PasswordCrypto, PasswordSelector};
 use clap::Args;
 use imgforge_protocol::perl_edit::Program;
-use imgforge_protocol::rules::{Operation, Principal};
+use imgforge_protocol::rules::{Operation, Principal, RepoFormat};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
@@ -103,13 +105,27 @@ pub struct OpsArgs {
     /// Install a command to run once at first boot.
     #[arg(long, value_name = "CMD")]
     firstboot_command: Vec<String>,
+    /// Install packages at the guest's first boot with its apt-get, dnf or yum (and its network).
+    #[arg(long, value_name = "PKG[,PKG...]")]
+    firstboot_install: Vec<String>,
     /// Install RPM files in one transaction with the guest's rpm.
     #[arg(long, value_name = "PATH.rpm")]
     install_rpm: Vec<String>,
-    /// Install packages from --repo with the guest's dnf or yum.
+    /// Install .deb files with the guest's apt-get (dependencies resolved among them, --repo
+    /// and the installed packages).
+    #[arg(long, value_name = "PATH.deb")]
+    install_deb: Vec<String>,
+    /// Install packages from --repo with the guest's apt-get, dnf or yum.
     #[arg(long, value_name = "PKG[,PKG...]")]
     install: Vec<String>,
-    /// Local yum/dnf repository for --install.
+    /// Remove packages with the guest's apt-get, dnf, yum, dpkg or rpm (no repository needed).
+    #[arg(long, value_name = "PKG[,PKG...]")]
+    uninstall: Vec<String>,
+    /// Upgrade the guest's packages from --repo (the helper VM has no network).
+    #[arg(long)]
+    update: bool,
+    /// Local repository for --install and --update: yum/dnf (repodata/), apt (Packages at its
+    /// top, or dists/), or a directory of .deb files.
     #[arg(long, value_name = "DIR")]
     repo: Vec<String>,
     /// Check package signatures of --repo (off by default: the packages are your own).
@@ -164,7 +180,7 @@ const MAX_COMMANDS_FILE_DEPTH: usize = 8;
 #[derive(Debug, Error)]
 pub enum OpsError {
     /// A bad argument.
-    #[error("--{option} {shown}: {reason}")]
+    #[error("--{option}{}: {reason}", if shown.is_empty() { String::new() } else { format!(" {shown}") })]
     Invalid {
         /// Option name without `--`.
         option: String,
@@ -244,10 +260,24 @@ pub struct Plan {
     pub random_passwords: Vec<(String, String)>,
     /// RPM files (payload paths), installed in one transaction after the operations.
     pub rpms: Vec<String>,
-    /// Packages for dnf/yum from `repo`.
+    /// `.deb` files (payload paths), installed with apt-get after the operations.
+    pub debs: Vec<String>,
+    /// Packages for apt-get, dnf or yum from `repo`.
     pub install: Vec<String>,
+    /// Packages to remove.
+    pub uninstall: Vec<String>,
+    /// `--update`.
+    pub update: bool,
     /// The repository's directory on the payload disk.
     pub repo: Option<String>,
+    /// Its layout.
+    pub repo_format: RepoFormat,
+    /// Whether apt can check its signatures (for `--gpgcheck`).
+    repo_signed: bool,
+    /// The `--repo` directory as given, for messages.
+    repo_shown: String,
+    /// The index written for a `--repo` directory of `.deb` files, kept until the run ends.
+    repo_index: Option<tempfile::TempDir>,
     /// `--gpgcheck`.
     pub gpgcheck: bool,
     /// The root filesystem's helper device, when auto-detection is not wanted.
@@ -273,6 +303,23 @@ fn check_rpm(path: &str) -> Result<(), String> {
     } else {
         Err(format!("{path} is not an RPM package (no RPM lead)"))
     }
+}
+
+/// The most bytes of an `--install-deb` file read to check it: its control member comes right
+/// after the first, tiny one, and the data member after it need not be read.
+const MAX_DEB_BYTES: u64 = 32 << 20;
+
+/// Parses a `PKG[,PKG...]` list (`--install`, `--uninstall`, `--firstboot-install`): comma
+/// separated, blanks around names ignored, as virt-customize splits it.
+pub fn parse_package_list(list: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = list.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned).collect();
+    if names.is_empty() {
+        return Err("no package named".into());
+    }
+    for name in &names {
+        check_package_name(name)?;
+    }
+    Ok(names)
 }
 
 fn check_package_name(name: &str) -> Result<(), String> {
@@ -499,7 +546,13 @@ fn shown(option: &str, value: Option<&str>) -> String {
 impl Plan {
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.operations.is_empty() && !self.selinux_relabel && self.rpms.is_empty() && self.install.is_empty()
+        self.operations.is_empty()
+            && !self.selinux_relabel
+            && self.rpms.is_empty()
+            && self.debs.is_empty()
+            && self.install.is_empty()
+            && self.uninstall.is_empty()
+            && !self.update
     }
 
     /// Checks what only the whole command line can tell (after every option was added).
@@ -509,6 +562,28 @@ impl Plan {
                 option: "install".into(),
                 shown: self.install.join(","),
                 reason: "needs --repo DIR: imgforge installs from a local repository only (no network)".into(),
+            });
+        }
+        if self.update && self.repo.is_none() {
+            return Err(OpsError::Invalid {
+                option: "update".into(),
+                shown: String::new(),
+                reason: "needs --repo DIR: the helper VM has no network, so imgforge upgrades packages only \
+                         from a local repository (an apt or yum/dnf repository, or a directory of .deb files)"
+                    .into(),
+            });
+        }
+        if self.gpgcheck && self.repo_format.is_apt() && self.repo.is_some() && !self.repo_signed {
+            let reason = if self.repo_index.is_some() {
+                "is a directory of .deb files, whose index imgforge writes unsigned: drop --gpgcheck, or give a \
+                 signed apt repository"
+            } else {
+                "has no InRelease or Release.gpg, so apt cannot check it: sign it, or drop --gpgcheck"
+            };
+            return Err(OpsError::Invalid {
+                option: "repo".into(),
+                shown: self.repo_shown.clone(),
+                reason: reason.into(),
             });
         }
         Ok(())
@@ -550,7 +625,17 @@ impl Plan {
             }
             "ssh-inject" => self.add_ssh_keys(value).map_err(invalid),
             "install-rpm" => self.add_rpm(value).map_err(invalid),
-            "install" => self.add_packages(value).map_err(invalid),
+            "install-deb" => self.add_deb(value).map_err(invalid),
+            "install" => {
+                let names = parse_package_list(value).map_err(invalid)?;
+                self.install.extend(names);
+                Ok(())
+            }
+            "uninstall" => {
+                let names = parse_package_list(value).map_err(invalid)?;
+                self.uninstall.extend(names);
+                Ok(())
+            }
             "repo" => self.add_repo(value).map_err(invalid),
             _ => {
                 let op = self.operation(option, value).map_err(invalid)?;
@@ -565,6 +650,7 @@ impl Plan {
         let flag = match option {
             "selinux-relabel" => &mut self.selinux_relabel,
             "gpgcheck" => &mut self.gpgcheck,
+            "update" => &mut self.update,
             _ => return false,
         };
         *flag = true;
@@ -656,6 +742,7 @@ impl Plan {
                     Operation::FirstbootCommand { command: value.to_owned() }
                 }
             }
+            "firstboot-install" => Operation::FirstbootInstall { packages: parse_package_list(value)? },
             "timezone" => {
                 check_timezone(value)?;
                 Operation::Timezone { zone: value.to_owned() }
@@ -734,31 +821,40 @@ impl Plan {
         Ok(())
     }
 
-    /// `--install PKG[,PKG...]`.
-    fn add_packages(&mut self, list: &str) -> Result<(), String> {
-        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            check_package_name(name)?;
-            self.install.push(name.to_owned());
-        }
+    /// `--install-deb`: the file goes on the payload disk under a name ending in `.deb` (how
+    /// apt-get tells a file from a package name).
+    fn add_deb(&mut self, path: &str) -> Result<(), String> {
+        use std::io::Read;
+        host_file(path)?;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_DEB_BYTES).read_to_end(&mut bytes))
+            .map_err(|e| format!("cannot read host file {path}: {e}"))?;
+        deb::read_control(&bytes).map_err(|e| format!("{path}: {e}"))?;
+        let base = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // apt-get reads the name as a path: nothing in it but what a package file name holds.
+        let safe: String =
+            base.chars().map(|c| if c.is_ascii_alphanumeric() || "._+-~".contains(c) { c } else { '_' }).collect();
+        let stem = safe.strip_suffix(".deb").unwrap_or(&safe);
+        let name = format!("debs/{:04}-{stem}.deb", self.payload.len() + 1);
+        self.payload.push(PayloadFile { name: name.clone(), source: PathBuf::from(path), tree: None });
+        self.debs.push(name);
         Ok(())
     }
 
-    /// `--repo DIR`: every file of the repository goes on the payload disk.
+    /// `--repo DIR`: the repository's files (and the index imgforge writes for a directory of
+    /// `.deb` files) go on the payload disk.
     fn add_repo(&mut self, value: &str) -> Result<(), String> {
         if self.repo.is_some() {
             return Err("only one --repo may be given".into());
         }
-        let dir = Path::new(value);
-        if !dir.join("repodata/repomd.xml").is_file() {
-            return Err(format!(
-                "{value} is not a yum/dnf repository (no repodata/repomd.xml): run createrepo_c on it"
-            ));
-        }
-        for rel in files_under(dir)? {
-            let name = format!("repo/{}", rel.display());
-            self.payload.push(PayloadFile { name, source: dir.join(&rel), tree: None });
-        }
-        self.repo = Some("repo".into());
+        let found = repo::classify(Path::new(value), value)?;
+        self.payload.extend(found.files);
+        self.repo = Some(repo::PAYLOAD_DIR.into());
+        self.repo_format = found.format;
+        self.repo_signed = found.signed;
+        self.repo_index = found.generated;
+        self.repo_shown = value.to_owned();
         Ok(())
     }
 
@@ -1014,12 +1110,84 @@ mod tests {
         let err = plan.add("install-rpm", Some(not_rpm.path().to_str().unwrap())).unwrap_err().to_string();
         assert!(err.contains("not an RPM"), "{err}");
         let err = plan.add("repo", Some("/nonexistent/repo")).unwrap_err().to_string();
-        assert!(err.contains("repomd.xml"), "{err}");
+        assert!(err.contains("not a directory"), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        let err = plan.add("repo", Some(empty.path().to_str().unwrap())).unwrap_err().to_string();
+        assert!(err.contains("repomd.xml") && err.contains("dists/") && err.contains(".deb"), "{err}");
         let err = plan.add("install", Some("ok,-bad")).unwrap_err().to_string();
         assert!(err.contains("-bad"), "{err}");
         let mut only_install = Plan::default();
         only_install.add("install", Some("demo")).unwrap();
         assert!(only_install.finish().unwrap_err().to_string().contains("--repo"));
+    }
+
+    /// `--install`, `--uninstall` and `--firstboot-install` split `PKG,PKG..` as virt-customize
+    /// does; `--update` is a flag that needs a repository, as `--install` does.
+    #[test]
+    fn package_options_parse_as_virt_customize() {
+        let list = |text: &str| parse_package_list(text);
+        let v = |names: &[&str]| Ok(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>());
+        assert_eq!(list("vim"), v(&["vim"]));
+        assert_eq!(list("vim,nano"), v(&["vim", "nano"]));
+        assert_eq!(list(" vim , nano ,"), v(&["vim", "nano"]));
+        assert_eq!(list("libc6:amd64,g++,lib*"), v(&["libc6:amd64", "g++", "lib*"]));
+        assert_eq!(list("pkg=1.0~rc1"), Err("\"pkg=1.0~rc1\" is not a package name".into()));
+        for bad in ["", ",", " , ", "-y", "a b", "a;b", "$(x)", "a'b", "./x.deb", "a/b"] {
+            assert!(list(bad).is_err(), "{bad:?}");
+        }
+        let mut plan = Plan::default();
+        plan.add("install", Some("a,b")).unwrap();
+        plan.add("install", Some("c")).unwrap();
+        plan.add("uninstall", Some("d,e")).unwrap();
+        plan.add("firstboot-install", Some("f,g")).unwrap();
+        plan.add("update", None).unwrap();
+        assert_eq!((plan.install.join(","), plan.uninstall.join(",")), ("a,b,c".into(), "d,e".into()));
+        assert_eq!(plan.operations, [Operation::FirstbootInstall { packages: vec!["f".into(), "g".into()] }]);
+        assert!(plan.update && !plan.is_empty());
+        let err = plan.finish().unwrap_err().to_string();
+        assert!(err.contains("--install a,b,c") && err.contains("--repo"), "{err}");
+        let mut update = Plan::default();
+        update.add("update", None).unwrap();
+        let err = update.finish().unwrap_err().to_string();
+        assert!(err.starts_with("--update") && err.contains("no network") && err.contains("--repo DIR"), "{err}");
+        let mut uninstall = Plan::default();
+        uninstall.add("uninstall", Some("nano")).unwrap();
+        uninstall.finish().expect("--uninstall needs no repository");
+        for option in ["install", "uninstall", "firstboot-install"] {
+            let err = Plan::default().add(option, Some("ok,-bad")).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--{option} ok,-bad:")) && err.contains("\"-bad\""), "{err}");
+        }
+    }
+
+    /// `--install-deb` takes Debian packages only, `--repo` with `--gpgcheck` only what apt can
+    /// check.
+    #[test]
+    fn deb_files_and_apt_repositories() {
+        let dir = tempfile::tempdir().unwrap();
+        let rpm = dir.path().join("x.rpm");
+        std::fs::write(&rpm, b"\xed\xab\xee\xdbrest").unwrap();
+        let err = Plan::default().add("install-deb", Some(rpm.to_str().unwrap())).unwrap_err().to_string();
+        assert!(err.contains("not a Debian package"), "{err}");
+        let err = Plan::default().add("install-deb", Some("/nonexistent/a.deb")).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/a.deb"), "{err}");
+        let flat = dir.path().join("flat");
+        std::fs::create_dir(&flat).unwrap();
+        std::fs::write(flat.join("Packages"), "").unwrap();
+        let mut plan = Plan::default();
+        plan.add("repo", Some(flat.to_str().unwrap())).unwrap();
+        plan.add("install", Some("a")).unwrap();
+        assert_eq!((plan.repo.as_deref(), &plan.repo_format), (Some("repo"), &RepoFormat::AptFlat));
+        plan.finish().unwrap();
+        plan.add("gpgcheck", None).unwrap();
+        let err = plan.finish().unwrap_err().to_string();
+        assert!(err.contains("--repo") && err.contains("Release.gpg"), "{err}");
+        std::fs::write(flat.join("InRelease"), "").unwrap();
+        let mut signed = Plan::default();
+        signed.add("gpgcheck", None).unwrap();
+        signed.add("repo", Some(flat.to_str().unwrap())).unwrap();
+        signed.finish().unwrap();
+        let err = signed.add("repo", Some(flat.to_str().unwrap())).unwrap_err().to_string();
+        assert!(err.contains("only one --repo"), "{err}");
     }
 
     #[test]
@@ -1046,8 +1214,8 @@ mod tests {
     #[test]
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
-        assert_eq!(flags, ["gpgcheck", "selinux-relabel", "reset-machine-id", "regenerate-ssh-host-keys"]);
-        assert_eq!(operation_options().len(), 34);
+        assert_eq!(flags, ["update", "gpgcheck", "selinux-relabel", "reset-machine-id", "regenerate-ssh-host-keys"]);
+        assert_eq!(operation_options().len(), 38);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {
