@@ -336,10 +336,10 @@ impl Cursor<'_> {
         Ok(Action::Assign { value, append })
     }
 
-    /// After `s`: the two delimited parts and the flags.
-    fn substitution(&mut self) -> Parsed<Action> {
+    /// The two delimited parts of `s` or `tr`, with the first opening delimiter.
+    fn two_parts(&mut self) -> Parsed<(char, String, String)> {
         let open = self.delimiter()?;
-        let pattern = self.delimited(open)?;
+        let first = self.delimited(open)?;
         // `s{a}{b}`, `s{a} /b/`: a bracketed first part lets the second choose its own.
         let second = if closing(open) != open {
             self.skip_space();
@@ -347,7 +347,12 @@ impl Cursor<'_> {
         } else {
             open
         };
-        let replacement_text = self.delimited(second)?;
+        Ok((open, first, self.delimited(second)?))
+    }
+
+    /// After `s`: the two delimited parts and the flags.
+    fn substitution(&mut self) -> Parsed<Action> {
+        let (open, pattern, replacement_text) = self.two_parts()?;
         let flags = self.flags("gimsx", "s///")?;
         let regex = compile(&pattern, flags, open)?;
         let replacement = interpolated(&replacement_text, Interpolation::Replacement)?;
@@ -364,15 +369,7 @@ impl Cursor<'_> {
 
     /// After `tr` or `y`: two lists and no flags.
     fn transliteration(&mut self) -> Parsed<Action> {
-        let open = self.delimiter()?;
-        let from_text = self.delimited(open)?;
-        let second = if closing(open) != open {
-            self.skip_space();
-            self.delimiter()?
-        } else {
-            open
-        };
-        let to_text = self.delimited(second)?;
+        let (_, from_text, to_text) = self.two_parts()?;
         if let Some(c) = self.peek().filter(|c| is_word(*c)) {
             return Err(format!("tr/// flag {c:?} is not supported (none are)"));
         }
