@@ -6,10 +6,10 @@
 
 use crate::copy::{fstat, kind, lstat_at, open_at, unlink_at};
 use crate::guest::GuestRoot;
-use imgforge_protocol::perl_edit::Program;
+use imgforge_protocol::perl_edit::{Program, MAX_LINE_BYTES};
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 /// Most bytes of extended attribute names, and of one value, that are copied.
@@ -40,47 +40,88 @@ pub fn edit_file(guest: &GuestRoot, guest_path: &str, program: &Program) -> Resu
     if kind(&st) != libc::S_IFREG {
         return Err(format!("{guest_path} is not a regular file in the guest"));
     }
-    let mut data = Vec::new();
-    File::from(old.try_clone().map_err(|e| e.to_string())?)
-        .read_to_end(&mut data)
-        .map_err(|e| format!("cannot read {inside}: {e}"))?;
-    let edited = program.apply(&data);
-    replace_with(dir.as_fd(), &name, old.as_fd(), &st, &edited).map_err(|e| format!("cannot write {inside}: {e}"))?;
+    refuse_pseudo_filesystem(old.as_fd(), guest_path, &inside)?;
+    let reader = File::from(old.try_clone().map_err(|e| e.to_string())?);
+    replace_with(dir.as_fd(), &name, old.as_fd(), &st, |new| edit_lines(reader, new, program, &inside))
+        .map_err(|e| format!("cannot write {inside}: {e}"))?;
     if inside != guest_path {
         println!("edited {inside} (where {guest_path} leads)");
     }
     Ok(())
 }
 
-/// Writes `content` to a new file beside `name` with `old`'s mode, owner and extended
-/// attributes, then renames it over `name`.
+/// Refuses a file of the helper's procfs or sysfs, mounted on the guest's `/proc` and `/sys`
+/// for its programs: a guest link such as `/etc/x -> /proc/kcore` leads there, and virt-edit,
+/// whose appliance has no such mounts at that point, finds nothing at its end.
+fn refuse_pseudo_filesystem(file: BorrowedFd<'_>, guest_path: &str, inside: &str) -> Result<(), String> {
+    // SAFETY: statfs is plain old data, filled in by fstatfs.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and a writable statfs.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return Err(format!("cannot stat the filesystem of {inside}: {}", io::Error::last_os_error()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between C libraries.
+    let magic = fs.f_type as u64;
+    if magic == libc::PROC_SUPER_MAGIC as u64 || magic == libc::SYSFS_MAGIC as u64 {
+        return Err(format!(
+            "{guest_path} leads to {inside}, a file of the helper's /proc or /sys, not of the guest's disk"
+        ));
+    }
+    Ok(())
+}
+
+/// Runs each line of `reader` through `program` into `out`, one line in memory at a time.
+fn edit_lines(reader: File, out: &mut File, program: &Program, inside: &str) -> Result<(), String> {
+    let mut reader = BufReader::with_capacity(1 << 16, reader);
+    let mut writer = BufWriter::with_capacity(1 << 16, out);
+    let mut line = Vec::new();
+    for number in 1u64.. {
+        line.clear();
+        // One byte past the limit is enough to know a line is too long.
+        let limit = MAX_LINE_BYTES as u64 + 1;
+        let n =
+            (&mut reader).take(limit).read_until(b'\n', &mut line).map_err(|e| format!("cannot read {inside}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        let edited = program.apply_line(&line).map_err(|e| format!("line {number} of {inside}: {e}"))?;
+        writer.write_all(&edited).map_err(|e| e.to_string())?;
+    }
+    writer.flush().map_err(|e| e.to_string())
+}
+
+/// Writes a new file beside `name` (filled by `fill`) with `old`'s mode, owner and extended
+/// attributes, then renames it over `name`; nothing is left behind when any step fails.
 fn replace_with(
     dir: BorrowedFd<'_>,
     name: &CStr,
     old: BorrowedFd<'_>,
     st: &libc::stat,
-    content: &[u8],
-) -> io::Result<()> {
-    let tmp = temporary_name(name)?;
-    let new = open_at(dir, &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
+    fill: impl FnOnce(&mut File) -> Result<(), String>,
+) -> Result<(), String> {
+    let tmp = temporary_name(name).map_err(|e| e.to_string())?;
+    let new = open_at(dir, &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600).map_err(|e| e.to_string())?;
     let result = (|| {
-        let mut file = File::from(new.try_clone()?);
-        file.write_all(content)?;
-        std::os::unix::fs::fchown(&file, Some(st.st_uid), Some(st.st_gid))?;
-        // After the chown, which clears set-id bits; the attributes last, as chown also drops
-        // file capabilities.
-        // SAFETY: valid fd.
-        if unsafe { libc::fchmod(new.as_raw_fd(), st.st_mode & 0o7777) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        copy_xattrs(old, new.as_fd())?;
-        // No fsync: nothing reads the guest before 90-Unmount syncs it, and a helper that dies
-        // before then leaves the disk as it was (the overlay is dropped).
-        // SAFETY: valid dirfd and NUL-terminated names.
-        if unsafe { libc::renameat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        let mut file = File::from(new.try_clone().map_err(|e| e.to_string())?);
+        fill(&mut file)?;
+        let attributes = || -> io::Result<()> {
+            std::os::unix::fs::fchown(&file, Some(st.st_uid), Some(st.st_gid))?;
+            // After the chown, which clears set-id bits; the attributes last, as chown also
+            // drops file capabilities.
+            // SAFETY: valid fd.
+            if unsafe { libc::fchmod(new.as_raw_fd(), st.st_mode & 0o7777) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            copy_xattrs(old, new.as_fd())?;
+            // No fsync: nothing reads the guest before 90-Unmount syncs it, and a helper that
+            // dies before then leaves the disk as it was (the overlay is dropped).
+            // SAFETY: valid dirfd and NUL-terminated names.
+            if unsafe { libc::renameat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        attributes().map_err(|e| e.to_string())
     })();
     if result.is_err() {
         let _ = unlink_at(dir, &tmp, 0);
@@ -171,6 +212,35 @@ mod tests {
         }
         let left: Vec<_> = std::fs::read_dir(dir.path().join("etc")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left.len(), 2, "no temporary file is left: {left:?}");
+    }
+
+    /// A sparse file of one line past the limit (a hostile image's, which read whole took the
+    /// helper down) fails naming the line, and leaves the file as it was and nothing beside it.
+    #[test]
+    fn a_line_past_the_limit_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        let file = std::fs::File::create(&big).unwrap();
+        file.set_len(MAX_LINE_BYTES as u64 + 1).unwrap();
+        std::fs::write(dir.path().join("small"), "a\n").unwrap();
+        let guest = GuestRoot::open(dir.path()).unwrap();
+        let err = edit_file(&guest, "/big", &program("s/a/b/")).unwrap_err();
+        assert!(err.starts_with("cannot write /big: line 1 of /big: a line longer than"), "{err}");
+        assert_eq!(std::fs::metadata(&big).unwrap().len(), MAX_LINE_BYTES as u64 + 1);
+        let err = edit_file(&guest, "/small", &program(&vec!["$_ .= $_"; 30].join(";"))).unwrap_err();
+        assert!(err.contains("line 1 of /small: a line longer than"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join("small")).unwrap(), b"a\n");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 2, "no temporary file is left: {left:?}");
+    }
+
+    /// The helper's procfs, which the guest's /proc is during customization, is not edited:
+    /// here the guest root is the test's own root, whose /proc is a procfs too.
+    #[test]
+    fn files_of_the_helpers_proc_are_refused() {
+        let guest = GuestRoot::open(std::path::Path::new("/")).unwrap();
+        let err = edit_file(&guest, "/proc/self/status", &program("s/a/b/")).unwrap_err();
+        assert!(err.contains("a file of the helper's /proc or /sys"), "{err}");
     }
 
     #[test]

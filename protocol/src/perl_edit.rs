@@ -27,6 +27,23 @@ const MAX_STATEMENTS: usize = 64;
 /// host instead of filling the helper's memory.
 const REGEX_SIZE_LIMIT_BYTES: usize = 1 << 20;
 
+/// Longest line, newline included, that [`Program::apply_line`] takes or makes: what one line
+/// of a file may hold in the helper's memory (its default 1 GiB, or 128 MiB with `-m 128`) a few
+/// times over. A hostile image can hold a sparse file that is one line of gigabytes, and an
+/// expression can grow a line without end (`$_ .= $_` repeated); both fail here instead of
+/// exhausting the helper's memory.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+
+/// A line longer than [`MAX_LINE_BYTES`] before or after the expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error(
+    "a line longer than {limit} bytes, before or after the expression (imgforge edits lines of up to {limit} bytes)"
+)]
+pub struct LineTooLong {
+    /// The limit that was passed.
+    pub limit: usize,
+}
+
 /// An expression imgforge cannot run as Perl would.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("cannot run the Perl expression {expr:?}: {reason}; imgforge runs only {SUPPORTED_FORMS}")]
@@ -114,15 +131,25 @@ impl Program {
     }
 
     /// Applies the program to each line of `input`, as `edit_file_perl`'s loop does.
-    pub fn apply(&self, input: &[u8]) -> Vec<u8> {
+    pub fn apply(&self, input: &[u8]) -> Result<Vec<u8>, LineTooLong> {
         let mut out = Vec::with_capacity(input.len());
         for line in input.split_inclusive(|&b| b == b'\n') {
-            out.extend_from_slice(&self.apply_line(line));
+            out.extend_from_slice(&self.apply_line(line)?);
         }
-        out
+        Ok(out)
     }
 
-    fn apply_line(&self, line: &[u8]) -> Vec<u8> {
+    /// Applies the program to one line (with its newline, if it has one); a line longer than
+    /// [`MAX_LINE_BYTES`], as given or as the expression makes it, is refused.
+    pub fn apply_line(&self, line: &[u8]) -> Result<Vec<u8>, LineTooLong> {
+        self.apply_line_within(line, MAX_LINE_BYTES)
+    }
+
+    fn apply_line_within(&self, line: &[u8], max: usize) -> Result<Vec<u8>, LineTooLong> {
+        let too_long = LineTooLong { limit: max };
+        if line.len() > max {
+            return Err(too_long);
+        }
         let mut text = line.to_vec();
         for st in &self.statements {
             if let Some(cond) = &st.condition {
@@ -131,15 +158,29 @@ impl Program {
                 }
             }
             text = match &st.action {
-                Action::Substitute { regex, replacement, global } => substitute(regex, replacement, *global, &text),
+                Action::Substitute { regex, replacement, global } => {
+                    substitute(regex, replacement, *global, &text, max).ok_or(too_long)?
+                }
                 Action::Transliterate { table } => text.iter().map(|&b| table[usize::from(b)]).collect(),
                 Action::Assign { value, append } => {
+                    // Measured before anything is allocated: `$_ . $_ . ...` multiplies a line.
+                    let start = if *append { text.len() } else { 0 };
+                    let len = value.iter().try_fold(start, |len, piece| {
+                        len.checked_add(match piece {
+                            Piece::Literal(bytes) => bytes.len(),
+                            Piece::Line => text.len(),
+                            // The parser allows groups only in replacements.
+                            Piece::Group(_) => 0,
+                        })
+                    });
+                    if len.is_none_or(|len| len > max) {
+                        return Err(too_long);
+                    }
                     let mut new = if *append { text.clone() } else { Vec::new() };
                     for piece in value {
                         match piece {
                             Piece::Literal(bytes) => new.extend_from_slice(bytes),
                             Piece::Line => new.extend_from_slice(&text),
-                            // The parser allows groups only in replacements.
                             Piece::Group(_) => {}
                         }
                     }
@@ -147,14 +188,14 @@ impl Program {
                 }
             };
         }
-        text
+        Ok(text)
     }
 }
 
 /// `s///` on one line: the first match, or every match with `/g`. Perl's `/g` takes an empty
 /// match right where a non-empty one ended (`s/a*/-/g` makes `caf` into `-c--f-`), and never a
 /// second empty match at one place; the regex crate's own iterator skips the first kind.
-fn substitute(regex: &Regex, replacement: &[Piece], global: bool, text: &[u8]) -> Vec<u8> {
+fn substitute(regex: &Regex, replacement: &[Piece], global: bool, text: &[u8], max: usize) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len());
     let mut copied = 0;
     let mut from = 0;
@@ -168,8 +209,8 @@ fn substitute(regex: &Regex, replacement: &[Piece], global: bool, text: &[u8]) -
             from = whole.start() + 1;
             continue;
         }
-        out.extend_from_slice(&text[copied..whole.start()]);
-        expand(replacement, &caps, text, &mut out);
+        extend_within(&mut out, &text[copied..whole.start()], max)?;
+        expand(replacement, &caps, text, &mut out, max)?;
         copied = whole.end();
         from = whole.end();
         empty_at = whole.is_empty().then_some(whole.end());
@@ -177,19 +218,29 @@ fn substitute(regex: &Regex, replacement: &[Piece], global: bool, text: &[u8]) -
             break;
         }
     }
-    out.extend_from_slice(&text[copied..]);
-    out
+    extend_within(&mut out, &text[copied..], max)?;
+    Some(out)
 }
 
-fn expand(replacement: &[Piece], caps: &Captures<'_>, line: &[u8], out: &mut Vec<u8>) {
+/// Appends `bytes` unless `out` would pass `max` bytes (`None` then).
+fn extend_within(out: &mut Vec<u8>, bytes: &[u8], max: usize) -> Option<()> {
+    if bytes.len() > max.saturating_sub(out.len()) {
+        return None;
+    }
+    out.extend_from_slice(bytes);
+    Some(())
+}
+
+fn expand(replacement: &[Piece], caps: &Captures<'_>, line: &[u8], out: &mut Vec<u8>, max: usize) -> Option<()> {
     for piece in replacement {
         match piece {
-            Piece::Literal(bytes) => out.extend_from_slice(bytes),
+            Piece::Literal(bytes) => extend_within(out, bytes, max)?,
             // A group that did not take part is empty, as Perl's undef interpolates.
-            Piece::Group(n) => out.extend_from_slice(caps.get(*n).map_or(&[][..], |m| m.as_bytes())),
-            Piece::Line => out.extend_from_slice(line),
+            Piece::Group(n) => extend_within(out, caps.get(*n).map_or(&[][..], |m| m.as_bytes()), max)?,
+            Piece::Line => extend_within(out, line, max)?,
         }
     }
+    Some(())
 }
 
 fn is_word(c: char) -> bool {

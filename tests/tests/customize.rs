@@ -947,3 +947,31 @@ fn a_crafted_file_name_cannot_forge_a_dry_runs_success() {
     assert!(!stdout.lines().chain(stderr.lines()).any(|l| l.trim() == "SUCCESS"), "{stdout}{stderr}");
     assert_eq!(sha256_of(&img), before, "a dry run changed the disk");
 }
+
+/// `--edit` on what a hostile image makes of FILE: a sparse file of one 400 MiB line (read
+/// whole, it took the helper's kernel down, out of memory) and a link to `/proc/kcore` (the
+/// helper's procfs is the guest's /proc then: read until memory ran out). Each fails the run
+/// naming why, and the disk stays byte-identical.
+#[test]
+fn edit_of_hostile_files_fails_cleanly() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    {
+        let m = Mount::writable_partition(&img, 0).unwrap();
+        std::fs::File::create(m.join("/srv/huge")).unwrap().set_len(400 << 20).unwrap();
+        std::os::unix::fs::symlink("/proc/kcore", m.join("/etc/kcore-link")).unwrap();
+    }
+    let digest = || sha256_of(&img);
+    let before = digest();
+    let cases = [
+        ("/srv/huge", "line 1 of /srv/huge: a line longer than 16777216 bytes"),
+        ("/etc/kcore-link", "/etc/kcore-link leads to /proc/kcore, a file of the helper's /proc or /sys"),
+    ];
+    for (file, want) in cases {
+        let out = customize_tcg(&img, &["--edit", &format!("{file}:s/a/b/")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 1, "{file}: {stderr}");
+        assert!(stderr.contains(want) && !stderr.contains("Kernel panic"), "{file}: {stderr}");
+        assert_eq!(digest(), before, "{file}: a failed --edit leaves the disk byte-identical");
+    }
+}

@@ -3,7 +3,9 @@
 
 use crate::ops::password::PasswordCrypto;
 use imgforge_protocol::helper_vm::TARGET_DISK;
-use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -170,12 +172,57 @@ impl Params {
     }
 }
 
-/// A file name inside IMAGE_DIR: no path separators, no `..`.
+/// A file name inside IMAGE_DIR: no path separators, no `..`, and nothing that would not show
+/// as itself in Ganeti's OS log, where the name is written (a newline would forge a line).
 pub fn check_image_name(param: &str, name: &str) -> Result<(), ParamError> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0') {
-        return Err(err(param, format!("{name:?} must be a file name in IMAGE_DIR (no '/', no '..')")));
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." || !plain(name) {
+        return Err(err(
+            param,
+            format!("{name:?} must be a file name in IMAGE_DIR (no '/', no '..', no control characters)"),
+        ));
     }
     Ok(())
+}
+
+/// True if every character of `text` prints as itself (Rust's `{:?}` escapes none but quotes
+/// and backslashes): no control character, newline or bidirectional override.
+fn plain(text: &str) -> bool {
+    text.chars().all(|c| matches!(c, '"' | '\'' | '\\') || c.escape_debug().nth(1).is_none())
+}
+
+/// A property name as written into Ganeti's log: as it is when plain ASCII, else quoted with
+/// escapes, so that a newline, an escape sequence or a bidirectional override in a hostile name
+/// neither forges a log line nor hides one.
+fn shown(name: &str) -> Cow<'_, str> {
+    if name.bytes().all(|b| b.is_ascii_graphic()) {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(format!("{name:?}"))
+    }
+}
+
+/// A JSON object's members in the order written, a repeated name kept each time (serde_json's
+/// own map keeps only the last, so `{"USERS": "a", "USERS": "b"}` would silently be `b`).
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Collect;
+        impl<'de> Visitor<'de> for Collect {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Collect)
+    }
 }
 
 fn list(text: &str) -> Vec<String> {
@@ -290,7 +337,7 @@ pub enum Verdict {
 /// Values of honoured properties are checked apart (`parse_properties`).
 pub fn judge_property(name: &str, value: &str) -> Verdict {
     let invalid_boolean =
-        || Verdict::Warn(format!("{name}={value:?} is not yes or no: taken as yes, as snf-image does"));
+        || Verdict::Warn(format!("{}={value:?} is not yes or no: taken as yes, as snf-image does", shown(name)));
     match name {
         "ROOT_PARTITION" | "USERS" | "OSFAMILY" | "PASSWD_HASHING_METHOD" | "PASSWORD_HASHING_METHOD" => {
             return Verdict::Honoured;
@@ -316,7 +363,9 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
         let known = SNF_IMAGE_TASKS.iter().chain(HELPER_TASKS).any(|t| t.eq_ignore_ascii_case(task));
         if !known {
             return Verdict::Warn(format!(
-                "{name}: no task {task} in snf-image's ({}) or imgforge's ({}): ignored",
+                "{}: no task {} in snf-image's ({}) or imgforge's ({}): ignored",
+                shown(name),
+                shown(task),
                 SNF_IMAGE_TASKS.join(", "),
                 HELPER_TASKS.join(", ")
             ));
@@ -335,7 +384,7 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
         }
         return Verdict::Warn(format!("{name} is for Windows guests, which imgforge does not customize: ignored"));
     }
-    Verdict::Warn(format!("unknown property {name} ignored (not one of snf-image's)"))
+    Verdict::Warn(format!("unknown property {} ignored (not one of snf-image's)", shown(name)))
 }
 
 /// The hash `img_passwd` is written with: `PASSWD_HASHING_METHOD` (snf-image's name) or its
@@ -376,8 +425,12 @@ pub fn parse_properties(text: &str) -> Result<(BTreeMap<String, String>, Vec<Str
     let mut properties = BTreeMap::new();
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| err("img_properties", format!("is not JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| err("img_properties", "must be a JSON object"))?;
-    for (k, v) in obj {
+    if !v.is_object() {
+        return Err(err("img_properties", "must be a JSON object"));
+    }
+    let Members(members) =
+        serde_json::from_str(text).map_err(|e| err("img_properties", format!("is not JSON: {e}")))?;
+    for (k, v) in &members {
         let value = match v {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(n) => n.to_string(),
@@ -388,15 +441,18 @@ pub fn parse_properties(text: &str) -> Result<(BTreeMap<String, String>, Vec<Str
                     "0".into()
                 }
             }
-            _ => return Err(err("img_properties", format!("{k} must be a string, number or boolean"))),
+            _ => return Err(err("img_properties", format!("{} must be a string, number or boolean", shown(k)))),
         };
         let name = k.to_ascii_uppercase();
-        // Which spelling came last is lost in the parsed object: two that disagree are refused.
+        // Which one a reader takes (the first, the last) differs: two that disagree are refused.
         if let Some(earlier) = properties.insert(name.clone(), value.clone()) {
             if earlier != value {
                 return Err(err(
                     "img_properties",
-                    format!("{name} is given twice with different values (names are case-insensitive): give it once"),
+                    format!(
+                        "{} is given twice with different values (names are case-insensitive): give it once",
+                        shown(&name)
+                    ),
                 ));
             }
         }
@@ -487,7 +543,7 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
             if f.mode > 0o7777 {
                 return Err(err(
                     "img_personality",
-                    format!("mode {} of {} is out of range (decimal, at most 4095)", f.mode, f.path),
+                    format!("mode {} of {:?} is out of range (decimal, at most 4095)", f.mode, f.path),
                 ));
             }
             for name in [&f.owner, &f.group] {
@@ -496,7 +552,7 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
                 }
             }
             let data = base64_decode(&f.contents)
-                .ok_or_else(|| err("img_personality", format!("contents of {} are not base64", f.path)))?;
+                .ok_or_else(|| err("img_personality", format!("contents of {:?} are not base64", f.path)))?;
             personality.push((f, data));
         }
     }
@@ -742,6 +798,46 @@ mod tests {
         // Control characters in a name are not written raw into Ganeti's log.
         let (_, w) = parse_properties("{\"A\\u001b[2J\": 1}").unwrap();
         assert!(!w[0].contains('\x1b'), "{w:?}");
+    }
+
+    /// Nothing of a hostile name reaches Ganeti's OS log as a line of its own, an escape
+    /// sequence or a bidirectional override, whether warned about or refused.
+    #[test]
+    fn property_names_cannot_forge_log_lines() {
+        let hostile = [
+            r#"{"FOO\nimgforge: img_id=null: nothing written": "1"}"#,
+            r#"{"EXCLUDE_TASK_Customize\nX": "yes"}"#,
+            r#"{"EXCLUDE_TASK_CHANGEPASSWORD": "maybe\n"}"#,
+            r#"{"\u202eFOO": "1"}"#,
+        ];
+        for text in hostile {
+            let (_, w) = parse_properties(text).unwrap();
+            assert!(w.len() == 1 && plain(&w[0]), "{text}: {w:?}");
+        }
+        for text in [r#"{"X\n\u001b[2Jfake": [1]}"#, r#"{"a\nb": "1", "A\nB": "2"}"#] {
+            let e = parse_properties(text).unwrap_err().to_string();
+            assert!(plain(&e), "{text}: {e}");
+        }
+        for id in ["deb\nian", "local://x\u{1b}[31m", "local://\u{202e}gpj.exe", "a\rb"] {
+            let e = parse_image_id(id).unwrap_err().to_string();
+            assert!(plain(&e) && e.contains("no control characters"), "{id:?}: {e}");
+        }
+        assert!(parse_image_id("local://débian \"2\"").is_ok(), "printable names are file names");
+    }
+
+    /// The same name twice, in one spelling or two: one value is fine, two are refused, as
+    /// they are when the spellings differ (serde_json's map would keep the last silently).
+    #[test]
+    fn a_name_given_twice_with_two_values_is_refused() {
+        let (p, _) = parse_properties(r#"{"USERS": "root", "USERS": "root"}"#).unwrap();
+        assert_eq!(p["USERS"], "root");
+        for text in
+            [r#"{"ROOT_PARTITION": "1", "ROOT_PARTITION": "2"}"#, r#"{"root_partition": 1, "ROOT_PARTITION": 2}"#]
+        {
+            let e = parse_properties(text).unwrap_err().to_string();
+            assert!(e.contains("ROOT_PARTITION is given twice"), "{text}: {e}");
+        }
+        assert!(parse_properties("[1]").unwrap_err().to_string().contains("must be a JSON object"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 use super::*;
 
 fn edit(expr: &str, input: &[u8]) -> Vec<u8> {
-    Program::parse(expr).unwrap_or_else(|e| panic!("{expr}: {e}")).apply(input)
+    Program::parse(expr).unwrap_or_else(|e| panic!("{expr}: {e}")).apply(input).unwrap()
 }
 
 fn edit_text(expr: &str, input: &str) -> String {
@@ -258,5 +258,38 @@ fn the_same_bytes_as_perl() {
         assert!(out.status.success(), "{expr}: perl failed: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&edit(expr, input)), String::from_utf8_lossy(&out.stdout), "{expr:?}");
         assert_eq!(edit(expr, input), out.stdout, "{expr:?}");
+    }
+}
+
+/// A line is bounded in and out: a hostile image's one-line file of gigabytes, or an
+/// expression that doubles a line forty times, is a clean error, not the helper's memory.
+#[test]
+fn lines_longer_than_the_limit_are_refused() {
+    let doubling = vec!["$_ .= $_"; 40].join("; ");
+    let program = Program::parse(&doubling).unwrap();
+    assert_eq!(program.apply_line(b"ab\n"), Err(LineTooLong { limit: MAX_LINE_BYTES }));
+    let (max, too_long) = (16, Err(LineTooLong { limit: 16 }));
+    // (expression, line, whether it fits in 16 bytes)
+    let cases: &[(&str, &[u8], bool)] = &[
+        ("s/a/b/", b"aaaaaaaaaaaaaaa\n", true),
+        ("s/a/b/", b"aaaaaaaaaaaaaaaa\n", false),
+        ("s/a/bb/g", b"aaaaaaa\n", true),
+        ("s/a/bb/g", b"aaaaaaaa\n", false),
+        ("s/(a+)/$1$1$1/", b"aaaaa\n", true),
+        ("s/(a+)/$1$1$1/", b"aaaaaa\n", false),
+        ("s/x*/-/g", b"abcdef\n", true),
+        ("s/x*/-/g", b"abcdefg\n", false),
+        ("$_ = \"$_$_\"", b"1234567\n", true),
+        ("$_ = \"$_$_\"", b"12345678\n", false),
+        ("$_ .= '12345678'", b"1234567\n", true),
+        ("$_ .= '123456789'", b"1234567\n", false),
+        ("tr/a-z/A-Z/", b"abcdefghijklmno\n", true),
+    ];
+    for (expr, line, fits) in cases {
+        let got = Program::parse(expr).unwrap().apply_line_within(line, max);
+        assert_eq!(got.is_ok(), *fits, "{expr} on {:?}: {got:?}", String::from_utf8_lossy(line));
+        if !fits {
+            assert_eq!(got, too_long);
+        }
     }
 }
