@@ -111,8 +111,14 @@ const NO_DEV_SUID_EXEC: libc::c_ulong = libc::MS_NODEV | libc::MS_NOSUID | libc:
 /// [`GUEST_DEV_LINKS`], a private devpts and `/dev/shm`.
 fn mount_guest_dev(dev: &Path, record: Recorded<'_>) -> Result<(), String> {
     let fail = |what: &str, e: std::io::Error| format!("cannot prepare the guest's /dev ({what}): {e}");
-    mount_flags("imgforge-dev", dev, "tmpfs", libc::MS_NOSUID | libc::MS_NOEXEC, Some("mode=0755,size=1m"))
-        .map_err(|e| fail("tmpfs", e))?;
+    mount_flags(
+        crate::pseudo_filesystems::GUEST_DEV_SOURCE,
+        dev,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=0755,size=1m"),
+    )
+    .map_err(|e| fail("tmpfs", e))?;
     record(dev)?;
     // A fresh tmpfs: the paths below are ours alone until a guest program runs.
     for (name, major, minor, mode) in GUEST_DEVICES {

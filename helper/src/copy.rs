@@ -43,8 +43,27 @@ pub fn kind(st: &libc::stat) -> libc::mode_t {
     st.st_mode & libc::S_IFMT
 }
 
-/// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, mode)`.
+/// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, mode)`; what lies on one of the helper's
+/// mounts inside the guest (`pseudo_filesystems`) is refused, and for data anything but a regular
+/// file or directory. The callers look (`lstat_at`) before they open.
 pub fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    let fd = open_at_unchecked(dir, name, flags, mode)?;
+    let shown = OsStr::from_bytes(name.to_bytes()).to_string_lossy();
+    if flags & libc::O_PATH != 0 {
+        crate::pseudo_filesystems::refuse_helper_mount(fd.as_fd(), &shown)?;
+    } else {
+        crate::pseudo_filesystems::refuse_for_data(fd.as_fd(), &shown)?;
+    }
+    Ok(fd)
+}
+
+/// [`open_at`] without its checks: for a handle that is only looked at.
+pub fn open_at_unchecked(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
     // SAFETY: valid dirfd and NUL-terminated name.
     let fd = unsafe {
         libc::openat(
@@ -102,6 +121,12 @@ fn copy_at_depth(
         return Err(io::Error::other(format!("the tree nests more than {MAX_TREE_DEPTH} directories deep")));
     }
     let st = lstat_at(src_dir, src_name)?;
+    // Opened (and checked) before anything at the destination changes.
+    let source = match kind(&st) {
+        libc::S_IFDIR => Some(open_at(src_dir, src_name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?),
+        libc::S_IFREG => Some(open_at(src_dir, src_name, libc::O_RDONLY | libc::O_NONBLOCK, 0)?),
+        _ => None,
+    };
     let existing = match lstat_at(dst_dir, dst_name) {
         Ok(e) => Some(e),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -119,13 +144,12 @@ fn copy_at_depth(
         (_, Some(_)) => unlink_at(dst_dir, dst_name, 0)?,
         (_, None) => {}
     }
-    match kind(&st) {
-        libc::S_IFDIR => {
+    match (kind(&st), source) {
+        (libc::S_IFDIR, Some(src)) => {
             if existing.is_none() {
                 // SAFETY: valid dirfd and NUL-terminated name.
                 cvt(unsafe { libc::mkdirat(dst_dir.as_raw_fd(), dst_name.as_ptr(), 0o700) })?;
             }
-            let src = open_at(src_dir, src_name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
             let dst = open_at(dst_dir, dst_name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
             for name in names_in(src.as_fd())? {
                 copy_at_depth(src.as_fd(), &name, dst.as_fd(), &name, depth + 1).map_err(|e| {
@@ -134,15 +158,14 @@ fn copy_at_depth(
             }
             set_metadata(dst.as_fd(), &st)
         }
-        libc::S_IFREG => {
-            let src = open_at(src_dir, src_name, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+        (libc::S_IFREG, Some(src)) => {
             let dst = open_at(dst_dir, dst_name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
             let (mut from, mut to) = (File::from(src), File::from(dst));
             io::copy(&mut from, &mut to)?;
             let dst = OwnedFd::from(to);
             set_metadata(dst.as_fd(), &st)
         }
-        libc::S_IFLNK => {
+        (libc::S_IFLNK, _) => {
             let target = read_link_at(src_dir, src_name)?;
             // SAFETY: NUL-terminated strings, valid dirfd.
             cvt(unsafe { libc::symlinkat(target.as_ptr(), dst_dir.as_raw_fd(), dst_name.as_ptr()) })?;

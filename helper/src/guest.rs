@@ -50,8 +50,48 @@ impl GuestRoot {
         &self.path
     }
 
-    /// `openat2(root, path, flags, mode, RESOLVE_IN_ROOT)`.
+    /// `openat2(root, path, flags, mode, RESOLVE_IN_ROOT)`; whatever it reaches on one of the
+    /// helper's mounts (its /proc, /sys, the guest's /dev: `pseudo_filesystems`) is refused,
+    /// and so is a device node, FIFO or socket opened for data. An existing object is first
+    /// reached with `O_PATH`, which opens nothing, and checked; only then opened for data,
+    /// through that very handle.
     fn open_raw(&self, guest_path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+        use crate::pseudo_filesystems::{refuse_for_data, refuse_helper_mount};
+        let lookup = libc::O_PATH | (flags & (libc::O_DIRECTORY | libc::O_NOFOLLOW));
+        if flags & libc::O_PATH != 0 {
+            let fd = self.open_unchecked(guest_path, lookup, 0)?;
+            refuse_helper_mount(fd.as_fd(), guest_path)?;
+            return Ok(fd);
+        }
+        // O_NONBLOCK and O_NOCTTY: a FIFO or terminal swapped in after the check neither makes
+        // the open wait nor becomes the helper's terminal (no effect on the files accepted).
+        let flags = flags | libc::O_NONBLOCK | libc::O_NOCTTY;
+        let fd = match self.open_unchecked(guest_path, lookup, 0) {
+            Ok(found) => {
+                refuse_for_data(found.as_fd(), guest_path)?;
+                let again = cstring(format!("/proc/self/fd/{}", found.as_raw_fd()).as_bytes())?;
+                let reopen = flags & !(libc::O_CREAT | libc::O_EXCL) | libc::O_CLOEXEC;
+                // SAFETY: a NUL-terminated path.
+                let fd = unsafe { libc::open(again.as_ptr(), reopen) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: a fresh descriptor we own.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            }
+            // Created here, in a directory that can only be the guest's (a dangling link into
+            // the guest's /dev tmpfs could make an empty file there: refused below, unwritten).
+            Err(e) if e.kind() == io::ErrorKind::NotFound && flags & libc::O_CREAT != 0 => {
+                self.open_unchecked(guest_path, flags, mode)?
+            }
+            Err(e) => return Err(e),
+        };
+        refuse_for_data(fd.as_fd(), guest_path)?;
+        Ok(fd)
+    }
+
+    /// `openat2(root, path, flags, mode, RESOLVE_IN_ROOT)` as is.
+    fn open_unchecked(&self, guest_path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
         let rel: PathBuf = components(guest_path)?.iter().collect();
         let rel = if rel.as_os_str().is_empty() { PathBuf::from(".") } else { rel };
         let c = cstring(rel.as_os_str().as_bytes())?;
@@ -190,6 +230,11 @@ impl GuestRoot {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
+        // The entry itself, not followed: one of the helper's mounts (`--delete /proc`) is
+        // refused rather than emptied.
+        if let Ok(entry) = crate::copy::open_at_unchecked(dir.as_fd(), &name, libc::O_PATH, 0) {
+            crate::pseudo_filesystems::refuse_helper_mount(entry.as_fd(), guest_path)?;
+        }
         // Through the resolved parent's /proc/self/fd link; remove_dir_all never follows
         // symlinks, so nothing outside the guest can be reached from here.
         let path =
@@ -610,7 +655,12 @@ fn truncate_tree(dir: OwnedFd, depth: usize) -> io::Result<usize> {
                 count += 1;
             }
             libc::S_IFDIR => {
-                let sub = crate::copy::open_at(dir.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                // The helper's /proc, /sys or the guest's /dev mounted on this directory stands
+                // where the guest's (empty) one is: nothing of the guest's below.
+                let sub = match crate::copy::open_at(dir.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                    Err(e) if crate::pseudo_filesystems::is_refused(&e) => continue,
+                    sub => sub?,
+                };
                 count += truncate_tree(sub, depth + 1)?;
             }
             _ => {}
@@ -827,6 +877,59 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("etc/full")).unwrap(), b"");
         assert!(g.truncate("/etc/missing").is_err(), "the file must exist");
         assert!(g.touch("/etc").is_err(), "a directory is refused");
+    }
+
+    /// The test's own root stands for a guest root with the helper's /proc and /sys mounted in
+    /// it, as during customization: no operation reads, writes or changes anything there.
+    #[test]
+    fn nothing_is_done_to_the_helpers_proc_and_sys() {
+        let g = GuestRoot::open(Path::new("/")).unwrap();
+        let comm = std::fs::read("/proc/self/comm").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = format!("{}/copied", out.path().display());
+        let refused = |result: io::Result<()>, what: &str, shown: &str| {
+            let err = result.expect_err(what);
+            assert!(crate::pseudo_filesystems::is_refused(&err), "{what}: {err}");
+            assert!(err.to_string().starts_with(&format!("{shown} leads to the helper's /proc")), "{what}: {err}");
+        };
+        let comm_path = "/proc/self/comm";
+        refused(g.write(comm_path, b"changed"), "write", comm_path);
+        refused(g.append_line(comm_path, "changed"), "append_line", comm_path);
+        refused(g.truncate(comm_path), "truncate", comm_path);
+        refused(g.scrub(comm_path), "scrub", comm_path);
+        refused(g.chmod(comm_path, 0o777), "chmod", comm_path);
+        refused(g.chown(comm_path, 1, 1), "chown", comm_path);
+        refused(g.read_to_string(comm_path).map(drop), "read", comm_path);
+        refused(g.replace(comm_path, b"changed"), "replace", "/proc/self");
+        refused(g.touch("/proc/self/new"), "touch", "/proc/self");
+        refused(g.mkdir_all("/proc/self/new", 0o755), "mkdir", "/proc");
+        refused(g.remove_all(comm_path), "delete", "/proc/self");
+        refused(g.remove_all("/proc"), "delete of the mount itself", "/proc");
+        refused(g.copy("/proc/self/status", &dest), "copy from", "/proc/self");
+        refused(g.copy("/proc", &dest), "copy of the mount itself", "proc");
+        refused(g.rename(comm_path, &dest), "move", "/proc/self");
+        refused(g.link("/etc/hostname", "/proc/self/new"), "link", "/proc/self");
+        refused(g.symlink("/etc/hostname", "/proc/self/new"), "symlink", "/proc/self");
+        assert!(g.resolve(comm_path).is_err() && !g.exists(comm_path) && !g.is_dir("/proc/self"));
+        assert_eq!(std::fs::read("/proc/self/comm").unwrap(), comm, "the thread's name is unchanged");
+        assert!(!Path::new(&dest).exists());
+        if g.open_unchecked("/sys/kernel", libc::O_PATH, 0).is_ok() {
+            let err = g.append_line("/sys/kernel/uevent_seqnum", "1").unwrap_err();
+            assert!(err.to_string().starts_with("/sys/kernel/uevent_seqnum leads to the helper's /sys"), "{err}");
+        }
+    }
+
+    /// A FIFO is neither waited on nor read or written: opening it would hang the helper.
+    #[test]
+    fn fifos_are_refused_for_data() {
+        let (dir, g) = root();
+        let fifo = CString::new(dir.path().join("etc/fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        for result in [g.read_to_string("/etc/fifo").map(drop), g.write("/etc/fifo", b"x"), g.truncate("/etc/fifo")] {
+            let err = result.unwrap_err();
+            assert!(err.to_string().starts_with("/etc/fifo is not a regular file or directory"), "{err}");
+        }
     }
 
     #[test]

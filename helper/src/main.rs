@@ -28,6 +28,7 @@ mod network;
 mod package_manager;
 mod packages;
 mod prefetch;
+mod pseudo_filesystems;
 mod random_seed;
 mod reporter;
 mod script;
