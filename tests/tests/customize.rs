@@ -682,10 +682,7 @@ fn edit_runs_perl_substitutions_in_the_guest() {
         ],
     );
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    let digest = || {
-        let out = std::process::Command::new("sha256sum").arg(&img).output().unwrap();
-        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
-    };
+    let digest = || fixtures::sha256_hex(&img);
     {
         let m = Mount::partition(&img, 0).unwrap();
         assert_eq!(m.read("/etc/hostname").unwrap(), format!("edited-{hostname}"));
@@ -834,13 +831,6 @@ fn host_keys_are_regenerated_by_the_guests_ssh_keygen() {
     assert!(extra.status.success() && text.contains("ED25519"), "the HostKey of sshd_config: {text}");
 }
 
-/// The sha256 of `path`'s bytes, in hex.
-fn sha256_of(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success(), "sha256sum {}", path.display());
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
-}
-
 /// The operations of the dry-run tests: one path added, removed, changed and made of each kind.
 const DRY_RUN_OPS: [&str; 8] =
     ["--write", "/etc/x:hi", "--delete", "/etc/motd", "--chmod", "0600:/etc/hostname", "--mkdir", "/opt/new"];
@@ -870,13 +860,13 @@ fn dry_run_lists_the_changes_and_leaves_the_disk_unchanged() {
     };
     let owner = |m: &std::fs::Metadata| format!("{}:{}", m.uid(), m.gid());
     assert!(hostname.is_file() && motd.is_file());
-    let before = sha256_of(&img);
+    let before = fixtures::sha256_hex(&img);
     let mut args = vec!["-n"];
     args.extend(DRY_RUN_OPS);
     let out = customize_tcg(&img, &args);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(code(&out), 0, "{stderr}");
-    assert_eq!(sha256_of(&img), before, "a dry run changed the disk");
+    assert_eq!(fixtures::sha256_hex(&img), before, "a dry run changed the disk");
     let mut listed: Vec<&str> = stdout.lines().filter(|l| !tolerated(l)).collect();
     listed.sort_unstable();
     let mut want = vec![
@@ -896,7 +886,7 @@ fn dry_run_lists_the_changes_and_leaves_the_disk_unchanged() {
     args.extend(DRY_RUN_OPS);
     let out = customize_tcg(&img, &args);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(sha256_of(&img), before, "a dry run changed the disk");
+    assert_eq!(fixtures::sha256_hex(&img), before, "a dry run changed the disk");
     let events = progress_schema::events(&String::from_utf8_lossy(&out.stdout));
     let mut changes: Vec<String> = events
         .iter()
@@ -933,7 +923,7 @@ fn dry_run_lists_the_changes_and_leaves_the_disk_unchanged() {
 fn a_crafted_file_name_cannot_forge_a_dry_runs_success() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let before = sha256_of(&img);
+    let before = fixtures::sha256_hex(&img);
     let out =
         customize_tcg(&img, &["-n", "--run-command", r#"touch "$(printf '/x\nSUCCESS')""#, "--run-command", "exit 3"]);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -945,7 +935,7 @@ fn a_crafted_file_name_cannot_forge_a_dry_runs_success() {
         "the change made before the failure, escaped: {stderr}"
     );
     assert!(!stdout.lines().chain(stderr.lines()).any(|l| l.trim() == "SUCCESS"), "{stdout}{stderr}");
-    assert_eq!(sha256_of(&img), before, "a dry run changed the disk");
+    assert_eq!(fixtures::sha256_hex(&img), before, "a dry run changed the disk");
 }
 
 /// Guest links into the helper's /proc, /sys and the guest's /dev, which are mounted in the
@@ -965,7 +955,7 @@ fn operations_never_reach_the_helpers_proc_sys_and_dev() {
         link("/dev/null", "/etc/null-link");
         std::fs::write(m.join("/srv/plain"), "plain\n").unwrap();
     }
-    let before = sha256_of(&img);
+    let before = fixtures::sha256_hex(&img);
     let cases = [
         (["--write", "/etc/sr:c"], "/etc/sr leads to the helper's /proc"),
         (["--truncate", "/etc/comm-link"], "/etc/comm-link leads to the helper's /proc"),
@@ -978,7 +968,7 @@ fn operations_never_reach_the_helpers_proc_sys_and_dev() {
         assert_eq!(code(&out), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(want) && stderr.contains("not to the guest's disk"), "{args:?}: {stderr}");
         assert!(!stderr.contains("Kernel panic") && !stderr.contains("sysrq"), "{args:?}: {stderr}");
-        assert_eq!(sha256_of(&img), before, "{args:?}: a refused operation leaves the disk byte-identical");
+        assert_eq!(fixtures::sha256_hex(&img), before, "{args:?}: a refused operation leaves the disk byte-identical");
     }
     let out = customize_tcg(
         &img,
@@ -1003,7 +993,7 @@ fn edit_of_hostile_files_fails_cleanly() {
         std::fs::File::create(m.join("/srv/huge")).unwrap().set_len(400 << 20).unwrap();
         std::os::unix::fs::symlink("/proc/kcore", m.join("/etc/kcore-link")).unwrap();
     }
-    let digest = || sha256_of(&img);
+    let digest = || fixtures::sha256_hex(&img);
     let before = digest();
     let cases = [
         ("/srv/huge", "line 1 of /srv/huge: a line longer than 16777216 bytes"),

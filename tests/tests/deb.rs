@@ -6,17 +6,10 @@ use imgforge_tests::deb::{self, installed, HELLO_FILE, LIB_FILE};
 use imgforge_tests::fixtures::{self, Shape};
 use imgforge_tests::readback::Mount;
 use imgforge_tests::run::{code, customize_tcg, imgforge, s};
-use std::path::Path;
 use std::process::Command;
 
 const HELLO: &str = "imgforge-test-hello";
 const LIB: &str = "imgforge-test-lib";
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
-}
 
 /// Nothing of the run is left in the guest: apt's scratch lists and caches, the payload's
 /// mount point, the policy-rc.d that kept services from starting, and the payload path in
@@ -70,7 +63,7 @@ fn a_missing_package_fails_and_leaves_the_disk_byte_identical() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
     let repo = deb::hello_and_lib(&work.path().join("repo")).unwrap();
-    let before = sha256(&img);
+    let before = fixtures::sha256_hex(&img);
     let out = customize_tcg(&img, &["--install", &format!("{HELLO},imgforge-no-such-package"), "--repo", &s(&repo)]);
     assert_eq!(code(&out), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -78,7 +71,7 @@ fn a_missing_package_fails_and_leaves_the_disk_byte_identical() {
         stderr.contains("60-InstallPackages") && stderr.contains("Unable to locate package imgforge-no-such-package"),
         "{stderr}"
     );
-    assert_eq!(sha256(&img), before, "the disk changed");
+    assert_eq!(fixtures::sha256_hex(&img), before, "the disk changed");
 }
 
 /// `--install-deb` files in one apt-get transaction (the dependency given after the package
@@ -109,7 +102,7 @@ fn install_deb_files_and_firstboot_install() {
 fn refusals_before_any_vm_boots() {
     let work = tempfile::tempdir().unwrap();
     let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let before = sha256(&img);
+    let before = fixtures::sha256_hex(&img);
     let not_deb = work.path().join("x.deb");
     std::fs::write(&not_deb, b"#!/bin/sh\n").unwrap();
     let debs = deb::hello_and_lib(&work.path().join("debs")).unwrap();
@@ -134,5 +127,5 @@ fn refusals_before_any_vm_boots() {
             assert!(stderr.contains(want), "{args:?}: {stderr}");
         }
     }
-    assert_eq!(sha256(&img), before);
+    assert_eq!(fixtures::sha256_hex(&img), before);
 }

@@ -260,9 +260,7 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside IMAGE_DIR"));
 }
 
-fn sha256(path: &Path) -> String {
-    sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()
-}
+use imgforge_tests::fixtures::sha256_hex as sha256;
 
 /// `img_id=local://NAME` deploys the file NAME of IMAGE_DIR (byte for byte, with every task
 /// excluded), with the checks a plain name gets; `img_id=null` writes nothing (the disk keeps

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn digest(path: &Path) -> String {
-    sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()
-}
+use imgforge_tests::fixtures::sha256_hex as digest;
 
 fn spawn(args: &[&str], tmpdir: &Path) -> Child {
     Command::new(binary())

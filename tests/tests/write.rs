@@ -11,9 +11,7 @@ use std::time::Duration;
 
 mod progress_schema;
 
-fn digest(path: &Path) -> String {
-    sh(Command::new("sha256sum").arg(path)).unwrap().split_whitespace().next().unwrap().to_owned()
-}
+use imgforge_tests::fixtures::sha256_hex as digest;
 
 /// Every way imgforge can be handed the synthetic image: (name, source file).
 fn sources(dir: &Path, raw: &Path) -> Vec<(&'static str, PathBuf)> {
