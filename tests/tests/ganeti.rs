@@ -80,8 +80,16 @@ fn os_definition_files() {
     assert_eq!(std::fs::read_to_string(s.os_dir.join("ganeti_api_version")).unwrap(), "20\n");
     assert_eq!(std::fs::read_to_string(s.os_dir.join("variants.list")).unwrap(), "default\n");
     let params = std::fs::read_to_string(s.os_dir.join("parameters.list")).unwrap();
-    for p in ["img_id", "img_format", "img_passwd", "img_passwd_hash", "img_properties", "img_personality", "auth_keys"]
-    {
+    for p in [
+        "img_id",
+        "img_format",
+        "img_passwd",
+        "img_passwd_hash",
+        "img_properties",
+        "img_personality",
+        "auth_keys",
+        "cloud_userdata",
+    ] {
         assert!(params.lines().any(|l| l.starts_with(&format!("{p} "))), "{p} missing");
     }
     for script in ["create", "import", "export", "rename", "verify"] {
