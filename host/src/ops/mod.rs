@@ -1224,7 +1224,14 @@ mod tests {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
         assert_eq!(
             flags,
-            ["update", "gpgcheck", "selinux-relabel", "no-selinux-relabel", "reset-machine-id", "regenerate-ssh-host-keys"]
+            [
+                "update",
+                "gpgcheck",
+                "selinux-relabel",
+                "no-selinux-relabel",
+                "reset-machine-id",
+                "regenerate-ssh-host-keys"
+            ]
         );
         assert_eq!(operation_options().len(), 39);
         for option in operation_options() {

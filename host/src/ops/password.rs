@@ -371,7 +371,8 @@ mod tests {
     /// The hash a glibc guest checks: what `openssl passwd -1 -salt` gives for its salt.
     #[test]
     fn md5_hashes_verify_against_openssl_for_their_salt() {
-        let hash = PasswordSelector::parse("password:hunter2").unwrap().to_shadow_field(PasswordCrypto::Md5).unwrap().field;
+        let hash =
+            PasswordSelector::parse("password:hunter2").unwrap().to_shadow_field(PasswordCrypto::Md5).unwrap().field;
         let fields: Vec<&str> = hash.split('$').collect();
         assert_eq!((fields.len(), fields[1], fields[2].len(), fields[3].len()), (4, "1", 8, 22), "{hash}");
         assert_eq!(md5_crypt::md5_crypt(b"hunter2", fields[2]), hash);
