@@ -454,3 +454,105 @@ fn create_grows_the_image_into_the_instance_disk() {
         assert_eq!(fs > 1900 << 20, grown, "{name}: the root filesystem has {fs} bytes");
     }
 }
+
+fn base64(data: &str) -> String {
+    sh(Command::new("sh").args(["-c", "printf %s \"$1\" | base64", "sh", data])).unwrap().trim().to_owned()
+}
+
+/// snf-image's `CUSTOM_TASK` runs after the personality with snf-image's task variables,
+/// chrooted into the guest and confined (no disk, no report port, no mknod); a task that fails
+/// fails `create`, naming it.
+#[test]
+fn create_runs_the_custom_task_confined_with_snf_images_variables() {
+    let s = site();
+    let task = r#"#!/bin/sh
+out="$SNF_IMAGE_TARGET/etc/custom-task-ran"
+printf '%s\n' "target=$SNF_IMAGE_TARGET" "hostname=$SNF_IMAGE_HOSTNAME" "users=$SNF_IMAGE_PROPERTY_USERS" \
+    "nics=$SNF_IMAGE_NIC_COUNT $SNF_IMAGE_NIC_0_MAC" "passwd=${SNF_IMAGE_PASSWD:-unset}" > "$out"
+for dev in /dev/vda /dev/ttyS1 /dev/fd0; do [ -e "$dev" ] && echo "reached $dev" >> "$out"; done
+mknod /tmp/x b 254 0 2>/dev/null && echo "made a disk node" >> "$out"
+cat /etc/personality-file >> "$out"
+"#;
+    // base64 wraps at 76 columns: the line breaks are read through, as snf-image's base64 -d does.
+    let encoded = base64(task);
+    assert!(encoded.contains('\n'));
+    let properties = serde_json::json!({"users": "root", "Custom_Task": encoded}).to_string();
+    let personality = r#"[{"path": "/etc/personality-file", "contents": "cGVyc29uYWxpdHkK"}]"#;
+    let disk = s.disk("ct1.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "ct1.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PERSONALITY", personality),
+            ("OSP_IMG_PROPERTIES", &properties),
+            ("NIC_COUNT", "1"),
+            ("NIC_0_MAC", "aa:00:00:77:5e:b1"),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("CUSTOM_TASK"), "CUSTOM_TASK was warned about");
+    let ran = Mount::partition(&disk, 0).unwrap().read("/etc/custom-task-ran").expect("the custom task did not run");
+    assert_eq!(
+        ran,
+        "target=/\nhostname=ct1.example.com\nusers=root\nnics=1 aa:00:00:77:5e:b1\npasswd=unset\npersonality\n"
+    );
+
+    let failing = serde_json::json!({"CUSTOM_TASK": base64("#!/bin/sh\necho custom task says no\nexit 3\n")});
+    let disk = s.disk("ct2.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "ct2"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PROPERTIES", &failing.to_string()),
+        ],
+        None,
+    );
+    assert!(!out.status.success(), "a custom task exiting 3 did not fail create");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("RunCustomTask") && log.contains("status 3"), "{log}");
+}
+
+/// snf-image's `EXCLUDE_MOUNTED_TASKS`: the image grows into the disk (FixPartitionTable,
+/// FilesystemResizeUnmounted) and nothing of the mounted guest changes: no hostname, no
+/// password, no new machine id, no custom task.
+#[test]
+fn exclude_mounted_tasks_grows_the_image_and_customizes_nothing() {
+    let s = site();
+    let image = s.config.parent().unwrap().join("images/debian.img");
+    let before = {
+        let m = Mount::partition(&image, 0).unwrap();
+        (m.read("/etc/hostname").unwrap(), m.read("/etc/shadow").unwrap(), m.read("/etc/machine-id").ok())
+    };
+    let properties = serde_json::json!({
+        "exclude_mounted_tasks": "yes",
+        "CUSTOM_TASK": base64("#!/bin/sh\ntouch /etc/custom-task-ran\n"),
+    });
+    let disk = s.disk("em1.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "em1"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PROPERTIES", &properties.to_string()),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let part = imgforge_tests::readback::partitions(&disk).unwrap()[0];
+    assert_eq!(part.offset + part.size, 2 << 30, "the root partition does not reach the end of the disk");
+    let m = Mount::partition(&disk, 0).unwrap();
+    assert!(df_bytes(m.path()) > 1900 << 20, "the root filesystem was not grown");
+    assert_eq!(
+        (m.read("/etc/hostname").unwrap(), m.read("/etc/shadow").unwrap(), m.read("/etc/machine-id").ok()),
+        before
+    );
+    assert!(m.read("/etc/custom-task-ran").is_err(), "the custom task ran");
+}

@@ -15,7 +15,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWD_HASHING_METHOD (sha512|sha256; md5, sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
+    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, PASSWD_HASHING_METHOD (sha512|sha256; md5, sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
@@ -233,7 +233,7 @@ fn list(text: &str) -> Vec<String> {
 /// standard alphabet with `=` padding, ASCII whitespace anywhere ignored, stray bits in a
 /// group's last character ignored, and more groups allowed after a padded one (concatenated
 /// encodings).
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
+pub(super) fn base64_decode(text: &str) -> Option<Vec<u8>> {
     use base64::engine::general_purpose::{GeneralPurpose, PAD};
     use base64::Engine;
     const STANDARD_LENIENT: GeneralPurpose =
@@ -296,9 +296,7 @@ pub const HELPER_TASKS: &[&str] = &[
 const NOT_HONOURED: &[(&str, &str)] = &[
     ("CLOUD_INIT", "cloud-init configuration instead of edited files"),
     ("NM_NETWORKING", "NetworkManager files for the NICs"),
-    ("DO_SYNC", "resize2fs with fsync"),
     ("ALLOW_MOUNTED_TASK_OVERWRITING", "tasks overwritten from inside the image"),
-    ("EXCLUDE_MOUNTED_TASKS", "only the tasks before the image is mounted"),
 ];
 
 /// snf-image's properties for Windows guests, which imgforge does not customize.
@@ -336,6 +334,9 @@ pub enum Verdict {
 /// with a warning naming it (unknown, or snf-image's but not honoured yet), or refused (SWAP).
 /// Values of honoured properties are checked apart (`parse_properties`).
 pub fn judge_property(name: &str, value: &str) -> Verdict {
+    if let Some(verdict) = super::task_properties::judge(name, value) {
+        return verdict;
+    }
     let invalid_boolean =
         || Verdict::Warn(format!("{}={value:?} is not yes or no: taken as yes, as snf-image does", shown(name)));
     match name {
@@ -350,12 +351,6 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
             return Verdict::Refuse(format!(
                 "SWAP {value:?} (adding a swap partition or disk) is not supported: size the image's own swap instead"
             ))
-        }
-        "CUSTOM_TASK" if value.trim().is_empty() => return Verdict::Honoured,
-        "CUSTOM_TASK" => {
-            return Verdict::Warn(
-                "CUSTOM_TASK (a task run in the helper) is not honoured by imgforge yet: ignored".into(),
-            )
         }
         _ => {}
     }
@@ -476,6 +471,7 @@ pub fn parse_properties(text: &str) -> Result<(BTreeMap<String, String>, Vec<Str
         }
     }
     hashing_method(&properties)?;
+    super::task_properties::custom_task(&properties)?;
     if let Some(f) = properties.get("OSFAMILY") {
         if !f.eq_ignore_ascii_case("linux") {
             return Err(err("img_properties", format!("OSFAMILY {f:?}: imgforge customizes Linux images only")));
@@ -744,6 +740,9 @@ mod tests {
             ("DO_SYNC", "0"),
             ("ALLOW_MOUNTED_TASK_OVERWRITING", "off"),
             ("EXCLUDE_MOUNTED_TASKS", "unset"),
+            ("EXCLUDE_MOUNTED_TASKS", "set"),
+            ("DO_SYNC", "1"),
+            ("CUSTOM_TASK", "IyEvYmluL3NoCg=="),
             ("EXCLUDE_FILESYSTEMRESIZE_TASKS", ""),
             ("IGNORE_UNATTEND", "no"),
         ];
@@ -753,11 +752,9 @@ mod tests {
         let warned = [
             ("CLOUD_INIT", "yes", "not honoured by imgforge yet"),
             ("NM_NETWORKING", "ON", "not honoured by imgforge yet"),
-            ("DO_SYNC", "1", "not honoured by imgforge yet"),
+            ("DO_SYNC", "sometimes", "taken as yes"),
             ("ALLOW_MOUNTED_TASK_OVERWRITING", "yes", "not honoured by imgforge yet"),
-            ("EXCLUDE_MOUNTED_TASKS", "set", "not honoured by imgforge yet"),
-            ("EXCLUDE_MOUNTED_TASKS", "maybe", "not honoured by imgforge yet"),
-            ("CUSTOM_TASK", "IyEvYmluL3NoCg==", "not honoured by imgforge yet"),
+            ("EXCLUDE_MOUNTED_TASKS", "maybe", "taken as yes"),
             ("OFFLINE_NTFSRESIZE", "yes", "Windows"),
             ("OFFLINE_NTFSRESIZE_NOCHECK", "yes", "Windows"),
             ("IGNORE_UNATTEND", "yes", "Windows"),

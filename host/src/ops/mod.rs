@@ -589,7 +589,8 @@ impl Plan {
         Ok(())
     }
 
-    fn payload_file(&mut self, source: &str) -> String {
+    /// Stages the host file `source` for the payload disk: its path there.
+    pub fn payload_file(&mut self, source: &str) -> String {
         self.payload_file_in("files", source)
     }
 
