@@ -33,6 +33,7 @@ mod random_seed;
 mod reporter;
 mod script;
 mod snapshot;
+mod swap;
 mod task_env;
 mod tasks;
 

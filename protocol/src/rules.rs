@@ -95,6 +95,22 @@ pub struct Rules {
     /// overlay.
     #[serde(default)]
     pub dry_run: bool,
+    /// snf-image's `SWAP=<N>:<MB>`: a swap partition at the end of the disk, made by
+    /// FixPartitionTable, which grows the last partition only up to it.
+    #[serde(default)]
+    pub swap: Option<SwapPartition>,
+}
+
+/// A swap partition to add (snf-image's `SWAP=<partition id>:<size>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapPartition {
+    /// Its partition number (`N` of `/dev/vdaN`).
+    pub number: u32,
+    /// Its size in MiB (snf-image's "MB").
+    pub mib: u64,
+    /// The UUID its swap signature carries (and the fstab entry names).
+    pub uuid: String,
 }
 
 impl Rules {
@@ -120,6 +136,7 @@ impl Rules {
             gpgcheck: false,
             verbose: false,
             dry_run: false,
+            swap: None,
         }
     }
 

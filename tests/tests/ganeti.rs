@@ -239,7 +239,8 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
         ("OSP_IMG_ID", "local://nonexistent", "no such image"),
         ("OSP_IMG_PROPERTIES", r#"{"PASSWD_HASHING_METHOD": "blowfish"}"#, "glibc's crypt"),
         ("OSP_IMG_PROPERTIES", r#"{"passwd_hashing_method": "md5"}"#, "md5 crypt is refused"),
-        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#, "SWAP"),
+        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#, "SWAP"),
+        ("OSP_IMG_PROPERTIES", r#"{"custom_task": "rm -rf /"}"#, "CUSTOM_TASK is not base64"),
     ] {
         let mut env = vec![("OSP_IMG_ID", "debian")];
         env.retain(|(k, _)| *k != param);
@@ -555,4 +556,86 @@ fn exclude_mounted_tasks_grows_the_image_and_customizes_nothing() {
         before
     );
     assert!(m.read("/etc/custom-task-ran").is_err(), "the custom task ran");
+}
+
+/// The partition `number` of `disk` as sfdisk lists it: start and size in sectors, type.
+fn sfdisk_partition(disk: &Path, number: u32) -> (u64, u64, String) {
+    let json: serde_json::Value =
+        serde_json::from_str(&sh(Command::new("sfdisk").arg("--json").arg(disk)).unwrap()).unwrap();
+    // sfdisk names the partitions of a file ending in a digit FILEpN.
+    let nodes = [format!("{}{number}", disk.display()), format!("{}p{number}", disk.display())];
+    let p = json["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| nodes.iter().any(|n| p["node"] == n.as_str()))
+        .cloned();
+    let p = p.unwrap_or_else(|| panic!("no partition {number} on {}: {json}", disk.display()));
+    (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap(), p["type"].as_str().unwrap().to_owned())
+}
+
+/// snf-image's `SWAP=<N>:<MB>`: partition N, MB MiB, ending 2048 sectors short of the disk's
+/// end, with a swap signature whose UUID the guest's fstab names; the root partition grows up
+/// to it. On an MBR (primary partition 2, ext4 root) and a GPT (partition 3, XFS root), read
+/// back with sfdisk, blkid and sgdisk.
+#[test]
+fn create_adds_the_swap_partition_snf_image_adds() {
+    let s = site();
+    let images = s.config.parent().unwrap().join("images");
+    sh(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(fixtures::disk(Shape::GptXfsBoot).unwrap())
+        .arg(images.join("gpt.img")))
+    .unwrap();
+    for (name, image, disk_bytes, swap, root, root_index, swap_type) in [
+        ("sw1", "debian", 2u64 << 30, "2:256", 1, 0, "82"),
+        ("sw2", "gpt", 3 << 30, "3:300", 2, 1, "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"),
+    ] {
+        let disk = s.disk(&format!("{name}.disk0"));
+        std::fs::File::options().write(true).open(&disk).unwrap().set_len(disk_bytes).unwrap();
+        let properties = serde_json::json!({"swap": swap}).to_string();
+        let out = s.run(
+            "create",
+            &[
+                ("INSTANCE_NAME", name),
+                ("DISK_0_PATH", disk.to_str().unwrap()),
+                ("OSP_IMG_ID", image),
+                ("OSP_IMG_PROPERTIES", &properties),
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{name}");
+        let (number, mib) = swap.split_once(':').unwrap();
+        let (number, mib): (u32, u64) = (number.parse().unwrap(), mib.parse().unwrap());
+        let (start, size, kind) = sfdisk_partition(&disk, number);
+        let sectors = disk_bytes / 512;
+        assert_eq!(
+            (start + size, size, kind.as_str()),
+            (sectors - 2048, mib * 2048, swap_type),
+            "{name}: the swap partition"
+        );
+        let (root_start, root_size, _) = sfdisk_partition(&disk, root);
+        assert_eq!(root_start + root_size, start, "{name}: the root partition does not reach the swap partition");
+        let probe = |tag: &str| {
+            sh(Command::new("blkid")
+                .args(["-p", "-o", "value", "-s", tag, "-O", &(start * 512).to_string()])
+                .arg(&disk))
+            .unwrap()
+            .trim()
+            .to_owned()
+        };
+        assert_eq!(probe("TYPE"), "swap", "{name}: no swap signature");
+        let uuid = probe("UUID");
+        let m = Mount::partition(&disk, root_index).unwrap();
+        let fstab = m.read("/etc/fstab").unwrap();
+        assert!(fstab.ends_with(&format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0\n")), "{name}: {fstab}");
+        assert!(
+            df_bytes(m.path()) > (disk_bytes - (mib << 20)) - (700 << 20),
+            "{name}: the root filesystem was not grown"
+        );
+        if name == "sw2" {
+            let verify = sh(Command::new("sgdisk").arg("-v").arg(&disk)).unwrap();
+            assert!(verify.contains("No problems found"), "{verify}");
+        }
+    }
 }

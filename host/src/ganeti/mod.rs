@@ -415,6 +415,19 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         add_custom_task(&mut plan, &params, &name, &env, work.path())?;
         plan
     };
+    // snf-image's SWAP: FixPartitionTable makes the partition (whatever else is excluded, as
+    // snf-image's does); AddSwap, a mounted task, adds its fstab entry.
+    if let Some((swap, fstab_line)) = task_properties::swap_partition(&params.properties) {
+        if params.excludes("FixPartitionTable") {
+            let reason = "SWAP needs FixPartitionTable, which makes the partition, and img_properties exclude it";
+            return Err(params::ParamError { param: "img_properties".into(), reason: reason.into() }.into());
+        }
+        if !params.excludes("AddSwap") && !task_properties::mounted_tasks_excluded(&params.properties) {
+            // First of the operations: AddSwap runs first of snf-image's 50* tasks.
+            plan.operations.insert(0, Operation::AppendLine { path: "/etc/fstab".into(), line: fstab_line });
+        }
+        plan.swap = Some(swap);
+    }
     // As snf-image: the image always grows into the instance's disk.
     plan.grow_to_disk = true;
     let vm_settings = settings(&config, &params.properties);

@@ -15,7 +15,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, PASSWD_HASHING_METHOD (sha512|sha256; md5, sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
+    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, SWAP (N:MB, a swap partition at the disk's end), PASSWD_HASHING_METHOD (sha512|sha256; md5, sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
@@ -346,12 +346,6 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
         "EXCLUDE_ALL_TASKS" | "EXCLUDE_FILESYSTEMRESIZE_TASKS" => {
             return yes_no(value).map_or_else(invalid_boolean, |_| Verdict::Honoured)
         }
-        "SWAP" if value.trim().is_empty() => return Verdict::Honoured,
-        "SWAP" => {
-            return Verdict::Refuse(format!(
-                "SWAP {value:?} (adding a swap partition or disk) is not supported: size the image's own swap instead"
-            ))
-        }
         _ => {}
     }
     if let Some(task) = name.strip_prefix("EXCLUDE_TASK_") {
@@ -654,7 +648,9 @@ mod tests {
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": 3.0}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"PASSWORD_HASHING_METHOD": "md5"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#)], "img_properties"),
-            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"swap": "2:0"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"CUSTOM_TASK": "*"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"USERS": "root;rm"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL_RPMS", "../a.rpm")], "install_rpms"),
         ];
@@ -733,6 +729,7 @@ mod tests {
             ("EXCLUDE_TASK_SELINUXRELABEL", "true"),
             ("EXCLUDE_TASK_FILESYSTEMRESIZEAFTERUMOUNT", "no"),
             ("SWAP", ""),
+            ("SWAP", "2:512"),
             ("CUSTOM_TASK", ""),
             // A no for what imgforge never does asks nothing.
             ("CLOUD_INIT", "no"),
@@ -770,7 +767,7 @@ mod tests {
                 other => panic!("{name}={value}: {other:?}"),
             }
         }
-        for value in ["2:512", "5:512", "c"] {
+        for value in ["c", "2:0", "x"] {
             assert!(matches!(judge_property("SWAP", value), Refuse(r) if r.contains("SWAP")), "{value}");
         }
     }

@@ -1,5 +1,5 @@
 //! snf-image's `img_properties` that shape which configuration tasks run and how:
-//! `CUSTOM_TASK`, `EXCLUDE_MOUNTED_TASKS` and `DO_SYNC` — pure functions over the parsed
+//! `SWAP`, `CUSTOM_TASK`, `EXCLUDE_MOUNTED_TASKS` and `DO_SYNC` — pure functions over the parsed
 //! properties (names upper-cased), apart from `params.rs` so that each family of properties
 //! keeps to its own module.
 
@@ -31,6 +31,7 @@ pub const MOUNTED_HELPER_TASKS: &[&str] = &[
 /// `DO_SYNC`, read as snf-image's `check_yes_no` reads them.
 pub fn judge(name: &str, value: &str) -> Option<Verdict> {
     match name {
+        "SWAP" => Some(parse_swap(value).map_or_else(Verdict::Refuse, |_| Verdict::Honoured)),
         "CUSTOM_TASK" => Some(Verdict::Honoured),
         // DO_SYNC asks for resize2fs with fsync: imgforge's resize2fs always syncs (it never
         // runs under eatmydata, as snf-image's does by default), and the helper syncs before it
@@ -41,6 +42,60 @@ pub fn judge(name: &str, value: &str) -> Option<Verdict> {
         )),
         _ => None,
     }
+}
+
+/// snf-image's `SWAP=<partition id>:<size in MB>`: a swap partition of that number and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Swap {
+    /// The partition number.
+    pub number: u32,
+    /// Its size in MiB (snf-image's MB: 2048 sectors of 512 bytes).
+    pub mib: u64,
+}
+
+/// Parses `SWAP` as snf-image's `^(([A-Za-z])|(([1-9][0-9]*):([1-9][0-9]*)))$` reads it:
+/// `None` when empty (no swap); the message refusing what imgforge does not make yet (a whole
+/// disk, `SWAP=<letter>`; an MBR logical partition, 5 and up, is refused by the helper, which
+/// sees the table) or what snf-image refuses too (pure).
+pub fn parse_swap(value: &str) -> Result<Option<Swap>, String> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let number =
+        |t: &str| (t.bytes().all(|b| b.is_ascii_digit()) && !t.starts_with('0')).then(|| t.parse().ok()).flatten();
+    if let Some((n, size)) = value.split_once(':') {
+        if let (Some(n), Some(mib)) = (number(n), number(size)) {
+            let number = u32::try_from(n)
+                .ok()
+                .filter(|n| *n <= 128)
+                .ok_or_else(|| format!("SWAP {value:?}: no disk has a partition {n}"))?;
+            return Ok(Some(Swap { number, mib }));
+        }
+    } else if value.len() == 1 && value.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(format!(
+            "SWAP {value:?} (a whole disk of the instance as swap) is not supported by imgforge yet: give \
+             SWAP=<partition number>:<MB> for a swap partition on the first disk"
+        ));
+    }
+    Err(format!("SWAP property {value:?} is not valid: give <partition number>:<MB> (2:512) or a disk letter"))
+}
+
+/// The swap partition `SWAP` asks for, with a fresh UUID for its signature, and the fstab line
+/// snf-image's AddSwap writes for it (`UUID="..."`, as it copies blkid's output, then
+/// `none swap sw 0 0`, tab-separated).
+pub fn swap_partition(
+    properties: &BTreeMap<String, String>,
+) -> Option<(imgforge_protocol::rules::SwapPartition, String)> {
+    let swap = properties.get("SWAP").and_then(|v| parse_swap(v).ok().flatten())?;
+    let mut bytes = [0u8; 16];
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut bytes);
+    // A random (version 4, RFC 4122 variant) UUID.
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
+    let line = format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0");
+    Some((imgforge_protocol::rules::SwapPartition { number: swap.number, mib: swap.mib, uuid }, line))
 }
 
 /// True if `EXCLUDE_MOUNTED_TASKS` is yes (snf-image's reading: anything but a "no" is yes).
@@ -128,7 +183,7 @@ mod tests {
         }
         assert!(!mounted_tasks_excluded(&props(&[])));
         assert_eq!(judge("CUSTOM_TASK", "anything"), Some(Verdict::Honoured));
-        assert_eq!(judge("SWAP", "2:512"), None, "not this module's");
+        assert_eq!(judge("USERS", "root"), None, "not this module's");
     }
 
     #[test]
@@ -141,6 +196,32 @@ mod tests {
         }
         assert!(got.contains(&"MountRoot".to_owned()) && got.contains(&"FilesystemResizeMounted".to_owned()));
         assert_eq!(with_mounted_tasks(&props(&[("EXCLUDE_MOUNTED_TASKS", "no")]), vec!["x".into()]), ["x"]);
+    }
+
+    /// Every form snf-image's AddSwap takes, and what it refuses.
+    #[test]
+    fn swap_values() {
+        let ok = |number, mib| Ok(Some(Swap { number, mib }));
+        assert_eq!(parse_swap("2:512"), ok(2, 512));
+        assert_eq!(parse_swap("5:1024"), ok(5, 1024));
+        assert_eq!(parse_swap("128:1"), ok(128, 1));
+        assert_eq!(parse_swap(""), Ok(None));
+        for letter in ["b", "C", "z"] {
+            assert!(parse_swap(letter).unwrap_err().contains("whole disk"), "{letter}");
+        }
+        for bad in
+            ["0:512", "2:0", "02:512", "2:0512", "2:", ":512", "2:512:1", "-1:512", "2:5x", "bc", " 2:512", "1", "é"]
+        {
+            assert!(parse_swap(bad).unwrap_err().contains("is not valid"), "{bad}");
+        }
+        assert!(parse_swap("129:512").unwrap_err().contains("no disk has a partition 129"));
+        assert_eq!(judge("SWAP", "2:512"), Some(Verdict::Honoured));
+        assert!(matches!(judge("SWAP", "c"), Some(Verdict::Refuse(_))));
+        let (swap, line) = swap_partition(&props(&[("SWAP", "3:256")])).unwrap();
+        assert_eq!((swap.number, swap.mib, swap.uuid.len()), (3, 256, 36));
+        assert_eq!(line, format!("UUID=\"{}\"\tnone\tswap\tsw\t0\t0", swap.uuid));
+        assert_ne!(swap.uuid, swap_partition(&props(&[("SWAP", "3:256")])).unwrap().0.uuid);
+        assert!(swap_partition(&props(&[])).is_none());
     }
 
     #[test]

@@ -288,6 +288,8 @@ pub struct Plan {
     pub grow_to_disk: bool,
     /// `customize -n`/`--dry-run`: run everything, list what changed, keep none of it.
     pub dry_run: bool,
+    /// A swap partition to add at the end of the disk (Ganeti's `SWAP` property).
+    pub swap: Option<imgforge_protocol::rules::SwapPartition>,
 }
 
 /// The first bytes of every RPM file (the lead).
