@@ -233,7 +233,7 @@ pub fn fix_partition_table(vars: &TaskEnv) -> Result<(), String> {
             let placement = crate::swap::place(table, disk_sectors(&ctx.disk, table), used_end, request)?;
             // The last partition grows up to the swap partition, no further.
             let last_end = table.partitions.iter().find(|p| p.node == container.dev).map_or(used_end, Partition::end);
-            container.gain = placement.start.saturating_sub(last_end);
+            container.gain = placement.limit.saturating_sub(last_end);
             Some(placement)
         }
     };
@@ -252,7 +252,7 @@ pub fn fix_partition_table(vars: &TaskEnv) -> Result<(), String> {
         let table = container.table.as_ref().ok_or("a partition grows without a partition table")?;
         for number in &container.extend {
             let script = match (&placement, table.partitions.iter().find(|p| p.number == *number)) {
-                (Some(swap), Some(p)) => format!(", {}\n", swap.start - p.start),
+                (Some(swap), Some(p)) => format!(", {}\n", swap.limit - p.start),
                 _ => ", +\n".to_owned(),
             };
             // The kernel is told below: sfdisk's re-read fails while LVM holds the partition.

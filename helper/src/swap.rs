@@ -49,10 +49,15 @@ pub fn parse_request(text: &str) -> Result<Option<Request>, String> {
 /// Where the swap partition goes, in sectors of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
-    /// Its first sector; the last partition may grow up to the sector before.
+    /// Its first sector.
     pub start: u64,
     /// Its length.
     pub size: u64,
+    /// The first sector the last partition may not grow into.
+    pub limit: u64,
+    /// For a logical swap partition: the extended partition made for it (its slot, first
+    /// sector and length).
+    pub extended: Option<(u32, u64, u64)>,
 }
 
 /// Places the swap partition as snf-image does: its last sector 1 MiB (2048 sectors of 512
@@ -61,13 +66,24 @@ pub struct Placement {
 /// primary MBR partition's (pure).
 pub fn place(table: &Table, disk_sectors: u64, used_end: u64, request: &Request) -> Result<Placement, String> {
     let n = request.number;
+    let logical = table.label == Label::Dos && n >= 5;
     match table.label {
-        Label::Dos if !(1..=4).contains(&n) => {
+        Label::Dos if n > 4 && n != 5 => {
             return Err(format!(
-                "SWAP partition {n}: imgforge makes the swap partition a primary one (1-4) on an MBR disk; \
-                 logical ones (5 and up) are not supported yet"
+                "SWAP partition {n}: imgforge makes a logical swap partition only as the first one (5) of a \
+                 new extended partition"
             ))
         }
+        Label::Dos
+            if logical
+                && table.partitions.iter().any(|p| p.number > 4 || ["5", "f", "85"].contains(&p.kind.as_str())) =>
+        {
+            return Err(format!(
+                "SWAP partition {n}: the disk already has an extended partition; imgforge makes a logical swap \
+                 partition only in a new one (not supported yet)"
+            ))
+        }
+        Label::Dos if n == 0 => return Err("SWAP partition 0: partitions count from 1".into()),
         Label::Gpt if !(1..=128).contains(&n) => return Err(format!("SWAP partition {n}: a GPT has partitions 1-128")),
         _ => {}
     }
@@ -77,24 +93,40 @@ pub fn place(table: &Table, disk_sectors: u64, used_end: u64, request: &Request)
     let per_mib = (1u64 << 20) / table.sector_size;
     let size = request.mib.checked_mul(per_mib).ok_or("SWAP size is too large")?;
     let last = disk_sectors.saturating_sub(1 + per_mib).min(table.last_usable(disk_sectors));
-    let start = (last + 1).checked_sub(size).filter(|s| *s > used_end).ok_or_else(|| {
-        format!(
-            "not enough space for the swap partition: {} MiB asked, {} MiB free after the last partition",
-            request.mib,
-            (last + 1).saturating_sub(used_end) / per_mib
-        )
-    })?;
-    Ok(Placement { start, size })
+    // A logical partition's extended partition starts 1 MiB before it (its boot record there),
+    // so that the last partition ends where snf-image ends it, 2049 sectors before the swap.
+    let reserve = if logical { per_mib } else { 0 };
+    let start =
+        (last + 1).checked_sub(size).filter(|s| *s >= used_end + reserve && *s > used_end).ok_or_else(|| {
+            format!(
+                "not enough space for the swap partition: {} MiB asked, {} MiB free after the last partition",
+                request.mib,
+                (last + 1).saturating_sub(used_end) / per_mib
+            )
+        })?;
+    let limit = start - reserve;
+    let extended = if logical {
+        let slot = (1..=4).find(|s| !table.partitions.iter().any(|p| p.number == *s));
+        let slot = slot.ok_or("SWAP: the MBR has no free primary slot for the extended partition")?;
+        Some((slot, limit, last + 1 - limit))
+    } else {
+        None
+    };
+    Ok(Placement { start, size, limit, extended })
 }
 
 /// The sfdisk script line that adds the partition to a dump of the table (`sfdisk -d`).
 pub fn sfdisk_line(disk: &str, table: &Table, number: u32, placement: &Placement) -> String {
+    let extended = placement
+        .extended
+        .map(|(slot, start, size)| format!("{disk}{slot} : start={start}, size={size}, type=5\n"))
+        .unwrap_or_default();
     let kind = match table.label {
         Label::Dos => MBR_SWAP_TYPE.to_owned(),
         // snf-image names the GPT partition "swap".
         Label::Gpt => format!("{GPT_SWAP_TYPE}, name=\"swap\""),
     };
-    format!("{disk}{number} : start={}, size={}, type={kind}\n", placement.start, placement.size)
+    format!("{extended}{disk}{number} : start={}, size={}, type={kind}\n", placement.start, placement.size)
 }
 
 /// The first page of a swap area of `bytes` with `uuid` (what mkswap writes, no label; pure).
@@ -162,11 +194,16 @@ mod tests {
         let req = |number, mib| Request { number, mib, uuid: [0; 16] };
         let dos = table(Label::Dos, &[(1, 2048, 2095104)]);
         let p = place(&dos, 8388608, 2097152, &req(2, 512)).unwrap();
-        assert_eq!(p, Placement { start: 8388608 - 2049 - 1048576 + 1, size: 1048576 });
+        assert_eq!(p, Placement { start: 8388608 - 2049 - 1048576 + 1, size: 1048576, limit: 7337984, extended: None });
         let gpt = Table { label: Label::Gpt, ..dos.clone() };
         assert_eq!(place(&gpt, 8388608, 2097152, &req(3, 512)).unwrap(), p);
         for (t, r, want) in [
-            (&dos, req(5, 512), "logical ones"),
+            (&dos, req(6, 512), "first one (5)"),
+            (
+                &table(Label::Dos, &[(1, 2048, 2048), (2, 4096, 9000), (5, 6144, 100)]),
+                req(5, 512),
+                "already has an extended",
+            ),
             (&dos, req(1, 512), "already has a partition 1"),
             (&gpt, req(129, 512), "1-128"),
             (&dos, req(2, 4096), "not enough space"),
@@ -174,6 +211,17 @@ mod tests {
             let e = place(t, 8388608, 2097152, &r).unwrap_err();
             assert!(e.contains(want), "{r:?}: {e}");
         }
+        // Logical: in a new extended partition 1 MiB longer, the root ending 2049 sectors
+        // before the swap partition, as snf-image ends it.
+        let l = place(&dos, 8388608, 2097152, &req(5, 512)).unwrap();
+        assert_eq!(
+            (l.start, l.limit, l.extended),
+            (p.start, p.start - 2048, Some((2, p.start - 2048, 1048576 + 2048)))
+        );
+        assert_eq!(
+            sfdisk_line("/dev/vda", &dos, 5, &l),
+            "/dev/vda2 : start=7335936, size=1050624, type=5\n/dev/vda5 : start=7337984, size=1048576, type=82\n"
+        );
         assert!(sfdisk_line("/dev/vda", &dos, 2, &p).starts_with("/dev/vda2 : start=7337984, size=1048576, type=82"));
         assert!(sfdisk_line("/dev/vda", &gpt, 3, &p).contains(&format!("type={GPT_SWAP_TYPE}, name=\"swap\"")));
     }

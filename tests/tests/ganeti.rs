@@ -590,6 +590,8 @@ fn create_adds_the_swap_partition_snf_image_adds() {
     for (name, image, disk_bytes, swap, root, root_index, swap_type) in [
         ("sw1", "debian", 2u64 << 30, "2:256", 1, 0, "82"),
         ("sw2", "gpt", 3 << 30, "3:300", 2, 1, "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"),
+        // A logical partition: in a new extended partition 2, which starts 1 MiB before it.
+        ("sw3", "debian", 2 << 30, "5:200", 1, 0, "82"),
     ] {
         let disk = s.disk(&format!("{name}.disk0"));
         std::fs::File::options().write(true).open(&disk).unwrap().set_len(disk_bytes).unwrap();
@@ -615,7 +617,13 @@ fn create_adds_the_swap_partition_snf_image_adds() {
             "{name}: the swap partition"
         );
         let (root_start, root_size, _) = sfdisk_partition(&disk, root);
-        assert_eq!(root_start + root_size, start, "{name}: the root partition does not reach the swap partition");
+        let gap = if number >= 5 {
+            assert_eq!(sfdisk_partition(&disk, 2), (start - 2048, size + 2048, "5".to_owned()), "{name}: extended");
+            2048
+        } else {
+            0
+        };
+        assert_eq!(root_start + root_size + gap, start, "{name}: the root partition does not reach the swap partition");
         let probe = |tag: &str| {
             sh(Command::new("blkid")
                 .args(["-p", "-o", "value", "-s", tag, "-O", &(start * 512).to_string()])

@@ -55,8 +55,8 @@ pub struct Swap {
 
 /// Parses `SWAP` as snf-image's `^(([A-Za-z])|(([1-9][0-9]*):([1-9][0-9]*)))$` reads it:
 /// `None` when empty (no swap); the message refusing what imgforge does not make yet (a whole
-/// disk, `SWAP=<letter>`; an MBR logical partition, 5 and up, is refused by the helper, which
-/// sees the table) or what snf-image refuses too (pure).
+/// disk, `SWAP=<letter>`; the helper, which sees the table, refuses the logical partitions it
+/// does not make yet) or what snf-image refuses too (pure).
 pub fn parse_swap(value: &str) -> Result<Option<Swap>, String> {
     if value.is_empty() {
         return Ok(None);
