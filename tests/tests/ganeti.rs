@@ -266,7 +266,8 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
         ("OSP_IMG_ID", "local://nonexistent", "no such image"),
         ("OSP_IMG_PROPERTIES", r#"{"PASSWD_HASHING_METHOD": "blowfish"}"#, "glibc's crypt"),
         ("OSP_IMG_PROPERTIES", r#"{"passwd_hashing_method": "md5"}"#, "md5 crypt is refused"),
-        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#, "SWAP"),
+        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#, "SWAP"),
+        ("OSP_IMG_PROPERTIES", r#"{"custom_task": "rm -rf /"}"#, "CUSTOM_TASK is not base64"),
     ] {
         let mut env = vec![("OSP_IMG_ID", "debian")];
         env.retain(|(k, _)| *k != param);
@@ -631,4 +632,196 @@ fn cloud_init_seed_and_nm_networking() {
     }
     assert_eq!(mode("/etc/NetworkManager/system-connections/imgforge-nic0.nmconnection"), 0o600);
     assert!(!m.join("/etc/systemd/network/50-imgforge-nic0.network").exists());
+}
+
+fn base64(data: &str) -> String {
+    sh(Command::new("sh").args(["-c", "printf %s \"$1\" | base64", "sh", data])).unwrap().trim().to_owned()
+}
+
+/// snf-image's `CUSTOM_TASK` runs after the personality with snf-image's task variables,
+/// chrooted into the guest and confined (no disk, no report port, no mknod); a task that fails
+/// fails `create`, naming it.
+#[test]
+fn create_runs_the_custom_task_confined_with_snf_images_variables() {
+    let s = site();
+    let task = r#"#!/bin/sh
+out="$SNF_IMAGE_TARGET/etc/custom-task-ran"
+printf '%s\n' "target=$SNF_IMAGE_TARGET" "hostname=$SNF_IMAGE_HOSTNAME" "users=$SNF_IMAGE_PROPERTY_USERS" \
+    "nics=$SNF_IMAGE_NIC_COUNT $SNF_IMAGE_NIC_0_MAC" "passwd=${SNF_IMAGE_PASSWD:-unset}" > "$out"
+for dev in /dev/vda /dev/ttyS1 /dev/fd0; do [ -e "$dev" ] && echo "reached $dev" >> "$out"; done
+mknod /tmp/x b 254 0 2>/dev/null && echo "made a disk node" >> "$out"
+cat /etc/personality-file >> "$out"
+"#;
+    // base64 wraps at 76 columns: the line breaks are read through, as snf-image's base64 -d does.
+    let encoded = base64(task);
+    assert!(encoded.contains('\n'));
+    let properties = serde_json::json!({"users": "root", "Custom_Task": encoded}).to_string();
+    let personality = r#"[{"path": "/etc/personality-file", "contents": "cGVyc29uYWxpdHkK"}]"#;
+    let disk = s.disk("ct1.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "ct1.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PERSONALITY", personality),
+            ("OSP_IMG_PROPERTIES", &properties),
+            ("NIC_COUNT", "1"),
+            ("NIC_0_MAC", "aa:00:00:77:5e:b1"),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("CUSTOM_TASK"), "CUSTOM_TASK was warned about");
+    let ran = Mount::partition(&disk, 0).unwrap().read("/etc/custom-task-ran").expect("the custom task did not run");
+    assert_eq!(
+        ran,
+        "target=/\nhostname=ct1.example.com\nusers=root\nnics=1 aa:00:00:77:5e:b1\npasswd=unset\npersonality\n"
+    );
+
+    let failing = serde_json::json!({"CUSTOM_TASK": base64("#!/bin/sh\necho custom task says no\nexit 3\n")});
+    let disk = s.disk("ct2.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "ct2"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PROPERTIES", &failing.to_string()),
+        ],
+        None,
+    );
+    assert!(!out.status.success(), "a custom task exiting 3 did not fail create");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("RunCustomTask") && log.contains("status 3"), "{log}");
+}
+
+/// snf-image's `EXCLUDE_MOUNTED_TASKS`: the image grows into the disk (FixPartitionTable,
+/// FilesystemResizeUnmounted) and nothing of the mounted guest changes: no hostname, no
+/// password, no new machine id, no custom task.
+#[test]
+fn exclude_mounted_tasks_grows_the_image_and_customizes_nothing() {
+    let s = site();
+    let image = s.config.parent().unwrap().join("images/debian.img");
+    let before = {
+        let m = Mount::partition(&image, 0).unwrap();
+        (m.read("/etc/hostname").unwrap(), m.read("/etc/shadow").unwrap(), m.read("/etc/machine-id").ok())
+    };
+    let properties = serde_json::json!({
+        "exclude_mounted_tasks": "yes",
+        "CUSTOM_TASK": base64("#!/bin/sh\ntouch /etc/custom-task-ran\n"),
+    });
+    let disk = s.disk("em1.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "em1"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PROPERTIES", &properties.to_string()),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let part = imgforge_tests::readback::partitions(&disk).unwrap()[0];
+    assert_eq!(part.offset + part.size, 2 << 30, "the root partition does not reach the end of the disk");
+    let m = Mount::partition(&disk, 0).unwrap();
+    assert!(df_bytes(m.path()) > 1900 << 20, "the root filesystem was not grown");
+    assert_eq!(
+        (m.read("/etc/hostname").unwrap(), m.read("/etc/shadow").unwrap(), m.read("/etc/machine-id").ok()),
+        before
+    );
+    assert!(m.read("/etc/custom-task-ran").is_err(), "the custom task ran");
+}
+
+/// The partition `number` of `disk` as sfdisk lists it: start and size in sectors, type.
+fn sfdisk_partition(disk: &Path, number: u32) -> (u64, u64, String) {
+    let json: serde_json::Value =
+        serde_json::from_str(&sh(Command::new("sfdisk").arg("--json").arg(disk)).unwrap()).unwrap();
+    // sfdisk names the partitions of a file ending in a digit FILEpN.
+    let nodes = [format!("{}{number}", disk.display()), format!("{}p{number}", disk.display())];
+    let p = json["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| nodes.iter().any(|n| p["node"] == n.as_str()))
+        .cloned();
+    let p = p.unwrap_or_else(|| panic!("no partition {number} on {}: {json}", disk.display()));
+    (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap(), p["type"].as_str().unwrap().to_owned())
+}
+
+/// snf-image's `SWAP=<N>:<MB>`: partition N, MB MiB, ending 2048 sectors short of the disk's
+/// end, with a swap signature whose UUID the guest's fstab names; the root partition grows up
+/// to it. On an MBR (primary partition 2, ext4 root) and a GPT (partition 3, XFS root), read
+/// back with sfdisk, blkid and sgdisk.
+#[test]
+fn create_adds_the_swap_partition_snf_image_adds() {
+    let s = site();
+    let images = s.config.parent().unwrap().join("images");
+    sh(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(fixtures::disk(Shape::GptXfsBoot).unwrap())
+        .arg(images.join("gpt.img")))
+    .unwrap();
+    for (name, image, disk_bytes, swap, root, root_index, swap_type) in [
+        ("sw1", "debian", 2u64 << 30, "2:256", 1, 0, "82"),
+        ("sw2", "gpt", 3 << 30, "3:300", 2, 1, "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"),
+        // A logical partition: in a new extended partition 2, which starts 1 MiB before it.
+        ("sw3", "debian", 2 << 30, "5:200", 1, 0, "82"),
+    ] {
+        let disk = s.disk(&format!("{name}.disk0"));
+        std::fs::File::options().write(true).open(&disk).unwrap().set_len(disk_bytes).unwrap();
+        let properties = serde_json::json!({"swap": swap}).to_string();
+        let out = s.run(
+            "create",
+            &[
+                ("INSTANCE_NAME", name),
+                ("DISK_0_PATH", disk.to_str().unwrap()),
+                ("OSP_IMG_ID", image),
+                ("OSP_IMG_PROPERTIES", &properties),
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{name}");
+        let (number, mib) = swap.split_once(':').unwrap();
+        let (number, mib): (u32, u64) = (number.parse().unwrap(), mib.parse().unwrap());
+        let (start, size, kind) = sfdisk_partition(&disk, number);
+        let sectors = disk_bytes / 512;
+        assert_eq!(
+            (start + size, size, kind.as_str()),
+            (sectors - 2048, mib * 2048, swap_type),
+            "{name}: the swap partition"
+        );
+        let (root_start, root_size, _) = sfdisk_partition(&disk, root);
+        let gap = if number >= 5 {
+            assert_eq!(sfdisk_partition(&disk, 2), (start - 2048, size + 2048, "5".to_owned()), "{name}: extended");
+            2048
+        } else {
+            0
+        };
+        assert_eq!(root_start + root_size + gap, start, "{name}: the root partition does not reach the swap partition");
+        let probe = |tag: &str| {
+            sh(Command::new("blkid")
+                .args(["-p", "-o", "value", "-s", tag, "-O", &(start * 512).to_string()])
+                .arg(&disk))
+            .unwrap()
+            .trim()
+            .to_owned()
+        };
+        assert_eq!(probe("TYPE"), "swap", "{name}: no swap signature");
+        let uuid = probe("UUID");
+        let m = Mount::partition(&disk, root_index).unwrap();
+        let fstab = m.read("/etc/fstab").unwrap();
+        assert!(fstab.ends_with(&format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0\n")), "{name}: {fstab}");
+        assert!(
+            df_bytes(m.path()) > (disk_bytes - (mib << 20)) - (700 << 20),
+            "{name}: the root filesystem was not grown"
+        );
+        if name == "sw2" {
+            let verify = sh(Command::new("sgdisk").arg("-v").arg(&disk)).unwrap();
+            assert!(verify.contains("No problems found"), "{verify}");
+        }
+    }
 }

@@ -6,6 +6,7 @@ pub mod cloud_init;
 pub mod config;
 pub mod nics;
 pub mod params;
+pub mod task_properties;
 
 use crate::job::{self, VmSettings};
 use crate::ops::Plan;
@@ -259,7 +260,7 @@ fn settings(config: &Config, properties: &BTreeMap<String, String>) -> VmSetting
         memory_mib: config.helper_memory,
         vcpus: job::HELPER_VCPUS,
         helper_user: config.helper_user.clone(),
-        excluded_tasks: params::excluded_helper_tasks(properties),
+        excluded_tasks: task_properties::with_mounted_tasks(properties, params::excluded_helper_tasks(properties)),
         show_console: true,
         trace_tasks: false,
         qemu: PathBuf::from("qemu-system-x86_64"),
@@ -364,6 +365,28 @@ fn stage(work: &Path, name: &str, guest_path: &str, data: &[u8]) -> Result<PathB
     Ok(local)
 }
 
+/// snf-image's RunCustomTask: `CUSTOM_TASK`'s program, staged for the payload disk and run last
+/// of the operations (after the personality, as snf-image runs it), chrooted into the guest and
+/// confined, with snf-image's task variables.
+fn add_custom_task(
+    plan: &mut Plan,
+    params: &Params,
+    hostname: &str,
+    env: &BTreeMap<String, String>,
+    work: &Path,
+) -> Result<(), GanetiError> {
+    let name = task_properties::CUSTOM_TASK_NAME;
+    let Some(program) = task_properties::custom_task(&params.properties)? else { return Ok(()) };
+    if params.excludes(name) {
+        return Ok(());
+    }
+    let local = stage(work, "custom-task", "CUSTOM_TASK", &program)?;
+    let payload_path = plan.payload_file(&local.to_string_lossy());
+    let env = task_properties::task_env(&params.properties, hostname, params.passwd_hash.as_deref(), env);
+    plan.operations.push(Operation::RunTask { payload_path, name: name.into(), env });
+    Ok(())
+}
+
 /// The progress sink: `PROGRESS_MONITOR` fed JSON on stdin, or nothing.
 fn progress(config: &Config) -> Result<(std::sync::Arc<dyn Progress>, Option<std::process::Child>), GanetiError> {
     if config.progress_monitor.is_empty() {
@@ -403,7 +426,30 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     };
     let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = nics::nics(&env, &config.nics)?;
-    let mut plan = plan(&params, &config, &name, nics, work.path())?;
+    let mut plan = if task_properties::mounted_tasks_excluded(&params.properties) {
+        // snf-image's EXCLUDE_MOUNTED_TASKS: only the tasks before the guest is mounted run.
+        crate::stdio::err_line(
+            "imgforge: img_properties: EXCLUDE_MOUNTED_TASKS: only FixPartitionTable and FilesystemResizeUnmounted run",
+        );
+        Plan::default()
+    } else {
+        let mut plan = plan(&params, &config, &name, nics, work.path())?;
+        add_custom_task(&mut plan, &params, &name, &env, work.path())?;
+        plan
+    };
+    // snf-image's SWAP: FixPartitionTable makes the partition (whatever else is excluded, as
+    // snf-image's does); AddSwap, a mounted task, adds its fstab entry.
+    if let Some((swap, fstab_line)) = task_properties::swap_partition(&params.properties) {
+        if params.excludes("FixPartitionTable") {
+            let reason = "SWAP needs FixPartitionTable, which makes the partition, and img_properties exclude it";
+            return Err(params::ParamError { param: "img_properties".into(), reason: reason.into() }.into());
+        }
+        if !params.excludes("AddSwap") && !task_properties::mounted_tasks_excluded(&params.properties) {
+            // First of the operations: AddSwap runs first of snf-image's 50* tasks.
+            plan.operations.insert(0, Operation::AppendLine { path: "/etc/fstab".into(), line: fstab_line });
+        }
+        plan.swap = Some(swap);
+    }
     // As snf-image: the image always grows into the instance's disk.
     plan.grow_to_disk = true;
     let vm_settings = settings(&config, &params.properties);
