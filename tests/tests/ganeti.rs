@@ -825,3 +825,274 @@ fn create_adds_the_swap_partition_snf_image_adds() {
         }
     }
 }
+
+/// A small raw "image" of `len` bytes that differ from block to block (no VM reads it: the
+/// tests that deploy it exclude every task).
+fn small_image(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn hex_digest(data: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d");
+    std::fs::write(&p, data).unwrap();
+    sha256(&p)
+}
+
+/// Whether `disk` starts with `image`.
+fn holds(disk: &Path, image: &[u8]) -> bool {
+    crafted::head(disk, image.len()) == image
+}
+
+const NO_TASKS: &str = r#"{"EXCLUDE_ALL_TASKS": "yes"}"#;
+
+/// An http image is checked against `img_sha256`, or else the `.sha256` beside it, before
+/// anything is written: a wrong digest (either way) or a `.sha256` that is not one fails the
+/// create naming the URL and both digests, the disk byte-identical; a right one deploys; an
+/// image without `.sha256` deploys unchecked, saying so; `img_sha256=none` fetches none.
+/// A local image is checked against `img_sha256` too.
+#[test]
+fn url_images_are_checked_before_the_disk_is_written() {
+    let s = site();
+    let image = small_image(24 << 20);
+    let right = hex_digest(&image);
+    let wrong = hex_digest(b"another image");
+    let files = vec![
+        ("/img/good.raw".to_string(), image.clone()),
+        ("/img/good.raw.sha256".to_string(), format!("{wrong}  other.raw\n{right}  good.raw\n").into_bytes()),
+        ("/img/bad.raw".to_string(), image.clone()),
+        ("/img/bad.raw.sha256".to_string(), format!("{wrong} *bad.raw\n").into_bytes()),
+        ("/img/plain.raw".to_string(), image.clone()),
+        ("/img/html.raw".to_string(), image.clone()),
+        ("/img/html.raw.sha256".to_string(), b"<html>not found</html>\n".to_vec()),
+    ];
+    let (base, requests) = imgforge_tests::http::serve_files(files);
+    std::fs::write(s.config.parent().unwrap().join("images/small.raw"), &image).unwrap();
+    let create = |id: &str, sha: Option<&str>, disk: &Path| {
+        let mut env = vec![
+            ("INSTANCE_NAME", "sum.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", id),
+            ("OSP_IMG_FORMAT", "diskdump"),
+            ("OSP_IMG_PROPERTIES", NO_TASKS),
+        ];
+        if let Some(sha) = sha {
+            env.push(("OSP_IMG_SHA256", sha));
+        }
+        let out = s.run("create", &env, None);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // Refused: the disk keeps every byte (a disk of 0xff, larger than the image).
+    let disk = crafted::filled_file(&s.disks.join("sum.disk0"), 64 << 20);
+    let before = sha256(&disk);
+    let bad_url = format!("{base}/img/bad.raw");
+    let good_url = format!("{base}/img/good.raw");
+    for (id, sha, want) in [
+        (bad_url.as_str(), None, vec![bad_url.clone(), wrong.clone(), right.clone()]),
+        (good_url.as_str(), Some(wrong.as_str()), vec![good_url.clone(), wrong.clone(), right.clone()]),
+        ("small.raw", Some(wrong.as_str()), vec!["small.raw".into(), wrong.clone(), right.clone()]),
+        (
+            &format!("{base}/img/html.raw"),
+            None,
+            vec![format!("{base}/img/html.raw.sha256"), "line 1 is not".into(), "img_sha256".into()],
+        ),
+        (good_url.as_str(), Some("12345"), vec!["img_sha256".into()]),
+    ] {
+        let (code, log) = create(id, sha, &disk);
+        assert_ne!(code, Some(0), "{id} with {sha:?} deployed");
+        for w in want {
+            assert!(log.contains(&w), "{id} with {sha:?}: {w:?} missing from the log: {log}");
+        }
+        assert_eq!(sha256(&disk), before, "{id} with {sha:?} touched the disk");
+    }
+
+    // Accepted.
+    for (name, id, sha, said) in [
+        ("sidecar", good_url.clone(), None, format!("SHA-256 {right} ({base}/img/good.raw.sha256)")),
+        ("given", good_url.clone(), Some(right.to_ascii_uppercase()), format!("SHA-256 {right} (img_sha256)")),
+        ("local", "small.raw".to_string(), Some(right.clone()), "(img_sha256)".to_string()),
+        ("none", bad_url.clone(), Some("none".to_string()), "deploying".to_string()),
+        ("unchecked", format!("{base}/img/plain.raw"), None, "the image is not checked".to_string()),
+    ] {
+        let disk = crafted::filled_file(&s.disks.join(format!("{name}.disk0")), 64 << 20);
+        let (code, log) = create(&id, sha.as_deref(), &disk);
+        assert_eq!(code, Some(0), "{name}: {log}");
+        assert!(log.contains(&said), "{name}: {said:?} missing from the log: {log}");
+        assert!(holds(&disk, &image), "{name}: the disk does not hold the image");
+    }
+    let asked = requests.lock().unwrap().clone();
+    assert_eq!(
+        asked.iter().filter(|l| l.contains("/img/bad.raw.sha256")).count(),
+        1,
+        "img_sha256=none fetched the .sha256 (or the refusal did not): {asked:?}"
+    );
+}
+
+/// `config_url` (file:// and http://) replaces Ganeti's parameters with its own, as
+/// snf-image's: here `img_id`, so the disk shows which image was deployed; a bad document
+/// fails naming config_url, the disk untouched; verify takes config_url without img_id.
+#[test]
+fn config_url_parameters_replace_ganetis() {
+    let s = site();
+    let images = s.config.parent().unwrap().join("images");
+    let (one, two) = (small_image(3 << 20), small_image(5 << 20)[1 << 20..].to_vec());
+    std::fs::write(images.join("one.raw"), &one).unwrap();
+    std::fs::write(images.join("two.raw"), &two).unwrap();
+    let doc = format!(r#"{{"IMG_ID": "two.raw", "img_properties": {NO_TASKS}, "frobnicate": "1"}}"#);
+    let file = s.config.parent().unwrap().join("config.json");
+    std::fs::write(&file, &doc).unwrap();
+    let (base, _) = imgforge_tests::http::serve_files(vec![
+        ("/c.json".into(), doc.into_bytes()),
+        ("/broken.json".into(), br#"{"img_id": 2}"#.to_vec()),
+    ]);
+    let create = |url: &str, disk: &Path| {
+        let out = s.run(
+            "create",
+            &[
+                ("INSTANCE_NAME", "cfg.example.com"),
+                ("DISK_0_PATH", disk.to_str().unwrap()),
+                ("OSP_IMG_ID", "one.raw"),
+                ("OSP_IMG_FORMAT", "diskdump"),
+                ("OSP_IMG_PROPERTIES", r#"{"EXCLUDE_TASK_AssignHostname": "yes"}"#),
+                ("OSP_CONFIG_URL", url),
+            ],
+            None,
+        );
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (name, url) in [("file", format!("file://{}", file.display())), ("http", format!("{base}/c.json"))] {
+        let disk = crafted::filled_file(&s.disks.join(format!("{name}.disk0")), 16 << 20);
+        let (code, log) = create(&url, &disk);
+        assert_eq!(code, Some(0), "{name}: {log}");
+        assert!(holds(&disk, &two), "{name}: config_url's img_id did not replace Ganeti's");
+        assert!(log.contains("config_url: unknown parameter \"frobnicate\" ignored"), "{name}: {log}");
+    }
+    let disk = crafted::filled_file(&s.disks.join("bad.disk0"), 16 << 20);
+    let before = sha256(&disk);
+    for (url, want) in [
+        (format!("{base}/broken.json"), "img_id must be a string"),
+        (format!("{base}/missing.json"), "404"),
+        ("file:///nonexistent/c.json".into(), "No such file"),
+        ("ftp://h/c.json".into(), "not a URL imgforge fetches"),
+    ] {
+        let (code, log) = create(&url, &disk);
+        assert_eq!(code, Some(2), "{url}: {log}");
+        assert!(log.contains("config_url") && log.contains(want), "{url}: {log}");
+        assert_eq!(sha256(&disk), before, "{url} touched the disk");
+    }
+    assert!(s.run("verify", &[("OSP_CONFIG_URL", &format!("{base}/c.json"))], None).status.success());
+    assert!(!s.run("verify", &[("OSP_CONFIG_URL", "gopher://h/c")], None).status.success());
+}
+
+/// An OS variant's `NAME.conf` (read, never executed) gives parameter defaults under Ganeti's
+/// and settings over `/etc/default/imgforge`'s; `install-os` lists it in `variants.list`; a
+/// variant without its file, or with a bad line, fails naming the file (and line).
+#[test]
+fn os_variants_from_their_conf_files() {
+    let s = site();
+    let root = s.config.parent().unwrap().to_owned();
+    let variants = root.join("variants");
+    let other_images = root.join("other-images");
+    std::fs::create_dir_all(&variants).unwrap();
+    std::fs::create_dir_all(&other_images).unwrap();
+    let image = small_image(2 << 20);
+    std::fs::write(other_images.join("web.raw"), &image).unwrap();
+    let mark = root.join("executed");
+    std::fs::write(
+        variants.join("web.conf"),
+        format!(
+            "# the web variant\nIMAGE_DIR={}\nIMG_ID=web.raw\nIMG_FORMAT=diskdump\nIMG_PROPERTIES='{NO_TASKS}'\nSTRAY=1\n",
+            other_images.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(variants.join("evil.conf"), format!("IMG_ID=\"$(touch {})\"\n", mark.display())).unwrap();
+    let mut config = std::fs::read_to_string(&s.config).unwrap();
+    config.push_str(&format!("VARIANTS_DIR={}\n", variants.display()));
+    std::fs::write(&s.config, config).unwrap();
+    let out = Command::new(binary())
+        .args(["ganeti", "install-os", "--os-dir"])
+        .arg(s.os_dir.parent().unwrap())
+        .env("IMGFORGE_GANETI_CONFIG", &s.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(s.os_dir.join("variants.list")).unwrap(), "default\nevil\nweb\n");
+
+    let run = |variant: &str, disk: &Path, env: &[(&str, &str)]| {
+        let mut all = vec![("INSTANCE_NAME", "v.example.com"), ("DISK_0_PATH", disk.to_str().unwrap())];
+        all.extend_from_slice(env);
+        all.push(("OS_VARIANT", variant));
+        let out = s.run("create", &all, None);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let disk = crafted::filled_file(&s.disks.join("web.disk0"), 8 << 20);
+    let (code, log) = run("web", &disk, &[]);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(holds(&disk, &image), "the variant's IMG_ID (from its IMAGE_DIR) was not deployed");
+    assert!(log.contains("web.conf: line 6: unknown setting STRAY ignored"), "{log}");
+    // Ganeti's parameter wins over the variant's default: debian is not in the variant's
+    // IMAGE_DIR, so this fails naming it there.
+    let (code, log) = run("web", &disk, &[("OSP_IMG_ID", "debian")]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains(&format!("no such image in IMAGE_DIR {}", other_images.display())), "{log}");
+
+    let before = sha256(&disk);
+    for (variant, want) in [
+        ("evil", "evil.conf: line 1: IMG_ID: expansions ($, `) are not evaluated".to_string()),
+        ("gone", format!("no configuration file {}", variants.join("gone.conf").display())),
+        ("../web", "is not a variant name".to_string()),
+    ] {
+        let (code, log) = run(variant, &disk, &[("OSP_IMG_ID", "debian")]);
+        assert_eq!(code, Some(2), "{variant}: {log}");
+        assert!(log.contains(&want), "{variant}: {log}");
+        assert_eq!(sha256(&disk), before, "{variant} touched the disk");
+    }
+    assert!(!mark.exists(), "a variant's file was executed");
+    assert!(!s.run("verify", &[("OS_VARIANT", "gone"), ("OSP_IMG_ID", "debian")], None).status.success());
+}
+
+/// Through the helper VM: `config_url`'s `img_passwd` and `inst_properties`' `USERS` over
+/// `img_properties`' (alice's password set, root's left), snf-image's way.
+#[test]
+fn config_url_and_inst_properties_reach_the_guest() {
+    let s = site();
+    let doc = r#"{"img_passwd": "Config-Url-Pw-1", "inst_properties": "{\"users\": \"alice\"}"}"#;
+    let (base, _) = imgforge_tests::http::serve_files(vec![("/c.json".into(), doc.as_bytes().to_vec())]);
+    let disk = s.disk("inst.disk0");
+    let root_before = {
+        let image = s.config.parent().unwrap().join("images/debian.img");
+        shadow_field(&Mount::partition(&image, 0).unwrap().read("/etc/shadow").unwrap(), "root").unwrap()
+    };
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "inst.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_FORMAT", "diskdump"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PROPERTIES", r#"{"USERS": "root"}"#),
+            ("OSP_CONFIG_URL", &format!("{base}/c.json")),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let m = Mount::partition(&disk, 0).unwrap();
+    let shadow = m.read("/etc/shadow").unwrap();
+    assert!(
+        password_matches("Config-Url-Pw-1", &shadow_field(&shadow, "alice").unwrap()),
+        "alice's password is not config_url's"
+    );
+    assert_eq!(shadow_field(&shadow, "root").unwrap(), root_before, "inst_properties' USERS did not replace root");
+    assert_eq!(m.read("/etc/hostname").unwrap(), "inst.example.com\n");
+}

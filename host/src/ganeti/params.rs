@@ -13,10 +13,13 @@ use thiserror::Error;
 pub const PARAMETERS: &[(&str, &str)] = &[
     ("img_id", "Image to deploy: NAME or local://NAME (a file in IMAGE_DIR, also tried with .raw, .img, .qcow2, .diskdump), an http(s):// URL, or null (nothing written, nothing customized); other schemes (file://, pithos://, ftp://) are refused"),
     ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
+    ("img_sha256", "SHA-256 of the image file as fetched or stored (64 hex digits), checked before anything is written to the disk; without it an http(s) image is checked against IMAGE_URL.sha256 when the server has one (sha256sum's format); none: no check"),
+    ("config_url", "http(s):// or file:/// URL of a JSON object of OS parameters (at most 1 MiB), fetched at create; its values replace those given here, as snf-image's"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
     ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, SWAP (N:MB, a swap partition at the disk's end), PASSWD_HASHING_METHOD (sha512|sha256|md5; sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
+    ("inst_properties", "JSON object of properties as img_properties, each replacing img_properties' of the same name (snf-image's instance properties)"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
     ("repo", "A package repository directory in IMAGE_DIR, for install: yum/dnf (repodata/), apt (Packages at its top, or dists/), or a directory of .deb files"),
@@ -206,7 +209,7 @@ fn shown(name: &str) -> Cow<'_, str> {
 
 /// A JSON object's members in the order written, a repeated name kept each time (serde_json's
 /// own map keeps only the last, so `{"USERS": "a", "USERS": "b"}` would silently be `b`).
-struct Members(Vec<(String, serde_json::Value)>);
+pub(crate) struct Members(pub(crate) Vec<(String, serde_json::Value)>);
 
 impl<'de> Deserialize<'de> for Members {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -478,6 +481,27 @@ pub fn parse_properties(text: &str) -> Result<(BTreeMap<String, String>, Vec<Str
     Ok((properties, warnings))
 }
 
+/// `img_properties` with `inst_properties` over it, name by name, as snf-image's helper
+/// reads the second after the first; each is checked as `img_properties` is, its errors and
+/// warnings naming it.
+pub fn merged_properties(
+    img: Option<&str>,
+    inst: Option<&str>,
+) -> Result<(BTreeMap<String, String>, Vec<String>), ParamError> {
+    let (mut properties, mut warnings) = match img.filter(|t| !t.trim().is_empty()) {
+        Some(text) => parse_properties(text)?,
+        None => (BTreeMap::new(), Vec::new()),
+    };
+    if let Some(text) = inst.filter(|t| !t.trim().is_empty()) {
+        let (inst, inst_warnings) =
+            parse_properties(text).map_err(|e| ParamError { param: "inst_properties".into(), ..e })?;
+        warnings.extend(inst_warnings.into_iter().map(|w| w.replacen("img_properties: ", "inst_properties: ", 1)));
+        properties.extend(inst);
+        hashing_method(&properties).map_err(|e| ParamError { param: "inst_properties".into(), ..e })?;
+    }
+    Ok((properties, warnings))
+}
+
 /// True if `properties` exclude the task `name` (or all tasks): snf-image's
 /// `EXCLUDE_TASK_<Name>` and `EXCLUDE_ALL_TASKS`, read as snf-image reads a boolean.
 pub fn excluded(properties: &BTreeMap<String, String>, name: &str) -> bool {
@@ -518,10 +542,8 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
             return Err(err("img_passwd_hash", "give img_passwd or img_passwd_hash, not both"));
         }
     }
-    let (properties, warnings) = match get("img_properties") {
-        Some(text) => parse_properties(&text)?,
-        None => (BTreeMap::new(), Vec::new()),
-    };
+    let (properties, warnings) =
+        merged_properties(get("img_properties").as_deref(), get("inst_properties").as_deref())?;
     let password_crypto = hashing_method(&properties)?;
     let mut personality = Vec::new();
     if let Some(text) = get("img_personality") {
