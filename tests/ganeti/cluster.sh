@@ -2,13 +2,17 @@
 # A single-node Ganeti cluster (fake hypervisor, file disks) in namespaces of its own: private
 # hostname, private /etc/hosts, a documentation-range address on the namespace's loopback, all
 # Ganeti state on tmpfs. Run as:
-#   unshare --net --uts --mount --pid --fork --mount-proc cluster.sh IMGFORGE IMAGE_DIR OUT KEY
+#   unshare --net --uts --mount --pid --fork --mount-proc cluster.sh IMGFORGE IMAGE_DIR OUT KEY [DEB]
 # The disks and OS logs it produces are copied to OUT for the test to read back.
+# With DEB (imgforge's package), the OS definition and /usr/bin/imgforge are the package's
+# (unpacked with dpkg-deb -x, /usr/bin overlaid for this namespace only): gnt-os diagnose
+# must find the OS valid and an instance with img_id=null be added; nothing else runs.
 set -eu
 IMGFORGE=$1
 IMAGES=$2
 OUT=$3
 KEY=$4
+DEB=${5:-}
 hostname node1.imgforge.test
 ip link set lo up
 ip addr add 192.0.2.10/32 dev lo

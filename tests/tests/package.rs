@@ -96,6 +96,8 @@ fn the_package_installs_runs_and_purges_without_a_trace() {
     std::fs::create_dir_all(root.join("var/lib/dpkg/info")).unwrap();
     std::fs::create_dir_all(root.join("var/lib/dpkg/updates")).unwrap();
     std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    // /var/cache is the system's: the helper image cache goes in it.
+    std::fs::create_dir_all(root.join("var/cache")).unwrap();
     let empty = tree(root);
     dpkg(root, &["--force-depends", "--install", deb.to_str().unwrap()]);
     let installed = tree(root);

@@ -171,7 +171,8 @@ fn with_aliases(mut cmd: clap::Command) -> clap::Command {
                 return arg;
             }
             let text = arg.get_long_help().or(arg.get_help()).map(|t| t.to_string()).unwrap_or_default();
-            arg.long_help(format!("{text} [aliases: {}]", aliases.join(", ")))
+            let label = if aliases.len() == 1 { "alias" } else { "aliases" };
+            arg.long_help(format!("{text} [{label}: {}]", aliases.join(", ")))
         });
     }
     cmd
@@ -292,8 +293,8 @@ mod tests {
             );
         }
         assert!(customize.contains("\\-\\-hostname"), "the options are clap's");
-        assert!(customize.contains("[aliases: \\-\\-memsize]"), "aliases as --help shows them");
-        assert!(customize.contains("[aliases: \\-\\-colours]"), "global options too");
+        assert!(customize.contains("[alias: \\-\\-memsize]"), "aliases as --help shows them");
+        assert!(customize.contains("[alias: \\-\\-colours]"), "global options too");
         assert!(customize.contains("\\-\\-root\\-password password:s3cret"), "the README's example");
         let write = std::fs::read_to_string(dir.path().join("imgforge-write.1")).unwrap();
         assert!(!write.contains("s3cret"), "examples are the page's own");
