@@ -141,9 +141,14 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
         }
         Operation::ResetMachineId => crate::identity::reset_machine_id(guest),
         Operation::RegenerateSshHostKeys => crate::identity::regenerate_ssh_host_keys(guest),
-        Operation::Network { nics } => {
-            let stack = crate::network::apply(guest, nics)?;
+        Operation::Network { nics, network_manager } => {
+            let stack = crate::network::apply(guest, nics, *network_manager)?;
             println!("network: {} NIC(s) configured for {stack:?}", nics.len());
+            Ok(())
+        }
+        Operation::CloudInit { seed } => {
+            let n = crate::cloud_init::apply(guest, seed)?;
+            println!("cloud-init: NoCloud seed and {n} file(s) written");
             Ok(())
         }
         Operation::FirstbootInstall { packages } => {

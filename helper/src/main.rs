@@ -11,6 +11,7 @@
 mod accounts;
 mod apt;
 mod changes;
+mod cloud_init;
 mod confinement;
 mod copy;
 mod customize;

@@ -396,6 +396,15 @@ pub enum Operation {
     Network {
         /// The interfaces, in Ganeti's order.
         nics: Vec<Nic>,
+        /// NetworkManager keyfiles whatever the guest's own stack (snf-image's `NM_NETWORKING`).
+        #[serde(default)]
+        network_manager: bool,
+    },
+    /// snf-image's `CLOUD_INIT`: a NoCloud seed and `cloud.cfg.d` snippets that cloud-init
+    /// applies at first boot, instead of the guest's files edited now.
+    CloudInit {
+        /// What goes into the seed and the snippets.
+        seed: CloudInitSeed,
     },
 }
 
@@ -425,10 +434,59 @@ impl std::fmt::Display for Principal {
 pub struct Nic {
     /// MAC address (how the guest's interface is recognized).
     pub mac: String,
-    /// Static IPv4 `address/prefix`; DHCP when absent.
+    /// Static IPv4 `address/prefix`.
     pub ipv4: Option<String>,
     /// IPv4 gateway for a static address.
     pub gateway4: Option<String>,
+    /// IPv4 by DHCP (when `ipv4` is absent); neither: no IPv4 configured, as snf-image.
+    #[serde(default)]
+    pub dhcp4: bool,
+    /// How IPv6 is configured.
+    #[serde(default)]
+    pub ipv6: Ipv6Mode,
+}
+
+/// IPv6 on a NIC, as snf-image decides it from the network's gateway6 and tags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ipv6Mode {
+    /// Not configured (the network has no IPv6 gateway).
+    #[default]
+    None,
+    /// Stateless autoconfiguration (router advertisements), EUI-64 addresses.
+    Slaac,
+    /// SLAAC for the address, stateless DHCPv6 for the rest (snf-image's `slaac_dhcp`).
+    SlaacDhcp,
+    /// Stateful DHCPv6.
+    Dhcp,
+}
+
+/// A user's password for cloud-init's `chpasswd`, as a crypt(3) hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserPassword {
+    /// The user.
+    pub user: String,
+    /// The crypt(3) hash.
+    pub hash: String,
+}
+
+/// What snf-image's tasks give cloud-init when `CLOUD_INIT` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitSeed {
+    /// The seed's `instance-id` (the instance name, as snf-image).
+    pub instance_id: String,
+    /// The seed's `local-hostname` (AssignHostname).
+    pub hostname: Option<String>,
+    /// `chpasswd` entries, with `ssh_pwauth: True` (ChangePassword).
+    pub passwords: Vec<UserPassword>,
+    /// The seed's `public-keys` (ChangePassword with auth_keys).
+    pub public_keys: Vec<String>,
+    /// `ssh_deletekeys: true` (DeleteSSHKeys).
+    pub delete_ssh_keys: bool,
+    /// `network: {config: disabled}`: the network is configured in the guest's own files.
+    pub network_disabled: bool,
 }
 
 impl Operation {
@@ -464,6 +522,7 @@ impl Operation {
             Operation::ResetMachineId => "--reset-machine-id",
             Operation::RegenerateSshHostKeys => "--regenerate-ssh-host-keys",
             Operation::Network { .. } => "network (Ganeti NICs)",
+            Operation::CloudInit { .. } => "cloud-init seed (Ganeti CLOUD_INIT)",
         }
     }
 
@@ -498,7 +557,8 @@ impl Operation {
             // The expression may hold what the file should not show in logs (a password line).
             Operation::Edit { path, .. } => format!("--edit {path}"),
             Operation::ResetMachineId | Operation::RegenerateSshHostKeys => self.option_name().to_owned(),
-            Operation::Network { nics } => format!("network configuration of {} NIC(s)", nics.len()),
+            Operation::Network { nics, .. } => format!("network configuration of {} NIC(s)", nics.len()),
+            Operation::CloudInit { .. } => self.option_name().to_owned(),
         }
     }
 }

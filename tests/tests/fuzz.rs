@@ -788,7 +788,7 @@ fn report_lines() {
 // ---- rules ----------------------------------------------------------------------------------
 
 fn rules_corpus() -> Vec<Vec<u8>> {
-    use imgforge_protocol::rules::{Nic, Operation, Rules};
+    use imgforge_protocol::rules::{Ipv6Mode, Nic, Operation, Rules};
     let mut full = Rules::new();
     full.operations = vec![
         Operation::Hostname { name: "web1".into() },
@@ -805,7 +805,14 @@ fn rules_corpus() -> Vec<Vec<u8>> {
         Operation::Chmod { mode: 0o600, path: "/etc/x".into() },
         Operation::RunCommand { command: "echo 'a b' > /tmp/x".into() },
         Operation::Network {
-            nics: vec![Nic { mac: "aa:00:00:77:5e:a9".into(), ipv4: Some("192.0.2.10/24".into()), gateway4: None }],
+            nics: vec![Nic {
+                mac: "aa:00:00:77:5e:a9".into(),
+                ipv4: Some("192.0.2.10/24".into()),
+                gateway4: None,
+                dhcp4: false,
+                ipv6: Ipv6Mode::Slaac,
+            }],
+            network_manager: true,
         },
     ];
     full.excluded_tasks = vec!["selinuxrelabel".into()];
@@ -865,7 +872,7 @@ fn ganeti_parameters() {
                     return Err(format!("personality file {:?} mode {:o} accepted", f.path, f.mode));
                 }
             }
-            if let Ok(nics) = params::nics(&env) {
+            if let Ok(nics) = imgforge::ganeti::nics::nics(&env, &Default::default()) {
                 if nics.len() > 64 {
                     return Err(format!("{} NICs", nics.len()));
                 }

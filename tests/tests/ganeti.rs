@@ -80,8 +80,16 @@ fn os_definition_files() {
     assert_eq!(std::fs::read_to_string(s.os_dir.join("ganeti_api_version")).unwrap(), "20\n");
     assert_eq!(std::fs::read_to_string(s.os_dir.join("variants.list")).unwrap(), "default\n");
     let params = std::fs::read_to_string(s.os_dir.join("parameters.list")).unwrap();
-    for p in ["img_id", "img_format", "img_passwd", "img_passwd_hash", "img_properties", "img_personality", "auth_keys"]
-    {
+    for p in [
+        "img_id",
+        "img_format",
+        "img_passwd",
+        "img_passwd_hash",
+        "img_properties",
+        "img_personality",
+        "auth_keys",
+        "cloud_userdata",
+    ] {
         assert!(params.lines().any(|l| l.starts_with(&format!("{p} "))), "{p} missing");
     }
     for script in ["create", "import", "export", "rename", "verify"] {
@@ -143,7 +151,17 @@ fn create_rename_export_import() {
             ("NIC_0_NETWORK_GATEWAY", "192.0.2.1"),
             ("NIC_0_MODE", "bridged"),
             ("NIC_0_LINK", "gntbr0"),
+            // IPv6 with no DHCPv6 tag: SLAAC, as snf-image.
+            ("NIC_0_NETWORK_SUBNET6", "2001:db8:1::/64"),
+            ("NIC_0_NETWORK_GATEWAY6", "2001:db8:1::1"),
             ("NIC_1_MAC", "aa:00:00:77:5e:aa"),
+            // nfdhcpd, snf-image's DHCP and stateless-DHCPv6 tag: DHCP despite the subnet.
+            ("NIC_1_IP", "198.51.100.7"),
+            ("NIC_1_NETWORK_SUBNET", "198.51.100.0/24"),
+            ("NIC_1_NETWORK_GATEWAY", "198.51.100.1"),
+            ("NIC_1_NETWORK_SUBNET6", "2001:db8:2::/64"),
+            ("NIC_1_NETWORK_GATEWAY6", "2001:db8:2::1"),
+            ("NIC_1_NETWORK_TAGS", "public nfdhcpd"),
         ],
         None,
     );
@@ -194,10 +212,19 @@ fn create_rename_export_import() {
         assert!(
             nic0.contains("MACAddress=aa:00:00:77:5e:a9")
                 && nic0.contains("Address=192.0.2.10/24")
-                && nic0.contains("Gateway=192.0.2.1"),
+                && nic0.contains("Gateway=192.0.2.1")
+                && nic0.contains("IPv6AcceptRA=yes\nIPv6PrivacyExtensions=no")
+                && !nic0.contains("DHCP"),
             "{nic0}"
         );
-        assert!(m.read("/etc/systemd/network/50-imgforge-nic1.network").unwrap().contains("DHCP=yes"));
+        let nic1 = m.read("/etc/systemd/network/50-imgforge-nic1.network").unwrap();
+        assert!(
+            nic1.contains("MACAddress=aa:00:00:77:5e:aa")
+                && nic1.contains("DHCP=ipv4\n")
+                && nic1.contains("IPv6AcceptRA=yes")
+                && !nic1.contains("\nAddress="),
+            "{nic1}"
+        );
     }
 
     let out = s.run(
@@ -453,4 +480,155 @@ fn create_grows_the_image_into_the_instance_disk() {
         let fs = df_bytes(Mount::partition(&disk, 0).unwrap().path());
         assert_eq!(fs > 1900 << 20, grown, "{name}: the root filesystem has {fs} bytes");
     }
+}
+
+/// Copies the fixture `shape` into the site's IMAGE_DIR as `name`, with `plant` run on its
+/// mounted root (what the fixture lacks to stand for the guest under test).
+fn image_with(s: &Site, shape: Shape, name: &str, plant: impl FnOnce(&Mount)) {
+    let image = s.config.parent().unwrap().join("images").join(name);
+    sh(Command::new("cp").arg("--sparse=always").arg(fixtures::disk(shape).unwrap()).arg(&image)).unwrap();
+    plant(&Mount::writable_partition(&image, 0).unwrap());
+}
+
+fn put(m: &Mount, path: &str, text: &str) {
+    std::fs::create_dir_all(m.join(path).parent().unwrap()).unwrap();
+    std::fs::write(m.join(path), text).unwrap();
+}
+
+/// A Red Hat-family guest (the RPM fixture with /etc/redhat-release and network-scripts, as
+/// CentOS has them) gets snf-image's ifcfg files and /etc/sysconfig/network entries: static
+/// IPv4 with SLAAC, DHCP (the `dhcp` tag) with stateful DHCPv6 (the `dhcpv6` tag).
+#[test]
+fn ifcfg_on_a_red_hat_guest() {
+    let s = site();
+    image_with(&s, Shape::RpmDosExt4, "centos.img", |m| {
+        put(m, "/etc/redhat-release", "CentOS Stream release 9\n");
+        put(m, "/etc/sysconfig/network", "NETWORKING=no\nNOZEROCONF=yes\n");
+        std::fs::create_dir_all(m.join("/etc/sysconfig/network-scripts")).unwrap();
+    });
+    let disk = s.disk("rh.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "rh.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "centos.img"),
+            ("NIC_COUNT", "2"),
+            ("NIC_0_MAC", "aa:00:00:11:22:33"),
+            ("NIC_0_IP", "192.0.2.10"),
+            ("NIC_0_NETWORK_SUBNET", "192.0.2.0/24"),
+            ("NIC_0_NETWORK_GATEWAY", "192.0.2.1"),
+            ("NIC_0_NETWORK_GATEWAY6", "2001:db8:1::1"),
+            ("NIC_1_MAC", "aa:00:00:11:22:34"),
+            ("NIC_1_IP", "198.51.100.7"),
+            ("NIC_1_NETWORK_SUBNET", "198.51.100.0/24"),
+            ("NIC_1_NETWORK_GATEWAY6", "2001:db8:2::1"),
+            ("NIC_1_NETWORK_TAGS", "dhcp dhcpv6"),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let m = Mount::partition(&disk, 0).unwrap();
+    assert_eq!(
+        m.read("/etc/sysconfig/network-scripts/ifcfg-eth0").unwrap(),
+        "DEVICE=eth0\nONBOOT=yes\nHWADDR=aa:00:00:11:22:33\nNM_CONTROLLED=yes\nBOOTPROTO=static\nIPADDR=192.0.2.10\nNETMASK=255.255.255.0\nIPV6INIT=yes\nIPV6_AUTOCONF=yes\n"
+    );
+    let eth1 = m.read("/etc/sysconfig/network-scripts/ifcfg-eth1").unwrap();
+    assert!(
+        eth1.contains("HWADDR=aa:00:00:11:22:34\n") && eth1.contains("BOOTPROTO=dhcp\nIPV6INIT=yes\nDHCPV6C=yes\n"),
+        "{eth1}"
+    );
+    assert_eq!(
+        m.read("/etc/sysconfig/network").unwrap(),
+        "NOZEROCONF=yes\nNETWORKING=yes\nNETWORKING_IPV6=yes\nGATEWAY=192.0.2.1\nGATEWAYDEV=eth0\n"
+    );
+    assert!(m.read("/etc/systemd/network/10-imgforge-nic1.link").unwrap().contains("MACAddress=aa:00:00:11:22:34"));
+    assert!(!m.join("/etc/systemd/network/50-imgforge-nic0.network").exists(), "networkd files on an ifcfg guest");
+}
+
+/// CLOUD_INIT (snf-image's NoCloud seed and cloud.cfg.d snippets instead of edited files, with
+/// cloud_userdata as the seed's user-data) and NM_NETWORKING (NetworkManager keyfiles on a guest
+/// whose own stack is networkd), on the Debian fixture given a cloud.cfg.d.
+#[test]
+fn cloud_init_seed_and_nm_networking() {
+    let s = site();
+    image_with(&s, Shape::DosExt4, "cloud.img", |m| {
+        std::fs::create_dir_all(m.join("/etc/cloud/cloud.cfg.d")).unwrap();
+        put(m, "/etc/hostname", "image-hostname\n");
+        put(m, "/etc/ssh/ssh_host_ed25519_key", "image key\n");
+    });
+    let before = {
+        let image = s.config.parent().unwrap().join("images/cloud.img");
+        shadow_field(&Mount::partition(&image, 0).unwrap().read("/etc/shadow").unwrap(), "root").unwrap()
+    };
+    let disk = s.disk("cloud.disk0");
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICloudInitKey0000000000000000000000000000 ci@test";
+    let user_data = "#cloud-config\nruncmd:\n  - [touch, /root/user-data-ran]\n";
+    // base64 of user_data.
+    let encoded = "I2Nsb3VkLWNvbmZpZwpydW5jbWQ6CiAgLSBbdG91Y2gsIC9yb290L3VzZXItZGF0YS1yYW5dCg==";
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "cloud.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "cloud.img"),
+            ("OSP_IMG_PASSWD", "Cloud-Pw-1"),
+            ("OSP_AUTH_KEYS", key),
+            ("OSP_CLOUD_USERDATA", encoded),
+            ("OSP_IMG_PROPERTIES", r#"{"Cloud_Init": "yes", "nm_networking": "on"}"#),
+            ("NIC_COUNT", "1"),
+            ("NIC_0_MAC", "aa:00:00:44:55:66"),
+            ("NIC_0_IP", "192.0.2.10"),
+            ("NIC_0_NETWORK_SUBNET", "192.0.2.0/24"),
+            ("NIC_0_NETWORK_GATEWAY", "192.0.2.1"),
+            ("NIC_0_NETWORK_GATEWAY6", "2001:db8:1::1"),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("not honoured"), "{log}");
+    let m = Mount::partition(&disk, 0).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let mode = |p: &str| std::fs::metadata(m.join(p)).unwrap().mode() & 0o7777;
+    // The seed, as snf-image's InitializeDatasource, AssignHostname and ChangePassword write it.
+    let seed = "/var/lib/cloud/seed/nocloud-net";
+    assert_eq!(
+        m.read(&format!("{seed}/meta-data")).unwrap(),
+        format!(
+            "instance-id: \"cloud.example.com\"\nlocal-hostname: \"cloud.example.com\"\npublic-keys:\n  - \"{key}\"\n"
+        )
+    );
+    assert_eq!(m.read(&format!("{seed}/user-data")).unwrap(), user_data);
+    assert_eq!((mode(&format!("{seed}/meta-data")), mode(&format!("{seed}/user-data"))), (0o600, 0o600));
+    let cfg = "/etc/cloud/cloud.cfg.d/98_snf-image-";
+    assert_eq!(m.read(&format!("{cfg}InitializeDatasource.cfg")).unwrap(), "datasource_list: [ NoCloud ]\n");
+    assert_eq!(m.read(&format!("{cfg}DeleteSSHKeys.cfg")).unwrap(), "ssh_deletekeys: true\n");
+    assert_eq!(m.read(&format!("{cfg}ConfigureNetwork.cfg")).unwrap(), "network: {config: disabled}\n");
+    let pw = m.read(&format!("{cfg}ChangePassword.cfg")).unwrap();
+    assert!(pw.starts_with("ssh_pwauth: True\nchpasswd:\n  expire: false\n  list: |\n    root:$6$"), "{pw}");
+    let hash = pw.lines().last().unwrap().trim().strip_prefix("root:").unwrap();
+    assert!(password_matches("Cloud-Pw-1", hash), "chpasswd's hash does not verify: {pw}");
+    assert_eq!(mode(&format!("{cfg}ChangePassword.cfg")), 0o600);
+    assert!(m
+        .read("/var/lib/cloud/scripts/per-once/rm_98_snf-image-ChangePassword.cfg.sh")
+        .unwrap()
+        .contains("rm -f /etc/cloud/cloud.cfg.d/98_snf-image-ChangePassword.cfg"));
+    assert_eq!(mode("/var/lib/cloud/scripts/per-once/clear_user_data.sh"), 0o755);
+    // Nothing cloud-init does at first boot is done now.
+    assert_eq!(m.read("/etc/hostname").unwrap(), "image-hostname\n");
+    assert_eq!(shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap(), before);
+    assert!(!m.join("/root/.ssh/authorized_keys").exists());
+    assert_eq!(m.read("/etc/ssh/ssh_host_ed25519_key").unwrap(), "image key\n");
+    // NM_NETWORKING: a keyfile, not networkd's file this guest would otherwise get.
+    let nm = m.read("/etc/NetworkManager/system-connections/imgforge-nic0.nmconnection").unwrap();
+    for want in [
+        "mac-address=aa:00:00:44:55:66\n",
+        "[ipv4]\nmethod=manual\naddress1=192.0.2.10/24,192.0.2.1\n",
+        "[ipv6]\naddr-gen-mode=eui64\nip6-privacy=0\nmethod=auto\n",
+    ] {
+        assert!(nm.contains(want), "{want:?} not in {nm}");
+    }
+    assert_eq!(mode("/etc/NetworkManager/system-connections/imgforge-nic0.nmconnection"), 0o600);
+    assert!(!m.join("/etc/systemd/network/50-imgforge-nic0.network").exists());
 }

@@ -35,6 +35,8 @@ pub struct Config {
     pub progress_monitor: String,
     /// `auto`, `kvm` or `tcg`.
     pub accel: String,
+    /// `DHCP_TAGS`, `STATEFUL_DHCPV6_TAGS`, `STATELESS_DHCPV6_TAGS`, `DEFAULT_NIC_CONFIG`.
+    pub nics: super::nics::NicSettings,
 }
 
 impl Default for Config {
@@ -47,6 +49,7 @@ impl Default for Config {
             helper_user: crate::vm::privilege::DEFAULT_HELPER_USER.into(),
             progress_monitor: String::new(),
             accel: "auto".into(),
+            nics: Default::default(),
         }
     }
 }
@@ -173,7 +176,10 @@ pub fn parse(path: &str, text: &str) -> Result<(Config, Vec<String>), ConfigErro
                 }
                 c.accel = value;
             }
-            other => warnings.push(format!("{path}: line {}: unknown setting {other} ignored", i + 1)),
+            other => match c.nics.set(other, &value) {
+                Some(result) => result.map_err(err)?,
+                None => warnings.push(format!("{path}: line {}: unknown setting {other} ignored", i + 1)),
+            },
         }
     }
     Ok((c, warnings))
@@ -194,6 +200,12 @@ mod tests {
         assert_eq!(parse("f", "HELPER_USER=imgforge-qemu").unwrap().0.helper_user, "imgforge-qemu");
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("FOO"));
+        let (c, w) = parse("f", "DHCP_TAGS=\"a b\"\nSTATELESS_DHCPV6_TAGS=\nDEFAULT_NIC_CONFIG=dhcp+slaac\n").unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(c.nics.dhcp_tags, ["a", "b"]);
+        assert!(c.nics.stateless_dhcpv6_tags.is_empty());
+        assert_eq!(c.nics.stateful_dhcpv6_tags, ["dhcpv6", "stateful_dhcpv6"], "snf-image's default kept");
+        assert!(c.nics.default_nic.dhcp4);
         let bad = [
             "IMAGE_DIR=relative",
             "HELPER_SOFT_TIMEOUT=soon",
@@ -205,6 +217,7 @@ mod tests {
             "NOEQUALS",
             "IMAGE_DIR='/unterminated",
             "IMAGE_DIR=/a b",
+            "DEFAULT_NIC_CONFIG=static",
         ];
         for line in bad {
             let e = parse("f", line).unwrap_err();

@@ -2,7 +2,9 @@
 //! whose scripts are thin shims that exec `imgforge ganeti ACTION`; all the logic is here.
 //! Parameters are snf-image's (`OSP_*`), so a Ganeti site can switch by changing the OS name.
 
+pub mod cloud_init;
 pub mod config;
+pub mod nics;
 pub mod params;
 
 use crate::job::{self, VmSettings};
@@ -212,6 +214,7 @@ fn customization_asked(params: &Params) -> Vec<&'static str> {
         ("install_rpms", !params.install_rpms.is_empty()),
         ("repo", params.repo.is_some()),
         ("install", !params.install.is_empty()),
+        ("cloud_userdata", params.cloud_userdata.is_some()),
     ]
     .into_iter()
     .filter_map(|(name, given)| given.then_some(name))
@@ -272,12 +275,17 @@ fn plan(
     work: &Path,
 ) -> Result<Plan, GanetiError> {
     let mut plan = Plan::default();
-    if !params.excludes("AssignHostname") {
+    // snf-image's CLOUD_INIT: hostname, passwords, keys and host key deletion go to cloud-init.
+    let cloud_init = cloud_init::enabled(params);
+    if !params.excludes("AssignHostname") && !cloud_init {
         plan.add("hostname", Some(hostname))?;
     }
-    if !nics.is_empty() && !params.excludes("ConfigureNetwork") {
-        plan.operations.push(imgforge_protocol::rules::Operation::Network { nics });
+    let network_configured = !nics.is_empty() && !params.excludes("ConfigureNetwork");
+    if network_configured {
+        let network_manager = cloud_init::network_manager(params);
+        plan.operations.push(imgforge_protocol::rules::Operation::Network { nics, network_manager });
     }
+    let mut passwords = Vec::new();
     if !params.excludes("ChangePassword") {
         for user in params.users() {
             let field = match (&params.passwd, &params.passwd_hash) {
@@ -285,9 +293,22 @@ fn plan(
                 (None, Some(hash)) => Some(hash.clone()),
                 (None, None) => None,
             };
-            if let Some(shadow_field) = field {
-                plan.operations.push(imgforge_protocol::rules::Operation::Password { user, shadow_field });
+            if let Some(hash) = field {
+                passwords.push(imgforge_protocol::rules::UserPassword { user, hash });
             }
+        }
+    }
+    if cloud_init {
+        let seed = cloud_init::seed(params, hostname, passwords, network_configured);
+        plan.operations.push(Operation::CloudInit { seed });
+        if let Some(data) = &params.cloud_userdata {
+            let local = stage(work, "cloud-userdata", cloud_init::USER_DATA_PATH, data)?;
+            plan.add("upload", Some(&format!("{}:{}", local.display(), cloud_init::USER_DATA_PATH)))?;
+            plan.add("chmod", Some(&format!("600:{}", cloud_init::USER_DATA_PATH)))?;
+        }
+    } else {
+        for imgforge_protocol::rules::UserPassword { user, hash } in passwords {
+            plan.operations.push(imgforge_protocol::rules::Operation::Password { user, shadow_field: hash });
         }
     }
     // snf-image's ChangeMachineId and DeleteSSHKeys, on by default, before the personality
@@ -295,23 +316,17 @@ fn plan(
     if !params.excludes("ChangeMachineId") {
         plan.add("reset-machine-id", None)?;
     }
-    if !params.excludes("DeleteSSHKeys") {
+    if !params.excludes("DeleteSSHKeys") && !cloud_init {
         plan.add("regenerate-ssh-host-keys", None)?;
     }
     plan.root_partition = params.root_partition();
-    for key in &params.auth_keys {
+    // Under CLOUD_INIT the keys are the seed's public-keys, as snf-image gives them.
+    for key in params.auth_keys.iter().filter(|_| !cloud_init) {
         plan.add("ssh-inject", Some(&format!("root:string:{key}")))?;
     }
     if !params.excludes("EnforcePersonality") {
         for (i, (file, data)) in params.personality.iter().enumerate() {
-            let local = work.join(format!("personality-{i}"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&local)
-                .map_err(|source| GanetiError::Stage { path: file.path.clone(), source })?;
-            f.write_all(data).map_err(|source| GanetiError::Stage { path: file.path.clone(), source })?;
+            let local = stage(work, &format!("personality-{i}"), &file.path, data)?;
             plan.add("upload", Some(&format!("{}:{}", local.display(), file.path)))?;
             // Owner and group are guest names: the helper looks them up in the guest's own
             // /etc/passwd and /etc/group, with no guest program involved.
@@ -340,6 +355,15 @@ fn plan(
 
 use std::os::unix::fs::OpenOptionsExt;
 
+/// Writes `data` for the guest's `guest_path` into the private `work/name`, for an upload.
+fn stage(work: &Path, name: &str, guest_path: &str, data: &[u8]) -> Result<PathBuf, GanetiError> {
+    let local = work.join(name);
+    let failed = |source| GanetiError::Stage { path: guest_path.to_owned(), source };
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&local).map_err(failed)?;
+    f.write_all(data).map_err(failed)?;
+    Ok(local)
+}
+
 /// The progress sink: `PROGRESS_MONITOR` fed JSON on stdin, or nothing.
 fn progress(config: &Config) -> Result<(std::sync::Arc<dyn Progress>, Option<std::process::Child>), GanetiError> {
     if config.progress_monitor.is_empty() {
@@ -360,6 +384,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let config = load_config()?;
     let params = params::parse(&env)?;
     warn_all(&params.warnings);
+    warn_all(&cloud_init::warnings(&params));
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
     let Some(image) = resolve_image(&config, &params.img_id)? else {
@@ -377,7 +402,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         return Ok(());
     };
     let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
-    let nics = params::nics(&env)?;
+    let nics = nics::nics(&env, &config.nics)?;
     let mut plan = plan(&params, &config, &name, nics, work.path())?;
     // As snf-image: the image always grows into the instance's disk.
     plan.grow_to_disk = true;
@@ -498,7 +523,8 @@ pub fn verify() -> Result<(), GanetiError> {
     let config = load_config()?;
     let params = params::parse(&env)?;
     warn_all(&params.warnings);
-    params::nics(&env)?;
+    warn_all(&cloud_init::warnings(&params));
+    nics::nics(&env, &config.nics)?;
     resolve_image(&config, &params.img_id)?;
     for rpm in &params.install_rpms {
         resolve_in_image_dir(&config, "install_rpms", rpm, &[""])?;
@@ -534,6 +560,31 @@ mod tests {
         assert_eq!(hygiene(plan_for(r#"{"EXCLUDE_TASK_DeleteSSHKeys": "no"}"#)), both, "'no' excludes nothing");
         let ops = plan_for("{}");
         assert_eq!(ops[0], Operation::Hostname { name: "inst1".into() });
+    }
+
+    /// CLOUD_INIT moves the hostname, passwords, keys and host-key deletion into the seed,
+    /// each part still excludable by its snf-image task name.
+    #[test]
+    fn cloud_init_replaces_edited_files_with_the_seed() {
+        let seed_of = |ops: &[Operation]| {
+            ops.iter()
+                .find_map(|o| match o {
+                    Operation::CloudInit { seed } => Some(seed.clone()),
+                    _ => None,
+                })
+                .expect("no cloud-init seed")
+        };
+        let ops = plan_for(r#"{"cloud_init": "yes"}"#);
+        assert!(!ops.iter().any(|o| matches!(o, Operation::Hostname { .. } | Operation::RegenerateSshHostKeys)));
+        assert!(ops.contains(&Operation::ResetMachineId), "ChangeMachineId has no cloud-init form in snf-image");
+        let seed = seed_of(&ops);
+        assert_eq!((seed.instance_id.as_str(), seed.hostname.as_deref()), ("inst1", Some("inst1")));
+        assert!(seed.delete_ssh_keys && !seed.network_disabled);
+        let seed = seed_of(&plan_for(
+            r#"{"CLOUD_INIT": "1", "EXCLUDE_TASK_AssignHostname": "yes", "EXCLUDE_TASK_DeleteSSHKeys": "yes"}"#,
+        ));
+        assert!(seed.hostname.is_none() && !seed.delete_ssh_keys);
+        assert!(!plan_for(r#"{"CLOUD_INIT": "no"}"#).iter().any(|o| matches!(o, Operation::CloudInit { .. })));
     }
 
     #[test]

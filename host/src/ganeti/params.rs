@@ -21,6 +21,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
     ("repo", "A package repository directory in IMAGE_DIR, for install: yum/dnf (repodata/), apt (Packages at its top, or dists/), or a directory of .deb files"),
     ("install", "Packages to install from repo with the guest's apt-get, dnf or yum (comma-separated)"),
+    ("cloud_userdata", "base64 cloud-init user-data, written to the NoCloud seed when img_properties has CLOUD_INIT"),
 ];
 
 /// A parameter that cannot be used.
@@ -145,6 +146,8 @@ pub struct Params {
     pub repo: Option<String>,
     /// `install`.
     pub install: Vec<String>,
+    /// `cloud_userdata`, decoded.
+    pub cloud_userdata: Option<Vec<u8>>,
 }
 
 impl Params {
@@ -294,8 +297,6 @@ pub const HELPER_TASKS: &[&str] = &[
 
 /// snf-image's properties imgforge knows but does not honour yet, with what they ask.
 const NOT_HONOURED: &[(&str, &str)] = &[
-    ("CLOUD_INIT", "cloud-init configuration instead of edited files"),
-    ("NM_NETWORKING", "NetworkManager files for the NICs"),
     ("DO_SYNC", "resize2fs with fsync"),
     ("ALLOW_MOUNTED_TASK_OVERWRITING", "tasks overwritten from inside the image"),
     ("EXCLUDE_MOUNTED_TASKS", "only the tasks before the image is mounted"),
@@ -317,7 +318,7 @@ pub fn yes_no(value: &str) -> Option<bool> {
 }
 
 /// True if snf-image would take `value` as yes.
-fn yes(value: &str) -> bool {
+pub fn yes(value: &str) -> bool {
     yes_no(value).unwrap_or(true)
 }
 
@@ -342,7 +343,7 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
         "ROOT_PARTITION" | "USERS" | "OSFAMILY" | "PASSWD_HASHING_METHOD" | "PASSWORD_HASHING_METHOD" => {
             return Verdict::Honoured;
         }
-        "EXCLUDE_ALL_TASKS" | "EXCLUDE_FILESYSTEMRESIZE_TASKS" => {
+        "EXCLUDE_ALL_TASKS" | "EXCLUDE_FILESYSTEMRESIZE_TASKS" | "CLOUD_INIT" | "NM_NETWORKING" => {
             return yes_no(value).map_or_else(invalid_boolean, |_| Verdict::Honoured)
         }
         "SWAP" if value.trim().is_empty() => return Verdict::Honoured,
@@ -571,7 +572,12 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
     if !install.is_empty() && repo.is_none() {
         return Err(err("install", "needs repo (a repository directory in IMAGE_DIR)"));
     }
+    let cloud_userdata = match get("cloud_userdata") {
+        Some(text) => Some(base64_decode(&text).ok_or_else(|| err("cloud_userdata", "is not base64"))?),
+        None => None,
+    };
     Ok(Params {
+        cloud_userdata,
         img_id,
         img_format,
         passwd,
@@ -740,7 +746,9 @@ mod tests {
             ("CUSTOM_TASK", ""),
             // A no for what imgforge never does asks nothing.
             ("CLOUD_INIT", "no"),
+            ("CLOUD_INIT", "yes"),
             ("NM_NETWORKING", "false"),
+            ("NM_NETWORKING", "ON"),
             ("DO_SYNC", "0"),
             ("ALLOW_MOUNTED_TASK_OVERWRITING", "off"),
             ("EXCLUDE_MOUNTED_TASKS", "unset"),
@@ -751,8 +759,8 @@ mod tests {
             assert_eq!(judge_property(name, value), Honoured, "{name}={value}");
         }
         let warned = [
-            ("CLOUD_INIT", "yes", "not honoured by imgforge yet"),
-            ("NM_NETWORKING", "ON", "not honoured by imgforge yet"),
+            ("CLOUD_INIT", "maybe", "taken as yes"),
+            ("NM_NETWORKING", "y", "taken as yes"),
             ("DO_SYNC", "1", "not honoured by imgforge yet"),
             ("ALLOW_MOUNTED_TASK_OVERWRITING", "yes", "not honoured by imgforge yet"),
             ("EXCLUDE_MOUNTED_TASKS", "set", "not honoured by imgforge yet"),
@@ -781,7 +789,7 @@ mod tests {
     #[test]
     fn property_names_are_case_insensitive_and_unknown_ones_warn() {
         let (p, w) = parse_properties(
-            r#"{"Passwd_Hashing_Method": "SHA256", "users": "root", "Frobnicate": 1, "cloud_init": "yes", "exclude_task_changepassword": "off"}"#,
+            r#"{"Passwd_Hashing_Method": "SHA256", "users": "root", "Frobnicate": 1, "do_sync": "yes", "exclude_task_changepassword": "off"}"#,
         )
         .unwrap();
         assert_eq!(p["PASSWD_HASHING_METHOD"], "SHA256");
@@ -789,7 +797,7 @@ mod tests {
         assert!(!excluded(&p, "ChangePassword"), "off is no, as snf-image reads it");
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w.iter().any(|l| l.contains("FROBNICATE") && l.contains("ignored")), "{w:?}");
-        assert!(w.iter().any(|l| l.contains("CLOUD_INIT") && l.contains("not honoured")), "{w:?}");
+        assert!(w.iter().any(|l| l.contains("DO_SYNC") && l.contains("not honoured")), "{w:?}");
         assert!(w.iter().all(|l| l.starts_with("img_properties: ")));
         // The same name twice: the same value is fine, two values are refused.
         assert!(parse_properties(r#"{"users": "root", "USERS": "root"}"#).is_ok());
@@ -954,94 +962,5 @@ mod tests {
                 }
             }
         }
-    }
-}
-
-/// Ganeti's NICs (`NIC_COUNT`, `NIC_<i>_MAC`, `NIC_<i>_IP`, `NIC_<i>_NETWORK_SUBNET`,
-/// `NIC_<i>_NETWORK_GATEWAY`) as interfaces to configure: static where Ganeti knows the
-/// address and its subnet, DHCP otherwise.
-pub fn nics(env: &BTreeMap<String, String>) -> Result<Vec<imgforge_protocol::rules::Nic>, ParamError> {
-    let count: usize = match env.get("NIC_COUNT").map(|v| v.trim()) {
-        None | Some("") => return Ok(Vec::new()),
-        Some(v) => crate::plain_number::parse(v).ok_or_else(|| err("NIC_COUNT", format!("{v:?} is not a number")))?,
-    };
-    let mut out = Vec::new();
-    for i in 0..count.min(64) {
-        let get = |k: &str| env.get(&format!("NIC_{i}_{k}")).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        let mac = get("MAC").ok_or_else(|| err(&format!("NIC_{i}_MAC"), "is missing"))?;
-        let hex_pairs = mac.split(':').collect::<Vec<_>>();
-        if hex_pairs.len() != 6 || !hex_pairs.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())) {
-            return Err(err(&format!("NIC_{i}_MAC"), format!("{mac:?} is not a MAC address")));
-        }
-        let ip = get("IP");
-        let subnet = get("NETWORK_SUBNET");
-        let ipv4 = match (&ip, &subnet) {
-            (Some(ip), Some(subnet)) => {
-                ip.parse::<std::net::Ipv4Addr>()
-                    .map_err(|_| err(&format!("NIC_{i}_IP"), format!("{ip:?} is not an IPv4 address")))?;
-                let prefix = subnet
-                    .split_once('/')
-                    .and_then(|(_, p)| crate::plain_number::parse::<u8>(p))
-                    .filter(|p| *p <= 32)
-                    .ok_or_else(|| {
-                        err(
-                            &format!("NIC_{i}_NETWORK_SUBNET"),
-                            format!("{subnet:?} is not a subnet such as 192.0.2.0/24"),
-                        )
-                    })?;
-                Some(format!("{ip}/{prefix}"))
-            }
-            _ => None,
-        };
-        let gateway4 = match (&ipv4, get("NETWORK_GATEWAY")) {
-            (Some(_), Some(gw)) => {
-                gw.parse::<std::net::Ipv4Addr>()
-                    .map_err(|_| err(&format!("NIC_{i}_NETWORK_GATEWAY"), format!("{gw:?} is not an IPv4 address")))?;
-                Some(gw)
-            }
-            _ => None,
-        };
-        out.push(imgforge_protocol::rules::Nic { mac: mac.to_ascii_lowercase(), ipv4, gateway4 });
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod nic_tests {
-    use super::*;
-
-    #[test]
-    fn nic_table() {
-        let env: BTreeMap<String, String> = [
-            ("NIC_COUNT", "2"),
-            ("NIC_0_MAC", "AA:00:00:77:5e:a9"),
-            ("NIC_0_IP", "192.0.2.10"),
-            ("NIC_0_NETWORK_SUBNET", "192.0.2.0/24"),
-            ("NIC_0_NETWORK_GATEWAY", "192.0.2.1"),
-            ("NIC_1_MAC", "aa:00:00:77:5e:aa"),
-            ("NIC_1_IP", "198.51.100.7"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let n = nics(&env).unwrap();
-        assert_eq!(n[0].ipv4.as_deref(), Some("192.0.2.10/24"));
-        assert_eq!(n[0].gateway4.as_deref(), Some("192.0.2.1"));
-        assert_eq!(n[0].mac, "aa:00:00:77:5e:a9");
-        assert_eq!(n[1].ipv4, None, "an address without a subnet is left to DHCP");
-        let mut bad = env.clone();
-        bad.insert("NIC_0_MAC".into(), "nope".into());
-        assert!(nics(&bad).is_err());
-        let mut bad = env.clone();
-        bad.insert("NIC_0_NETWORK_SUBNET".into(), "192.0.2.0".into());
-        assert!(nics(&bad).is_err());
-        // Plain digits only: Rust's parse takes a leading +.
-        let mut bad = env.clone();
-        bad.insert("NIC_0_NETWORK_SUBNET".into(), "192.0.2.0/+24".into());
-        assert!(nics(&bad).is_err());
-        let mut bad = env.clone();
-        bad.insert("NIC_COUNT".into(), "+2".into());
-        assert!(nics(&bad).is_err());
-        assert!(nics(&BTreeMap::new()).unwrap().is_empty());
     }
 }
