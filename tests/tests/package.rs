@@ -199,6 +199,10 @@ fn the_package_installs_runs_and_purges_without_a_trace() {
         "HELPER_USER",
         "PROGRESS_MONITOR",
         "ACCEL",
+        "DHCP_TAGS",
+        "STATEFUL_DHCPV6_TAGS",
+        "STATELESS_DHCPV6_TAGS",
+        "DEFAULT_NIC_CONFIG",
     ] {
         assert!(settings.lines().any(|l| l.starts_with(&format!("#{key}="))), "{key}:\n{settings}");
     }

@@ -68,6 +68,14 @@ const SETTINGS: &[(&str, &str)] = &[
     ),
     ("PROGRESS_MONITOR", "A command fed the JSON progress lines (snf-image's monitor messages) on stdin; empty: none."),
     ("ACCEL", "auto (KVM where it works, TCG otherwise), kvm or tcg."),
+    ("DHCP_TAGS", "Network tags (space-separated) whose NICs get IPv4 by DHCP, as snf-image's."),
+    ("STATEFUL_DHCPV6_TAGS", "Network tags whose NICs get IPv6 by stateful DHCPv6."),
+    ("STATELESS_DHCPV6_TAGS", "Network tags whose NICs get IPv6 by SLAAC and stateless DHCPv6."),
+    (
+        "DEFAULT_NIC_CONFIG",
+        "How a lone NIC with no address and no IPv6 gateway is configured: '' (none), dhcp, dhcpv6, \
+         slaac, slaac_dhcp, dhcp+dhcpv6, dhcp+slaac or dhcp+slaac_dhcp.",
+    ),
 ];
 
 /// `/etc/default/imgforge` as the package installs it: every setting described and commented
@@ -82,6 +90,11 @@ pub fn commented_defaults() -> String {
         "HELPER_USER" => d.helper_user.clone(),
         "PROGRESS_MONITOR" => "''".into(),
         "ACCEL" => d.accel.clone(),
+        "DHCP_TAGS" => format!("'{}'", d.nics.dhcp_tags.join(" ")),
+        "STATEFUL_DHCPV6_TAGS" => format!("'{}'", d.nics.stateful_dhcpv6_tags.join(" ")),
+        "STATELESS_DHCPV6_TAGS" => format!("'{}'", d.nics.stateless_dhcpv6_tags.join(" ")),
+        // The default checked against the parser by the test below.
+        "DEFAULT_NIC_CONFIG" => "dhcp".into(),
         other => unreachable!("{other} has no default"),
     };
     let mut text = String::from(
@@ -231,8 +244,10 @@ mod tests {
         let (as_shipped, warnings) = parse("f", &text).unwrap();
         assert_eq!((as_shipped, warnings.len()), (Config::default(), 0), "every line is commented out");
         // The setting lines ("#KEY=value"), uncommented; the descriptions stay comments.
-        let setting =
-            |l: &str| l.split_once('=').is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'));
+        let setting = |l: &str| {
+            l.split_once('=')
+                .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'))
+        };
         let uncommented: String = text
             .lines()
             .map(|l| l.strip_prefix('#').filter(|l| setting(l)).unwrap_or(l))
@@ -250,6 +265,7 @@ mod tests {
             helper_user: _,
             progress_monitor: _,
             accel: _,
+            nics: _,
         } = c;
         for (key, other) in [
             ("IMAGE_DIR", "/x"),
@@ -259,6 +275,10 @@ mod tests {
             ("HELPER_USER", "imgforge-qemu"),
             ("PROGRESS_MONITOR", "cat"),
             ("ACCEL", "tcg"),
+            ("DHCP_TAGS", "x"),
+            ("STATEFUL_DHCPV6_TAGS", "x"),
+            ("STATELESS_DHCPV6_TAGS", "x"),
+            ("DEFAULT_NIC_CONFIG", "slaac"),
         ] {
             let line = format!("#{key}=");
             assert!(text.lines().any(|l| l.starts_with(&line)), "{key} is listed");
