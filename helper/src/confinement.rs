@@ -203,6 +203,13 @@ impl GuestCommand {
         }
     }
 
+    /// Runs the program and collects its standard output and error apart (for output that is
+    /// parsed: a program's stdio buffering interleaves the two mid-line).
+    pub fn output(mut self) -> Result<std::process::Output, String> {
+        let program = std::mem::take(&mut self.program);
+        self.command.output().map_err(|e| format!("cannot start {program} in the guest: {e}"))
+    }
+
     /// Runs the program and collects its standard output and error as one text, interleaved
     /// as it wrote them (the last lines of a failure are its message).
     pub fn combined_output(mut self) -> Result<(ExitStatus, String), String> {

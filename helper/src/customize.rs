@@ -34,18 +34,6 @@ pub fn guest_path_main(path: &str) -> ExitCode {
     }
 }
 
-/// The 80-SELinuxRelabel task: marks the guest for an SELinux relabel at its next boot.
-pub fn selinux_relabel(env: &TaskEnv) -> Result<(), String> {
-    if env.get("IMGFORGE_SELINUX_RELABEL") != Some("yes") {
-        return Ok(());
-    }
-    let target = env.require("IMGFORGE_TARGET")?;
-    let guest = GuestRoot::open(Path::new(target)).map_err(|_| "cannot resolve the guest root".to_string())?;
-    guest.create_empty_file("/.autorelabel", 0o644).map_err(|e| format!("cannot create /.autorelabel: {e}"))?;
-    println!("created /.autorelabel");
-    Ok(())
-}
-
 /// The 50-Customize task: applies the rules' operations in order.
 pub fn run(env: &TaskEnv) -> Result<(), String> {
     let rules_path = env.require("IMGFORGE_RULES")?;

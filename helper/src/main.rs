@@ -33,6 +33,7 @@ mod pseudo_filesystems;
 mod random_seed;
 mod reporter;
 mod script;
+mod selinux;
 mod snapshot;
 mod task_env;
 mod tasks;
@@ -75,7 +76,7 @@ fn main() -> ExitCode {
                 "       imgforge-helper random-seed        write a fresh random seed in the guest (the 45-RandomSeed task)"
             );
             eprintln!(
-                "       imgforge-helper selinux-relabel    create /.autorelabel if asked (the 80-SELinuxRelabel task)"
+                "       imgforge-helper selinux-relabel    relabel an SELinux guest (the 80-SELinuxRelabel task)"
             );
             eprintln!(
                 "       imgforge-helper fix-partition-table  grow the last partition to the disk (08-FixPartitionTable)"
@@ -101,7 +102,7 @@ fn builtin(name: &str) -> Option<tasks::Builtin> {
         "dry-run-snapshot" => Some(changes::record_before),
         "dry-run-changes" => Some(changes::report_changes),
         "install-packages" => Some(packages::run),
-        "selinux-relabel" => Some(customize::selinux_relabel),
+        "selinux-relabel" => Some(selinux::relabel),
         "random-seed" => Some(random_seed::run),
         "mount-payload" => Some(mounts::mount_payload),
         "mount-root" => Some(mounts::mount_root),

@@ -35,7 +35,8 @@ pub struct Rules {
     /// The user's operations, applied in this order.
     #[serde(default)]
     pub operations: Vec<Operation>,
-    /// Mark the guest for an SELinux relabel at its next boot.
+    /// Relabel an SELinux guest after the customization (its setfiles, or `/.autorelabel` for
+    /// its next boot); nothing for a guest without SELinux.
     #[serde(default)]
     pub selinux_relabel: bool,
     /// Tasks not to run, by short name (`MountRoot`) — snf-image's `EXCLUDE_TASK_<Name>`.

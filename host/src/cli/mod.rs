@@ -2,6 +2,7 @@
 
 pub mod argv;
 pub mod exit;
+pub mod machine_readable;
 mod man_pages;
 mod package_files;
 
@@ -175,9 +176,14 @@ struct VmArgs {
 
 #[derive(Debug, Args)]
 struct CustomizeArgs {
-    /// The disk image (raw or qcow2) or block device to customize in place.
+    /// The disk image (raw or qcow2) or block device to customize in place (one: a guest on
+    /// several disks is not supported yet).
     #[arg(short = 'a', long = "add", value_name = "DISK")]
-    disk: PathBuf,
+    disk: Vec<PathBuf>,
+    /// Without -a: print "imgforge" and then what this build supports, one word a line, and
+    /// exit (guestfs-tools' shape). FORMAT: stream:stdout (default), stream:stderr, file:NAME.
+    #[arg(long, value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "stream:stdout")]
+    machine_readable: Option<String>,
     /// The disk's format, as given: raw is used as raw whatever its first bytes look like;
     /// auto (the default) reads it from the header.
     #[arg(long, value_enum, default_value_t = DiskFormatArg::Auto)]
@@ -379,6 +385,32 @@ fn vm_settings(vm: &VmArgs, verbose: u8, trace: bool) -> Result<VmSettings, Fail
 
 /// The progress display: `-q` shows none, whatever `--progress` says (JSON lines are output,
 /// not progress for a person, and stay).
+/// What `customize` works on: one disk, or (`--machine-readable` without `-a`) nothing but
+/// the capability lines.
+#[derive(Debug, PartialEq)]
+enum CustomizeDisk {
+    One(PathBuf),
+    Capabilities(machine_readable::Output),
+}
+
+/// Checks `-a` and `--machine-readable` together.
+fn customize_disk(args: &CustomizeArgs) -> Result<CustomizeDisk, Failure> {
+    let output =
+        args.machine_readable.as_deref().map(machine_readable::parse).transpose().map_err(Failure::bad_input)?;
+    match (args.disk.as_slice(), output) {
+        ([], Some(output)) => Ok(CustomizeDisk::Capabilities(output)),
+        ([], None) => Err(Failure::bad_input("customize needs the disk to customize: -a DISK")),
+        ([_], Some(_)) => Err(Failure::bad_input(
+            "--machine-readable with -a: imgforge's machine-friendly output is --progress json; --machine-readable alone lists the capabilities",
+        )),
+        ([disk], None) => Ok(CustomizeDisk::One(disk.clone())),
+        (disks, _) => Err(Failure::bad_input(format!(
+            "-a given {} times: a guest on several disks is not supported yet; give the one disk that holds the whole guest",
+            disks.len()
+        ))),
+    }
+}
+
 fn progress_mode(mode: ProgressMode, quiet: bool) -> ProgressMode {
     match mode {
         ProgressMode::Json => ProgressMode::Json,
@@ -445,14 +477,20 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
     match cli.command {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
+            let disk = match customize_disk(&args)? {
+                CustomizeDisk::One(disk) => disk,
+                CustomizeDisk::Capabilities(output) => {
+                    return machine_readable::print(&output)
+                        .map_err(|e| Failure::new(ExitStatus::Environment, format!("--machine-readable: {e}")));
+                }
+            };
             let settings = vm_settings(&args.vm, verbose, trace)?;
             let mut plan = ordered_ops(sub)?;
             plan.dry_run = args.dry_run;
             plan.grow_to_disk = args.grow;
             let progress = render::renderer(progress_mode(args.progress, quiet));
             let result =
-                job::customize(&args.disk, args.format.known(), plan, false, &settings, progress.as_ref(), &interrupt)
-                    .await;
+                job::customize(&disk, args.format.known(), plan, false, &settings, progress.as_ref(), &interrupt).await;
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::Write(args) => {
@@ -787,6 +825,40 @@ mod tests {
         }
     }
 
+    /// `-a` once, `--machine-readable` alone (guestfs-tools' forms), and what is refused.
+    #[test]
+    fn disks_and_machine_readable_table() {
+        use machine_readable::Output;
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["imgforge", "customize"].iter().chain(args)).unwrap();
+            customize_disk(cli.customize_args())
+        };
+        let ok: [(&[&str], CustomizeDisk); 6] = [
+            (&["-a", "d.img"], CustomizeDisk::One("d.img".into())),
+            (&["--add", "d.img", "--hostname", "h"], CustomizeDisk::One("d.img".into())),
+            (&["--machine-readable"], CustomizeDisk::Capabilities(Output::Stdout)),
+            (&["--machine-readable=stream:stdout"], CustomizeDisk::Capabilities(Output::Stdout)),
+            (&["--machine-readable=stream:stderr"], CustomizeDisk::Capabilities(Output::Stderr)),
+            (&["--machine-readable=file:/tmp/c"], CustomizeDisk::Capabilities(Output::File("/tmp/c".into()))),
+        ];
+        for (args, want) in ok {
+            assert_eq!(parse(args).unwrap(), want, "{args:?}");
+        }
+        let refused: [(&[&str], &str); 4] = [
+            (&[], "needs the disk"),
+            (&["-a", "a.img", "-a", "b.img"], "-a given 2 times"),
+            (&["-a", "a.img", "--machine-readable"], "--progress json"),
+            (&["--machine-readable=stdout"], "stream:stderr or file:NAME"),
+        ];
+        for (args, want) in refused {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.status, ExitStatus::BadInput, "{args:?}");
+            assert!(e.message.contains(want), "{args:?}: {}", e.message);
+        }
+        // --machine-readable takes its format only with '=': a following word is not it.
+        assert!(Cli::try_parse_from(["imgforge", "customize", "--machine-readable", "stream:stderr"]).is_err());
+    }
+
     #[test]
     fn global_options_parse_as_virt_customize() {
         let cli = customize(&[]);
@@ -887,8 +959,9 @@ mod tests {
             "password:x"
         ])
         .starts_with("$6$"));
-        let md5 = plan(&["--password-crypto", "md5", "--root-password", "password:x"]).unwrap_err();
-        assert_eq!(md5.status, ExitStatus::BadInput);
-        assert!(md5.message.contains("--password-crypto md5") && md5.message.contains("sha256"), "{}", md5.message);
+        assert!(field(&["--password-crypto", "md5", "--root-password", "password:x"]).starts_with("$1$"));
+        let bad = plan(&["--password-crypto", "blowfish", "--root-password", "password:x"]).unwrap_err();
+        assert_eq!(bad.status, ExitStatus::BadInput);
+        assert!(bad.message.contains("--password-crypto blowfish") && bad.message.contains("md5"), "{}", bad.message);
     }
 }

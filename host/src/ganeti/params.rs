@@ -15,7 +15,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWD_HASHING_METHOD (sha512|sha256; md5, sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
+    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWD_HASHING_METHOD (sha512|sha256|md5; sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
@@ -390,7 +390,7 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
 
 /// The hash `img_passwd` is written with: `PASSWD_HASHING_METHOD` (snf-image's name) or its
 /// alias `PASSWORD_HASHING_METHOD`, read by `--password-crypto`'s parser. snf-image also takes
-/// md5, sha1 and blowfish; they are refused, each saying why.
+/// sha1 and blowfish; they are refused, each saying why.
 pub fn hashing_method(properties: &BTreeMap<String, String>) -> Result<PasswordCrypto, ParamError> {
     const NAME: &str = "PASSWD_HASHING_METHOD";
     const ALIAS: &str = "PASSWORD_HASHING_METHOD";
@@ -405,12 +405,13 @@ pub fn hashing_method(properties: &BTreeMap<String, String>) -> Result<PasswordC
     let method = value.trim().to_ascii_lowercase();
     let refused = match method.as_str() {
         "blowfish" => Some(
-            "blowfish (bcrypt, $2b$) is refused: glibc's crypt, which checks passwords on most Linux guests, \
-             cannot check it, so the password would never match; use sha512 (the default) or sha256",
+            "blowfish (bcrypt, $2b$) is refused: glibc's own crypt cannot check it (only libxcrypt can, and \
+             imgforge does not tell which a guest has), so the password might never match; use sha512 (the \
+             default), sha256 or md5",
         ),
         "sha1" => Some(
             "sha1 (NetBSD's $sha1$) is refused: glibc's crypt on Linux guests cannot check it; \
-             use sha512 (the default) or sha256",
+             use sha512 (the default), sha256 or md5",
         ),
         _ => None,
     };
@@ -662,7 +663,10 @@ mod tests {
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": "+3"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": " 3"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": 3.0}"#)], "img_properties"),
-            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"PASSWORD_HASHING_METHOD": "md5"}"#)], "img_properties"),
+            (
+                &[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"PASSWORD_HASHING_METHOD": "blowfish"}"#)],
+                "img_properties",
+            ),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"USERS": "root;rm"}"#)], "img_properties"),
@@ -880,16 +884,17 @@ mod tests {
             (&[("PASSWD_HASHING_METHOD", "SHA256")], PasswordCrypto::Sha256),
             (&[("PASSWORD_HASHING_METHOD", "sha256")], PasswordCrypto::Sha256),
             (&[("PASSWORD_HASHING_METHOD", "Sha512")], PasswordCrypto::Sha512),
+            (&[("PASSWD_HASHING_METHOD", "md5")], PasswordCrypto::Md5),
+            (&[("PASSWD_HASHING_METHOD", "MD5")], PasswordCrypto::Md5),
+            (&[("PASSWORD_HASHING_METHOD", "md5")], PasswordCrypto::Md5),
             (&[("PASSWD_HASHING_METHOD", "sha256"), ("PASSWORD_HASHING_METHOD", "SHA256")], PasswordCrypto::Sha256),
         ];
         for (pairs, want) in good {
             assert_eq!(hashing_method(&props(pairs)).unwrap(), *want, "{pairs:?}");
         }
         let bad: &[(&[(&str, &str)], &str)] = &[
-            (&[("PASSWD_HASHING_METHOD", "md5")], "md5 crypt is refused (it is broken"),
-            (&[("PASSWD_HASHING_METHOD", "MD5")], "md5 crypt is refused"),
-            (&[("PASSWORD_HASHING_METHOD", "md5")], "PASSWORD_HASHING_METHOD: md5"),
-            (&[("PASSWD_HASHING_METHOD", "blowfish")], "glibc's crypt"),
+            (&[("PASSWORD_HASHING_METHOD", "blowfish")], "PASSWORD_HASHING_METHOD: blowfish"),
+            (&[("PASSWD_HASHING_METHOD", "blowfish")], "glibc's own crypt cannot check it"),
             (&[("PASSWD_HASHING_METHOD", "sha1")], "glibc's crypt"),
             (&[("PASSWD_HASHING_METHOD", "des")], "not a password hash imgforge writes"),
             (
@@ -909,6 +914,7 @@ mod tests {
             (r#"{"passwd_hashing_method": "sha256"}"#, "$5$"),
             (r#"{"PASSWORD_HASHING_METHOD": "sha256"}"#, "$5$"),
             (r#"{"PASSWD_HASHING_METHOD": "sha512"}"#, "$6$"),
+            (r#"{"PASSWD_HASHING_METHOD": "md5"}"#, "$1$"),
             ("{}", "$6$"),
         ] {
             let p = parse(&env(&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", json)])).unwrap();

@@ -287,7 +287,8 @@ pub async fn customize(
     rules.repo_format = plan.repo_format;
     rules.gpgcheck = plan.gpgcheck;
     rules.root_partition = plan.root_partition;
-    rules.selinux_relabel = plan.selinux_relabel;
+    // virt-customize relabels an SELinux guest after every customization unless told not to.
+    rules.selinux_relabel = !plan.no_selinux_relabel;
     rules.verbose = settings.trace_tasks;
     rules.grow_filesystem = grow_filesystem;
     rules.grow_to_disk = plan.grow_to_disk;

@@ -7,6 +7,7 @@
 pub mod commands_file;
 pub mod copy_in;
 pub mod deb;
+pub mod md5_crypt;
 pub mod password;
 pub mod repo;
 
@@ -33,9 +34,9 @@ pub struct OpsArgs {
     /// Set USER's password (same selectors).
     #[arg(long, value_name = "USER:SELECTOR")]
     password: Vec<String>,
-    /// The hash --root-password and --password write, wherever it stands: sha512 (default) or
-    /// sha256 (md5 is refused).
-    #[arg(long, value_name = "sha256|sha512")]
+    /// The hash --root-password and --password write, wherever it stands: sha512 (default),
+    /// sha256 or md5 (weak: for old guests).
+    #[arg(long, value_name = "md5|sha256|sha512")]
     password_crypto: Vec<String>,
     /// Append SSH public keys to USER's ~/.ssh/authorized_keys (default: your ~/.ssh/*.pub).
     #[arg(long, value_name = "USER[:file:PATH|:string:KEY]")]
@@ -134,9 +135,13 @@ pub struct OpsArgs {
     /// Read operations from a file (virt-customize syntax).
     #[arg(long, value_name = "FILE")]
     commands_from_file: Vec<String>,
-    /// Relabel SELinux contexts at the guest's next boot.
+    /// Accepted, as virt-customize: an SELinux guest is relabelled after every customization
+    /// (the guest's setfiles, or /.autorelabel for its next boot) unless --no-selinux-relabel.
     #[arg(long)]
     selinux_relabel: bool,
+    /// Leave an SELinux guest's labels as they are (no setfiles run, no /.autorelabel).
+    #[arg(long)]
+    no_selinux_relabel: bool,
     /// Write a fresh random /etc/machine-id (and /var/lib/dbus/machine-id when it is a regular
     /// file), so that clones of one image differ.
     #[arg(long)]
@@ -254,8 +259,10 @@ pub struct Plan {
     pub operations: Vec<Operation>,
     /// Files for the payload disk.
     pub payload: Vec<PayloadFile>,
-    /// `--selinux-relabel` was given.
+    /// `--selinux-relabel` was given (it changes nothing: relabelling is the default).
     pub selinux_relabel: bool,
+    /// `--no-selinux-relabel`: an SELinux guest is not relabelled.
+    pub no_selinux_relabel: bool,
     /// `(user, clear text)` of `random` passwords, to tell the user.
     pub random_passwords: Vec<(String, String)>,
     /// RPM files (payload paths), installed in one transaction after the operations.
@@ -649,6 +656,7 @@ impl Plan {
     fn set_flag(&mut self, option: &str) -> bool {
         let flag = match option {
             "selinux-relabel" => &mut self.selinux_relabel,
+            "no-selinux-relabel" => &mut self.no_selinux_relabel,
             "gpgcheck" => &mut self.gpgcheck,
             "update" => &mut self.update,
             _ => return false,
@@ -1214,8 +1222,18 @@ mod tests {
     #[test]
     fn operation_options_come_from_ops_args() {
         let flags: Vec<&str> = operation_options().iter().filter(|o| !o.takes_value).map(|o| o.name.as_str()).collect();
-        assert_eq!(flags, ["update", "gpgcheck", "selinux-relabel", "reset-machine-id", "regenerate-ssh-host-keys"]);
-        assert_eq!(operation_options().len(), 38);
+        assert_eq!(
+            flags,
+            [
+                "update",
+                "gpgcheck",
+                "selinux-relabel",
+                "no-selinux-relabel",
+                "reset-machine-id",
+                "regenerate-ssh-host-keys"
+            ]
+        );
+        assert_eq!(operation_options().len(), 39);
         for option in operation_options() {
             assert_eq!(option.id, option.name.replace('-', "_"));
             if let Err(OpsError::Invalid { reason, .. }) = Plan::default().add(&option.name, Some("")) {

@@ -1,9 +1,10 @@
 //! virt-customize's password selectors, reduced on the host to an `/etc/shadow` field.
 //!
-//! Clear text lives only in this process: it is hashed (SHA-512 crypt, or SHA-256 crypt with
-//! `--password-crypto sha256`) here and only the hash reaches the rules. `Debug` never prints a
+//! Clear text lives only in this process: it is hashed (SHA-512 crypt, or SHA-256 or MD5 crypt
+//! with `--password-crypto sha256|md5`) here and only the hash reaches the rules. `Debug` never prints a
 //! password.
 
+use crate::ops::md5_crypt;
 use std::path::PathBuf;
 use thiserror::Error;
 
@@ -28,11 +29,8 @@ pub enum PasswordError {
     #[error("cannot hash the password: {0}")]
     Hash(String),
     /// `--password-crypto` names a method imgforge does not write.
-    #[error("{0:?} is not a password hash imgforge writes: use sha512 (the default) or sha256")]
+    #[error("{0:?} is not a password hash imgforge writes: use sha512 (the default), sha256 or md5")]
     Crypto(String),
-    /// `--password-crypto md5`: virt-customize's, refused here.
-    #[error("md5 crypt is refused (it is broken for passwords, and no well-kept Rust crate implements it): use sha512 (the default) or sha256")]
-    Md5Refused,
 }
 
 /// The hash `--root-password`/`--password` write (virt-customize's `--password-crypto`).
@@ -43,15 +41,17 @@ pub enum PasswordCrypto {
     /// SHA-512 crypt, `$6$` (virt-customize's default for the guests imgforge handles).
     #[default]
     Sha512,
+    /// MD5 crypt, `$1$`: weak, for old guests and sites that ask for it.
+    Md5,
 }
 
 impl PasswordCrypto {
-    /// Parses virt-customize's names (`md5` is refused, naming why).
+    /// Parses virt-customize's names: `md5`, `sha256`, `sha512`.
     pub fn parse(text: &str) -> Result<Self, PasswordError> {
         match text {
             "sha256" => Ok(Self::Sha256),
             "sha512" => Ok(Self::Sha512),
-            "md5" => Err(PasswordError::Md5Refused),
+            "md5" => Ok(Self::Md5),
             _ => Err(PasswordError::Crypto(text.to_owned())),
         }
     }
@@ -61,6 +61,7 @@ impl PasswordCrypto {
         match self {
             Self::Sha256 => sha256_crypt(password),
             Self::Sha512 => sha512_crypt(password),
+            Self::Md5 => Ok(md5_crypt::md5_crypt(password.as_bytes(), &md5_crypt::random_salt())),
         }
     }
 }
@@ -353,17 +354,29 @@ mod tests {
         assert!(missing.contains("/nonexistent/pw"), "{missing}");
     }
 
+    /// What virt-customize's `--password-crypto` takes (md5, sha256, sha512, exact lower case)
+    /// and refuses (anything else, blowfish included: it takes no such name).
     #[test]
     fn password_crypto_names() {
         assert_eq!(PasswordCrypto::parse("sha256").unwrap(), PasswordCrypto::Sha256);
         assert_eq!(PasswordCrypto::parse("sha512").unwrap(), PasswordCrypto::Sha512);
+        assert_eq!(PasswordCrypto::parse("md5").unwrap(), PasswordCrypto::Md5);
         assert_eq!(PasswordCrypto::default(), PasswordCrypto::Sha512);
-        let md5 = PasswordCrypto::parse("md5").unwrap_err().to_string();
-        assert!(md5.contains("md5 crypt is refused") && md5.contains("sha256"), "{md5}");
-        for bad in ["", "SHA256", "sha1", "blowfish", "yescrypt"] {
+        for bad in ["", "SHA256", "MD5", "md5 ", "sha1", "blowfish", "yescrypt", "des"] {
             let err = PasswordCrypto::parse(bad).unwrap_err().to_string();
-            assert!(err.contains("sha512") && !err.contains("md5 crypt"), "{bad}: {err}");
+            assert!(err.contains("sha512") && err.contains("md5"), "{bad}: {err}");
         }
+    }
+
+    /// The hash a glibc guest checks: what `openssl passwd -1 -salt` gives for its salt.
+    #[test]
+    fn md5_hashes_verify_against_openssl_for_their_salt() {
+        let hash =
+            PasswordSelector::parse("password:hunter2").unwrap().to_shadow_field(PasswordCrypto::Md5).unwrap().field;
+        let fields: Vec<&str> = hash.split('$').collect();
+        assert_eq!((fields.len(), fields[1], fields[2].len(), fields[3].len()), (4, "1", 8, 22), "{hash}");
+        assert_eq!(md5_crypt::md5_crypt(b"hunter2", fields[2]), hash);
+        assert_ne!(md5_crypt::md5_crypt(b"hunter3", fields[2]), hash);
     }
 
     #[test]
@@ -375,5 +388,7 @@ mod tests {
         assert!(sha512.starts_with("$6$") && verify("hunter2", &sha512).is_ok(), "{sha512}");
         let locked = PasswordSelector::parse("locked:random").unwrap().to_shadow_field(PasswordCrypto::Sha256).unwrap();
         assert!(locked.field.starts_with("!$5$"), "{}", locked.field);
+        let md5 = sel.to_shadow_field(PasswordCrypto::Md5).unwrap().field;
+        assert!(md5.starts_with("$1$"), "{md5}");
     }
 }
