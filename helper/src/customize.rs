@@ -91,6 +91,9 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             let _ = guest.remove_all(&path);
             result
         }
+        Operation::RunTask { payload_path, name, env } => {
+            run_task(guest, &read_payload(payload, payload_path)?, name, env)
+        }
         Operation::Timezone { zone } => set_timezone(guest, zone),
         Operation::Firstboot { payload_path, name } => {
             let script = read_payload(payload, payload_path)?;
@@ -244,6 +247,22 @@ fn set_timezone(guest: &GuestRoot, zone: &str) -> Result<(), String> {
             .map_err(io_err("cannot write", "/etc/timezone"))?;
     }
     Ok(())
+}
+
+/// Runs `program` as snf-image runs a configuration task: executed itself (so its `#!` line
+/// picks the interpreter), here chrooted into the guest and confined, with the task's variables.
+fn run_task(guest: &GuestRoot, program: &[u8], name: &str, env: &[(String, String)]) -> Result<(), String> {
+    guest.mkdir_all("/tmp", 0o1777).map_err(io_err("cannot create", "/tmp"))?;
+    let path = format!("/tmp/imgforge-task-{}", std::process::id());
+    guest.write(&path, program).map_err(io_err("cannot write", &path))?;
+    let result = guest.chmod(&path, 0o700).map_err(io_err("cannot chmod", &path)).and_then(|()| {
+        env.iter()
+            .fold(GuestCommand::new(guest, &[&path]), |command, (k, v)| command.env(k, v))
+            .status()
+            .map_err(|e| format!("task {name}: {e}"))
+    });
+    let _ = guest.remove_all(&path);
+    result
 }
 
 /// Runs a command chrooted into the guest and confined, its output going to the task log.

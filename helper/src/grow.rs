@@ -52,7 +52,7 @@ pub struct Partition {
 
 impl Partition {
     /// The sector after its last.
-    fn end(&self) -> u64 {
+    pub fn end(&self) -> u64 {
         self.start.saturating_add(self.size)
     }
 
@@ -223,23 +223,40 @@ struct Container {
 /// partition (and its LVM volume) to the disk's end when the root filesystem is there.
 pub fn fix_partition_table(vars: &TaskEnv) -> Result<(), String> {
     let ctx = Context::new(vars)?;
-    let container = container(&ctx.disk)?;
+    let swap = crate::swap::parse_request(vars.get("IMGFORGE_SWAP").unwrap_or_default())?;
+    let mut container = container(&ctx.disk)?;
+    let placement = match (&swap, &container.table) {
+        (None, _) => None,
+        (Some(_), None) => return Err(format!("SWAP: {} has no partition table to add a swap partition to", ctx.disk)),
+        (Some(request), Some(table)) => {
+            let used_end = table.partitions.iter().map(Partition::end).max().unwrap_or(0);
+            let placement = crate::swap::place(table, disk_sectors(&ctx.disk, table), used_end, request)?;
+            // The last partition grows up to the swap partition, no further.
+            let last_end = table.partitions.iter().find(|p| p.node == container.dev).map_or(used_end, Partition::end);
+            container.gain = placement.limit.saturating_sub(last_end);
+            Some(placement)
+        }
+    };
     let target = locate(&ctx, &container)?;
     ctx.record(target.as_ref())?;
     let misplaced = container.table.as_ref().is_some_and(|t| t.backup_header_misplaced(disk_sectors(&ctx.disk, t)));
     let sector = container.table.as_ref().map_or(512, |t| t.sector_size);
     let grows = target.is_some() && !container.extend.is_empty() && container.gain * sector >= MIN_GROWTH_BYTES;
-    if misplaced && !grows {
+    if misplaced && !grows && placement.is_none() {
         // sfdisk moves the backup header when it writes the table; here it writes nothing else.
         sfdisk(&ctx.disk, &["--relocate", "gpt-bak-std"], None)?;
         println!("moved the GPT backup header to the end of {}", ctx.disk);
     }
-    let Some(target) = target else { return Ok(()) };
     if grows {
         let before = device_bytes(&container.dev)?;
+        let table = container.table.as_ref().ok_or("a partition grows without a partition table")?;
         for number in &container.extend {
+            let script = match (&placement, table.partitions.iter().find(|p| p.number == *number)) {
+                (Some(swap), Some(p)) => format!(", {}\n", swap.limit - p.start),
+                _ => ", +\n".to_owned(),
+            };
             // The kernel is told below: sfdisk's re-read fails while LVM holds the partition.
-            sfdisk(&ctx.disk, &["--no-reread", "--no-tell-kernel", "-N", &number.to_string()], Some(", +\n"))?;
+            sfdisk(&ctx.disk, &["--no-reread", "--no-tell-kernel", "-N", &number.to_string()], Some(&script))?;
         }
         let table =
             read_table(&ctx.disk)?.ok_or_else(|| format!("sfdisk left {} without a partition table", ctx.disk))?;
@@ -251,12 +268,49 @@ pub fn fix_partition_table(vars: &TaskEnv) -> Result<(), String> {
         tell_kernel(&ctx.disk, grown, table.sector_size)?;
         let after = device_bytes(&container.dev)?;
         println!("extended {} from {before} to {after} bytes", container.dev);
-    } else if container.table.is_some() {
+    } else if container.table.is_some() && target.is_some() {
         println!("{} already reaches the end of the disk", container.dev);
     }
+    if let (Some(request), Some(placement)) = (&swap, &placement) {
+        add_swap(&ctx.disk, request, placement)?;
+    }
+    let Some(target) = target else { return Ok(()) };
     if target.dev != container.dev {
         grow_volume(&container.dev, &target.dev)?;
     }
+    Ok(())
+}
+
+/// Adds the swap partition to the table (rewritten whole from sfdisk's dump, the GPT's last
+/// usable sector left for sfdisk to set at the disk's end) and writes its swap signature.
+fn add_swap(disk: &str, request: &crate::swap::Request, placement: &crate::swap::Placement) -> Result<(), String> {
+    let table = read_table(disk)?.ok_or_else(|| format!("{disk} has no partition table"))?;
+    let out = Command::new("sfdisk")
+        .args(["--dump", disk])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run sfdisk: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("sfdisk --dump {disk} failed ({})", out.status));
+    }
+    let mut script: String = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("last-lba:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    script.push_str(&crate::swap::sfdisk_line(disk, &table, request.number, placement));
+    sfdisk(disk, &["--no-reread", "--no-tell-kernel"], Some(&script))?;
+    let offset = placement.start * table.sector_size;
+    let page = crate::swap::signature(placement.size * table.sector_size, &request.uuid)?;
+    let failed = |e: std::io::Error| format!("cannot write the swap signature on {disk}{}: {e}", request.number);
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut file = std::fs::OpenOptions::new().write(true).open(disk).map_err(failed)?;
+        file.seek(SeekFrom::Start(offset)).map_err(failed)?;
+        file.write_all(&page).map_err(failed)?;
+        file.sync_all().map_err(failed)?;
+    }
+    println!("made swap partition {disk}{} of {} MiB at sector {}", request.number, request.mib, placement.start);
     Ok(())
 }
 

@@ -35,6 +35,7 @@ mod reporter;
 mod script;
 mod selinux;
 mod snapshot;
+mod swap;
 mod task_env;
 mod tasks;
 

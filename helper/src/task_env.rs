@@ -42,6 +42,10 @@ impl TaskEnv {
             ("IMGFORGE_VERBOSE", yes_no(rules.verbose)),
             ("IMGFORGE_DRY_RUN", yes_no(rules.dry_run)),
             ("IMGFORGE_GUEST_PROGRAMS", yes_no(rules.runs_guest_programs())),
+            (
+                "IMGFORGE_SWAP",
+                rules.swap.as_ref().map(|s| format!("{}:{}:{}", s.number, s.mib, s.uuid)).unwrap_or_default(),
+            ),
         ];
         Self(vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
     }

@@ -96,6 +96,22 @@ pub struct Rules {
     /// overlay.
     #[serde(default)]
     pub dry_run: bool,
+    /// snf-image's `SWAP=<N>:<MB>`: a swap partition at the end of the disk, made by
+    /// FixPartitionTable, which grows the last partition only up to it.
+    #[serde(default)]
+    pub swap: Option<SwapPartition>,
+}
+
+/// A swap partition to add (snf-image's `SWAP=<partition id>:<size>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapPartition {
+    /// Its partition number (`N` of `/dev/vdaN`).
+    pub number: u32,
+    /// Its size in MiB (snf-image's "MB").
+    pub mib: u64,
+    /// The UUID its swap signature carries (and the fstab entry names).
+    pub uuid: String,
 }
 
 impl Rules {
@@ -121,6 +137,7 @@ impl Rules {
             gpgcheck: false,
             verbose: false,
             dry_run: false,
+            swap: None,
         }
     }
 
@@ -147,7 +164,13 @@ impl Rules {
     pub fn runs_guest_programs(&self) -> bool {
         self.changes_packages()
             || self.operations.iter().any(|op| {
-                matches!(op, Operation::Run { .. } | Operation::RunCommand { .. } | Operation::RegenerateSshHostKeys)
+                matches!(
+                    op,
+                    Operation::Run { .. }
+                        | Operation::RunTask { .. }
+                        | Operation::RunCommand { .. }
+                        | Operation::RegenerateSshHostKeys
+                )
             })
     }
 }
@@ -288,6 +311,17 @@ pub enum Operation {
         payload_path: String,
         /// The script's name on the host, for messages.
         name: String,
+    },
+    /// Run an executable from the payload disk as snf-image runs a configuration task (its
+    /// `CUSTOM_TASK`): written into the guest's `/tmp`, executed (its `#!` line honoured)
+    /// chrooted into the guest and confined, with `env` added to the clean environment.
+    RunTask {
+        /// Path of the executable on the payload disk.
+        payload_path: String,
+        /// The task's name, for messages (`RunCustomTask`).
+        name: String,
+        /// The task's variables (`SNF_IMAGE_TARGET`, `SNF_IMAGE_PROPERTY_*`, ...).
+        env: Vec<(String, String)>,
     },
     /// Run a command in the guest root with `/bin/sh -c`.
     RunCommand {
@@ -505,6 +539,7 @@ impl Operation {
             Operation::Delete { .. } => "--delete",
             Operation::Chmod { .. } => "--chmod",
             Operation::Run { .. } => "--run",
+            Operation::RunTask { .. } => "a configuration task (Ganeti)",
             Operation::RunCommand { .. } => "--run-command",
             Operation::Timezone { .. } => "--timezone",
             Operation::Firstboot { .. } => "--firstboot",
@@ -540,6 +575,7 @@ impl Operation {
             Operation::Delete { path } => format!("--delete {path}"),
             Operation::Chmod { mode, path } => format!("--chmod {mode:o}:{path}"),
             Operation::Run { name, .. } => format!("--run {name}"),
+            Operation::RunTask { name, .. } => format!("task {name}"),
             Operation::RunCommand { command } => format!("--run-command '{command}'"),
             Operation::Timezone { zone } => format!("--timezone {zone}"),
             Operation::Firstboot { name, .. } => format!("--firstboot {name}"),

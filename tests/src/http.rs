@@ -112,3 +112,43 @@ pub fn start(response: Response) -> Server {
     });
     Server { url: format!("http://127.0.0.1:{port}/image"), sent, requests }
 }
+
+/// Serves files by path (`/debian.img`, `/debian.img.sha256`): each request for one of
+/// `files` gets it whole, any other path a 404, as a plain web server. Returns the base URL
+/// (`http://127.0.0.1:PORT`) and the request lines received.
+pub fn serve_files(files: Vec<(String, Vec<u8>)>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let port = listener.local_addr().unwrap().port();
+    let files = Arc::new(files);
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let log = requests.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let (files, log) = (files.clone(), log.clone());
+            std::thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut byte = [0u8; 1];
+                while !request.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    request.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&request).into_owned();
+                let line = head.lines().next().unwrap_or("").to_owned();
+                log.lock().unwrap().push(line.clone());
+                let path = line.split(' ').nth(1).unwrap_or("");
+                let (status, body): (&str, &[u8]) = match files.iter().find(|(p, _)| p == path) {
+                    Some((_, body)) => ("200 OK", body),
+                    None => ("404 Not Found", b"not found\n"),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                if conn.write_all(head.as_bytes()).is_ok() {
+                    let _ = conn.write_all(body);
+                }
+            });
+        }
+    });
+    (format!("http://127.0.0.1:{port}"), requests)
+}

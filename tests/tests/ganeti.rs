@@ -266,7 +266,8 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
         ("OSP_IMG_ID", "local://nonexistent", "no such image"),
         ("OSP_IMG_PROPERTIES", r#"{"PASSWD_HASHING_METHOD": "blowfish"}"#, "glibc's crypt"),
         ("OSP_IMG_PROPERTIES", r#"{"passwd_hashing_method": "md5"}"#, "md5 crypt is refused"),
-        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#, "SWAP"),
+        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#, "SWAP"),
+        ("OSP_IMG_PROPERTIES", r#"{"custom_task": "rm -rf /"}"#, "CUSTOM_TASK is not base64"),
     ] {
         let mut env = vec![("OSP_IMG_ID", "debian")];
         env.retain(|(k, _)| *k != param);
@@ -631,4 +632,467 @@ fn cloud_init_seed_and_nm_networking() {
     }
     assert_eq!(mode("/etc/NetworkManager/system-connections/imgforge-nic0.nmconnection"), 0o600);
     assert!(!m.join("/etc/systemd/network/50-imgforge-nic0.network").exists());
+}
+
+fn base64(data: &str) -> String {
+    sh(Command::new("sh").args(["-c", "printf %s \"$1\" | base64", "sh", data])).unwrap().trim().to_owned()
+}
+
+/// snf-image's `CUSTOM_TASK` runs after the personality with snf-image's task variables,
+/// chrooted into the guest and confined (no disk, no report port, no mknod); a task that fails
+/// fails `create`, naming it.
+#[test]
+fn create_runs_the_custom_task_confined_with_snf_images_variables() {
+    let s = site();
+    let task = r#"#!/bin/sh
+out="$SNF_IMAGE_TARGET/etc/custom-task-ran"
+printf '%s\n' "target=$SNF_IMAGE_TARGET" "hostname=$SNF_IMAGE_HOSTNAME" "users=$SNF_IMAGE_PROPERTY_USERS" \
+    "nics=$SNF_IMAGE_NIC_COUNT $SNF_IMAGE_NIC_0_MAC" "passwd=${SNF_IMAGE_PASSWD:-unset}" > "$out"
+for dev in /dev/vda /dev/ttyS1 /dev/fd0; do [ -e "$dev" ] && echo "reached $dev" >> "$out"; done
+mknod /tmp/x b 254 0 2>/dev/null && echo "made a disk node" >> "$out"
+cat /etc/personality-file >> "$out"
+"#;
+    // base64 wraps at 76 columns: the line breaks are read through, as snf-image's base64 -d does.
+    let encoded = base64(task);
+    assert!(encoded.contains('\n'));
+    let properties = serde_json::json!({"users": "root", "Custom_Task": encoded}).to_string();
+    let personality = r#"[{"path": "/etc/personality-file", "contents": "cGVyc29uYWxpdHkK"}]"#;
+    let disk = s.disk("ct1.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "ct1.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PERSONALITY", personality),
+            ("OSP_IMG_PROPERTIES", &properties),
+            ("NIC_COUNT", "1"),
+            ("NIC_0_MAC", "aa:00:00:77:5e:b1"),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("CUSTOM_TASK"), "CUSTOM_TASK was warned about");
+    let ran = Mount::partition(&disk, 0).unwrap().read("/etc/custom-task-ran").expect("the custom task did not run");
+    assert_eq!(
+        ran,
+        "target=/\nhostname=ct1.example.com\nusers=root\nnics=1 aa:00:00:77:5e:b1\npasswd=unset\npersonality\n"
+    );
+
+    let failing = serde_json::json!({"CUSTOM_TASK": base64("#!/bin/sh\necho custom task says no\nexit 3\n")});
+    let disk = s.disk("ct2.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "ct2"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PROPERTIES", &failing.to_string()),
+        ],
+        None,
+    );
+    assert!(!out.status.success(), "a custom task exiting 3 did not fail create");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("RunCustomTask") && log.contains("status 3"), "{log}");
+}
+
+/// snf-image's `EXCLUDE_MOUNTED_TASKS`: the image grows into the disk (FixPartitionTable,
+/// FilesystemResizeUnmounted) and nothing of the mounted guest changes: no hostname, no
+/// password, no new machine id, no custom task.
+#[test]
+fn exclude_mounted_tasks_grows_the_image_and_customizes_nothing() {
+    let s = site();
+    let image = s.config.parent().unwrap().join("images/debian.img");
+    let before = {
+        let m = Mount::partition(&image, 0).unwrap();
+        (m.read("/etc/hostname").unwrap(), m.read("/etc/shadow").unwrap(), m.read("/etc/machine-id").ok())
+    };
+    let properties = serde_json::json!({
+        "exclude_mounted_tasks": "yes",
+        "CUSTOM_TASK": base64("#!/bin/sh\ntouch /etc/custom-task-ran\n"),
+    });
+    let disk = s.disk("em1.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "em1"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PROPERTIES", &properties.to_string()),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let part = imgforge_tests::readback::partitions(&disk).unwrap()[0];
+    assert_eq!(part.offset + part.size, 2 << 30, "the root partition does not reach the end of the disk");
+    let m = Mount::partition(&disk, 0).unwrap();
+    assert!(df_bytes(m.path()) > 1900 << 20, "the root filesystem was not grown");
+    assert_eq!(
+        (m.read("/etc/hostname").unwrap(), m.read("/etc/shadow").unwrap(), m.read("/etc/machine-id").ok()),
+        before
+    );
+    assert!(m.read("/etc/custom-task-ran").is_err(), "the custom task ran");
+}
+
+/// The partition `number` of `disk` as sfdisk lists it: start and size in sectors, type.
+fn sfdisk_partition(disk: &Path, number: u32) -> (u64, u64, String) {
+    let json: serde_json::Value =
+        serde_json::from_str(&sh(Command::new("sfdisk").arg("--json").arg(disk)).unwrap()).unwrap();
+    // sfdisk names the partitions of a file ending in a digit FILEpN.
+    let nodes = [format!("{}{number}", disk.display()), format!("{}p{number}", disk.display())];
+    let p = json["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| nodes.iter().any(|n| p["node"] == n.as_str()))
+        .cloned();
+    let p = p.unwrap_or_else(|| panic!("no partition {number} on {}: {json}", disk.display()));
+    (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap(), p["type"].as_str().unwrap().to_owned())
+}
+
+/// snf-image's `SWAP=<N>:<MB>`: partition N, MB MiB, ending 2048 sectors short of the disk's
+/// end, with a swap signature whose UUID the guest's fstab names; the root partition grows up
+/// to it. On an MBR (primary partition 2, ext4 root) and a GPT (partition 3, XFS root), read
+/// back with sfdisk, blkid and sgdisk.
+#[test]
+fn create_adds_the_swap_partition_snf_image_adds() {
+    let s = site();
+    let images = s.config.parent().unwrap().join("images");
+    sh(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(fixtures::disk(Shape::GptXfsBoot).unwrap())
+        .arg(images.join("gpt.img")))
+    .unwrap();
+    for (name, image, disk_bytes, swap, root, root_index, swap_type) in [
+        ("sw1", "debian", 2u64 << 30, "2:256", 1, 0, "82"),
+        ("sw2", "gpt", 3 << 30, "3:300", 2, 1, "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"),
+        // A logical partition: in a new extended partition 2, which starts 1 MiB before it.
+        ("sw3", "debian", 2 << 30, "5:200", 1, 0, "82"),
+    ] {
+        let disk = s.disk(&format!("{name}.disk0"));
+        std::fs::File::options().write(true).open(&disk).unwrap().set_len(disk_bytes).unwrap();
+        let properties = serde_json::json!({"swap": swap}).to_string();
+        let out = s.run(
+            "create",
+            &[
+                ("INSTANCE_NAME", name),
+                ("DISK_0_PATH", disk.to_str().unwrap()),
+                ("OSP_IMG_ID", image),
+                ("OSP_IMG_PROPERTIES", &properties),
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{name}");
+        let (number, mib) = swap.split_once(':').unwrap();
+        let (number, mib): (u32, u64) = (number.parse().unwrap(), mib.parse().unwrap());
+        let (start, size, kind) = sfdisk_partition(&disk, number);
+        let sectors = disk_bytes / 512;
+        assert_eq!(
+            (start + size, size, kind.as_str()),
+            (sectors - 2048, mib * 2048, swap_type),
+            "{name}: the swap partition"
+        );
+        let (root_start, root_size, _) = sfdisk_partition(&disk, root);
+        let gap = if number >= 5 {
+            assert_eq!(sfdisk_partition(&disk, 2), (start - 2048, size + 2048, "5".to_owned()), "{name}: extended");
+            2048
+        } else {
+            0
+        };
+        assert_eq!(root_start + root_size + gap, start, "{name}: the root partition does not reach the swap partition");
+        let probe = |tag: &str| {
+            sh(Command::new("blkid")
+                .args(["-p", "-o", "value", "-s", tag, "-O", &(start * 512).to_string()])
+                .arg(&disk))
+            .unwrap()
+            .trim()
+            .to_owned()
+        };
+        assert_eq!(probe("TYPE"), "swap", "{name}: no swap signature");
+        let uuid = probe("UUID");
+        let m = Mount::partition(&disk, root_index).unwrap();
+        let fstab = m.read("/etc/fstab").unwrap();
+        assert!(fstab.ends_with(&format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0\n")), "{name}: {fstab}");
+        assert!(
+            df_bytes(m.path()) > (disk_bytes - (mib << 20)) - (700 << 20),
+            "{name}: the root filesystem was not grown"
+        );
+        if name == "sw2" {
+            let verify = sh(Command::new("sgdisk").arg("-v").arg(&disk)).unwrap();
+            assert!(verify.contains("No problems found"), "{verify}");
+        }
+    }
+}
+
+/// A small raw "image" of `len` bytes that differ from block to block (no VM reads it: the
+/// tests that deploy it exclude every task).
+fn small_image(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn hex_digest(data: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d");
+    std::fs::write(&p, data).unwrap();
+    sha256(&p)
+}
+
+/// Whether `disk` starts with `image`.
+fn holds(disk: &Path, image: &[u8]) -> bool {
+    crafted::head(disk, image.len()) == image
+}
+
+const NO_TASKS: &str = r#"{"EXCLUDE_ALL_TASKS": "yes"}"#;
+
+/// An http image is checked against `img_sha256`, or else the `.sha256` beside it, before
+/// anything is written: a wrong digest (either way) or a `.sha256` that is not one fails the
+/// create naming the URL and both digests, the disk byte-identical; a right one deploys; an
+/// image without `.sha256` deploys unchecked, saying so; `img_sha256=none` fetches none.
+/// A local image is checked against `img_sha256` too.
+#[test]
+fn url_images_are_checked_before_the_disk_is_written() {
+    let s = site();
+    let image = small_image(24 << 20);
+    let right = hex_digest(&image);
+    let wrong = hex_digest(b"another image");
+    let files = vec![
+        ("/img/good.raw".to_string(), image.clone()),
+        ("/img/good.raw.sha256".to_string(), format!("{wrong}  other.raw\n{right}  good.raw\n").into_bytes()),
+        ("/img/bad.raw".to_string(), image.clone()),
+        ("/img/bad.raw.sha256".to_string(), format!("{wrong} *bad.raw\n").into_bytes()),
+        ("/img/plain.raw".to_string(), image.clone()),
+        ("/img/html.raw".to_string(), image.clone()),
+        ("/img/html.raw.sha256".to_string(), b"<html>not found</html>\n".to_vec()),
+    ];
+    let (base, requests) = imgforge_tests::http::serve_files(files);
+    std::fs::write(s.config.parent().unwrap().join("images/small.raw"), &image).unwrap();
+    let create = |id: &str, sha: Option<&str>, disk: &Path| {
+        let mut env = vec![
+            ("INSTANCE_NAME", "sum.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", id),
+            ("OSP_IMG_FORMAT", "diskdump"),
+            ("OSP_IMG_PROPERTIES", NO_TASKS),
+        ];
+        if let Some(sha) = sha {
+            env.push(("OSP_IMG_SHA256", sha));
+        }
+        let out = s.run("create", &env, None);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // Refused: the disk keeps every byte (a disk of 0xff, larger than the image).
+    let disk = crafted::filled_file(&s.disks.join("sum.disk0"), 64 << 20);
+    let before = sha256(&disk);
+    let bad_url = format!("{base}/img/bad.raw");
+    let good_url = format!("{base}/img/good.raw");
+    for (id, sha, want) in [
+        (bad_url.as_str(), None, vec![bad_url.clone(), wrong.clone(), right.clone()]),
+        (good_url.as_str(), Some(wrong.as_str()), vec![good_url.clone(), wrong.clone(), right.clone()]),
+        ("small.raw", Some(wrong.as_str()), vec!["small.raw".into(), wrong.clone(), right.clone()]),
+        (
+            &format!("{base}/img/html.raw"),
+            None,
+            vec![format!("{base}/img/html.raw.sha256"), "line 1 is not".into(), "img_sha256".into()],
+        ),
+        (good_url.as_str(), Some("12345"), vec!["img_sha256".into()]),
+    ] {
+        let (code, log) = create(id, sha, &disk);
+        assert_ne!(code, Some(0), "{id} with {sha:?} deployed");
+        for w in want {
+            assert!(log.contains(&w), "{id} with {sha:?}: {w:?} missing from the log: {log}");
+        }
+        assert_eq!(sha256(&disk), before, "{id} with {sha:?} touched the disk");
+    }
+
+    // Accepted.
+    for (name, id, sha, said) in [
+        ("sidecar", good_url.clone(), None, format!("SHA-256 {right} ({base}/img/good.raw.sha256)")),
+        ("given", good_url.clone(), Some(right.to_ascii_uppercase()), format!("SHA-256 {right} (img_sha256)")),
+        ("local", "small.raw".to_string(), Some(right.clone()), "(img_sha256)".to_string()),
+        ("none", bad_url.clone(), Some("none".to_string()), "deploying".to_string()),
+        ("unchecked", format!("{base}/img/plain.raw"), None, "the image is not checked".to_string()),
+    ] {
+        let disk = crafted::filled_file(&s.disks.join(format!("{name}.disk0")), 64 << 20);
+        let (code, log) = create(&id, sha.as_deref(), &disk);
+        assert_eq!(code, Some(0), "{name}: {log}");
+        assert!(log.contains(&said), "{name}: {said:?} missing from the log: {log}");
+        assert!(holds(&disk, &image), "{name}: the disk does not hold the image");
+    }
+    let asked = requests.lock().unwrap().clone();
+    assert_eq!(
+        asked.iter().filter(|l| l.contains("/img/bad.raw.sha256")).count(),
+        1,
+        "img_sha256=none fetched the .sha256 (or the refusal did not): {asked:?}"
+    );
+}
+
+/// `config_url` (file:// and http://) replaces Ganeti's parameters with its own, as
+/// snf-image's: here `img_id`, so the disk shows which image was deployed; a bad document
+/// fails naming config_url, the disk untouched; verify takes config_url without img_id.
+#[test]
+fn config_url_parameters_replace_ganetis() {
+    let s = site();
+    let images = s.config.parent().unwrap().join("images");
+    let (one, two) = (small_image(3 << 20), small_image(5 << 20)[1 << 20..].to_vec());
+    std::fs::write(images.join("one.raw"), &one).unwrap();
+    std::fs::write(images.join("two.raw"), &two).unwrap();
+    let doc = format!(r#"{{"IMG_ID": "two.raw", "img_properties": {NO_TASKS}, "frobnicate": "1"}}"#);
+    let file = s.config.parent().unwrap().join("config.json");
+    std::fs::write(&file, &doc).unwrap();
+    let (base, _) = imgforge_tests::http::serve_files(vec![
+        ("/c.json".into(), doc.into_bytes()),
+        ("/broken.json".into(), br#"{"img_id": 2}"#.to_vec()),
+    ]);
+    let create = |url: &str, disk: &Path| {
+        let out = s.run(
+            "create",
+            &[
+                ("INSTANCE_NAME", "cfg.example.com"),
+                ("DISK_0_PATH", disk.to_str().unwrap()),
+                ("OSP_IMG_ID", "one.raw"),
+                ("OSP_IMG_FORMAT", "diskdump"),
+                ("OSP_IMG_PROPERTIES", r#"{"EXCLUDE_TASK_AssignHostname": "yes"}"#),
+                ("OSP_CONFIG_URL", url),
+            ],
+            None,
+        );
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (name, url) in [("file", format!("file://{}", file.display())), ("http", format!("{base}/c.json"))] {
+        let disk = crafted::filled_file(&s.disks.join(format!("{name}.disk0")), 16 << 20);
+        let (code, log) = create(&url, &disk);
+        assert_eq!(code, Some(0), "{name}: {log}");
+        assert!(holds(&disk, &two), "{name}: config_url's img_id did not replace Ganeti's");
+        assert!(log.contains("config_url: unknown parameter \"frobnicate\" ignored"), "{name}: {log}");
+    }
+    let disk = crafted::filled_file(&s.disks.join("bad.disk0"), 16 << 20);
+    let before = sha256(&disk);
+    for (url, want) in [
+        (format!("{base}/broken.json"), "img_id must be a string"),
+        (format!("{base}/missing.json"), "404"),
+        ("file:///nonexistent/c.json".into(), "No such file"),
+        ("ftp://h/c.json".into(), "not a URL imgforge fetches"),
+    ] {
+        let (code, log) = create(&url, &disk);
+        assert_eq!(code, Some(2), "{url}: {log}");
+        assert!(log.contains("config_url") && log.contains(want), "{url}: {log}");
+        assert_eq!(sha256(&disk), before, "{url} touched the disk");
+    }
+    assert!(s.run("verify", &[("OSP_CONFIG_URL", &format!("{base}/c.json"))], None).status.success());
+    assert!(!s.run("verify", &[("OSP_CONFIG_URL", "gopher://h/c")], None).status.success());
+}
+
+/// An OS variant's `NAME.conf` (read, never executed) gives parameter defaults under Ganeti's
+/// and settings over `/etc/default/imgforge`'s; `install-os` lists it in `variants.list`; a
+/// variant without its file, or with a bad line, fails naming the file (and line).
+#[test]
+fn os_variants_from_their_conf_files() {
+    let s = site();
+    let root = s.config.parent().unwrap().to_owned();
+    let variants = root.join("variants");
+    let other_images = root.join("other-images");
+    std::fs::create_dir_all(&variants).unwrap();
+    std::fs::create_dir_all(&other_images).unwrap();
+    let image = small_image(2 << 20);
+    std::fs::write(other_images.join("web.raw"), &image).unwrap();
+    let mark = root.join("executed");
+    std::fs::write(
+        variants.join("web.conf"),
+        format!(
+            "# the web variant\nIMAGE_DIR={}\nIMG_ID=web.raw\nIMG_FORMAT=diskdump\nIMG_PROPERTIES='{NO_TASKS}'\nSTRAY=1\n",
+            other_images.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(variants.join("evil.conf"), format!("IMG_ID=\"$(touch {})\"\n", mark.display())).unwrap();
+    let mut config = std::fs::read_to_string(&s.config).unwrap();
+    config.push_str(&format!("VARIANTS_DIR={}\n", variants.display()));
+    std::fs::write(&s.config, config).unwrap();
+    let out = Command::new(binary())
+        .args(["ganeti", "install-os", "--os-dir"])
+        .arg(s.os_dir.parent().unwrap())
+        .env("IMGFORGE_GANETI_CONFIG", &s.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(s.os_dir.join("variants.list")).unwrap(), "default\nevil\nweb\n");
+
+    let run = |variant: &str, disk: &Path, env: &[(&str, &str)]| {
+        let mut all = vec![("INSTANCE_NAME", "v.example.com"), ("DISK_0_PATH", disk.to_str().unwrap())];
+        all.extend_from_slice(env);
+        all.push(("OS_VARIANT", variant));
+        let out = s.run("create", &all, None);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let disk = crafted::filled_file(&s.disks.join("web.disk0"), 8 << 20);
+    let (code, log) = run("web", &disk, &[]);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(holds(&disk, &image), "the variant's IMG_ID (from its IMAGE_DIR) was not deployed");
+    assert!(log.contains("web.conf: line 6: unknown setting STRAY ignored"), "{log}");
+    // Ganeti's parameter wins over the variant's default: debian is not in the variant's
+    // IMAGE_DIR, so this fails naming it there.
+    let (code, log) = run("web", &disk, &[("OSP_IMG_ID", "debian")]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains(&format!("no such image in IMAGE_DIR {}", other_images.display())), "{log}");
+
+    let before = sha256(&disk);
+    for (variant, want) in [
+        ("evil", "evil.conf: line 1: IMG_ID: expansions ($, `) are not evaluated".to_string()),
+        ("gone", format!("no configuration file {}", variants.join("gone.conf").display())),
+        ("../web", "is not a variant name".to_string()),
+    ] {
+        let (code, log) = run(variant, &disk, &[("OSP_IMG_ID", "debian")]);
+        assert_eq!(code, Some(2), "{variant}: {log}");
+        assert!(log.contains(&want), "{variant}: {log}");
+        assert_eq!(sha256(&disk), before, "{variant} touched the disk");
+    }
+    assert!(!mark.exists(), "a variant's file was executed");
+    assert!(!s.run("verify", &[("OS_VARIANT", "gone"), ("OSP_IMG_ID", "debian")], None).status.success());
+}
+
+/// Through the helper VM: `config_url`'s `img_passwd` and `inst_properties`' `USERS` over
+/// `img_properties`' (alice's password set, root's left), snf-image's way.
+#[test]
+fn config_url_and_inst_properties_reach_the_guest() {
+    let s = site();
+    let doc = r#"{"img_passwd": "Config-Url-Pw-1", "inst_properties": "{\"users\": \"alice\"}"}"#;
+    let (base, _) = imgforge_tests::http::serve_files(vec![("/c.json".into(), doc.as_bytes().to_vec())]);
+    let disk = s.disk("inst.disk0");
+    let root_before = {
+        let image = s.config.parent().unwrap().join("images/debian.img");
+        shadow_field(&Mount::partition(&image, 0).unwrap().read("/etc/shadow").unwrap(), "root").unwrap()
+    };
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "inst.example.com"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_FORMAT", "diskdump"),
+            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
+            ("OSP_IMG_PROPERTIES", r#"{"USERS": "root"}"#),
+            ("OSP_CONFIG_URL", &format!("{base}/c.json")),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let m = Mount::partition(&disk, 0).unwrap();
+    let shadow = m.read("/etc/shadow").unwrap();
+    assert!(
+        password_matches("Config-Url-Pw-1", &shadow_field(&shadow, "alice").unwrap()),
+        "alice's password is not config_url's"
+    );
+    assert_eq!(shadow_field(&shadow, "root").unwrap(), root_before, "inst_properties' USERS did not replace root");
+    assert_eq!(m.read("/etc/hostname").unwrap(), "inst.example.com\n");
 }

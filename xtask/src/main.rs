@@ -1,7 +1,8 @@
 //! `cargo xtask bench customize`: imgforge against virt-customize, same fixture, same
 //! operations, every result verified; virt-customize runs once, the bare helper boot and the
 //! imgforge customization three times each, alternating (their medians are compared); prints
-//! every time and the ratios.
+//! every time and the ratios. `cargo xtask bench ganeti OLD_IMGFORGE [RUNS]`: Ganeti's create,
+//! this tree's imgforge against another build (`bench_ganeti.rs`).
 
 use anyhow::{bail, ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod bench_ganeti;
 mod bench_write;
 
 const PASSWORD: &str = "Bench-Pw-1";
@@ -21,7 +23,11 @@ fn main() -> Result<()> {
         ["bench", "customize"] => bench_customize(),
         ["bench", "write"] => bench_write::run(&imgforge()?),
         ["bench", "liveimg"] => bench_liveimg(),
-        _ => bail!("usage: cargo xtask bench customize|write|liveimg"),
+        ["bench", "ganeti", old, rest @ ..] if rest.len() <= 1 => {
+            let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
+            bench_ganeti::run(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
+        }
+        _ => bail!("usage: cargo xtask bench customize|write|liveimg|ganeti OLD_IMGFORGE [RUNS]"),
     }
 }
 

@@ -150,7 +150,10 @@ fn ganeti_status(e: &crate::ganeti::GanetiError) -> ExitStatus {
         | E::OutsideImageDir { .. }
         | E::NoSuchImage { .. }
         | E::OpenDisk { .. }
-        | E::Ops(_) => ExitStatus::BadInput,
+        | E::Ops(_)
+        | E::Variant(_)
+        | E::Fetch(_)
+        | E::Sha256File { .. } => ExitStatus::BadInput,
         E::ConfigRead { .. }
         | E::ImageDir { .. }
         | E::Stage { .. }

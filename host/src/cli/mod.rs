@@ -635,7 +635,7 @@ async fn ganeti(action: GanetiCommand, interrupt: &crate::vm::Interrupt) -> Resu
             })
             .await
         }
-        GanetiCommand::Verify { .. } => Ok(crate::ganeti::verify()?),
+        GanetiCommand::Verify { .. } => Ok(crate::ganeti::verify(interrupt).await?),
     }
 }
 
@@ -649,6 +649,7 @@ fn write_request(args: &WriteArgs, confinement: Confinement) -> crate::job::writ
         force: args.force,
         size: args.size,
         sha256: args.sha256.clone(),
+        sha256_before_write: false,
         backing_file: args.backing_file.clone(),
         http: crate::source::http::HttpTimeouts {
             connect: Duration::from_secs(args.http_connect_timeout),

@@ -5,6 +5,9 @@ use thiserror::Error;
 /// Where the configuration lives.
 pub const CONFIG_PATH: &str = "/etc/default/imgforge";
 
+/// Where the OS variants' configuration files are, unless `VARIANTS_DIR` says otherwise.
+pub const DEFAULT_VARIANTS_DIR: &str = "/etc/ganeti/imgforge/variants";
+
 /// A bad configuration value.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("{path}: line {line}: {reason}")]
@@ -37,6 +40,8 @@ pub struct Config {
     pub accel: String,
     /// `DHCP_TAGS`, `STATEFUL_DHCPV6_TAGS`, `STATELESS_DHCPV6_TAGS`, `DEFAULT_NIC_CONFIG`.
     pub nics: super::nics::NicSettings,
+    /// Where the OS variants' `NAME.conf` files are (snf-image's `VARIANTS_DIR`).
+    pub variants_dir: String,
 }
 
 impl Default for Config {
@@ -50,6 +55,7 @@ impl Default for Config {
             progress_monitor: String::new(),
             accel: "auto".into(),
             nics: Default::default(),
+            variants_dir: DEFAULT_VARIANTS_DIR.into(),
         }
     }
 }
@@ -148,51 +154,76 @@ fn unquote(raw: &str) -> Result<String, String> {
     Ok(raw.to_owned())
 }
 
+/// One `KEY=value` line (an `export ` prefix allowed, the value unquoted); `None` for a blank
+/// or comment line. Shared by this file and the variants' files.
+pub fn split_line(line: &str) -> Option<Result<(String, String), String>> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let line = line.strip_prefix("export ").unwrap_or(line);
+    let Some((key, raw)) = line.split_once('=') else {
+        return Some(Err(format!("expected KEY=value, found {:?}", imgforge_protocol::printable::printable(line))));
+    };
+    let key = key.trim();
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Some(Err(format!("{:?} is not a setting name", imgforge_protocol::printable::printable(key))));
+    }
+    Some(unquote(raw).map(|v| (key.to_owned(), v)).map_err(|r| format!("{key}: {r}")))
+}
+
+/// Sets `key` to `value` in `c`: `Ok(false)` when `key` is no setting of this file.
+pub fn set(c: &mut Config, key: &str, value: String) -> Result<bool, String> {
+    let number = |max: u64| -> Result<u64, String> {
+        crate::plain_number::parse::<u64>(&value)
+            .filter(|n| *n >= 1 && *n <= max)
+            .ok_or_else(|| format!("{key}={value:?} must be a whole number from 1 to {max}"))
+    };
+    match key {
+        "IMAGE_DIR" | "VARIANTS_DIR" => {
+            if !value.starts_with('/') {
+                return Err(format!("{key}={value:?} must be an absolute path"));
+            }
+            if key == "IMAGE_DIR" {
+                c.image_dir = value;
+            } else {
+                c.variants_dir = value;
+            }
+        }
+        "HELPER_SOFT_TIMEOUT" => c.helper_soft_timeout = number(86_400)?,
+        "HELPER_HARD_TIMEOUT" => c.helper_hard_timeout = number(3_600)?,
+        "HELPER_MEMORY" => c.helper_memory = number(65_536)?.max(128) as u32,
+        "HELPER_USER" => {
+            if value.is_empty() || value == "root" {
+                return Err("HELPER_USER must name an unprivileged user".into());
+            }
+            c.helper_user = value;
+        }
+        "PROGRESS_MONITOR" => c.progress_monitor = value,
+        "ACCEL" => {
+            if !["auto", "kvm", "tcg"].contains(&value.as_str()) {
+                return Err(format!("ACCEL={value:?} must be auto, kvm or tcg"));
+            }
+            c.accel = value;
+        }
+        other => match c.nics.set(other, &value) {
+            Some(result) => result?,
+            None => return Ok(false),
+        },
+    }
+    Ok(true)
+}
+
 /// Parses the file's text; returns the settings and warnings (unknown keys).
 pub fn parse(path: &str, text: &str) -> Result<(Config, Vec<String>), ConfigError> {
     let mut c = Config::default();
     let mut warnings = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let err = |reason: String| ConfigError { path: path.into(), line: i + 1, reason };
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let line = line.strip_prefix("export ").unwrap_or(line);
-        let (key, raw) = line.split_once('=').ok_or_else(|| err(format!("expected KEY=value, found {line:?}")))?;
-        let value = unquote(raw).map_err(|r| err(format!("{key}: {r}")))?;
-        let number = |max: u64| -> Result<u64, ConfigError> {
-            crate::plain_number::parse::<u64>(&value)
-                .filter(|n| *n >= 1 && *n <= max)
-                .ok_or_else(|| err(format!("{key}={value:?} must be a whole number from 1 to {max}")))
-        };
-        match key.trim() {
-            "IMAGE_DIR" => {
-                if !value.starts_with('/') {
-                    return Err(err(format!("IMAGE_DIR={value:?} must be an absolute path")));
-                }
-                c.image_dir = value;
-            }
-            "HELPER_SOFT_TIMEOUT" => c.helper_soft_timeout = number(86_400)?,
-            "HELPER_HARD_TIMEOUT" => c.helper_hard_timeout = number(3_600)?,
-            "HELPER_MEMORY" => c.helper_memory = number(65_536)?.max(128) as u32,
-            "HELPER_USER" => {
-                if value.is_empty() || value == "root" {
-                    return Err(err("HELPER_USER must name an unprivileged user".into()));
-                }
-                c.helper_user = value;
-            }
-            "PROGRESS_MONITOR" => c.progress_monitor = value,
-            "ACCEL" => {
-                if !["auto", "kvm", "tcg"].contains(&value.as_str()) {
-                    return Err(err(format!("ACCEL={value:?} must be auto, kvm or tcg")));
-                }
-                c.accel = value;
-            }
-            other => match c.nics.set(other, &value) {
-                Some(result) => result.map_err(err)?,
-                None => warnings.push(format!("{path}: line {}: unknown setting {other} ignored", i + 1)),
-            },
+        let Some(pair) = split_line(line) else { continue };
+        let (key, value) = pair.map_err(err)?;
+        if !set(&mut c, &key, value).map_err(err)? {
+            warnings.push(format!("{path}: line {}: unknown setting {key} ignored", i + 1));
         }
     }
     Ok((c, warnings))

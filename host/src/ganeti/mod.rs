@@ -2,10 +2,15 @@
 //! whose scripts are thin shims that exec `imgforge ganeti ACTION`; all the logic is here.
 //! Parameters are snf-image's (`OSP_*`), so a Ganeti site can switch by changing the OS name.
 
+pub mod checksum;
 pub mod cloud_init;
 pub mod config;
+pub mod config_url;
+pub mod fetch;
 pub mod nics;
 pub mod params;
+pub mod task_properties;
+pub mod variants;
 
 use crate::job::{self, VmSettings};
 use crate::ops::Plan;
@@ -126,6 +131,22 @@ pub enum GanetiError {
     /// The helper run failed.
     #[error(transparent)]
     Job(#[from] job::JobError),
+    /// The OS variant's file is missing or bad.
+    #[error(transparent)]
+    Variant(#[from] variants::VariantError),
+    /// `config_url` or an image's `.sha256` could not be fetched.
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+    /// An image's `.sha256` file is not one.
+    #[error("{url} (the checksum of img_id {image}): {reason}; fix it, or give img_sha256 (none: no check)")]
+    Sha256File {
+        /// The `.sha256` URL, redacted.
+        url: String,
+        /// The image URL, redacted.
+        image: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// The OS API version imgforge implements.
@@ -152,9 +173,10 @@ pub fn install_os(os_dir: &Path, imgforge: &Path) -> Result<PathBuf, GanetiError
         std::fs::write(&path, script).map_err(|e| io(&path, e))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| io(&path, e))?;
     }
+    let variants = variants::list(Path::new(&load_config()?.variants_dir));
     let files = [
         ("ganeti_api_version", format!("{API_VERSION}\n")),
-        ("variants.list", "default\n".to_string()),
+        ("variants.list", variants.iter().map(|v| format!("{v}\n")).collect()),
         ("parameters.list", params::PARAMETERS.iter().map(|(n, d)| format!("{n} {d}\n")).collect()),
     ];
     for (name, text) in files {
@@ -185,6 +207,77 @@ pub fn load_config() -> Result<Config, GanetiError> {
         crate::stdio::err_line(&format!("imgforge: warning: {w}"));
     }
     Ok(c)
+}
+
+/// Ganeti's environment and the settings, as the OS variant (`OS_VARIANT`) and `config_url`
+/// make them: the variant's file over `/etc/default/imgforge`, its parameter defaults under
+/// Ganeti's `OSP_*`, and with `fetch_config_url` the document's parameters over both.
+async fn parameters(
+    interrupt: &Interrupt,
+    fetch_config_url: bool,
+) -> Result<(BTreeMap<String, String>, Config), GanetiError> {
+    let mut env = environment();
+    let mut config = load_config()?;
+    if let Some(name) = env.get("OS_VARIANT").filter(|v| !v.is_empty()).cloned() {
+        let variant = variants::load(&name, &mut config)?;
+        warn_all(&variant.warnings);
+        variants::apply_defaults(&mut env, &variant);
+    }
+    let Some(url) = config_url::url(&env) else { return Ok((env, config)) };
+    let place = fetch::place(&url, true).map_err(|reason| params::ParamError { param: "config_url".into(), reason })?;
+    if !fetch_config_url {
+        return Ok((env, config));
+    }
+    crate::stdio::err_line(&imgforge_protocol::printable::printable(&format!(
+        "imgforge: reading OS parameters from config_url {}",
+        crate::source::http::redact(&url)
+    )));
+    let data = fetch_small("config_url", place, config_url::MAX_CONFIG_BYTES, false, interrupt).await?;
+    let warnings = config_url::apply(&mut env, &data.unwrap_or_default())?;
+    warn_all(&warnings);
+    Ok((env, config))
+}
+
+/// [`fetch::fetch`] off the async runtime, stopped by an interrupt.
+async fn fetch_small(
+    param: &'static str,
+    place: fetch::Place,
+    max: u64,
+    may_be_missing: bool,
+    interrupt: &Interrupt,
+) -> Result<Option<Vec<u8>>, GanetiError> {
+    let timeouts = crate::source::http::HttpTimeouts::default();
+    let result = job::cancellable(param, interrupt, move |cancel| {
+        Ok::<_, job::JobError>(fetch::fetch(param, &place, max, may_be_missing, timeouts, cancel))
+    })
+    .await?;
+    Ok(result?)
+}
+
+/// The SHA-256 the image must have, and where it came from: `img_sha256`, or the `.sha256`
+/// beside an http(s) image when the server has one.
+async fn expected_sha256(
+    env: &BTreeMap<String, String>,
+    image: &str,
+    interrupt: &Interrupt,
+) -> Result<Option<(String, String)>, GanetiError> {
+    let url = match (checksum::wanted(env)?, crate::source::Location::parse(image)) {
+        (checksum::Wanted::Digest(hex), _) => return Ok(Some((hex, "img_sha256".into()))),
+        (checksum::Wanted::Sidecar, crate::source::Location::Url(url)) => url,
+        _ => return Ok(None),
+    };
+    let sidecar = checksum::sidecar_url(&url);
+    let shown = crate::source::http::redact(&sidecar);
+    let place = fetch::Place::Http(sidecar);
+    let Some(data) = fetch_small("img_id", place, checksum::MAX_SHA256_FILE_BYTES, true, interrupt).await? else {
+        let line = format!("imgforge: no {shown} on the image's server: the image is not checked (give img_sha256)");
+        crate::stdio::err_line(&imgforge_protocol::printable::printable(&line));
+        return Ok(None);
+    };
+    let hex = checksum::parse_sha256_file(&data, checksum::file_name(&url)).map_err(|reason| {
+        GanetiError::Sha256File { url: shown.clone(), image: crate::source::http::redact(&url), reason }
+    })?;
+    Ok(Some((hex, shown)))
 }
 
 /// Resolves `img_id`: a file inside IMAGE_DIR (refusing anything leading outside it), a URL as
@@ -259,7 +352,7 @@ fn settings(config: &Config, properties: &BTreeMap<String, String>) -> VmSetting
         memory_mib: config.helper_memory,
         vcpus: job::HELPER_VCPUS,
         helper_user: config.helper_user.clone(),
-        excluded_tasks: params::excluded_helper_tasks(properties),
+        excluded_tasks: task_properties::with_mounted_tasks(properties, params::excluded_helper_tasks(properties)),
         show_console: true,
         trace_tasks: false,
         qemu: PathBuf::from("qemu-system-x86_64"),
@@ -364,6 +457,28 @@ fn stage(work: &Path, name: &str, guest_path: &str, data: &[u8]) -> Result<PathB
     Ok(local)
 }
 
+/// snf-image's RunCustomTask: `CUSTOM_TASK`'s program, staged for the payload disk and run last
+/// of the operations (after the personality, as snf-image runs it), chrooted into the guest and
+/// confined, with snf-image's task variables.
+fn add_custom_task(
+    plan: &mut Plan,
+    params: &Params,
+    hostname: &str,
+    env: &BTreeMap<String, String>,
+    work: &Path,
+) -> Result<(), GanetiError> {
+    let name = task_properties::CUSTOM_TASK_NAME;
+    let Some(program) = task_properties::custom_task(&params.properties)? else { return Ok(()) };
+    if params.excludes(name) {
+        return Ok(());
+    }
+    let local = stage(work, "custom-task", "CUSTOM_TASK", &program)?;
+    let payload_path = plan.payload_file(&local.to_string_lossy());
+    let env = task_properties::task_env(&params.properties, hostname, params.passwd_hash.as_deref(), env);
+    plan.operations.push(Operation::RunTask { payload_path, name: name.into(), env });
+    Ok(())
+}
+
 /// The progress sink: `PROGRESS_MONITOR` fed JSON on stdin, or nothing.
 fn progress(config: &Config) -> Result<(std::sync::Arc<dyn Progress>, Option<std::process::Child>), GanetiError> {
     if config.progress_monitor.is_empty() {
@@ -380,8 +495,7 @@ fn progress(config: &Config) -> Result<(std::sync::Arc<dyn Progress>, Option<std
 
 /// `create`: deploy `img_id` onto `DISK_0_PATH` and customize it.
 pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
-    let env = environment();
-    let config = load_config()?;
+    let (env, config) = parameters(interrupt, true).await?;
     let params = params::parse(&env)?;
     warn_all(&params.warnings);
     warn_all(&cloud_init::warnings(&params));
@@ -401,9 +515,33 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         crate::stdio::err_line(&imgforge_protocol::printable::printable(&line));
         return Ok(());
     };
+    let sha256 = expected_sha256(&env, &image, interrupt).await?;
     let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = nics::nics(&env, &config.nics)?;
-    let mut plan = plan(&params, &config, &name, nics, work.path())?;
+    let mut plan = if task_properties::mounted_tasks_excluded(&params.properties) {
+        // snf-image's EXCLUDE_MOUNTED_TASKS: only the tasks before the guest is mounted run.
+        crate::stdio::err_line(
+            "imgforge: img_properties: EXCLUDE_MOUNTED_TASKS: only FixPartitionTable and FilesystemResizeUnmounted run",
+        );
+        Plan::default()
+    } else {
+        let mut plan = plan(&params, &config, &name, nics, work.path())?;
+        add_custom_task(&mut plan, &params, &name, &env, work.path())?;
+        plan
+    };
+    // snf-image's SWAP: FixPartitionTable makes the partition (whatever else is excluded, as
+    // snf-image's does); AddSwap, a mounted task, adds its fstab entry.
+    if let Some((swap, fstab_line)) = task_properties::swap_partition(&params.properties) {
+        if params.excludes("FixPartitionTable") {
+            let reason = "SWAP needs FixPartitionTable, which makes the partition, and img_properties exclude it";
+            return Err(params::ParamError { param: "img_properties".into(), reason: reason.into() }.into());
+        }
+        if !params.excludes("AddSwap") && !task_properties::mounted_tasks_excluded(&params.properties) {
+            // First of the operations: AddSwap runs first of snf-image's 50* tasks.
+            plan.operations.insert(0, Operation::AppendLine { path: "/etc/fstab".into(), line: fstab_line });
+        }
+        plan.swap = Some(swap);
+    }
     // As snf-image: the image always grows into the instance's disk.
     plan.grow_to_disk = true;
     let vm_settings = settings(&config, &params.properties);
@@ -416,11 +554,17 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         // Ganeti's disk (a device, or a file for the file template) exists: written in place.
         force: true,
         size: None,
-        sha256: None,
+        // Checked before anything is written: a mismatch leaves the disk untouched.
+        sha256: sha256.as_ref().map(|(hex, _)| hex.clone()),
+        sha256_before_write: true,
         backing_file: None,
     };
     let line = format!("imgforge: deploying {} onto {} for {name}", request.image, disk.display());
     crate::stdio::err_line(&imgforge_protocol::printable::printable(&line));
+    if let Some((hex, from)) = &sha256 {
+        let line = format!("imgforge: the image must have SHA-256 {hex} ({from}), checked before the disk is written");
+        crate::stdio::err_line(&imgforge_protocol::printable::printable(&line));
+    }
     let result = async {
         let written = job::write(&request, progress.clone(), interrupt).await?;
         if written.bare_filesystem != (params.img_format == ImageFormat::Liveimg) {
@@ -449,18 +593,17 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
 
 /// `rename`: set the new hostname in the image (snf-image does nothing here).
 pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
-    let env = environment();
-    let config = load_config()?;
+    let (env, config) = parameters(interrupt, false).await?;
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
     let name = require(&env, "INSTANCE_NAME")?;
     if env.get("OSP_IMG_ID").is_some_and(|id| id.trim() == "null") {
         crate::stdio::err_line("imgforge: img_id=null: the disk holds no image of imgforge's, left as it is");
         return Ok(());
     }
-    let (properties, warnings) = match env.get("OSP_IMG_PROPERTIES").filter(|t| !t.trim().is_empty()) {
-        Some(text) => params::parse_properties(text)?,
-        None => (BTreeMap::new(), Vec::new()),
-    };
+    let (properties, warnings) = params::merged_properties(
+        env.get("OSP_IMG_PROPERTIES").map(String::as_str),
+        env.get("OSP_INST_PROPERTIES").map(String::as_str),
+    )?;
     warn_all(&warnings);
     if params::excluded(&properties, "AssignHostname") {
         crate::stdio::err_line("imgforge: img_properties exclude AssignHostname: the image keeps its hostname");
@@ -518,9 +661,13 @@ pub fn export() -> Result<(), GanetiError> {
 }
 
 /// `verify`: every parameter checked before any disk is touched.
-pub fn verify() -> Result<(), GanetiError> {
-    let env = environment();
-    let config = load_config()?;
+pub async fn verify(interrupt: &Interrupt) -> Result<(), GanetiError> {
+    let (env, config) = parameters(interrupt, false).await?;
+    checksum::wanted(&env)?;
+    if config_url::url(&env).is_some() && !env.contains_key("OSP_IMG_ID") {
+        // As snf-image: the parameters come with config_url at create.
+        return Ok(());
+    }
     let params = params::parse(&env)?;
     warn_all(&params.warnings);
     warn_all(&cloud_init::warnings(&params));

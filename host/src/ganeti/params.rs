@@ -13,10 +13,13 @@ use thiserror::Error;
 pub const PARAMETERS: &[(&str, &str)] = &[
     ("img_id", "Image to deploy: NAME or local://NAME (a file in IMAGE_DIR, also tried with .raw, .img, .qcow2, .diskdump), an http(s):// URL, or null (nothing written, nothing customized); other schemes (file://, pithos://, ftp://) are refused"),
     ("img_format", "diskdump (a disk image in any detected format) or liveimg (its root filesystem is written and grown)"),
+    ("img_sha256", "SHA-256 of the image file as fetched or stored (64 hex digits), checked before anything is written to the disk; without it an http(s) image is checked against IMAGE_URL.sha256 when the server has one (sha256sum's format); none: no check"),
+    ("config_url", "http(s):// or file:/// URL of a JSON object of OS parameters (at most 1 MiB), fetched at create; its values replace those given here, as snf-image's"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), PASSWD_HASHING_METHOD (sha512|sha256|md5; sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); SWAP is refused; any other property is ignored with a warning in the OS log"),
+    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, SWAP (N:MB, a swap partition at the disk's end), PASSWD_HASHING_METHOD (sha512|sha256|md5; sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
+    ("inst_properties", "JSON object of properties as img_properties, each replacing img_properties' of the same name (snf-image's instance properties)"),
     ("auth_keys", "SSH public keys for root, one a line"),
     ("install_rpms", "RPM files in IMAGE_DIR to install in one transaction (comma-separated names)"),
     ("repo", "A package repository directory in IMAGE_DIR, for install: yum/dnf (repodata/), apt (Packages at its top, or dists/), or a directory of .deb files"),
@@ -206,7 +209,7 @@ fn shown(name: &str) -> Cow<'_, str> {
 
 /// A JSON object's members in the order written, a repeated name kept each time (serde_json's
 /// own map keeps only the last, so `{"USERS": "a", "USERS": "b"}` would silently be `b`).
-struct Members(Vec<(String, serde_json::Value)>);
+pub(crate) struct Members(pub(crate) Vec<(String, serde_json::Value)>);
 
 impl<'de> Deserialize<'de> for Members {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -236,7 +239,7 @@ fn list(text: &str) -> Vec<String> {
 /// standard alphabet with `=` padding, ASCII whitespace anywhere ignored, stray bits in a
 /// group's last character ignored, and more groups allowed after a padded one (concatenated
 /// encodings).
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
+pub(super) fn base64_decode(text: &str) -> Option<Vec<u8>> {
     use base64::engine::general_purpose::{GeneralPurpose, PAD};
     use base64::Engine;
     const STANDARD_LENIENT: GeneralPurpose =
@@ -296,11 +299,7 @@ pub const HELPER_TASKS: &[&str] = &[
 ];
 
 /// snf-image's properties imgforge knows but does not honour yet, with what they ask.
-const NOT_HONOURED: &[(&str, &str)] = &[
-    ("DO_SYNC", "resize2fs with fsync"),
-    ("ALLOW_MOUNTED_TASK_OVERWRITING", "tasks overwritten from inside the image"),
-    ("EXCLUDE_MOUNTED_TASKS", "only the tasks before the image is mounted"),
-];
+const NOT_HONOURED: &[(&str, &str)] = &[("ALLOW_MOUNTED_TASK_OVERWRITING", "tasks overwritten from inside the image")];
 
 /// snf-image's properties for Windows guests, which imgforge does not customize.
 const WINDOWS_ONLY: &[&str] = &["IGNORE_UNATTEND", "OFFLINE_NTFSRESIZE", "OFFLINE_NTFSRESIZE_NOCHECK"];
@@ -337,6 +336,9 @@ pub enum Verdict {
 /// with a warning naming it (unknown, or snf-image's but not honoured yet), or refused (SWAP).
 /// Values of honoured properties are checked apart (`parse_properties`).
 pub fn judge_property(name: &str, value: &str) -> Verdict {
+    if let Some(verdict) = super::task_properties::judge(name, value) {
+        return verdict;
+    }
     let invalid_boolean =
         || Verdict::Warn(format!("{}={value:?} is not yes or no: taken as yes, as snf-image does", shown(name)));
     match name {
@@ -345,18 +347,6 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
         }
         "EXCLUDE_ALL_TASKS" | "EXCLUDE_FILESYSTEMRESIZE_TASKS" | "CLOUD_INIT" | "NM_NETWORKING" => {
             return yes_no(value).map_or_else(invalid_boolean, |_| Verdict::Honoured)
-        }
-        "SWAP" if value.trim().is_empty() => return Verdict::Honoured,
-        "SWAP" => {
-            return Verdict::Refuse(format!(
-                "SWAP {value:?} (adding a swap partition or disk) is not supported: size the image's own swap instead"
-            ))
-        }
-        "CUSTOM_TASK" if value.trim().is_empty() => return Verdict::Honoured,
-        "CUSTOM_TASK" => {
-            return Verdict::Warn(
-                "CUSTOM_TASK (a task run in the helper) is not honoured by imgforge yet: ignored".into(),
-            )
         }
         _ => {}
     }
@@ -478,6 +468,7 @@ pub fn parse_properties(text: &str) -> Result<(BTreeMap<String, String>, Vec<Str
         }
     }
     hashing_method(&properties)?;
+    super::task_properties::custom_task(&properties)?;
     if let Some(f) = properties.get("OSFAMILY") {
         if !f.eq_ignore_ascii_case("linux") {
             return Err(err("img_properties", format!("OSFAMILY {f:?}: imgforge customizes Linux images only")));
@@ -487,6 +478,27 @@ pub fn parse_properties(text: &str) -> Result<(BTreeMap<String, String>, Vec<Str
         .into_iter()
         .map(|w| format!("img_properties: {}", imgforge_protocol::printable::printable(&w)))
         .collect();
+    Ok((properties, warnings))
+}
+
+/// `img_properties` with `inst_properties` over it, name by name, as snf-image's helper
+/// reads the second after the first; each is checked as `img_properties` is, its errors and
+/// warnings naming it.
+pub fn merged_properties(
+    img: Option<&str>,
+    inst: Option<&str>,
+) -> Result<(BTreeMap<String, String>, Vec<String>), ParamError> {
+    let (mut properties, mut warnings) = match img.filter(|t| !t.trim().is_empty()) {
+        Some(text) => parse_properties(text)?,
+        None => (BTreeMap::new(), Vec::new()),
+    };
+    if let Some(text) = inst.filter(|t| !t.trim().is_empty()) {
+        let (inst, inst_warnings) =
+            parse_properties(text).map_err(|e| ParamError { param: "inst_properties".into(), ..e })?;
+        warnings.extend(inst_warnings.into_iter().map(|w| w.replacen("img_properties: ", "inst_properties: ", 1)));
+        properties.extend(inst);
+        hashing_method(&properties).map_err(|e| ParamError { param: "inst_properties".into(), ..e })?;
+    }
     Ok((properties, warnings))
 }
 
@@ -530,10 +542,8 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
             return Err(err("img_passwd_hash", "give img_passwd or img_passwd_hash, not both"));
         }
     }
-    let (properties, warnings) = match get("img_properties") {
-        Some(text) => parse_properties(&text)?,
-        None => (BTreeMap::new(), Vec::new()),
-    };
+    let (properties, warnings) =
+        merged_properties(get("img_properties").as_deref(), get("inst_properties").as_deref())?;
     let password_crypto = hashing_method(&properties)?;
     let mut personality = Vec::new();
     if let Some(text) = get("img_personality") {
@@ -668,7 +678,9 @@ mod tests {
                 "img_properties",
             ),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#)], "img_properties"),
-            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "2:512"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"swap": "2:0"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"CUSTOM_TASK": "*"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"USERS": "root;rm"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL_RPMS", "../a.rpm")], "install_rpms"),
         ];
@@ -747,6 +759,7 @@ mod tests {
             ("EXCLUDE_TASK_SELINUXRELABEL", "true"),
             ("EXCLUDE_TASK_FILESYSTEMRESIZEAFTERUMOUNT", "no"),
             ("SWAP", ""),
+            ("SWAP", "2:512"),
             ("CUSTOM_TASK", ""),
             // A no for what imgforge never does asks nothing.
             ("CLOUD_INIT", "no"),
@@ -756,6 +769,9 @@ mod tests {
             ("DO_SYNC", "0"),
             ("ALLOW_MOUNTED_TASK_OVERWRITING", "off"),
             ("EXCLUDE_MOUNTED_TASKS", "unset"),
+            ("EXCLUDE_MOUNTED_TASKS", "set"),
+            ("DO_SYNC", "1"),
+            ("CUSTOM_TASK", "IyEvYmluL3NoCg=="),
             ("EXCLUDE_FILESYSTEMRESIZE_TASKS", ""),
             ("IGNORE_UNATTEND", "no"),
         ];
@@ -765,11 +781,9 @@ mod tests {
         let warned = [
             ("CLOUD_INIT", "maybe", "taken as yes"),
             ("NM_NETWORKING", "y", "taken as yes"),
-            ("DO_SYNC", "1", "not honoured by imgforge yet"),
+            ("DO_SYNC", "sometimes", "taken as yes"),
             ("ALLOW_MOUNTED_TASK_OVERWRITING", "yes", "not honoured by imgforge yet"),
-            ("EXCLUDE_MOUNTED_TASKS", "set", "not honoured by imgforge yet"),
-            ("EXCLUDE_MOUNTED_TASKS", "maybe", "not honoured by imgforge yet"),
-            ("CUSTOM_TASK", "IyEvYmluL3NoCg==", "not honoured by imgforge yet"),
+            ("EXCLUDE_MOUNTED_TASKS", "maybe", "taken as yes"),
             ("OFFLINE_NTFSRESIZE", "yes", "Windows"),
             ("OFFLINE_NTFSRESIZE_NOCHECK", "yes", "Windows"),
             ("IGNORE_UNATTEND", "yes", "Windows"),
@@ -785,7 +799,7 @@ mod tests {
                 other => panic!("{name}={value}: {other:?}"),
             }
         }
-        for value in ["2:512", "5:512", "c"] {
+        for value in ["c", "2:0", "x"] {
             assert!(matches!(judge_property("SWAP", value), Refuse(r) if r.contains("SWAP")), "{value}");
         }
     }
@@ -793,7 +807,7 @@ mod tests {
     #[test]
     fn property_names_are_case_insensitive_and_unknown_ones_warn() {
         let (p, w) = parse_properties(
-            r#"{"Passwd_Hashing_Method": "SHA256", "users": "root", "Frobnicate": 1, "do_sync": "yes", "exclude_task_changepassword": "off"}"#,
+            r#"{"Passwd_Hashing_Method": "SHA256", "users": "root", "Frobnicate": 1, "allow_mounted_task_overwriting": "yes", "do_sync": "yes", "exclude_task_changepassword": "off"}"#,
         )
         .unwrap();
         assert_eq!(p["PASSWD_HASHING_METHOD"], "SHA256");
@@ -801,7 +815,7 @@ mod tests {
         assert!(!excluded(&p, "ChangePassword"), "off is no, as snf-image reads it");
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w.iter().any(|l| l.contains("FROBNICATE") && l.contains("ignored")), "{w:?}");
-        assert!(w.iter().any(|l| l.contains("DO_SYNC") && l.contains("not honoured")), "{w:?}");
+        assert!(w.iter().any(|l| l.contains("ALLOW_MOUNTED_TASK_OVERWRITING") && l.contains("not honoured")), "{w:?}");
         assert!(w.iter().all(|l| l.starts_with("img_properties: ")));
         // The same name twice: the same value is fine, two values are refused.
         assert!(parse_properties(r#"{"users": "root", "USERS": "root"}"#).is_ok());

@@ -294,6 +294,7 @@ pub async fn customize(
     rules.grow_to_disk = plan.grow_to_disk;
     rules.excluded_tasks = settings.excluded_tasks.clone();
     rules.dry_run = plan.dry_run;
+    rules.swap = plan.swap.clone();
     let job = Job::prepare(disk, format, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;
     match result.outcome.verdict {

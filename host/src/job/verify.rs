@@ -95,6 +95,7 @@ pub async fn run(
                 force: false,
                 size: None,
                 sha256: None,
+                sha256_before_write: false,
                 backing_file: None,
             };
             super::cancellable("unpacking", interrupt, move |cancel| super::write::write(&request, &Silent, cancel))

@@ -27,6 +27,10 @@ pub struct WriteRequest {
     pub size: Option<u64>,
     /// Expected SHA-256 of the source (as given: the compressed file, the qcow2, ...).
     pub sha256: Option<String>,
+    /// Check `sha256` over the whole source before the target is opened (a download is stored
+    /// first, a file hashed first), so a mismatch leaves the target untouched; otherwise the
+    /// check ends the stream, the target's first MiB held back until it passed.
+    pub sha256_before_write: bool,
     /// A qcow2 backing file the user explicitly allows.
     pub backing_file: Option<PathBuf>,
     /// The qemu that reads qemu formats, and as whom.
@@ -215,6 +219,11 @@ fn write_opened(
 ) -> Result<Written, WriteError> {
     let name = path.display().to_string();
     let source::LocalImage { file, meta, header } = image;
+    if req.sha256_before_write && req.sha256.is_some() {
+        verify_file_sha(&file, &name, &req.sha256, cancel)?;
+        let verified = WriteRequest { sha256: None, ..req.clone() };
+        return write_opened(&verified, path, source::LocalImage { file, meta, header }, progress, cancel);
+    }
     if source::is_vmdk_descriptor(&header) {
         return Err(SourceError::Unsupported {
             name,
@@ -419,8 +428,9 @@ fn write_body(
 ) -> Result<Written, WriteError> {
     let hasher = Arc::new(Mutex::new(Sha256::new()));
     let hashed = Hashing { inner: body, hasher: hasher.clone() };
+    let streamed = matches!(format, Format::Raw | Format::Gzip | Format::Xz | Format::Zstd);
     match format {
-        Format::Raw | Format::Gzip | Format::Xz | Format::Zstd => {
+        _ if streamed && !(req.sha256_before_write && req.sha256.is_some()) => {
             let size = if format == Format::Raw { length } else { None };
             progress.emit(ImageInfo::source(name, format.name(), size, &req.target).with_download_size(length).into());
             let dest = open_destination(req, size, None)?;
@@ -433,8 +443,9 @@ fn write_body(
                 .map_err(|e| decode_failure(e, name, format))?;
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
-        // qemu-img and squashfs need random access: download first, next to the target.
-        Format::Qemu(_) | Format::Squashfs => {
+        // qemu-img and squashfs need random access, and a checksum to be checked before the
+        // target is touched the whole image: download first, next to the target.
+        _ => {
             let dir = req
                 .target
                 .parent()

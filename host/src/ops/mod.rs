@@ -295,6 +295,8 @@ pub struct Plan {
     pub grow_to_disk: bool,
     /// `customize -n`/`--dry-run`: run everything, list what changed, keep none of it.
     pub dry_run: bool,
+    /// A swap partition to add at the end of the disk (Ganeti's `SWAP` property).
+    pub swap: Option<imgforge_protocol::rules::SwapPartition>,
 }
 
 /// The first bytes of every RPM file (the lead).
@@ -596,7 +598,8 @@ impl Plan {
         Ok(())
     }
 
-    fn payload_file(&mut self, source: &str) -> String {
+    /// Stages the host file `source` for the payload disk: its path there.
+    pub fn payload_file(&mut self, source: &str) -> String {
         self.payload_file_in("files", source)
     }
 

@@ -277,6 +277,7 @@ fn the_emitter_writes_lines_that_match_the_schema() {
             force: false,
             size: None,
             sha256: None,
+            sha256_before_write: false,
             backing_file: None,
         };
         crate::job::write::write(&request, progress, &AtomicBool::new(false)).expect("the image is written");

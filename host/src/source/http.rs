@@ -143,6 +143,17 @@ impl Client {
     /// Starts downloading `url` (credentials in it are sent as HTTP basic authentication); a
     /// raised `cancel` ends the wait for the connection and the response headers.
     pub fn get(&self, url: &str, cancel: &AtomicBool) -> Result<Download, SourceError> {
+        let missing = |status: u16| SourceError::Http { url: redact(url), reason: format!("http status: {status}") };
+        self.request(url, cancel)?.map_err(missing)
+    }
+
+    /// As [`Client::get`], but a 404 or 410 answer is `Ok(Err(status))`: for files that may
+    /// be absent, such as an image's `.sha256`.
+    pub fn get_if_present(&self, url: &str, cancel: &AtomicBool) -> Result<Result<Download, u16>, SourceError> {
+        self.request(url, cancel)
+    }
+
+    fn request(&self, url: &str, cancel: &AtomicBool) -> Result<Result<Download, u16>, SourceError> {
         let err = |reason: String| SourceError::Http { url: redact(url), reason: scrub(&reason, url) };
         let (bare, credentials) = split_credentials(url);
         let mut request = self.agent.get(&bare);
@@ -164,6 +175,7 @@ impl Client {
             .map_err(|e| err(format!("cannot start the request: {e}")))?;
         let response = loop {
             match rx.recv_timeout(CANCEL_POLL) {
+                Ok(Err(ureq::Error::StatusCode(status @ (404 | 410)))) => return Ok(Err(status)),
                 Ok(response) => break response.map_err(|e| err(e.to_string()))?,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancel.load(Ordering::Relaxed) => {
                     return Err(err("interrupted while connecting".into()));
@@ -177,7 +189,7 @@ impl Client {
         let length =
             response.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         let reader: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
-        Ok(Download { body: BufReader::with_capacity(1 << 20, reader), length })
+        Ok(Ok(Download { body: BufReader::with_capacity(1 << 20, reader), length }))
     }
 
     /// Runs `f` while a watcher closes this client's connections once `cancel` is raised, so a

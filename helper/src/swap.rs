@@ -1,0 +1,241 @@
+//! snf-image's swap partition (`SWAP=<N>:<MB>`), made by FixPartitionTable: where it goes
+//! (the end of the disk, 1 MiB short of it, as snf-image places it), and its swap signature,
+//! written here rather than by mkswap (a page of zeros, the header and `SWAPSPACE2`).
+
+use crate::grow::{Label, Table};
+
+/// The page size of the guests imgforge customizes (x86_64).
+const PAGE_SIZE: u64 = 4096;
+/// MBR's type code and GPT's type GUID of a Linux swap partition.
+const MBR_SWAP_TYPE: &str = "82";
+const GPT_SWAP_TYPE: &str = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F";
+
+/// The swap partition asked for (`IMGFORGE_SWAP`: `N:MIB:UUID`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Its partition number.
+    pub number: u32,
+    /// Its size in MiB.
+    pub mib: u64,
+    /// Its swap signature's UUID.
+    pub uuid: [u8; 16],
+}
+
+/// Parses `IMGFORGE_SWAP`; `None` when empty (pure).
+pub fn parse_request(text: &str) -> Result<Option<Request>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let bad = || format!("IMGFORGE_SWAP {text:?} is not NUMBER:MIB:UUID");
+    let mut fields = text.splitn(3, ':');
+    let (Some(number), Some(mib), Some(uuid)) = (fields.next(), fields.next(), fields.next()) else {
+        return Err(bad());
+    };
+    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut bytes = [0u8; 16];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(Some(Request {
+        number: number.parse().map_err(|_| bad())?,
+        mib: mib.parse().ok().filter(|m| *m > 0).ok_or_else(bad)?,
+        uuid: bytes,
+    }))
+}
+
+/// Where the swap partition goes, in sectors of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// Its first sector.
+    pub start: u64,
+    /// Its length.
+    pub size: u64,
+    /// The first sector the last partition may not grow into.
+    pub limit: u64,
+    /// For a logical swap partition: the extended partition made for it (its slot, first
+    /// sector and length).
+    pub extended: Option<(u32, u64, u64)>,
+}
+
+/// Places the swap partition as snf-image does: its last sector 1 MiB (2048 sectors of 512
+/// bytes) short of the disk's end, `mib` long; refused when the space after the last
+/// partition (ending before sector `used_end`) is not larger, or the number is taken or not a
+/// primary MBR partition's (pure).
+pub fn place(table: &Table, disk_sectors: u64, used_end: u64, request: &Request) -> Result<Placement, String> {
+    let n = request.number;
+    let logical = table.label == Label::Dos && n >= 5;
+    match table.label {
+        Label::Dos if n > 4 && n != 5 => {
+            return Err(format!(
+                "SWAP partition {n}: imgforge makes a logical swap partition only as the first one (5) of a \
+                 new extended partition"
+            ))
+        }
+        Label::Dos
+            if logical
+                && table.partitions.iter().any(|p| p.number > 4 || ["5", "f", "85"].contains(&p.kind.as_str())) =>
+        {
+            return Err(format!(
+                "SWAP partition {n}: the disk already has an extended partition; imgforge makes a logical swap \
+                 partition only in a new one (not supported yet)"
+            ))
+        }
+        Label::Dos if n == 0 => return Err("SWAP partition 0: partitions count from 1".into()),
+        Label::Gpt if !(1..=128).contains(&n) => return Err(format!("SWAP partition {n}: a GPT has partitions 1-128")),
+        _ => {}
+    }
+    if table.partitions.iter().any(|p| p.number == n) {
+        return Err(format!("SWAP partition {n}: the disk already has a partition {n}"));
+    }
+    let per_mib = (1u64 << 20) / table.sector_size;
+    let size = request.mib.checked_mul(per_mib).ok_or("SWAP size is too large")?;
+    let last = disk_sectors.saturating_sub(1 + per_mib).min(table.last_usable(disk_sectors));
+    // A logical partition's extended partition starts 1 MiB before it (its boot record there),
+    // so that the last partition ends where snf-image ends it, 2049 sectors before the swap.
+    let reserve = if logical { per_mib } else { 0 };
+    let start =
+        (last + 1).checked_sub(size).filter(|s| *s >= used_end + reserve && *s > used_end).ok_or_else(|| {
+            format!(
+                "not enough space for the swap partition: {} MiB asked, {} MiB free after the last partition",
+                request.mib,
+                (last + 1).saturating_sub(used_end) / per_mib
+            )
+        })?;
+    let limit = start - reserve;
+    let extended = if logical {
+        let slot = (1..=4).find(|s| !table.partitions.iter().any(|p| p.number == *s));
+        let slot = slot.ok_or("SWAP: the MBR has no free primary slot for the extended partition")?;
+        Some((slot, limit, last + 1 - limit))
+    } else {
+        None
+    };
+    Ok(Placement { start, size, limit, extended })
+}
+
+/// The sfdisk script line that adds the partition to a dump of the table (`sfdisk -d`).
+pub fn sfdisk_line(disk: &str, table: &Table, number: u32, placement: &Placement) -> String {
+    let extended = placement
+        .extended
+        .map(|(slot, start, size)| format!("{disk}{slot} : start={start}, size={size}, type=5\n"))
+        .unwrap_or_default();
+    let kind = match table.label {
+        Label::Dos => MBR_SWAP_TYPE.to_owned(),
+        // snf-image names the GPT partition "swap".
+        Label::Gpt => format!("{GPT_SWAP_TYPE}, name=\"swap\""),
+    };
+    format!("{extended}{disk}{number} : start={}, size={}, type={kind}\n", placement.start, placement.size)
+}
+
+/// The first page of a swap area of `bytes` with `uuid` (what mkswap writes, no label; pure).
+pub fn signature(bytes: u64, uuid: &[u8; 16]) -> Result<Vec<u8>, String> {
+    let pages = bytes / PAGE_SIZE;
+    if pages < 10 {
+        return Err(format!("a swap area of {bytes} bytes is too small"));
+    }
+    let last_page = u32::try_from(pages - 1).map_err(|_| format!("a swap area of {bytes} bytes is too large"))?;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    // struct swap_header_v1_2 after 1024 bytes of boot bits: version, last_page, nr_badpages,
+    // uuid, volume name.
+    page[1024..1028].copy_from_slice(&1u32.to_le_bytes());
+    page[1028..1032].copy_from_slice(&last_page.to_le_bytes());
+    page[1036..1052].copy_from_slice(uuid);
+    page[PAGE_SIZE as usize - 10..].copy_from_slice(b"SWAPSPACE2");
+    Ok(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grow::Partition;
+
+    fn table(label: Label, parts: &[(u32, u64, u64)]) -> Table {
+        Table {
+            label,
+            sector_size: 512,
+            last_lba: None,
+            partitions: parts
+                .iter()
+                .map(|&(number, start, size)| Partition {
+                    number,
+                    node: format!("/dev/vda{number}"),
+                    start,
+                    size,
+                    kind: "83".into(),
+                })
+                .collect(),
+        }
+    }
+
+    const UUID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+    #[test]
+    fn requests() {
+        let r = parse_request(&format!("2:512:{UUID}")).unwrap().unwrap();
+        assert_eq!((r.number, r.mib, r.uuid[0], r.uuid[15]), (2, 512, 0x0f, 0xf0));
+        assert_eq!(parse_request("").unwrap(), None);
+        for bad in [
+            "2:512",
+            "x:512:{UUID}",
+            "2:0:0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+            "2:5:0f1e",
+            "2:5:zz1e2d3c4b5a69788796a5b4c3d2e1f0",
+        ] {
+            assert!(parse_request(&bad.replace("{UUID}", UUID)).is_err(), "{bad}");
+        }
+    }
+
+    /// snf-image's geometry: on a 4 GiB disk (8388608 sectors) a 512 MiB swap ends at sector
+    /// 8388608 - 2049 and starts 1048576 sectors before its end.
+    #[test]
+    fn placement() {
+        let req = |number, mib| Request { number, mib, uuid: [0; 16] };
+        let dos = table(Label::Dos, &[(1, 2048, 2095104)]);
+        let p = place(&dos, 8388608, 2097152, &req(2, 512)).unwrap();
+        assert_eq!(p, Placement { start: 8388608 - 2049 - 1048576 + 1, size: 1048576, limit: 7337984, extended: None });
+        let gpt = Table { label: Label::Gpt, ..dos.clone() };
+        assert_eq!(place(&gpt, 8388608, 2097152, &req(3, 512)).unwrap(), p);
+        for (t, r, want) in [
+            (&dos, req(6, 512), "first one (5)"),
+            (
+                &table(Label::Dos, &[(1, 2048, 2048), (2, 4096, 9000), (5, 6144, 100)]),
+                req(5, 512),
+                "already has an extended",
+            ),
+            (&dos, req(1, 512), "already has a partition 1"),
+            (&gpt, req(129, 512), "1-128"),
+            (&dos, req(2, 4096), "not enough space"),
+        ] {
+            let e = place(t, 8388608, 2097152, &r).unwrap_err();
+            assert!(e.contains(want), "{r:?}: {e}");
+        }
+        // Logical: in a new extended partition 1 MiB longer, the root ending 2049 sectors
+        // before the swap partition, as snf-image ends it.
+        let l = place(&dos, 8388608, 2097152, &req(5, 512)).unwrap();
+        assert_eq!(
+            (l.start, l.limit, l.extended),
+            (p.start, p.start - 2048, Some((2, p.start - 2048, 1048576 + 2048)))
+        );
+        assert_eq!(
+            sfdisk_line("/dev/vda", &dos, 5, &l),
+            "/dev/vda2 : start=7335936, size=1050624, type=5\n/dev/vda5 : start=7337984, size=1048576, type=82\n"
+        );
+        assert!(sfdisk_line("/dev/vda", &dos, 2, &p).starts_with("/dev/vda2 : start=7337984, size=1048576, type=82"));
+        assert!(sfdisk_line("/dev/vda", &gpt, 3, &p).contains(&format!("type={GPT_SWAP_TYPE}, name=\"swap\"")));
+    }
+
+    #[test]
+    fn swap_signature() {
+        let uuid = [7u8; 16];
+        let page = signature(512 << 20, &uuid).unwrap();
+        assert_eq!(page.len(), 4096);
+        assert_eq!(&page[4086..], b"SWAPSPACE2");
+        assert_eq!(u32::from_le_bytes(page[1024..1028].try_into().unwrap()), 1);
+        assert_eq!(u32::from_le_bytes(page[1028..1032].try_into().unwrap()), (512 << 20) / 4096 - 1);
+        assert_eq!(&page[1036..1052], &uuid);
+        assert!(page[..1024].iter().all(|b| *b == 0));
+        assert!(signature(4096 * 9, &uuid).is_err());
+    }
+}
