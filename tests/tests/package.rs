@@ -193,6 +193,7 @@ fn the_package_installs_runs_and_purges_without_a_trace() {
     let settings = std::fs::read_to_string(root.join("etc/default/imgforge")).unwrap();
     for key in [
         "IMAGE_DIR",
+        "VARIANTS_DIR",
         "HELPER_SOFT_TIMEOUT",
         "HELPER_HARD_TIMEOUT",
         "HELPER_MEMORY",

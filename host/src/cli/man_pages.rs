@@ -67,7 +67,7 @@ const ENVIRONMENT: &[(&str, &str)] = &[
 const FILES: &[(&str, &str)] = &[
     (
         "/etc/default/imgforge",
-        "Settings of the Ganeti OS definition (IMAGE_DIR, HELPER_SOFT_TIMEOUT, HELPER_HARD_TIMEOUT, \
+        "Settings of the Ganeti OS definition (IMAGE_DIR, VARIANTS_DIR, HELPER_SOFT_TIMEOUT, HELPER_HARD_TIMEOUT, \
          HELPER_MEMORY, HELPER_USER, PROGRESS_MONITOR, ACCEL, DHCP_TAGS, STATEFUL_DHCPV6_TAGS, \
          STATELESS_DHCPV6_TAGS, DEFAULT_NIC_CONFIG; the package's copy describes each): KEY=value lines, \
          read, never executed.",

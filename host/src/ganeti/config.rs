@@ -63,6 +63,7 @@ impl Default for Config {
 /// Every setting with what it does, in the order `/etc/default/imgforge` lists them.
 const SETTINGS: &[(&str, &str)] = &[
     ("IMAGE_DIR", "Where img_id names (local://NAME or NAME) are looked up: an absolute path."),
+    ("VARIANTS_DIR", "Where the OS variants' NAME.conf files are (snf-image's VARIANTS_DIR): an absolute path."),
     ("HELPER_SOFT_TIMEOUT", "Seconds a helper VM may run before it is asked to stop (1 to 86400)."),
     ("HELPER_HARD_TIMEOUT", "Seconds after that request before qemu is killed (1 to 3600)."),
     ("HELPER_MEMORY", "Helper VM memory in MiB (128 to 65536)."),
@@ -90,6 +91,7 @@ pub fn commented_defaults() -> String {
     let d = Config::default();
     let value = |key: &str| match key {
         "IMAGE_DIR" => d.image_dir.clone(),
+        "VARIANTS_DIR" => d.variants_dir.clone(),
         "HELPER_SOFT_TIMEOUT" => d.helper_soft_timeout.to_string(),
         "HELPER_HARD_TIMEOUT" => d.helper_hard_timeout.to_string(),
         "HELPER_MEMORY" => d.helper_memory.to_string(),
@@ -297,9 +299,11 @@ mod tests {
             progress_monitor: _,
             accel: _,
             nics: _,
+            variants_dir: _,
         } = c;
         for (key, other) in [
             ("IMAGE_DIR", "/x"),
+            ("VARIANTS_DIR", "/y"),
             ("HELPER_SOFT_TIMEOUT", "7"),
             ("HELPER_HARD_TIMEOUT", "7"),
             ("HELPER_MEMORY", "777"),
