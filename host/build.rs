@@ -40,6 +40,45 @@ fn main() {
     let kernel_digest = Sha256::digest(std::fs::read(&kernel_code).unwrap());
     println!("cargo:rustc-env=IMGFORGE_KERNEL_CODE_DIGEST={}", hex::encode(&kernel_digest[..8]));
     println!("cargo:rerun-if-changed={}", tasks.display());
+    println!("cargo:rustc-env=IMGFORGE_GIT_COMMIT={}", git_commit(&workspace));
+}
+
+/// The commit the workspace is at, for `--version`: `$IMGFORGE_GIT_COMMIT` when set (a build
+/// from a source tarball may say where it came from), else git's answer, else `unknown` (no
+/// git, or not a checkout). Re-run when HEAD moves, so a commit does not keep the old name.
+fn git_commit(workspace: &Path) -> String {
+    println!("cargo:rerun-if-env-changed=IMGFORGE_GIT_COMMIT");
+    if let Ok(commit) = std::env::var("IMGFORGE_GIT_COMMIT") {
+        return commit;
+    }
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").arg("-C").arg(workspace).args(args).output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        (out.status.success() && !text.trim().is_empty()).then(|| text.trim().to_owned())
+    };
+    let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) else { return "unknown".into() };
+    // HEAD names a branch whose ref file (or packed-refs) moves on each commit; in a worktree
+    // HEAD lives in its own git directory and the refs in the common one.
+    for (dir_arg, files) in [("--git-dir", &["HEAD"][..]), ("--git-common-dir", &["packed-refs"][..])] {
+        if let Some(dir) = git(&["rev-parse", "--path-format=absolute", dir_arg]) {
+            for file in files {
+                rerun_if_exists(&Path::new(&dir).join(file));
+            }
+        }
+    }
+    if let (Some(common), Some(branch)) =
+        (git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]), git(&["symbolic-ref", "-q", "HEAD"]))
+    {
+        rerun_if_exists(&Path::new(&common).join(branch));
+    }
+    commit
+}
+
+/// A missing file would make cargo run the build script on every build.
+fn rerun_if_exists(path: &Path) {
+    if path.exists() {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
 }
 
 /// Builds `imgforge-helper` statically in its own target directory (no musl target here, so

@@ -13,6 +13,7 @@ PACKAGES=(
     kmod dpkg cpio  # helper image build (depmod, dpkg-deb)
     debootstrap dosfstools zstd xz-utils gzip rpm createrepo-c  # test fixtures (rpm: rpmbuild)
     ganeti iproute2 bc  # the single-node Ganeti cluster test
+    dpkg-dev binutils lintian man-db  # scripts/package.sh (dpkg-shlibdeps, strip) and its test (man -w)
     policycoreutils  # setfiles, copied into an SELinux test guest (tests/tests/selinux.rs)
     libguestfs-tools  # virt-customize, for the differential test (Debian 12's: pulls no other qemu)
 )

@@ -2,13 +2,17 @@
 # A single-node Ganeti cluster (fake hypervisor, file disks) in namespaces of its own: private
 # hostname, private /etc/hosts, a documentation-range address on the namespace's loopback, all
 # Ganeti state on tmpfs. Run as:
-#   unshare --net --uts --mount --pid --fork --mount-proc cluster.sh IMGFORGE IMAGE_DIR OUT KEY
+#   unshare --net --uts --mount --pid --fork --mount-proc cluster.sh IMGFORGE IMAGE_DIR OUT KEY [DEB]
 # The disks and OS logs it produces are copied to OUT for the test to read back.
+# With DEB (imgforge's package), the OS definition and /usr/bin/imgforge are the package's
+# (unpacked with dpkg-deb -x, /usr/bin overlaid for this namespace only): gnt-os diagnose
+# must find the OS valid and an instance with img_id=null be added; nothing else runs.
 set -eu
 IMGFORGE=$1
 IMAGES=$2
 OUT=$3
 KEY=$4
+DEB=${5:-}
 hostname node1.imgforge.test
 ip link set lo up
 ip addr add 192.0.2.10/32 dev lo
@@ -29,12 +33,30 @@ echo /srv/ganeti/file-storage > /etc/ganeti/file-storage-paths
 mkdir -p /root/.ssh
 gnt-cluster init --enabled-hypervisors=fake --enabled-disk-templates=file,blockdev --master-netdev=lo --no-etc-hosts --no-ssh-init --file-storage-dir=/srv/ganeti/file-storage --nic-parameters=link=gntbr0 cluster.imgforge.test
 echo INIT-OK
-"$IMGFORGE" ganeti install-os --os-dir /srv/ganeti/os
+if [ -n "$DEB" ]; then
+    mkdir /srv/ganeti/deb /srv/ganeti/bin /srv/ganeti/bin-work
+    dpkg-deb -x "$DEB" /srv/ganeti/deb
+    cp -a /srv/ganeti/deb/srv/ganeti/os/imgforge /srv/ganeti/os/
+    cp -a /srv/ganeti/deb/usr/bin/imgforge /srv/ganeti/bin/
+    mount -t overlay overlay -o lowerdir=/usr/bin,upperdir=/srv/ganeti/bin,workdir=/srv/ganeti/bin-work /usr/bin
+else
+    "$IMGFORGE" ganeti install-os --os-dir /srv/ganeti/os
+fi
 mount -t tmpfs tmpfs /etc/default
 printf 'IMAGE_DIR=%s\nACCEL=tcg\nHELPER_SOFT_TIMEOUT=300\n' "$IMAGES" > /etc/default/imgforge
 gnt-cluster modify --ipolicy-bounds-specs min:disk-size=128,cpu-count=1,disk-count=1,memory-size=64,nic-count=1,spindle-use=1/max:disk-size=1048576,cpu-count=8,disk-count=16,memory-size=65536,nic-count=8,spindle-use=12
 add() { gnt-instance add -t file --disk 0:size=2048 -B memory=128 -o imgforge+default --no-start --no-ip-check --no-name-check -n node1.imgforge.test "$@"; }
 copy_disk() { cp --sparse=always "$(ls -t /srv/ganeti/file-storage/*/*.disk0 | head -n 1)" "$OUT/$1"; }
+
+if [ -n "$DEB" ]; then
+    gnt-os diagnose || echo "DIAGNOSE-FAILED $?"
+    gnt-os info imgforge
+    add -O img_id=null inst1.imgforge.test
+    echo PACKAGED-ADD-OK
+    cp -r /var/log/ganeti/os "$OUT/os-log"
+    echo CLUSTER-DONE
+    exit 0
+fi
 
 started=$(date +%s%N)
 # Commas inside a value are escaped for gnt-instance's -O parser.

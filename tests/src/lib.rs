@@ -6,6 +6,7 @@ pub mod crafted;
 pub mod deb;
 pub mod fixtures;
 pub mod http;
+pub mod package;
 pub mod readback;
 pub mod rpm;
 pub mod run;

@@ -1,7 +1,8 @@
 //! A real single-node Ganeti 3.0 cluster (fake hypervisor, `file` disks) in namespaces the test
 //! creates (`tests/ganeti/cluster.sh`): `gnt-instance add -o imgforge+default`, reinstall,
 //! rename, export -> import into a second instance, and a bad `img_properties` rejected by
-//! verify; the disks are read back with loop mounts.
+//! verify; the disks are read back with loop mounts. And the OS definition as the Debian
+//! package ships it (`scripts/package.sh`), found valid by `gnt-os diagnose`.
 
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::{password_matches, shadow_field, Mount};
@@ -73,4 +74,39 @@ fn ganeti_instance_life_cycle_with_imgforge() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
     assert!(logs.contains("imgforge-helper"), "the OS log lacks the helper's console");
+}
+
+/// The package's OS definition, unpacked from the .deb with the package's /usr/bin/imgforge
+/// (no `install-os`): Ganeti finds it valid and runs it (`img_id=null`: no helper VM, so this
+/// stays short).
+#[test]
+fn the_packaged_os_definition_is_valid_for_ganeti() {
+    fixtures::require_root();
+    let debs = tempfile::tempdir().unwrap();
+    let deb = imgforge_tests::package::build_deb(debs.path(), false);
+    let images = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ganeti/cluster.sh");
+    let out = Command::new("timeout")
+        .args(["300", "unshare", "--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc"])
+        .arg(&script)
+        .arg(binary())
+        .arg(images.path())
+        .arg(out_dir.path())
+        .arg(KEY)
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("CLUSTER-DONE"), "the cluster run failed");
+    assert!(stdout.contains("OS: imgforge [global status: valid]"), "gnt-os diagnose: the packaged OS is not valid");
+    assert!(stdout.contains("/srv/ganeti/os/imgforge"), "gnt-os diagnose names another path");
+    assert!(stdout.contains("PACKAGED-ADD-OK"), "gnt-instance add with the packaged OS failed");
+    let logs: String = std::fs::read_dir(out_dir.path().join("os-log"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(logs.contains("img_id=null: nothing written"), "the packaged imgforge did not run: {logs}");
 }

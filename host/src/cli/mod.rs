@@ -3,6 +3,8 @@
 pub mod argv;
 pub mod exit;
 pub mod machine_readable;
+mod man_pages;
+mod package_files;
 
 use crate::cli::exit::{ExitStatus, Failure};
 use crate::job::{self, DeployTarget, VmSettings, HELPER_MEMORY_MIB, HELPER_SOFT_TIMEOUT_SECS, HELPER_VCPUS};
@@ -36,6 +38,25 @@ pub struct Cli {
     pub colors: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// What `--version` prints after the name: the version, the commit it was built from (`unknown`
+/// outside a git checkout) and the helper image recipe it builds.
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        format!(
+            "{} (commit {}, helper image recipe {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("IMGFORGE_GIT_COMMIT"),
+            crate::helper_image::recipe_id()
+        )
+    })
+}
+
+/// The documented command line (what `--help`, the man pages and the completions describe).
+pub fn command() -> clap::Command {
+    Cli::command().version(version())
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,6 +96,10 @@ enum GanetiCommand {
         /// Ganeti's OS directory.
         #[arg(long, default_value = "/srv/ganeti/os")]
         os_dir: PathBuf,
+        /// The imgforge the OS scripts run (default: this program). The package writes its
+        /// definition with /usr/bin/imgforge from the binary it is built from.
+        #[arg(long, value_name = "PATH")]
+        imgforge_path: Option<PathBuf>,
     },
     /// OS script: deploy img_id onto DISK_0_PATH and customize it (Ganeti's environment).
     Create {
@@ -583,9 +608,18 @@ async fn verify(args: VerifyArgs, settings: &VmSettings, interrupt: &crate::vm::
 /// The Ganeti OS interface's actions.
 async fn ganeti(action: GanetiCommand, interrupt: &crate::vm::Interrupt) -> Result<(), Failure> {
     match action {
-        GanetiCommand::InstallOs { os_dir } => {
-            let exe = std::env::current_exe()
-                .map_err(|e| Failure::environment(format!("cannot find this program's path: {e}")))?;
+        GanetiCommand::InstallOs { os_dir, imgforge_path } => {
+            let exe = match imgforge_path {
+                Some(path) if path.is_absolute() => path,
+                Some(path) => {
+                    return Err(Failure::bad_input(format!(
+                        "--imgforge-path {}: give an absolute path (Ganeti runs the scripts from anywhere)",
+                        path.display()
+                    )))
+                }
+                None => std::env::current_exe()
+                    .map_err(|e| Failure::environment(format!("cannot find this program's path: {e}")))?,
+            };
             let dir = crate::ganeti::install_os(&os_dir, &exe)?;
             crate::stdio::out_line(&format!("Ganeti OS definition written to {}", dir.display()));
             Ok(())
@@ -638,8 +672,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = command().subcommand(package_files::command()).get_matches();
     crate::cli::argv::scrub();
+    if let Some(("generate", sub)) = matches.subcommand() {
+        return match package_files::run(sub) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(f) => {
+                crate::stdio::err_line(&format!("imgforge: {}", f.message));
+                std::process::ExitCode::from(f.status as u8)
+            }
+        };
+    }
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -674,6 +717,17 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        command().subcommand(package_files::command()).debug_assert();
+    }
+
+    #[test]
+    fn version_names_the_commit_and_the_helper_image_recipe() {
+        let v = version();
+        assert!(v.starts_with(env!("CARGO_PKG_VERSION")), "{v}");
+        assert!(v.contains(&format!("commit {}", env!("IMGFORGE_GIT_COMMIT"))), "{v}");
+        assert!(v.contains(&format!("helper image recipe {}", crate::helper_image::recipe_id())), "{v}");
+        let err = command().try_get_matches_from(["imgforge", "--version"]).unwrap_err();
+        assert!(err.to_string().contains(v), "{err}");
     }
 
     #[test]

@@ -60,6 +60,83 @@ impl Default for Config {
     }
 }
 
+/// Every setting with what it does, in the order `/etc/default/imgforge` lists them.
+const SETTINGS: &[(&str, &str)] = &[
+    ("IMAGE_DIR", "Where img_id names (local://NAME or NAME) are looked up: an absolute path."),
+    ("VARIANTS_DIR", "Where the OS variants' NAME.conf files are (snf-image's VARIANTS_DIR): an absolute path."),
+    ("HELPER_SOFT_TIMEOUT", "Seconds a helper VM may run before it is asked to stop (1 to 86400)."),
+    ("HELPER_HARD_TIMEOUT", "Seconds after that request before qemu is killed (1 to 3600)."),
+    ("HELPER_MEMORY", "Helper VM memory in MiB (128 to 65536)."),
+    (
+        "HELPER_USER",
+        "Whom qemu runs as: dynamic (a uid and gid of each qemu's own, shared with no other \
+         process), or a named unprivileged user, which every other process of that user shares: \
+         name a dedicated one, never nobody or root.",
+    ),
+    ("PROGRESS_MONITOR", "A command fed the JSON progress lines (snf-image's monitor messages) on stdin; empty: none."),
+    ("ACCEL", "auto (KVM where it works, TCG otherwise), kvm or tcg."),
+    ("DHCP_TAGS", "Network tags (space-separated) whose NICs get IPv4 by DHCP, as snf-image's."),
+    ("STATEFUL_DHCPV6_TAGS", "Network tags whose NICs get IPv6 by stateful DHCPv6."),
+    ("STATELESS_DHCPV6_TAGS", "Network tags whose NICs get IPv6 by SLAAC and stateless DHCPv6."),
+    (
+        "DEFAULT_NIC_CONFIG",
+        "How a lone NIC with no address and no IPv6 gateway is configured: '' (none), dhcp, dhcpv6, \
+         slaac, slaac_dhcp, dhcp+dhcpv6, dhcp+slaac or dhcp+slaac_dhcp.",
+    ),
+];
+
+/// `/etc/default/imgforge` as the package installs it: every setting described and commented
+/// out at its default, so that the file changes nothing until a line is uncommented.
+pub fn commented_defaults() -> String {
+    let d = Config::default();
+    let value = |key: &str| match key {
+        "IMAGE_DIR" => d.image_dir.clone(),
+        "VARIANTS_DIR" => d.variants_dir.clone(),
+        "HELPER_SOFT_TIMEOUT" => d.helper_soft_timeout.to_string(),
+        "HELPER_HARD_TIMEOUT" => d.helper_hard_timeout.to_string(),
+        "HELPER_MEMORY" => d.helper_memory.to_string(),
+        "HELPER_USER" => d.helper_user.clone(),
+        "PROGRESS_MONITOR" => "''".into(),
+        "ACCEL" => d.accel.clone(),
+        "DHCP_TAGS" => format!("'{}'", d.nics.dhcp_tags.join(" ")),
+        "STATEFUL_DHCPV6_TAGS" => format!("'{}'", d.nics.stateful_dhcpv6_tags.join(" ")),
+        "STATELESS_DHCPV6_TAGS" => format!("'{}'", d.nics.stateless_dhcpv6_tags.join(" ")),
+        // The default checked against the parser by the test below.
+        "DEFAULT_NIC_CONFIG" => "dhcp".into(),
+        other => unreachable!("{other} has no default"),
+    };
+    let mut text = String::from(
+        "# Settings of imgforge's Ganeti OS definition (imgforge ganeti create, import, export,\n\
+         # rename, verify). KEY=value lines in shell syntax, read by imgforge, never executed: no\n\
+         # expansions ($, `); quote values with spaces. Each line below shows the default.\n",
+    );
+    for (key, what) in SETTINGS {
+        text.push('\n');
+        for line in wrap(what, 90) {
+            text.push_str(&format!("# {line}\n"));
+        }
+        text.push_str(&format!("#{key}={}\n", value(key)));
+    }
+    text
+}
+
+/// `text` in lines of at most `width` characters, broken at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let line = lines.last_mut().expect("one line at least");
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(word.to_owned());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
+}
+
 /// Removes shell quoting from a value: `'a b'`, `"a b"`, or a bare word.
 fn unquote(raw: &str) -> Result<String, String> {
     let raw = raw.trim();
@@ -192,6 +269,62 @@ mod tests {
             let e = parse("f", line).unwrap_err();
             assert_eq!(e.line, 1, "{line}");
         }
+    }
+
+    #[test]
+    fn the_commented_defaults_name_every_setting_at_its_default() {
+        let text = commented_defaults();
+        let (as_shipped, warnings) = parse("f", &text).unwrap();
+        assert_eq!((as_shipped, warnings.len()), (Config::default(), 0), "every line is commented out");
+        // The setting lines ("#KEY=value"), uncommented; the descriptions stay comments.
+        let setting = |l: &str| {
+            l.split_once('=')
+                .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'))
+        };
+        let uncommented: String = text
+            .lines()
+            .map(|l| l.strip_prefix('#').filter(|l| setting(l)).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let (c, warnings) = parse("f", &uncommented).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(c, Config::default(), "each line shows the default");
+        // A field added to Config without a line here fails to compile.
+        let Config {
+            image_dir: _,
+            helper_soft_timeout: _,
+            helper_hard_timeout: _,
+            helper_memory: _,
+            helper_user: _,
+            progress_monitor: _,
+            accel: _,
+            nics: _,
+            variants_dir: _,
+        } = c;
+        for (key, other) in [
+            ("IMAGE_DIR", "/x"),
+            ("VARIANTS_DIR", "/y"),
+            ("HELPER_SOFT_TIMEOUT", "7"),
+            ("HELPER_HARD_TIMEOUT", "7"),
+            ("HELPER_MEMORY", "777"),
+            ("HELPER_USER", "imgforge-qemu"),
+            ("PROGRESS_MONITOR", "cat"),
+            ("ACCEL", "tcg"),
+            ("DHCP_TAGS", "x"),
+            ("STATEFUL_DHCPV6_TAGS", "x"),
+            ("STATELESS_DHCPV6_TAGS", "x"),
+            ("DEFAULT_NIC_CONFIG", "slaac"),
+        ] {
+            let line = format!("#{key}=");
+            assert!(text.lines().any(|l| l.starts_with(&line)), "{key} is listed");
+            let changed = uncommented
+                .lines()
+                .map(|l| if l.starts_with(&line[1..]) { format!("{key}={other}") } else { l.to_owned() })
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert_ne!(parse("f", &changed).unwrap().0, Config::default(), "{key} is a setting parse() reads");
+        }
+        assert!(text.lines().all(|l| l.len() <= 100), "{text}");
     }
 
     proptest::proptest! {

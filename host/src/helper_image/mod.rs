@@ -119,6 +119,13 @@ fn recipe_digest() -> String {
     hex::encode(h.finalize())
 }
 
+/// The recipe the helper image is built by, as `--version` names it: the recipe version and
+/// the start of the digest of everything that goes into the image besides the host's programs
+/// and kernel (helper binary, task scripts, lists, assembly code), the digest the cache checks.
+pub fn recipe_id() -> String {
+    format!("{RECIPE_VERSION} sha256:{}", &HELPER_DIGEST[..12])
+}
+
 /// The cache directory: `$IMGFORGE_CACHE_DIR`, else `/var/cache/imgforge` for root, else
 /// `$XDG_CACHE_HOME/imgforge` or `~/.cache/imgforge`.
 pub fn cache_dir() -> PathBuf {
