@@ -264,8 +264,8 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
         ("OSP_IMG_PERSONALITY", r#"[{"path": "relative", "contents": ""}]"#, "img_personality"),
         ("OSP_IMG_ID", "file://debian", "write local://NAME"),
         ("OSP_IMG_ID", "local://nonexistent", "no such image"),
-        ("OSP_IMG_PROPERTIES", r#"{"PASSWD_HASHING_METHOD": "blowfish"}"#, "glibc's crypt"),
-        ("OSP_IMG_PROPERTIES", r#"{"passwd_hashing_method": "md5"}"#, "md5 crypt is refused"),
+        ("OSP_IMG_PROPERTIES", r#"{"PASSWD_HASHING_METHOD": "blowfish"}"#, "glibc's own crypt cannot check it"),
+        ("OSP_IMG_PROPERTIES", r#"{"passwd_hashing_method": "sha1"}"#, "PASSWD_HASHING_METHOD"),
         ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#, "SWAP"),
         ("OSP_IMG_PROPERTIES", r#"{"custom_task": "rm -rf /"}"#, "CUSTOM_TASK is not base64"),
     ] {
