@@ -948,7 +948,7 @@ fn config_url_parameters_replace_ganetis() {
     std::fs::write(images.join("one.raw"), &one).unwrap();
     std::fs::write(images.join("two.raw"), &two).unwrap();
     let doc = format!(r#"{{"IMG_ID": "two.raw", "img_properties": {NO_TASKS}, "frobnicate": "1"}}"#);
-    let file = s.config.parent().unwrap().join("config.json");
+    let file = images.join("config.json");
     std::fs::write(&file, &doc).unwrap();
     let (base, _) = imgforge_tests::http::serve_files(vec![
         ("/c.json".into(), doc.into_bytes()),
@@ -981,7 +981,7 @@ fn config_url_parameters_replace_ganetis() {
     for (url, want) in [
         (format!("{base}/broken.json"), "img_id must be a string"),
         (format!("{base}/missing.json"), "404"),
-        ("file:///nonexistent/c.json".into(), "No such file"),
+        (format!("file://{}/missing.json", images.display()), "No such file"),
         ("ftp://h/c.json".into(), "not a URL imgforge fetches"),
     ] {
         let (code, log) = create(&url, &disk);
@@ -991,6 +991,66 @@ fn config_url_parameters_replace_ganetis() {
     }
     assert!(s.run("verify", &[("OSP_CONFIG_URL", &format!("{base}/c.json"))], None).status.success());
     assert!(!s.run("verify", &[("OSP_CONFIG_URL", "gopher://h/c")], None).status.success());
+}
+
+/// A tenant's `file://` config_url (Ganeti's `OSP_CONFIG_URL`) reads nothing of the node but
+/// IMAGE_DIR: a host file outside it (here a JSON document with a parameter and a key the
+/// warnings would echo) is refused by verify and create before it is opened, naming IMAGE_DIR
+/// and nothing of the file, the disk untouched; a variant's CONFIG_URL (the operator's) may
+/// still name such a file.
+#[test]
+fn tenant_config_url_reads_no_host_file() {
+    let s = site();
+    let root = s.config.parent().unwrap().to_owned();
+    let images = root.join("images");
+    let image = small_image(2 << 20);
+    std::fs::write(images.join("two.raw"), &image).unwrap();
+    let secret = root.join("host-secret.json");
+    std::fs::write(
+        &secret,
+        format!(r#"{{"img_id": "two.raw", "img_properties": {NO_TASKS}, "host_token_xyzzy": "1"}}"#),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&secret, images.join("link.json")).unwrap();
+    let disk = crafted::filled_file(&s.disks.join("t.disk0"), 16 << 20);
+    let before = sha256(&disk);
+    for url in [
+        format!("file://{}", secret.display()),
+        format!("file://{}/../host-secret.json", images.display()),
+        format!("file://{}/link.json", images.display()),
+        "file:///etc/shadow".to_owned(),
+    ] {
+        let verify = s.run("verify", &[("OSP_CONFIG_URL", &url)], None);
+        assert_eq!(verify.status.code(), Some(2), "verify took {url}");
+        let out = s.run(
+            "create",
+            &[
+                ("INSTANCE_NAME", "t.example.com"),
+                ("DISK_0_PATH", disk.to_str().unwrap()),
+                ("OSP_IMG_ID", "debian"),
+                ("OSP_CONFIG_URL", &url),
+            ],
+            None,
+        );
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {log}");
+        assert!(log.contains("must name a file inside IMAGE_DIR"), "{url}: {log}");
+        assert!(!log.contains("xyzzy") && !log.contains("root:"), "{url}: {log}");
+        assert_eq!(sha256(&disk), before, "{url} touched the disk");
+    }
+    let variants = root.join("variants");
+    std::fs::create_dir_all(&variants).unwrap();
+    std::fs::write(variants.join("site.conf"), format!("CONFIG_URL=file://{}\n", secret.display())).unwrap();
+    let mut config = std::fs::read_to_string(&s.config).unwrap();
+    config.push_str(&format!("VARIANTS_DIR={}\n", variants.display()));
+    std::fs::write(&s.config, config).unwrap();
+    let out = s.run(
+        "create",
+        &[("INSTANCE_NAME", "t.example.com"), ("DISK_0_PATH", disk.to_str().unwrap()), ("OS_VARIANT", "site")],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(holds(&disk, &image), "the operator's config_url was not read");
 }
 
 /// An OS variant's `NAME.conf` (read, never executed) gives parameter defaults under Ganeti's

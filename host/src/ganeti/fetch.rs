@@ -50,6 +50,36 @@ pub fn place(url: &str, file: bool) -> Result<Place, String> {
     ))
 }
 
+/// Confines the `file://` path a tenant gave (Ganeti's `OSP_CONFIG_URL`, which an instance's
+/// owner sets) to `image_dir`: as root, imgforge would otherwise read any file of the node for
+/// them (its keys echoed in warnings, its known values put into their guest, its existence told
+/// by the error). The path is checked by its text before the filesystem is asked anything, then
+/// resolved (symbolic links included) and checked again; the resolved path is returned.
+pub fn confine_file(path: &str, image_dir: &std::path::Path) -> Result<String, String> {
+    use std::path::{Component, Path};
+    let refused = || {
+        format!(
+            "{:?}: a file:// config_url given as an OS parameter must name a file inside IMAGE_DIR {} \
+             (other files of this node are the operator's: name them in an OS variant's CONFIG_URL)",
+            imgforge_protocol::printable::printable(path),
+            image_dir.display()
+        )
+    };
+    let given = Path::new(path);
+    if given.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(refused());
+    }
+    let dir = std::fs::canonicalize(image_dir).map_err(|e| format!("IMAGE_DIR {}: {e}", image_dir.display()))?;
+    if !(given.starts_with(&dir) || given.starts_with(image_dir)) {
+        return Err(refused());
+    }
+    let real = std::fs::canonicalize(given).map_err(|e| format!("cannot read {}: {e}", given.display()))?;
+    if !real.starts_with(&dir) || real == dir {
+        return Err(refused());
+    }
+    Ok(real.display().to_string())
+}
+
 /// Fetches at most `max` bytes from `place` (more fails, naming the bound); `Ok(None)` when an
 /// http server answers 404 or 410 and `may_be_missing`.
 pub fn fetch(
@@ -145,6 +175,40 @@ mod tests {
         nix_mkfifo(&fifo);
         assert!(get(&fifo, 10).unwrap_err().reason.contains("not a regular file"));
         assert!(get(&dir.path().join("missing"), 10).is_err());
+    }
+
+    /// A tenant's file:// config_url reads only IMAGE_DIR: other host files (/etc/shadow, a
+    /// JSON file of Ganeti's) are refused before they are opened or even looked up, and a link
+    /// inside IMAGE_DIR leading out is refused once resolved.
+    #[test]
+    fn tenant_files_are_confined_to_image_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let images = root.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        std::fs::write(images.join("c.json"), "{}").unwrap();
+        let secret = root.path().join("secret.json");
+        std::fs::write(&secret, r#"{"auth_keys": "host secret"}"#).unwrap();
+        std::os::unix::fs::symlink(&secret, images.join("link.json")).unwrap();
+        let inside = images.join("c.json").display().to_string();
+        assert_eq!(
+            confine_file(&inside, &images).unwrap(),
+            std::fs::canonicalize(&inside).unwrap().display().to_string()
+        );
+        let missing_outside = root.path().join("nothing-here.json").display().to_string();
+        let missing_inside = images.join("nothing-here.json").display().to_string();
+        for bad in [
+            "/etc/shadow".to_owned(),
+            "/proc/self/environ".to_owned(),
+            secret.display().to_string(),
+            images.join("link.json").display().to_string(),
+            format!("{}/../secret.json", images.display()),
+            images.display().to_string(),
+            missing_outside,
+        ] {
+            let e = confine_file(&bad, &images).unwrap_err();
+            assert!(e.contains("must name a file inside IMAGE_DIR"), "{bad}: {e}");
+        }
+        assert!(confine_file(&missing_inside, &images).unwrap_err().contains("cannot read"));
     }
 
     fn nix_mkfifo(path: &std::path::Path) {
