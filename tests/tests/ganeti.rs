@@ -697,6 +697,37 @@ cat /etc/personality-file >> "$out"
     assert!(log.contains("RunCustomTask") && log.contains("status 3"), "{log}");
 }
 
+/// A guest program that leaves a process running (here `CUSTOM_TASK` starting a daemon in its
+/// own session, and one that would write into the guest after the task ended) has it ended
+/// when the program returns: nothing of the guest runs beside the helper's later tasks, and the
+/// guest's filesystems unmount (they stayed busy, failing create).
+#[test]
+fn a_custom_task_leaves_nothing_running() {
+    let s = site();
+    let task = "#!/bin/sh
+setsid sleep 600 </dev/null >/dev/null 2>&1 &
+        (sleep 3; echo late > /etc/written-after-the-task) </dev/null >/dev/null 2>&1 &
+        echo started
+";
+    let properties = serde_json::json!({"CUSTOM_TASK": base64(task)});
+    let disk = s.disk("lo.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "lo"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PROPERTIES", &properties.to_string()),
+        ],
+        None,
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("processes a guest program left running"), "{log}");
+    let m = Mount::partition(&disk, 0).unwrap();
+    assert!(m.read("/etc/written-after-the-task").is_err(), "a process of the task wrote after it ended");
+}
+
 /// snf-image's `EXCLUDE_MOUNTED_TASKS`: the image grows into the disk (FixPartitionTable,
 /// FilesystemResizeUnmounted) and nothing of the mounted guest changes: no hostname, no
 /// password, no new machine id, no custom task.
