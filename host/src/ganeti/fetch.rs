@@ -4,6 +4,7 @@
 use crate::source::http::{self, Client, HttpTimeouts};
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 use thiserror::Error;
 
 /// A small file that could not be fetched.
@@ -80,14 +81,31 @@ pub fn confine_file(path: &str, image_dir: &std::path::Path) -> Result<String, S
     Ok(real.display().to_string())
 }
 
-/// Fetches at most `max` bytes from `place` (more fails, naming the bound); `Ok(None)` when an
-/// http server answers 404 or 410 and `may_be_missing`.
+/// The most an http fetch of a small file may take, from connect to its last byte.
+pub const SMALL_FILE_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Fetches at most `max` bytes from `place` (more fails, naming the bound) within
+/// [`SMALL_FILE_DEADLINE`]; `Ok(None)` when an http server answers 404 or 410 and
+/// `may_be_missing`.
 pub fn fetch(
     param: &str,
     place: &Place,
     max: u64,
     may_be_missing: bool,
     timeouts: HttpTimeouts,
+    cancel: &AtomicBool,
+) -> Result<Option<Vec<u8>>, FetchError> {
+    fetch_within(param, place, max, may_be_missing, timeouts, SMALL_FILE_DEADLINE, cancel)
+}
+
+/// [`fetch`] with `deadline` for an http fetch.
+fn fetch_within(
+    param: &str,
+    place: &Place,
+    max: u64,
+    may_be_missing: bool,
+    timeouts: HttpTimeouts,
+    deadline: Duration,
     cancel: &AtomicBool,
 ) -> Result<Option<Vec<u8>>, FetchError> {
     let shown = match place {
@@ -105,7 +123,7 @@ pub fn fetch(
     };
     match place {
         Place::Http(url) => {
-            let client = Client::new(timeouts);
+            let client = Client::with_total(timeouts, deadline);
             client.cancellable(cancel, || match client.get_if_present(url, cancel) {
                 Ok(Ok(mut download)) => bounded(&mut download.body).map(Some),
                 Ok(Err(_)) if may_be_missing => Ok(None),
@@ -209,6 +227,33 @@ mod tests {
             assert!(e.contains("must name a file inside IMAGE_DIR"), "{bad}: {e}");
         }
         assert!(confine_file(&missing_inside, &images).unwrap_err().contains("cannot read"));
+    }
+
+    /// A server that sends its small file a byte at a time, each well within the idle timeout,
+    /// is cut off at the deadline (before, only the idle timeout applied: 1 MiB of config_url at
+    /// a byte a minute held create for two years).
+    #[test]
+    fn a_dribbling_server_is_cut_off_at_the_deadline() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/c.json", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = std::io::Read::read(&mut conn, &mut request);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{");
+            while conn.write_all(b" ").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let cancel = AtomicBool::new(false);
+        let started = std::time::Instant::now();
+        let timeouts = HttpTimeouts { connect: Duration::from_secs(5), idle: Duration::from_secs(5) };
+        let result =
+            fetch_within("config_url", &Place::Http(url), 1 << 20, false, timeouts, Duration::from_secs(2), &cancel);
+        let took = started.elapsed();
+        assert!(result.is_err(), "{result:?}");
+        assert!(took < Duration::from_secs(8), "the fetch took {took:?}");
     }
 
     fn nix_mkfifo(path: &std::path::Path) {
