@@ -728,6 +728,34 @@ setsid sleep 600 </dev/null >/dev/null 2>&1 &
     assert!(m.read("/etc/written-after-the-task").is_err(), "a process of the task wrote after it ended");
 }
 
+/// What the guest's programs print reaches Ganeti's OS log (a file on the node) only up to
+/// imgforge's console budget: here a CUSTOM_TASK prints 20 MB, and the log stays under 10 MB,
+/// saying the rest was not shown (before, all of it went there: 62 MB for 50 MB printed).
+#[test]
+fn guest_output_reaches_the_os_log_bounded() {
+    let s = site();
+    let task = format!("#!/bin/sh\nyes {} | head -c 20000000\n", "A".repeat(100));
+    let properties = serde_json::json!({"CUSTOM_TASK": base64(&task)});
+    let disk = s.disk("fl.disk0");
+    let mut c = Command::new(s.os_dir.join("create"));
+    c.env_clear()
+        .env("PATH", "/sbin:/bin:/usr/sbin:/usr/bin")
+        .env("OS_API_VERSION", "20")
+        .env("OS_NAME", "imgforge")
+        .env("OS_VARIANT", "default")
+        .env("DISK_COUNT", "1")
+        .env("IMGFORGE_GANETI_CONFIG", &s.config)
+        .env("INSTANCE_NAME", "fl")
+        .env("DISK_0_PATH", &disk)
+        .env("OSP_IMG_ID", "debian")
+        .env("OSP_IMG_PROPERTIES", properties.to_string())
+        .current_dir(&s.os_dir);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr[out.stderr.len().saturating_sub(4000)..]));
+    assert!(out.stderr.len() < 10 << 20, "the OS log got {} bytes", out.stderr.len());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("console output past 8 MiB not shown"));
+}
+
 /// snf-image's `EXCLUDE_MOUNTED_TASKS`: the image grows into the disk (FixPartitionTable,
 /// FilesystemResizeUnmounted) and nothing of the mounted guest changes: no hostname, no
 /// password, no new machine id, no custom task.
