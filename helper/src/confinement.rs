@@ -195,7 +195,9 @@ impl GuestCommand {
 
     /// Waits for the program; an error unless it exited 0.
     pub fn status(&mut self) -> Result<(), String> {
-        let status = self.command.status().map_err(|e| format!("cannot start {} in the guest: {e}", self.program))?;
+        let status = self.command.status().map_err(|e| format!("cannot start {} in the guest: {e}", self.program));
+        end_leftovers()?;
+        let status = status?;
         match status.code() {
             Some(0) => Ok(()),
             Some(code) => Err(format!("command exited with status {code}")),
@@ -207,7 +209,9 @@ impl GuestCommand {
     /// parsed: a program's stdio buffering interleaves the two mid-line).
     pub fn output(mut self) -> Result<std::process::Output, String> {
         let program = std::mem::take(&mut self.program);
-        self.command.output().map_err(|e| format!("cannot start {program} in the guest: {e}"))
+        let output = self.command.output().map_err(|e| format!("cannot start {program} in the guest: {e}"));
+        end_leftovers()?;
+        output
     }
 
     /// Runs the program and collects its standard output and error as one text, interleaved
@@ -222,9 +226,60 @@ impl GuestCommand {
         drop(self.command);
         let mut bytes = Vec::new();
         let _ = reader.read_to_end(&mut bytes);
-        let status = child.wait().map_err(|e| format!("cannot wait for {program} in the guest: {e}"))?;
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+        let status = child.wait().map_err(|e| format!("cannot wait for {program} in the guest: {e}"));
+        end_leftovers()?;
+        Ok((status?, String::from_utf8_lossy(&bytes).into_owned()))
     }
+}
+
+/// How long [`end_leftovers`] keeps killing before it gives up.
+const LEFTOVER_ROUNDS: usize = 500;
+
+/// Ends every process a guest program left running (a daemon it started, a child it did not
+/// wait for): without this, one runs beside the helper's later tasks, which take the guest's
+/// tree as still while they work on it by path (the relabel's `lsetxattr`), keeps the guest's
+/// filesystems busy so that they cannot be unmounted, and writes to the guest after it was
+/// checked. Guest processes are the ones whose root is not the helper's `/`: they run chrooted
+/// and cannot chroot again (no CAP_SYS_CHROOT, no CAP_SYS_ADMIN for `pivot_root`). Killed again
+/// until a look at `/proc` finds none alive, so a child forked meanwhile is found too; a killed
+/// process becomes a zombie, whose root the kernel no longer gives.
+pub fn end_leftovers() -> Result<(), String> {
+    let mut ended = std::collections::BTreeSet::new();
+    for _ in 0..LEFTOVER_ROUNDS {
+        let alive = guest_processes(proc_roots());
+        if alive.is_empty() {
+            if !ended.is_empty() {
+                println!("ended {} processes a guest program left running", ended.len());
+            }
+            return Ok(());
+        }
+        for pid in alive {
+            // SAFETY: kill with a plain pid and signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            ended.insert(pid);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(format!("processes a guest program left running could not be ended ({} killed)", ended.len()))
+}
+
+/// Every process of `/proc` but this one, with where its root is (`None` when the kernel does
+/// not say: a zombie, a process gone meanwhile).
+fn proc_roots() -> Vec<(i32, Option<std::path::PathBuf>)> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| *pid != me && *pid > 1)
+        .map(|pid| (pid, std::fs::read_link(format!("/proc/{pid}/root")).ok()))
+        .collect()
+}
+
+/// The processes of `roots` whose root is not `/`: the guest's (pure).
+fn guest_processes(roots: Vec<(i32, Option<std::path::PathBuf>)>) -> Vec<i32> {
+    roots.into_iter().filter(|(_, root)| root.as_deref().is_some_and(|r| r != Path::new("/"))).map(|(p, _)| p).collect()
 }
 
 /// Takes [`DROPPED_CAPABILITIES`] out of the bounding set: root's capabilities after exec.
@@ -257,7 +312,12 @@ pub fn in_guest_main(argv: &[String]) -> std::process::ExitCode {
         }
     };
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    match GuestCommand::new(&guest, &argv).command.status() {
+    let status = GuestCommand::new(&guest, &argv).command.status();
+    if let Err(e) = end_leftovers() {
+        eprintln!("imgforge-helper in-guest: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    match status {
         Ok(s) => std::process::ExitCode::from(s.code().map_or(128, |c| c.clamp(0, 255) as u8)),
         Err(e) => {
             eprintln!("imgforge-helper in-guest: cannot start {}: {e}", argv[0]);
@@ -304,5 +364,16 @@ mod tests {
             assert!(names.contains(&cap), "{cap}");
         }
         assert!(!GUEST_DEVICES.iter().any(|(n, ..)| n.starts_with("tty") && *n != "tty"), "no serial port");
+    }
+
+    #[test]
+    fn guest_processes_are_the_chrooted_ones() {
+        let roots = vec![
+            (5, Some("/".into())),
+            (6, Some("/mnt/guest".into())),
+            (7, None),
+            (8, Some("/mnt/guest (deleted)".into())),
+        ];
+        assert_eq!(guest_processes(roots), [6, 8]);
     }
 }

@@ -697,6 +697,65 @@ cat /etc/personality-file >> "$out"
     assert!(log.contains("RunCustomTask") && log.contains("status 3"), "{log}");
 }
 
+/// A guest program that leaves a process running (here `CUSTOM_TASK` starting a daemon in its
+/// own session, and one that would write into the guest after the task ended) has it ended
+/// when the program returns: nothing of the guest runs beside the helper's later tasks, and the
+/// guest's filesystems unmount (they stayed busy, failing create).
+#[test]
+fn a_custom_task_leaves_nothing_running() {
+    let s = site();
+    let task = "#!/bin/sh
+setsid sleep 600 </dev/null >/dev/null 2>&1 &
+        (sleep 3; echo late > /etc/written-after-the-task) </dev/null >/dev/null 2>&1 &
+        echo started
+";
+    let properties = serde_json::json!({"CUSTOM_TASK": base64(task)});
+    let disk = s.disk("lo.disk0");
+    let out = s.run(
+        "create",
+        &[
+            ("INSTANCE_NAME", "lo"),
+            ("DISK_0_PATH", disk.to_str().unwrap()),
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PROPERTIES", &properties.to_string()),
+        ],
+        None,
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("processes a guest program left running"), "{log}");
+    let m = Mount::partition(&disk, 0).unwrap();
+    assert!(m.read("/etc/written-after-the-task").is_err(), "a process of the task wrote after it ended");
+}
+
+/// What the guest's programs print reaches Ganeti's OS log (a file on the node) only up to
+/// imgforge's console budget: here a CUSTOM_TASK prints 20 MB, and the log stays under 10 MB,
+/// saying the rest was not shown (before, all of it went there: 62 MB for 50 MB printed).
+#[test]
+fn guest_output_reaches_the_os_log_bounded() {
+    let s = site();
+    let task = format!("#!/bin/sh\nyes {} | head -c 20000000\n", "A".repeat(100));
+    let properties = serde_json::json!({"CUSTOM_TASK": base64(&task)});
+    let disk = s.disk("fl.disk0");
+    let mut c = Command::new(s.os_dir.join("create"));
+    c.env_clear()
+        .env("PATH", "/sbin:/bin:/usr/sbin:/usr/bin")
+        .env("OS_API_VERSION", "20")
+        .env("OS_NAME", "imgforge")
+        .env("OS_VARIANT", "default")
+        .env("DISK_COUNT", "1")
+        .env("IMGFORGE_GANETI_CONFIG", &s.config)
+        .env("INSTANCE_NAME", "fl")
+        .env("DISK_0_PATH", &disk)
+        .env("OSP_IMG_ID", "debian")
+        .env("OSP_IMG_PROPERTIES", properties.to_string())
+        .current_dir(&s.os_dir);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr[out.stderr.len().saturating_sub(4000)..]));
+    assert!(out.stderr.len() < 10 << 20, "the OS log got {} bytes", out.stderr.len());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("console output past 8 MiB not shown"));
+}
+
 /// snf-image's `EXCLUDE_MOUNTED_TASKS`: the image grows into the disk (FixPartitionTable,
 /// FilesystemResizeUnmounted) and nothing of the mounted guest changes: no hostname, no
 /// password, no new machine id, no custom task.
@@ -948,7 +1007,7 @@ fn config_url_parameters_replace_ganetis() {
     std::fs::write(images.join("one.raw"), &one).unwrap();
     std::fs::write(images.join("two.raw"), &two).unwrap();
     let doc = format!(r#"{{"IMG_ID": "two.raw", "img_properties": {NO_TASKS}, "frobnicate": "1"}}"#);
-    let file = s.config.parent().unwrap().join("config.json");
+    let file = images.join("config.json");
     std::fs::write(&file, &doc).unwrap();
     let (base, _) = imgforge_tests::http::serve_files(vec![
         ("/c.json".into(), doc.into_bytes()),
@@ -981,7 +1040,7 @@ fn config_url_parameters_replace_ganetis() {
     for (url, want) in [
         (format!("{base}/broken.json"), "img_id must be a string"),
         (format!("{base}/missing.json"), "404"),
-        ("file:///nonexistent/c.json".into(), "No such file"),
+        (format!("file://{}/missing.json", images.display()), "No such file"),
         ("ftp://h/c.json".into(), "not a URL imgforge fetches"),
     ] {
         let (code, log) = create(&url, &disk);
@@ -991,6 +1050,66 @@ fn config_url_parameters_replace_ganetis() {
     }
     assert!(s.run("verify", &[("OSP_CONFIG_URL", &format!("{base}/c.json"))], None).status.success());
     assert!(!s.run("verify", &[("OSP_CONFIG_URL", "gopher://h/c")], None).status.success());
+}
+
+/// A tenant's `file://` config_url (Ganeti's `OSP_CONFIG_URL`) reads nothing of the node but
+/// IMAGE_DIR: a host file outside it (here a JSON document with a parameter and a key the
+/// warnings would echo) is refused by verify and create before it is opened, naming IMAGE_DIR
+/// and nothing of the file, the disk untouched; a variant's CONFIG_URL (the operator's) may
+/// still name such a file.
+#[test]
+fn tenant_config_url_reads_no_host_file() {
+    let s = site();
+    let root = s.config.parent().unwrap().to_owned();
+    let images = root.join("images");
+    let image = small_image(2 << 20);
+    std::fs::write(images.join("two.raw"), &image).unwrap();
+    let secret = root.join("host-secret.json");
+    std::fs::write(
+        &secret,
+        format!(r#"{{"img_id": "two.raw", "img_properties": {NO_TASKS}, "host_token_xyzzy": "1"}}"#),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&secret, images.join("link.json")).unwrap();
+    let disk = crafted::filled_file(&s.disks.join("t.disk0"), 16 << 20);
+    let before = sha256(&disk);
+    for url in [
+        format!("file://{}", secret.display()),
+        format!("file://{}/../host-secret.json", images.display()),
+        format!("file://{}/link.json", images.display()),
+        "file:///etc/shadow".to_owned(),
+    ] {
+        let verify = s.run("verify", &[("OSP_CONFIG_URL", &url)], None);
+        assert_eq!(verify.status.code(), Some(2), "verify took {url}");
+        let out = s.run(
+            "create",
+            &[
+                ("INSTANCE_NAME", "t.example.com"),
+                ("DISK_0_PATH", disk.to_str().unwrap()),
+                ("OSP_IMG_ID", "debian"),
+                ("OSP_CONFIG_URL", &url),
+            ],
+            None,
+        );
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {log}");
+        assert!(log.contains("must name a file inside IMAGE_DIR"), "{url}: {log}");
+        assert!(!log.contains("xyzzy") && !log.contains("root:"), "{url}: {log}");
+        assert_eq!(sha256(&disk), before, "{url} touched the disk");
+    }
+    let variants = root.join("variants");
+    std::fs::create_dir_all(&variants).unwrap();
+    std::fs::write(variants.join("site.conf"), format!("CONFIG_URL=file://{}\n", secret.display())).unwrap();
+    let mut config = std::fs::read_to_string(&s.config).unwrap();
+    config.push_str(&format!("VARIANTS_DIR={}\n", variants.display()));
+    std::fs::write(&s.config, config).unwrap();
+    let out = s.run(
+        "create",
+        &[("INSTANCE_NAME", "t.example.com"), ("DISK_0_PATH", disk.to_str().unwrap()), ("OS_VARIANT", "site")],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(holds(&disk, &image), "the operator's config_url was not read");
 }
 
 /// An OS variant's `NAME.conf` (read, never executed) gives parameter defaults under Ganeti's

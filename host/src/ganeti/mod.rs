@@ -218,13 +218,21 @@ async fn parameters(
 ) -> Result<(BTreeMap<String, String>, Config), GanetiError> {
     let mut env = environment();
     let mut config = load_config()?;
+    // Ganeti's OS parameters are the tenant's; a variant's CONFIG_URL default is the operator's.
+    let tenant_url = config_url::url(&env).is_some();
     if let Some(name) = env.get("OS_VARIANT").filter(|v| !v.is_empty()).cloned() {
         let variant = variants::load(&name, &mut config)?;
         warn_all(&variant.warnings);
         variants::apply_defaults(&mut env, &variant);
     }
     let Some(url) = config_url::url(&env) else { return Ok((env, config)) };
-    let place = fetch::place(&url, true).map_err(|reason| params::ParamError { param: "config_url".into(), reason })?;
+    let bad = |reason| params::ParamError { param: "config_url".into(), reason };
+    let place = match fetch::place(&url, true).map_err(bad)? {
+        fetch::Place::File(path) if tenant_url => {
+            fetch::Place::File(fetch::confine_file(&path, Path::new(&config.image_dir)).map_err(bad)?)
+        }
+        place => place,
+    };
     if !fetch_config_url {
         return Ok((env, config));
     }

@@ -535,7 +535,9 @@ pub fn parse(env: &BTreeMap<String, String>) -> Result<Params, ParamError> {
     let passwd = get("img_passwd");
     let passwd_hash = get("img_passwd_hash");
     if let Some(h) = &passwd_hash {
-        if !h.starts_with('$') || h.contains([':', '\n']) {
+        // It goes as is into /etc/shadow and into cloud-init's YAML (where a \r, a line break
+        // to YAML, would end the chpasswd list and start keys of the tenant's choosing).
+        if !h.starts_with('$') || h.contains(':') || !h.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(err("img_passwd_hash", "is not a crypt(3) hash such as $6$salt$hash"));
         }
         if passwd.is_some() {
@@ -667,6 +669,9 @@ mod tests {
                 "img_personality",
             ),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "plain")], "img_passwd_hash"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "$6$a$b\rruncmd: [reboot]")], "img_passwd_hash"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "$6$a$b\u{85}x")], "img_passwd_hash"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "$6$a$b #x")], "img_passwd_hash"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PASSWD_HASH", "$6$a$b"), ("OSP_IMG_PASSWD", "p")], "img_passwd_hash"),
             (&[("OSP_IMG_ID", "x"), ("OSP_INSTALL", "demo")], "install"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"ROOT_PARTITION": "a"}"#)], "img_properties"),

@@ -28,6 +28,44 @@ impl Timeline {
     }
 }
 
+/// The most console text one helper run shows (`-v`, and always for Ganeti, whose OS log on
+/// the node's disk keeps it): the guest's programs decide how much they print.
+pub const MAX_SHOWN_CONSOLE_BYTES: u64 = 8 << 20;
+
+/// What becomes of a console line under the [`MAX_SHOWN_CONSOLE_BYTES`] budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    /// Shown.
+    Line,
+    /// The budget is spent: say so, once, then show nothing more.
+    Cut,
+    /// Not shown.
+    Dropped,
+}
+
+/// How much console text a run has shown.
+#[derive(Debug, Default)]
+pub struct ConsoleBudget {
+    shown: u64,
+    cut: bool,
+}
+
+impl ConsoleBudget {
+    /// Counts `line` (and its newline) against the budget (pure).
+    pub fn admit(&mut self, line: &str) -> Shown {
+        if self.cut {
+            return Shown::Dropped;
+        }
+        self.shown += line.len() as u64 + 1;
+        if self.shown <= MAX_SHOWN_CONSOLE_BYTES {
+            Shown::Line
+        } else {
+            self.cut = true;
+            Shown::Cut
+        }
+    }
+}
+
 /// A `CHECK` result the helper reported: (ok, name, detail).
 pub type CheckResult = (bool, String, String);
 
@@ -53,6 +91,7 @@ pub(super) async fn run_vm(
     let mut timeline = Timeline::default();
     let mut started: Option<std::time::Instant> = None;
     let mut console_seen = false;
+    let mut budget = ConsoleBudget::default();
     let forward = async {
         while let Some(event) = rx.recv().await {
             if let VmEvent::Started { .. } = event {
@@ -79,7 +118,14 @@ pub(super) async fn run_vm(
                         mark("first console line".into(), None, &mut timeline);
                     }
                     if verbose {
-                        progress.note(&format!("helper: {line}"));
+                        match budget.admit(&line) {
+                            Shown::Line => progress.note(&format!("helper: {line}")),
+                            Shown::Cut => progress.note(&format!(
+                                "helper: (console output past {} MiB not shown: the guest's programs print it)",
+                                MAX_SHOWN_CONSOLE_BYTES >> 20
+                            )),
+                            Shown::Dropped => {}
+                        }
                     }
                 }
                 VmEvent::MalformedCheck(line) => {
@@ -127,4 +173,20 @@ pub(super) async fn run_vm(
         progress.note(timeline.render().trim_end());
     }
     Ok((result?, checks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_budget_cuts_once() {
+        let mut b = ConsoleBudget::default();
+        let line = "A".repeat(1023);
+        let fits = MAX_SHOWN_CONSOLE_BYTES / 1024;
+        assert!((0..fits).all(|_| b.admit(&line) == Shown::Line));
+        assert_eq!(b.admit("x"), Shown::Cut);
+        assert_eq!(b.admit(""), Shown::Dropped);
+        assert_eq!(b.admit(&line), Shown::Dropped);
+    }
 }

@@ -140,6 +140,18 @@ impl Client {
         Self { agent: config.new_agent() }
     }
 
+    /// As [`Client::new`], with `total` the most a whole request may take, headers and body
+    /// (for small files: the idle timeout alone lets a server that sends a byte a minute hold
+    /// the fetch for days).
+    pub fn with_total(timeouts: HttpTimeouts, total: Duration) -> Self {
+        let config = ureq::Agent::config_builder()
+            .timeout_connect(Some(timeouts.connect))
+            .timeout_per_read(Some(timeouts.idle))
+            .timeout_global(Some(total))
+            .build();
+        Self { agent: config.new_agent() }
+    }
+
     /// Starts downloading `url` (credentials in it are sent as HTTP basic authentication); a
     /// raised `cancel` ends the wait for the connection and the response headers.
     pub fn get(&self, url: &str, cancel: &AtomicBool) -> Result<Download, SourceError> {
