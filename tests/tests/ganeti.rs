@@ -72,6 +72,14 @@ impl Site {
         eprintln!("{script} -> {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
         out
     }
+
+    /// `create` of instance `name` onto `disk` with the OS parameters `params` (Ganeti's
+    /// `INSTANCE_NAME` and `DISK_0_PATH` added).
+    fn create(&self, name: &str, disk: &str, params: &[(&str, &str)]) -> Output {
+        let mut env = vec![("INSTANCE_NAME", name), ("DISK_0_PATH", disk)];
+        env.extend_from_slice(params);
+        self.run("create", &env, None)
+    }
 }
 
 #[test]
@@ -130,11 +138,10 @@ fn create_rename_export_import() {
     let personality = r#"[{"path": "/etc/imgforge-personality", "contents": "cGVyc29uYWxpdHkK", "owner": "alice", "group": "adm", "mode": 384},
         {"path": "/etc/it's-mine", "contents": "", "owner": "root", "group": "alice", "mode": 420}]"#;
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGanetiTestKey000000000000000000000000000 ganeti@test";
-    let out = s.run(
-        "create",
+    let out = s.create(
+        "inst1.example.com",
+        disk_str,
         &[
-            ("INSTANCE_NAME", "inst1.example.com"),
-            ("DISK_0_PATH", disk_str),
             ("OSP_IMG_ID", "debian"),
             ("OSP_IMG_FORMAT", "diskdump"),
             ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
@@ -163,7 +170,6 @@ fn create_rename_export_import() {
             ("NIC_1_NETWORK_GATEWAY6", "2001:db8:2::1"),
             ("NIC_1_NETWORK_TAGS", "public nfdhcpd"),
         ],
-        None,
     );
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
@@ -300,16 +306,14 @@ fn local_and_null_image_ids() {
     let image = s.config.parent().unwrap().join("images/debian.img");
     let image_len = std::fs::metadata(&image).unwrap().len();
     let disk = s.disk("local.disk0");
-    let out = s.run(
-        "create",
+    let out = s.create(
+        "local.example.com",
+        disk.to_str().unwrap(),
         &[
-            ("INSTANCE_NAME", "local.example.com"),
-            ("DISK_0_PATH", disk.to_str().unwrap()),
             ("OSP_IMG_ID", "local://debian.img"),
             ("OSP_IMG_FORMAT", "diskdump"),
             ("OSP_IMG_PROPERTIES", r#"{"exclude_all_tasks": "yes"}"#),
         ],
-        None,
     );
     assert!(out.status.success());
     let status = Command::new("cmp").arg("-n").arg(image_len.to_string()).arg(&image).arg(&disk).status().unwrap();
@@ -383,16 +387,8 @@ fn create_and_import_never_write_past_the_disk() {
     std::fs::copy(crafted::zstd_frames(crafted_dir.path()), images.join("frames.raw.zst")).unwrap();
     let disk = crafted::filled_file(&s.disks.join("small.disk0"), 1 << 20);
     let disk_str = disk.to_str().unwrap();
-    let out = s.run(
-        "create",
-        &[
-            ("INSTANCE_NAME", "small.example.com"),
-            ("DISK_0_PATH", disk_str),
-            ("OSP_IMG_ID", "frames.raw.zst"),
-            ("OSP_IMG_FORMAT", "diskdump"),
-        ],
-        None,
-    );
+    let out =
+        s.create("small.example.com", disk_str, &[("OSP_IMG_ID", "frames.raw.zst"), ("OSP_IMG_FORMAT", "diskdump")]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20, "create grew DISK_0_PATH");
     assert!(String::from_utf8_lossy(&out.stderr).contains("larger than target"));
@@ -464,16 +460,10 @@ fn create_grows_the_image_into_the_instance_disk() {
         [("grow1", "{}", true), ("grow2", r#"{"EXCLUDE_FilesystemResize_TASKS": "yes"}"#, false)]
     {
         let disk = s.disk(&format!("{name}.disk0"));
-        let out = s.run(
-            "create",
-            &[
-                ("INSTANCE_NAME", name),
-                ("DISK_0_PATH", disk.to_str().unwrap()),
-                ("OSP_IMG_ID", "debian"),
-                ("OSP_IMG_FORMAT", "diskdump"),
-                ("OSP_IMG_PROPERTIES", properties),
-            ],
-            None,
+        let out = s.create(
+            name,
+            disk.to_str().unwrap(),
+            &[("OSP_IMG_ID", "debian"), ("OSP_IMG_FORMAT", "diskdump"), ("OSP_IMG_PROPERTIES", properties)],
         );
         assert!(out.status.success());
         let part = imgforge_tests::readback::partitions(&disk).unwrap()[0];
@@ -508,11 +498,10 @@ fn ifcfg_on_a_red_hat_guest() {
         std::fs::create_dir_all(m.join("/etc/sysconfig/network-scripts")).unwrap();
     });
     let disk = s.disk("rh.disk0");
-    let out = s.run(
-        "create",
+    let out = s.create(
+        "rh.example.com",
+        disk.to_str().unwrap(),
         &[
-            ("INSTANCE_NAME", "rh.example.com"),
-            ("DISK_0_PATH", disk.to_str().unwrap()),
             ("OSP_IMG_ID", "centos.img"),
             ("NIC_COUNT", "2"),
             ("NIC_0_MAC", "aa:00:00:11:22:33"),
@@ -526,7 +515,6 @@ fn ifcfg_on_a_red_hat_guest() {
             ("NIC_1_NETWORK_GATEWAY6", "2001:db8:2::1"),
             ("NIC_1_NETWORK_TAGS", "dhcp dhcpv6"),
         ],
-        None,
     );
     assert!(out.status.success());
     let m = Mount::partition(&disk, 0).unwrap();
@@ -567,11 +555,10 @@ fn cloud_init_seed_and_nm_networking() {
     let user_data = "#cloud-config\nruncmd:\n  - [touch, /root/user-data-ran]\n";
     // base64 of user_data.
     let encoded = "I2Nsb3VkLWNvbmZpZwpydW5jbWQ6CiAgLSBbdG91Y2gsIC9yb290L3VzZXItZGF0YS1yYW5dCg==";
-    let out = s.run(
-        "create",
+    let out = s.create(
+        "cloud.example.com",
+        disk.to_str().unwrap(),
         &[
-            ("INSTANCE_NAME", "cloud.example.com"),
-            ("DISK_0_PATH", disk.to_str().unwrap()),
             ("OSP_IMG_ID", "cloud.img"),
             ("OSP_IMG_PASSWD", "Cloud-Pw-1"),
             ("OSP_AUTH_KEYS", key),
@@ -584,7 +571,6 @@ fn cloud_init_seed_and_nm_networking() {
             ("NIC_0_NETWORK_GATEWAY", "192.0.2.1"),
             ("NIC_0_NETWORK_GATEWAY6", "2001:db8:1::1"),
         ],
-        None,
     );
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
@@ -658,11 +644,10 @@ cat /etc/personality-file >> "$out"
     let properties = serde_json::json!({"users": "root", "Custom_Task": encoded}).to_string();
     let personality = r#"[{"path": "/etc/personality-file", "contents": "cGVyc29uYWxpdHkK"}]"#;
     let disk = s.disk("ct1.disk0");
-    let out = s.run(
-        "create",
+    let out = s.create(
+        "ct1.example.com",
+        disk.to_str().unwrap(),
         &[
-            ("INSTANCE_NAME", "ct1.example.com"),
-            ("DISK_0_PATH", disk.to_str().unwrap()),
             ("OSP_IMG_ID", "debian"),
             ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
             ("OSP_IMG_PERSONALITY", personality),
@@ -670,7 +655,6 @@ cat /etc/personality-file >> "$out"
             ("NIC_COUNT", "1"),
             ("NIC_0_MAC", "aa:00:00:77:5e:b1"),
         ],
-        None,
     );
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("CUSTOM_TASK"), "CUSTOM_TASK was warned about");
@@ -682,15 +666,10 @@ cat /etc/personality-file >> "$out"
 
     let failing = serde_json::json!({"CUSTOM_TASK": base64("#!/bin/sh\necho custom task says no\nexit 3\n")});
     let disk = s.disk("ct2.disk0");
-    let out = s.run(
-        "create",
-        &[
-            ("INSTANCE_NAME", "ct2"),
-            ("DISK_0_PATH", disk.to_str().unwrap()),
-            ("OSP_IMG_ID", "debian"),
-            ("OSP_IMG_PROPERTIES", &failing.to_string()),
-        ],
-        None,
+    let out = s.create(
+        "ct2",
+        disk.to_str().unwrap(),
+        &[("OSP_IMG_ID", "debian"), ("OSP_IMG_PROPERTIES", &failing.to_string())],
     );
     assert!(!out.status.success(), "a custom task exiting 3 did not fail create");
     let log = String::from_utf8_lossy(&out.stderr);
@@ -711,15 +690,10 @@ setsid sleep 600 </dev/null >/dev/null 2>&1 &
 ";
     let properties = serde_json::json!({"CUSTOM_TASK": base64(task)});
     let disk = s.disk("lo.disk0");
-    let out = s.run(
-        "create",
-        &[
-            ("INSTANCE_NAME", "lo"),
-            ("DISK_0_PATH", disk.to_str().unwrap()),
-            ("OSP_IMG_ID", "debian"),
-            ("OSP_IMG_PROPERTIES", &properties.to_string()),
-        ],
-        None,
+    let out = s.create(
+        "lo",
+        disk.to_str().unwrap(),
+        &[("OSP_IMG_ID", "debian"), ("OSP_IMG_PROPERTIES", &properties.to_string())],
     );
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
@@ -772,16 +746,10 @@ fn exclude_mounted_tasks_grows_the_image_and_customizes_nothing() {
         "CUSTOM_TASK": base64("#!/bin/sh\ntouch /etc/custom-task-ran\n"),
     });
     let disk = s.disk("em1.disk0");
-    let out = s.run(
-        "create",
-        &[
-            ("INSTANCE_NAME", "em1"),
-            ("DISK_0_PATH", disk.to_str().unwrap()),
-            ("OSP_IMG_ID", "debian"),
-            ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
-            ("OSP_IMG_PROPERTIES", &properties.to_string()),
-        ],
-        None,
+    let out = s.create(
+        "em1",
+        disk.to_str().unwrap(),
+        &[("OSP_IMG_ID", "debian"), ("OSP_IMG_PASSWD", "Ganeti-Pw-1"), ("OSP_IMG_PROPERTIES", &properties.to_string())],
     );
     assert!(out.status.success());
     let part = imgforge_tests::readback::partitions(&disk).unwrap()[0];
@@ -833,16 +801,7 @@ fn create_adds_the_swap_partition_snf_image_adds() {
         let disk = s.disk(&format!("{name}.disk0"));
         std::fs::File::options().write(true).open(&disk).unwrap().set_len(disk_bytes).unwrap();
         let properties = serde_json::json!({"swap": swap}).to_string();
-        let out = s.run(
-            "create",
-            &[
-                ("INSTANCE_NAME", name),
-                ("DISK_0_PATH", disk.to_str().unwrap()),
-                ("OSP_IMG_ID", image),
-                ("OSP_IMG_PROPERTIES", &properties),
-            ],
-            None,
-        );
+        let out = s.create(name, disk.to_str().unwrap(), &[("OSP_IMG_ID", image), ("OSP_IMG_PROPERTIES", &properties)]);
         assert!(out.status.success(), "{name}");
         let (number, mib) = swap.split_once(':').unwrap();
         let (number, mib): (u32, u64) = (number.parse().unwrap(), mib.parse().unwrap());
@@ -1014,17 +973,15 @@ fn config_url_parameters_replace_ganetis() {
         ("/broken.json".into(), br#"{"img_id": 2}"#.to_vec()),
     ]);
     let create = |url: &str, disk: &Path| {
-        let out = s.run(
-            "create",
+        let out = s.create(
+            "cfg.example.com",
+            disk.to_str().unwrap(),
             &[
-                ("INSTANCE_NAME", "cfg.example.com"),
-                ("DISK_0_PATH", disk.to_str().unwrap()),
                 ("OSP_IMG_ID", "one.raw"),
                 ("OSP_IMG_FORMAT", "diskdump"),
                 ("OSP_IMG_PROPERTIES", r#"{"EXCLUDE_TASK_AssignHostname": "yes"}"#),
                 ("OSP_CONFIG_URL", url),
             ],
-            None,
         );
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
@@ -1081,16 +1038,8 @@ fn tenant_config_url_reads_no_host_file() {
     ] {
         let verify = s.run("verify", &[("OSP_CONFIG_URL", &url)], None);
         assert_eq!(verify.status.code(), Some(2), "verify took {url}");
-        let out = s.run(
-            "create",
-            &[
-                ("INSTANCE_NAME", "t.example.com"),
-                ("DISK_0_PATH", disk.to_str().unwrap()),
-                ("OSP_IMG_ID", "debian"),
-                ("OSP_CONFIG_URL", &url),
-            ],
-            None,
-        );
+        let out =
+            s.create("t.example.com", disk.to_str().unwrap(), &[("OSP_IMG_ID", "debian"), ("OSP_CONFIG_URL", &url)]);
         let log = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{url}: {log}");
         assert!(log.contains("must name a file inside IMAGE_DIR"), "{url}: {log}");
@@ -1192,18 +1141,16 @@ fn config_url_and_inst_properties_reach_the_guest() {
         let image = s.config.parent().unwrap().join("images/debian.img");
         shadow_field(&Mount::partition(&image, 0).unwrap().read("/etc/shadow").unwrap(), "root").unwrap()
     };
-    let out = s.run(
-        "create",
+    let out = s.create(
+        "inst.example.com",
+        disk.to_str().unwrap(),
         &[
-            ("INSTANCE_NAME", "inst.example.com"),
-            ("DISK_0_PATH", disk.to_str().unwrap()),
             ("OSP_IMG_ID", "debian"),
             ("OSP_IMG_FORMAT", "diskdump"),
             ("OSP_IMG_PASSWD", "Ganeti-Pw-1"),
             ("OSP_IMG_PROPERTIES", r#"{"USERS": "root"}"#),
             ("OSP_CONFIG_URL", &format!("{base}/c.json")),
         ],
-        None,
     );
     assert!(out.status.success());
     let m = Mount::partition(&disk, 0).unwrap();
