@@ -18,6 +18,9 @@ struct Site {
     disks: PathBuf,
 }
 
+/// The tests' image servers listen on 127.0.0.1, which tenants' URLs may not reach by default.
+const ALLOW_PRIVATE: &str = "URL_ALLOW_PRIVATE_ADDRESSES=yes\n";
+
 fn site() -> Site {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
@@ -32,7 +35,7 @@ fn site() -> Site {
     std::fs::write(
         &config,
         format!(
-            "IMAGE_DIR={}\nACCEL=tcg\nHELPER_SOFT_TIMEOUT=300\nHELPER_HARD_TIMEOUT=5\nPROGRESS_MONITOR=\"cat >> {}\"\n",
+            "IMAGE_DIR={}\nACCEL=tcg\nHELPER_SOFT_TIMEOUT=300\nHELPER_HARD_TIMEOUT=5\nPROGRESS_MONITOR=\"cat >> {}\"\n{ALLOW_PRIVATE}",
             images.display(),
             monitor.display()
         ),
@@ -1007,6 +1010,47 @@ fn config_url_parameters_replace_ganetis() {
     }
     assert!(s.run("verify", &[("OSP_CONFIG_URL", &format!("{base}/c.json"))], None).status.success());
     assert!(!s.run("verify", &[("OSP_CONFIG_URL", "gopher://h/c")], None).status.success());
+}
+
+/// By default a tenant's URLs (img_id, its .sha256, config_url) may not reach the node's
+/// loopback: refused by the address they resolve to (a name, `localhost`, too), naming the
+/// parameter, the address and the setting that allows it, before any request reaches the
+/// server; the disk is untouched.
+#[test]
+fn tenant_urls_to_loopback_are_refused_by_default() {
+    let s = site();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, text.replace(ALLOW_PRIVATE, "")).unwrap();
+    let image = small_image(3 << 20);
+    let (base, requests) = imgforge_tests::http::serve_files(vec![
+        ("/img/good.raw".into(), image.clone()),
+        ("/c.json".into(), br#"{"img_id": "debian.img"}"#.to_vec()),
+    ]);
+    let port = base.rsplit(':').next().unwrap().to_owned();
+    let by_name = format!("http://localhost:{port}/img/good.raw");
+    let disk = crafted::filled_file(&s.disks.join("ssrf.disk0"), 16 << 20);
+    let before = sha256(&disk);
+    let image_url = format!("{base}/img/good.raw");
+    let config_url = format!("{base}/c.json");
+    for (param, params, url) in [
+        ("img_id", vec![("OSP_IMG_ID", image_url.as_str())], format!("{image_url}.sha256")),
+        ("img_id", vec![("OSP_IMG_ID", image_url.as_str()), ("OSP_IMG_SHA256", "none")], image_url.clone()),
+        ("img_id", vec![("OSP_IMG_ID", by_name.as_str()), ("OSP_IMG_SHA256", "none")], by_name.clone()),
+        ("config_url", vec![("OSP_CONFIG_URL", config_url.as_str())], config_url.clone()),
+    ] {
+        let mut params = params;
+        params.extend([("OSP_IMG_FORMAT", "diskdump"), ("OSP_IMG_PROPERTIES", NO_TASKS)]);
+        let out = s.create("ssrf.example.com", disk.to_str().unwrap(), &params);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{params:?}: {log}");
+        for want in [url.as_str(), param, "loopback address", "URL_ALLOW_PRIVATE_ADDRESSES=yes"] {
+            assert!(log.contains(want), "{params:?}: {want:?} missing: {log}");
+        }
+        assert!(log.contains("127.0.0.1") || log.contains("::1"), "{params:?}: no address: {log}");
+        assert_eq!(sha256(&disk), before, "{params:?} touched the disk");
+    }
+    let asked = requests.lock().unwrap().clone();
+    assert!(asked.is_empty(), "the server was asked {asked:?}");
 }
 
 /// A tenant's `file://` config_url (Ganeti's `OSP_CONFIG_URL`) reads nothing of the node but

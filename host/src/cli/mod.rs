@@ -655,6 +655,8 @@ fn write_request(args: &WriteArgs, confinement: Confinement) -> crate::job::writ
             connect: Duration::from_secs(args.http_connect_timeout),
             idle: Duration::from_secs(args.http_idle_timeout),
         },
+        // The operator's own URL: any address, as curl would.
+        reach: crate::source::reach::Reach::Any,
     }
 }
 

@@ -42,6 +42,9 @@ pub struct Config {
     pub nics: super::nics::NicSettings,
     /// Where the OS variants' `NAME.conf` files are (snf-image's `VARIANTS_DIR`).
     pub variants_dir: String,
+    /// Whether URLs given as OS parameters may reach loopback, link-local, private and other
+    /// non-public addresses (`URL_ALLOW_PRIVATE_ADDRESSES`).
+    pub url_allow_private_addresses: bool,
 }
 
 impl Default for Config {
@@ -56,6 +59,7 @@ impl Default for Config {
             accel: "auto".into(),
             nics: Default::default(),
             variants_dir: DEFAULT_VARIANTS_DIR.into(),
+            url_allow_private_addresses: false,
         }
     }
 }
@@ -75,6 +79,15 @@ const SETTINGS: &[(&str, &str)] = &[
     ),
     ("PROGRESS_MONITOR", "A command fed the JSON progress lines (snf-image's monitor messages) on stdin; empty: none."),
     ("ACCEL", "auto (KVM where it works, TCG otherwise), kvm or tcg."),
+    (
+        "URL_ALLOW_PRIVATE_ADDRESSES",
+        "no: the Ganeti OS definition's http(s) fetches (img_id, config_url, an image's .sha256, \
+         their redirects; a variant's CONFIG_URL too) refuse a host that resolves to a loopback, \
+         link-local (cloud metadata), private, shared, unspecified, multicast or reserved \
+         address, and ignore http_proxy; yes: any address, for an image server on a private \
+         network (tenants' URLs then reach it, and the node's own services, too). The imgforge \
+         command's URLs are never restricted.",
+    ),
     ("DHCP_TAGS", "Network tags (space-separated) whose NICs get IPv4 by DHCP, as snf-image's."),
     ("STATEFUL_DHCPV6_TAGS", "Network tags whose NICs get IPv6 by stateful DHCPv6."),
     ("STATELESS_DHCPV6_TAGS", "Network tags whose NICs get IPv6 by SLAAC and stateless DHCPv6."),
@@ -98,6 +111,7 @@ pub fn commented_defaults() -> String {
         "HELPER_USER" => d.helper_user.clone(),
         "PROGRESS_MONITOR" => "''".into(),
         "ACCEL" => d.accel.clone(),
+        "URL_ALLOW_PRIVATE_ADDRESSES" => if d.url_allow_private_addresses { "yes" } else { "no" }.into(),
         "DHCP_TAGS" => format!("'{}'", d.nics.dhcp_tags.join(" ")),
         "STATEFUL_DHCPV6_TAGS" => format!("'{}'", d.nics.stateful_dhcpv6_tags.join(" ")),
         "STATELESS_DHCPV6_TAGS" => format!("'{}'", d.nics.stateless_dhcpv6_tags.join(" ")),
@@ -202,6 +216,13 @@ pub fn set(c: &mut Config, key: &str, value: String) -> Result<bool, String> {
             c.helper_user = value;
         }
         "PROGRESS_MONITOR" => c.progress_monitor = value,
+        "URL_ALLOW_PRIVATE_ADDRESSES" => {
+            c.url_allow_private_addresses = match value.as_str() {
+                "yes" => true,
+                "no" => false,
+                _ => return Err(format!("{key}={value:?} must be yes or no")),
+            }
+        }
         "ACCEL" => {
             if !["auto", "kvm", "tcg"].contains(&value.as_str()) {
                 return Err(format!("ACCEL={value:?} must be auto, kvm or tcg"));
@@ -258,6 +279,7 @@ mod tests {
             "HELPER_SOFT_TIMEOUT=0",
             "HELPER_SOFT_TIMEOUT=+60",
             "ACCEL=xen",
+            "URL_ALLOW_PRIVATE_ADDRESSES=true",
             "HELPER_USER=root",
             "IMAGE_DIR=\"/a/$(reboot)\"",
             "NOEQUALS",
@@ -300,6 +322,7 @@ mod tests {
             accel: _,
             nics: _,
             variants_dir: _,
+            url_allow_private_addresses: _,
         } = c;
         for (key, other) in [
             ("IMAGE_DIR", "/x"),
@@ -310,6 +333,7 @@ mod tests {
             ("HELPER_USER", "imgforge-qemu"),
             ("PROGRESS_MONITOR", "cat"),
             ("ACCEL", "tcg"),
+            ("URL_ALLOW_PRIVATE_ADDRESSES", "yes"),
             ("DHCP_TAGS", "x"),
             ("STATEFUL_DHCPV6_TAGS", "x"),
             ("STATELESS_DHCPV6_TAGS", "x"),

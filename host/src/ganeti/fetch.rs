@@ -2,6 +2,7 @@
 //! bound on their size: over http(s) with the image download's client, or from `file://`.
 
 use crate::source::http::{self, Client, HttpTimeouts};
+use crate::source::reach::Reach;
 use std::io::Read;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -85,17 +86,18 @@ pub fn confine_file(path: &str, image_dir: &std::path::Path) -> Result<String, S
 pub const SMALL_FILE_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Fetches at most `max` bytes from `place` (more fails, naming the bound) within
-/// [`SMALL_FILE_DEADLINE`]; `Ok(None)` when an http server answers 404 or 410 and
-/// `may_be_missing`.
+/// [`SMALL_FILE_DEADLINE`], over http connecting only where `reach` allows; `Ok(None)` when an
+/// http server answers 404 or 410 and `may_be_missing`.
 pub fn fetch(
     param: &str,
     place: &Place,
     max: u64,
     may_be_missing: bool,
     timeouts: HttpTimeouts,
+    reach: Reach,
     cancel: &AtomicBool,
 ) -> Result<Option<Vec<u8>>, FetchError> {
-    fetch_within(param, place, max, may_be_missing, timeouts, SMALL_FILE_DEADLINE, cancel)
+    fetch_within(param, place, max, may_be_missing, (timeouts, reach), SMALL_FILE_DEADLINE, cancel)
 }
 
 /// [`fetch`] with `deadline` for an http fetch.
@@ -104,7 +106,7 @@ fn fetch_within(
     place: &Place,
     max: u64,
     may_be_missing: bool,
-    timeouts: HttpTimeouts,
+    (timeouts, reach): (HttpTimeouts, Reach),
     deadline: Duration,
     cancel: &AtomicBool,
 ) -> Result<Option<Vec<u8>>, FetchError> {
@@ -123,7 +125,7 @@ fn fetch_within(
     };
     match place {
         Place::Http(url) => {
-            let client = Client::with_total(timeouts, deadline);
+            let client = Client::with_total(timeouts, deadline, reach);
             client.cancellable(cancel, || match client.get_if_present(url, cancel) {
                 Ok(Ok(mut download)) => bounded(&mut download.body).map(Some),
                 Ok(Err(_)) if may_be_missing => Ok(None),
@@ -183,7 +185,16 @@ mod tests {
         let path = dir.path().join("c.json");
         std::fs::write(&path, b"0123456789").unwrap();
         let get = |p: &std::path::Path, max| {
-            fetch("config_url", &Place::File(p.display().to_string()), max, false, HttpTimeouts::default(), &cancel)
+            let place = Place::File(p.display().to_string());
+            fetch(
+                "config_url",
+                &place,
+                max,
+                false,
+                HttpTimeouts::default(),
+                Reach::PublicOnly { param: "config_url" },
+                &cancel,
+            )
         };
         assert_eq!(get(&path, 10).unwrap().unwrap(), b"0123456789");
         assert!(get(&path, 9).unwrap_err().reason.contains("larger than 9 bytes"));
@@ -249,8 +260,15 @@ mod tests {
         let cancel = AtomicBool::new(false);
         let started = std::time::Instant::now();
         let timeouts = HttpTimeouts { connect: Duration::from_secs(5), idle: Duration::from_secs(5) };
-        let result =
-            fetch_within("config_url", &Place::Http(url), 1 << 20, false, timeouts, Duration::from_secs(2), &cancel);
+        let result = fetch_within(
+            "config_url",
+            &Place::Http(url),
+            1 << 20,
+            false,
+            (timeouts, Reach::Any),
+            Duration::from_secs(2),
+            &cancel,
+        );
         let took = started.elapsed();
         assert!(result.is_err(), "{result:?}");
         assert!(took < Duration::from_secs(8), "the fetch took {took:?}");

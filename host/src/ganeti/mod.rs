@@ -15,6 +15,7 @@ pub mod variants;
 use crate::job::{self, VmSettings};
 use crate::ops::Plan;
 use crate::progress::{Event, JsonLines, Progress, Silent};
+use crate::source::reach::Reach;
 use crate::vm::accel::Accel;
 use crate::vm::Interrupt;
 use config::Config;
@@ -240,10 +241,19 @@ async fn parameters(
         "imgforge: reading OS parameters from config_url {}",
         crate::source::http::redact(&url)
     )));
-    let data = fetch_small("config_url", place, config_url::MAX_CONFIG_BYTES, false, interrupt).await?;
+    let data = fetch_small("config_url", place, config_url::MAX_CONFIG_BYTES, false, &config, interrupt).await?;
     let warnings = config_url::apply(&mut env, &data.unwrap_or_default())?;
     warn_all(&warnings);
     Ok((env, config))
+}
+
+/// The addresses the URL of OS parameter `param` may reach, as `URL_ALLOW_PRIVATE_ADDRESSES` says.
+fn reach(config: &Config, param: &'static str) -> Reach {
+    if config.url_allow_private_addresses {
+        Reach::Any
+    } else {
+        Reach::PublicOnly { param }
+    }
 }
 
 /// [`fetch::fetch`] off the async runtime, stopped by an interrupt.
@@ -252,11 +262,13 @@ async fn fetch_small(
     place: fetch::Place,
     max: u64,
     may_be_missing: bool,
+    config: &Config,
     interrupt: &Interrupt,
 ) -> Result<Option<Vec<u8>>, GanetiError> {
     let timeouts = crate::source::http::HttpTimeouts::default();
+    let reach = reach(config, param);
     let result = job::cancellable(param, interrupt, move |cancel| {
-        Ok::<_, job::JobError>(fetch::fetch(param, &place, max, may_be_missing, timeouts, cancel))
+        Ok::<_, job::JobError>(fetch::fetch(param, &place, max, may_be_missing, timeouts, reach, cancel))
     })
     .await?;
     Ok(result?)
@@ -267,6 +279,7 @@ async fn fetch_small(
 async fn expected_sha256(
     env: &BTreeMap<String, String>,
     image: &str,
+    config: &Config,
     interrupt: &Interrupt,
 ) -> Result<Option<(String, String)>, GanetiError> {
     let url = match (checksum::wanted(env)?, crate::source::Location::parse(image)) {
@@ -277,7 +290,8 @@ async fn expected_sha256(
     let sidecar = checksum::sidecar_url(&url);
     let shown = crate::source::http::redact(&sidecar);
     let place = fetch::Place::Http(sidecar);
-    let Some(data) = fetch_small("img_id", place, checksum::MAX_SHA256_FILE_BYTES, true, interrupt).await? else {
+    let Some(data) = fetch_small("img_id", place, checksum::MAX_SHA256_FILE_BYTES, true, config, interrupt).await?
+    else {
         let line = format!("imgforge: no {shown} on the image's server: the image is not checked (give img_sha256)");
         crate::stdio::err_line(&imgforge_protocol::printable::printable(&line));
         return Ok(None);
@@ -523,7 +537,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         crate::stdio::err_line(&imgforge_protocol::printable::printable(&line));
         return Ok(());
     };
-    let sha256 = expected_sha256(&env, &image, interrupt).await?;
+    let sha256 = expected_sha256(&env, &image, &config, interrupt).await?;
     let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = nics::nics(&env, &config.nics)?;
     let mut plan = if task_properties::mounted_tasks_excluded(&params.properties) {
@@ -556,6 +570,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let (progress, monitor) = progress(&config)?;
     let request = crate::job::write::WriteRequest {
         http: Default::default(),
+        reach: reach(&config, "img_id"),
         confinement: settings(&config, &params.properties).confinement(),
         image: crate::source::Location::parse(&image),
         target: disk.clone(),

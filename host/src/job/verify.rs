@@ -89,6 +89,8 @@ pub async fn run(
             let unpacked = work.path().join("image.raw");
             let request = super::write::WriteRequest {
                 http: Default::default(),
+                // A file: nothing is fetched.
+                reach: crate::source::reach::Reach::Any,
                 confinement: settings.confinement(),
                 image: Location::Path(image.to_owned()),
                 target: unpacked.clone(),

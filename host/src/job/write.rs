@@ -37,6 +37,8 @@ pub struct WriteRequest {
     pub confinement: crate::vm::blockdev_qemu::Confinement,
     /// How long an http(s) source may take to connect and stay silent.
     pub http: http::HttpTimeouts,
+    /// The addresses an http(s) source may connect to.
+    pub reach: crate::source::reach::Reach,
 }
 
 /// What was written.
@@ -363,7 +365,7 @@ fn write_url(
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Written, WriteError> {
-    let client = http::Client::new(req.http);
+    let client = http::Client::new(req.http, req.reach);
     let result = client.cancellable(cancel, || download_and_write(&client, req, url, progress, cancel));
     match result {
         // The cancel watcher closed the connection: the read error is the interrupt.

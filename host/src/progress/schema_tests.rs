@@ -271,6 +271,7 @@ fn the_emitter_writes_lines_that_match_the_schema() {
     for (source, target) in [(&raw, "a.img"), (&gz, "b.img")] {
         let request = crate::job::write::WriteRequest {
             http: Default::default(),
+            reach: crate::source::reach::Reach::Any,
             confinement: Default::default(),
             image: crate::source::Location::Path(source.clone()),
             target: dir.path().join(target),

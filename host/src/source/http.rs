@@ -2,6 +2,7 @@
 //! an `Authorization` header, cancellation that unblocks a read on a silent server, a body
 //! bounded by what the target can hold, and [`redact`], the one way a URL is shown.
 
+use super::reach::{PublicOnlyResolver, Reach};
 use super::{declared_cluster_bytes, declared_virtual_size, squashfs_bytes_used, Format, SourceError};
 use std::io::{BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,6 +121,8 @@ fn percent_decode(text: &str) -> String {
 /// One download's HTTP client; [`Client::cancellable`] lets a signal interrupt it.
 pub struct Client {
     agent: ureq::Agent,
+    /// What a [`Reach::PublicOnly`] resolver refused, reported instead of ureq's wording.
+    refused: Option<Arc<std::sync::Mutex<Option<String>>>>,
 }
 
 /// An HTTP body with its announced length.
@@ -131,25 +134,42 @@ pub struct Download {
 }
 
 impl Client {
-    /// A client with these timeouts.
-    pub fn new(timeouts: HttpTimeouts) -> Self {
-        let config = ureq::Agent::config_builder()
-            .timeout_connect(Some(timeouts.connect))
-            .timeout_per_read(Some(timeouts.idle))
-            .build();
-        Self { agent: config.new_agent() }
+    /// A client with these timeouts, connecting to the addresses `reach` allows.
+    pub fn new(timeouts: HttpTimeouts, reach: Reach) -> Self {
+        let config =
+            ureq::Agent::config_builder().timeout_connect(Some(timeouts.connect)).timeout_per_read(Some(timeouts.idle));
+        Self::build(config, reach)
     }
 
     /// As [`Client::new`], with `total` the most a whole request may take, headers and body
     /// (for small files: the idle timeout alone lets a server that sends a byte a minute hold
     /// the fetch for days).
-    pub fn with_total(timeouts: HttpTimeouts, total: Duration) -> Self {
+    pub fn with_total(timeouts: HttpTimeouts, total: Duration, reach: Reach) -> Self {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(timeouts.connect))
             .timeout_per_read(Some(timeouts.idle))
-            .timeout_global(Some(total))
-            .build();
-        Self { agent: config.new_agent() }
+            .timeout_global(Some(total));
+        Self::build(config, reach)
+    }
+
+    fn build(config: ureq::config::ConfigBuilder<ureq::typestate::AgentScope>, reach: Reach) -> Self {
+        match reach {
+            Reach::Any => Self { agent: config.build().new_agent(), refused: None },
+            Reach::PublicOnly { param } => {
+                let resolver = PublicOnlyResolver::new(param);
+                let refused = resolver.refused.clone();
+                // A proxy (http_proxy, from the environment) would resolve and reach the
+                // target for us, where the resolver cannot check it.
+                let config = config.proxy(None).build();
+                let connector = ureq::unversioned::transport::DefaultConnector::default();
+                Self { agent: ureq::Agent::with_parts(config, connector, resolver), refused: Some(refused) }
+            }
+        }
+    }
+
+    /// The refusal of an address, if the resolver made one.
+    fn refusal(&self) -> Option<String> {
+        self.refused.as_ref()?.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Starts downloading `url` (credentials in it are sent as HTTP basic authentication); a
@@ -188,7 +208,7 @@ impl Client {
         let response = loop {
             match rx.recv_timeout(CANCEL_POLL) {
                 Ok(Err(ureq::Error::StatusCode(status @ (404 | 410)))) => return Ok(Err(status)),
-                Ok(response) => break response.map_err(|e| err(e.to_string()))?,
+                Ok(response) => break response.map_err(|e| err(self.refusal().unwrap_or_else(|| e.to_string())))?,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancel.load(Ordering::Relaxed) => {
                     return Err(err("interrupted while connecting".into()));
                 }
@@ -302,7 +322,8 @@ mod tests {
     fn a_cancel_ends_a_hanging_connect() {
         let (listener, _queued) = unanswering_server();
         let url = format!("http://{}/image", listener.local_addr().unwrap());
-        let client = Client::new(HttpTimeouts { connect: Duration::from_secs(20), idle: Duration::from_secs(20) });
+        let timeouts = HttpTimeouts { connect: Duration::from_secs(20), idle: Duration::from_secs(20) };
+        let client = Client::new(timeouts, Reach::Any);
         let cancel = AtomicBool::new(false);
         let started = std::time::Instant::now();
         let result = std::thread::scope(|scope| {
@@ -319,6 +340,25 @@ mod tests {
             "{result:?}"
         );
         assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    /// A tenant's URL is refused by the address its name resolves to (`localhost`, not an
+    /// address in the URL's text), and the server never sees a connection.
+    #[test]
+    fn public_only_refuses_a_name_resolving_to_loopback() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cancel = AtomicBool::new(false);
+        for url in [format!("http://localhost:{port}/x.img"), format!("http://127.0.0.1:{port}/x.img")] {
+            let client = Client::new(HttpTimeouts::default(), Reach::PublicOnly { param: "img_id" });
+            let result = client.get(&url, &cancel).map(|_| ());
+            let Err(SourceError::Http { reason, .. }) = &result else { panic!("{url}: {result:?}") };
+            assert!(reason.contains("127.0.0.1") || reason.contains("::1"), "{reason}");
+            assert!(reason.contains("loopback") && reason.contains("URL_ALLOW_PRIVATE_ADDRESSES"), "{reason}");
+            assert!(reason.contains("img_id"), "{reason}");
+            assert!(listener.accept().is_err(), "{url}: the server got a connection");
+        }
     }
 
     #[test]

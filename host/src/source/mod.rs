@@ -10,6 +10,7 @@ pub mod liveimg;
 pub mod nbd;
 pub mod qcow2;
 pub mod qemu;
+pub mod reach;
 pub mod squashfs;
 pub mod vmdk;
 pub mod vpc;
