@@ -206,12 +206,35 @@ impl GuestCommand {
     }
 
     /// Runs the program and collects its standard output and error apart (for output that is
-    /// parsed: a program's stdio buffering interleaves the two mid-line).
+    /// parsed: a program's stdio buffering interleaves the two mid-line), each at most
+    /// [`OUTPUT_CAP`] bytes: a program that writes more is killed and this fails, for a hostile
+    /// guest's program could otherwise fill the helper VM's memory.
     pub fn output(mut self) -> Result<std::process::Output, String> {
         let program = std::mem::take(&mut self.program);
-        let output = self.command.output().map_err(|e| format!("cannot start {program} in the guest: {e}"));
+        let fail = |e: std::io::Error| format!("cannot start {program} in the guest: {e}");
+        self.command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = self.command.spawn().map_err(fail)?;
+        drop(self.command);
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let (stdout, stderr) = std::thread::scope(|scope| {
+            let errors = scope.spawn(|| stderr.map(|r| read_capped(r, OUTPUT_CAP)).unwrap_or(Ok(Vec::new())));
+            let out = stdout.map(|r| read_capped(r, OUTPUT_CAP)).unwrap_or(Ok(Vec::new()));
+            if out.is_err() {
+                // Its other stream would never end while it runs.
+                let _ = child.kill();
+            }
+            let errors = errors.join().unwrap_or_else(|_| Ok(Vec::new()));
+            if errors.is_err() {
+                let _ = child.kill();
+            }
+            (out, errors)
+        });
+        let status = child.wait().map_err(|e| format!("cannot wait for {program} in the guest: {e}"));
         end_leftovers()?;
-        output
+        let overflow = |stream: &str, e: Overflow| format!("{program} in the guest wrote {e} on its {stream}: stopped");
+        let stdout = stdout.map_err(|e| overflow("standard output", e))?;
+        let stderr = stderr.map_err(|e| overflow("standard error", e))?;
+        Ok(std::process::Output { status: status?, stdout, stderr })
     }
 
     /// Runs the program and collects its standard output and error as one text, interleaved
@@ -230,6 +253,38 @@ impl GuestCommand {
         end_leftovers()?;
         Ok((status?, String::from_utf8_lossy(&bytes).into_owned()))
     }
+}
+
+/// The most of each output stream [`GuestCommand::output`] collects (setfiles `-v` lists one
+/// line per path relabelled: a large guest's whole tree stays well under it).
+pub const OUTPUT_CAP: u64 = 64 << 20;
+
+/// A stream that went past its cap, or could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// More than this many bytes.
+    Over(u64),
+    /// The read failed.
+    Read(String),
+}
+
+impl std::fmt::Display for Overflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Overflow::Over(cap) => write!(f, "more than {cap} bytes (all the helper collects)"),
+            Overflow::Read(e) => write!(f, "what could not be read ({e})"),
+        }
+    }
+}
+
+/// All of `reader` if it ends within `cap` bytes; reads one byte past `cap` at most.
+pub fn read_capped(reader: impl Read, cap: u64) -> Result<Vec<u8>, Overflow> {
+    let mut bytes = Vec::new();
+    reader.take(cap + 1).read_to_end(&mut bytes).map_err(|e| Overflow::Read(e.to_string()))?;
+    if bytes.len() as u64 > cap {
+        return Err(Overflow::Over(cap));
+    }
+    Ok(bytes)
 }
 
 /// How long [`end_leftovers`] keeps killing before it gives up.
@@ -364,6 +419,18 @@ mod tests {
             assert!(names.contains(&cap), "{cap}");
         }
         assert!(!GUEST_DEVICES.iter().any(|(n, ..)| n.starts_with("tty") && *n != "tty"), "no serial port");
+    }
+
+    /// A stream past the cap is refused after one byte more is read, not collected whole.
+    #[test]
+    fn output_is_capped() {
+        assert_eq!(read_capped(&b"0123456789"[..], 10), Ok(b"0123456789".to_vec()));
+        assert_eq!(read_capped(&b""[..], 10), Ok(Vec::new()));
+        assert_eq!(read_capped(&b"0123456789!"[..], 10), Err(Overflow::Over(10)));
+        // An endless stream (setfiles of a hostile guest) ends at the cap.
+        let mut endless = std::io::repeat(b'x');
+        assert_eq!(read_capped(&mut endless, 1 << 20), Err(Overflow::Over(1 << 20)));
+        assert!(Overflow::Over(OUTPUT_CAP).to_string().contains("more than 67108864 bytes"));
     }
 
     #[test]
