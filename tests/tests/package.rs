@@ -203,6 +203,7 @@ fn the_package_installs_runs_and_purges_without_a_trace() {
         "DHCP_TAGS",
         "STATEFUL_DHCPV6_TAGS",
         "STATELESS_DHCPV6_TAGS",
+        "URL_ALLOW_PRIVATE_ADDRESSES",
         "DEFAULT_NIC_CONFIG",
     ] {
         assert!(settings.lines().any(|l| l.starts_with(&format!("#{key}="))), "{key}:\n{settings}");
