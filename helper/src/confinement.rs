@@ -247,11 +247,15 @@ impl GuestCommand {
         let mut child = self.command.spawn().map_err(fail)?;
         // The Command holds the pipe's write ends; drop it so that EOF can arrive.
         drop(self.command);
-        let mut bytes = Vec::new();
-        let _ = reader.read_to_end(&mut bytes);
+        let (bytes, cut) = read_tail(&mut reader, TAIL_KEPT);
         let status = child.wait().map_err(|e| format!("cannot wait for {program} in the guest: {e}"));
         end_leftovers()?;
-        Ok((status?, String::from_utf8_lossy(&bytes).into_owned()))
+        let mut text = String::new();
+        if cut {
+            text.push_str(&format!("[{program}: only the last {TAIL_KEPT} bytes of its output are kept]\n"));
+        }
+        text.push_str(&String::from_utf8_lossy(&bytes));
+        Ok((status?, text))
     }
 }
 
@@ -285,6 +289,36 @@ pub fn read_capped(reader: impl Read, cap: u64) -> Result<Vec<u8>, Overflow> {
         return Err(Overflow::Over(cap));
     }
     Ok(bytes)
+}
+
+/// The most of a program's output [`GuestCommand::combined_output`] keeps: its end, where a
+/// failure's message is (the host shows at most 8 MiB of a run's console anyway).
+pub const TAIL_KEPT: usize = 8 << 20;
+
+/// The last `keep` bytes of `reader` (read to its end or its first error), and whether
+/// anything before them was dropped: a hostile guest's program that writes without end costs
+/// the helper at most twice `keep` of memory, never its whole output.
+pub fn read_tail(mut reader: impl Read, keep: usize) -> (Vec<u8>, bool) {
+    let mut bytes = Vec::new();
+    let mut cut = false;
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+        if bytes.len() > keep.saturating_mul(2) {
+            bytes.drain(..bytes.len() - keep);
+            cut = true;
+        }
+    }
+    if bytes.len() > keep {
+        bytes.drain(..bytes.len() - keep);
+        cut = true;
+    }
+    (bytes, cut)
 }
 
 /// How long [`end_leftovers`] keeps killing before it gives up.
@@ -431,6 +465,18 @@ mod tests {
         let mut endless = std::io::repeat(b'x');
         assert_eq!(read_capped(&mut endless, 1 << 20), Err(Overflow::Over(1 << 20)));
         assert!(Overflow::Over(OUTPUT_CAP).to_string().contains("more than 67108864 bytes"));
+    }
+
+    #[test]
+    fn combined_output_keeps_the_tail() {
+        assert_eq!(read_tail(&b"0123456789"[..], 10), (b"0123456789".to_vec(), false));
+        assert_eq!(read_tail(&b"0123456789ab"[..], 10), (b"23456789ab".to_vec(), true));
+        // A long stream ends with only its last bytes held, whatever its length.
+        let long = std::io::repeat(b'x').take(10 << 20).chain(&b"the message"[..]);
+        let (tail, cut) = read_tail(long, 1 << 20);
+        assert!(cut);
+        assert_eq!(tail.len(), 1 << 20);
+        assert!(tail.ends_with(b"xthe message"));
     }
 
     #[test]
