@@ -656,9 +656,8 @@ fn interpolated(body: &str, kind: Interpolation) -> Parsed<Vec<Piece>> {
 /// `\xHH` or `\x{H..}` after the `x`: the byte and how many characters it used.
 fn hex_escape(rest: &[char]) -> Parsed<(u8, usize)> {
     let (digits, used): (String, usize) = if rest.first() == Some(&'{') {
-        let inner: String = rest[1..].iter().take_while(|c| **c != '}').collect();
-        let n = inner.chars().count();
-        (inner, n + 2)
+        let end = rest.iter().position(|c| *c == '}').ok_or("an unterminated \\x{ (no closing '}')")?;
+        (rest[1..end].iter().collect(), end + 1)
     } else {
         let d: String = rest.iter().take(2).take_while(|c| c.is_ascii_hexdigit()).collect();
         let n = d.len();
@@ -829,6 +828,7 @@ fn translate(pattern: &str, extended: bool) -> Parsed<String> {
                         return Err(format!("{what} is not supported: the regex engine does not backtrack"));
                     }
                 }
+                inline_flags(&chars[i + 1..])?;
                 out.push('(');
             }
             '#' if extended => {
@@ -852,6 +852,23 @@ fn translate(pattern: &str, extended: bool) -> Parsed<String> {
         }
     }
     Ok(out)
+}
+
+/// Checks the flags of `(?flags)` or `(?flags:...)` (given what follows the `?`): Perl's
+/// `i`, `m`, `s` and `x` mean the same to the regex crate; any other letter either means
+/// something else there (`U` swaps greediness, `u` turns on Unicode classes, `R` changes line
+/// ends) or is not supported by it, so it is refused rather than silently changing the match.
+fn inline_flags(rest: &[char]) -> Parsed<()> {
+    let flags: String = rest.iter().take_while(|c| c.is_ascii_alphabetic() || matches!(c, '-' | '^')).collect();
+    let follows = rest.get(flags.chars().count());
+    if flags.is_empty() || !matches!(follows, Some(':') | Some(')')) {
+        // A named group `(?<name>` or `(?P<name>`, or something the regex crate judges.
+        return Ok(());
+    }
+    match flags.chars().find(|f| !matches!(f, 'i' | 'm' | 's' | 'x' | '-')) {
+        Some(f) => Err(format!("the inline flag '{f}' in (?{flags}) is not supported (only i, m, s and x are)")),
+        None => Ok(()),
+    }
 }
 
 fn rest_word(chars: &[char]) -> String {

@@ -68,6 +68,8 @@ fn accepted_expressions_do_what_perl_does() {
         ("s/(?#note)a/b/", "a\n", "b\n"),
         ("s/(?<w>o+)/0/", "foo\n", "f0\n"),
         ("s/(?i)A/b/", "a\n", "b\n"),
+        ("s/(?i-s:A)/b/", "a\n", "b\n"),
+        ("s/\\x{41}/b/", "A\n", "b\n"),
         // Empty matches with /g, as Perl steps past them.
         ("s/x*/-/g", "abc\n", "-a-b-c-\n-"),
         // Replacing and deleting lines.
@@ -123,6 +125,11 @@ fn refused_expressions_say_why() {
         ("s/$var/x/", "$var would interpolate"),
         ("s/a@b/x/", "@b would interpolate"),
         ("s/(a)\\1/x/", "backreference"),
+        ("s/\\x{41/x/", "unterminated \\x{"),
+        ("s/a/\\x{41/", "unterminated \\x{"),
+        ("s/(?u)a/x/", "inline flag 'u'"),
+        ("s/(?U:a+)/x/", "inline flag 'U'"),
+        ("s/(?^i:a)/x/", "inline flag '^'"),
         ("s/a(?=b)/x/", "look-ahead"),
         ("s/a(?!b)/x/", "look-ahead"),
         ("s/(?<=a)b/x/", "look-behind"),
