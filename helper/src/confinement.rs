@@ -433,12 +433,7 @@ pub fn mount_flags(
     let data = data.map(|d| CString::new(d).unwrap_or_default());
     let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
     // SAFETY: every pointer is NUL-terminated (or null for data) and outlives the call.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data_ptr) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::copy::cvt(unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data_ptr) })
 }
 
 #[cfg(test)]

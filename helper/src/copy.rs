@@ -12,7 +12,8 @@ use std::os::unix::ffi::OsStrExt;
 /// naming the limit, not in a stack overflow of PID 1.
 pub const MAX_TREE_DEPTH: usize = 1024;
 
-fn cvt(rc: libc::c_int) -> io::Result<()> {
+/// A libc call's 0-or-errno return, as a `Result`.
+pub(crate) fn cvt(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
         Ok(())
     } else {

@@ -498,12 +498,7 @@ fn mount_flags(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) 
 fn unmount(target: &Path) -> std::io::Result<()> {
     let target = crate::confinement::path_cstring(target);
     // SAFETY: a NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::umount(target.as_ptr()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::copy::cvt(unsafe { libc::umount(target.as_ptr()) })
 }
 
 #[cfg(test)]

@@ -185,12 +185,9 @@ fn lsetxattr(full: &std::ffi::CStr, label: &str) -> std::io::Result<()> {
     let mut value = label.as_bytes().to_vec();
     value.push(0);
     // SAFETY: NUL-terminated path and name; the value's pointer and length match.
-    let rc = unsafe { libc::lsetxattr(full.as_ptr(), attribute.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::copy::cvt(unsafe {
+        libc::lsetxattr(full.as_ptr(), attribute.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+    })
 }
 
 #[cfg(test)]
