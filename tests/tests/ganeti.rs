@@ -850,15 +850,7 @@ fn create_adds_the_swap_partition_snf_image_adds() {
 /// A small raw "image" of `len` bytes that differ from block to block (no VM reads it: the
 /// tests that deploy it exclude every task).
 fn small_image(len: usize) -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    imgforge_tests::fixtures::pseudo_random_bytes(0x2545_f491_4f6c_dd1d, len)
 }
 
 fn hex_digest(data: &[u8]) -> String {
