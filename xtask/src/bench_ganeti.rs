@@ -5,6 +5,10 @@
 //! environment, cwd the OS directory). One warm-up each (builds its helper image), then RUNS
 //! (default 3) alternating pairs on fresh disks; every time is printed with the load average,
 //! and the medians compared. Each result is read back: the root partition's end.
+//!
+//! `--cluster`: the same image through the whole `gnt-instance add` of a real single-node Ganeti
+//! cluster (`tests/ganeti/bench.sh`, in namespaces of its own), both builds installed as two OS
+//! definitions of it, so Ganeti's own work (locks, jobs, disk creation) is in both times.
 
 use anyhow::{ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
@@ -132,11 +136,6 @@ pub fn run(new: &Path, old: &Path, runs: usize) -> Result<()> {
             side.times.push(t);
         }
     }
-    let median = |v: &[Duration]| {
-        let mut s = v.to_vec();
-        s.sort();
-        s[s.len() / 2]
-    };
     let (b, a) = (median(&sides[0].times), median(&sides[1].times));
     println!(
         "median before {:>7.2} s   after {:>7.2} s   (after/before {:.2}x, of {runs} runs each)",
@@ -145,4 +144,77 @@ pub fn run(new: &Path, old: &Path, runs: usize) -> Result<()> {
         a.as_secs_f64() / b.as_secs_f64()
     );
     Ok(())
+}
+
+/// The times `bench.sh` printed for `os` (`ADD os run ms end load…`), warm-up apart.
+fn cluster_times(stdout: &str, os: &str) -> Vec<Duration> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ADD "))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() >= 3 && f[0] == os && f[1] != "warm")
+        .filter_map(|f| f[2].parse().ok().map(Duration::from_millis))
+        .collect()
+}
+
+/// Runs `gnt-instance add` of the 2 GiB fixture onto an 8 GiB disk with `new` and `old`.
+pub fn run_cluster(new: &Path, old: &Path, runs: usize) -> Result<()> {
+    fixtures::require_root();
+    let work = tempfile::Builder::new().prefix("bench-ganeti-").tempdir_in("/var/tmp")?;
+    let images = work.path().join("images");
+    let disks = work.path().join("disks");
+    std::fs::create_dir_all(&images)?;
+    std::fs::create_dir_all(&disks)?;
+    let fixture = fixtures::disk(Shape::GptXfsBoot)?;
+    sh(Command::new("cp").arg("--sparse=always").arg(&fixture).arg(images.join("gpt-xfs-boot.img")))?;
+    println!(
+        "gnt-instance add -t file --disk 0:size=8192 of {} ({} MiB, GPT, XFS root) on a single-node cluster, TCG",
+        fixture.display(),
+        std::fs::metadata(&fixture)?.len() >> 20
+    );
+    println!(
+        "before (imgforgeold): {}
+after (imgforge):     {}",
+        old.display(),
+        new.display()
+    );
+    let script = workspace_file("tests/ganeti/bench.sh");
+    let out = Command::new("unshare")
+        .args(["--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc"])
+        .arg(&script)
+        .args([new, old, &images])
+        .arg("gpt-xfs-boot")
+        .arg(&disks)
+        .arg(runs.to_string())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines().filter(|l| l.starts_with("ADD ")) {
+        println!("{line}");
+    }
+    ensure!(
+        out.status.success() && stdout.contains("BENCH-DONE"),
+        "the cluster benchmark failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (before, after) = (cluster_times(&stdout, "imgforgeold"), cluster_times(&stdout, "imgforge"));
+    ensure!(!before.is_empty() && before.len() == after.len(), "bench.sh printed no comparable times:\n{stdout}");
+    let (b, a) = (median(&before), median(&after));
+    println!(
+        "median gnt-instance add: before {:>7.2} s   after {:>7.2} s   (after/before {:.2}x, of {runs} runs each)",
+        b.as_secs_f64(),
+        a.as_secs_f64(),
+        a.as_secs_f64() / b.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s[s.len() / 2]
+}
+
+fn workspace_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.join(rel)).unwrap_or_else(|| rel.into())
 }

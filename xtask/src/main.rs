@@ -2,7 +2,8 @@
 //! operations, every result verified; virt-customize runs once, the bare helper boot and the
 //! imgforge customization three times each, alternating (their medians are compared); prints
 //! every time and the ratios. `cargo xtask bench ganeti OLD_IMGFORGE [RUNS]`: Ganeti's create,
-//! this tree's imgforge against another build (`bench_ganeti.rs`).
+//! this tree's imgforge against another build (`bench_ganeti.rs`); with `--cluster`, the whole
+//! `gnt-instance add` on a real single-node cluster.
 
 use anyhow::{bail, ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
@@ -23,11 +24,15 @@ fn main() -> Result<()> {
         ["bench", "customize"] => bench_customize(),
         ["bench", "write"] => bench_write::run(&imgforge()?),
         ["bench", "liveimg"] => bench_liveimg(),
+        ["bench", "ganeti", "--cluster", old, rest @ ..] if rest.len() <= 1 => {
+            let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
+            bench_ganeti::run_cluster(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
+        }
         ["bench", "ganeti", old, rest @ ..] if rest.len() <= 1 => {
             let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
             bench_ganeti::run(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
         }
-        _ => bail!("usage: cargo xtask bench customize|write|liveimg|ganeti OLD_IMGFORGE [RUNS]"),
+        _ => bail!("usage: cargo xtask bench customize|write|liveimg|ganeti [--cluster] OLD_IMGFORGE [RUNS]"),
     }
 }
 
