@@ -138,7 +138,7 @@ fn a_two_by_two_matrix_one_variant_failing_alone_with_provenance() {
     assert!(String::from_utf8_lossy(&ok.stdout).contains("OK"));
     let other = imgforge(&["verify", "--provenance", &statement, &s(&out_dir.join("ath-db.img"))]);
     assert_eq!(code(&other), 1, "another variant's image");
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
     let mut byte = [0u8; 1];
     f.read_at(&mut byte, 4096).unwrap();
     f.write_all_at(&[byte[0] ^ 1], 4096).unwrap();
