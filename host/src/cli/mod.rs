@@ -568,7 +568,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
                 imgforge_version: format!("imgforge {}", version()),
             };
             let result = crate::recipe::build::build(&request, &settings, progress.clone(), &interrupt).await;
-            if let Ok(built) = &result {
+            if let (Ok(built), false) = (&result, quiet) {
                 for b in built {
                     progress.note(&format!("{}: {} ({})", b.name, b.output.display(), b.provenance.display()));
                 }
@@ -855,6 +855,32 @@ mod tests {
             ]
         );
         assert!(plan.selinux_relabel);
+    }
+
+    /// `build`'s options, and `verify --provenance` standing alone.
+    #[test]
+    fn build_and_provenance_options_table() {
+        let cli =
+            Cli::try_parse_from(["imgforge", "build", "r.toml", "-j", "3", "--seed", "s", "--out-dir", "o"]).unwrap();
+        let Command::Build(b) = &cli.command else { panic!("not build") };
+        assert_eq!((b.jobs, b.seed.as_deref(), b.out_dir.as_path()), (3, Some("s"), std::path::Path::new("o")));
+        let cli = Cli::try_parse_from(["imgforge", "build", "r.toml"]).unwrap();
+        let Command::Build(b) = &cli.command else { panic!("not build") };
+        assert_eq!((b.jobs, b.seed.as_deref(), b.out_dir.as_path()), (1, None, std::path::Path::new(".")));
+        let cli = Cli::try_parse_from(["imgforge", "verify", "--provenance", "p.json", "i.img"]).unwrap();
+        let Command::Verify(v) = &cli.command else { panic!("not verify") };
+        assert_eq!(v.provenance.as_deref(), Some(std::path::Path::new("p.json")));
+        for args in [
+            &["imgforge", "build"][..],
+            &["imgforge", "build", "r.toml", "--jobs", "0"],
+            &["imgforge", "build", "r.toml", "--jobs", "65"],
+            &["imgforge", "build", "r.toml", "--hostname", "h"],
+            &["imgforge", "verify", "--provenance", "p.json", "i.img", "--require-package", "x"],
+            &["imgforge", "verify", "--provenance", "p.json", "i.img", "--json"],
+        ] {
+            let err = Cli::command().try_get_matches_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
     }
 
     #[test]
