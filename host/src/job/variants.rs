@@ -121,7 +121,15 @@ struct Scoped<'a> {
 
 impl Progress for Scoped<'_> {
     fn emit(&self, event: Event) {
+        // The bar's line for a task start, with the variant's name (after the renderer's own).
+        let task = match &event {
+            Event::ImageHelper(crate::progress::HelperEvent::TaskStart { task }) => Some(task.clone()),
+            _ => None,
+        };
         self.inner.emit(event);
+        if let Some(task) = task {
+            self.status(&format!("helper: {task}"));
+        }
     }
 
     fn status(&self, text: &str) {
