@@ -222,3 +222,42 @@ fn the_same_seed_gives_the_same_shadow_fields() {
     assert_ne!(first.0, other.0);
     assert_ne!(first.1, other.1);
 }
+
+/// A base given as a URL (zstd-compressed raw here) is downloaded once, checked against the
+/// recipe's SHA-256, and not kept once the (raw) variants are made; a wrong digest makes
+/// nothing.
+#[test]
+fn a_base_from_a_url_is_downloaded_and_checked() {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::disk(Shape::DosExt4).unwrap();
+    let zst = work.path().join("base.img.zst");
+    fixtures::sh(std::process::Command::new("zstd").args(["-q", "-1", "-T2", "-o"]).arg(&zst).arg(&base)).unwrap();
+    let sha = sha256_hex(&zst);
+    let (url, _) = imgforge_tests::http::serve_files(vec![("/base.img.zst".into(), std::fs::read(&zst).unwrap())]);
+    let write = |digest: &str, dir: &str| {
+        let path = work.path().join(format!("{dir}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"one\"\noperations = [\"write /etc/from-url:yes\"]\n[base]\nimage = \"{url}/base.img.zst\"\nsha256 = \"{digest}\"\n"
+            ),
+        )
+        .unwrap();
+        let out_dir = work.path().join(dir);
+        let out = imgforge(&["build", &s(&path), "--out-dir", &s(&out_dir), "--accel", "tcg"]);
+        (out, out_dir)
+    };
+    let (bad, bad_dir) = write(&"0".repeat(64), "bad");
+    assert_eq!(code(&bad), 2, "a wrong digest is bad input");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sha256"));
+    assert_eq!(std::fs::read_dir(&bad_dir).unwrap().count(), 0, "something was kept");
+
+    let (good, out_dir) = write(&sha, "good");
+    assert_eq!(code(&good), 0);
+    let m = Mount::partition(&out_dir.join("one.img"), 0).unwrap();
+    assert_eq!(m.read("/etc/from-url").unwrap(), "yes");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["one.img", "one.img.provenance.json"], "the downloaded base is not kept");
+}
