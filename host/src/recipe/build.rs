@@ -197,21 +197,24 @@ pub async fn build(
             // Downloaded once, checked before it is kept; a thin (qcow2-backed) output needs it
             // after the build, so it stays in the output directory, named for its digest.
             let target = request.out_dir.join(format!("base-{}.img", &recipe.base_sha256[..16]));
-            if !target.exists() {
-                let write = crate::job::write::WriteRequest {
-                    confinement: settings.confinement(),
-                    image: Location::Url(url),
-                    target: target.clone(),
-                    force: false,
-                    size: None,
-                    sha256: Some(recipe.base_sha256.clone()),
-                    sha256_before_write: true,
-                    backing_file: None,
-                    http: Default::default(),
-                    reach: crate::source::reach::Reach::Any,
-                };
-                crate::job::write(&write, progress.clone(), interrupt).await?;
+            // A file left there cannot be checked (it holds the decoded image, not the bytes the
+            // digest is of): refused like an output.
+            if target.exists() {
+                return Err(BuildError::OutputExists(target));
             }
+            let write = crate::job::write::WriteRequest {
+                confinement: settings.confinement(),
+                image: Location::Url(url),
+                target: target.clone(),
+                force: false,
+                size: None,
+                sha256: Some(recipe.base_sha256.clone()),
+                sha256_before_write: true,
+                backing_file: None,
+                http: Default::default(),
+                reach: crate::source::reach::Reach::Any,
+            };
+            crate::job::write(&write, progress.clone(), interrupt).await?;
             let keep = recipe.format == OutputFormat::Qcow2Backed;
             (target.clone(), KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw), (!keep).then_some(target))
         }
