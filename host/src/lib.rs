@@ -19,6 +19,7 @@ pub mod job;
 pub mod ops;
 pub mod plain_number;
 pub mod progress;
+pub mod recipe;
 pub mod source;
 pub mod stdio;
 pub mod stream;

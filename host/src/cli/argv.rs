@@ -7,6 +7,9 @@
 
 /// Options whose value may hold a clear-text password.
 const SECRET_OPTIONS: &[&str] = &["--root-password", "--password"];
+/// Options whose whole value is a secret (`build --seed`: it fixes every salt and random
+/// password of the build).
+const WHOLE_SECRET_OPTIONS: &[&str] = &["--seed"];
 
 /// Byte ranges (within the NUL-separated argv block) that hold clear-text passwords (pure).
 pub fn secret_ranges(block: &[u8]) -> Vec<std::ops::Range<usize>> {
@@ -22,7 +25,17 @@ pub fn secret_ranges(block: &[u8]) -> Vec<std::ops::Range<usize>> {
                 arg.starts_with(prefix.as_bytes()).then_some(prefix.len())
             })
         };
-        if let Some(start) = value_start {
+        let whole_start = if WHOLE_SECRET_OPTIONS.iter().any(|o| previous == o.as_bytes()) {
+            Some(0)
+        } else {
+            WHOLE_SECRET_OPTIONS.iter().find_map(|o| {
+                let prefix = format!("{o}=");
+                arg.starts_with(prefix.as_bytes()).then_some(prefix.len())
+            })
+        };
+        if let Some(start) = whole_start.filter(|s| *s < arg.len()) {
+            ranges.push(offset + start..offset + arg.len());
+        } else if let Some(start) = value_start {
             let value = &arg[start..];
             let marker = b"password:";
             if let Some(pos) = value.windows(marker.len()).position(|w| w == marker) {
@@ -88,5 +101,7 @@ mod tests {
             scrubbed(&["x", "--root-password", "file:/p", "--write", "/f:password:keep"]),
             "x --root-password file:/p --write /f:password:keep "
         );
+        assert_eq!(scrubbed(&["x", "build", "--seed", "s3", "r.toml"]), "x build --seed ** r.toml ");
+        assert_eq!(scrubbed(&["x", "build", "--seed=s3", "--seed="]), "x build --seed=** --seed= ");
     }
 }

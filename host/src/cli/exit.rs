@@ -174,7 +174,21 @@ fn inspect_status(e: &crate::inspect::InspectError) -> ExitStatus {
     }
 }
 
+/// How a build that did not produce every variant ends: as its first failed variant would.
+fn build_status(e: &crate::recipe::build::BuildError) -> ExitStatus {
+    use crate::recipe::build::BuildError as E;
+    match e {
+        E::Read { .. } | E::Recipe(_) | E::SourceDateEpoch(_) | E::BaseMismatch { .. } | E::OutputExists(_) => {
+            ExitStatus::BadInput
+        }
+        E::Io { .. } => ExitStatus::Environment,
+        E::Job(job) => job_status(job),
+        E::Variants { failed, .. } => failed.first().map_or(ExitStatus::CustomizationFailed, |(_, e)| job_status(e)),
+    }
+}
+
 exit_status_of! {
+    crate::recipe::build::BuildError => build_status,
     crate::inspect::InspectError => inspect_status,
     crate::ganeti::GanetiError => ganeti_status,
     WriteError => write_status,

@@ -113,6 +113,16 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "Check the filesystems and that a package is installed:",
         "imgforge verify IMAGE --require-package openssh-server",
     ),
+    (
+        "verify",
+        "Check that an image is the one a build's provenance statement names:",
+        "imgforge verify --provenance out/ath-web.img.provenance.json out/ath-web.img",
+    ),
+    (
+        "build",
+        "Build every variant of a recipe, two helper VMs side by side, into out/:",
+        "imgforge build sites.toml --jobs 2 --out-dir out",
+    ),
     ("helper-image", "Build the helper image ahead of the first run:", "imgforge helper-image build"),
     (
         "ganeti",

@@ -69,8 +69,12 @@ enum Command {
     Customize(CustomizeArgs),
     /// Describe an image: format, size, partitions, filesystems (never boots or mounts).
     Inspect(InspectArgs),
-    /// Check an image: filesystems clean, required packages present.
+    /// Check an image: filesystems clean, required packages present (or, with --provenance,
+    /// that it is the image a build's provenance statement names).
     Verify(VerifyArgs),
+    /// Build the variants of a recipe (a base image, operations, a matrix of variables), each
+    /// with a provenance statement beside it.
+    Build(BuildArgs),
     /// Manage the helper VM's kernel and initramfs.
     #[command(subcommand)]
     HelperImage(HelperImageCommand),
@@ -319,9 +323,37 @@ struct VerifyArgs {
     /// A package that must be installed (repeatable).
     #[arg(long, value_name = "NAME")]
     require_package: Vec<String>,
+    /// Only check that IMAGE is the subject of this provenance statement (`imgforge build`'s
+    /// OUTPUT.provenance.json): its SHA-256 and the statement's shape; no helper VM.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["require_package", "json"])]
+    provenance: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// Helper VMs `build --jobs` may run side by side.
+const MAX_BUILD_JOBS: u64 = 64;
+
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// The recipe (TOML; see README.md, "Recipes", and docs/recipe-v1.schema.json).
+    recipe: PathBuf,
+    /// Helper VMs side by side (each customizing its share of the variants).
+    #[arg(short = 'j', long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_BUILD_JOBS))]
+    jobs: u64,
+    /// Seed for salts and random passwords (over the recipe's `seed`): the same seed and
+    /// variant name give the same choices. A secret like the passwords it stands for.
+    #[arg(long, value_name = "S")]
+    seed: Option<String>,
+    /// Where the outputs and their provenance go (created if missing; nothing is overwritten).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    out_dir: PathBuf,
+    /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -518,8 +550,30 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         }
         Command::Inspect(args) => until_interrupted(&interrupt, inspect(args, &interrupt)).await,
         Command::Verify(args) => {
+            if let Some(statement) = &args.provenance {
+                return verify_provenance(statement, &args.image);
+            }
             let settings = vm_settings(&args.vm, verbose, trace)?;
             verify(args, &settings, &interrupt).await
+        }
+        Command::Build(args) => {
+            let settings = vm_settings(&args.vm, verbose, trace)?;
+            let progress = render::renderer(progress_mode(args.progress, quiet));
+            let request = crate::recipe::build::BuildRequest {
+                recipe: args.recipe.clone(),
+                out_dir: args.out_dir.clone(),
+                jobs: args.jobs as usize,
+                seed: args.seed.clone(),
+                env_source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok(),
+                imgforge_version: format!("imgforge {}", version()),
+            };
+            let result = crate::recipe::build::build(&request, &settings, progress.clone(), &interrupt).await;
+            if let (Ok(built), false) = (&result, quiet) {
+                for b in built {
+                    progress.note(&format!("{}: {} ({})", b.name, b.output.display(), b.provenance.display()));
+                }
+            }
+            finish(progress.as_ref(), result.map(drop).map_err(Failure::from))
         }
         Command::Ganeti(action) => ganeti(action, &interrupt).await,
     }
@@ -602,6 +656,26 @@ async fn verify(args: VerifyArgs, settings: &VmSettings, interrupt: &crate::vm::
         Ok(())
     } else {
         Err(Failure::new(ExitStatus::CustomizationFailed, crate::job::verify::summary(&report)))
+    }
+}
+
+/// `verify --provenance`: exit 0 when IMAGE is the statement's subject, 1 when it is not.
+fn verify_provenance(statement: &std::path::Path, image: &std::path::Path) -> Result<(), Failure> {
+    use crate::recipe::build::VerifyProvenanceError as E;
+    match crate::recipe::build::verify_provenance(statement, image) {
+        Ok(name) => {
+            crate::stdio::out_line(&format!(
+                "OK {}: matches the subject {name} of {}",
+                image.display(),
+                statement.display()
+            ));
+            Ok(())
+        }
+        Err(e @ E::Read { .. }) => Err(Failure::bad_input(e.to_string())),
+        Err(E::Check(e)) => Err(Failure::new(
+            ExitStatus::CustomizationFailed,
+            format!("FAIL {} against {}: {e}", image.display(), statement.display()),
+        )),
     }
 }
 
@@ -781,6 +855,32 @@ mod tests {
             ]
         );
         assert!(plan.selinux_relabel);
+    }
+
+    /// `build`'s options, and `verify --provenance` standing alone.
+    #[test]
+    fn build_and_provenance_options_table() {
+        let cli =
+            Cli::try_parse_from(["imgforge", "build", "r.toml", "-j", "3", "--seed", "s", "--out-dir", "o"]).unwrap();
+        let Command::Build(b) = &cli.command else { panic!("not build") };
+        assert_eq!((b.jobs, b.seed.as_deref(), b.out_dir.as_path()), (3, Some("s"), std::path::Path::new("o")));
+        let cli = Cli::try_parse_from(["imgforge", "build", "r.toml"]).unwrap();
+        let Command::Build(b) = &cli.command else { panic!("not build") };
+        assert_eq!((b.jobs, b.seed.as_deref(), b.out_dir.as_path()), (1, None, std::path::Path::new(".")));
+        let cli = Cli::try_parse_from(["imgforge", "verify", "--provenance", "p.json", "i.img"]).unwrap();
+        let Command::Verify(v) = &cli.command else { panic!("not verify") };
+        assert_eq!(v.provenance.as_deref(), Some(std::path::Path::new("p.json")));
+        for args in [
+            &["imgforge", "build"][..],
+            &["imgforge", "build", "r.toml", "--jobs", "0"],
+            &["imgforge", "build", "r.toml", "--jobs", "65"],
+            &["imgforge", "build", "r.toml", "--hostname", "h"],
+            &["imgforge", "verify", "--provenance", "p.json", "i.img", "--require-package", "x"],
+            &["imgforge", "verify", "--provenance", "p.json", "i.img", "--json"],
+        ] {
+            let err = Cli::command().try_get_matches_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
     }
 
     #[test]

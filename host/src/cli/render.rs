@@ -30,7 +30,7 @@ pub fn renderer(mode: ProgressMode) -> Arc<dyn Progress> {
         ProgressMode::Json => Arc::new(JsonStdout(JsonLines::new(std::io::stdout()))),
         ProgressMode::Bar => Arc::new(Terminal::with_bar()),
         ProgressMode::Auto if std::io::stderr().is_terminal() => Arc::new(Terminal::with_bar()),
-        ProgressMode::Auto | ProgressMode::None => Arc::new(Terminal { bar: None }),
+        ProgressMode::Auto | ProgressMode::None => Arc::new(Terminal { bar: None, variants: Default::default() }),
     }
 }
 
@@ -48,6 +48,8 @@ fn omitted_changes_line(count: u64) -> String {
 /// stdout.
 struct Terminal {
     bar: Option<ProgressBar>,
+    /// `imgforge build`'s variants: done, failed.
+    variants: std::sync::Mutex<(usize, usize)>,
 }
 
 impl Terminal {
@@ -55,7 +57,7 @@ impl Terminal {
         let bar = ProgressBar::new_spinner();
         bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("static template"));
         bar.enable_steady_tick(std::time::Duration::from_millis(SPINNER_TICK_MILLIS));
-        Self { bar: Some(bar) }
+        Self { bar: Some(bar), variants: Default::default() }
     }
 
     fn copy_progress(bar: &ProgressBar, position: u64, total: Option<u64>) {
@@ -78,6 +80,17 @@ impl Terminal {
 }
 
 impl Terminal {
+    /// Counts a finished variant; the counts after it (done, failed).
+    fn count_variant(&self, done: bool) -> (usize, usize) {
+        let mut counts = self.variants.lock().unwrap_or_else(|p| p.into_inner());
+        if done {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+        *counts
+    }
+
     /// `line` on stdout, the bar (if any) out of its way.
     fn out_line(&self, line: &str) {
         match &self.bar {
@@ -103,6 +116,21 @@ impl Progress for Terminal {
                 if let Some(bar) = &self.bar {
                     bar.finish_and_clear();
                 }
+            }
+            Event::VariantStarted { name, index, total } => {
+                let (done, failed) = *self.variants.lock().unwrap_or_else(|p| p.into_inner());
+                self.status(&format!("variant {}/{total} {name} started ({done} done, {failed} failed)", index + 1));
+            }
+            Event::VariantDone { name, total, output, .. } => {
+                let (done, failed) = self.count_variant(true);
+                self.note(&format!("variant {name} written to {output} ({done} done, {failed} failed of {total})"));
+            }
+            Event::VariantFailed { name, total, messages, .. } => {
+                let (done, failed) = self.count_variant(false);
+                self.note(&format!(
+                    "variant {name} FAILED: {} ({done} done, {failed} failed of {total})",
+                    imgforge_protocol::printable::printable(&messages.join("; "))
+                ));
             }
             Event::ImageInfo(_) | Event::ImageHelper(_) => {}
         }

@@ -12,6 +12,7 @@ mod helper_events;
 pub mod overlay;
 pub mod payload;
 pub mod target;
+pub mod variants;
 pub mod verify;
 pub mod write;
 

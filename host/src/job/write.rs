@@ -125,7 +125,7 @@ fn check_sha(name: &str, expected: &Option<String>, hasher: &Arc<Mutex<Sha256>>)
 
 /// Hashes `file` from offset 0 with `pread`, so its position does not matter and the caller
 /// goes on reading the same descriptor it verified.
-fn sha256_of_file(file: &std::fs::File, name: &str, cancel: &AtomicBool) -> Result<String, WriteError> {
+pub fn sha256_of_file(file: &std::fs::File, name: &str, cancel: &AtomicBool) -> Result<String, WriteError> {
     use std::os::unix::fs::FileExt;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

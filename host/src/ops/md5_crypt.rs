@@ -75,9 +75,12 @@ fn push_crypt64(out: &mut String, mut value: u32, count: usize) {
 
 /// A random salt of [`SALT_MAX_CHARS`] crypt characters, each equally likely.
 pub fn random_salt() -> String {
-    use rand::RngExt;
-    let mut rng = rand::rng();
-    (0..SALT_MAX_CHARS).map(|_| CRYPT_ALPHABET[rng.random_range(0..CRYPT_ALPHABET.len())] as char).collect()
+    salt_from(&mut crate::ops::entropy::Entropy::System)
+}
+
+/// A salt of [`SALT_MAX_CHARS`] crypt characters drawn from `entropy`.
+pub fn salt_from(entropy: &mut crate::ops::entropy::Entropy) -> String {
+    entropy.choose("password-salt", CRYPT_ALPHABET, SALT_MAX_CHARS)
 }
 
 #[cfg(test)]

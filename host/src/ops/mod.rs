@@ -7,6 +7,7 @@
 pub mod commands_file;
 pub mod copy_in;
 pub mod deb;
+pub mod entropy;
 pub mod md5_crypt;
 pub mod password;
 pub mod repo;
@@ -297,6 +298,8 @@ pub struct Plan {
     pub dry_run: bool,
     /// A swap partition to add at the end of the disk (Ganeti's `SWAP` property).
     pub swap: Option<imgforge_protocol::rules::SwapPartition>,
+    /// Where salts and random passwords come from (a recipe's seed, or the system).
+    pub entropy: entropy::Entropy,
 }
 
 /// The first bytes of every RPM file (the lead).
@@ -768,7 +771,8 @@ impl Plan {
             return Err(format!("{user:?} is not a user name"));
         }
         let selector = PasswordSelector::parse(selector).map_err(|e| e.to_string())?;
-        let field = selector.to_shadow_field(self.password_crypto).map_err(|e| e.to_string())?;
+        let field =
+            selector.to_shadow_field_with(self.password_crypto, &mut self.entropy).map_err(|e| e.to_string())?;
         if let Some(pw) = field.random_password {
             self.random_passwords.push((user.to_owned(), pw));
         }

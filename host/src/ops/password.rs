@@ -4,6 +4,7 @@
 //! with `--password-crypto sha256|md5`) here and only the hash reaches the rules. `Debug` never prints a
 //! password.
 
+use crate::ops::entropy::Entropy;
 use crate::ops::md5_crypt;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -58,10 +59,15 @@ impl PasswordCrypto {
 
     /// Hashes clear text with this method and a random salt.
     pub fn hash(self, password: &str) -> Result<String, PasswordError> {
+        self.hash_with(password, &mut Entropy::System)
+    }
+
+    /// Hashes clear text with this method and a salt drawn from `entropy`.
+    pub fn hash_with(self, password: &str, entropy: &mut Entropy) -> Result<String, PasswordError> {
         match self {
-            Self::Sha256 => sha256_crypt(password),
-            Self::Sha512 => sha512_crypt(password),
-            Self::Md5 => Ok(md5_crypt::md5_crypt(password.as_bytes(), &md5_crypt::random_salt())),
+            Self::Sha256 => crypt_with_salt(password, sha_crypt::Algorithm::Sha256Crypt, &salt_from(entropy)),
+            Self::Sha512 => crypt_with_salt(password, sha_crypt::Algorithm::Sha512Crypt, &salt_from(entropy)),
+            Self::Md5 => Ok(md5_crypt::md5_crypt(password.as_bytes(), &md5_crypt::salt_from(entropy))),
         }
     }
 }
@@ -155,9 +161,12 @@ pub fn sha256_crypt(password: &str) -> Result<String, PasswordError> {
 }
 
 fn random_salt() -> [u8; SALT_BYTES] {
-    use rand::Rng;
+    salt_from(&mut Entropy::System)
+}
+
+fn salt_from(entropy: &mut Entropy) -> [u8; SALT_BYTES] {
     let mut salt = [0; SALT_BYTES];
-    rand::rng().fill_bytes(&mut salt);
+    entropy.fill("password-salt", &mut salt);
     salt
 }
 
@@ -189,20 +198,27 @@ fn crypt_with_salt(
     Ok(short.into())
 }
 
-fn random_password() -> String {
-    use rand::RngExt;
+fn random_password(entropy: &mut Entropy) -> String {
     const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut rng = rand::rng();
-    (0..RANDOM_PASSWORD_LEN).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
+    entropy.choose("random-password", CHARS, RANDOM_PASSWORD_LEN)
 }
 
 impl PasswordSelector {
     /// Reduces the selector to a shadow field hashed with `crypto` (reading `file:` here, on
     /// the host).
     pub fn to_shadow_field(&self, crypto: PasswordCrypto) -> Result<ShadowField, PasswordError> {
+        self.to_shadow_field_with(crypto, &mut Entropy::System)
+    }
+
+    /// As [`Self::to_shadow_field`], with salts and random passwords drawn from `entropy`.
+    pub fn to_shadow_field_with(
+        &self,
+        crypto: PasswordCrypto,
+        entropy: &mut Entropy,
+    ) -> Result<ShadowField, PasswordError> {
         match self {
             Self::Password(pw) if pw.is_empty() => Err(PasswordError::Empty("password:".into())),
-            Self::Password(pw) => Ok(ShadowField { field: crypto.hash(pw)?, random_password: None }),
+            Self::Password(pw) => Ok(ShadowField { field: crypto.hash_with(pw, entropy)?, random_password: None }),
             Self::File(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|source| PasswordError::File { path: path.clone(), source })?;
@@ -210,15 +226,15 @@ impl PasswordSelector {
                 if pw.is_empty() {
                     return Err(PasswordError::Empty(path.display().to_string()));
                 }
-                Ok(ShadowField { field: crypto.hash(pw)?, random_password: None })
+                Ok(ShadowField { field: crypto.hash_with(pw, entropy)?, random_password: None })
             }
             Self::Random => {
-                let pw = random_password();
-                Ok(ShadowField { field: crypto.hash(&pw)?, random_password: Some(pw) })
+                let pw = random_password(entropy);
+                Ok(ShadowField { field: crypto.hash_with(&pw, entropy)?, random_password: Some(pw) })
             }
             Self::Disabled => Ok(ShadowField { field: "*".into(), random_password: None }),
             Self::Locked(inner) => {
-                let inner = inner.to_shadow_field(crypto)?;
+                let inner = inner.to_shadow_field_with(crypto, entropy)?;
                 Ok(ShadowField { field: format!("!{}", inner.field), random_password: inner.random_password })
             }
         }
@@ -390,5 +406,41 @@ mod tests {
         assert!(locked.field.starts_with("!$5$"), "{}", locked.field);
         let md5 = sel.to_shadow_field(PasswordCrypto::Md5).unwrap().field;
         assert!(md5.starts_with("$1$"), "{md5}");
+    }
+
+    /// A seed fixes every salt and random password of a variant: the same seed and variant give
+    /// the same shadow fields, another variant or seed other ones (every method and selector).
+    #[test]
+    fn seeded_fields_repeat_per_variant_table() {
+        let field = |seed: &str, variant: &str, crypto, selector: &str| {
+            let mut entropy = Entropy::derived(seed, variant);
+            let sel = PasswordSelector::parse(selector).unwrap();
+            // Two draws: the second one shows the draws are ordered, not reset.
+            let first = sel.to_shadow_field_with(crypto, &mut entropy).unwrap();
+            let second = sel.to_shadow_field_with(crypto, &mut entropy).unwrap();
+            (first, second)
+        };
+        for crypto in [PasswordCrypto::Sha512, PasswordCrypto::Sha256, PasswordCrypto::Md5] {
+            for selector in ["password:hunter2", "random", "locked:random"] {
+                let (a1, a2) = field("seed-1", "ath-web", crypto, selector);
+                let (b1, b2) = field("seed-1", "ath-web", crypto, selector);
+                assert_eq!((&a1, &a2), (&b1, &b2), "{crypto:?} {selector}");
+                assert_eq!(a1.random_password, b1.random_password);
+                assert_ne!(a1.field, a2.field, "{crypto:?} {selector}: two draws of one variant");
+                let (c1, _) = field("seed-1", "ath-db", crypto, selector);
+                let (d1, _) = field("seed-2", "ath-web", crypto, selector);
+                assert_ne!(a1.field, c1.field, "{crypto:?} {selector}: another variant");
+                assert_ne!(a1.field, d1.field, "{crypto:?} {selector}: another seed");
+                let hash = a1.field.trim_start_matches('!');
+                if let Some(pw) = &a1.random_password {
+                    assert_eq!(pw.len(), RANDOM_PASSWORD_LEN);
+                    if crypto != PasswordCrypto::Md5 {
+                        verify(pw, hash).unwrap();
+                    }
+                } else if crypto != PasswordCrypto::Md5 {
+                    verify("hunter2", hash).unwrap();
+                }
+            }
+        }
     }
 }

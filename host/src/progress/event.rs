@@ -67,6 +67,37 @@ pub enum Event {
         /// How many.
         count: u64,
     },
+    /// `variant-started`: `imgforge build` began variant `name` (`index` of `total`, from 0).
+    VariantStarted {
+        /// The variant.
+        name: String,
+        /// Its place in the build, from 0.
+        index: usize,
+        /// Variants in the build.
+        total: usize,
+    },
+    /// `variant-done`: variant `name` was written to `output`.
+    VariantDone {
+        /// The variant.
+        name: String,
+        /// Its place in the build, from 0.
+        index: usize,
+        /// Variants in the build.
+        total: usize,
+        /// The output file.
+        output: String,
+    },
+    /// `variant-failed`: variant `name` failed (the others go on).
+    VariantFailed {
+        /// The variant.
+        name: String,
+        /// Its place in the build, from 0.
+        index: usize,
+        /// Variants in the build.
+        total: usize,
+        /// Why.
+        messages: Vec<String>,
+    },
     /// `random-password`: the job sets a random password for `user`. The password itself
     /// never goes into the stream: only the command line shows it, to the person who ran it.
     RandomPassword {
