@@ -297,6 +297,8 @@ pub struct Plan {
     pub dry_run: bool,
     /// A swap partition to add at the end of the disk (Ganeti's `SWAP` property).
     pub swap: Option<imgforge_protocol::rules::SwapPartition>,
+    /// A whole disk of the guest to make swap (Ganeti's `SWAP=<disk letter>`).
+    pub swap_disk: Option<imgforge_protocol::rules::SwapDisk>,
 }
 
 /// The first bytes of every RPM file (the lead).
