@@ -369,13 +369,13 @@ pub async fn customize(
     match result.outcome.verdict {
         Verdict::Success if plan.dry_run => {
             job.discard();
-            tracing::info!("dry run: the changes listed were dropped, {} is unchanged", disk.display());
+            tracing::info!("dry run: the changes listed were dropped, nothing was written to {}", disk.display());
             Ok(())
         }
         Verdict::Failed { task, message } if plan.dry_run => {
             job.discard();
             tracing::warn!(
-                "dry run failed in {task}: the changes listed are those made before the failure, all dropped; {} is unchanged",
+                "dry run failed in {task}: the changes listed are those made before the failure, all dropped; nothing was written to {}",
                 disk.display()
             );
             Err(JobError::TaskFailed { task, message })
