@@ -109,6 +109,7 @@ fn builtin(name: &str) -> Option<tasks::Builtin> {
         "mount-root" => Some(mounts::mount_root),
         "unmount" => Some(mounts::unmount_all),
         "fix-partition-table" => Some(grow::fix_partition_table),
+        "add-swap" => Some(swap::add_swap_disk),
         "filesystem-resize-unmounted" => Some(grow::filesystem_resize_unmounted),
         "filesystem-resize-mounted" => Some(grow::filesystem_resize_mounted),
         _ => None,

@@ -100,6 +100,25 @@ pub struct Rules {
     /// FixPartitionTable, which grows the last partition only up to it.
     #[serde(default)]
     pub swap: Option<SwapPartition>,
+    /// How many disks the host attached besides the first (`customize -a D1 -a D2`, a Ganeti
+    /// instance's other disks): the helper finds each by its serial
+    /// ([`crate::helper_vm::disk_serial`]) and looks for the guest's filesystems on all of them.
+    #[serde(default)]
+    pub extra_disks: u32,
+    /// snf-image's `SWAP=<disk letter>`: a whole disk of the guest made swap (task AddSwap).
+    #[serde(default)]
+    pub swap_disk: Option<SwapDisk>,
+}
+
+/// A whole disk to make swap (snf-image's `SWAP=<disk letter>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapDisk {
+    /// Its index among the disks the host attached, in their order (1: the second; never 0,
+    /// the disk the image is on).
+    pub disk: u32,
+    /// The UUID its swap signature carries (and the fstab entry names).
+    pub uuid: String,
 }
 
 /// A swap partition to add (snf-image's `SWAP=<partition id>:<size>`).
@@ -138,6 +157,8 @@ impl Rules {
             verbose: false,
             dry_run: false,
             swap: None,
+            extra_disks: 0,
+            swap_disk: None,
         }
     }
 

@@ -275,7 +275,7 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
         ("OSP_IMG_ID", "local://nonexistent", "no such image"),
         ("OSP_IMG_PROPERTIES", r#"{"PASSWD_HASHING_METHOD": "blowfish"}"#, "glibc's own crypt cannot check it"),
         ("OSP_IMG_PROPERTIES", r#"{"passwd_hashing_method": "sha1"}"#, "PASSWD_HASHING_METHOD"),
-        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#, "SWAP"),
+        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "a"}"#, "cannot be the first disk"),
         ("OSP_IMG_PROPERTIES", r#"{"custom_task": "rm -rf /"}"#, "CUSTOM_TASK is not base64"),
     ] {
         let mut env = vec![("OSP_IMG_ID", "debian")];
@@ -845,6 +845,52 @@ fn create_adds_the_swap_partition_snf_image_adds() {
             assert!(verify.contains("No problems found"), "{verify}");
         }
     }
+}
+
+/// snf-image's `SWAP=<disk letter>`: the instance's second disk (`DISK_1_PATH`) made swap,
+/// whole, its signature's UUID in the guest's fstab; a letter past `DISK_COUNT` is refused
+/// before any disk is written. Read back with blkid -p and the test's own mount.
+#[test]
+fn create_makes_the_second_disk_swap() {
+    let s = site();
+    let disk0 = s.disk("swd.disk0");
+    let disk1 = s.disks.join("swd.disk1");
+    // A used disk: what was there must not survive as a filesystem signature.
+    sh(Command::new("truncate").args(["-s", "96M"]).arg(&disk1)).unwrap();
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk1)).unwrap();
+    let (d0, d1) = (disk0.to_str().unwrap(), disk1.to_str().unwrap());
+    let properties = r#"{"SWAP": "B"}"#;
+    let refused = s.create(
+        "swd",
+        d0,
+        &[
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#),
+            ("DISK_COUNT", "2"),
+            ("DISK_1_PATH", d1),
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no such disk"));
+    let before1 = sha256(&disk1);
+    let out = s.create(
+        "swd",
+        d0,
+        &[("OSP_IMG_ID", "debian"), ("OSP_IMG_PROPERTIES", properties), ("DISK_COUNT", "2"), ("DISK_1_PATH", d1)],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(sha256(&disk1), before1, "the second disk was not written");
+    let probe = |tag: &str| {
+        let out = Command::new("blkid").args(["-p", "-o", "value", "-s", tag]).arg(&disk1).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(probe("TYPE"), "swap", "no swap signature on the second disk");
+    let uuid = probe("UUID");
+    assert_eq!(uuid.len(), 36, "{uuid}");
+    let m = Mount::partition(&disk0, 0).unwrap();
+    let fstab = m.read("/etc/fstab").unwrap();
+    assert!(fstab.ends_with(&format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0\n")), "{fstab}");
+    assert_eq!(m.read("/etc/hostname").unwrap(), "swd\n");
 }
 
 /// A small raw "image" of `len` bytes that differ from block to block (no VM reads it: the

@@ -515,6 +515,17 @@ fn progress(config: &Config) -> Result<(std::sync::Arc<dyn Progress>, Option<std
     Ok((std::sync::Arc::new(JsonLines::new(stdin)), Some(child)))
 }
 
+/// Ganeti's `DISK_COUNT`: how many disks the instance has (1 when unset, as an older Ganeti
+/// passes only `DISK_0_PATH`).
+fn disk_count(env: &BTreeMap<String, String>) -> Result<usize, GanetiError> {
+    match env.get("DISK_COUNT").map(|v| v.trim()) {
+        None | Some("") => Ok(1),
+        Some(v) => v.parse().map_err(|_| {
+            params::ParamError { param: "DISK_COUNT".into(), reason: format!("{v:?} is not a number of disks") }.into()
+        }),
+    }
+}
+
 /// `create`: deploy `img_id` onto `DISK_0_PATH` and customize it.
 pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let (env, config) = parameters(interrupt, true).await?;
@@ -564,6 +575,28 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         }
         plan.swap = Some(swap);
     }
+    // snf-image's SWAP=<letter>: AddSwap makes that disk of the instance swap, whole, and adds
+    // its fstab entry; excluded (or with the mounted tasks), it does neither.
+    let mut other_disks = Vec::new();
+    let disk_count = disk_count(&env)?;
+    let swap_disk = task_properties::swap_disk(&params.properties, disk_count)
+        .map_err(|reason| params::ParamError { param: "img_properties".into(), reason })?;
+    if let Some((mut swap, fstab_line)) = swap_disk {
+        if params.excludes("AddSwap") || task_properties::mounted_tasks_excluded(&params.properties) {
+            crate::stdio::err_line("imgforge: img_properties: SWAP: AddSwap is excluded, no disk is made swap");
+        } else {
+            let var = format!("DISK_{}_PATH", swap.disk);
+            let path = env.get(&var).filter(|v| !v.is_empty()).ok_or_else(|| params::ParamError {
+                param: "img_properties".into(),
+                reason: format!("SWAP names the instance's disk {}, but Ganeti did not set {var}", swap.disk),
+            })?;
+            other_disks.push(job::GuestDisk::new(PathBuf::from(path), DISK_FORMAT));
+            // The helper knows the disks it is given, in their order: this one is the second.
+            swap.disk = other_disks.len() as u32;
+            plan.operations.insert(0, Operation::AppendLine { path: "/etc/fstab".into(), line: fstab_line });
+            plan.swap_disk = Some(swap);
+        }
+    }
     // As snf-image: the image always grows into the instance's disk.
     plan.grow_to_disk = true;
     let vm_settings = settings(&config, &params.properties);
@@ -600,7 +633,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         if params.excludes("ALL_TASKS") {
             return Ok(());
         }
-        job::customize_written(&written, &request, plan, &vm_settings, progress.as_ref(), interrupt).await
+        job::customize_written(&written, &request, &other_disks, plan, &vm_settings, progress.as_ref(), interrupt).await
     }
     .await;
     match &result {
@@ -634,7 +667,15 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
     }
     let mut plan = Plan::default();
     plan.add("hostname", Some(&name))?;
-    Ok(job::customize(&disk, DISK_FORMAT, plan, false, &settings(&config, &properties), &Silent, interrupt).await?)
+    Ok(job::customize(
+        &[job::GuestDisk::new(disk, DISK_FORMAT)],
+        plan,
+        false,
+        &settings(&config, &properties),
+        &Silent,
+        interrupt,
+    )
+    .await?)
 }
 
 /// `import`: a raw disk stream on stdin onto `DISK_0_PATH`; an interrupt (Ganeti aborting the

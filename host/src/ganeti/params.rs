@@ -17,7 +17,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("config_url", "http(s):// or file:/// URL of a JSON object of OS parameters (at most 1 MiB), fetched at create; its values replace those given here, as snf-image's"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, SWAP (N:MB, a swap partition at the disk's end), PASSWD_HASHING_METHOD (sha512|sha256|md5; sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); any other property is ignored with a warning in the OS log"),
+    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, SWAP (N:MB, a swap partition at the disk's end; or a disk letter, b for DISK_1_PATH, that disk made swap whole), PASSWD_HASHING_METHOD (sha512|sha256|md5; sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("inst_properties", "JSON object of properties as img_properties, each replacing img_properties' of the same name (snf-image's instance properties)"),
     ("auth_keys", "SSH public keys for root, one a line"),
@@ -282,6 +282,7 @@ pub const SNF_IMAGE_TASKS: &[&str] = &[
 /// imgforge's helper tasks (tasks/NN-Name), which `EXCLUDE_TASK_<Name>` also skips.
 pub const HELPER_TASKS: &[&str] = &[
     "MountPayload",
+    "AddSwap",
     "CheckFilesystems",
     "FixPartitionTable",
     "FilesystemResizeUnmounted",
@@ -683,7 +684,7 @@ mod tests {
                 "img_properties",
             ),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#)], "img_properties"),
-            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "a"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"swap": "2:0"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"CUSTOM_TASK": "*"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"USERS": "root;rm"}"#)], "img_properties"),
@@ -765,6 +766,8 @@ mod tests {
             ("EXCLUDE_TASK_FILESYSTEMRESIZEAFTERUMOUNT", "no"),
             ("SWAP", ""),
             ("SWAP", "2:512"),
+            ("SWAP", "b"),
+            ("SWAP", "C"),
             ("CUSTOM_TASK", ""),
             // A no for what imgforge never does asks nothing.
             ("CLOUD_INIT", "no"),
@@ -804,7 +807,7 @@ mod tests {
                 other => panic!("{name}={value}: {other:?}"),
             }
         }
-        for value in ["c", "2:0", "x"] {
+        for value in ["a", "2:0", "bc"] {
             assert!(matches!(judge_property("SWAP", value), Refuse(r) if r.contains("SWAP")), "{value}");
         }
     }

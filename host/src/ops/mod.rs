@@ -300,6 +300,8 @@ pub struct Plan {
     pub swap: Option<imgforge_protocol::rules::SwapPartition>,
     /// Where salts and random passwords come from (a recipe's seed, or the system).
     pub entropy: entropy::Entropy,
+    /// A whole disk of the guest to make swap (Ganeti's `SWAP=<disk letter>`).
+    pub swap_disk: Option<imgforge_protocol::rules::SwapDisk>,
 }
 
 /// The first bytes of every RPM file (the lead).
