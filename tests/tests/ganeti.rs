@@ -766,6 +766,80 @@ fn exclude_mounted_tasks_grows_the_image_and_customizes_nothing() {
     assert!(m.read("/etc/custom-task-ran").is_err(), "the custom task ran");
 }
 
+fn put_executable(m: &Mount, path: &str, text: &str) {
+    put(m, path, text);
+    std::fs::set_permissions(m.join(path), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// snf-image's `ALLOW_MOUNTED_TASK_OVERWRITING`: the image's
+/// `/root/snf-image/helper/overwrite_task_<Task>` (any case, any depth below) runs instead of
+/// the task, chrooted and confined with snf-image's task variables: exit 0 skips the task's
+/// work (AssignHostname: the image keeps its hostname), 101 runs it between `pre-exec` and
+/// `post-exec` (ChangeMachineId). Unset, the same files are ignored.
+#[test]
+fn the_image_overwrites_mounted_tasks_when_allowed() {
+    let s = site();
+    let helper = "/root/snf-image/helper";
+    image_with(&s, Shape::DosExt4, "ow.img", |m| {
+        put(m, "/etc/hostname", "image-hostname\n");
+        put(m, "/etc/machine-id", IMAGE_MACHINE_ID);
+        put_executable(
+            m,
+            &format!("{helper}/overwrite_task_AssignHostname"),
+            r#"#!/bin/sh
+out=/etc/overwrite-AssignHostname
+echo "$1 target=$SNF_IMAGE_TARGET hostname=$SNF_IMAGE_HOSTNAME allow=$SNF_IMAGE_PROPERTY_ALLOW_MOUNTED_TASK_OVERWRITING" > $out
+for dev in /dev/vda /dev/ttyS1 /dev/fd0; do [ -e "$dev" ] && echo "reached $dev" >> $out; done
+exit 0
+"#,
+        );
+        put_executable(
+            m,
+            &format!("{helper}/sub/Overwrite_Task_ChangeMachineId"),
+            r#"#!/bin/sh
+echo "$1 $(cat /etc/machine-id)" >> /etc/overwrite-ChangeMachineId
+[ "$1" = pre-exec ] && exit 101
+exit 0
+"#,
+        );
+    });
+    let image_id = IMAGE_MACHINE_ID.trim();
+    for (name, allow) in [("ow1", true), ("ow2", false)] {
+        let disk = s.disk(&format!("{name}.disk0"));
+        let properties = serde_json::json!({"Allow_Mounted_Task_Overwriting": if allow { "yes" } else { "no" }});
+        let out = s.create(
+            name,
+            disk.to_str().unwrap(),
+            &[("OSP_IMG_ID", "ow.img"), ("OSP_IMG_PROPERTIES", &properties.to_string())],
+        );
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {log}");
+        assert!(!log.contains("not honoured"), "{log}");
+        let m = Mount::partition(&disk, 0).unwrap();
+        let id = m.read("/etc/machine-id").unwrap();
+        assert!(id.trim() != image_id && id.len() == 33, "{name}: ChangeMachineId did not run: {id:?}");
+        if allow {
+            assert!(log.contains("task AssignHostname was overwritten by the image's"), "{log}");
+            assert_eq!(m.read("/etc/hostname").unwrap(), "image-hostname\n", "AssignHostname's own work ran");
+            assert_eq!(
+                m.read("/etc/overwrite-AssignHostname").unwrap(),
+                "pre-exec target=/ hostname=ow1 allow=yes\n",
+                "the overwriting program did not run once, confined, with snf-image's variables"
+            );
+            assert_eq!(
+                m.read("/etc/overwrite-ChangeMachineId").unwrap(),
+                format!("pre-exec {image_id}\npost-exec {}\n", id.trim()),
+                "101 did not run the task between pre-exec and post-exec"
+            );
+        } else {
+            assert_eq!(m.read("/etc/hostname").unwrap(), "ow2\n");
+            for task in ["AssignHostname", "ChangeMachineId"] {
+                assert!(m.read(&format!("/etc/overwrite-{task}")).is_err(), "{task} was overwritten though not allowed");
+            }
+        }
+    }
+}
+
 /// The partition `number` of `disk` as sfdisk lists it: start and size in sectors, type.
 fn sfdisk_partition(disk: &Path, number: u32) -> (u64, u64, String) {
     let json: serde_json::Value =

@@ -295,6 +295,7 @@ pub async fn customize(
     rules.excluded_tasks = settings.excluded_tasks.clone();
     rules.dry_run = plan.dry_run;
     rules.swap = plan.swap.clone();
+    rules.task_overwriting = plan.task_overwriting.clone();
     let job = Job::prepare(disk, format, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;
     match result.outcome.verdict {

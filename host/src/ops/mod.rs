@@ -297,6 +297,9 @@ pub struct Plan {
     pub dry_run: bool,
     /// A swap partition to add at the end of the disk (Ganeti's `SWAP` property).
     pub swap: Option<imgforge_protocol::rules::SwapPartition>,
+    /// The task variables an image's `overwrite_task_<Name>` runs with (Ganeti's
+    /// `ALLOW_MOUNTED_TASK_OVERWRITING`); `None`: such files are ignored.
+    pub task_overwriting: Option<Vec<(String, String)>>,
 }
 
 /// The first bytes of every RPM file (the lead).
