@@ -77,7 +77,11 @@ pub fn render(seed: &CloudInitSeed) -> Vec<SeedFile> {
     }
     if let Some(swap) = &seed.swap {
         // snf-image's AddSwap under CLOUD_INIT: a swap file instead of the partition.
-        let cfg = format!("swap:\n  filename: {}\n  size: auto\n  maxsize: {}\n", quoted(&swap.filename), swap.max_bytes);
+        // The host names the file `/swap-<number>.img`: plain YAML, as snf-image writes it; any
+        // other name is quoted.
+        let plain = swap.filename.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b));
+        let filename = if plain { swap.filename.clone() } else { quoted(&swap.filename) };
+        let cfg = format!("swap:\n  filename: {filename}\n  size: auto\n  maxsize: {}\n", swap.max_bytes);
         files.push(whole(snippet("AddSwap"), cfg, 0o644));
     }
     if !seed.passwords.is_empty() {
@@ -238,7 +242,10 @@ mod tests {
         let files = render(&CloudInitSeed { swap, ..Default::default() });
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].path, "/etc/cloud/cloud.cfg.d/98_snf-image-AddSwap.cfg");
-        assert_eq!(files[0].text, "swap:\n  filename: \"/swap-123.img\"\n  size: auto\n  maxsize: 268435456\n");
+        assert_eq!(files[0].text, "swap:\n  filename: /swap-123.img\n  size: auto\n  maxsize: 268435456\n");
+        let odd = CloudInitSwap { filename: "/a: b\nc".into(), max_bytes: 1 };
+        let files = render(&CloudInitSeed { swap: Some(odd), ..Default::default() });
+        assert_eq!(files[0].text.lines().count(), 4, "{}", files[0].text);
     }
 
     #[test]

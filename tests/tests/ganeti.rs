@@ -623,6 +623,59 @@ fn cloud_init_seed_and_nm_networking() {
     assert!(!m.join("/etc/systemd/network/50-imgforge-nic0.network").exists());
 }
 
+/// Under CLOUD_INIT, snf-image's AddSwap ignores the swap partition and has cloud-init make a
+/// swap file (`swap:` with `size: auto` and `maxsize`), and FixPartitionTable makes no
+/// partition; a rename then sets the seed's local-hostname (cloud-init owns the hostname),
+/// keeping its instance-id and the guest's files.
+#[test]
+fn cloud_init_swap_file_and_rename() {
+    let s = site();
+    image_with(&s, Shape::DosExt4, "cloud.img", |m| {
+        std::fs::create_dir_all(m.join("/etc/cloud/cloud.cfg.d")).unwrap();
+        put(m, "/etc/hostname", "image-hostname\n");
+    });
+    let fstab_before = Mount::partition(&s.config.parent().unwrap().join("images/cloud.img"), 0)
+        .unwrap()
+        .read("/etc/fstab")
+        .unwrap();
+    let disk = s.disk("cs.disk0");
+    let disk_str = disk.to_str().unwrap();
+    let properties = r#"{"Cloud_Init": "yes", "swap": "2:256"}"#;
+    let out = s.create("cs1.example.com", disk_str, &[("OSP_IMG_ID", "cloud.img"), ("OSP_IMG_PROPERTIES", properties)]);
+    assert!(out.status.success());
+    let parts = imgforge_tests::readback::partitions(&disk).unwrap();
+    assert_eq!(parts.len(), 1, "a swap partition was made under CLOUD_INIT");
+    {
+        let m = Mount::partition(&disk, 0).unwrap();
+        let cfg = m.read("/etc/cloud/cloud.cfg.d/98_snf-image-AddSwap.cfg").unwrap();
+        let file = cfg
+            .strip_prefix("swap:\n  filename: /swap-")
+            .and_then(|rest| rest.split_once(".img\n"))
+            .filter(|(n, _)| n.parse::<u16>().is_ok_and(|n| n < 32768))
+            .map(|(_, rest)| rest);
+        assert_eq!(file, Some("  size: auto\n  maxsize: 268435456\n"), "{cfg}");
+        assert_eq!(m.read("/etc/fstab").unwrap(), fstab_before, "AddSwap wrote fstab under CLOUD_INIT");
+    }
+    let out = s.run(
+        "rename",
+        &[
+            ("INSTANCE_NAME", "cs2.example.com"),
+            ("OLD_INSTANCE_NAME", "cs1.example.com"),
+            ("DISK_0_PATH", disk_str),
+            ("OSP_IMG_ID", "cloud.img"),
+            ("OSP_IMG_PROPERTIES", properties),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let m = Mount::partition(&disk, 0).unwrap();
+    assert_eq!(
+        m.read("/var/lib/cloud/seed/nocloud-net/meta-data").unwrap(),
+        "instance-id: \"cs1.example.com\"\nlocal-hostname: \"cs2.example.com\"\n"
+    );
+    assert_eq!(m.read("/etc/hostname").unwrap(), "image-hostname\n");
+}
+
 fn base64(data: &str) -> String {
     sh(Command::new("sh").args(["-c", "printf %s \"$1\" | base64", "sh", data])).unwrap().trim().to_owned()
 }
