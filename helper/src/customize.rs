@@ -45,7 +45,10 @@ pub fn run(env: &TaskEnv) -> Result<(), String> {
     let guest = GuestRoot::open(Path::new(target)).map_err(|e| format!("cannot open the guest root {target}: {e}"))?;
     if rules.task_overwriting.is_some() {
         refuse_unsupported_overwrites(&guest)?;
-        println!("ALLOW_MOUNTED_TASK_OVERWRITING: tasks the image's {}/overwrite_task_<Task> replace", task_overwrite::DIR);
+        println!(
+            "ALLOW_MOUNTED_TASK_OVERWRITING: tasks the image's {}/overwrite_task_<Task> replace",
+            task_overwrite::DIR
+        );
     }
     for (i, op) in rules.operations.iter().enumerate() {
         println!("==> [{}/{}] {}", i + 1, rules.operations.len(), op.describe());

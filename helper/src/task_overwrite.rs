@@ -69,12 +69,7 @@ pub fn find(guest: &GuestRoot, task: &str) -> Found {
 
 /// Runs the image's `program` with `stage` (`pre-exec` or `post-exec`) as its argument,
 /// chrooted and confined with the task's variables: its exit status.
-pub fn run(
-    guest: &GuestRoot,
-    program: &str,
-    stage: &str,
-    env: &[(String, String)],
-) -> Result<i32, String> {
+pub fn run(guest: &GuestRoot, program: &str, stage: &str, env: &[(String, String)]) -> Result<i32, String> {
     env.iter()
         .fold(GuestCommand::new(guest, &[program, stage]), |command, (k, v)| command.env(k, v))
         .code()

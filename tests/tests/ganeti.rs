@@ -634,10 +634,8 @@ fn cloud_init_swap_file_and_rename() {
         std::fs::create_dir_all(m.join("/etc/cloud/cloud.cfg.d")).unwrap();
         put(m, "/etc/hostname", "image-hostname\n");
     });
-    let fstab_before = Mount::partition(&s.config.parent().unwrap().join("images/cloud.img"), 0)
-        .unwrap()
-        .read("/etc/fstab")
-        .unwrap();
+    let fstab_before =
+        Mount::partition(&s.config.parent().unwrap().join("images/cloud.img"), 0).unwrap().read("/etc/fstab").unwrap();
     let disk = s.disk("cs.disk0");
     let disk_str = disk.to_str().unwrap();
     let properties = r#"{"Cloud_Init": "yes", "swap": "2:256"}"#;
@@ -887,7 +885,10 @@ exit 0
         } else {
             assert_eq!(m.read("/etc/hostname").unwrap(), "ow2\n");
             for task in ["AssignHostname", "ChangeMachineId"] {
-                assert!(m.read(&format!("/etc/overwrite-{task}")).is_err(), "{task} was overwritten though not allowed");
+                assert!(
+                    m.read(&format!("/etc/overwrite-{task}")).is_err(),
+                    "{task} was overwritten though not allowed"
+                );
             }
         }
     }

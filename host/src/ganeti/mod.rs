@@ -392,11 +392,7 @@ struct Tasks<'a> {
 
 impl Tasks<'_> {
     /// Adds task `name` (unless excluded), `add` putting its operations into the plan.
-    fn task(
-        &mut self,
-        name: &str,
-        add: impl FnOnce(&mut Plan) -> Result<(), GanetiError>,
-    ) -> Result<(), GanetiError> {
+    fn task(&mut self, name: &str, add: impl FnOnce(&mut Plan) -> Result<(), GanetiError>) -> Result<(), GanetiError> {
         if self.params.excludes(name) {
             return Ok(());
         }
@@ -483,8 +479,11 @@ fn plan(
         if cloud_init {
             // Under CLOUD_INIT the keys are the seed's public-keys, as snf-image gives them.
             if !params.auth_keys.is_empty() || !passwords.is_empty() {
-                let seed =
-                    CloudInitSeed { passwords: passwords.clone(), public_keys: params.auth_keys.clone(), ..Default::default() };
+                let seed = CloudInitSeed {
+                    passwords: passwords.clone(),
+                    public_keys: params.auth_keys.clone(),
+                    ..Default::default()
+                };
                 plan.operations.push(part(seed));
             }
         } else {
