@@ -826,7 +826,8 @@ fn put_executable(m: &Mount, path: &str, text: &str) {
 /// `/root/snf-image/helper/overwrite_task_<Task>` (any case, any depth below) runs instead of
 /// the task, chrooted and confined with snf-image's task variables: exit 0 skips the task's
 /// work (AssignHostname: the image keeps its hostname), 101 runs it between `pre-exec` and
-/// `post-exec` (ChangeMachineId). Unset, the same files are ignored.
+/// `post-exec` (ChangeMachineId), any other status fails create. Unset, the same files are
+/// ignored.
 #[test]
 fn the_image_overwrites_mounted_tasks_when_allowed() {
     let s = site();
@@ -853,7 +854,19 @@ echo "$1 $(cat /etc/machine-id)" >> /etc/overwrite-ChangeMachineId
 exit 0
 "#,
         );
+        // Any other status fails the task (here only for instance ow3).
+        put_executable(
+            m,
+            &format!("{helper}/overwrite_task_DeleteSSHKeys"),
+            "#!/bin/sh\n[ \"$SNF_IMAGE_HOSTNAME\" = ow3 ] && { echo overwrite says no; exit 3; }\n[ \"$1\" = pre-exec ] && exit 101\nexit 0\n",
+        );
     });
+    let disk = s.disk("ow3.disk0");
+    let properties = r#"{"ALLOW_MOUNTED_TASK_OVERWRITING": "yes"}"#;
+    let out = s.create("ow3", disk.to_str().unwrap(), &[("OSP_IMG_ID", "ow.img"), ("OSP_IMG_PROPERTIES", properties)]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an overwriting program exiting 3 did not fail create");
+    assert!(log.contains("task DeleteSSHKeys") && log.contains("pre-exec exited with status 3"), "{log}");
     let image_id = IMAGE_MACHINE_ID.trim();
     for (name, allow) in [("ow1", true), ("ow2", false)] {
         let disk = s.disk(&format!("{name}.disk0"));
