@@ -648,6 +648,26 @@ impl Operation {
 mod tests {
     use super::*;
 
+    /// snf-image's tasks travel as groups, and the image's programs count as guest programs
+    /// only when overwriting is allowed.
+    #[test]
+    fn task_groups_round_trip_and_run_guest_programs() {
+        let mut r = Rules::new();
+        r.operations = vec![Operation::Task {
+            name: "AssignHostname".into(),
+            operations: vec![Operation::Hostname { name: "h".into() }],
+        }];
+        assert!(!r.runs_guest_programs());
+        r.task_overwriting = Some(vec![("SNF_IMAGE_TARGET".into(), "/".into())]);
+        assert!(r.runs_guest_programs());
+        assert_eq!(Rules::from_json(&r.to_json()).unwrap(), r);
+        r.task_overwriting = None;
+        r.operations =
+            vec![Operation::Task { name: "DeleteSSHKeys".into(), operations: vec![Operation::RegenerateSshHostKeys] }];
+        assert!(r.runs_guest_programs());
+        assert_eq!(r.operations[0].describe(), "task DeleteSSHKeys (1 operation(s))");
+    }
+
     fn sample() -> Rules {
         let mut r = Rules::new();
         r.operations = vec![

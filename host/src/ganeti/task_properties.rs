@@ -1,5 +1,6 @@
 //! snf-image's `img_properties` that shape which configuration tasks run and how:
-//! `SWAP`, `CUSTOM_TASK`, `EXCLUDE_MOUNTED_TASKS`, `DO_SYNC` and `ALLOW_MOUNTED_TASK_OVERWRITING` — pure functions over the parsed
+//! `SWAP`, `CUSTOM_TASK`, `EXCLUDE_MOUNTED_TASKS`, `DO_SYNC` and
+//! `ALLOW_MOUNTED_TASK_OVERWRITING` — pure functions over the parsed
 //! properties (names upper-cased), apart from `params.rs` so that each family of properties
 //! keeps to its own module.
 
