@@ -390,10 +390,15 @@ struct Tasks<'a> {
     grouped: bool,
 }
 
+/// snf-image's mounted tasks that `EXCLUDE_TASK_<Name>` does not skip.
+const NOT_EXCLUDABLE: &[&str] = &["InitializeDatasource", "InstallUnattend"];
+
 impl Tasks<'_> {
     /// Adds task `name` (unless excluded), `add` putting its operations into the plan.
     fn task(&mut self, name: &str, add: impl FnOnce(&mut Plan) -> Result<(), GanetiError>) -> Result<(), GanetiError> {
-        if self.params.excludes(name) {
+        // snf-image's InitializeDatasource and InstallUnattend are not `excludable`: their
+        // EXCLUDE_TASK_<Name> has no effect (the seed the other tasks add to is always begun).
+        if !NOT_EXCLUDABLE.contains(&name) && self.params.excludes(name) {
             return Ok(());
         }
         let from = self.plan.operations.len();
@@ -895,7 +900,13 @@ mod tests {
         assert!(
             matches!(&ops[3], Operation::Task { operations, .. } if operations == &[Operation::Hostname { name: "inst1".into() }])
         );
-        let cloud = plan_for(r#"{"allow_mounted_task_overwriting": "1", "CLOUD_INIT": "yes"}"#);
+        let cloud = plan_for(
+            r#"{"allow_mounted_task_overwriting": "1", "CLOUD_INIT": "yes", "EXCLUDE_TASK_InitializeDatasource": "yes"}"#,
+        );
+        assert!(
+            matches!(&cloud[0], Operation::Task { name, operations } if name == "InitializeDatasource" && operations.len() == 1),
+            "{cloud:?}"
+        );
         assert!(!names(&cloud).iter().any(|n| n == "InstallUnattend" || n == "DisableRemoteDesktopConnections"));
         assert!(plan_for(r#"{"allow_mounted_task_overwriting": "no"}"#)
             .iter()
