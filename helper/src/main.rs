@@ -37,6 +37,7 @@ mod selinux;
 mod snapshot;
 mod swap;
 mod task_env;
+mod task_overwrite;
 mod tasks;
 
 use std::process::ExitCode;

@@ -1,5 +1,6 @@
 //! snf-image's `img_properties` that shape which configuration tasks run and how:
-//! `SWAP`, `CUSTOM_TASK`, `EXCLUDE_MOUNTED_TASKS` and `DO_SYNC` — pure functions over the parsed
+//! `SWAP`, `CUSTOM_TASK`, `EXCLUDE_MOUNTED_TASKS`, `DO_SYNC` and
+//! `ALLOW_MOUNTED_TASK_OVERWRITING` — pure functions over the parsed
 //! properties (names upper-cased), apart from `params.rs` so that each family of properties
 //! keeps to its own module.
 
@@ -29,8 +30,8 @@ pub const MOUNTED_HELPER_TASKS: &[&str] = &[
 ];
 
 /// What becomes of the properties this module owns (`None` for any other): `CUSTOM_TASK`
-/// (its value checked apart, [`custom_task`]), and the booleans `EXCLUDE_MOUNTED_TASKS` and
-/// `DO_SYNC`, read as snf-image's `check_yes_no` reads them.
+/// (its value checked apart, [`custom_task`]), and the booleans `EXCLUDE_MOUNTED_TASKS`,
+/// `DO_SYNC` and `ALLOW_MOUNTED_TASK_OVERWRITING`, read as snf-image's `check_yes_no` reads them.
 pub fn judge(name: &str, value: &str) -> Option<Verdict> {
     match name {
         "SWAP" => Some(parse_swap(value).map_or_else(Verdict::Refuse, |_| Verdict::Honoured)),
@@ -38,7 +39,7 @@ pub fn judge(name: &str, value: &str) -> Option<Verdict> {
         // DO_SYNC asks for resize2fs with fsync: imgforge's resize2fs always syncs (it never
         // runs under eatmydata, as snf-image's does by default), and the helper syncs before it
         // powers off, so either value is honoured.
-        "EXCLUDE_MOUNTED_TASKS" | "DO_SYNC" => Some(yes_no(value).map_or_else(
+        "EXCLUDE_MOUNTED_TASKS" | "DO_SYNC" | "ALLOW_MOUNTED_TASK_OVERWRITING" => Some(yes_no(value).map_or_else(
             || Verdict::Warn(format!("{name}={value:?} is not yes or no: taken as yes, as snf-image does")),
             |_| Verdict::Honoured,
         )),
@@ -148,6 +149,24 @@ pub fn swap_disk(
     Ok(Some((imgforge_protocol::rules::SwapDisk { disk: index as u32, uuid }, line)))
 }
 
+/// True if `ALLOW_MOUNTED_TASK_OVERWRITING` is yes: the image's
+/// `/root/snf-image/helper/overwrite_task_<Task>` replace snf-image's mounted tasks.
+pub fn task_overwriting(properties: &BTreeMap<String, String>) -> bool {
+    properties.get("ALLOW_MOUNTED_TASK_OVERWRITING").is_some_and(|v| yes_no(v).unwrap_or(true))
+}
+
+/// `SWAP=<N>:<MB>` under `CLOUD_INIT`: snf-image's AddSwap then ignores the partition and has
+/// cloud-init make a swap file `/swap-<random>.img` of at most MB MiB.
+pub fn swap_file(properties: &BTreeMap<String, String>) -> Option<imgforge_protocol::rules::CloudInitSwap> {
+    // A disk letter is made swap as without CLOUD_INIT, as snf-image's AddSwap does.
+    let Swap::Partition { mib, .. } = properties.get("SWAP").and_then(|v| parse_swap(v).ok().flatten())? else {
+        return None;
+    };
+    // snf-image's ${RANDOM}: 0 to 32767.
+    let n: u32 = rand::RngExt::random_range(&mut rand::rng(), 0..32768);
+    Some(imgforge_protocol::rules::CloudInitSwap { filename: format!("/swap-{n}.img"), max_bytes: mib << 20 })
+}
+
 /// True if `EXCLUDE_MOUNTED_TASKS` is yes (snf-image's reading: anything but a "no" is yes).
 pub fn mounted_tasks_excluded(properties: &BTreeMap<String, String>) -> bool {
     properties.get("EXCLUDE_MOUNTED_TASKS").is_some_and(|v| yes_no(v).unwrap_or(true))
@@ -219,7 +238,7 @@ mod tests {
     fn booleans_read_as_snf_image_reads_them() {
         let yes = ["yes", "YES", "true", "On", "1", "set"];
         let no = ["no", "False", "OFF", "0", "unset", ""];
-        for name in ["EXCLUDE_MOUNTED_TASKS", "DO_SYNC"] {
+        for name in ["EXCLUDE_MOUNTED_TASKS", "DO_SYNC", "ALLOW_MOUNTED_TASK_OVERWRITING"] {
             for v in yes.iter().chain(&no) {
                 assert_eq!(judge(name, v), Some(Verdict::Honoured), "{name}={v}");
             }
@@ -232,6 +251,12 @@ mod tests {
             assert!(!mounted_tasks_excluded(&props(&[("EXCLUDE_MOUNTED_TASKS", v)])), "{v}");
         }
         assert!(!mounted_tasks_excluded(&props(&[])));
+        for v in yes.iter().chain(&["maybe"]) {
+            assert!(task_overwriting(&props(&[("ALLOW_MOUNTED_TASK_OVERWRITING", v)])), "{v}");
+        }
+        for v in no {
+            assert!(!task_overwriting(&props(&[("ALLOW_MOUNTED_TASK_OVERWRITING", v)])), "{v}");
+        }
         assert_eq!(judge("CUSTOM_TASK", "anything"), Some(Verdict::Honoured));
         assert_eq!(judge("USERS", "root"), None, "not this module's");
     }
@@ -277,6 +302,12 @@ mod tests {
         assert_ne!(swap.uuid, swap_partition(&props(&[("SWAP", "3:256")])).unwrap().0.uuid);
         assert!(swap_partition(&props(&[])).is_none());
         assert!(swap_partition(&props(&[("SWAP", "b")])).is_none());
+        let file = swap_file(&props(&[("SWAP", "2:300")])).unwrap();
+        assert_eq!(file.max_bytes, 300 << 20);
+        let n: u32 = file.filename.strip_prefix("/swap-").unwrap().strip_suffix(".img").unwrap().parse().unwrap();
+        assert!(n < 32768);
+        assert!(swap_file(&props(&[("SWAP", "")])).is_none());
+        assert!(swap_file(&props(&[("SWAP", "b")])).is_none());
     }
 
     /// `SWAP=<letter>` against the instance's disks, as snf-image's AddSwap checks it.

@@ -364,6 +364,7 @@ pub async fn customize(
     rules.dry_run = plan.dry_run;
     rules.swap = plan.swap.clone();
     rules.swap_disk = plan.swap_disk.clone();
+    rules.task_overwriting = plan.task_overwriting.clone();
     let job = Job::prepare(disks, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;
     let disk = DiskNames(disks);
