@@ -10,8 +10,8 @@
 //! in the host's overlay, so a failure leaves the disk as it was.
 
 use crate::mounts;
-use imgforge_protocol::filesystems;
 use crate::task_env::TaskEnv;
+use imgforge_protocol::filesystems;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

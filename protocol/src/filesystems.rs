@@ -210,8 +210,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("fs.img");
         std::fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
-        let made = std::process::Command::new("mkfs.btrfs").args(["-q", "-f", "-L", "lblb"]).arg(&img).status();
-        if !made.is_ok_and(|s| s.success()) {
+        let made = std::process::Command::new("mkfs.btrfs").args(["-q", "-f", "-L", "lblb"]).arg(&img).output();
+        if !made.is_ok_and(|o| o.status.success()) {
             return;
         }
         let mut bytes = std::fs::read(&img).unwrap();

@@ -339,10 +339,12 @@ fn btrfs_guest(dir: &Path, fs_bytes: u64) -> PathBuf {
     let script = format!("start=2048, size={}, type=L, name=root\n", fs_bytes / SECTOR);
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success());
-    sh(Command::new("dd")
-        .arg(format!("if={}", fs.display()))
-        .arg(format!("of={}", image.display()))
-        .args(["bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"]))
+    sh(Command::new("dd").arg(format!("if={}", fs.display())).arg(format!("of={}", image.display())).args([
+        "bs=1M",
+        "seek=1",
+        "conv=notrunc,sparse",
+        "status=none",
+    ]))
     .unwrap();
     std::fs::remove_file(&fs).unwrap();
     image
