@@ -376,4 +376,11 @@ fn gpt_btrfs_root_grows_mounted_to_the_end_of_a_larger_target() {
     std::fs::create_dir(&out).unwrap();
     sh(Command::new("btrfs").args(["restore", "--path-regex", "^/(|etc(|/hostname))$", &root.0]).arg(&out)).unwrap();
     assert_eq!(std::fs::read_to_string(out.join("etc/hostname")).unwrap(), "btrfs1\n");
+    drop(root);
+    // verify checks the btrfs read-only (btrfs check --readonly in the helper).
+    let out = imgforge(&["verify", "--accel", "tcg", "--json", &s(&target)]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((code(&out), &report["ok"]), (0, &serde_json::Value::Bool(true)), "{report}");
+    let checks = report["checks"].as_array().unwrap();
+    assert!(checks.iter().any(|c| c["name"] == "filesystem-vda1"), "btrfs not checked: {report}");
 }
