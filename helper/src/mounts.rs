@@ -155,6 +155,7 @@ fn module_for(fstype: &str) -> Option<&'static str> {
     match fstype {
         "ext2" | "ext3" | "ext4" => Some("ext4"),
         "xfs" => Some("xfs"),
+        "btrfs" => Some("btrfs"),
         "vfat" => Some("vfat"),
         _ => None,
     }
@@ -447,13 +448,17 @@ impl Devices {
     }
 }
 
+/// Filesystem types a guest root may have. A btrfs root is its default subvolume: a root in
+/// another subvolume (Ubuntu's `@`, Fedora's `root`) is not looked for.
+const ROOT_TYPES: [&str; 5] = ["ext2", "ext3", "ext4", "xfs", "btrfs"];
+
 /// Mounts the first candidate holding a root filesystem on the target: its device and type.
 fn mount_guest_root(env: &Env, disk: &Devices) -> Result<(String, String), String> {
     for dev in disk.root_candidates(env.root_rule.as_deref()) {
         if !is_block_device(Path::new(&dev)) {
             continue;
         }
-        let Some(fstype) = disk.fstype(&dev).filter(|t| matches!(t.as_str(), "ext2" | "ext3" | "ext4" | "xfs")) else {
+        let Some(fstype) = disk.fstype(&dev).filter(|t| ROOT_TYPES.contains(&t.as_str())) else {
             continue;
         };
         load_modules(&[module_for(&fstype).unwrap_or_default()]);
@@ -465,7 +470,7 @@ fn mount_guest_root(env: &Env, disk: &Devices) -> Result<(String, String), Strin
         }
     }
     Err(format!(
-        "no root filesystem found on {} (looked for ext2/3/4 or xfs holding /etc and /bin/sh{})",
+        "no root filesystem found on {} (looked for ext2/3/4, xfs or btrfs, its default subvolume, holding /etc and /bin/sh{})",
         disk.disks.join(", "),
         env.root_rule.as_deref().map(|r| format!(" on {r}")).unwrap_or_default()
     ))
@@ -556,7 +561,7 @@ fn superblocks(devices: &[String]) -> Vec<Probe> {
 }
 
 /// The first `len` bytes of `dev` (fewer if it is shorter or unreadable).
-fn head(dev: &str, len: u64) -> Vec<u8> {
+pub fn head(dev: &str, len: u64) -> Vec<u8> {
     let mut head = Vec::with_capacity(len as usize);
     let _ = std::fs::File::open(dev).and_then(|f| f.take(len).read_to_end(&mut head));
     head
