@@ -24,6 +24,7 @@ mod identity;
 mod init;
 mod kmod;
 mod layout;
+mod manifest;
 mod mounts;
 mod network;
 mod package_manager;
@@ -38,6 +39,7 @@ mod snapshot;
 mod swap;
 mod task_env;
 mod tasks;
+mod variants;
 
 use std::process::ExitCode;
 use task_env::TaskEnv;

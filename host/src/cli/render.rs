@@ -104,6 +104,13 @@ impl Progress for Terminal {
                     bar.finish_and_clear();
                 }
             }
+            Event::VariantStarted { name, index, total } => {
+                self.status(&format!("variant {name} ({}/{total})", index + 1))
+            }
+            Event::VariantDone { name, output, .. } => self.out_line(&format!("variant {name}: {output}")),
+            Event::VariantFailed { name, messages, .. } => {
+                self.out_line(&format!("variant {name} failed: {}", messages.join("; ")))
+            }
             Event::ImageInfo(_) | Event::ImageHelper(_) => {}
         }
     }

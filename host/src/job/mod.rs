@@ -12,6 +12,7 @@ mod helper_events;
 pub mod overlay;
 pub mod payload;
 pub mod target;
+pub mod variants;
 pub mod verify;
 pub mod write;
 
@@ -124,6 +125,14 @@ pub enum JobError {
     /// A blocking step died.
     #[error("{0} panicked: {1}")]
     Panicked(&'static str, String),
+    /// A variant of a multi-variant build could not be made (the others may have been).
+    #[error("variant {name}: {reason}")]
+    Variant {
+        /// The variant.
+        name: String,
+        /// What failed, and what to do.
+        reason: String,
+    },
     /// The finished, customized image cannot be given its name.
     #[error("cannot move the finished image to {}: {source}", path.display())]
     Publish {
@@ -220,6 +229,7 @@ impl Job {
             disk: target.path.clone(),
             disk_format: target.format,
             overlay: Some(overlay.path.clone()),
+            more_overlays: Vec::new(),
             floppy: floppy_path,
             payload: payload_path,
             memory_mib: settings.memory_mib,
@@ -276,25 +286,7 @@ pub async fn customize(
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
     announce_random_passwords(&mut plan, progress);
-    let mut rules = Rules::new();
-    rules.operations = plan.operations;
-    rules.rpms = plan.rpms;
-    rules.debs = plan.debs;
-    rules.install = plan.install;
-    rules.uninstall = plan.uninstall;
-    rules.update = plan.update;
-    rules.repo = plan.repo;
-    rules.repo_format = plan.repo_format;
-    rules.gpgcheck = plan.gpgcheck;
-    rules.root_partition = plan.root_partition;
-    // virt-customize relabels an SELinux guest after every customization unless told not to.
-    rules.selinux_relabel = !plan.no_selinux_relabel;
-    rules.verbose = settings.trace_tasks;
-    rules.grow_filesystem = grow_filesystem;
-    rules.grow_to_disk = plan.grow_to_disk;
-    rules.excluded_tasks = settings.excluded_tasks.clone();
-    rules.dry_run = plan.dry_run;
-    rules.swap = plan.swap.clone();
+    let rules = plan_rules(&plan, grow_filesystem, settings);
     let job = Job::prepare(disk, format, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;
     match result.outcome.verdict {
@@ -321,6 +313,30 @@ pub async fn customize(
         }
         Verdict::Incomplete { .. } => unreachable!("vm::run turns an incomplete report into an error"),
     }
+}
+
+/// The rules document that carries out `plan` with `settings`' task options.
+fn plan_rules(plan: &Plan, grow_filesystem: bool, settings: &VmSettings) -> Rules {
+    let mut rules = Rules::new();
+    rules.operations = plan.operations.clone();
+    rules.rpms = plan.rpms.clone();
+    rules.debs = plan.debs.clone();
+    rules.install = plan.install.clone();
+    rules.uninstall = plan.uninstall.clone();
+    rules.update = plan.update;
+    rules.repo = plan.repo.clone();
+    rules.repo_format = plan.repo_format.clone();
+    rules.gpgcheck = plan.gpgcheck;
+    rules.root_partition = plan.root_partition.clone();
+    // virt-customize relabels an SELinux guest after every customization unless told not to.
+    rules.selinux_relabel = !plan.no_selinux_relabel;
+    rules.verbose = settings.trace_tasks;
+    rules.grow_filesystem = grow_filesystem;
+    rules.grow_to_disk = plan.grow_to_disk;
+    rules.excluded_tasks = settings.excluded_tasks.clone();
+    rules.dry_run = plan.dry_run;
+    rules.swap = plan.swap.clone();
+    rules
 }
 
 /// Emits a `random-password` event for each random password `plan` sets, at the start of the

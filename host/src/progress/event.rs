@@ -67,6 +67,37 @@ pub enum Event {
         /// How many.
         count: u64,
     },
+    /// `variant-started`: a multi-variant build starts on variant `name`.
+    VariantStarted {
+        /// The variant.
+        name: String,
+        /// Its place among the variants, from 0.
+        index: usize,
+        /// How many variants the build makes.
+        total: usize,
+    },
+    /// `variant-done`: variant `name`'s output is written, complete, at `output`.
+    VariantDone {
+        /// The variant.
+        name: String,
+        /// Its place among the variants, from 0.
+        index: usize,
+        /// How many variants the build makes.
+        total: usize,
+        /// The output written.
+        output: String,
+    },
+    /// `variant-failed`: variant `name` failed alone; no output was written for it.
+    VariantFailed {
+        /// The variant.
+        name: String,
+        /// Its place among the variants, from 0.
+        index: usize,
+        /// How many variants the build makes.
+        total: usize,
+        /// Why.
+        messages: Vec<String>,
+    },
     /// `random-password`: the job sets a random password for `user`. The password itself
     /// never goes into the stream: only the command line shows it, to the person who ran it.
     RandomPassword {

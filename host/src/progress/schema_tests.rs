@@ -59,7 +59,10 @@ fn samples() -> Vec<Event> {
         | Event::ImageDone
         | Event::RandomPassword { .. }
         | Event::FileChange(_)
-        | Event::FileChangesOmitted { .. } => (),
+        | Event::FileChangesOmitted { .. }
+        | Event::VariantStarted { .. }
+        | Event::VariantDone { .. }
+        | Event::VariantFailed { .. } => (),
         Event::ImageHelper(helper) => match helper {
             HelperEvent::TaskStart { .. }
             | HelperEvent::TaskEnd { .. }
@@ -103,6 +106,14 @@ fn samples() -> Vec<Event> {
         )),
         Event::FileChange(file_change(ChangeKind::Added, &escape_path(b"/x\nSUCCESS\xff"), vec![], None)),
         Event::FileChangesOmitted { count: 120 },
+        Event::VariantStarted { name: "ath-web".into(), index: 0, total: 4 },
+        Event::VariantDone { name: "ath-web".into(), index: 0, total: 4, output: "/out/ath-web.qcow2".into() },
+        Event::VariantFailed {
+            name: "ber-db".into(),
+            index: 3,
+            total: 4,
+            messages: vec!["task 50-Customize failed in the helper VM: --run-command 'false' failed".into()],
+        },
     ];
     samples.iter().for_each(every_variant);
     samples

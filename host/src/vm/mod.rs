@@ -59,6 +59,9 @@ pub struct VmSpec {
     pub disk_format: DiskFormat,
     /// A qcow2 overlay over `disk` to receive the writes (the disk is then only read).
     pub overlay: Option<PathBuf>,
+    /// More overlays over `disk` (with `overlay`), each a virtio disk of its own with this
+    /// serial number: the variants of a multi-variant run.
+    pub more_overlays: Vec<(PathBuf, String)>,
     /// The parameter floppy image.
     pub floppy: PathBuf,
     /// The payload disk image, if any.
@@ -331,6 +334,7 @@ struct QemuFds {
     disk_direct: bool,
     /// The overlay read-only, read-write, and whether opened with O_DIRECT.
     overlay: Option<(File, Option<File>, bool)>,
+    more_overlays: Vec<((File, Option<File>, bool), String)>,
     floppy: File,
     payload: Option<File>,
     console_w: std::io::PipeWriter,
@@ -397,6 +401,11 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         }
     };
     let overlay = spec.overlay.as_ref().map(|p| open_disk(p, true)).transpose()?;
+    let more_overlays = spec
+        .more_overlays
+        .iter()
+        .map(|(p, serial)| open_disk(p, true).map(|fds| (fds, serial.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
     let floppy = open(&spec.floppy, &ro)?;
     let payload = spec.payload.as_ref().map(|p| open(p, &ro)).transpose()?;
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
@@ -413,6 +422,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         disk_rw,
         disk_direct,
         overlay,
+        more_overlays,
         floppy,
         payload,
         console_w,
@@ -443,6 +453,18 @@ fn qemu_config(spec: &VmSpec, accel: Accel, cpu: &str, fds: &QemuFds) -> QemuCon
             rw_fd: rw.as_ref().expect("opened read-write").as_raw_fd(),
             direct: *direct,
         }),
+        more_overlays: fds
+            .more_overlays
+            .iter()
+            .map(|((ro, rw, direct), serial)| {
+                let fds = cmdline::OverlayFds {
+                    ro_fd: ro.as_raw_fd(),
+                    rw_fd: rw.as_ref().expect("opened read-write").as_raw_fd(),
+                    direct: *direct,
+                };
+                (fds, serial.clone())
+            })
+            .collect(),
         disk_format: spec.disk_format,
         disk_direct: fds.disk_direct,
         disk_is_device: crate::stream::destination::is_block_device(&spec.disk),
@@ -468,6 +490,7 @@ fn inherited_fds(config: &QemuConfig) -> Vec<RawFd> {
     inherited.extend(config.payload_fd);
     inherited.extend(config.disk_rw_fd);
     inherited.extend(config.overlay.iter().flat_map(|o| [o.ro_fd, o.rw_fd]));
+    inherited.extend(config.more_overlays.iter().flat_map(|(o, _)| [o.ro_fd, o.rw_fd]));
     inherited
 }
 
