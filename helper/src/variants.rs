@@ -28,10 +28,23 @@ pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Rep
     crate::mounts::mount_payload(&TaskEnv::new(&payload_task, rules))
         .map_err(|message| TaskFailure { task: payload_task.to_string(), message })?;
     reporter.send(&ReportLine::TaskEnd { task: payload_task.to_string(), millis: 0 });
-    for variant in &rules.variants {
+    // Every disk starts as the same base: an LVM volume group on one is on all of them at once,
+    // and LVM would pick any of the copies. Such a base gets one variant a boot.
+    let shared_lvm = rules.variants.len() > 1
+        && rules.variants.first().and_then(|v| find_disk(&v.serial).ok()).is_some_and(|d| holds_lvm(&d));
+    for (k, variant) in rules.variants.iter().enumerate() {
         reporter.send(&ReportLine::VariantStart { name: variant.name.clone() });
         let started = Instant::now();
-        match run_one(dir, rules, variant, builtins, reporter) {
+        let result = if shared_lvm && k > 0 {
+            Err(helper_failure(
+                "the base holds an LVM volume group, which would appear on every variant's disk of this boot at once: \
+                 such a base is customized one variant a boot (jobs=1 per boot); build this variant on its own"
+                    .into(),
+            ))
+        } else {
+            run_one(dir, rules, variant, builtins, reporter)
+        };
+        match result {
             Ok(sha256) => {
                 reporter.send(&ReportLine::Manifest { name: variant.name.clone(), sha256 });
                 reporter.send(&ReportLine::VariantDone { name: variant.name.clone() });
@@ -143,6 +156,22 @@ fn set_times(root: &Path, before: &Snapshot, after: &Snapshot, epoch: i64) -> Re
         }
     }
     Ok(())
+}
+
+/// Whether a partition of `disk` (or the disk itself) is an LVM physical volume.
+fn holds_lvm(disk: &str) -> bool {
+    let name = Path::new(disk).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut devices = vec![disk.to_owned()];
+    if let Ok(entries) = std::fs::read_dir(format!("/sys/block/{name}")) {
+        devices.extend(
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&name) && *n != name)
+                .map(|n| format!("/dev/{n}")),
+        );
+    }
+    devices.iter().any(|d| crate::mounts::superblock(d).is_some_and(|f| f.kind == "LVM2_member"))
 }
 
 /// The device of the virtio disk with serial number `serial`, waiting for it to appear.

@@ -122,7 +122,11 @@ pub async fn customize_variants(
     match prepare(base, format, settings).await {
         Ok((target, image)) => {
             let todo: Vec<usize> = (0..total).filter(|i| results[*i].is_none()).collect();
-            let batches = batches(&todo, jobs);
+            // A raw LVM base: its volume group would be on every disk of a boot (the helper
+            // refuses that for a qcow2 base, whose content the host does not read).
+            let lvm = target.format == DiskFormat::Raw
+                && crate::inspect::raw_filesystem_kinds(&target.path).contains(&"LVM2_member");
+            let batches = batches(&todo, jobs, if lvm { 1 } else { MAX_VARIANTS_PER_BOOT });
             let lanes: Vec<Vec<Vec<usize>>> = lanes(batches, jobs);
             let variants = &variants;
             let target = &target;
@@ -180,13 +184,13 @@ async fn prepare(
     Ok((target, image))
 }
 
-/// The variants (their indices) split into boots: as few boots as [`MAX_VARIANTS_PER_BOOT`]
-/// allows, but at least one a job, each boot as large as the others give or take one (pure).
-pub fn batches(todo: &[usize], jobs: usize) -> Vec<Vec<usize>> {
+/// The variants (their indices) split into boots: as few boots as `per_boot` variants a boot
+/// allow, but at least one a job, each boot as large as the others give or take one (pure).
+pub fn batches(todo: &[usize], jobs: usize, per_boot: usize) -> Vec<Vec<usize>> {
     if todo.is_empty() {
         return Vec::new();
     }
-    let count = todo.len().div_ceil(MAX_VARIANTS_PER_BOOT).max(jobs.max(1).min(todo.len()));
+    let count = todo.len().div_ceil(per_boot.max(1)).max(jobs.max(1).min(todo.len()));
     let (size, extra) = (todo.len() / count, todo.len() % count);
     let mut out = Vec::with_capacity(count);
     let mut at = 0;
@@ -662,6 +666,8 @@ mod tests {
     fn variants_are_split_into_boots_and_lanes() {
         let todo: Vec<usize> = (0..20).collect();
         let sizes = |b: &[Vec<usize>]| b.iter().map(Vec::len).collect::<Vec<_>>();
+        let batches = |todo: &[usize], jobs| batches(todo, jobs, MAX_VARIANTS_PER_BOOT);
+        assert_eq!(super::batches(&todo[..3], 1, 1), [[0], [1], [2]], "one a boot (an LVM base)");
         // One job: as few boots as the cap allows, evened out.
         assert_eq!(sizes(&batches(&todo, 1)), [7, 7, 6]);
         // Four jobs: at least one boot each.
