@@ -2,7 +2,8 @@
 //! operations, every result verified; virt-customize runs once, the bare helper boot and the
 //! imgforge customization three times each, alternating (their medians are compared); prints
 //! every time and the ratios. `cargo xtask bench ganeti OLD_IMGFORGE [RUNS]`: Ganeti's create,
-//! this tree's imgforge against another build (`bench_ganeti.rs`).
+//! this tree's imgforge against another build (`bench_ganeti.rs`). `cargo xtask bench variants
+//! [N]`: many variants of one base (`bench_variants.rs`).
 
 use anyhow::{bail, ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
@@ -12,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod bench_ganeti;
+mod bench_variants;
 mod bench_write;
 
 const PASSWORD: &str = "Bench-Pw-1";
@@ -23,11 +25,15 @@ fn main() -> Result<()> {
         ["bench", "customize"] => bench_customize(),
         ["bench", "write"] => bench_write::run(&imgforge()?),
         ["bench", "liveimg"] => bench_liveimg(),
+        ["bench", "variants", rest @ ..] if rest.len() <= 1 => {
+            let n = rest.first().map(|r| r.parse()).transpose().context("N must be a number")?;
+            bench_variants::run(&imgforge()?, n.unwrap_or(16))
+        }
         ["bench", "ganeti", old, rest @ ..] if rest.len() <= 1 => {
             let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
             bench_ganeti::run(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
         }
-        _ => bail!("usage: cargo xtask bench customize|write|liveimg|ganeti OLD_IMGFORGE [RUNS]"),
+        _ => bail!("usage: cargo xtask bench customize|write|liveimg|variants [N]|ganeti OLD_IMGFORGE [RUNS]"),
     }
 }
 
