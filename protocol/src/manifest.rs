@@ -66,10 +66,13 @@ pub fn is_sha256_hex(text: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Path, type, mode, uid, gid, content, and the line.
+    type Case<'a> = (&'a [u8], FileType, u32, u32, u32, ManifestContent, &'a str);
+
     #[test]
     fn lines() {
         let sha = "a".repeat(64);
-        let cases: &[(&[u8], FileType, u32, u32, u32, ManifestContent, &str)] = &[
+        let cases: &[Case] = &[
             (b"/", FileType::Directory, 0o755, 0, 0, ManifestContent::None, "/\tdirectory\t0755\t0:0\t-\n"),
             (
                 b"/etc/hostname",

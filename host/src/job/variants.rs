@@ -131,30 +131,28 @@ pub async fn customize_variants(
             let variants = &variants;
             let target = &target;
             let image = &image;
-            let lane_futures: Vec<Pin<Box<dyn Future<Output = Vec<(usize, Result<VariantProduct, JobError>)>> + '_>>> =
-                lanes
-                    .into_iter()
-                    .map(|lane| {
-                        Box::pin(async move {
-                            let mut out = Vec::new();
-                            for batch in lane {
-                                out.extend(
-                                    run_batch(target, image, variants, &batch, total, settings, progress, interrupt)
-                                        .await,
-                                );
-                            }
-                            out
-                        }) as Pin<Box<dyn Future<Output = _>>>
-                    })
-                    .collect();
+            let lane_futures: Vec<Lane<'_>> = lanes
+                .into_iter()
+                .map(|lane| {
+                    Box::pin(async move {
+                        let mut out = Vec::new();
+                        for batch in lane {
+                            out.extend(
+                                run_batch(target, image, variants, &batch, total, settings, progress, interrupt).await,
+                            );
+                        }
+                        out
+                    }) as Pin<Box<dyn Future<Output = _>>>
+                })
+                .collect();
             for (i, result) in join_all(lane_futures).await.into_iter().flatten() {
                 results[i] = Some(result);
             }
         }
         Err(e) => {
-            for i in 0..total {
-                if results[i].is_none() {
-                    results[i] = fail(i, e.to_string());
+            for (i, result) in results.iter_mut().enumerate() {
+                if result.is_none() {
+                    *result = fail(i, e.to_string());
                 }
             }
         }
@@ -170,6 +168,11 @@ pub async fn customize_variants(
         })
         .collect()
 }
+
+/// Variants' results by index.
+type Indexed = Vec<(usize, Result<VariantProduct, JobError>)>;
+/// A lane of boots run one after another, side by side with the other lanes.
+type Lane<'a> = Pin<Box<dyn Future<Output = Indexed> + 'a>>;
 
 /// The base opened and held (read only), and the helper image.
 async fn prepare(

@@ -325,6 +325,9 @@ struct Shared {
     alive: AtomicBool,
 }
 
+/// A disk opened read-only, read-write, and whether with O_DIRECT.
+type OpenedDisk = (File, Option<File>, bool);
+
 /// The descriptors qemu inherits for one attempt.
 struct QemuFds {
     kernel: File,
@@ -334,7 +337,8 @@ struct QemuFds {
     disk_direct: bool,
     /// The overlay read-only, read-write, and whether opened with O_DIRECT.
     overlay: Option<(File, Option<File>, bool)>,
-    more_overlays: Vec<((File, Option<File>, bool), String)>,
+    /// Each more overlay opened as `overlay` is, with its disk's serial number.
+    more_overlays: Vec<(OpenedDisk, String)>,
     floppy: File,
     payload: Option<File>,
     console_w: std::io::PipeWriter,
