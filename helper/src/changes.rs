@@ -84,7 +84,7 @@ fn warn_left_out(snapshot: &Snapshot, warn: impl Fn(&str)) {
 
 /// Sends the first [`MAX_LISTED_CHANGES`] of `changes` as `CHANGE` lines and counts the rest
 /// in a `CHANGES-OMITTED` line, each handed to `report`: (listed, omitted).
-fn send(changes: &[FileChange], report: &mut dyn FnMut(ReportLine)) -> (usize, usize) {
+pub fn send(changes: &[FileChange], report: &mut dyn FnMut(ReportLine)) -> (usize, usize) {
     let listed = changes.len().min(MAX_LISTED_CHANGES);
     for change in &changes[..listed] {
         report(ReportLine::Change(change.clone()));

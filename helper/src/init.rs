@@ -32,7 +32,11 @@ pub fn run(builtins: tasks::Builtins) -> ! {
 
     match prepare(&mut reporter) {
         Ok((rules, preload)) => {
-            let result = tasks::run_all(Path::new(TASKS_DIR), &rules, builtins, &mut reporter);
+            let result = if rules.variants.is_empty() {
+                tasks::run_all(Path::new(TASKS_DIR), &rules, builtins, &mut reporter)
+            } else {
+                crate::variants::run_all(Path::new(TASKS_DIR), &rules, builtins, &mut reporter)
+            };
             // The tasks load what they need themselves, waiting for a module the preload is
             // still loading: the preload only ever saves time.
             let (warnings, done_ms) = preload.join().unwrap_or_default();

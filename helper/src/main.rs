@@ -24,6 +24,7 @@ mod identity;
 mod init;
 mod kmod;
 mod layout;
+mod manifest;
 mod mounts;
 mod network;
 mod package_manager;
@@ -39,6 +40,7 @@ mod swap;
 mod task_env;
 mod task_overwrite;
 mod tasks;
+mod variants;
 
 use std::process::ExitCode;
 use task_env::TaskEnv;

@@ -10,6 +10,7 @@
 //! `/sys`: anonymous devices, major number 0).
 
 use imgforge_protocol::change::FileType;
+use imgforge_protocol::manifest::ManifestContent;
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::io;
@@ -71,6 +72,23 @@ pub struct Snapshot {
 
 /// Walks the guest tree mounted at `root`.
 pub fn record(root: &Path) -> io::Result<Snapshot> {
+    record_walk(root, false).map(|(snapshot, _)| snapshot)
+}
+
+/// Walks the guest tree mounted at `root` as [`record`] does, and also reads every regular
+/// file's bytes (their SHA-256) and every symlink's target, for the tree manifest. A file that
+/// cannot be read is an error: a manifest must not pass over it.
+pub fn record_with_contents(root: &Path) -> io::Result<(Snapshot, BTreeMap<Vec<u8>, ManifestContent>)> {
+    let (snapshot, contents) = record_walk(root, true)?;
+    if let Some((path, e)) = contents.1 {
+        return Err(io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path))));
+    }
+    Ok((snapshot, contents.0))
+}
+
+type Contents = (BTreeMap<Vec<u8>, ManifestContent>, Option<(Vec<u8>, io::Error)>);
+
+fn record_walk(root: &Path, read_contents: bool) -> io::Result<(Snapshot, Contents)> {
     let c_root = CString::new(root.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "root path holds a NUL byte"))?;
     // SAFETY: a NUL-terminated path; the descriptor returned is ours.
@@ -81,7 +99,7 @@ pub fn record(root: &Path) -> io::Result<Snapshot> {
     // SAFETY: open returned a new descriptor that we now own.
     let dir = unsafe { OwnedFd::from_raw_fd(fd) };
     let st = fstat(&dir)?;
-    let mut walk = Walk::default();
+    let mut walk = Walk { read_contents, ..Walk::default() };
     if let Some(meta) = Meta::of(&st) {
         walk.snapshot.entries.insert(b"/".to_vec(), meta);
     }
@@ -93,7 +111,7 @@ pub fn record(root: &Path) -> io::Result<Snapshot> {
         (walk.over_cap, format!("paths past the first {MAX_ENTRIES}")),
     ];
     snapshot.left_out = counts.into_iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
-    Ok(snapshot)
+    Ok((snapshot, (walk.contents, walk.unreadable)))
 }
 
 #[derive(Default)]
@@ -102,6 +120,10 @@ struct Walk {
     too_deep: u64,
     too_long: u64,
     over_cap: u64,
+    read_contents: bool,
+    contents: BTreeMap<Vec<u8>, ManifestContent>,
+    /// The first file that could not be read, and why.
+    unreadable: Option<(Vec<u8>, io::Error)>,
 }
 
 impl Walk {
@@ -132,6 +154,21 @@ impl Walk {
                 continue;
             }
             self.snapshot.entries.insert(child.clone(), meta);
+            if self.read_contents {
+                let content = match meta.file_type {
+                    FileType::File => stream.sha256_at(&name, &st).map(ManifestContent::Sha256),
+                    FileType::Symlink => stream.link_at(&name).map(ManifestContent::LinkTarget),
+                    _ => Ok(ManifestContent::None),
+                };
+                match content {
+                    Ok(content) => {
+                        self.contents.insert(child.clone(), content);
+                    }
+                    Err(e) => {
+                        self.unreadable.get_or_insert((child.clone(), e));
+                    }
+                }
+            }
             if meta.file_type != FileType::Directory {
                 continue;
             }
@@ -203,6 +240,49 @@ impl DirStream {
             return Err(io::Error::last_os_error());
         }
         Ok(st)
+    }
+
+    /// SHA-256 (hex) of the regular file `name`, listed as `listed`, opened without following a
+    /// link and checked to be that inode.
+    fn sha256_at(&self, name: &CStr, listed: &libc::stat) -> io::Result<String> {
+        use sha2::Digest;
+        use std::io::Read;
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
+        // SAFETY: a valid directory descriptor and a NUL-terminated name.
+        let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openat returned a new descriptor that we now own.
+        let file = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat(&file)?;
+        if st.st_dev != listed.st_dev || st.st_ino != listed.st_ino {
+            return Err(io::Error::other("replaced while the tree was walked"));
+        }
+        let mut file = std::fs::File::from(file);
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The target of the symlink `name`.
+    fn link_at(&self, name: &CStr) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; MAX_PATH_BYTES + 1];
+        // SAFETY: a valid directory descriptor, a NUL-terminated name and a writable buffer of
+        // the length given.
+        let n = unsafe { libc::readlinkat(self.fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
     }
 
     /// Opens the subdirectory `name`, listed as `listed`, without following a link; `None` if

@@ -8,23 +8,53 @@ use imgforge_protocol::rules::Rules;
 use imgforge_protocol::task::TaskName;
 use std::path::{Path, PathBuf};
 
+/// Where a run's disk, rules, state and payload are: the one disk of a usual run, or one
+/// variant's of a multi-variant run.
+#[derive(Debug, Clone)]
+pub struct Place {
+    /// The disk's device.
+    pub disk: String,
+    /// The rules file.
+    pub rules: String,
+    /// The state directory.
+    pub state: String,
+    /// The payload directory.
+    pub payload: String,
+}
+
+impl Default for Place {
+    fn default() -> Self {
+        Self {
+            disk: TARGET_DISK.to_owned(),
+            rules: RULES_PATH.to_owned(),
+            state: STATE_DIR.to_owned(),
+            payload: PAYLOAD_DIR.to_owned(),
+        }
+    }
+}
+
 /// The variables a task runs with: the environment of a task script, and what a built-in task
 /// reads.
 #[derive(Debug, Clone, Default)]
 pub struct TaskEnv(Vec<(String, String)>);
 
 impl TaskEnv {
-    /// The variables of `task` in a run of `rules`.
+    /// The variables of `task` in a run of `rules` on the one disk.
     pub fn new(task: &TaskName, rules: &Rules) -> Self {
+        Self::at(task, rules, &Place::default())
+    }
+
+    /// The variables of `task` in a run of `rules` at `place`.
+    pub fn at(task: &TaskName, rules: &Rules, place: &Place) -> Self {
         let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
         let vars = [
             ("IMGFORGE_TASK", task.as_str().to_owned()),
             ("IMGFORGE_TARGET", TARGET_DIR.to_owned()),
-            ("IMGFORGE_DISK", TARGET_DISK.to_owned()),
+            ("IMGFORGE_DISK", place.disk.clone()),
             ("IMGFORGE_EXTRA_DISKS", rules.extra_disks.to_string()),
-            ("IMGFORGE_PAYLOAD", PAYLOAD_DIR.to_owned()),
-            ("IMGFORGE_STATE", STATE_DIR.to_owned()),
-            ("IMGFORGE_RULES", RULES_PATH.to_owned()),
+            ("IMGFORGE_PAYLOAD", place.payload.clone()),
+            ("IMGFORGE_STATE", place.state.clone()),
+            ("IMGFORGE_RULES", place.rules.clone()),
             ("IMGFORGE_ERROR_FILE", error_file(task).display().to_string()),
             ("IMGFORGE_SELINUX_RELABEL", yes_no(rules.selinux_relabel)),
             ("IMGFORGE_ROOT_PARTITION", rules.root_partition.clone().unwrap_or_default()),

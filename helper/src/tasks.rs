@@ -3,7 +3,7 @@
 use crate::layout::SEARCH_PATH;
 use crate::reporter::Reporter;
 use crate::script;
-use crate::task_env::{error_file, TaskEnv};
+use crate::task_env::{error_file, Place, TaskEnv};
 use imgforge_protocol::line::{read_line_capped, MAX_LINE_BYTES};
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::Rules;
@@ -54,14 +54,39 @@ pub fn plan(dir: &Path, rules: &Rules) -> Result<Vec<TaskName>, String> {
         .collect())
 }
 
+/// When a [`Hook`] is called: before a task starts, or after it succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Before the task starts.
+    Before,
+    /// After it succeeded.
+    After,
+}
+
+/// Work done between tasks (a multi-variant run's tree records); its error fails the task.
+pub type Hook<'a> = &'a mut dyn FnMut(When, &TaskName, &mut Reporter) -> Result<(), String>;
+
 /// Runs every planned task, a script that only execs a built-in task as that built-in; stops at
 /// the first failure.
 pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Reporter) -> Result<(), TaskFailure> {
+    run_all_at(dir, rules, &Place::default(), builtins, reporter, &mut |_, _, _| Ok(()))
+}
+
+/// [`run_all`] at `place`, calling `hook` around each task.
+pub fn run_all_at(
+    dir: &Path,
+    rules: &Rules,
+    place: &Place,
+    builtins: Builtins,
+    reporter: &mut Reporter,
+    hook: Hook<'_>,
+) -> Result<(), TaskFailure> {
     let tasks = plan(dir, rules).map_err(|message| TaskFailure { task: "helper".into(), message })?;
     for task in tasks {
+        hook(When::Before, &task, reporter).map_err(|message| TaskFailure { task: task.to_string(), message })?;
         reporter.send(&ReportLine::TaskStart { task: task.to_string() });
         let started = Instant::now();
-        let outcome = run_one(&dir.join(task.as_str()), &task, &TaskEnv::new(&task, rules), builtins);
+        let outcome = run_one(&dir.join(task.as_str()), &task, &TaskEnv::at(&task, rules, place), builtins);
         for message in outcome.warnings {
             reporter.send(&ReportLine::Warning { task: task.to_string(), message });
         }
@@ -74,6 +99,7 @@ pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Rep
             return Err(TaskFailure { task: task.to_string(), message });
         }
         reporter.send(&ReportLine::TaskEnd { task: task.to_string(), millis: started.elapsed().as_millis() as u64 });
+        hook(When::After, &task, reporter).map_err(|message| TaskFailure { task: task.to_string(), message })?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod change;
 pub mod filesystems;
 pub mod helper_vm;
 pub mod line;
+pub mod manifest;
 pub mod perl_edit;
 pub mod printable;
 pub mod report;

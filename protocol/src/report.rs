@@ -10,8 +10,17 @@
 //! ERROR 50-Customize "text"      the task failed; nothing runs after it
 //! CHANGE {"change":"added",...}  a dry run added, removed or changed this path (JSON object)
 //! CHANGES-OMITTED 120            and this many more, past the cap on listed changes
-//! SUCCESS                        every task succeeded
+//! VARIANT-START ath-web          a multi-variant run starts on this variant's disk
+//! MANIFEST ath-web 3f9a…         its tree manifest's SHA-256 (crate::manifest), after its operations
+//! VARIANT-DONE ath-web           its tasks all succeeded: the host may write its output
+//! VARIANT-FAILED ath-web 50-Customize "text"  its task failed; its overlay is dropped
+//! SUCCESS                        every task succeeded (in a multi-variant run: the helper
+//!                                went through every variant, whether each succeeded or not)
 //! ```
+//!
+//! In a multi-variant run the `TASK-*`, `WARNING` and `CHANGE` lines between a `VARIANT-START`
+//! and its `VARIANT-DONE` or `VARIANT-FAILED` are that variant's; `CHANGE` lines then list
+//! what its operations added, changed and removed.
 //!
 //! The serial line may add `\r`, lose the end of the stream, or carry noise; anything but a
 //! well-formed `SUCCESS` after no `ERROR` is a failure.
@@ -93,6 +102,32 @@ pub enum ReportLine {
         /// How many.
         count: u64,
     },
+    /// A multi-variant run starts on a variant.
+    VariantStart {
+        /// The variant's name.
+        name: String,
+    },
+    /// A variant's tree manifest digest.
+    Manifest {
+        /// The variant's name.
+        name: String,
+        /// SHA-256 of its manifest, lowercase hex.
+        sha256: String,
+    },
+    /// Every task of a variant succeeded.
+    VariantDone {
+        /// The variant's name.
+        name: String,
+    },
+    /// A task of a variant failed: that variant alone failed.
+    VariantFailed {
+        /// The variant's name.
+        name: String,
+        /// The task that failed.
+        task: String,
+        /// What went wrong.
+        message: String,
+    },
     /// Every task succeeded.
     Success,
 }
@@ -120,6 +155,12 @@ impl ReportLine {
                 ReportLine::Change(FileChange { path: p(change.path).replace('\n', "\\n"), ..change })
             }
             ReportLine::ChangesOmitted { count } => ReportLine::ChangesOmitted { count },
+            ReportLine::VariantStart { name } => ReportLine::VariantStart { name: p(name) },
+            ReportLine::Manifest { name, sha256 } => ReportLine::Manifest { name: p(name), sha256: p(sha256) },
+            ReportLine::VariantDone { name } => ReportLine::VariantDone { name: p(name) },
+            ReportLine::VariantFailed { name, task, message } => {
+                ReportLine::VariantFailed { name: p(name), task: p(task), message: p(message) }
+            }
             ReportLine::Success => ReportLine::Success,
         }
     }
@@ -167,6 +208,27 @@ impl ReportLine {
                 let detail: String = serde_json::from_str(json).map_err(|_| malformed("CHECK"))?;
                 Ok(ReportLine::Check { ok, name: name.to_owned(), detail })
             }
+            "VARIANT-START" if is_word(rest) => Ok(ReportLine::VariantStart { name: rest.to_owned() }),
+            "VARIANT-START" => Err(malformed("VARIANT-START")),
+            "VARIANT-DONE" if is_word(rest) => Ok(ReportLine::VariantDone { name: rest.to_owned() }),
+            "VARIANT-DONE" => Err(malformed("VARIANT-DONE")),
+            "MANIFEST" => match rest.split_once(' ') {
+                Some((name, sha)) if is_word(name) && crate::manifest::is_sha256_hex(sha) => {
+                    Ok(ReportLine::Manifest { name: name.to_owned(), sha256: sha.to_owned() })
+                }
+                _ => Err(malformed("MANIFEST")),
+            },
+            "VARIANT-FAILED" => {
+                let mut parts = rest.splitn(3, ' ');
+                let (Some(name), Some(task), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
+                    return Err(malformed("VARIANT-FAILED"));
+                };
+                if !is_word(name) || !is_word(task) {
+                    return Err(malformed("VARIANT-FAILED"));
+                }
+                let message: String = serde_json::from_str(json).map_err(|_| malformed("VARIANT-FAILED"))?;
+                Ok(ReportLine::VariantFailed { name: name.to_owned(), task: task.to_owned(), message })
+            }
             "CHANGE" => serde_json::from_str(rest).map(ReportLine::Change).map_err(|_| malformed("CHANGE")),
             "CHANGES-OMITTED" => {
                 rest.parse().map(|count| ReportLine::ChangesOmitted { count }).map_err(|_| malformed("CHANGES-OMITTED"))
@@ -206,6 +268,12 @@ impl std::fmt::Display for ReportLine {
                 write!(f, "CHANGE {}", serde_json::to_string(change).expect("changes always serialize"))
             }
             ReportLine::ChangesOmitted { count } => write!(f, "CHANGES-OMITTED {count}"),
+            ReportLine::VariantStart { name } => write!(f, "VARIANT-START {name}"),
+            ReportLine::Manifest { name, sha256 } => write!(f, "MANIFEST {name} {sha256}"),
+            ReportLine::VariantDone { name } => write!(f, "VARIANT-DONE {name}"),
+            ReportLine::VariantFailed { name, task, message } => {
+                write!(f, "VARIANT-FAILED {name} {task} {}", json(message))
+            }
             ReportLine::Success => f.write_str("SUCCESS"),
         }
     }
@@ -380,10 +448,21 @@ mod tests {
             "CHECK ok x",
             "CHECK ok a/b \"y\"",
             "\u{0}\u{1}garbage",
+            "VARIANT-START",
+            "VARIANT-START a/b",
+            "VARIANT-DONE two words",
+            "MANIFEST ath",
+            "MANIFEST ath ABCDEF",
+            "VARIANT-FAILED ath 50-Customize",
+            "VARIANT-FAILED ath 50-Customize unquoted",
         ];
         for text in bad {
             assert!(ReportLine::parse(text).is_err(), "{text:?} should not parse");
         }
+        // A variant's failure is its own: the run still succeeds.
+        let one_failed =
+            b"VARIANT-START a\nVARIANT-FAILED a 50-Customize \"x\"\nVARIANT-START b\nVARIANT-DONE b\nSUCCESS\n";
+        assert_eq!(verdict_of(one_failed), Verdict::Success);
         // A garbled ERROR (its closing quote lost) before SUCCESS is a failure, not a success.
         let garbled = b"TASK-START 50-Customize\nERROR 50-Customize \"it failed\nSUCCESS\n";
         assert!(matches!(verdict_of(garbled), Verdict::Failed { .. }), "{:?}", verdict_of(garbled));
@@ -402,6 +481,10 @@ mod tests {
             ReportLine::Check { ok: false, name: "package-x".into(), detail: "not \"installed\"".into() },
             ReportLine::Change(crafted_change()),
             ReportLine::ChangesOmitted { count: 12 },
+            ReportLine::VariantStart { name: "ath-web.1".into() },
+            ReportLine::Manifest { name: "ath-web.1".into(), sha256: "0f".repeat(32) },
+            ReportLine::VariantDone { name: "ath-web.1".into() },
+            ReportLine::VariantFailed { name: "b".into(), task: "50-Customize".into(), message: "no \"x\"\n".into() },
         ];
         for line in lines {
             let text = line.to_string();

@@ -24,6 +24,12 @@ pub enum RulesError {
         /// The version found in the document.
         found: u32,
     },
+    /// A variant with a name that is not `[A-Za-z0-9._-]+`, or variants of its own.
+    #[error("rules document has a malformed variant {name:?}: names are [A-Za-z0-9._-]+ and variants do not nest")]
+    Variant {
+        /// The variant's name.
+        name: String,
+    },
 }
 
 /// One customization run's instructions for the helper.
@@ -113,6 +119,15 @@ pub struct Rules {
     /// [`Operation::Task`] `<Name>`; `None`: such files are ignored.
     #[serde(default)]
     pub task_overwriting: Option<Vec<(String, String)>>,
+    /// Several variants of one base customized in one boot, each on its own disk (an overlay
+    /// of the base) with its own rules; empty for the usual one-disk run. When present, the
+    /// top-level operations are unused: each variant's rules say what to do with its disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<VariantRules>,
+    /// `SOURCE_DATE_EPOCH`: in a variant of a multi-variant run, every path its operations
+    /// added or changed gets this modification and access time (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_date_epoch: Option<i64>,
 }
 
 /// A whole disk to make swap (snf-image's `SWAP=<disk letter>`).
@@ -124,6 +139,26 @@ pub struct SwapDisk {
     pub disk: u32,
     /// The UUID its swap signature carries (and the fstab entry names).
     pub uuid: String,
+}
+
+/// One variant of a multi-variant run: its disk and what to do with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantRules {
+    /// Its name (`[A-Za-z0-9._-]+`), by which the helper reports on it.
+    pub name: String,
+    /// The virtio serial number of its disk.
+    pub serial: String,
+    /// Its rules (of the same version; no variants of their own).
+    pub rules: Rules,
+}
+
+/// Whether `name` may name a variant: 1 to 128 of `[A-Za-z0-9._-]`, not `.` or `..` (pure).
+pub fn is_variant_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// A swap partition to add (snf-image's `SWAP=<partition id>:<size>`).
@@ -165,6 +200,8 @@ impl Rules {
             extra_disks: 0,
             swap_disk: None,
             task_overwriting: None,
+            variants: Vec::new(),
+            source_date_epoch: None,
         }
     }
 
@@ -183,7 +220,16 @@ impl Rules {
         if v.version != RULES_VERSION {
             return Err(RulesError::Version { found: v.version });
         }
-        Ok(serde_json::from_str(text)?)
+        let rules: Rules = serde_json::from_str(text)?;
+        for variant in &rules.variants {
+            if variant.rules.version != RULES_VERSION {
+                return Err(RulesError::Version { found: variant.rules.version });
+            }
+            if !variant.rules.variants.is_empty() || !is_variant_name(&variant.name) {
+                return Err(RulesError::Variant { name: variant.name.clone() });
+            }
+        }
+        Ok(rules)
     }
 
     /// Whether the run starts programs of the guest (chrooted commands and scripts, package
@@ -792,5 +838,36 @@ mod properties {
             ];
             prop_assert_eq!(Rules::from_json(&r.to_json()).unwrap(), r);
         }
+    }
+}
+
+#[cfg(test)]
+mod variant_tests {
+    use super::*;
+
+    fn with_variant(name: &str, version: u32) -> Rules {
+        let mut inner = Rules::new();
+        inner.version = version;
+        inner.operations = vec![Operation::Hostname { name: "web1".into() }];
+        let mut rules = Rules::new();
+        rules.variants = vec![VariantRules { name: name.into(), serial: "imgforge-v1".into(), rules: inner }];
+        rules
+    }
+
+    #[test]
+    fn variants_round_trip_and_are_checked() {
+        let rules = with_variant("ath-web.1", RULES_VERSION);
+        assert_eq!(Rules::from_json(&rules.to_json()).unwrap(), rules);
+        // A document without variants is written as before: no `variants` key.
+        assert!(!Rules::new().to_json().contains("variants"));
+        let err = Rules::from_json(&with_variant("ath", 9).to_json()).unwrap_err();
+        assert!(matches!(err, RulesError::Version { found: 9 }), "{err}");
+        for bad in ["", "..", "a/b", "a b", "x\n"] {
+            let err = Rules::from_json(&with_variant(bad, RULES_VERSION).to_json()).unwrap_err();
+            assert!(matches!(err, RulesError::Variant { .. }), "{bad:?}: {err}");
+        }
+        let mut nested = with_variant("outer", RULES_VERSION);
+        nested.variants[0].rules.variants = with_variant("inner", RULES_VERSION).variants;
+        assert!(matches!(Rules::from_json(&nested.to_json()).unwrap_err(), RulesError::Variant { .. }));
     }
 }

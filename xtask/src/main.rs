@@ -3,7 +3,8 @@
 //! imgforge customization three times each, alternating (their medians are compared); prints
 //! every time and the ratios. `cargo xtask bench ganeti OLD_IMGFORGE [RUNS]`: Ganeti's create,
 //! this tree's imgforge against another build (`bench_ganeti.rs`); with `--cluster`, the whole
-//! `gnt-instance add` on a real single-node cluster.
+//! `gnt-instance add` on a real single-node cluster. `cargo xtask bench variants [N]`: many
+//! variants of one base (`bench_variants.rs`).
 
 use anyhow::{bail, ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
@@ -13,6 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod bench_ganeti;
+mod bench_variants;
 mod bench_write;
 
 const PASSWORD: &str = "Bench-Pw-1";
@@ -28,11 +30,15 @@ fn main() -> Result<()> {
             let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
             bench_ganeti::run_cluster(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
         }
+        ["bench", "variants", rest @ ..] if rest.len() <= 1 => {
+            let n = rest.first().map(|r| r.parse()).transpose().context("N must be a number")?;
+            bench_variants::run(&imgforge()?, n.unwrap_or(16))
+        }
         ["bench", "ganeti", old, rest @ ..] if rest.len() <= 1 => {
             let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
             bench_ganeti::run(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
         }
-        _ => bail!("usage: cargo xtask bench customize|write|liveimg|ganeti [--cluster] OLD_IMGFORGE [RUNS]"),
+        _ => bail!("usage: cargo xtask bench customize|write|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"),
     }
 }
 

@@ -107,7 +107,7 @@ fn job_status(e: &JobError) -> ExitStatus {
         | E::SameDisk { .. }
         | E::Overlay(crate::job::overlay::OverlayError::Refused { .. }) => ExitStatus::BadInput,
         E::Floppy(FloppyError::TooLarge(_)) | E::Payload(PayloadError::Source { .. }) => ExitStatus::BadInput,
-        E::TaskFailed { .. } => ExitStatus::CustomizationFailed,
+        E::TaskFailed { .. } | E::Variant { .. } => ExitStatus::CustomizationFailed,
         E::HelperImage(_)
         | E::WorkDir { .. }
         | E::Floppy(_)

@@ -86,6 +86,21 @@ pub(super) async fn run_vm(
     progress: &dyn Progress,
     interrupt: &Interrupt,
 ) -> Result<(vm::VmOutcome, Vec<CheckResult>), VmError> {
+    run_vm_with(spec, verbose, progress, interrupt, None).await
+}
+
+/// Receives a multi-variant run's own lines (`VARIANT-*`, `MANIFEST`, and the `CHANGE` lines,
+/// which are then a variant's, not a dry run's) as they arrive.
+pub(super) type VariantLines<'a> = &'a (dyn Fn(ReportLine) + Sync);
+
+/// [`run_vm`], a multi-variant run's lines handed to `variant_lines`.
+pub(super) async fn run_vm_with(
+    spec: &VmSpec,
+    verbose: bool,
+    progress: &dyn Progress,
+    interrupt: &Interrupt,
+    variant_lines: Option<VariantLines<'_>>,
+) -> Result<(vm::VmOutcome, Vec<CheckResult>), VmError> {
     let mut checks = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut timeline = Timeline::default();
@@ -132,6 +147,18 @@ pub(super) async fn run_vm(
                     tracing::warn!("unparseable CHECK line from the helper: {line:?}");
                     checks.push(malformed_check_result(&line));
                 }
+                VmEvent::Report(
+                    line @ (ReportLine::VariantStart { .. }
+                    | ReportLine::VariantDone { .. }
+                    | ReportLine::VariantFailed { .. }
+                    | ReportLine::Manifest { .. }
+                    | ReportLine::Change(_)
+                    | ReportLine::ChangesOmitted { .. }),
+                ) if variant_lines.is_some() => {
+                    if let Some(take) = variant_lines {
+                        take(line)
+                    }
+                }
                 VmEvent::Report(line) => match line {
                     ReportLine::TaskStart { task } => progress.emit(HelperEvent::TaskStart { task }.into()),
                     ReportLine::TaskEnd { task, millis } => {
@@ -153,6 +180,13 @@ pub(super) async fn run_vm(
                     ReportLine::Check { ok, name, detail } => checks.push((ok, name, detail)),
                     ReportLine::Change(change) => progress.emit(Event::FileChange(change)),
                     ReportLine::ChangesOmitted { count } => progress.emit(Event::FileChangesOmitted { count }),
+                    // Only a multi-variant run has these (handled above); elsewhere they mean nothing.
+                    ReportLine::VariantStart { .. }
+                    | ReportLine::VariantDone { .. }
+                    | ReportLine::VariantFailed { .. }
+                    | ReportLine::Manifest { .. } => {
+                        tracing::warn!("the helper reported a variant in a run that has none: {line:?}")
+                    }
                 },
             }
         }

@@ -142,6 +142,14 @@ pub enum JobError {
     /// A blocking step died.
     #[error("{0} panicked: {1}")]
     Panicked(&'static str, String),
+    /// A variant of a multi-variant build could not be made (the others may have been).
+    #[error("variant {name}: {reason}")]
+    Variant {
+        /// The variant.
+        name: String,
+        /// What failed, and what to do.
+        reason: String,
+    },
     /// The finished, customized image cannot be given its name.
     #[error("cannot move the finished image to {}: {source}", path.display())]
     Publish {
@@ -277,6 +285,7 @@ impl Job {
             disk_format: targets[0].format,
             overlay: Some(overlays[0].path.clone()),
             extra_disks,
+            more_overlays: Vec::new(),
             floppy: floppy_path,
             payload: payload_path,
             memory_mib: settings.memory_mib,
@@ -344,27 +353,7 @@ pub async fn customize(
     interrupt: &Interrupt,
 ) -> Result<(), JobError> {
     announce_random_passwords(&mut plan, progress);
-    let mut rules = Rules::new();
-    rules.operations = plan.operations;
-    rules.rpms = plan.rpms;
-    rules.debs = plan.debs;
-    rules.install = plan.install;
-    rules.uninstall = plan.uninstall;
-    rules.update = plan.update;
-    rules.repo = plan.repo;
-    rules.repo_format = plan.repo_format;
-    rules.gpgcheck = plan.gpgcheck;
-    rules.root_partition = plan.root_partition;
-    // virt-customize relabels an SELinux guest after every customization unless told not to.
-    rules.selinux_relabel = !plan.no_selinux_relabel;
-    rules.verbose = settings.trace_tasks;
-    rules.grow_filesystem = grow_filesystem;
-    rules.grow_to_disk = plan.grow_to_disk;
-    rules.excluded_tasks = settings.excluded_tasks.clone();
-    rules.dry_run = plan.dry_run;
-    rules.swap = plan.swap.clone();
-    rules.swap_disk = plan.swap_disk.clone();
-    rules.task_overwriting = plan.task_overwriting.clone();
+    let rules = plan_rules(&plan, grow_filesystem, settings);
     let job = Job::prepare(disks, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;
     let disk = DiskNames(disks);
@@ -392,6 +381,32 @@ pub async fn customize(
         }
         Verdict::Incomplete { .. } => unreachable!("vm::run turns an incomplete report into an error"),
     }
+}
+
+/// The rules document that carries out `plan` with `settings`' task options.
+fn plan_rules(plan: &Plan, grow_filesystem: bool, settings: &VmSettings) -> Rules {
+    let mut rules = Rules::new();
+    rules.operations = plan.operations.clone();
+    rules.rpms = plan.rpms.clone();
+    rules.debs = plan.debs.clone();
+    rules.install = plan.install.clone();
+    rules.uninstall = plan.uninstall.clone();
+    rules.update = plan.update;
+    rules.repo = plan.repo.clone();
+    rules.repo_format = plan.repo_format.clone();
+    rules.gpgcheck = plan.gpgcheck;
+    rules.root_partition = plan.root_partition.clone();
+    // virt-customize relabels an SELinux guest after every customization unless told not to.
+    rules.selinux_relabel = !plan.no_selinux_relabel;
+    rules.verbose = settings.trace_tasks;
+    rules.grow_filesystem = grow_filesystem;
+    rules.grow_to_disk = plan.grow_to_disk;
+    rules.excluded_tasks = settings.excluded_tasks.clone();
+    rules.dry_run = plan.dry_run;
+    rules.swap = plan.swap.clone();
+    rules.swap_disk = plan.swap_disk.clone();
+    rules.task_overwriting = plan.task_overwriting.clone();
+    rules
 }
 
 /// Emits a `random-password` event for each random password `plan` sets, at the start of the

@@ -1,16 +1,45 @@
-//! Many variants of one base image (`imgforge build`): the interface agreed with the variants
-//! engine (docs in the lead's notes, `variants_api.md`).
+//! Many variants of one base image: each variant its own qcow2 overlay of the base and its own
+//! rules, several customized in one helper VM boot (each overlay a virtio disk of its own, all
+//! backed by the one read-only base node), up to `jobs` helper VMs side by side. A variant whose
+//! task fails fails alone: its overlay is dropped and it is reported by name; the others are
+//! written out. The base is only ever read.
 //!
-//! PROVISIONAL body: one copy and one helper boot per variant, `jobs` at a time, until the
-//! engine (several variants in one helper boot) replaces it. The tree manifest and the list of
-//! changes come with the engine: here they are empty, and `source_date_epoch` is not applied.
+//! Each output is written from its overlay by a confined qemu (the helper user, `-sandbox`,
+//! every file an inherited descriptor, as the commit of a one-disk run), under a temporary name
+//! beside the output that is renamed once complete: raw and qcow2 are full copies, a
+//! `Qcow2Backed` output holds only what the variant changed and names the base's absolute path
+//! as its backing file.
 
-use crate::job::{customize, JobError, KnownFormat, VmSettings};
-use crate::progress::{Event, Progress};
-use crate::source::liveimg::{temp_beside, TempPath};
-use crate::vm::Interrupt;
+use super::helper_events::{self, VariantLines};
+use super::overlay::Overlay;
+use super::target::{self, KnownFormat, Target};
+use super::{blocking, floppy, payload, plan_rules, JobError, VmSettings};
+use crate::helper_image;
+use crate::ops::{PayloadFile, Plan};
+use crate::progress::{Event, Progress, Secret};
+use crate::vm::blockdev_qemu::{BlockdevQemu, Confinement};
+use crate::vm::cmdline::{protocol_driver, DiskFormat};
+use crate::vm::privilege;
+use crate::vm::qmp::{Qmp, QmpError};
+use crate::vm::{Interrupt, VmSpec};
+use imgforge_protocol::change::FileChange;
+use imgforge_protocol::helper_vm::TARGET_SERIAL;
+use imgforge_protocol::report::{ReportLine, Verdict};
+use imgforge_protocol::rules::{is_variant_name, Rules, VariantRules};
+use serde_json::json;
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+/// Most variants one helper VM customizes: each is a virtio disk (a PCI slot of the 32 the
+/// machine has, a few taken) and a qcow2 node with its caches in the helper VM's qemu; their
+/// tasks run one after another, so more per boot only saves boots, which stop mattering here.
+pub const MAX_VARIANTS_PER_BOOT: usize = 8;
 
 /// How a variant's output is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,19 +48,8 @@ pub enum OutputFormat {
     Raw,
     /// A standalone qcow2.
     Qcow2,
-    /// qcow2 whose backing file is the base image (thin).
+    /// qcow2 whose backing file is the base image (thin)
     Qcow2Backed,
-}
-
-impl OutputFormat {
-    /// The recipe's name of the format.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutputFormat::Raw => "raw",
-            OutputFormat::Qcow2 => "qcow2",
-            OutputFormat::Qcow2Backed => "qcow2-backed",
-        }
-    }
 }
 
 /// One variant to produce.
@@ -40,39 +58,42 @@ pub struct VariantJob {
     /// Unique, `[A-Za-z0-9._-]+`.
     pub name: String,
     /// The operations, parsed by the same parser as the command line.
-    pub plan: crate::ops::Plan,
-    /// Appears only when complete (temp name + rename).
+    pub plan: Plan,
+    /// Appears only when complete (temporary name + rename).
     pub output: PathBuf,
-    /// How the output is written.
+    /// How it is written.
     pub format: OutputFormat,
-    /// Files imgforge writes get this mtime (`None`: now).
+    /// Files imgforge writes get this mtime (None: now).
     pub source_date_epoch: Option<i64>,
 }
 
 /// What one variant produced.
 #[derive(Debug, Clone)]
 pub struct VariantProduct {
-    /// The output file.
+    /// The output written.
     pub output: PathBuf,
-    /// SHA-256 of the output file as written.
+    /// SHA-256 (hex) of the output file as written.
     pub output_sha256: String,
-    /// SHA-256 of the guest tree manifest, computed in the helper (empty: not computed).
+    /// SHA-256 (hex) of the guest tree manifest (`imgforge_protocol::manifest`), computed in the helper.
     pub manifest_sha256: String,
-    /// Paths added, changed or removed, as the dry run lists them.
-    pub changes: Vec<imgforge_protocol::change::FileChange>,
+    /// What the operations added, changed and removed, as the dry run lists them.
+    pub changes: Vec<FileChange>,
 }
 
-/// How one variant ended.
+/// One variant's result.
 #[derive(Debug)]
 pub struct VariantOutcome {
-    /// The variant's name.
+    /// The variant.
     pub name: String,
     /// Its product, or why it failed.
     pub result: Result<VariantProduct, JobError>,
 }
 
-/// Customizes every variant from `base`; up to `jobs` side by side. The base is never
-/// modified. Progress: `variant-started`, `variant-done`, `variant-failed` events.
+/// Customizes every variant from `base`; up to `jobs` helper VMs side by side, each
+/// customizing several variants in one boot (each its own overlay of the base: one failing
+/// variant fails alone). The base is never modified. Progress: `variant-started`,
+/// `variant-done`, `variant-failed` events (name, index, total) through `progress`. The
+/// outcomes come in the order of `variants`.
 pub async fn customize_variants(
     base: &Path,
     format: KnownFormat,
@@ -82,138 +103,587 @@ pub async fn customize_variants(
     progress: &dyn Progress,
     interrupt: &Interrupt,
 ) -> Vec<VariantOutcome> {
-    use futures_util::stream::{self, StreamExt};
     let total = variants.len();
-    let mut outcomes: Vec<(usize, VariantOutcome)> = stream::iter(variants.into_iter().enumerate())
-        .map(|(index, job)| async move {
-            progress.emit(Event::VariantStarted { name: job.name.clone(), index, total });
-            let name = job.name.clone();
-            let scoped = Scoped { inner: progress, name: &name };
-            let result = one_variant(base, format, job, settings, &scoped, interrupt).await;
-            match &result {
-                Ok(product) => progress.emit(Event::VariantDone {
-                    name: name.clone(),
-                    index,
-                    total,
-                    output: product.output.display().to_string(),
-                }),
-                Err(e) => progress.emit(Event::VariantFailed {
-                    name: name.clone(),
-                    index,
-                    total,
-                    messages: vec![e.to_string()],
-                }),
-            }
-            (index, VariantOutcome { name, result })
-        })
-        .buffer_unordered(jobs.max(1))
-        .collect()
-        .await;
-    outcomes.sort_by_key(|(i, _)| *i);
-    outcomes.into_iter().map(|(_, o)| o).collect()
-}
-
-/// Progress of one variant: its status lines carry its name.
-struct Scoped<'a> {
-    inner: &'a dyn Progress,
-    name: &'a str,
-}
-
-impl Progress for Scoped<'_> {
-    fn emit(&self, event: Event) {
-        // The bar's line for a task start, with the variant's name (after the renderer's own).
-        let task = match &event {
-            Event::ImageHelper(crate::progress::HelperEvent::TaskStart { task }) => Some(task.clone()),
-            _ => None,
-        };
-        self.inner.emit(event);
-        if let Some(task) = task {
-            self.status(&format!("helper: {task}"));
+    let mut results: Vec<Option<Result<VariantProduct, JobError>>> = (0..total).map(|_| None).collect();
+    let names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
+    let fail = |i: usize, reason: String| {
+        progress.emit(Event::VariantFailed { name: names[i].clone(), index: i, total, messages: vec![reason.clone()] });
+        Some(Err(JobError::Variant { name: names[i].clone(), reason }))
+    };
+    // Names travel in the report and name files: checked first, duplicates refused.
+    let mut seen = HashSet::new();
+    for (i, v) in variants.iter().enumerate() {
+        if !is_variant_name(&v.name) {
+            results[i] = fail(i, "a variant name is 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..)".into());
+        } else if !seen.insert(v.name.clone()) {
+            results[i] = fail(i, "another variant has the same name: give each its own".into());
         }
     }
-
-    fn status(&self, text: &str) {
-        self.inner.status(&format!("{}: {text}", self.name));
+    match prepare(base, format, settings).await {
+        Ok((target, image)) => {
+            let todo: Vec<usize> = (0..total).filter(|i| results[*i].is_none()).collect();
+            // A raw LVM base: its volume group would be on every disk of a boot (the helper
+            // refuses that for a qcow2 base, whose content the host does not read).
+            let lvm = target.format == DiskFormat::Raw
+                && crate::inspect::raw_filesystem_kinds(&target.path).contains(&"LVM2_member");
+            let batches = batches(&todo, jobs, if lvm { 1 } else { MAX_VARIANTS_PER_BOOT });
+            let lanes: Vec<Vec<Vec<usize>>> = lanes(batches, jobs);
+            let variants = &variants;
+            let target = &target;
+            let image = &image;
+            let lane_futures: Vec<Lane<'_>> = lanes
+                .into_iter()
+                .map(|lane| {
+                    Box::pin(async move {
+                        let mut out = Vec::new();
+                        for batch in lane {
+                            out.extend(
+                                run_batch(target, image, variants, &batch, total, settings, progress, interrupt).await,
+                            );
+                        }
+                        out
+                    }) as Pin<Box<dyn Future<Output = _>>>
+                })
+                .collect();
+            for (i, result) in join_all(lane_futures).await.into_iter().flatten() {
+                results[i] = Some(result);
+            }
+        }
+        Err(e) => {
+            for (i, result) in results.iter_mut().enumerate() {
+                if result.is_none() {
+                    *result = fail(i, e.to_string());
+                }
+            }
+        }
     }
+    names
+        .into_iter()
+        .zip(results)
+        .map(|(name, result)| {
+            let result = result.unwrap_or_else(|| {
+                Err(JobError::Variant { name: name.clone(), reason: "it was not run (an internal error)".into() })
+            });
+            VariantOutcome { name, result }
+        })
+        .collect()
+}
 
-    fn note(&self, text: &str) {
-        self.inner.note(text);
+/// Variants' results by index.
+type Indexed = Vec<(usize, Result<VariantProduct, JobError>)>;
+/// A lane of boots run one after another, side by side with the other lanes.
+type Lane<'a> = Pin<Box<dyn Future<Output = Indexed> + 'a>>;
+
+/// The base opened and held (read only), and the helper image.
+async fn prepare(
+    base: &Path,
+    format: KnownFormat,
+    settings: &VmSettings,
+) -> Result<(Target, helper_image::HelperImage), JobError> {
+    let target = target::open(base, format)?;
+    privilege::for_this_process(&settings.helper_user)?;
+    let cache = helper_image::cache_dir();
+    let image = blocking("helper image build", move || helper_image::ensure(&cache)).await??;
+    Ok((target, image))
+}
+
+/// The variants (their indices) split into boots: as few boots as `per_boot` variants a boot
+/// allow, but at least one a job, each boot as large as the others give or take one (pure).
+pub fn batches(todo: &[usize], jobs: usize, per_boot: usize) -> Vec<Vec<usize>> {
+    if todo.is_empty() {
+        return Vec::new();
+    }
+    let count = todo.len().div_ceil(per_boot.max(1)).max(jobs.max(1).min(todo.len()));
+    let (size, extra) = (todo.len() / count, todo.len() % count);
+    let mut out = Vec::with_capacity(count);
+    let mut at = 0;
+    for k in 0..count {
+        let n = size + usize::from(k < extra);
+        out.push(todo[at..at + n].to_vec());
+        at += n;
+    }
+    out
+}
+
+/// The boots dealt to `jobs` lanes that run side by side, each lane's boots one after another
+/// (pure).
+fn lanes(batches: Vec<Vec<usize>>, jobs: usize) -> Vec<Vec<Vec<usize>>> {
+    let jobs = jobs.max(1).min(batches.len().max(1));
+    let mut lanes: Vec<Vec<Vec<usize>>> = (0..jobs).map(|_| Vec::new()).collect();
+    for (k, batch) in batches.into_iter().enumerate() {
+        lanes[k % jobs].push(batch);
+    }
+    lanes.retain(|l| !l.is_empty());
+    lanes
+}
+
+/// Polls every future to its end, side by side on this task; their outputs in order.
+async fn join_all<T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<T> {
+    let mut outputs: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+/// What the helper said of one variant.
+#[derive(Debug, Default)]
+struct Reported {
+    started: bool,
+    done: bool,
+    failed: Option<(String, String)>,
+    manifest: Option<String>,
+    changes: Vec<FileChange>,
+    omitted: u64,
+}
+
+/// A boot's report, variant by variant, as it arrives.
+struct BatchReport<'a> {
+    /// Index among all variants, by name.
+    index: BTreeMap<String, usize>,
+    total: usize,
+    current: Mutex<Option<String>>,
+    reported: Mutex<BTreeMap<String, Reported>>,
+    progress: &'a dyn Progress,
+}
+
+impl BatchReport<'_> {
+    fn take(&self, line: ReportLine) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        // Lines naming a variant not in this boot are noise from the guest side: ignored.
+        let known = |name: &str| self.index.contains_key(name);
+        match line {
+            ReportLine::VariantStart { name } if known(&name) => {
+                self.progress.emit(Event::VariantStarted {
+                    name: name.clone(),
+                    index: self.index[&name],
+                    total: self.total,
+                });
+                reported.entry(name.clone()).or_default().started = true;
+                *current = Some(name);
+            }
+            ReportLine::Manifest { name, sha256 } if known(&name) => {
+                reported.entry(name).or_default().manifest = Some(sha256);
+            }
+            ReportLine::VariantDone { name } if known(&name) => {
+                reported.entry(name).or_default().done = true;
+                *current = None;
+            }
+            ReportLine::VariantFailed { name, task, message } if known(&name) => {
+                reported.entry(name).or_default().failed = Some((task, message));
+                *current = None;
+            }
+            ReportLine::Change(change) => {
+                if let Some(name) = current.as_ref() {
+                    reported.entry(name.clone()).or_default().changes.push(change);
+                }
+            }
+            ReportLine::ChangesOmitted { count } => {
+                if let Some(name) = current.as_ref() {
+                    reported.entry(name.clone()).or_default().omitted += count;
+                }
+            }
+            other => tracing::warn!("unexpected line in a multi-variant report: {other:?}"),
+        }
     }
 }
 
-/// The base copied raw beside the output, customized, converted, renamed.
-async fn one_variant(
-    base: &Path,
-    format: KnownFormat,
-    job: VariantJob,
+/// One helper boot for the variants `batch` (indices into `variants`): their outcomes.
+#[allow(clippy::too_many_arguments)]
+async fn run_batch(
+    target: &Target,
+    image: &helper_image::HelperImage,
+    variants: &[VariantJob],
+    batch: &[usize],
+    total: usize,
     settings: &VmSettings,
     progress: &dyn Progress,
     interrupt: &Interrupt,
-) -> Result<VariantProduct, JobError> {
-    if job.format == OutputFormat::Qcow2Backed {
-        return Err(JobError::Publish {
-            path: job.output.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                "qcow2-backed outputs come with the variants engine; use format = \"raw\" or \"qcow2\" for now",
-            ),
-        });
+) -> Vec<(usize, Result<VariantProduct, JobError>)> {
+    let all_fail = |reason: String| {
+        batch
+            .iter()
+            .map(|&i| {
+                let name = variants[i].name.clone();
+                progress.emit(Event::VariantFailed {
+                    name: name.clone(),
+                    index: i,
+                    total,
+                    messages: vec![reason.clone()],
+                });
+                (i, Err(JobError::Variant { name, reason: reason.clone() }))
+            })
+            .collect()
+    };
+    let prepared = match prepare_boot(target, image, variants, batch, settings, progress) {
+        Ok(p) => p,
+        Err(e) => return all_fail(e.to_string()),
+    };
+    let report = BatchReport {
+        index: batch.iter().map(|&i| (variants[i].name.clone(), i)).collect(),
+        total,
+        current: Mutex::new(None),
+        reported: Mutex::new(BTreeMap::new()),
+        progress,
+    };
+    let take = |line: ReportLine| report.take(line);
+    let lines: VariantLines<'_> = &take;
+    progress.status(&format!("booting a helper VM for {} variants", batch.len()));
+    let started = Instant::now();
+    let outcome =
+        helper_events::run_vm_with(&prepared.spec, settings.show_console, progress, interrupt, Some(lines)).await;
+    tracing::info!(variants = batch.len(), secs = started.elapsed().as_secs_f32(), "helper VM for variants ended");
+    match outcome {
+        Err(e) => return all_fail(JobError::from(e).to_string()),
+        Ok((outcome, _)) => match outcome.verdict {
+            Verdict::Success => {}
+            Verdict::Failed { task, message } => {
+                return all_fail(JobError::TaskFailed { task, message }.to_string());
+            }
+            Verdict::Incomplete { .. } => return all_fail("the helper VM stopped without a verdict".into()),
+        },
     }
-    progress.status("copying the base image");
-    let raw = TempPath(temp_beside(&job.output, "variant"));
-    let request = crate::job::write::WriteRequest {
-        confinement: settings.confinement(),
-        image: crate::source::Location::Path(base.to_owned()),
-        target: raw.0.clone(),
-        force: false,
-        size: None,
-        sha256: None,
-        sha256_before_write: false,
-        backing_file: None,
-        http: Default::default(),
-        reach: crate::source::reach::Reach::Any,
-    };
-    let _ = format; // the writer reads the base's format from its header, confined
-    crate::job::write(&request, Arc::new(crate::progress::Silent), interrupt).await?;
-    let raw_format = KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw);
-    customize(&[crate::job::GuestDisk::new(&raw.0, raw_format)], job.plan, false, settings, progress, interrupt)
-        .await?;
-    let finished = match job.format {
-        OutputFormat::Raw => raw,
-        OutputFormat::Qcow2 | OutputFormat::Qcow2Backed => {
-            progress.status("converting to qcow2");
-            let qcow2 = TempPath(temp_beside(&job.output, "qcow2"));
-            let (from, to) = (raw.0.clone(), qcow2.0.clone());
-            crate::job::blocking("qemu-img convert", move || convert_to_qcow2(&from, &to))
-                .await?
-                .map_err(|source| JobError::Publish { path: job.output.clone(), source })?;
-            drop(raw);
-            qcow2
+    let mut reported = report.reported.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::new();
+    for (&i, overlay) in batch.iter().zip(prepared.overlays) {
+        let variant = &variants[i];
+        let said = reported.remove(&variant.name).unwrap_or_default();
+        let result = match said {
+            Reported { failed: Some((task, message)), .. } => Err(JobError::TaskFailed { task, message }),
+            Reported { done: true, manifest: Some(manifest), changes, omitted, .. } => {
+                if omitted > 0 {
+                    tracing::warn!(variant = %variant.name, omitted, "more changes than listed");
+                }
+                progress.status(&format!("writing variant {}", variant.name));
+                write_variant(target, overlay, variant, settings.confinement()).await.map(|(output, output_sha256)| {
+                    VariantProduct { output, output_sha256, manifest_sha256: manifest, changes }
+                })
+            }
+            Reported { started, .. } => Err(JobError::Variant {
+                name: variant.name.clone(),
+                reason: if started {
+                    "the helper did not report this variant's end".into()
+                } else {
+                    "the helper did not report on this variant".into()
+                },
+            }),
+        };
+        match &result {
+            Ok(p) => progress.emit(Event::VariantDone {
+                name: variant.name.clone(),
+                index: i,
+                total,
+                output: p.output.display().to_string(),
+            }),
+            Err(e) => progress.emit(Event::VariantFailed {
+                name: variant.name.clone(),
+                index: i,
+                total,
+                messages: vec![e.to_string()],
+            }),
         }
-    };
-    crate::stream::destination::publish(&finished.0, &job.output)
-        .map_err(|source| JobError::Publish { path: job.output.clone(), source })?;
-    drop(finished);
-    let output = job.output.clone();
-    let output_sha256 = crate::job::blocking("hashing the output", move || {
-        let file = std::fs::File::open(&output)
-            .map_err(|source| crate::source::SourceError::Io { name: output.display().to_string(), source })?;
-        crate::job::write::sha256_of_file(&file, &output.display().to_string(), &Default::default())
-    })
-    .await??;
-    Ok(VariantProduct { output: job.output, output_sha256, manifest_sha256: String::new(), changes: Vec::new() })
+        out.push((i, result));
+    }
+    drop(prepared.work);
+    out
 }
 
-/// `qemu-img convert` of a raw file imgforge wrote (raw has no metadata for qemu to parse).
-fn convert_to_qcow2(raw: &Path, qcow2: &Path) -> std::io::Result<()> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(raw)
-        .arg(qcow2)
-        .output()?;
-    if out.status.success() {
-        Ok(())
+/// A boot's files: the overlays, floppy and payload, and the VM that uses them.
+struct PreparedBoot {
+    spec: VmSpec,
+    overlays: Vec<Overlay>,
+    work: tempfile::TempDir,
+}
+
+/// The serial number of the `k`th disk of a boot: the first is the usual target disk.
+fn serial(k: usize) -> String {
+    if k == 0 {
+        TARGET_SERIAL.to_owned()
     } else {
-        Err(std::io::Error::other(format!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr).trim())))
+        format!("imgforge-v{k}")
+    }
+}
+
+fn prepare_boot(
+    target: &Target,
+    image: &helper_image::HelperImage,
+    variants: &[VariantJob],
+    batch: &[usize],
+    settings: &VmSettings,
+    progress: &dyn Progress,
+) -> Result<PreparedBoot, JobError> {
+    let user = privilege::for_this_process(&settings.helper_user)?;
+    let tmp = std::env::temp_dir();
+    let work = crate::workdir::private_tempdir("variants").map_err(|source| JobError::WorkDir { dir: tmp, source })?;
+    let mut top = Rules::new();
+    top.verbose = settings.trace_tasks;
+    top.excluded_tasks = settings.excluded_tasks.clone();
+    let mut overlays = Vec::new();
+    let mut payload_files: Vec<PayloadFile> = Vec::new();
+    for (k, &i) in batch.iter().enumerate() {
+        let variant = &variants[i];
+        let plan = &variant.plan;
+        for (user, password) in &plan.random_passwords {
+            progress.emit(Event::RandomPassword { user: user.clone(), password: Secret::new(password.clone()) });
+        }
+        // A variant's files sit under its name on the one payload disk of the boot.
+        payload_files.extend(
+            plan.payload.iter().map(|f| PayloadFile { name: format!("{}/{}", variant.name, f.name), ..f.clone() }),
+        );
+        let dir = work.path().join(&variant.name);
+        std::fs::create_dir(&dir).map_err(|source| JobError::WorkDir { dir: dir.clone(), source })?;
+        overlays.push(Overlay::create(&target.path, target.format, target.virtual_size, &dir)?);
+        let mut rules = plan_rules(plan, false, settings);
+        rules.dry_run = false;
+        rules.source_date_epoch = variant.source_date_epoch;
+        top.variants.push(VariantRules { name: variant.name.clone(), serial: serial(k), rules });
+    }
+    let floppy_path = work.path().join("rules.img");
+    floppy::build(&top, &floppy_path)?;
+    let payload_path = if payload_files.is_empty() {
+        None
+    } else {
+        let p = work.path().join("payload.img");
+        payload::build(&payload_files, &p)?;
+        Some(p)
+    };
+    let preload = super::preload_for(target, &settings.excluded_tasks, payload_path.is_some());
+    let spec = VmSpec {
+        qemu: settings.qemu.clone(),
+        image: image.clone(),
+        disk: target.path.clone(),
+        disk_format: target.format,
+        overlay: Some(overlays[0].path.clone()),
+        more_overlays: overlays.iter().enumerate().skip(1).map(|(k, o)| (o.path.clone(), serial(k))).collect(),
+        floppy: floppy_path,
+        payload: payload_path,
+        // Each variant's disk caches in the VM: a little more memory for each past the first.
+        memory_mib: settings.memory_mib + 64 * (batch.len() as u32 - 1),
+        vcpus: settings.vcpus,
+        accel: settings.accel,
+        // The timeout is per variant: a boot customizes several one after another.
+        soft_timeout: settings.timeout * batch.len() as u32,
+        hard_grace: settings.hard_grace,
+        user,
+        cache: helper_image::cache_dir(),
+        preload,
+    };
+    Ok(PreparedBoot { spec, overlays, work })
+}
+
+/// Writes `variant`'s output from its overlay (temporary name, then renamed): its path and
+/// SHA-256.
+async fn write_variant(
+    target: &Target,
+    overlay: Overlay,
+    variant: &VariantJob,
+    confinement: Confinement,
+) -> Result<(PathBuf, String), JobError> {
+    let fail = |reason: String| JobError::Variant { name: variant.name.clone(), reason };
+    let output = variant.output.clone();
+    let shown = output.file_name().map(|n| n.to_owned()).unwrap_or_else(|| variant.name.clone().into());
+    let temp = crate::workdir::temp_beside(&output, "variant", &shown);
+    let base = std::fs::canonicalize(&target.path).map_err(|e| fail(format!("{}: {e}", target.path.display())))?;
+    let (base_format, size, format) = (target.format, target.virtual_size, variant.format);
+    let job_temp = temp.clone();
+    let written = blocking("variant output", move || {
+        let result = write_output(&base, base_format, size, &overlay.path, &job_temp, format, &confinement)
+            .and_then(|()| sha256_file(&job_temp));
+        drop(overlay);
+        result
+    })
+    .await
+    .map_err(|e| fail(e.to_string()))
+    .and_then(|r| r.map_err(|reason| fail(format!("cannot write {}: {reason}", output.display()))));
+    match written {
+        Ok(sha) => match std::fs::rename(&temp, &output) {
+            Ok(()) => Ok((output, sha)),
+            Err(source) => {
+                let _ = std::fs::remove_file(&temp);
+                Err(JobError::Publish { path: output, source })
+            }
+        },
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+/// How long a silent copy job may go without moving before it is given up.
+const COPY_STALL_LIMIT: Duration = Duration::from_secs(300);
+
+/// Writes the output file `out` from `overlay` (backed by `base`) in `format`, by a confined
+/// qemu's backup job. The empty output is made first with `qemu-img create`, which reads no
+/// image (the size is given, the backing file not opened).
+fn write_output(
+    base: &Path,
+    base_format: DiskFormat,
+    size: u64,
+    overlay: &Path,
+    out: &Path,
+    format: OutputFormat,
+    confinement: &Confinement,
+) -> Result<(), String> {
+    let _ = std::fs::remove_file(out);
+    let create = |extra: &[&str]| -> Result<(), String> {
+        let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(out.display().to_string());
+        args.push(size.to_string());
+        duct::cmd("qemu-img", &args)
+            .stderr_capture()
+            .stdout_null()
+            .run()
+            .map(|_| ())
+            .map_err(|e| format!("qemu-img create: {e}"))
+    };
+    match format {
+        OutputFormat::Raw => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(out)
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            file.set_len(size).map_err(|e| format!("{}: {e}", out.display()))?;
+        }
+        OutputFormat::Qcow2 => create(&[])?,
+        OutputFormat::Qcow2Backed => {
+            let base = base.display().to_string();
+            create(&["-u", "-F", base_format.as_str(), "-b", &base])?
+        }
+    }
+    let open = |p: &Path, write: bool| {
+        std::fs::OpenOptions::new().read(true).write(write).open(p).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let (base_file, overlay_file, out_file) = (open(base, false)?, open(overlay, false)?, open(out, true)?);
+    let mut base_node =
+        json!({"driver": base_format.as_str(), "node-name": "base", "file": "base-file", "read-only": true});
+    if base_format == DiskFormat::Qcow2 {
+        base_node["backing"] = serde_json::Value::Null;
+    }
+    let out_node = match format {
+        OutputFormat::Raw => json!({"driver": "raw", "node-name": "out", "file": "out-file"}),
+        OutputFormat::Qcow2 => json!({"driver": "qcow2", "node-name": "out", "file": "out-file", "backing": null}),
+        // The output's header names the base; qemu is given the base node, never the path.
+        OutputFormat::Qcow2Backed => {
+            json!({"driver": "qcow2", "node-name": "out", "file": "out-file", "backing": "base"})
+        }
+    };
+    let is_device = crate::stream::destination::is_block_device(base);
+    let blockdevs = [
+        json!({"driver": protocol_driver(is_device), "node-name": "base-file", "filename": "/dev/fdset/1", "read-only": true}),
+        base_node,
+        json!({"driver": "file", "node-name": "overlay-file", "filename": "/dev/fdset/2", "read-only": true}),
+        json!({"driver": "qcow2", "node-name": "overlay", "file": "overlay-file", "backing": "base", "read-only": true}),
+        json!({"driver": "file", "node-name": "out-file", "filename": "/dev/fdset/3"}),
+        out_node,
+    ];
+    let fdsets = [
+        (1, base_file.as_raw_fd(), "base"),
+        (2, overlay_file.as_raw_fd(), "overlay"),
+        (3, out_file.as_raw_fd(), "out"),
+    ];
+    let started = BlockdevQemu::start(confinement, &fdsets, &blockdevs);
+    drop((base_file, overlay_file, out_file));
+    let mut qemu = started.map_err(|e| e.to_string())?;
+    // Only what the variant wrote goes into a thin output; the rest stays the base's.
+    let sync = if format == OutputFormat::Qcow2Backed { "top" } else { "full" };
+    match run_backup(&mut qemu.qmp, sync) {
+        Ok(()) => qemu.quit(),
+        Err(e) => Err(qemu.failure(e)),
+    }
+}
+
+/// Runs a backup job from `overlay` to `out` to its end.
+fn run_backup(qmp: &mut Qmp, sync: &str) -> Result<(), String> {
+    qmp.execute(
+        "blockdev-backup",
+        Some(json!({"job-id": "write", "device": "overlay", "target": "out", "sync": sync})),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut last = (None, Instant::now());
+    loop {
+        match qmp.wait_for_event(&["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"], Duration::from_secs(10)) {
+            Ok(event) if event.name == "BLOCK_JOB_COMPLETED" => {
+                return match event.data["error"].as_str() {
+                    Some(e) => Err(e.to_owned()),
+                    None => Ok(()),
+                };
+            }
+            Ok(_) => return Err("the copy job was cancelled".into()),
+            Err(QmpError::Timeout { .. }) => {
+                let jobs = qmp.execute("query-block-jobs", None).map_err(|e| e.to_string())?;
+                let offset = jobs
+                    .as_array()
+                    .and_then(|j| j.iter().find(|j| j["device"] == "write"))
+                    .and_then(|j| j["offset"].as_u64());
+                if offset.is_some() && offset != last.0 {
+                    last = (offset, Instant::now());
+                } else if last.1.elapsed() > COPY_STALL_LIMIT {
+                    return Err(format!("the copy made no progress for {} s", COPY_STALL_LIMIT.as_secs()));
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// SHA-256 (hex) of a file's bytes (read as bytes: nothing in them is parsed).
+fn sha256_file(path: &Path) -> Result<String, String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_are_split_into_boots_and_lanes() {
+        let todo: Vec<usize> = (0..20).collect();
+        let sizes = |b: &[Vec<usize>]| b.iter().map(Vec::len).collect::<Vec<_>>();
+        let batches = |todo: &[usize], jobs| batches(todo, jobs, MAX_VARIANTS_PER_BOOT);
+        assert_eq!(super::batches(&todo[..3], 1, 1), [[0], [1], [2]], "one a boot (an LVM base)");
+        // One job: as few boots as the cap allows, evened out.
+        assert_eq!(sizes(&batches(&todo, 1)), [7, 7, 6]);
+        // Four jobs: at least one boot each.
+        assert_eq!(sizes(&batches(&todo, 4)), [5, 5, 5, 5]);
+        assert_eq!(sizes(&batches(&todo[..3], 8)), [1, 1, 1]);
+        assert_eq!(sizes(&batches(&todo[..3], 1)), [3]);
+        assert!(batches(&[], 2).is_empty());
+        let all: Vec<usize> = batches(&todo, 3).concat();
+        assert_eq!(all, todo, "every variant once, in order");
+        let lanes = lanes(batches(&todo, 1), 2);
+        assert_eq!(lanes.len(), 2);
+        assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 3);
+        assert_eq!(serial(0), TARGET_SERIAL);
+        assert!(serial(MAX_VARIANTS_PER_BOOT).len() <= 20, "virtio serial numbers hold 20 bytes");
     }
 }

@@ -74,6 +74,9 @@ pub struct QemuConfig {
     /// The guest's other disks (`-a` given several times), in order, each only read and
     /// written through an overlay of its own.
     pub extra_disks: Vec<ExtraDiskFds>,
+    /// More overlays over the same disk, each its own virtio disk with this serial number (a
+    /// multi-variant run: one overlay a variant).
+    pub more_overlays: Vec<(OverlayFds, String)>,
     /// Parameter floppy, read-only.
     pub floppy_fd: i32,
     /// Payload disk, read-only, if any.
@@ -120,6 +123,9 @@ const FDSET_FLOPPY: u32 = 2;
 const FDSET_PAYLOAD: u32 = 3;
 const FDSET_CONSOLE: u32 = 4;
 const FDSET_REPORT: u32 = 5;
+/// The first fdset of [`QemuConfig::more_overlays`]; one set each from here, past any the
+/// other disks could take.
+const FDSET_MORE_OVERLAYS: u32 = 1000;
 
 /// The machine every run of ours gets: no defaults, no display, no network, the seccomp
 /// sandbox, and an exit instead of a reboot.
@@ -264,6 +270,18 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
             &format!("virtio-blk-pci,drive=overlay{n},serial={},{DISK_ERROR_POLICY}", disk_serial(i + 1)),
         ]);
     }
+    // Every overlay reads the one base node: the base is read once, whatever the variants.
+    for (i, (o, serial)) in c.more_overlays.iter().enumerate() {
+        let set = FDSET_MORE_OVERLAYS + i as u32;
+        push(&["-add-fd", &format!("fd={},set={set},opaque=variant{i}-ro", o.ro_fd)]);
+        push(&["-add-fd", &format!("fd={},set={set},opaque=variant{i}-rw", o.rw_fd)]);
+        push(&["-blockdev", &format!("driver=file,node-name=variant{i}-file,filename=/dev/fdset/{set},cache.direct={},cache.no-flush=on,aio=threads", direct(o.direct))]);
+        push(&[
+            "-blockdev",
+            &format!("driver=qcow2,node-name=variant{i},file=variant{i}-file,backing=disk,cache.no-flush=on"),
+        ]);
+        push(&["-device", &format!("virtio-blk-pci,drive=variant{i},serial={serial},{DISK_ERROR_POLICY}")]);
+    }
 
     push(&["-add-fd", &format!("fd={},set={FDSET_FLOPPY},opaque=rules-floppy", c.floppy_fd)]);
     push(&["-drive", &format!("file=/dev/fdset/{FDSET_FLOPPY},format=raw,if=floppy,index=0,readonly=on")]);
@@ -303,6 +321,7 @@ mod tests {
             disk_rw_fd: Some(13),
             overlay: None,
             extra_disks: Vec::new(),
+            more_overlays: Vec::new(),
             disk_format: DiskFormat::Raw,
             disk_direct: true,
             disk_is_device: false,
@@ -440,5 +459,28 @@ mod tests {
         assert!(order("serial=imgforge-target") < order("serial=imgforge-disk-2"));
         assert!(order("serial=imgforge-disk-2") < order("serial=imgforge-disk-3"));
         assert!(order("serial=imgforge-disk-3") < order("serial=imgforge-payload"));
+    /// A multi-variant run: each more overlay is a virtio disk of its own, its own fdset, backed
+    /// by the one read-only base node.
+    #[test]
+    fn more_overlays_share_the_base() {
+        let mut c = config();
+        c.disk_rw_fd = None;
+        c.overlay = Some(OverlayFds { ro_fd: 30, rw_fd: 31, direct: false });
+        c.more_overlays = vec![
+            (OverlayFds { ro_fd: 40, rw_fd: 41, direct: true }, "imgforge-v1".into()),
+            (OverlayFds { ro_fd: 42, rw_fd: 43, direct: false }, "imgforge-v2".into()),
+        ];
+        let line = joined(&c);
+        for want in [
+            "fd=40,set=1000,opaque=variant0-ro",
+            "fd=43,set=1001,opaque=variant1-rw",
+            "driver=qcow2,node-name=variant0,file=variant0-file,backing=disk,",
+            "driver=qcow2,node-name=variant1,file=variant1-file,backing=disk,",
+            "drive=variant1,serial=imgforge-v2,werror=stop,rerror=stop",
+            "filename=/dev/fdset/1000,cache.direct=on",
+        ] {
+            assert!(line.contains(want), "{want} not in {line}");
+        }
+        assert_eq!(line.matches("virtio-blk-pci").count(), 3, "{line}");
     }
 }

@@ -61,6 +61,9 @@ pub struct VmSpec {
     pub overlay: Option<PathBuf>,
     /// The guest's other disks, in order, each written only into its overlay.
     pub extra_disks: Vec<ExtraDisk>,
+    /// More overlays over `disk` (with `overlay`), each a virtio disk of its own with this
+    /// serial number: the variants of a multi-variant run.
+    pub more_overlays: Vec<(PathBuf, String)>,
     /// The parameter floppy image.
     pub floppy: PathBuf,
     /// The payload disk image, if any.
@@ -335,6 +338,9 @@ struct Shared {
     alive: AtomicBool,
 }
 
+/// A disk opened read-only, read-write, and whether with O_DIRECT.
+type OpenedDisk = (File, Option<File>, bool);
+
 /// The descriptors qemu inherits for one attempt.
 struct QemuFds {
     kernel: File,
@@ -346,6 +352,8 @@ struct QemuFds {
     overlay: Option<(File, Option<File>, bool)>,
     /// The other disks, each with its overlay.
     extra_disks: Vec<ExtraDiskFiles>,
+    /// Each more overlay opened as `overlay` is, with its disk's serial number.
+    more_overlays: Vec<(OpenedDisk, String)>,
     floppy: File,
     payload: Option<File>,
     console_w: std::io::PipeWriter,
@@ -436,6 +444,11 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
             Ok(ExtraDiskFiles { disk, direct, overlay_ro, overlay_rw, overlay_direct })
         })
         .collect::<Result<Vec<_>, VmError>>()?;
+    let more_overlays = spec
+        .more_overlays
+        .iter()
+        .map(|(p, serial)| open_disk(p, true).map(|fds| (fds, serial.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
     let floppy = open(&spec.floppy, &ro)?;
     let payload = spec.payload.as_ref().map(|p| open(p, &ro)).transpose()?;
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
@@ -453,6 +466,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         disk_direct,
         overlay,
         extra_disks,
+        more_overlays,
         floppy,
         payload,
         console_w,
@@ -499,6 +513,18 @@ fn qemu_config(spec: &VmSpec, accel: Accel, cpu: &str, fds: &QemuFds) -> QemuCon
                 },
             })
             .collect(),
+        more_overlays: fds
+            .more_overlays
+            .iter()
+            .map(|((ro, rw, direct), serial)| {
+                let fds = cmdline::OverlayFds {
+                    ro_fd: ro.as_raw_fd(),
+                    rw_fd: rw.as_ref().expect("opened read-write").as_raw_fd(),
+                    direct: *direct,
+                };
+                (fds, serial.clone())
+            })
+            .collect(),
         disk_format: spec.disk_format,
         disk_direct: fds.disk_direct,
         disk_is_device: crate::stream::destination::is_block_device(&spec.disk),
@@ -525,6 +551,7 @@ fn inherited_fds(config: &QemuConfig) -> Vec<RawFd> {
     inherited.extend(config.disk_rw_fd);
     inherited.extend(config.overlay.iter().flat_map(|o| [o.ro_fd, o.rw_fd]));
     inherited.extend(config.extra_disks.iter().flat_map(|d| [d.ro_fd, d.overlay.ro_fd, d.overlay.rw_fd]));
+    inherited.extend(config.more_overlays.iter().flat_map(|(o, _)| [o.ro_fd, o.rw_fd]));
     inherited
 }
 

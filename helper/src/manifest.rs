@@ -1,0 +1,109 @@
+//! The tree manifest of the guest (`imgforge_protocol::manifest`), computed after a variant's
+//! operations: the guest's own filesystems (the root and what its fstab mounted) are bound
+//! again, without the pseudo filesystems mounted for chroots, on a scratch directory, so that
+//! the walk sees `/dev`, `/proc` and `/sys` as the image holds them, as any other reader of the
+//! image would.
+
+use crate::snapshot;
+use imgforge_protocol::manifest::{content_for, manifest_line, ManifestContent};
+use sha2::Digest;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// The SHA-256 (hex) of the manifest of the guest mounted at `target`, whose mounts (the root
+/// first) `mounts_file` lists; `scratch` is an empty directory to bind them on.
+pub fn digest(target: &Path, mounts_file: &Path, scratch: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(mounts_file)
+        .map_err(|e| format!("cannot read the list of the guest's mounts {}: {e}", mounts_file.display()))?;
+    std::fs::create_dir_all(scratch).map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
+    let mut bound: Vec<PathBuf> = Vec::new();
+    let result = bind_guest_filesystems(target, &text, scratch, &mut bound).and_then(|()| walk(scratch));
+    for at in bound.iter().rev() {
+        if let Err(e) = unmount(at) {
+            return Err(format!("cannot unmount {} after the manifest: {e}", at.display()));
+        }
+    }
+    result
+}
+
+fn bind_guest_filesystems(target: &Path, mounts: &str, scratch: &Path, bound: &mut Vec<PathBuf>) -> Result<(), String> {
+    for line in mounts.lines().filter(|l| !l.is_empty()) {
+        let at = Path::new(line);
+        let Ok(rel) = at.strip_prefix(target) else { continue };
+        let meta = std::fs::symlink_metadata(at).map_err(|e| format!("cannot look at {line}: {e}"))?;
+        // The chroots' /dev, /proc, /sys: anonymous devices, not on the guest's disk.
+        if libc::major(meta.dev()) == 0 {
+            continue;
+        }
+        let onto = scratch.join(rel);
+        bind(at, &onto).map_err(|e| format!("cannot bind {line} on {} for the manifest: {e}", onto.display()))?;
+        bound.push(onto);
+    }
+    if bound.is_empty() {
+        return Err(format!("the guest root is not mounted on {}", target.display()));
+    }
+    Ok(())
+}
+
+/// The manifest's digest of the tree at `root` (every file read).
+pub fn walk(root: &Path) -> Result<String, String> {
+    let (snapshot, contents) = snapshot::record_with_contents(root)
+        .map_err(|e| format!("cannot read the guest's tree for its manifest: {e}"))?;
+    if !snapshot.left_out.is_empty() {
+        return Err(format!("the guest's tree is too large for a manifest: {}", snapshot.left_out.join(", ")));
+    }
+    let mut hasher = sha2::Sha256::new();
+    for (path, meta) in &snapshot.entries {
+        let content = contents.get(path).cloned().unwrap_or(ManifestContent::None);
+        let content = content_for(path, meta.file_type, content);
+        hasher.update(manifest_line(path, meta.file_type, meta.mode, meta.uid, meta.gid, &content).as_bytes());
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn bind(from: &Path, onto: &Path) -> std::io::Result<()> {
+    let (from, onto) = (crate::confinement::path_cstring(from), crate::confinement::path_cstring(onto));
+    // SAFETY: NUL-terminated paths that outlive the call; no data.
+    let rc = unsafe { libc::mount(from.as_ptr(), onto.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn unmount(at: &Path) -> std::io::Result<()> {
+    let at = crate::confinement::path_cstring(at);
+    // SAFETY: a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount(at.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// The digest covers content, mode and link targets, and not times.
+    #[test]
+    fn the_digest_follows_content_not_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/hostname"), "a\n").unwrap();
+        symlink("hostname", root.join("etc/link")).unwrap();
+        let first = walk(root).unwrap();
+        assert_eq!(first.len(), 64);
+        std::fs::write(root.join("etc/hostname"), "a\n").unwrap();
+        assert_eq!(walk(root).unwrap(), first, "rewritten with the same bytes");
+        std::fs::write(root.join("etc/hostname"), "b\n").unwrap();
+        let second = walk(root).unwrap();
+        assert_ne!(second, first);
+        std::fs::remove_file(root.join("etc/link")).unwrap();
+        symlink("other", root.join("etc/link")).unwrap();
+        assert_ne!(walk(root).unwrap(), second);
+    }
+}

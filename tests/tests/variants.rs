@@ -1,0 +1,277 @@
+//! End to end: several variants of one base customized in one helper VM boot
+//! (`imgforge::job::variants::customize_variants`, the engine `imgforge build` drives), under
+//! qemu TCG, each output read back with the test's own read-only loop mounts, and its tree
+//! manifest recomputed here from those mounts.
+
+use imgforge::job::variants::{customize_variants, OutputFormat, VariantJob, VariantOutcome};
+use imgforge::job::{JobError, KnownFormat, VmSettings};
+use imgforge::ops::Plan;
+use imgforge::progress::{Event, HelperEvent, Progress};
+use imgforge_protocol::change::{ChangeKind, FileType};
+use imgforge_protocol::manifest::{content_for, manifest_line, ManifestContent};
+use imgforge_tests::fixtures::{self, sha256_hex, Shape};
+use imgforge_tests::readback::Mount;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Every event, kept.
+#[derive(Default)]
+struct Recorded(Mutex<Vec<Event>>);
+
+impl Progress for Recorded {
+    fn emit(&self, event: Event) {
+        self.0.lock().unwrap().push(event);
+    }
+}
+
+impl Recorded {
+    /// How many helper VMs started.
+    fn boots(&self) -> usize {
+        let events = self.0.lock().unwrap();
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::ImageHelper(HelperEvent::Phase { phase, .. }) if phase.starts_with("qemu started")))
+            .count()
+    }
+
+    fn names(&self, pick: fn(&Event) -> Option<&str>) -> Vec<String> {
+        self.0.lock().unwrap().iter().filter_map(|e| pick(e).map(str::to_owned)).collect()
+    }
+}
+
+fn settings() -> VmSettings {
+    VmSettings {
+        accel: imgforge::vm::accel::Accel::Tcg,
+        timeout: Duration::from_secs(900),
+        hard_grace: Duration::from_secs(10),
+        memory_mib: imgforge::job::HELPER_MEMORY_MIB,
+        vcpus: 1,
+        helper_user: imgforge::vm::privilege::DEFAULT_HELPER_USER.into(),
+        excluded_tasks: Vec::new(),
+        show_console: false,
+        trace_tasks: false,
+        qemu: "qemu-system-x86_64".into(),
+    }
+}
+
+fn plan(ops: &[(&str, &str)]) -> Plan {
+    let mut plan = Plan::default();
+    for (option, value) in ops {
+        plan.add(option, Some(value)).unwrap_or_else(|e| panic!("--{option} {value}: {e}"));
+    }
+    plan.finish().unwrap();
+    plan
+}
+
+fn variant(name: &str, dir: &Path, ext: &str, format: OutputFormat, ops: &[(&str, &str)]) -> VariantJob {
+    VariantJob {
+        name: name.into(),
+        plan: plan(ops),
+        output: dir.join(format!("{name}.{ext}")),
+        format,
+        source_date_epoch: None,
+    }
+}
+
+fn run(base: &Path, variants: Vec<VariantJob>, jobs: usize, progress: &Recorded) -> Vec<VariantOutcome> {
+    let (_tx, interrupt) = tokio::sync::watch::channel(None);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(customize_variants(
+        base,
+        KnownFormat::FromHeader,
+        variants,
+        jobs,
+        &settings(),
+        progress,
+        &interrupt,
+    ))
+}
+
+/// A raw copy of `image` (any format qemu-img reads) for the test's loop mounts.
+fn as_raw(image: &Path, dir: &Path) -> PathBuf {
+    let raw = dir.join(format!("{}.readback.raw", image.file_name().unwrap().to_string_lossy()));
+    let out = Command::new("qemu-img").arg("convert").arg("-O").arg("raw").arg(image).arg(&raw).output().unwrap();
+    assert!(out.status.success(), "qemu-img convert {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
+    raw
+}
+
+fn qemu_img_info(image: &Path) -> serde_json::Value {
+    let out = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(image).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The tree manifest's SHA-256 of the tree at `root`, computed here with std::fs, as the
+/// protocol defines it (the helper computes it in the VM).
+fn manifest_sha256(root: &Path) -> String {
+    let mut entries = BTreeMap::new();
+    walk(root, b"/".to_vec(), &mut entries);
+    let mut hasher = Sha256::new();
+    for line in entries.values() {
+        hasher.update(line.as_bytes());
+    }
+    hex(&hasher.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn walk(at: &Path, guest: Vec<u8>, entries: &mut BTreeMap<Vec<u8>, String>) {
+    let meta = std::fs::symlink_metadata(at).unwrap();
+    let ty = FileType::from_mode(meta.mode()).unwrap();
+    let content = match ty {
+        FileType::File => ManifestContent::Sha256(hex(&Sha256::digest(std::fs::read(at).unwrap()))),
+        FileType::Symlink => {
+            ManifestContent::LinkTarget(std::fs::read_link(at).unwrap().as_os_str().as_bytes().to_vec())
+        }
+        _ => ManifestContent::None,
+    };
+    let content = content_for(&guest, ty, content);
+    entries.insert(guest.clone(), manifest_line(&guest, ty, meta.mode(), meta.uid(), meta.gid(), &content));
+    if ty == FileType::Directory {
+        for entry in std::fs::read_dir(at).unwrap() {
+            let entry = entry.unwrap();
+            let mut child = guest.clone();
+            if child.len() > 1 {
+                child.push(b'/');
+            }
+            child.extend_from_slice(entry.file_name().as_bytes());
+            walk(&entry.path(), child, entries);
+        }
+    }
+}
+
+/// Three variants and a failing one of the dos/ext4 fixture in one helper boot: the three are
+/// written (raw, qcow2, qcow2 backed by the base), each with its own hostname and file, their
+/// manifests match what the test reads; the failing one is reported by name with its task and
+/// message and has no output; the base is byte for byte as before.
+#[test]
+fn three_variants_in_one_boot_and_one_that_fails_alone() {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let base_sha = sha256_hex(&base);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let site_file = work.path().join("site.conf");
+    std::fs::write(&site_file, "site = ath\n").unwrap();
+    let upload = format!("{}:/etc/site.conf", site_file.display());
+    let variants = vec![
+        variant("ath-web", &out, "raw", OutputFormat::Raw, &[("hostname", "ath-web"), ("upload", &upload)]),
+        variant("ath-db", &out, "qcow2", OutputFormat::Qcow2, &[("hostname", "ath-db"), ("write", "/etc/role:db")]),
+        variant(
+            "ber-web",
+            &out,
+            "qcow2",
+            OutputFormat::Qcow2Backed,
+            &[("hostname", "ber-web"), ("delete", "/etc/motd")],
+        ),
+        variant("broken", &out, "raw", OutputFormat::Raw, &[("hostname", "broken"), ("run-command", "exit 3")]),
+    ];
+    let progress = Recorded::default();
+    let outcomes = run(&base, variants, 1, &progress);
+
+    assert_eq!(progress.boots(), 1, "the four variants share one helper VM boot");
+    assert_eq!(sha256_hex(&base), base_sha, "the base image changed");
+    let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["ath-web", "ath-db", "ber-web", "broken"]);
+    match &outcomes[3].result {
+        Err(JobError::TaskFailed { task, message }) => {
+            assert_eq!(task, "50-Customize");
+            assert!(message.contains("exit 3"), "{message}");
+        }
+        other => panic!("the broken variant: {other:?}"),
+    }
+    assert!(!out.join("broken.raw").exists(), "the failed variant has an output");
+    let failed = progress.names(|e| match e {
+        Event::VariantFailed { name, .. } => Some(name),
+        _ => None,
+    });
+    assert_eq!(failed, ["broken"]);
+    let done = progress.names(|e| match e {
+        Event::VariantDone { name, .. } => Some(name),
+        _ => None,
+    });
+    assert_eq!(done, ["ath-web", "ath-db", "ber-web"]);
+    assert_eq!(
+        progress.names(|e| match e {
+            Event::VariantStarted { name, .. } => Some(name),
+            _ => None,
+        }),
+        ["ath-web", "ath-db", "ber-web", "broken"]
+    );
+
+    let mut manifests = Vec::new();
+    for (outcome, hostname) in outcomes[..3].iter().zip(["ath-web", "ath-db", "ber-web"]) {
+        let product = outcome.result.as_ref().unwrap_or_else(|e| panic!("{}: {e}", outcome.name));
+        assert_eq!(product.output_sha256, sha256_hex(&product.output), "{}", outcome.name);
+        let raw = match outcome.name.as_str() {
+            "ath-web" => product.output.clone(),
+            _ => as_raw(&product.output, work.path()),
+        };
+        let mount = Mount::partition(&raw, 0).unwrap();
+        assert_eq!(mount.read("/etc/hostname").unwrap().trim(), hostname);
+        assert_eq!(product.manifest_sha256, manifest_sha256(mount.path()), "{}: the helper's manifest", outcome.name);
+        manifests.push(product.manifest_sha256.clone());
+        let changed = |path: &str, kind: ChangeKind| product.changes.iter().any(|c| c.path == path && c.change == kind);
+        assert!(changed("/etc/hostname", ChangeKind::Changed), "{}: {:?}", outcome.name, product.changes);
+        match outcome.name.as_str() {
+            "ath-web" => {
+                assert_eq!(mount.read("/etc/site.conf").unwrap(), "site = ath\n");
+                assert!(changed("/etc/site.conf", ChangeKind::Added));
+            }
+            "ath-db" => {
+                assert_eq!(mount.read("/etc/role").unwrap(), "db");
+                assert!(!mount.join("/etc/site.conf").exists(), "another variant's file");
+                assert_eq!(qemu_img_info(&product.output)["format"], "qcow2");
+                assert!(qemu_img_info(&product.output).get("backing-filename").is_none());
+            }
+            _ => {
+                assert!(!mount.join("/etc/motd").exists());
+                assert!(changed("/etc/motd", ChangeKind::Removed));
+                let info = qemu_img_info(&product.output);
+                let backing = std::fs::canonicalize(&base).unwrap();
+                assert_eq!(info["full-backing-filename"], backing.display().to_string());
+                // Thin: it holds what the variant changed, a small part of what the standalone
+                // qcow2 of a like variant holds.
+                let size = std::fs::metadata(&product.output).unwrap().len();
+                let full = std::fs::metadata(&outcomes[1].result.as_ref().unwrap().output).unwrap().len();
+                assert!(size * 8 < full, "thin {size} bytes, standalone {full} bytes");
+            }
+        }
+    }
+    manifests.sort();
+    manifests.dedup();
+    assert_eq!(manifests.len(), 3, "three variants with different content, one manifest each");
+}
+
+/// Two builds of the same variant give the same tree manifest (and not the same random seed
+/// file: its content is listed as `random`), and it is the manifest the test computes.
+#[test]
+fn identical_rules_give_identical_manifests() {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let ops = [("hostname", "twin"), ("write", "/etc/twin:same"), ("mkdir", "/opt/twin")];
+    let mut digests = Vec::new();
+    for run_number in 0..2 {
+        let out = work.path().join(format!("run{run_number}"));
+        std::fs::create_dir(&out).unwrap();
+        let progress = Recorded::default();
+        let outcomes = run(&base, vec![variant("twin", &out, "raw", OutputFormat::Raw, &ops)], 2, &progress);
+        let product = outcomes[0].result.as_ref().unwrap();
+        let mount = Mount::partition(&product.output, 0).unwrap();
+        assert_eq!(mount.read("/etc/twin").unwrap(), "same");
+        assert_eq!(product.manifest_sha256, manifest_sha256(mount.path()));
+        digests.push((product.manifest_sha256.clone(), std::fs::read(mount.join("/var/lib/systemd/random-seed")).ok()));
+    }
+    assert_eq!(digests[0].0, digests[1].0, "two builds of the same rules");
+    if let (Some(a), Some(b)) = (&digests[0].1, &digests[1].1) {
+        assert_ne!(a, b, "each image gets its own random seed");
+    }
+}

@@ -1,0 +1,210 @@
+//! `cargo xtask bench variants [N]`: N variants (16 by default: a 4 × 4 matrix of hostname and
+//! key, each with a 1 MB upload and a run-command) of the GPT/XFS fixture, made three ways on
+//! this machine: the variants engine (several variants a helper boot, two boots side by side),
+//! N sequential `imgforge customize` runs on copies, and virt-customize on 2 copies, its time
+//! scaled to N (said so in the output). Every output is verified with the bench's own mounts.
+
+use anyhow::{ensure, Context, Result};
+use imgforge::job::variants::{customize_variants, OutputFormat, VariantJob};
+use imgforge::job::{KnownFormat, VmSettings};
+use imgforge_tests::fixtures::{self, sh, Shape};
+use imgforge_tests::readback::Mount;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Side-by-side helper VMs of the engine (the machine has two cores).
+const JOBS: usize = 2;
+/// virt-customize runs this many variants; its time is scaled to N.
+const VIRT_RUNS: usize = 2;
+
+/// The options of variant `i`.
+fn ops(i: usize, payload: &Path) -> Vec<(String, String)> {
+    let (site, role) = (["ath", "ber", "cdg", "dub"][i / 4 % 4], ["web", "db", "mq", "ci"][i % 4]);
+    vec![
+        ("hostname".into(), format!("{site}-{role}-{i}")),
+        ("ssh-inject".into(), format!("root:string:{}", key(i))),
+        ("upload".into(), format!("{}:/opt/", payload.display())),
+        ("run-command".into(), "cat /etc/hostname > /root/command-ran".into()),
+    ]
+}
+
+fn key(i: usize) -> String {
+    format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchVariantKey{i:04}0000000000000000000000000 v{i}@imgforge")
+}
+
+fn verify(img: &Path, i: usize, payload: &[u8], tool: &str) -> Result<()> {
+    let root = Mount::partition(img, 1)?;
+    let hostname = ops(i, Path::new("x"))[0].1.clone();
+    ensure!(root.read("/etc/hostname")?.trim() == hostname, "{tool} variant {i}: hostname not set");
+    ensure!(root.read("/root/.ssh/authorized_keys")?.contains(&key(i)), "{tool} variant {i}: key not injected");
+    ensure!(std::fs::read(root.join("/opt/bench-payload.bin"))? == payload, "{tool} variant {i}: upload differs");
+    ensure!(root.read("/root/command-ran")?.trim() == hostname, "{tool} variant {i}: run-command did not run");
+    Ok(())
+}
+
+/// Runs the benchmark with `n` variants.
+pub fn run(imgforge: &Path, n: usize) -> Result<()> {
+    fixtures::require_root();
+    let work = tempfile::tempdir()?;
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let payload_file = work.path().join("bench-payload.bin");
+    std::fs::write(&payload_file, &payload)?;
+    let base = fixtures::copy(Shape::GptXfsBoot, work.path())?;
+    println!(
+        "fixture: {} ({} MiB, GPT, XFS root, ext4 /boot), {n} variants",
+        base.display(),
+        std::fs::metadata(&base)?.len() >> 20
+    );
+    // Warm the helper image outside the timing.
+    let warm = fixtures::copy(Shape::GptXfsBoot, &work.path().join("warm-dir").tap_mkdir()?)?;
+    sh(Command::new(imgforge)
+        .args(["customize", "--accel", "tcg", "--progress", "none", "-a"])
+        .arg(&warm)
+        .args(["--hostname", "warm"]))?;
+    std::fs::remove_file(&warm)?;
+
+    // The engine.
+    let out = work.path().join("engine").tap_mkdir()?;
+    let variants: Vec<VariantJob> = (0..n)
+        .map(|i| {
+            let mut plan = imgforge::ops::Plan::default();
+            for (option, value) in ops(i, &payload_file) {
+                plan.add(&option, Some(&value)).map_err(|e| anyhow::anyhow!("--{option}: {e}"))?;
+            }
+            plan.finish()?;
+            Ok(VariantJob {
+                name: format!("v{i}"),
+                plan,
+                output: out.join(format!("v{i}.raw")),
+                format: OutputFormat::Raw,
+                source_date_epoch: None,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let settings = VmSettings {
+        accel: imgforge::vm::accel::Accel::Tcg,
+        timeout: Duration::from_secs(900),
+        hard_grace: Duration::from_secs(10),
+        memory_mib: imgforge::job::HELPER_MEMORY_MIB,
+        vcpus: 1,
+        helper_user: imgforge::vm::privilege::DEFAULT_HELPER_USER.into(),
+        excluded_tasks: Vec::new(),
+        show_console: false,
+        trace_tasks: false,
+        qemu: "qemu-system-x86_64".into(),
+    };
+    let (_tx, interrupt) = tokio::sync::watch::channel(None);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let started = Instant::now();
+    let outcomes = runtime.block_on(customize_variants(
+        &base,
+        KnownFormat::FromHeader,
+        variants,
+        JOBS,
+        &settings,
+        &imgforge::progress::Silent,
+        &interrupt,
+    ));
+    let t_engine = started.elapsed();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let product = outcome.result.as_ref().map_err(|e| anyhow::anyhow!("{}: {e}", outcome.name))?;
+        verify(&product.output, i, &payload, "engine")?;
+    }
+
+    // Sequential imgforge customize runs on copies (the copy is part of each run's time).
+    let seq = work.path().join("sequential").tap_mkdir()?;
+    let started = Instant::now();
+    let mut copies = Vec::new();
+    for i in 0..n {
+        let img = seq.join(format!("v{i}.raw"));
+        sh(Command::new("cp").arg("--sparse=always").arg(&base).arg(&img))?;
+        let mut args: Vec<String> = vec![
+            "customize".into(),
+            "--accel".into(),
+            "tcg".into(),
+            "--progress".into(),
+            "none".into(),
+            "-a".into(),
+            img.display().to_string(),
+        ];
+        for (option, value) in ops(i, &payload_file) {
+            args.push(format!("--{option}"));
+            args.push(value);
+        }
+        sh(Command::new(imgforge).args(&args))?;
+        copies.push(img);
+    }
+    let t_sequential = started.elapsed();
+    for (i, img) in copies.iter().enumerate() {
+        verify(img, i, &payload, "sequential imgforge")?;
+    }
+
+    let t_virt = virt_customize(&base, &payload_file, &payload, work.path(), n.min(VIRT_RUNS))?;
+    let per = |d: Duration| d.as_secs_f64() / n as f64;
+    println!(
+        "variants engine ({JOBS} VMs, up to 8 variants a boot)  {:>8.1} s  ({:.1} s a variant)",
+        t_engine.as_secs_f64(),
+        per(t_engine)
+    );
+    println!(
+        "{n} sequential imgforge customize            {:>8.1} s  ({:.1} s a variant)",
+        t_sequential.as_secs_f64(),
+        per(t_sequential)
+    );
+    if let Some((runs, t)) = t_virt {
+        let scaled = t.as_secs_f64() / runs as f64 * n as f64;
+        println!(
+            "virt-customize, {runs} runs scaled to {n}        {scaled:>8.1} s  ({:.1} s a variant)",
+            scaled / n as f64
+        );
+        println!("ratio virt-customize / engine         {:>8.1}x", scaled / t_engine.as_secs_f64());
+    }
+    println!("ratio sequential / engine             {:>8.1}x", t_sequential.as_secs_f64() / t_engine.as_secs_f64());
+    Ok(())
+}
+
+/// virt-customize on `runs` copies, when it is installed: (runs, time).
+fn virt_customize(
+    base: &Path,
+    payload_file: &Path,
+    payload: &[u8],
+    work: &Path,
+    runs: usize,
+) -> Result<Option<(usize, Duration)>> {
+    if !Command::new("virt-customize").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        println!("virt-customize is not installed: `cargo xtask bench customize` installs it; skipped");
+        return Ok(None);
+    }
+    let dir = work.join("virt").tap_mkdir()?;
+    let mut total = Duration::ZERO;
+    for i in 0..runs {
+        let img = dir.join(format!("v{i}.raw"));
+        sh(Command::new("cp").arg("--sparse=always").arg(base).arg(&img))?;
+        let mut c = Command::new("virt-customize");
+        c.args(["-q", "--format", "raw", "-a"])
+            .arg(&img)
+            .env("LIBGUESTFS_BACKEND", "direct")
+            .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
+        for (option, value) in ops(i, payload_file) {
+            c.arg(format!("--{option}")).arg(value);
+        }
+        let started = Instant::now();
+        sh(&mut c).context("virt-customize")?;
+        total += started.elapsed();
+        verify(&img, i, payload, "virt-customize")?;
+    }
+    Ok(Some((runs, total)))
+}
+
+/// A directory made on the way.
+trait TapMkdir: Sized {
+    fn tap_mkdir(self) -> Result<PathBuf>;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self)?;
+        Ok(self)
+    }
+}
