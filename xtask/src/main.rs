@@ -38,7 +38,9 @@ fn main() -> Result<()> {
             let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
             bench_ganeti::run(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
         }
-        _ => bail!("usage: cargo xtask bench customize|write|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"),
+        _ => bail!(
+            "usage: cargo xtask bench customize|write|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"
+        ),
     }
 }
 

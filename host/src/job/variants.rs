@@ -52,6 +52,17 @@ pub enum OutputFormat {
     Qcow2Backed,
 }
 
+impl OutputFormat {
+    /// The recipe's name of the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputFormat::Raw => "raw",
+            OutputFormat::Qcow2 => "qcow2",
+            OutputFormat::Qcow2Backed => "qcow2-backed",
+        }
+    }
+}
+
 /// One variant to produce.
 #[derive(Debug)]
 pub struct VariantJob {
@@ -462,13 +473,15 @@ fn prepare_boot(
         payload::build(&payload_files, &p)?;
         Some(p)
     };
-    let preload = super::preload_for(target, &settings.excluded_tasks, payload_path.is_some());
+    let preload = super::preload_for(std::slice::from_ref(target), &settings.excluded_tasks, payload_path.is_some());
     let spec = VmSpec {
         qemu: settings.qemu.clone(),
         image: image.clone(),
         disk: target.path.clone(),
         disk_format: target.format,
         overlay: Some(overlays[0].path.clone()),
+        // A variant's guest is on its one disk: other disks belong to `customize -a`'s guests.
+        extra_disks: Vec::new(),
         more_overlays: overlays.iter().enumerate().skip(1).map(|(k, o)| (o.path.clone(), serial(k))).collect(),
         floppy: floppy_path,
         payload: payload_path,

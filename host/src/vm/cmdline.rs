@@ -459,6 +459,8 @@ mod tests {
         assert!(order("serial=imgforge-target") < order("serial=imgforge-disk-2"));
         assert!(order("serial=imgforge-disk-2") < order("serial=imgforge-disk-3"));
         assert!(order("serial=imgforge-disk-3") < order("serial=imgforge-payload"));
+    }
+
     /// A multi-variant run: each more overlay is a virtio disk of its own, its own fdset, backed
     /// by the one read-only base node.
     #[test]
