@@ -120,6 +120,9 @@ fn a_two_by_two_matrix_one_variant_failing_alone_with_provenance() {
         let ops = def["internalParameters"]["operations"].as_array().unwrap();
         assert_eq!(ops[0], format!("hostname {name}"));
         assert_eq!(ops[2], "root-password password:<redacted>");
+        assert_eq!(tree_manifest_digest(&out_dir, &format!("{name}.img")).len(), 64, "{name}: no tree manifest");
+        let changes = st["predicate"]["runDetails"]["byproducts"].to_string();
+        assert!(changes.contains("/etc/site"), "{name}: the change list misses /etc/site: {changes}");
         assert!(st["predicate"]["runDetails"]["builder"]["version"]["imgforge"]
             .as_str()
             .unwrap()
@@ -212,15 +215,31 @@ fn the_same_seed_gives_the_same_shadow_fields() {
         let told =
             String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains("random password")).unwrap().to_owned();
         let m = Mount::partition(&out_dir.join("one.img"), 0).unwrap();
-        (told, shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap())
+        (told, shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap(), tree_manifest_digest(&out_dir, "one.img"))
     };
     let first = build("a", None);
     let second = build("b", None);
-    assert_eq!(first, second, "the same seed, the same random password and salts");
+    assert_eq!(first, second, "the same seed, the same random password, salts and tree manifest");
     assert!(first.1.starts_with("!$6$"), "{}", first.1);
+    assert_eq!(first.2.len(), 64, "the helper's manifest digest: {}", first.2);
     let other = build("c", Some("another-seed"));
     assert_ne!(first.0, other.0);
     assert_ne!(first.1, other.1);
+    assert_ne!(first.2, other.2, "another seed, another /etc/shadow, another manifest");
+}
+
+/// The tree manifest's digest the provenance of `output` in `dir` records.
+fn tree_manifest_digest(dir: &std::path::Path, output: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("{output}.provenance.json"))).unwrap();
+    let st: serde_json::Value = serde_json::from_str(&text).unwrap();
+    st["predicate"]["runDetails"]["byproducts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "tree-manifest")
+        .and_then(|b| b["digest"]["sha256"].as_str())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// A base given as a URL (zstd-compressed raw here) is downloaded once, checked against the
