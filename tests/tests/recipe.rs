@@ -215,7 +215,11 @@ fn the_same_seed_gives_the_same_shadow_fields() {
         let told =
             String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains("random password")).unwrap().to_owned();
         let m = Mount::partition(&out_dir.join("one.img"), 0).unwrap();
-        (told, shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap(), tree_manifest_digest(&out_dir, "one.img"))
+        (
+            told,
+            shadow_field(&m.read("/etc/shadow").unwrap(), "root").unwrap(),
+            tree_manifest_digest(&out_dir, "one.img"),
+        )
     };
     let first = build("a", None);
     let second = build("b", None);
