@@ -554,6 +554,10 @@ fn write_output(
     confinement: &Confinement,
 ) -> Result<(), String> {
     let _ = std::fs::remove_file(out);
+    // A raw base in a regular file is copied into a raw output by its data, holes skipped.
+    let raw_file_base = format == OutputFormat::Raw
+        && base_format == DiskFormat::Raw
+        && std::fs::metadata(base).is_ok_and(|m| m.is_file() && m.len() == size);
     let create = |extra: &[&str]| -> Result<(), String> {
         let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -574,6 +578,9 @@ fn write_output(
                 .open(out)
                 .map_err(|e| format!("{}: {e}", out.display()))?;
             file.set_len(size).map_err(|e| format!("{}: {e}", out.display()))?;
+            if raw_file_base {
+                copy_raw_data(base, size, &file).map_err(|e| format!("copying {} into it: {e}", base.display()))?;
+            }
         }
         OutputFormat::Qcow2 => create(&[])?,
         OutputFormat::Qcow2Backed => {
@@ -615,11 +622,38 @@ fn write_output(
     let started = BlockdevQemu::start(confinement, &fdsets, &blockdevs);
     drop((base_file, overlay_file, out_file));
     let mut qemu = started.map_err(|e| e.to_string())?;
-    // Only what the variant wrote goes into a thin output; the rest stays the base's.
-    let sync = if format == OutputFormat::Qcow2Backed { "top" } else { "full" };
+    // Only what the variant wrote goes into a thin output, or into a raw output that already
+    // holds a raw base's data; the rest stays the base's. (A full backup of a raw output would
+    // write the base's holes as allocated zeros: qemu's copy does not ask to unmap.)
+    let sync = match format {
+        OutputFormat::Qcow2Backed => "top",
+        OutputFormat::Raw if raw_file_base => "top",
+        _ => "full",
+    };
     match run_backup(&mut qemu.qmp, sync) {
         Ok(()) => qemu.quit(),
         Err(e) => Err(qemu.failure(e)),
+    }
+}
+
+/// Copies a raw `base`'s data into `out` (already its size, sparse) at the same offsets, its
+/// holes skipped without reading: no byte of it is interpreted.
+fn copy_raw_data(base: &Path, size: u64, out: &std::fs::File) -> std::io::Result<()> {
+    use crate::stream::{ChunkReader, Piece, RawFile};
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(base)?;
+    let mut reader = RawFile::new(file, size);
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0u64;
+    loop {
+        match reader.next(&mut buf)? {
+            Piece::Data(n) => {
+                out.write_all_at(&buf[..n], at)?;
+                at += n as u64;
+            }
+            Piece::Hole(n) => at += n,
+            Piece::End => return Ok(()),
+        }
     }
 }
 
