@@ -126,6 +126,13 @@ impl Progress for Scoped<'_> {
             Event::ImageHelper(crate::progress::HelperEvent::TaskStart { task }) => Some(task.clone()),
             _ => None,
         };
+        // A random password names its variant: with several, the user must know whose it is.
+        let event = match event {
+            Event::RandomPassword { user, variant: None, password } => {
+                Event::RandomPassword { user, variant: Some(self.name.to_owned()), password }
+            }
+            other => other,
+        };
         self.inner.emit(event);
         if let Some(task) = task {
             self.status(&format!("helper: {task}"));
@@ -214,5 +221,49 @@ fn convert_to_qcow2(raw: &Path, qcow2: &Path) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::other(format!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Secret;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Event>>);
+
+    impl Progress for Collect {
+        fn emit(&self, event: Event) {
+            self.0.lock().unwrap().push(event);
+        }
+        fn status(&self, _: &str) {}
+        fn note(&self, _: &str) {}
+    }
+
+    /// Each variant's random password is announced with the variant's name: sixteen lines of
+    /// "random password of root" would not say which image each opens.
+    #[test]
+    fn random_passwords_name_their_variant() {
+        let inner = Collect::default();
+        for name in ["ath-web", "ber-db"] {
+            let scoped = Scoped { inner: &inner, name };
+            scoped.emit(Event::RandomPassword {
+                user: "root".into(),
+                variant: None,
+                password: Secret::new("pw".into()),
+            });
+        }
+        let seen: Vec<Option<String>> = inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| match e {
+                Event::RandomPassword { variant, .. } => variant.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seen, [Some("ath-web".to_owned()), Some("ber-db".to_owned())]);
     }
 }
