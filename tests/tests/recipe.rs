@@ -115,6 +115,8 @@ fn a_two_by_two_matrix_one_variant_failing_alone_with_provenance() {
         assert_eq!(st["subject"][0]["digest"]["sha256"], sha256_hex(&img));
         let def = &st["predicate"]["buildDefinition"];
         assert_eq!(def["resolvedDependencies"][0]["digest"]["sha256"], base_before);
+        let helper = def["resolvedDependencies"][1]["digest"]["sha256"].as_str().unwrap();
+        assert!(helper.len() == 64 && helper.bytes().all(|b| b.is_ascii_hexdigit()), "helper image sha256 {helper}");
         assert_eq!(def["externalParameters"]["recipe"]["digest"]["sha256"], sha256_hex(&file));
         assert_eq!(def["externalParameters"]["matrix"]["site"], site);
         let ops = def["internalParameters"]["operations"].as_array().unwrap();

@@ -285,10 +285,14 @@ pub async fn build(
 
     let helper_image = {
         let cache = crate::helper_image::cache_dir();
-        crate::job::blocking("helper image", move || crate::helper_image::ensure(&cache))
+        let image = crate::job::blocking("helper image", move || crate::helper_image::ensure(&cache))
             .await?
-            .map_err(|e| BuildError::Job(e.into()))?
-            .key
+            .map_err(|e| BuildError::Job(e.into()))?;
+        let what = "cannot hash the helper image";
+        let path = image.initrd.clone();
+        crate::job::blocking("hashing the helper image", move || helper_image_sha256(&image))
+            .await?
+            .map_err(|source| BuildError::Io { what, path, source })?
     };
     let base_shown = crate::source::http::redact(&recipe.base_image);
     let mut built = Vec::new();
@@ -329,6 +333,26 @@ pub async fn build(
     } else {
         Err(BuildError::Variants { total, failed })
     }
+}
+
+/// The SHA-256 of the helper image's kernel and initramfs, in that order: the digest its
+/// content key is the first half of (the key alone is 128 bits, not a SHA-256, which is what
+/// provenance's `sha256` must hold).
+fn helper_image_sha256(image: &crate::helper_image::HelperImage) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for path in [&image.kernel, &image.initrd] {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buf)? {
+                0 => break,
+                n => h.update(&buf[..n]),
+            }
+        }
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Writes `text` to a new file `path` (temporary name, then renamed: never half there).
@@ -419,6 +443,23 @@ mod tests {
                 "runDetails": {"builder": {"id": provenance::BUILDER_ID}},
             },
         })
+    }
+
+    /// The helper image's digest in provenance is a whole SHA-256 (64 hex digits) that its
+    /// 32-digit content key begins with.
+    #[test]
+    fn the_helper_image_digest_is_a_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, initrd) = (dir.path().join("kernel"), dir.path().join("initrd.cpio"));
+        std::fs::write(&kernel, b"kernel bytes").unwrap();
+        std::fs::write(&initrd, b"initrd bytes").unwrap();
+        let key =
+            hex::encode(&Sha256::new().chain_update(b"kernel bytes").chain_update(b"initrd bytes").finalize()[..16]);
+        let image = crate::helper_image::HelperImage { kernel, initrd, key: key.clone(), package: "k.deb".into() };
+        let digest = helper_image_sha256(&image).unwrap();
+        assert_eq!(digest.len(), 64);
+        assert!(digest.starts_with(&key), "{digest} / {key}");
+        assert!(crate::job::write::check_sha256_arg(&digest).is_ok());
     }
 
     /// A statement is small: one far past any imgforge writes (a padded file, a device) is
