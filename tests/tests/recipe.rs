@@ -282,6 +282,25 @@ fn a_dangling_symlink_in_the_way_is_refused_first() {
     }
 }
 
+/// An output named like the file a URL base is downloaded to is refused before the download
+/// (it would meet the base there, and fail only after every helper VM ran).
+#[test]
+fn an_output_named_like_the_downloaded_base_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let sha = "0123456789abcdef".repeat(4);
+    let path = work.path().join("sites.toml");
+    // Port 9 (discard): nothing answers; the recipe must be refused before anything is asked.
+    let text = format!(
+        "output = \"base-0123456789abcdef.img\"\noperations = [\"hostname a\"]\n[base]\nimage = \"http://127.0.0.1:9/base.img\"\nsha256 = \"{sha}\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let out_dir = work.path().join("out");
+    let out = imgforge(&["build", &s(&path), "--out-dir", &s(&out_dir), "--accel", "tcg"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 2, "{stderr}");
+    assert!(stderr.contains("sites.toml:1:") && stderr.contains("where the downloaded base goes"), "{stderr}");
+}
+
 /// The same seed gives the same salt and random password, build after build; `--seed` with
 /// another value gives others.
 #[test]
