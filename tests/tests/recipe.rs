@@ -301,6 +301,31 @@ fn an_output_named_like_the_downloaded_base_is_refused() {
     assert!(stderr.contains("sites.toml:1:") && stderr.contains("where the downloaded base goes"), "{stderr}");
 }
 
+/// A recipe is read with a bound: `/dev/zero` (or a runaway generator on a pipe) is refused,
+/// not read until memory runs out; a recipe on a pipe (`<(...)`) is read as any other.
+#[test]
+fn a_recipe_is_read_with_a_bound() {
+    let mut child = std::process::Command::new(imgforge_tests::run::binary())
+        .args(["build", "/dev/zero", "--accel", "tcg"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed().as_secs() < 15 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if child.try_wait().unwrap().is_none() {
+        child.kill().unwrap();
+        let _ = child.wait();
+        panic!("imgforge build /dev/zero still reads after 15 s");
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 2, "{stderr}");
+    assert!(stderr.contains("/dev/zero") && stderr.contains("too large"), "{stderr}");
+}
+
 /// The same seed gives the same salt and random password, build after build; `--seed` with
 /// another value gives others.
 #[test]

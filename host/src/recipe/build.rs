@@ -186,8 +186,20 @@ pub async fn build(
 ) -> Result<Vec<Built>, BuildError> {
     let started = provenance::rfc3339(now_secs());
     let file = request.recipe.display().to_string();
-    let bytes =
-        std::fs::read(&request.recipe).map_err(|source| BuildError::Read { path: request.recipe.clone(), source })?;
+    let read_error = |source| BuildError::Read { path: request.recipe.clone(), source };
+    // Bounded: the path may name a device or a pipe that never ends (a pipe is fine: `<(...)`).
+    let mut bytes = Vec::new();
+    {
+        use std::io::Read;
+        std::fs::File::open(&request.recipe)
+            .and_then(|f| f.take(MAX_RECIPE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_error)?;
+    }
+    if bytes.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(read_error(std::io::Error::other(format!(
+            "too large for a recipe (more than {MAX_RECIPE_BYTES} bytes)"
+        ))));
+    }
     let text = String::from_utf8(bytes.clone()).map_err(|_| RecipeError {
         file: file.clone(),
         line: 0,
@@ -366,6 +378,10 @@ fn write_new(path: &Path, text: &str) -> Result<(), BuildError> {
 fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
+
+/// The largest recipe `imgforge build` reads (a recipe of a thousand variants' rules is a few
+/// hundred KiB).
+pub const MAX_RECIPE_BYTES: u64 = 4 << 20;
 
 /// The largest provenance statement `verify --provenance` reads (imgforge writes a few KiB; the
 /// list of changed files can make it larger, never near this).
