@@ -9,7 +9,7 @@ set -euo pipefail
 QEMU_SET=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils qemu-block-extra)
 PACKAGES=(
     "${QEMU_SET[@]}"  # the helper VM, qemu-img
-    busybox-static util-linux e2fsprogs xfsprogs lvm2 gdisk fdisk squashfs-tools  # helper image tools
+    busybox-static util-linux e2fsprogs xfsprogs btrfs-progs lvm2 gdisk fdisk squashfs-tools  # helper image tools
     kmod dpkg cpio  # helper image build (depmod, dpkg-deb)
     debootstrap dosfstools zstd xz-utils gzip rpm createrepo-c  # test fixtures (rpm: rpmbuild)
     ganeti iproute2 bc  # the single-node Ganeti cluster test

@@ -205,6 +205,14 @@ impl GuestCommand {
         }
     }
 
+    /// Waits for the program: its exit status (an error when it could not start or was killed).
+    pub fn code(&mut self) -> Result<i32, String> {
+        let status = self.command.status().map_err(|e| format!("cannot start {} in the guest: {e}", self.program));
+        end_leftovers()?;
+        let status = status?;
+        status.code().ok_or_else(|| format!("command was killed ({status})"))
+    }
+
     /// Runs the program and collects its standard output and error apart (for output that is
     /// parsed: a program's stdio buffering interleaves the two mid-line), each at most
     /// [`OUTPUT_CAP`] bytes: a program that writes more is killed and this fails, for a hostile

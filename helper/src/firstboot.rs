@@ -13,15 +13,18 @@ pub const UNIT: &str = "/etc/systemd/system/imgforge-firstboot.service";
 pub const UNIT_WANTS_LINK: &str = "/etc/systemd/system/multi-user.target.wants/imgforge-firstboot.service";
 
 const RUNNER_SCRIPT: &str = r#"#!/bin/sh
-# Installed by imgforge: runs each firstboot script once, in order, then keeps it in done/.
+# Installed by imgforge: runs each firstboot script once, in order. Each moves to done/ before
+# it runs (one that reboots the guest does not run again) and is run itself: its #! line picks
+# its interpreter, one without runs under sh (as virt-customize's firstboot.sh runs them).
 dir=/usr/lib/imgforge/firstboot
 mkdir -p "$dir/done"
 for script in "$dir"/scripts/*; do
     [ -f "$script" ] || continue
+    ran="$dir/done/${script##*/}"
+    mv "$script" "$ran" || continue
     echo "imgforge firstboot: running $script"
-    sh "$script"
+    "$ran"
     echo "imgforge firstboot: $script exited with status $?"
-    mv "$script" "$dir/done/"
 done
 "#;
 
@@ -60,4 +63,43 @@ pub fn install(guest: &GuestRoot, name: &str, script: &[u8]) -> io::Result<Strin
     guest.write(&path, script)?;
     guest.chmod(&path, 0o755)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runner_runs_each_script_once_with_its_interpreter() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let scripts = base.join("scripts");
+        std::fs::create_dir(&scripts).unwrap();
+        let out = base.join("out");
+        std::fs::create_dir(&out).unwrap();
+        let out = out.display();
+        // bash syntax that sh (dash) refuses; a script without #!; one failing; one after it.
+        let cases = [
+            ("0001-bash", format!("#!/bin/bash\n[[ -n x ]] && echo bash > {out}/1\n")),
+            ("0002-plain", format!("echo plain > {out}/2\n")),
+            ("0003-fails", "#!/bin/sh\nexit 3\n".to_owned()),
+            ("0004-after", format!("#!/bin/sh\necho after > {out}/4\n")),
+        ];
+        for (name, body) in &cases {
+            let path = scripts.join(name);
+            std::fs::write(&path, body).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let runner = RUNNER_SCRIPT.replace("dir=/usr/lib/imgforge/firstboot", &format!("dir={}", base.display()));
+        assert_ne!(runner, RUNNER_SCRIPT);
+        let ran = std::process::Command::new("sh").arg("-c").arg(&runner).output().unwrap();
+        let log = String::from_utf8_lossy(&ran.stdout);
+        assert!(ran.status.success(), "{log}");
+        for (n, want) in [(1, "bash\n"), (2, "plain\n"), (4, "after\n")] {
+            assert_eq!(std::fs::read_to_string(format!("{out}/{n}")).unwrap(), want, "{log}");
+        }
+        assert!(log.contains("0003-fails exited with status 3"), "{log}");
+        assert_eq!(std::fs::read_dir(&scripts).unwrap().count(), 0, "a script is left to run again");
+        assert_eq!(std::fs::read_dir(base.join("done")).unwrap().count(), 4);
+    }
 }

@@ -6,11 +6,12 @@
 //! only when it is on the disk's last partition, or on an LVM volume group with a physical
 //! volume there: extending the last partition is the one change that moves no data. ext2/3/4
 //! grow before they are mounted, checked first (e2fsck -f, then resize2fs, as snf-image does);
-//! XFS can only grow mounted (xfs_growfs). All of it lands in the host's overlay, so a failure
-//! leaves the disk as it was.
+//! XFS and btrfs can only grow mounted (xfs_growfs, btrfs filesystem resize). All of it lands
+//! in the host's overlay, so a failure leaves the disk as it was.
 
 use crate::mounts;
 use crate::task_env::TaskEnv;
+use imgforge_protocol::filesystems;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -321,8 +322,8 @@ pub fn filesystem_resize_unmounted(vars: &TaskEnv) -> Result<(), String> {
     let Some(target) = target(&ctx)? else { return Ok(()) };
     match target.fstype.as_str() {
         "ext2" | "ext3" | "ext4" => grow_ext(&target),
-        "xfs" => {
-            println!("XFS on {} grows once mounted (FilesystemResizeMounted)", target.dev);
+        "xfs" | "btrfs" => {
+            println!("{} on {} grows once mounted (FilesystemResizeMounted)", target.fstype, target.dev);
             Ok(())
         }
         other => {
@@ -332,18 +333,27 @@ pub fn filesystem_resize_unmounted(vars: &TaskEnv) -> Result<(), String> {
     }
 }
 
-/// The 16-FilesystemResizeMounted task: grows a mounted XFS root filesystem to its device.
+/// The 16-FilesystemResizeMounted task: grows a mounted XFS or btrfs root filesystem to its
+/// device.
 pub fn filesystem_resize_mounted(vars: &TaskEnv) -> Result<(), String> {
     let ctx = Context::new(vars)?;
     let mount_point = vars.require("IMGFORGE_TARGET")?;
     let Some(target) = target(&ctx)? else { return Ok(()) };
-    if target.fstype != "xfs" {
-        println!(
-            "{} on {} is not grown mounted (ext2/3/4 grow before, in FilesystemResizeUnmounted)",
-            target.fstype, target.dev
-        );
-        return Ok(());
+    match target.fstype.as_str() {
+        "xfs" => grow_xfs(&target, mount_point),
+        "btrfs" => grow_btrfs(&target, mount_point),
+        _ => {
+            println!(
+                "{} on {} is not grown mounted (ext2/3/4 grow before, in FilesystemResizeUnmounted)",
+                target.fstype, target.dev
+            );
+            Ok(())
+        }
     }
+}
+
+/// Grows the XFS filesystem of `target`, mounted on `mount_point`, to its device.
+fn grow_xfs(target: &Target, mount_point: &str) -> Result<(), String> {
     let Some(spare) = spare_bytes(&target.dev)? else { return Ok(()) };
     let status = Command::new("xfs_growfs")
         .arg(mount_point)
@@ -354,6 +364,31 @@ pub fn filesystem_resize_mounted(vars: &TaskEnv) -> Result<(), String> {
         return Err(format!("xfs_growfs could not grow the XFS filesystem on {} ({status})", target.dev));
     }
     println!("grew XFS on {} by {spare} bytes", target.dev);
+    Ok(())
+}
+
+/// Grows the btrfs device `target`, of the filesystem mounted on `mount_point`, to its
+/// partition: `btrfs filesystem resize DEVID:max`, the device named by the id its own
+/// superblock gives (as snf-image names it from `btrfs filesystem show`), so that in a
+/// filesystem of several devices it is this one that grows.
+fn grow_btrfs(target: &Target, mount_point: &str) -> Result<(), String> {
+    let Some(spare) = spare_bytes(&target.dev)? else { return Ok(()) };
+    let devid = filesystems::btrfs_devid(&mounts::head(&target.dev, filesystems::PROBE_BYTES as u64))
+        .ok_or_else(|| format!("{} holds no btrfs superblock to read its device id from", target.dev))?;
+    let out = Command::new("btrfs")
+        .args(["filesystem", "resize", &format!("{devid}:max"), mount_point])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run btrfs: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "btrfs filesystem resize {devid}:max could not grow the btrfs filesystem on {} ({}): {}",
+            target.dev,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    println!("grew btrfs device {devid} on {} by {spare} bytes", target.dev);
     Ok(())
 }
 
@@ -406,9 +441,6 @@ fn locate(ctx: &Context, container: &Container) -> Result<Option<Target>, String
             );
             return Ok(Some(Target { dev: root, fstype }));
         }
-    }
-    if content == "btrfs" {
-        println!("WARNING: {what}, {}, holds btrfs, which imgforge neither mounts nor grows", container.dev);
     }
     println!("{what}, {} ({content}), does not hold the root filesystem ({root}): nothing grows", container.dev);
     Ok(None)

@@ -37,6 +37,7 @@ mod selinux;
 mod snapshot;
 mod swap;
 mod task_env;
+mod task_overwrite;
 mod tasks;
 
 use std::process::ExitCode;
@@ -109,6 +110,7 @@ fn builtin(name: &str) -> Option<tasks::Builtin> {
         "mount-root" => Some(mounts::mount_root),
         "unmount" => Some(mounts::unmount_all),
         "fix-partition-table" => Some(grow::fix_partition_table),
+        "add-swap" => Some(swap::add_swap_disk),
         "filesystem-resize-unmounted" => Some(grow::filesystem_resize_unmounted),
         "filesystem-resize-mounted" => Some(grow::filesystem_resize_mounted),
         _ => None,

@@ -12,7 +12,7 @@ use crate::guest::GuestRoot;
 use crate::kmod;
 use crate::task_env::TaskEnv;
 use imgforge_protocol::filesystems::{self, PROBE_BYTES};
-use imgforge_protocol::helper_vm::PAYLOAD_SERIAL;
+use imgforge_protocol::helper_vm::{self, PAYLOAD_SERIAL};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -111,6 +111,30 @@ pub fn resolve_spec(spec: &str, probes: &[Probe]) -> Option<String> {
     (lvm_name && is_block_device(Path::new(spec))).then(|| spec.to_owned())
 }
 
+/// The helper's device for a guest's device name (`/dev/sdb1`, `/dev/vdb1`, `/dev/hdb1`,
+/// `/dev/xvdb1`, `/dev/nvme1n1p1`) as libguestfs remaps them: the guest's Nth disk is the Nth
+/// disk attached, `disks[N]` (`/dev/vdb`), the partition number kept (pure).
+pub fn remap_device(spec: &str, disks: &[String]) -> Option<String> {
+    let name = spec.strip_prefix("/dev/")?;
+    let (index, partition) = if let Some(rest) = name.strip_prefix("nvme") {
+        let (disk, rest) = rest.split_once('n')?;
+        let index: usize = disk.parse().ok()?;
+        let (_namespace, partition) = rest.split_once('p').unwrap_or((rest, ""));
+        (index, partition)
+    } else {
+        let rest = ["xvd", "sd", "hd", "vd"].iter().find_map(|p| name.strip_prefix(p))?;
+        let letters = rest.bytes().take_while(u8::is_ascii_lowercase).count();
+        let (letters, partition) = rest.split_at(letters);
+        // sda..sdz, then sdaa..: base 26 with no zero digit.
+        let index = letters.bytes().try_fold(0usize, |n, b| n.checked_mul(26)?.checked_add((b - b'a') as usize + 1))?;
+        (index.checked_sub(1)?, partition)
+    };
+    if !partition.bytes().all(|b| b.is_ascii_digit()) || partition.starts_with('0') {
+        return None;
+    }
+    disks.get(index).map(|disk| format!("{disk}{partition}"))
+}
+
 /// Root candidates: the root-partition rule alone if given; else the partitions largest first
 /// (the root is rarely the small /boot or ESP, and every wrong guess costs a mount), or the
 /// whole disk if it has none; then the LVM volumes (pure).
@@ -131,6 +155,7 @@ fn module_for(fstype: &str) -> Option<&'static str> {
     match fstype {
         "ext2" | "ext3" | "ext4" => Some("ext4"),
         "xfs" => Some("xfs"),
+        "btrfs" => Some("btrfs"),
         "vfat" => Some("vfat"),
         _ => None,
     }
@@ -140,6 +165,8 @@ fn module_for(fstype: &str) -> Option<&'static str> {
 struct Env {
     target: PathBuf,
     disk: String,
+    /// The guest's other disks, in the host's order (`/dev/vdb` for the second `-a`).
+    other_disks: Vec<String>,
     state: PathBuf,
     root_rule: Option<String>,
     read_only: bool,
@@ -149,9 +176,15 @@ struct Env {
 
 /// The 10-MountRoot task.
 pub fn mount_root(vars: &TaskEnv) -> Result<(), String> {
+    let extra: usize = vars
+        .get("IMGFORGE_EXTRA_DISKS")
+        .filter(|n| !n.is_empty())
+        .map_or(Ok(0), str::parse)
+        .map_err(|e| format!("IMGFORGE_EXTRA_DISKS is not a number: {e}"))?;
     let env = Env {
         target: PathBuf::from(vars.require("IMGFORGE_TARGET")?),
         disk: vars.require("IMGFORGE_DISK")?.to_owned(),
+        other_disks: other_disks(extra)?,
         state: PathBuf::from(vars.require("IMGFORGE_STATE")?),
         root_rule: vars.get("IMGFORGE_ROOT_PARTITION").map(str::to_owned),
         // verify looks, never writes: read-only, and no journal replay.
@@ -161,20 +194,70 @@ pub fn mount_root(vars: &TaskEnv) -> Result<(), String> {
     run(&env)
 }
 
+/// How long the guest's other disks may take to appear after the first.
+const OTHER_DISKS_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The guest's other `count` disks, in the host's order, found by their serials (the virtio
+/// disks' names follow the PCI order, which nothing promises to be the host's).
+fn other_disks(count: usize) -> Result<Vec<String>, String> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut found: Vec<Option<String>> = vec![None; count];
+        for (name, serial) in virtio_disks() {
+            if let Some(slot) =
+                helper_vm::disk_index(&serial).and_then(|i| i.checked_sub(1)).and_then(|i| found.get_mut(i))
+            {
+                *slot = Some(format!("/dev/{name}"));
+            }
+        }
+        let ready = found.iter().all(|d| d.as_deref().is_some_and(|d| Path::new(d).exists()));
+        if ready {
+            return Ok(found.into_iter().flatten().collect());
+        }
+        if started.elapsed() > OTHER_DISKS_WAIT {
+            let missing: Vec<String> =
+                (1..=count).filter(|i| found[i - 1].is_none()).map(helper_vm::disk_serial).collect();
+            return Err(format!(
+                "the guest's other disks did not all appear within {} s (missing: {})",
+                OTHER_DISKS_WAIT.as_secs(),
+                missing.join(", ")
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The helper's device of the guest's disk at `index` in the host's order (0: the target
+/// disk), waited for as [`other_disks`] waits.
+pub fn guest_disk(index: usize) -> Result<String, String> {
+    if index == 0 {
+        return Ok(helper_vm::TARGET_DISK.to_owned());
+    }
+    other_disks(index).map(|mut disks| disks.swap_remove(index - 1))
+}
+
+/// The virtio disks (`vda`, …) with their serial numbers, sorted by name.
+fn virtio_disks() -> Vec<(String, String)> {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    let mut disks: Vec<(String, String)> = dir
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vd"))
+        .map(|name| {
+            let serial = std::fs::read_to_string(format!("/sys/block/{name}/serial")).unwrap_or_default();
+            (name, serial.trim().to_owned())
+        })
+        .collect();
+    disks.sort();
+    disks
+}
+
 /// The 05-MountPayload task: mounts the read-only payload disk (uploaded files, scripts, RPMs)
 /// when there is one, found by its serial number.
 pub fn mount_payload(vars: &TaskEnv) -> Result<(), String> {
     let dir = Path::new(vars.require("IMGFORGE_PAYLOAD")?);
-    let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
-        .map_err(|e| format!("cannot list /sys/block: {e}"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("vd"))
-        .collect();
-    disks.sort();
-    for name in disks {
-        let serial = std::fs::read_to_string(format!("/sys/block/{name}/serial")).unwrap_or_default();
-        if serial.trim() != PAYLOAD_SERIAL {
+    for (name, serial) in virtio_disks() {
+        if serial != PAYLOAD_SERIAL {
             continue;
         }
         let dev = format!("/dev/{name}");
@@ -225,6 +308,8 @@ pub fn probe_root(
     let env = Env {
         target: scratch.to_owned(),
         disk: disk.to_owned(),
+        // Growing concerns the first disk: the root is looked for there only.
+        other_disks: Vec::new(),
         state: state.to_owned(),
         root_rule: root_rule.map(str::to_owned),
         read_only: true,
@@ -263,10 +348,12 @@ fn run(env: &Env) -> Result<(), String> {
     crate::confinement::mount_chroot_filesystems(&guest, &mut |where_| record_mount(&mounts, where_))
 }
 
-/// The block devices of the disk and what their superblocks say.
+/// The block devices of the guest's disks and what their superblocks say.
 struct Devices {
-    /// The disk's partitions with their sizes in sectors.
-    partitions: Vec<(String, u64)>,
+    /// The guest's disks, in the host's order (the target disk first).
+    disks: Vec<String>,
+    /// Each disk's partitions with their sizes in sectors.
+    partitions: Vec<Vec<(String, u64)>>,
     /// LVM logical volumes, once activated.
     volumes: Vec<String>,
     /// Every device probed: the partitions (or the whole disk), then the volumes.
@@ -282,13 +369,26 @@ impl Devices {
     /// floppy costs seconds), activating LVM only where a partition is a physical volume (lvm
     /// is slow to start).
     fn find(env: &Env) -> Result<Self, String> {
-        let name = Path::new(&env.disk).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let partitions = partitions(&name);
-        let mut devices: Vec<String> = if partitions.is_empty() {
-            vec![env.disk.clone()]
-        } else {
-            partitions.iter().map(|p| p.0.clone()).collect()
-        };
+        let disks: Vec<String> = std::iter::once(env.disk.clone()).chain(env.other_disks.iter().cloned()).collect();
+        let partitions: Vec<Vec<(String, u64)>> = disks
+            .iter()
+            .map(|disk| {
+                let name = Path::new(disk).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                partitions(&name)
+            })
+            .collect();
+        let mut devices: Vec<String> =
+            disks
+                .iter()
+                .zip(&partitions)
+                .flat_map(|(disk, parts)| {
+                    if parts.is_empty() {
+                        vec![disk.clone()]
+                    } else {
+                        parts.iter().map(|p| p.0.clone()).collect()
+                    }
+                })
+                .collect();
         let mut probes = superblocks(&devices);
         let mut volumes = Vec::new();
         // Activated once a run: FixPartitionTable may have done it already.
@@ -307,7 +407,7 @@ impl Devices {
             devices.extend(volumes.iter().cloned());
             probes = superblocks(&devices);
         }
-        Ok(Self { partitions, volumes, devices, probes, blkid_done: false })
+        Ok(Self { disks, partitions, volumes, devices, probes, blkid_done: false })
     }
 
     fn fstype(&self, dev: &str) -> Option<String> {
@@ -315,25 +415,50 @@ impl Devices {
     }
 
     /// The device an fstab `spec` names: from the superblocks read so far, then once from
-    /// blkid (PARTUUID, PARTLABEL: what only the partition table knows).
+    /// blkid (PARTUUID, PARTLABEL: what only the partition table knows), then as a guest's
+    /// device name remapped onto the helper's disks ([`remap_device`]).
     fn resolve(&mut self, spec: &str) -> Option<String> {
         let found = resolve_spec(spec, &self.probes);
-        if found.is_some() || self.blkid_done {
+        if found.is_some() {
             return found;
         }
-        self.probes = blkid(&self.devices);
-        self.blkid_done = true;
-        resolve_spec(spec, &self.probes)
+        if !self.blkid_done {
+            self.probes = blkid(&self.devices);
+            self.blkid_done = true;
+            if let Some(found) = resolve_spec(spec, &self.probes) {
+                return Some(found);
+            }
+        }
+        remap_device(spec, &self.disks).filter(|dev| self.devices.contains(dev))
+    }
+
+    /// Root candidates on every disk, the target disk's first, then the LVM volumes.
+    fn root_candidates(&self, rule: Option<&str>) -> Vec<String> {
+        if let Some(dev) = rule.filter(|r| !r.is_empty()) {
+            return vec![dev.to_owned()];
+        }
+        let mut out: Vec<String> = self
+            .disks
+            .iter()
+            .zip(&self.partitions)
+            .flat_map(|(disk, parts)| candidates(None, disk, parts, &[]))
+            .collect();
+        out.extend(self.volumes.iter().cloned());
+        out
     }
 }
 
+/// Filesystem types a guest root may have. A btrfs root is its default subvolume: a root in
+/// another subvolume (Ubuntu's `@`, Fedora's `root`) is not looked for.
+const ROOT_TYPES: [&str; 5] = ["ext2", "ext3", "ext4", "xfs", "btrfs"];
+
 /// Mounts the first candidate holding a root filesystem on the target: its device and type.
 fn mount_guest_root(env: &Env, disk: &Devices) -> Result<(String, String), String> {
-    for dev in candidates(env.root_rule.as_deref(), &env.disk, &disk.partitions, &disk.volumes) {
+    for dev in disk.root_candidates(env.root_rule.as_deref()) {
         if !is_block_device(Path::new(&dev)) {
             continue;
         }
-        let Some(fstype) = disk.fstype(&dev).filter(|t| matches!(t.as_str(), "ext2" | "ext3" | "ext4" | "xfs")) else {
+        let Some(fstype) = disk.fstype(&dev).filter(|t| ROOT_TYPES.contains(&t.as_str())) else {
             continue;
         };
         load_modules(&[module_for(&fstype).unwrap_or_default()]);
@@ -345,8 +470,8 @@ fn mount_guest_root(env: &Env, disk: &Devices) -> Result<(String, String), Strin
         }
     }
     Err(format!(
-        "no root filesystem found on {} (looked for ext2/3/4 or xfs holding /etc and /bin/sh{})",
-        env.disk,
+        "no root filesystem found on {} (looked for ext2/3/4, xfs or btrfs, its default subvolume, holding /etc and /bin/sh{})",
+        disk.disks.join(", "),
         env.root_rule.as_deref().map(|r| format!(" on {r}")).unwrap_or_default()
     ))
 }
@@ -367,7 +492,7 @@ fn mount_fstab(
                 continue;
             }
             return Err(format!(
-                "fstab lists {} on {}, but no such device is on the disk",
+                "fstab lists {} on {}, but no such device is on the guest's disks",
                 entry.spec, entry.mount_point
             ));
         };
@@ -436,7 +561,7 @@ fn superblocks(devices: &[String]) -> Vec<Probe> {
 }
 
 /// The first `len` bytes of `dev` (fewer if it is shorter or unreadable).
-fn head(dev: &str, len: u64) -> Vec<u8> {
+pub fn head(dev: &str, len: u64) -> Vec<u8> {
     let mut head = Vec::with_capacity(len as usize);
     let _ = std::fs::File::open(dev).and_then(|f| f.take(len).read_to_end(&mut head));
     head
@@ -527,6 +652,36 @@ DEVNAME=/dev/vda2\nUUID=8c1a\nTYPE=ext4\nPARTUUID=bbbb\n\nDEVNAME=/dev/vda3\nLAB
         ];
         for (spec, want) in cases {
             assert_eq!(resolve_spec(spec, &probes).as_deref(), want, "{spec}");
+        }
+    }
+
+    /// Guest device names as libguestfs remaps them: the Nth disk of the guest is the Nth
+    /// attached.
+    #[test]
+    fn guest_device_names_remapped() {
+        let disks = ["/dev/vda".to_owned(), "/dev/vdc".to_owned()];
+        let cases = [
+            ("/dev/sda1", Some("/dev/vda1")),
+            ("/dev/vda", Some("/dev/vda")),
+            ("/dev/sdb", Some("/dev/vdc")),
+            ("/dev/sdb2", Some("/dev/vdc2")),
+            ("/dev/hdb15", Some("/dev/vdc15")),
+            ("/dev/vdb1", Some("/dev/vdc1")),
+            ("/dev/xvdb3", Some("/dev/vdc3")),
+            ("/dev/nvme0n1p2", Some("/dev/vda2")),
+            ("/dev/nvme1n1", Some("/dev/vdc")),
+            ("/dev/sdc1", None),
+            ("/dev/sdaa1", None),
+            ("/dev/sda01", None),
+            ("/dev/sda1x", None),
+            ("/dev/mapper/vg-root", None),
+            ("/dev/disk/by-uuid/x", None),
+            ("UUID=x", None),
+            ("/dev/sd", None),
+            ("/dev/nvmexn1", None),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(remap_device(spec, &disks).as_deref(), want, "{spec}");
         }
     }
 

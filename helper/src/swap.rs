@@ -31,19 +31,53 @@ pub fn parse_request(text: &str) -> Result<Option<Request>, String> {
     let (Some(number), Some(mib), Some(uuid)) = (fields.next(), fields.next(), fields.next()) else {
         return Err(bad());
     };
-    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
-    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad());
-    }
-    let mut bytes = [0u8; 16];
-    for (i, byte) in bytes.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
     Ok(Some(Request {
         number: number.parse().map_err(|_| bad())?,
         mib: mib.parse().ok().filter(|m| *m > 0).ok_or_else(bad)?,
-        uuid: bytes,
+        uuid: parse_uuid(uuid).ok_or_else(bad)?,
     }))
+}
+
+/// The 16 bytes of a UUID written with or without dashes (pure).
+fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(bytes)
+}
+
+/// Parses `IMGFORGE_SWAP_DISK` (`INDEX:UUID`: the guest disk in the host's order, never the
+/// first, and the UUID of its signature); `None` when empty (pure).
+pub fn parse_disk_request(text: &str) -> Result<Option<(usize, [u8; 16])>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let bad = || format!("IMGFORGE_SWAP_DISK {text:?} is not INDEX:UUID of a disk other than the first");
+    let (index, uuid) = text.split_once(':').ok_or_else(bad)?;
+    let index: usize = index.parse().ok().filter(|i| *i > 0).ok_or_else(bad)?;
+    Ok(Some((index, parse_uuid(uuid).ok_or_else(bad)?)))
+}
+
+/// The 06-AddSwap task (snf-image's AddSwap for `SWAP=<disk letter>`): a swap signature over
+/// the whole of the guest's disk that `IMGFORGE_SWAP_DISK` names, found by its serial.
+pub fn add_swap_disk(vars: &crate::task_env::TaskEnv) -> Result<(), String> {
+    let Some((index, uuid)) = parse_disk_request(vars.get("IMGFORGE_SWAP_DISK").unwrap_or_default())? else {
+        return Ok(());
+    };
+    let dev = crate::mounts::guest_disk(index)?;
+    let failed = |e: std::io::Error| format!("cannot write the swap signature on {dev}: {e}");
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(&dev).map_err(failed)?;
+    let bytes = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(failed)?;
+    let page = signature(bytes, &uuid).map_err(|e| format!("swap disk {dev}: {e}"))?;
+    std::os::unix::fs::FileExt::write_all_at(&file, &page, 0).map_err(failed)?;
+    file.sync_all().map_err(failed)?;
+    println!("made {dev} (the guest's disk {}) swap, {} MiB", index + 1, bytes >> 20);
+    Ok(())
 }
 
 /// Where the swap partition goes, in sectors of the table.
@@ -149,6 +183,18 @@ pub fn signature(bytes: u64, uuid: &[u8; 16]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn swap_disk_requests() {
+        let uuid = "0123456789abcdef0123456789ABCDEF";
+        let (index, bytes) = parse_disk_request(&format!("1:{uuid}")).unwrap().unwrap();
+        assert_eq!((index, bytes[0], bytes[15]), (1, 0x01, 0xef));
+        assert_eq!(parse_disk_request("2:01234567-89ab-cdef-0123-456789abcdef").unwrap().unwrap().0, 2);
+        assert_eq!(parse_disk_request("").unwrap(), None);
+        for bad in [format!("0:{uuid}"), format!("x:{uuid}"), "1:0123".into(), uuid.into(), format!("-1:{uuid}")] {
+            assert!(parse_disk_request(&bad).is_err(), "{bad}");
+        }
+    }
     use crate::grow::Partition;
 
     fn table(label: Label, parts: &[(u32, u64, u64)]) -> Table {

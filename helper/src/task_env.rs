@@ -21,6 +21,7 @@ impl TaskEnv {
             ("IMGFORGE_TASK", task.as_str().to_owned()),
             ("IMGFORGE_TARGET", TARGET_DIR.to_owned()),
             ("IMGFORGE_DISK", TARGET_DISK.to_owned()),
+            ("IMGFORGE_EXTRA_DISKS", rules.extra_disks.to_string()),
             ("IMGFORGE_PAYLOAD", PAYLOAD_DIR.to_owned()),
             ("IMGFORGE_STATE", STATE_DIR.to_owned()),
             ("IMGFORGE_RULES", RULES_PATH.to_owned()),
@@ -42,6 +43,10 @@ impl TaskEnv {
             ("IMGFORGE_VERBOSE", yes_no(rules.verbose)),
             ("IMGFORGE_DRY_RUN", yes_no(rules.dry_run)),
             ("IMGFORGE_GUEST_PROGRAMS", yes_no(rules.runs_guest_programs())),
+            (
+                "IMGFORGE_SWAP_DISK",
+                rules.swap_disk.as_ref().map(|s| format!("{}:{}", s.disk, s.uuid)).unwrap_or_default(),
+            ),
             (
                 "IMGFORGE_SWAP",
                 rules.swap.as_ref().map(|s| format!("{}:{}:{}", s.number, s.mib, s.uuid)).unwrap_or_default(),

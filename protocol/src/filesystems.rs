@@ -1,7 +1,7 @@
 //! Filesystems recognized by their superblocks (pure, over the first bytes of a partition):
 //! the host inspects images with it, the helper finds the guest's filesystems with it.
 
-use crate::bytes::{be32, be64, le16, le32};
+use crate::bytes::{be32, be64, le16, le32, le64};
 use serde::Serialize;
 
 /// How many bytes from the start of a partition detection looks at.
@@ -102,12 +102,13 @@ fn simple(b: &[u8]) -> Option<Filesystem> {
     if at(b, 512, 8) == Some(b"LABELONE") && at(b, 512 + 24, 8) == Some(b"LVM2 001") {
         return plain("LVM2_member");
     }
-    if at(b, 0x10040, 8) == Some(b"_BHRfS_M") {
+    if at(b, BTRFS_SUPER + 0x40, 8) == Some(b"_BHRfS_M") {
         return Some(Filesystem {
             kind: "btrfs",
-            label: text(at(b, 0x1012b, 256)?),
-            uuid: uuid(at(b, 0x10020, 16)?),
-            size: None,
+            label: text(at(b, BTRFS_SUPER + 0x12b, 256)?),
+            uuid: uuid(at(b, BTRFS_SUPER + 0x20, 16)?),
+            // What it uses of this device: the whole filesystem's size when it has one device.
+            size: le64(b, BTRFS_DEV_ITEM + 8),
         });
     }
     if at(b, 4086, 10) == Some(b"SWAPSPACE2") {
@@ -139,6 +140,16 @@ fn simple(b: &[u8]) -> Option<Filesystem> {
         }
     }
     None
+}
+
+/// Where a btrfs superblock starts, and its `dev_item` (this device's id, size, use).
+const BTRFS_SUPER: usize = 0x10000;
+const BTRFS_DEV_ITEM: usize = BTRFS_SUPER + 0xc9;
+
+/// The device id of the btrfs device whose first bytes are `b` (what `btrfs filesystem resize
+/// DEVID:max` names), `None` when `b` holds no btrfs superblock.
+pub fn btrfs_devid(b: &[u8]) -> Option<u64> {
+    (at(b, BTRFS_SUPER + 0x40, 8)? == b"_BHRfS_M").then(|| le64(b, BTRFS_DEV_ITEM))?
 }
 
 /// Recognizes the filesystem whose first bytes are `b`.
@@ -191,6 +202,28 @@ mod tests {
                 assert!(fs.uuid.is_some());
             }
         }
+    }
+
+    #[test]
+    fn real_btrfs() {
+        // btrfs wants at least 114 MiB a device.
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
+        let made = std::process::Command::new("mkfs.btrfs").args(["-q", "-f", "-L", "lblb"]).arg(&img).output();
+        if !made.is_ok_and(|o| o.status.success()) {
+            return;
+        }
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes.truncate(PROBE_BYTES);
+        let fs = detect(&bytes).unwrap();
+        assert_eq!((fs.kind, fs.label.as_deref(), fs.size), ("btrfs", Some("lblb"), Some(128 << 20)));
+        assert!(fs.uuid.is_some());
+        assert_eq!(btrfs_devid(&bytes), Some(1));
+        assert_eq!(btrfs_devid(&bytes[..BTRFS_DEV_ITEM + 4]), None);
+        bytes[BTRFS_SUPER + 0x40] = b'X';
+        assert_eq!(btrfs_devid(&bytes), None);
+        assert_eq!(btrfs_devid(&[]), None);
     }
 
     #[test]

@@ -8,6 +8,27 @@ pub const TARGET_SERIAL: &str = "imgforge-target";
 pub const PAYLOAD_SERIAL: &str = "imgforge-payload";
 /// The target disk's device in the helper: the host attaches it as the first virtio disk.
 pub const TARGET_DISK: &str = "/dev/vda";
+/// Serial number prefix of the guest's other disks: `imgforge-disk-2` is the second `-a`.
+const DISK_SERIAL_PREFIX: &str = "imgforge-disk-";
+
+/// Serial number of the guest's disk at `index` in the host's order (0: the target disk,
+/// [`TARGET_SERIAL`]; 1: the second `-a`, `imgforge-disk-2`) (pure).
+pub fn disk_serial(index: usize) -> String {
+    if index == 0 {
+        TARGET_SERIAL.to_owned()
+    } else {
+        format!("{DISK_SERIAL_PREFIX}{}", index + 1)
+    }
+}
+
+/// The index in the host's order of the guest disk with `serial`, if it is one (pure).
+pub fn disk_index(serial: &str) -> Option<usize> {
+    if serial == TARGET_SERIAL {
+        return Some(0);
+    }
+    let n: usize = serial.strip_prefix(DISK_SERIAL_PREFIX)?.parse().ok()?;
+    (n >= 2 && serial == disk_serial(n - 1)).then(|| n - 1)
+}
 
 /// Where the host puts the task scripts in the helper image, and the helper runs them from.
 pub const TASKS_DIR: &str = "/usr/lib/imgforge/tasks";
@@ -50,6 +71,18 @@ mod tests {
         ];
         for (cmdline, want) in cases {
             assert_eq!(preload_names(cmdline), *want, "{cmdline}");
+        }
+    }
+
+    #[test]
+    fn disk_serials() {
+        assert_eq!(disk_serial(0), TARGET_SERIAL);
+        assert_eq!(disk_serial(1), "imgforge-disk-2");
+        for i in [0, 1, 2, 15] {
+            assert_eq!(disk_index(&disk_serial(i)), Some(i));
+        }
+        for other in [PAYLOAD_SERIAL, "imgforge-disk-1", "imgforge-disk-0", "imgforge-disk-02", "imgforge-disk-x", ""] {
+            assert_eq!(disk_index(other), None, "{other}");
         }
     }
 

@@ -100,6 +100,30 @@ pub struct Rules {
     /// FixPartitionTable, which grows the last partition only up to it.
     #[serde(default)]
     pub swap: Option<SwapPartition>,
+    /// How many disks the host attached besides the first (`customize -a D1 -a D2`, a Ganeti
+    /// instance's other disks): the helper finds each by its serial
+    /// ([`crate::helper_vm::disk_serial`]) and looks for the guest's filesystems on all of them.
+    #[serde(default)]
+    pub extra_disks: u32,
+    /// snf-image's `SWAP=<disk letter>`: a whole disk of the guest made swap (task AddSwap).
+    #[serde(default)]
+    pub swap_disk: Option<SwapDisk>,
+    /// snf-image's `ALLOW_MOUNTED_TASK_OVERWRITING`: the task variables an image's
+    /// `/root/snf-image/helper/overwrite_task_<Name>` runs with, in place of the operations of
+    /// [`Operation::Task`] `<Name>`; `None`: such files are ignored.
+    #[serde(default)]
+    pub task_overwriting: Option<Vec<(String, String)>>,
+}
+
+/// A whole disk to make swap (snf-image's `SWAP=<disk letter>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapDisk {
+    /// Its index among the disks the host attached, in their order (1: the second; never 0,
+    /// the disk the image is on).
+    pub disk: u32,
+    /// The UUID its swap signature carries (and the fstab entry names).
+    pub uuid: String,
 }
 
 /// A swap partition to add (snf-image's `SWAP=<partition id>:<size>`).
@@ -138,6 +162,9 @@ impl Rules {
             verbose: false,
             dry_run: false,
             swap: None,
+            extra_disks: 0,
+            swap_disk: None,
+            task_overwriting: None,
         }
     }
 
@@ -162,16 +189,22 @@ impl Rules {
     /// Whether the run starts programs of the guest (chrooted commands and scripts, package
     /// installs), so that the helper warms the guest's shell and C library ahead of them.
     pub fn runs_guest_programs(&self) -> bool {
-        self.changes_packages()
-            || self.operations.iter().any(|op| {
-                matches!(
+        fn runs(op: &Operation) -> bool {
+            match op {
+                Operation::Task { operations, .. } => operations.iter().any(runs),
+                _ => matches!(
                     op,
                     Operation::Run { .. }
                         | Operation::RunTask { .. }
                         | Operation::RunCommand { .. }
                         | Operation::RegenerateSshHostKeys
-                )
-            })
+                ),
+            }
+        }
+        self.changes_packages()
+            || self.operations.iter().any(runs)
+            // An overwritten task runs the image's own program.
+            || (self.task_overwriting.is_some() && self.operations.iter().any(|op| matches!(op, Operation::Task { .. })))
     }
 }
 
@@ -441,6 +474,20 @@ pub enum Operation {
         /// What goes into the seed and the snippets.
         seed: CloudInitSeed,
     },
+    /// Set `local-hostname` in the guest's NoCloud seed (a rename under snf-image's
+    /// `CLOUD_INIT`: cloud-init, which owns the hostname, applies it at the next boot).
+    CloudInitHostname {
+        /// The new host name (validated on the host).
+        name: String,
+    },
+    /// One of snf-image's configuration tasks (`AssignHostname`, ...): its operations, which an
+    /// image's `overwrite_task_<name>` replaces when [`Rules::task_overwriting`] is set.
+    Task {
+        /// snf-image's task name.
+        name: String,
+        /// What imgforge does for the task (none when it has nothing to do).
+        operations: Vec<Operation>,
+    },
 }
 
 /// A user or group as the rules name it: a number, or a name the helper looks up in the
@@ -522,6 +569,20 @@ pub struct CloudInitSeed {
     pub delete_ssh_keys: bool,
     /// `network: {config: disabled}`: the network is configured in the guest's own files.
     pub network_disabled: bool,
+    /// A swap file cloud-init makes at first boot (AddSwap under `CLOUD_INIT`).
+    #[serde(default)]
+    pub swap: Option<CloudInitSwap>,
+}
+
+/// cloud-init's `swap` module settings, as snf-image's AddSwap writes them under `CLOUD_INIT`
+/// (`size: auto`, bounded by `maxsize`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitSwap {
+    /// The swap file's path in the guest (`/swap-<random>.img`).
+    pub filename: String,
+    /// Its largest size in bytes (`SWAP`'s MB).
+    pub max_bytes: u64,
 }
 
 impl Operation {
@@ -559,6 +620,8 @@ impl Operation {
             Operation::RegenerateSshHostKeys => "--regenerate-ssh-host-keys",
             Operation::Network { .. } => "network (Ganeti NICs)",
             Operation::CloudInit { .. } => "cloud-init seed (Ganeti CLOUD_INIT)",
+            Operation::CloudInitHostname { .. } => "cloud-init hostname (Ganeti rename)",
+            Operation::Task { .. } => "a configuration task (Ganeti)",
         }
     }
 
@@ -596,6 +659,8 @@ impl Operation {
             Operation::ResetMachineId | Operation::RegenerateSshHostKeys => self.option_name().to_owned(),
             Operation::Network { nics, .. } => format!("network configuration of {} NIC(s)", nics.len()),
             Operation::CloudInit { .. } => self.option_name().to_owned(),
+            Operation::CloudInitHostname { name } => format!("cloud-init local-hostname {name}"),
+            Operation::Task { name, operations } => format!("task {name} ({} operation(s))", operations.len()),
         }
     }
 }
@@ -603,6 +668,26 @@ impl Operation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// snf-image's tasks travel as groups, and the image's programs count as guest programs
+    /// only when overwriting is allowed.
+    #[test]
+    fn task_groups_round_trip_and_run_guest_programs() {
+        let mut r = Rules::new();
+        r.operations = vec![Operation::Task {
+            name: "AssignHostname".into(),
+            operations: vec![Operation::Hostname { name: "h".into() }],
+        }];
+        assert!(!r.runs_guest_programs());
+        r.task_overwriting = Some(vec![("SNF_IMAGE_TARGET".into(), "/".into())]);
+        assert!(r.runs_guest_programs());
+        assert_eq!(Rules::from_json(&r.to_json()).unwrap(), r);
+        r.task_overwriting = None;
+        r.operations =
+            vec![Operation::Task { name: "DeleteSSHKeys".into(), operations: vec![Operation::RegenerateSshHostKeys] }];
+        assert!(r.runs_guest_programs());
+        assert_eq!(r.operations[0].describe(), "task DeleteSSHKeys (1 operation(s))");
+    }
 
     fn sample() -> Rules {
         let mut r = Rules::new();

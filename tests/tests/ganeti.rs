@@ -275,7 +275,7 @@ fn verify_rejects_bad_parameters_before_touching_a_disk() {
         ("OSP_IMG_ID", "local://nonexistent", "no such image"),
         ("OSP_IMG_PROPERTIES", r#"{"PASSWD_HASHING_METHOD": "blowfish"}"#, "glibc's own crypt cannot check it"),
         ("OSP_IMG_PROPERTIES", r#"{"passwd_hashing_method": "sha1"}"#, "PASSWD_HASHING_METHOD"),
-        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#, "SWAP"),
+        ("OSP_IMG_PROPERTIES", r#"{"SWAP": "a"}"#, "cannot be the first disk"),
         ("OSP_IMG_PROPERTIES", r#"{"custom_task": "rm -rf /"}"#, "CUSTOM_TASK is not base64"),
     ] {
         let mut env = vec![("OSP_IMG_ID", "debian")];
@@ -623,6 +623,57 @@ fn cloud_init_seed_and_nm_networking() {
     assert!(!m.join("/etc/systemd/network/50-imgforge-nic0.network").exists());
 }
 
+/// Under CLOUD_INIT, snf-image's AddSwap ignores the swap partition and has cloud-init make a
+/// swap file (`swap:` with `size: auto` and `maxsize`), and FixPartitionTable makes no
+/// partition; a rename then sets the seed's local-hostname (cloud-init owns the hostname),
+/// keeping its instance-id and the guest's files.
+#[test]
+fn cloud_init_swap_file_and_rename() {
+    let s = site();
+    image_with(&s, Shape::DosExt4, "cloud.img", |m| {
+        std::fs::create_dir_all(m.join("/etc/cloud/cloud.cfg.d")).unwrap();
+        put(m, "/etc/hostname", "image-hostname\n");
+    });
+    let fstab_before =
+        Mount::partition(&s.config.parent().unwrap().join("images/cloud.img"), 0).unwrap().read("/etc/fstab").unwrap();
+    let disk = s.disk("cs.disk0");
+    let disk_str = disk.to_str().unwrap();
+    let properties = r#"{"Cloud_Init": "yes", "swap": "2:256"}"#;
+    let out = s.create("cs1.example.com", disk_str, &[("OSP_IMG_ID", "cloud.img"), ("OSP_IMG_PROPERTIES", properties)]);
+    assert!(out.status.success());
+    let parts = imgforge_tests::readback::partitions(&disk).unwrap();
+    assert_eq!(parts.len(), 1, "a swap partition was made under CLOUD_INIT");
+    {
+        let m = Mount::partition(&disk, 0).unwrap();
+        let cfg = m.read("/etc/cloud/cloud.cfg.d/98_snf-image-AddSwap.cfg").unwrap();
+        let file = cfg
+            .strip_prefix("swap:\n  filename: /swap-")
+            .and_then(|rest| rest.split_once(".img\n"))
+            .filter(|(n, _)| n.parse::<u16>().is_ok_and(|n| n < 32768))
+            .map(|(_, rest)| rest);
+        assert_eq!(file, Some("  size: auto\n  maxsize: 268435456\n"), "{cfg}");
+        assert_eq!(m.read("/etc/fstab").unwrap(), fstab_before, "AddSwap wrote fstab under CLOUD_INIT");
+    }
+    let out = s.run(
+        "rename",
+        &[
+            ("INSTANCE_NAME", "cs2.example.com"),
+            ("OLD_INSTANCE_NAME", "cs1.example.com"),
+            ("DISK_0_PATH", disk_str),
+            ("OSP_IMG_ID", "cloud.img"),
+            ("OSP_IMG_PROPERTIES", properties),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let m = Mount::partition(&disk, 0).unwrap();
+    assert_eq!(
+        m.read("/var/lib/cloud/seed/nocloud-net/meta-data").unwrap(),
+        "instance-id: \"cs1.example.com\"\nlocal-hostname: \"cs2.example.com\"\n"
+    );
+    assert_eq!(m.read("/etc/hostname").unwrap(), "image-hostname\n");
+}
+
 fn base64(data: &str) -> String {
     sh(Command::new("sh").args(["-c", "printf %s \"$1\" | base64", "sh", data])).unwrap().trim().to_owned()
 }
@@ -766,6 +817,96 @@ fn exclude_mounted_tasks_grows_the_image_and_customizes_nothing() {
     assert!(m.read("/etc/custom-task-ran").is_err(), "the custom task ran");
 }
 
+fn put_executable(m: &Mount, path: &str, text: &str) {
+    put(m, path, text);
+    std::fs::set_permissions(m.join(path), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// snf-image's `ALLOW_MOUNTED_TASK_OVERWRITING`: the image's
+/// `/root/snf-image/helper/overwrite_task_<Task>` (any case, any depth below) runs instead of
+/// the task, chrooted and confined with snf-image's task variables: exit 0 skips the task's
+/// work (AssignHostname: the image keeps its hostname), 101 runs it between `pre-exec` and
+/// `post-exec` (ChangeMachineId), any other status fails create. Unset, the same files are
+/// ignored.
+#[test]
+fn the_image_overwrites_mounted_tasks_when_allowed() {
+    let s = site();
+    let helper = "/root/snf-image/helper";
+    image_with(&s, Shape::DosExt4, "ow.img", |m| {
+        put(m, "/etc/hostname", "image-hostname\n");
+        put(m, "/etc/machine-id", IMAGE_MACHINE_ID);
+        put_executable(
+            m,
+            &format!("{helper}/overwrite_task_AssignHostname"),
+            r#"#!/bin/sh
+out=/etc/overwrite-AssignHostname
+echo "$1 target=$SNF_IMAGE_TARGET hostname=$SNF_IMAGE_HOSTNAME allow=$SNF_IMAGE_PROPERTY_ALLOW_MOUNTED_TASK_OVERWRITING" > $out
+for dev in /dev/vda /dev/ttyS1 /dev/fd0; do [ -e "$dev" ] && echo "reached $dev" >> $out; done
+exit 0
+"#,
+        );
+        put_executable(
+            m,
+            &format!("{helper}/sub/Overwrite_Task_ChangeMachineId"),
+            r#"#!/bin/sh
+echo "$1 $(cat /etc/machine-id)" >> /etc/overwrite-ChangeMachineId
+[ "$1" = pre-exec ] && exit 101
+exit 0
+"#,
+        );
+        // Any other status fails the task (here only for instance ow3).
+        put_executable(
+            m,
+            &format!("{helper}/overwrite_task_DeleteSSHKeys"),
+            "#!/bin/sh\n[ \"$SNF_IMAGE_HOSTNAME\" = ow3 ] && { echo overwrite says no; exit 3; }\n[ \"$1\" = pre-exec ] && exit 101\nexit 0\n",
+        );
+    });
+    let disk = s.disk("ow3.disk0");
+    let properties = r#"{"ALLOW_MOUNTED_TASK_OVERWRITING": "yes"}"#;
+    let out = s.create("ow3", disk.to_str().unwrap(), &[("OSP_IMG_ID", "ow.img"), ("OSP_IMG_PROPERTIES", properties)]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an overwriting program exiting 3 did not fail create");
+    assert!(log.contains("task DeleteSSHKeys") && log.contains("pre-exec exited with status 3"), "{log}");
+    let image_id = IMAGE_MACHINE_ID.trim();
+    for (name, allow) in [("ow1", true), ("ow2", false)] {
+        let disk = s.disk(&format!("{name}.disk0"));
+        let properties = serde_json::json!({"Allow_Mounted_Task_Overwriting": if allow { "yes" } else { "no" }});
+        let out = s.create(
+            name,
+            disk.to_str().unwrap(),
+            &[("OSP_IMG_ID", "ow.img"), ("OSP_IMG_PROPERTIES", &properties.to_string())],
+        );
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {log}");
+        assert!(!log.contains("not honoured"), "{log}");
+        let m = Mount::partition(&disk, 0).unwrap();
+        let id = m.read("/etc/machine-id").unwrap();
+        assert!(id.trim() != image_id && id.len() == 33, "{name}: ChangeMachineId did not run: {id:?}");
+        if allow {
+            assert!(log.contains("task AssignHostname was overwritten by the image's"), "{log}");
+            assert_eq!(m.read("/etc/hostname").unwrap(), "image-hostname\n", "AssignHostname's own work ran");
+            assert_eq!(
+                m.read("/etc/overwrite-AssignHostname").unwrap(),
+                "pre-exec target=/ hostname=ow1 allow=yes\n",
+                "the overwriting program did not run once, confined, with snf-image's variables"
+            );
+            assert_eq!(
+                m.read("/etc/overwrite-ChangeMachineId").unwrap(),
+                format!("pre-exec {image_id}\npost-exec {}\n", id.trim()),
+                "101 did not run the task between pre-exec and post-exec"
+            );
+        } else {
+            assert_eq!(m.read("/etc/hostname").unwrap(), "ow2\n");
+            for task in ["AssignHostname", "ChangeMachineId"] {
+                assert!(
+                    m.read(&format!("/etc/overwrite-{task}")).is_err(),
+                    "{task} was overwritten though not allowed"
+                );
+            }
+        }
+    }
+}
+
 /// The partition `number` of `disk` as sfdisk lists it: start and size in sectors, type.
 fn sfdisk_partition(disk: &Path, number: u32) -> (u64, u64, String) {
     let json: serde_json::Value =
@@ -845,6 +986,52 @@ fn create_adds_the_swap_partition_snf_image_adds() {
             assert!(verify.contains("No problems found"), "{verify}");
         }
     }
+}
+
+/// snf-image's `SWAP=<disk letter>`: the instance's second disk (`DISK_1_PATH`) made swap,
+/// whole, its signature's UUID in the guest's fstab; a letter past `DISK_COUNT` is refused
+/// before any disk is written. Read back with blkid -p and the test's own mount.
+#[test]
+fn create_makes_the_second_disk_swap() {
+    let s = site();
+    let disk0 = s.disk("swd.disk0");
+    let disk1 = s.disks.join("swd.disk1");
+    // A used disk: what was there must not survive as a filesystem signature.
+    sh(Command::new("truncate").args(["-s", "96M"]).arg(&disk1)).unwrap();
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk1)).unwrap();
+    let (d0, d1) = (disk0.to_str().unwrap(), disk1.to_str().unwrap());
+    let properties = r#"{"SWAP": "B"}"#;
+    let refused = s.create(
+        "swd",
+        d0,
+        &[
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#),
+            ("DISK_COUNT", "2"),
+            ("DISK_1_PATH", d1),
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no such disk"));
+    let before1 = sha256(&disk1);
+    let out = s.create(
+        "swd",
+        d0,
+        &[("OSP_IMG_ID", "debian"), ("OSP_IMG_PROPERTIES", properties), ("DISK_COUNT", "2"), ("DISK_1_PATH", d1)],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(sha256(&disk1), before1, "the second disk was not written");
+    let probe = |tag: &str| {
+        let out = Command::new("blkid").args(["-p", "-o", "value", "-s", tag]).arg(&disk1).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(probe("TYPE"), "swap", "no swap signature on the second disk");
+    let uuid = probe("UUID");
+    assert_eq!(uuid.len(), 36, "{uuid}");
+    let m = Mount::partition(&disk0, 0).unwrap();
+    let fstab = m.read("/etc/fstab").unwrap();
+    assert!(fstab.ends_with(&format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0\n")), "{fstab}");
+    assert_eq!(m.read("/etc/hostname").unwrap(), "swd\n");
 }
 
 /// A small raw "image" of `len` bytes that differ from block to block (no VM reads it: the

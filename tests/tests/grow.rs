@@ -301,3 +301,86 @@ fn customize_grow_and_its_tasks_excluded_by_name() {
     let fs = ext_bytes(&Loop::of(&img, &q).0);
     assert!(fs > q.size * SECTOR - (4 << 20), "the filesystem did not grow into its partition: {fs}");
 }
+
+/// A field of `btrfs inspect-internal dump-super` (`total_bytes`, `dev_item.devid`, ...).
+fn dump_super_field(dump: &str, name: &str) -> u64 {
+    dump.lines()
+        .find_map(|l| l.strip_prefix(name).filter(|rest| rest.starts_with([' ', '\t'])))
+        .unwrap_or_else(|| panic!("no {name} in dump-super:\n{dump}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Size of the btrfs filesystem on `dev` and what it uses of `dev`, checked clean first
+/// (btrfs check --readonly).
+fn btrfs_bytes(dev: &str) -> (u64, u64) {
+    sh(Command::new("btrfs").args(["check", "--readonly", dev])).expect("the btrfs filesystem is clean");
+    let dump = sh(Command::new("btrfs").args(["inspect-internal", "dump-super", dev])).unwrap();
+    (dump_super_field(&dump, "total_bytes"), dump_super_field(&dump, "dev_item.total_bytes"))
+}
+
+/// A GPT disk with one btrfs root partition of `fs_bytes`, made from the fixture's root tree
+/// with `mkfs.btrfs --rootdir` (nothing mounted on the host).
+fn btrfs_guest(dir: &Path, fs_bytes: u64) -> PathBuf {
+    let fs = dir.join("root.btrfs");
+    std::fs::File::create(&fs).unwrap().set_len(fs_bytes).unwrap();
+    sh(Command::new("mkfs.btrfs").args(["-q", "-L", "root", "--rootdir"]).arg(fixtures::rootfs().unwrap()).arg(&fs))
+        .expect("mkfs.btrfs --rootdir (apt-get install btrfs-progs)");
+    let image = dir.join("btrfs.img");
+    // 1 MiB before the partition, 1 MiB after it for the backup GPT.
+    std::fs::File::create(&image).unwrap().set_len(fs_bytes + (2 << 20)).unwrap();
+    let mut child = Command::new("sfdisk")
+        .args(["-q", "--label", "gpt"])
+        .arg(&image)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!("start=2048, size={}, type=L, name=root\n", fs_bytes / SECTOR);
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+    sh(Command::new("dd").arg(format!("if={}", fs.display())).arg(format!("of={}", image.display())).args([
+        "bs=1M",
+        "seek=1",
+        "conv=notrunc,sparse",
+        "status=none",
+    ]))
+    .unwrap();
+    std::fs::remove_file(&fs).unwrap();
+    image
+}
+
+#[test]
+fn gpt_btrfs_root_grows_mounted_to_the_end_of_a_larger_target() {
+    fixtures::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let image = btrfs_guest(dir.path(), 768 << 20);
+    let before = parts(&image);
+    assert_eq!(btrfs_bytes(&Loop::of(&image, &before[0]).0), (768 << 20, 768 << 20));
+    let (target, ended) = deploy_larger(&image, dir.path(), GIB, &["--hostname", "btrfs1"]);
+    for task in ["08-FixPartitionTable", "16-FilesystemResizeMounted"] {
+        assert!(ended.iter().any(|t| t == task), "{task} did not run: {ended:?}");
+    }
+    sgdisk_clean(&target);
+    let after = parts(&target);
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].last(), sectors(&target) - 34, "the root partition does not reach the backup GPT");
+    assert_eq!((&after[0].start, &after[0].uuid, &after[0].name), (&before[0].start, &before[0].uuid, &before[0].name));
+    let root = Loop::of(&target, &after[0]);
+    let (total, on_device) = btrfs_bytes(&root.0);
+    let partition = after[0].size * SECTOR;
+    // btrfs grows in whole sectors of 4 KiB.
+    assert!(total == on_device && total > partition - 4096, "btrfs not grown: {total} of {partition} bytes");
+    // The customization landed in the grown filesystem: read back without mounting it.
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    sh(Command::new("btrfs").args(["restore", "--path-regex", "^/(|etc(|/hostname))$", &root.0]).arg(&out)).unwrap();
+    assert_eq!(std::fs::read_to_string(out.join("etc/hostname")).unwrap(), "btrfs1\n");
+    drop(root);
+    // verify checks the btrfs read-only (btrfs check --readonly in the helper).
+    let out = imgforge(&["verify", "--accel", "tcg", "--json", &s(&target)]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((code(&out), &report["ok"]), (0, &serde_json::Value::Bool(true)), "{report}");
+    let checks = report["checks"].as_array().unwrap();
+    assert!(checks.iter().any(|c| c["name"] == "filesystem-vda1"), "btrfs not checked: {report}");
+}

@@ -1,19 +1,44 @@
 //! Differential: one virt-customize command line given to virt-customize (libguestfs-tools,
 //! direct backend, TCG) and to `imgforge customize`, on two copies of one fixture; both guest
 //! trees read back with the test's own read-only mounts and compared path by path (type, mode,
-//! owner, bytes, link target).
+//! owner, bytes, link target). `/etc/shadow` is compared but for the salts (same lines, same
+//! hash method, each hash checked against its password), and the firstboot scripts by what
+//! they run, each tool keeping them in its own place.
 
 use imgforge_tests::fixtures::{self, Shape};
-use imgforge_tests::readback::Mount;
+use imgforge_tests::readback::{password_matches, Mount};
 use imgforge_tests::run::{code, customize_tcg, s};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-/// Paths where virt-customize differs from itself between two runs of [`ops`] on the same
-/// fixture (found by running it twice and comparing the trees as below): the shadow field, for
-/// its random salt.
-const SELF_DIFFERENT: &[&str] = &["/etc/shadow"];
+/// The root password and alice's ([`ops`]).
+const ROOT_PASSWORD: &str = "Diff-Pw-1";
+const ALICE_PASSWORD: &str = "Alice-Pw-2";
+
+/// Where each tool keeps its firstboot scripts, and the rest of its firstboot machinery (the
+/// runner, its systemd unit and the unit's link), which the README lists as a difference:
+/// virt-customize's is guestfs-firstboot.service running /usr/lib/virt-sysprep/firstboot.sh,
+/// also linked as a SysV init script (imgforge has only the systemd unit).
+const VC_FIRSTBOOT_SCRIPTS: &str = "/usr/lib/virt-sysprep/scripts";
+const VC_FIRSTBOOT: &[&str] = &[
+    "/usr/lib/virt-sysprep",
+    "/usr/lib/virt-sysprep/firstboot.sh",
+    "/usr/lib/systemd/system/guestfs-firstboot.service",
+    "/etc/systemd/system/multi-user.target.wants/guestfs-firstboot.service",
+    "/etc/init.d/guestfs-firstboot",
+    "/etc/rc2.d/S99guestfs-firstboot",
+    "/etc/rc3.d/S99guestfs-firstboot",
+    "/etc/rc5.d/S99guestfs-firstboot",
+];
+const IF_FIRSTBOOT_SCRIPTS: &str = "/usr/lib/imgforge/firstboot/scripts";
+const IF_FIRSTBOOT: &[&str] = &[
+    "/usr/lib/imgforge",
+    "/usr/lib/imgforge/firstboot",
+    "/usr/lib/imgforge/firstboot/run",
+    "/etc/systemd/system/imgforge-firstboot.service",
+    "/etc/systemd/system/multi-user.target.wants/imgforge-firstboot.service",
+];
 
 /// Differences the README lists, with why imgforge differs: virt-customize's `--run-command`
 /// log, which imgforge does not write; `/etc/timezone`, which virt-customize 1.48 leaves naming
@@ -66,7 +91,8 @@ fn tree(root: &Path) -> BTreeMap<String, Entry> {
 }
 
 /// The command line both tools get: every operation virt-customize 1.48 runs offline on a
-/// Debian guest (it has no `--chown`; packages need its network).
+/// Debian guest (it has no `--chown`; packages need its network, `--firstboot-install` only
+/// at the first boot).
 fn ops(work: &Path) -> Vec<String> {
     let tree_dir = work.join("tree");
     std::fs::create_dir_all(tree_dir.join("sub")).unwrap();
@@ -75,6 +101,15 @@ fn ops(work: &Path) -> Vec<String> {
     std::fs::write(work.join("up.txt"), "up\n").unwrap();
     let upload = format!("{}:/opt/", s(&work.join("up.txt")));
     let copy_in = format!("{}:/opt", s(&tree_dir));
+    let firstboot = work.join("first.sh");
+    std::fs::write(&firstboot, "#!/bin/sh\necho first > /root/fb1\n").unwrap();
+    let commands = work.join("commands.txt");
+    std::fs::write(
+        &commands,
+        "# virt-customize's commands file\nwrite /etc/cf:from-file\nmkdir /opt/cf\n\nwrite /etc/cf2:two \\\n  lines\nchmod 0640:/etc/cf\n",
+    )
+    .unwrap();
+    let (firstboot, commands) = (s(&firstboot), s(&commands));
     [
         "--no-network",
         "--hostname",
@@ -113,14 +148,75 @@ fn ops(work: &Path) -> Vec<String> {
         "/etc/issue.net",
         "--truncate-recursive",
         "/opt/a",
+        "--ssh-inject",
+        "alice:string:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDiffKeyAlice alice@diff",
+        "--ssh-inject",
+        "root:string:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDiffKeyRoot root@diff",
+        "--firstboot",
+        &firstboot,
+        "--firstboot-command",
+        "touch /root/fb2",
+        "--firstboot-install",
+        "htop,tree",
+        "--commands-from-file",
+        &commands,
         "--password-crypto",
         "md5",
         "--root-password",
-        "password:Diff-Pw-1",
+        &format!("password:{ROOT_PASSWORD}"),
+        "--password",
+        &format!("alice:password:{ALICE_PASSWORD}"),
     ]
     .iter()
     .map(|a| a.to_string())
     .collect()
+}
+
+/// What a firstboot script runs: its lines trimmed, without its `#!` line, comments and empty
+/// lines (virt-customize writes a `--firstboot-command` bare and its install script indented).
+fn script_lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The firstboot scripts under `dir` of `tree`, in the order they run, by what they run.
+fn firstboot_scripts(tree: &BTreeMap<String, Entry>, dir: &str) -> Vec<(u32, Vec<String>)> {
+    let prefix = format!("{dir}/");
+    tree.iter()
+        .filter(|(path, _)| path.starts_with(&prefix))
+        .map(|(_, e)| (e.mode, script_lines(e.bytes.as_deref().unwrap_or_default())))
+        .collect()
+}
+
+/// Compares two `/etc/shadow` files line by line: every field equal but the password hashes,
+/// which must use one method (`$1$`, md5-crypt) and each match its password.
+fn shadow_differences(vc: &str, imgforge: &str) -> Vec<String> {
+    let (a, b): (Vec<&str>, Vec<&str>) = (vc.lines().collect(), imgforge.lines().collect());
+    if a.len() != b.len() {
+        return vec![format!("/etc/shadow: virt-customize has {} lines, imgforge {}", a.len(), b.len())];
+    }
+    let mut out = Vec::new();
+    for (la, lb) in a.iter().zip(&b) {
+        let (fa, fb): (Vec<&str>, Vec<&str>) = (la.split(':').collect(), lb.split(':').collect());
+        let password = match fa[0] {
+            "root" => Some(ROOT_PASSWORD),
+            "alice" => Some(ALICE_PASSWORD),
+            _ => None,
+        };
+        let same_but_hash = fa.len() == fb.len() && fa.iter().zip(&fb).enumerate().all(|(i, (x, y))| i == 1 || x == y);
+        let hashes_ok = match password {
+            Some(pw) => [fa[1], fb[1]].iter().all(|h| h.starts_with("$1$") && password_matches(pw, h)),
+            None => fa.get(1) == fb.get(1),
+        };
+        if !same_but_hash || !hashes_ok {
+            out.push(format!("/etc/shadow: virt-customize {la:?}, imgforge {lb:?}"));
+        }
+    }
+    out
 }
 
 #[test]
@@ -150,10 +246,23 @@ fn virt_customize_and_imgforge_leave_the_same_guest() {
     let m_vc = Mount::partition(&img_vc, 0).unwrap();
     let m_if = Mount::partition(&img_if, 0).unwrap();
     let (t_vc, t_if) = (tree(m_vc.path()), tree(m_if.path()));
-    assert!(t_if.contains_key("/opt/tree/sub/l") && t_if.contains_key("/opt/a/hosts"), "the operations ran");
-    let mut differences = Vec::new();
+    for path in ["/opt/tree/sub/l", "/opt/a/hosts", "/home/alice/.ssh/authorized_keys", "/opt/cf"] {
+        assert!(t_if.contains_key(path), "the operations ran: no {path}");
+    }
+    let mut differences = shadow_differences(&m_vc.read("/etc/shadow").unwrap(), &m_if.read("/etc/shadow").unwrap());
+    let (fb_vc, fb_if) =
+        (firstboot_scripts(&t_vc, VC_FIRSTBOOT_SCRIPTS), firstboot_scripts(&t_if, IF_FIRSTBOOT_SCRIPTS));
+    assert_eq!(fb_vc.len(), 3, "virt-customize's firstboot scripts: {fb_vc:?}");
+    if fb_vc != fb_if {
+        differences.push(format!("firstboot scripts: virt-customize {fb_vc:?}, imgforge {fb_if:?}"));
+    }
+    let firstboot = |path: &str| {
+        [VC_FIRSTBOOT_SCRIPTS, IF_FIRSTBOOT_SCRIPTS].iter().any(|d| path.starts_with(d))
+            || VC_FIRSTBOOT.contains(&path)
+            || IF_FIRSTBOOT.contains(&path)
+    };
     for path in t_vc.keys().chain(t_if.keys().filter(|k| !t_vc.contains_key(*k))) {
-        if SELF_DIFFERENT.contains(&path.as_str()) || DOCUMENTED.contains(&path.as_str()) {
+        if path == "/etc/shadow" || DOCUMENTED.contains(&path.as_str()) || firstboot(path) {
             continue;
         }
         let (a, b) = (t_vc.get(path), t_if.get(path));
@@ -169,10 +278,4 @@ fn virt_customize_and_imgforge_leave_the_same_guest() {
     }
     // (A difference in bytes alone shows as two equal summaries: the contents differ.)
     assert!(differences.is_empty(), "{} differences:\n{}", differences.len(), differences.join("\n"));
-    // Both wrote an MD5-crypt root password.
-    let shadow = |m: &Mount| m.read("/etc/shadow").unwrap();
-    for text in [shadow(&m_vc), shadow(&m_if)] {
-        let field = text.lines().find_map(|l| l.strip_prefix("root:")).unwrap().split(':').next().unwrap().to_owned();
-        assert!(field.starts_with("$1$"), "{field}");
-    }
 }

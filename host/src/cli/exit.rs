@@ -102,9 +102,10 @@ fn job_status(e: &JobError) -> ExitStatus {
         E::Liveimg(_) => ExitStatus::BadInput,
         E::Vm(vm) => vm_status(vm),
         E::HelperUser(crate::vm::privilege::PrivilegeError::Dynamic(_)) => ExitStatus::Environment,
-        E::Target(_) | E::HelperUser(_) | E::Overlay(crate::job::overlay::OverlayError::Refused { .. }) => {
-            ExitStatus::BadInput
-        }
+        E::Target(_)
+        | E::HelperUser(_)
+        | E::SameDisk { .. }
+        | E::Overlay(crate::job::overlay::OverlayError::Refused { .. }) => ExitStatus::BadInput,
         E::Floppy(FloppyError::TooLarge(_)) | E::Payload(PayloadError::Source { .. }) => ExitStatus::BadInput,
         E::TaskFailed { .. } => ExitStatus::CustomizationFailed,
         E::HelperImage(_)
@@ -114,6 +115,7 @@ fn job_status(e: &JobError) -> ExitStatus {
         | E::Overlay(_)
         | E::Panicked(..)
         | E::Publish { .. }
+        | E::PartlyCommitted { .. }
         | E::StartZeroed { .. } => ExitStatus::Environment,
     }
 }

@@ -180,18 +180,21 @@ struct VmArgs {
 
 #[derive(Debug, Args)]
 struct CustomizeArgs {
-    /// The disk image (raw or qcow2) or block device to customize in place (one: a guest on
-    /// several disks is not supported yet).
+    /// A disk image (raw or qcow2) or block device to customize in place; given several times
+    /// for a guest on several disks (the root filesystem on any of them, the others mounted by
+    /// the guest's fstab; every disk changes only if every operation succeeded).
     #[arg(short = 'a', long = "add", value_name = "DISK")]
     disk: Vec<PathBuf>,
     /// Without -a: print "imgforge" and then what this build supports, one word a line, and
     /// exit (guestfs-tools' shape). FORMAT: stream:stdout (default), stream:stderr, file:NAME.
     #[arg(long, value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "stream:stdout")]
     machine_readable: Option<String>,
-    /// The disk's format, as given: raw is used as raw whatever its first bytes look like;
-    /// auto (the default) reads it from the header.
-    #[arg(long, value_enum, default_value_t = DiskFormatArg::Auto)]
-    format: DiskFormatArg,
+    /// The format of the -a disks that follow, as given: raw is used as raw whatever its first
+    /// bytes look like; auto (the default) reads it from the header again. After the last -a
+    /// it is refused, as virt-customize does, except with one -a and no --format before it
+    /// (imgforge's older form: it then applies to that disk).
+    #[arg(long, value_enum)]
+    format: Vec<DiskFormatArg>,
     /// Progress output: auto (a bar on a terminal), bar, json (lines on stdout), none.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
@@ -417,29 +420,52 @@ fn vm_settings(vm: &VmArgs, verbose: u8, trace: bool) -> Result<VmSettings, Fail
 
 /// The progress display: `-q` shows none, whatever `--progress` says (JSON lines are output,
 /// not progress for a person, and stay).
-/// What `customize` works on: one disk, or (`--machine-readable` without `-a`) nothing but
-/// the capability lines.
+/// What `customize` works on: the guest's disks, each with the `--format` that stood before
+/// it, or (`--machine-readable` without `-a`) nothing but the capability lines.
 #[derive(Debug, PartialEq)]
 enum CustomizeDisk {
-    One(PathBuf),
+    Disks(Vec<(PathBuf, DiskFormatArg)>),
     Capabilities(machine_readable::Output),
 }
 
-/// Checks `-a` and `--machine-readable` together.
-fn customize_disk(args: &CustomizeArgs) -> Result<CustomizeDisk, Failure> {
+/// Checks `-a`, `--format` and `--machine-readable` together; `sub` gives where each `-a` and
+/// `--format` stood.
+fn customize_disk(args: &CustomizeArgs, sub: &ArgMatches) -> Result<CustomizeDisk, Failure> {
     let output =
         args.machine_readable.as_deref().map(machine_readable::parse).transpose().map_err(Failure::bad_input)?;
-    match (args.disk.as_slice(), output) {
-        ([], Some(output)) => Ok(CustomizeDisk::Capabilities(output)),
-        ([], None) => Err(Failure::bad_input("customize needs the disk to customize: -a DISK")),
-        ([_], Some(_)) => Err(Failure::bad_input(
+    let at = |id: &str| sub.indices_of(id).map(Iterator::collect::<Vec<usize>>).unwrap_or_default();
+    let disks: Vec<(usize, PathBuf)> = at("disk").into_iter().zip(args.disk.iter().cloned()).collect();
+    let formats: Vec<(usize, DiskFormatArg)> = at("format").into_iter().zip(args.format.iter().copied()).collect();
+    match (disks.is_empty(), output) {
+        (true, Some(output)) => Ok(CustomizeDisk::Capabilities(output)),
+        (true, None) => Err(Failure::bad_input("customize needs the disk to customize: -a DISK")),
+        (false, Some(_)) => Err(Failure::bad_input(
             "--machine-readable with -a: imgforge's machine-friendly output is --progress json; --machine-readable alone lists the capabilities",
         )),
-        ([disk], None) => Ok(CustomizeDisk::One(disk.clone())),
-        (disks, _) => Err(Failure::bad_input(format!(
-            "-a given {} times: a guest on several disks is not supported yet; give the one disk that holds the whole guest",
-            disks.len()
-        ))),
+        (false, None) => disk_formats(&disks, &formats).map(CustomizeDisk::Disks).map_err(Failure::bad_input),
+    }
+}
+
+/// Each `-a` with the last `--format` before it (auto without one), as virt-customize reads
+/// them from their places on the command line; a `--format` after the last `-a` is refused as
+/// virt-customize refuses it, but with a single `-a` and no `--format` before it, where it can
+/// only mean that disk (imgforge's older form) (pure).
+fn disk_formats(
+    disks: &[(usize, PathBuf)],
+    formats: &[(usize, DiskFormatArg)],
+) -> Result<Vec<(PathBuf, DiskFormatArg)>, String> {
+    let last_disk = disks.iter().map(|(i, _)| *i).max().unwrap_or(0);
+    let trailing = formats.iter().rfind(|(i, _)| *i > last_disk);
+    let format_before = |at: usize| formats.iter().rfind(|(i, _)| *i < at).map(|(_, f)| *f);
+    match (disks, trailing) {
+        ([(at, disk)], Some((_, format))) if format_before(*at).is_none() => Ok(vec![(disk.clone(), *format)]),
+        (_, Some(_)) => Err("--format must appear before the -a it applies to (it sets the format of the -a \
+             options that follow it, as in virt-customize)"
+            .into()),
+        (disks, None) => Ok(disks
+            .iter()
+            .map(|(at, disk)| (disk.clone(), format_before(*at).unwrap_or(DiskFormatArg::Auto)))
+            .collect()),
     }
 }
 
@@ -509,8 +535,8 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
     match cli.command {
         Command::Customize(args) => {
             let sub = matches.subcommand_matches("customize").expect("customize matches");
-            let disk = match customize_disk(&args)? {
-                CustomizeDisk::One(disk) => disk,
+            let disks = match customize_disk(&args, sub)? {
+                CustomizeDisk::Disks(disks) => disks,
                 CustomizeDisk::Capabilities(output) => {
                     return machine_readable::print(&output)
                         .map_err(|e| Failure::new(ExitStatus::Environment, format!("--machine-readable: {e}")));
@@ -521,8 +547,9 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
             plan.dry_run = args.dry_run;
             plan.grow_to_disk = args.grow;
             let progress = render::renderer(progress_mode(args.progress, quiet));
-            let result =
-                job::customize(&disk, args.format.known(), plan, false, &settings, progress.as_ref(), &interrupt).await;
+            let disks: Vec<job::GuestDisk> =
+                disks.into_iter().map(|(path, format)| job::GuestDisk::new(path, format.known())).collect();
+            let result = job::customize(&disks, plan, false, &settings, progress.as_ref(), &interrupt).await;
             finish(progress.as_ref(), result.map_err(Failure::from))
         }
         Command::Write(args) => {
@@ -940,33 +967,56 @@ mod tests {
         }
     }
 
-    /// `-a` once, `--machine-readable` alone (guestfs-tools' forms), and what is refused.
+    /// `imgforge customize ARGS`: what `customize_disk` makes of them.
+    fn disks_of(args: &[&str]) -> Result<CustomizeDisk, Failure> {
+        let matches = Cli::command().try_get_matches_from(["imgforge", "customize"].iter().chain(args)).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        customize_disk(cli.customize_args(), matches.subcommand_matches("customize").unwrap())
+    }
+
+    /// `-a` once or several times, each with the `--format` before it, `--machine-readable`
+    /// alone (guestfs-tools' forms), and what is refused.
     #[test]
     fn disks_and_machine_readable_table() {
         use machine_readable::Output;
-        let parse = |args: &[&str]| {
-            let cli = Cli::try_parse_from(["imgforge", "customize"].iter().chain(args)).unwrap();
-            customize_disk(cli.customize_args())
+        use DiskFormatArg::{Auto, Qcow2, Raw};
+        let disks = |list: &[(&str, DiskFormatArg)]| {
+            CustomizeDisk::Disks(list.iter().map(|(p, f)| (PathBuf::from(p), *f)).collect())
         };
-        let ok: [(&[&str], CustomizeDisk); 6] = [
-            (&["-a", "d.img"], CustomizeDisk::One("d.img".into())),
-            (&["--add", "d.img", "--hostname", "h"], CustomizeDisk::One("d.img".into())),
+        let ok: Vec<(&[&str], CustomizeDisk)> = vec![
+            (&["-a", "d.img"], disks(&[("d.img", Auto)])),
+            (&["--add", "d.img", "--hostname", "h"], disks(&[("d.img", Auto)])),
+            (&["-a", "a.img", "-a", "b.img"], disks(&[("a.img", Auto), ("b.img", Auto)])),
+            (&["--format", "raw", "-a", "a.img", "-a", "b.img"], disks(&[("a.img", Raw), ("b.img", Raw)])),
+            (
+                &["--format", "raw", "-a", "a.img", "--format", "auto", "-a", "b.img"],
+                disks(&[("a.img", Raw), ("b.img", Auto)]),
+            ),
+            (
+                &["-a", "a.img", "--format=qcow2", "--hostname", "h", "-a", "b.qcow2", "--add", "c.img"],
+                disks(&[("a.img", Auto), ("b.qcow2", Qcow2), ("c.img", Qcow2)]),
+            ),
+            (&["--format", "raw", "--format", "qcow2", "-a", "a.img"], disks(&[("a.img", Qcow2)])),
+            // imgforge's older form: one disk, its --format after it.
+            (&["-a", "d.img", "--format", "raw"], disks(&[("d.img", Raw)])),
             (&["--machine-readable"], CustomizeDisk::Capabilities(Output::Stdout)),
             (&["--machine-readable=stream:stdout"], CustomizeDisk::Capabilities(Output::Stdout)),
             (&["--machine-readable=stream:stderr"], CustomizeDisk::Capabilities(Output::Stderr)),
             (&["--machine-readable=file:/tmp/c"], CustomizeDisk::Capabilities(Output::File("/tmp/c".into()))),
         ];
         for (args, want) in ok {
-            assert_eq!(parse(args).unwrap(), want, "{args:?}");
+            assert_eq!(disks_of(args).unwrap(), want, "{args:?}");
         }
-        let refused: [(&[&str], &str); 4] = [
+        let refused: [(&[&str], &str); 6] = [
             (&[], "needs the disk"),
-            (&["-a", "a.img", "-a", "b.img"], "-a given 2 times"),
+            (&["-a", "a.img", "-a", "b.img", "--format", "raw"], "--format must appear before the -a"),
+            (&["--format", "raw", "-a", "a.img", "--format", "qcow2"], "--format must appear before the -a"),
             (&["-a", "a.img", "--machine-readable"], "--progress json"),
+            (&["-a", "a.img", "-a", "b.img", "--machine-readable"], "--progress json"),
             (&["--machine-readable=stdout"], "stream:stderr or file:NAME"),
         ];
         for (args, want) in refused {
-            let e = parse(args).unwrap_err();
+            let e = disks_of(args).unwrap_err();
             assert_eq!(e.status, ExitStatus::BadInput, "{args:?}");
             assert!(e.message.contains(want), "{args:?}: {}", e.message);
         }
@@ -979,15 +1029,15 @@ mod tests {
         let cli = customize(&[]);
         let c = cli.customize_args();
         assert!(!cli.quiet && !cli.trace && !cli.colors);
-        assert_eq!((c.vm.memory, c.vm.smp, c.format), (HELPER_MEMORY_MIB, 1, DiskFormatArg::Auto));
+        assert_eq!((c.vm.memory, c.vm.smp, c.format.as_slice()), (HELPER_MEMORY_MIB, 1, &[][..]));
         let cli = customize(&["-q", "-x", "--colours", "-m", "384", "--smp", "2", "--format", "raw"]);
         let c = cli.customize_args();
         assert!(cli.quiet && cli.trace && cli.colors);
-        assert_eq!((c.vm.memory, c.vm.smp, c.format), (384, 2, DiskFormatArg::Raw));
+        assert_eq!((c.vm.memory, c.vm.smp, c.format.as_slice()), (384, 2, &[DiskFormatArg::Raw][..]));
         let cli = customize(&["--quiet", "--colors", "--memsize", "128", "--smp", "255", "--format", "qcow2"]);
         let c = cli.customize_args();
         assert!(cli.quiet && cli.colors);
-        assert_eq!((c.vm.memory, c.vm.smp, c.format), (128, 255, DiskFormatArg::Qcow2));
+        assert_eq!((c.vm.memory, c.vm.smp, c.format.as_slice()), (128, 255, &[DiskFormatArg::Qcow2][..]));
         assert_eq!(customize(&["--memory", "65536"]).customize_args().vm.memory, 65_536);
         // The last of --network/--no-network holds, as in virt-customize.
         assert!(!customize(&["--no-network"]).customize_args().vm.network);

@@ -2,7 +2,6 @@
 //! gives cloud-init instead of editing the guest's files (pure over the parameters).
 
 use super::params::{self, Params};
-use imgforge_protocol::rules::CloudInitSeed;
 
 /// The seed's user-data in the guest (the helper's `cloud_init::USER_DATA`), which
 /// `cloud_userdata` is uploaded to.
@@ -24,24 +23,5 @@ pub fn warnings(params: &Params) -> Vec<String> {
         vec!["cloud_userdata ignored: img_properties does not set CLOUD_INIT".into()]
     } else {
         Vec::new()
-    }
-}
-
-/// The seed for an instance named `instance`, as snf-image's tasks fill it: each part only
-/// when its task is not excluded; `network_configured` when ConfigureNetwork writes the
-/// guest's own files (cloud-init's network configuration is then disabled).
-pub fn seed(
-    params: &Params,
-    instance: &str,
-    passwords: Vec<imgforge_protocol::rules::UserPassword>,
-    network_configured: bool,
-) -> CloudInitSeed {
-    CloudInitSeed {
-        instance_id: instance.to_owned(),
-        hostname: (!params.excludes("AssignHostname")).then(|| instance.to_owned()),
-        passwords,
-        public_keys: params.auth_keys.clone(),
-        delete_ssh_keys: !params.excludes("DeleteSSHKeys"),
-        network_disabled: network_configured,
     }
 }

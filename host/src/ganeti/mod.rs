@@ -381,25 +381,92 @@ fn settings(config: &Config, properties: &BTreeMap<String, String>) -> VmSetting
     }
 }
 
-/// Builds the operations of a create (or rename) from the parameters.
+/// snf-image's mounted, overwritable tasks imgforge does as operations, one at a time: their
+/// operations, each task's grouped as [`Operation::Task`] when the image may overwrite it
+/// (`ALLOW_MOUNTED_TASK_OVERWRITING`), so that the helper runs the image's program instead.
+struct Tasks<'a> {
+    plan: Plan,
+    params: &'a Params,
+    grouped: bool,
+}
+
+/// snf-image's mounted tasks that `EXCLUDE_TASK_<Name>` does not skip.
+const NOT_EXCLUDABLE: &[&str] = &["InitializeDatasource", "InstallUnattend"];
+
+impl Tasks<'_> {
+    /// Adds task `name` (unless excluded), `add` putting its operations into the plan.
+    fn task(&mut self, name: &str, add: impl FnOnce(&mut Plan) -> Result<(), GanetiError>) -> Result<(), GanetiError> {
+        // snf-image's InitializeDatasource and InstallUnattend are not `excludable`: their
+        // EXCLUDE_TASK_<Name> has no effect (the seed the other tasks add to is always begun).
+        if !NOT_EXCLUDABLE.contains(&name) && self.params.excludes(name) {
+            return Ok(());
+        }
+        let from = self.plan.operations.len();
+        add(&mut self.plan)?;
+        if self.grouped {
+            let operations = self.plan.operations.split_off(from);
+            self.plan.operations.push(Operation::Task { name: name.to_owned(), operations });
+        }
+        Ok(())
+    }
+}
+
+/// Builds the operations of a create from the parameters, in snf-image's task order;
+/// `swap_fstab` is AddSwap's fstab line for the swap partition FixPartitionTable makes.
 fn plan(
     params: &Params,
     config: &Config,
     hostname: &str,
     nics: Vec<imgforge_protocol::rules::Nic>,
+    swap_fstab: Option<&str>,
     work: &Path,
 ) -> Result<Plan, GanetiError> {
-    let mut plan = Plan::default();
-    // snf-image's CLOUD_INIT: hostname, passwords, keys and host key deletion go to cloud-init.
+    use imgforge_protocol::rules::{CloudInitSeed, UserPassword};
+    // snf-image's CLOUD_INIT: hostname, passwords, keys, host key deletion and swap go to
+    // cloud-init, each task adding its part to the seed InitializeDatasource begins.
     let cloud_init = cloud_init::enabled(params);
-    if !params.excludes("AssignHostname") && !cloud_init {
-        plan.add("hostname", Some(hostname))?;
-    }
+    let part = |seed: CloudInitSeed| Operation::CloudInit { seed };
+    let grouped = task_properties::task_overwriting(&params.properties);
+    let mut t = Tasks { plan: Plan::default(), params, grouped };
     let network_configured = !nics.is_empty() && !params.excludes("ConfigureNetwork");
-    if network_configured {
-        let network_manager = cloud_init::network_manager(params);
-        plan.operations.push(imgforge_protocol::rules::Operation::Network { nics, network_manager });
+    t.task("InitializeDatasource", |plan| {
+        if cloud_init {
+            plan.operations.push(part(CloudInitSeed { instance_id: hostname.to_owned(), ..Default::default() }));
+            if let Some(data) = &params.cloud_userdata {
+                let local = stage(work, "cloud-userdata", cloud_init::USER_DATA_PATH, data)?;
+                plan.add("upload", Some(&format!("{}:{}", local.display(), cloud_init::USER_DATA_PATH)))?;
+                plan.add("chmod", Some(&format!("600:{}", cloud_init::USER_DATA_PATH)))?;
+            }
+        }
+        Ok(())
+    })?;
+    if !cloud_init {
+        // Windows only (nothing for imgforge to do), and not run under CLOUD_INIT.
+        t.task("InstallUnattend", |_| Ok(()))?;
     }
+    t.task("AddSwap", |plan| {
+        match (cloud_init, task_properties::swap_file(&params.properties)) {
+            (true, Some(swap)) => plan.operations.push(part(CloudInitSeed { swap: Some(swap), ..Default::default() })),
+            // A partition's line, or (CLOUD_INIT or not, as snf-image) a whole swap disk's.
+            _ => {
+                if let Some(line) = swap_fstab {
+                    plan.operations.push(Operation::AppendLine { path: "/etc/fstab".into(), line: line.to_owned() });
+                }
+            }
+        }
+        Ok(())
+    })?;
+    t.task("AssignHostname", |plan| {
+        if cloud_init {
+            plan.operations.push(part(CloudInitSeed { hostname: Some(hostname.to_owned()), ..Default::default() }));
+            Ok(())
+        } else {
+            Ok(plan.add("hostname", Some(hostname))?)
+        }
+    })?;
+    // ChangeMachineId and DeleteSSHKeys, on by default, before the personality (which may
+    // carry host keys of the user's own).
+    t.task("ChangeMachineId", |plan| Ok(plan.add("reset-machine-id", None)?))?;
     let mut passwords = Vec::new();
     if !params.excludes("ChangePassword") {
         for user in params.users() {
@@ -409,37 +476,60 @@ fn plan(
                 (None, None) => None,
             };
             if let Some(hash) = field {
-                passwords.push(imgforge_protocol::rules::UserPassword { user, hash });
+                passwords.push(UserPassword { user, hash });
             }
         }
     }
-    if cloud_init {
-        let seed = cloud_init::seed(params, hostname, passwords, network_configured);
-        plan.operations.push(Operation::CloudInit { seed });
-        if let Some(data) = &params.cloud_userdata {
-            let local = stage(work, "cloud-userdata", cloud_init::USER_DATA_PATH, data)?;
-            plan.add("upload", Some(&format!("{}:{}", local.display(), cloud_init::USER_DATA_PATH)))?;
-            plan.add("chmod", Some(&format!("600:{}", cloud_init::USER_DATA_PATH)))?;
+    let add_keys = |plan: &mut Plan| -> Result<(), GanetiError> {
+        if cloud_init {
+            // Under CLOUD_INIT the keys are the seed's public-keys, as snf-image gives them.
+            if !params.auth_keys.is_empty() || !passwords.is_empty() {
+                let seed = CloudInitSeed {
+                    passwords: passwords.clone(),
+                    public_keys: params.auth_keys.clone(),
+                    ..Default::default()
+                };
+                plan.operations.push(part(seed));
+            }
+        } else {
+            for UserPassword { user, hash } in &passwords {
+                plan.operations.push(Operation::Password { user: user.clone(), shadow_field: hash.clone() });
+            }
+            for key in &params.auth_keys {
+                plan.add("ssh-inject", Some(&format!("root:string:{key}")))?;
+            }
         }
+        Ok(())
+    };
+    if params.excludes("ChangePassword") {
+        // The keys are injected even so (imgforge has always done so).
+        add_keys(&mut t.plan)?;
     } else {
-        for imgforge_protocol::rules::UserPassword { user, hash } in passwords {
-            plan.operations.push(imgforge_protocol::rules::Operation::Password { user, shadow_field: hash });
+        t.task("ChangePassword", add_keys)?;
+    }
+    t.task("ConfigureNetwork", |plan| {
+        if network_configured {
+            let network_manager = cloud_init::network_manager(params);
+            plan.operations.push(Operation::Network { nics, network_manager });
+            if cloud_init {
+                plan.operations.push(part(CloudInitSeed { network_disabled: true, ..Default::default() }));
+            }
         }
+        Ok(())
+    })?;
+    t.task("DeleteSSHKeys", |plan| {
+        if cloud_init {
+            plan.operations.push(part(CloudInitSeed { delete_ssh_keys: true, ..Default::default() }));
+            Ok(())
+        } else {
+            Ok(plan.add("regenerate-ssh-host-keys", None)?)
+        }
+    })?;
+    if !cloud_init {
+        // Windows only, and not run under CLOUD_INIT.
+        t.task("DisableRemoteDesktopConnections", |_| Ok(()))?;
     }
-    // snf-image's ChangeMachineId and DeleteSSHKeys, on by default, before the personality
-    // (which may carry host keys of the user's own).
-    if !params.excludes("ChangeMachineId") {
-        plan.add("reset-machine-id", None)?;
-    }
-    if !params.excludes("DeleteSSHKeys") && !cloud_init {
-        plan.add("regenerate-ssh-host-keys", None)?;
-    }
-    plan.root_partition = params.root_partition();
-    // Under CLOUD_INIT the keys are the seed's public-keys, as snf-image gives them.
-    for key in params.auth_keys.iter().filter(|_| !cloud_init) {
-        plan.add("ssh-inject", Some(&format!("root:string:{key}")))?;
-    }
-    if !params.excludes("EnforcePersonality") {
+    t.task("EnforcePersonality", |plan| {
         for (i, (file, data)) in params.personality.iter().enumerate() {
             let local = stage(work, &format!("personality-{i}"), &file.path, data)?;
             plan.add("upload", Some(&format!("{}:{}", local.display(), file.path)))?;
@@ -452,7 +542,10 @@ fn plan(
             });
             plan.add("chmod", Some(&format!("{:o}:{}", file.mode, file.path)))?;
         }
-    }
+        Ok(())
+    })?;
+    let mut plan = t.plan;
+    plan.root_partition = params.root_partition();
     for rpm in &params.install_rpms {
         let path = resolve_in_image_dir(config, "install_rpms", rpm, &[""])?;
         plan.add("install-rpm", Some(&path))?;
@@ -490,14 +583,24 @@ fn add_custom_task(
     work: &Path,
 ) -> Result<(), GanetiError> {
     let name = task_properties::CUSTOM_TASK_NAME;
-    let Some(program) = task_properties::custom_task(&params.properties)? else { return Ok(()) };
+    let program = task_properties::custom_task(&params.properties)?;
     if params.excludes(name) {
         return Ok(());
     }
-    let local = stage(work, "custom-task", "CUSTOM_TASK", &program)?;
-    let payload_path = plan.payload_file(&local.to_string_lossy());
-    let env = task_properties::task_env(&params.properties, hostname, params.passwd_hash.as_deref(), env);
-    plan.operations.push(Operation::RunTask { payload_path, name: name.into(), env });
+    let task_env = task_properties::task_env(&params.properties, hostname, params.passwd_hash.as_deref(), env);
+    let mut operations = Vec::new();
+    if let Some(program) = program {
+        let local = stage(work, "custom-task", "CUSTOM_TASK", &program)?;
+        let payload_path = plan.payload_file(&local.to_string_lossy());
+        operations.push(Operation::RunTask { payload_path, name: name.into(), env: task_env.clone() });
+    }
+    if task_properties::task_overwriting(&params.properties) {
+        // The image may overwrite any of snf-image's mounted tasks: they run with its variables.
+        plan.operations.push(Operation::Task { name: name.into(), operations });
+        plan.task_overwriting = Some(task_env);
+    } else {
+        plan.operations.extend(operations);
+    }
     Ok(())
 }
 
@@ -513,6 +616,17 @@ fn progress(config: &Config) -> Result<(std::sync::Arc<dyn Progress>, Option<std
         .map_err(|source| GanetiError::Monitor { command: config.progress_monitor.clone(), source })?;
     let stdin = child.stdin.take().expect("piped");
     Ok((std::sync::Arc::new(JsonLines::new(stdin)), Some(child)))
+}
+
+/// Ganeti's `DISK_COUNT`: how many disks the instance has (1 when unset, as an older Ganeti
+/// passes only `DISK_0_PATH`).
+fn disk_count(env: &BTreeMap<String, String>) -> Result<usize, GanetiError> {
+    match env.get("DISK_COUNT").map(|v| v.trim()) {
+        None | Some("") => Ok(1),
+        Some(v) => v.parse().map_err(|_| {
+            params::ParamError { param: "DISK_COUNT".into(), reason: format!("{v:?} is not a number of disks") }.into()
+        }),
+    }
 }
 
 /// `create`: deploy `img_id` onto `DISK_0_PATH` and customize it.
@@ -540,6 +654,37 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let sha256 = expected_sha256(&env, &image, &config, interrupt).await?;
     let work = crate::workdir::private_tempdir("ganeti").map_err(GanetiError::WorkDir)?;
     let nics = nics::nics(&env, &config.nics)?;
+    // snf-image's SWAP: FixPartitionTable makes the partition (whatever else is excluded, as
+    // snf-image's does); AddSwap, a mounted task, adds its fstab entry. Under CLOUD_INIT,
+    // AddSwap has cloud-init make a swap file instead, and no partition is made.
+    let swap = if cloud_init::enabled(&params) { None } else { task_properties::swap_partition(&params.properties) };
+    if swap.is_some() && params.excludes("FixPartitionTable") {
+        let reason = "SWAP needs FixPartitionTable, which makes the partition, and img_properties exclude it";
+        return Err(params::ParamError { param: "img_properties".into(), reason: reason.into() }.into());
+    }
+    // snf-image's SWAP=<letter>: AddSwap makes that disk of the instance swap, whole, and adds
+    // its fstab entry; excluded (or with the mounted tasks), it does neither.
+    let mut other_disks = Vec::new();
+    let swap_disk = task_properties::swap_disk(&params.properties, disk_count(&env)?)
+        .map_err(|reason| params::ParamError { param: "img_properties".into(), reason })?;
+    let swap_disk = match swap_disk {
+        Some(_) if params.excludes("AddSwap") || task_properties::mounted_tasks_excluded(&params.properties) => {
+            crate::stdio::err_line("imgforge: img_properties: SWAP: AddSwap is excluded, no disk is made swap");
+            None
+        }
+        Some((mut swap, fstab_line)) => {
+            let var = format!("DISK_{}_PATH", swap.disk);
+            let path = env.get(&var).filter(|v| !v.is_empty()).ok_or_else(|| params::ParamError {
+                param: "img_properties".into(),
+                reason: format!("SWAP names the instance's disk {}, but Ganeti did not set {var}", swap.disk),
+            })?;
+            other_disks.push(job::GuestDisk::new(PathBuf::from(path), DISK_FORMAT));
+            // The helper knows the disks it is given, in their order: this one is the second.
+            swap.disk = other_disks.len() as u32;
+            Some((swap, fstab_line))
+        }
+        None => None,
+    };
     let mut plan = if task_properties::mounted_tasks_excluded(&params.properties) {
         // snf-image's EXCLUDE_MOUNTED_TASKS: only the tasks before the guest is mounted run.
         crate::stdio::err_line(
@@ -547,23 +692,14 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         );
         Plan::default()
     } else {
-        let mut plan = plan(&params, &config, &name, nics, work.path())?;
+        // One SWAP property: a partition's line or a whole disk's, never both.
+        let fstab = swap.as_ref().map(|(_, line)| line.as_str()).or(swap_disk.as_ref().map(|(_, line)| line.as_str()));
+        let mut plan = plan(&params, &config, &name, nics, fstab, work.path())?;
         add_custom_task(&mut plan, &params, &name, &env, work.path())?;
         plan
     };
-    // snf-image's SWAP: FixPartitionTable makes the partition (whatever else is excluded, as
-    // snf-image's does); AddSwap, a mounted task, adds its fstab entry.
-    if let Some((swap, fstab_line)) = task_properties::swap_partition(&params.properties) {
-        if params.excludes("FixPartitionTable") {
-            let reason = "SWAP needs FixPartitionTable, which makes the partition, and img_properties exclude it";
-            return Err(params::ParamError { param: "img_properties".into(), reason: reason.into() }.into());
-        }
-        if !params.excludes("AddSwap") && !task_properties::mounted_tasks_excluded(&params.properties) {
-            // First of the operations: AddSwap runs first of snf-image's 50* tasks.
-            plan.operations.insert(0, Operation::AppendLine { path: "/etc/fstab".into(), line: fstab_line });
-        }
-        plan.swap = Some(swap);
-    }
+    plan.swap = swap.map(|(partition, _)| partition);
+    plan.swap_disk = swap_disk.map(|(disk, _)| disk);
     // As snf-image: the image always grows into the instance's disk.
     plan.grow_to_disk = true;
     let vm_settings = settings(&config, &params.properties);
@@ -600,7 +736,7 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
         if params.excludes("ALL_TASKS") {
             return Ok(());
         }
-        job::customize_written(&written, &request, plan, &vm_settings, progress.as_ref(), interrupt).await
+        job::customize_written(&written, &request, &other_disks, plan, &vm_settings, progress.as_ref(), interrupt).await
     }
     .await;
     match &result {
@@ -614,7 +750,8 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
     Ok(result?)
 }
 
-/// `rename`: set the new hostname in the image (snf-image does nothing here).
+/// `rename`: set the new hostname in the image (snf-image does nothing here); under
+/// `CLOUD_INIT`, in the NoCloud seed's `local-hostname`.
 pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
     let (env, config) = parameters(interrupt, false).await?;
     let disk = PathBuf::from(require(&env, "DISK_0_PATH")?);
@@ -633,8 +770,22 @@ pub async fn rename(interrupt: &Interrupt) -> Result<(), GanetiError> {
         return Ok(());
     }
     let mut plan = Plan::default();
+    // Checked as --hostname checks it.
     plan.add("hostname", Some(&name))?;
-    Ok(job::customize(&disk, DISK_FORMAT, plan, false, &settings(&config, &properties), &Silent, interrupt).await?)
+    if properties.get("CLOUD_INIT").is_some_and(|v| params::yes(v)) {
+        // cloud-init owns the hostname (its seed's local-hostname, applied every boot): the
+        // new name goes there, or cloud-init would put the old one back.
+        plan.operations = vec![Operation::CloudInitHostname { name }];
+    }
+    Ok(job::customize(
+        &[job::GuestDisk::new(disk, DISK_FORMAT)],
+        plan,
+        false,
+        &settings(&config, &properties),
+        &Silent,
+        interrupt,
+    )
+    .await?)
 }
 
 /// `import`: a raw disk stream on stdin onto `DISK_0_PATH`; an interrupt (Ganeti aborting the
@@ -714,7 +865,7 @@ mod tests {
             [("OSP_IMG_ID", "debian"), ("OSP_IMG_PROPERTIES", properties)].map(|(k, v)| (k.into(), v.into())).into();
         let params = params::parse(&env).unwrap();
         let work = tempfile::tempdir().unwrap();
-        plan(&params, &Config::default(), "inst1", Vec::new(), work.path()).unwrap().operations
+        plan(&params, &Config::default(), "inst1", Vec::new(), None, work.path()).unwrap().operations
     }
 
     /// As snf-image: ChangeMachineId and DeleteSSHKeys run by default, each excludable by its
@@ -736,13 +887,19 @@ mod tests {
     /// each part still excludable by its snf-image task name.
     #[test]
     fn cloud_init_replaces_edited_files_with_the_seed() {
+        // The parts each task adds, merged as the helper writes them.
         let seed_of = |ops: &[Operation]| {
-            ops.iter()
-                .find_map(|o| match o {
-                    Operation::CloudInit { seed } => Some(seed.clone()),
-                    _ => None,
-                })
-                .expect("no cloud-init seed")
+            let mut seed = imgforge_protocol::rules::CloudInitSeed::default();
+            for o in ops {
+                if let Operation::CloudInit { seed: part } = o {
+                    seed.instance_id.push_str(&part.instance_id);
+                    seed.hostname = seed.hostname.clone().or(part.hostname.clone());
+                    seed.delete_ssh_keys |= part.delete_ssh_keys;
+                    seed.network_disabled |= part.network_disabled;
+                }
+            }
+            assert!(matches!(&ops[0], Operation::CloudInit { seed } if !seed.instance_id.is_empty()), "{ops:?}");
+            seed
         };
         let ops = plan_for(r#"{"cloud_init": "yes"}"#);
         assert!(!ops.iter().any(|o| matches!(o, Operation::Hostname { .. } | Operation::RegenerateSshHostKeys)));
@@ -755,6 +912,49 @@ mod tests {
         ));
         assert!(seed.hostname.is_none() && !seed.delete_ssh_keys);
         assert!(!plan_for(r#"{"CLOUD_INIT": "no"}"#).iter().any(|o| matches!(o, Operation::CloudInit { .. })));
+    }
+
+    /// ALLOW_MOUNTED_TASK_OVERWRITING groups the operations by snf-image task, in its order,
+    /// every task not excluded present (empty ones too: the image may still overwrite them).
+    #[test]
+    fn overwritable_tasks_group_their_operations() {
+        let names = |ops: &[Operation]| -> Vec<String> {
+            ops.iter()
+                .map(|o| match o {
+                    Operation::Task { name, .. } => name.clone(),
+                    other => panic!("not grouped: {other:?}"),
+                })
+                .collect()
+        };
+        let ops = plan_for(r#"{"allow_mounted_task_overwriting": "yes", "EXCLUDE_TASK_ChangeMachineId": "yes"}"#);
+        assert_eq!(
+            names(&ops),
+            [
+                "InitializeDatasource",
+                "InstallUnattend",
+                "AddSwap",
+                "AssignHostname",
+                "ChangePassword",
+                "ConfigureNetwork",
+                "DeleteSSHKeys",
+                "DisableRemoteDesktopConnections",
+                "EnforcePersonality"
+            ]
+        );
+        assert!(
+            matches!(&ops[3], Operation::Task { operations, .. } if operations == &[Operation::Hostname { name: "inst1".into() }])
+        );
+        let cloud = plan_for(
+            r#"{"allow_mounted_task_overwriting": "1", "CLOUD_INIT": "yes", "EXCLUDE_TASK_InitializeDatasource": "yes"}"#,
+        );
+        assert!(
+            matches!(&cloud[0], Operation::Task { name, operations } if name == "InitializeDatasource" && operations.len() == 1),
+            "{cloud:?}"
+        );
+        assert!(!names(&cloud).iter().any(|n| n == "InstallUnattend" || n == "DisableRemoteDesktopConnections"));
+        assert!(plan_for(r#"{"allow_mounted_task_overwriting": "no"}"#)
+            .iter()
+            .all(|o| !matches!(o, Operation::Task { .. })));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("config_url", "http(s):// or file:/// URL of a JSON object of OS parameters (at most 1 MiB), fetched at create; its values replace those given here, as snf-image's"),
     ("img_passwd", "Root password (hashed with SHA-512 crypt before it leaves this host process)"),
     ("img_passwd_hash", "Root password as a crypt(3) hash, used as is"),
-    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, SWAP (N:MB, a swap partition at the disk's end), PASSWD_HASHING_METHOD (sha512|sha256|md5; sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); any other property is ignored with a warning in the OS log"),
+    ("img_properties", "JSON object, names case-insensitive: EXCLUDE_TASK_<Name>, EXCLUDE_ALL_TASKS, EXCLUDE_FilesystemResize_TASKS, ROOT_PARTITION (partition number), USERS (whose password img_passwd sets), OSFAMILY (linux), CUSTOM_TASK (base64 program run chrooted in the guest), EXCLUDE_MOUNTED_TASKS, DO_SYNC, SWAP (N:MB, a swap partition at the disk's end, a cloud-init swap file under CLOUD_INIT; or a disk letter, b for DISK_1_PATH, that disk made swap whole), CLOUD_INIT, NM_NETWORKING, ALLOW_MOUNTED_TASK_OVERWRITING (the image's /root/snf-image/helper/overwrite_task_<Task> run confined instead of the task), PASSWD_HASHING_METHOD (sha512|sha256|md5; sha1 and blowfish refused; alias PASSWORD_HASHING_METHOD); any other property is ignored with a warning in the OS log"),
     ("img_personality", "JSON list of files to inject: {path, contents (base64), owner, group, mode (decimal, default 0440)}"),
     ("inst_properties", "JSON object of properties as img_properties, each replacing img_properties' of the same name (snf-image's instance properties)"),
     ("auth_keys", "SSH public keys for root, one a line"),
@@ -282,6 +282,7 @@ pub const SNF_IMAGE_TASKS: &[&str] = &[
 /// imgforge's helper tasks (tasks/NN-Name), which `EXCLUDE_TASK_<Name>` also skips.
 pub const HELPER_TASKS: &[&str] = &[
     "MountPayload",
+    "AddSwap",
     "CheckFilesystems",
     "FixPartitionTable",
     "FilesystemResizeUnmounted",
@@ -297,9 +298,6 @@ pub const HELPER_TASKS: &[&str] = &[
     "DryRunChanges",
     "Unmount",
 ];
-
-/// snf-image's properties imgforge knows but does not honour yet, with what they ask.
-const NOT_HONOURED: &[(&str, &str)] = &[("ALLOW_MOUNTED_TASK_OVERWRITING", "tasks overwritten from inside the image")];
 
 /// snf-image's properties for Windows guests, which imgforge does not customize.
 const WINDOWS_ONLY: &[&str] = &["IGNORE_UNATTEND", "OFFLINE_NTFSRESIZE", "OFFLINE_NTFSRESIZE_NOCHECK"];
@@ -333,7 +331,7 @@ pub enum Verdict {
 }
 
 /// Decides what becomes of the property `name` (upper-cased) with `value`: honoured, ignored
-/// with a warning naming it (unknown, or snf-image's but not honoured yet), or refused (SWAP).
+/// with a warning naming it (unknown, or for Windows), or refused (SWAP).
 /// Values of honoured properties are checked apart (`parse_properties`).
 pub fn judge_property(name: &str, value: &str) -> Verdict {
     if let Some(verdict) = super::task_properties::judge(name, value) {
@@ -362,12 +360,6 @@ pub fn judge_property(name: &str, value: &str) -> Verdict {
             ));
         }
         return yes_no(value).map_or_else(invalid_boolean, |_| Verdict::Honoured);
-    }
-    if let Some((_, what)) = NOT_HONOURED.iter().find(|(n, _)| *n == name) {
-        if !yes(value) {
-            return Verdict::Honoured;
-        }
-        return Verdict::Warn(format!("{name} ({what}) is not honoured by imgforge yet: ignored"));
     }
     if WINDOWS_ONLY.contains(&name) {
         if !yes(value) {
@@ -683,7 +675,7 @@ mod tests {
                 "img_properties",
             ),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"OSFAMILY": "windows"}"#)], "img_properties"),
-            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "c"}"#)], "img_properties"),
+            (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"SWAP": "a"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"swap": "2:0"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"CUSTOM_TASK": "*"}"#)], "img_properties"),
             (&[("OSP_IMG_ID", "x"), ("OSP_IMG_PROPERTIES", r#"{"USERS": "root;rm"}"#)], "img_properties"),
@@ -765,6 +757,8 @@ mod tests {
             ("EXCLUDE_TASK_FILESYSTEMRESIZEAFTERUMOUNT", "no"),
             ("SWAP", ""),
             ("SWAP", "2:512"),
+            ("SWAP", "b"),
+            ("SWAP", "C"),
             ("CUSTOM_TASK", ""),
             // A no for what imgforge never does asks nothing.
             ("CLOUD_INIT", "no"),
@@ -773,6 +767,7 @@ mod tests {
             ("NM_NETWORKING", "ON"),
             ("DO_SYNC", "0"),
             ("ALLOW_MOUNTED_TASK_OVERWRITING", "off"),
+            ("ALLOW_MOUNTED_TASK_OVERWRITING", "yes"),
             ("EXCLUDE_MOUNTED_TASKS", "unset"),
             ("EXCLUDE_MOUNTED_TASKS", "set"),
             ("DO_SYNC", "1"),
@@ -787,7 +782,7 @@ mod tests {
             ("CLOUD_INIT", "maybe", "taken as yes"),
             ("NM_NETWORKING", "y", "taken as yes"),
             ("DO_SYNC", "sometimes", "taken as yes"),
-            ("ALLOW_MOUNTED_TASK_OVERWRITING", "yes", "not honoured by imgforge yet"),
+            ("ALLOW_MOUNTED_TASK_OVERWRITING", "perhaps", "taken as yes"),
             ("EXCLUDE_MOUNTED_TASKS", "maybe", "taken as yes"),
             ("OFFLINE_NTFSRESIZE", "yes", "Windows"),
             ("OFFLINE_NTFSRESIZE_NOCHECK", "yes", "Windows"),
@@ -804,7 +799,7 @@ mod tests {
                 other => panic!("{name}={value}: {other:?}"),
             }
         }
-        for value in ["c", "2:0", "x"] {
+        for value in ["a", "2:0", "bc"] {
             assert!(matches!(judge_property("SWAP", value), Refuse(r) if r.contains("SWAP")), "{value}");
         }
     }
@@ -818,9 +813,8 @@ mod tests {
         assert_eq!(p["PASSWD_HASHING_METHOD"], "SHA256");
         assert_eq!(p["USERS"], "root");
         assert!(!excluded(&p, "ChangePassword"), "off is no, as snf-image reads it");
-        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(w.len(), 1, "{w:?}");
         assert!(w.iter().any(|l| l.contains("FROBNICATE") && l.contains("ignored")), "{w:?}");
-        assert!(w.iter().any(|l| l.contains("ALLOW_MOUNTED_TASK_OVERWRITING") && l.contains("not honoured")), "{w:?}");
         assert!(w.iter().all(|l| l.starts_with("img_properties: ")));
         // The same name twice: the same value is fine, two values are refused.
         assert!(parse_properties(r#"{"users": "root", "USERS": "root"}"#).is_ok());

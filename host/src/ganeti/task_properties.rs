@@ -1,5 +1,6 @@
 //! snf-image's `img_properties` that shape which configuration tasks run and how:
-//! `SWAP`, `CUSTOM_TASK`, `EXCLUDE_MOUNTED_TASKS` and `DO_SYNC` — pure functions over the parsed
+//! `SWAP`, `CUSTOM_TASK`, `EXCLUDE_MOUNTED_TASKS`, `DO_SYNC` and
+//! `ALLOW_MOUNTED_TASK_OVERWRITING` — pure functions over the parsed
 //! properties (names upper-cased), apart from `params.rs` so that each family of properties
 //! keeps to its own module.
 
@@ -14,6 +15,8 @@ pub const CUSTOM_TASK_NAME: &str = "RunCustomTask";
 /// FixPartitionTable and FilesystemResizeUnmounted, with the helper's own MountPayload,
 /// CheckFilesystems and Unmount (which only undoes what ran).
 pub const MOUNTED_HELPER_TASKS: &[&str] = &[
+    // snf-image's AddSwap is mounted-excludable; imgforge's runs before the mount.
+    "AddSwap",
     "MountRoot",
     "GrowFilesystem",
     "FilesystemResizeMounted",
@@ -27,8 +30,8 @@ pub const MOUNTED_HELPER_TASKS: &[&str] = &[
 ];
 
 /// What becomes of the properties this module owns (`None` for any other): `CUSTOM_TASK`
-/// (its value checked apart, [`custom_task`]), and the booleans `EXCLUDE_MOUNTED_TASKS` and
-/// `DO_SYNC`, read as snf-image's `check_yes_no` reads them.
+/// (its value checked apart, [`custom_task`]), and the booleans `EXCLUDE_MOUNTED_TASKS`,
+/// `DO_SYNC` and `ALLOW_MOUNTED_TASK_OVERWRITING`, read as snf-image's `check_yes_no` reads them.
 pub fn judge(name: &str, value: &str) -> Option<Verdict> {
     match name {
         "SWAP" => Some(parse_swap(value).map_or_else(Verdict::Refuse, |_| Verdict::Honoured)),
@@ -36,7 +39,7 @@ pub fn judge(name: &str, value: &str) -> Option<Verdict> {
         // DO_SYNC asks for resize2fs with fsync: imgforge's resize2fs always syncs (it never
         // runs under eatmydata, as snf-image's does by default), and the helper syncs before it
         // powers off, so either value is honoured.
-        "EXCLUDE_MOUNTED_TASKS" | "DO_SYNC" => Some(yes_no(value).map_or_else(
+        "EXCLUDE_MOUNTED_TASKS" | "DO_SYNC" | "ALLOW_MOUNTED_TASK_OVERWRITING" => Some(yes_no(value).map_or_else(
             || Verdict::Warn(format!("{name}={value:?} is not yes or no: taken as yes, as snf-image does")),
             |_| Verdict::Honoured,
         )),
@@ -44,19 +47,28 @@ pub fn judge(name: &str, value: &str) -> Option<Verdict> {
     }
 }
 
-/// snf-image's `SWAP=<partition id>:<size in MB>`: a swap partition of that number and size.
+/// snf-image's `SWAP`: a swap partition of a number and size on the first disk, or a whole
+/// other disk of the instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Swap {
-    /// The partition number.
-    pub number: u32,
-    /// Its size in MiB (snf-image's MB: 2048 sectors of 512 bytes).
-    pub mib: u64,
+pub enum Swap {
+    /// `SWAP=<partition id>:<size in MB>`.
+    Partition {
+        /// The partition number.
+        number: u32,
+        /// Its size in MiB (snf-image's MB: 2048 sectors of 512 bytes).
+        mib: u64,
+    },
+    /// `SWAP=<disk letter>`: the instance's disk of that letter (`b`: `DISK_1_PATH`), whole.
+    Disk {
+        /// The disk's index among the instance's (1 for `b`; never 0, the image's disk).
+        index: usize,
+    },
 }
 
 /// Parses `SWAP` as snf-image's `^(([A-Za-z])|(([1-9][0-9]*):([1-9][0-9]*)))$` reads it:
-/// `None` when empty (no swap); the message refusing what imgforge does not make yet (a whole
-/// disk, `SWAP=<letter>`; the helper, which sees the table, refuses the logical partitions it
-/// does not make yet) or what snf-image refuses too (pure).
+/// `None` when empty (no swap); refused as snf-image refuses it (a malformed value, the first
+/// disk `a`, which holds the image); whether a disk letter names one of the instance's disks is
+/// checked against `DISK_COUNT` by [`swap_disk`] (pure).
 pub fn parse_swap(value: &str) -> Result<Option<Swap>, String> {
     if value.is_empty() {
         return Ok(None);
@@ -69,33 +81,90 @@ pub fn parse_swap(value: &str) -> Result<Option<Swap>, String> {
                 .ok()
                 .filter(|n| *n <= 128)
                 .ok_or_else(|| format!("SWAP {value:?}: no disk has a partition {n}"))?;
-            return Ok(Some(Swap { number, mib }));
+            return Ok(Some(Swap::Partition { number, mib }));
         }
-    } else if value.len() == 1 && value.bytes().all(|b| b.is_ascii_alphabetic()) {
-        return Err(format!(
-            "SWAP {value:?} (a whole disk of the instance as swap) is not supported by imgforge yet: give \
-             SWAP=<partition number>:<MB> for a swap partition on the first disk"
-        ));
+    } else if let [letter] = value.as_bytes() {
+        if letter.is_ascii_alphabetic() {
+            let index = (letter.to_ascii_lowercase() - b'a') as usize;
+            if index == 0 {
+                return Err(format!(
+                    "SWAP {value:?}: the swap disk cannot be the first disk (it holds the image); give the letter \
+                     of another of the instance's disks (b for the second)"
+                ));
+            }
+            return Ok(Some(Swap::Disk { index }));
+        }
     }
     Err(format!("SWAP property {value:?} is not valid: give <partition number>:<MB> (2:512) or a disk letter"))
 }
 
-/// The swap partition `SWAP` asks for, with a fresh UUID for its signature, and the fstab line
-/// snf-image's AddSwap writes for it (`UUID="..."`, as it copies blkid's output, then
-/// `none swap sw 0 0`, tab-separated).
-pub fn swap_partition(
-    properties: &BTreeMap<String, String>,
-) -> Option<(imgforge_protocol::rules::SwapPartition, String)> {
-    let swap = properties.get("SWAP").and_then(|v| parse_swap(v).ok().flatten())?;
+/// A fresh random (version 4, RFC 4122 variant) UUID for a swap signature.
+fn random_uuid() -> String {
     let mut bytes = [0u8; 16];
     rand::Rng::fill_bytes(&mut rand::rng(), &mut bytes);
-    // A random (version 4, RFC 4122 variant) UUID.
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let uuid = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
-    let line = format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0");
-    Some((imgforge_protocol::rules::SwapPartition { number: swap.number, mib: swap.mib, uuid }, line))
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// The fstab line snf-image's AddSwap appends for a swap area with `uuid` (`UUID="..."`, as it
+/// copies blkid's output, then `none swap sw 0 0`, tab-separated).
+fn fstab_line(uuid: &str) -> String {
+    format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0")
+}
+
+/// The swap partition `SWAP` asks for, with a fresh UUID for its signature, and the fstab line
+/// snf-image's AddSwap writes for it.
+pub fn swap_partition(
+    properties: &BTreeMap<String, String>,
+) -> Option<(imgforge_protocol::rules::SwapPartition, String)> {
+    let Swap::Partition { number, mib } = properties.get("SWAP").and_then(|v| parse_swap(v).ok().flatten())? else {
+        return None;
+    };
+    let uuid = random_uuid();
+    let line = fstab_line(&uuid);
+    Some((imgforge_protocol::rules::SwapPartition { number, mib, uuid }, line))
+}
+
+/// The whole disk `SWAP=<letter>` makes swap: its index among the instance's `disk_count`
+/// disks, with a fresh UUID for its signature, and the fstab line snf-image's AddSwap writes
+/// for it; refused, as snf-image refuses it, when the instance has no disk of that letter.
+pub fn swap_disk(
+    properties: &BTreeMap<String, String>,
+    disk_count: usize,
+) -> Result<Option<(imgforge_protocol::rules::SwapDisk, String)>, String> {
+    let Some(Swap::Disk { index }) = properties.get("SWAP").and_then(|v| parse_swap(v).ok().flatten()) else {
+        return Ok(None);
+    };
+    if index >= disk_count {
+        return Err(format!(
+            "SWAP {:?}: the instance has no such disk (it has {disk_count}: a to {})",
+            properties["SWAP"],
+            (b'a' + disk_count.saturating_sub(1).min(25) as u8) as char
+        ));
+    }
+    let uuid = random_uuid();
+    let line = fstab_line(&uuid);
+    Ok(Some((imgforge_protocol::rules::SwapDisk { disk: index as u32, uuid }, line)))
+}
+
+/// True if `ALLOW_MOUNTED_TASK_OVERWRITING` is yes: the image's
+/// `/root/snf-image/helper/overwrite_task_<Task>` replace snf-image's mounted tasks.
+pub fn task_overwriting(properties: &BTreeMap<String, String>) -> bool {
+    properties.get("ALLOW_MOUNTED_TASK_OVERWRITING").is_some_and(|v| yes_no(v).unwrap_or(true))
+}
+
+/// `SWAP=<N>:<MB>` under `CLOUD_INIT`: snf-image's AddSwap then ignores the partition and has
+/// cloud-init make a swap file `/swap-<random>.img` of at most MB MiB.
+pub fn swap_file(properties: &BTreeMap<String, String>) -> Option<imgforge_protocol::rules::CloudInitSwap> {
+    // A disk letter is made swap as without CLOUD_INIT, as snf-image's AddSwap does.
+    let Swap::Partition { mib, .. } = properties.get("SWAP").and_then(|v| parse_swap(v).ok().flatten())? else {
+        return None;
+    };
+    // snf-image's ${RANDOM}: 0 to 32767.
+    let n: u32 = rand::RngExt::random_range(&mut rand::rng(), 0..32768);
+    Some(imgforge_protocol::rules::CloudInitSwap { filename: format!("/swap-{n}.img"), max_bytes: mib << 20 })
 }
 
 /// True if `EXCLUDE_MOUNTED_TASKS` is yes (snf-image's reading: anything but a "no" is yes).
@@ -169,7 +238,7 @@ mod tests {
     fn booleans_read_as_snf_image_reads_them() {
         let yes = ["yes", "YES", "true", "On", "1", "set"];
         let no = ["no", "False", "OFF", "0", "unset", ""];
-        for name in ["EXCLUDE_MOUNTED_TASKS", "DO_SYNC"] {
+        for name in ["EXCLUDE_MOUNTED_TASKS", "DO_SYNC", "ALLOW_MOUNTED_TASK_OVERWRITING"] {
             for v in yes.iter().chain(&no) {
                 assert_eq!(judge(name, v), Some(Verdict::Honoured), "{name}={v}");
             }
@@ -182,6 +251,12 @@ mod tests {
             assert!(!mounted_tasks_excluded(&props(&[("EXCLUDE_MOUNTED_TASKS", v)])), "{v}");
         }
         assert!(!mounted_tasks_excluded(&props(&[])));
+        for v in yes.iter().chain(&["maybe"]) {
+            assert!(task_overwriting(&props(&[("ALLOW_MOUNTED_TASK_OVERWRITING", v)])), "{v}");
+        }
+        for v in no {
+            assert!(!task_overwriting(&props(&[("ALLOW_MOUNTED_TASK_OVERWRITING", v)])), "{v}");
+        }
         assert_eq!(judge("CUSTOM_TASK", "anything"), Some(Verdict::Honoured));
         assert_eq!(judge("USERS", "root"), None, "not this module's");
     }
@@ -201,13 +276,16 @@ mod tests {
     /// Every form snf-image's AddSwap takes, and what it refuses.
     #[test]
     fn swap_values() {
-        let ok = |number, mib| Ok(Some(Swap { number, mib }));
+        let ok = |number, mib| Ok(Some(Swap::Partition { number, mib }));
         assert_eq!(parse_swap("2:512"), ok(2, 512));
         assert_eq!(parse_swap("5:1024"), ok(5, 1024));
         assert_eq!(parse_swap("128:1"), ok(128, 1));
         assert_eq!(parse_swap(""), Ok(None));
-        for letter in ["b", "C", "z"] {
-            assert!(parse_swap(letter).unwrap_err().contains("whole disk"), "{letter}");
+        for (letter, index) in [("b", 1), ("C", 2), ("z", 25), ("Z", 25)] {
+            assert_eq!(parse_swap(letter), Ok(Some(Swap::Disk { index })), "{letter}");
+        }
+        for first in ["a", "A"] {
+            assert!(parse_swap(first).unwrap_err().contains("cannot be the first disk"), "{first}");
         }
         for bad in
             ["0:512", "2:0", "02:512", "2:0512", "2:", ":512", "2:512:1", "-1:512", "2:5x", "bc", " 2:512", "1", "é"]
@@ -216,12 +294,35 @@ mod tests {
         }
         assert!(parse_swap("129:512").unwrap_err().contains("no disk has a partition 129"));
         assert_eq!(judge("SWAP", "2:512"), Some(Verdict::Honoured));
-        assert!(matches!(judge("SWAP", "c"), Some(Verdict::Refuse(_))));
+        assert_eq!(judge("SWAP", "c"), Some(Verdict::Honoured));
+        assert!(matches!(judge("SWAP", "a"), Some(Verdict::Refuse(_))));
         let (swap, line) = swap_partition(&props(&[("SWAP", "3:256")])).unwrap();
         assert_eq!((swap.number, swap.mib, swap.uuid.len()), (3, 256, 36));
         assert_eq!(line, format!("UUID=\"{}\"\tnone\tswap\tsw\t0\t0", swap.uuid));
         assert_ne!(swap.uuid, swap_partition(&props(&[("SWAP", "3:256")])).unwrap().0.uuid);
         assert!(swap_partition(&props(&[])).is_none());
+        assert!(swap_partition(&props(&[("SWAP", "b")])).is_none());
+        let file = swap_file(&props(&[("SWAP", "2:300")])).unwrap();
+        assert_eq!(file.max_bytes, 300 << 20);
+        let n: u32 = file.filename.strip_prefix("/swap-").unwrap().strip_suffix(".img").unwrap().parse().unwrap();
+        assert!(n < 32768);
+        assert!(swap_file(&props(&[("SWAP", "")])).is_none());
+        assert!(swap_file(&props(&[("SWAP", "b")])).is_none());
+    }
+
+    /// `SWAP=<letter>` against the instance's disks, as snf-image's AddSwap checks it.
+    #[test]
+    fn swap_disk_values() {
+        let (disk, line) = swap_disk(&props(&[("SWAP", "B")]), 2).unwrap().unwrap();
+        assert_eq!((disk.disk, disk.uuid.len()), (1, 36));
+        assert_eq!(line, format!("UUID=\"{}\"\tnone\tswap\tsw\t0\t0", disk.uuid));
+        assert_eq!(swap_disk(&props(&[("SWAP", "c")]), 4).unwrap().unwrap().0.disk, 2);
+        for (value, count) in [("b", 1), ("c", 2), ("z", 3)] {
+            let err = swap_disk(&props(&[("SWAP", value)]), count).unwrap_err();
+            assert!(err.contains("no such disk"), "{value}: {err}");
+        }
+        assert!(swap_disk(&props(&[("SWAP", "2:512")]), 2).unwrap().is_none());
+        assert!(swap_disk(&props(&[]), 2).unwrap().is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! --target-format liveimg`, and Ganeti's `create` all go through here.
 
 use super::write::{WriteRequest, Written};
-use super::{announce_random_passwords, blocking, customize, JobError, KnownFormat, VmSettings};
+use super::{announce_random_passwords, blocking, customize, GuestDisk, JobError, KnownFormat, VmSettings};
 use crate::ops::Plan;
 use crate::progress::Progress;
 use crate::source::liveimg::{self, LiveimgError, TempPath};
@@ -66,6 +66,7 @@ pub async fn cancellable<T: Send + 'static, E: Into<JobError> + Send + 'static>(
 pub async fn customize_written(
     written: &Written,
     request: &WriteRequest,
+    other_disks: &[GuestDisk],
     mut plan: Plan,
     settings: &VmSettings,
     progress: &dyn Progress,
@@ -77,7 +78,9 @@ pub async fn customize_written(
         return Ok(());
     }
     // What was written is raw, whatever its first bytes look like (they are the guest's).
-    let result = customize(&request.target, RAW, plan, written.bare_filesystem, settings, progress, interrupt).await;
+    let mut disks = vec![GuestDisk::new(request.target.clone(), RAW)];
+    disks.extend_from_slice(other_disks);
+    let result = customize(&disks, plan, written.bare_filesystem, settings, progress, interrupt).await;
     let in_place = request.force || crate::stream::destination::is_block_device(&request.target);
     match result {
         Err(e) if in_place => {
@@ -115,12 +118,12 @@ pub async fn deploy(
         matches!(std::fs::symlink_metadata(&request.target), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
     if !new_file {
         let written = write(request, progress.clone(), interrupt).await?;
-        return customize_written(&written, request, plan, settings, progress.as_ref(), interrupt).await;
+        return customize_written(&written, request, &[], plan, settings, progress.as_ref(), interrupt).await;
     }
     let temp = TempPath(liveimg::temp_beside(&request.target, "deploy"));
     let to_temp = WriteRequest { target: temp.0.clone(), force: false, ..request.clone() };
     let written = write(&to_temp, progress.clone(), interrupt).await?;
-    customize_written(&written, &to_temp, plan, settings, progress.as_ref(), interrupt).await?;
+    customize_written(&written, &to_temp, &[], plan, settings, progress.as_ref(), interrupt).await?;
     publish(&temp.0, &request.target).map_err(|source| JobError::Publish { path: request.target.clone(), source })?;
     Ok(())
 }
@@ -146,7 +149,15 @@ pub async fn deploy_liveimg(
     if !written.bare_filesystem {
         return Err(LiveimgError::NotALiveimg { name: source, format: written.format.name() }.into());
     }
-    customize(&rootfs.0, RAW, plan, request.size.is_some(), settings, progress.as_ref(), interrupt).await?;
+    customize(
+        &[GuestDisk::new(rootfs.0.clone(), RAW)],
+        plan,
+        request.size.is_some(),
+        settings,
+        progress.as_ref(),
+        interrupt,
+    )
+    .await?;
     progress.status("repacking the liveimg");
     let target = request.target.clone();
     let rootfs_path = rootfs.0.clone();

@@ -116,6 +116,23 @@ pub enum JobError {
         /// Its message.
         message: String,
     },
+    /// `-a` names one disk twice: its two overlays would each hold half of the changes.
+    #[error("disk {} is given twice (-a {} and -a {}): give each disk of the guest once", second.display(), first.display(), second.display())]
+    SameDisk {
+        /// Its first name.
+        first: PathBuf,
+        /// The name that is the same disk again.
+        second: PathBuf,
+    },
+    /// The first disks' changes were committed, then a later disk's commit failed: the guest's
+    /// disks no longer belong together.
+    #[error("{source}; the changes to {} were already committed, so the guest's disks are now out of step: restore them from a backup", committed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    PartlyCommitted {
+        /// The disks already committed.
+        committed: Vec<PathBuf>,
+        /// The failed commit.
+        source: OverlayError,
+    },
     /// The image could not be written.
     #[error(transparent)]
     Write(#[from] crate::job::write::WriteError),
@@ -171,10 +188,29 @@ pub struct RunResult {
     pub checks: Vec<CheckResult>,
 }
 
-/// A prepared helper run on one disk: the disk locked, the helper writing into an overlay.
+/// One disk of the guest, as `customize -a` names it: its path and how its format is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestDisk {
+    /// The disk.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: target::KnownFormat,
+}
+
+impl GuestDisk {
+    /// `path` of `format`.
+    pub fn new(path: impl Into<PathBuf>, format: target::KnownFormat) -> Self {
+        Self { path: path.into(), format }
+    }
+}
+
+/// A prepared helper run on the guest's disks: each locked, the helper writing into an overlay
+/// of each.
 pub struct Job {
-    target: Target,
-    overlay: Overlay,
+    /// The disks, the first the one the helper sees as its target disk.
+    targets: Vec<Target>,
+    /// Their overlays, in the same order.
+    overlays: Vec<Overlay>,
     spec: VmSpec,
     /// The qemu and user the commit runs with: the helper VM's.
     confinement: crate::vm::blockdev_qemu::Confinement,
@@ -183,18 +219,24 @@ pub struct Job {
 }
 
 impl Job {
-    /// Prepares a helper run with `rules` (and the `payload` files) on `disk`.
+    /// Prepares a helper run with `rules` (and the `payload` files) on `disks` (at least one:
+    /// the first is the helper's target disk, the others are attached after it, each behind an
+    /// overlay of its own).
     pub async fn prepare(
-        disk: &Path,
-        format: target::KnownFormat,
-        rules: Rules,
+        disks: &[GuestDisk],
+        mut rules: Rules,
         payload: &[crate::ops::PayloadFile],
         settings: &VmSettings,
         progress: &dyn Progress,
     ) -> Result<Job, JobError> {
-        let target = target::open(disk, format)?;
+        assert!(!disks.is_empty(), "a job has at least one disk");
+        check_distinct(disks)?;
+        let targets = disks.iter().map(|d| target::open(&d.path, d.format)).collect::<Result<Vec<_>, _>>()?;
+        rules.extra_disks = (targets.len() - 1) as u32;
         let user = privilege::for_this_process(&settings.helper_user)?;
-        progress.emit(ImageInfo::disk(&target.path, target.format.as_str(), target.size).into());
+        for target in &targets {
+            progress.emit(ImageInfo::disk(&target.path, target.format.as_str(), target.size).into());
+        }
         progress.status("preparing the helper image");
         let cache = helper_image::cache_dir();
         let image = {
@@ -212,15 +254,29 @@ impl Job {
             payload::build(payload, &p)?;
             Some(p)
         };
-        // Mounting, even read-only, may replay a journal: every write lands in the overlay.
-        let overlay = Overlay::create(&target.path, target.format, target.virtual_size, work.path())?;
-        let preload = preload_for(&target, &rules.excluded_tasks, payload_path.is_some());
+        // Mounting, even read-only, may replay a journal: every write lands in an overlay.
+        let overlays = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let name = if i == 0 { "overlay.qcow2".to_owned() } else { format!("overlay-{}.qcow2", i + 1) };
+                Overlay::create_named(&t.path, t.format, t.virtual_size, &work.path().join(name))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let preload = preload_for(&targets, &rules.excluded_tasks, payload_path.is_some());
+        let extra_disks = targets
+            .iter()
+            .zip(&overlays)
+            .skip(1)
+            .map(|(t, o)| vm::ExtraDisk { path: t.path.clone(), format: t.format, overlay: o.path.clone() })
+            .collect();
         let spec = VmSpec {
             qemu: settings.qemu.clone(),
             image,
-            disk: target.path.clone(),
-            disk_format: target.format,
-            overlay: Some(overlay.path.clone()),
+            disk: targets[0].path.clone(),
+            disk_format: targets[0].format,
+            overlay: Some(overlays[0].path.clone()),
+            extra_disks,
             floppy: floppy_path,
             payload: payload_path,
             memory_mib: settings.memory_mib,
@@ -232,7 +288,7 @@ impl Job {
             cache,
             preload,
         };
-        Ok(Job { target, overlay, spec, confinement: settings.confinement(), _work: work })
+        Ok(Job { targets, overlays, spec, confinement: settings.confinement(), _work: work })
     }
 
     /// Boots the helper VM on the prepared disk and collects its report.
@@ -247,15 +303,27 @@ impl Job {
         Ok(RunResult { outcome, checks })
     }
 
-    /// Commits the helper's writes into the disk. Past this point an interrupt waits for the
-    /// commit: a half-committed disk is the one outcome worse than either before or after.
+    /// Commits the helper's writes into the disks, one after the other. Past this point an
+    /// interrupt waits for the commit: a half-committed disk is the one outcome worse than
+    /// either before or after.
     pub async fn commit(self, progress: &dyn Progress) -> Result<(), JobError> {
         progress.status("committing the changes");
-        let Job { target, overlay, confinement, _work, .. } = self;
-        let bytes = overlay.allocated_bytes();
-        let (spent, overlay) = blocking("commit", move || overlay.commit(&confinement).map(|d| (d, overlay))).await??;
-        tracing::info!(secs = spent.as_secs_f32(), overlay_bytes = bytes, "changes committed into the disk");
-        drop((overlay, target));
+        let Job { targets, overlays, confinement, _work, .. } = self;
+        let mut committed = Vec::new();
+        for (target, overlay) in targets.iter().zip(overlays) {
+            let bytes = overlay.allocated_bytes();
+            let confinement = confinement.clone();
+            let result = blocking("commit", move || overlay.commit(&confinement).map(|d| (d, overlay))).await?;
+            let (spent, overlay) = match result {
+                Ok(done) => done,
+                Err(source) if !committed.is_empty() => return Err(JobError::PartlyCommitted { committed, source }),
+                Err(e) => return Err(e.into()),
+            };
+            tracing::info!(disk = %target.path.display(), secs = spent.as_secs_f32(), overlay_bytes = bytes, "changes committed into the disk");
+            drop(overlay);
+            committed.push(target.path.clone());
+        }
+        drop(targets);
         Ok(())
     }
 
@@ -268,8 +336,7 @@ impl Job {
 /// and never in a dry run (`plan.dry_run`): the helper then lists what it changed (as
 /// `file-change` events) and the overlay holding those changes is dropped.
 pub async fn customize(
-    disk: &Path,
-    format: target::KnownFormat,
+    disks: &[GuestDisk],
     mut plan: Plan,
     grow_filesystem: bool,
     settings: &VmSettings,
@@ -296,18 +363,21 @@ pub async fn customize(
     rules.excluded_tasks = settings.excluded_tasks.clone();
     rules.dry_run = plan.dry_run;
     rules.swap = plan.swap.clone();
-    let job = Job::prepare(disk, format, rules, &plan.payload, settings, progress).await?;
+    rules.swap_disk = plan.swap_disk.clone();
+    rules.task_overwriting = plan.task_overwriting.clone();
+    let job = Job::prepare(disks, rules, &plan.payload, settings, progress).await?;
     let result = job.run(settings.show_console, progress, interrupt).await?;
+    let disk = DiskNames(disks);
     match result.outcome.verdict {
         Verdict::Success if plan.dry_run => {
             job.discard();
-            tracing::info!("dry run: the changes listed were dropped, {} is unchanged", disk.display());
+            tracing::info!("dry run: the changes listed were dropped, nothing was written to {}", disk.display());
             Ok(())
         }
         Verdict::Failed { task, message } if plan.dry_run => {
             job.discard();
             tracing::warn!(
-                "dry run failed in {task}: the changes listed are those made before the failure, all dropped; {} is unchanged",
+                "dry run failed in {task}: the changes listed are those made before the failure, all dropped; nothing was written to {}",
                 disk.display()
             );
             Err(JobError::TaskFailed { task, message })
@@ -333,16 +403,42 @@ fn announce_random_passwords(plan: &mut Plan, progress: &dyn Progress) {
     }
 }
 
-/// The modules worth loading early for `target` (nothing when every task is excluded: then
+/// The guest's disks named in a message: `a.img` or `a.img and b.img`.
+struct DiskNames<'a>(&'a [GuestDisk]);
+
+impl DiskNames<'_> {
+    fn display(&self) -> String {
+        self.0.iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>().join(" and ")
+    }
+}
+
+/// Refuses one disk named twice (the same file or device under two names).
+fn check_distinct(disks: &[GuestDisk]) -> Result<(), JobError> {
+    use std::os::unix::fs::MetadataExt;
+    let identity =
+        |p: &Path| std::fs::metadata(p).map(|m| if m.rdev() != 0 { (0, m.rdev()) } else { (m.dev(), m.ino()) }).ok();
+    let ids: Vec<_> = disks.iter().map(|d| identity(&d.path)).collect();
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(j) = id.and_then(|id| ids[..i].iter().position(|other| *other == Some(id))) {
+            return Err(JobError::SameDisk { first: disks[j].path.clone(), second: disks[i].path.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// The modules worth loading early for `targets` (nothing when every task is excluded: then
 /// nothing is mounted).
-fn preload_for(target: &Target, excluded_tasks: &[String], payload: bool) -> Vec<&'static str> {
+fn preload_for(targets: &[Target], excluded_tasks: &[String], payload: bool) -> Vec<&'static str> {
     if excluded_tasks.iter().any(|t| t == "*") {
         return Vec::new();
     }
-    let kinds = match target.format {
-        vm::cmdline::DiskFormat::Raw => crate::inspect::raw_filesystem_kinds(&target.path),
-        // qcow2 is read by qemu only: the host parses no image data with C code.
-        vm::cmdline::DiskFormat::Qcow2 => Vec::new(),
-    };
+    let kinds: Vec<&str> = targets
+        .iter()
+        .flat_map(|target| match target.format {
+            vm::cmdline::DiskFormat::Raw => crate::inspect::raw_filesystem_kinds(&target.path),
+            // qcow2 is read by qemu only: the host parses no image data with C code.
+            vm::cmdline::DiskFormat::Qcow2 => Vec::new(),
+        })
+        .collect();
     vm::preload_modules(&kinds, payload)
 }

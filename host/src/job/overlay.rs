@@ -58,7 +58,13 @@ impl Overlay {
     /// Creates `dir/overlay.qcow2` over `disk` (absolute path recorded, never opened here:
     /// `-u`, the size is given).
     pub fn create(disk: &Path, format: DiskFormat, virtual_size: u64, dir: &Path) -> Result<Self, OverlayError> {
-        let path = dir.join("overlay.qcow2");
+        Self::create_named(disk, format, virtual_size, &dir.join("overlay.qcow2"))
+    }
+
+    /// Creates the overlay `path` over `disk`, as [`Overlay::create`] does: one for each disk of
+    /// a guest on several disks.
+    pub fn create_named(disk: &Path, format: DiskFormat, virtual_size: u64, path: &Path) -> Result<Self, OverlayError> {
+        let path = path.to_owned();
         let disk = std::fs::canonicalize(disk)
             .map_err(|e| OverlayError::Create { path: path.clone(), reason: e.to_string() })?;
         duct::cmd!(

@@ -183,7 +183,8 @@ async fn one_variant(
     let _ = format; // the writer reads the base's format from its header, confined
     crate::job::write(&request, Arc::new(crate::progress::Silent), interrupt).await?;
     let raw_format = KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw);
-    customize(&raw.0, raw_format, job.plan, false, settings, progress, interrupt).await?;
+    customize(&[crate::job::GuestDisk::new(&raw.0, raw_format)], job.plan, false, settings, progress, interrupt)
+        .await?;
     let finished = match job.format {
         OutputFormat::Raw => raw,
         OutputFormat::Qcow2 | OutputFormat::Qcow2Backed => {

@@ -110,7 +110,7 @@ pub async fn run(
     rules.verify = true;
     rules.required_packages = packages.to_vec();
     rules.verbose = settings.trace_tasks;
-    let job = Job::prepare(&disk, format, rules, &[], settings, &Silent).await?;
+    let job = Job::prepare(&[super::GuestDisk::new(disk.clone(), format)], rules, &[], settings, &Silent).await?;
     let result = job.run(settings.show_console, &Silent, interrupt).await?;
     job.discard();
     let checks: Vec<Check> = result.checks.into_iter().map(|(ok, name, detail)| Check { name, ok, detail }).collect();

@@ -300,6 +300,11 @@ pub struct Plan {
     pub swap: Option<imgforge_protocol::rules::SwapPartition>,
     /// Where salts and random passwords come from (a recipe's seed, or the system).
     pub entropy: entropy::Entropy,
+    /// A whole disk of the guest to make swap (Ganeti's `SWAP=<disk letter>`).
+    pub swap_disk: Option<imgforge_protocol::rules::SwapDisk>,
+    /// The task variables an image's `overwrite_task_<Name>` runs with (Ganeti's
+    /// `ALLOW_MOUNTED_TASK_OVERWRITING`); `None`: such files are ignored.
+    pub task_overwriting: Option<Vec<(String, String)>>,
 }
 
 /// The first bytes of every RPM file (the lead).

@@ -7,7 +7,7 @@
 //! qemu ≥ 9.1 has no `-runas` at all — dropping privileges before exec works with both).
 
 use super::accel::Accel;
-use imgforge_protocol::helper_vm::{PAYLOAD_SERIAL, TARGET_SERIAL};
+use imgforge_protocol::helper_vm::{disk_serial, PAYLOAD_SERIAL, TARGET_SERIAL};
 
 /// qemu's seccomp sandbox: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler
 /// or resource changes.
@@ -71,6 +71,9 @@ pub struct QemuConfig {
     pub disk_is_device: bool,
     /// A qcow2 overlay over the disk that receives every write (transactional customization).
     pub overlay: Option<OverlayFds>,
+    /// The guest's other disks (`-a` given several times), in order, each only read and
+    /// written through an overlay of its own.
+    pub extra_disks: Vec<ExtraDiskFds>,
     /// Parameter floppy, read-only.
     pub floppy_fd: i32,
     /// Payload disk, read-only, if any.
@@ -94,6 +97,23 @@ pub struct OverlayFds {
     pub direct: bool,
 }
 
+/// One of the guest's other disks: opened read-only, the base of its own overlay.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtraDiskFds {
+    /// The disk, opened read-only.
+    pub ro_fd: i32,
+    /// Its format.
+    pub format: DiskFormat,
+    /// Whether its descriptor carries O_DIRECT.
+    pub direct: bool,
+    /// Whether it is a block device.
+    pub is_device: bool,
+    /// Its overlay.
+    pub overlay: OverlayFds,
+}
+
+/// The fdsets of the other disks start here, two each (the disk, its overlay).
+const FDSET_EXTRA_DISKS: u32 = 10;
 const FDSET_DISK: u32 = 1;
 const FDSET_OVERLAY: u32 = 6;
 const FDSET_FLOPPY: u32 = 2;
@@ -214,6 +234,36 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
         None => "disk",
     };
     push(&["-device", &format!("virtio-blk-pci,drive={top},serial={TARGET_SERIAL},{DISK_ERROR_POLICY}")]);
+    for (i, d) in c.extra_disks.iter().enumerate() {
+        // Named by the guest's disk number (the second -a is 2), as its serial is.
+        let n = i + 2;
+        let (disk_set, overlay_set) = (FDSET_EXTRA_DISKS + 2 * i as u32, FDSET_EXTRA_DISKS + 2 * i as u32 + 1);
+        push(&["-add-fd", &format!("fd={},set={disk_set},opaque=disk{n}-ro", d.ro_fd)]);
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver={},node-name=disk{n}-file,filename=/dev/fdset/{disk_set},cache.direct={},aio=threads,read-only=on",
+                protocol_driver(d.is_device),
+                direct(d.direct)
+            ),
+        ]);
+        let no_backing = if d.format == DiskFormat::Qcow2 { ",backing=" } else { "" };
+        push(&[
+            "-blockdev",
+            &format!("driver={},node-name=disk{n},file=disk{n}-file{no_backing},read-only=on", d.format.as_str()),
+        ]);
+        push(&["-add-fd", &format!("fd={},set={overlay_set},opaque=overlay{n}-ro", d.overlay.ro_fd)]);
+        push(&["-add-fd", &format!("fd={},set={overlay_set},opaque=overlay{n}-rw", d.overlay.rw_fd)]);
+        push(&["-blockdev", &format!("driver=file,node-name=overlay{n}-file,filename=/dev/fdset/{overlay_set},cache.direct={},cache.no-flush=on,aio=threads", direct(d.overlay.direct))]);
+        push(&[
+            "-blockdev",
+            &format!("driver=qcow2,node-name=overlay{n},file=overlay{n}-file,backing=disk{n},cache.no-flush=on"),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=overlay{n},serial={},{DISK_ERROR_POLICY}", disk_serial(i + 1)),
+        ]);
+    }
 
     push(&["-add-fd", &format!("fd={},set={FDSET_FLOPPY},opaque=rules-floppy", c.floppy_fd)]);
     push(&["-drive", &format!("file=/dev/fdset/{FDSET_FLOPPY},format=raw,if=floppy,index=0,readonly=on")]);
@@ -252,6 +302,7 @@ mod tests {
             disk_ro_fd: 12,
             disk_rw_fd: Some(13),
             overlay: None,
+            extra_disks: Vec::new(),
             disk_format: DiskFormat::Raw,
             disk_direct: true,
             disk_is_device: false,
@@ -351,5 +402,43 @@ mod tests {
         );
         assert!(!line.contains("fd=13"));
         assert!(line.contains("drive=overlay,serial=imgforge-target,werror=stop,rerror=stop"), "{line}");
+    }
+
+    /// Every other disk is read only through an overlay of its own, under its own serial, on
+    /// fdsets of its own, after the target and before the payload.
+    #[test]
+    fn other_disks_each_behind_an_overlay() {
+        let mut c = config();
+        c.disk_rw_fd = None;
+        c.overlay = Some(OverlayFds { ro_fd: 30, rw_fd: 31, direct: true });
+        c.payload_fd = Some(20);
+        let extra = |ro_fd, format, overlay: i32| ExtraDiskFds {
+            ro_fd,
+            format,
+            direct: true,
+            is_device: false,
+            overlay: OverlayFds { ro_fd: overlay, rw_fd: overlay + 1, direct: false },
+        };
+        c.extra_disks = vec![extra(40, DiskFormat::Raw, 41), extra(50, DiskFormat::Qcow2, 51)];
+        let line = joined(&c);
+        for want in [
+            "fd=40,set=10,opaque=disk2-ro",
+            "driver=file,node-name=disk2-file,filename=/dev/fdset/10,cache.direct=on,aio=threads,read-only=on",
+            "driver=raw,node-name=disk2,file=disk2-file,read-only=on",
+            "fd=41,set=11,opaque=overlay2-ro",
+            "fd=42,set=11,opaque=overlay2-rw",
+            "driver=qcow2,node-name=overlay2,file=overlay2-file,backing=disk2,",
+            "drive=overlay2,serial=imgforge-disk-2,werror=stop,rerror=stop",
+            "fd=50,set=12,opaque=disk3-ro",
+            "driver=qcow2,node-name=disk3,file=disk3-file,backing=,read-only=on",
+            "fd=52,set=13,opaque=overlay3-rw",
+            "drive=overlay3,serial=imgforge-disk-3,",
+        ] {
+            assert!(line.contains(want), "{want} missing from {line}");
+        }
+        let order = |s: &str| line.find(s).unwrap();
+        assert!(order("serial=imgforge-target") < order("serial=imgforge-disk-2"));
+        assert!(order("serial=imgforge-disk-2") < order("serial=imgforge-disk-3"));
+        assert!(order("serial=imgforge-disk-3") < order("serial=imgforge-payload"));
     }
 }

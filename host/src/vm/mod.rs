@@ -59,6 +59,8 @@ pub struct VmSpec {
     pub disk_format: DiskFormat,
     /// A qcow2 overlay over `disk` to receive the writes (the disk is then only read).
     pub overlay: Option<PathBuf>,
+    /// The guest's other disks, in order, each written only into its overlay.
+    pub extra_disks: Vec<ExtraDisk>,
     /// The parameter floppy image.
     pub floppy: PathBuf,
     /// The payload disk image, if any.
@@ -79,6 +81,17 @@ pub struct VmSpec {
     pub cache: PathBuf,
     /// Modules the helper loads while it reads the floppy (see [`preload_modules`]).
     pub preload: Vec<&'static str>,
+}
+
+/// One of the guest's other disks (`-a` given several times).
+#[derive(Debug, Clone)]
+pub struct ExtraDisk {
+    /// The disk.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+    /// The qcow2 overlay over it that receives the writes.
+    pub overlay: PathBuf,
 }
 
 /// The kernel modules the tasks will need, from what the host found on the disk (its partition
@@ -331,11 +344,27 @@ struct QemuFds {
     disk_direct: bool,
     /// The overlay read-only, read-write, and whether opened with O_DIRECT.
     overlay: Option<(File, Option<File>, bool)>,
+    /// The other disks, each with its overlay.
+    extra_disks: Vec<ExtraDiskFiles>,
     floppy: File,
     payload: Option<File>,
     console_w: std::io::PipeWriter,
     report_w: std::io::PipeWriter,
     qmp_listener: UnixListener,
+}
+
+/// One of the other disks as qemu inherits it.
+struct ExtraDiskFiles {
+    /// The disk, read-only.
+    disk: File,
+    /// Whether it was opened with O_DIRECT.
+    direct: bool,
+    /// Its overlay, read-only.
+    overlay_ro: File,
+    /// Its overlay, read-write.
+    overlay_rw: File,
+    /// Whether those were opened with O_DIRECT.
+    overlay_direct: bool,
 }
 
 /// This process's side of one attempt: the read ends of the serial ports, and the directory of
@@ -397,6 +426,16 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         }
     };
     let overlay = spec.overlay.as_ref().map(|p| open_disk(p, true)).transpose()?;
+    let extra_disks = spec
+        .extra_disks
+        .iter()
+        .map(|d| {
+            let (disk, _, direct) = open_disk(&d.path, false)?;
+            let (overlay_ro, overlay_rw, overlay_direct) = open_disk(&d.overlay, true)?;
+            let overlay_rw = overlay_rw.expect("opened read-write");
+            Ok(ExtraDiskFiles { disk, direct, overlay_ro, overlay_rw, overlay_direct })
+        })
+        .collect::<Result<Vec<_>, VmError>>()?;
     let floppy = open(&spec.floppy, &ro)?;
     let payload = spec.payload.as_ref().map(|p| open(p, &ro)).transpose()?;
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
@@ -413,6 +452,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         disk_rw,
         disk_direct,
         overlay,
+        extra_disks,
         floppy,
         payload,
         console_w,
@@ -443,6 +483,22 @@ fn qemu_config(spec: &VmSpec, accel: Accel, cpu: &str, fds: &QemuFds) -> QemuCon
             rw_fd: rw.as_ref().expect("opened read-write").as_raw_fd(),
             direct: *direct,
         }),
+        extra_disks: spec
+            .extra_disks
+            .iter()
+            .zip(&fds.extra_disks)
+            .map(|(d, f)| cmdline::ExtraDiskFds {
+                ro_fd: f.disk.as_raw_fd(),
+                format: d.format,
+                direct: f.direct,
+                is_device: crate::stream::destination::is_block_device(&d.path),
+                overlay: cmdline::OverlayFds {
+                    ro_fd: f.overlay_ro.as_raw_fd(),
+                    rw_fd: f.overlay_rw.as_raw_fd(),
+                    direct: f.overlay_direct,
+                },
+            })
+            .collect(),
         disk_format: spec.disk_format,
         disk_direct: fds.disk_direct,
         disk_is_device: crate::stream::destination::is_block_device(&spec.disk),
@@ -468,6 +524,7 @@ fn inherited_fds(config: &QemuConfig) -> Vec<RawFd> {
     inherited.extend(config.payload_fd);
     inherited.extend(config.disk_rw_fd);
     inherited.extend(config.overlay.iter().flat_map(|o| [o.ro_fd, o.rw_fd]));
+    inherited.extend(config.extra_disks.iter().flat_map(|d| [d.ro_fd, d.overlay.ro_fd, d.overlay.rw_fd]));
     inherited
 }
 
