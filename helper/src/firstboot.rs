@@ -54,7 +54,14 @@ pub fn install(guest: &GuestRoot, name: &str, script: &[u8]) -> io::Result<Strin
     if !guest.exists(UNIT_WANTS_LINK) {
         guest.symlink(UNIT, UNIT_WANTS_LINK)?;
     }
-    let count = guest.list_dir(SCRIPTS_DIR)?.len();
+    // After the highest number waiting, not after how many wait: with a gap (0001, 0003), the
+    // count would name the new script like one already there, and overwrite it.
+    let count = guest
+        .list_dir(SCRIPTS_DIR)?
+        .iter()
+        .filter_map(|name| name.split_once('-').and_then(|(n, _)| n.parse::<usize>().ok()))
+        .max()
+        .unwrap_or(0);
     let safe: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
@@ -68,6 +75,22 @@ pub fn install(guest: &GuestRoot, name: &str, script: &[u8]) -> io::Result<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A script waiting from an earlier customization is never overwritten: the new one is
+    /// numbered after the highest there, not after how many there are (a gap would reuse a name).
+    #[test]
+    fn a_waiting_script_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = GuestRoot::open(dir.path()).unwrap();
+        let scripts = dir.path().join(SCRIPTS_DIR.trim_start_matches('/'));
+        std::fs::create_dir_all(&scripts).unwrap();
+        std::fs::write(scripts.join("0001-a"), "first\n").unwrap();
+        std::fs::write(scripts.join("0003-b"), "third\n").unwrap();
+        let path = install(&guest, "b", b"new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(scripts.join("0003-b")).unwrap(), "third\n", "overwritten: {path}");
+        assert_eq!(path, format!("{SCRIPTS_DIR}/0004-b"));
+        assert_eq!(std::fs::read_to_string(scripts.join("0004-b")).unwrap(), "new\n");
+    }
 
     #[test]
     fn the_runner_runs_each_script_once_with_its_interpreter() {

@@ -115,6 +115,8 @@ fn a_two_by_two_matrix_one_variant_failing_alone_with_provenance() {
         assert_eq!(st["subject"][0]["digest"]["sha256"], sha256_hex(&img));
         let def = &st["predicate"]["buildDefinition"];
         assert_eq!(def["resolvedDependencies"][0]["digest"]["sha256"], base_before);
+        let helper = def["resolvedDependencies"][1]["digest"]["sha256"].as_str().unwrap();
+        assert!(helper.len() == 64 && helper.bytes().all(|b| b.is_ascii_hexdigit()), "helper image sha256 {helper}");
         assert_eq!(def["externalParameters"]["recipe"]["digest"]["sha256"], sha256_hex(&file));
         assert_eq!(def["externalParameters"]["matrix"]["site"], site);
         let ops = def["internalParameters"]["operations"].as_array().unwrap();
@@ -188,6 +190,143 @@ fn bad_recipes_are_refused_before_any_boot() {
         let made: Vec<_> = std::fs::read_dir(&out_dir).map(|d| d.count()).into_iter().collect();
         assert!(made.iter().all(|n| *n == 0), "{body}: outputs made");
     }
+}
+
+/// A base that is not a regular file (a FIFO no one writes, an endless device) is refused at
+/// once, naming it: it cannot be what a digest was taken of, and hashing it would never end.
+#[test]
+fn a_base_that_is_not_a_regular_file_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let fifo = work.path().join("base.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let sha = "0".repeat(64);
+    for base in [fifo.clone(), Path::new("/dev/zero").to_owned()] {
+        let file = recipe(work.path(), &base, &sha, "operations = [\"hostname a\"]\n");
+        let out_dir = work.path().join("out");
+        let mut child = std::process::Command::new(imgforge_tests::run::binary())
+            .args(["build", &s(&file), "--out-dir", &s(&out_dir), "--accel", "tcg"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && started.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("imgforge build over {} still runs after 20 s", base.display());
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 2, "{}: {stderr}", base.display());
+        assert!(stderr.contains(&s(&base)) && stderr.contains("not a regular file"), "{stderr}");
+    }
+}
+
+/// `verify --provenance` of an image that takes long to read (here an endless device) stops on
+/// SIGINT and SIGTERM with the interrupted status instead of reading on.
+#[test]
+fn verify_provenance_stops_on_a_signal() {
+    let work = tempfile::tempdir().unwrap();
+    let statement = work.path().join("p.json");
+    let digest = "0".repeat(64);
+    let text = format!(
+        r#"{{"_type":"https://in-toto.io/Statement/v1","predicateType":"https://slsa.dev/provenance/v1",
+"subject":[{{"name":"a.img","digest":{{"sha256":"{digest}"}}}}],
+"predicate":{{"buildDefinition":{{"buildType":"x"}},"runDetails":{{"builder":{{"id":"y"}}}}}}}}"#
+    );
+    std::fs::write(&statement, text).unwrap();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = std::process::Command::new(imgforge_tests::run::binary())
+            .args(["verify", "--provenance", &s(&statement), "/dev/zero"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(child.try_wait().unwrap().is_none(), "verify of /dev/zero ended by itself");
+        // SAFETY: the child's pid, still running (not reaped).
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let sent = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && sent.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("verify --provenance still runs 10 s after signal {signal}");
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(code(&out), 130, "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// An output or statement name taken by a dangling symlink is refused before anything runs,
+/// like an existing output (the final rename would fail only after every helper VM ran).
+#[test]
+fn a_dangling_symlink_in_the_way_is_refused_first() {
+    let work = tempfile::tempdir().unwrap();
+    let base = work.path().join("base.img");
+    std::fs::write(&base, b"not checked: the digest is wrong").unwrap();
+    let out_dir = work.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    for taken in ["default.img", "default.img.provenance.json"] {
+        let link = out_dir.join(taken);
+        std::os::unix::fs::symlink(work.path().join("nowhere"), &link).unwrap();
+        let file = recipe(work.path(), &base, &"0".repeat(64), "operations = [\"hostname a\"]\n");
+        let out = imgforge(&["build", &s(&file), "--out-dir", &s(&out_dir), "--accel", "tcg"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 2, "{stderr}");
+        assert!(stderr.contains("exists") && stderr.contains("never overwrites"), "{taken}: {stderr}");
+        std::fs::remove_file(&link).unwrap();
+    }
+}
+
+/// An output named like the file a URL base is downloaded to is refused before the download
+/// (it would meet the base there, and fail only after every helper VM ran).
+#[test]
+fn an_output_named_like_the_downloaded_base_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let sha = "0123456789abcdef".repeat(4);
+    let path = work.path().join("sites.toml");
+    // Port 9 (discard): nothing answers; the recipe must be refused before anything is asked.
+    let text = format!(
+        "output = \"base-0123456789abcdef.img\"\noperations = [\"hostname a\"]\n[base]\nimage = \"http://127.0.0.1:9/base.img\"\nsha256 = \"{sha}\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let out_dir = work.path().join("out");
+    let out = imgforge(&["build", &s(&path), "--out-dir", &s(&out_dir), "--accel", "tcg"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 2, "{stderr}");
+    assert!(stderr.contains("sites.toml:1:") && stderr.contains("where the downloaded base goes"), "{stderr}");
+}
+
+/// A recipe is read with a bound: `/dev/zero` (or a runaway generator on a pipe) is refused,
+/// not read until memory runs out; a recipe on a pipe (`<(...)`) is read as any other.
+#[test]
+fn a_recipe_is_read_with_a_bound() {
+    let mut child = std::process::Command::new(imgforge_tests::run::binary())
+        .args(["build", "/dev/zero", "--accel", "tcg"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed().as_secs() < 15 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if child.try_wait().unwrap().is_none() {
+        child.kill().unwrap();
+        let _ = child.wait();
+        panic!("imgforge build /dev/zero still reads after 15 s");
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 2, "{stderr}");
+    assert!(stderr.contains("/dev/zero") && stderr.contains("too large"), "{stderr}");
 }
 
 /// The same seed gives the same salt and random password, build after build; `--seed` with

@@ -180,9 +180,12 @@ fn inspect_status(e: &crate::inspect::InspectError) -> ExitStatus {
 fn build_status(e: &crate::recipe::build::BuildError) -> ExitStatus {
     use crate::recipe::build::BuildError as E;
     match e {
-        E::Read { .. } | E::Recipe(_) | E::SourceDateEpoch(_) | E::BaseMismatch { .. } | E::OutputExists(_) => {
-            ExitStatus::BadInput
-        }
+        E::Read { .. }
+        | E::Recipe(_)
+        | E::SourceDateEpoch(_)
+        | E::BaseMismatch { .. }
+        | E::BaseNotAFile { .. }
+        | E::OutputExists(_) => ExitStatus::BadInput,
         E::Io { .. } => ExitStatus::Environment,
         E::Job(job) => job_status(job),
         E::Variants { failed, .. } => failed.first().map_or(ExitStatus::CustomizationFailed, |(_, e)| job_status(e)),

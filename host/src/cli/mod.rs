@@ -578,7 +578,7 @@ async fn dispatch(cli: Cli, matches: ArgMatches) -> Result<(), Failure> {
         Command::Inspect(args) => until_interrupted(&interrupt, inspect(args, &interrupt)).await,
         Command::Verify(args) => {
             if let Some(statement) = &args.provenance {
-                return verify_provenance(statement, &args.image);
+                return verify_provenance(statement, &args.image, &interrupt).await;
             }
             let settings = vm_settings(&args.vm, verbose, trace)?;
             verify(args, &settings, &interrupt).await
@@ -687,9 +687,20 @@ async fn verify(args: VerifyArgs, settings: &VmSettings, interrupt: &crate::vm::
 }
 
 /// `verify --provenance`: exit 0 when IMAGE is the statement's subject, 1 when it is not.
-fn verify_provenance(statement: &std::path::Path, image: &std::path::Path) -> Result<(), Failure> {
+async fn verify_provenance(
+    statement: &std::path::Path,
+    image: &std::path::Path,
+    interrupt: &crate::vm::Interrupt,
+) -> Result<(), Failure> {
     use crate::recipe::build::VerifyProvenanceError as E;
-    match crate::recipe::build::verify_provenance(statement, image) {
+    // Off the runtime and cancellable: hashing a large image takes a while, and a signal must
+    // stop it.
+    let (s, i) = (statement.to_owned(), image.to_owned());
+    let result = crate::job::cancellable("verify --provenance", interrupt, move |cancel| {
+        Ok::<_, crate::job::JobError>(crate::recipe::build::verify_provenance(&s, &i, cancel))
+    })
+    .await?;
+    match result {
         Ok(name) => {
             crate::stdio::out_line(&format!(
                 "OK {}: matches the subject {name} of {}",
@@ -699,6 +710,7 @@ fn verify_provenance(statement: &std::path::Path, image: &std::path::Path) -> Re
             Ok(())
         }
         Err(e @ E::Read { .. }) => Err(Failure::bad_input(e.to_string())),
+        Err(e @ E::Interrupted) => Err(Failure::new(ExitStatus::Interrupted, e.to_string())),
         Err(E::Check(e)) => Err(Failure::new(
             ExitStatus::CustomizationFailed,
             format!("FAIL {} against {}: {e}", image.display(), statement.display()),

@@ -35,8 +35,11 @@ pub fn renderer(mode: ProgressMode) -> Arc<dyn Progress> {
 }
 
 /// What the user is told of a random password.
-fn random_password_line(user: &str, password: &str) -> String {
-    format!("Setting random password of {user} to {password}")
+fn random_password_line(user: &str, variant: Option<&str>, password: &str) -> String {
+    match variant {
+        Some(variant) => format!("Setting random password of {user} in variant {variant} to {password}"),
+        None => format!("Setting random password of {user} to {password}"),
+    }
 }
 
 /// What the user is told of changes a dry run did not list.
@@ -103,7 +106,9 @@ impl Terminal {
 impl Progress for Terminal {
     fn emit(&self, event: Event) {
         match event {
-            Event::RandomPassword { user, password } => self.out_line(&random_password_line(&user, password.expose())),
+            Event::RandomPassword { user, variant, password } => {
+                self.out_line(&random_password_line(&user, variant.as_deref(), password.expose()))
+            }
             Event::FileChange(change) => self.out_line(&change.human_line()),
             Event::FileChangesOmitted { count } => self.out_line(&omitted_changes_line(count)),
             Event::ImageCopyProgress { position, total, .. } => {
@@ -155,8 +160,8 @@ struct JsonStdout(JsonLines<std::io::Stdout>);
 
 impl Progress for JsonStdout {
     fn emit(&self, event: Event) {
-        if let Event::RandomPassword { user, password } = &event {
-            crate::stdio::err_line(&random_password_line(user, password.expose()));
+        if let Event::RandomPassword { user, variant, password } = &event {
+            crate::stdio::err_line(&random_password_line(user, variant.as_deref(), password.expose()));
         }
         self.0.emit(event);
     }

@@ -414,7 +414,7 @@ fn plan_rules(plan: &Plan, grow_filesystem: bool, settings: &VmSettings) -> Rule
 /// not announce them again.
 fn announce_random_passwords(plan: &mut Plan, progress: &dyn Progress) {
     for (user, password) in std::mem::take(&mut plan.random_passwords) {
-        progress.emit(Event::RandomPassword { user, password: Secret::new(password) });
+        progress.emit(Event::RandomPassword { user, variant: None, password: Secret::new(password) });
     }
 }
 

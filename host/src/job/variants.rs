@@ -449,8 +449,8 @@ fn prepare_boot(
     for (k, &i) in batch.iter().enumerate() {
         let variant = &variants[i];
         let plan = &variant.plan;
-        for (user, password) in &plan.random_passwords {
-            progress.emit(Event::RandomPassword { user: user.clone(), password: Secret::new(password.clone()) });
+        for event in password_events(&variant.name, plan) {
+            progress.emit(event);
         }
         // A variant's files sit under its name on the one payload disk of the boot.
         payload_files.extend(
@@ -497,6 +497,19 @@ fn prepare_boot(
         preload,
     };
     Ok(PreparedBoot { spec, overlays, work })
+}
+
+/// The `random-password` events of variant `name`'s `plan`, each naming the variant: with
+/// several variants, "random password of root" alone would not say which image it opens.
+fn password_events(name: &str, plan: &Plan) -> Vec<Event> {
+    plan.random_passwords
+        .iter()
+        .map(|(user, password)| Event::RandomPassword {
+            user: user.clone(),
+            variant: Some(name.to_owned()),
+            password: Secret::new(password.clone()),
+        })
+        .collect()
 }
 
 /// Writes `variant`'s output from its overlay (temporary name, then renamed): its path and
@@ -732,5 +745,21 @@ mod tests {
         assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 3);
         assert_eq!(serial(0), TARGET_SERIAL);
         assert!(serial(MAX_VARIANTS_PER_BOOT).len() <= 20, "virtio serial numbers hold 20 bytes");
+    }
+
+    /// Each variant's random password is announced with the variant's name.
+    #[test]
+    fn random_passwords_name_their_variant() {
+        let mut plan = Plan::default();
+        plan.random_passwords.push(("root".into(), "pw".into()));
+        let seen: Vec<Option<String>> = ["ath-web", "ber-db"]
+            .iter()
+            .flat_map(|name| password_events(name, &plan))
+            .map(|e| match e {
+                Event::RandomPassword { variant, .. } => variant,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seen, [Some("ath-web".to_owned()), Some("ber-db".to_owned())]);
     }
 }

@@ -103,6 +103,10 @@ pub enum Event {
     RandomPassword {
         /// Whose.
         user: String,
+        /// In which variant of `imgforge build` (absent outside a build): with several
+        /// variants, each password must be told apart.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        variant: Option<String>,
         /// The clear text, for the command line's display only.
         #[serde(skip)]
         password: Secret,

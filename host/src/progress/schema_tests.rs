@@ -95,7 +95,12 @@ fn samples() -> Vec<Event> {
         HelperEvent::Phase { phase: "qemu exited".into(), host_ms: 4100, guest_ms: None }.into(),
         Event::error("task 50-Customize failed in the helper VM: --run-command 'false' failed"),
         Event::ImageDone,
-        Event::RandomPassword { user: "root".into(), password: Secret::new("s3cret-Rand0m".into()) },
+        Event::RandomPassword { user: "root".into(), variant: None, password: Secret::new("s3cret-Rand0m".into()) },
+        Event::RandomPassword {
+            user: "root".into(),
+            variant: Some("ath-web".into()),
+            password: Secret::new("s3cret-Rand0m".into()),
+        },
         Event::FileChange(file_change(ChangeKind::Added, "/etc/x", vec![], None)),
         Event::FileChange(file_change(ChangeKind::Removed, "/etc/motd", vec![], None)),
         Event::FileChange(file_change(
@@ -145,7 +150,9 @@ fn every_kind_of_event_matches_the_schema() {
 /// What a reader of the stream gets back: everything but the secret.
 fn without_secret(event: Event) -> Event {
     match event {
-        Event::RandomPassword { user, .. } => Event::RandomPassword { user, password: Secret::default() },
+        Event::RandomPassword { user, variant, .. } => {
+            Event::RandomPassword { user, variant, password: Secret::default() }
+        }
         other => other,
     }
 }
@@ -240,10 +247,18 @@ fn snf_image_types_keep_their_bytes() {
 
 #[test]
 fn random_password_line_names_the_user_only() {
-    let event = Event::RandomPassword { user: "alice".into(), password: Secret::new("Xy7-secret".into()) };
+    let event =
+        Event::RandomPassword { user: "alice".into(), variant: None, password: Secret::new("Xy7-secret".into()) };
     assert!(!format!("{event:?}").contains("Xy7-secret"), "Debug shows the password");
     let text = to_json_line(&Line { v: VERSION, timestamp: 2.5, event }).unwrap();
     assert_eq!(text, r#"{"timestamp":2.5,"type":"random-password","user":"alice","v":1}"#);
+    let event = Event::RandomPassword {
+        user: "root".into(),
+        variant: Some("ath-web".into()),
+        password: Secret::new("pw".into()),
+    };
+    let text = to_json_line(&Line { v: VERSION, timestamp: 2.5, event }).unwrap();
+    assert_eq!(text, r#"{"timestamp":2.5,"type":"random-password","user":"root","v":1,"variant":"ath-web"}"#);
 }
 
 /// A writer the test can read after the emitter dropped its handle.
@@ -278,7 +293,7 @@ fn the_emitter_writes_lines_that_match_the_schema() {
     let emitter = JsonLines::new(out.clone());
     let progress: &dyn Progress = &emitter;
     let password = "Rand-0m-Pw";
-    progress.emit(Event::RandomPassword { user: "root".into(), password: Secret::new(password.into()) });
+    progress.emit(Event::RandomPassword { user: "root".into(), variant: None, password: Secret::new(password.into()) });
     for (source, target) in [(&raw, "a.img"), (&gz, "b.img")] {
         let request = crate::job::write::WriteRequest {
             http: Default::default(),

@@ -12,6 +12,7 @@ use crate::ops::entropy::Entropy;
 use crate::progress::Progress;
 use crate::source::Location;
 use crate::vm::Interrupt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -63,6 +64,14 @@ pub enum BuildError {
         expected: String,
         /// The file's.
         actual: String,
+    },
+    /// The base image's path names no regular file (a FIFO, a device, a directory).
+    #[error("base image {}: {what}, not a regular file: give the image file (a device or pipe has no digest to check)", path.display())]
+    BaseNotAFile {
+        /// The base as resolved.
+        path: PathBuf,
+        /// What it is.
+        what: &'static str,
     },
     /// An output is already there (outputs are never overwritten).
     #[error("{} exists: imgforge build never overwrites an output; remove it or choose another --out-dir", .0.display())]
@@ -128,17 +137,44 @@ fn base_location(recipe_path: &Path, image: &str) -> Location {
     }
 }
 
-/// The SHA-256 of the file at `path`.
-async fn file_sha256(path: &Path) -> Result<String, BuildError> {
+/// The SHA-256 of the regular file at `path` (a symlink to one is followed); an interrupt
+/// stops the hashing.
+async fn file_sha256(path: &Path, interrupt: &Interrupt) -> Result<String, BuildError> {
+    use std::os::unix::fs::FileTypeExt;
+    // Checked before opening: opening a FIFO blocks until someone writes to it, and a device
+    // such as /dev/zero never ends.
+    let io = |source| {
+        let e = crate::source::SourceError::Io { name: path.display().to_string(), source };
+        BuildError::Job(crate::job::write::WriteError::from(e).into())
+    };
+    let kind = std::fs::metadata(path).map_err(io)?.file_type();
+    let what = if kind.is_file() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_block_device() || kind.is_char_device() {
+        Some("a device")
+    } else {
+        Some("a special file")
+    };
+    if let Some(what) = what {
+        return Err(BuildError::BaseNotAFile { path: path.to_owned(), what });
+    }
     let path = path.to_owned();
-    crate::job::blocking("hashing", move || {
+    let hashed = crate::job::cancellable("hashing the base image", interrupt, move |cancel| {
         let name = path.display().to_string();
-        let file = std::fs::File::open(&path)
+        // O_NONBLOCK: should the path have become a FIFO since, opening it does not hang.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
             .map_err(|source| crate::source::SourceError::Io { name: name.clone(), source })?;
-        crate::job::write::sha256_of_file(&file, &name, &Default::default())
+        crate::job::write::sha256_of_file(&file, &name, cancel)
     })
-    .await?
-    .map_err(|e| BuildError::Job(e.into()))
+    .await;
+    Ok(hashed?)
 }
 
 /// Builds every variant of `request.recipe`.
@@ -150,8 +186,20 @@ pub async fn build(
 ) -> Result<Vec<Built>, BuildError> {
     let started = provenance::rfc3339(now_secs());
     let file = request.recipe.display().to_string();
-    let bytes =
-        std::fs::read(&request.recipe).map_err(|source| BuildError::Read { path: request.recipe.clone(), source })?;
+    let read_error = |source| BuildError::Read { path: request.recipe.clone(), source };
+    // Bounded: the path may name a device or a pipe that never ends (a pipe is fine: `<(...)`).
+    let mut bytes = Vec::new();
+    {
+        use std::io::Read;
+        std::fs::File::open(&request.recipe)
+            .and_then(|f| f.take(MAX_RECIPE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_error)?;
+    }
+    if bytes.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(read_error(std::io::Error::other(format!(
+            "too large for a recipe (more than {MAX_RECIPE_BYTES} bytes)"
+        ))));
+    }
     let text = String::from_utf8(bytes.clone()).map_err(|_| RecipeError {
         file: file.clone(),
         line: 0,
@@ -172,17 +220,20 @@ pub async fn build(
         path: request.out_dir.clone(),
         source,
     })?;
+    // symlink_metadata: a dangling symlink is in the way too (the final rename would fail).
+    let taken = |path: &Path| std::fs::symlink_metadata(path).is_ok();
     for (v, _) in &planned {
         let output = request.out_dir.join(&v.output);
-        if output.exists() || output.with_file_name(format!("{}{}", v.output, provenance::SUFFIX)).exists() {
-            return Err(BuildError::OutputExists(output));
+        let statement = request.out_dir.join(format!("{}{}", v.output, provenance::SUFFIX));
+        if let Some(path) = [output, statement].into_iter().find(|p| taken(p)) {
+            return Err(BuildError::OutputExists(path));
         }
     }
 
     progress.status("checking the base image");
     let (base, base_format, downloaded) = match base_location(&request.recipe, &recipe.base_image) {
         Location::Path(path) => {
-            let actual = file_sha256(&path).await?;
+            let actual = file_sha256(&path, interrupt).await?;
             if actual != recipe.base_sha256 {
                 return Err(BuildError::BaseMismatch {
                     image: path.display().to_string(),
@@ -199,8 +250,18 @@ pub async fn build(
             let target = request.out_dir.join(format!("base-{}.img", &recipe.base_sha256[..16]));
             // A file left there cannot be checked (it holds the decoded image, not the bytes the
             // digest is of): refused like an output.
-            if target.exists() {
+            if std::fs::symlink_metadata(&target).is_ok() {
                 return Err(BuildError::OutputExists(target));
+            }
+            if let Some((v, _)) = planned.iter().find(|(v, _)| target.file_name() == Some(v.output.as_ref())) {
+                return Err(BuildError::Recipe(RecipeError {
+                    file,
+                    line: recipe.output.line,
+                    message: format!(
+                        "variant {} would write {}, where the downloaded base goes: name the outputs otherwise",
+                        v.name, v.output
+                    ),
+                }));
             }
             let write = crate::job::write::WriteRequest {
                 confinement: settings.confinement(),
@@ -236,10 +297,14 @@ pub async fn build(
 
     let helper_image = {
         let cache = crate::helper_image::cache_dir();
-        crate::job::blocking("helper image", move || crate::helper_image::ensure(&cache))
+        let image = crate::job::blocking("helper image", move || crate::helper_image::ensure(&cache))
             .await?
-            .map_err(|e| BuildError::Job(e.into()))?
-            .key
+            .map_err(|e| BuildError::Job(e.into()))?;
+        let what = "cannot hash the helper image";
+        let path = image.initrd.clone();
+        crate::job::blocking("hashing the helper image", move || helper_image_sha256(&image))
+            .await?
+            .map_err(|source| BuildError::Io { what, path, source })?
     };
     let base_shown = crate::source::http::redact(&recipe.base_image);
     let mut built = Vec::new();
@@ -282,6 +347,26 @@ pub async fn build(
     }
 }
 
+/// The SHA-256 of the helper image's kernel and initramfs, in that order: the digest its
+/// content key is the first half of (the key alone is 128 bits, not a SHA-256, which is what
+/// provenance's `sha256` must hold).
+fn helper_image_sha256(image: &crate::helper_image::HelperImage) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for path in [&image.kernel, &image.initrd] {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buf)? {
+                0 => break,
+                n => h.update(&buf[..n]),
+            }
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Writes `text` to a new file `path` (temporary name, then renamed: never half there).
 fn write_new(path: &Path, text: &str) -> Result<(), BuildError> {
     let io = |source| BuildError::Io { what: "cannot write", path: path.to_owned(), source };
@@ -294,11 +379,33 @@ fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// The largest recipe `imgforge build` reads (a recipe of a thousand variants' rules is a few
+/// hundred KiB).
+pub const MAX_RECIPE_BYTES: u64 = 4 << 20;
+
+/// The largest provenance statement `verify --provenance` reads (imgforge writes a few KiB; the
+/// list of changed files can make it larger, never near this).
+pub const MAX_STATEMENT_BYTES: u64 = 16 << 20;
+
 /// `imgforge verify --provenance FILE IMAGE`: the image's digest against the statement's
 /// subject; the subject's name on success.
-pub fn verify_provenance(statement_path: &Path, image: &Path) -> Result<String, VerifyProvenanceError> {
-    let text = std::fs::read_to_string(statement_path)
-        .map_err(|source| VerifyProvenanceError::Read { path: statement_path.to_owned(), source })?;
+pub fn verify_provenance(
+    statement_path: &Path,
+    image: &Path,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<String, VerifyProvenanceError> {
+    use std::io::Read;
+    let read_error = |source| VerifyProvenanceError::Read { path: statement_path.to_owned(), source };
+    // Bounded: a statement is small, and the path could name anything (a device, a huge file).
+    let mut text = String::new();
+    std::fs::File::open(statement_path)
+        .and_then(|f| f.take(MAX_STATEMENT_BYTES + 1).read_to_string(&mut text))
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_STATEMENT_BYTES {
+        return Err(read_error(std::io::Error::other(format!(
+            "too large for a provenance statement (more than {MAX_STATEMENT_BYTES} bytes)"
+        ))));
+    }
     let statement: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
         VerifyProvenanceError::Check(provenance::ProvenanceError::Shape(format!(
             "{} is not JSON: {e}",
@@ -308,10 +415,13 @@ pub fn verify_provenance(statement_path: &Path, image: &Path) -> Result<String, 
     provenance::subject(&statement)?;
     let file =
         std::fs::File::open(image).map_err(|source| VerifyProvenanceError::Read { path: image.to_owned(), source })?;
-    let actual =
-        crate::job::write::sha256_of_file(&file, &image.display().to_string(), &Default::default()).map_err(|e| {
+    let actual = crate::job::write::sha256_of_file(&file, &image.display().to_string(), cancel).map_err(|e| {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            VerifyProvenanceError::Interrupted
+        } else {
             VerifyProvenanceError::Read { path: image.to_owned(), source: std::io::Error::other(e.to_string()) }
-        })?;
+        }
+    })?;
     Ok(provenance::check(&statement, &actual)?)
 }
 
@@ -326,7 +436,65 @@ pub enum VerifyProvenanceError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A signal stopped the check (exit 130).
+    #[error("interrupted while hashing the image")]
+    Interrupted,
     /// The statement does not vouch for the image (exit 1).
     #[error(transparent)]
     Check(#[from] provenance::ProvenanceError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn statement_for(digest: &str) -> serde_json::Value {
+        serde_json::json!({
+            "_type": provenance::STATEMENT_TYPE,
+            "predicateType": provenance::PREDICATE_TYPE,
+            "subject": [{"name": "a.img", "digest": {"sha256": digest}}],
+            "predicate": {
+                "buildDefinition": {"buildType": provenance::BUILD_TYPE},
+                "runDetails": {"builder": {"id": provenance::BUILDER_ID}},
+            },
+        })
+    }
+
+    /// The helper image's digest in provenance is a whole SHA-256 (64 hex digits) that its
+    /// 32-digit content key begins with.
+    #[test]
+    fn the_helper_image_digest_is_a_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, initrd) = (dir.path().join("kernel"), dir.path().join("initrd.cpio"));
+        std::fs::write(&kernel, b"kernel bytes").unwrap();
+        std::fs::write(&initrd, b"initrd bytes").unwrap();
+        let key =
+            hex::encode(&Sha256::new().chain_update(b"kernel bytes").chain_update(b"initrd bytes").finalize()[..16]);
+        let image = crate::helper_image::HelperImage { kernel, initrd, key: key.clone(), package: "k.deb".into() };
+        let digest = helper_image_sha256(&image).unwrap();
+        assert_eq!(digest.len(), 64);
+        assert!(digest.starts_with(&key), "{digest} / {key}");
+        assert!(crate::job::write::check_sha256_arg(&digest).is_ok());
+    }
+
+    /// A statement is small: one far past any imgforge writes (a padded file, a device) is
+    /// refused without reading it all into memory.
+    #[test]
+    fn oversized_statements_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.img");
+        std::fs::write(&image, b"image").unwrap();
+        let digest = hex::encode(Sha256::digest(b"image"));
+        let statement = dir.path().join("a.img.provenance.json");
+        std::fs::write(&statement, statement_for(&digest).to_string()).unwrap();
+        let go = std::sync::atomic::AtomicBool::new(false);
+        assert_eq!(verify_provenance(&statement, &image, &go).unwrap(), "a.img");
+        let padded = format!("{}{}", statement_for(&digest), " ".repeat(MAX_STATEMENT_BYTES as usize));
+        std::fs::write(&statement, padded).unwrap();
+        let e = verify_provenance(&statement, &image, &go).unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+        let e = verify_provenance(Path::new("/dev/zero"), &image, &go).unwrap_err();
+        assert!(e.to_string().contains("too large") || e.to_string().contains("not a regular file"), "{e}");
+    }
 }

@@ -6,6 +6,13 @@ use super::{is_plain_name, Recipe, RecipeError, RecipeOp};
 use crate::ops::entropy::Entropy;
 use crate::ops::{commands_file, operation_options, Plan};
 
+/// The most variants one recipe may expand to: every one is a whole image and a helper run;
+/// a matrix past this is a mistake (or an attack) to refuse before expanding it.
+pub const MAX_VARIANTS: usize = 1024;
+
+/// The longest file name Linux filesystems take (`NAME_MAX`).
+const NAME_MAX_BYTES: usize = 255;
+
 /// One variant of a recipe, its placeholders substituted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Variant {
@@ -34,10 +41,17 @@ pub fn substitute(text: &str, vars: &[(String, String)], line: usize, file: &str
             continue;
         }
         if tail.starts_with('}') {
-            return Err(err(format!("a lone '}}' in {text:?} (write '}}}}' for a brace)")));
+            // The text is not echoed: it may hold a password (`root-password password:a}b`).
+            return Err(err(format!(
+                "a lone '}}' at character {} (write '}}}}' for a brace)",
+                text.len() - tail.len() + 1
+            )));
         }
         let Some(end) = tail.find('}') else {
-            return Err(err(format!("an unclosed '{{' in {text:?} (write '{{{{' for a brace)")));
+            return Err(err(format!(
+                "an unclosed '{{' at character {} (write '{{{{' for a brace)",
+                text.len() - tail.len() + 1
+            )));
         };
         let name = &tail[1..end];
         let Some((_, value)) = vars.iter().find(|(k, _)| k == name) else {
@@ -53,6 +67,20 @@ pub fn substitute(text: &str, vars: &[(String, String)], line: usize, file: &str
 
 /// Every variant of `recipe`, in matrix order (the first variable varies slowest).
 pub fn expand(recipe: &Recipe, file: &str) -> Result<Vec<Variant>, RecipeError> {
+    // Counted before expanding: a few lines of TOML can ask for 2^64 combinations.
+    let count = recipe.matrix.iter().try_fold(1usize, |n, (_, values)| n.checked_mul(values.len()));
+    if count.is_none_or(|n| n > MAX_VARIANTS) {
+        let shown = count.map_or_else(|| "more than 2^64".to_owned(), |n| n.to_string());
+        return Err(RecipeError {
+            file: file.to_owned(),
+            line: 0,
+            message: format!(
+                "the matrix makes {shown} variants, more than the {MAX_VARIANTS} a build makes: split the recipe"
+            ),
+        });
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut outputs = std::collections::HashMap::new();
     let mut combinations: Vec<Vec<(String, String)>> = vec![Vec::new()];
     for (key, values) in &recipe.matrix {
         combinations = combinations
@@ -81,7 +109,8 @@ pub fn expand(recipe: &Recipe, file: &str) -> Result<Vec<Variant>, RecipeError> 
                 message: format!("variant name {name:?}: use letters, digits, '.', '_' and '-'"),
             });
         }
-        if let Some(other) = variants.iter().find(|v| v.name == name) {
+        if !names.insert(name.clone()) {
+            let other = variants.iter().find(|v| v.name == name).expect("a variant of that name");
             return Err(RecipeError {
                 file: file.to_owned(),
                 line: name_line,
@@ -100,16 +129,32 @@ pub fn expand(recipe: &Recipe, file: &str) -> Result<Vec<Variant>, RecipeError> 
                 message: format!("output name {output:?}: a file name of letters, digits, '.', '_' and '-' (no '/')"),
             });
         }
-        if let Some(other) = variants.iter().find(|v| v.output == output) {
+        if output.len() + super::provenance::SUFFIX.len() > NAME_MAX_BYTES {
             return Err(RecipeError {
                 file: file.to_owned(),
                 line: recipe.output.line,
                 message: format!(
-                    "variants {} and {name} would both write {output}: put every variable in output",
-                    other.name
+                    "output name {output:?} is too long: {} bytes, and its statement adds {}; a file name has at most {NAME_MAX_BYTES}",
+                    output.len(),
+                    super::provenance::SUFFIX.len()
                 ),
             });
         }
+        // An output must take neither another's name nor the name of another's statement.
+        let statement = format!("{output}{}", super::provenance::SUFFIX);
+        let clash = [output.clone(), statement.clone()].into_iter().find_map(|n| outputs.get(&n).cloned());
+        if let Some((other, taken)) = clash {
+            return Err(RecipeError {
+                file: file.to_owned(),
+                line: recipe.output.line,
+                message: format!(
+                    "variants {other} and {name} would both write {taken}: put every variable in output, and no output named like another's {} statement",
+                    super::provenance::SUFFIX
+                ),
+            });
+        }
+        outputs.insert(output.clone(), (name.clone(), output.clone()));
+        outputs.insert(statement.clone(), (name.clone(), statement));
         let matching = recipe
             .rules
             .iter()
@@ -136,7 +181,12 @@ pub fn plan(operations: &[RecipeOp], entropy: Entropy, file: &str) -> Result<Pla
         let err = |message: String| RecipeError { file: file.to_owned(), line: op.line, message };
         let commands = commands_file::parse(&op.text).map_err(|e| err(e.to_string()))?;
         let [command] = commands.as_slice() else {
-            return Err(err(format!("{:?}: give one operation per string (NAME ARGUMENT)", op.text)));
+            let shown: Vec<String> = commands.iter().map(|c| c.name.clone()).collect();
+            return Err(err(format!(
+                "{} operations in one string ({}): give one operation per string (NAME ARGUMENT)",
+                commands.len(),
+                shown.join(", ")
+            )));
         };
         if !operation_options().iter().any(|o| o.name == command.name) {
             return Err(err(format!(
@@ -153,7 +203,16 @@ pub fn plan(operations: &[RecipeOp], entropy: Entropy, file: &str) -> Result<Pla
 /// `text` (`NAME ARG`) with what must not be published replaced: password selectors' clear
 /// text (`password:PW`), for provenance.
 pub fn redacted(text: &str) -> String {
-    let Some((name, arg)) = text.split_once(' ') else { return text.to_owned() };
+    // What the parser reads, not the raw text: it strips leading blanks and comment lines, so
+    // `" root-password password:PW"` sets a password too and must be redacted like it.
+    let parsed = commands_file::parse(text);
+    let (name, arg) = match parsed.as_deref() {
+        Ok([command]) => match &command.arg {
+            Some(arg) => (command.name.as_str(), arg.as_str()),
+            None => return command.name.clone(),
+        },
+        _ => return "<redacted: not one operation>".to_owned(),
+    };
     let redact_selector = |selector: &str| -> String {
         let (locked, inner) = match selector.strip_prefix("locked:") {
             Some(inner) => ("locked:", inner),
@@ -296,6 +355,85 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_ne!(unseeded(()), unseeded(()));
+    }
+
+    /// Every spelling the command-line parser accepts for a password operation is redacted:
+    /// leading blanks, a comment line before it, a locked selector.
+    #[test]
+    fn redaction_follows_the_parser() {
+        for text in [
+            " root-password password:hunter2",
+            "\troot-password password:hunter2",
+            "# the admin password\nroot-password password:hunter2",
+            "\n  password alice:password:hunter2",
+            "root-password locked:password:hunter2",
+        ] {
+            let op = RecipeOp { line: 1, text: text.into() };
+            assert!(plan(&[op], Entropy::System, "r").is_ok(), "the parser refuses {text:?}");
+            let shown = redacted(text);
+            assert!(!shown.contains("hunter2"), "{text:?} -> {shown:?}");
+            assert!(shown.contains("password:<redacted>"), "{text:?} -> {shown:?}");
+        }
+    }
+
+    /// Errors about an operation (shown on the terminal, in CI logs) never repeat its password.
+    #[test]
+    fn errors_never_echo_passwords() {
+        let vars = vec![("site".to_owned(), "ath".to_owned())];
+        for text in ["root-password password:hun{ter2", "root-password password:hun}ter2"] {
+            let e = substitute(text, &vars, 3, "r").unwrap_err();
+            assert!(!e.to_string().contains("hun"), "{e}");
+            assert_eq!(e.line, 3);
+        }
+        let op = RecipeOp { line: 4, text: "root-password password:hunter2\nhostname x".into() };
+        let e = plan(&[op], Entropy::System, "r").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.message.contains("one operation per string"), "{e}");
+    }
+
+    /// A matrix of more variants than a build can make is refused at once, before expansion
+    /// (2^20 variants from a few lines of TOML must not take minutes or gigabytes).
+    #[test]
+    fn huge_matrices_are_refused() {
+        let vars = |n: usize| -> String {
+            let mut body = String::from("[matrix]\n");
+            for i in 0..n {
+                body.push_str(&format!("v{i} = [\"a\", \"b\"]\n"));
+            }
+            body
+        };
+        let ok = expand(&recipe(&vars(10)), "r").unwrap();
+        assert_eq!(ok.len(), 1024);
+        for n in [11, 20, 64, 200] {
+            let started = std::time::Instant::now();
+            let text = format!("{}\n[base]\nimage = \"b.img\"\nsha256 = \"{SHA}\"\n", vars(n));
+            let e = super::super::parse("r.toml", &text).and_then(|r| expand(&r, "r.toml")).unwrap_err();
+            assert!(e.message.contains("variants"), "{e}");
+            assert!(e.message.contains(&MAX_VARIANTS.to_string()), "{e}");
+            assert_eq!(e.line, 12, "the line of v10, which crosses the bound: {e}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(1), "{n} variables: {:?}", started.elapsed());
+        }
+    }
+
+    /// An output must not take the name of another output's provenance statement.
+    #[test]
+    fn outputs_do_not_collide_with_provenance_files() {
+        let body = "output = \"{site}\"\n[matrix]\nsite = [\"x.img\", \"x.img.provenance.json\"]\n";
+        let e = expand(&recipe(body), "r").unwrap_err();
+        assert!(e.message.contains("x.img.provenance.json"), "{e}");
+        let reversed = "output = \"{site}\"\n[matrix]\nsite = [\"x.img.provenance.json\", \"x.img\"]\n";
+        assert!(expand(&recipe(reversed), "r").is_err());
+    }
+
+    /// An output name too long for a file name (with its statement's suffix and the temporary
+    /// name's) is refused by the recipe check, not by the final rename after the helper ran.
+    #[test]
+    fn overlong_output_names_are_refused() {
+        let long = "a".repeat(236);
+        let e = expand(&recipe(&format!("[matrix]\nsite = [\"{long}\"]\n")), "r").unwrap_err();
+        assert!(e.message.contains("too long"), "{e}");
+        let fits = "a".repeat(150);
+        assert!(expand(&recipe(&format!("[matrix]\nsite = [\"{fits}\"]\n")), "r").is_ok());
     }
 
     #[test]

@@ -157,6 +157,7 @@ pub fn parse(file: &str, text: &str) -> Result<Recipe, RecipeError> {
         },
     };
     let mut matrix = Vec::new();
+    let mut count = 1usize;
     // Variables in the order the file gives them (names and loops follow it).
     let mut entries: Vec<_> = raw.matrix.iter().collect();
     entries.sort_by_key(|(key, _)| key.span().start);
@@ -182,6 +183,19 @@ pub fn parse(file: &str, text: &str) -> Result<Recipe, RecipeError> {
                 return Err(err(at(v.span()), format!("matrix value {value:?} is given twice for {name}")));
             }
             seen.push(value.clone());
+        }
+        // Refused here, at the variable that crosses the bound, before anything is expanded.
+        match count.checked_mul(seen.len()).filter(|n| *n <= matrix::MAX_VARIANTS) {
+            Some(n) => count = n,
+            None => {
+                return Err(err(
+                    line,
+                    format!(
+                        "matrix variable {name:?} takes the matrix past {} variants, the most a build makes: split the recipe",
+                        matrix::MAX_VARIANTS
+                    ),
+                ));
+            }
         }
         matrix.push((name.clone(), seen));
     }

@@ -59,14 +59,16 @@ pub fn statement(facts: &Facts) -> Value {
     let vars: serde_json::Map<String, Value> =
         facts.vars.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
     let mut byproducts = Vec::new();
+    // The changes are listed only with the manifest they come with: without it they were not
+    // computed, and an empty list would say that nothing changed.
     if !facts.manifest_sha256.is_empty() {
         byproducts.push(json!({"name": "tree-manifest", "digest": {"sha256": facts.manifest_sha256}}));
+        byproducts.push(json!({
+            "name": "changed-files",
+            "mediaType": "application/json",
+            "annotations": {"changes": facts.changes},
+        }));
     }
-    byproducts.push(json!({
-        "name": "changed-files",
-        "mediaType": "application/json",
-        "annotations": {"changes": facts.changes},
-    }));
     json!({
         "_type": STATEMENT_TYPE,
         "subject": [{"name": facts.output_name, "digest": {"sha256": facts.output_sha256}}],
@@ -205,6 +207,41 @@ mod tests {
         );
         assert_eq!(check(&s, A), Ok("ath.img".into()));
         assert_eq!(check(&s, &A.to_uppercase()), Ok("ath.img".into()));
+    }
+
+    /// Without a tree manifest (not computed) the statement lists no changes rather than an
+    /// empty list, which would claim the operations changed nothing.
+    #[test]
+    fn uncomputed_changes_are_not_claimed() {
+        let names = |s: &Value| -> Vec<String> {
+            s["predicate"]["runDetails"]["byproducts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(names(&sample()), Vec::<String>::new());
+        let vars = [("site".to_owned(), "ath".to_owned())];
+        let with_manifest = statement(&Facts {
+            output_name: "ath.img",
+            output_sha256: A,
+            variant: "ath",
+            vars: &vars,
+            format: "raw",
+            recipe: ("r.toml", B),
+            base: ("base.img", B),
+            operations: &[],
+            seeded: false,
+            source_date_epoch: None,
+            imgforge_version: "0.1.0",
+            helper_image: B,
+            manifest_sha256: B,
+            changes: &[],
+            started: "1970-01-01T00:00:00Z",
+            finished: "1970-01-01T00:00:00Z",
+        });
+        assert_eq!(names(&with_manifest), ["tree-manifest", "changed-files"]);
     }
 
     #[test]
