@@ -115,13 +115,17 @@ fn prepare(
     request: &BuildRequest,
     text: &str,
     file: &str,
+    recipe_sha256: &str,
 ) -> Result<(super::Recipe, Vec<(Variant, crate::ops::Plan)>), BuildError> {
     let recipe = super::parse(file, text)?;
     let variants = matrix::expand(&recipe, file)?;
     let seed = request.seed.clone().or_else(|| recipe.seed.clone());
     let mut planned = Vec::with_capacity(variants.len());
     for v in variants {
-        let entropy = seed.as_deref().map(|s| Entropy::derived(s, &v.name)).unwrap_or_default();
+        // Bound to the recipe too: one seed used for two recipes (staging and production, or
+        // two recipes whose one variant is `default`) gives them different salts and passwords.
+        let scope = format!("{recipe_sha256}/{}", v.name);
+        let entropy = seed.as_deref().map(|s| Entropy::derived(s, &scope)).unwrap_or_default();
         let plan = matrix::plan(&v.operations, entropy, file)
             .map_err(|e| RecipeError { message: format!("variant {}: {}", v.name, e.message), ..e })?;
         planned.push((v, plan));
@@ -209,7 +213,7 @@ pub async fn build(
         use sha2::{Digest, Sha256};
         hex::encode(Sha256::digest(&bytes))
     };
-    let (recipe, planned) = prepare(request, &text, &file)?;
+    let (recipe, planned) = prepare(request, &text, &file, &recipe_sha256)?;
     let source_date_epoch = match (recipe.source_date_epoch, &request.env_source_date_epoch) {
         (Some(s), _) => Some(s),
         (None, Some(env)) => Some(env.trim().parse().map_err(|_| BuildError::SourceDateEpoch(env.clone()))?),
@@ -448,6 +452,34 @@ pub enum VerifyProvenanceError {
 mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
+
+    /// One seed, two recipes: different salts (the derivation is bound to the recipe's
+    /// digest); the same recipe twice: the same.
+    #[test]
+    fn a_seed_is_bound_to_its_recipe() {
+        let request = BuildRequest {
+            recipe: "r.toml".into(),
+            out_dir: "out".into(),
+            jobs: 1,
+            seed: Some("one-seed".into()),
+            env_source_date_epoch: None,
+            imgforge_version: String::new(),
+        };
+        let text =
+            "name = \"default\"\noperations = [\"root-password password:Pw-1\"]\n[base]\nimage = \"b.img\"\nsha256 = \""
+                .to_owned()
+                + &"0".repeat(64) + "\"\n";
+        let field = |recipe_sha256: &str| {
+            let (_, planned) = prepare(&request, &text, "r.toml", recipe_sha256).unwrap();
+            match &planned[0].1.operations[0] {
+                imgforge_protocol::rules::Operation::Password { shadow_field, .. } => shadow_field.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (staging, production) = (&"a".repeat(64), &"b".repeat(64));
+        assert_eq!(field(staging), field(staging));
+        assert_ne!(field(staging), field(production));
+    }
 
     fn statement_for(digest: &str) -> serde_json::Value {
         serde_json::json!({
