@@ -1013,6 +1013,27 @@ fn create_makes_the_second_disk_swap() {
     );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no such disk"));
+    // The image's own disk, under another name, is no swap disk: refused before it is written.
+    let alias = s.disks.join("swd.alias");
+    std::os::unix::fs::symlink(&disk0, &alias).unwrap();
+    let before0 = sha256(&disk0);
+    let refused = s.create(
+        "swd",
+        d0,
+        &[
+            ("OSP_IMG_ID", "debian"),
+            ("OSP_IMG_PROPERTIES", properties),
+            ("DISK_COUNT", "2"),
+            ("DISK_1_PATH", alias.to_str().unwrap()),
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("under another name"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(sha256(&disk0), before0, "the disk was written before the swap disk was refused");
     let before1 = sha256(&disk1);
     let out = s.create(
         "swd",

@@ -679,6 +679,17 @@ pub async fn create(interrupt: &Interrupt) -> Result<(), GanetiError> {
                 reason: format!("SWAP names the instance's disk {}, but Ganeti did not set {var}", swap.disk),
             })?;
             other_disks.push(job::GuestDisk::new(PathBuf::from(path), DISK_FORMAT));
+            // Before the image is written: a swap disk that is the image's disk (under another
+            // name) would have its swap signature written over the image.
+            job::check_distinct(&[job::GuestDisk::new(disk.clone(), DISK_FORMAT), other_disks[0].clone()]).map_err(
+                |_| params::ParamError {
+                    param: "img_properties".into(),
+                    reason: format!(
+                        "SWAP names the instance's disk {} ({var}), but that is its first disk, the image's, under another name: name another disk",
+                        swap.disk
+                    ),
+                },
+            )?;
             // The helper knows the disks it is given, in their order: this one is the second.
             swap.disk = other_disks.len() as u32;
             Some((swap, fstab_line))

@@ -428,7 +428,7 @@ impl DiskNames<'_> {
 }
 
 /// Refuses one disk named twice (the same file or device under two names).
-fn check_distinct(disks: &[GuestDisk]) -> Result<(), JobError> {
+pub(crate) fn check_distinct(disks: &[GuestDisk]) -> Result<(), JobError> {
     use std::os::unix::fs::MetadataExt;
     let identity =
         |p: &Path| std::fs::metadata(p).map(|m| if m.rdev() != 0 { (0, m.rdev()) } else { (m.dev(), m.ino()) }).ok();
