@@ -156,7 +156,8 @@ impl Walk {
             self.snapshot.entries.insert(child.clone(), meta);
             if self.read_contents {
                 let content = match meta.file_type {
-                    FileType::File => stream.sha256_at(&name, &st).map(ManifestContent::Sha256),
+                    FileType::File => digest_cache::get_or_compute(&child, &st, || stream.sha256_at(&name, &st))
+                        .map(ManifestContent::Sha256),
                     FileType::Symlink => stream.link_at(&name).map(ManifestContent::LinkTarget),
                     _ => Ok(ManifestContent::None),
                 };
@@ -357,5 +358,58 @@ mod tests {
         let deepest = snapshot.entries.keys().map(|k| k.iter().filter(|b| **b == b'/').count()).max().unwrap();
         assert_eq!(deepest, MAX_DEPTH + 1, "entries of the deepest directory entered are recorded, no deeper");
         assert_eq!(snapshot.left_out.len(), 2, "{:?}", snapshot.left_out);
+    }
+}
+
+/// The file digests of one helper boot, shared by its variants: they start from one base, so a
+/// file no operation touched has the same path, inode, size and times in every variant, and is
+/// read once, not once a variant (reading the whole guest under TCG costs seconds). Any change
+/// to a file moves its ctime, which no program can set, so a changed file is never matched.
+mod digest_cache {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    type Key = (Vec<u8>, u64, i64, i64, i64, i64, i64);
+
+    fn cache() -> &'static Mutex<HashMap<Key, String>> {
+        static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+        CACHE.get_or_init(Default::default)
+    }
+
+    /// The digest of the file at guest path `path` (stat `st`), computed by `compute` unless a
+    /// file of that path, inode, size and times was read before in this boot.
+    pub fn get_or_compute(
+        path: &[u8],
+        st: &libc::stat,
+        compute: impl FnOnce() -> std::io::Result<String>,
+    ) -> std::io::Result<String> {
+        let key: Key =
+            (path.to_vec(), st.st_ino, st.st_size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
+        if let Some(digest) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(digest.clone());
+        }
+        let digest = compute()?;
+        cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, digest.clone());
+        Ok(digest)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// A file seen before (same path, inode, size, times) is not read again; one whose
+        /// ctime moved is.
+        #[test]
+        fn unchanged_files_are_read_once() {
+            // SAFETY: a plain C struct, all zeros is a valid value.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            st.st_ino = 42;
+            st.st_size = 7;
+            st.st_ctime = 1_700_000_000;
+            let path = b"/digest-cache-test";
+            assert_eq!(super::get_or_compute(path, &st, || Ok("first".into())).unwrap(), "first");
+            let again = super::get_or_compute(path, &st, || panic!("read again"));
+            assert_eq!(again.unwrap(), "first");
+            st.st_ctime_nsec = 1;
+            assert_eq!(super::get_or_compute(path, &st, || Ok("changed".into())).unwrap(), "changed");
+        }
     }
 }
