@@ -44,7 +44,6 @@ pub fn run(env: &TaskEnv) -> Result<(), String> {
     let payload = Path::new(env.require("IMGFORGE_PAYLOAD")?);
     let guest = GuestRoot::open(Path::new(target)).map_err(|e| format!("cannot open the guest root {target}: {e}"))?;
     if rules.task_overwriting.is_some() {
-        refuse_unsupported_overwrites(&guest)?;
         println!(
             "ALLOW_MOUNTED_TASK_OVERWRITING: tasks the image's {}/overwrite_task_<Task> replace",
             task_overwrite::DIR
@@ -62,25 +61,8 @@ pub fn run(env: &TaskEnv) -> Result<(), String> {
     Ok(())
 }
 
-/// snf-image's tasks that imgforge does as helper tasks, not operations: an image program
-/// overwriting one is refused rather than run beside the built-in work it means to replace.
-const HELPER_TASK_OVERWRITES: &[&str] = &["FilesystemResizeMounted", "SELinuxAutorelabel"];
-
-fn refuse_unsupported_overwrites(guest: &GuestRoot) -> Result<(), String> {
-    for task in HELPER_TASK_OVERWRITES {
-        if let task_overwrite::Found::Program(path) = task_overwrite::find(guest, task) {
-            return Err(format!(
-                "the image's {path} overwrites task {task}, which imgforge cannot overwrite yet: remove the file, \
-                 or unset ALLOW_MOUNTED_TASK_OVERWRITING"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// One of snf-image's configuration tasks: its operations, or, when overwriting is allowed
-/// (`env` set) and the image carries `overwrite_task_<name>`, that program in their place
-/// (with them when its `pre-exec` exits 101, then its `post-exec`).
+/// One of snf-image's configuration tasks: its operations, or the image's program in their
+/// place (see [`task_overwrite::run_task`]).
 fn run_snf_task(
     guest: &GuestRoot,
     payload: &Path,
@@ -88,34 +70,12 @@ fn run_snf_task(
     operations: &[Operation],
     env: Option<&[(String, String)]>,
 ) -> Result<(), String> {
-    let builtin = || {
+    task_overwrite::run_task(guest, name, env, || {
         operations.iter().try_for_each(|op| {
             println!("    {}", op.describe());
             apply(guest, payload, op).map_err(|e| format!("task {name}: {} failed: {e}", op.describe()))
         })
-    };
-    let Some(env) = env else { return builtin() };
-    let program = match task_overwrite::find(guest, name) {
-        task_overwrite::Found::None => return builtin(),
-        task_overwrite::Found::Ignored(why) => {
-            println!("WARNING: {why}");
-            return builtin();
-        }
-        task_overwrite::Found::Program(path) => path,
-    };
-    println!("WARNING: task {name} was overwritten by the image's {program}");
-    match task_overwrite::run(guest, &program, "pre-exec", env).map_err(|e| format!("task {name}: {e}"))? {
-        0 => Ok(()),
-        task_overwrite::RUN_ORIGINAL => {
-            println!("WARNING: running task {name} after {program} pre-exec exited 101, then {program} post-exec");
-            builtin()?;
-            match task_overwrite::run(guest, &program, "post-exec", env).map_err(|e| format!("task {name}: {e}"))? {
-                0 => Ok(()),
-                code => Err(format!("task {name}: the image's {program} post-exec exited with status {code}")),
-            }
-        }
-        code => Err(format!("task {name}: the image's {program} pre-exec exited with status {code}")),
-    }
+    })
 }
 
 fn io_err<'a>(what: &'a str, path: &'a str) -> impl FnOnce(std::io::Error) -> String + 'a {

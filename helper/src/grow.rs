@@ -57,7 +57,8 @@ impl Partition {
         self.start.saturating_add(self.size)
     }
 
-    fn is_extended(&self) -> bool {
+    /// Whether it is an MBR extended partition.
+    pub fn is_extended(&self) -> bool {
         EXTENDED_TYPES.contains(&self.kind.to_ascii_lowercase().as_str())
     }
 }
@@ -299,6 +300,16 @@ fn add_swap(disk: &str, request: &crate::swap::Request, placement: &crate::swap:
         .filter(|l| !l.starts_with("last-lba:"))
         .map(|l| format!("{l}\n"))
         .collect();
+    if let Some(ext) = placement.extended.as_ref().filter(|e| e.existing) {
+        let node = table
+            .partitions
+            .iter()
+            .find(|p| p.number == ext.number)
+            .map(|p| p.node.clone())
+            .ok_or_else(|| format!("{disk} has no extended partition {} to grow", ext.number))?;
+        script = crate::swap::resize_in_dump(&script, &node, ext.size)?;
+        println!("extended {node} to the end of {disk} for the logical swap partition");
+    }
     script.push_str(&crate::swap::sfdisk_line(disk, &table, request.number, placement));
     sfdisk(disk, &["--no-reread", "--no-tell-kernel"], Some(&script))?;
     let offset = placement.start * table.sector_size;
@@ -336,6 +347,11 @@ pub fn filesystem_resize_unmounted(vars: &TaskEnv) -> Result<(), String> {
 /// The 16-FilesystemResizeMounted task: grows a mounted XFS or btrfs root filesystem to its
 /// device.
 pub fn filesystem_resize_mounted(vars: &TaskEnv) -> Result<(), String> {
+    crate::task_overwrite::run_helper_task(vars, "FilesystemResizeMounted", || resize_mounted(vars))
+}
+
+/// FilesystemResizeMounted's own work.
+fn resize_mounted(vars: &TaskEnv) -> Result<(), String> {
     let ctx = Context::new(vars)?;
     let mount_point = vars.require("IMGFORGE_TARGET")?;
     let Some(target) = target(&ctx)? else { return Ok(()) };

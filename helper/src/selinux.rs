@@ -47,6 +47,11 @@ pub fn relabel(env: &TaskEnv) -> Result<(), String> {
     if env.get("IMGFORGE_SELINUX_RELABEL") != Some("yes") {
         return Ok(());
     }
+    crate::task_overwrite::run_helper_task(env, "SELinuxAutorelabel", || relabel_guest(env))
+}
+
+/// SELinuxAutorelabel's own work: the labels written here, or `/.autorelabel`.
+fn relabel_guest(env: &TaskEnv) -> Result<(), String> {
     let target = env.require("IMGFORGE_TARGET")?;
     let guest = GuestRoot::open(Path::new(target)).map_err(|e| format!("cannot open the guest root {target}: {e}"))?;
     if !(is_file(&guest, SELINUX_CONFIG) && is_file(&guest, LOAD_POLICY)) {

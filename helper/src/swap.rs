@@ -2,7 +2,7 @@
 //! (the end of the disk, 1 MiB short of it, as snf-image places it), and its swap signature,
 //! written here rather than by mkswap (a page of zeros, the header and `SWAPSPACE2`).
 
-use crate::grow::{Label, Table};
+use crate::grow::{Label, Partition, Table};
 
 /// The page size of the guests imgforge customizes (x86_64).
 const PAGE_SIZE: u64 = 4096;
@@ -89,32 +89,38 @@ pub struct Placement {
     pub size: u64,
     /// The first sector the last partition may not grow into.
     pub limit: u64,
-    /// For a logical swap partition: the extended partition made for it (its slot, first
-    /// sector and length).
-    pub extended: Option<(u32, u64, u64)>,
+    /// For a logical swap partition: the extended partition that holds it.
+    pub extended: Option<Extended>,
+}
+
+/// The extended partition of a logical swap partition, as it is after FixPartitionTable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extended {
+    /// Its number (the primary slot).
+    pub number: u32,
+    /// Its first sector.
+    pub start: u64,
+    /// Its length.
+    pub size: u64,
+    /// Whether the table already has it (grown to the disk's end) or it is made for the swap.
+    pub existing: bool,
 }
 
 /// Places the swap partition as snf-image does: its last sector 1 MiB (2048 sectors of 512
 /// bytes) short of the disk's end, `mib` long; refused when the space after the last
-/// partition (ending before sector `used_end`) is not larger, or the number is taken or not a
-/// primary MBR partition's (pure).
+/// partition (ending before sector `used_end`) is not larger, or the number is taken or is not
+/// one snf-image's placement gives (pure). A logical swap partition (MBR, 5 and up) goes in a
+/// new extended partition (then only as 5), or, when the table has one as its last primary
+/// partition, as its next logical partition, the extended partition grown to hold it.
 pub fn place(table: &Table, disk_sectors: u64, used_end: u64, request: &Request) -> Result<Placement, String> {
     let n = request.number;
     let logical = table.label == Label::Dos && n >= 5;
+    let existing = if logical { existing_extended(table, n)? } else { None };
     match table.label {
-        Label::Dos if n > 4 && n != 5 => {
+        Label::Dos if logical && existing.is_none() && n != 5 => {
             return Err(format!(
-                "SWAP partition {n}: imgforge makes a logical swap partition only as the first one (5) of a \
-                 new extended partition"
-            ))
-        }
-        Label::Dos
-            if logical
-                && table.partitions.iter().any(|p| p.number > 4 || ["5", "f", "85"].contains(&p.kind.as_str())) =>
-        {
-            return Err(format!(
-                "SWAP partition {n}: the disk already has an extended partition; imgforge makes a logical swap \
-                 partition only in a new one (not supported yet)"
+                "SWAP partition {n}: without an extended partition, imgforge makes a logical swap partition \
+                 only as the first one (5) of a new extended partition"
             ))
         }
         Label::Dos if n == 0 => return Err("SWAP partition 0: partitions count from 1".into()),
@@ -124,11 +130,20 @@ pub fn place(table: &Table, disk_sectors: u64, used_end: u64, request: &Request)
     if table.partitions.iter().any(|p| p.number == n) {
         return Err(format!("SWAP partition {n}: the disk already has a partition {n}"));
     }
+    // In an existing extended partition the swap follows its last logical partition: the
+    // extended partition's own end (free space in it) is no partition to keep clear of.
+    let used_end = match existing {
+        Some(ext) => {
+            table.partitions.iter().filter(|p| !p.is_extended()).map(Partition::end).fold(ext.start + 1, u64::max)
+        }
+        None => used_end,
+    };
     let per_mib = (1u64 << 20) / table.sector_size;
     let size = request.mib.checked_mul(per_mib).ok_or("SWAP size is too large")?;
     let last = disk_sectors.saturating_sub(1 + per_mib).min(table.last_usable(disk_sectors));
-    // A logical partition's extended partition starts 1 MiB before it (its boot record there),
-    // so that the last partition ends where snf-image ends it, 2049 sectors before the swap.
+    // A logical partition's boot record is 1 MiB before it (its extended partition starts
+    // there when made for it), so that the last partition ends where snf-image ends it, 2049
+    // sectors before the swap.
     let reserve = if logical { per_mib } else { 0 };
     let start =
         (last + 1).checked_sub(size).filter(|s| *s >= used_end + reserve && *s > used_end).ok_or_else(|| {
@@ -139,28 +154,79 @@ pub fn place(table: &Table, disk_sectors: u64, used_end: u64, request: &Request)
             )
         })?;
     let limit = start - reserve;
-    let extended = if logical {
-        let slot = (1..=4).find(|s| !table.partitions.iter().any(|p| p.number == *s));
-        let slot = slot.ok_or("SWAP: the MBR has no free primary slot for the extended partition")?;
-        Some((slot, limit, last + 1 - limit))
-    } else {
-        None
+    let extended = match (logical, existing) {
+        (false, _) => None,
+        (true, Some(ext)) => {
+            Some(Extended { number: ext.number, start: ext.start, size: last + 1 - ext.start, existing: true })
+        }
+        (true, None) => {
+            let slot = (1..=4).find(|s| !table.partitions.iter().any(|p| p.number == *s));
+            let slot = slot.ok_or("SWAP: the MBR has no free primary slot for the extended partition")?;
+            Some(Extended { number: slot, start: limit, size: last + 1 - limit, existing: false })
+        }
     };
     Ok(Placement { start, size, limit, extended })
 }
 
+/// The MBR's extended partition that logical swap partition `n` goes in, if it has one: it
+/// must be the last primary partition (snf-image grows it to the disk's end) and `n` its next
+/// logical number (pure).
+fn existing_extended(table: &Table, n: u32) -> Result<Option<&Partition>, String> {
+    let Some(ext) = table.partitions.iter().find(|p| p.number <= 4 && p.is_extended()) else { return Ok(None) };
+    let last_primary = table.partitions.iter().filter(|p| p.number <= 4).max_by_key(|p| p.end());
+    if last_primary.map(|p| p.number) != Some(ext.number) {
+        return Err(format!(
+            "SWAP partition {n}: the extended partition {} is not the disk's last primary partition, so it \
+             cannot grow to hold a logical swap partition",
+            ext.number
+        ));
+    }
+    let next = table.partitions.iter().map(|p| p.number).filter(|m| *m > 4).max().unwrap_or(4) + 1;
+    if n != next {
+        return Err(format!(
+            "SWAP partition {n}: a logical swap partition in the existing extended partition {} is its next \
+             logical partition, {next}",
+            ext.number
+        ));
+    }
+    Ok(Some(ext))
+}
+
 /// The sfdisk script line that adds the partition to a dump of the table (`sfdisk -d`).
+/// A new extended partition is added before it; an existing one is resized by
+/// [`resize_in_dump`].
 pub fn sfdisk_line(disk: &str, table: &Table, number: u32, placement: &Placement) -> String {
-    let extended = placement
-        .extended
-        .map(|(slot, start, size)| format!("{disk}{slot} : start={start}, size={size}, type=5\n"))
-        .unwrap_or_default();
+    let extended = match &placement.extended {
+        Some(e) if !e.existing => format!("{disk}{} : start={}, size={}, type=5\n", e.number, e.start, e.size),
+        _ => String::new(),
+    };
     let kind = match table.label {
         Label::Dos => MBR_SWAP_TYPE.to_owned(),
         // snf-image names the GPT partition "swap".
         Label::Gpt => format!("{GPT_SWAP_TYPE}, name=\"swap\""),
     };
     format!("{extended}{disk}{number} : start={}, size={}, type={kind}\n", placement.start, placement.size)
+}
+
+/// `dump` (`sfdisk --dump`) with partition `node`'s size set to `size`, its other fields (start,
+/// type, flags) kept (pure).
+pub fn resize_in_dump(dump: &str, node: &str, size: u64) -> Result<String, String> {
+    let mut found = false;
+    let mut out = String::new();
+    for line in dump.lines() {
+        match line.split_once(" : ") {
+            Some((name, fields)) if name.trim() == node => {
+                let fields: Vec<String> = fields
+                    .split(',')
+                    .map(|f| if f.trim().starts_with("size=") { format!(" size={size}") } else { f.to_owned() })
+                    .collect();
+                found = fields.iter().any(|f| f.trim().starts_with("size="));
+                out.push_str(&format!("{name} : {}\n", fields.join(",").trim_start()));
+            }
+            _ => out.push_str(&format!("{line}\n")),
+        }
+    }
+    found.then_some(out).ok_or_else(|| format!("sfdisk's dump has no partition {node} with a size to grow"))
 }
 
 /// The first page of a swap area of `bytes` with `uuid` (what mkswap writes, no label; pure).
@@ -195,7 +261,6 @@ mod tests {
             assert!(parse_disk_request(&bad).is_err(), "{bad}");
         }
     }
-    use crate::grow::Partition;
 
     fn table(label: Label, parts: &[(u32, u64, u64)]) -> Table {
         Table {
@@ -242,14 +307,22 @@ mod tests {
         let p = place(&dos, 8388608, 2097152, &req(2, 512)).unwrap();
         assert_eq!(p, Placement { start: 8388608 - 2049 - 1048576 + 1, size: 1048576, limit: 7337984, extended: None });
         let gpt = Table { label: Label::Gpt, ..dos.clone() };
+        let mut with_extended = table(Label::Dos, &[(1, 2048, 2048), (2, 4096, 9000), (5, 6144, 100)]);
+        with_extended.partitions[1].kind = "5".into();
+        let mut extended_not_last = with_extended.clone();
+        extended_not_last.partitions.push(Partition {
+            number: 3,
+            node: "/dev/vda3".into(),
+            start: 20000,
+            size: 100,
+            kind: "83".into(),
+        });
         assert_eq!(place(&gpt, 8388608, 2097152, &req(3, 512)).unwrap(), p);
         for (t, r, want) in [
             (&dos, req(6, 512), "first one (5)"),
-            (
-                &table(Label::Dos, &[(1, 2048, 2048), (2, 4096, 9000), (5, 6144, 100)]),
-                req(5, 512),
-                "already has an extended",
-            ),
+            (&with_extended, req(7, 512), "next logical partition, 6"),
+            (&with_extended, req(5, 512), "next logical partition, 6"),
+            (&extended_not_last, req(6, 512), "not the disk's last primary"),
             (&dos, req(1, 512), "already has a partition 1"),
             (&gpt, req(129, 512), "1-128"),
             (&dos, req(2, 4096), "not enough space"),
@@ -261,9 +334,37 @@ mod tests {
         // before the swap partition, as snf-image ends it.
         let l = place(&dos, 8388608, 2097152, &req(5, 512)).unwrap();
         assert_eq!(
-            (l.start, l.limit, l.extended),
-            (p.start, p.start - 2048, Some((2, p.start - 2048, 1048576 + 2048)))
+            (l.start, l.limit, l.extended.clone()),
+            (
+                p.start,
+                p.start - 2048,
+                Some(Extended { number: 2, start: p.start - 2048, size: 1048576 + 2048, existing: false })
+            )
         );
+        // Next in an existing extended partition, grown to the disk's end (its own end, past
+        // its last logical partition, not counted as used); the last logical partition ends
+        // 2049 sectors before the swap.
+        let mut roomy = with_extended.clone();
+        roomy.partitions[1].size = 8000000;
+        let e = place(&roomy, 8388608, 8004096, &req(6, 512)).unwrap();
+        assert_eq!(
+            (e.start, e.limit, e.extended.clone()),
+            (
+                p.start,
+                p.start - 2048,
+                Some(Extended { number: 2, start: 4096, size: 8388608 - 2048 - 4096, existing: true })
+            )
+        );
+        assert_eq!(
+            sfdisk_line("/dev/vda", &roomy, 6, &e),
+            format!("/dev/vda6 : start={}, size=1048576, type=82\n", p.start)
+        );
+        let dump = "label: dos\n\n/dev/vda1 : start=2048, size=2048, type=83, bootable\n/dev/vda2 : start=4096, size=9000, type=f\n/dev/vda5 : start=6144, size=100, type=83\n";
+        assert_eq!(
+            resize_in_dump(dump, "/dev/vda2", 8384512).unwrap(),
+            dump.replace("start=4096, size=9000", "start=4096, size=8384512")
+        );
+        assert!(resize_in_dump(dump, "/dev/vda3", 1).is_err());
         assert_eq!(
             sfdisk_line("/dev/vda", &dos, 5, &l),
             "/dev/vda2 : start=7335936, size=1050624, type=5\n/dev/vda5 : start=7337984, size=1048576, type=82\n"

@@ -6,6 +6,9 @@
 
 use crate::confinement::GuestCommand;
 use crate::guest::GuestRoot;
+use crate::task_env::TaskEnv;
+use imgforge_protocol::rules::Rules;
+use std::path::Path;
 
 /// Where snf-image looks for the image's programs (searched below, as `find -L` does).
 pub const DIR: &str = "/root/snf-image/helper";
@@ -74,6 +77,53 @@ pub fn run(guest: &GuestRoot, program: &str, stage: &str, env: &[(String, String
         .fold(GuestCommand::new(guest, &[program, stage]), |command, (k, v)| command.env(k, v))
         .code()
         .map_err(|e| format!("{program} {stage}: {e}"))
+}
+
+/// Runs `builtin`, the work of snf-image's task `task`, or, when overwriting is allowed (`env`
+/// set: the overwriting program's variables) and the image carries one executable
+/// `overwrite_task_<task>`, that program in its place (with it when its `pre-exec` exits 101,
+/// then its `post-exec`).
+pub fn run_task(
+    guest: &GuestRoot,
+    task: &str,
+    env: Option<&[(String, String)]>,
+    builtin: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
+    let Some(env) = env else { return builtin() };
+    let program = match find(guest, task) {
+        Found::None => return builtin(),
+        Found::Ignored(why) => {
+            println!("WARNING: {why}");
+            return builtin();
+        }
+        Found::Program(path) => path,
+    };
+    println!("WARNING: task {task} was overwritten by the image's {program}");
+    match run(guest, &program, "pre-exec", env).map_err(|e| format!("task {task}: {e}"))? {
+        0 => Ok(()),
+        RUN_ORIGINAL => {
+            println!("WARNING: running task {task} after {program} pre-exec exited 101, then {program} post-exec");
+            builtin()?;
+            match run(guest, &program, "post-exec", env).map_err(|e| format!("task {task}: {e}"))? {
+                0 => Ok(()),
+                code => Err(format!("task {task}: the image's {program} post-exec exited with status {code}")),
+            }
+        }
+        code => Err(format!("task {task}: the image's {program} pre-exec exited with status {code}")),
+    }
+}
+
+/// [`run_task`] for a task imgforge does as a helper task (FilesystemResizeMounted,
+/// SELinuxAutorelabel): whether overwriting is allowed, and with which variables, is read from
+/// the run's rules; the guest is the root mounted at `IMGFORGE_TARGET`.
+pub fn run_helper_task(vars: &TaskEnv, task: &str, builtin: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    let rules_path = vars.require("IMGFORGE_RULES")?;
+    let text = std::fs::read_to_string(rules_path).map_err(|e| format!("cannot read the rules {rules_path}: {e}"))?;
+    let rules = Rules::from_json(&text).map_err(|e| e.to_string())?;
+    let Some(env) = rules.task_overwriting.as_deref() else { return builtin() };
+    let target = vars.require("IMGFORGE_TARGET")?;
+    let guest = GuestRoot::open(Path::new(target)).map_err(|e| format!("cannot open the guest root {target}: {e}"))?;
+    run_task(&guest, task, Some(env), builtin)
 }
 
 #[cfg(test)]

@@ -907,6 +907,58 @@ exit 0
     }
 }
 
+/// The two tasks imgforge does as helper tasks are overwritten as the others are: an
+/// `overwrite_task_FilesystemResizeMounted` exiting 0 leaves the XFS root at the image's size
+/// though its partition grew; an `overwrite_task_SELinuxAutorelabel` exiting 101 runs before
+/// and after the task. Read back with sfdisk and the XFS superblock.
+#[test]
+fn the_image_overwrites_the_helper_tasks_when_allowed() {
+    let s = site();
+    let image = s.config.parent().unwrap().join("images").join("xfs-ow.img");
+    sh(Command::new("cp").arg("--sparse=always").arg(fixtures::disk(Shape::GptXfsBoot).unwrap()).arg(&image)).unwrap();
+    {
+        let m = Mount::writable_partition(&image, 1).unwrap();
+        for (task, pre_exec_status) in [("FilesystemResizeMounted", 0), ("SELinuxAutorelabel", 101)] {
+            put_executable(
+                &m,
+                &format!("/root/snf-image/helper/overwrite_task_{task}"),
+                &format!(
+                    "#!/bin/sh\necho \"$1\" >> /etc/overwrite-{task}\n[ \"$1\" = pre-exec ] && exit {pre_exec_status}\nexit 0\n"
+                ),
+            );
+        }
+    }
+    let (_, image_part, _) = sfdisk_partition(&image, 2);
+    let image_fs = xfs_bytes(&image, 2);
+    let disk = s.disk("xo1.disk0");
+    std::fs::File::options().write(true).open(&disk).unwrap().set_len(3 << 30).unwrap();
+    let properties = r#"{"ALLOW_MOUNTED_TASK_OVERWRITING": "yes"}"#;
+    let out =
+        s.create("xo1", disk.to_str().unwrap(), &[("OSP_IMG_ID", "xfs-ow.img"), ("OSP_IMG_PROPERTIES", properties)]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let (_, part, _) = sfdisk_partition(&disk, 2);
+    assert!(part >= image_part + (1 << 21), "the root partition did not grow: {image_part} -> {part} sectors");
+    assert_eq!(xfs_bytes(&disk, 2), image_fs, "FilesystemResizeMounted's own work ran though pre-exec exited 0");
+    let m = Mount::partition(&disk, 1).unwrap();
+    assert_eq!(m.read("/etc/overwrite-FilesystemResizeMounted").unwrap(), "pre-exec\n");
+    assert_eq!(m.read("/etc/overwrite-SELinuxAutorelabel").unwrap(), "pre-exec\npost-exec\n");
+    assert!(log.contains("task FilesystemResizeMounted was overwritten by the image's"), "{log}");
+}
+
+/// The bytes of the XFS filesystem on partition `number` of `disk`, from its superblock
+/// (`sb_blocksize` at byte 4, `sb_dblocks` at byte 8, big-endian).
+fn xfs_bytes(disk: &Path, number: u32) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let (start, _, _) = sfdisk_partition(disk, number);
+    let mut sb = [0u8; 16];
+    let mut f = std::fs::File::open(disk).unwrap();
+    f.seek(SeekFrom::Start(start * 512)).unwrap();
+    f.read_exact(&mut sb).unwrap();
+    assert_eq!(&sb[..4], b"XFSB", "no XFS superblock on partition {number} of {}", disk.display());
+    u64::from(u32::from_be_bytes(sb[4..8].try_into().unwrap())) * u64::from_be_bytes(sb[8..16].try_into().unwrap())
+}
+
 /// The partition `number` of `disk` as sfdisk lists it: start and size in sectors, type.
 fn sfdisk_partition(disk: &Path, number: u32) -> (u64, u64, String) {
     let json: serde_json::Value =
@@ -986,6 +1038,53 @@ fn create_adds_the_swap_partition_snf_image_adds() {
             assert!(verify.contains("No problems found"), "{verify}");
         }
     }
+}
+
+/// `SWAP=6:<MB>` on an MBR that already has an extended partition, last, holding logical
+/// partition 5 (the test adds both after the fixture's root, in 16 MiB it appends): as
+/// snf-image, the extended partition grows to the disk's end and the swap is its next logical
+/// partition, at the end; every other partition keeps its fields. Read back with sfdisk, blkid
+/// and the test's own mount.
+#[test]
+fn create_adds_a_logical_swap_partition_to_an_existing_extended_partition() {
+    let s = site();
+    let image = s.config.parent().unwrap().join("images").join("ext.img");
+    sh(Command::new("cp").arg("--sparse=always").arg(fixtures::disk(Shape::DosExt4).unwrap()).arg(&image)).unwrap();
+    let (root_start, root_size, _) = sfdisk_partition(&image, 1);
+    let ext_start = root_start + root_size;
+    std::fs::File::options().write(true).open(&image).unwrap().set_len((ext_start + 32768) * 512).unwrap();
+    let script = format!("start={ext_start}, size=32768, type=5\nstart={}, size=8192, type=83\n", ext_start + 2048);
+    let mut sfdisk =
+        Command::new("sfdisk").args(["--append", "--quiet"]).arg(&image).stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk could not add the extended partition");
+    let before = sh(Command::new("sfdisk").arg("--dump").arg(&image)).unwrap();
+    assert!(before.contains("type=5") && before.contains("ext.img5"), "{before}");
+    let disk = s.disk("swx.disk0");
+    let disk_bytes = 2u64 << 30;
+    std::fs::File::options().write(true).open(&disk).unwrap().set_len(disk_bytes).unwrap();
+    let properties = serde_json::json!({"swap": "6:64"}).to_string();
+    let out =
+        s.create("swx", disk.to_str().unwrap(), &[("OSP_IMG_ID", "ext.img"), ("OSP_IMG_PROPERTIES", &properties)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sectors = disk_bytes / 512;
+    let (start, size, kind) = sfdisk_partition(&disk, 6);
+    assert_eq!((start + size, size, kind.as_str()), (sectors - 2048, 64 * 2048, "82"), "the swap partition");
+    assert_eq!(sfdisk_partition(&disk, 2), (ext_start, sectors - 2048 - ext_start, "5".to_owned()), "extended");
+    assert_eq!(sfdisk_partition(&disk, 1), (root_start, root_size, "83".to_owned()), "the root partition moved");
+    assert_eq!(sfdisk_partition(&disk, 5), (ext_start + 2048, 8192, "83".to_owned()), "logical partition 5");
+    let dump = sh(Command::new("sfdisk").arg("--dump").arg(&disk)).unwrap();
+    assert!(dump.lines().any(|l| l.contains("disk0p1 :") && l.ends_with("bootable")), "{dump}");
+    let probe = |tag: &str| {
+        sh(Command::new("blkid").args(["-p", "-o", "value", "-s", tag, "-O", &(start * 512).to_string()]).arg(&disk))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(probe("TYPE"), "swap", "no swap signature");
+    let uuid = probe("UUID");
+    let fstab = Mount::partition(&disk, 0).unwrap().read("/etc/fstab").unwrap();
+    assert!(fstab.ends_with(&format!("UUID=\"{uuid}\"\tnone\tswap\tsw\t0\t0\n")), "{fstab}");
 }
 
 /// snf-image's `SWAP=<disk letter>`: the instance's second disk (`DISK_1_PATH`) made swap,
