@@ -136,7 +136,7 @@ pub fn run(new: &Path, old: &Path, runs: usize) -> Result<()> {
             side.times.push(t);
         }
     }
-    let (b, a) = (median(&sides[0].times), median(&sides[1].times));
+    let (b, a) = (crate::median(&sides[0].times), crate::median(&sides[1].times));
     println!(
         "median before {:>7.2} s   after {:>7.2} s   (after/before {:.2}x, of {runs} runs each)",
         b.as_secs_f64(),
@@ -178,7 +178,7 @@ after (imgforge):     {}",
         old.display(),
         new.display()
     );
-    let script = workspace_file("tests/ganeti/bench.sh");
+    let script = crate::workspace().join("tests/ganeti/bench.sh");
     let out = Command::new("unshare")
         .args(["--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc"])
         .arg(&script)
@@ -199,7 +199,7 @@ after (imgforge):     {}",
     );
     let (before, after) = (cluster_times(&stdout, "imgforgeold"), cluster_times(&stdout, "imgforge"));
     ensure!(!before.is_empty() && before.len() == after.len(), "bench.sh printed no comparable times:\n{stdout}");
-    let (b, a) = (median(&before), median(&after));
+    let (b, a) = (crate::median(&before), crate::median(&after));
     println!(
         "median gnt-instance add: before {:>7.2} s   after {:>7.2} s   (after/before {:.2}x, of {runs} runs each)",
         b.as_secs_f64(),
@@ -207,14 +207,4 @@ after (imgforge):     {}",
         a.as_secs_f64() / b.as_secs_f64()
     );
     Ok(())
-}
-
-fn median(v: &[Duration]) -> Duration {
-    let mut s = v.to_vec();
-    s.sort();
-    s[s.len() / 2]
-}
-
-fn workspace_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.join(rel)).unwrap_or_else(|| rel.into())
 }
