@@ -12,6 +12,7 @@
 
 pub mod cancel;
 pub mod cli;
+pub mod file_digest;
 pub mod ganeti;
 pub mod helper_image;
 pub mod inspect;

@@ -126,25 +126,11 @@ fn check_sha(name: &str, expected: &Option<String>, hasher: &Arc<Mutex<Sha256>>)
 /// Hashes `file` from offset 0 with `pread`, so its position does not matter and the caller
 /// goes on reading the same descriptor it verified.
 pub fn sha256_of_file(file: &std::fs::File, name: &str, cancel: &AtomicBool) -> Result<String, WriteError> {
-    use std::os::unix::fs::FileExt;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(StreamError::Cancelled.into());
-        }
-        let n = match file.read_at(&mut buf, at) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(source) => return Err(SourceError::Io { name: name.to_owned(), source }.into()),
-        };
-        if n == 0 {
-            return Ok(hex::encode(h.finalize()));
-        }
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
+    use crate::file_digest::DigestError;
+    crate::file_digest::sha256_of_file(file, cancel).map_err(|e| match e {
+        DigestError::Cancelled => StreamError::Cancelled.into(),
+        DigestError::Io(source) => SourceError::Io { name: name.to_owned(), source }.into(),
+    })
 }
 
 /// Checks `--sha256` against a whole file first (formats read with random access).
