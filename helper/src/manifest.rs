@@ -4,26 +4,52 @@
 //! the walk sees `/dev`, `/proc` and `/sys` as the image holds them, as any other reader of the
 //! image would.
 
-use crate::snapshot;
+use crate::snapshot::{self, Snapshot};
 use imgforge_protocol::manifest::{content_for, manifest_line, ManifestContent};
 use sha2::Digest;
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// The SHA-256 (hex) of the manifest of the guest mounted at `target`, whose mounts (the root
-/// first) `mounts_file` lists; `scratch` is an empty directory to bind them on.
-pub fn digest(target: &Path, mounts_file: &Path, scratch: &Path) -> Result<String, String> {
+/// Runs `with` on `scratch` with the guest's own filesystems (mounted at `target`, the root
+/// first, as `mounts_file` lists them) bound on it, and unbinds them after.
+pub fn with_guest_tree<T>(
+    target: &Path,
+    mounts_file: &Path,
+    scratch: &Path,
+    with: impl FnOnce(&Path) -> Result<T, String>,
+) -> Result<T, String> {
     let text = std::fs::read_to_string(mounts_file)
         .map_err(|e| format!("cannot read the list of the guest's mounts {}: {e}", mounts_file.display()))?;
     std::fs::create_dir_all(scratch).map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
     let mut bound: Vec<PathBuf> = Vec::new();
-    let result = bind_guest_filesystems(target, &text, scratch, &mut bound).and_then(|()| walk(scratch));
+    let result = bind_guest_filesystems(target, &text, scratch, &mut bound).and_then(|()| with(scratch));
     for at in bound.iter().rev() {
         if let Err(e) = unmount(at) {
             return Err(format!("cannot unmount {} after the manifest: {e}", at.display()));
         }
     }
     result
+}
+
+/// What of the guest's mounts a walk's record depends on: each block-backed mount point
+/// (relative to `target`) and the metadata of the root of the filesystem mounted there. Two
+/// disks of one base, mounted alike, give the same.
+pub fn mounts_fingerprint(target: &Path, mounts_file: &Path) -> Result<Vec<(PathBuf, snapshot::Meta)>, String> {
+    let text = std::fs::read_to_string(mounts_file)
+        .map_err(|e| format!("cannot read the list of the guest's mounts {}: {e}", mounts_file.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let at = Path::new(line);
+        let Ok(rel) = at.strip_prefix(target) else { continue };
+        let st = snapshot::lstat(at).map_err(|e| format!("cannot look at {line}: {e}"))?;
+        if libc::major(st.st_dev) == 0 {
+            continue;
+        }
+        let meta = snapshot::Meta::of(&st).ok_or_else(|| format!("{line} is not a directory"))?;
+        out.push((rel.to_owned(), meta));
+    }
+    Ok(out)
 }
 
 fn bind_guest_filesystems(target: &Path, mounts: &str, scratch: &Path, bound: &mut Vec<PathBuf>) -> Result<(), String> {
@@ -45,10 +71,8 @@ fn bind_guest_filesystems(target: &Path, mounts: &str, scratch: &Path, bound: &m
     Ok(())
 }
 
-/// The manifest's digest of the tree at `root` (every file read).
-pub fn walk(root: &Path) -> Result<String, String> {
-    let (snapshot, contents) = snapshot::record_with_contents(root)
-        .map_err(|e| format!("cannot read the guest's tree for its manifest: {e}"))?;
+/// The manifest's digest of a walk that read every file (`snapshot::record_with_contents`).
+pub fn digest_of(snapshot: &Snapshot, contents: &BTreeMap<Vec<u8>, ManifestContent>) -> Result<String, String> {
     if !snapshot.left_out.is_empty() {
         return Err(format!("the guest's tree is too large for a manifest: {}", snapshot.left_out.join(", ")));
     }
@@ -86,6 +110,11 @@ fn unmount(at: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    fn walk(root: &Path) -> Result<String, String> {
+        let (snapshot, contents) = snapshot::record_with_contents(root).map_err(|e| e.to_string())?;
+        digest_of(&snapshot, &contents)
+    }
 
     /// The digest covers content, mode and link targets, and not times.
     #[test]

@@ -47,7 +47,8 @@ pub struct Meta {
 }
 
 impl Meta {
-    fn of(st: &libc::stat) -> Option<Self> {
+    /// The record of a `stat`; `None` for a type the tree does not hold (a socket).
+    pub fn of(st: &libc::stat) -> Option<Self> {
         Some(Self {
             file_type: FileType::from_mode(st.st_mode)?,
             mode: st.st_mode & 0o7777,
@@ -182,6 +183,19 @@ impl Walk {
             }
         }
     }
+}
+
+/// `lstat(path)`.
+pub fn lstat(path: &Path) -> io::Result<libc::stat> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: stat is plain old data.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a writable stat.
+    if unsafe { libc::lstat(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
 }
 
 fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
@@ -365,15 +379,21 @@ mod tests {
 /// file no operation touched has the same path, inode, size and times in every variant, and is
 /// read once, not once a variant (reading the whole guest under TCG costs seconds). Any change
 /// to a file moves its ctime, which no program can set, so a changed file is never matched.
-mod digest_cache {
+pub mod digest_cache {
+    use super::Meta;
+    use imgforge_protocol::digest_cache::Entry;
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
 
-    type Key = (Vec<u8>, u64, i64, i64, i64, i64, i64);
+    type Key = (Vec<u8>, u64, u64, i64, i64, i64, i64);
 
     fn cache() -> &'static Mutex<HashMap<Key, String>> {
         static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
         CACHE.get_or_init(Default::default)
+    }
+
+    fn key_of(path: &[u8], meta: &Meta) -> Key {
+        (path.to_vec(), meta.ino, meta.size, meta.mtime.0, meta.mtime.1, meta.ctime.0, meta.ctime.1)
     }
 
     /// The digest of the file at guest path `path` (stat `st`), computed by `compute` unless a
@@ -384,13 +404,26 @@ mod digest_cache {
         compute: impl FnOnce() -> std::io::Result<String>,
     ) -> std::io::Result<String> {
         let key: Key =
-            (path.to_vec(), st.st_ino, st.st_size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
+            (path.to_vec(), st.st_ino, st.st_size as u64, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
         if let Some(digest) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(digest.clone());
         }
         let digest = compute()?;
         cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, digest.clone());
         Ok(digest)
+    }
+
+    /// Takes digests an earlier boot of the same base computed (the host's digest cache).
+    pub fn preload(entries: Vec<Entry>) {
+        let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
+        for e in entries {
+            cache.insert((e.path, e.ino, e.size, e.mtime.0, e.mtime.1, e.ctime.0, e.ctime.1), e.sha256);
+        }
+    }
+
+    /// The known digest of the file recorded as `meta` at `path`.
+    pub fn known(path: &[u8], meta: &Meta) -> Option<String> {
+        cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key_of(path, meta)).cloned()
     }
 
     #[cfg(test)]

@@ -11,6 +11,7 @@ use crate::reporter::Reporter;
 use crate::snapshot::{self, Snapshot};
 use crate::task_env::{Place, TaskEnv};
 use crate::tasks::{self, Builtins, TaskFailure, When};
+use imgforge_protocol::digest_cache;
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::{Rules, VariantRules};
 use imgforge_protocol::task::TaskName;
@@ -28,10 +29,12 @@ pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Rep
     crate::mounts::mount_payload(&TaskEnv::new(&payload_task, rules))
         .map_err(|message| TaskFailure { task: payload_task.to_string(), message })?;
     reporter.send(&ReportLine::TaskEnd { task: payload_task.to_string(), millis: 0 });
+    load_digest_cache();
     // Every disk starts as the same base: an LVM volume group on one is on all of them at once,
     // and LVM would pick any of the copies. Such a base gets one variant a boot.
     let shared_lvm = rules.variants.len() > 1
         && rules.variants.first().and_then(|v| find_disk(&v.serial).ok()).is_some_and(|d| holds_lvm(&d));
+    let mut base_tree: Option<BaseTree> = None;
     for (k, variant) in rules.variants.iter().enumerate() {
         reporter.send(&ReportLine::VariantStart { name: variant.name.clone() });
         let started = Instant::now();
@@ -42,7 +45,7 @@ pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Rep
                     .into(),
             ))
         } else {
-            run_one(dir, rules, variant, builtins, reporter)
+            run_one(dir, rules, variant, builtins, reporter, &mut base_tree)
         };
         match result {
             Ok(sha256) => {
@@ -57,11 +60,79 @@ pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Rep
         }
         println!("variant {}: {} ms", variant.name, started.elapsed().as_millis());
     }
+    if let Some(base) = &base_tree {
+        export_digest_cache(&base.snapshot);
+    }
     Ok(())
+}
+
+/// Takes the digests of the base's files that the host kept from an earlier boot, if it gave
+/// them (a damaged cache is said and left: the files are then read).
+fn load_digest_cache() {
+    let path = Path::new(PAYLOAD_DIR).join(digest_cache::PAYLOAD_NAME);
+    let Ok(file) = std::fs::File::open(&path) else { return };
+    let mut bytes = Vec::new();
+    let read =
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, digest_cache::MAX_BYTES as u64 + 1), &mut bytes);
+    match read.map_err(|e| e.to_string()).and_then(|_| digest_cache::parse(&bytes).map_err(|e| e.to_string())) {
+        Ok(entries) => {
+            println!("digest cache: {} files of the base known from an earlier boot", entries.len());
+            snapshot::digest_cache::preload(entries);
+        }
+        Err(e) => println!("WARNING: the digest cache {} is not used: {e}", path.display()),
+    }
+}
+
+/// Writes the digests of the base's files (those of `base`, the tree before any operation,
+/// whose digest this boot knows) to the export disk, when the host attached one: an 8-byte
+/// little-endian length, then the cache.
+fn export_digest_cache(base: &Snapshot) {
+    let Some(disk) = disk_with_serial(Path::new("/sys/block"), digest_cache::EXPORT_SERIAL) else { return };
+    let entries: Vec<digest_cache::Entry> = base
+        .entries
+        .iter()
+        .filter(|(_, meta)| meta.file_type == imgforge_protocol::change::FileType::File)
+        .filter_map(|(path, meta)| {
+            let sha256 = snapshot::digest_cache::known(path, meta)?;
+            Some(digest_cache::Entry {
+                path: path.clone(),
+                ino: meta.ino,
+                size: meta.size,
+                mtime: meta.mtime,
+                ctime: meta.ctime,
+                sha256,
+            })
+        })
+        .collect();
+    let bytes = digest_cache::render(&entries);
+    if bytes.len() > digest_cache::MAX_BYTES {
+        println!("WARNING: the digest cache of this base is too large to keep ({} bytes)", bytes.len());
+        return;
+    }
+    let written = (|| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut dev = std::fs::OpenOptions::new().write(true).open(&disk)?;
+        dev.write_all(&(bytes.len() as u64).to_le_bytes())?;
+        dev.write_all(&bytes)?;
+        dev.sync_all()
+    })();
+    match written {
+        Ok(()) => println!("digest cache: {} files of the base written to {disk}", entries.len()),
+        Err(e) => println!("WARNING: cannot write the digest cache to {disk}: {e}"),
+    }
 }
 
 fn helper_failure(message: String) -> TaskFailure {
     TaskFailure { task: "helper".into(), message }
+}
+
+/// The guest's tree as the first variant of the boot found it before its operations, and the
+/// mounts it was found on. Every disk of a boot is a fresh overlay of one base, and no task
+/// before MountRoot changes a file, so the next variants, mounted alike, start from this same
+/// tree: it is walked once a boot, not once a variant.
+struct BaseTree {
+    mounts: Vec<(PathBuf, snapshot::Meta)>,
+    snapshot: Snapshot,
 }
 
 /// One variant's tasks; the manifest's digest.
@@ -71,6 +142,7 @@ fn run_one(
     variant: &VariantRules,
     builtins: Builtins,
     reporter: &mut Reporter,
+    base_tree: &mut Option<BaseTree>,
 ) -> Result<String, TaskFailure> {
     let state = Path::new(STATE_DIR).join("variants").join(&variant.name);
     let disk = find_disk(&variant.serial).map_err(helper_failure)?;
@@ -91,28 +163,35 @@ fn run_one(
         payload: Path::new(PAYLOAD_DIR).join(&variant.name).display().to_string(),
     };
     let source_date_epoch = rules.source_date_epoch;
-    let mut before: Option<Snapshot> = None;
     let mut manifest: Option<String> = None;
     let mounts_file = state.join("mounts");
     let scratch = state.join("manifest-root");
+    let target = Path::new(TARGET_DIR);
+    // Every walk sees the guest's own filesystems bound on `scratch`, without the pseudo
+    // filesystems mounted for chroots: what any reader of the image would see.
     let mut hook = |when: When, task: &TaskName, reporter: &mut Reporter| -> Result<(), String> {
         match (when, task.short()) {
             (When::After, "MountRoot") => {
-                before = Some(
-                    snapshot::record(Path::new(TARGET_DIR))
-                        .map_err(|e| format!("cannot walk the guest tree at {TARGET_DIR}: {e}"))?,
-                );
+                let mounts = crate::manifest::mounts_fingerprint(target, &mounts_file)?;
+                if base_tree.as_ref().is_none_or(|b| b.mounts != mounts) {
+                    let snapshot = crate::manifest::with_guest_tree(target, &mounts_file, &scratch, |root| {
+                        snapshot::record(root).map_err(|e| format!("cannot walk the guest tree: {e}"))
+                    })?;
+                    *base_tree = Some(BaseTree { mounts, snapshot });
+                }
             }
             (When::Before, "Unmount") => {
-                if let Some(before) = before.take() {
-                    let after = snapshot::record(Path::new(TARGET_DIR))
-                        .map_err(|e| format!("cannot walk the guest tree at {TARGET_DIR}: {e}"))?;
-                    changes::send(&changes::diff(&before.entries, &after.entries), &mut |line| reporter.send(&line));
+                let before = base_tree.as_ref().map(|b| &b.snapshot).ok_or("the guest tree was not recorded")?;
+                let (after, contents) = crate::manifest::with_guest_tree(target, &mounts_file, &scratch, |root| {
+                    let (after, contents) = snapshot::record_with_contents(root)
+                        .map_err(|e| format!("cannot read the guest's tree for its manifest: {e}"))?;
                     if let Some(epoch) = source_date_epoch {
-                        set_times(Path::new(TARGET_DIR), &before, &after, epoch)?;
+                        set_times(root, before, &after, epoch)?;
                     }
-                }
-                manifest = Some(crate::manifest::digest(Path::new(TARGET_DIR), &mounts_file, &scratch)?);
+                    Ok((after, contents))
+                })?;
+                changes::send(&changes::diff(&before.entries, &after.entries), &mut |line| reporter.send(&line));
+                manifest = Some(crate::manifest::digest_of(&after, &contents)?);
             }
             _ => {}
         }

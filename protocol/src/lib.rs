@@ -11,6 +11,7 @@
 
 pub mod bytes;
 pub mod change;
+pub mod digest_cache;
 pub mod filesystems;
 pub mod helper_vm;
 pub mod line;

@@ -3,7 +3,7 @@
 //! qemu TCG, each output read back with the test's own read-only loop mounts, and its tree
 //! manifest recomputed here from those mounts.
 
-use imgforge::job::variants::{customize_variants, OutputFormat, VariantJob, VariantOutcome};
+use imgforge::job::variants::{customize_variants, OutputFormat, VariantBase, VariantJob, VariantOutcome};
 use imgforge::job::{JobError, KnownFormat, VmSettings};
 use imgforge::ops::Plan;
 use imgforge::progress::{Event, HelperEvent, Progress};
@@ -82,15 +82,8 @@ fn variant(name: &str, dir: &Path, ext: &str, format: OutputFormat, ops: &[(&str
 fn run(base: &Path, variants: Vec<VariantJob>, jobs: usize, progress: &Recorded) -> Vec<VariantOutcome> {
     let (_tx, interrupt) = tokio::sync::watch::channel(None);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    runtime.block_on(customize_variants(
-        base,
-        KnownFormat::FromHeader,
-        variants,
-        jobs,
-        &settings(),
-        progress,
-        &interrupt,
-    ))
+    let base = VariantBase { path: base.to_owned(), format: KnownFormat::FromHeader, sha256: None };
+    runtime.block_on(customize_variants(&base, variants, jobs, &settings(), progress, &interrupt))
 }
 
 /// A raw copy of `image` (any format qemu-img reads) for the test's loop mounts.

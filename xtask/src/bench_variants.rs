@@ -5,7 +5,7 @@
 //! scaled to N (said so in the output). Every output is verified with the bench's own mounts.
 
 use anyhow::{ensure, Context, Result};
-use imgforge::job::variants::{customize_variants, OutputFormat, VariantJob};
+use imgforge::job::variants::{customize_variants, OutputFormat, VariantBase, VariantJob};
 use imgforge::job::{KnownFormat, VmSettings};
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::Mount;
@@ -64,56 +64,30 @@ pub fn run(imgforge: &Path, n: usize) -> Result<()> {
         .args(["--hostname", "warm"]))?;
     std::fs::remove_file(&warm)?;
 
-    // The engine.
-    let out = work.path().join("engine").tap_mkdir()?;
-    let variants: Vec<VariantJob> = (0..n)
-        .map(|i| {
-            let mut plan = imgforge::ops::Plan::default();
-            for (option, value) in ops(i, &payload_file) {
-                plan.add(&option, Some(&value)).map_err(|e| anyhow::anyhow!("--{option}: {e}"))?;
-            }
-            plan.finish()?;
-            Ok(VariantJob {
-                name: format!("v{i}"),
-                plan,
-                output: out.join(format!("v{i}.raw")),
-                format: OutputFormat::Raw,
-                source_date_epoch: None,
-            })
-        })
-        .collect::<Result<_>>()?;
-    let settings = VmSettings {
-        accel: imgforge::vm::accel::Accel::Tcg,
-        timeout: Duration::from_secs(900),
-        hard_grace: Duration::from_secs(10),
-        memory_mib: imgforge::job::HELPER_MEMORY_MIB,
-        vcpus: 1,
-        helper_user: imgforge::vm::privilege::DEFAULT_HELPER_USER.into(),
-        excluded_tasks: Vec::new(),
-        show_console: false,
-        trace_tasks: false,
-        qemu: "qemu-system-x86_64".into(),
-    };
-    let (_tx, interrupt) = tokio::sync::watch::channel(None);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The engine: its base digest first (a recipe build checks it), then three builds. Cold:
+    // no digests of the base's files kept from an earlier build; warm: those the cold build
+    // kept; thin: warm, with qcow2 outputs backed by the base.
     let started = Instant::now();
-    let outcomes = runtime.block_on(customize_variants(
-        &base,
-        KnownFormat::FromHeader,
-        variants,
-        JOBS,
-        &settings,
-        &imgforge::progress::Silent,
-        &interrupt,
-    ));
-    let t_engine = started.elapsed();
-    for (i, outcome) in outcomes.iter().enumerate() {
-        let product = outcome.result.as_ref().map_err(|e| anyhow::anyhow!("{}: {e}", outcome.name))?;
-        verify(&product.output, i, &payload, "engine")?;
-        let kept = std::fs::metadata(&product.output).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)?;
-        println!("engine output v{i}: {} MiB allocated", kept >> 20);
-        // Sixteen 2 GiB outputs do not all fit beside the sequential copies on a small disk.
-        std::fs::remove_file(&product.output)?;
+    let base_sha256 = imgforge::file_digest::sha256_of_file(&std::fs::File::open(&base)?, &Default::default())
+        .map_err(|e| anyhow::anyhow!("hashing the base: {e:?}"))?;
+    let t_base_digest = started.elapsed();
+    let kept = imgforge::job::variants::kept_digests_path(&base_sha256).context("base digest")?;
+    let _ = std::fs::remove_file(&kept);
+    let t_cold = engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "cold", OutputFormat::Raw)?;
+    ensure!(kept.exists(), "the cold build kept no digests of the base at {}", kept.display());
+    let t_warm = engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "warm", OutputFormat::Raw)?;
+    let t_thin =
+        engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "thin", OutputFormat::Qcow2Backed)?;
+    let engine_rows = [
+        ("raw outputs, no digests kept (cold)", t_base_digest + t_cold),
+        ("raw outputs, digests kept (warm)", t_base_digest + t_warm),
+        ("qcow2 outputs backed by the base, warm", t_base_digest + t_thin),
+    ];
+    if std::env::var_os("IMGFORGE_BENCH_ENGINE_ONLY").is_some() {
+        for (what, t) in engine_rows {
+            println!("variants engine, {what}  {:>8.1} s", t.as_secs_f64());
+        }
+        return Ok(());
     }
 
     // Sequential imgforge customize runs on copies (the copy is part of each run's time).
@@ -146,26 +120,110 @@ pub fn run(imgforge: &Path, n: usize) -> Result<()> {
 
     let t_virt = virt_customize(&base, &payload_file, &payload, work.path(), n.min(VIRT_RUNS))?;
     let per = |d: Duration| d.as_secs_f64() / n as f64;
+    println!("base SHA-256 (in every engine time below)   {:>8.1} s", t_base_digest.as_secs_f64());
+    for (what, t) in engine_rows {
+        println!("engine ({JOBS} VMs), {what:<40} {:>8.1} s  ({:.1} s a variant)", t.as_secs_f64(), per(t));
+    }
     println!(
-        "variants engine ({JOBS} VMs, up to 8 variants a boot)  {:>8.1} s  ({:.1} s a variant)",
-        t_engine.as_secs_f64(),
-        per(t_engine)
-    );
-    println!(
-        "{n} sequential imgforge customize            {:>8.1} s  ({:.1} s a variant)",
+        "{n} sequential imgforge customize on copies           {:>8.1} s  ({:.1} s a variant)",
         t_sequential.as_secs_f64(),
         per(t_sequential)
     );
-    if let Some((runs, t)) = t_virt {
+    let scaled = t_virt.map(|(runs, t)| {
         let scaled = t.as_secs_f64() / runs as f64 * n as f64;
         println!(
-            "virt-customize, {runs} runs scaled to {n}        {scaled:>8.1} s  ({:.1} s a variant)",
+            "virt-customize, {runs} runs scaled to {n}                 {scaled:>8.1} s  ({:.1} s a variant)",
             scaled / n as f64
         );
-        println!("ratio virt-customize / engine         {:>8.1}x", scaled / t_engine.as_secs_f64());
+        scaled
+    });
+    for (what, t) in engine_rows {
+        let t = t.as_secs_f64();
+        print!("ratios for {what:<40} sequential/engine {:>5.1}x", t_sequential.as_secs_f64() / t);
+        match scaled {
+            Some(v) => println!("   virt-customize/engine {:>5.1}x", v / t),
+            None => println!(),
+        }
     }
-    println!("ratio sequential / engine             {:>8.1}x", t_sequential.as_secs_f64() / t_engine.as_secs_f64());
     Ok(())
+}
+
+/// One engine build of `n` variants of `base` into `work/<label>` in `format`, every output
+/// verified and removed: its time.
+#[allow(clippy::too_many_arguments)]
+fn engine(
+    base: &Path,
+    base_sha256: &str,
+    n: usize,
+    payload_file: &Path,
+    payload: &[u8],
+    work: &Path,
+    label: &str,
+    format: OutputFormat,
+) -> Result<Duration> {
+    let out = work.join(label).tap_mkdir()?;
+    let ext = if format == OutputFormat::Raw { "raw" } else { "qcow2" };
+    let variants: Vec<VariantJob> = (0..n)
+        .map(|i| {
+            let mut plan = imgforge::ops::Plan::default();
+            for (option, value) in ops(i, payload_file) {
+                plan.add(&option, Some(&value)).map_err(|e| anyhow::anyhow!("--{option}: {e}"))?;
+            }
+            plan.finish()?;
+            Ok(VariantJob {
+                name: format!("v{i}"),
+                plan,
+                output: out.join(format!("v{i}.{ext}")),
+                format,
+                source_date_epoch: None,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let settings = VmSettings {
+        accel: imgforge::vm::accel::Accel::Tcg,
+        timeout: Duration::from_secs(900),
+        hard_grace: Duration::from_secs(10),
+        memory_mib: imgforge::job::HELPER_MEMORY_MIB,
+        vcpus: 1,
+        helper_user: imgforge::vm::privilege::DEFAULT_HELPER_USER.into(),
+        excluded_tasks: Vec::new(),
+        show_console: std::env::var_os("IMGFORGE_BENCH_CONSOLE").is_some(),
+        trace_tasks: false,
+        qemu: "qemu-system-x86_64".into(),
+    };
+    let (_tx, interrupt) = tokio::sync::watch::channel(None);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let variant_base =
+        VariantBase { path: base.to_owned(), format: KnownFormat::FromHeader, sha256: Some(base_sha256.to_owned()) };
+    let started = Instant::now();
+    let outcomes = runtime.block_on(customize_variants(
+        &variant_base,
+        variants,
+        JOBS,
+        &settings,
+        &imgforge::progress::Silent,
+        &interrupt,
+    ));
+    let elapsed = started.elapsed();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let product = outcome.result.as_ref().map_err(|e| anyhow::anyhow!("{label} {}: {e}", outcome.name))?;
+        let kept = std::fs::metadata(&product.output).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)?;
+        if i == 0 {
+            println!("engine {label} output v0: {} MiB allocated", kept >> 20);
+        }
+        if format == OutputFormat::Raw {
+            verify(&product.output, i, payload, label)?;
+        } else {
+            let raw = out.join("check.raw");
+            sh(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&product.output).arg(&raw))?;
+            verify(&raw, i, payload, label)?;
+            std::fs::remove_file(&raw)?;
+        }
+        // Sixteen 2 GiB outputs do not all fit beside the sequential copies on a small disk.
+        std::fs::remove_file(&product.output)?;
+    }
+    println!("engine {label}: {:.1} s, {n} outputs verified", elapsed.as_secs_f64());
+    Ok(elapsed)
 }
 
 /// virt-customize on `runs` copies, when it is installed: (runs, time).

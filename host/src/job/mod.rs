@@ -288,6 +288,7 @@ impl Job {
             more_overlays: Vec::new(),
             floppy: floppy_path,
             payload: payload_path,
+            export: None,
             memory_mib: settings.memory_mib,
             vcpus: settings.vcpus,
             accel: settings.accel,

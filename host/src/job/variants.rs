@@ -23,6 +23,7 @@ use crate::vm::privilege;
 use crate::vm::qmp::{Qmp, QmpError};
 use crate::vm::{Interrupt, VmSpec};
 use imgforge_protocol::change::FileChange;
+use imgforge_protocol::digest_cache::{self, PAYLOAD_NAME};
 use imgforge_protocol::helper_vm::TARGET_SERIAL;
 use imgforge_protocol::report::{ReportLine, Verdict};
 use imgforge_protocol::rules::{is_variant_name, Rules, VariantRules};
@@ -100,14 +101,25 @@ pub struct VariantOutcome {
     pub result: Result<VariantProduct, JobError>,
 }
 
+/// The image every variant starts from.
+#[derive(Debug, Clone)]
+pub struct VariantBase {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: KnownFormat,
+    /// Its SHA-256, when the caller checked it: the key of the digests of its files that one
+    /// build keeps for the next (`imgforge_protocol::digest_cache`). `None`: no digest is kept.
+    pub sha256: Option<String>,
+}
+
 /// Customizes every variant from `base`; up to `jobs` helper VMs side by side, each
 /// customizing several variants in one boot (each its own overlay of the base: one failing
 /// variant fails alone). The base is never modified. Progress: `variant-started`,
 /// `variant-done`, `variant-failed` events (name, index, total) through `progress`. The
 /// outcomes come in the order of `variants`.
 pub async fn customize_variants(
-    base: &Path,
-    format: KnownFormat,
+    base: &VariantBase,
     variants: Vec<VariantJob>,
     jobs: usize,
     settings: &VmSettings,
@@ -130,8 +142,10 @@ pub async fn customize_variants(
             results[i] = fail(i, "another variant has the same name: give each its own".into());
         }
     }
-    match prepare(base, format, settings).await {
+    match prepare(&base.path, base.format, settings).await {
         Ok((target, image)) => {
+            let digests = base.sha256.as_deref().and_then(DigestCache::for_base);
+            let digests = &digests;
             let todo: Vec<usize> = (0..total).filter(|i| results[*i].is_none()).collect();
             // A raw LVM base: its volume group would be on every disk of a boot (the helper
             // refuses that for a qcow2 base, whose content the host does not read).
@@ -149,7 +163,10 @@ pub async fn customize_variants(
                         let mut out = Vec::new();
                         for batch in lane {
                             out.extend(
-                                run_batch(target, image, variants, &batch, total, settings, progress, interrupt).await,
+                                run_batch(
+                                    target, image, digests, variants, &batch, total, settings, progress, interrupt,
+                                )
+                                .await,
                             );
                         }
                         out
@@ -178,6 +195,71 @@ pub async fn customize_variants(
             VariantOutcome { name, result }
         })
         .collect()
+}
+
+/// Room for the largest digest cache and its 8-byte length, in whole sectors.
+const EXPORT_DISK_BYTES: u64 = (digest_cache::MAX_BYTES as u64 + 8).div_ceil(512) * 512;
+
+/// Where the digests of one base's files are kept between builds: under the cache directory,
+/// named by the base's SHA-256.
+#[derive(Debug)]
+struct DigestCache {
+    path: PathBuf,
+}
+
+/// Where the digests of the files of the base whose SHA-256 is `sha256` are kept between
+/// builds; `None` if `sha256` is not 64 hex digits.
+pub fn kept_digests_path(sha256: &str) -> Option<PathBuf> {
+    let sha256 = sha256.to_ascii_lowercase();
+    (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| helper_image::cache_dir().join("manifest-digests").join(format!("{sha256}.v1")))
+}
+
+impl DigestCache {
+    /// The cache of the base whose SHA-256 is `sha256` (64 hex digits, or no cache).
+    fn for_base(sha256: &str) -> Option<Self> {
+        kept_digests_path(sha256).map(|path| Self { path })
+    }
+
+    /// The kept file, if there is one of a size the helper takes.
+    fn kept(&self) -> Option<PathBuf> {
+        let meta = std::fs::symlink_metadata(&self.path).ok()?;
+        (meta.is_file() && meta.len() <= digest_cache::MAX_BYTES as u64).then(|| self.path.clone())
+    }
+
+    /// Keeps what the helper wrote to `export`, if it is a digest cache: checked entry by entry
+    /// (the helper ran guest programs), then stored under a temporary name and renamed. Any
+    /// failure only costs the next build the reading of the files again.
+    fn keep(&self, export: &Path) {
+        let stored = (|| -> Result<usize, String> {
+            use std::io::Read;
+            let mut file = std::fs::File::open(export).map_err(|e| e.to_string())?;
+            let mut len = [0u8; 8];
+            file.read_exact(&mut len).map_err(|e| e.to_string())?;
+            let len = u64::from_le_bytes(len);
+            if len == 0 {
+                return Err("the helper wrote none".into());
+            }
+            if len > digest_cache::MAX_BYTES as u64 {
+                return Err(format!("the helper said {len} bytes, more than the {} allowed", digest_cache::MAX_BYTES));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact(&mut bytes).map_err(|e| e.to_string())?;
+            let entries = digest_cache::parse(&bytes).map_err(|e| e.to_string())?.len();
+            let dir = self.path.parent().ok_or("no directory")?;
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::io::Write::write_all(&mut temp, &bytes).map_err(|e| e.to_string())?;
+            temp.persist(&self.path).map_err(|e| e.to_string())?;
+            Ok(entries)
+        })();
+        match stored {
+            Ok(n) => tracing::info!(files = n, cache = %self.path.display(), "kept the digests of the base's files"),
+            Err(e) => {
+                tracing::warn!(cache = %self.path.display(), "the digests of the base's files were not kept: {e}")
+            }
+        }
+    }
 }
 
 /// Variants' results by index.
@@ -319,6 +401,7 @@ impl BatchReport<'_> {
 async fn run_batch(
     target: &Target,
     image: &helper_image::HelperImage,
+    digests: &Option<DigestCache>,
     variants: &[VariantJob],
     batch: &[usize],
     total: usize,
@@ -341,7 +424,7 @@ async fn run_batch(
             })
             .collect()
     };
-    let prepared = match prepare_boot(target, image, variants, batch, settings, progress) {
+    let prepared = match prepare_boot(target, image, digests.as_ref(), variants, batch, settings, progress) {
         Ok(p) => p,
         Err(e) => return all_fail(e.to_string()),
     };
@@ -368,6 +451,9 @@ async fn run_batch(
             }
             Verdict::Incomplete { .. } => return all_fail("the helper VM stopped without a verdict".into()),
         },
+    }
+    if let (Some(cache), Some(export)) = (digests, &prepared.export) {
+        cache.keep(export);
     }
     let mut reported = report.reported.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut out = Vec::new();
@@ -417,6 +503,8 @@ async fn run_batch(
 /// A boot's files: the overlays, floppy and payload, and the VM that uses them.
 struct PreparedBoot {
     spec: VmSpec,
+    /// The disk the helper writes its digest cache to, when none was kept for this base yet.
+    export: Option<PathBuf>,
     overlays: Vec<Overlay>,
     work: tempfile::TempDir,
 }
@@ -433,6 +521,7 @@ fn serial(k: usize) -> String {
 fn prepare_boot(
     target: &Target,
     image: &helper_image::HelperImage,
+    digests: Option<&DigestCache>,
     variants: &[VariantJob],
     batch: &[usize],
     settings: &VmSettings,
@@ -464,6 +553,21 @@ fn prepare_boot(
         rules.source_date_epoch = variant.source_date_epoch;
         top.variants.push(VariantRules { name: variant.name.clone(), serial: serial(k), rules });
     }
+    // The digests kept from an earlier boot of this base go on the payload disk; without them
+    // the helper gets a disk to write this boot's to.
+    let mut export = None;
+    if let Some(cache) = digests {
+        match cache.kept() {
+            Some(kept) => payload_files.push(PayloadFile { name: PAYLOAD_NAME.into(), source: kept, tree: None }),
+            None => {
+                let path = work.path().join("digest-export.raw");
+                let file =
+                    std::fs::File::create(&path).map_err(|source| JobError::WorkDir { dir: path.clone(), source })?;
+                file.set_len(EXPORT_DISK_BYTES).map_err(|source| JobError::WorkDir { dir: path.clone(), source })?;
+                export = Some(path);
+            }
+        }
+    }
     let floppy_path = work.path().join("rules.img");
     floppy::build(&top, &floppy_path)?;
     let payload_path = if payload_files.is_empty() {
@@ -485,6 +589,7 @@ fn prepare_boot(
         more_overlays: overlays.iter().enumerate().skip(1).map(|(k, o)| (o.path.clone(), serial(k))).collect(),
         floppy: floppy_path,
         payload: payload_path,
+        export: export.clone(),
         // Each variant's disk caches in the VM: a little more memory for each past the first.
         memory_mib: settings.memory_mib + 64 * (batch.len() as u32 - 1),
         vcpus: settings.vcpus,
@@ -496,7 +601,7 @@ fn prepare_boot(
         cache: helper_image::cache_dir(),
         preload,
     };
-    Ok(PreparedBoot { spec, overlays, work })
+    Ok(PreparedBoot { spec, export, overlays, work })
 }
 
 /// The `random-password` events of variant `name`'s `plan`, each naming the variant: with
@@ -704,21 +809,14 @@ fn run_backup(qmp: &mut Qmp, sync: &str) -> Result<(), String> {
     }
 }
 
-/// SHA-256 (hex) of a file's bytes (read as bytes: nothing in them is parsed).
+/// SHA-256 (hex) of a file's bytes (read as bytes: nothing in them is parsed; holes hashed
+/// from memory).
 fn sha256_file(path: &Path) -> Result<String, String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::file_digest::sha256_of_file(&file, &std::sync::atomic::AtomicBool::new(false)).map_err(|e| match e {
+        crate::file_digest::DigestError::Io(e) => format!("{}: {e}", path.display()),
+        crate::file_digest::DigestError::Cancelled => format!("{}: cancelled", path.display()),
+    })
 }
 
 #[cfg(test)]

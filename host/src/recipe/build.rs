@@ -6,7 +6,7 @@
 use super::matrix::{self, Variant};
 use super::provenance::{self, Facts};
 use super::RecipeError;
-use crate::job::variants::{customize_variants, OutputFormat, VariantJob, VariantOutcome};
+use crate::job::variants::{customize_variants, OutputFormat, VariantBase, VariantJob, VariantOutcome};
 use crate::job::{JobError, KnownFormat, VmSettings};
 use crate::ops::entropy::Entropy;
 use crate::progress::Progress;
@@ -293,8 +293,11 @@ pub async fn build(
         jobs.push(VariantJob { name: v.name.clone(), plan, output, format: recipe.format, source_date_epoch });
         described.push(v);
     }
-    let outcomes =
-        customize_variants(&base, base_format, jobs, request.jobs, settings, progress.as_ref(), interrupt).await;
+    // The base's SHA-256 was checked above (the file's, or the download's before conversion,
+    // which fixes the raw image made from it).
+    let variant_base =
+        VariantBase { path: base.clone(), format: base_format, sha256: Some(recipe.base_sha256.to_ascii_lowercase()) };
+    let outcomes = customize_variants(&variant_base, jobs, request.jobs, settings, progress.as_ref(), interrupt).await;
     if let Some(d) = downloaded {
         let _ = std::fs::remove_file(d);
     }

@@ -81,6 +81,9 @@ pub struct QemuConfig {
     pub floppy_fd: i32,
     /// Payload disk, read-only, if any.
     pub payload_fd: Option<i32>,
+    /// The raw disk the helper writes its digest cache to, if any: opened read-only and
+    /// read-write.
+    pub export_fds: Option<(i32, i32)>,
     /// Write end of the console pipe (serial 0).
     pub console_fd: i32,
     /// Write end of the report pipe (serial 1).
@@ -123,6 +126,7 @@ const FDSET_FLOPPY: u32 = 2;
 const FDSET_PAYLOAD: u32 = 3;
 const FDSET_CONSOLE: u32 = 4;
 const FDSET_REPORT: u32 = 5;
+const FDSET_EXPORT: u32 = 7;
 /// The first fdset of [`QemuConfig::more_overlays`]; one set each from here, past any the
 /// other disks could take.
 const FDSET_MORE_OVERLAYS: u32 = 1000;
@@ -291,6 +295,15 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
         push(&["-drive", &format!("file=/dev/fdset/{FDSET_PAYLOAD},format=raw,if=none,id=payload,readonly=on")]);
         push(&["-device", &format!("virtio-blk-pci,drive=payload,serial={PAYLOAD_SERIAL}")]);
     }
+    if let Some((ro, rw)) = c.export_fds {
+        push(&["-add-fd", &format!("fd={ro},set={FDSET_EXPORT},opaque=digest-export-ro")]);
+        push(&["-add-fd", &format!("fd={rw},set={FDSET_EXPORT},opaque=digest-export-rw")]);
+        push(&["-drive", &format!("file=/dev/fdset/{FDSET_EXPORT},format=raw,if=none,id=export")]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=export,serial={}", imgforge_protocol::digest_cache::EXPORT_SERIAL),
+        ]);
+    }
 
     push(&serial_args(c.console_fd, FDSET_CONSOLE, "console").each_ref().map(String::as_str));
     push(&serial_args(c.report_fd, FDSET_REPORT, "report").each_ref().map(String::as_str));
@@ -327,6 +340,7 @@ mod tests {
             disk_is_device: false,
             floppy_fd: 14,
             payload_fd: None,
+            export_fds: None,
             console_fd: 15,
             report_fd: 16,
             qmp_fd: 17,
@@ -403,12 +417,14 @@ mod tests {
     fn payload_and_cache_modes() {
         let mut c = config();
         c.payload_fd = Some(20);
+        c.export_fds = Some((21, 22));
         c.disk_direct = false;
         c.disk_format = DiskFormat::Qcow2;
         let line = joined(&c);
         assert!(
             line.contains("fd=20,set=3") && line.contains("serial=imgforge-payload") && line.contains("readonly=on")
         );
+        assert!(line.contains("fd=22,set=7") && line.contains("drive=export,serial=imgforge-export"), "{line}");
         assert!(
             line.contains("cache.direct=off") && line.contains("driver=qcow2,node-name=disk,file=disk-file,backing= ")
         );

@@ -1,0 +1,192 @@
+//! The content digests of a base image's files, carried from one helper boot to the next: a
+//! multi-variant build's first boot reads every file of the base once for the tree manifest
+//! (seconds under TCG); the host keeps what it found under the base's SHA-256 and gives it to
+//! the next boots of that base on the payload disk, so an untouched file is not read again.
+//!
+//! An entry holds what identifies a file of one base: its path, inode number, size, and
+//! modification and change times. Any change to a file moves its change time, which no program
+//! can set, so a changed file never matches. Both sides read the other's bytes as untrusted
+//! (the helper ran guest programs; the host's cache file could be damaged): [`parse`] is strict
+//! and bounded.
+//!
+//! Format: the line [`MAGIC`], then one line an entry:
+//! `PATH_HEX\tINO\tSIZE\tMTIME_S\tMTIME_NS\tCTIME_S\tCTIME_NS\tSHA256\n`, PATH_HEX the path's bytes
+//! in lowercase hex, SHA256 64 lowercase hex digits.
+
+use thiserror::Error;
+
+/// The first line of a digest cache.
+pub const MAGIC: &str = "imgforge-digests 1";
+/// The largest digest cache read or written, in bytes.
+pub const MAX_BYTES: usize = 64 << 20;
+/// The most entries a digest cache holds.
+pub const MAX_ENTRIES: usize = 500_000;
+/// The longest path of an entry, in bytes.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// The payload disk's name of the digest cache given to a boot (`+` is in no variant's name).
+pub const PAYLOAD_NAME: &str = "+digests";
+/// Serial number of the disk the helper writes the digest cache of its boot to.
+pub const EXPORT_SERIAL: &str = "imgforge-export";
+
+/// One file of a base and the SHA-256 of its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Absolute guest path, as bytes.
+    pub path: Vec<u8>,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, i64),
+    /// Change time (seconds, nanoseconds).
+    pub ctime: (i64, i64),
+    /// SHA-256 of the bytes, lowercase hex.
+    pub sha256: String,
+}
+
+/// Why bytes are not a digest cache.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DigestCacheError {
+    /// Larger than [`MAX_BYTES`].
+    #[error("the digest cache is {0} bytes, more than the {MAX_BYTES} allowed")]
+    TooLarge(usize),
+    /// The first line is not [`MAGIC`].
+    #[error("the digest cache does not start with `{MAGIC}`")]
+    NoMagic,
+    /// More than [`MAX_ENTRIES`] entries.
+    #[error("the digest cache has more than {MAX_ENTRIES} entries")]
+    TooManyEntries,
+    /// A line that is not an entry.
+    #[error("line {line} of the digest cache is not an entry: {reason}")]
+    BadLine {
+        /// 1-based.
+        line: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// The digest cache of `entries` (pure).
+pub fn render(entries: &[Entry]) -> Vec<u8> {
+    let mut out = format!("{MAGIC}\n").into_bytes();
+    for e in entries {
+        out.extend_from_slice(hex(&e.path).as_bytes());
+        let line = format!(
+            "\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            e.ino, e.size, e.mtime.0, e.mtime.1, e.ctime.0, e.ctime.1, e.sha256
+        );
+        out.extend_from_slice(line.as_bytes());
+    }
+    out
+}
+
+/// The entries of a digest cache (pure).
+pub fn parse(bytes: &[u8]) -> Result<Vec<Entry>, DigestCacheError> {
+    if bytes.len() > MAX_BYTES {
+        return Err(DigestCacheError::TooLarge(bytes.len()));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| DigestCacheError::NoMagic)?;
+    let mut lines = text.split_terminator('\n');
+    if lines.next() != Some(MAGIC) {
+        return Err(DigestCacheError::NoMagic);
+    }
+    let mut out = Vec::new();
+    for (k, line) in lines.enumerate() {
+        if out.len() >= MAX_ENTRIES {
+            return Err(DigestCacheError::TooManyEntries);
+        }
+        out.push(entry(line).map_err(|reason| DigestCacheError::BadLine { line: k + 2, reason })?);
+    }
+    Ok(out)
+}
+
+fn entry(line: &str) -> Result<Entry, &'static str> {
+    let fields: Vec<&str> = line.split('\t').collect();
+    let [path, ino, size, ms, mns, cs, cns, sha256] = fields[..] else {
+        return Err("not 8 tab-separated fields");
+    };
+    let path = unhex(path).ok_or("the path is not hex")?;
+    if path.first() != Some(&b'/') || path.len() > MAX_PATH_BYTES || path.contains(&0) {
+        return Err("the path is not absolute, too long, or holds a NUL byte");
+    }
+    let number = |s: &str| s.parse::<i64>().map_err(|_| "a time is not a number");
+    let unsigned = |s: &str| s.parse::<u64>().map_err(|_| "an inode number or size is not a number");
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err("the digest is not 64 lowercase hex digits");
+    }
+    Ok(Entry {
+        path,
+        ino: unsigned(ino)?,
+        size: unsigned(size)?,
+        mtime: (number(ms)?, number(mns)?),
+        ctime: (number(cs)?, number(cns)?),
+        sha256: sha256.to_owned(),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.is_empty() {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Entry> {
+        vec![
+            Entry {
+                path: b"/etc/hostname".to_vec(),
+                ino: 131,
+                size: 5,
+                mtime: (1_700_000_000, 12),
+                ctime: (1_700_000_001, 999_999_999),
+                sha256: "a".repeat(64),
+            },
+            Entry {
+                path: b"/odd\tname\n\xff".to_vec(),
+                ino: 7,
+                size: 0,
+                mtime: (-1, 0),
+                ctime: (0, 0),
+                sha256: "0123456789abcdef".repeat(4),
+            },
+        ]
+    }
+
+    #[test]
+    fn entries_survive_the_round_trip() {
+        assert_eq!(parse(&render(&sample())).unwrap(), sample());
+        assert_eq!(parse(&render(&[])).unwrap(), []);
+    }
+
+    #[test]
+    fn damaged_caches_are_refused() {
+        let good = String::from_utf8(render(&sample())).unwrap();
+        let bad: Vec<(String, &str)> = vec![
+            (String::new(), "no magic"),
+            ("imgforge-digests 2\n".into(), "other version"),
+            (good.replace("\t131\t", "\t-131\t"), "negative inode"),
+            (good.replace(&"a".repeat(64), &"A".repeat(64)), "uppercase digest"),
+            (good.replace(&"a".repeat(64), &"a".repeat(63)), "short digest"),
+            (good.replacen("2f657463", "657463", 1), "relative path"),
+            (good.replacen("2f657463", "2f65746", 1), "odd hex"),
+            (good.replacen("2f657463", "2f650063", 1), "NUL in path"),
+            (format!("{good}extra\n"), "a line of one field"),
+            (good.replace("\t5\t", "\t5\t\t"), "nine fields"),
+        ];
+        for (text, why) in bad {
+            assert!(parse(text.as_bytes()).is_err(), "{why}");
+        }
+        assert_eq!(parse(&vec![b' '; MAX_BYTES + 1]), Err(DigestCacheError::TooLarge(MAX_BYTES + 1)));
+        let long = format!("{MAGIC}\n2f{}\t1\t1\t1\t1\t1\t1\t{}\n", "61".repeat(MAX_PATH_BYTES), "a".repeat(64));
+        assert!(parse(long.as_bytes()).is_err(), "path over the limit");
+    }
+}
