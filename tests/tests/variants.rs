@@ -80,9 +80,21 @@ fn variant(name: &str, dir: &Path, ext: &str, format: OutputFormat, ops: &[(&str
 }
 
 fn run(base: &Path, variants: Vec<VariantJob>, jobs: usize, progress: &Recorded) -> Vec<VariantOutcome> {
+    run_keyed(base, None, variants, jobs, progress)
+}
+
+/// [`run`] with the base's SHA-256 given: the digests of its files are kept between builds.
+fn run_keyed(
+    base: &Path,
+    sha256: Option<&str>,
+    variants: Vec<VariantJob>,
+    jobs: usize,
+    progress: &Recorded,
+) -> Vec<VariantOutcome> {
     let (_tx, interrupt) = tokio::sync::watch::channel(None);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let base = VariantBase { path: base.to_owned(), format: KnownFormat::FromHeader, sha256: None };
+    let base =
+        VariantBase { path: base.to_owned(), format: KnownFormat::FromHeader, sha256: sha256.map(str::to_owned) };
     runtime.block_on(customize_variants(&base, variants, jobs, &settings(), progress, &interrupt))
 }
 
@@ -273,4 +285,52 @@ fn identical_rules_give_identical_manifests() {
     if let (Some(a), Some(b)) = (&digests[0].1, &digests[1].1) {
         assert_ne!(a, b, "each image gets its own random seed");
     }
+}
+
+/// The digests of the base's files that a build keeps are given to the next build of that base:
+/// its manifest is the same and the one the test computes; the kept digests are used (a wrong
+/// one shows in the manifest); a damaged cache is not used, and is replaced by a sound one.
+#[test]
+fn kept_digests_of_the_base_give_the_same_manifests() {
+    use imgforge_protocol::digest_cache;
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let sha256 = sha256_hex(&base);
+    let kept = imgforge::job::variants::kept_digests_path(&sha256).unwrap();
+    let _ = std::fs::remove_file(&kept);
+    let ops = [("hostname", "kept"), ("write", "/etc/kept:digests")];
+    let build = |label: &str| -> String {
+        let out = work.path().join(label);
+        std::fs::create_dir(&out).unwrap();
+        let outcomes = run_keyed(
+            &base,
+            Some(&sha256),
+            vec![variant("v", &out, "raw", OutputFormat::Raw, &ops)],
+            1,
+            &Recorded::default(),
+        );
+        let product = outcomes[0].result.as_ref().unwrap_or_else(|e| panic!("{label}: {e}"));
+        let digest = product.manifest_sha256.clone();
+        std::fs::remove_file(&product.output).unwrap();
+        digest
+    };
+
+    let cold = build("cold");
+    let entries = digest_cache::parse(&std::fs::read(&kept).expect("the cold build kept the digests")).unwrap();
+    let passwd = entries.iter().find(|e| e.path == b"/etc/passwd").expect("an untouched file of the base is kept");
+    let mount = Mount::partition(&base, 0).unwrap();
+    assert_eq!(passwd.sha256, sha256_hex(&mount.join("/etc/passwd")));
+    assert!(!entries.iter().any(|e| e.path == b"/etc/hostname"), "a file the variant changed is not the base's");
+    drop(mount);
+
+    assert_eq!(build("warm"), cold, "the kept digests give the manifest the files do");
+
+    let mut poisoned = entries.clone();
+    poisoned.iter_mut().find(|e| e.path == b"/etc/passwd").unwrap().sha256 = "0".repeat(64);
+    std::fs::write(&kept, digest_cache::render(&poisoned)).unwrap();
+    assert_ne!(build("poisoned"), cold, "the kept digests are what the helper uses");
+
+    std::fs::write(&kept, b"imgforge-digests 1\nnot an entry\n").unwrap();
+    assert_eq!(build("damaged"), cold, "a damaged cache is not used");
+    assert!(digest_cache::parse(&std::fs::read(&kept).unwrap()).is_ok(), "and a sound one replaces it");
 }

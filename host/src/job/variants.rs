@@ -221,10 +221,19 @@ impl DigestCache {
         kept_digests_path(sha256).map(|path| Self { path })
     }
 
-    /// The kept file, if there is one of a size the helper takes.
+    /// The kept file, if there is one and it is a digest cache; a damaged one is removed, so
+    /// that this build keeps a new one.
     fn kept(&self) -> Option<PathBuf> {
         let meta = std::fs::symlink_metadata(&self.path).ok()?;
-        (meta.is_file() && meta.len() <= digest_cache::MAX_BYTES as u64).then(|| self.path.clone())
+        let sound = meta.is_file()
+            && meta.len() <= digest_cache::MAX_BYTES as u64
+            && std::fs::read(&self.path).is_ok_and(|bytes| digest_cache::parse(&bytes).is_ok());
+        if !sound {
+            tracing::warn!(cache = %self.path.display(), "the kept digests of the base are damaged: removed");
+            let _ = std::fs::remove_file(&self.path);
+            return None;
+        }
+        Some(self.path.clone())
     }
 
     /// Keeps what the helper wrote to `export`, if it is a digest cache: checked entry by entry
