@@ -29,14 +29,18 @@ use std::process::{Command, ExitStatus, Stdio};
 pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Capabilities a guest program never gets (numbers from linux/capability.h): with any of them,
-/// root in the chroot reaches the helper (see the module documentation).
-const DROPPED_CAPABILITIES: [(libc::c_ulong, &str); 10] = [
+/// root in the chroot reaches the helper (see the module documentation). CAP_SYS_TIME too: with
+/// the clock set back, a program could give a file it changed the very change time the base's
+/// file had, and a tree manifest takes a file of unchanged path, inode, size and times for the
+/// base's (`snapshot::digest_cache`).
+const DROPPED_CAPABILITIES: [(libc::c_ulong, &str); 11] = [
     (16, "CAP_SYS_MODULE"),
     (17, "CAP_SYS_RAWIO"),
     (18, "CAP_SYS_CHROOT"),
     (19, "CAP_SYS_PTRACE"),
     (21, "CAP_SYS_ADMIN"),
     (22, "CAP_SYS_BOOT"),
+    (25, "CAP_SYS_TIME"),
     (26, "CAP_SYS_TTY_CONFIG"),
     (27, "CAP_MKNOD"),
     (38, "CAP_PERFMON"),
@@ -452,7 +456,7 @@ mod tests {
     #[test]
     fn the_dangerous_capabilities_are_dropped() {
         let names: Vec<&str> = DROPPED_CAPABILITIES.iter().map(|(_, n)| *n).collect();
-        for cap in ["CAP_MKNOD", "CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO"] {
+        for cap in ["CAP_MKNOD", "CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_SYS_TIME"] {
             assert!(names.contains(&cap), "{cap}");
         }
         assert!(!GUEST_DEVICES.iter().any(|(n, ..)| n.starts_with("tty") && *n != "tty"), "no serial port");

@@ -292,6 +292,19 @@ fn a_guest_program_cannot_forge_the_report() {
     assert!(!m.join("/etc/after-run").exists());
 }
 
+/// A guest program cannot set the helper VM's clock (a file it changes could otherwise get back
+/// the change time the base's file had, and pass for unchanged in a tree manifest).
+#[test]
+fn a_guest_program_cannot_set_the_clock() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let script = "if date -s @1000000000 >/dev/null 2>&1; then echo set; else echo refused; fi > /root/clock";
+    let out = customize_tcg(&img, &["--run-command", script]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let m = Mount::partition(&img, 0).unwrap();
+    assert_eq!(m.read("/root/clock").unwrap(), "refused\n");
+}
+
 /// A marker no fixture holds, to find scrubbed data on the raw disk.
 const SCRUB_MARKER: &str = "imgforge-scrub-marker-7c1e5b0d9a4f-do-not-keep";
 
