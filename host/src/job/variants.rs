@@ -485,6 +485,7 @@ fn prepare_boot(
         more_overlays: overlays.iter().enumerate().skip(1).map(|(k, o)| (o.path.clone(), serial(k))).collect(),
         floppy: floppy_path,
         payload: payload_path,
+        bulk: None,
         // Each variant's disk caches in the VM: a little more memory for each past the first.
         memory_mib: settings.memory_mib + 64 * (batch.len() as u32 - 1),
         vcpus: settings.vcpus,

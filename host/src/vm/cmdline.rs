@@ -7,7 +7,7 @@
 //! qemu ≥ 9.1 has no `-runas` at all — dropping privileges before exec works with both).
 
 use super::accel::Accel;
-use imgforge_protocol::helper_vm::{disk_serial, PAYLOAD_SERIAL, TARGET_SERIAL};
+use imgforge_protocol::helper_vm::{disk_serial, BULK_SERIAL, PAYLOAD_SERIAL, TARGET_SERIAL};
 
 /// qemu's seccomp sandbox: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler
 /// or resource changes.
@@ -81,6 +81,8 @@ pub struct QemuConfig {
     pub floppy_fd: i32,
     /// Payload disk, read-only, if any.
     pub payload_fd: Option<i32>,
+    /// Bulk disk (large payload files, raw), read-only, if any.
+    pub bulk_fd: Option<i32>,
     /// Write end of the console pipe (serial 0).
     pub console_fd: i32,
     /// Write end of the report pipe (serial 1).
@@ -123,6 +125,7 @@ const FDSET_FLOPPY: u32 = 2;
 const FDSET_PAYLOAD: u32 = 3;
 const FDSET_CONSOLE: u32 = 4;
 const FDSET_REPORT: u32 = 5;
+const FDSET_BULK: u32 = 7;
 /// The first fdset of [`QemuConfig::more_overlays`]; one set each from here, past any the
 /// other disks could take.
 const FDSET_MORE_OVERLAYS: u32 = 1000;
@@ -291,6 +294,17 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
         push(&["-drive", &format!("file=/dev/fdset/{FDSET_PAYLOAD},format=raw,if=none,id=payload,readonly=on")]);
         push(&["-device", &format!("virtio-blk-pci,drive=payload,serial={PAYLOAD_SERIAL}")]);
     }
+    if let Some(fd) = c.bulk_fd {
+        // Read by the helper with O_DIRECT: qemu copies each request straight into the guest's
+        // buffer from the host's page cache (the host just wrote the file), with host memcpy.
+        push(&["-add-fd", &format!("fd={fd},set={FDSET_BULK},opaque=bulk")]);
+        push(&[
+            "-blockdev",
+            &format!("driver=file,node-name=bulk-file,filename=/dev/fdset/{FDSET_BULK},aio=threads,read-only=on"),
+        ]);
+        push(&["-blockdev", "driver=raw,node-name=bulk,file=bulk-file,read-only=on"]);
+        push(&["-device", &format!("virtio-blk-pci,drive=bulk,serial={BULK_SERIAL}")]);
+    }
 
     push(&serial_args(c.console_fd, FDSET_CONSOLE, "console").each_ref().map(String::as_str));
     push(&serial_args(c.report_fd, FDSET_REPORT, "report").each_ref().map(String::as_str));
@@ -327,6 +341,7 @@ mod tests {
             disk_is_device: false,
             floppy_fd: 14,
             payload_fd: None,
+            bulk_fd: None,
             console_fd: 15,
             report_fd: 16,
             qmp_fd: 17,

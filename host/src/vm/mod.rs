@@ -68,6 +68,8 @@ pub struct VmSpec {
     pub floppy: PathBuf,
     /// The payload disk image, if any.
     pub payload: Option<PathBuf>,
+    /// The raw bulk disk (large payload files), if any.
+    pub bulk: Option<PathBuf>,
     /// Guest memory.
     pub memory_mib: u32,
     /// Guest vCPUs.
@@ -356,6 +358,7 @@ struct QemuFds {
     more_overlays: Vec<(OpenedDisk, String)>,
     floppy: File,
     payload: Option<File>,
+    bulk: Option<File>,
     console_w: std::io::PipeWriter,
     report_w: std::io::PipeWriter,
     qmp_listener: UnixListener,
@@ -451,6 +454,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         .collect::<Result<Vec<_>, _>>()?;
     let floppy = open(&spec.floppy, &ro)?;
     let payload = spec.payload.as_ref().map(|p| open(p, &ro)).transpose()?;
+    let bulk = spec.bulk.as_ref().map(|p| open(p, &ro)).transpose()?;
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     let (report_r, report_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     // QMP lives in a private 0700 directory; qemu gets the listening socket, not the path.
@@ -469,6 +473,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         more_overlays,
         floppy,
         payload,
+        bulk,
         console_w,
         report_w,
         qmp_listener,
@@ -530,6 +535,7 @@ fn qemu_config(spec: &VmSpec, accel: Accel, cpu: &str, fds: &QemuFds) -> QemuCon
         disk_is_device: crate::stream::destination::is_block_device(&spec.disk),
         floppy_fd: fds.floppy.as_raw_fd(),
         payload_fd: fds.payload.as_ref().map(|p| p.as_raw_fd()),
+        bulk_fd: fds.bulk.as_ref().map(|p| p.as_raw_fd()),
         console_fd: fds.console_w.as_raw_fd(),
         report_fd: fds.report_w.as_raw_fd(),
         qmp_fd: fds.qmp_listener.as_raw_fd(),
@@ -548,6 +554,7 @@ fn inherited_fds(config: &QemuConfig) -> Vec<RawFd> {
         config.qmp_fd,
     ];
     inherited.extend(config.payload_fd);
+    inherited.extend(config.bulk_fd);
     inherited.extend(config.disk_rw_fd);
     inherited.extend(config.overlay.iter().flat_map(|o| [o.ro_fd, o.rw_fd]));
     inherited.extend(config.extra_disks.iter().flat_map(|d| [d.ro_fd, d.overlay.ro_fd, d.overlay.rw_fd]));
