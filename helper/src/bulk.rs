@@ -67,7 +67,7 @@ impl BulkDisk {
 /// Copies `length` bytes at `offset` of `source` (opened with O_DIRECT; `offset` aligned and
 /// the source readable up to the next aligned end) to the start of `dest`.
 pub fn copy_extent(source: &File, offset: u64, length: u64, dest: &File) -> io::Result<Written> {
-    if offset % BULK_ALIGN_BYTES != 0 {
+    if !offset.is_multiple_of(BULK_ALIGN_BYTES) {
         return Err(io::Error::other(format!("bulk offset {offset} is not a multiple of {BULK_ALIGN_BYTES}")));
     }
     let mut direct = set_direct(dest, true).is_ok();
