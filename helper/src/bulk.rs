@@ -76,7 +76,7 @@ pub fn copy_extent(source: &File, offset: u64, length: u64, dest: &File) -> io::
     while pos < length {
         let n = (length - pos).min(CHUNK_BYTES as u64) as usize;
         let read_len = n.next_multiple_of(BULK_ALIGN_BYTES as usize);
-        read_exact_at(source, &mut buf.as_mut()[..read_len], offset + pos)?;
+        read_at_least(source, &mut buf.as_mut()[..read_len], n, offset + pos)?;
         let whole = if direct { n - n % BULK_ALIGN_BYTES as usize } else { 0 };
         if whole > 0 {
             match dest.write_all_at(&buf.as_mut()[..whole], pos) {
@@ -122,14 +122,16 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
     crate::copy::cvt(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags) })
 }
 
-fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        match file.read_at(buf, offset) {
+/// Fills `buf` from `offset`, or at least its first `need` bytes where the disk ends before
+/// `buf` does: a disk that is the host file itself ends at its length rounded up to a sector,
+/// not to a block.
+fn read_at_least(file: &File, buf: &mut [u8], need: usize, offset: u64) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) if filled >= need => return Ok(()),
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the bulk disk ends early")),
-            Ok(n) => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
+            Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -219,6 +221,22 @@ mod tests {
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         assert_eq!(result.unwrap(), Written::Buffered);
         assert_eq!(read.unwrap(), data);
+    }
+
+    /// A source that ends at a sector, not a block, boundary (the host file itself as the
+    /// disk): the last read comes back short and the copy still completes.
+    #[test]
+    fn a_source_ending_inside_a_block_is_read_to_its_end() {
+        let data = pattern(CHUNK_BYTES + 4096 + 100);
+        let mut f = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        f.write_all(&data).unwrap();
+        f.as_file().set_len((data.len() as u64).next_multiple_of(512)).unwrap();
+        let source = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(f.path()).unwrap();
+        let dest = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        copy_extent(&source, 0, data.len() as u64, dest.as_file()).unwrap();
+        assert_eq!(std::fs::read(dest.path()).unwrap(), data);
+        let short = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        assert!(copy_extent(&source, 0, data.len() as u64 + 4096, short.as_file()).is_err(), "past its end");
     }
 
     #[test]

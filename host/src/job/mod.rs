@@ -259,12 +259,18 @@ impl Job {
             payload.iter().cloned().enumerate().partition(|(i, _)| bulk.contains(i));
         let bulk_files: Vec<_> = bulk_files.into_iter().map(|(_, f)| f).collect();
         let payload: Vec<_> = payload.into_iter().map(|(_, f)| f).collect();
-        let bulk_path = if bulk_files.is_empty() {
-            None
-        } else {
-            let p = work.path().join("bulk.img");
-            rules.bulk = payload::build_bulk(&bulk_files, &p)?;
-            Some(p)
+        let bulk_path = match bulk_files.as_slice() {
+            [] => None,
+            // One file is its own bulk disk: no copy of it on the host.
+            [one] => {
+                rules.bulk = vec![payload::whole_file(one)?];
+                Some(one.source.clone())
+            }
+            _ => {
+                let p = work.path().join("bulk.img");
+                rules.bulk = payload::build_bulk(&bulk_files, &p)?;
+                Some(p)
+            }
         };
         let floppy_path = work.path().join("rules.img");
         floppy::build(&rules, &floppy_path)?;

@@ -145,6 +145,14 @@ pub fn bulk_candidates(files: &[PayloadFile], operations: &[Operation]) -> Vec<u
         .collect()
 }
 
+/// `file` as a bulk disk of its own, at offset 0 (qemu shows it a sector-rounded size, its last
+/// sector padded with zeros; the helper reads up to its end).
+pub fn whole_file(file: &PayloadFile) -> Result<BulkFile, PayloadError> {
+    let meta =
+        std::fs::metadata(&file.source).map_err(|source| PayloadError::Source { path: file.source.clone(), source })?;
+    Ok(BulkFile { payload_path: file.name.clone(), offset: 0, length: meta.len() })
+}
+
 /// Builds the raw bulk disk at `path`: each of `files` at the next [`BULK_ALIGN_BYTES`] boundary
 /// (copied by `copy_file_range`, a reflink on filesystems that share extents), the end padded
 /// to one; returns where each lies.
