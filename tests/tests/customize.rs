@@ -1052,3 +1052,24 @@ fn large_uploads_arrive_byte_for_byte_through_the_bulk_disk() {
     }
     assert!(std::fs::symlink_metadata(root.join("/opt/bulk-link")).unwrap().file_type().is_symlink());
 }
+
+/// A single large upload is its own bulk disk, the host file itself (no copy on the host): a
+/// size that ends inside a sector is read up to its end and arrives byte for byte.
+#[test]
+fn a_single_large_upload_of_an_odd_size_arrives_byte_for_byte() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let data: Vec<u8> =
+        (0..(5 * 1024 * 1024 + 4096 + 3) as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    let src = work.path().join("single.bin");
+    std::fs::write(&src, &data).unwrap();
+    let out = customize_tcg(&img, &["-v", "--upload", &format!("{}:/root/single.bin", s(&src))]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("/root/single.bin: {} bytes from the bulk disk, direct I/O", data.len())),
+        "{stderr}"
+    );
+    let root = Mount::partition(&img, 0).unwrap();
+    assert!(std::fs::read(root.join("/root/single.bin")).unwrap() == data, "/root/single.bin differs from the upload");
+}
