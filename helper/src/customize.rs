@@ -1,6 +1,7 @@
 //! `imgforge-helper customize`: applies the rules' operations to the mounted guest, in order.
 
 use crate::accounts;
+use crate::bulk::{BulkDisk, Written};
 use crate::confinement::GuestCommand;
 use crate::firstboot;
 use crate::guest::GuestRoot;
@@ -41,7 +42,8 @@ pub fn run(env: &TaskEnv) -> Result<(), String> {
     let text = std::fs::read_to_string(rules_path).map_err(|e| format!("cannot read the rules {rules_path}: {e}"))?;
     let rules = Rules::from_json(&text).map_err(|e| e.to_string())?;
     let target = env.require("IMGFORGE_TARGET")?;
-    let payload = Path::new(env.require("IMGFORGE_PAYLOAD")?);
+    let bulk = BulkDisk::open(&rules.bulk)?;
+    let payload = &Payload { dir: Path::new(env.require("IMGFORGE_PAYLOAD")?), bulk: &bulk };
     let guest = GuestRoot::open(Path::new(target)).map_err(|e| format!("cannot open the guest root {target}: {e}"))?;
     if rules.task_overwriting.is_some() {
         println!(
@@ -65,7 +67,7 @@ pub fn run(env: &TaskEnv) -> Result<(), String> {
 /// place (see [`task_overwrite::run_task`]).
 fn run_snf_task(
     guest: &GuestRoot,
-    payload: &Path,
+    payload: &Payload<'_>,
     name: &str,
     operations: &[Operation],
     env: Option<&[(String, String)]>,
@@ -82,7 +84,13 @@ fn io_err<'a>(what: &'a str, path: &'a str) -> impl FnOnce(std::io::Error) -> St
     move |e| format!("{what} {path}: {e}")
 }
 
-fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String> {
+/// Where the operations' files come from: the payload disk's mount point and the bulk disk.
+struct Payload<'a> {
+    dir: &'a Path,
+    bulk: &'a BulkDisk,
+}
+
+fn apply(guest: &GuestRoot, payload: &Payload<'_>, op: &Operation) -> Result<(), String> {
     match op {
         Operation::Hostname { name } => set_hostname(guest, name),
         Operation::Password { user, shadow_field } => {
@@ -93,13 +101,12 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
         }
         Operation::SshInject { user, key } => ssh_inject(guest, user, key),
         Operation::Upload { payload_path, guest_path, file_name, mode, uid, gid } => {
-            let data = read_payload(payload, payload_path)?;
             let dest = if guest.is_dir(guest_path) {
                 format!("{}/{file_name}", guest_path.trim_end_matches('/'))
             } else {
                 guest_path.clone()
             };
-            guest.write(&dest, &data).map_err(io_err("cannot write", &dest))?;
+            upload(guest, payload, payload_path, &dest)?;
             guest.chown(&dest, *uid, *gid).map_err(io_err("cannot chown", &dest))?;
             guest.chmod(&dest, *mode).map_err(io_err("cannot chmod", &dest))
         }
@@ -112,7 +119,7 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
         Operation::Chmod { mode, path } => guest.chmod(path, *mode).map_err(io_err("cannot chmod", path)),
         Operation::RunCommand { command } => run_in_guest(guest, &["/bin/sh", "-c", command]),
         Operation::Run { payload_path, name } => {
-            let script = read_payload(payload, payload_path)?;
+            let script = read_payload(payload.dir, payload_path)?;
             guest.mkdir_all("/tmp", 0o1777).map_err(io_err("cannot create", "/tmp"))?;
             let path = format!("/tmp/imgforge-run-{}", std::process::id());
             guest.write(&path, &script).map_err(io_err("cannot write", &path))?;
@@ -121,11 +128,11 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             result
         }
         Operation::RunTask { payload_path, name, env } => {
-            run_task(guest, &read_payload(payload, payload_path)?, name, env)
+            run_task(guest, &read_payload(payload.dir, payload_path)?, name, env)
         }
         Operation::Timezone { zone } => set_timezone(guest, zone),
         Operation::Firstboot { payload_path, name } => {
-            let script = read_payload(payload, payload_path)?;
+            let script = read_payload(payload.dir, payload_path)?;
             firstboot::install(guest, name, &script)
                 .map(drop)
                 .map_err(|e| format!("cannot install the firstboot script: {e}"))
@@ -152,7 +159,7 @@ fn apply(guest: &GuestRoot, payload: &Path, op: &Operation) -> Result<(), String
             Ok(())
         }
         Operation::CopyIn { payload_path, remote_dir, name } => guest
-            .copy_in(&payload.join(payload_path), remote_dir, name)
+            .copy_in(&payload.dir.join(payload_path), remote_dir, name)
             .map_err(|e| format!("cannot copy {name} into {remote_dir}: {e}")),
         Operation::Scrub { path } => guest.scrub(path).map_err(io_err("cannot scrub", path)),
         Operation::Edit { path, expr } => {
@@ -212,6 +219,25 @@ fn group_id(guest: &GuestRoot, group: &Principal) -> Result<u32, String> {
                 .ok_or_else(|| format!("group {name:?} does not exist in the guest's /etc/group"))
         }
     }
+}
+
+/// Copies the payload file `payload_path` into the guest file `dest` (created 0644 or emptied,
+/// keeping its mode), from the bulk disk when it is there, else streamed from the payload disk.
+fn upload(guest: &GuestRoot, payload: &Payload<'_>, payload_path: &str, dest: &str) -> Result<(), String> {
+    let out = guest.open_write(dest, 0o644, true).map_err(io_err("cannot write", dest))?;
+    if let Some(file) = payload.bulk.get(payload_path) {
+        let how = payload.bulk.copy_to(file, &out).map_err(io_err("cannot write", dest))?;
+        let way = match how {
+            Written::Direct => "direct I/O",
+            Written::Buffered => "through the page cache: its filesystem has no direct I/O",
+        };
+        println!("{dest}: {} bytes from the bulk disk, {way}", file.length);
+        return Ok(());
+    }
+    let path = payload.dir.join(payload_path);
+    let mut source =
+        std::fs::File::open(&path).map_err(|e| format!("cannot read {} from the payload disk: {e}", path.display()))?;
+    std::io::copy(&mut source, &mut &out).map(drop).map_err(io_err("cannot write", dest))
 }
 
 fn read_payload(payload: &Path, rel: &str) -> Result<Vec<u8>, String> {

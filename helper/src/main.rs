@@ -10,6 +10,7 @@
 
 mod accounts;
 mod apt;
+mod bulk;
 mod changes;
 mod cloud_init;
 mod confinement;

@@ -237,7 +237,7 @@ pub fn guest_disk(index: usize) -> Result<String, String> {
 }
 
 /// The virtio disks (`vda`, …) with their serial numbers, sorted by name.
-fn virtio_disks() -> Vec<(String, String)> {
+pub(crate) fn virtio_disks() -> Vec<(String, String)> {
     let Ok(dir) = std::fs::read_dir("/sys/block") else { return Vec::new() };
     let mut disks: Vec<(String, String)> = dir
         .flatten()

@@ -6,6 +6,9 @@
 pub const TARGET_SERIAL: &str = "imgforge-target";
 /// Serial number by which the helper finds the payload disk among its virtio disks.
 pub const PAYLOAD_SERIAL: &str = "imgforge-payload";
+/// Serial number of the raw, read-only bulk disk: large payload files at 4 KiB-aligned offsets
+/// (`rules::Rules::bulk` says where each lies).
+pub const BULK_SERIAL: &str = "imgforge-bulk";
 /// The target disk's device in the helper: the host attaches it as the first virtio disk.
 pub const TARGET_DISK: &str = "/dev/vda";
 /// Serial number prefix of the guest's other disks: `imgforge-disk-2` is the second `-a`.

@@ -128,7 +128,29 @@ pub struct Rules {
     /// added or changed gets this modification and access time (seconds since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_date_epoch: Option<i64>,
+    /// Payload files kept off the squashfs, on the raw bulk disk
+    /// ([`crate::helper_vm::BULK_SERIAL`]): their bytes reach the guest by DMA (O_DIRECT reads
+    /// and writes), not through the helper CPU's copies, which TCG emulates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bulk: Vec<BulkFile>,
 }
+
+/// Where one payload file lies on the bulk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFile {
+    /// The payload path the operations name it by (as if it were on the payload disk).
+    pub payload_path: String,
+    /// Its first byte on the bulk disk: a multiple of [`BULK_ALIGN_BYTES`].
+    pub offset: u64,
+    /// Its length in bytes (the disk is padded after it to the next multiple of
+    /// [`BULK_ALIGN_BYTES`]).
+    pub length: u64,
+}
+
+/// Alignment of every file on the bulk disk: O_DIRECT reads need offsets, lengths and buffers
+/// aligned to the logical block size, and 4 KiB covers every virtio disk's.
+pub const BULK_ALIGN_BYTES: u64 = 4096;
 
 /// A whole disk to make swap (snf-image's `SWAP=<disk letter>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,6 +224,7 @@ impl Rules {
             task_overwriting: None,
             variants: Vec::new(),
             source_date_epoch: None,
+            bulk: Vec::new(),
         }
     }
 

@@ -996,3 +996,93 @@ fn edit_of_hostile_files_fails_cleanly() {
         assert_eq!(digest(), before, "{file}: a failed --edit leaves the disk byte-identical");
     }
 }
+
+/// Uploads of a MiB or more reach the guest through the raw bulk disk by direct I/O: a file of
+/// an odd size (not a multiple of 512 or 4096) onto the XFS root, one of whole blocks onto the
+/// ext4 /boot, one under the threshold beside them through the squashfs, and one onto an existing
+/// file through an in-root absolute symlink; each read back byte for byte, with the host file's
+/// mode and owner, by the test's own mounts.
+#[test]
+fn large_uploads_arrive_byte_for_byte_through_the_bulk_disk() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::GptXfsBoot, work.path()).unwrap();
+    let bytes = |len: usize, seed: u32| -> Vec<u8> {
+        (0..len as u32).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+    };
+    let file = |name: &str, data: &[u8], mode: u32| {
+        let p = work.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&p, Some(1234), Some(4321)).unwrap();
+        p
+    };
+    let odd = bytes(24 * 1024 * 1024 + 4096 + 511, 1);
+    let whole = bytes(8 * 1024 * 1024, 2);
+    let small = bytes(300_000, 3);
+    let linked = bytes(3 * 1024 * 1024 + 17, 4);
+    let (f_odd, f_whole, f_small, f_linked) = (
+        file("odd.bin", &odd, 0o640),
+        file("whole.bin", &whole, 0o600),
+        file("small.bin", &small, 0o644),
+        file("linked.bin", &linked, 0o751),
+    );
+    let out = customize_tcg(
+        &img,
+        &[
+            "-v",
+            "--upload",
+            &format!("{}:/opt/", s(&f_odd)),
+            "--upload",
+            &format!("{}:/boot/whole.bin", s(&f_whole)),
+            "--upload",
+            &format!("{}:/opt/", s(&f_small)),
+            "--write",
+            "/etc/bulk-target:old contents that are longer than nothing\n",
+            "--link",
+            "/etc/bulk-target:/opt/bulk-link",
+            "--upload",
+            &format!("{}:/opt/bulk-link", s(&f_linked)),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 0, "{stderr}");
+    for (dest, len) in [("/opt/odd.bin", odd.len()), ("/boot/whole.bin", whole.len()), ("/opt/bulk-link", linked.len())]
+    {
+        assert!(stderr.contains(&format!("{dest}: {len} bytes from the bulk disk, direct I/O")), "{dest}: {stderr}");
+    }
+    assert!(!stderr.contains("/opt/small.bin: 300000 bytes from the bulk disk"), "small files stay on the squashfs");
+    let root = Mount::partition(&img, 1).unwrap();
+    let boot = Mount::partition(&img, 0).unwrap();
+    for (path, want, mode) in [
+        (root.join("/opt/odd.bin"), &odd, 0o640),
+        (boot.join("/whole.bin"), &whole, 0o600),
+        (root.join("/opt/small.bin"), &small, 0o644),
+        (root.join("/etc/bulk-target"), &linked, 0o751),
+    ] {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.uid(), meta.gid()), (mode, 1234, 4321), "{}", path.display());
+        assert!(std::fs::read(&path).unwrap() == *want, "{} differs from the upload", path.display());
+    }
+    assert!(std::fs::symlink_metadata(root.join("/opt/bulk-link")).unwrap().file_type().is_symlink());
+}
+
+/// A single large upload is its own bulk disk, the host file itself (no copy on the host): a
+/// size that ends inside a sector is read up to its end and arrives byte for byte.
+#[test]
+fn a_single_large_upload_of_an_odd_size_arrives_byte_for_byte() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let data: Vec<u8> =
+        (0..(5 * 1024 * 1024 + 4096 + 3) as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    let src = work.path().join("single.bin");
+    std::fs::write(&src, &data).unwrap();
+    let out = customize_tcg(&img, &["-v", "--upload", &format!("{}:/root/single.bin", s(&src))]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("/root/single.bin: {} bytes from the bulk disk, direct I/O", data.len())),
+        "{stderr}"
+    );
+    let root = Mount::partition(&img, 0).unwrap();
+    assert!(std::fs::read(root.join("/root/single.bin")).unwrap() == data, "/root/single.bin differs from the upload");
+}

@@ -3,7 +3,9 @@
 //! imgforge customization three times each, alternating (their medians are compared); prints
 //! every time and the ratios. `cargo xtask bench ganeti OLD_IMGFORGE [RUNS]`: Ganeti's create,
 //! this tree's imgforge against another build (`bench_ganeti.rs`); with `--cluster`, the whole
-//! `gnt-instance add` on a real single-node cluster. `cargo xtask bench variants [N]`: many
+//! `gnt-instance add` on a real single-node cluster. `cargo xtask bench customize --upload-mib
+//! 1,256,1024`: the cost per uploaded MB (`bench_upload.rs`). `cargo xtask bench rpm [COUNT
+//! [MIB_EACH]]`: an RPM set installed (`bench_rpm.rs`). `cargo xtask bench variants [N]`: many
 //! variants of one base (`bench_variants.rs`).
 
 use anyhow::{bail, ensure, Context, Result};
@@ -14,16 +16,25 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod bench_ganeti;
+mod bench_rpm;
+mod bench_upload;
 mod bench_variants;
 mod bench_write;
 
-const PASSWORD: &str = "Bench-Pw-1";
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchKeyOfImgforge000000000000000000000000 bench@imgforge";
+pub(crate) const PASSWORD: &str = "Bench-Pw-1";
+pub(crate) const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchKeyOfImgforge000000000000000000000000 bench@imgforge";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["bench", "customize"] => bench_customize(),
+        ["bench", "customize", "--upload-mib", sizes] => bench_upload::run(&bench_upload::parse_sizes(sizes)?),
+        ["bench", "rpm", rest @ ..] if rest.len() <= 2 => {
+            let n = rest.first().map(|r| r.parse()).transpose().context("COUNT must be a number")?;
+            let mib = rest.get(1).map(|r| r.parse()).transpose().context("MIB must be a number")?;
+            bench_rpm::run(n.unwrap_or(50), mib.unwrap_or(6))
+        }
         ["bench", "write"] => bench_write::run(&imgforge()?),
         ["bench", "liveimg"] => bench_liveimg(),
         ["bench", "ganeti", "--cluster", old, rest @ ..] if rest.len() <= 1 => {
@@ -39,7 +50,7 @@ fn main() -> Result<()> {
             bench_ganeti::run(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
         }
         _ => bail!(
-            "usage: cargo xtask bench customize|write|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"
+            "usage: cargo xtask bench customize [--upload-mib N[,N..]]|rpm [COUNT [MIB_EACH]]|write|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"
         ),
     }
 }
@@ -48,8 +59,12 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
-/// The release imgforge, freshly built.
+/// The release imgforge, freshly built, or the binary `IMGFORGE_BIN` names (another build, for
+/// before-and-after numbers).
 fn imgforge() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("IMGFORGE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     sh(Command::new("cargo").args(["build", "--release", "--quiet", "-p", "imgforge"]).current_dir(workspace()))?;
     Ok(workspace().join("target/release/imgforge"))
 }

@@ -253,13 +253,32 @@ impl Job {
         };
         let tmp = std::env::temp_dir();
         let work = crate::workdir::private_tempdir("job").map_err(|source| JobError::WorkDir { dir: tmp, source })?;
+        // Large uploads on a raw disk of their own, read by DMA in the helper (payload::build_bulk).
+        let bulk = payload::bulk_candidates(payload, &rules.operations);
+        let (bulk_files, payload): (Vec<_>, Vec<_>) =
+            payload.iter().cloned().enumerate().partition(|(i, _)| bulk.contains(i));
+        let bulk_files: Vec<_> = bulk_files.into_iter().map(|(_, f)| f).collect();
+        let payload: Vec<_> = payload.into_iter().map(|(_, f)| f).collect();
+        let bulk_path = match bulk_files.as_slice() {
+            [] => None,
+            // One file is its own bulk disk: no copy of it on the host.
+            [one] => {
+                rules.bulk = vec![payload::whole_file(one)?];
+                Some(one.source.clone())
+            }
+            _ => {
+                let p = work.path().join("bulk.img");
+                rules.bulk = payload::build_bulk(&bulk_files, &p)?;
+                Some(p)
+            }
+        };
         let floppy_path = work.path().join("rules.img");
         floppy::build(&rules, &floppy_path)?;
         let payload_path = if payload.is_empty() {
             None
         } else {
             let p = work.path().join("payload.img");
-            payload::build(payload, &p)?;
+            payload::build(&payload, &p)?;
             Some(p)
         };
         // Mounting, even read-only, may replay a journal: every write lands in an overlay.
@@ -289,6 +308,7 @@ impl Job {
             floppy: floppy_path,
             payload: payload_path,
             export: None,
+            bulk: bulk_path,
             memory_mib: settings.memory_mib,
             vcpus: settings.vcpus,
             accel: settings.accel,

@@ -3,6 +3,7 @@
 use crate::ops::{PayloadFile, TreeNodeKind};
 use backhand::compression::Compressor;
 use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
+use imgforge_protocol::rules::{BulkFile, Operation, BULK_ALIGN_BYTES};
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -114,6 +115,68 @@ pub fn build(files: &[PayloadFile], path: &Path) -> Result<(), PayloadError> {
     out.set_len(len.div_ceil(PAYLOAD_ALIGN_BYTES) * PAYLOAD_ALIGN_BYTES).map_err(|e| write_err(e.to_string()))
 }
 
+/// Files an operation copies into the guest go on the bulk disk from this size up: below it,
+/// the squashfs's copy costs less than the O_DIRECT round trips (and a 1 MB upload keeps the
+/// one-disk boot).
+pub const BULK_MIN_BYTES: u64 = 1 << 20;
+
+/// The payload files of `files` that `operations` (snf-image tasks' included) upload, and that
+/// are at least [`BULK_MIN_BYTES`]: these go on the bulk disk, the rest on the squashfs.
+pub fn bulk_candidates(files: &[PayloadFile], operations: &[Operation]) -> Vec<usize> {
+    fn uploaded<'a>(ops: &'a [Operation], out: &mut std::collections::BTreeSet<&'a str>) {
+        for op in ops {
+            match op {
+                Operation::Upload { payload_path, .. } => {
+                    out.insert(payload_path);
+                }
+                Operation::Task { operations, .. } => uploaded(operations, out),
+                _ => {}
+            }
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    uploaded(operations, &mut names);
+    files
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.tree.is_none() && names.contains(f.name.as_str()))
+        .filter(|(_, f)| std::fs::metadata(&f.source).is_ok_and(|m| m.is_file() && m.len() >= BULK_MIN_BYTES))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// `file` as a bulk disk of its own, at offset 0 (qemu shows it a sector-rounded size, its last
+/// sector padded with zeros; the helper reads up to its end).
+pub fn whole_file(file: &PayloadFile) -> Result<BulkFile, PayloadError> {
+    let meta =
+        std::fs::metadata(&file.source).map_err(|source| PayloadError::Source { path: file.source.clone(), source })?;
+    Ok(BulkFile { payload_path: file.name.clone(), offset: 0, length: meta.len() })
+}
+
+/// Builds the raw bulk disk at `path`: each of `files` at the next [`BULK_ALIGN_BYTES`] boundary
+/// (copied by `copy_file_range`, a reflink on filesystems that share extents), the end padded
+/// to one; returns where each lies.
+pub fn build_bulk(files: &[PayloadFile], path: &Path) -> Result<Vec<BulkFile>, PayloadError> {
+    let write_err = |reason: String| PayloadError::Write { path: path.to_owned(), reason };
+    let mut out =
+        std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| write_err(e.to_string()))?;
+    let mut placed = Vec::with_capacity(files.len());
+    let mut offset = 0u64;
+    for f in files {
+        let mut source =
+            std::fs::File::open(&f.source).map_err(|source| PayloadError::Source { path: f.source.clone(), source })?;
+        out.seek(SeekFrom::Start(offset)).map_err(|e| write_err(e.to_string()))?;
+        // std's copy between two files is copy_file_range: no bytes through this process.
+        let length = std::io::copy(&mut source, &mut out)
+            .map_err(|e| write_err(format!("copying {}: {e}", f.source.display())))?;
+        placed.push(BulkFile { payload_path: f.name.clone(), offset, length });
+        offset = (offset + length).next_multiple_of(BULK_ALIGN_BYTES);
+    }
+    // No fsync: a scratch file that qemu reads at once, gone after the run.
+    out.set_len(offset.max(BULK_ALIGN_BYTES)).map_err(|e| write_err(e.to_string()))?;
+    Ok(placed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +236,47 @@ mod tests {
         let orig = std::fs::metadata(t.join("sub/f")).unwrap();
         assert_eq!((f.mode() & 0o7777, f.uid(), f.gid(), f.mtime()), (0o4711, 1234, 4321, orig.mtime()));
         assert_eq!(std::fs::read_link(out.join("copy-in/0001/tree/abs")).unwrap(), Path::new("/etc/passwd"));
+    }
+
+    /// Only uploads of at least BULK_MIN_BYTES go on the bulk disk, each at an aligned offset
+    /// and readable there byte for byte.
+    #[test]
+    fn large_uploads_go_on_the_bulk_disk_aligned() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, len: usize| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, (0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>()).unwrap();
+            PayloadFile { name: format!("files/{name}"), source: p, tree: None }
+        };
+        let files = vec![
+            file("small", 1000),
+            file("big", BULK_MIN_BYTES as usize + 3),
+            file("script", 2 << 20),
+            file("odd", BULK_MIN_BYTES as usize * 2 + 511),
+        ];
+        let upload = |p: &str| Operation::Upload {
+            payload_path: p.into(),
+            guest_path: "/opt/".into(),
+            file_name: "x".into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        let task = Operation::Task { name: "FilesystemResize".into(), operations: vec![upload("files/odd")] };
+        let ops = vec![upload("files/small"), upload("files/big"), task];
+        let picked = bulk_candidates(&files, &ops);
+        assert_eq!(picked, vec![1, 3], "small files and files no upload names stay on the squashfs");
+        let chosen: Vec<PayloadFile> = picked.iter().map(|&i| files[i].clone()).collect();
+        let img = dir.path().join("bulk.img");
+        let placed = build_bulk(&chosen, &img).unwrap();
+        let disk = std::fs::read(&img).unwrap();
+        assert_eq!(disk.len() as u64 % BULK_ALIGN_BYTES, 0);
+        for (p, f) in placed.iter().zip(&chosen) {
+            assert_eq!(p.payload_path, f.name);
+            assert_eq!(p.offset % BULK_ALIGN_BYTES, 0);
+            let want = std::fs::read(&f.source).unwrap();
+            assert_eq!(&disk[p.offset as usize..(p.offset + p.length) as usize], &want[..]);
+        }
     }
 
     #[test]

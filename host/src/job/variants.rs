@@ -599,6 +599,7 @@ fn prepare_boot(
         floppy: floppy_path,
         payload: payload_path,
         export: export.clone(),
+        bulk: None,
         // Each variant's disk caches in the VM: a little more memory for each past the first.
         memory_mib: settings.memory_mib + 64 * (batch.len() as u32 - 1),
         vcpus: settings.vcpus,

@@ -7,7 +7,7 @@
 //! qemu ≥ 9.1 has no `-runas` at all — dropping privileges before exec works with both).
 
 use super::accel::Accel;
-use imgforge_protocol::helper_vm::{disk_serial, PAYLOAD_SERIAL, TARGET_SERIAL};
+use imgforge_protocol::helper_vm::{disk_serial, BULK_SERIAL, PAYLOAD_SERIAL, TARGET_SERIAL};
 
 /// qemu's seccomp sandbox: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler
 /// or resource changes.
@@ -84,6 +84,8 @@ pub struct QemuConfig {
     /// The raw disk the helper writes its digest cache to, if any: opened read-only and
     /// read-write.
     pub export_fds: Option<(i32, i32)>,
+    /// Bulk disk (large payload files, raw), read-only, if any.
+    pub bulk_fd: Option<i32>,
     /// Write end of the console pipe (serial 0).
     pub console_fd: i32,
     /// Write end of the report pipe (serial 1).
@@ -126,7 +128,8 @@ const FDSET_FLOPPY: u32 = 2;
 const FDSET_PAYLOAD: u32 = 3;
 const FDSET_CONSOLE: u32 = 4;
 const FDSET_REPORT: u32 = 5;
-const FDSET_EXPORT: u32 = 7;
+const FDSET_EXPORT: u32 = 8;
+const FDSET_BULK: u32 = 7;
 /// The first fdset of [`QemuConfig::more_overlays`]; one set each from here, past any the
 /// other disks could take.
 const FDSET_MORE_OVERLAYS: u32 = 1000;
@@ -304,6 +307,17 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
             &format!("virtio-blk-pci,drive=export,serial={}", imgforge_protocol::digest_cache::EXPORT_SERIAL),
         ]);
     }
+    if let Some(fd) = c.bulk_fd {
+        // Read by the helper with O_DIRECT: qemu copies each request straight into the guest's
+        // buffer from the host's page cache (the host just wrote the file), with host memcpy.
+        push(&["-add-fd", &format!("fd={fd},set={FDSET_BULK},opaque=bulk")]);
+        push(&[
+            "-blockdev",
+            &format!("driver=file,node-name=bulk-file,filename=/dev/fdset/{FDSET_BULK},aio=threads,read-only=on"),
+        ]);
+        push(&["-blockdev", "driver=raw,node-name=bulk,file=bulk-file,read-only=on"]);
+        push(&["-device", &format!("virtio-blk-pci,drive=bulk,serial={BULK_SERIAL}")]);
+    }
 
     push(&serial_args(c.console_fd, FDSET_CONSOLE, "console").each_ref().map(String::as_str));
     push(&serial_args(c.report_fd, FDSET_REPORT, "report").each_ref().map(String::as_str));
@@ -341,6 +355,7 @@ mod tests {
             floppy_fd: 14,
             payload_fd: None,
             export_fds: None,
+            bulk_fd: None,
             console_fd: 15,
             report_fd: 16,
             qmp_fd: 17,
@@ -424,7 +439,7 @@ mod tests {
         assert!(
             line.contains("fd=20,set=3") && line.contains("serial=imgforge-payload") && line.contains("readonly=on")
         );
-        assert!(line.contains("fd=22,set=7") && line.contains("drive=export,serial=imgforge-export"), "{line}");
+        assert!(line.contains("fd=22,set=8") && line.contains("drive=export,serial=imgforge-export"), "{line}");
         assert!(
             line.contains("cache.direct=off") && line.contains("driver=qcow2,node-name=disk,file=disk-file,backing= ")
         );

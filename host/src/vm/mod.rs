@@ -71,6 +71,8 @@ pub struct VmSpec {
     /// A raw file the helper may write its boot's digest cache to
     /// (`imgforge_protocol::digest_cache`), if any.
     pub export: Option<PathBuf>,
+    /// The raw bulk disk (large payload files), if any.
+    pub bulk: Option<PathBuf>,
     /// Guest memory.
     pub memory_mib: u32,
     /// Guest vCPUs.
@@ -360,6 +362,7 @@ struct QemuFds {
     floppy: File,
     payload: Option<File>,
     export: Option<(File, File)>,
+    bulk: Option<File>,
     console_w: std::io::PipeWriter,
     report_w: std::io::PipeWriter,
     qmp_listener: UnixListener,
@@ -458,6 +461,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
     let rw = std::fs::OpenOptions::new().read(true).write(true).clone();
     // qemu opens a drive read-only first, then read-write: its fdset holds both.
     let export = spec.export.as_ref().map(|p| Ok::<_, VmError>((open(p, &ro)?, open(p, &rw)?))).transpose()?;
+    let bulk = spec.bulk.as_ref().map(|p| open(p, &ro)).transpose()?;
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     let (report_r, report_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     // QMP lives in a private 0700 directory; qemu gets the listening socket, not the path.
@@ -477,6 +481,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         floppy,
         payload,
         export,
+        bulk,
         console_w,
         report_w,
         qmp_listener,
@@ -539,6 +544,7 @@ fn qemu_config(spec: &VmSpec, accel: Accel, cpu: &str, fds: &QemuFds) -> QemuCon
         floppy_fd: fds.floppy.as_raw_fd(),
         payload_fd: fds.payload.as_ref().map(|p| p.as_raw_fd()),
         export_fds: fds.export.as_ref().map(|(ro, rw)| (ro.as_raw_fd(), rw.as_raw_fd())),
+        bulk_fd: fds.bulk.as_ref().map(|p| p.as_raw_fd()),
         console_fd: fds.console_w.as_raw_fd(),
         report_fd: fds.report_w.as_raw_fd(),
         qmp_fd: fds.qmp_listener.as_raw_fd(),
@@ -558,6 +564,7 @@ fn inherited_fds(config: &QemuConfig) -> Vec<RawFd> {
     ];
     inherited.extend(config.payload_fd);
     inherited.extend(config.export_fds.iter().flat_map(|(ro, rw)| [*ro, *rw]));
+    inherited.extend(config.bulk_fd);
     inherited.extend(config.disk_rw_fd);
     inherited.extend(config.overlay.iter().flat_map(|o| [o.ro_fd, o.rw_fd]));
     inherited.extend(config.extra_disks.iter().flat_map(|d| [d.ro_fd, d.overlay.ro_fd, d.overlay.rw_fd]));
