@@ -24,7 +24,14 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["bench", "customize"] => bench_customize(),
-        ["bench", "write"] => bench_write::run(&imgforge()?),
+        ["bench", "write", kinds @ ..] => {
+            // IMGFORGE_BENCH_BIN: another build (an older one, for before/after numbers).
+            let bin = match std::env::var_os("IMGFORGE_BENCH_BIN") {
+                Some(bin) => PathBuf::from(bin),
+                None => imgforge()?,
+            };
+            bench_write::run(&bin, &kinds.iter().map(|k| k.to_string()).collect::<Vec<_>>())
+        }
         ["bench", "liveimg"] => bench_liveimg(),
         ["bench", "ganeti", "--cluster", old, rest @ ..] if rest.len() <= 1 => {
             let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
@@ -39,7 +46,7 @@ fn main() -> Result<()> {
             bench_ganeti::run(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
         }
         _ => bail!(
-            "usage: cargo xtask bench customize|write|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"
+            "usage: cargo xtask bench customize|write [raw|qcow2|xz|liveimg]...|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"
         ),
     }
 }
