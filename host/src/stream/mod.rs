@@ -145,10 +145,6 @@ pub struct RawFile {
 impl RawFile {
     /// Reads `file` of `size` bytes from the start.
     pub fn new(file: std::fs::File, size: u64) -> Self {
-        // Read front to back once: the kernel may read further ahead. Advice only, so its
-        // failure (a pipe, a filesystem without it) changes nothing.
-        // SAFETY: advice on a descriptor `file` owns.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         Self { file, pos: 0, size }
     }
 
