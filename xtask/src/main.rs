@@ -35,7 +35,14 @@ fn main() -> Result<()> {
             let mib = rest.get(1).map(|r| r.parse()).transpose().context("MIB must be a number")?;
             bench_rpm::run(n.unwrap_or(50), mib.unwrap_or(6))
         }
-        ["bench", "write"] => bench_write::run(&imgforge()?),
+        ["bench", "write", kinds @ ..] => {
+            // IMGFORGE_BENCH_BIN: another build (an older one, for before/after numbers).
+            let bin = match std::env::var_os("IMGFORGE_BENCH_BIN") {
+                Some(bin) => PathBuf::from(bin),
+                None => imgforge()?,
+            };
+            bench_write::run(&bin, &kinds.iter().map(|k| k.to_string()).collect::<Vec<_>>())
+        }
         ["bench", "liveimg"] => bench_liveimg(),
         ["bench", "ganeti", "--cluster", old, rest @ ..] if rest.len() <= 1 => {
             let runs = rest.first().map(|r| r.parse()).transpose().context("RUNS must be a number")?;
@@ -50,7 +57,7 @@ fn main() -> Result<()> {
             bench_ganeti::run(&imgforge()?, Path::new(old), runs.unwrap_or(RUNS))
         }
         _ => bail!(
-            "usage: cargo xtask bench customize [--upload-mib N[,N..]]|rpm [COUNT [MIB_EACH]]|write|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"
+            "usage: cargo xtask bench customize [--upload-mib N[,N..]]|rpm [COUNT [MIB_EACH]]|write [raw|qcow2|xz|liveimg]...|liveimg|variants [N]|ganeti [--cluster] OLD_IMGFORGE [RUNS]"
         ),
     }
 }

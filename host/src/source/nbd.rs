@@ -3,6 +3,8 @@
 //! qemu-format image that only the confined qemu parses ([`crate::source::qemu`]). Every length,
 //! offset and size the server sends is checked before use.
 
+use crate::stream::buffer::{AlignedBuf, ALIGN_BYTES};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -232,67 +234,105 @@ impl Client {
 
     /// Fills `buf` from `offset` (at most [`MAX_READ`] bytes, within the export).
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<Filled, NbdError> {
-        let len = buf.len();
-        if len > MAX_READ || offset.checked_add(len as u64).is_none_or(|end| end > self.size) {
+        let mut pending = VecDeque::from([self.send_read(offset, buf.len(), AlignedBuf::new(buf.len()))?]);
+        while !pending[0].done {
+            self.receive(&mut pending)?;
+        }
+        let read = pending.pop_front().expect("one read");
+        let filled = read.result()?;
+        buf.copy_from_slice(read.buf.data());
+        Ok(filled)
+    }
+
+    /// Sends a read of `len` bytes at `offset` (at most [`MAX_READ`], within the export), to be
+    /// answered into `buf` (at least `len` bytes) by [`Self::receive`].
+    fn send_read(&mut self, offset: u64, len: usize, mut buf: AlignedBuf) -> Result<PendingRead, NbdError> {
+        if len > MAX_READ || len > buf.capacity() || offset.checked_add(len as u64).is_none_or(|end| end > self.size) {
             return Err(NbdError::Protocol(format!("a request for {len} bytes at {offset} was about to be sent")));
         }
         // At most MAX_READ, checked above.
         let len32 = u32::try_from(len).map_err(|_| NbdError::Protocol(format!("a read of {len} bytes")))?;
         self.handle += 1;
         self.stream.write_all(&request(CMD_READ, self.handle, offset, len32))?;
+        buf.len = len;
+        Ok(PendingRead { handle: self.handle, offset, len, buf, hole_bytes: 0, error: None, done: false })
+    }
+
+    /// Reads one reply (or one chunk of a structured reply) and fills the read of `pending` it
+    /// answers: the server may answer reads in any order, and interleave their chunks.
+    fn receive(&mut self, pending: &mut VecDeque<PendingRead>) -> Result<(), NbdError> {
+        let find = |pending: &mut VecDeque<PendingRead>, handle: u64| -> Result<usize, NbdError> {
+            pending
+                .iter()
+                .position(|p| p.handle == handle && !p.done)
+                .ok_or_else(|| NbdError::Protocol(format!("a reply to request {handle}, which is not waiting for one")))
+        };
         if !self.structured {
             let mut header = [0u8; 16];
             self.stream.read_exact(&mut header)?;
             let (errno, handle) = parse_simple_reply(&header)?;
-            self.check_handle(handle)?;
+            let i = find(pending, handle)?;
+            let read = &mut pending[i];
+            read.done = true;
             if errno != 0 {
-                return Err(NbdError::Read { offset, len, errno });
+                read.error = Some(errno);
+                return Ok(());
             }
-            self.stream.read_exact(buf)?;
-            return Ok(Filled::Data);
+            self.stream.read_exact(&mut read.buf.as_mut_full()[..read.len])?;
+            return Ok(());
         }
-        let (mut hole_bytes, mut error) = (0u64, None);
-        loop {
-            let mut header = [0u8; 20];
-            self.stream.read_exact(&mut header)?;
-            let (flags, kind, handle, chunk_len) = parse_chunk_header(&header)?;
-            self.check_handle(handle)?;
-            let mut fixed = [0u8; 12];
-            match kind {
-                CHUNK_OFFSET_DATA if chunk_len >= 8 => {
-                    self.stream.read_exact(&mut fixed[..8])?;
-                    let range = chunk_range(offset, len, u64_be(&fixed), u64::from(chunk_len - 8))?;
-                    self.stream.read_exact(&mut buf[range])?;
-                }
-                CHUNK_OFFSET_HOLE if chunk_len == 12 => {
-                    self.stream.read_exact(&mut fixed)?;
-                    let range = chunk_range(offset, len, u64_be(&fixed), u64::from(u32_be(&fixed[8..])))?;
-                    hole_bytes += range.len() as u64;
-                    buf[range].fill(0);
-                }
-                CHUNK_NONE if chunk_len == 0 => {}
-                k if k & CHUNK_ERROR_BIT != 0 && chunk_len >= 6 => {
-                    let mut payload = vec![0u8; chunk_len as usize];
-                    self.stream.read_exact(&mut payload)?;
-                    error = Some(u32_be(&payload));
-                }
-                k => return Err(NbdError::Protocol(format!("a reply chunk of type {k} and {chunk_len} bytes"))),
+        let mut header = [0u8; 20];
+        self.stream.read_exact(&mut header)?;
+        let (flags, kind, handle, chunk_len) = parse_chunk_header(&header)?;
+        let i = find(pending, handle)?;
+        let read = &mut pending[i];
+        let (offset, len) = (read.offset, read.len);
+        let mut fixed = [0u8; 12];
+        match kind {
+            CHUNK_OFFSET_DATA if chunk_len >= 8 => {
+                self.stream.read_exact(&mut fixed[..8])?;
+                let range = chunk_range(offset, len, u64_be(&fixed), u64::from(chunk_len - 8))?;
+                self.stream.read_exact(&mut read.buf.as_mut_full()[range])?;
             }
-            if flags & CHUNK_DONE != 0 {
-                break;
+            CHUNK_OFFSET_HOLE if chunk_len == 12 => {
+                self.stream.read_exact(&mut fixed)?;
+                let range = chunk_range(offset, len, u64_be(&fixed), u64::from(u32_be(&fixed[8..])))?;
+                read.hole_bytes += range.len() as u64;
+                read.buf.as_mut_full()[range].fill(0);
             }
+            CHUNK_NONE if chunk_len == 0 => {}
+            k if k & CHUNK_ERROR_BIT != 0 && chunk_len >= 6 => {
+                let mut payload = vec![0u8; chunk_len as usize];
+                self.stream.read_exact(&mut payload)?;
+                read.error = Some(u32_be(&payload));
+            }
+            k => return Err(NbdError::Protocol(format!("a reply chunk of type {k} and {chunk_len} bytes"))),
         }
-        if let Some(errno) = error {
-            return Err(NbdError::Read { offset, len, errno });
-        }
-        Ok(if hole_bytes == len as u64 { Filled::Hole } else { Filled::Data })
-    }
-
-    fn check_handle(&self, handle: u64) -> Result<(), NbdError> {
-        if handle != self.handle {
-            return Err(NbdError::Protocol(format!("a reply to request {handle}, not {}", self.handle)));
-        }
+        read.done = flags & CHUNK_DONE != 0;
         Ok(())
+    }
+}
+
+/// A read sent to the server and not yet handed on.
+struct PendingRead {
+    handle: u64,
+    offset: u64,
+    len: usize,
+    /// Where its bytes go (its first `len` bytes).
+    buf: AlignedBuf,
+    hole_bytes: u64,
+    error: Option<u32>,
+    /// The whole reply arrived.
+    done: bool,
+}
+
+impl PendingRead {
+    /// What the finished read found, or the server's error.
+    fn result(&self) -> Result<Filled, NbdError> {
+        if let Some(errno) = self.error {
+            return Err(NbdError::Read { offset: self.offset, len: self.len, errno });
+        }
+        Ok(if self.hole_bytes == self.len as u64 { Filled::Hole } else { Filled::Data })
     }
 }
 
@@ -302,30 +342,80 @@ impl Drop for Client {
     }
 }
 
-/// The export read front to back, [`MAX_READ`] bytes per request, holes reported as such.
+/// Reads kept in flight by [`Reader`]: the confined qemu reads the image file for the next
+/// ones while this side receives one (qemu serves up to 16 at once per connection).
+pub const READS_IN_FLIGHT: usize = 4;
+
+/// The export read front to back, [`MAX_READ`] bytes per request, [`READS_IN_FLIGHT`]
+/// requests ahead, holes reported as such.
 pub struct Reader {
     client: Client,
+    /// Where the next request starts.
     pos: u64,
+    /// Requests sent, oldest first.
+    pending: VecDeque<PendingRead>,
+    /// Buffers for the next requests.
+    spare: Vec<AlignedBuf>,
 }
 
 impl Reader {
     /// Reads `client`'s export from the start.
     pub fn new(client: Client) -> Reader {
-        Reader { client, pos: 0 }
+        Reader { client, pos: 0, pending: VecDeque::new(), spare: Vec::new() }
+    }
+
+    /// Keeps [`READS_IN_FLIGHT`] requests of `piece` bytes sent, then waits for the oldest.
+    fn next_read(&mut self, piece: usize) -> Result<Option<PendingRead>, NbdError> {
+        let piece = piece.clamp(ALIGN_BYTES, MAX_READ);
+        while self.pending.len() < READS_IN_FLIGHT && self.pos < self.client.size() {
+            let n = crate::stream::at_most(self.client.size() - self.pos, piece);
+            let buf = match self.spare.pop() {
+                Some(b) if b.capacity() >= n => b,
+                _ => AlignedBuf::new(piece),
+            };
+            let read = self.client.send_read(self.pos, n, buf)?;
+            self.pending.push_back(read);
+            self.pos += n as u64;
+        }
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        while !self.pending[0].done {
+            self.client.receive(&mut self.pending)?;
+        }
+        Ok(self.pending.pop_front())
     }
 }
 
 impl crate::stream::ChunkReader for Reader {
     fn next(&mut self, buf: &mut [u8]) -> std::io::Result<crate::stream::Piece> {
         use crate::stream::Piece;
-        let left = self.client.size().saturating_sub(self.pos);
-        let n = buf.len().min(MAX_READ).min(usize::try_from(left).unwrap_or(usize::MAX));
-        if n == 0 {
-            return Ok(Piece::End);
+        let Some(read) = self.next_read(buf.len()).map_err(std::io::Error::other)? else { return Ok(Piece::End) };
+        let filled = read.result().map_err(std::io::Error::other);
+        let n = read.len;
+        if filled.as_ref().is_ok_and(|f| *f == Filled::Data) {
+            buf[..n].copy_from_slice(read.buf.data());
         }
-        let filled = self.client.read_at(self.pos, &mut buf[..n]).map_err(std::io::Error::other)?;
-        self.pos += n as u64;
-        Ok(match filled {
+        self.spare.push(read.buf);
+        Ok(match filled? {
+            Filled::Data => Piece::Data(n),
+            Filled::Hole => Piece::Hole(n as u64),
+        })
+    }
+
+    /// Hands over the filled buffer itself (no copy) and keeps `buf` for a later request.
+    fn next_into(&mut self, buf: &mut AlignedBuf) -> std::io::Result<crate::stream::Piece> {
+        use crate::stream::Piece;
+        let Some(mut read) = self.next_read(buf.capacity()).map_err(std::io::Error::other)? else {
+            return Ok(Piece::End);
+        };
+        let filled = read.result().map_err(std::io::Error::other);
+        let n = read.len;
+        if filled.as_ref().is_ok_and(|f| *f == Filled::Data) {
+            std::mem::swap(buf, &mut read.buf);
+        }
+        self.spare.push(read.buf);
+        Ok(match filled? {
             Filled::Data => Piece::Data(n),
             Filled::Hole => Piece::Hole(n as u64),
         })
@@ -342,6 +432,7 @@ mod tests {
         data: Vec<u8>,
         fail_at: Option<u64>,
         hang_from: Option<u64>,
+        reversed: bool,
     ) -> (tempfile::TempDir, std::thread::JoinHandle<()>) {
         let dir = tempfile::tempdir().unwrap();
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
@@ -375,24 +466,32 @@ mod tests {
             info.extend_from_slice(&1u16.to_be_bytes());
             reply(&mut s, REP_INFO, &info);
             reply(&mut s, REP_ACK, &[]);
+            // With `reversed`, requests are taken two at a time and the second answered first.
+            let mut held: Option<[u8; 28]> = None;
             loop {
                 let mut req = [0u8; 28];
                 if s.read_exact(&mut req).is_err() || u16_be(&req[6..]) == CMD_DISC {
                     return;
                 }
-                let (handle, offset, len) = (u64_be(&req[8..]), u64_be(&req[16..]), u32_be(&req[24..]) as usize);
-                if hang_from.is_some_and(|h| offset >= h) {
-                    while s.read(&mut [0u8; 64]).unwrap_or(0) > 0 {}
-                    return;
+                if reversed && held.is_none() && u64_be(&req[16..]) + (u32_be(&req[24..]) as u64) < data.len() as u64 {
+                    held = Some(req);
+                    continue;
                 }
-                let errno = u32::from(fail_at.is_some_and(|f| (offset..offset + len as u64).contains(&f))) * 5;
-                let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-                r.extend_from_slice(&errno.to_be_bytes());
-                r.extend_from_slice(&handle.to_be_bytes());
-                if errno == 0 {
-                    r.extend_from_slice(&data[offset as usize..offset as usize + len]);
+                for req in std::iter::once(req).chain(held.take()) {
+                    let (handle, offset, len) = (u64_be(&req[8..]), u64_be(&req[16..]), u32_be(&req[24..]) as usize);
+                    if hang_from.is_some_and(|h| offset >= h) {
+                        while s.read(&mut [0u8; 64]).unwrap_or(0) > 0 {}
+                        return;
+                    }
+                    let errno = u32::from(fail_at.is_some_and(|f| (offset..offset + len as u64).contains(&f))) * 5;
+                    let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                    r.extend_from_slice(&errno.to_be_bytes());
+                    r.extend_from_slice(&handle.to_be_bytes());
+                    if errno == 0 {
+                        r.extend_from_slice(&data[offset as usize..offset as usize + len]);
+                    }
+                    s.write_all(&r).unwrap();
                 }
-                s.write_all(&r).unwrap();
             }
         });
         (dir, t)
@@ -400,28 +499,45 @@ mod tests {
 
     #[test]
     fn reads_an_export_front_to_back() {
-        let data: Vec<u8> = (0..(MAX_READ + 12345) as u32).map(|i| (i % 251) as u8).collect();
-        let (dir, t) = serve(data.clone(), None, None);
+        for (len, reversed) in [(MAX_READ + 12345, false), (3 * MAX_READ + 4096, true)] {
+            reads_front_to_back(len, reversed);
+        }
+    }
+
+    /// Reads an export of `len` bytes through [`Reader`], the server answering each pair of
+    /// requests in reverse order when `reversed`.
+    fn reads_front_to_back(len: usize, reversed: bool) {
+        let data: Vec<u8> = (0..len as u32).map(|i| ((i / 4096 + i) % 251) as u8).collect();
+        let (dir, t) = serve(data.clone(), None, None, reversed);
         let client = Client::connect(&dir.path().join("s"), "src").unwrap();
         assert_eq!(client.size(), data.len() as u64);
         let mut got = Vec::new();
         let mut reader = Reader::new(client);
         let mut buf = vec![0u8; MAX_READ];
-        loop {
-            match crate::stream::ChunkReader::next(&mut reader, &mut buf).unwrap() {
-                crate::stream::Piece::Data(n) => got.extend_from_slice(&buf[..n]),
-                crate::stream::Piece::Hole(n) => got.resize(got.len() + n as usize, 0),
-                crate::stream::Piece::End => break,
+        let mut own = AlignedBuf::new(MAX_READ);
+        // Copied out and handed over in turn: both ways keep the order.
+        for piece in 0.. {
+            use crate::stream::{ChunkReader, Piece};
+            let (got_piece, filled) = if piece % 2 == 0 {
+                (reader.next(&mut buf).unwrap(), &buf[..])
+            } else {
+                let p = reader.next_into(&mut own).unwrap();
+                (p, &*own.as_mut_full())
+            };
+            match got_piece {
+                Piece::Data(n) => got.extend_from_slice(&filled[..n]),
+                Piece::Hole(n) => got.resize(got.len() + n as usize, 0),
+                Piece::End => break,
             }
         }
-        assert!(got == data);
+        assert!(got == data, "the export read back differs (reversed: {reversed})");
         drop(reader);
         t.join().unwrap();
     }
 
     #[test]
     fn a_failed_read_names_the_offset() {
-        let (dir, t) = serve(vec![1u8; 8192], Some(5000), None);
+        let (dir, t) = serve(vec![1u8; 8192], Some(5000), None, false);
         let mut client = Client::connect(&dir.path().join("s"), "src").unwrap();
         let mut buf = [0u8; 4096];
         client.read_at(0, &mut buf).unwrap();
@@ -436,7 +552,7 @@ mod tests {
     /// the interrupter ends it at once.
     #[test]
     fn a_hung_server_is_interrupted() {
-        let (dir, t) = serve(vec![1u8; 8192], None, Some(4096));
+        let (dir, t) = serve(vec![1u8; 8192], None, Some(4096), false);
         let mut client = Client::connect(&dir.path().join("s"), "src").unwrap();
         assert_eq!(client.stream.read_timeout().unwrap(), Some(NBD_TIMEOUT));
         let mut buf = [0u8; 4096];

@@ -46,6 +46,10 @@ impl crate::stream::ChunkReader for QemuReader {
     fn next(&mut self, buf: &mut [u8]) -> std::io::Result<crate::stream::Piece> {
         self.inner.next(buf)
     }
+
+    fn next_into(&mut self, buf: &mut crate::stream::buffer::AlignedBuf) -> std::io::Result<crate::stream::Piece> {
+        self.inner.next_into(buf)
+    }
 }
 
 impl QemuImage {

@@ -127,6 +127,12 @@ pub enum Piece {
 pub trait ChunkReader: Send {
     /// Fills `buf` (completely unless at the end) or reports a hole.
     fn next(&mut self, buf: &mut [u8]) -> std::io::Result<Piece>;
+
+    /// Like [`Self::next`], for a reader that fills buffers of its own ahead of the caller:
+    /// it may swap the filled one with `buf` instead of copying.
+    fn next_into(&mut self, buf: &mut AlignedBuf) -> std::io::Result<Piece> {
+        self.next(buf.as_mut_full())
+    }
 }
 
 /// A raw image file, whose holes are skipped without reading (SEEK_DATA/SEEK_HOLE).
@@ -457,7 +463,7 @@ fn read_jobs(
         }
         let mut buf = free_rx.recv().expect("buffers circulate");
         let piece = reader
-            .next(buf.as_mut_full())
+            .next_into(&mut buf)
             .map_err(|source| StreamError::Read { what: opts.source_name.clone(), source })?;
         match piece {
             Piece::End => {
