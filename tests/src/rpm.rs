@@ -44,6 +44,19 @@ fn packages_recipe() -> Recipe {
     recipe("rpms", &[SOURCE], &[])
 }
 
+/// Builds the package `spec` in rpmbuild's `top` directory, its payload compressed as `payload`
+/// (rpm's `_binary_payload`, e.g. `w9.gzdio`), without the post-install processing and build-id
+/// links a plain data package does not need.
+pub fn rpmbuild(top: &Path, spec: &Path, payload: &str) -> Result<()> {
+    sh(Command::new("rpmbuild")
+        .args(["--quiet", "-bb", "--define"])
+        .arg(format!("_topdir {}", top.display()))
+        .args(["--define", "__os_install_post %{nil}", "--define", "_build_id_links none", "--define"])
+        .arg(format!("_binary_payload {payload}"))
+        .arg(spec))?;
+    Ok(())
+}
+
 /// Builds the fixture RPMs (cached); returns the directory holding `NAME-1.0-1.noarch.rpm`.
 pub fn packages() -> Result<PathBuf> {
     packages_recipe().get_or_build(|out, top| {
@@ -51,19 +64,7 @@ pub fn packages() -> Result<PathBuf> {
         for (name, text) in specs() {
             let spec_path = top.join(format!("{name}.spec"));
             std::fs::write(&spec_path, text)?;
-            sh(Command::new("rpmbuild")
-                .args(["--quiet", "-bb", "--define"])
-                .arg(format!("_topdir {}", top.display()))
-                .args([
-                    "--define",
-                    "__os_install_post %{nil}",
-                    "--define",
-                    "_build_id_links none",
-                    "--define",
-                    "_binary_payload w9.gzdio",
-                ])
-                .arg(&spec_path))
-            .with_context(|| format!("rpmbuild {name} (apt-get install rpm)"))?;
+            rpmbuild(top, &spec_path, "w9.gzdio").with_context(|| format!("rpmbuild {name} (apt-get install rpm)"))?;
             let file = format!("{name}-1.0-1.noarch.rpm");
             std::fs::copy(top.join("RPMS/noarch").join(&file), out.join(&file))?;
         }

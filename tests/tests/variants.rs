@@ -46,18 +46,7 @@ impl Recorded {
 }
 
 fn settings() -> VmSettings {
-    VmSettings {
-        accel: imgforge::vm::accel::Accel::Tcg,
-        timeout: Duration::from_secs(900),
-        hard_grace: Duration::from_secs(10),
-        memory_mib: imgforge::job::HELPER_MEMORY_MIB,
-        vcpus: 1,
-        helper_user: imgforge::vm::privilege::DEFAULT_HELPER_USER.into(),
-        excluded_tasks: Vec::new(),
-        show_console: false,
-        trace_tasks: false,
-        qemu: "qemu-system-x86_64".into(),
-    }
+    VmSettings::tcg(Duration::from_secs(900))
 }
 
 fn plan(ops: &[(&str, &str)]) -> Plan {

@@ -6,7 +6,7 @@
 //! the same files `--upload`ed and installed by `--run-command 'rpm -i …'` (once). Both guests
 //! are checked: every package known to rpm, every installed file byte for byte.
 
-use crate::{ensure_virt_customize, imgforge, median, supermin_kernel, timed, RUNS};
+use crate::{ensure_virt_customize, imgforge, median, supermin_kernel, timed, virt_customize, warm_both, RUNS};
 use anyhow::{ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::Mount;
@@ -54,19 +54,7 @@ fn build_rpms(top: &Path, out: &Path, count: usize, mib: u64) -> Result<Vec<Path
                 data.display()
             ),
         )?;
-        sh(Command::new("rpmbuild")
-            .args(["--quiet", "-bb", "--define"])
-            .arg(format!("_topdir {}", top.display()))
-            .args([
-                "--define",
-                "__os_install_post %{nil}",
-                "--define",
-                "_build_id_links none",
-                "--define",
-                "_binary_payload w3.zstdio",
-            ])
-            .arg(&spec))
-        .with_context(|| format!("rpmbuild {n}"))?;
+        imgforge_tests::rpm::rpmbuild(top, &spec, "w3.zstdio").with_context(|| format!("rpmbuild {n}"))?;
         let file = format!("{n}-1.0-1.noarch.rpm");
         std::fs::rename(top.join("RPMS/noarch").join(&file), out.join(&file))?;
         rpms.push(out.join(&file));
@@ -139,19 +127,8 @@ pub fn run(count: usize, mib: u64) -> Result<()> {
         Ok(img)
     };
     let env = supermin_kernel(work.path())?;
-    let virt = |img: &Path| {
-        let mut c = Command::new("virt-customize");
-        c.args(["-q", "--format", "raw", "-a"])
-            .arg(img)
-            .envs(env.iter().cloned())
-            .env("LIBGUESTFS_BACKEND", "direct")
-            .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
-        c
-    };
-    let warm = copy("warm.img")?;
-    sh(Command::new(&imgforge).args(["customize", "--accel", "tcg", "-a"]).arg(&warm).args(["--hostname", "warm"]))?;
-    sh(virt(&warm).args(["--hostname", "warm"]))?;
-    std::fs::remove_file(&warm)?;
+    let virt = |img: &Path| virt_customize(&env, img);
+    warm_both(&imgforge, &env, &copy("warm.img")?)?;
 
     let mut ours = Vec::new();
     let mut table = String::new();

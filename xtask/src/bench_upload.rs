@@ -4,7 +4,10 @@
 //! every guest's copy compared byte for byte; then each tool's cost per extra MB between the
 //! smallest size and each larger one, and the ratios.
 
-use crate::{ensure_virt_customize, imgforge, median, supermin_kernel, timed, KEY, PASSWORD, RUNS};
+use crate::{
+    bench_operations, ensure_virt_customize, imgforge, median, supermin_kernel, timed, virt_customize, warm_both, KEY,
+    PASSWORD, RUNS,
+};
 use anyhow::{ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::{shadow_field, Mount};
@@ -94,37 +97,14 @@ pub fn run(sizes: &[u64]) -> Result<()> {
         Ok(img)
     };
     let env = supermin_kernel(work.path())?;
-    let virt = |img: &Path| {
-        let mut c = Command::new("virt-customize");
-        c.args(["-q", "--format", "raw", "-a"])
-            .arg(img)
-            .envs(env.iter().cloned())
-            .env("LIBGUESTFS_BACKEND", "direct")
-            .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
-        c
-    };
-    // Warm both tools' caches outside the timing.
-    let warm = copy("warm.img")?;
-    sh(Command::new(&imgforge).args(["customize", "--accel", "tcg", "-a"]).arg(&warm).args(["--hostname", "warm"]))?;
-    sh(virt(&warm).args(["--hostname", "warm"]))?;
-    std::fs::remove_file(&warm)?;
+    let virt = |img: &Path| virt_customize(&env, img);
+    warm_both(&imgforge, &env, &copy("warm.img")?)?;
 
     let mut rows = Vec::new();
     for &mib in sizes {
         let payload = work.path().join(format!("upload-{mib}.bin"));
         write_payload(&payload, mib)?;
-        let ops: Vec<String> = vec![
-            "--hostname".into(),
-            "bench1".into(),
-            "--root-password".into(),
-            format!("password:{PASSWORD}"),
-            "--ssh-inject".into(),
-            format!("root:string:{KEY}"),
-            "--upload".into(),
-            format!("{}:{GUEST_PATH}", payload.display()),
-            "--run-command".into(),
-            "cat /etc/hostname > /root/command-ran".into(),
-        ];
+        let ops = bench_operations(&format!("{}:{GUEST_PATH}", payload.display()));
         let mut ours = Vec::new();
         for _ in 0..RUNS {
             let a = copy("imgforge.img")?;

@@ -179,18 +179,8 @@ fn engine(
             })
         })
         .collect::<Result<_>>()?;
-    let settings = VmSettings {
-        accel: imgforge::vm::accel::Accel::Tcg,
-        timeout: Duration::from_secs(900),
-        hard_grace: Duration::from_secs(10),
-        memory_mib: imgforge::job::HELPER_MEMORY_MIB,
-        vcpus: 1,
-        helper_user: imgforge::vm::privilege::DEFAULT_HELPER_USER.into(),
-        excluded_tasks: Vec::new(),
-        show_console: std::env::var_os("IMGFORGE_BENCH_CONSOLE").is_some(),
-        trace_tasks: false,
-        qemu: "qemu-system-x86_64".into(),
-    };
+    let mut settings = VmSettings::tcg(Duration::from_secs(900));
+    settings.show_console = std::env::var_os("IMGFORGE_BENCH_CONSOLE").is_some();
     let (_tx, interrupt) = tokio::sync::watch::channel(None);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let variant_base =

@@ -88,6 +88,43 @@ fn ensure_virt_customize() -> Result<()> {
     Ok(())
 }
 
+/// The operations `bench customize` times, with `--upload UPLOAD`.
+fn bench_operations(upload: &str) -> Vec<String> {
+    vec![
+        "--hostname".into(),
+        "bench1".into(),
+        "--root-password".into(),
+        format!("password:{PASSWORD}"),
+        "--ssh-inject".into(),
+        format!("root:string:{KEY}"),
+        "--upload".into(),
+        upload.into(),
+        "--run-command".into(),
+        "cat /etc/hostname > /root/command-ran".into(),
+    ]
+}
+
+/// virt-customize on the raw image `img`, forced to TCG, with `env` (supermin's kernel, from
+/// [`supermin_kernel`]).
+fn virt_customize(env: &[(String, String)], img: &Path) -> Command {
+    let mut c = Command::new("virt-customize");
+    c.args(["-q", "--format", "raw", "-a"])
+        .arg(img)
+        .envs(env.iter().cloned())
+        .env("LIBGUESTFS_BACKEND", "direct")
+        .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
+    c
+}
+
+/// Warms both tools' caches (imgforge's helper image, libguestfs's appliance) outside the
+/// timing, on the throwaway copy `img`, removed after.
+fn warm_both(imgforge: &Path, env: &[(String, String)], img: &Path) -> Result<()> {
+    sh(Command::new(imgforge).args(["customize", "--accel", "tcg", "-a"]).arg(img).args(["--hostname", "warm"]))?;
+    sh(virt_customize(env, img).args(["--hostname", "warm"]))?;
+    std::fs::remove_file(img)?;
+    Ok(())
+}
+
 /// supermin needs a kernel; hosts without one in /boot get the helper's Debian kernel package.
 fn supermin_kernel(work: &Path) -> Result<Vec<(String, String)>> {
     if std::fs::read_dir("/boot")
@@ -148,20 +185,7 @@ fn bench_customize() -> Result<()> {
     let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
     let payload_file = work.path().join("bench-payload.bin");
     std::fs::write(&payload_file, &payload)?;
-    let ops = |_: &str| -> Vec<String> {
-        vec![
-            "--hostname".into(),
-            "bench1".into(),
-            "--root-password".into(),
-            format!("password:{PASSWORD}"),
-            "--ssh-inject".into(),
-            format!("root:string:{KEY}"),
-            "--upload".into(),
-            format!("{}:/opt/", payload_file.display()),
-            "--run-command".into(),
-            "cat /etc/hostname > /root/command-ran".into(),
-        ]
-    };
+    let ops = |_: &str| -> Vec<String> { bench_operations(&format!("{}:/opt/", payload_file.display())) };
     let fixture = fixtures::disk(Shape::GptXfsBoot)?;
     println!(
         "fixture: {} ({} MiB, GPT, XFS root, ext4 /boot)",
@@ -173,15 +197,7 @@ fn bench_customize() -> Result<()> {
     let warm = fixtures::copy(Shape::GptXfsBoot, work.path())?;
     sh(Command::new(&imgforge).args(["customize", "--accel", "tcg", "-a"]).arg(&warm).args(["--hostname", "warm"]))?;
     let env = supermin_kernel(work.path())?;
-    let virt = |img: &Path| {
-        let mut c = Command::new("virt-customize");
-        c.args(["-q", "--format", "raw", "-a"])
-            .arg(img)
-            .envs(env.iter().cloned())
-            .env("LIBGUESTFS_BACKEND", "direct")
-            .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
-        c
-    };
+    let virt = |img: &Path| virt_customize(&env, img);
     sh(virt(&warm).args(["--hostname", "warm"]))?;
     std::fs::remove_file(&warm)?;
 

@@ -70,6 +70,23 @@ pub struct VmSettings {
 }
 
 impl VmSettings {
+    /// The settings of a quiet run under TCG with `timeout` a variant, otherwise the defaults
+    /// (benchmarks and tests, on machines where KVM is not used).
+    pub fn tcg(timeout: Duration) -> Self {
+        Self {
+            accel: Accel::Tcg,
+            timeout,
+            hard_grace: Duration::from_secs(10),
+            memory_mib: HELPER_MEMORY_MIB,
+            vcpus: 1,
+            helper_user: crate::vm::privilege::DEFAULT_HELPER_USER.into(),
+            excluded_tasks: Vec::new(),
+            show_console: false,
+            trace_tasks: false,
+            qemu: "qemu-system-x86_64".into(),
+        }
+    }
+
     /// The qemu that reads images and commits overlays, as the helper VM's user.
     pub fn confinement(&self) -> crate::vm::blockdev_qemu::Confinement {
         crate::vm::blockdev_qemu::Confinement { qemu: self.qemu.clone(), user: self.helper_user.clone() }
