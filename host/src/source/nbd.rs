@@ -609,12 +609,13 @@ mod tests {
         t.join().unwrap();
     }
 
-    /// A server that offers structured replies and answers each read (handle, offset, length)
-    /// with the chunks `reply` makes, each (flags, type, payload).
-    fn serve_structured(
-        size: u64,
-        reply: fn(u64, u64, u32) -> Vec<(u16, u16, Vec<u8>)>,
-    ) -> (tempfile::TempDir, std::thread::JoinHandle<()>) {
+    /// The chunks (flags, type, payload) a test server answers a read (handle, offset, length)
+    /// with.
+    type Reply = fn(u64, u64, u32) -> Vec<(u16, u16, Vec<u8>)>;
+
+    /// A server that offers structured replies and answers each read with the chunks `reply`
+    /// makes.
+    fn serve_structured(size: u64, reply: Reply) -> (tempfile::TempDir, std::thread::JoinHandle<()>) {
         let dir = tempfile::tempdir().unwrap();
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
         let t = std::thread::spawn(move || {
@@ -677,7 +678,6 @@ mod tests {
     /// chunks, out of order, is read as its bytes.
     #[test]
     fn structured_replies_must_fill_the_read_exactly_once() {
-        type Reply = fn(u64, u64, u32) -> Vec<(u16, u16, Vec<u8>)>;
         let cases: [(&str, Reply, bool); 4] = [
             ("nothing", |_, _, _| vec![(CHUNK_DONE, CHUNK_NONE, vec![])], false),
             ("half", |_, at, _| vec![(CHUNK_DONE, CHUNK_OFFSET_DATA, data(at, &[9; 4096]))], false),
