@@ -164,7 +164,8 @@ pub struct SourceStamp {
 }
 
 impl SourceStamp {
-    fn of(meta: &std::fs::Metadata) -> Self {
+    /// The state of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
         Self {
             dev: meta.dev(),
