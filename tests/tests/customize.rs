@@ -1086,3 +1086,38 @@ fn a_single_large_upload_of_an_odd_size_arrives_byte_for_byte() {
     let root = Mount::partition(&img, 0).unwrap();
     assert!(std::fs::read(root.join("/root/single.bin")).unwrap() == data, "/root/single.bin differs from the upload");
 }
+
+/// A single large upload is read in place by the helper VM, during the run: a host file
+/// rewritten meanwhile, longer, would reach the guest cut at the planned length (a file the
+/// host never held), exit 0. It is an error instead, and the disk is left as it was.
+#[test]
+fn a_single_large_upload_changed_during_the_run_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let img = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let src = work.path().join("shrinks.bin");
+    std::fs::write(&src, vec![0x5au8; 6 << 20]).unwrap();
+    let disk = s(&img);
+    let upload = format!("{}:/root/shrinks.bin", s(&src));
+    // The sleep keeps the upload well after qemu has opened the file.
+    let args = ["customize", "-a", &disk, "--accel", "tcg", "--run-command", "sleep 5", "--upload", &upload];
+    let child = std::process::Command::new(imgforge_tests::run::binary())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while holders(&src).is_empty() {
+        assert!(Instant::now() < deadline, "no process opened the upload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&src).unwrap();
+    std::io::Write::write_all(&mut f, &vec![0xa5u8; 7 << 20]).unwrap();
+    drop(f);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 2, "{stderr}");
+    assert!(stderr.contains("changed while the helper VM was reading it"), "{stderr}");
+    let root = Mount::partition(&img, 0).unwrap();
+    assert!(!root.join("/root/shrinks.bin").exists(), "nothing was written");
+}

@@ -323,3 +323,40 @@ fn kept_digests_of_the_base_give_the_same_manifests() {
     assert_eq!(build("damaged"), cold, "a damaged cache is not used");
     assert!(digest_cache::parse(&std::fs::read(&kept).unwrap()).is_ok(), "and a sound one replaces it");
 }
+
+/// The base file changed while the helper VM read it (its SHA-256 was checked before): the
+/// digests that boot found are of some other bytes than those the SHA-256 names, and are not
+/// kept for the next build of that base.
+#[test]
+fn a_base_changed_during_the_build_keeps_no_digests() {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let sha256 = sha256_hex(&base);
+    let kept = imgforge::job::variants::kept_digests_path(&sha256).unwrap();
+    let _ = std::fs::remove_file(&kept);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let watched = base.clone();
+    let toucher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while imgforge_tests::run::holders(&watched).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "nothing opened the base");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A write of the same bytes: the file's change time moves, as with any other write.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&watched).unwrap();
+        let mut first = [0u8; 512];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut first, 0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &first, 0).unwrap();
+    });
+    let outcomes = run_keyed(
+        &base,
+        Some(&sha256),
+        vec![variant("v", &out, "raw", OutputFormat::Raw, &[("hostname", "changed")])],
+        1,
+        &Recorded::default(),
+    );
+    toucher.join().unwrap();
+    outcomes[0].result.as_ref().unwrap();
+    assert!(!kept.exists(), "digests of a base that changed during the build were kept");
+}

@@ -106,7 +106,8 @@ fn job_status(e: &JobError) -> ExitStatus {
         | E::HelperUser(_)
         | E::SameDisk { .. }
         | E::Overlay(crate::job::overlay::OverlayError::Refused { .. }) => ExitStatus::BadInput,
-        E::Floppy(FloppyError::TooLarge(_)) | E::Payload(PayloadError::Source { .. }) => ExitStatus::BadInput,
+        E::Floppy(FloppyError::TooLarge(_))
+        | E::Payload(PayloadError::Source { .. } | PayloadError::Changed { .. }) => ExitStatus::BadInput,
         E::TaskFailed { .. } | E::Variant { .. } => ExitStatus::CustomizationFailed,
         E::HelperImage(_)
         | E::WorkDir { .. }

@@ -239,6 +239,8 @@ pub struct Job {
     spec: VmSpec,
     /// The qemu and user the commit runs with: the helper VM's.
     confinement: crate::vm::blockdev_qemu::Confinement,
+    /// The host file the helper reads in place as its bulk disk, and its state when planned.
+    bulk_source: Option<(PathBuf, payload::SourceStamp)>,
     // Holds the floppy, payload and overlay files until the job ends.
     _work: tempfile::TempDir,
 }
@@ -276,11 +278,14 @@ impl Job {
             payload.iter().cloned().enumerate().partition(|(i, _)| bulk.contains(i));
         let bulk_files: Vec<_> = bulk_files.into_iter().map(|(_, f)| f).collect();
         let payload: Vec<_> = payload.into_iter().map(|(_, f)| f).collect();
+        let mut bulk_source = None;
         let bulk_path = match bulk_files.as_slice() {
             [] => None,
             // One file is its own bulk disk: no copy of it on the host.
             [one] => {
-                rules.bulk = vec![payload::whole_file(one)?];
+                let (placed, stamp) = payload::whole_file(one)?;
+                rules.bulk = vec![placed];
+                bulk_source = Some((one.source.clone(), stamp));
                 Some(one.source.clone())
             }
             _ => {
@@ -335,7 +340,7 @@ impl Job {
             cache,
             preload,
         };
-        Ok(Job { targets, overlays, spec, confinement: settings.confinement(), _work: work })
+        Ok(Job { targets, overlays, spec, confinement: settings.confinement(), bulk_source, _work: work })
     }
 
     /// Boots the helper VM on the prepared disk and collects its report.
@@ -347,6 +352,10 @@ impl Job {
     ) -> Result<RunResult, JobError> {
         progress.status("booting the helper VM");
         let (outcome, checks) = helper_events::run_vm(&self.spec, verbose, progress, interrupt).await?;
+        // Read in place during the run: a change makes what the guest got unknown.
+        if let Some((path, stamp)) = &self.bulk_source {
+            payload::check_unchanged(path, stamp)?;
+        }
         Ok(RunResult { outcome, checks })
     }
 

@@ -22,6 +22,13 @@ pub enum PayloadError {
         /// The I/O error opening it.
         source: std::io::Error,
     },
+    /// A file the helper VM reads in place (a single large upload: its own bulk disk) changed
+    /// between planning and the end of the run: the guest may hold some other bytes.
+    #[error("{} changed while the helper VM was reading it (its size, times or inode moved): nothing was written; upload it again once nothing writes to it", path.display())]
+    Changed {
+        /// The host file.
+        path: PathBuf,
+    },
     /// Writing the image failed.
     #[error("cannot write the payload disk {path}: {reason}")]
     Write {
@@ -145,12 +152,50 @@ pub fn bulk_candidates(files: &[PayloadFile], operations: &[Operation]) -> Vec<u
         .collect()
 }
 
+/// What identifies one state of a host file: any write moves its size or change time (which
+/// no unprivileged program sets), a replacement its device or inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl SourceStamp {
+    /// The state of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
 /// `file` as a bulk disk of its own, at offset 0 (qemu shows it a sector-rounded size, its last
-/// sector padded with zeros; the helper reads up to its end).
-pub fn whole_file(file: &PayloadFile) -> Result<BulkFile, PayloadError> {
+/// sector padded with zeros; the helper reads up to its end), and the state of the file whose
+/// length the helper is told: the helper reads it in place, during the run, so
+/// [`check_unchanged`] after the run tells whether it read that state.
+pub fn whole_file(file: &PayloadFile) -> Result<(BulkFile, SourceStamp), PayloadError> {
     let meta =
         std::fs::metadata(&file.source).map_err(|source| PayloadError::Source { path: file.source.clone(), source })?;
-    Ok(BulkFile { payload_path: file.name.clone(), offset: 0, length: meta.len() })
+    Ok((BulkFile { payload_path: file.name.clone(), offset: 0, length: meta.len() }, SourceStamp::of(&meta)))
+}
+
+/// Fails if the file at `path` is no longer in the state `stamp` (from [`whole_file`]): qemu
+/// pads a file that shrank with zeros and the helper copies only the planned length of one that
+/// grew, so a changed file would reach the guest as bytes it never held, without an error.
+pub fn check_unchanged(path: &Path, stamp: &SourceStamp) -> Result<(), PayloadError> {
+    let meta = std::fs::metadata(path).map_err(|source| PayloadError::Source { path: path.to_owned(), source })?;
+    if SourceStamp::of(&meta) != *stamp {
+        return Err(PayloadError::Changed { path: path.to_owned() });
+    }
+    Ok(())
 }
 
 /// Builds the raw bulk disk at `path`: each of `files` at the next [`BULK_ALIGN_BYTES`] boundary
@@ -277,6 +322,37 @@ mod tests {
             let want = std::fs::read(&f.source).unwrap();
             assert_eq!(&disk[p.offset as usize..(p.offset + p.length) as usize], &want[..]);
         }
+    }
+
+    /// A single large upload read in place: a file that shrank, grew, was rewritten at the
+    /// same size or replaced since planning is refused; one left alone passes.
+    #[test]
+    fn a_bulk_source_changed_since_planning_is_refused() {
+        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big");
+        let fresh = |len: usize| {
+            std::fs::write(&p, vec![7u8; len]).unwrap();
+            let f = PayloadFile { name: "files/0001-big".into(), source: p.clone(), tree: None };
+            whole_file(&f).unwrap().1
+        };
+        let stamp = fresh(3 << 20);
+        check_unchanged(&p, &stamp).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(1 << 20).unwrap();
+        assert!(matches!(check_unchanged(&p, &stamp), Err(PayloadError::Changed { .. })), "shrunk");
+        let stamp = fresh(3 << 20);
+        std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"more").unwrap();
+        assert!(matches!(check_unchanged(&p, &stamp), Err(PayloadError::Changed { .. })), "grown");
+        let stamp = fresh(3 << 20);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap().write_all_at(b"x", 5).unwrap();
+        assert!(matches!(check_unchanged(&p, &stamp), Err(PayloadError::Changed { .. })), "rewritten in place");
+        let stamp = fresh(3 << 20);
+        let other = dir.path().join("other");
+        std::fs::write(&other, vec![7u8; 3 << 20]).unwrap();
+        std::fs::rename(&other, &p).unwrap();
+        assert!(matches!(check_unchanged(&p, &stamp), Err(PayloadError::Changed { .. })), "replaced");
     }
 
     #[test]

@@ -142,9 +142,15 @@ pub async fn customize_variants(
             results[i] = fail(i, "another variant has the same name: give each its own".into());
         }
     }
+    // The base's state before anything here reads it (see DigestCache).
+    let base_stamp = std::fs::metadata(&base.path).ok().map(|m| crate::job::payload::SourceStamp::of(&m));
     match prepare(&base.path, base.format, settings).await {
         Ok((target, image)) => {
-            let digests = base.sha256.as_deref().and_then(DigestCache::for_base);
+            let digests = base
+                .sha256
+                .as_deref()
+                .zip(base_stamp)
+                .and_then(|(sha256, stamp)| DigestCache::for_base(sha256, &base.path, stamp));
             let digests = &digests;
             let todo: Vec<usize> = (0..total).filter(|i| results[*i].is_none()).collect();
             // A raw LVM base: its volume group would be on every disk of a boot (the helper
@@ -205,6 +211,10 @@ const EXPORT_DISK_BYTES: u64 = (digest_cache::MAX_BYTES as u64 + 8).div_ceil(512
 #[derive(Debug)]
 struct DigestCache {
     path: PathBuf,
+    /// The base file and its state before any boot read it: the digests are of the bytes its
+    /// SHA-256 names only if it is still in that state after the boot.
+    base: PathBuf,
+    stamp: crate::job::payload::SourceStamp,
 }
 
 /// Where the digests of the files of the base whose SHA-256 is `sha256` are kept between
@@ -216,9 +226,10 @@ pub fn kept_digests_path(sha256: &str) -> Option<PathBuf> {
 }
 
 impl DigestCache {
-    /// The cache of the base whose SHA-256 is `sha256` (64 hex digits, or no cache).
-    fn for_base(sha256: &str) -> Option<Self> {
-        kept_digests_path(sha256).map(|path| Self { path })
+    /// The cache of the base whose SHA-256 is `sha256` (64 hex digits, or no cache): the file
+    /// `base`, in state `stamp` before any boot read it.
+    fn for_base(sha256: &str, base: &Path, stamp: crate::job::payload::SourceStamp) -> Option<Self> {
+        kept_digests_path(sha256).map(|path| Self { path, base: base.to_owned(), stamp })
     }
 
     /// The kept file, if there is one and it is a digest cache; a damaged one is removed, so
@@ -242,6 +253,8 @@ impl DigestCache {
     fn keep(&self, export: &Path) {
         let stored = (|| -> Result<usize, String> {
             use std::io::Read;
+            // A base written to since its SHA-256 was checked: the helper read other bytes.
+            crate::job::payload::check_unchanged(&self.base, &self.stamp).map_err(|e| e.to_string())?;
             let mut file = std::fs::File::open(export).map_err(|e| e.to_string())?;
             let mut len = [0u8; 8];
             file.read_exact(&mut len).map_err(|e| e.to_string())?;

@@ -255,7 +255,16 @@ impl Client {
         self.handle += 1;
         self.stream.write_all(&request(CMD_READ, self.handle, offset, len32))?;
         buf.len = len;
-        Ok(PendingRead { handle: self.handle, offset, len, buf, hole_bytes: 0, error: None, done: false })
+        Ok(PendingRead {
+            handle: self.handle,
+            offset,
+            len,
+            buf,
+            hole_bytes: 0,
+            covered: std::collections::BTreeMap::new(),
+            error: None,
+            done: false,
+        })
     }
 
     /// Reads one reply (or one chunk of a structured reply) and fills the read of `pending` it
@@ -279,6 +288,7 @@ impl Client {
                 return Ok(());
             }
             self.stream.read_exact(&mut read.buf.as_mut_full()[..read.len])?;
+            read.covered.insert(0, read.len);
             return Ok(());
         }
         let mut header = [0u8; 20];
@@ -292,11 +302,13 @@ impl Client {
             CHUNK_OFFSET_DATA if chunk_len >= 8 => {
                 self.stream.read_exact(&mut fixed[..8])?;
                 let range = chunk_range(offset, len, u64_be(&fixed), u64::from(chunk_len - 8))?;
+                read.cover(&range)?;
                 self.stream.read_exact(&mut read.buf.as_mut_full()[range])?;
             }
             CHUNK_OFFSET_HOLE if chunk_len == 12 => {
                 self.stream.read_exact(&mut fixed)?;
                 let range = chunk_range(offset, len, u64_be(&fixed), u64::from(u32_be(&fixed[8..])))?;
+                read.cover(&range)?;
                 read.hole_bytes += range.len() as u64;
                 read.buf.as_mut_full()[range].fill(0);
             }
@@ -321,16 +333,43 @@ struct PendingRead {
     /// Where its bytes go (its first `len` bytes).
     buf: AlignedBuf,
     hole_bytes: u64,
+    /// The ranges of the buffer the reply filled (start → end), none overlapping another: a
+    /// buffer is reused, so a byte no chunk filled would hold an earlier read's.
+    covered: std::collections::BTreeMap<usize, usize>,
     error: Option<u32>,
     /// The whole reply arrived.
     done: bool,
 }
 
 impl PendingRead {
+    /// Records that a chunk fills `range`; a protocol error if another chunk filled any of it
+    /// (the hole count would be wrong, and a gap elsewhere could go unnoticed).
+    fn cover(&mut self, range: &std::ops::Range<usize>) -> Result<(), NbdError> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        let before = self.covered.range(..range.end).next_back().is_some_and(|(_, &end)| end > range.start);
+        if before {
+            return Err(NbdError::Protocol(format!(
+                "reply chunks for the read of {} bytes at {} overlap at byte {} of it",
+                self.len, self.offset, range.start
+            )));
+        }
+        self.covered.insert(range.start, range.end);
+        Ok(())
+    }
+
     /// What the finished read found, or the server's error.
     fn result(&self) -> Result<Filled, NbdError> {
         if let Some(errno) = self.error {
             return Err(NbdError::Read { offset: self.offset, len: self.len, errno });
+        }
+        let filled: usize = self.covered.iter().map(|(start, end)| end - start).sum();
+        if filled != self.len {
+            return Err(NbdError::Protocol(format!(
+                "the reply to the read of {} bytes at {} filled {filled} of them",
+                self.len, self.offset
+            )));
         }
         Ok(if self.hole_bytes == self.len as u64 { Filled::Hole } else { Filled::Data })
     }
@@ -568,6 +607,112 @@ mod tests {
         stopper.join().unwrap();
         drop(client);
         t.join().unwrap();
+    }
+
+    /// The chunks (flags, type, payload) a test server answers a read (handle, offset, length)
+    /// with.
+    type Reply = fn(u64, u64, u32) -> Vec<(u16, u16, Vec<u8>)>;
+
+    /// A server that offers structured replies and answers each read with the chunks `reply`
+    /// makes.
+    fn serve_structured(size: u64, reply: Reply) -> (tempfile::TempDir, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
+            s.read_exact(&mut [0u8; 4]).unwrap();
+            let reply_to = |s: &mut UnixStream, option: u32, kind: u32, payload: &[u8]| {
+                let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                r.extend_from_slice(&option.to_be_bytes());
+                r.extend_from_slice(&kind.to_be_bytes());
+                r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                r.extend_from_slice(payload);
+                s.write_all(&r).unwrap();
+            };
+            loop {
+                let mut head = [0u8; 16];
+                s.read_exact(&mut head).unwrap();
+                s.read_exact(&mut vec![0u8; u32_be(&head[12..]) as usize]).unwrap();
+                match u32_be(&head[8..]) {
+                    OPT_GO => break,
+                    other => reply_to(&mut s, other, REP_ACK, b""),
+                }
+            }
+            let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+            info.extend_from_slice(&size.to_be_bytes());
+            info.extend_from_slice(&1u16.to_be_bytes());
+            reply_to(&mut s, OPT_GO, REP_INFO, &info);
+            reply_to(&mut s, OPT_GO, REP_ACK, &[]);
+            loop {
+                let mut req = [0u8; 28];
+                if s.read_exact(&mut req).is_err() || u16_be(&req[6..]) == CMD_DISC {
+                    return;
+                }
+                let handle = u64_be(&req[8..]);
+                for (flags, kind, payload) in reply(handle, u64_be(&req[16..]), u32_be(&req[24..])) {
+                    let mut c = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+                    c.extend_from_slice(&flags.to_be_bytes());
+                    c.extend_from_slice(&kind.to_be_bytes());
+                    c.extend_from_slice(&handle.to_be_bytes());
+                    c.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                    c.extend_from_slice(&payload);
+                    s.write_all(&c).unwrap();
+                }
+            }
+        });
+        (dir, t)
+    }
+
+    fn hole(at: u64, len: u32) -> Vec<u8> {
+        [&at.to_be_bytes()[..], &len.to_be_bytes()].concat()
+    }
+
+    fn data(at: u64, bytes: &[u8]) -> Vec<u8> {
+        [&at.to_be_bytes()[..], bytes].concat()
+    }
+
+    /// A structured reply must fill each byte of the read once: a reply that leaves bytes
+    /// unfilled (a reused buffer would hand on an earlier read's) or fills some twice (its
+    /// hole count then passes data for a hole) is a protocol error; a reply in data and hole
+    /// chunks, out of order, is read as its bytes.
+    #[test]
+    fn structured_replies_must_fill_the_read_exactly_once() {
+        let cases: [(&str, Reply, bool); 4] = [
+            ("nothing", |_, _, _| vec![(CHUNK_DONE, CHUNK_NONE, vec![])], false),
+            ("half", |_, at, _| vec![(CHUNK_DONE, CHUNK_OFFSET_DATA, data(at, &[9; 4096]))], false),
+            (
+                "one hole twice",
+                |_, at, _| {
+                    vec![(0, CHUNK_OFFSET_HOLE, hole(at, 4096)), (CHUNK_DONE, CHUNK_OFFSET_HOLE, hole(at, 4096))]
+                },
+                false,
+            ),
+            (
+                "data after a hole, out of order",
+                |_, at, _| {
+                    vec![
+                        (0, CHUNK_OFFSET_DATA, data(at + 4096, &[9; 4096])),
+                        (CHUNK_DONE, CHUNK_OFFSET_HOLE, hole(at, 4096)),
+                    ]
+                },
+                true,
+            ),
+        ];
+        for (name, reply, sound) in cases {
+            let (dir, t) = serve_structured(1 << 20, reply);
+            let mut client = Client::connect(&dir.path().join("s"), "src").unwrap();
+            let mut buf = vec![0xeeu8; 8192];
+            let got = client.read_at(4096, &mut buf);
+            if sound {
+                assert_eq!(got.unwrap(), Filled::Data, "{name}");
+                assert!(buf[..4096].iter().all(|b| *b == 0) && buf[4096..].iter().all(|b| *b == 9), "{name}");
+            } else {
+                assert!(matches!(got, Err(NbdError::Protocol(_))), "{name}: {got:?}");
+            }
+            drop(client);
+            t.join().unwrap();
+        }
     }
 
     #[test]
