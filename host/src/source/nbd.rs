@@ -465,6 +465,16 @@ impl crate::stream::ChunkReader for Reader {
 mod tests {
     use super::*;
 
+    /// The test server's reply to the handshake option `option`.
+    fn reply_to(s: &mut UnixStream, option: u32, kind: u32, payload: &[u8]) {
+        let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&option.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        r.extend_from_slice(payload);
+        s.write_all(&r).unwrap();
+    }
+
     /// A server that speaks just enough NBD for one export of `data`, in a thread.
     /// From a request at `hang_from` on, it answers nothing more (a hung qemu).
     fn serve(
@@ -480,14 +490,6 @@ mod tests {
             s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
             let mut flags = [0u8; 4];
             s.read_exact(&mut flags).unwrap();
-            let reply_to = |s: &mut UnixStream, option: u32, kind: u32, payload: &[u8]| {
-                let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-                r.extend_from_slice(&option.to_be_bytes());
-                r.extend_from_slice(&kind.to_be_bytes());
-                r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-                r.extend_from_slice(payload);
-                s.write_all(&r).unwrap();
-            };
             // Structured replies refused (NBD_REP_ERR_UNSUP): the client falls back to simple ones.
             loop {
                 let mut head = [0u8; 16];
@@ -622,14 +624,6 @@ mod tests {
             let (mut s, _) = listener.accept().unwrap();
             s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
             s.read_exact(&mut [0u8; 4]).unwrap();
-            let reply_to = |s: &mut UnixStream, option: u32, kind: u32, payload: &[u8]| {
-                let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-                r.extend_from_slice(&option.to_be_bytes());
-                r.extend_from_slice(&kind.to_be_bytes());
-                r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-                r.extend_from_slice(payload);
-                s.write_all(&r).unwrap();
-            };
             loop {
                 let mut head = [0u8; 16];
                 s.read_exact(&mut head).unwrap();
