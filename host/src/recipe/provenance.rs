@@ -173,6 +173,11 @@ mod tests {
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 
     fn sample() -> Value {
+        sample_with_manifest("")
+    }
+
+    /// The sample statement, with the tree manifest's digest `manifest_sha256` ("": none).
+    fn sample_with_manifest(manifest_sha256: &str) -> Value {
         let vars = [("site".to_owned(), "ath".to_owned())];
         let ops = ["hostname ath".to_owned(), "root-password password:<redacted>".to_owned()];
         statement(&Facts {
@@ -188,7 +193,7 @@ mod tests {
             source_date_epoch: Some(0),
             imgforge_version: "0.1.0",
             helper_image: B,
-            manifest_sha256: "",
+            manifest_sha256,
             changes: &[],
             started: "1970-01-01T00:00:00Z",
             finished: "1970-01-01T00:00:00Z",
@@ -222,25 +227,7 @@ mod tests {
                 .collect()
         };
         assert_eq!(names(&sample()), Vec::<String>::new());
-        let vars = [("site".to_owned(), "ath".to_owned())];
-        let with_manifest = statement(&Facts {
-            output_name: "ath.img",
-            output_sha256: A,
-            variant: "ath",
-            vars: &vars,
-            format: "raw",
-            recipe: ("r.toml", B),
-            base: ("base.img", B),
-            operations: &[],
-            seeded: false,
-            source_date_epoch: None,
-            imgforge_version: "0.1.0",
-            helper_image: B,
-            manifest_sha256: B,
-            changes: &[],
-            started: "1970-01-01T00:00:00Z",
-            finished: "1970-01-01T00:00:00Z",
-        });
+        let with_manifest = sample_with_manifest(B);
         assert_eq!(names(&with_manifest), ["tree-manifest", "changed-files"]);
     }
 
