@@ -294,15 +294,7 @@ impl Job {
                 Some(p)
             }
         };
-        let floppy_path = work.path().join("rules.img");
-        floppy::build(&rules, &floppy_path)?;
-        let payload_path = if payload.is_empty() {
-            None
-        } else {
-            let p = work.path().join("payload.img");
-            payload::build(&payload, &p)?;
-            Some(p)
-        };
+        let (floppy_path, payload_path) = rules_and_payload_disks(work.path(), &rules, &payload)?;
         // Mounting, even read-only, may replay a journal: every write lands in an overlay.
         let overlays = targets
             .iter()
@@ -490,6 +482,22 @@ pub(crate) fn check_distinct(disks: &[GuestDisk]) -> Result<(), JobError> {
 
 /// The modules worth loading early for `targets` (nothing when every task is excluded: then
 /// nothing is mounted).
+/// Writes the rules floppy and, when there are files, the payload disk into `work`: their paths.
+fn rules_and_payload_disks(
+    work: &Path,
+    rules: &Rules,
+    payload: &[crate::ops::PayloadFile],
+) -> Result<(PathBuf, Option<PathBuf>), JobError> {
+    let floppy_path = work.join("rules.img");
+    floppy::build(rules, &floppy_path)?;
+    if payload.is_empty() {
+        return Ok((floppy_path, None));
+    }
+    let payload_path = work.join("payload.img");
+    payload::build(payload, &payload_path)?;
+    Ok((floppy_path, Some(payload_path)))
+}
+
 fn preload_for(targets: &[Target], excluded_tasks: &[String], payload: bool) -> Vec<&'static str> {
     if excluded_tasks.iter().any(|t| t == "*") {
         return Vec::new();

@@ -13,7 +13,7 @@
 use super::helper_events::{self, VariantLines};
 use super::overlay::Overlay;
 use super::target::{self, KnownFormat, Target};
-use super::{blocking, floppy, payload, plan_rules, JobError, VmSettings};
+use super::{blocking, plan_rules, JobError, VmSettings};
 use crate::helper_image;
 use crate::ops::{PayloadFile, Plan};
 use crate::progress::{Event, Progress, Secret};
@@ -590,15 +590,7 @@ fn prepare_boot(
             }
         }
     }
-    let floppy_path = work.path().join("rules.img");
-    floppy::build(&top, &floppy_path)?;
-    let payload_path = if payload_files.is_empty() {
-        None
-    } else {
-        let p = work.path().join("payload.img");
-        payload::build(&payload_files, &p)?;
-        Some(p)
-    };
+    let (floppy_path, payload_path) = super::rules_and_payload_disks(work.path(), &top, &payload_files)?;
     let preload = super::preload_for(std::slice::from_ref(target), &settings.excluded_tasks, payload_path.is_some());
     let spec = VmSpec {
         qemu: settings.qemu.clone(),
