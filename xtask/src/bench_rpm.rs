@@ -34,12 +34,7 @@ fn build_rpms(top: &Path, out: &Path, count: usize, mib: u64) -> Result<Vec<Path
         let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ (i as u64 + 1);
         let mut block = vec![0u8; 1 << 20];
         for _ in 0..mib {
-            for w in block.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes());
-            }
+            crate::xorshift_fill(&mut block, &mut x);
             f.write_all(&block)?;
         }
         f.flush()?;

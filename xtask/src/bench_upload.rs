@@ -25,12 +25,7 @@ fn write_payload(path: &Path, mib: u64) -> Result<()> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ mib;
     let mut block = vec![0u8; 1 << 20];
     for _ in 0..mib {
-        for word in block.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
+        crate::xorshift_fill(&mut block, &mut x);
         out.write_all(&block)?;
     }
     out.flush()?;

@@ -53,12 +53,7 @@ fn raw_image() -> Result<PathBuf> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut block = vec![0u8; MIB as usize];
     for i in 0..1024u64 {
-        for b in block.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            b.copy_from_slice(&state.to_le_bytes());
-        }
+        crate::xorshift_fill(&mut block, &mut state);
         f.write_all_at(&block, i * MIB)?;
     }
     let zeros = vec![0u8; MIB as usize];

@@ -88,6 +88,17 @@ fn ensure_virt_customize() -> Result<()> {
     Ok(())
 }
 
+/// Fills `block` (a multiple of 8 bytes) with xorshift64 words from `state`, advancing it: the
+/// benchmarks' incompressible bytes.
+fn xorshift_fill(block: &mut [u8], state: &mut u64) {
+    for word in block.chunks_exact_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        word.copy_from_slice(&state.to_le_bytes());
+    }
+}
+
 /// The operations `bench customize` times, with `--upload UPLOAD`.
 fn bench_operations(upload: &str) -> Vec<String> {
     vec![
