@@ -11,6 +11,7 @@
 mod accounts;
 mod apt;
 mod bulk;
+mod change_watch;
 mod changes;
 mod cloud_init;
 mod confinement;

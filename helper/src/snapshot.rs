@@ -11,7 +11,7 @@
 
 use imgforge_protocol::change::FileType;
 use imgforge_protocol::manifest::ManifestContent;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -79,7 +79,7 @@ pub fn record(root: &Path) -> io::Result<Snapshot> {
 /// Walks the guest tree mounted at `root` as [`record`] does, and also reads every regular
 /// file's bytes (their SHA-256) and every symlink's target, for the tree manifest. A file that
 /// cannot be read is an error: a manifest must not pass over it.
-pub fn record_with_contents(root: &Path) -> io::Result<(Snapshot, BTreeMap<Vec<u8>, ManifestContent>)> {
+pub fn record_with_contents(root: &Path) -> io::Result<WithContents> {
     let (snapshot, contents) = record_walk(root, true)?;
     if let Some((path, e)) = contents.1 {
         return Err(io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path))));
@@ -87,9 +87,141 @@ pub fn record_with_contents(root: &Path) -> io::Result<(Snapshot, BTreeMap<Vec<u
     Ok((snapshot, contents.0))
 }
 
+/// A walk that read contents: the tree, and each file's digest and each symlink's target.
+pub type WithContents = (Snapshot, BTreeMap<Vec<u8>, ManifestContent>);
+
 type Contents = (BTreeMap<Vec<u8>, ManifestContent>, Option<(Vec<u8>, io::Error)>);
 
-fn record_walk(root: &Path, read_contents: bool) -> io::Result<(Snapshot, Contents)> {
+/// The tree at `root`, with contents as [`record_with_contents`] gives them, after changes
+/// confined to the directories `dirs` (guest paths; see `change_watch`), from `base` and
+/// `base_contents`, a walk with contents of the same tree before them. Each of `dirs` is
+/// listed again, parents first: an entry that is new, or no longer the same directory, is
+/// walked whole; a subdirectory whose own record moved is listed again too (a directory
+/// removed and made anew can get the old inode number back, never the old change time).
+/// An error if a directory of `dirs` is in the tree but its parent's listing does not hold it
+/// (the changes reported were not all there were): the caller then walks the whole tree.
+pub fn refresh_with_contents(
+    root: &Path,
+    base: &Snapshot,
+    base_contents: &BTreeMap<Vec<u8>, ManifestContent>,
+    dirs: &BTreeSet<Vec<u8>>,
+) -> io::Result<WithContents> {
+    let root_fd = open_root(root)?;
+    let mut entries = base.entries.clone();
+    let mut contents = base_contents.clone();
+    let (mut too_deep, mut too_long, mut over_cap) = (0, 0, 0);
+    let mut pending = dirs.clone();
+    while let Some(dir) = pending.pop_first() {
+        let Some((fd, depth)) = open_guest_dir(&root_fd, &dir) else { continue };
+        if entries.get(&dir).is_none_or(|m| m.file_type != FileType::Directory) {
+            return Err(io::Error::other(format!(
+                "{} changed but the listing of its parent does not hold it as a directory",
+                String::from_utf8_lossy(&dir)
+            )));
+        }
+        let st = fstat(&fd)?;
+        if let Some(meta) = Meta::of(&st) {
+            entries.insert(dir.clone(), meta);
+        }
+        let old = children(&entries, &dir);
+        let mut walk = Walk {
+            read_contents: true,
+            known_dirs: old.iter().filter(|(_, m)| m.file_type == FileType::Directory).cloned().collect(),
+            ..Walk::default()
+        };
+        walk.directory(fd, dir.clone(), depth);
+        if let Some((path, e)) = walk.unreadable {
+            return Err(io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path))));
+        }
+        for (child, was) in old {
+            let now = walk.snapshot.entries.get(&child);
+            let same_dir = was.file_type == FileType::Directory
+                && now.is_some_and(|n| n.file_type == FileType::Directory && n.ino == was.ino);
+            if same_dir {
+                if now != Some(&was) {
+                    pending.insert(child);
+                }
+                continue;
+            }
+            if was.file_type == FileType::Directory {
+                remove_subtree(&mut entries, &mut contents, &child);
+            }
+            entries.remove(&child);
+            contents.remove(&child);
+        }
+        entries.extend(walk.snapshot.entries);
+        contents.extend(walk.contents);
+        (too_deep, too_long, over_cap) = (too_deep + walk.too_deep, too_long + walk.too_long, over_cap + walk.over_cap);
+    }
+    let mut left_out = base.left_out.clone();
+    let counts = [
+        (too_deep, format!("directories deeper than {MAX_DEPTH} levels")),
+        (too_long, format!("paths longer than {MAX_PATH_BYTES} bytes")),
+        (over_cap, format!("paths past the first {MAX_ENTRIES}")),
+    ];
+    left_out.extend(counts.into_iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")));
+    if entries.len() > MAX_ENTRIES {
+        left_out.push(format!("{} paths past the first {MAX_ENTRIES}", entries.len() - MAX_ENTRIES));
+    }
+    Ok((Snapshot { entries, left_out }, contents))
+}
+
+/// The entries directly in the directory `dir` (pure).
+fn children(entries: &BTreeMap<Vec<u8>, Meta>, dir: &[u8]) -> Vec<(Vec<u8>, Meta)> {
+    let prefix = if dir == b"/" { b"/".to_vec() } else { [dir, b"/"].concat() };
+    entries
+        .range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .filter(|(k, _)| k.len() > prefix.len() && !k[prefix.len()..].contains(&b'/'))
+        .map(|(k, m)| (k.clone(), *m))
+        .collect()
+}
+
+/// Removes everything below the directory `dir` (not `dir` itself).
+fn remove_subtree(
+    entries: &mut BTreeMap<Vec<u8>, Meta>,
+    contents: &mut BTreeMap<Vec<u8>, ManifestContent>,
+    dir: &[u8],
+) {
+    let prefix = [dir, b"/"].concat();
+    let below: Vec<Vec<u8>> =
+        entries.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)).map(|(k, _)| k.clone()).collect();
+    for key in below {
+        entries.remove(&key);
+        contents.remove(&key);
+    }
+}
+
+/// Opens the guest directory `path` below `root` one component at a time, following no link;
+/// with its depth. `None` if it is not there (or deeper than a walk goes).
+fn open_guest_dir(root: &OwnedFd, path: &[u8]) -> Option<(OwnedFd, usize)> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a valid descriptor; the duplicate is ours.
+    let fd = unsafe { libc::fcntl(root.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fcntl returned a new descriptor that we now own.
+    let mut at = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut depth = 0;
+    for name in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+        depth += 1;
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let c = CString::new(name).ok()?;
+        // SAFETY: a valid directory descriptor and a NUL-terminated name.
+        let fd = unsafe { libc::openat(at.as_raw_fd(), c.as_ptr(), flags) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: openat returned a new descriptor that we now own.
+        at = unsafe { OwnedFd::from_raw_fd(fd) };
+    }
+    Some((at, depth))
+}
+
+fn open_root(root: &Path) -> io::Result<OwnedFd> {
     let c_root = CString::new(root.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "root path holds a NUL byte"))?;
     // SAFETY: a NUL-terminated path; the descriptor returned is ours.
@@ -98,7 +230,11 @@ fn record_walk(root: &Path, read_contents: bool) -> io::Result<(Snapshot, Conten
         return Err(io::Error::last_os_error());
     }
     // SAFETY: open returned a new descriptor that we now own.
-    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn record_walk(root: &Path, read_contents: bool) -> io::Result<(Snapshot, Contents)> {
+    let dir = open_root(root)?;
     let st = fstat(&dir)?;
     let mut walk = Walk { read_contents, ..Walk::default() };
     if let Some(meta) = Meta::of(&st) {
@@ -125,6 +261,9 @@ struct Walk {
     contents: BTreeMap<Vec<u8>, ManifestContent>,
     /// The first file that could not be read, and why.
     unreadable: Option<(Vec<u8>, io::Error)>,
+    /// Directories recorded before (path and record): one listed again as the same inode is
+    /// not entered (its own changes, if any, are listed on their own).
+    known_dirs: BTreeMap<Vec<u8>, Meta>,
 }
 
 impl Walk {
@@ -174,6 +313,9 @@ impl Walk {
             if meta.file_type != FileType::Directory {
                 continue;
             }
+            if self.known_dirs.get(&child).is_some_and(|was| was.ino == meta.ino && was.file_type == meta.file_type) {
+                continue;
+            }
             if depth + 1 > MAX_DEPTH {
                 self.too_deep += 1;
                 continue;
@@ -198,7 +340,8 @@ pub fn lstat(path: &Path) -> io::Result<libc::stat> {
     Ok(st)
 }
 
-fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+/// `fstat(fd)`.
+pub fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
     // SAFETY: stat is plain old data; fstat fills it for a valid descriptor.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: a descriptor we own and a writable stat.

@@ -5,6 +5,7 @@
 //! unmounted, the helper reports what they added, changed and removed (`CHANGE` lines, as a dry
 //! run lists them) and the digest of its tree manifest (`MANIFEST`).
 
+use crate::change_watch::{ChangeWatch, Touched};
 use crate::changes;
 use crate::layout::{PAYLOAD_DIR, STATE_DIR, TARGET_DIR};
 use crate::reporter::Reporter;
@@ -12,9 +13,11 @@ use crate::snapshot::{self, Snapshot};
 use crate::task_env::{Place, TaskEnv};
 use crate::tasks::{self, Builtins, TaskFailure, When};
 use imgforge_protocol::digest_cache;
+use imgforge_protocol::manifest::ManifestContent;
 use imgforge_protocol::report::ReportLine;
 use imgforge_protocol::rules::{Rules, VariantRules};
 use imgforge_protocol::task::TaskName;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -133,6 +136,7 @@ fn helper_failure(message: String) -> TaskFailure {
 struct BaseTree {
     mounts: Vec<(PathBuf, snapshot::Meta)>,
     snapshot: Snapshot,
+    contents: BTreeMap<Vec<u8>, ManifestContent>,
 }
 
 /// One variant's tasks; the manifest's digest.
@@ -169,35 +173,57 @@ fn run_one(
     let target = Path::new(TARGET_DIR);
     // Every walk sees the guest's own filesystems bound on `scratch`, without the pseudo
     // filesystems mounted for chroots: what any reader of the image would see.
+    let mut watch: Option<ChangeWatch> = None;
     let mut hook = |when: When, task: &TaskName, reporter: &mut Reporter| -> Result<(), String> {
         match (when, task.short()) {
             (When::After, "MountRoot") => {
                 let mounts = crate::manifest::mounts_fingerprint(target, &mounts_file)?;
                 if base_tree.as_ref().is_none_or(|b| b.mounts != mounts) {
-                    let snapshot = crate::manifest::with_guest_tree(target, &mounts_file, &scratch, |root| {
-                        snapshot::record(root).map_err(|e| format!("cannot walk the guest tree: {e}"))
-                    })?;
-                    *base_tree = Some(BaseTree { mounts, snapshot });
+                    let (snapshot, contents) =
+                        crate::manifest::with_guest_tree(target, &mounts_file, &scratch, |root| {
+                            snapshot::record_with_contents(root)
+                                .map_err(|e| format!("cannot read the guest's tree: {e}"))
+                        })?;
+                    *base_tree = Some(BaseTree { mounts, snapshot, contents });
                 }
+                watch = ChangeWatch::start(target, &mounts_file)
+                    .map_err(|e| println!("manifest: the whole tree will be walked after the operations: {e}"))
+                    .ok();
             }
             (When::Before, "Unmount") => {
-                let before = base_tree.as_ref().map(|b| &b.snapshot).ok_or("the guest tree was not recorded")?;
-                let (after, contents) = crate::manifest::with_guest_tree(target, &mounts_file, &scratch, |root| {
-                    let (after, contents) = snapshot::record_with_contents(root)
-                        .map_err(|e| format!("cannot read the guest's tree for its manifest: {e}"))?;
-                    if let Some(epoch) = source_date_epoch {
-                        set_times(root, before, &after, epoch)?;
-                    }
-                    Ok((after, contents))
-                })?;
+                let started = Instant::now();
+                let base = base_tree.as_ref().ok_or("the guest tree was not recorded")?;
+                let before = &base.snapshot;
+                let touched = watch.take().map(|w| w.finish(target));
+                let (after, contents, tracked) =
+                    crate::manifest::with_guest_tree(target, &mounts_file, &scratch, |root| {
+                        let ((after, contents), tracked) = after_operations(root, base, touched)?;
+                        if let Some(epoch) = source_date_epoch {
+                            set_times(root, before, &after, epoch)?;
+                        }
+                        Ok((after, contents, tracked))
+                    })?;
+                let walked = started.elapsed();
+                let phase = if tracked { "manifest-tracked" } else { "manifest-walked" };
+                reporter.send(&ReportLine::Phase { name: phase.into(), uptime_ms: crate::reporter::uptime_ms() });
                 changes::send(&changes::diff(&before.entries, &after.entries), &mut |line| reporter.send(&line));
                 manifest = Some(crate::manifest::digest_of(&after, &contents)?);
+                println!(
+                    "manifest: {} paths, {} {} ms, changes and digest {} ms",
+                    after.entries.len(),
+                    if tracked { "changed directories listed" } else { "whole tree walked" },
+                    walked.as_millis(),
+                    (started.elapsed() - walked).as_millis()
+                );
             }
             _ => {}
         }
         Ok(())
     };
     let result = tasks::run_all_at(dir, &rules, &place, builtins, reporter, &mut hook);
+    // A watch left by a failed variant holds descriptors on its filesystems: it must go
+    // before the unmount below.
+    drop(watch);
     if let Err(failure) = result {
         // The next variant mounts on the same place: whatever this one left mounted goes.
         if let Ok(task) = TaskName::parse("90-Unmount") {
@@ -211,6 +237,33 @@ fn run_one(
         task: "helper".into(),
         message: "no tree manifest was computed: the tasks MountRoot and Unmount must not be excluded".into(),
     })
+}
+
+/// The tree at `root` after a variant's operations, with contents, and whether it came from
+/// the changes the kernel reported (`touched`) rather than a walk of the whole tree: a walk
+/// when no watch ran or its report cannot be trusted (said in the log).
+fn after_operations(
+    root: &Path,
+    base: &BaseTree,
+    touched: Option<Result<Touched, String>>,
+) -> Result<(snapshot::WithContents, bool), String> {
+    let refreshed = match touched {
+        Some(Ok(touched)) => {
+            let dirs = touched.dirs_to_list(&base.snapshot);
+            snapshot::refresh_with_contents(root, &base.snapshot, &base.contents, &dirs).map_err(|e| e.to_string())
+        }
+        Some(Err(e)) => Err(e),
+        None => Err("no watch ran".into()),
+    };
+    match refreshed {
+        Ok(tree) => Ok((tree, true)),
+        Err(e) => {
+            println!("manifest: walking the whole tree: {e}");
+            let tree = snapshot::record_with_contents(root)
+                .map_err(|e| format!("cannot read the guest's tree for its manifest: {e}"))?;
+            Ok((tree, false))
+        }
+    }
 }
 
 /// Gives every path added or changed between `before` and `after` (walks of the tree at

@@ -309,7 +309,9 @@ fn kept_digests_of_the_base_give_the_same_manifests() {
     let passwd = entries.iter().find(|e| e.path == b"/etc/passwd").expect("an untouched file of the base is kept");
     let mount = Mount::partition(&base, 0).unwrap();
     assert_eq!(passwd.sha256, sha256_hex(&mount.join("/etc/passwd")));
-    assert!(!entries.iter().any(|e| e.path == b"/etc/hostname"), "a file the variant changed is not the base's");
+    // A file the variant changed is kept as the base holds it (its record is the base's).
+    let hostname = entries.iter().find(|e| e.path == b"/etc/hostname").expect("the base's hostname is kept");
+    assert_eq!(hostname.sha256, sha256_hex(&mount.join("/etc/hostname")));
     drop(mount);
 
     assert_eq!(build("warm"), cold, "the kept digests give the manifest the files do");
@@ -359,4 +361,58 @@ fn a_base_changed_during_the_build_keeps_no_digests() {
     toucher.join().unwrap();
     outcomes[0].result.as_ref().unwrap();
     assert!(!kept.exists(), "digests of a base that changed during the build were kept");
+}
+
+/// After each variant's operations the helper lists again only the directories the kernel
+/// reported changes in (fanotify), not the whole tree: with every kind of change an operation
+/// can make (a new tree then moved, a directory moved and made anew under its old name, a tree
+/// removed, a directory's mode, a file changed through a hard link elsewhere, truncated, its
+/// owner changed, a file replaced by a symlink), the manifests of two variants of one boot
+/// (the second starts from the first's record of the base) are what the test computes.
+#[test]
+fn the_manifest_from_reported_changes_is_the_whole_tree_s() {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let script = "set -e; \
+        mkdir -p /opt/t/a/b; echo x > /opt/t/a/b/f; mv /opt/t /opt/moved; \
+        mv /etc/default /etc/default-old; mkdir /etc/default; echo y > /etc/default/fresh; \
+        rm -r \"$(ls -d /usr/share/doc/* | head -n 1)\"; \
+        rm -rf /var/cache/apt; mkdir /var/cache/apt; \
+        chmod 0700 /var/log; \
+        ln /usr/share/base-files/motd /root/motd-twin; echo twin >> /root/motd-twin; \
+        truncate -s 1 /etc/issue.net; chown 1:1 /etc/issue; \
+        rm -f /etc/motd; ln -s issue /etc/motd";
+    let variants = ["one", "two"]
+        .iter()
+        .map(|name| variant(name, &out, "raw", OutputFormat::Raw, &[("hostname", name), ("run-command", script)]))
+        .collect();
+    let progress = Recorded::default();
+    let outcomes = run(&base, variants, 1, &progress);
+    assert_eq!(progress.boots(), 1);
+    let tracked = progress
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(
+            |e| matches!(e, Event::ImageHelper(HelperEvent::Phase { phase, .. }) if phase == "helper manifest-tracked"),
+        )
+        .count();
+    assert_eq!(tracked, 2, "both variants' trees came from the changes the kernel reported");
+    for outcome in &outcomes {
+        let product = outcome.result.as_ref().unwrap_or_else(|e| panic!("{}: {e}", outcome.name));
+        let mount = Mount::partition(&product.output, 0).unwrap();
+        assert!(mount.read("/usr/share/base-files/motd").unwrap().ends_with("twin\n"));
+        assert_eq!(mount.read("/etc/default/fresh").unwrap(), "y\n");
+        assert_eq!(
+            product.manifest_sha256,
+            manifest_sha256(mount.path()),
+            "{}: the helper's manifest against the whole tree's",
+            outcome.name
+        );
+        let changed = |path: &str| product.changes.iter().any(|c| c.path == path && c.change == ChangeKind::Changed);
+        assert!(changed("/usr/share/base-files/motd"), "{}: {:?}", outcome.name, product.changes);
+    }
 }

@@ -1,0 +1,523 @@
+//! Which directories of the guest's filesystems anything changed in while a variant's
+//! operations ran, told by the kernel (fanotify, one mark on each of the guest's filesystems)
+//! rather than found by walking the whole tree again: under TCG a walk of a small Debian costs
+//! most of a variant's time in the helper. The tree after the operations is then the tree before
+//! them with those directories listed again (`snapshot::refresh_with_contents`).
+//!
+//! What is reported covers every way a path's entry, metadata or bytes can change through the
+//! filesystem: entries created, removed or moved (in the directory holding them), metadata
+//! (`FAN_ATTRIB`, also a link count), bytes written, truncated or allocated (`FAN_MODIFY`), and
+//! any file opened for writing when it is closed (`FAN_CLOSE_WRITE`: a write through a shared
+//! mapping raises no `FAN_MODIFY`). An inode changed under one name is also changed under its
+//! other hard links: the object's inode number is reported with it, and every path of that inode
+//! is listed again. Anything this cannot account for — the kernel or a filesystem refuses the
+//! marks, two filesystems share an identifier, events were lost (the queue overflowed), an
+//! event does not parse — is an error, and the caller walks the whole tree instead.
+
+use crate::snapshot::Snapshot;
+use imgforge_protocol::change::FileType;
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Events that can change a path's entry, metadata or bytes.
+const MASK: u64 = libc::FAN_MODIFY
+    | libc::FAN_ATTRIB
+    | libc::FAN_CLOSE_WRITE
+    | libc::FAN_CREATE
+    | libc::FAN_DELETE
+    | libc::FAN_MOVED_FROM
+    | libc::FAN_MOVED_TO
+    | libc::FAN_DELETE_SELF
+    | libc::FAN_MOVE_SELF
+    | libc::FAN_ONDIR;
+
+/// The length of `struct fanotify_event_metadata`.
+const METADATA_LEN: usize = 24;
+
+/// A watch on the guest's filesystems, from [`ChangeWatch::start`] to [`ChangeWatch::finish`].
+pub struct ChangeWatch {
+    group: OwnedFd,
+    filesystems: Vec<Watched>,
+}
+
+/// One marked filesystem: its identifier in events and a descriptor on it to open handles with.
+struct Watched {
+    fsid: [i32; 2],
+    mount: OwnedFd,
+}
+
+/// What the operations touched: guest directories (absolute guest paths) and inode numbers of
+/// other objects (any filesystem).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Directories whose entries, or whose entries' metadata or bytes, changed; or that changed
+    /// themselves.
+    pub dirs: BTreeSet<Vec<u8>>,
+    /// Inode numbers of files, links and nodes changed (their every path is listed again).
+    pub inodes: BTreeSet<u64>,
+}
+
+impl Touched {
+    /// The directories to list again: those named, and those holding a path of `base` whose
+    /// inode is named (a file changed through another of its hard links) (pure).
+    pub fn dirs_to_list(&self, base: &Snapshot) -> BTreeSet<Vec<u8>> {
+        let mut dirs = self.dirs.clone();
+        for (path, meta) in &base.entries {
+            if meta.file_type != FileType::Directory && self.inodes.contains(&meta.ino) {
+                let at = path.iter().rposition(|b| *b == b'/').unwrap_or(0);
+                dirs.insert(if at == 0 { b"/".to_vec() } else { path[..at].to_vec() });
+            }
+        }
+        dirs
+    }
+}
+
+impl ChangeWatch {
+    /// Marks every block-backed filesystem mounted under `target` as `mounts_file` lists them
+    /// (the root first), for the events of [`MASK`].
+    pub fn start(target: &Path, mounts_file: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(mounts_file)
+            .map_err(|e| format!("cannot read the list of the guest's mounts {}: {e}", mounts_file.display()))?;
+        let flags = libc::FAN_CLASS_NOTIF
+            | libc::FAN_CLOEXEC
+            | libc::FAN_NONBLOCK
+            | libc::FAN_REPORT_FID
+            | libc::FAN_REPORT_DIR_FID;
+        // SAFETY: plain flags; a new descriptor or -1.
+        let fd = unsafe { libc::fanotify_init(flags, (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_uint) };
+        if fd < 0 {
+            return Err(format!("fanotify_init: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: fanotify_init returned a new descriptor that we now own.
+        let group = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut filesystems: Vec<Watched> = Vec::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let at = Path::new(line);
+            if at.strip_prefix(target).is_err() {
+                continue;
+            }
+            let mount = open_dir(at).map_err(|e| format!("cannot open {line}: {e}"))?;
+            let st = crate::snapshot::fstat(&mount).map_err(|e| format!("cannot look at {line}: {e}"))?;
+            // The chroots' /dev, /proc, /sys: not the guest's, and no walk enters them.
+            if libc::major(st.st_dev) == 0 {
+                continue;
+            }
+            let fsid = fsid_of(&mount).map_err(|e| format!("cannot read the filesystem id of {line}: {e}"))?;
+            if filesystems.iter().any(|w| w.fsid == fsid) {
+                return Err(format!("{line} shares its filesystem id with another of the guest's filesystems"));
+            }
+            let c = CString::new(line).map_err(|_| format!("{line} holds a NUL byte"))?;
+            // SAFETY: our fanotify descriptor, a NUL-terminated path; no memory is kept.
+            let rc = unsafe {
+                libc::fanotify_mark(
+                    group.as_raw_fd(),
+                    libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+                    MASK,
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                )
+            };
+            if rc != 0 {
+                return Err(format!("cannot watch the filesystem at {line}: {}", io::Error::last_os_error()));
+            }
+            filesystems.push(Watched { fsid, mount });
+        }
+        if filesystems.is_empty() {
+            return Err(format!("no filesystem of the guest is mounted under {}", target.display()));
+        }
+        Ok(Self { group, filesystems })
+    }
+
+    /// Reads every event queued and resolves them to guest paths under `target`. Call it once
+    /// no guest program runs any more.
+    pub fn finish(self, target: &Path) -> Result<Touched, String> {
+        let mut touched = Touched::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: our descriptor and a writable buffer of the length given.
+            let n = unsafe { libc::read(self.group.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    break;
+                }
+                return Err(format!("cannot read the filesystem events: {e}"));
+            }
+            if n == 0 {
+                break;
+            }
+            for event in parse_events(&buf[..n as usize])? {
+                if event.mask & libc::FAN_Q_OVERFLOW != 0 {
+                    return Err("the filesystem events overflowed their queue: some were lost".into());
+                }
+                for fid in &event.fids {
+                    self.resolve(fid, target, &mut touched)?;
+                }
+            }
+        }
+        Ok(touched)
+    }
+
+    /// Adds what `fid` names to `touched`: a directory by its guest path, anything else by its
+    /// inode number. An object that no longer exists is left: the directory that held it has
+    /// an event of its own (its entry was removed or moved).
+    fn resolve(&self, fid: &Fid, target: &Path, touched: &mut Touched) -> Result<(), String> {
+        let watched = self
+            .filesystems
+            .iter()
+            .find(|w| w.fsid == fid.fsid)
+            .ok_or_else(|| format!("an event names filesystem id {:?}, which is not watched", fid.fsid))?;
+        let Some(object) = open_handle(&watched.mount, fid)? else { return Ok(()) };
+        let st = crate::snapshot::fstat(&object).map_err(|e| format!("cannot look at a changed object: {e}"))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            touched.inodes.insert(st.st_ino);
+            return Ok(());
+        }
+        if st.st_nlink == 0 {
+            return Ok(());
+        }
+        let shown = std::fs::read_link(format!("/proc/self/fd/{}", object.as_raw_fd()))
+            .map_err(|e| format!("cannot find the path of a changed directory: {e}"))?;
+        let path = guest_path(shown.as_os_str().as_bytes(), target.as_os_str().as_bytes()).ok_or_else(|| {
+            format!("a changed directory, {}, is not under the guest root {}", shown.display(), target.display())
+        })?;
+        touched.dirs.insert(path);
+        Ok(())
+    }
+}
+
+/// The guest path of `shown` (a path in the helper's view) under `target`: `/` for the target
+/// itself (pure).
+pub fn guest_path(shown: &[u8], target: &[u8]) -> Option<Vec<u8>> {
+    let rest = shown.strip_prefix(target)?;
+    match rest {
+        [] => Some(b"/".to_vec()),
+        [b'/', ..] => Some(rest.to_vec()),
+        _ => None,
+    }
+}
+
+/// One event: its mask and the objects it names.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `FAN_*` bits.
+    pub mask: u64,
+    /// The file identifiers reported (the directory, the object, or both).
+    pub fids: Vec<Fid>,
+}
+
+/// A file identifier: the filesystem and a handle of the object on it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fid {
+    /// `statfs`'s `f_fsid`.
+    pub fsid: [i32; 2],
+    /// `file_handle.handle_type`.
+    pub handle_type: i32,
+    /// `file_handle.f_handle`.
+    pub handle: Vec<u8>,
+}
+
+/// Parses a buffer of fanotify events of a group reporting file identifiers (pure). Anything
+/// out of bounds or of another version is an error: the caller then walks the tree.
+pub fn parse_events(buf: &[u8]) -> Result<Vec<Event>, String> {
+    let mut events = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let rest = &buf[at..];
+        if rest.len() < METADATA_LEN {
+            return Err(format!("a filesystem event is cut short at byte {at}"));
+        }
+        let event_len = u32_at(rest, 0) as usize;
+        let version = rest[4];
+        let metadata_len = u16::from_ne_bytes([rest[6], rest[7]]) as usize;
+        if version != libc::FANOTIFY_METADATA_VERSION {
+            return Err(format!("filesystem events of version {version} are not understood"));
+        }
+        if event_len < METADATA_LEN || event_len > rest.len() || metadata_len < METADATA_LEN || metadata_len > event_len
+        {
+            return Err(format!("a filesystem event at byte {at} has lengths {event_len} and {metadata_len}"));
+        }
+        let mask = u64::from_ne_bytes(rest[8..16].try_into().expect("8 bytes"));
+        let mut fids = Vec::new();
+        let mut info = &rest[metadata_len..event_len];
+        while !info.is_empty() {
+            if info.len() < 4 {
+                return Err("a filesystem event's information is cut short".into());
+            }
+            let (kind, len) = (info[0], u16::from_ne_bytes([info[2], info[3]]) as usize);
+            if len < 4 || len > info.len() {
+                return Err(format!("a filesystem event's information has length {len}"));
+            }
+            if matches!(
+                kind,
+                libc::FAN_EVENT_INFO_TYPE_FID | libc::FAN_EVENT_INFO_TYPE_DFID | libc::FAN_EVENT_INFO_TYPE_DFID_NAME
+            ) {
+                fids.push(parse_fid(&info[4..len])?);
+            }
+            info = &info[len..];
+        }
+        events.push(Event { mask, fids });
+        at += event_len;
+    }
+    Ok(events)
+}
+
+/// An fsid and a `struct file_handle` (a name may follow it: not needed).
+fn parse_fid(body: &[u8]) -> Result<Fid, String> {
+    if body.len() < 16 {
+        return Err("a file identifier is cut short".into());
+    }
+    let fsid = [u32_at(body, 0) as i32, u32_at(body, 4) as i32];
+    let handle_bytes = u32_at(body, 8) as usize;
+    let handle_type = u32_at(body, 12) as i32;
+    let handle = body
+        .get(16..16 + handle_bytes)
+        .ok_or_else(|| format!("a file handle of {handle_bytes} bytes overruns its event"))?;
+    Ok(Fid { fsid, handle_type, handle: handle.to_vec() })
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: a NUL-terminated path; the descriptor returned is ours.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fsid_of(fd: &OwnedFd) -> io::Result<[i32; 2]> {
+    // SAFETY: statfs is plain old data.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a writable statfs.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fsid_t is two C ints, with private fields.
+    Ok(unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(st.f_fsid) })
+}
+
+/// Opens the object of `fid` on the filesystem of `mount` (`O_PATH`); `None` if it no longer
+/// exists.
+fn open_handle(mount: &OwnedFd, fid: &Fid) -> Result<Option<OwnedFd>, String> {
+    // struct file_handle: handle_bytes, handle_type, then the bytes; kept 4-byte aligned.
+    let mut words = vec![0u32; 2 + fid.handle.len().div_ceil(4)];
+    words[0] = fid.handle.len() as u32;
+    words[1] = fid.handle_type as u32;
+    // SAFETY: the words hold at least the handle's bytes past the two header fields.
+    unsafe {
+        std::ptr::copy_nonoverlapping(fid.handle.as_ptr(), words.as_mut_ptr().add(2).cast::<u8>(), fid.handle.len());
+    }
+    // SAFETY: a descriptor on the filesystem and a file_handle laid out as the kernel reads it.
+    let fd = unsafe {
+        libc::open_by_handle_at(mount.as_raw_fd(), words.as_mut_ptr().cast(), libc::O_PATH | libc::O_CLOEXEC)
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ESTALE) | Some(libc::ENOENT) => Ok(None),
+            _ => Err(format!("cannot open a changed object by its handle: {e}")),
+        };
+    }
+    // SAFETY: open_by_handle_at returned a new descriptor that we now own.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot;
+    use std::io::Write;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    /// An event as the kernel lays it out: metadata, then info records of `(type, fsid,
+    /// handle type, handle)`.
+    fn event(mask: u64, fids: &[(u8, [i32; 2], i32, &[u8])]) -> Vec<u8> {
+        let mut info = Vec::new();
+        for (kind, fsid, handle_type, handle) in fids {
+            let len = (4 + 8 + 8 + handle.len()).div_ceil(4) * 4;
+            let start = info.len();
+            info.extend_from_slice(&[*kind, 0]);
+            info.extend_from_slice(&(len as u16).to_ne_bytes());
+            info.extend_from_slice(&fsid[0].to_ne_bytes());
+            info.extend_from_slice(&fsid[1].to_ne_bytes());
+            info.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+            info.extend_from_slice(&handle_type.to_ne_bytes());
+            info.extend_from_slice(handle);
+            info.resize(start + len, 0);
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(&((METADATA_LEN + info.len()) as u32).to_ne_bytes());
+        out.extend_from_slice(&[libc::FANOTIFY_METADATA_VERSION, 0]);
+        out.extend_from_slice(&(METADATA_LEN as u16).to_ne_bytes());
+        out.extend_from_slice(&mask.to_ne_bytes());
+        out.extend_from_slice(&(-1i32).to_ne_bytes());
+        out.extend_from_slice(&7i32.to_ne_bytes());
+        out.extend_from_slice(&info);
+        out
+    }
+
+    #[test]
+    fn events_parse_with_their_file_identifiers() {
+        let mut buf = event(
+            libc::FAN_MODIFY,
+            &[
+                (libc::FAN_EVENT_INFO_TYPE_DFID, [1, 2], 0x81, &[9; 8]),
+                (libc::FAN_EVENT_INFO_TYPE_FID, [1, 2], 0x81, &[7; 12]),
+            ],
+        );
+        buf.extend(event(libc::FAN_Q_OVERFLOW, &[]));
+        let events = parse_events(&buf).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].mask, libc::FAN_MODIFY);
+        assert_eq!(
+            events[0].fids,
+            [
+                Fid { fsid: [1, 2], handle_type: 0x81, handle: vec![9; 8] },
+                Fid { fsid: [1, 2], handle_type: 0x81, handle: vec![7; 12] }
+            ]
+        );
+        assert_eq!((events[1].mask, events[1].fids.len()), (libc::FAN_Q_OVERFLOW, 0));
+    }
+
+    #[test]
+    fn malformed_events_are_errors() {
+        let good = event(libc::FAN_CREATE, &[(libc::FAN_EVENT_INFO_TYPE_DFID, [1, 2], 1, &[3; 8])]);
+        assert!(parse_events(&good[..good.len() - 1]).is_err(), "cut short");
+        assert!(parse_events(&good[..10]).is_err(), "metadata cut short");
+        let mut version = good.clone();
+        version[4] = 2;
+        assert!(parse_events(&version).is_err(), "another version");
+        let mut overrun = good.clone();
+        overrun[METADATA_LEN + 12..METADATA_LEN + 16].copy_from_slice(&200u32.to_ne_bytes());
+        assert!(parse_events(&overrun).is_err(), "a handle longer than its record");
+        let mut info_len = good.clone();
+        info_len[METADATA_LEN + 2..METADATA_LEN + 4].copy_from_slice(&2u16.to_ne_bytes());
+        assert!(parse_events(&info_len).is_err(), "a record shorter than its header");
+        let mut event_len = good.clone();
+        event_len[..4].copy_from_slice(&4u32.to_ne_bytes());
+        assert!(parse_events(&event_len).is_err(), "an event shorter than its metadata");
+    }
+
+    #[test]
+    fn guest_paths_are_under_the_target_only() {
+        assert_eq!(guest_path(b"/mnt/t", b"/mnt/t").unwrap(), b"/");
+        assert_eq!(guest_path(b"/mnt/t/etc/x", b"/mnt/t").unwrap(), b"/etc/x");
+        assert_eq!(guest_path(b"/mnt/target", b"/mnt/t"), None);
+        assert_eq!(guest_path(b"/other", b"/mnt/t"), None);
+    }
+
+    /// A filesystem of type `kind` made in a file and loop-mounted for the test (the helper
+    /// watches only block-backed filesystems), unmounted when dropped.
+    struct LoopFs {
+        at: tempfile::TempDir,
+        _image: tempfile::TempDir,
+    }
+
+    impl LoopFs {
+        fn mount(kind: &str) -> Option<Self> {
+            let image = tempfile::tempdir().unwrap();
+            let file = image.path().join("fs.img");
+            std::fs::File::create(&file).unwrap().set_len(320 << 20).unwrap();
+            let made = std::process::Command::new(format!("mkfs.{kind}")).arg("-q").arg(&file).output().unwrap();
+            assert!(made.status.success(), "mkfs.{kind}: {}", String::from_utf8_lossy(&made.stderr));
+            let at = tempfile::tempdir().unwrap();
+            let mounted =
+                std::process::Command::new("mount").args(["-o", "loop"]).arg(&file).arg(at.path()).output().unwrap();
+            if !mounted.status.success() {
+                eprintln!("skipped: cannot loop-mount {kind} here: {}", String::from_utf8_lossy(&mounted.stderr));
+                return None;
+            }
+            Some(Self { at, _image: image })
+        }
+
+        fn path(&self) -> &Path {
+            self.at.path()
+        }
+    }
+
+    impl Drop for LoopFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.at.path()).status();
+        }
+    }
+
+    fn write(root: &Path, path: &str, text: &str) {
+        let at = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::write(at, text).unwrap();
+    }
+
+    /// Every kind of change the operations can make, made under a watch: the tree the changed
+    /// directories give is the one a whole walk gives. Without the inodes' other links listed
+    /// again, it is not (a file changed through a hard link elsewhere).
+    #[test]
+    fn the_changed_directories_give_the_tree_a_whole_walk_gives() {
+        for kind in ["ext4", "xfs"] {
+            let Some(fs) = LoopFs::mount(kind) else { return };
+            changes_under_a_watch(fs.path());
+        }
+    }
+
+    fn changes_under_a_watch(root: &Path) {
+        for (path, text) in [
+            ("/etc/hostname", "base\n"),
+            ("/etc/passwd", "root:x:0:0\n"),
+            ("/etc/default/grub", "GRUB=1\n"),
+            ("/etc/default/locale", "C\n"),
+            ("/usr/share/doc/a/copyright", "a\n"),
+            ("/usr/share/doc/b/copyright", "b\n"),
+            ("/var/log/dmesg", "log\n"),
+            ("/var/cache/apt/pkgcache.bin", "cache\n"),
+            ("/opt/keep/deep/file", "deep\n"),
+            ("/srv/truncate-me", "0123456789\n"),
+            ("/srv/linked/data", "linked\n"),
+        ] {
+            write(root, path, text);
+        }
+        symlink("hostname", root.join("etc/name-link")).unwrap();
+        std::fs::hard_link(root.join("srv/linked/data"), root.join("opt/data-twin")).unwrap();
+        let (base, base_contents) = snapshot::record_with_contents(root).unwrap();
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n", root.display())).unwrap();
+
+        let watch = ChangeWatch::start(root, mounts.path()).expect("a loop-mounted filesystem can be watched");
+        write(root, "/etc/hostname", "variant\n");
+        write(root, "/opt/new/a/b/c", "new tree\n");
+        std::fs::rename(root.join("opt/new"), root.join("opt/moved")).unwrap();
+        std::fs::rename(root.join("etc/default"), root.join("etc/default-old")).unwrap();
+        write(root, "/etc/default/fresh", "made anew\n");
+        std::fs::remove_dir_all(root.join("usr/share/doc/a")).unwrap();
+        std::fs::remove_dir_all(root.join("var/cache/apt")).unwrap();
+        std::fs::create_dir(root.join("var/cache/apt")).unwrap();
+        std::fs::set_permissions(root.join("var/log"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(root.join("opt/keep/deep/file"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::OpenOptions::new().append(true).open(root.join("opt/data-twin")).unwrap().write_all(b"x\n").unwrap();
+        std::fs::OpenOptions::new().write(true).open(root.join("srv/truncate-me")).unwrap().set_len(3).unwrap();
+        std::fs::remove_file(root.join("etc/name-link")).unwrap();
+        symlink("passwd", root.join("etc/name-link")).unwrap();
+        std::os::unix::fs::chown(root.join("usr/share/doc/b/copyright"), Some(1), Some(1)).unwrap();
+        let touched = watch.finish(root).unwrap();
+
+        let whole = snapshot::record_with_contents(root).unwrap();
+        let refreshed =
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base)).unwrap();
+        assert_eq!(refreshed.0.entries, whole.0.entries);
+        assert_eq!(refreshed.1, whole.1);
+        assert!(refreshed.0.left_out.is_empty());
+        assert!(!touched.dirs.contains(b"/srv/linked".as_slice()), "no change was made in /srv/linked by name");
+
+        let links_left = snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs).unwrap();
+        assert_ne!(links_left.1, whole.1, "/srv/linked/data changed through /opt/data-twin");
+    }
+}
