@@ -674,9 +674,10 @@ async fn write_variant(
 /// How long a silent copy job may go without moving before it is given up.
 const COPY_STALL_LIMIT: Duration = Duration::from_secs(300);
 
-/// Writes the output file `out` from `overlay` (backed by `base`) in `format`, by a confined
-/// qemu's backup job. The empty output is made first with `qemu-img create`, which reads no
-/// image (the size is given, the backing file not opened).
+/// Writes the output file `out` from `overlay` (backed by `base`) in `format`: a thin output is
+/// the overlay copied; the others are written by a confined qemu's backup job. The empty output
+/// is made first with `qemu-img create`, which reads no image (the size is given, the backing
+/// file not opened).
 fn write_output(
     base: &Path,
     base_format: DiskFormat,
@@ -716,10 +717,7 @@ fn write_output(
             }
         }
         OutputFormat::Qcow2 => create(&[])?,
-        OutputFormat::Qcow2Backed => {
-            let base = base.display().to_string();
-            create(&["-u", "-F", base_format.as_str(), "-b", &base])?
-        }
+        OutputFormat::Qcow2Backed => return copy_thin(overlay, out),
     }
     let open = |p: &Path, write: bool| {
         std::fs::OpenOptions::new().read(true).write(write).open(p).map_err(|e| format!("{}: {e}", p.display()))
@@ -767,6 +765,21 @@ fn write_output(
         Ok(()) => qemu.quit(),
         Err(e) => Err(qemu.failure(e)),
     }
+}
+
+/// A thin output is the variant's overlay as it is: a qcow2 that names the base by its
+/// canonical path and format (see `Overlay::create`) and holds what the variant wrote, made by
+/// the helper VM's qemu, which has exited. Copying it costs no qemu of its own.
+fn copy_thin(overlay: &Path, out: &Path) -> Result<(), String> {
+    let mut from = std::fs::File::open(overlay).map_err(|e| format!("{}: {e}", overlay.display()))?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    std::io::copy(&mut from, &mut to)
+        .map_err(|e| format!("copying {} to {}: {e}", overlay.display(), out.display()))?;
+    Ok(())
 }
 
 /// Copies a raw `base`'s data into `out` (already its size, sparse) at the same offsets, its
