@@ -155,7 +155,8 @@ fn a_two_by_two_matrix_one_variant_failing_alone_with_provenance() {
 }
 
 /// What the recipe gets wrong is refused with its line, before any helper VM boots (each of
-/// these would take a minute under TCG if one did).
+/// these would take a minute under TCG if one did); a base of another digest than the recipe's
+/// (hashed while the helper VMs boot) stops them at once, and nothing is built.
 #[test]
 fn bad_recipes_are_refused_before_any_boot() {
     let work = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 //! qemu TCG, each output read back with the test's own read-only loop mounts, and its tree
 //! manifest recomputed here from those mounts.
 
-use imgforge::job::variants::{customize_variants, OutputFormat, VariantBase, VariantJob, VariantOutcome};
+use imgforge::job::variants::{customize_variants, BaseCheck, OutputFormat, VariantBase, VariantJob, VariantOutcome};
 use imgforge::job::{JobError, KnownFormat, VmSettings};
 use imgforge::ops::Plan;
 use imgforge::progress::{Event, HelperEvent, Progress};
@@ -80,10 +80,26 @@ fn run_keyed(
     jobs: usize,
     progress: &Recorded,
 ) -> Vec<VariantOutcome> {
+    run_checked(base, sha256, None, variants, jobs, progress)
+}
+
+/// [`run_keyed`] with a check of the base beside the build.
+fn run_checked(
+    base: &Path,
+    sha256: Option<&str>,
+    check: Option<BaseCheck>,
+    variants: Vec<VariantJob>,
+    jobs: usize,
+    progress: &Recorded,
+) -> Vec<VariantOutcome> {
     let (_tx, interrupt) = tokio::sync::watch::channel(None);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let base =
-        VariantBase { path: base.to_owned(), format: KnownFormat::FromHeader, sha256: sha256.map(str::to_owned) };
+    let base = VariantBase {
+        path: base.to_owned(),
+        format: KnownFormat::FromHeader,
+        sha256: sha256.map(str::to_owned),
+        check,
+    };
     runtime.block_on(customize_variants(&base, variants, jobs, &settings(), progress, &interrupt))
 }
 
@@ -415,4 +431,32 @@ fn the_manifest_from_reported_changes_is_the_whole_tree_s() {
         let changed = |path: &str| product.changes.iter().any(|c| c.path == path && c.change == ChangeKind::Changed);
         assert!(changed("/usr/share/base-files/motd"), "{}: {:?}", outcome.name, product.changes);
     }
+}
+
+/// A base whose check (run beside the build) fails: every variant fails with the check's
+/// reason, no output is published (none left half-made either), and no digest of the base's
+/// files is kept.
+#[test]
+fn a_base_failing_its_check_publishes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let sha256 = sha256_hex(&base);
+    let kept = imgforge::job::variants::kept_digests_path(&sha256).unwrap();
+    let _ = std::fs::remove_file(&kept);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let (verdict, check) = BaseCheck::pending();
+    verdict.send(Some(Err("base.img is not the base the recipe names".into()))).unwrap();
+    let variants = ["one", "two"]
+        .iter()
+        .map(|name| variant(name, &out, "raw", OutputFormat::Raw, &[("hostname", name)]))
+        .collect();
+    let outcomes = run_checked(&base, Some(&sha256), Some(check), variants, 1, &Recorded::default());
+    for outcome in &outcomes {
+        let error = outcome.result.as_ref().err().unwrap_or_else(|| panic!("{} was published", outcome.name));
+        assert!(error.to_string().contains("is not the base the recipe names"), "{}: {error}", outcome.name);
+    }
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left in the output directory: {left:?}");
+    assert!(!kept.exists(), "digests kept for a base that failed its check");
 }

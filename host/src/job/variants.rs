@@ -36,6 +36,7 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::Poll;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Most variants one helper VM customizes: each is a virtio disk (a PCI slot of the 32 the
 /// machine has, a few taken) and a qcow2 node with its caches in the helper VM's qemu; their
@@ -111,6 +112,36 @@ pub struct VariantBase {
     /// Its SHA-256, when the caller checked it: the key of the digests of its files that one
     /// build keeps for the next (`imgforge_protocol::digest_cache`). `None`: no digest is kept.
     pub sha256: Option<String>,
+    /// The caller's check of that SHA-256 when it runs beside the helper VMs rather than before
+    /// them: no output is published and no digest kept until it has passed. `None`: checked
+    /// before (or nothing to check).
+    pub check: Option<BaseCheck>,
+}
+
+/// The verdict of a check of the base that runs while the variants are built (hashing a large
+/// base takes a while the helper VMs can boot in).
+#[derive(Debug, Clone)]
+pub struct BaseCheck(watch::Receiver<Option<Result<(), String>>>);
+
+/// Where the verdict of a [`BaseCheck`] is sent: `Ok`, or why the base is not the one expected.
+pub type BaseCheckVerdict = watch::Sender<Option<Result<(), String>>>;
+
+impl BaseCheck {
+    /// A check whose verdict is still to come, and where to send it.
+    pub fn pending() -> (BaseCheckVerdict, Self) {
+        let (tx, rx) = watch::channel(None);
+        (tx, Self(rx))
+    }
+
+    /// Waits for the verdict.
+    async fn passed(&self) -> Result<(), String> {
+        let mut rx = self.0.clone();
+        let verdict = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        match verdict {
+            Ok(Some(verdict)) => verdict,
+            _ => Err("the check of the base image ended without a verdict".into()),
+        }
+    }
 }
 
 /// Customizes every variant from `base`; up to `jobs` helper VMs side by side, each
@@ -170,7 +201,16 @@ pub async fn customize_variants(
                         for batch in lane {
                             out.extend(
                                 run_batch(
-                                    target, image, digests, variants, &batch, total, settings, progress, interrupt,
+                                    target,
+                                    image,
+                                    digests,
+                                    base.check.as_ref(),
+                                    variants,
+                                    &batch,
+                                    total,
+                                    settings,
+                                    progress,
+                                    interrupt,
                                 )
                                 .await,
                             );
@@ -424,6 +464,7 @@ async fn run_batch(
     target: &Target,
     image: &helper_image::HelperImage,
     digests: &Option<DigestCache>,
+    check: Option<&BaseCheck>,
     variants: &[VariantJob],
     batch: &[usize],
     total: usize,
@@ -475,7 +516,14 @@ async fn run_batch(
         },
     }
     if let (Some(cache), Some(export)) = (digests, &prepared.export) {
-        cache.keep(export);
+        match check {
+            Some(check) => {
+                if check.passed().await.is_ok() {
+                    cache.keep(export)
+                }
+            }
+            None => cache.keep(export),
+        }
     }
     let mut reported = report.reported.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut out = Vec::new();
@@ -489,9 +537,14 @@ async fn run_batch(
                     tracing::warn!(variant = %variant.name, omitted, "more changes than listed");
                 }
                 progress.status(&format!("writing variant {}", variant.name));
-                write_variant(target, overlay, variant, settings.confinement()).await.map(|(output, output_sha256)| {
-                    VariantProduct { output, output_sha256, manifest_sha256: manifest, changes }
-                })
+                write_variant(target, overlay, variant, check, settings.confinement()).await.map(
+                    |(output, output_sha256)| VariantProduct {
+                        output,
+                        output_sha256,
+                        manifest_sha256: manifest,
+                        changes,
+                    },
+                )
             }
             Reported { started, .. } => Err(JobError::Variant {
                 name: variant.name.clone(),
@@ -638,6 +691,7 @@ async fn write_variant(
     target: &Target,
     overlay: Overlay,
     variant: &VariantJob,
+    check: Option<&BaseCheck>,
     confinement: Confinement,
 ) -> Result<(PathBuf, String), JobError> {
     let fail = |reason: String| JobError::Variant { name: variant.name.clone(), reason };
@@ -656,6 +710,10 @@ async fn write_variant(
     .await
     .map_err(|e| fail(e.to_string()))
     .and_then(|r| r.map_err(|reason| fail(format!("cannot write {}: {reason}", output.display()))));
+    let written = match (written, check) {
+        (Ok(sha), Some(check)) => check.passed().await.map(|()| sha).map_err(|reason| fail(reason)),
+        (written, _) => written,
+    };
     match written {
         Ok(sha) => match std::fs::rename(&temp, &output) {
             Ok(()) => Ok((output, sha)),

@@ -6,7 +6,7 @@
 use super::matrix::{self, Variant};
 use super::provenance::{self, Facts};
 use super::RecipeError;
-use crate::job::variants::{customize_variants, OutputFormat, VariantBase, VariantJob, VariantOutcome};
+use crate::job::variants::{customize_variants, BaseCheck, OutputFormat, VariantBase, VariantJob, VariantOutcome};
 use crate::job::{JobError, KnownFormat, VmSettings};
 use crate::ops::entropy::Entropy;
 use crate::progress::Progress;
@@ -141,12 +141,10 @@ fn base_location(recipe_path: &Path, image: &str) -> Location {
     }
 }
 
-/// The SHA-256 of the regular file at `path` (a symlink to one is followed); an interrupt
-/// stops the hashing.
-async fn file_sha256(path: &Path, interrupt: &Interrupt) -> Result<String, BuildError> {
+/// Refuses a base that is not a regular file (a symlink to one is followed): opening a FIFO
+/// blocks until someone writes to it, and a device such as /dev/zero never ends.
+fn base_is_a_file(path: &Path) -> Result<(), BuildError> {
     use std::os::unix::fs::FileTypeExt;
-    // Checked before opening: opening a FIFO blocks until someone writes to it, and a device
-    // such as /dev/zero never ends.
     let io = |source| {
         let e = crate::source::SourceError::Io { name: path.display().to_string(), source };
         BuildError::Job(crate::job::write::WriteError::from(e).into())
@@ -163,9 +161,17 @@ async fn file_sha256(path: &Path, interrupt: &Interrupt) -> Result<String, Build
     } else {
         Some("a special file")
     };
-    if let Some(what) = what {
-        return Err(BuildError::BaseNotAFile { path: path.to_owned(), what });
+    match what {
+        Some(what) => Err(BuildError::BaseNotAFile { path: path.to_owned(), what }),
+        None => Ok(()),
     }
+}
+
+/// The SHA-256 of the regular file at `path` (a symlink to one is followed); an interrupt
+/// stops the hashing.
+async fn file_sha256(path: &Path, interrupt: &Interrupt) -> Result<String, BuildError> {
+    // Checked again: the path may have changed since.
+    base_is_a_file(path)?;
     let path = path.to_owned();
     let hashed = crate::job::cancellable("hashing the base image", interrupt, move |cancel| {
         let name = path.display().to_string();
@@ -235,18 +241,12 @@ pub async fn build(
     }
 
     progress.status("checking the base image");
-    let (base, base_format, downloaded) = match base_location(&request.recipe, &recipe.base_image) {
+    // A base file is hashed while the helper VMs boot (`BaseCheck`); a download is checked as
+    // it is written, before anything uses it.
+    let (base, base_format, downloaded, hash_beside) = match base_location(&request.recipe, &recipe.base_image) {
         Location::Path(path) => {
-            let actual = file_sha256(&path, interrupt).await?;
-            if actual != recipe.base_sha256 {
-                return Err(BuildError::BaseMismatch {
-                    image: path.display().to_string(),
-                    recipe: file,
-                    expected: recipe.base_sha256,
-                    actual,
-                });
-            }
-            (path, KnownFormat::FromHeader, None)
+            base_is_a_file(&path)?;
+            (path, KnownFormat::FromHeader, None, true)
         }
         Location::Url(url) => {
             // Downloaded once, checked before it is kept; a thin (qcow2-backed) output needs it
@@ -281,7 +281,7 @@ pub async fn build(
             };
             crate::job::write(&write, progress.clone(), interrupt).await?;
             let keep = recipe.format == OutputFormat::Qcow2Backed;
-            (target.clone(), KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw), (!keep).then_some(target))
+            (target.clone(), KnownFormat::Given(crate::vm::cmdline::DiskFormat::Raw), (!keep).then_some(target), false)
         }
     };
 
@@ -293,11 +293,57 @@ pub async fn build(
         jobs.push(VariantJob { name: v.name.clone(), plan, output, format: recipe.format, source_date_epoch });
         described.push(v);
     }
-    // The base's SHA-256 was checked above (the file's, or the download's before conversion,
-    // which fixes the raw image made from it).
-    let variant_base =
-        VariantBase { path: base.clone(), format: base_format, sha256: Some(recipe.base_sha256.to_ascii_lowercase()) };
-    let outcomes = customize_variants(&variant_base, jobs, request.jobs, settings, progress.as_ref(), interrupt).await;
+    // The base's SHA-256: a download's was checked before its conversion (which fixes the raw
+    // image made from it); a file's is checked beside the build, and nothing is published
+    // before it passes.
+    let (verdict, check) = BaseCheck::pending();
+    let variant_base = VariantBase {
+        path: base.clone(),
+        format: base_format,
+        sha256: Some(recipe.base_sha256.to_ascii_lowercase()),
+        check: hash_beside.then_some(check),
+    };
+    // The helper VMs stop on a signal or on a failed check of the base.
+    let (stop_tx, stop) = tokio::sync::watch::channel(*interrupt.borrow());
+    let stop_tx = std::sync::Arc::new(stop_tx);
+    let forwarder = {
+        let (tx, mut outer) = (stop_tx.clone(), interrupt.clone());
+        tokio::spawn(async move {
+            while outer.changed().await.is_ok() {
+                let signal = *outer.borrow();
+                if signal.is_some() {
+                    let _ = tx.send(signal);
+                }
+            }
+        })
+    };
+    let checking = async {
+        if !hash_beside {
+            return Ok(());
+        }
+        let checked = match file_sha256(&base, interrupt).await {
+            Ok(actual) if actual == recipe.base_sha256 => Ok(()),
+            Ok(actual) => Err(BuildError::BaseMismatch {
+                image: base.display().to_string(),
+                recipe: file.clone(),
+                expected: recipe.base_sha256.clone(),
+                actual,
+            }),
+            Err(e) => Err(e),
+        };
+        let _ = verdict.send(Some(checked.as_ref().map(|_| ()).map_err(|e| e.to_string())));
+        if checked.is_err() {
+            // Not the base the recipe names: the helper VMs are stopped, as by a signal.
+            let _ = stop_tx.send(Some("a failed check of the base image"));
+        }
+        checked
+    };
+    let (checked, outcomes) = tokio::join!(
+        checking,
+        customize_variants(&variant_base, jobs, request.jobs, settings, progress.as_ref(), &stop)
+    );
+    forwarder.abort();
+    checked?;
     if let Some(d) = downloaded {
         let _ = std::fs::remove_file(d);
     }
