@@ -711,7 +711,7 @@ async fn write_variant(
     .map_err(|e| fail(e.to_string()))
     .and_then(|r| r.map_err(|reason| fail(format!("cannot write {}: {reason}", output.display()))));
     let written = match (written, check) {
-        (Ok(sha), Some(check)) => check.passed().await.map(|()| sha).map_err(|reason| fail(reason)),
+        (Ok(sha), Some(check)) => check.passed().await.map(|()| sha).map_err(fail),
         (written, _) => written,
     };
     match written {
