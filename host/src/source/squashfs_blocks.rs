@@ -22,6 +22,11 @@ use std::thread::JoinHandle;
 
 /// The most decoder threads, whatever the machine has.
 pub const MAX_THREADS: usize = 4;
+/// The most blocks a file may have for this reader (its plan takes 24 bytes a block: at most
+/// 24 MiB, for a file of 128 GiB in 128 KiB blocks). A larger one is read by backhand, whose
+/// own list of the blocks takes 4 bytes each: a small hostile image claiming a huge file is
+/// not made more expensive to refuse.
+pub const MAX_BLOCKS: usize = 1 << 20;
 /// Decoded bytes the dispatched blocks may hold at once (plus as much again for their stored
 /// bytes while they decode).
 pub const WINDOW_BYTES: u64 = 16 << 20;
@@ -66,7 +71,7 @@ fn layout(
     fragment: bool,
     image_len: u64,
 ) -> Option<Vec<Block>> {
-    if block_size == 0 || block_size as u64 > MAX_BLOCK_BYTES {
+    if block_size == 0 || block_size as u64 > MAX_BLOCK_BYTES || sizes.len() > MAX_BLOCKS {
         return None;
     }
     let bs = block_size as u64;
@@ -162,6 +167,9 @@ impl<'a, 'b: 'a> ParallelFile<'a, 'b> {
         let compressor: Compressor = fs.compressor?.into();
         let block_size = usize::try_from(fs.block_size).ok()?;
         let fragment = file.frag_index() != 0xffff_ffff;
+        if file.block_sizes().len() > MAX_BLOCKS {
+            return None;
+        }
         let sizes: Vec<(u32, bool)> = file.block_sizes().iter().map(|s| (s.size(), s.uncompressed())).collect();
         let file_len = u64::try_from(file.file_len()).ok()?;
         let blocks = layout(&sizes, file.blocks_start(), file_len, block_size, fragment, image_len)?;
@@ -339,6 +347,10 @@ mod tests {
         }
         assert!(layout(&[c(10)], u64::MAX - 5, 4096, 4096, false, u64::MAX).is_none(), "offsets overflow");
         assert!(layout(&[c(10)], 0, 4096, 2 << 20, false, 1000).is_none(), "block size over 1 MiB");
+        let many = vec![c(0); MAX_BLOCKS + 1];
+        let len = 4096 * many.len() as u64;
+        assert!(layout(&many, 0, len, 4096, false, 1000).is_none(), "more blocks than the plan may hold");
+        assert_eq!(layout(&many[1..], 0, len - 4096, 4096, false, 1000).map(|b| b.len()), Some(MAX_BLOCKS));
     }
 
     /// A block must decode to exactly the bytes it holds: a short or long one is corrupt.
@@ -374,6 +386,7 @@ mod tests {
 
     #[test]
     fn the_window_is_bounded() {
+        assert!(std::mem::size_of::<Block>() * MAX_BLOCKS <= 24 << 20, "the plan outgrew its bound");
         assert_eq!(window(128 << 10, 2), 64);
         assert_eq!(window(1 << 20, 2), 16);
         assert_eq!(window(1 << 20, 4), 16);
