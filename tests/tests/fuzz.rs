@@ -713,8 +713,31 @@ fn squashfs_superblock_and_tables() {
         corpus: squashfs_corpus(),
         check: Box::new(|data| {
             let Ok(fs) = imgforge::source::squashfs::open(std::io::Cursor::new(data)) else { return Ok(()) };
+            // The write path's parallel block reader preads the image through a descriptor.
+            let mut image = tempfile::tempfile().map_err(|e| e.to_string())?;
+            std::io::Write::write_all(&mut image, data).map_err(|e| e.to_string())?;
             for node in fs.files().take(64) {
                 if let backhand::InnerNode::File(f) = &node.inner {
+                    let copy = image.try_clone().map_err(|e| e.to_string())?;
+                    if let Some(mut r) =
+                        imgforge::source::squashfs_blocks::ParallelFile::new(&fs, f, copy, data.len() as u64, 2)
+                    {
+                        let (mut got, mut buf) = (0u64, vec![0u8; 256 << 10]);
+                        while got <= MIB as u64 {
+                            match imgforge::stream::ChunkReader::next(&mut r, &mut buf) {
+                                Ok(imgforge::stream::Piece::Data(n)) => got += n as u64,
+                                Ok(imgforge::stream::Piece::Hole(n)) => got = got.saturating_add(n),
+                                Ok(imgforge::stream::Piece::End) | Err(_) => break,
+                            }
+                        }
+                        if got > f.file_len() as u64 {
+                            return Err(format!(
+                                "{}: {got} bytes of a {}-byte file",
+                                node.fullpath.display(),
+                                f.file_len()
+                            ));
+                        }
+                    }
                     // At most 1 MiB of each: a declared size is image data too.
                     let want = f.file_len().min(MIB);
                     let mut got = Vec::new();

@@ -9,11 +9,13 @@
 //! compressed sources a warm decode to nowhere, and an O_DIRECT write of the image's bytes from
 //! memory onto the same device: the same 4 MiB ranges imgforge writes as data, the ranges it
 //! treats as zeros zeroed with BLKZEROOUT (what imgforge does on a device), then a flush. Each
-//! stage is run in the ways that might be fastest (one stream, and several requests in flight)
-//! and its best time kept. A pipelined writer overlaps the stages, so it cannot beat the
-//! slowest; nor can it beat the read and the write running at once with no dependency between
-//! them (here the source and the target share one disk, so they compete). The limit is the
-//! largest of these times; the ratio printed is imgforge's time over it.
+//! stage is run in the ways that might be fastest (one stream, and several requests in flight;
+//! the decodes on every core: `xz -T0` on the multi-block xz made here, `unsquashfs` with its
+//! one thread per processor) and its best time kept. A pipelined writer overlaps the stages,
+//! so it cannot beat the slowest; nor can it beat the read and the write running at once with
+//! no dependency between them (here the source and the target share one disk, so they
+//! compete). The limit is the largest of these times; the ratio printed is imgforge's time
+//! over it.
 
 use anyhow::{bail, ensure, Context, Result};
 use imgforge::stream::buffer::{is_zero, AlignedBuf};
@@ -498,7 +500,7 @@ fn cases(imgforge_kinds: &[&str], dev: &str) -> Result<Vec<Case>> {
                     ),
                     source: xz.clone(),
                     expected: disk,
-                    decode: Some(("decode: xz -dc -T0 > /dev/null (warm)".into(), format!("xz -dc -T0 '{img}' > /dev/null"))),
+                    decode: Some(("decode: xz -dc -T0 > /dev/null (warm, all cores)".into(), format!("xz -dc -T0 '{img}' > /dev/null"))),
                     peers: vec![(
                         "xz -dc | dd oflag=direct".into(),
                         format!("xz -dc '{img}' | dd of={dev} bs=1M oflag=direct iflag=fullblock status=none"),
@@ -518,7 +520,7 @@ fn cases(imgforge_kinds: &[&str], dev: &str) -> Result<Vec<Case>> {
                     source: live.clone(),
                     expected: fs,
                     decode: Some((
-                        "decode: unsquashfs -cat > /dev/null (warm)".into(),
+                        "decode: unsquashfs -cat > /dev/null (warm, all cores)".into(),
                         format!("unsquashfs -cat '{img}' LiveOS/rootfs.img > /dev/null"),
                     )),
                     peers: vec![(

@@ -1,6 +1,7 @@
 //! `imgforge write`: any supported source onto a block device or file, streamed with direct I/O.
 
 use crate::progress::{Event, ImageInfo, Progress};
+use crate::source::squashfs_blocks::ParallelFile;
 use crate::source::{self, http, Format, Location, SourceError};
 use crate::stream::destination::{Destination, DestinationError, DestinationOptions};
 use crate::stream::{self, RawFile, StreamError, StreamOptions};
@@ -315,6 +316,9 @@ fn write_liveimg(
     cancel: &AtomicBool,
 ) -> Result<Written, WriteError> {
     let name = path.display().to_string();
+    let image_len = file.metadata().map_err(|e| SourceError::Io { name: name.clone(), source: e })?.len();
+    // A second descriptor of the same file for the block decoders' preads (never the path).
+    let blocks_image = file.try_clone().map_err(|e| SourceError::Io { name: name.clone(), source: e })?;
     let fs = open_squashfs(file, &name)?;
     let (inner, size) = liveimg_rootfs(&fs).ok_or_else(|| SourceError::Unsupported {
         name: name.clone(),
@@ -325,8 +329,17 @@ fn write_liveimg(
     let backhand::InnerNode::File(file) = &node.inner else { unreachable!("checked above") };
     let dest = open_destination(req, Some(size), Some(path))?;
     let report = |p: u64, t: Option<u64>| progress.emit(Event::copy_progress(p, t));
-    let mut r = stream::Stream(fs.file(file).reader());
-    let stats = stream::copy(&mut r, dest, &stream_options(format!("{name}:{inner}"), Some(size), &report, cancel))
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut parallel = ParallelFile::new(&fs, file, blocks_image, image_len, threads);
+    let mut plain;
+    let r: &mut dyn stream::ChunkReader = match &mut parallel {
+        Some(p) => p,
+        None => {
+            plain = stream::Stream(fs.file(file).reader());
+            &mut plain
+        }
+    };
+    let stats = stream::copy(r, dest, &stream_options(format!("{name}:{inner}"), Some(size), &report, cancel))
         .map_err(|e| decode_failure(e, &name, Format::Squashfs))?;
     Ok(Written { format: Format::Squashfs, bytes: stats.bytes, bare_filesystem: true })
 }

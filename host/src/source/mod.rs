@@ -12,6 +12,7 @@ pub mod qcow2;
 pub mod qemu;
 pub mod reach;
 pub mod squashfs;
+pub mod squashfs_blocks;
 pub mod vmdk;
 pub mod vpc;
 
