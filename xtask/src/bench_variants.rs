@@ -64,10 +64,10 @@ pub fn run(imgforge: &Path, n: usize) -> Result<()> {
         .args(["--hostname", "warm"]))?;
     std::fs::remove_file(&warm)?;
 
-    // The engine: three builds, each checking the base's SHA-256 (the recipe's, known here
+    // The engine: four builds, each checking the base's SHA-256 (the recipe's, known here
     // first) beside its helper VMs, as `imgforge build` does. Cold: no digests of the base's
     // files kept from an earlier build; warm: those the cold build kept; thin: warm, with qcow2
-    // outputs backed by the base.
+    // outputs backed by the base; thin cold: thin with no digests kept.
     let started = Instant::now();
     let base_sha256 = base_digest(&base)?;
     let t_base_digest = started.elapsed();
@@ -78,9 +78,13 @@ pub fn run(imgforge: &Path, n: usize) -> Result<()> {
     let t_warm = engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "warm", OutputFormat::Raw)?;
     let t_thin =
         engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "thin", OutputFormat::Qcow2Backed)?;
+    std::fs::remove_file(&kept)?;
+    let t_thin_cold =
+        engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "thin-cold", OutputFormat::Qcow2Backed)?;
     let engine_rows = [
         ("raw outputs, no digests kept (cold)", t_cold),
         ("raw outputs, digests kept (warm)", t_warm),
+        ("qcow2 outputs backed by the base, cold", t_thin_cold),
         ("qcow2 outputs backed by the base, warm", t_thin),
     ];
     if std::env::var_os("IMGFORGE_BENCH_ENGINE_ONLY").is_some() {

@@ -91,8 +91,18 @@ fn open_held(path: &Path, is_device: bool) -> Result<std::fs::File, TargetError>
     })
 }
 
-/// Opens, checks and holds `path`.
+/// Opens, checks and holds `path` for writing: no other imgforge run may use it meanwhile.
 pub fn open(path: &Path, known: KnownFormat) -> Result<Target, TargetError> {
+    open_locked(path, known, libc::LOCK_EX)
+}
+
+/// Opens, checks and holds `path` as a base only read (the variants' base): other runs may read
+/// it too, none may write it meanwhile.
+pub fn open_shared(path: &Path, known: KnownFormat) -> Result<Target, TargetError> {
+    open_locked(path, known, libc::LOCK_SH)
+}
+
+fn open_locked(path: &Path, known: KnownFormat, lock: libc::c_int) -> Result<Target, TargetError> {
     let err = |source| TargetError::Open { path: path.to_owned(), source };
     let meta = std::fs::metadata(path).map_err(err)?;
     let ft = meta.file_type();
@@ -126,7 +136,7 @@ pub fn open(path: &Path, known: KnownFormat) -> Result<Target, TargetError> {
         DiskFormat::Raw => size,
     };
     // SAFETY: valid fd.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
         return Err(TargetError::Busy(path.to_owned()));
     }
     Ok(Target { path: path.to_owned(), format, size, virtual_size, _held: file })
@@ -157,7 +167,21 @@ mod tests {
         std::fs::write(&disk, vec![0u8; 4096]).unwrap();
         let held = open(&disk, KnownFormat::FromHeader).unwrap();
         assert!(matches!(open(&disk, KnownFormat::FromHeader), Err(TargetError::Busy(_))));
+        assert!(matches!(open_shared(&disk, KnownFormat::FromHeader), Err(TargetError::Busy(_))));
         drop(held);
+        open(&disk, KnownFormat::FromHeader).unwrap();
+    }
+
+    /// A base is read by any number of builds at once, and written by none meanwhile.
+    #[test]
+    fn bases_are_shared_among_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let first = open_shared(&disk, KnownFormat::FromHeader).unwrap();
+        let second = open_shared(&disk, KnownFormat::FromHeader).unwrap();
+        assert!(matches!(open(&disk, KnownFormat::FromHeader), Err(TargetError::Busy(_))));
+        drop((first, second));
         open(&disk, KnownFormat::FromHeader).unwrap();
     }
 

@@ -335,7 +335,7 @@ async fn prepare(
     format: KnownFormat,
     settings: &VmSettings,
 ) -> Result<(Target, helper_image::HelperImage), JobError> {
-    let target = target::open(base, format)?;
+    let target = target::open_shared(base, format)?;
     privilege::for_this_process(&settings.helper_user)?;
     let cache = helper_image::cache_dir();
     let image = blocking("helper image build", move || helper_image::ensure(&cache)).await??;
