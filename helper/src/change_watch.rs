@@ -469,6 +469,39 @@ mod tests {
         }
     }
 
+    /// A base with a tree deeper than a walk goes, which the operations remove: the whole
+    /// walk then leaves nothing out (the manifest can be made), so the tree from the changed
+    /// directories must not keep the base's count of what was left out.
+    #[test]
+    fn a_tree_left_out_of_the_base_and_removed_is_not_still_left_out() {
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        write(root, "/etc/hostname", "base\n");
+        let mut deep = root.join("opt/deep");
+        for _ in 0..snapshot::MAX_DEPTH + 2 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let (base, base_contents) = snapshot::record_with_contents(root).unwrap();
+        assert!(!base.left_out.is_empty(), "the base's walk leaves the deepest directories out");
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n", root.display())).unwrap();
+
+        let watch = ChangeWatch::start(root, mounts.path()).expect("a loop-mounted filesystem can be watched");
+        std::fs::remove_dir_all(root.join("opt/deep")).unwrap();
+        let touched = watch.finish(root).unwrap();
+
+        let whole = snapshot::record_with_contents(root).unwrap();
+        assert!(whole.0.left_out.is_empty());
+        // An error is fine: the caller then walks the whole tree.
+        if let Ok(refreshed) =
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base))
+        {
+            assert_eq!(refreshed.0.left_out, whole.0.left_out);
+            assert_eq!(refreshed.0.entries, whole.0.entries);
+        }
+    }
+
     fn changes_under_a_watch(root: &Path) {
         for (path, text) in [
             ("/etc/hostname", "base\n"),
