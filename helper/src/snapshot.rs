@@ -100,12 +100,14 @@ type Contents = (BTreeMap<Vec<u8>, ManifestContent>, Option<(Vec<u8>, io::Error)
 /// removed and made anew can get the old inode number back, never the old change time).
 /// An error if a directory of `dirs` is in the tree but its parent's listing does not hold it
 /// (the changes reported were not all there were), or if the walk of `base` left paths out:
-/// the caller then walks the whole tree.
+/// the caller then walks the whole tree. Each directory of `whole` (a filesystem's mount that
+/// no watch covered) is walked whole, after `dirs`.
 pub fn refresh_with_contents(
     root: &Path,
     base: &Snapshot,
     base_contents: &BTreeMap<Vec<u8>, ManifestContent>,
     dirs: &BTreeSet<Vec<u8>>,
+    whole: &BTreeSet<Vec<u8>>,
 ) -> io::Result<WithContents> {
     // What a cut-short walk left out is known only as counts, which the changes can make
     // wrong (a tree too deep removed): only a whole walk can tell what is left out now.
@@ -157,6 +159,29 @@ pub fn refresh_with_contents(
             }
             entries.remove(&child);
             contents.remove(&child);
+        }
+        entries.extend(walk.snapshot.entries);
+        contents.extend(walk.contents);
+        (too_deep, too_long, over_cap) = (too_deep + walk.too_deep, too_long + walk.too_long, over_cap + walk.over_cap);
+    }
+    for dir in whole {
+        let (fd, depth) = open_guest_dir(&root_fd, dir).ok_or_else(|| {
+            io::Error::other(format!("the mount {} to walk whole cannot be opened", String::from_utf8_lossy(dir)))
+        })?;
+        if entries.get(dir).is_none_or(|m| m.file_type != FileType::Directory) {
+            return Err(io::Error::other(format!(
+                "the mount {} is not a directory of the tree",
+                String::from_utf8_lossy(dir)
+            )));
+        }
+        if let Some(meta) = Meta::of(&fstat(&fd)?) {
+            entries.insert(dir.clone(), meta);
+        }
+        remove_subtree(&mut entries, &mut contents, dir);
+        let mut walk = Walk { read_contents: true, ..Walk::default() };
+        walk.directory(fd, dir.clone(), depth);
+        if let Some((path, e)) = walk.unreadable {
+            return Err(io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path))));
         }
         entries.extend(walk.snapshot.entries);
         contents.extend(walk.contents);
