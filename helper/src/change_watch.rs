@@ -598,6 +598,27 @@ mod tests {
         assert_eq!(refreshed.1, whole.1);
     }
 
+    /// More changes than the kernel queues (each file made is an event of its own): the
+    /// events lost are said, and the caller walks the whole tree.
+    #[test]
+    fn an_overflowed_queue_is_an_error() {
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        std::fs::create_dir(root.join("many")).unwrap();
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n", root.display())).unwrap();
+        let limit: usize = std::fs::read_to_string("/proc/sys/fs/fanotify/max_queued_events")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(16384);
+        let watch = ChangeWatch::start(root, mounts.path()).expect("a loop-mounted filesystem can be watched");
+        for i in 0..limit + 100 {
+            std::fs::File::create(root.join(format!("many/{i}"))).unwrap();
+        }
+        let finished = watch.finish(root);
+        assert!(finished.as_ref().is_err_and(|e| e.contains("overflowed")), "{finished:?}");
+    }
+
     fn changes_under_a_watch(root: &Path) {
         for (path, text) in [
             ("/etc/hostname", "base\n"),
