@@ -289,6 +289,26 @@ mod tests {
     }
 
     #[test]
+    fn backing_names_and_formats() {
+        let mut b = header(3, 16, 0);
+        // Extensions: the backing format ("raw", padded to 8), then the end marker.
+        b.extend_from_slice(&0xE279_2ACAu32.to_be_bytes());
+        b.extend_from_slice(&3u32.to_be_bytes());
+        b.extend_from_slice(b"raw\0\0\0\0\0");
+        b.extend_from_slice(&[0; 8]);
+        let name_at = b.len() as u64;
+        b.extend_from_slice(b"/srv/base.img");
+        b[8..16].copy_from_slice(&name_at.to_be_bytes());
+        b[16..20].copy_from_slice(&13u32.to_be_bytes());
+        let h = parse_header(&b).unwrap();
+        assert_eq!(backing_of(&b, &h), Some((b"/srv/base.img".to_vec(), Some(b"raw".to_vec()))));
+        assert_eq!(backing_of(&b[..b.len() - 1], &h), None, "a name past the bytes given");
+        let mut none = b.clone();
+        none[8..16].fill(0);
+        assert_eq!(backing_of(&none, &h), None);
+    }
+
+    #[test]
     fn headers() {
         let h = parse_header(&header(3, 16, 0)).unwrap();
         assert_eq!((h.cluster_bits, h.size, h.l1_entries, h.has_backing), (16, 1 << 30, 2, false));
