@@ -619,6 +619,44 @@ mod tests {
         assert!(finished.as_ref().is_err_and(|e| e.contains("overflowed")), "{finished:?}");
     }
 
+    /// A base file's other hard links change (their link count and change time) when one of
+    /// its names is removed, replaced by a rename, or a new name is made: every name of it
+    /// is listed again, so the records and the CHANGE list are the whole walk's.
+    #[test]
+    fn removing_or_adding_a_name_of_a_base_file_changes_its_other_names() {
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        for (path, text) in [("/a/f", "f\n"), ("/c/h", "h\n"), ("/e/k", "k\n"), ("/x/new", "new\n")] {
+            write(root, path, text);
+        }
+        std::fs::create_dir_all(root.join("b")).unwrap();
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir_all(root.join("g")).unwrap();
+        std::fs::hard_link(root.join("a/f"), root.join("b/f-twin")).unwrap();
+        std::fs::hard_link(root.join("c/h"), root.join("d/h-twin")).unwrap();
+        std::fs::hard_link(root.join("e/k"), root.join("g/k-twin")).unwrap();
+        let (base, base_contents) = snapshot::record_with_contents(root).unwrap();
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n", root.display())).unwrap();
+
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let watch = ChangeWatch::start(root, mounts.path()).expect("a loop-mounted filesystem can be watched");
+        std::fs::remove_file(root.join("a/f")).unwrap();
+        std::fs::rename(root.join("x/new"), root.join("d/h-twin")).unwrap();
+        std::fs::hard_link(root.join("e/k"), root.join("x/k-third")).unwrap();
+        let touched = watch.finish(root).unwrap();
+
+        let whole = snapshot::record_with_contents(root).unwrap();
+        let refreshed =
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base), &touched.whole)
+                .unwrap();
+        for path in ["/b/f-twin", "/c/h", "/g/k-twin"] {
+            assert_ne!(base.entries[path.as_bytes()].ctime, whole.0.entries[path.as_bytes()].ctime, "{path}");
+        }
+        assert_eq!(refreshed.0.entries, whole.0.entries);
+        assert_eq!(refreshed.1, whole.1);
+    }
+
     fn changes_under_a_watch(root: &Path) {
         for (path, text) in [
             ("/etc/hostname", "base\n"),
