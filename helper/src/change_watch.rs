@@ -13,6 +13,9 @@
 //! is listed again. Anything this cannot account for — the kernel or a filesystem refuses the
 //! marks, two filesystems share an identifier, events were lost (the queue overflowed), an
 //! event does not parse — is an error, and the caller walks the whole tree instead.
+//! A filesystem whose handles do not persist (vfat: an inode out of the cache cannot be opened
+//! by handle, and its change would be taken for a removal) is not watched: its mount is walked
+//! whole.
 
 use crate::snapshot::Snapshot;
 use imgforge_protocol::change::FileType;
@@ -42,6 +45,8 @@ const METADATA_LEN: usize = 24;
 pub struct ChangeWatch {
     group: OwnedFd,
     filesystems: Vec<Watched>,
+    /// Guest paths of the mounts of filesystems not watched (see [`handles_persist`]).
+    unwatched: BTreeSet<Vec<u8>>,
 }
 
 /// One marked filesystem: its identifier in events and a descriptor on it to open handles with.
@@ -59,6 +64,8 @@ pub struct Touched {
     pub dirs: BTreeSet<Vec<u8>>,
     /// Inode numbers of files, links and nodes changed (their every path is listed again).
     pub inodes: BTreeSet<u64>,
+    /// Guest paths of mounted filesystems that were not watched: walked whole.
+    pub whole: BTreeSet<Vec<u8>>,
 }
 
 impl Touched {
@@ -80,6 +87,12 @@ impl ChangeWatch {
     /// Marks every block-backed filesystem mounted under `target` as `mounts_file` lists them
     /// (the root first), for the events of [`MASK`].
     pub fn start(target: &Path, mounts_file: &Path) -> Result<Self, String> {
+        Self::start_with(target, mounts_file, handles_persist)
+    }
+
+    /// [`ChangeWatch::start`], watching only the filesystems of the types `persist` accepts
+    /// (see [`handles_persist`]); the mounts of the others are walked whole.
+    fn start_with(target: &Path, mounts_file: &Path, persist: fn(i64) -> bool) -> Result<Self, String> {
         let text = std::fs::read_to_string(mounts_file)
             .map_err(|e| format!("cannot read the list of the guest's mounts {}: {e}", mounts_file.display()))?;
         let flags = libc::FAN_CLASS_NOTIF
@@ -95,6 +108,7 @@ impl ChangeWatch {
         // SAFETY: fanotify_init returned a new descriptor that we now own.
         let group = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut filesystems: Vec<Watched> = Vec::new();
+        let mut unwatched = BTreeSet::new();
         for line in text.lines().filter(|l| !l.is_empty()) {
             let at = Path::new(line);
             if at.strip_prefix(target).is_err() {
@@ -106,7 +120,19 @@ impl ChangeWatch {
             if libc::major(st.st_dev) == 0 {
                 continue;
             }
-            let fsid = fsid_of(&mount).map_err(|e| format!("cannot read the filesystem id of {line}: {e}"))?;
+            let (fsid, kind) = fsid_of(&mount).map_err(|e| format!("cannot read the filesystem id of {line}: {e}"))?;
+            if !persist(kind) {
+                // Its handles may name nothing once its inodes leave the cache (vfat finds an
+                // inode by handle only while it is cached): a change there could be taken for
+                // an object since removed. Such a filesystem (an EFI system partition) is small.
+                let path = guest_path(line.as_bytes(), target.as_os_str().as_bytes())
+                    .ok_or_else(|| format!("{line} is not under the guest root {}", target.display()))?;
+                if path == b"/" {
+                    return Err(format!("the guest's root filesystem, of type {kind:#x}, cannot be watched"));
+                }
+                unwatched.insert(path);
+                continue;
+            }
             if filesystems.iter().any(|w| w.fsid == fsid) {
                 return Err(format!("{line} shares its filesystem id with another of the guest's filesystems"));
             }
@@ -129,13 +155,13 @@ impl ChangeWatch {
         if filesystems.is_empty() {
             return Err(format!("no filesystem of the guest is mounted under {}", target.display()));
         }
-        Ok(Self { group, filesystems })
+        Ok(Self { group, filesystems, unwatched })
     }
 
     /// Reads every event queued and resolves them to guest paths under `target`. Call it once
     /// no guest program runs any more.
     pub fn finish(self, target: &Path) -> Result<Touched, String> {
-        let mut touched = Touched::default();
+        let mut touched = Touched { whole: self.unwatched.clone(), ..Touched::default() };
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: our descriptor and a writable buffer of the length given.
@@ -296,7 +322,17 @@ fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn fsid_of(fd: &OwnedFd) -> io::Result<[i32; 2]> {
+/// Whether handles of a filesystem of type `kind` (`statfs`'s `f_type`) open its objects for
+/// as long as they exist, cached or not: ext2/3/4 and XFS, the types of the guest's root; not
+/// vfat, whose handles name only inodes in the cache (pure).
+pub fn handles_persist(kind: i64) -> bool {
+    const EXT_SUPER_MAGIC: i64 = 0xEF53;
+    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+    matches!(kind, EXT_SUPER_MAGIC | XFS_SUPER_MAGIC)
+}
+
+/// The filesystem id and type (`f_type`) of the filesystem of `fd`.
+fn fsid_of(fd: &OwnedFd) -> io::Result<([i32; 2], i64)> {
     // SAFETY: statfs is plain old data.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid descriptor and a writable statfs.
@@ -304,7 +340,8 @@ fn fsid_of(fd: &OwnedFd) -> io::Result<[i32; 2]> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fsid_t is two C ints, with private fields.
-    Ok(unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(st.f_fsid) })
+    let fsid = unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(st.f_fsid) };
+    Ok((fsid, st.f_type as i64))
 }
 
 /// Opens the object of `fid` on the filesystem of `mount` (`O_PATH`); `None` if it no longer
@@ -469,6 +506,157 @@ mod tests {
         }
     }
 
+    /// A base with a tree deeper than a walk goes, which the operations remove: the whole
+    /// walk then leaves nothing out (the manifest can be made), so the tree from the changed
+    /// directories must not keep the base's count of what was left out.
+    #[test]
+    fn a_tree_left_out_of_the_base_and_removed_is_not_still_left_out() {
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        write(root, "/etc/hostname", "base\n");
+        let mut deep = root.join("opt/deep");
+        for _ in 0..snapshot::MAX_DEPTH + 2 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let (base, base_contents) = snapshot::record_with_contents(root).unwrap();
+        assert!(!base.left_out.is_empty(), "the base's walk leaves the deepest directories out");
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n", root.display())).unwrap();
+
+        let watch = ChangeWatch::start(root, mounts.path()).expect("a loop-mounted filesystem can be watched");
+        std::fs::remove_dir_all(root.join("opt/deep")).unwrap();
+        let touched = watch.finish(root).unwrap();
+
+        let whole = snapshot::record_with_contents(root).unwrap();
+        assert!(whole.0.left_out.is_empty());
+        // An error is fine: the caller then walks the whole tree.
+        if let Ok(refreshed) =
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base), &touched.whole)
+        {
+            assert_eq!(refreshed.0.left_out, whole.0.left_out);
+            assert_eq!(refreshed.0.entries, whole.0.entries);
+        }
+    }
+
+    /// vfat (an EFI system partition) opens a handle only while its inode is cached: a change
+    /// resolved after memory pressure pushed the inodes out would be taken for an object since
+    /// removed, and lost. Only filesystems whose handles persist are watched; the mounts of
+    /// the others are walked whole.
+    #[test]
+    fn only_filesystems_whose_handles_persist_are_watched() {
+        assert!(handles_persist(0xEF53) && handles_persist(0x5846_5342), "ext2/3/4, XFS");
+        assert!(!handles_persist(0x4d44), "vfat");
+        assert!(!handles_persist(0x9123_683E), "btrfs: never a guest filesystem");
+    }
+
+    /// A filesystem that is not watched (XFS taken for one here, as vfat cannot be mounted on
+    /// every test machine), mounted inside the guest's root: what changed on it is in the tree.
+    #[test]
+    fn a_filesystem_not_watched_is_walked_whole() {
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        write(root, "/etc/hostname", "base\n");
+        let esp = root.join("boot/efi");
+        std::fs::create_dir_all(&esp).unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let file = image.path().join("esp.img");
+        std::fs::File::create(&file).unwrap().set_len(320 << 20).unwrap();
+        let made = std::process::Command::new("mkfs.xfs").arg("-q").arg(&file).output().unwrap();
+        assert!(made.status.success(), "mkfs.xfs: {}", String::from_utf8_lossy(&made.stderr));
+        let mounted = std::process::Command::new("mount").args(["-o", "loop"]).arg(&file).arg(&esp).output().unwrap();
+        if !mounted.status.success() {
+            eprintln!("skipped: cannot loop-mount xfs here: {}", String::from_utf8_lossy(&mounted.stderr));
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _esp = Unmount(&esp);
+        write(root, "/boot/efi/EFI/debian/grubx64.efi", "base loader\n");
+        write(root, "/boot/efi/EFI/BOOT/BOOTX64.EFI", "fallback\n");
+        let (base, base_contents) = snapshot::record_with_contents(root).unwrap();
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n{}\n", root.display(), esp.display())).unwrap();
+
+        let ext_only = |kind| kind == 0xEF53;
+        let watch = ChangeWatch::start_with(root, mounts.path(), ext_only).expect("the root can be watched");
+        write(root, "/boot/efi/EFI/debian/grubx64.efi", "variant loader\n");
+        std::fs::remove_dir_all(esp.join("EFI/BOOT")).unwrap();
+        write(root, "/etc/hostname", "variant\n");
+        let touched = watch.finish(root).unwrap();
+        assert_eq!(touched.whole, BTreeSet::from([b"/boot/efi".to_vec()]));
+
+        let whole = snapshot::record_with_contents(root).unwrap();
+        let refreshed =
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base), &touched.whole)
+                .unwrap();
+        assert_eq!(refreshed.0.entries, whole.0.entries);
+        assert_eq!(refreshed.1, whole.1);
+    }
+
+    /// More changes than the kernel queues (each file made is an event of its own): the
+    /// events lost are said, and the caller walks the whole tree.
+    #[test]
+    fn an_overflowed_queue_is_an_error() {
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        std::fs::create_dir(root.join("many")).unwrap();
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n", root.display())).unwrap();
+        let limit: usize = std::fs::read_to_string("/proc/sys/fs/fanotify/max_queued_events")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(16384);
+        let watch = ChangeWatch::start(root, mounts.path()).expect("a loop-mounted filesystem can be watched");
+        for i in 0..limit + 100 {
+            std::fs::File::create(root.join(format!("many/{i}"))).unwrap();
+        }
+        let finished = watch.finish(root);
+        assert!(finished.as_ref().is_err_and(|e| e.contains("overflowed")), "{finished:?}");
+    }
+
+    /// A base file's other hard links change (their link count and change time) when one of
+    /// its names is removed, replaced by a rename, or a new name is made: every name of it
+    /// is listed again, so the records and the CHANGE list are the whole walk's.
+    #[test]
+    fn removing_or_adding_a_name_of_a_base_file_changes_its_other_names() {
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        for (path, text) in [("/a/f", "f\n"), ("/c/h", "h\n"), ("/e/k", "k\n"), ("/x/new", "new\n")] {
+            write(root, path, text);
+        }
+        std::fs::create_dir_all(root.join("b")).unwrap();
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir_all(root.join("g")).unwrap();
+        std::fs::hard_link(root.join("a/f"), root.join("b/f-twin")).unwrap();
+        std::fs::hard_link(root.join("c/h"), root.join("d/h-twin")).unwrap();
+        std::fs::hard_link(root.join("e/k"), root.join("g/k-twin")).unwrap();
+        let (base, base_contents) = snapshot::record_with_contents(root).unwrap();
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n", root.display())).unwrap();
+
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let watch = ChangeWatch::start(root, mounts.path()).expect("a loop-mounted filesystem can be watched");
+        std::fs::remove_file(root.join("a/f")).unwrap();
+        std::fs::rename(root.join("x/new"), root.join("d/h-twin")).unwrap();
+        std::fs::hard_link(root.join("e/k"), root.join("x/k-third")).unwrap();
+        let touched = watch.finish(root).unwrap();
+
+        let whole = snapshot::record_with_contents(root).unwrap();
+        let refreshed =
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base), &touched.whole)
+                .unwrap();
+        for path in ["/b/f-twin", "/c/h", "/g/k-twin"] {
+            assert_ne!(base.entries[path.as_bytes()].ctime, whole.0.entries[path.as_bytes()].ctime, "{path}");
+        }
+        assert_eq!(refreshed.0.entries, whole.0.entries);
+        assert_eq!(refreshed.1, whole.1);
+    }
+
     fn changes_under_a_watch(root: &Path) {
         for (path, text) in [
             ("/etc/hostname", "base\n"),
@@ -511,13 +699,15 @@ mod tests {
 
         let whole = snapshot::record_with_contents(root).unwrap();
         let refreshed =
-            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base)).unwrap();
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base), &touched.whole)
+                .unwrap();
         assert_eq!(refreshed.0.entries, whole.0.entries);
         assert_eq!(refreshed.1, whole.1);
         assert!(refreshed.0.left_out.is_empty());
         assert!(!touched.dirs.contains(b"/srv/linked".as_slice()), "no change was made in /srv/linked by name");
 
-        let links_left = snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs).unwrap();
+        let links_left =
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs, &touched.whole).unwrap();
         assert_ne!(links_left.1, whole.1, "/srv/linked/data changed through /opt/data-twin");
     }
 }

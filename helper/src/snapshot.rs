@@ -99,13 +99,24 @@ type Contents = (BTreeMap<Vec<u8>, ManifestContent>, Option<(Vec<u8>, io::Error)
 /// walked whole; a subdirectory whose own record moved is listed again too (a directory
 /// removed and made anew can get the old inode number back, never the old change time).
 /// An error if a directory of `dirs` is in the tree but its parent's listing does not hold it
-/// (the changes reported were not all there were): the caller then walks the whole tree.
+/// (the changes reported were not all there were), or if the walk of `base` left paths out:
+/// the caller then walks the whole tree. Each directory of `whole` (a filesystem's mount that
+/// no watch covered) is walked whole, after `dirs`.
 pub fn refresh_with_contents(
     root: &Path,
     base: &Snapshot,
     base_contents: &BTreeMap<Vec<u8>, ManifestContent>,
     dirs: &BTreeSet<Vec<u8>>,
+    whole: &BTreeSet<Vec<u8>>,
 ) -> io::Result<WithContents> {
+    // What a cut-short walk left out is known only as counts, which the changes can make
+    // wrong (a tree too deep removed): only a whole walk can tell what is left out now.
+    if !base.left_out.is_empty() {
+        return Err(io::Error::other(format!(
+            "the walk of the tree before the changes left paths out ({})",
+            base.left_out.join(", ")
+        )));
+    }
     let root_fd = open_root(root)?;
     let mut entries = base.entries.clone();
     let mut contents = base_contents.clone();
@@ -153,7 +164,30 @@ pub fn refresh_with_contents(
         contents.extend(walk.contents);
         (too_deep, too_long, over_cap) = (too_deep + walk.too_deep, too_long + walk.too_long, over_cap + walk.over_cap);
     }
-    let mut left_out = base.left_out.clone();
+    for dir in whole {
+        let (fd, depth) = open_guest_dir(&root_fd, dir).ok_or_else(|| {
+            io::Error::other(format!("the mount {} to walk whole cannot be opened", String::from_utf8_lossy(dir)))
+        })?;
+        if entries.get(dir).is_none_or(|m| m.file_type != FileType::Directory) {
+            return Err(io::Error::other(format!(
+                "the mount {} is not a directory of the tree",
+                String::from_utf8_lossy(dir)
+            )));
+        }
+        if let Some(meta) = Meta::of(&fstat(&fd)?) {
+            entries.insert(dir.clone(), meta);
+        }
+        remove_subtree(&mut entries, &mut contents, dir);
+        let mut walk = Walk { read_contents: true, ..Walk::default() };
+        walk.directory(fd, dir.clone(), depth);
+        if let Some((path, e)) = walk.unreadable {
+            return Err(io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path))));
+        }
+        entries.extend(walk.snapshot.entries);
+        contents.extend(walk.contents);
+        (too_deep, too_long, over_cap) = (too_deep + walk.too_deep, too_long + walk.too_long, over_cap + walk.over_cap);
+    }
+    let mut left_out = Vec::new();
     let counts = [
         (too_deep, format!("directories deeper than {MAX_DEPTH} levels")),
         (too_long, format!("paths longer than {MAX_PATH_BYTES} bytes")),

@@ -250,7 +250,8 @@ fn after_operations(
     let refreshed = match touched {
         Some(Ok(touched)) => {
             let dirs = touched.dirs_to_list(&base.snapshot);
-            snapshot::refresh_with_contents(root, &base.snapshot, &base.contents, &dirs).map_err(|e| e.to_string())
+            snapshot::refresh_with_contents(root, &base.snapshot, &base.contents, &dirs, &touched.whole)
+                .map_err(|e| e.to_string())
         }
         Some(Err(e)) => Err(e),
         None => Err("no watch ran".into()),

@@ -775,7 +775,7 @@ fn write_output(
             }
         }
         OutputFormat::Qcow2 => create(&[])?,
-        OutputFormat::Qcow2Backed => return copy_thin(overlay, out),
+        OutputFormat::Qcow2Backed => return copy_thin(base, base_format, size, overlay, out),
     }
     let open = |p: &Path, write: bool| {
         std::fs::OpenOptions::new().read(true).write(write).open(p).map_err(|e| format!("{}: {e}", p.display()))
@@ -827,9 +827,31 @@ fn write_output(
 
 /// A thin output is the variant's overlay as it is: a qcow2 that names the base by its
 /// canonical path and format (see `Overlay::create`) and holds what the variant wrote, made by
-/// the helper VM's qemu, which has exited. Copying it costs no qemu of its own.
-fn copy_thin(overlay: &Path, out: &Path) -> Result<(), String> {
-    let mut from = std::fs::File::open(overlay).map_err(|e| format!("{}: {e}", overlay.display()))?;
+/// the helper VM's qemu, which has exited. Copying it costs no qemu of its own. That qemu ran
+/// the hostile guest and could write the whole file, header included: the copy is published
+/// only if its header is still the one made for it — the base (`base`, canonical, of
+/// `base_format`) as its only backing file, the size `size`, no external data file, no
+/// encryption — and its tables check as any qcow2 imgforge reads.
+fn copy_thin(base: &Path, base_format: DiskFormat, size: u64, overlay: &Path, out: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", overlay.display());
+    let mut from =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(overlay).map_err(|e| at(&e))?;
+    let len = from.metadata().map_err(|e| at(&e))?.len();
+    let header = crate::source::qcow2::check(&from, len, crate::source::qcow2::Backing::Allowed)
+        .map_err(|e| format!("the overlay {} is not the one made for it: {e}", overlay.display()))?;
+    let mut first = vec![0u8; usize::try_from(len.min(1 << header.cluster_bits)).map_err(|e| at(&e))?];
+    std::os::unix::fs::FileExt::read_exact_at(&from, &mut first, 0).map_err(|e| at(&e))?;
+    let expected = (base.as_os_str().as_bytes().to_vec(), Some(base_format.as_str().as_bytes().to_vec()));
+    if header.size != size || crate::source::qcow2::backing_of(&first, &header).as_ref() != Some(&expected) {
+        return Err(format!(
+            "the overlay {} no longer names {} ({}) of {size} bytes as its base: it is not published",
+            overlay.display(),
+            base.display(),
+            base_format.as_str()
+        ));
+    }
     let mut to = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -908,6 +930,49 @@ fn sha256_file(path: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thin output is published only while the overlay still names the base it was made
+    /// over: the helper VM's qemu ran the hostile guest and could rewrite the header to name
+    /// any host file (or another format, or size) for whoever opens the output.
+    #[test]
+    fn a_thin_output_is_only_an_overlay_of_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
+        let base = std::fs::canonicalize(&base).unwrap();
+        let make = |name: &str, backing: &Path, format: &str, size: &str| {
+            let overlay = dir.path().join(name);
+            let made = std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-u", "-F", format, "-b"])
+                .arg(backing)
+                .arg(&overlay)
+                .arg(size)
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+            overlay
+        };
+        let size = 1u64 << 20;
+        let good = make("good.qcow2", &base, "raw", "1M");
+        let out = dir.path().join("good-out.qcow2");
+        copy_thin(&base, DiskFormat::Raw, size, &good, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&good).unwrap());
+
+        let hostile = [
+            make("other-file.qcow2", Path::new("/etc/hostname"), "raw", "1M"),
+            make("other-format.qcow2", &base, "qcow2", "1M"),
+            make("other-size.qcow2", &base, "raw", "2M"),
+        ];
+        for overlay in &hostile {
+            let out = dir.path().join("out.qcow2");
+            let refused = copy_thin(&base, DiskFormat::Raw, size, overlay, &out);
+            assert!(refused.is_err(), "{} was published", overlay.display());
+            assert!(!out.exists());
+        }
+        let link = dir.path().join("link.qcow2");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert!(copy_thin(&base, DiskFormat::Raw, size, &link, &dir.path().join("linked.qcow2")).is_err());
+    }
 
     #[test]
     fn variants_are_split_into_boots_and_lanes() {

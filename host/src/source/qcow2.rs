@@ -130,6 +130,33 @@ pub fn parse_header(b: &[u8]) -> Result<Header, Qcow2Error> {
     })
 }
 
+/// The backing file a qcow2 names and its format (the "backing file format name" header
+/// extension, if any), from the image's first bytes `first` (up to its first cluster) and
+/// its parsed `header`; `None` when it names none or the name lies outside `first` (pure).
+pub fn backing_of(first: &[u8], header: &Header) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    const EXTENSION_BACKING_FORMAT: u32 = 0xE279_2ACA;
+    let offset = usize::try_from(be64(first, 8)?).ok()?;
+    let len = usize::try_from(be32(first, 16)?).ok()?;
+    if offset == 0 {
+        return None;
+    }
+    let name = first.get(offset..offset.checked_add(len)?)?.to_vec();
+    let area = first.get(usize::try_from(header.header_bytes).ok()?..)?;
+    let mut at = 0usize;
+    let mut format = None;
+    while let (Some(kind), Some(len)) = (be32(area, at), be32(area, at + 4)) {
+        if kind == 0 {
+            break;
+        }
+        let len = usize::try_from(len).ok()?;
+        if kind == EXTENSION_BACKING_FORMAT {
+            format = Some(area.get(at + 8..(at + 8).checked_add(len)?)?.to_vec());
+        }
+        at = at.checked_add(8)?.checked_add(len.checked_add(7)? & !7)?;
+    }
+    Some((name, format))
+}
+
 /// The header extension types in `area` (the bytes after the header, up to the end of the
 /// first cluster), up to the end marker (pure).
 fn extension_types(area: &[u8]) -> Vec<u32> {
@@ -259,6 +286,26 @@ mod tests {
         b[72..80].copy_from_slice(&incompat.to_be_bytes());
         b[100..104].copy_from_slice(&104u32.to_be_bytes());
         b
+    }
+
+    #[test]
+    fn backing_names_and_formats() {
+        let mut b = header(3, 16, 0);
+        // Extensions: the backing format ("raw", padded to 8), then the end marker.
+        b.extend_from_slice(&0xE279_2ACAu32.to_be_bytes());
+        b.extend_from_slice(&3u32.to_be_bytes());
+        b.extend_from_slice(b"raw\0\0\0\0\0");
+        b.extend_from_slice(&[0; 8]);
+        let name_at = b.len() as u64;
+        b.extend_from_slice(b"/srv/base.img");
+        b[8..16].copy_from_slice(&name_at.to_be_bytes());
+        b[16..20].copy_from_slice(&13u32.to_be_bytes());
+        let h = parse_header(&b).unwrap();
+        assert_eq!(backing_of(&b, &h), Some((b"/srv/base.img".to_vec(), Some(b"raw".to_vec()))));
+        assert_eq!(backing_of(&b[..b.len() - 1], &h), None, "a name past the bytes given");
+        let mut none = b.clone();
+        none[8..16].fill(0);
+        assert_eq!(backing_of(&none, &h), None);
     }
 
     #[test]

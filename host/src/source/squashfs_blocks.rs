@@ -189,7 +189,7 @@ impl<'a, 'b: 'a> ParallelFile<'a, 'b> {
         let workers = (0..threads)
             .map(|_| {
                 let (plan, job_rx, result_tx) = (plan.clone(), job_rx.clone(), result_tx.clone());
-                std::thread::spawn(move || decode_jobs(&plan, &job_rx, &result_tx))
+                std::thread::spawn(move || decode_jobs(&|i, stored| plan.decode(i, stored), &job_rx, &result_tx))
             })
             .collect();
         let mut me = Self {
@@ -250,12 +250,19 @@ impl<'a, 'b: 'a> ParallelFile<'a, 'b> {
     }
 }
 
-/// One worker: decodes the blocks it is sent until the reader hangs up.
-fn decode_jobs(plan: &Plan, jobs: &Mutex<mpsc::Receiver<usize>>, results: &mpsc::Sender<Decoded>) {
+/// Decodes block `i`, its stored bytes read into the buffer given.
+type DecodeFn<'a> = dyn Fn(usize, &mut Vec<u8>) -> std::io::Result<Vec<u8>> + 'a;
+
+/// One worker: decodes the blocks it is sent with `decode` until the reader hangs up.
+fn decode_jobs(decode: &DecodeFn, jobs: &Mutex<mpsc::Receiver<usize>>, results: &mpsc::Sender<Decoded>) {
     let mut stored = Vec::new();
     loop {
         let Ok(i) = jobs.lock().map_err(drop).and_then(|rx| rx.recv().map_err(drop)) else { return };
-        if results.send((i, plan.decode(i, &mut stored))).is_err() {
+        // A decoder crate's panic on a hostile block must still answer for the block: the
+        // reader waits for each block in turn, and the other workers keep its queue open.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(i, &mut stored)))
+            .unwrap_or_else(|_| Err(std::io::Error::other(format!("decoding data block {i} of the squashfs failed"))));
+        if results.send((i, decoded)).is_err() {
             return;
         }
     }
@@ -318,6 +325,44 @@ impl Drop for ParallelFile<'_, '_> {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    /// A decoder that panics on a hostile block (a bug in a decoder crate): the block's
+    /// result is an error, not one the reader waits for forever while the other workers idle.
+    #[test]
+    fn a_decoder_that_panics_gives_an_error_not_a_hang() {
+        let (jobs, job_rx) = mpsc::channel::<usize>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (result_tx, results) = mpsc::channel::<Decoded>();
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let (job_rx, result_tx) = (job_rx.clone(), result_tx.clone());
+                std::thread::spawn(move || {
+                    let decode = |i: usize, _: &mut Vec<u8>| {
+                        assert_ne!(i, 1, "a decoder bug on block 1");
+                        Ok(vec![i as u8])
+                    };
+                    decode_jobs(&decode, &job_rx, &result_tx)
+                })
+            })
+            .collect();
+        drop(result_tx);
+        for i in 0..3 {
+            jobs.send(i).unwrap();
+        }
+        let mut got: Vec<(usize, bool)> = (0..3)
+            .map(|_| {
+                let (i, r) =
+                    results.recv_timeout(std::time::Duration::from_secs(20)).expect("every block has a result");
+                (i, r.is_ok())
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, [(0, true), (1, false), (2, true)]);
+        drop(jobs);
+        for w in workers {
+            w.join().unwrap();
+        }
+    }
 
     #[test]
     fn layouts() {
