@@ -114,7 +114,7 @@ impl ChangeWatch {
             if at.strip_prefix(target).is_err() {
                 continue;
             }
-            let mount = open_dir(at).map_err(|e| format!("cannot open {line}: {e}"))?;
+            let mount = crate::snapshot::open_dir(at).map_err(|e| format!("cannot open {line}: {e}"))?;
             let st = crate::snapshot::fstat(&mount).map_err(|e| format!("cannot look at {line}: {e}"))?;
             // The chroots' /dev, /proc, /sys: not the guest's, and no walk enters them.
             if libc::major(st.st_dev) == 0 {
@@ -310,18 +310,6 @@ fn u32_at(buf: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
-    // SAFETY: a NUL-terminated path; the descriptor returned is ours.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: open returned a new descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Whether handles of a filesystem of type `kind` (`statfs`'s `f_type`) open its objects for
 /// as long as they exist, cached or not: ext2/3/4 and XFS, the types of the guest's root; not
 /// vfat, whose handles name only inodes in the cache (pure).
@@ -489,6 +477,22 @@ mod tests {
         }
     }
 
+    /// The tree refreshed from `touched` and the base, checked to be the one a whole walk gives.
+    fn refresh_is_whole_walk(
+        root: &Path,
+        base: &Snapshot,
+        base_contents: &std::collections::BTreeMap<Vec<u8>, imgforge_protocol::manifest::ManifestContent>,
+        touched: &Touched,
+    ) -> snapshot::WithContents {
+        let whole = snapshot::record_with_contents(root).unwrap();
+        let refreshed =
+            snapshot::refresh_with_contents(root, base, base_contents, &touched.dirs_to_list(base), &touched.whole)
+                .unwrap();
+        assert_eq!(refreshed.0.entries, whole.0.entries);
+        assert_eq!(refreshed.1, whole.1);
+        refreshed
+    }
+
     fn write(root: &Path, path: &str, text: &str) {
         let at = root.join(path.trim_start_matches('/'));
         std::fs::create_dir_all(at.parent().unwrap()).unwrap();
@@ -590,12 +594,7 @@ mod tests {
         let touched = watch.finish(root).unwrap();
         assert_eq!(touched.whole, BTreeSet::from([b"/boot/efi".to_vec()]));
 
-        let whole = snapshot::record_with_contents(root).unwrap();
-        let refreshed =
-            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base), &touched.whole)
-                .unwrap();
-        assert_eq!(refreshed.0.entries, whole.0.entries);
-        assert_eq!(refreshed.1, whole.1);
+        refresh_is_whole_walk(root, &base, &base_contents, &touched);
     }
 
     /// More changes than the kernel queues (each file made is an event of its own): the
@@ -697,17 +696,12 @@ mod tests {
         std::os::unix::fs::chown(root.join("usr/share/doc/b/copyright"), Some(1), Some(1)).unwrap();
         let touched = watch.finish(root).unwrap();
 
-        let whole = snapshot::record_with_contents(root).unwrap();
-        let refreshed =
-            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base), &touched.whole)
-                .unwrap();
-        assert_eq!(refreshed.0.entries, whole.0.entries);
-        assert_eq!(refreshed.1, whole.1);
+        let refreshed = refresh_is_whole_walk(root, &base, &base_contents, &touched);
         assert!(refreshed.0.left_out.is_empty());
         assert!(!touched.dirs.contains(b"/srv/linked".as_slice()), "no change was made in /srv/linked by name");
 
         let links_left =
             snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs, &touched.whole).unwrap();
-        assert_ne!(links_left.1, whole.1, "/srv/linked/data changed through /opt/data-twin");
+        assert_ne!(links_left.1, refreshed.1, "/srv/linked/data changed through /opt/data-twin");
     }
 }

@@ -117,7 +117,7 @@ pub fn refresh_with_contents(
             base.left_out.join(", ")
         )));
     }
-    let root_fd = open_root(root)?;
+    let root_fd = open_dir(root)?;
     let mut entries = base.entries.clone();
     let mut contents = base_contents.clone();
     let (mut too_deep, mut too_long, mut over_cap) = (0, 0, 0);
@@ -255,7 +255,8 @@ fn open_guest_dir(root: &OwnedFd, path: &[u8]) -> Option<(OwnedFd, usize)> {
     Some((at, depth))
 }
 
-fn open_root(root: &Path) -> io::Result<OwnedFd> {
+/// Opens the directory `root` (following links: it is the helper's own path, not the guest's).
+pub fn open_dir(root: &Path) -> io::Result<OwnedFd> {
     let c_root = CString::new(root.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "root path holds a NUL byte"))?;
     // SAFETY: a NUL-terminated path; the descriptor returned is ours.
@@ -268,7 +269,7 @@ fn open_root(root: &Path) -> io::Result<OwnedFd> {
 }
 
 fn record_walk(root: &Path, read_contents: bool) -> io::Result<(Snapshot, Contents)> {
-    let dir = open_root(root)?;
+    let dir = open_dir(root)?;
     let st = fstat(&dir)?;
     let mut walk = Walk { read_contents, ..Walk::default() };
     if let Some(meta) = Meta::of(&st) {

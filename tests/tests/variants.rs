@@ -103,6 +103,19 @@ fn run_checked(
     runtime.block_on(customize_variants(&base, variants, jobs, &settings(), progress, &interrupt))
 }
 
+/// A copy of the dos/ext4 fixture in a work directory, its SHA-256, where the digests of its
+/// files would be kept (nothing kept yet), and an empty output directory.
+fn keyed_base() -> (tempfile::TempDir, PathBuf, String, PathBuf, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
+    let sha256 = sha256_hex(&base);
+    let kept = imgforge::job::variants::kept_digests_path(&sha256).unwrap();
+    let _ = std::fs::remove_file(&kept);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    (work, base, sha256, kept, out)
+}
+
 /// A raw copy of `image` (any format qemu-img reads) for the test's loop mounts.
 fn as_raw(image: &Path, dir: &Path) -> PathBuf {
     let raw = dir.join(format!("{}.readback.raw", image.file_name().unwrap().to_string_lossy()));
@@ -347,13 +360,7 @@ fn kept_digests_of_the_base_give_the_same_manifests() {
 /// kept for the next build of that base.
 #[test]
 fn a_base_changed_during_the_build_keeps_no_digests() {
-    let work = tempfile::tempdir().unwrap();
-    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let sha256 = sha256_hex(&base);
-    let kept = imgforge::job::variants::kept_digests_path(&sha256).unwrap();
-    let _ = std::fs::remove_file(&kept);
-    let out = work.path().join("out");
-    std::fs::create_dir(&out).unwrap();
+    let (_work, base, sha256, kept, out) = keyed_base();
     let watched = base.clone();
     let toucher = std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
@@ -438,13 +445,7 @@ fn the_manifest_from_reported_changes_is_the_whole_tree_s() {
 /// files is kept.
 #[test]
 fn a_base_failing_its_check_publishes_nothing() {
-    let work = tempfile::tempdir().unwrap();
-    let base = fixtures::copy(Shape::DosExt4, work.path()).unwrap();
-    let sha256 = sha256_hex(&base);
-    let kept = imgforge::job::variants::kept_digests_path(&sha256).unwrap();
-    let _ = std::fs::remove_file(&kept);
-    let out = work.path().join("out");
-    std::fs::create_dir(&out).unwrap();
+    let (_work, base, sha256, kept, out) = keyed_base();
     let (verdict, check) = BaseCheck::pending();
     verdict.send(Some(Err("base.img is not the base the recipe names".into()))).unwrap();
     let variants = ["one", "two"]
