@@ -75,8 +75,7 @@ impl Touched {
         let mut dirs = self.dirs.clone();
         for (path, meta) in &base.entries {
             if meta.file_type != FileType::Directory && self.inodes.contains(&meta.ino) {
-                let at = path.iter().rposition(|b| *b == b'/').unwrap_or(0);
-                dirs.insert(if at == 0 { b"/".to_vec() } else { path[..at].to_vec() });
+                dirs.insert(crate::changes::parent(path).to_vec());
             }
         }
         dirs

@@ -101,7 +101,7 @@ fn state(meta: &Meta) -> FileState {
 }
 
 /// The directory holding `path` (`/etc` for `/etc/x`, `/` for `/x`).
-fn parent(path: &[u8]) -> &[u8] {
+pub fn parent(path: &[u8]) -> &[u8] {
     match path.iter().rposition(|b| *b == b'/') {
         Some(0) => b"/",
         Some(at) => &path[..at],

@@ -82,7 +82,7 @@ pub fn record(root: &Path) -> io::Result<Snapshot> {
 pub fn record_with_contents(root: &Path) -> io::Result<WithContents> {
     let (snapshot, contents) = record_walk(root, true)?;
     if let Some((path, e)) = contents.1 {
-        return Err(io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path))));
+        return Err(unreadable(path, e));
     }
     Ok((snapshot, contents.0))
 }
@@ -120,7 +120,7 @@ pub fn refresh_with_contents(
     let root_fd = open_dir(root)?;
     let mut entries = base.entries.clone();
     let mut contents = base_contents.clone();
-    let (mut too_deep, mut too_long, mut over_cap) = (0, 0, 0);
+    let mut left = LeftOut::default();
     let mut pending = dirs.clone();
     while let Some(dir) = pending.pop_first() {
         let Some((fd, depth)) = open_guest_dir(&root_fd, &dir) else { continue };
@@ -141,8 +141,8 @@ pub fn refresh_with_contents(
             ..Walk::default()
         };
         walk.directory(fd, dir.clone(), depth);
-        if let Some((path, e)) = walk.unreadable {
-            return Err(io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path))));
+        if let Some((path, e)) = walk.unreadable.take() {
+            return Err(unreadable(path, e));
         }
         for (child, was) in old {
             let now = walk.snapshot.entries.get(&child);
@@ -160,9 +160,7 @@ pub fn refresh_with_contents(
             entries.remove(&child);
             contents.remove(&child);
         }
-        entries.extend(walk.snapshot.entries);
-        contents.extend(walk.contents);
-        (too_deep, too_long, over_cap) = (too_deep + walk.too_deep, too_long + walk.too_long, over_cap + walk.over_cap);
+        walk.merge_into(&mut entries, &mut contents, &mut left);
     }
     for dir in whole {
         let (fd, depth) = open_guest_dir(&root_fd, dir).ok_or_else(|| {
@@ -180,20 +178,12 @@ pub fn refresh_with_contents(
         remove_subtree(&mut entries, &mut contents, dir);
         let mut walk = Walk { read_contents: true, ..Walk::default() };
         walk.directory(fd, dir.clone(), depth);
-        if let Some((path, e)) = walk.unreadable {
-            return Err(io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path))));
+        if let Some((path, e)) = walk.unreadable.take() {
+            return Err(unreadable(path, e));
         }
-        entries.extend(walk.snapshot.entries);
-        contents.extend(walk.contents);
-        (too_deep, too_long, over_cap) = (too_deep + walk.too_deep, too_long + walk.too_long, over_cap + walk.over_cap);
+        walk.merge_into(&mut entries, &mut contents, &mut left);
     }
-    let mut left_out = Vec::new();
-    let counts = [
-        (too_deep, format!("directories deeper than {MAX_DEPTH} levels")),
-        (too_long, format!("paths longer than {MAX_PATH_BYTES} bytes")),
-        (over_cap, format!("paths past the first {MAX_ENTRIES}")),
-    ];
-    left_out.extend(counts.into_iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")));
+    let mut left_out = left.described();
     if entries.len() > MAX_ENTRIES {
         left_out.push(format!("{} paths past the first {MAX_ENTRIES}", entries.len() - MAX_ENTRIES));
     }
@@ -277,21 +267,42 @@ fn record_walk(root: &Path, read_contents: bool) -> io::Result<(Snapshot, Conten
     }
     walk.directory(dir, b"/".to_vec(), 0);
     let mut snapshot = walk.snapshot;
-    let counts = [
-        (walk.too_deep, format!("directories deeper than {MAX_DEPTH} levels")),
-        (walk.too_long, format!("paths longer than {MAX_PATH_BYTES} bytes")),
-        (walk.over_cap, format!("paths past the first {MAX_ENTRIES}")),
-    ];
-    snapshot.left_out = counts.into_iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+    snapshot.left_out = walk.left.described();
     Ok((snapshot, (walk.contents, walk.unreadable)))
+}
+
+/// How much of the tree walks left out, by reason.
+#[derive(Default)]
+struct LeftOut {
+    too_deep: u64,
+    too_long: u64,
+    over_cap: u64,
+}
+
+impl LeftOut {
+    /// The reasons with a count, as a snapshot's `left_out` says them.
+    fn described(&self) -> Vec<String> {
+        [
+            (self.too_deep, format!("directories deeper than {MAX_DEPTH} levels")),
+            (self.too_long, format!("paths longer than {MAX_PATH_BYTES} bytes")),
+            (self.over_cap, format!("paths past the first {MAX_ENTRIES}")),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect()
+    }
+}
+
+/// The error of a file a walk could not read, naming it.
+fn unreadable(path: Vec<u8>, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", String::from_utf8_lossy(&path)))
 }
 
 #[derive(Default)]
 struct Walk {
     snapshot: Snapshot,
-    too_deep: u64,
-    too_long: u64,
-    over_cap: u64,
+    left: LeftOut,
     read_contents: bool,
     contents: BTreeMap<Vec<u8>, ManifestContent>,
     /// The first file that could not be read, and why.
@@ -302,6 +313,20 @@ struct Walk {
 }
 
 impl Walk {
+    /// Adds what this walk recorded to `entries` and `contents` and what it left out to `left`.
+    fn merge_into(
+        self,
+        entries: &mut BTreeMap<Vec<u8>, Meta>,
+        contents: &mut BTreeMap<Vec<u8>, ManifestContent>,
+        left: &mut LeftOut,
+    ) {
+        entries.extend(self.snapshot.entries);
+        contents.extend(self.contents);
+        left.too_deep += self.left.too_deep;
+        left.too_long += self.left.too_long;
+        left.over_cap += self.left.over_cap;
+    }
+
     /// Records the entries of the open directory `dir` (guest path `path`, `depth` levels
     /// below the root), entering its subdirectories.
     fn directory(&mut self, dir: OwnedFd, path: Vec<u8>, depth: usize) {
@@ -314,7 +339,7 @@ impl Walk {
             }
             child.extend_from_slice(name.to_bytes());
             if child.len() > MAX_PATH_BYTES {
-                self.too_long += 1;
+                self.left.too_long += 1;
                 continue;
             }
             let Ok(st) = stream.stat_at(&name) else { continue };
@@ -325,7 +350,7 @@ impl Walk {
             }
             let Some(meta) = Meta::of(&st) else { continue };
             if self.snapshot.entries.len() >= MAX_ENTRIES {
-                self.over_cap += 1;
+                self.left.over_cap += 1;
                 continue;
             }
             self.snapshot.entries.insert(child.clone(), meta);
@@ -352,7 +377,7 @@ impl Walk {
                 continue;
             }
             if depth + 1 > MAX_DEPTH {
-                self.too_deep += 1;
+                self.left.too_deep += 1;
                 continue;
             }
             if let Some(sub) = stream.open_dir_at(&name, &st) {
