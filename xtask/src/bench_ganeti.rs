@@ -10,6 +10,7 @@
 //! cluster (`tests/ganeti/bench.sh`, in namespaces of its own), both builds installed as two OS
 //! definitions of it, so Ganeti's own work (locks, jobs, disk creation) is in both times.
 
+use crate::sparse_copy;
 use anyhow::{ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
 use std::path::{Path, PathBuf};
@@ -97,7 +98,7 @@ pub fn run(new: &Path, old: &Path, runs: usize) -> Result<()> {
     let images = work.path().join("images");
     std::fs::create_dir_all(&images)?;
     let fixture = fixtures::disk(Shape::GptXfsBoot)?;
-    sh(Command::new("cp").arg("--sparse=always").arg(&fixture).arg(images.join("gpt-xfs-boot.img")))?;
+    sparse_copy(&fixture, images.join("gpt-xfs-boot.img"))?;
     let image_bytes = std::fs::metadata(&fixture)?.len();
     let disks = work.path().join("disks");
     std::fs::create_dir_all(&disks)?;
@@ -166,7 +167,7 @@ pub fn run_cluster(new: &Path, old: &Path, runs: usize) -> Result<()> {
     std::fs::create_dir_all(&images)?;
     std::fs::create_dir_all(&disks)?;
     let fixture = fixtures::disk(Shape::GptXfsBoot)?;
-    sh(Command::new("cp").arg("--sparse=always").arg(&fixture).arg(images.join("gpt-xfs-boot.img")))?;
+    sparse_copy(&fixture, images.join("gpt-xfs-boot.img"))?;
     println!(
         "gnt-instance add -t file --disk 0:size=8192 of {} ({} MiB, GPT, XFS root) on a single-node cluster, TCG",
         fixture.display(),

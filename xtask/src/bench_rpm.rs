@@ -6,7 +6,8 @@
 //! the same files `--upload`ed and installed by `--run-command 'rpm -i …'` (once). Both guests
 //! are checked: every package known to rpm, every installed file byte for byte.
 
-use crate::{ensure_virt_customize, imgforge, median, supermin_kernel, timed, virt_customize, warm_both, RUNS};
+use crate::sparse_copy;
+use crate::{ensure_virt_customize, imgforge, median, timed, virt_customize, warmed_peers, RUNS};
 use anyhow::{ensure, Context, Result};
 use imgforge_tests::fixtures::{self, sh, Shape};
 use imgforge_tests::readback::Mount;
@@ -116,14 +117,9 @@ pub fn run(count: usize, mib: u64) -> Result<()> {
     let base_dir = work.path().join("base");
     std::fs::create_dir_all(&base_dir)?;
     let base = grown_fixture(&base_dir)?;
-    let copy = |n: &str| -> Result<PathBuf> {
-        let img = work.path().join(n);
-        sh(Command::new("cp").arg("--sparse=always").arg(&base).arg(&img))?;
-        Ok(img)
-    };
-    let env = supermin_kernel(work.path())?;
+    let copy = |n: &str| sparse_copy(&base, work.path().join(n));
+    let env = warmed_peers(&imgforge, work.path(), &base)?;
     let virt = |img: &Path| virt_customize(&env, img);
-    warm_both(&imgforge, &env, &copy("warm.img")?)?;
 
     let mut ours = Vec::new();
     let mut table = String::new();

@@ -4,15 +4,15 @@
 //! every guest's copy compared byte for byte; then each tool's cost per extra MB between the
 //! smallest size and each larger one, and the ratios.
 
+use crate::sparse_copy;
 use crate::{
-    bench_operations, ensure_virt_customize, imgforge, median, supermin_kernel, timed, virt_customize, warm_both, KEY,
-    PASSWORD, RUNS,
+    bench_operations, ensure_virt_customize, imgforge, median, timed, virt_customize, warmed_peers, KEY, PASSWORD, RUNS,
 };
 use anyhow::{ensure, Context, Result};
-use imgforge_tests::fixtures::{self, sh, Shape};
+use imgforge_tests::fixtures::{self, Shape};
 use imgforge_tests::readback::{shadow_field, Mount};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -86,14 +86,9 @@ pub fn run(sizes: &[u64]) -> Result<()> {
         fixture.display(),
         std::fs::metadata(&fixture)?.len() >> 20
     );
-    let copy = |name: &str| -> Result<PathBuf> {
-        let img = work.path().join(name);
-        sh(Command::new("cp").arg("--sparse=always").arg(&fixture).arg(&img))?;
-        Ok(img)
-    };
-    let env = supermin_kernel(work.path())?;
+    let copy = |name: &str| sparse_copy(&fixture, work.path().join(name));
+    let env = warmed_peers(&imgforge, work.path(), &fixture)?;
     let virt = |img: &Path| virt_customize(&env, img);
-    warm_both(&imgforge, &env, &copy("warm.img")?)?;
 
     let mut rows = Vec::new();
     for &mib in sizes {

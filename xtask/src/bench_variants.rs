@@ -4,6 +4,7 @@
 //! N sequential `imgforge customize` runs on copies, and virt-customize on 2 copies, its time
 //! scaled to N (said so in the output). Every output is verified with the bench's own mounts.
 
+use crate::sparse_copy;
 use anyhow::{ensure, Context, Result};
 use imgforge::job::variants::{customize_variants, BaseCheck, OutputFormat, VariantBase, VariantJob};
 use imgforge::job::{KnownFormat, VmSettings};
@@ -100,7 +101,7 @@ pub fn run(imgforge: &Path, n: usize) -> Result<()> {
     let mut copies = Vec::new();
     for i in 0..n {
         let img = seq.join(format!("v{i}.raw"));
-        sh(Command::new("cp").arg("--sparse=always").arg(&base).arg(&img))?;
+        sparse_copy(&base, &img)?;
         let mut args: Vec<String> = vec![
             "customize".into(),
             "--accel".into(),
@@ -257,7 +258,7 @@ fn virt_customize(
     let mut total = Duration::ZERO;
     for i in 0..runs {
         let img = dir.join(format!("v{i}.raw"));
-        sh(Command::new("cp").arg("--sparse=always").arg(base).arg(&img))?;
+        sparse_copy(base, &img)?;
         let mut c = Command::new("virt-customize");
         c.args(["-q", "--format", "raw", "-a"])
             .arg(&img)

@@ -62,6 +62,25 @@ fn main() -> Result<()> {
     }
 }
 
+/// `dst`, made a sparse copy of `src` (`cp --sparse=always`): a benchmark's fresh image.
+fn sparse_copy(src: impl AsRef<Path>, dst: impl Into<PathBuf>) -> Result<PathBuf> {
+    let dst = dst.into();
+    sh(Command::new("cp").arg("--sparse=always").arg(src.as_ref()).arg(&dst))?;
+    Ok(dst)
+}
+
+/// The environment virt-customize runs in (`supermin_kernel`), after both tools' caches
+/// (imgforge's helper image, libguestfs's appliance) were warmed outside the timing by a run of
+/// each on a throwaway copy of `base` made in `work`.
+fn warmed_peers(imgforge: &Path, work: &Path, base: &Path) -> Result<Vec<(String, String)>> {
+    let env = supermin_kernel(work)?;
+    let img = sparse_copy(base, work.join("warm.img"))?;
+    sh(Command::new(imgforge).args(["customize", "--accel", "tcg", "-a"]).arg(&img).args(["--hostname", "warm"]))?;
+    sh(virt_customize(&env, &img).args(["--hostname", "warm"]))?;
+    std::fs::remove_file(&img)?;
+    Ok(env)
+}
+
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
@@ -125,15 +144,6 @@ fn virt_customize(env: &[(String, String)], img: &Path) -> Command {
         .env("LIBGUESTFS_BACKEND", "direct")
         .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
     c
-}
-
-/// Warms both tools' caches (imgforge's helper image, libguestfs's appliance) outside the
-/// timing, on the throwaway copy `img`, removed after.
-fn warm_both(imgforge: &Path, env: &[(String, String)], img: &Path) -> Result<()> {
-    sh(Command::new(imgforge).args(["customize", "--accel", "tcg", "-a"]).arg(img).args(["--hostname", "warm"]))?;
-    sh(virt_customize(env, img).args(["--hostname", "warm"]))?;
-    std::fs::remove_file(img)?;
-    Ok(())
 }
 
 /// supermin needs a kernel; hosts without one in /boot get the helper's Debian kernel package.
@@ -204,22 +214,13 @@ fn bench_customize() -> Result<()> {
         std::fs::metadata(&fixture)?.len() >> 20
     );
 
-    // Warm both tools' caches (imgforge's helper image, libguestfs's appliance) outside the timing.
-    let warm = fixtures::copy(Shape::GptXfsBoot, work.path())?;
-    sh(Command::new(&imgforge).args(["customize", "--accel", "tcg", "-a"]).arg(&warm).args(["--hostname", "warm"]))?;
-    let env = supermin_kernel(work.path())?;
+    let env = warmed_peers(&imgforge, work.path(), &fixture)?;
     let virt = |img: &Path| virt_customize(&env, img);
-    sh(virt(&warm).args(["--hostname", "warm"]))?;
-    std::fs::remove_file(&warm)?;
 
     // The helper runs take about two seconds and vary by a tenth or two on these machines: the
     // bare boot and the customization alternate RUNS times, each on a fresh copy, and the
     // medians are compared (every run is printed). virt-customize runs once.
-    let copy = |name: &str| -> Result<PathBuf> {
-        let img = work.path().join(name);
-        sh(Command::new("cp").arg("--sparse=always").arg(&fixture).arg(&img))?;
-        Ok(img)
-    };
+    let copy = |name: &str| sparse_copy(&fixture, work.path().join(name));
     let (mut bare_runs, mut imgforge_runs) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         let bare = copy("bare.img")?;
