@@ -9,6 +9,7 @@
 //! each block-backed) and skips the pseudo filesystems mounted for chroots (`/dev`, `/proc`,
 //! `/sys`: anonymous devices, major number 0).
 
+use crate::digest_queue::{DigestQueue, Hashed};
 use imgforge_protocol::change::FileType;
 use imgforge_protocol::manifest::ManifestContent;
 use std::collections::{BTreeMap, BTreeSet};
@@ -310,6 +311,8 @@ struct Walk {
     /// Directories recorded before (path and record): one listed again as the same inode is
     /// not entered (its own changes, if any, are listed on their own).
     known_dirs: BTreeMap<Vec<u8>, Meta>,
+    /// Files opened, waiting for their digests.
+    reads: DigestQueue<(Vec<u8>, digest_cache::Key)>,
 }
 
 impl Walk {
@@ -328,8 +331,49 @@ impl Walk {
     }
 
     /// Records the entries of the open directory `dir` (guest path `path`, `depth` levels
-    /// below the root), entering its subdirectories.
+    /// below the root), entering its subdirectories, with the digests of its files.
     fn directory(&mut self, dir: OwnedFd, path: Vec<u8>, depth: usize) {
+        self.enter(dir, path, depth);
+        let done = self.reads.finish();
+        self.take_digests(done);
+    }
+
+    /// The digest of the regular file `name` of `stream` (guest path `path`, listed as `st`):
+    /// known from earlier in this boot, or queued to be read.
+    fn file_contents(&mut self, stream: &DirStream, name: &CStr, path: &[u8], st: &libc::stat) {
+        let key = digest_cache::key(path, st);
+        if let Some(digest) = digest_cache::get(&key) {
+            self.contents.insert(path.to_vec(), ManifestContent::Sha256(digest));
+            return;
+        }
+        match stream.open_file_at(name, st) {
+            Ok(file) => {
+                let done = self.reads.push((path.to_vec(), key), file, st);
+                self.take_digests(done);
+            }
+            Err(e) => self.note_unreadable(path.to_vec(), e),
+        }
+    }
+
+    /// Records the digests of files the queue has hashed.
+    fn take_digests(&mut self, done: Hashed<(Vec<u8>, digest_cache::Key)>) {
+        for ((path, key), digest) in done {
+            match digest {
+                Ok(digest) => {
+                    digest_cache::insert(key, digest.clone());
+                    self.contents.insert(path, ManifestContent::Sha256(digest));
+                }
+                Err(e) => self.note_unreadable(path, e),
+            }
+        }
+    }
+
+    /// Keeps the first file that could not be read.
+    fn note_unreadable(&mut self, path: Vec<u8>, e: io::Error) {
+        self.unreadable.get_or_insert((path, e));
+    }
+
+    fn enter(&mut self, dir: OwnedFd, path: Vec<u8>, depth: usize) {
         let Ok(parent) = fstat(&dir) else { return };
         let Some(stream) = DirStream::open(dir) else { return };
         while let Some(name) = stream.next_name() {
@@ -355,18 +399,16 @@ impl Walk {
             }
             self.snapshot.entries.insert(child.clone(), meta);
             if self.read_contents {
-                let content = match meta.file_type {
-                    FileType::File => digest_cache::get_or_compute(&child, &st, || stream.sha256_at(&name, &st))
-                        .map(ManifestContent::Sha256),
-                    FileType::Symlink => stream.link_at(&name).map(ManifestContent::LinkTarget),
-                    _ => Ok(ManifestContent::None),
-                };
-                match content {
-                    Ok(content) => {
-                        self.contents.insert(child.clone(), content);
-                    }
-                    Err(e) => {
-                        self.unreadable.get_or_insert((child.clone(), e));
+                match meta.file_type {
+                    FileType::File => self.file_contents(&stream, &name, &child, &st),
+                    FileType::Symlink => match stream.link_at(&name) {
+                        Ok(target) => {
+                            self.contents.insert(child.clone(), ManifestContent::LinkTarget(target));
+                        }
+                        Err(e) => self.note_unreadable(child.clone(), e),
+                    },
+                    _ => {
+                        self.contents.insert(child.clone(), ManifestContent::None);
                     }
                 }
             }
@@ -381,7 +423,7 @@ impl Walk {
                 continue;
             }
             if let Some(sub) = stream.open_dir_at(&name, &st) {
-                self.directory(sub, child, depth + 1);
+                self.enter(sub, child, depth + 1);
             }
         }
     }
@@ -460,11 +502,9 @@ impl DirStream {
         Ok(st)
     }
 
-    /// SHA-256 (hex) of the regular file `name`, listed as `listed`, opened without following a
-    /// link and checked to be that inode.
-    fn sha256_at(&self, name: &CStr, listed: &libc::stat) -> io::Result<String> {
-        use sha2::Digest;
-        use std::io::Read;
+    /// The regular file `name`, listed as `listed`, opened without following a link and
+    /// checked to be that inode.
+    fn open_file_at(&self, name: &CStr, listed: &libc::stat) -> io::Result<std::fs::File> {
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
         // SAFETY: a valid directory descriptor and a NUL-terminated name.
         let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), flags) };
@@ -477,17 +517,7 @@ impl DirStream {
         if st.st_dev != listed.st_dev || st.st_ino != listed.st_ino {
             return Err(io::Error::other("replaced while the tree was walked"));
         }
-        let mut file = std::fs::File::from(file);
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        Ok(std::fs::File::from(file))
     }
 
     /// The target of the symlink `name`.
@@ -588,7 +618,8 @@ pub mod digest_cache {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
 
-    type Key = (Vec<u8>, u64, u64, i64, i64, i64, i64);
+    /// What identifies a file's bytes within a boot (see [`key`]).
+    pub type Key = (Vec<u8>, u64, u64, i64, i64, i64, i64);
 
     fn cache() -> &'static Mutex<HashMap<Key, String>> {
         static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
@@ -599,21 +630,19 @@ pub mod digest_cache {
         (path.to_vec(), meta.ino, meta.size, meta.mtime.0, meta.mtime.1, meta.ctime.0, meta.ctime.1)
     }
 
-    /// The digest of the file at guest path `path` (stat `st`), computed by `compute` unless a
-    /// file of that path, inode, size and times was read before in this boot.
-    pub fn get_or_compute(
-        path: &[u8],
-        st: &libc::stat,
-        compute: impl FnOnce() -> std::io::Result<String>,
-    ) -> std::io::Result<String> {
-        let key: Key =
-            (path.to_vec(), st.st_ino, st.st_size as u64, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
-        if let Some(digest) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(digest.clone());
-        }
-        let digest = compute()?;
-        cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, digest.clone());
-        Ok(digest)
+    /// What identifies a file's bytes within a boot: its guest path, inode, size and times.
+    pub fn key(path: &[u8], st: &libc::stat) -> Key {
+        (path.to_vec(), st.st_ino, st.st_size as u64, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec)
+    }
+
+    /// The digest of the file `key` names, if it was read before in this boot.
+    pub fn get(key: &Key) -> Option<String> {
+        cache().lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+    }
+
+    /// Keeps the digest of the file `key` names.
+    pub fn insert(key: Key, digest: String) {
+        cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, digest);
     }
 
     /// Takes digests an earlier boot of the same base computed (the host's digest cache).
@@ -641,11 +670,11 @@ pub mod digest_cache {
             st.st_size = 7;
             st.st_ctime = 1_700_000_000;
             let path = b"/digest-cache-test";
-            assert_eq!(super::get_or_compute(path, &st, || Ok("first".into())).unwrap(), "first");
-            let again = super::get_or_compute(path, &st, || panic!("read again"));
-            assert_eq!(again.unwrap(), "first");
+            assert_eq!(super::get(&super::key(path, &st)), None);
+            super::insert(super::key(path, &st), "first".into());
+            assert_eq!(super::get(&super::key(path, &st)).as_deref(), Some("first"));
             st.st_ctime_nsec = 1;
-            assert_eq!(super::get_or_compute(path, &st, || Ok("changed".into())).unwrap(), "changed");
+            assert_eq!(super::get(&super::key(path, &st)), None, "a file whose ctime moved is read again");
         }
     }
 }
