@@ -73,23 +73,29 @@ pub fn run(imgforge: &Path, n: usize) -> Result<()> {
     let base_sha256 = base_digest(&base)?;
     let t_base_digest = started.elapsed();
     let kept = imgforge::job::variants::kept_digests_path(&base_sha256).context("base digest")?;
-    let _ = std::fs::remove_file(&kept);
-    let t_cold = engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "cold", OutputFormat::Raw)?;
-    ensure!(kept.exists(), "the cold build kept no digests of the base at {}", kept.display());
-    let t_warm = engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "warm", OutputFormat::Raw)?;
-    let t_thin =
-        engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "thin", OutputFormat::Qcow2Backed)?;
-    std::fs::remove_file(&kept)?;
-    let t_thin_cold =
-        engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), "thin-cold", OutputFormat::Qcow2Backed)?;
-    let engine_rows = [
-        ("raw outputs, no digests kept (cold)", t_cold),
-        ("raw outputs, digests kept (warm)", t_warm),
-        ("qcow2 outputs backed by the base, cold", t_thin_cold),
-        ("qcow2 outputs backed by the base, warm", t_thin),
-    ];
+    // IMGFORGE_BENCH_ROWS=thin-cold,cold,... runs only those engine rows (profiling one).
+    let rows_wanted = std::env::var("IMGFORGE_BENCH_ROWS").ok();
+    let wanted = |label: &str| rows_wanted.as_deref().is_none_or(|w| w.split(',').any(|r| r.trim() == label));
+    let mut engine_rows = Vec::new();
+    for (label, what, format, keep) in [
+        ("cold", "raw outputs, no digests kept (cold)", OutputFormat::Raw, false),
+        ("warm", "raw outputs, digests kept (warm)", OutputFormat::Raw, true),
+        ("thin", "qcow2 outputs backed by the base, warm", OutputFormat::Qcow2Backed, true),
+        ("thin-cold", "qcow2 outputs backed by the base, cold", OutputFormat::Qcow2Backed, false),
+    ] {
+        if !wanted(label) {
+            continue;
+        }
+        if !keep {
+            let _ = std::fs::remove_file(&kept);
+        }
+        ensure!(!keep || kept.exists(), "the {label} row needs the digests a cold build keeps: run the cold row first");
+        let t = engine(&base, &base_sha256, n, &payload_file, &payload, work.path(), label, format)?;
+        ensure!(kept.exists(), "the {label} build kept no digests of the base at {}", kept.display());
+        engine_rows.push((what, t));
+    }
     if std::env::var_os("IMGFORGE_BENCH_ENGINE_ONLY").is_some() {
-        for (what, t) in engine_rows {
+        for &(what, t) in &engine_rows {
             println!("variants engine, {what}  {:>8.1} s", t.as_secs_f64());
         }
         return Ok(());
@@ -129,7 +135,7 @@ pub fn run(imgforge: &Path, n: usize) -> Result<()> {
         "base SHA-256 alone {:.1} s (checked beside the helper VMs in every engine time below)",
         t_base_digest.as_secs_f64()
     );
-    for (what, t) in engine_rows {
+    for &(what, t) in &engine_rows {
         println!("engine ({JOBS} VMs), {what:<40} {:>8.1} s  ({:.1} s a variant)", t.as_secs_f64(), per(t));
     }
     println!(
