@@ -239,7 +239,7 @@ fn a_full_target_filesystem_is_a_clear_error() {
     assert_eq!(leftovers, 0, "a partial file was left on the full filesystem");
 }
 
-/// qemu formats are opened by a confined qemu only: sampled while a qcow2 is written, the one
+/// qemu formats are opened by a confined qemu only: sampled while a vmdk is written, the one
 /// process holding the image is qemu without a machine, as nobody, in its sandbox, given the
 /// image as a descriptor; no qemu-img runs; the result is the raw disk.
 #[test]
@@ -249,11 +249,12 @@ fn qemu_formats_are_read_by_a_confined_qemu_only() {
     let raw = fixtures::synthetic_raw(work.path()).unwrap();
     // 2 GiB, the rest zeros: a write long enough to watch.
     std::fs::OpenOptions::new().write(true).open(&raw).unwrap().set_len(2 << 30).unwrap();
-    let qcow2 = work.path().join("src.qcow2");
-    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2)).unwrap();
+    // A vmdk: a self-contained qcow2 is read in Rust (source/qcow2_reader.rs), without qemu.
+    let image = work.path().join("src.vmdk");
+    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "vmdk"]).arg(&raw).arg(&image)).unwrap();
     let target = work.path().join("out.raw");
-    let mut child = spawn(&["write", "--progress", "none", "--image", &s(&qcow2), "--target", &s(&target)], tmp.path());
-    let qemu = wait_for_holders(&qcow2, &mut child);
+    let mut child = spawn(&["write", "--progress", "none", "--image", &s(&image), "--target", &s(&target)], tmp.path());
+    let qemu = wait_for_holders(&image, &mut child);
     let mut sampled = 0;
     while child.try_wait().unwrap().is_none() {
         for (pid, line) in all_cmdlines() {
@@ -265,7 +266,7 @@ fn qemu_formats_are_read_by_a_confined_qemu_only() {
                 continue;
             }
             assert!(line.contains("-machine none") && line.contains("-sandbox on,"), "{line}");
-            assert!(line.contains("/dev/fdset/1") && !line.contains(qcow2.to_str().unwrap()), "{line}");
+            assert!(line.contains("/dev/fdset/1") && !line.contains(image.to_str().unwrap()), "{line}");
             assert_per_job_uid(*pid, &line);
             sampled += 1;
         }

@@ -27,6 +27,15 @@ fn sources(dir: &Path, raw: &Path) -> Vec<(&'static str, PathBuf)> {
         sh(Command::new("sh").arg("-c").arg(format!("{tool} -c < '{}' > '{}'", raw.display(), p.display()))).unwrap();
         out.push((name, p));
     }
+    // Several blocks, decoded on worker threads.
+    let blocks = dir.join("src-blocks.raw.xz");
+    sh(Command::new("sh").arg("-c").arg(format!(
+        "xz -T2 --block-size=1MiB -c < '{}' > '{}'",
+        raw.display(),
+        blocks.display()
+    )))
+    .unwrap();
+    out.push(("xz-blocks", blocks));
     out.push(("liveimg-xz", fixtures::liveimg_of(raw, "xz", dir).unwrap()));
     out.push(("liveimg-zstd", fixtures::liveimg_of(raw, "zstd", dir).unwrap()));
     out

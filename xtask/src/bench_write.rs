@@ -478,7 +478,7 @@ fn cases(imgforge_kinds: &[&str], dev: &str) -> Result<Vec<Case>> {
                 let img = qcow2.display();
                 Case {
                     kind: kind.to_string(),
-                    title: format!("qcow2 image {img}: the raw image's data, served by a confined qemu over NBD"),
+                    title: format!("qcow2 image {img}: the raw image's data, uncompressed qcow2 (read in Rust)"),
                     source: qcow2.clone(),
                     expected: raw,
                     decode: None,

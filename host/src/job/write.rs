@@ -4,7 +4,7 @@ use crate::progress::{Event, ImageInfo, Progress};
 use crate::source::squashfs_blocks::ParallelFile;
 use crate::source::{self, http, Format, Location, SourceError};
 use crate::stream::destination::{Destination, DestinationError, DestinationOptions};
-use crate::stream::{self, RawFile, StreamError, StreamOptions};
+use crate::stream::{self, StreamError, StreamOptions};
 use sha2::{Digest, Sha256};
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -233,7 +233,9 @@ fn write_opened(
                 let mut r = stream::Stream(Hashing { inner: file, hasher: hasher.clone() });
                 stream::copy_verified(&mut r, dest, &opts, &|| check_sha(&name, &req.sha256, &hasher))?
             } else {
-                stream::copy(&mut RawFile::new(file, size), dest, &opts)?
+                let mut r = stream::prefetch::raw(file, size, &name)
+                    .map_err(|source| SourceError::Io { name: name.clone(), source })?;
+                stream::copy(&mut r, dest, &opts)?
             };
             Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
         }
@@ -241,6 +243,21 @@ fn write_opened(
             let size = crate::source::decompress::uncompressed_size_of(format, &file);
             progress.emit(ImageInfo::source(&name, format.name(), size, &req.target).into());
             let dest = open_destination(req, size, Some(path))?;
+            if format == Format::Xz && req.sha256.is_none() {
+                let threads = std::thread::available_parallelism().map_or(1, usize::from);
+                let parallel = file
+                    .try_clone()
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| crate::source::xz_blocks::ParallelXz::new(f, meta.len(), threads));
+                match parallel {
+                    Ok(mut r) => {
+                        let opts = stream_options(name.clone(), size, &report, cancel);
+                        let stats = stream::copy(&mut r, dest, &opts).map_err(|e| decode_failure(e, &name, format))?;
+                        return Ok(Written { format, bytes: stats.bytes, bare_filesystem: false });
+                    }
+                    Err(why) => tracing::info!("{name} is decoded on one thread: {why}"),
+                }
+            }
             let mut r = stream::Stream(crate::source::decompress::decompressor(
                 format,
                 Hashing { inner: file, hasher: hasher.clone() },
@@ -252,6 +269,12 @@ fn write_opened(
         }
         Format::Qemu(qemu_format) => {
             verify_file_sha(&file, &name, &req.sha256, cancel)?;
+            if qemu_format == "qcow2" && req.backing_file.is_none() {
+                match crate::source::qcow2_reader::plan(&file, meta.len()) {
+                    Ok(plan) => return write_qcow2_natively(req, path, file, meta.len(), plan, progress, cancel),
+                    Err(why) => tracing::info!("{name} is read through a confined qemu: {why}"),
+                }
+            }
             let image =
                 crate::source::qemu::open(&file, &name, qemu_format, req.backing_file.as_deref(), &req.confinement)?;
             drop(file);
@@ -277,6 +300,28 @@ fn write_opened(
             write_liveimg(req, path, file, progress, cancel)
         }
     }
+}
+
+/// Writes a qcow2 image read in Rust ([`crate::source::qcow2_reader`]), `len` bytes long.
+fn write_qcow2_natively(
+    req: &WriteRequest,
+    path: &Path,
+    file: std::fs::File,
+    len: u64,
+    plan: crate::source::qcow2_reader::Qcow2Plan,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Written, WriteError> {
+    let format = Format::Qemu("qcow2");
+    let name = &path.display().to_string();
+    let size = plan.size();
+    progress.emit(ImageInfo::source(name, "qcow2", Some(size), &req.target).into());
+    let dest = open_destination(req, Some(size), Some(path))?;
+    let report = |p: u64, t: Option<u64>| progress.emit(Event::copy_progress(p, t));
+    let opts = stream_options(name.to_owned(), Some(size), &report, cancel);
+    let mut r = stream::prefetch::Prefetch::new(stream::prefetch::SourceFile::new(file, len, name), Box::new(plan));
+    let stats = stream::copy(&mut r, dest, &opts).map_err(|e| decode_failure(e, name, format))?;
+    Ok(Written { format, bytes: stats.bytes, bare_filesystem: false })
 }
 
 fn decode_failure(e: StreamError, name: &str, format: Format) -> WriteError {

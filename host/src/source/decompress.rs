@@ -111,7 +111,8 @@ pub fn xz_index_len(footer: &[u8; 12]) -> Option<u64> {
     Some((u64::from(backward) + 1) * 4)
 }
 
-fn varint(b: &[u8], pos: &mut usize) -> Option<u64> {
+/// The xz variable-length integer at `pos`, moving `pos` past it (pure).
+pub(crate) fn varint(b: &[u8], pos: &mut usize) -> Option<u64> {
     let mut value = 0u64;
     for i in 0..9 {
         let byte = *b.get(*pos)?;

@@ -9,12 +9,14 @@ pub mod http;
 pub mod liveimg;
 pub mod nbd;
 pub mod qcow2;
+pub mod qcow2_reader;
 pub mod qemu;
 pub mod reach;
 pub mod squashfs;
 pub mod squashfs_blocks;
 pub mod vmdk;
 pub mod vpc;
+pub mod xz_blocks;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -21,14 +21,15 @@ const INCOMPAT_DIRTY: u64 = 1;
 const INCOMPAT_CORRUPT: u64 = 2;
 const INCOMPAT_DATA_FILE: u64 = 4;
 const INCOMPAT_COMPRESSION: u64 = 8;
-const INCOMPAT_EXTENDED_L2: u64 = 16;
+pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 16;
 /// Header extension naming an external data file ("DATA").
 const EXTENSION_DATA_FILE: u32 = 0x4441_5441;
 /// Header length of a version 2 image (version 3 records its own).
 const V2_HEADER_BYTES: u64 = 72;
 /// Host offset bits of L1 and standard L2 entries.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const COMPRESSED: u64 = 1 << 62;
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// The L2 entry bit of a compressed cluster.
+pub(crate) const COMPRESSED: u64 = 1 << 62;
 /// Largest L1 table qemu accepts (32 MiB of entries).
 const MAX_L1_ENTRIES: u64 = 4 << 20;
 

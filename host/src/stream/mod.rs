@@ -12,6 +12,7 @@
 pub mod buffer;
 pub mod destination;
 pub mod held_start;
+pub mod prefetch;
 
 use buffer::{is_zero, AlignedBuf};
 use destination::Destination;

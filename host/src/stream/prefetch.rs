@@ -1,0 +1,504 @@
+//! A local image read ahead on worker threads: a planner (this thread) says how each stretch
+//! of the image is made — holes, file ranges to read, compressed clusters to decode — and
+//! [`READS_IN_FLIGHT`] workers fill whole buffers from the file with `pread`, handed over in
+//! order without a copy. One reader thread waiting on one `pread` at a time left the disk
+//! idle between its requests while the writes competed for it, and did every page-cache copy
+//! on one core. (O_DIRECT reads, 4 in flight, measured slower here than reads through the
+//! page cache: 0.87-1.0 s against 0.45 s for the same 1.25 GiB.)
+//!
+//! Memory is bounded: at most [`READS_IN_FLIGHT`] buffers are being filled or wait to be taken,
+//! and at most [`MAX_QUEUED`] stretches are planned ahead.
+
+use super::buffer::AlignedBuf;
+use super::{at_most, ChunkReader, Piece, CHUNK_BYTES};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Buffers being filled (or filled and waiting their turn) at once.
+pub const READS_IN_FLIGHT: usize = 4;
+/// Stretches planned ahead of the one handed over, holes included.
+pub const MAX_QUEUED: usize = 64;
+/// Holes planned one after the other are merged up to this length.
+const MAX_MERGED_HOLE: u64 = 256 << 20;
+
+/// One part of a stretch, placed right after the previous one in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// `len` bytes of the file at `offset`.
+    Read {
+        /// Where in the file.
+        offset: u64,
+        /// How many bytes.
+        len: usize,
+    },
+    /// `len` zero bytes.
+    Zero(usize),
+    /// A raw-deflate stream stored in up to `stored` bytes at `offset` (fewer where the file
+    /// ends first) that must decode to at least `len` bytes, of which `len` are kept.
+    Deflate {
+        /// Where in the file.
+        offset: u64,
+        /// Bytes that may hold the stream.
+        stored: usize,
+        /// Bytes it decodes to.
+        len: usize,
+    },
+}
+
+/// How the next stretch of the image is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stretch {
+    /// Zeros, nothing read.
+    Hole(u64),
+    /// Its parts, at most [`CHUNK_BYTES`] in all.
+    Fill(Vec<Part>),
+}
+
+/// Says, front to back, how the image is made of its file's bytes.
+pub trait Planner: Send {
+    /// The next stretch; None at the end of the image.
+    fn next(&mut self) -> std::io::Result<Option<Stretch>>;
+}
+
+/// The image file as the workers read it.
+pub struct SourceFile {
+    file: std::fs::File,
+    /// Its length when opened (reads past it are a changed file).
+    len: u64,
+    /// For messages.
+    name: String,
+}
+
+impl SourceFile {
+    /// `file` (shown as `name`), `len` bytes long.
+    pub fn new(file: std::fs::File, len: u64, name: &str) -> Self {
+        Self { file, len, name: name.to_owned() }
+    }
+
+    /// Reads exactly `out.len()` bytes at `offset`.
+    fn read_exact_at(&self, out: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let mut got = 0;
+        while got < out.len() {
+            match self.file.read_at(&mut out[got..], offset + got as u64) {
+                Ok(0) => return Err(self.ended(offset + got as u64)),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn ended(&self, at: u64) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "{} ended at byte {at}, inside the {} bytes it held when opened: was it changed while being written?",
+                self.name, self.len
+            ),
+        )
+    }
+
+    /// Fills `out` from `parts`; returns how many bytes they make.
+    fn fill(&self, parts: &[Part], out: &mut [u8], stored: &mut Vec<u8>) -> std::io::Result<usize> {
+        let mut at = 0usize;
+        for part in parts {
+            let n = match *part {
+                Part::Read { len, .. } | Part::Zero(len) | Part::Deflate { len, .. } => len,
+            };
+            let room = at
+                .checked_add(n)
+                .and_then(|end| out.get_mut(at..end))
+                .ok_or_else(|| std::io::Error::other(format!("a stretch of {} larger than a buffer", self.name)))?;
+            match *part {
+                Part::Zero(_) => room.fill(0),
+                Part::Read { offset, .. } => self.read_exact_at(room, offset)?,
+                Part::Deflate { offset, stored: most, .. } => {
+                    // The stream may be stored short of its rounded-up length at the file's end.
+                    let have = at_most(self.len.saturating_sub(offset), most);
+                    if have == 0 {
+                        return Err(self.ended(offset));
+                    }
+                    stored.resize(have, 0);
+                    self.read_exact_at(stored, offset)?;
+                    inflate_exactly(stored, room).map_err(|why| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("the compressed cluster at byte {offset} of {} {why}", self.name),
+                        )
+                    })?;
+                }
+            }
+            at += n;
+        }
+        Ok(at)
+    }
+}
+
+/// Decodes the raw-deflate stream at the start of `stored` until `out` is full, as qemu
+/// does: the stream must make at least `out.len()` bytes; what it holds past them is not
+/// decoded. Never writes past `out`.
+pub fn inflate_exactly(stored: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let mut inflater = flate2::Decompress::new(false);
+    loop {
+        let (read, written) = (inflater.total_in(), inflater.total_out());
+        let (Some(input), Some(output)) = (
+            usize::try_from(read).ok().and_then(|r| stored.get(r..)),
+            usize::try_from(written).ok().and_then(|w| out.get_mut(w..)),
+        ) else {
+            return Err("is corrupt".into());
+        };
+        if output.is_empty() {
+            return Ok(());
+        }
+        let status = inflater
+            .decompress(input, output, flate2::FlushDecompress::Finish)
+            .map_err(|e| format!("does not decompress: {e}"))?;
+        let progress = inflater.total_in() != read || inflater.total_out() != written;
+        if status == flate2::Status::StreamEnd && inflater.total_out() < out.len() as u64 || !progress {
+            return Err(format!("decompresses to {} bytes, not {}", inflater.total_out(), out.len()));
+        }
+    }
+}
+
+/// A stretch's buffer on its way.
+struct Job {
+    seq: u64,
+    parts: Vec<Part>,
+    buf: AlignedBuf,
+}
+
+type Done = (u64, std::io::Result<usize>, AlignedBuf);
+
+/// What comes next, in image order.
+enum Slot {
+    Hole(u64),
+    Fill(u64),
+}
+
+/// The image read ahead on worker threads (see the module).
+pub struct Prefetch {
+    planner: Box<dyn Planner>,
+    jobs: Option<mpsc::Sender<Job>>,
+    results: mpsc::Receiver<Done>,
+    workers: Vec<JoinHandle<()>>,
+    queue: VecDeque<Slot>,
+    arrived: HashMap<u64, (std::io::Result<usize>, AlignedBuf)>,
+    spare: Vec<AlignedBuf>,
+    in_flight: usize,
+    next_seq: u64,
+    planned_all: bool,
+}
+
+impl Prefetch {
+    /// Reads `source` as `planner` says, with [`READS_IN_FLIGHT`] workers.
+    pub fn new(source: SourceFile, planner: Box<dyn Planner>) -> Self {
+        let source = Arc::new(source);
+        let (jobs, job_rx) = mpsc::channel::<Job>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, results) = mpsc::channel::<Done>();
+        let workers = (0..READS_IN_FLIGHT)
+            .map(|_| {
+                let (source, job_rx, done_tx) = (source.clone(), job_rx.clone(), done_tx.clone());
+                std::thread::spawn(move || fill_jobs(&source, &job_rx, &done_tx))
+            })
+            .collect();
+        Self {
+            planner,
+            jobs: Some(jobs),
+            results,
+            workers,
+            queue: VecDeque::new(),
+            arrived: HashMap::new(),
+            spare: Vec::new(),
+            in_flight: 0,
+            next_seq: 0,
+            planned_all: false,
+        }
+    }
+
+    /// Plans and dispatches until the workers are all busy or enough is queued.
+    fn plan_ahead(&mut self) -> std::io::Result<()> {
+        while !self.planned_all && self.in_flight < READS_IN_FLIGHT && self.queue.len() < MAX_QUEUED {
+            match self.planner.next()? {
+                None => self.planned_all = true,
+                Some(Stretch::Hole(0)) => {}
+                Some(Stretch::Hole(n)) => match self.queue.back_mut() {
+                    Some(Slot::Hole(m)) if *m < MAX_MERGED_HOLE => *m += n,
+                    _ => self.queue.push_back(Slot::Hole(n)),
+                },
+                Some(Stretch::Fill(parts)) => {
+                    let buf = self.spare.pop().unwrap_or_else(|| AlignedBuf::new(CHUNK_BYTES));
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let sent = self.jobs.as_ref().is_some_and(|j| j.send(Job { seq, parts, buf }).is_ok());
+                    if !sent {
+                        return Err(std::io::Error::other("the image reader threads stopped"));
+                    }
+                    self.in_flight += 1;
+                    self.queue.push_back(Slot::Fill(seq));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next piece, its bytes in a buffer of the reader's; the caller gives it back.
+    fn take(&mut self) -> std::io::Result<Option<(Piece, Option<AlignedBuf>)>> {
+        self.plan_ahead()?;
+        let Some(slot) = self.queue.pop_front() else { return Ok(None) };
+        let seq = match slot {
+            Slot::Hole(n) => return Ok(Some((Piece::Hole(n), None))),
+            Slot::Fill(seq) => seq,
+        };
+        let (result, buf) = loop {
+            if let Some(done) = self.arrived.remove(&seq) {
+                break done;
+            }
+            let (s, r, b) =
+                self.results.recv().map_err(|_| std::io::Error::other("the image reader threads stopped"))?;
+            self.arrived.insert(s, (r, b));
+        };
+        self.in_flight -= 1;
+        match result {
+            Ok(n) => Ok(Some((Piece::Data(n), Some(buf)))),
+            Err(e) => {
+                self.spare.push(buf);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One worker: fills the buffers it is sent until the reader hangs up.
+fn fill_jobs(source: &SourceFile, jobs: &Mutex<mpsc::Receiver<Job>>, done: &mpsc::Sender<Done>) {
+    let mut stored = Vec::new();
+    loop {
+        let Ok(mut job) = jobs.lock().map_err(drop).and_then(|rx| rx.recv().map_err(drop)) else { return };
+        // A decoder's panic on hostile bytes must still answer for the buffer.
+        let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            source.fill(&job.parts, job.buf.as_mut_full(), &mut stored)
+        }))
+        .unwrap_or_else(|_| Err(std::io::Error::other(format!("decoding {} failed", source.name))));
+        if done.send((job.seq, filled, job.buf)).is_err() {
+            return;
+        }
+    }
+}
+
+impl ChunkReader for Prefetch {
+    fn next(&mut self, buf: &mut [u8]) -> std::io::Result<Piece> {
+        match self.take()? {
+            None => Ok(Piece::End),
+            Some((Piece::Data(n), Some(filled))) => {
+                let room = buf.get_mut(..n).ok_or_else(|| std::io::Error::other("a buffer smaller than a stretch"))?;
+                room.copy_from_slice(filled.data_full_of(n));
+                self.spare.push(filled);
+                Ok(Piece::Data(n))
+            }
+            Some((piece, _)) => Ok(piece),
+        }
+    }
+
+    /// Hands over the filled buffer itself and keeps `buf` for a later stretch.
+    fn next_into(&mut self, buf: &mut AlignedBuf) -> std::io::Result<Piece> {
+        match self.take()? {
+            None => Ok(Piece::End),
+            Some((Piece::Data(n), Some(mut filled))) if buf.capacity() >= CHUNK_BYTES => {
+                std::mem::swap(buf, &mut filled);
+                self.spare.push(filled);
+                Ok(Piece::Data(n))
+            }
+            Some((Piece::Data(n), Some(filled))) => {
+                let room = buf
+                    .as_mut_full()
+                    .get_mut(..n)
+                    .ok_or_else(|| std::io::Error::other("a buffer smaller than a stretch"))?;
+                room.copy_from_slice(filled.data_full_of(n));
+                self.spare.push(filled);
+                Ok(Piece::Data(n))
+            }
+            Some((piece, _)) => Ok(piece),
+        }
+    }
+}
+
+impl AlignedBuf {
+    /// The first `n` bytes, whatever `len` says.
+    fn data_full_of(&self, n: usize) -> &[u8] {
+        let n = n.min(self.capacity());
+        // SAFETY: within capacity; the buffer was zero-initialized.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), n) }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // Workers finish the buffer they hold, find the queue closed, and return.
+        drop(self.jobs.take());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A raw image: its data read as it lies in the file, its holes (SEEK_DATA/SEEK_HOLE) skipped.
+pub struct RawPlan {
+    file: std::fs::File,
+    pos: u64,
+    size: u64,
+    /// Where the data run `pos` is in ends.
+    data_end: u64,
+}
+
+impl RawPlan {
+    /// Plans `file` (another descriptor of the image) of `size` bytes from its start.
+    pub fn new(file: std::fs::File, size: u64) -> Self {
+        Self { file, pos: 0, size, data_end: 0 }
+    }
+
+    fn seek(&self, whence: i32) -> Option<u64> {
+        let pos = i64::try_from(self.pos).ok()?;
+        // SAFETY: lseek on a descriptor this value owns; the workers read with pread.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), pos, whence) };
+        u64::try_from(r).ok()
+    }
+}
+
+impl Planner for RawPlan {
+    fn next(&mut self) -> std::io::Result<Option<Stretch>> {
+        if self.pos >= self.size {
+            return Ok(None);
+        }
+        if self.pos >= self.data_end {
+            // A filesystem without SEEK_DATA reports everything as data: still correct. No data
+            // past `pos` is a hole to the end, unless the file was cut shorter meanwhile.
+            let data_at = match self.seek(libc::SEEK_DATA) {
+                Some(at) => at.min(self.size),
+                None => {
+                    let now = self.file.metadata()?;
+                    if now.is_file() && now.len() < self.size {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "the image is {} bytes long now, not the {} it was when opened: was it changed while being written?",
+                                now.len(),
+                                self.size
+                            ),
+                        ));
+                    }
+                    self.size
+                }
+            };
+            if data_at > self.pos {
+                let hole = data_at - self.pos;
+                self.pos = data_at;
+                return Ok(Some(Stretch::Hole(hole)));
+            }
+            self.data_end = self.seek(libc::SEEK_HOLE).unwrap_or(self.size).clamp(self.pos + 1, self.size);
+        }
+        let len = at_most(self.data_end - self.pos, CHUNK_BYTES);
+        let read = Part::Read { offset: self.pos, len };
+        self.pos += len as u64;
+        Ok(Some(Stretch::Fill(vec![read])))
+    }
+}
+
+/// A raw image file of `size` bytes, read ahead (see the module); `name` for messages.
+pub fn raw(file: std::fs::File, size: u64, name: &str) -> std::io::Result<Prefetch> {
+    let planner = RawPlan::new(file.try_clone()?, size);
+    Ok(Prefetch::new(SourceFile::new(file, size, name), Box::new(planner)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(reader: &mut dyn ChunkReader) -> std::io::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = AlignedBuf::new(CHUNK_BYTES);
+        loop {
+            match reader.next_into(&mut buf)? {
+                Piece::End => return Ok(got),
+                Piece::Hole(n) => got.resize(got.len() + usize::try_from(n).unwrap(), 0),
+                Piece::Data(n) => got.extend_from_slice(buf.data_full_of(n)),
+            }
+        }
+    }
+
+    /// A raw file with data, a hole, an unaligned tail: read back byte for byte, through
+    /// buffers swapped and buffers copied.
+    #[test]
+    fn raw_files_read_back() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raw");
+        let file = std::fs::File::create(&path).unwrap();
+        let size = 5 * CHUNK_BYTES as u64 * 2 + 12_345;
+        file.set_len(size).unwrap();
+        let data: Vec<u8> = (0..3 * CHUNK_BYTES + 5000).map(|i| (i % 249) as u8 + 1).collect();
+        file.write_all_at(&data, 4096).unwrap();
+        file.write_all_at(b"tail", size - 4).unwrap();
+        let mut want = vec![0u8; usize::try_from(size).unwrap()];
+        want[4096..4096 + data.len()].copy_from_slice(&data);
+        want[usize::try_from(size).unwrap() - 4..].copy_from_slice(b"tail");
+        let got = read_all(&mut raw(std::fs::File::open(&path).unwrap(), size, "raw").unwrap()).unwrap();
+        assert!(got == want);
+        let mut reader = raw(std::fs::File::open(&path).unwrap(), size, "raw").unwrap();
+        let mut copied = Vec::new();
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        loop {
+            match reader.next(&mut buf).unwrap() {
+                Piece::End => break,
+                Piece::Hole(n) => copied.resize(copied.len() + usize::try_from(n).unwrap(), 0),
+                Piece::Data(n) => copied.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert!(copied == want);
+    }
+
+    /// A file cut shorter than it was when opened: an error naming it, not a short image.
+    #[test]
+    fn a_file_cut_while_read_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raw");
+        std::fs::write(&path, vec![7u8; 3 * CHUNK_BYTES]).unwrap();
+        let reader = raw(std::fs::File::open(&path).unwrap(), 3 * CHUNK_BYTES as u64, "cut.img");
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(CHUNK_BYTES as u64 + 10).unwrap();
+        let Err(err) = read_all(&mut reader.unwrap()) else { panic!("the cut went unnoticed") };
+        assert!(err.to_string().contains("was it changed while being written"), "{err}");
+        // Cut behind the stretches read ahead: the reads that follow come up short.
+        let chunks = 2 * READS_IN_FLIGHT + 2;
+        std::fs::write(&path, vec![7u8; chunks * CHUNK_BYTES]).unwrap();
+        let mut reader = raw(std::fs::File::open(&path).unwrap(), (chunks * CHUNK_BYTES) as u64, "cut.img").unwrap();
+        let mut buf = AlignedBuf::new(CHUNK_BYTES);
+        assert!(matches!(reader.next_into(&mut buf).unwrap(), Piece::Data(n) if n == CHUNK_BYTES));
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(10).unwrap();
+        let Err(err) = read_all(&mut reader) else { panic!("the cut went unnoticed") };
+        assert!(err.to_string().contains("cut.img ended at byte"), "{err}");
+    }
+
+    /// Deflate streams decode to exactly the room given: short ones and garbage are refused.
+    #[test]
+    fn inflating_exactly() {
+        use std::io::Write;
+        let plain: Vec<u8> = (0..65536u32).map(|i| (i % 13) as u8).collect();
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&plain).unwrap();
+        let stream = enc.finish().unwrap();
+        let mut out = vec![0u8; plain.len()];
+        inflate_exactly(&[stream.clone(), vec![0xaa; 300]].concat(), &mut out).unwrap();
+        assert!(out == plain);
+        let mut half = vec![0u8; plain.len() / 2];
+        inflate_exactly(&stream, &mut half).unwrap();
+        assert!(half[..] == plain[..plain.len() / 2]);
+        let mut more = vec![0u8; plain.len() + 1];
+        assert!(inflate_exactly(&stream, &mut more).unwrap_err().contains("not 65537"));
+        assert!(inflate_exactly(&stream[..stream.len() / 2], &mut out).is_err());
+        assert!(inflate_exactly(&[0xff; 64], &mut out).is_err());
+        assert!(inflate_exactly(&[], &mut out).is_err());
+    }
+}
