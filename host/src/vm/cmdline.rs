@@ -416,7 +416,7 @@ mod tests {
         for unwanted in ["-initrd", "-blockdev", "-drive", "-netdev", "-mon"] {
             assert!(!line.contains(unwanted), "{unwanted} in {line}");
         }
-        assert!(joined(&config()).contains("-accel tcg -cpu max,la57=off -m 512 -smp 1"));
+        assert!(joined(&config()).contains("-accel tcg -cpu max,la57=off,erms=off,fsrm=off -m 512 -smp 1"));
     }
 
     #[test]
