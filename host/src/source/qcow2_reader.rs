@@ -109,7 +109,9 @@ pub fn plan(file: &std::fs::File, len: u64) -> Result<Qcow2Plan, String> {
     let mut me = Qcow2Plan {
         file: file.try_clone().map_err(io)?,
         len,
-        size: header.size,
+        // qemu counts the disk in whole 512-byte sectors (bs->total_sectors) and reads none of
+        // a last partial one: the same disk here, whichever reader takes the image.
+        size: header.size / SECTOR_BYTES * SECTOR_BYTES,
         cluster_bits: header.cluster_bits,
         l1,
         l2: Vec::new(),
@@ -122,7 +124,7 @@ pub fn plan(file: &std::fs::File, len: u64) -> Result<Qcow2Plan, String> {
     // 2 MiB of reading and 256 Ki entries per name, minutes to hours before the target was
     // even opened. The first time a table is named it maps whole clusters only (the last,
     // partial guest cluster comes last), the strictest reading of its entries.
-    let guest_clusters = header.size.div_ceil(cluster);
+    let guest_clusters = me.size.div_ceil(cluster);
     let mut seen = std::collections::HashSet::new();
     for index in 0..l1_needed {
         let l2_offset = me.l1[usize::try_from(index).map_err(|e| e.to_string())?];
@@ -456,6 +458,29 @@ mod tests {
         assert_eq!(plan.size(), L1_ENTRIES * cluster * (cluster / 8));
         let Some(Stretch::Fill(parts)) = plan.next().unwrap() else { panic!("data first") };
         assert_eq!(parts, vec![Part::Read { offset: 3 * cluster, len: cluster as usize }; 2]);
+    }
+
+    /// A header whose disk size is not a multiple of 512: qemu reads (and `qemu-img info`
+    /// reports) whole sectors only, so the native reader gives the same, shorter disk, not a
+    /// few bytes more that a target of qemu's size could not hold.
+    #[test]
+    fn an_odd_disk_size_is_rounded_down_as_qemu_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = disk(dir.path(), 8 << 20);
+        for bits in [9u32, 16, 21] {
+            let q = dir.path().join(format!("odd{bits}.qcow2"));
+            let opts = format!("cluster_size={}", 1u32 << bits);
+            let (raw_s, q_s) = (raw.display().to_string(), q.display().to_string());
+            run("qemu-img", &["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", &opts, "-c", &raw_s, &q_s]);
+            let mut bytes = std::fs::read(&q).unwrap();
+            bytes[24..32].copy_from_slice(&((5u64 << 20) + 77).to_be_bytes());
+            std::fs::write(&q, &bytes).unwrap();
+            let file = std::fs::File::open(&q).unwrap();
+            assert_eq!(plan(&file, bytes.len() as u64).unwrap().size(), 5 << 20, "{q_s}");
+            let qemu = read_qemu(&q);
+            assert_eq!(qemu.len(), 5 << 20);
+            assert!(read_native(&q).unwrap() == qemu, "{q_s}: differs from qemu-img's reading");
+        }
     }
 
     #[test]
