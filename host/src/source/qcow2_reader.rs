@@ -446,7 +446,7 @@ mod tests {
         }
         // Every entry a data cluster inside the file.
         for i in 0..(cluster / 8) as usize {
-            b[l2 + 8 * i..l2 + 8 * i + 8].copy_from_slice(&((1u64 << 63) | 3 * cluster).to_be_bytes());
+            b[l2 + 8 * i..l2 + 8 * i + 8].copy_from_slice(&((1u64 << 63) | (3 * cluster)).to_be_bytes());
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shared.qcow2");
