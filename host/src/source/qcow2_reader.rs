@@ -203,7 +203,9 @@ impl Planner for Qcow2Plan {
                 Cluster::Zero => Part::Zero(n),
                 Cluster::Data(offset) => Part::Read { offset, len: n },
                 Cluster::Compressed { offset, stored } => {
-                    Part::Deflate { offset, stored: at_most(stored, usize::MAX), len: n }
+                    // qemu decodes whole clusters: the last one must fill its cluster too.
+                    let whole = at_most(cluster, CHUNK_BYTES);
+                    Part::Deflate { offset, stored: at_most(stored, usize::MAX), len: n, whole }
                 }
             };
             match (parts.last_mut(), part) {
@@ -481,6 +483,42 @@ mod tests {
             assert_eq!(qemu.len(), 5 << 20);
             assert!(read_native(&q).unwrap() == qemu, "{q_s}: differs from qemu-img's reading");
         }
+    }
+
+    /// The disk's last cluster partly past its end, compressed as a stream shorter than a
+    /// cluster but longer than the part inside the disk: qemu decodes whole clusters and
+    /// refuses it (a stream must fill its cluster), so the native reader refuses it too
+    /// instead of writing a disk qemu-img would not.
+    #[test]
+    fn a_short_last_compressed_cluster_is_refused_as_qemu_does() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let raw = disk(dir.path(), 8 << 20);
+        let q = dir.path().join("short.qcow2");
+        let (raw_s, q_s) = (raw.display().to_string(), q.display().to_string());
+        run("qemu-img", &["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536", "-c", &raw_s, &q_s]);
+        let mut bytes = std::fs::read(&q).unwrap();
+        // Cluster 150 holds the repeated text (compressed); the disk now ends 512 bytes into it.
+        bytes[24..32].copy_from_slice(&(150 * 65536 + 512u64).to_be_bytes());
+        let l1_offset = usize::try_from(be64(&bytes, 40).unwrap()).unwrap();
+        let l2_offset = usize::try_from(be64(&bytes, l1_offset).unwrap() & OFFSET_MASK).unwrap();
+        let entry = be64(&bytes, l2_offset + 150 * 8).unwrap();
+        let Cluster::Compressed { offset, stored } = classify(entry, 16, bytes.len() as u64, 65536).unwrap() else {
+            panic!("not compressed")
+        };
+        // A stream of 1024 bytes where a cluster's 65536 were.
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&[b'q'; 1024]).unwrap();
+        let short = enc.finish().unwrap();
+        assert!(short.len() as u64 <= stored);
+        let offset = usize::try_from(offset).unwrap();
+        bytes[offset..offset + short.len()].copy_from_slice(&short);
+        std::fs::write(&q, &bytes).unwrap();
+        let raw_out = dir.path().join("short.qemu.raw").display().to_string();
+        let qemu = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", &q_s, &raw_out]).output();
+        assert!(!qemu.unwrap().status.success(), "qemu-img reads the short stream");
+        let err = read_native(&q).map(|disk| disk.len()).unwrap_err();
+        assert!(err.contains("compressed cluster at byte"), "{err}");
     }
 
     #[test]
