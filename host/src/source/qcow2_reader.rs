@@ -109,7 +109,9 @@ pub fn plan(file: &std::fs::File, len: u64) -> Result<Qcow2Plan, String> {
     let mut me = Qcow2Plan {
         file: file.try_clone().map_err(io)?,
         len,
-        size: header.size,
+        // qemu counts the disk in whole 512-byte sectors (bs->total_sectors) and reads none of
+        // a last partial one: the same disk here, whichever reader takes the image.
+        size: header.size / SECTOR_BYTES * SECTOR_BYTES,
         cluster_bits: header.cluster_bits,
         l1,
         l2: Vec::new(),
@@ -117,10 +119,16 @@ pub fn plan(file: &std::fs::File, len: u64) -> Result<Qcow2Plan, String> {
         pos: 0,
     };
     // Every mapping entry once, before a byte is written: what qemu alone would read is left
-    // to it.
-    let guest_clusters = header.size.div_ceil(cluster);
+    // to it. Each L2 table is read once, however many L1 entries name it: a hostile L1 naming
+    // one 2 MiB table thousands of times (a petabyte disk in an 8 MiB file) otherwise cost
+    // 2 MiB of reading and 256 Ki entries per name, minutes to hours before the target was
+    // even opened. The first time a table is named it maps whole clusters only (the last,
+    // partial guest cluster comes last), the strictest reading of its entries.
+    let guest_clusters = me.size.div_ceil(cluster);
+    let mut seen = std::collections::HashSet::new();
     for index in 0..l1_needed {
-        if me.l1[usize::try_from(index).map_err(|e| e.to_string())?] == 0 {
+        let l2_offset = me.l1[usize::try_from(index).map_err(|e| e.to_string())?];
+        if l2_offset == 0 || !seen.insert(l2_offset) {
             continue;
         }
         let first = index * l2_entries;
@@ -195,7 +203,9 @@ impl Planner for Qcow2Plan {
                 Cluster::Zero => Part::Zero(n),
                 Cluster::Data(offset) => Part::Read { offset, len: n },
                 Cluster::Compressed { offset, stored } => {
-                    Part::Deflate { offset, stored: at_most(stored, usize::MAX), len: n }
+                    // qemu decodes whole clusters: the last one must fill its cluster too.
+                    let whole = at_most(cluster, CHUNK_BYTES);
+                    Part::Deflate { offset, stored: at_most(stored, usize::MAX), len: n, whole }
                 }
             };
             match (parts.last_mut(), part) {
@@ -414,6 +424,101 @@ mod tests {
         assert_eq!(total, 64 << 40);
         assert!(stretches < 200_000, "{stretches} stretches");
         assert!(data <= 1 << 20);
+    }
+
+    /// A crafted image with 2 MiB clusters whose 4000 L1 entries all name the same L2 table
+    /// (a 2000 TiB disk in an 8 MiB file): planned in well under a second, not by reading
+    /// and classifying the one table 4000 times (8 GiB and a billion entries).
+    #[test]
+    fn a_table_named_many_times_is_checked_once() {
+        const BITS: u32 = 21;
+        const L1_ENTRIES: u64 = 4000;
+        let cluster = 1u64 << BITS;
+        let mut b = vec![0u8; 4 * cluster as usize];
+        b[..4].copy_from_slice(b"QFI\xfb");
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&BITS.to_be_bytes());
+        b[24..32].copy_from_slice(&(L1_ENTRIES * cluster * (cluster / 8)).to_be_bytes());
+        b[36..40].copy_from_slice(&(L1_ENTRIES as u32).to_be_bytes());
+        b[40..48].copy_from_slice(&cluster.to_be_bytes());
+        b[100..104].copy_from_slice(&104u32.to_be_bytes());
+        let (l1, l2) = (cluster as usize, 2 * cluster as usize);
+        for i in 0..L1_ENTRIES as usize {
+            b[l1 + 8 * i..l1 + 8 * i + 8].copy_from_slice(&((1u64 << 63) | l2 as u64).to_be_bytes());
+        }
+        // Every entry a data cluster inside the file.
+        for i in 0..(cluster / 8) as usize {
+            b[l2 + 8 * i..l2 + 8 * i + 8].copy_from_slice(&((1u64 << 63) | (3 * cluster)).to_be_bytes());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.qcow2");
+        std::fs::write(&path, &b).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let started = std::time::Instant::now();
+        let mut plan = plan(&file, b.len() as u64).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(3), "planned in {:?}", started.elapsed());
+        assert_eq!(plan.size(), L1_ENTRIES * cluster * (cluster / 8));
+        let Some(Stretch::Fill(parts)) = plan.next().unwrap() else { panic!("data first") };
+        assert_eq!(parts, vec![Part::Read { offset: 3 * cluster, len: cluster as usize }; 2]);
+    }
+
+    /// A header whose disk size is not a multiple of 512: qemu reads (and `qemu-img info`
+    /// reports) whole sectors only, so the native reader gives the same, shorter disk, not a
+    /// few bytes more that a target of qemu's size could not hold.
+    #[test]
+    fn an_odd_disk_size_is_rounded_down_as_qemu_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = disk(dir.path(), 8 << 20);
+        for bits in [9u32, 16, 21] {
+            let q = dir.path().join(format!("odd{bits}.qcow2"));
+            let opts = format!("cluster_size={}", 1u32 << bits);
+            let (raw_s, q_s) = (raw.display().to_string(), q.display().to_string());
+            run("qemu-img", &["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", &opts, "-c", &raw_s, &q_s]);
+            let mut bytes = std::fs::read(&q).unwrap();
+            bytes[24..32].copy_from_slice(&((5u64 << 20) + 77).to_be_bytes());
+            std::fs::write(&q, &bytes).unwrap();
+            let file = std::fs::File::open(&q).unwrap();
+            assert_eq!(plan(&file, bytes.len() as u64).unwrap().size(), 5 << 20, "{q_s}");
+            let qemu = read_qemu(&q);
+            assert_eq!(qemu.len(), 5 << 20);
+            assert!(read_native(&q).unwrap() == qemu, "{q_s}: differs from qemu-img's reading");
+        }
+    }
+
+    /// The disk's last cluster partly past its end, compressed as a stream shorter than a
+    /// cluster but longer than the part inside the disk: qemu decodes whole clusters and
+    /// refuses it (a stream must fill its cluster), so the native reader refuses it too
+    /// instead of writing a disk qemu-img would not.
+    #[test]
+    fn a_short_last_compressed_cluster_is_refused_as_qemu_does() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let raw = disk(dir.path(), 8 << 20);
+        let q = dir.path().join("short.qcow2");
+        let (raw_s, q_s) = (raw.display().to_string(), q.display().to_string());
+        run("qemu-img", &["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536", "-c", &raw_s, &q_s]);
+        let mut bytes = std::fs::read(&q).unwrap();
+        // Cluster 150 holds the repeated text (compressed); the disk now ends 512 bytes into it.
+        bytes[24..32].copy_from_slice(&(150 * 65536 + 512u64).to_be_bytes());
+        let l1_offset = usize::try_from(be64(&bytes, 40).unwrap()).unwrap();
+        let l2_offset = usize::try_from(be64(&bytes, l1_offset).unwrap() & OFFSET_MASK).unwrap();
+        let entry = be64(&bytes, l2_offset + 150 * 8).unwrap();
+        let Cluster::Compressed { offset, stored } = classify(entry, 16, bytes.len() as u64, 65536).unwrap() else {
+            panic!("not compressed")
+        };
+        // A stream of 1024 bytes where a cluster's 65536 were.
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&[b'q'; 1024]).unwrap();
+        let short = enc.finish().unwrap();
+        assert!(short.len() as u64 <= stored);
+        let offset = usize::try_from(offset).unwrap();
+        bytes[offset..offset + short.len()].copy_from_slice(&short);
+        std::fs::write(&q, &bytes).unwrap();
+        let raw_out = dir.path().join("short.qemu.raw").display().to_string();
+        let qemu = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", &q_s, &raw_out]).output();
+        assert!(!qemu.unwrap().status.success(), "qemu-img reads the short stream");
+        let err = read_native(&q).map(|disk| disk.len()).unwrap_err();
+        assert!(err.contains("compressed cluster at byte"), "{err}");
     }
 
     #[test]

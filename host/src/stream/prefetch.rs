@@ -37,14 +37,18 @@ pub enum Part {
     /// `len` zero bytes.
     Zero(usize),
     /// A raw-deflate stream stored in up to `stored` bytes at `offset` (fewer where the file
-    /// ends first) that must decode to at least `len` bytes, of which `len` are kept.
+    /// ends first) that must decode to at least `whole` bytes, of which the first `len` are
+    /// kept.
     Deflate {
         /// Where in the file.
         offset: u64,
         /// Bytes that may hold the stream.
         stored: usize,
-        /// Bytes it decodes to.
+        /// Bytes kept.
         len: usize,
+        /// Bytes the stream must make (a whole cluster, even where the disk ends inside it;
+        /// at least `len`).
+        whole: usize,
     },
 }
 
@@ -116,7 +120,7 @@ impl SourceFile {
             match *part {
                 Part::Zero(_) => room.fill(0),
                 Part::Read { offset, .. } => self.read_exact_at(room, offset)?,
-                Part::Deflate { offset, stored: most, .. } => {
+                Part::Deflate { offset, stored: most, whole, .. } => {
                     // The stream may be stored short of its rounded-up length at the file's end.
                     let have = at_most(self.len.saturating_sub(offset), most);
                     if have == 0 {
@@ -124,7 +128,14 @@ impl SourceFile {
                     }
                     stored.resize(have, 0);
                     self.read_exact_at(stored, offset)?;
-                    inflate_exactly(stored, room).map_err(|why| {
+                    // Only the disk's last cluster keeps less than it decodes to (once an image).
+                    let decoded = if whole > n {
+                        let mut all = vec![0u8; whole];
+                        inflate_exactly(stored, &mut all).map(|()| room.copy_from_slice(&all[..n]))
+                    } else {
+                        inflate_exactly(stored, room)
+                    };
+                    decoded.map_err(|why| {
                         std::io::Error::new(
                             std::io::ErrorKind::InvalidData,
                             format!("the compressed cluster at byte {offset} of {} {why}", self.name),
