@@ -8,6 +8,7 @@ pub mod decompress;
 pub mod http;
 pub mod liveimg;
 pub mod nbd;
+pub mod ordered_decode;
 pub mod qcow2;
 pub mod qcow2_reader;
 pub mod qemu;

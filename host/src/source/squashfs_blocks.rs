@@ -10,15 +10,14 @@
 //! handed over as holes without a thread; the file's tail in a fragment block, if any, is read
 //! through backhand.
 
+use crate::source::ordered_decode::OrderedDecoders;
 use crate::source::squashfs::{self, MAX_BLOCK_BYTES};
 use crate::stream::{at_most, ChunkReader, Piece};
 use backhand::compression::Compressor;
 use backhand::{FilesystemReader, SquashfsFileReader, SquashfsReadFile};
-use std::collections::HashMap;
 use std::io::{Read, Seek};
 use std::os::unix::fs::FileExt;
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 /// The most decoder threads, whatever the machine has.
 pub const MAX_THREADS: usize = 4;
@@ -128,21 +127,16 @@ impl Plan {
     }
 }
 
-type Decoded = (usize, std::io::Result<Vec<u8>>);
-
 /// One file of a squashfs, its blocks decoded ahead on worker threads (see the module).
 pub struct ParallelFile<'a, 'b: 'a> {
     plan: Arc<Plan>,
-    jobs: Option<mpsc::Sender<usize>>,
-    results: mpsc::Receiver<Decoded>,
-    workers: Vec<JoinHandle<()>>,
+    decoders: OrderedDecoders,
     window: usize,
     /// Next block to dispatch, and how many dispatched blocks are not consumed yet.
     next_dispatch: usize,
     in_flight: usize,
     /// Next block to hand over, and the decoded ones that arrived before their turn.
     next_take: usize,
-    arrived: HashMap<usize, std::io::Result<Vec<u8>>>,
     /// The block being handed over and how much of it went.
     current: Vec<u8>,
     current_pos: usize,
@@ -183,25 +177,19 @@ impl<'a, 'b: 'a> ParallelFile<'a, 'b> {
         };
         let threads = threads.clamp(1, MAX_THREADS);
         let plan = Arc::new(Plan { image, blocks, block_size, compressor });
-        let (jobs, job_rx) = mpsc::channel::<usize>();
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let (result_tx, results) = mpsc::channel::<Decoded>();
-        let workers = (0..threads)
-            .map(|_| {
-                let (plan, job_rx, result_tx) = (plan.clone(), job_rx.clone(), result_tx.clone());
-                std::thread::spawn(move || decode_jobs(&|i, stored| plan.decode(i, stored), &job_rx, &result_tx))
-            })
-            .collect();
+        let decoding = plan.clone();
+        let decoders = OrderedDecoders::start(
+            threads,
+            "squashfs data block",
+            Arc::new(move |i, stored| decoding.decode(i, stored)),
+        );
         let mut me = Self {
             plan,
-            jobs: Some(jobs),
-            results,
-            workers,
+            decoders,
             window: window(block_size, threads),
             next_dispatch: 0,
             in_flight: 0,
             next_take: 0,
-            arrived: HashMap::new(),
             current: Vec::new(),
             current_pos: 0,
             zeros: 0,
@@ -213,10 +201,9 @@ impl<'a, 'b: 'a> ParallelFile<'a, 'b> {
 
     /// Hands blocks to the workers until the window is full.
     fn dispatch(&mut self) {
-        let Some(jobs) = &self.jobs else { return };
         while self.in_flight < self.window && self.next_dispatch < self.plan.blocks.len() {
             if self.plan.blocks[self.next_dispatch].stored != 0 {
-                if jobs.send(self.next_dispatch).is_err() {
+                if !self.decoders.send(self.next_dispatch) {
                     return;
                 }
                 self.in_flight += 1;
@@ -234,37 +221,12 @@ impl<'a, 'b: 'a> ParallelFile<'a, 'b> {
             self.zeros += block.len as u64;
             return Ok(true);
         }
-        let decoded = loop {
-            if let Some(r) = self.arrived.remove(&i) {
-                break r;
-            }
-            let (j, r) =
-                self.results.recv().map_err(|_| std::io::Error::other("the squashfs decoder threads stopped"))?;
-            self.arrived.insert(j, r);
-        };
+        let decoded = self.decoders.take(i);
         self.in_flight -= 1;
         self.dispatch();
         self.current = decoded?;
         self.current_pos = 0;
         Ok(true)
-    }
-}
-
-/// Decodes block `i`, its stored bytes read into the buffer given.
-type DecodeFn<'a> = dyn Fn(usize, &mut Vec<u8>) -> std::io::Result<Vec<u8>> + 'a;
-
-/// One worker: decodes the blocks it is sent with `decode` until the reader hangs up.
-fn decode_jobs(decode: &DecodeFn, jobs: &Mutex<mpsc::Receiver<usize>>, results: &mpsc::Sender<Decoded>) {
-    let mut stored = Vec::new();
-    loop {
-        let Ok(i) = jobs.lock().map_err(drop).and_then(|rx| rx.recv().map_err(drop)) else { return };
-        // A decoder crate's panic on a hostile block must still answer for the block: the
-        // reader waits for each block in turn, and the other workers keep its queue open.
-        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(i, &mut stored)))
-            .unwrap_or_else(|_| Err(std::io::Error::other(format!("decoding data block {i} of the squashfs failed"))));
-        if results.send((i, decoded)).is_err() {
-            return;
-        }
     }
 }
 
@@ -311,58 +273,10 @@ impl ChunkReader for ParallelFile<'_, '_> {
     }
 }
 
-impl Drop for ParallelFile<'_, '_> {
-    fn drop(&mut self) {
-        // Workers finish the block they hold, find the queue closed, and return.
-        drop(self.jobs.take());
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::process::Command;
-
-    /// A decoder that panics on a hostile block (a bug in a decoder crate): the block's
-    /// result is an error, not one the reader waits for forever while the other workers idle.
-    #[test]
-    fn a_decoder_that_panics_gives_an_error_not_a_hang() {
-        let (jobs, job_rx) = mpsc::channel::<usize>();
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let (result_tx, results) = mpsc::channel::<Decoded>();
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                let (job_rx, result_tx) = (job_rx.clone(), result_tx.clone());
-                std::thread::spawn(move || {
-                    let decode = |i: usize, _: &mut Vec<u8>| {
-                        assert_ne!(i, 1, "a decoder bug on block 1");
-                        Ok(vec![i as u8])
-                    };
-                    decode_jobs(&decode, &job_rx, &result_tx)
-                })
-            })
-            .collect();
-        drop(result_tx);
-        for i in 0..3 {
-            jobs.send(i).unwrap();
-        }
-        let mut got: Vec<(usize, bool)> = (0..3)
-            .map(|_| {
-                let (i, r) =
-                    results.recv_timeout(std::time::Duration::from_secs(20)).expect("every block has a result");
-                (i, r.is_ok())
-            })
-            .collect();
-        got.sort();
-        assert_eq!(got, [(0, true), (1, false), (2, true)]);
-        drop(jobs);
-        for w in workers {
-            w.join().unwrap();
-        }
-    }
 
     #[test]
     fn layouts() {

@@ -14,12 +14,11 @@
 //! one-thread reader as before ([`ParallelXz::new`] says why).
 
 use crate::source::decompress::{varint, xz_index_len};
+use crate::source::ordered_decode::OrderedDecoders;
 use crate::stream::{at_most, ChunkReader, Piece};
-use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, OnceLock};
 
 /// The most decoder threads, whatever the machine has.
 pub const MAX_THREADS: usize = 4;
@@ -290,20 +289,15 @@ impl Plan {
     }
 }
 
-type Decoded = (usize, std::io::Result<Vec<u8>>);
-
 /// An xz file's blocks decoded ahead on worker threads (see the module).
 pub struct ParallelXz {
     plan: Arc<Plan>,
-    jobs: Option<mpsc::Sender<usize>>,
-    results: mpsc::Receiver<Decoded>,
-    workers: Vec<JoinHandle<()>>,
+    decoders: OrderedDecoders,
     /// Next block to dispatch, and the decoded bytes dispatched and not consumed yet.
     next_dispatch: usize,
     ahead_bytes: u64,
     /// Next block to hand over, and the decoded ones that arrived before their turn.
     next_take: usize,
-    arrived: HashMap<usize, std::io::Result<Vec<u8>>>,
     current: Vec<u8>,
     current_pos: usize,
 }
@@ -315,24 +309,15 @@ impl ParallelXz {
         let (check, blocks) = layout(&file, len)?;
         let threads = threads.clamp(1, MAX_THREADS);
         let plan = Arc::new(Plan { file, blocks, check });
-        let (jobs, job_rx) = mpsc::channel::<usize>();
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let (result_tx, results) = mpsc::channel::<Decoded>();
-        let workers = (0..threads)
-            .map(|_| {
-                let (plan, job_rx, result_tx) = (plan.clone(), job_rx.clone(), result_tx.clone());
-                std::thread::spawn(move || decode_jobs(&plan, &job_rx, &result_tx))
-            })
-            .collect();
+        let decoding = plan.clone();
+        let decoders =
+            OrderedDecoders::start(threads, "xz block", Arc::new(move |i, stored| decoding.decode(i, stored)));
         let mut me = Self {
             plan,
-            jobs: Some(jobs),
-            results,
-            workers,
+            decoders,
             next_dispatch: 0,
             ahead_bytes: 0,
             next_take: 0,
-            arrived: HashMap::new(),
             current: Vec::new(),
             current_pos: 0,
         };
@@ -342,12 +327,11 @@ impl ParallelXz {
 
     /// Hands blocks to the workers until the window is full (one block at least).
     fn dispatch(&mut self) {
-        let Some(jobs) = &self.jobs else { return };
         while let Some(block) = self.plan.blocks.get(self.next_dispatch) {
             if self.ahead_bytes > 0 && self.ahead_bytes + block.len > WINDOW_BYTES {
                 return;
             }
-            if jobs.send(self.next_dispatch).is_err() {
+            if !self.decoders.send(self.next_dispatch) {
                 return;
             }
             self.ahead_bytes += block.len;
@@ -360,32 +344,12 @@ impl ParallelXz {
         let i = self.next_take;
         let Some(block) = self.plan.blocks.get(i).copied() else { return Ok(false) };
         self.next_take += 1;
-        let decoded = loop {
-            if let Some(r) = self.arrived.remove(&i) {
-                break r;
-            }
-            let (j, r) = self.results.recv().map_err(|_| std::io::Error::other("the xz decoder threads stopped"))?;
-            self.arrived.insert(j, r);
-        };
+        let decoded = self.decoders.take(i);
         self.ahead_bytes -= block.len;
         self.dispatch();
         self.current = decoded?;
         self.current_pos = 0;
         Ok(true)
-    }
-}
-
-/// One worker: decodes the blocks it is sent until the reader hangs up.
-fn decode_jobs(plan: &Plan, jobs: &Mutex<mpsc::Receiver<usize>>, results: &mpsc::Sender<Decoded>) {
-    let mut stored = Vec::new();
-    loop {
-        let Ok(i) = jobs.lock().map_err(drop).and_then(|rx| rx.recv().map_err(drop)) else { return };
-        // A decoder's panic on a hostile block must still answer for the block.
-        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.decode(i, &mut stored)))
-            .unwrap_or_else(|_| Err(std::io::Error::other(format!("decoding xz block {i} failed"))));
-        if results.send((i, decoded)).is_err() {
-            return;
-        }
     }
 }
 
@@ -403,16 +367,6 @@ impl ChunkReader for ParallelXz {
             }
         }
         Ok(if got == 0 { Piece::End } else { Piece::Data(got) })
-    }
-}
-
-impl Drop for ParallelXz {
-    fn drop(&mut self) {
-        // Workers finish the block they hold, find the queue closed, and return.
-        drop(self.jobs.take());
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
     }
 }
 
