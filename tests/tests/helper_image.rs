@@ -281,7 +281,7 @@ fn qemu_gets_no_secrets_in_its_environment() {
 }
 
 /// A descriptor imgforge inherited without close-on-exec (as a caller's pipe or disk) never
-/// reaches qemu: the stand-in block-layer qemu of a qcow2 `deploy` lists its descriptors, and
+/// reaches qemu: the stand-in block-layer qemu of a vmdk `deploy` lists its descriptors, and
 /// holds only 0-2 and the ones named in its arguments (`fd=N`), besides its script.
 #[test]
 fn qemu_gets_only_the_descriptors_passed_to_it() {
@@ -300,8 +300,9 @@ fn qemu_gets_only_the_descriptors_passed_to_it() {
     let work = tempfile::tempdir().unwrap();
     let raw = work.path().join("src.raw");
     std::fs::write(&raw, vec![0x42u8; 1 << 20]).unwrap();
-    let qcow2 = work.path().join("src.qcow2");
-    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2)).unwrap();
+    // A vmdk: a self-contained qcow2 is read in Rust (source/qcow2_reader.rs), without qemu.
+    let image = work.path().join("src.vmdk");
+    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "vmdk"]).arg(&raw).arg(&image)).unwrap();
     let leaked = work.path().join("leaked-descriptor");
     std::fs::write(&leaked, b"not for qemu").unwrap();
     let c_path = std::ffi::CString::new(leaked.to_str().unwrap()).unwrap();
@@ -310,7 +311,7 @@ fn qemu_gets_only_the_descriptors_passed_to_it() {
     assert!(fd > 2);
     let target = work.path().join("out.img");
     let out = Command::new(binary())
-        .args(["deploy", "--progress", "none", "--image", qcow2.to_str().unwrap(), "--target"])
+        .args(["deploy", "--progress", "none", "--image", image.to_str().unwrap(), "--target"])
         .arg(&target)
         .arg("--qemu")
         .arg(&fake)
