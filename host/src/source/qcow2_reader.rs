@@ -231,9 +231,8 @@ impl Planner for Qcow2Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::buffer::AlignedBuf;
     use crate::stream::prefetch::{Prefetch, SourceFile};
-    use crate::stream::{ChunkReader, Piece};
+
     use std::path::Path;
     use std::process::Command;
 
@@ -248,18 +247,7 @@ mod tests {
         let len = file.metadata().unwrap().len();
         let plan = plan(&file, len)?;
         let mut reader = Prefetch::new(SourceFile::new(file, len, "test.qcow2"), Box::new(plan));
-        let mut got = Vec::new();
-        let mut buf = AlignedBuf::new(CHUNK_BYTES);
-        loop {
-            match reader.next_into(&mut buf).map_err(|e| e.to_string())? {
-                Piece::End => return Ok(got),
-                Piece::Hole(n) => got.resize(got.len() + usize::try_from(n).unwrap(), 0),
-                Piece::Data(n) => {
-                    buf.len = n;
-                    got.extend_from_slice(buf.data());
-                }
-            }
-        }
+        crate::stream::read_back(&mut reader, false).map_err(|e| e.to_string())
     }
 
     /// What qemu-img makes of the image.

@@ -392,15 +392,7 @@ mod tests {
     }
 
     fn read_all(r: &mut dyn ChunkReader) -> std::io::Result<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match r.next(&mut buf)? {
-                Piece::End => return Ok(out),
-                Piece::Data(n) => out.extend_from_slice(&buf[..n]),
-                Piece::Hole(n) => out.resize(out.len() + usize::try_from(n).unwrap(), 0),
-            }
-        }
+        crate::stream::read_back(r, true)
     }
 
     fn xz(dir: &std::path::Path, name: &str, data: &[u8], args: &[&str]) -> std::path::PathBuf {

@@ -114,6 +114,22 @@ pub(crate) fn at_most(n: u64, limit: usize) -> usize {
     usize::try_from(n).map_or(limit, |n| n.min(limit))
 }
 
+/// Everything `reader` yields, holes as zeros: through buffers it may swap (`next_into`), or
+/// through a plain slice (`next`) when `copied`. For the readers' tests.
+#[cfg(test)]
+pub(crate) fn read_back(reader: &mut dyn ChunkReader, copied: bool) -> std::io::Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = AlignedBuf::new(CHUNK_BYTES);
+    loop {
+        let piece = if copied { reader.next(buf.as_mut_full())? } else { reader.next_into(&mut buf)? };
+        match piece {
+            Piece::End => return Ok(got),
+            Piece::Hole(n) => got.resize(got.len() + usize::try_from(n).unwrap(), 0),
+            Piece::Data(n) => got.extend_from_slice(&buf.as_mut_full()[..n]),
+        }
+    }
+}
+
 /// What the next stretch of the source is.
 pub enum Piece {
     /// `n` bytes were read into the buffer.

@@ -429,15 +429,7 @@ mod tests {
     use super::*;
 
     fn read_all(reader: &mut dyn ChunkReader) -> std::io::Result<Vec<u8>> {
-        let mut got = Vec::new();
-        let mut buf = AlignedBuf::new(CHUNK_BYTES);
-        loop {
-            match reader.next_into(&mut buf)? {
-                Piece::End => return Ok(got),
-                Piece::Hole(n) => got.resize(got.len() + usize::try_from(n).unwrap(), 0),
-                Piece::Data(n) => got.extend_from_slice(buf.data_full_of(n)),
-            }
-        }
+        crate::stream::read_back(reader, false)
     }
 
     /// A raw file with data, a hole, an unaligned tail: read back byte for byte, through
@@ -459,15 +451,7 @@ mod tests {
         let got = read_all(&mut raw(std::fs::File::open(&path).unwrap(), size, "raw").unwrap()).unwrap();
         assert!(got == want);
         let mut reader = raw(std::fs::File::open(&path).unwrap(), size, "raw").unwrap();
-        let mut copied = Vec::new();
-        let mut buf = vec![0u8; CHUNK_BYTES];
-        loop {
-            match reader.next(&mut buf).unwrap() {
-                Piece::End => break,
-                Piece::Hole(n) => copied.resize(copied.len() + usize::try_from(n).unwrap(), 0),
-                Piece::Data(n) => copied.extend_from_slice(&buf[..n]),
-            }
-        }
+        let copied = crate::stream::read_back(&mut reader, true).unwrap();
         assert!(copied == want);
     }
 
