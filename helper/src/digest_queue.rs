@@ -31,13 +31,13 @@ struct Queued<K> {
     key: K,
     file: File,
     size: u64,
-    /// Its change time when it was listed.
-    ctime: (i64, i64),
+    /// Its size and change time when it was listed.
+    listed: (i64, i64, i64),
     /// Bytes asked for ahead (counted in the queue's total until the file is hashed).
     advised: u64,
 }
 
-/// Files waiting to be hashed, in the order they were added; each is keyed by `K` (its path).
+/// Files waiting to be hashed, in the order they were added, each named by a `K`.
 pub struct DigestQueue<K> {
     queued: VecDeque<Queued<K>>,
     ahead: u64,
@@ -59,7 +59,13 @@ impl<K> DigestQueue<K> {
         let advised = size.min(PIECE_BYTES);
         advise(&file, 0, advised);
         self.ahead += advised;
-        self.queued.push_back(Queued { key, file, size, ctime: (listed.st_ctime, listed.st_ctime_nsec), advised });
+        self.queued.push_back(Queued {
+            key,
+            file,
+            size,
+            listed: (listed.st_size, listed.st_ctime, listed.st_ctime_nsec),
+            advised,
+        });
         let mut done = Vec::new();
         while self.queued.len() > MAX_OPEN || (self.ahead > AHEAD_BYTES && self.queued.len() > 1) {
             done.extend(self.hash_oldest());
@@ -77,22 +83,18 @@ impl<K> DigestQueue<K> {
     }
 
     fn hash_oldest(&mut self) -> Option<(K, io::Result<String>)> {
-        let Queued { key, mut file, size, ctime, advised } = self.queued.pop_front()?;
+        let Queued { key, mut file, size, listed, advised } = self.queued.pop_front()?;
         self.ahead -= advised;
         if self.buf.is_empty() {
             self.buf = vec![0u8; READ_BYTES];
         }
         let digest = sha256(&mut file, size, advised, &mut self.buf).and_then(|(digest, read)| {
             let st = crate::snapshot::fstat(&file.into())?;
-            let same = read == size && st.st_size == listed_size(size) && (st.st_ctime, st.st_ctime_nsec) == ctime;
+            let same = read == size && (st.st_size, st.st_ctime, st.st_ctime_nsec) == listed;
             same.then_some(digest).ok_or_else(|| io::Error::other("changed while the tree was walked"))
         });
         Some((key, digest))
     }
-}
-
-fn listed_size(size: u64) -> i64 {
-    i64::try_from(size).unwrap_or(-1)
 }
 
 /// SHA-256 (hex) of `file` read to its end, and the bytes read, asking for the next piece of a file larger than

@@ -312,7 +312,7 @@ struct Walk {
     /// not entered (its own changes, if any, are listed on their own).
     known_dirs: BTreeMap<Vec<u8>, Meta>,
     /// Files opened, waiting for their digests.
-    reads: DigestQueue<(Vec<u8>, digest_cache::Key)>,
+    reads: DigestQueue<digest_cache::Key>,
 }
 
 impl Walk {
@@ -348,7 +348,7 @@ impl Walk {
         }
         match stream.open_file_at(name, st) {
             Ok(file) => {
-                let done = self.reads.push((path.to_vec(), key), file, st);
+                let done = self.reads.push(key, file, st);
                 self.take_digests(done);
             }
             Err(e) => self.note_unreadable(path.to_vec(), e),
@@ -356,8 +356,9 @@ impl Walk {
     }
 
     /// Records the digests of files the queue has hashed.
-    fn take_digests(&mut self, done: Hashed<(Vec<u8>, digest_cache::Key)>) {
-        for ((path, key), digest) in done {
+    fn take_digests(&mut self, done: Hashed<digest_cache::Key>) {
+        for (key, digest) in done {
+            let path = key.0.clone();
             match digest {
                 Ok(digest) => {
                     digest_cache::insert(key, digest.clone());
