@@ -125,12 +125,12 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
 /// Fills `buf` from `offset`, or at least its first `need` bytes where the disk ends before
 /// `buf` does: a disk that is the host file itself ends at its length rounded up to a sector,
 /// not to a block.
-fn read_at_least(file: &File, buf: &mut [u8], need: usize, offset: u64) -> io::Result<()> {
+pub(crate) fn read_at_least(file: &File, buf: &mut [u8], need: usize, offset: u64) -> io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         match file.read_at(&mut buf[filled..], offset + filled as u64) {
             Ok(0) if filled >= need => return Ok(()),
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the bulk disk ends early")),
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the disk ends early")),
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -140,13 +140,14 @@ fn read_at_least(file: &File, buf: &mut [u8], need: usize, offset: u64) -> io::R
 }
 
 /// A zeroed heap buffer aligned for O_DIRECT.
-struct AlignedBuffer {
+pub(crate) struct AlignedBuffer {
     ptr: std::ptr::NonNull<u8>,
     layout: std::alloc::Layout,
 }
 
 impl AlignedBuffer {
-    fn new(len: usize) -> io::Result<Self> {
+    /// `len` zeroed bytes (not 0) at a 4 KiB boundary.
+    pub(crate) fn new(len: usize) -> io::Result<Self> {
         let layout = std::alloc::Layout::from_size_align(len, BULK_ALIGN_BYTES as usize)
             .map_err(|e| io::Error::other(format!("buffer of {len} bytes: {e}")))?;
         // SAFETY: the layout has a non-zero size.
@@ -155,7 +156,8 @@ impl AlignedBuffer {
         Ok(Self { ptr, layout })
     }
 
-    fn as_mut(&mut self) -> &mut [u8] {
+    /// The bytes.
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         // SAFETY: `ptr` owns `layout.size()` initialized (zeroed) bytes for as long as `self`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
     }

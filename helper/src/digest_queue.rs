@@ -82,6 +82,24 @@ impl<K> DigestQueue<K> {
         done
     }
 
+    /// Takes out, unread, the files whose digests `known` now gives (they arrived from
+    /// elsewhere while the files waited).
+    pub fn take_known(&mut self, known: impl Fn(&K) -> Option<String>) -> Hashed<K> {
+        let mut done = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queued.len());
+        for queued in std::mem::take(&mut self.queued) {
+            match known(&queued.key) {
+                Some(digest) => {
+                    self.ahead -= queued.advised;
+                    done.push((queued.key, Ok(digest)));
+                }
+                None => kept.push_back(queued),
+            }
+        }
+        self.queued = kept;
+        done
+    }
+
     fn hash_oldest(&mut self) -> Option<(K, io::Result<String>)> {
         let Queued { key, mut file, size, listed, advised } = self.queued.pop_front()?;
         self.ahead -= advised;
@@ -214,5 +232,25 @@ mod tests {
         assert_eq!(done[0], ("grows", Err("changed while the tree was walked".into())));
         assert_eq!(done[1], ("rewritten", Err("changed while the tree was walked".into())));
         assert_eq!(done[2], ("kept", Ok(hex_sha256(b"kept"))));
+    }
+
+    /// Files whose digests arrive while they wait leave the queue unread, with the digest given,
+    /// and their bytes no longer count ahead; the others are still hashed in order.
+    #[test]
+    fn files_known_meanwhile_leave_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = DigestQueue::default();
+        for i in 0..4u32 {
+            let (file, st) = file_of(dir.path(), &format!("f{i}"), format!("bytes {i}").as_bytes());
+            assert!(queue.push(i, file, &st).is_empty());
+        }
+        let ahead = queue.ahead;
+        let known = queue.take_known(|k| (*k % 2 == 1).then(|| format!("given {k}")));
+        let known: Vec<_> = known.into_iter().map(|(k, d)| (k, d.unwrap())).collect();
+        assert_eq!(known, [(1, "given 1".to_owned()), (3, "given 3".to_owned())]);
+        assert_eq!(queue.ahead, ahead - 2 * "bytes 1".len() as u64);
+        let rest: Vec<_> = queue.finish().into_iter().map(|(k, d)| (k, d.unwrap())).collect();
+        assert_eq!(rest, [(0, hex_sha256(b"bytes 0")), (2, hex_sha256(b"bytes 2"))]);
+        assert_eq!(queue.ahead, 0);
     }
 }

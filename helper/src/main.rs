@@ -17,6 +17,7 @@ mod cloud_init;
 mod confinement;
 mod copy;
 mod customize;
+mod digest_exchange;
 mod digest_queue;
 mod edit;
 mod firstboot;

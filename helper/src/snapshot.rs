@@ -11,6 +11,7 @@
 
 use crate::digest_queue::{DigestQueue, Hashed};
 use imgforge_protocol::change::FileType;
+use imgforge_protocol::digest_cache::{Share, Shares};
 use imgforge_protocol::manifest::ManifestContent;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString};
@@ -74,14 +75,40 @@ pub struct Snapshot {
 
 /// Walks the guest tree mounted at `root`.
 pub fn record(root: &Path) -> io::Result<Snapshot> {
-    record_walk(root, false).map(|(snapshot, _)| snapshot)
+    record_walk(root, false, None).map(|(snapshot, _)| snapshot)
 }
 
 /// Walks the guest tree mounted at `root` as [`record`] does, and also reads every regular
 /// file's bytes (their SHA-256) and every symlink's target, for the tree manifest. A file that
 /// cannot be read is an error: a manifest must not pass over it.
 pub fn record_with_contents(root: &Path) -> io::Result<WithContents> {
-    let (snapshot, contents) = record_walk(root, true)?;
+    with_contents(record_walk(root, true, None)?)
+}
+
+/// [`record_with_contents`] for one of several boots that walk the same base side by side:
+/// it reads the files of its `share` first and gives their digests to `exchange`, then reads
+/// the others' files itself until `exchange` says their digests arrived, and takes those.
+pub fn record_with_contents_shared(
+    root: &Path,
+    share: Share,
+    exchange: &mut dyn DigestExchange,
+) -> io::Result<WithContents> {
+    with_contents(record_walk(root, true, Some((share, exchange)))?)
+}
+
+/// What the boots that share a base's reading say to one another (through the host).
+pub trait DigestExchange {
+    /// The walk `tree` read its share: every digest it read is in [`digest_cache`].
+    fn share(&mut self, tree: &Snapshot);
+    /// Whether the other boots' digests arrived (into [`digest_cache`]); asked every
+    /// [`EXCHANGE_POLL`] while this walk reads their share itself, until it says yes.
+    fn arrived(&mut self) -> bool;
+}
+
+/// How often a walk reading the other boots' share asks whether their digests arrived.
+pub const EXCHANGE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn with_contents((snapshot, contents): (Snapshot, Contents)) -> io::Result<WithContents> {
     if let Some((path, e)) = contents.1 {
         return Err(unreadable(path, e));
     }
@@ -259,14 +286,26 @@ pub fn open_dir(root: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn record_walk(root: &Path, read_contents: bool) -> io::Result<(Snapshot, Contents)> {
+fn record_walk(
+    root: &Path,
+    read_contents: bool,
+    sharing: Option<(Share, &mut dyn DigestExchange)>,
+) -> io::Result<(Snapshot, Contents)> {
     let dir = open_dir(root)?;
     let st = fstat(&dir)?;
     let mut walk = Walk { read_contents, ..Walk::default() };
+    if let Some((share, _)) = &sharing {
+        walk.shares = Some((share.part, Shares::new(share.parts)));
+    }
     if let Some(meta) = Meta::of(&st) {
         walk.snapshot.entries.insert(b"/".to_vec(), meta);
     }
+    let again = if sharing.is_some() { Some(open_dir(root)?) } else { None };
     walk.directory(dir, b"/".to_vec(), 0);
+    if let (Some((_, exchange)), Some(root_fd)) = (sharing, again) {
+        exchange.share(&walk.snapshot);
+        walk.read_deferred(&root_fd, exchange);
+    }
     let mut snapshot = walk.snapshot;
     snapshot.left_out = walk.left.described();
     Ok((snapshot, (walk.contents, walk.unreadable)))
@@ -313,6 +352,17 @@ struct Walk {
     known_dirs: BTreeMap<Vec<u8>, Meta>,
     /// Files opened, waiting for their digests.
     reads: DigestQueue<digest_cache::Key>,
+    /// When boots share the reading: this boot's share, and the dealer of files to shares.
+    shares: Option<(u32, Shares)>,
+    /// Files of the other boots' shares, in the order listed, for [`Walk::read_deferred`].
+    deferred: Vec<Deferred>,
+}
+
+/// A file of another boot's share: listed, not read.
+struct Deferred {
+    path: Vec<u8>,
+    name: CString,
+    listed: libc::stat,
 }
 
 impl Walk {
@@ -346,6 +396,12 @@ impl Walk {
             self.contents.insert(path.to_vec(), ManifestContent::Sha256(digest));
             return;
         }
+        if let Some((part, shares)) = &mut self.shares {
+            if shares.deal(st.st_size as u64) != *part {
+                self.deferred.push(Deferred { path: path.to_vec(), name: name.to_owned(), listed: *st });
+                return;
+            }
+        }
         match stream.open_file_at(name, st) {
             Ok(file) => {
                 let done = self.reads.push(key, file, st);
@@ -353,6 +409,49 @@ impl Walk {
             }
             Err(e) => self.note_unreadable(path.to_vec(), e),
         }
+    }
+
+    /// Reads the files of the other boots' shares (the walk is over), taking their digests from
+    /// the digest cache once `exchange` says they arrived. Each is opened again from `root`,
+    /// one directory at a time and following no link, and must be the inode listed.
+    fn read_deferred(&mut self, root: &OwnedFd, exchange: &mut dyn DigestExchange) {
+        let deferred = std::mem::take(&mut self.deferred);
+        let mut arrived = false;
+        // Asked at once: the other boots may have given theirs while this one read its share.
+        let mut asked: Option<std::time::Instant> = None;
+        let mut dir: Option<(Vec<u8>, DirStream)> = None;
+        for Deferred { path, name, listed } in deferred {
+            if !arrived && asked.is_none_or(|at| at.elapsed() >= EXCHANGE_POLL) {
+                arrived = exchange.arrived();
+                asked = Some(std::time::Instant::now());
+                if arrived {
+                    let known = self.reads.take_known(digest_cache::get);
+                    self.take_digests(known);
+                }
+            }
+            let key = digest_cache::key(&path, &listed);
+            if let Some(digest) = digest_cache::get(&key) {
+                self.contents.insert(path, ManifestContent::Sha256(digest));
+                continue;
+            }
+            let parent = crate::changes::parent(&path).to_vec();
+            if dir.as_ref().is_none_or(|(at, _)| *at != parent) {
+                dir = open_guest_dir(root, &parent).and_then(|(fd, _)| DirStream::open(fd)).map(|s| (parent, s));
+            }
+            let opened = match &dir {
+                Some((_, stream)) => stream.open_file_at(&name, &listed),
+                None => Err(io::Error::other("its directory is no longer there")),
+            };
+            match opened {
+                Ok(file) => {
+                    let done = self.reads.push(key, file, &listed);
+                    self.take_digests(done);
+                }
+                Err(e) => self.note_unreadable(path, e),
+            }
+        }
+        let done = self.reads.finish();
+        self.take_digests(done);
     }
 
     /// Records the digests of files the queue has hashed.
@@ -606,6 +705,121 @@ mod tests {
         let deepest = snapshot.entries.keys().map(|k| k.iter().filter(|b| **b == b'/').count()).max().unwrap();
         assert_eq!(deepest, MAX_DEPTH + 1, "entries of the deepest directory entered are recorded, no deeper");
         assert_eq!(snapshot.left_out.len(), 2, "{:?}", snapshot.left_out);
+    }
+
+    /// The other boots of a shared reading, played by the test: what the walk gave, and the
+    /// digests to hand over at the `arrive_at`th question (never if `None`).
+    struct OtherBoots {
+        given: Option<Vec<Vec<u8>>>,
+        asked: usize,
+        arrive_at: Option<usize>,
+        hand_over: Vec<imgforge_protocol::digest_cache::Entry>,
+        on_share: Option<Box<dyn FnOnce()>>,
+    }
+
+    impl DigestExchange for OtherBoots {
+        fn share(&mut self, tree: &Snapshot) {
+            let known = tree.entries.iter().filter(|(p, m)| digest_cache::known(p, m).is_some());
+            self.given = Some(known.map(|(p, _)| p.clone()).collect());
+            if let Some(f) = self.on_share.take() {
+                f();
+            }
+        }
+        fn arrived(&mut self) -> bool {
+            self.asked += 1;
+            if Some(self.asked) == self.arrive_at {
+                digest_cache::preload(std::mem::take(&mut self.hand_over));
+                return true;
+            }
+            false
+        }
+    }
+
+    fn tree_of_files(root: &Path) -> BTreeMap<Vec<u8>, String> {
+        use sha2::Digest;
+        let mut files = BTreeMap::new();
+        for (k, dir) in ["etc", "usr/lib", "usr/share/doc", "var"].iter().enumerate() {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            for i in 0..6 {
+                let bytes = format!("{dir} {i}").repeat(1 + 997 * ((i + k) % 3));
+                std::fs::write(root.join(dir).join(format!("f{i}")), &bytes).unwrap();
+                let hex = sha2::Sha256::digest(bytes.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+                files.insert(format!("/{dir}/f{i}").into_bytes(), hex);
+            }
+        }
+        symlink("/", root.join("etc/evil")).unwrap();
+        files
+    }
+
+    fn other_boots(arrive_at: Option<usize>) -> OtherBoots {
+        OtherBoots { given: None, asked: 0, arrive_at, hand_over: Vec::new(), on_share: None }
+    }
+
+    /// A boot reads its share, gives it, then takes the others' digests once they arrive, for
+    /// the files it had not read yet: its tree and contents are those of a whole walk but for
+    /// the digests handed over.
+    #[test]
+    fn a_shared_walk_reads_its_share_and_takes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = tree_of_files(dir.path());
+        let whole = record(dir.path()).unwrap();
+        let handed = "e".repeat(64);
+        let mut others = other_boots(Some(1));
+        // Every file of the tree handed over: only those the walk had not read may be taken.
+        others.hand_over = whole
+            .entries
+            .iter()
+            .filter(|(_, m)| m.file_type == FileType::File)
+            .map(|(p, m)| imgforge_protocol::digest_cache::Entry {
+                path: p.clone(),
+                ino: m.ino,
+                size: m.size,
+                mtime: m.mtime,
+                ctime: m.ctime,
+                sha256: handed.clone(),
+            })
+            .collect();
+        let (tree, contents) =
+            record_with_contents_shared(dir.path(), Share { part: 1, parts: 2 }, &mut others).unwrap();
+        assert_eq!(tree.entries, whole.entries);
+        let given = others.given.unwrap();
+        assert!(!given.is_empty() && given.len() < files.len(), "a share, not all: {given:?}");
+        for (path, sha256) in &files {
+            let expected = if given.contains(path) { sha256 } else { &handed };
+            assert_eq!(contents.get(path), Some(&ManifestContent::Sha256(expected.clone())), "{path:?}");
+        }
+        assert_eq!(contents[&b"/etc/evil".to_vec()], ManifestContent::LinkTarget(b"/".to_vec()));
+    }
+
+    /// Digests that never arrive cost only time: the boot reads the other shares itself.
+    #[test]
+    fn a_shared_walk_whose_others_never_answer_reads_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = tree_of_files(dir.path());
+        let mut others = other_boots(None);
+        let (_, contents) = record_with_contents_shared(dir.path(), Share { part: 0, parts: 3 }, &mut others).unwrap();
+        assert!(others.asked > 0);
+        for (path, sha256) in &files {
+            assert_eq!(contents.get(path), Some(&ManifestContent::Sha256(sha256.clone())), "{path:?}");
+        }
+    }
+
+    /// A file of another share is opened again after the walk, following no link: a directory
+    /// swapped for a symlink in between makes the walk fail and name the file.
+    #[test]
+    fn a_deferred_file_is_not_reached_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        tree_of_files(dir.path());
+        let root = dir.path().to_owned();
+        let mut others = other_boots(None);
+        others.on_share = Some(Box::new(move || {
+            for d in ["etc", "usr", "var"] {
+                std::fs::rename(root.join(d), root.join(format!("{d}.moved"))).unwrap();
+                symlink(format!("{d}.moved"), root.join(d)).unwrap();
+            }
+        }));
+        let e = record_with_contents_shared(dir.path(), Share { part: 0, parts: 2 }, &mut others).unwrap_err();
+        assert!(e.to_string().contains("its directory is no longer there"), "{e}");
     }
 }
 

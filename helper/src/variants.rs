@@ -87,41 +87,14 @@ fn load_digest_cache() {
 }
 
 /// Writes the digests of the base's files (those of `base`, the tree before any operation,
-/// whose digest this boot knows) to the export disk, when the host attached one: an 8-byte
-/// little-endian length, then the cache.
+/// whose digest this boot knows) to the export disk, when the host attached one, for the next
+/// builds of this base.
 fn export_digest_cache(base: &Snapshot) {
-    let Some(disk) = disk_with_serial(Path::new("/sys/block"), digest_cache::EXPORT_SERIAL) else { return };
-    let entries: Vec<digest_cache::Entry> = base
-        .entries
-        .iter()
-        .filter(|(_, meta)| meta.file_type == imgforge_protocol::change::FileType::File)
-        .filter_map(|(path, meta)| {
-            let sha256 = snapshot::digest_cache::known(path, meta)?;
-            Some(digest_cache::Entry {
-                path: path.clone(),
-                ino: meta.ino,
-                size: meta.size,
-                mtime: meta.mtime,
-                ctime: meta.ctime,
-                sha256,
-            })
-        })
-        .collect();
-    let bytes = digest_cache::render(&entries);
-    if bytes.len() > digest_cache::MAX_BYTES {
-        println!("WARNING: the digest cache of this base is too large to keep ({} bytes)", bytes.len());
-        return;
-    }
-    let written = (|| -> std::io::Result<()> {
-        use std::io::Write;
-        let mut dev = std::fs::OpenOptions::new().write(true).open(&disk)?;
-        dev.write_all(&(bytes.len() as u64).to_le_bytes())?;
-        dev.write_all(&bytes)?;
-        dev.sync_all()
-    })();
-    match written {
-        Ok(()) => println!("digest cache: {} files of the base written to {disk}", entries.len()),
-        Err(e) => println!("WARNING: cannot write the digest cache to {disk}: {e}"),
+    let entries = crate::digest_exchange::known_entries(base);
+    match crate::digest_exchange::export(&entries) {
+        Ok(true) => println!("digest cache: {} files of the base written to the export disk", entries.len()),
+        Ok(false) => {}
+        Err(e) => println!("WARNING: the digest cache of this base is not kept: {e}"),
     }
 }
 
@@ -167,6 +140,8 @@ fn run_one(
         payload: Path::new(PAYLOAD_DIR).join(&variant.name).display().to_string(),
     };
     let source_date_epoch = rules.source_date_epoch;
+    // The base's files are read beside other boots only by the first walk of the boot.
+    let digest_share = top.digest_share.filter(|_| base_tree.is_none());
     let mut manifest: Option<String> = None;
     let mounts_file = state.join("mounts");
     let scratch = state.join("manifest-root");
@@ -181,8 +156,15 @@ fn run_one(
                 if base_tree.as_ref().is_none_or(|b| b.mounts != mounts) {
                     let (snapshot, contents) =
                         crate::manifest::with_guest_tree(target, &mounts_file, &scratch, |root| {
-                            snapshot::record_with_contents(root)
-                                .map_err(|e| format!("cannot read the guest's tree: {e}"))
+                            let walked = match digest_share {
+                                Some(share) => snapshot::record_with_contents_shared(
+                                    root,
+                                    share,
+                                    &mut crate::digest_exchange::Exchange::new(reporter),
+                                ),
+                                None => snapshot::record_with_contents(root),
+                            };
+                            walked.map_err(|e| format!("cannot read the guest's tree: {e}"))
                         })?;
                     *base_tree = Some(BaseTree { mounts, snapshot, contents });
                 }
@@ -325,7 +307,7 @@ fn find_disk(serial: &str) -> Result<String, String> {
 }
 
 /// The `/dev/vdX` whose `serial` in `sys_block` is `serial`.
-fn disk_with_serial(sys_block: &Path, serial: &str) -> Option<String> {
+pub(crate) fn disk_with_serial(sys_block: &Path, serial: &str) -> Option<String> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(sys_block)
         .ok()?
         .flatten()

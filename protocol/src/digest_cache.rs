@@ -27,6 +27,50 @@ pub const MAX_PATH_BYTES: usize = 4096;
 pub const PAYLOAD_NAME: &str = "+digests";
 /// Serial number of the disk the helper writes the digest cache of its boot to.
 pub const EXPORT_SERIAL: &str = "imgforge-export";
+/// Serial number of the disk the host writes the other boots' shares to, read-only to the
+/// helper: like the export disk, an 8-byte little-endian length (0 until written), then a
+/// digest cache.
+pub const IMPORT_SERIAL: &str = "imgforge-import";
+
+/// Which share of a base's files one of several boots side by side reads first: `part` of
+/// `parts` (see [`Shares`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    /// This boot's share, below `parts`.
+    pub part: u32,
+    /// How many boots share the reading.
+    pub parts: u32,
+}
+
+/// Most boots that share the reading of one base.
+pub const MAX_PARTS: u32 = 64;
+
+/// Deals the files of a walk to the shares as the walk lists them, each to the share with the
+/// fewest bytes so far (a file counts its size plus [`FILE_COST_BYTES`]; ties to the lowest
+/// share): boots that list the same base in the same order deal it alike, with no word
+/// between them. A boot that lists it otherwise only reads more itself.
+#[derive(Debug)]
+pub struct Shares {
+    loads: Vec<u64>,
+}
+
+/// What a file costs beyond its bytes (opening it, one read's round trip), in bytes.
+pub const FILE_COST_BYTES: u64 = 16 << 10;
+
+impl Shares {
+    /// Shares for `parts` boots (at least 1, at most [`MAX_PARTS`]).
+    pub fn new(parts: u32) -> Self {
+        Self { loads: vec![0; parts.clamp(1, MAX_PARTS) as usize] }
+    }
+
+    /// The share the next file listed, of `size` bytes, goes to (pure).
+    pub fn deal(&mut self, size: u64) -> u32 {
+        let (k, _) = self.loads.iter().enumerate().min_by_key(|(k, load)| (**load, *k)).expect("at least one share");
+        self.loads[k] = self.loads[k].saturating_add(size.saturating_add(FILE_COST_BYTES));
+        k as u32
+    }
+}
 
 /// One file of a base and the SHA-256 of its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +203,22 @@ mod tests {
                 sha256: "0123456789abcdef".repeat(4),
             },
         ]
+    }
+
+    #[test]
+    fn shares_are_dealt_by_bytes_alike_in_every_boot() {
+        let sizes = [100 << 20, 1, 2, 3 << 20, 0, 5 << 20, 7];
+        let mut one = Shares::new(2);
+        let dealt: Vec<u32> = sizes.iter().map(|s| one.deal(*s)).collect();
+        // The big first file fills share 0; the small ones go to share 1 until it catches up.
+        assert_eq!(dealt, [0, 1, 1, 1, 1, 1, 1]);
+        let mut other = Shares::new(2);
+        assert_eq!(sizes.iter().map(|s| other.deal(*s)).collect::<Vec<_>>(), dealt, "the same order deals alike");
+        let mut three = Shares::new(3);
+        assert_eq!((0..6).map(|_| three.deal(10)).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2]);
+        assert_eq!(Shares::new(0).deal(5), 0, "no share is one share");
+        assert_eq!(Shares::new(u32::MAX).loads.len(), MAX_PARTS as usize);
+        assert_eq!(Shares::new(1).deal(u64::MAX), 0, "sizes saturate");
     }
 
     #[test]

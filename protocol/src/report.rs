@@ -14,6 +14,8 @@
 //! MANIFEST ath-web 3f9a…         its tree manifest's SHA-256 (crate::manifest), after its operations
 //! VARIANT-DONE ath-web           its tasks all succeeded: the host may write its output
 //! VARIANT-FAILED ath-web 50-Customize "text"  its task failed; its overlay is dropped
+//! DIGESTS-SHARED 2626            the helper wrote the digests of its share of the base's files
+//!                                to its export disk (crate::digest_cache), for the other boots
 //! SUCCESS                        every task succeeded (in a multi-variant run: the helper
 //!                                went through every variant, whether each succeeded or not)
 //! ```
@@ -114,6 +116,12 @@ pub enum ReportLine {
         /// SHA-256 of its manifest, lowercase hex.
         sha256: String,
     },
+    /// The helper wrote the digests of its share of the base's files to its export disk (a
+    /// cold multi-variant build: boots side by side each read a share, then take the others').
+    DigestsShared {
+        /// How many files' digests it wrote.
+        files: u64,
+    },
     /// Every task of a variant succeeded.
     VariantDone {
         /// The variant's name.
@@ -155,6 +163,7 @@ impl ReportLine {
                 ReportLine::Change(FileChange { path: p(change.path).replace('\n', "\\n"), ..change })
             }
             ReportLine::ChangesOmitted { count } => ReportLine::ChangesOmitted { count },
+            ReportLine::DigestsShared { files } => ReportLine::DigestsShared { files },
             ReportLine::VariantStart { name } => ReportLine::VariantStart { name: p(name) },
             ReportLine::Manifest { name, sha256 } => ReportLine::Manifest { name: p(name), sha256: p(sha256) },
             ReportLine::VariantDone { name } => ReportLine::VariantDone { name: p(name) },
@@ -230,6 +239,9 @@ impl ReportLine {
                 Ok(ReportLine::VariantFailed { name: name.to_owned(), task: task.to_owned(), message })
             }
             "CHANGE" => serde_json::from_str(rest).map(ReportLine::Change).map_err(|_| malformed("CHANGE")),
+            "DIGESTS-SHARED" => {
+                rest.parse().map(|files| ReportLine::DigestsShared { files }).map_err(|_| malformed("DIGESTS-SHARED"))
+            }
             "CHANGES-OMITTED" => {
                 rest.parse().map(|count| ReportLine::ChangesOmitted { count }).map_err(|_| malformed("CHANGES-OMITTED"))
             }
@@ -268,6 +280,7 @@ impl std::fmt::Display for ReportLine {
                 write!(f, "CHANGE {}", serde_json::to_string(change).expect("changes always serialize"))
             }
             ReportLine::ChangesOmitted { count } => write!(f, "CHANGES-OMITTED {count}"),
+            ReportLine::DigestsShared { files } => write!(f, "DIGESTS-SHARED {files}"),
             ReportLine::VariantStart { name } => write!(f, "VARIANT-START {name}"),
             ReportLine::Manifest { name, sha256 } => write!(f, "MANIFEST {name} {sha256}"),
             ReportLine::VariantDone { name } => write!(f, "VARIANT-DONE {name}"),
@@ -444,6 +457,8 @@ mod tests {
             "CHANGE {\"change\":\"added\",\"path\":\"/x\"}",
             "CHANGES-OMITTED",
             "CHANGES-OMITTED -1",
+            "DIGESTS-SHARED",
+            "DIGESTS-SHARED -3",
             "CHANGES-OMITTED many",
             "CHECK ok x",
             "CHECK ok a/b \"y\"",
@@ -481,6 +496,7 @@ mod tests {
             ReportLine::Check { ok: false, name: "package-x".into(), detail: "not \"installed\"".into() },
             ReportLine::Change(crafted_change()),
             ReportLine::ChangesOmitted { count: 12 },
+            ReportLine::DigestsShared { files: 2626 },
             ReportLine::VariantStart { name: "ath-web.1".into() },
             ReportLine::Manifest { name: "ath-web.1".into(), sha256: "0f".repeat(32) },
             ReportLine::VariantDone { name: "ath-web.1".into() },

@@ -30,6 +30,17 @@ pub enum RulesError {
         /// The variant's name.
         name: String,
     },
+    /// A digest share that is not one of 1 to [`crate::digest_cache::MAX_PARTS`] shares.
+    #[error(
+        "rules document has the digest share {part} of {parts}: a share is below their number, at most {}",
+        crate::digest_cache::MAX_PARTS
+    )]
+    DigestShare {
+        /// The share.
+        part: u32,
+        /// How many there are.
+        parts: u32,
+    },
 }
 
 /// One customization run's instructions for the helper.
@@ -133,6 +144,11 @@ pub struct Rules {
     /// and writes), not through the helper CPU's copies, which TCG emulates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bulk: Vec<BulkFile>,
+    /// In a multi-variant run that reads the base's files cold beside other boots: the share of
+    /// them this boot reads first, before it takes the other boots' digests from its import
+    /// disk ([`crate::digest_cache::IMPORT_SERIAL`]) or, failing them, reads the rest itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest_share: Option<crate::digest_cache::Share>,
 }
 
 /// Where one payload file lies on the bulk disk.
@@ -225,6 +241,7 @@ impl Rules {
             variants: Vec::new(),
             source_date_epoch: None,
             bulk: Vec::new(),
+            digest_share: None,
         }
     }
 
@@ -244,6 +261,11 @@ impl Rules {
             return Err(RulesError::Version { found: v.version });
         }
         let rules: Rules = serde_json::from_str(text)?;
+        if let Some(crate::digest_cache::Share { part, parts }) = rules.digest_share {
+            if parts == 0 || parts > crate::digest_cache::MAX_PARTS || part >= parts {
+                return Err(RulesError::DigestShare { part, parts });
+            }
+        }
         for variant in &rules.variants {
             if variant.rules.version != RULES_VERSION {
                 return Err(RulesError::Version { found: variant.rules.version });
@@ -875,6 +897,21 @@ mod variant_tests {
         let mut rules = Rules::new();
         rules.variants = vec![VariantRules { name: name.into(), serial: "imgforge-v1".into(), rules: inner }];
         rules
+    }
+
+    #[test]
+    fn digest_shares_round_trip_and_are_checked() {
+        let mut rules = Rules::new();
+        assert!(!rules.to_json().contains("digest_share"), "no share: no key");
+        rules.digest_share = Some(crate::digest_cache::Share { part: 1, parts: 2 });
+        assert_eq!(Rules::from_json(&rules.to_json()).unwrap(), rules);
+        for (part, parts) in [(2, 2), (0, 0), (0, crate::digest_cache::MAX_PARTS + 1)] {
+            rules.digest_share = Some(crate::digest_cache::Share { part, parts });
+            assert!(
+                matches!(Rules::from_json(&rules.to_json()), Err(RulesError::DigestShare { .. })),
+                "{part} of {parts}"
+            );
+        }
     }
 
     #[test]

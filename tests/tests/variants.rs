@@ -461,3 +461,49 @@ fn a_base_failing_its_check_publishes_nothing() {
     assert!(left.is_empty(), "files left in the output directory: {left:?}");
     assert!(!kept.exists(), "digests kept for a base that failed its check");
 }
+
+/// Two boots side by side read a cold base: each reads a share of its files, gives their
+/// digests, and takes the other's through the host rather than reading them too. Each variant's
+/// manifest is the one the test computes from its own mount, and the digests kept afterwards
+/// cover every file of the base, each as the base holds it.
+#[test]
+fn boots_side_by_side_share_the_reading_of_a_cold_base() {
+    let (_work, base, sha256, kept, out) = keyed_base();
+    let progress = Recorded::default();
+    let variants = ["left", "right"]
+        .iter()
+        .map(|name| {
+            let file = format!("/etc/side:{name}");
+            variant(name, &out, "raw", OutputFormat::Raw, &[("hostname", name), ("write", &file)])
+        })
+        .collect();
+    let outcomes = run_keyed(&base, Some(&sha256), variants, 2, &progress);
+    assert_eq!(progress.boots(), 2, "one boot a lane");
+    let phases = |name: &str| {
+        let events = progress.0.lock().unwrap();
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::ImageHelper(HelperEvent::Phase { phase, .. }) if phase == &format!("helper {name}")))
+            .count()
+    };
+    assert_eq!(phases("digests-given"), 2, "each boot gave its share");
+    // The boot that gives last reads the rest for a second or more while the host hands over.
+    assert!(phases("digests-taken") >= 1, "no boot took the other's digests");
+    for outcome in &outcomes {
+        let product = outcome.result.as_ref().unwrap_or_else(|e| panic!("{}: {e}", outcome.name));
+        let mount = Mount::partition(&product.output, 0).unwrap();
+        assert_eq!(mount.read("/etc/side").unwrap(), outcome.name);
+        assert_eq!(product.manifest_sha256, manifest_sha256(mount.path()), "{}", outcome.name);
+    }
+    let entries = imgforge_protocol::digest_cache::parse(&std::fs::read(&kept).expect("digests kept")).unwrap();
+    let mount = Mount::partition(&base, 0).unwrap();
+    let mut files = BTreeMap::new();
+    walk(mount.path(), b"/".to_vec(), &mut files);
+    let regular =
+        files.keys().filter(|p| std::fs::symlink_metadata(mount.join(&String::from_utf8_lossy(p))).unwrap().is_file());
+    assert_eq!(entries.len(), regular.count(), "every file of the base is kept");
+    for e in entries.iter().filter(|e| [&b"/etc/passwd"[..], b"/etc/hostname", b"/bin/sh"].contains(&e.path.as_slice()))
+    {
+        assert_eq!(e.sha256, sha256_hex(&mount.join(&String::from_utf8_lossy(&e.path))), "{:?}", e.path);
+    }
+}

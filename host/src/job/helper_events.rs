@@ -153,7 +153,8 @@ pub(super) async fn run_vm_with(
                     | ReportLine::VariantFailed { .. }
                     | ReportLine::Manifest { .. }
                     | ReportLine::Change(_)
-                    | ReportLine::ChangesOmitted { .. }),
+                    | ReportLine::ChangesOmitted { .. }
+                    | ReportLine::DigestsShared { .. }),
                 ) if variant_lines.is_some() => {
                     if let Some(take) = variant_lines {
                         take(line)
@@ -184,7 +185,8 @@ pub(super) async fn run_vm_with(
                     ReportLine::VariantStart { .. }
                     | ReportLine::VariantDone { .. }
                     | ReportLine::VariantFailed { .. }
-                    | ReportLine::Manifest { .. } => {
+                    | ReportLine::Manifest { .. }
+                    | ReportLine::DigestsShared { .. } => {
                         tracing::warn!("the helper reported a variant in a run that has none: {line:?}")
                     }
                 },

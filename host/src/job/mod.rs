@@ -7,6 +7,7 @@
 //! Ganeti parse, build a request, call here, and map the result to an exit status.
 
 mod deploy;
+mod digest_exchange;
 pub mod floppy;
 mod helper_events;
 pub mod overlay;
@@ -322,6 +323,7 @@ impl Job {
             floppy: floppy_path,
             payload: payload_path,
             export: None,
+            import: None,
             bulk: bulk_path,
             memory_mib: settings.memory_mib,
             vcpus: settings.vcpus,

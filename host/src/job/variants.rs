@@ -10,6 +10,7 @@
 //! `Qcow2Backed` output holds only what the variant changed and names the base's absolute path
 //! as its backing file.
 
+use super::digest_exchange::{self, ShareBoard};
 use super::helper_events::{self, VariantLines};
 use super::overlay::Overlay;
 use super::target::{self, KnownFormat, Target};
@@ -23,7 +24,7 @@ use crate::vm::privilege;
 use crate::vm::qmp::{Qmp, QmpError};
 use crate::vm::{Interrupt, VmSpec};
 use imgforge_protocol::change::FileChange;
-use imgforge_protocol::digest_cache::{self, PAYLOAD_NAME};
+use imgforge_protocol::digest_cache::{self, Share, PAYLOAD_NAME};
 use imgforge_protocol::helper_vm::TARGET_SERIAL;
 use imgforge_protocol::report::{ReportLine, Verdict};
 use imgforge_protocol::rules::{is_variant_name, Rules, VariantRules};
@@ -190,20 +191,28 @@ pub async fn customize_variants(
                 && crate::inspect::raw_filesystem_kinds(&target.path).contains(&"LVM2_member");
             let batches = batches(&todo, jobs, if lvm { 1 } else { MAX_VARIANTS_PER_BOOT });
             let lanes: Vec<Vec<Vec<usize>>> = lanes(batches, jobs);
+            // The lanes' first boots start together: with no digests kept, they share the reading.
+            let parts = lanes.len() as u32;
+            let board = ShareBoard::default();
+            let board = &board;
             let variants = &variants;
             let target = &target;
             let image = &image;
             let lane_futures: Vec<Lane<'_>> = lanes
                 .into_iter()
-                .map(|lane| {
+                .enumerate()
+                .map(|(k, lane)| {
                     Box::pin(async move {
                         let mut out = Vec::new();
-                        for batch in lane {
+                        for (b, batch) in lane.into_iter().enumerate() {
+                            let share = (parts > 1 && parts <= digest_cache::MAX_PARTS && b == 0)
+                                .then_some((Share { part: k as u32, parts }, board));
                             out.extend(
                                 run_batch(
                                     target,
                                     image,
                                     digests,
+                                    share,
                                     base.check.as_ref(),
                                     variants,
                                     &batch,
@@ -242,9 +251,6 @@ pub async fn customize_variants(
         })
         .collect()
 }
-
-/// Room for the largest digest cache and its 8-byte length, in whole sectors.
-const EXPORT_DISK_BYTES: u64 = (digest_cache::MAX_BYTES as u64 + 8).div_ceil(512) * 512;
 
 /// Where the digests of one base's files are kept between builds: under the cache directory,
 /// named by the base's SHA-256.
@@ -292,22 +298,10 @@ impl DigestCache {
     /// failure only costs the next build the reading of the files again.
     fn keep(&self, export: &Path) {
         let stored = (|| -> Result<usize, String> {
-            use std::io::Read;
             // A base written to since its SHA-256 was checked: the helper read other bytes.
             crate::job::payload::check_unchanged(&self.base, &self.stamp).map_err(|e| e.to_string())?;
-            let mut file = std::fs::File::open(export).map_err(|e| e.to_string())?;
-            let mut len = [0u8; 8];
-            file.read_exact(&mut len).map_err(|e| e.to_string())?;
-            let len = u64::from_le_bytes(len);
-            if len == 0 {
-                return Err("the helper wrote none".into());
-            }
-            if len > digest_cache::MAX_BYTES as u64 {
-                return Err(format!("the helper said {len} bytes, more than the {} allowed", digest_cache::MAX_BYTES));
-            }
-            let mut bytes = vec![0u8; len as usize];
-            file.read_exact(&mut bytes).map_err(|e| e.to_string())?;
-            let entries = digest_cache::parse(&bytes).map_err(|e| e.to_string())?.len();
+            let (bytes, entries) = super::digest_exchange::read_export(export)?;
+            let entries = entries.len();
             let dir = self.path.parent().ok_or("no directory")?;
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -414,6 +408,8 @@ struct BatchReport<'a> {
     current: Mutex<Option<String>>,
     reported: Mutex<BTreeMap<String, Reported>>,
     progress: &'a dyn Progress,
+    /// When this boot reads a share of the base's files: its share, the board, its export disk.
+    share: Option<(u32, &'a ShareBoard, PathBuf)>,
 }
 
 impl BatchReport<'_> {
@@ -448,6 +444,10 @@ impl BatchReport<'_> {
                     reported.entry(name.clone()).or_default().changes.push(change);
                 }
             }
+            ReportLine::DigestsShared { .. } => match &self.share {
+                Some((part, board, export)) => board.give(*part, export),
+                None => tracing::warn!("a boot that reads no share said it gave one: ignored"),
+            },
             ReportLine::ChangesOmitted { count } => {
                 if let Some(name) = current.as_ref() {
                     reported.entry(name.clone()).or_default().omitted += count;
@@ -464,6 +464,7 @@ async fn run_batch(
     target: &Target,
     image: &helper_image::HelperImage,
     digests: &Option<DigestCache>,
+    share: Option<(Share, &ShareBoard)>,
     check: Option<&BaseCheck>,
     variants: &[VariantJob],
     batch: &[usize],
@@ -487,7 +488,7 @@ async fn run_batch(
             })
             .collect()
     };
-    let prepared = match prepare_boot(target, image, digests.as_ref(), variants, batch, settings, progress) {
+    let prepared = match prepare_boot(target, image, digests.as_ref(), share, variants, batch, settings, progress) {
         Ok(p) => p,
         Err(e) => return all_fail(e.to_string()),
     };
@@ -497,6 +498,10 @@ async fn run_batch(
         current: Mutex::new(None),
         reported: Mutex::new(BTreeMap::new()),
         progress,
+        share: share
+            .filter(|_| prepared.spec.import.is_some())
+            .zip(prepared.export.clone())
+            .map(|((share, board), export)| (share.part, board, export)),
     };
     let take = |line: ReportLine| report.take(line);
     let lines: VariantLines<'_> = &take;
@@ -593,10 +598,12 @@ fn serial(k: usize) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn prepare_boot(
     target: &Target,
     image: &helper_image::HelperImage,
     digests: Option<&DigestCache>,
+    share: Option<(Share, &ShareBoard)>,
     variants: &[VariantJob],
     batch: &[usize],
     settings: &VmSettings,
@@ -631,15 +638,24 @@ fn prepare_boot(
     // The digests kept from an earlier boot of this base go on the payload disk; without them
     // the helper gets a disk to write this boot's to.
     let mut export = None;
+    let mut import = None;
     if let Some(cache) = digests {
         match cache.kept() {
             Some(kept) => payload_files.push(PayloadFile { name: PAYLOAD_NAME.into(), source: kept, tree: None }),
             None => {
                 let path = work.path().join("digest-export.raw");
-                let file =
-                    std::fs::File::create(&path).map_err(|source| JobError::WorkDir { dir: path.clone(), source })?;
-                file.set_len(EXPORT_DISK_BYTES).map_err(|source| JobError::WorkDir { dir: path.clone(), source })?;
+                digest_exchange::create_disk(&path)
+                    .map_err(|source| JobError::WorkDir { dir: path.clone(), source })?;
                 export = Some(path);
+                // Read cold beside other boots: this boot reads its share first.
+                if let Some((share, board)) = share {
+                    let path = work.path().join("digest-import.raw");
+                    digest_exchange::create_disk(&path)
+                        .map_err(|source| JobError::WorkDir { dir: path.clone(), source })?;
+                    board.join(share.part, path.clone());
+                    top.digest_share = Some(share);
+                    import = Some(path);
+                }
             }
         }
     }
@@ -657,6 +673,7 @@ fn prepare_boot(
         floppy: floppy_path,
         payload: payload_path,
         export: export.clone(),
+        import,
         bulk: None,
         // Each variant's disk caches in the VM: a little more memory for each past the first.
         memory_mib: settings.memory_mib + 64 * (batch.len() as u32 - 1),

@@ -84,6 +84,8 @@ pub struct QemuConfig {
     /// The raw disk the helper writes its digest cache to, if any: opened read-only and
     /// read-write.
     pub export_fds: Option<(i32, i32)>,
+    /// The raw disk the host writes other boots' digests to, read-only, if any.
+    pub import_fd: Option<i32>,
     /// Bulk disk (large payload files, raw), read-only, if any.
     pub bulk_fd: Option<i32>,
     /// Write end of the console pipe (serial 0).
@@ -130,6 +132,7 @@ const FDSET_CONSOLE: u32 = 4;
 const FDSET_REPORT: u32 = 5;
 const FDSET_EXPORT: u32 = 8;
 const FDSET_BULK: u32 = 7;
+const FDSET_IMPORT: u32 = 9;
 /// The first fdset of [`QemuConfig::more_overlays`]; one set each from here, past any the
 /// other disks could take.
 const FDSET_MORE_OVERLAYS: u32 = 1000;
@@ -307,6 +310,16 @@ pub fn args(c: &QemuConfig) -> Vec<String> {
             &format!("virtio-blk-pci,drive=export,serial={}", imgforge_protocol::digest_cache::EXPORT_SERIAL),
         ]);
     }
+    if let Some(fd) = c.import_fd {
+        // qemu reads it through the host's page cache (no cache.direct), which holds what the
+        // host writes while the VM runs; the helper reads it past its own cache (O_DIRECT).
+        push(&["-add-fd", &format!("fd={fd},set={FDSET_IMPORT},opaque=digest-import")]);
+        push(&["-drive", &format!("file=/dev/fdset/{FDSET_IMPORT},format=raw,if=none,id=import,readonly=on")]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=import,serial={}", imgforge_protocol::digest_cache::IMPORT_SERIAL),
+        ]);
+    }
     if let Some(fd) = c.bulk_fd {
         // Read by the helper with O_DIRECT: qemu copies each request straight into the guest's
         // buffer from the host's page cache (the host just wrote the file), with host memcpy.
@@ -355,6 +368,7 @@ mod tests {
             floppy_fd: 14,
             payload_fd: None,
             export_fds: None,
+            import_fd: None,
             bulk_fd: None,
             console_fd: 15,
             report_fd: 16,
@@ -440,6 +454,16 @@ mod tests {
             line.contains("fd=20,set=3") && line.contains("serial=imgforge-payload") && line.contains("readonly=on")
         );
         assert!(line.contains("fd=22,set=8") && line.contains("drive=export,serial=imgforge-export"), "{line}");
+        assert!(!line.contains("imgforge-import"), "no import disk unless asked for");
+        c.import_fd = Some(23);
+        let with_import = joined(&c);
+        assert!(
+            with_import.contains("fd=23,set=9,opaque=digest-import")
+                && with_import.contains("file=/dev/fdset/9,format=raw,if=none,id=import,readonly=on")
+                && with_import.contains("drive=import,serial=imgforge-import"),
+            "{with_import}"
+        );
+        c.import_fd = None;
         assert!(
             line.contains("cache.direct=off") && line.contains("driver=qcow2,node-name=disk,file=disk-file,backing= ")
         );

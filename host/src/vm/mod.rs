@@ -71,6 +71,9 @@ pub struct VmSpec {
     /// A raw file the helper may write its boot's digest cache to
     /// (`imgforge_protocol::digest_cache`), if any.
     pub export: Option<PathBuf>,
+    /// A raw file the host writes the digests of other boots to while the VM runs, read-only
+    /// to the helper (`imgforge_protocol::digest_cache::IMPORT_SERIAL`), if any.
+    pub import: Option<PathBuf>,
     /// The raw bulk disk (large payload files), if any.
     pub bulk: Option<PathBuf>,
     /// Guest memory.
@@ -362,6 +365,7 @@ struct QemuFds {
     floppy: File,
     payload: Option<File>,
     export: Option<(File, File)>,
+    import: Option<File>,
     bulk: Option<File>,
     console_w: std::io::PipeWriter,
     report_w: std::io::PipeWriter,
@@ -461,6 +465,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
     let rw = std::fs::OpenOptions::new().read(true).write(true).clone();
     // qemu opens a drive read-only first, then read-write: its fdset holds both.
     let export = spec.export.as_ref().map(|p| Ok::<_, VmError>((open(p, &ro)?, open(p, &rw)?))).transpose()?;
+    let import = spec.import.as_ref().map(|p| open(p, &ro)).transpose()?;
     let bulk = spec.bulk.as_ref().map(|p| open(p, &ro)).transpose()?;
     let (console_r, console_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
     let (report_r, report_w) = std::io::pipe().map_err(|e| VmError::Setup(format!("pipe: {e}")))?;
@@ -481,6 +486,7 @@ fn open_descriptors(spec: &VmSpec) -> Result<(QemuFds, HostEnds), VmError> {
         floppy,
         payload,
         export,
+        import,
         bulk,
         console_w,
         report_w,
@@ -544,6 +550,7 @@ fn qemu_config(spec: &VmSpec, accel: Accel, cpu: &str, fds: &QemuFds) -> QemuCon
         floppy_fd: fds.floppy.as_raw_fd(),
         payload_fd: fds.payload.as_ref().map(|p| p.as_raw_fd()),
         export_fds: fds.export.as_ref().map(|(ro, rw)| (ro.as_raw_fd(), rw.as_raw_fd())),
+        import_fd: fds.import.as_ref().map(|p| p.as_raw_fd()),
         bulk_fd: fds.bulk.as_ref().map(|p| p.as_raw_fd()),
         console_fd: fds.console_w.as_raw_fd(),
         report_fd: fds.report_w.as_raw_fd(),
@@ -564,6 +571,7 @@ fn inherited_fds(config: &QemuConfig) -> Vec<RawFd> {
     ];
     inherited.extend(config.payload_fd);
     inherited.extend(config.export_fds.iter().flat_map(|(ro, rw)| [*ro, *rw]));
+    inherited.extend(config.import_fd);
     inherited.extend(config.bulk_fd);
     inherited.extend(config.disk_rw_fd);
     inherited.extend(config.overlay.iter().flat_map(|o| [o.ro_fd, o.rw_fd]));
