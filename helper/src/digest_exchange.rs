@@ -31,9 +31,9 @@ pub fn known_entries(tree: &Snapshot) -> Vec<Entry> {
         .collect()
 }
 
-/// Writes `entries` to the export disk, if the host attached one: an 8-byte little-endian
-/// length, then the digest cache. `Ok(false)`: no export disk.
-pub fn export(entries: &[Entry]) -> Result<bool, String> {
+/// Writes `entries` to the region at `offset` of the export disk, if the host attached one: an
+/// 8-byte little-endian length, then the digest cache. `Ok(false)`: no export disk.
+pub fn export(entries: &[Entry], offset: u64) -> Result<bool, String> {
     let Some(disk) = crate::variants::disk_with_serial(Path::new("/sys/block"), EXPORT_SERIAL) else {
         return Ok(false);
     };
@@ -42,10 +42,10 @@ pub fn export(entries: &[Entry]) -> Result<bool, String> {
         return Err(format!("{} files' digests are too large to give ({} bytes)", entries.len(), bytes.len()));
     }
     let written = (|| -> std::io::Result<()> {
-        use std::io::Write;
-        let mut dev = std::fs::OpenOptions::new().write(true).open(&disk)?;
-        dev.write_all(&(bytes.len() as u64).to_le_bytes())?;
-        dev.write_all(&bytes)?;
+        use std::os::unix::fs::FileExt;
+        let dev = std::fs::OpenOptions::new().write(true).open(&disk)?;
+        dev.write_all_at(&(bytes.len() as u64).to_le_bytes(), offset)?;
+        dev.write_all_at(&bytes, offset + 8)?;
         dev.sync_all()
     })();
     written.map(|()| true).map_err(|e| format!("cannot write the digests to {disk}: {e}"))
@@ -99,7 +99,7 @@ impl<'a> Exchange<'a> {
 impl DigestExchange for Exchange<'_> {
     fn share(&mut self, tree: &Snapshot) {
         let entries = known_entries(tree);
-        match export(&entries) {
+        match export(&entries, digest_cache::SHARE_OFFSET) {
             Ok(true) => {
                 println!("digest share: {} files' digests given", entries.len());
                 self.reporter.send(&ReportLine::DigestsShared { files: entries.len() as u64 });

@@ -38,6 +38,7 @@ pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Rep
     let shared_lvm = rules.variants.len() > 1
         && rules.variants.first().and_then(|v| find_disk(&v.serial).ok()).is_some_and(|d| holds_lvm(&d));
     let mut base_tree: Option<BaseTree> = None;
+    let mut exporting: Option<std::thread::JoinHandle<()>> = None;
     for (k, variant) in rules.variants.iter().enumerate() {
         reporter.send(&ReportLine::VariantStart { name: variant.name.clone() });
         let started = Instant::now();
@@ -48,7 +49,7 @@ pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Rep
                     .into(),
             ))
         } else {
-            run_one(dir, rules, variant, builtins, reporter, &mut base_tree)
+            run_one(dir, rules, variant, builtins, reporter, &mut base_tree, &mut exporting)
         };
         match result {
             Ok(sha256) => {
@@ -63,8 +64,8 @@ pub fn run_all(dir: &Path, rules: &Rules, builtins: Builtins, reporter: &mut Rep
         }
         println!("variant {}: {} ms", variant.name, started.elapsed().as_millis());
     }
-    if let Some(base) = &base_tree {
-        export_digest_cache(&base.snapshot);
+    if let Some(thread) = exporting {
+        let _ = thread.join();
     }
     Ok(())
 }
@@ -87,15 +88,23 @@ fn load_digest_cache() {
 }
 
 /// Writes the digests of the base's files (those of `base`, the tree before any operation,
-/// whose digest this boot knows) to the export disk, when the host attached one, for the next
-/// builds of this base.
-fn export_digest_cache(base: &Snapshot) {
+/// just walked) to the export disk, when the host attached one, for the next builds of this
+/// base: on a thread of its own, while the variants run (after `previous`, a thread writing an
+/// earlier walk's), before any of their guest programs could write that disk.
+fn export_digest_cache(
+    base: &Snapshot,
+    previous: Option<std::thread::JoinHandle<()>>,
+) -> Option<std::thread::JoinHandle<()>> {
+    if let Some(thread) = previous {
+        let _ = thread.join();
+    }
+    disk_with_serial(Path::new("/sys/block"), digest_cache::EXPORT_SERIAL)?;
     let entries = crate::digest_exchange::known_entries(base);
-    match crate::digest_exchange::export(&entries) {
+    Some(std::thread::spawn(move || match crate::digest_exchange::export(&entries, 0) {
         Ok(true) => println!("digest cache: {} files of the base written to the export disk", entries.len()),
         Ok(false) => {}
         Err(e) => println!("WARNING: the digest cache of this base is not kept: {e}"),
-    }
+    }))
 }
 
 fn helper_failure(message: String) -> TaskFailure {
@@ -120,6 +129,7 @@ fn run_one(
     builtins: Builtins,
     reporter: &mut Reporter,
     base_tree: &mut Option<BaseTree>,
+    exporting: &mut Option<std::thread::JoinHandle<()>>,
 ) -> Result<String, TaskFailure> {
     let state = Path::new(STATE_DIR).join("variants").join(&variant.name);
     let disk = find_disk(&variant.serial).map_err(helper_failure)?;
@@ -166,6 +176,7 @@ fn run_one(
                             };
                             walked.map_err(|e| format!("cannot read the guest's tree: {e}"))
                         })?;
+                    *exporting = export_digest_cache(&snapshot, exporting.take());
                     *base_tree = Some(BaseTree { mounts, snapshot, contents });
                 }
                 watch = ChangeWatch::start(target, &mounts_file)

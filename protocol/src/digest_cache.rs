@@ -25,12 +25,19 @@ pub const MAX_ENTRIES: usize = 500_000;
 pub const MAX_PATH_BYTES: usize = 4096;
 /// The payload disk's name of the digest cache given to a boot (`+` is in no variant's name).
 pub const PAYLOAD_NAME: &str = "+digests";
-/// Serial number of the disk the helper writes the digest cache of its boot to.
+/// Serial number of the disk the helper writes the digest cache of its boot to: two regions
+/// of [`REGION_BYTES`], each an 8-byte little-endian length (0: nothing written), then a digest
+/// cache; the first holds every file of the base the boot knows (kept for the next builds), the
+/// second, at [`SHARE_OFFSET`], its share of a reading shared with other boots. Two places, so
+/// that the host never reads one while the helper writes the other.
 pub const EXPORT_SERIAL: &str = "imgforge-export";
 /// Serial number of the disk the host writes the other boots' shares to, read-only to the
-/// helper: like the export disk, an 8-byte little-endian length (0 until written), then a
-/// digest cache.
+/// helper: one region, as the export disk's.
 pub const IMPORT_SERIAL: &str = "imgforge-import";
+/// Room for the largest digest cache and its length, in whole 4 KiB blocks.
+pub const REGION_BYTES: u64 = (MAX_BYTES as u64 + 8).div_ceil(4096) * 4096;
+/// Where the share region of the export disk starts.
+pub const SHARE_OFFSET: u64 = REGION_BYTES;
 
 /// Which share of a base's files one of several boots side by side reads first: `part` of
 /// `parts` (see [`Shares`]).

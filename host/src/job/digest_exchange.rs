@@ -8,21 +8,18 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Room for the largest digest cache and its 8-byte length, in whole sectors: the size of an
-/// export or import disk.
-pub const DISK_BYTES: u64 = (digest_cache::MAX_BYTES as u64 + 8).div_ceil(512) * 512;
-
-/// Makes an empty export or import disk at `path` (sparse, its length 0: nothing written).
-pub fn create_disk(path: &Path) -> std::io::Result<()> {
-    std::fs::File::create(path)?.set_len(DISK_BYTES)
+/// Makes an empty export disk (two regions) or import disk (one) at `path`: sparse, every
+/// region's length 0 (nothing written).
+pub fn create_disk(path: &Path, regions: u64) -> std::io::Result<()> {
+    std::fs::File::create(path)?.set_len(digest_cache::REGION_BYTES * regions)
 }
 
-/// The digest cache the helper wrote to the export disk `export`: its bytes and entries. The
-/// helper ran guest programs, so every length and entry is checked.
-pub fn read_export(export: &Path) -> Result<(Vec<u8>, Vec<Entry>), String> {
+/// The digest cache the helper wrote to the region at `offset` of the export disk `export`: its
+/// bytes and entries. The helper ran guest programs, so every length and entry is checked.
+pub fn read_export(export: &Path, offset: u64) -> Result<(Vec<u8>, Vec<Entry>), String> {
     let file = std::fs::File::open(export).map_err(|e| e.to_string())?;
     let mut len = [0u8; 8];
-    file.read_exact_at(&mut len, 0).map_err(|e| e.to_string())?;
+    file.read_exact_at(&mut len, offset).map_err(|e| e.to_string())?;
     let len = u64::from_le_bytes(len);
     if len == 0 {
         return Err("the helper wrote none".into());
@@ -31,7 +28,7 @@ pub fn read_export(export: &Path) -> Result<(Vec<u8>, Vec<Entry>), String> {
         return Err(format!("the helper said {len} bytes, more than the {} allowed", digest_cache::MAX_BYTES));
     }
     let mut bytes = vec![0u8; len as usize];
-    file.read_exact_at(&mut bytes, 8).map_err(|e| e.to_string())?;
+    file.read_exact_at(&mut bytes, offset + 8).map_err(|e| e.to_string())?;
     let entries = digest_cache::parse(&bytes).map_err(|e| e.to_string())?;
     Ok((bytes, entries))
 }
@@ -68,7 +65,7 @@ impl ShareBoard {
         if state.written || state.given.contains_key(&part) || !state.imports.contains_key(&part) {
             return;
         }
-        let entries = match read_export(export) {
+        let entries = match read_export(export, digest_cache::SHARE_OFFSET) {
             Ok((_, entries)) => entries,
             Err(e) => {
                 tracing::warn!(share = part, "the digests a boot gave are not used: {e}");
@@ -111,16 +108,20 @@ mod tests {
 
     fn export_of(dir: &Path, name: &str, entries: &[Entry]) -> PathBuf {
         let path = dir.join(name);
-        create_disk(&path).unwrap();
+        create_disk(&path, 2).unwrap();
         let bytes = digest_cache::render(entries);
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&(bytes.len() as u64).to_le_bytes(), 0).unwrap();
-        f.write_all_at(&bytes, 8).unwrap();
+        // The first region (the boot's whole cache, for keeping) is not the share.
+        let other = digest_cache::render(&[entry("/not-the-share")]);
+        f.write_all_at(&(other.len() as u64).to_le_bytes(), 0).unwrap();
+        f.write_all_at(&other, 8).unwrap();
+        f.write_all_at(&(bytes.len() as u64).to_le_bytes(), digest_cache::SHARE_OFFSET).unwrap();
+        f.write_all_at(&bytes, digest_cache::SHARE_OFFSET + 8).unwrap();
         path
     }
 
     fn import_of(path: &Path) -> Option<Vec<Entry>> {
-        read_export(path).ok().map(|(_, entries)| entries)
+        read_export(path, 0).ok().map(|(_, entries)| entries)
     }
 
     /// Nothing is handed over until every boot that joined gave; then every import disk holds
@@ -132,7 +133,7 @@ mod tests {
         let imports: Vec<PathBuf> = (0..2u32)
             .map(|k| {
                 let p = dir.path().join(format!("import{k}"));
-                create_disk(&p).unwrap();
+                create_disk(&p, 1).unwrap();
                 board.join(k, p.clone());
                 p
             })
@@ -154,18 +155,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let board = ShareBoard::default();
         let import = dir.path().join("import");
-        create_disk(&import).unwrap();
+        create_disk(&import, 1).unwrap();
         board.join(0, import.clone());
         board.join(1, dir.path().join("import1"));
         let bad = dir.path().join("bad");
-        create_disk(&bad).unwrap();
-        std::fs::OpenOptions::new().write(true).open(&bad).unwrap().write_all_at(&[9, 0, 0, 0, 0, 0, 0, 0], 0).unwrap();
+        create_disk(&bad, 2).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
+        f.write_all_at(&[9, 0, 0, 0, 0, 0, 0, 0], digest_cache::SHARE_OFFSET).unwrap();
         board.give(0, &export_of(dir.path(), "e0", &[entry("/a")]));
         board.give(1, &bad);
         assert!(import_of(&import).is_none());
         let huge = dir.path().join("huge");
-        create_disk(&huge).unwrap();
+        create_disk(&huge, 1).unwrap();
         std::fs::OpenOptions::new().write(true).open(&huge).unwrap().write_all_at(&u64::MAX.to_le_bytes(), 0).unwrap();
-        assert!(read_export(&huge).unwrap_err().contains("more than"));
+        assert!(read_export(&huge, 0).unwrap_err().contains("more than"));
     }
 }

@@ -300,7 +300,7 @@ impl DigestCache {
         let stored = (|| -> Result<usize, String> {
             // A base written to since its SHA-256 was checked: the helper read other bytes.
             crate::job::payload::check_unchanged(&self.base, &self.stamp).map_err(|e| e.to_string())?;
-            let (bytes, entries) = super::digest_exchange::read_export(export)?;
+            let (bytes, entries) = super::digest_exchange::read_export(export, 0)?;
             let entries = entries.len();
             let dir = self.path.parent().ok_or("no directory")?;
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -644,13 +644,13 @@ fn prepare_boot(
             Some(kept) => payload_files.push(PayloadFile { name: PAYLOAD_NAME.into(), source: kept, tree: None }),
             None => {
                 let path = work.path().join("digest-export.raw");
-                digest_exchange::create_disk(&path)
+                digest_exchange::create_disk(&path, 2)
                     .map_err(|source| JobError::WorkDir { dir: path.clone(), source })?;
                 export = Some(path);
                 // Read cold beside other boots: this boot reads its share first.
                 if let Some((share, board)) = share {
                     let path = work.path().join("digest-import.raw");
-                    digest_exchange::create_disk(&path)
+                    digest_exchange::create_disk(&path, 1)
                         .map_err(|source| JobError::WorkDir { dir: path.clone(), source })?;
                     board.join(share.part, path.clone());
                     top.digest_share = Some(share);
