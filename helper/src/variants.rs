@@ -90,7 +90,7 @@ fn load_digest_cache() {
 /// Writes the digests of the base's files (those of `base`, the tree before any operation,
 /// just walked) to the export disk, when the host attached one, for the next builds of this
 /// base: on a thread of its own, while the variants run (after `previous`, a thread writing an
-/// earlier walk's), before any of their guest programs could write that disk.
+/// earlier walk's), not after them.
 fn export_digest_cache(
     base: &Snapshot,
     previous: Option<std::thread::JoinHandle<()>>,
