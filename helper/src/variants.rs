@@ -176,9 +176,10 @@ fn run_one(
                             };
                             walked.map_err(|e| format!("cannot read the guest's tree: {e}"))
                         })?;
-                    // The first walk only: a later one comes after guest programs ran, and the
-                    // host takes the first DIGESTS-KEPT line only.
-                    if exporting.is_none() {
+                    // The boot's first walk only (no guest program ran before it): a later one
+                    // comes after guest programs ran, and the host takes the first DIGESTS-KEPT
+                    // line only.
+                    if base_tree.is_none() {
                         *exporting = export_digest_cache(&snapshot, reporter);
                     }
                     *base_tree = Some(BaseTree { mounts, snapshot, contents });
