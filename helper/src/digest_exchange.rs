@@ -31,21 +31,34 @@ pub fn known_entries(tree: &Snapshot) -> Vec<Entry> {
         .collect()
 }
 
-/// Writes `entries` to the region at `offset` of the export disk, if the host attached one: an
-/// 8-byte little-endian length, then the digest cache. `Ok(false)`: no export disk.
-pub fn export(entries: &[Entry], offset: u64) -> Result<bool, String> {
+/// The digest cache of `entries` and its SHA-256 (lowercase hex), which the helper says on the
+/// report line that announces it: the host takes those bytes only.
+pub fn rendered(entries: &[Entry]) -> (Vec<u8>, String) {
+    use sha2::Digest;
+    let bytes = digest_cache::render(entries);
+    let sha256 = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    (bytes, sha256)
+}
+
+/// Whether the host attached an export disk.
+pub fn has_export_disk() -> bool {
+    crate::variants::disk_with_serial(Path::new("/sys/block"), EXPORT_SERIAL).is_some()
+}
+
+/// Writes the digest cache `bytes` to the region at `offset` of the export disk, if the host
+/// attached one: an 8-byte little-endian length, then the bytes. `Ok(false)`: no export disk.
+pub fn export(bytes: &[u8], offset: u64) -> Result<bool, String> {
     let Some(disk) = crate::variants::disk_with_serial(Path::new("/sys/block"), EXPORT_SERIAL) else {
         return Ok(false);
     };
-    let bytes = digest_cache::render(entries);
     if bytes.len() > digest_cache::MAX_BYTES {
-        return Err(format!("{} files' digests are too large to give ({} bytes)", entries.len(), bytes.len()));
+        return Err(format!("the digests are too large to give ({} bytes)", bytes.len()));
     }
     let written = (|| -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         let dev = std::fs::OpenOptions::new().write(true).open(&disk)?;
         dev.write_all_at(&(bytes.len() as u64).to_le_bytes(), offset)?;
-        dev.write_all_at(&bytes, offset + 8)?;
+        dev.write_all_at(bytes, offset + 8)?;
         dev.sync_all()
     })();
     written.map(|()| true).map_err(|e| format!("cannot write the digests to {disk}: {e}"))
@@ -99,14 +112,21 @@ impl<'a> Exchange<'a> {
 impl DigestExchange for Exchange<'_> {
     fn share(&mut self, tree: &Snapshot) {
         let entries = known_entries(tree);
-        match export(&entries, digest_cache::SHARE_OFFSET) {
+        let (bytes, sha256) = rendered(&entries);
+        let said = ReportLine::DigestsShared { files: entries.len() as u64, sha256 };
+        match export(&bytes, digest_cache::SHARE_OFFSET) {
             Ok(true) => {
                 println!("digest share: {} files' digests given", entries.len());
-                self.reporter.send(&ReportLine::DigestsShared { files: entries.len() as u64 });
+                self.reporter.send(&said);
                 self.reporter.send(&ReportLine::Phase { name: "digests-given".into(), uptime_ms: uptime_ms() });
             }
             Ok(false) => println!("digest share: no export disk, nothing given"),
-            Err(e) => println!("WARNING: digest share: {e}"),
+            Err(e) => {
+                println!("WARNING: digest share: {e}");
+                // Said all the same, though the disk does not hold it: the host takes a boot's
+                // first line only, and a later one could be the guest programs'.
+                self.reporter.send(&said);
+            }
         }
     }
 

@@ -89,19 +89,19 @@ fn load_digest_cache() {
 
 /// Writes the digests of the base's files (those of `base`, the tree before any operation,
 /// just walked) to the export disk, when the host attached one, for the next builds of this
-/// base: on a thread of its own, while the variants run (after `previous`, a thread writing an
-/// earlier walk's), not after them.
-fn export_digest_cache(
-    base: &Snapshot,
-    previous: Option<std::thread::JoinHandle<()>>,
-) -> Option<std::thread::JoinHandle<()>> {
-    if let Some(thread) = previous {
-        let _ = thread.join();
+/// base: on a thread of its own, while the variants run. Guest programs run meanwhile and could
+/// write that disk too (were they to reach it): the host keeps only the bytes whose SHA-256 the
+/// `DIGESTS-KEPT` line says, sent here, before any of them runs.
+fn export_digest_cache(base: &Snapshot, reporter: &mut Reporter) -> Option<std::thread::JoinHandle<()>> {
+    if !crate::digest_exchange::has_export_disk() {
+        return None;
     }
-    disk_with_serial(Path::new("/sys/block"), digest_cache::EXPORT_SERIAL)?;
     let entries = crate::digest_exchange::known_entries(base);
-    Some(std::thread::spawn(move || match crate::digest_exchange::export(&entries, 0) {
-        Ok(true) => println!("digest cache: {} files of the base written to the export disk", entries.len()),
+    let (bytes, sha256) = crate::digest_exchange::rendered(&entries);
+    let files = entries.len();
+    reporter.send(&ReportLine::DigestsKept { files: files as u64, sha256 });
+    Some(std::thread::spawn(move || match crate::digest_exchange::export(&bytes, 0) {
+        Ok(true) => println!("digest cache: {files} files of the base written to the export disk"),
         Ok(false) => {}
         Err(e) => println!("WARNING: the digest cache of this base is not kept: {e}"),
     }))
@@ -176,7 +176,12 @@ fn run_one(
                             };
                             walked.map_err(|e| format!("cannot read the guest's tree: {e}"))
                         })?;
-                    *exporting = export_digest_cache(&snapshot, exporting.take());
+                    // The boot's first walk only (no guest program ran before it): a later one
+                    // comes after guest programs ran, and the host takes the first DIGESTS-KEPT
+                    // line only.
+                    if base_tree.is_none() {
+                        *exporting = export_digest_cache(&snapshot, reporter);
+                    }
                     *base_tree = Some(BaseTree { mounts, snapshot, contents });
                 }
                 watch = ChangeWatch::start(target, &mounts_file)

@@ -14,8 +14,11 @@
 //! MANIFEST ath-web 3f9a…         its tree manifest's SHA-256 (crate::manifest), after its operations
 //! VARIANT-DONE ath-web           its tasks all succeeded: the host may write its output
 //! VARIANT-FAILED ath-web 50-Customize "text"  its task failed; its overlay is dropped
-//! DIGESTS-SHARED 2626            the helper wrote the digests of its share of the base's files
-//!                                to its export disk (crate::digest_cache), for the other boots
+//! DIGESTS-SHARED 2626 9b1c…      the helper wrote the digests of its share of the base's files
+//!                                to its export disk (crate::digest_cache), for the other boots:
+//!                                that many files, the SHA-256 of the bytes it wrote
+//! DIGESTS-KEPT 31022 5e0a…       the helper writes the digests of all the base's files to its
+//!                                export disk, for the next builds: that many, their SHA-256
 //! SUCCESS                        every task succeeded (in a multi-variant run: the helper
 //!                                went through every variant, whether each succeeded or not)
 //! ```
@@ -121,6 +124,18 @@ pub enum ReportLine {
     DigestsShared {
         /// How many files' digests it wrote.
         files: u64,
+        /// SHA-256 of the digest cache it wrote, lowercase hex: the host takes those bytes only
+        /// (the export disk is the guest's too once its programs run, and the host may read it
+        /// late).
+        sha256: String,
+    },
+    /// The helper writes the digests of the base's files to the first region of its export disk,
+    /// for the next builds of the base; sent before any guest program runs.
+    DigestsKept {
+        /// How many files' digests it writes.
+        files: u64,
+        /// SHA-256 of the digest cache it writes, lowercase hex: the host keeps those bytes only.
+        sha256: String,
     },
     /// Every task of a variant succeeded.
     VariantDone {
@@ -163,7 +178,8 @@ impl ReportLine {
                 ReportLine::Change(FileChange { path: p(change.path).replace('\n', "\\n"), ..change })
             }
             ReportLine::ChangesOmitted { count } => ReportLine::ChangesOmitted { count },
-            ReportLine::DigestsShared { files } => ReportLine::DigestsShared { files },
+            ReportLine::DigestsShared { files, sha256 } => ReportLine::DigestsShared { files, sha256: p(sha256) },
+            ReportLine::DigestsKept { files, sha256 } => ReportLine::DigestsKept { files, sha256: p(sha256) },
             ReportLine::VariantStart { name } => ReportLine::VariantStart { name: p(name) },
             ReportLine::Manifest { name, sha256 } => ReportLine::Manifest { name: p(name), sha256: p(sha256) },
             ReportLine::VariantDone { name } => ReportLine::VariantDone { name: p(name) },
@@ -239,8 +255,20 @@ impl ReportLine {
                 Ok(ReportLine::VariantFailed { name: name.to_owned(), task: task.to_owned(), message })
             }
             "CHANGE" => serde_json::from_str(rest).map(ReportLine::Change).map_err(|_| malformed("CHANGE")),
-            "DIGESTS-SHARED" => {
-                rest.parse().map(|files| ReportLine::DigestsShared { files }).map_err(|_| malformed("DIGESTS-SHARED"))
+            "DIGESTS-SHARED" | "DIGESTS-KEPT" => {
+                let kw = if keyword == "DIGESTS-KEPT" { "DIGESTS-KEPT" } else { "DIGESTS-SHARED" };
+                match rest.split_once(' ') {
+                    Some((files, sha)) if crate::manifest::is_sha256_hex(sha) => {
+                        let files = files.parse().map_err(|_| malformed(kw))?;
+                        let sha256 = sha.to_owned();
+                        Ok(if kw == "DIGESTS-KEPT" {
+                            ReportLine::DigestsKept { files, sha256 }
+                        } else {
+                            ReportLine::DigestsShared { files, sha256 }
+                        })
+                    }
+                    _ => Err(malformed(kw)),
+                }
             }
             "CHANGES-OMITTED" => {
                 rest.parse().map(|count| ReportLine::ChangesOmitted { count }).map_err(|_| malformed("CHANGES-OMITTED"))
@@ -280,7 +308,8 @@ impl std::fmt::Display for ReportLine {
                 write!(f, "CHANGE {}", serde_json::to_string(change).expect("changes always serialize"))
             }
             ReportLine::ChangesOmitted { count } => write!(f, "CHANGES-OMITTED {count}"),
-            ReportLine::DigestsShared { files } => write!(f, "DIGESTS-SHARED {files}"),
+            ReportLine::DigestsShared { files, sha256 } => write!(f, "DIGESTS-SHARED {files} {sha256}"),
+            ReportLine::DigestsKept { files, sha256 } => write!(f, "DIGESTS-KEPT {files} {sha256}"),
             ReportLine::VariantStart { name } => write!(f, "VARIANT-START {name}"),
             ReportLine::Manifest { name, sha256 } => write!(f, "MANIFEST {name} {sha256}"),
             ReportLine::VariantDone { name } => write!(f, "VARIANT-DONE {name}"),
@@ -459,6 +488,9 @@ mod tests {
             "CHANGES-OMITTED -1",
             "DIGESTS-SHARED",
             "DIGESTS-SHARED -3",
+            "DIGESTS-SHARED 3",
+            "DIGESTS-KEPT 3 notadigest",
+            "DIGESTS-KEPT",
             "CHANGES-OMITTED many",
             "CHECK ok x",
             "CHECK ok a/b \"y\"",
@@ -496,7 +528,8 @@ mod tests {
             ReportLine::Check { ok: false, name: "package-x".into(), detail: "not \"installed\"".into() },
             ReportLine::Change(crafted_change()),
             ReportLine::ChangesOmitted { count: 12 },
-            ReportLine::DigestsShared { files: 2626 },
+            ReportLine::DigestsShared { files: 2626, sha256: "9b".repeat(32) },
+            ReportLine::DigestsKept { files: 31022, sha256: "5e".repeat(32) },
             ReportLine::VariantStart { name: "ath-web.1".into() },
             ReportLine::Manifest { name: "ath-web.1".into(), sha256: "0f".repeat(32) },
             ReportLine::VariantDone { name: "ath-web.1".into() },

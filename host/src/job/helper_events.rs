@@ -154,7 +154,8 @@ pub(super) async fn run_vm_with(
                     | ReportLine::Manifest { .. }
                     | ReportLine::Change(_)
                     | ReportLine::ChangesOmitted { .. }
-                    | ReportLine::DigestsShared { .. }),
+                    | ReportLine::DigestsShared { .. }
+                    | ReportLine::DigestsKept { .. }),
                 ) if variant_lines.is_some() => {
                     if let Some(take) = variant_lines {
                         take(line)
@@ -186,7 +187,8 @@ pub(super) async fn run_vm_with(
                     | ReportLine::VariantDone { .. }
                     | ReportLine::VariantFailed { .. }
                     | ReportLine::Manifest { .. }
-                    | ReportLine::DigestsShared { .. } => {
+                    | ReportLine::DigestsShared { .. }
+                    | ReportLine::DigestsKept { .. } => {
                         tracing::warn!("the helper reported a variant in a run that has none: {line:?}")
                     }
                 },

@@ -293,14 +293,15 @@ impl DigestCache {
         Some(self.path.clone())
     }
 
-    /// Keeps what the helper wrote to `export`, if it is a digest cache: checked entry by entry
-    /// (the helper ran guest programs), then stored under a temporary name and renamed. Any
-    /// failure only costs the next build the reading of the files again.
-    fn keep(&self, export: &Path) {
+    /// Keeps what the helper wrote to `export`, if it is the digest cache whose SHA-256 the
+    /// helper said (`sha256`) before any guest program ran, not what those programs could write
+    /// there since: checked entry by entry too, then stored under a temporary name and renamed.
+    /// Any failure only costs the next build the reading of the files again.
+    fn keep(&self, export: &Path, sha256: &str) {
         let stored = (|| -> Result<usize, String> {
             // A base written to since its SHA-256 was checked: the helper read other bytes.
             crate::job::payload::check_unchanged(&self.base, &self.stamp).map_err(|e| e.to_string())?;
-            let (bytes, entries) = super::digest_exchange::read_export(export, 0)?;
+            let (bytes, entries) = super::digest_exchange::read_export(export, 0, sha256)?;
             let entries = entries.len();
             let dir = self.path.parent().ok_or("no directory")?;
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -410,6 +411,9 @@ struct BatchReport<'a> {
     progress: &'a dyn Progress,
     /// When this boot reads a share of the base's files: its share, the board, its export disk.
     share: Option<(u32, &'a ShareBoard, PathBuf)>,
+    /// What the helper said on its first `DIGESTS-KEPT` line (sent before any guest program
+    /// ran; a later one may be the guest's): the SHA-256 of the digests it writes, if any.
+    kept: Mutex<Option<String>>,
 }
 
 impl BatchReport<'_> {
@@ -444,10 +448,18 @@ impl BatchReport<'_> {
                     reported.entry(name.clone()).or_default().changes.push(change);
                 }
             }
-            ReportLine::DigestsShared { .. } => match &self.share {
-                Some((part, board, export)) => board.give(*part, export),
+            ReportLine::DigestsShared { sha256, .. } => match &self.share {
+                Some((part, board, export)) => board.give(*part, export, &sha256),
                 None => tracing::warn!("a boot that reads no share said it gave one: ignored"),
             },
+            ReportLine::DigestsKept { sha256, .. } => {
+                let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+                if kept.is_none() {
+                    *kept = Some(sha256);
+                } else {
+                    tracing::warn!("the helper said twice which digests it keeps: the first counts");
+                }
+            }
             ReportLine::ChangesOmitted { count } => {
                 if let Some(name) = current.as_ref() {
                     reported.entry(name.clone()).or_default().omitted += count;
@@ -502,6 +514,7 @@ async fn run_batch(
             .filter(|_| prepared.spec.import.is_some())
             .zip(prepared.export.clone())
             .map(|((share, board), export)| (share.part, board, export)),
+        kept: Mutex::new(None),
     };
     let take = |line: ReportLine| report.take(line);
     let lines: VariantLines<'_> = &take;
@@ -520,14 +533,16 @@ async fn run_batch(
             Verdict::Incomplete { .. } => return all_fail("the helper VM stopped without a verdict".into()),
         },
     }
+    let kept = report.kept.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let (Some(cache), Some(export)) = (digests, &prepared.export) {
-        match check {
-            Some(check) => {
+        match (check, kept) {
+            (_, None) => tracing::warn!("the helper said no digests to keep: none kept"),
+            (Some(check), Some(sha256)) => {
                 if check.passed().await.is_ok() {
-                    cache.keep(export)
+                    cache.keep(export, &sha256)
                 }
             }
-            None => cache.keep(export),
+            (None, Some(sha256)) => cache.keep(export, &sha256),
         }
     }
     let mut reported = report.reported.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -947,6 +962,45 @@ fn sha256_file(path: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The digests kept for the next builds are those the helper said it wrote, before any
+    /// guest program ran: the same region rewritten since (the export disk is the guest's too
+    /// while its programs run, and the helper writes it on a thread meanwhile) is not kept.
+    #[test]
+    fn only_the_digests_the_helper_said_are_kept() {
+        use sha2::Digest;
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, b"base").unwrap();
+        let stamp = crate::job::payload::SourceStamp::of(&std::fs::metadata(&base).unwrap());
+        let cache = DigestCache { path: dir.path().join("kept").join("digests.v1"), base, stamp };
+        let entry = |sha: char| digest_cache::Entry {
+            path: b"/bin/sh".to_vec(),
+            ino: 12,
+            size: 3,
+            mtime: (1, 2),
+            ctime: (3, 4),
+            sha256: sha.to_string().repeat(64),
+        };
+        let export = dir.path().join("export.raw");
+        digest_exchange::create_disk(&export, 2).unwrap();
+        let write = |e: digest_cache::Entry| {
+            let bytes = digest_cache::render(&[e]);
+            let f = std::fs::OpenOptions::new().write(true).open(&export).unwrap();
+            f.write_all_at(&(bytes.len() as u64).to_le_bytes(), 0).unwrap();
+            f.write_all_at(&bytes, 8).unwrap();
+            hex::encode(sha2::Sha256::digest(&bytes))
+        };
+        let said = write(entry('a'));
+        write(entry('f'));
+        cache.keep(&export, &said);
+        assert!(!cache.path.exists(), "digests written after the helper's line were kept");
+        write(entry('a'));
+        cache.keep(&export, &said);
+        let kept = digest_cache::parse(&std::fs::read(&cache.path).unwrap()).unwrap();
+        assert_eq!(kept, [entry('a')]);
+    }
 
     /// A thin output is published only while the overlay still names the base it was made
     /// over: the helper VM's qemu ran the hostile guest and could rewrite the header to name
