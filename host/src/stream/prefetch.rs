@@ -524,6 +524,36 @@ mod tests {
         crate::stream::read_back(reader, false)
     }
 
+    /// Plans every stretch as the same chunk of the file, counting how many it planned.
+    struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Planner for Counting {
+        fn next(&mut self) -> std::io::Result<Option<Stretch>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Some(Stretch::Fill(vec![Part::Read { offset: 0, len: CHUNK_BYTES }])))
+        }
+    }
+
+    /// The first stretches taken have [`READ_AHEAD_BYTES`] planned (and advised) behind them,
+    /// no more: the workers' reads alone would keep the disk no further ahead than the writes.
+    #[test]
+    fn the_read_ahead_plans_its_window_and_no_further() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raw");
+        std::fs::write(&path, vec![3u8; CHUNK_BYTES]).unwrap();
+        let planned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let source = SourceFile::new(std::fs::File::open(&path).unwrap(), CHUNK_BYTES as u64, "raw");
+        let mut reader = Prefetch::new(source, Box::new(Counting(planned.clone())));
+        let mut buf = AlignedBuf::new(CHUNK_BYTES);
+        for _ in 0..3 {
+            assert!(matches!(reader.next_into(&mut buf).unwrap(), Piece::Data(n) if n == CHUNK_BYTES));
+            assert!(buf.data_full_of(CHUNK_BYTES).iter().all(|b| *b == 3));
+        }
+        let window = usize::try_from(READ_AHEAD_BYTES).unwrap() / CHUNK_BYTES;
+        let planned = planned.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(planned >= window && planned <= window + 3 + READS_IN_FLIGHT, "{planned} stretches planned");
+    }
+
     /// A raw file with data, a hole, an unaligned tail: read back byte for byte, through
     /// buffers swapped and buffers copied.
     #[test]
