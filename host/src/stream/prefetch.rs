@@ -26,6 +26,7 @@ use super::{at_most, ChunkReader, Piece, CHUNK_BYTES};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -37,6 +38,10 @@ pub const MAX_QUEUED: usize = 64;
 const MAX_MERGED_HOLE: u64 = 256 << 20;
 /// File bytes planned, and asked of the kernel, ahead of the stretches handed to the workers.
 pub const READ_AHEAD_BYTES: u64 = 256 << 20;
+/// The most one WILLNEED asks for: the kernel's default read-ahead window, the least a device
+/// reads of one (see [`advise_in_pieces`]); 256 MiB in 128 KiB pieces cost 0.23 s of calls
+/// against 0.24 s in 4 MiB pieces, the reads done as soon.
+const ADVICE_PIECE_BYTES: u64 = 128 << 10;
 
 /// One part of a stretch, placed right after the previous one in the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +234,8 @@ pub struct Prefetch {
     workers: Vec<JoinHandle<()>>,
     /// Ranges for the read-ahead thread (the last of `workers`).
     advice: Option<mpsc::Sender<(u64, u64)>>,
+    /// Set when the reader is dropped: the read-ahead thread stops between two pieces.
+    advice_stop: Arc<AtomicBool>,
     /// Stretches planned (their ranges advised) but not yet handed to the workers.
     planned: VecDeque<Stretch>,
     /// File bytes the stretches in `planned` read.
@@ -256,13 +263,16 @@ impl Prefetch {
             })
             .collect();
         let (advice, advice_rx) = mpsc::channel::<(u64, u64)>();
-        workers.push(std::thread::spawn(move || advise_ranges(&source, &advice_rx)));
+        let advice_stop = Arc::new(AtomicBool::new(false));
+        let stop = advice_stop.clone();
+        workers.push(std::thread::spawn(move || advise_ranges(&source, &advice_rx, &stop)));
         Self {
             planner,
             jobs: Some(jobs),
             results,
             workers,
             advice: Some(advice),
+            advice_stop,
             planned: VecDeque::new(),
             planned_bytes: 0,
             queue: VecDeque::new(),
@@ -354,18 +364,34 @@ impl Prefetch {
 }
 
 /// The read-ahead thread: advises the ranges it is sent, contiguous ones merged, until the
-/// reader hangs up.
-fn advise_ranges(source: &SourceFile, ranges: &mpsc::Receiver<(u64, u64)>) {
+/// reader hangs up or `stop` is set.
+fn advise_ranges(source: &SourceFile, ranges: &mpsc::Receiver<(u64, u64)>, stop: &AtomicBool) {
     while let Ok((mut offset, mut len)) = ranges.recv() {
         while let Ok((next, n)) = ranges.try_recv() {
             if offset.checked_add(len) == Some(next) {
                 len += n;
                 continue;
             }
-            source.advise(offset, len);
+            advise_in_pieces(source, offset, len, stop);
             (offset, len) = (next, n);
         }
-        source.advise(offset, len);
+        advise_in_pieces(source, offset, len, stop);
+    }
+}
+
+/// Advises `len` bytes at `offset` [`ADVICE_PIECE_BYTES`] at a time: the kernel reads no more
+/// than the device's read-ahead window (or its largest request) of each WILLNEED and drops
+/// the rest, so the window's stretches, planned at once and merged, were read for their first
+/// 8 MiB only (measured: 256 MiB advised as one range, 8 MiB cached; as 4 MiB pieces, all).
+///
+/// Each piece may wait for the device to take its reads: a reader dropped (an error, SIGINT)
+/// sets `stop` so the thread it joins does not first ask for up to [`READ_AHEAD_BYTES`] more.
+fn advise_in_pieces(source: &SourceFile, mut offset: u64, mut len: u64, stop: &AtomicBool) {
+    while len > 0 && !stop.load(Ordering::Relaxed) {
+        let piece = len.min(ADVICE_PIECE_BYTES);
+        source.advise(offset, piece);
+        offset = offset.saturating_add(piece);
+        len -= piece;
     }
 }
 
@@ -442,6 +468,7 @@ impl Drop for Prefetch {
         // Workers finish the buffer they hold, find the queue closed, and return.
         drop(self.jobs.take());
         drop(self.advice.take());
+        self.advice_stop.store(true, Ordering::Relaxed);
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -552,6 +579,72 @@ mod tests {
         let window = usize::try_from(READ_AHEAD_BYTES).unwrap() / CHUNK_BYTES;
         let planned = planned.load(std::sync::atomic::Ordering::Relaxed);
         assert!(planned >= window && planned <= window + 3 + READS_IN_FLIGHT, "{planned} stretches planned");
+    }
+
+    /// Bytes of `file` (`len` bytes long) in the page cache.
+    fn resident(file: &std::fs::File, len: usize) -> usize {
+        // SAFETY: a read-only shared mapping of a file this test owns, only asked about.
+        let map =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        assert!(map != libc::MAP_FAILED);
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `pages` has one byte per page of the mapping.
+        assert_eq!(unsafe { libc::mincore(map, len, pages.as_mut_ptr()) }, 0);
+        // SAFETY: mapped above, no longer used.
+        unsafe { libc::munmap(map, len) };
+        pages.iter().filter(|p| **p & 1 != 0).count() * 4096
+    }
+
+    /// Ranges merged into one long range are all read into the page cache: the kernel reads
+    /// only its read-ahead window (8 MiB here, 128 KiB by default) of each WILLNEED, so a
+    /// window's worth of stretches planned at once, merged, was read for its first MiBs only.
+    #[test]
+    fn merged_advice_reaches_the_whole_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raw");
+        let len = 48 << 20;
+        std::fs::write(&path, vec![5u8; len]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: advice on a descriptor this test owns: drop the clean pages just written.
+        assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        assert!(resident(&file, len) < len / 4, "the test file stayed in the page cache");
+        let source = SourceFile::new(file.try_clone().unwrap(), len as u64, "raw");
+        let (tx, rx) = mpsc::channel();
+        for at in (0..len as u64).step_by(CHUNK_BYTES) {
+            tx.send((at, CHUNK_BYTES as u64)).unwrap();
+        }
+        drop(tx);
+        advise_ranges(&source, &rx, &AtomicBool::new(false));
+        let asked = std::time::Instant::now();
+        while resident(&file, len) < len && asked.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(resident(&file, len), len, "bytes read ahead of {len} advised");
+    }
+
+    /// A stopped read-ahead thread asks for nothing more, however much it was sent: a dropped
+    /// reader joins it at once.
+    #[test]
+    fn a_stopped_read_ahead_returns_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raw");
+        std::fs::write(&path, [1u8; 4096]).unwrap();
+        let source = SourceFile::new(std::fs::File::open(&path).unwrap(), 4096, "raw");
+        let (tx, rx) = mpsc::channel();
+        // An exabyte, 128 KiB at a time, would take years.
+        tx.send((0, 1 << 60)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done) = mpsc::channel();
+        let thread_stop = stop.clone();
+        std::thread::spawn(move || {
+            advise_ranges(&source, &rx, &thread_stop);
+            let _ = done_tx.send(());
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        stop.store(true, Ordering::Relaxed);
+        drop(tx);
+        assert!(done.recv_timeout(std::time::Duration::from_secs(5)).is_ok(), "the read-ahead went on");
     }
 
     /// A raw file with data, a hole, an unaligned tail: read back byte for byte, through
