@@ -363,26 +363,19 @@ impl Prefetch {
     }
 }
 
-/// The read-ahead thread: advises the ranges it is sent, contiguous ones merged, until the
-/// reader hangs up or `stop` is set.
+/// The read-ahead thread: advises the ranges it is sent until the reader hangs up or `stop` is
+/// set.
 fn advise_ranges(source: &SourceFile, ranges: &mpsc::Receiver<(u64, u64)>, stop: &AtomicBool) {
-    while let Ok((mut offset, mut len)) = ranges.recv() {
-        while let Ok((next, n)) = ranges.try_recv() {
-            if offset.checked_add(len) == Some(next) {
-                len += n;
-                continue;
-            }
-            advise_in_pieces(source, offset, len, stop);
-            (offset, len) = (next, n);
-        }
+    while let Ok((offset, len)) = ranges.recv() {
         advise_in_pieces(source, offset, len, stop);
     }
 }
 
 /// Advises `len` bytes at `offset` [`ADVICE_PIECE_BYTES`] at a time: the kernel reads no more
 /// than the device's read-ahead window (or its largest request) of each WILLNEED and drops
-/// the rest, so the window's stretches, planned at once and merged, were read for their first
-/// 8 MiB only (measured: 256 MiB advised as one range, 8 MiB cached; as 4 MiB pieces, all).
+/// the rest, so the window's stretches, planned at once and merged into one range, were read
+/// for their first 8 MiB only (measured: 256 MiB advised as one range, 8 MiB cached; as 4 MiB
+/// pieces, all). Pieces make merging contiguous ranges pointless: each range is advised alone.
 ///
 /// Each piece may wait for the device to take its reads: a reader dropped (an error, SIGINT)
 /// sets `stop` so the thread it joins does not first ask for up to [`READ_AHEAD_BYTES`] more.
@@ -595,9 +588,9 @@ mod tests {
         pages.iter().filter(|p| **p & 1 != 0).count() * 4096
     }
 
-    /// Ranges merged into one long range are all read into the page cache: the kernel reads
-    /// only its read-ahead window (8 MiB here, 128 KiB by default) of each WILLNEED, so a
-    /// window's worth of stretches planned at once, merged, was read for its first MiBs only.
+    /// A window's worth of contiguous ranges sent at once is all read into the page cache: the
+    /// kernel reads only its read-ahead window (8 MiB here, 128 KiB by default) of each
+    /// WILLNEED, so those ranges merged into one were read for their first MiBs only.
     #[test]
     fn merged_advice_reaches_the_whole_range() {
         let dir = tempfile::tempdir().unwrap();
