@@ -40,28 +40,25 @@ pub fn rendered(entries: &[Entry]) -> (Vec<u8>, String) {
     (bytes, sha256)
 }
 
-/// Whether the host attached an export disk.
-pub fn has_export_disk() -> bool {
-    crate::variants::disk_with_serial(Path::new("/sys/block"), EXPORT_SERIAL).is_some()
+/// The export disk's device, if the host attached one.
+pub fn export_disk() -> Option<String> {
+    crate::variants::disk_with_serial(Path::new("/sys/block"), EXPORT_SERIAL)
 }
 
-/// Writes the digest cache `bytes` to the region at `offset` of the export disk, if the host
-/// attached one: an 8-byte little-endian length, then the bytes. `Ok(false)`: no export disk.
-pub fn export(bytes: &[u8], offset: u64) -> Result<bool, String> {
-    let Some(disk) = crate::variants::disk_with_serial(Path::new("/sys/block"), EXPORT_SERIAL) else {
-        return Ok(false);
-    };
+/// Writes the digest cache `bytes` to the region at `offset` of the export disk `disk`: an
+/// 8-byte little-endian length, then the bytes.
+pub fn export(disk: &str, bytes: &[u8], offset: u64) -> Result<(), String> {
     if bytes.len() > digest_cache::MAX_BYTES {
         return Err(format!("the digests are too large to give ({} bytes)", bytes.len()));
     }
     let written = (|| -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let dev = std::fs::OpenOptions::new().write(true).open(&disk)?;
+        let dev = std::fs::OpenOptions::new().write(true).open(disk)?;
         dev.write_all_at(&(bytes.len() as u64).to_le_bytes(), offset)?;
         dev.write_all_at(bytes, offset + 8)?;
         dev.sync_all()
     })();
-    written.map(|()| true).map_err(|e| format!("cannot write the digests to {disk}: {e}"))
+    written.map_err(|e| format!("cannot write the digests to {disk}: {e}"))
 }
 
 /// One boot's side of a shared reading of the base: it gives its share through the export
@@ -111,16 +108,19 @@ impl<'a> Exchange<'a> {
 
 impl DigestExchange for Exchange<'_> {
     fn share(&mut self, tree: &Snapshot) {
+        let Some(disk) = export_disk() else {
+            println!("digest share: no export disk, nothing given");
+            return;
+        };
         let entries = known_entries(tree);
         let (bytes, sha256) = rendered(&entries);
         let said = ReportLine::DigestsShared { files: entries.len() as u64, sha256 };
-        match export(&bytes, digest_cache::SHARE_OFFSET) {
-            Ok(true) => {
+        match export(&disk, &bytes, digest_cache::SHARE_OFFSET) {
+            Ok(()) => {
                 println!("digest share: {} files' digests given", entries.len());
                 self.reporter.send(&said);
                 self.reporter.send(&ReportLine::Phase { name: "digests-given".into(), uptime_ms: uptime_ms() });
             }
-            Ok(false) => println!("digest share: no export disk, nothing given"),
             Err(e) => {
                 println!("WARNING: digest share: {e}");
                 // Said all the same, though the disk does not hold it: the host takes a boot's

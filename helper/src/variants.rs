@@ -93,16 +93,13 @@ fn load_digest_cache() {
 /// write that disk too (were they to reach it): the host keeps only the bytes whose SHA-256 the
 /// `DIGESTS-KEPT` line says, sent here, before any of them runs.
 fn export_digest_cache(base: &Snapshot, reporter: &mut Reporter) -> Option<std::thread::JoinHandle<()>> {
-    if !crate::digest_exchange::has_export_disk() {
-        return None;
-    }
+    let disk = crate::digest_exchange::export_disk()?;
     let entries = crate::digest_exchange::known_entries(base);
     let (bytes, sha256) = crate::digest_exchange::rendered(&entries);
     let files = entries.len();
     reporter.send(&ReportLine::DigestsKept { files: files as u64, sha256 });
-    Some(std::thread::spawn(move || match crate::digest_exchange::export(&bytes, 0) {
-        Ok(true) => println!("digest cache: {files} files of the base written to the export disk"),
-        Ok(false) => {}
+    Some(std::thread::spawn(move || match crate::digest_exchange::export(&disk, &bytes, 0) {
+        Ok(()) => println!("digest cache: {files} files of the base written to {disk}"),
         Err(e) => println!("WARNING: the digest cache of this base is not kept: {e}"),
     }))
 }
