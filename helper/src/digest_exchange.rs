@@ -36,7 +36,7 @@ pub fn known_entries(tree: &Snapshot) -> Vec<Entry> {
 pub fn rendered(entries: &[Entry]) -> (Vec<u8>, String) {
     use sha2::Digest;
     let bytes = digest_cache::render(entries);
-    let sha256 = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = imgforge_protocol::bytes::hex(&sha2::Sha256::digest(&bytes));
     (bytes, sha256)
 }
 

@@ -26,13 +26,20 @@ const READ_BYTES: usize = 256 << 10;
 /// Files hashed: each key with its digest or why it has none.
 pub type Hashed<K> = Vec<(K, io::Result<String>)>;
 
+/// What identifies a file's bytes as listed: device, inode, size and change time.
+type Listed = (u64, u64, i64, i64, i64);
+
+fn listed_of(st: &libc::stat) -> Listed {
+    (st.st_dev, st.st_ino, st.st_size, st.st_ctime, st.st_ctime_nsec)
+}
+
 /// A file opened and asked for, not yet hashed.
 struct Queued<K> {
     key: K,
     file: File,
     size: u64,
-    /// Its size and change time when it was listed.
-    listed: (i64, i64, i64),
+    /// Its device, inode, size and change time when it was listed.
+    listed: Listed,
     /// Bytes asked for ahead (counted in the queue's total until the file is hashed).
     advised: u64,
 }
@@ -53,19 +60,15 @@ impl<K> Default for DigestQueue<K> {
 impl<K> DigestQueue<K> {
     /// Adds the open regular file `file`, listed as `listed`, asking for its first bytes;
     /// hashes the oldest files while the queue is over its bounds and returns their digests.
-    /// A file whose size or change time moved since it was listed gives an error.
+    /// A file that is not the inode listed, or whose size or change time moved since it was
+    /// listed, gives an error: `file` need not have been checked, as no more than the size
+    /// listed is ever read from it.
     pub fn push(&mut self, key: K, file: File, listed: &libc::stat) -> Hashed<K> {
         let size = u64::try_from(listed.st_size).unwrap_or(0);
         let advised = size.min(PIECE_BYTES);
         advise(&file, 0, advised);
         self.ahead += advised;
-        self.queued.push_back(Queued {
-            key,
-            file,
-            size,
-            listed: (listed.st_size, listed.st_ctime, listed.st_ctime_nsec),
-            advised,
-        });
+        self.queued.push_back(Queued { key, file, size, listed: listed_of(listed), advised });
         let mut done = Vec::new();
         while self.queued.len() > MAX_OPEN || (self.ahead > AHEAD_BYTES && self.queued.len() > 1) {
             done.extend(self.hash_oldest());
@@ -108,32 +111,40 @@ impl<K> DigestQueue<K> {
         }
         let digest = sha256(&mut file, size, advised, &mut self.buf).and_then(|(digest, read)| {
             let st = crate::snapshot::fstat(&file.into())?;
-            let same = read == size && (st.st_size, st.st_ctime, st.st_ctime_nsec) == listed;
+            if (st.st_dev, st.st_ino) != (listed.0, listed.1) {
+                return Err(io::Error::other("replaced while the tree was walked"));
+            }
+            let same = read == size && listed_of(&st) == listed;
             same.then_some(digest).ok_or_else(|| io::Error::other("changed while the tree was walked"))
         });
         Some((key, digest))
     }
 }
 
-/// SHA-256 (hex) of `file` read to its end, and the bytes read, asking for the next piece of a file larger than
-/// one piece before the bytes asked for so far run out.
+/// SHA-256 (hex) of the first `size` bytes of `file` (fewer where it ends first), and the
+/// bytes read, asking for the next piece of a file larger than one piece before the bytes
+/// asked for so far run out. No read past `size`: the caller's check of the file's size and
+/// change time afterwards says whether these were all its bytes, which spares a `read` to
+/// find the end (a syscall costs tens of microseconds under TCG), and bounds what is read of
+/// anything swapped in for the file (a device, a FIFO) before that check turns it down.
 fn sha256(file: &mut File, size: u64, mut advised: u64, buf: &mut [u8]) -> io::Result<(String, u64)> {
     let mut hasher = sha2::Sha256::new();
     let mut pos = 0u64;
-    loop {
+    while pos < size {
         if advised < size && pos + PIECE_BYTES / 2 >= advised {
             let next = size.min(advised + PIECE_BYTES);
             advise(file, advised, next - advised);
             advised = next;
         }
-        let n = file.read(buf)?;
+        let want = buf.len().min(usize::try_from(size - pos).unwrap_or(usize::MAX));
+        let n = file.read(&mut buf[..want])?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         pos += n as u64;
     }
-    Ok((hasher.finalize().iter().map(|b| format!("{b:02x}")).collect(), pos))
+    Ok((imgforge_protocol::bytes::hex(&hasher.finalize()), pos))
 }
 
 /// Asks the kernel to start reading `len` bytes of `file` at `offset` (advice: a failure
@@ -161,7 +172,7 @@ mod tests {
     }
 
     fn hex_sha256(bytes: &[u8]) -> String {
-        sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+        imgforge_protocol::bytes::hex(&sha2::Sha256::digest(bytes))
     }
 
     /// Every file pushed comes out once, in order, with its own digest, whether it was hashed

@@ -117,7 +117,7 @@ fn temporary_name(name: &CStr) -> io::Result<CString> {
     if n != random.len() as isize {
         return Err(io::Error::last_os_error());
     }
-    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let suffix = imgforge_protocol::bytes::hex(&random);
     let mut tmp = b".".to_vec();
     tmp.extend_from_slice(name.to_bytes());
     tmp.extend_from_slice(format!(".imgforge-edit-{suffix}").as_bytes());

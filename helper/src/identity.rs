@@ -25,7 +25,7 @@ const SSH_KEYGEN: [&str; 2] = ["/usr/bin/ssh-keygen", "/bin/ssh-keygen"];
 pub fn machine_id_text(mut bytes: [u8; 16]) -> String {
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let mut text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut text = imgforge_protocol::bytes::hex(&bytes);
     text.push('\n');
     text
 }

@@ -5,7 +5,10 @@
 //! image would.
 
 use crate::snapshot::{self, Snapshot};
-use imgforge_protocol::manifest::{content_for, manifest_line, ManifestContent};
+use imgforge_protocol::manifest::{is_random_content, manifest_line_into, ManifestContent};
+
+/// Manifest bytes rendered before they are hashed.
+const HASHED_BATCH_BYTES: usize = 64 << 10;
 use sha2::Digest;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -77,12 +80,25 @@ pub fn digest_of(snapshot: &Snapshot, contents: &BTreeMap<Vec<u8>, ManifestConte
         return Err(format!("the guest's tree is too large for a manifest: {}", snapshot.left_out.join(", ")));
     }
     let mut hasher = sha2::Sha256::new();
+    // Lines rendered into one buffer, hashed a batch at a time: no allocation a path.
+    let mut lines = String::with_capacity(HASHED_BATCH_BYTES + 8192);
+    // Both maps are in path order: walked side by side, not looked up a path at a time.
+    let mut known = contents.iter().peekable();
     for (path, meta) in &snapshot.entries {
-        let content = contents.get(path).cloned().unwrap_or(ManifestContent::None);
-        let content = content_for(path, meta.file_type, content);
-        hasher.update(manifest_line(path, meta.file_type, meta.mode, meta.uid, meta.gid, &content).as_bytes());
+        while known.next_if(|(at, _)| *at < path).is_some() {}
+        let content = match known.next_if(|(at, _)| *at == path) {
+            _ if is_random_content(path, meta.file_type) => &ManifestContent::Random,
+            Some((_, content)) => content,
+            None => &ManifestContent::None,
+        };
+        manifest_line_into(&mut lines, path, meta.file_type, meta.mode, meta.uid, meta.gid, content);
+        if lines.len() >= HASHED_BATCH_BYTES {
+            hasher.update(lines.as_bytes());
+            lines.clear();
+        }
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    hasher.update(lines.as_bytes());
+    Ok(imgforge_protocol::bytes::hex(&hasher.finalize()))
 }
 
 fn bind(from: &Path, onto: &Path) -> std::io::Result<()> {

@@ -1,5 +1,18 @@
 //! Fixed-width integers read out of untrusted bytes (superblocks, image headers, ELF files):
-//! `None` when the field does not lie wholly inside, whatever the offset (pure).
+//! `None` when the field does not lie wholly inside, whatever the offset (pure); and bytes as
+//! lowercase hex.
+
+/// `bytes` as lowercase hex, two digits a byte (one allocation: the helper renders thousands of
+/// digests and paths a boot on an emulated CPU).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
 
 fn field<const N: usize>(b: &[u8], offset: usize) -> Option<[u8; N]> {
     b.get(offset..offset.checked_add(N)?)?.try_into().ok()
@@ -46,5 +59,13 @@ mod tests {
         assert_eq!(le64(&b, 2), None);
         assert_eq!(be32(&b, usize::MAX - 1), None, "no overflow");
         assert_eq!(le16(&[], 0), None);
+    }
+
+    #[test]
+    fn hex_is_two_lowercase_digits_a_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        let expected: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&all), expected);
+        assert_eq!(hex(&[]), "");
     }
 }

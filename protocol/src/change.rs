@@ -195,6 +195,20 @@ mod octal_mode {
 /// cannot drive a terminal.
 pub fn escape_path(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
+    escape_path_into(&mut out, bytes);
+    out
+}
+
+/// [`escape_path`], appended to `out` (one allocation fewer a path: the helper renders a
+/// manifest line for every path of a tree after each variant, on an emulated CPU).
+pub fn escape_path_into(out: &mut String, bytes: &[u8]) {
+    // Most paths are printable ASCII, which stands for itself.
+    if bytes.iter().all(|&b| (b' '..=b'~').contains(&b) && b != b'\\') {
+        if let Ok(plain) = std::str::from_utf8(bytes) {
+            out.push_str(plain);
+            return;
+        }
+    }
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
@@ -210,7 +224,6 @@ pub fn escape_path(bytes: &[u8]) -> String {
             out.push_str(&format!("\\x{b:02x}"));
         }
     }
-    out
 }
 
 /// Characters that move or hide text rather than show: controls, line and paragraph

@@ -13,6 +13,7 @@
 //! `PATH_HEX\tINO\tSIZE\tMTIME_S\tMTIME_NS\tCTIME_S\tCTIME_NS\tSHA256\n`, PATH_HEX the path's bytes
 //! in lowercase hex, SHA256 64 lowercase hex digits.
 
+use crate::bytes::hex;
 use thiserror::Error;
 
 /// The first line of a digest cache.
@@ -174,10 +175,6 @@ fn entry(line: &str) -> Result<Entry, &'static str> {
         ctime: (number(cs)?, number(cns)?),
         sha256: sha256.to_owned(),
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

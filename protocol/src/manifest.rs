@@ -9,7 +9,7 @@
 //! [`FileType`] word, MODE four octal digits, CONTENT the SHA-256 of a file's bytes in
 //! lowercase hex, an escaped symlink target, `random` for a random seed file, or `-`.
 
-use crate::change::{escape_path, FileType};
+use crate::change::{escape_path_into, FileType};
 
 /// Files whose content is random by design: a seed written fresh into every image
 /// (45-RandomSeed), so that clones do not share their first randomness. Their content is listed
@@ -38,8 +38,7 @@ pub enum ManifestContent {
 /// The content a path of type `ty` is listed with when `path` is a random seed file, or
 /// `content` otherwise (pure).
 pub fn content_for(path: &[u8], ty: FileType, content: ManifestContent) -> ManifestContent {
-    let random = ty == FileType::File && RANDOM_CONTENT_PATHS.iter().any(|p| p.as_bytes() == path);
-    if random {
+    if is_random_content(path, ty) {
         ManifestContent::Random
     } else {
         content
@@ -48,13 +47,59 @@ pub fn content_for(path: &[u8], ty: FileType, content: ManifestContent) -> Manif
 
 /// One manifest line, with its newline (pure).
 pub fn manifest_line(path: &[u8], ty: FileType, mode: u32, uid: u32, gid: u32, content: &ManifestContent) -> String {
-    let content = match content {
-        ManifestContent::Sha256(hex) => hex.clone(),
-        ManifestContent::LinkTarget(target) => escape_path(target),
-        ManifestContent::Random => "random".to_owned(),
-        ManifestContent::None => "-".to_owned(),
-    };
-    format!("{}\t{}\t{:04o}\t{uid}:{gid}\t{content}\n", escape_path(path), ty.as_str(), mode & 0o7777)
+    let mut line = String::with_capacity(path.len() + 96);
+    manifest_line_into(&mut line, path, ty, mode, uid, gid, content);
+    line
+}
+
+/// [`manifest_line`], appended to `out` (pure; no allocation where `out` has room).
+pub fn manifest_line_into(
+    out: &mut String,
+    path: &[u8],
+    ty: FileType,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    content: &ManifestContent,
+) {
+    escape_path_into(out, path);
+    out.push('\t');
+    out.push_str(ty.as_str());
+    out.push('\t');
+    for shift in [9, 6, 3, 0] {
+        out.push(char::from(b'0' + ((mode >> shift) & 7) as u8));
+    }
+    out.push('\t');
+    push_decimal(out, uid);
+    out.push(':');
+    push_decimal(out, gid);
+    out.push('\t');
+    match content {
+        ManifestContent::Sha256(hex) => out.push_str(hex),
+        ManifestContent::LinkTarget(target) => escape_path_into(out, target),
+        ManifestContent::Random => out.push_str("random"),
+        ManifestContent::None => out.push('-'),
+    }
+    out.push('\n');
+}
+
+fn push_decimal(out: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
+}
+
+/// Whether a path of type `ty` is a random seed file, listed as `random` (pure).
+pub fn is_random_content(path: &[u8], ty: FileType) -> bool {
+    ty == FileType::File && RANDOM_CONTENT_PATHS.iter().any(|p| p.as_bytes() == path)
 }
 
 /// Whether `text` is a SHA-256 digest as the report carries it: 64 lowercase hex digits (pure).
@@ -65,6 +110,51 @@ pub fn is_sha256_hex(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The line as `format!` renders it: what the buffer-filling renderer must equal.
+    fn reference_line(path: &[u8], ty: FileType, mode: u32, uid: u32, gid: u32, content: &ManifestContent) -> String {
+        let content = match content {
+            ManifestContent::Sha256(hex) => hex.clone(),
+            ManifestContent::LinkTarget(target) => crate::change::escape_path(target),
+            ManifestContent::Random => "random".to_owned(),
+            ManifestContent::None => "-".to_owned(),
+        };
+        format!(
+            "{}\t{}\t{:04o}\t{uid}:{gid}\t{content}\n",
+            crate::change::escape_path(path),
+            ty.as_str(),
+            mode & 0o7777
+        )
+    }
+
+    #[test]
+    fn lines_equal_their_formatted_reference() {
+        let paths: [&[u8]; 6] =
+            [b"/", b"/etc/hostname", b"/a b/~x", b"/tab\there", b"/back\\slash", b"/bad\xff\x01\x7f"];
+        let contents = [
+            ManifestContent::None,
+            ManifestContent::Random,
+            ManifestContent::Sha256("0123456789abcdef".repeat(4)),
+            ManifestContent::LinkTarget(b"../x\ny\xfe".to_vec()),
+        ];
+        let types = [FileType::File, FileType::Directory, FileType::Symlink];
+        for path in paths {
+            for content in &contents {
+                for (ty, mode, uid, gid) in [
+                    (types[0], 0o100644, 0, 0),
+                    (types[1], 0o41777, 1000, 4294967295),
+                    (types[2], 0o7, 9, 10),
+                    (types[0], 0o177777, 4294967295, 100000),
+                ] {
+                    let mut appended = "kept".to_owned();
+                    manifest_line_into(&mut appended, path, ty, mode, uid, gid, content);
+                    let want = reference_line(path, ty, mode, uid, gid, content);
+                    assert_eq!(appended, format!("kept{want}"), "{path:?}");
+                    assert_eq!(manifest_line(path, ty, mode, uid, gid, content), want);
+                }
+            }
+        }
+    }
 
     /// Path, type, mode, uid, gid, content, and the line.
     type Case<'a> = (&'a [u8], FileType, u32, u32, u32, ManifestContent, &'a str);
