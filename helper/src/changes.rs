@@ -289,3 +289,7 @@ mod tests {
         assert_eq!(parent(b"/etc/x"), b"/etc");
     }
 }
+
+#[cfg(test)]
+#[path = "changes_reference_tests.rs"]
+mod reference;

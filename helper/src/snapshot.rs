@@ -264,13 +264,7 @@ fn open_guest_dir(root: &OwnedFd, path: &[u8]) -> Option<(OwnedFd, usize)> {
             return None;
         }
         let c = CString::new(name).ok()?;
-        // SAFETY: a valid directory descriptor and a NUL-terminated name.
-        let fd = unsafe { libc::openat(at.as_raw_fd(), c.as_ptr(), flags) };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: openat returned a new descriptor that we now own.
-        at = unsafe { OwnedFd::from_raw_fd(fd) };
+        at = open_leaving_atime(at.as_raw_fd(), &c, flags).ok()?;
     }
     Some((at, depth))
 }
@@ -536,6 +530,26 @@ impl Walk {
     }
 }
 
+/// `openat(dir, name, flags)`, asking that reading leave the access time alone (`O_NOATIME`):
+/// the walks read every file of the base, which would otherwise write each one's inode into
+/// every output (and, on an emulated CPU, cost the journal's work). Opened without it where
+/// the kernel refuses it (a caller without `CAP_FOWNER` and not the owner).
+fn open_leaving_atime(dir: libc::c_int, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    for flags in [flags | libc::O_NOATIME, flags] {
+        // SAFETY: a directory descriptor the caller holds and a NUL-terminated name.
+        let fd = unsafe { libc::openat(dir, name.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: openat returned a new descriptor that we now own.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EPERM) {
+            return Err(e);
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EPERM))
+}
+
 /// `lstat(path)`.
 pub fn lstat(path: &Path) -> io::Result<libc::stat> {
     let c = CString::new(path.as_os_str().as_bytes())
@@ -615,13 +629,7 @@ impl DirStream {
     /// microseconds under TCG).
     fn open_file_at(&self, name: &CStr) -> io::Result<std::fs::File> {
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
-        // SAFETY: a valid directory descriptor and a NUL-terminated name.
-        let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: openat returned a new descriptor that we now own.
-        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+        open_leaving_atime(self.fd(), name, flags).map(std::fs::File::from)
     }
 
     /// The target of the symlink `name`.
@@ -641,13 +649,7 @@ impl DirStream {
     /// it is no longer that directory (a guest process may still be running and swapping it).
     fn open_dir_at(&self, name: &CStr, listed: &libc::stat) -> Option<OwnedFd> {
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: a valid directory descriptor and a NUL-terminated name.
-        let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), flags) };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: openat returned a new descriptor that we now own.
-        let sub = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sub = open_leaving_atime(self.fd(), name, flags).ok()?;
         let st = fstat(&sub).ok()?;
         (st.st_dev == listed.st_dev && st.st_ino == listed.st_ino).then_some(sub)
     }
@@ -900,6 +902,142 @@ pub mod digest_cache {
             assert_eq!(super::get(&super::key(path, &st)).as_deref(), Some("first"));
             st.st_ctime_nsec = 1;
             assert_eq!(super::get(&super::key(path, &st)), None, "a file whose ctime moved is read again");
+        }
+    }
+}
+
+/// What a walk does with a file swapped or written between its listing (`fstatat`) and its
+/// reading, through the walk's own path (`Walk::file_contents`, then the queue's check).
+#[cfg(test)]
+mod swaps {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::ffi::OsStrExt;
+
+    /// A walk of the directory `dir`, listing `name` now; `between` runs after the listing and
+    /// before the open; then the queue is drained. The walk's contents and first error.
+    fn list_then(
+        dir: &Path,
+        name: &str,
+        between: impl FnOnce(),
+    ) -> (Option<ManifestContent>, Option<String>, libc::stat) {
+        let stream = DirStream::open(open_dir(dir).unwrap()).unwrap();
+        let c = CString::new(name).unwrap();
+        let st = stream.stat_at(&c).unwrap();
+        between();
+        let mut walk = Walk { read_contents: true, ..Walk::default() };
+        let path = [b"/walked-", dir.as_os_str().as_bytes(), b"/", name.as_bytes()].concat();
+        walk.file_contents(&stream, &c, &path, &st);
+        let done = walk.reads.finish();
+        walk.take_digests(done);
+        let content = walk.contents.get(&path).cloned();
+        (content, walk.unreadable.map(|(_, e)| e.to_string()), st)
+    }
+
+    fn hex_sha256(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        imgforge_protocol::bytes::hex(&sha2::Sha256::digest(bytes))
+    }
+
+    /// Held: a FIFO renamed over a listed file, with a writer holding it and bytes waiting, is
+    /// refused; no more than the listed size is taken from it; no hang.
+    #[test]
+    fn a_fifo_swapped_in_is_refused_after_at_most_the_listed_size() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"0123456789").unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        // Read and write ends held (O_RDWR does not wait), 100 bytes waiting.
+        let mut held = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+        held.write_all(&[b'x'; 100]).unwrap();
+        let (content, error, _) = list_then(dir.path(), "f", || std::fs::rename(&fifo, dir.path().join("f")).unwrap());
+        assert_eq!(content, None);
+        assert_eq!(error.as_deref(), Some("replaced while the tree was walked"));
+        let mut left = [0u8; 200];
+        assert_eq!(held.read(&mut left).unwrap(), 90, "the walk took the listed 10 bytes, no more");
+
+        // A writer but nothing waiting: EAGAIN (O_NONBLOCK), not a hang.
+        std::fs::write(dir.path().join("g"), b"0123456789").unwrap();
+        let (content, error, _) =
+            list_then(dir.path(), "g", || std::fs::rename(dir.path().join("f"), dir.path().join("g")).unwrap());
+        assert_eq!(content, None);
+        assert!(error.is_some(), "{error:?}");
+        drop(held);
+        // No writer at all: reads nothing, then refused.
+        std::fs::write(dir.path().join("h"), b"0123456789").unwrap();
+        let (content, error, _) =
+            list_then(dir.path(), "h", || std::fs::rename(dir.path().join("g"), dir.path().join("h")).unwrap());
+        assert_eq!(content, None);
+        assert_eq!(error.as_deref(), Some("replaced while the tree was walked"));
+    }
+
+    /// Held: a file rewritten with the same size after its listing (the change time moves) is
+    /// refused; a file truncated and written again to the same size too; a hard link added (the
+    /// change time moves, bytes do not) is refused too (conservative).
+    #[test]
+    fn same_size_rewrites_and_links_after_the_listing_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"AAAAAAAA").unwrap();
+        let (content, error, _) = list_then(dir.path(), "f", || std::fs::write(&p, b"BBBBBBBB").unwrap());
+        assert_eq!((content, error.as_deref()), (None, Some("changed while the tree was walked")));
+        let (content, error, _) =
+            list_then(dir.path(), "f", || std::fs::hard_link(&p, dir.path().join("link")).unwrap());
+        assert_eq!((content, error.as_deref()), (None, Some("changed while the tree was walked")));
+        // Unchanged: its digest, and that digest is cached under its key.
+        let (content, error, st) = list_then(dir.path(), "f", || {});
+        assert_eq!((content, error), (Some(ManifestContent::Sha256(hex_sha256(b"BBBBBBBB"))), None));
+        let path = [b"/walked-", dir.path().as_os_str().as_bytes(), b"/f"].concat();
+        assert_eq!(digest_cache::get(&digest_cache::key(&path, &st)), Some(hex_sha256(b"BBBBBBBB")));
+    }
+
+    /// Held: a larger file renamed over the listed one (another inode) is read only to the listed
+    /// size and refused.
+    #[test]
+    fn a_larger_file_swapped_in_is_read_to_the_listed_size_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"small").unwrap();
+        std::fs::write(dir.path().join("big"), vec![7u8; 1 << 20]).unwrap();
+        let (content, error, _) =
+            list_then(dir.path(), "f", || std::fs::rename(dir.path().join("big"), dir.path().join("f")).unwrap());
+        assert_eq!((content, error.as_deref()), (None, Some("replaced while the tree was walked")));
+    }
+
+    /// Held: a character device (here /dev/zero) standing where a regular file was listed is read
+    /// to the listed size only and refused (the guest's filesystems are nodev besides).
+    #[test]
+    fn a_device_in_place_of_a_listed_file_is_read_to_the_listed_size_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![1u8; 1 << 20]).unwrap();
+        let listed = lstat(&p).unwrap();
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        let mut queue = DigestQueue::default();
+        assert!(queue.push("f", zero, &listed).is_empty());
+        let done: Vec<_> = queue.finish().into_iter().map(|(k, d)| (k, d.map_err(|e| e.to_string()))).collect();
+        assert_eq!(done, [("f", Err("replaced while the tree was walked".to_owned()))]);
+    }
+
+    /// The walks leave access times alone: reading a file whose access time is older than its
+    /// modification time would otherwise move it (relatime) and write its inode into the output.
+    #[test]
+    fn a_walk_leaves_access_times_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/f"), b"bytes").unwrap();
+        let old = libc::timespec { tv_sec: 1000, tv_nsec: 0 };
+        let keep = libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT };
+        for p in ["d/f", "d"] {
+            let c = CString::new(dir.path().join(p).as_os_str().as_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path and two timespecs.
+            assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [old, keep].as_ptr(), 0) }, 0);
+        }
+        let (_, contents) = record_with_contents(dir.path()).unwrap();
+        assert_eq!(contents.get(b"/d/f".as_slice()), Some(&ManifestContent::Sha256(hex_sha256(b"bytes"))));
+        for p in ["d/f", "d"] {
+            assert_eq!(lstat(&dir.path().join(p)).unwrap().st_atime, 1000, "{p}");
         }
     }
 }

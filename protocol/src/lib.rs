@@ -22,6 +22,9 @@ pub mod report;
 pub mod rules;
 pub mod task;
 
+#[cfg(test)]
+mod render_reference_tests;
+
 /// Name of the rules document on the parameter floppy.
 pub const RULES_FILE_NAME: &str = "rules.json";
 /// Volume label of the parameter floppy.
