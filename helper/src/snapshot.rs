@@ -393,7 +393,9 @@ impl Walk {
             return;
         }
         if st.st_size == 0 {
-            // Listed empty: nothing to read (opening it would cost five syscalls under TCG).
+            // Listed empty: nothing to read (opening it would cost five syscalls under TCG); kept
+            // like any digest, so the digests kept of a base name every file of it.
+            digest_cache::insert(key, EMPTY_SHA256.to_owned());
             self.contents.insert(path.to_vec(), ManifestContent::Sha256(EMPTY_SHA256.to_owned()));
             return;
         }
