@@ -111,51 +111,6 @@ pub fn is_sha256_hex(text: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// The line as `format!` renders it: what the buffer-filling renderer must equal.
-    fn reference_line(path: &[u8], ty: FileType, mode: u32, uid: u32, gid: u32, content: &ManifestContent) -> String {
-        let content = match content {
-            ManifestContent::Sha256(hex) => hex.clone(),
-            ManifestContent::LinkTarget(target) => crate::change::escape_path(target),
-            ManifestContent::Random => "random".to_owned(),
-            ManifestContent::None => "-".to_owned(),
-        };
-        format!(
-            "{}\t{}\t{:04o}\t{uid}:{gid}\t{content}\n",
-            crate::change::escape_path(path),
-            ty.as_str(),
-            mode & 0o7777
-        )
-    }
-
-    #[test]
-    fn lines_equal_their_formatted_reference() {
-        let paths: [&[u8]; 6] =
-            [b"/", b"/etc/hostname", b"/a b/~x", b"/tab\there", b"/back\\slash", b"/bad\xff\x01\x7f"];
-        let contents = [
-            ManifestContent::None,
-            ManifestContent::Random,
-            ManifestContent::Sha256("0123456789abcdef".repeat(4)),
-            ManifestContent::LinkTarget(b"../x\ny\xfe".to_vec()),
-        ];
-        let types = [FileType::File, FileType::Directory, FileType::Symlink];
-        for path in paths {
-            for content in &contents {
-                for (ty, mode, uid, gid) in [
-                    (types[0], 0o100644, 0, 0),
-                    (types[1], 0o41777, 1000, 4294967295),
-                    (types[2], 0o7, 9, 10),
-                    (types[0], 0o177777, 4294967295, 100000),
-                ] {
-                    let mut appended = "kept".to_owned();
-                    manifest_line_into(&mut appended, path, ty, mode, uid, gid, content);
-                    let want = reference_line(path, ty, mode, uid, gid, content);
-                    assert_eq!(appended, format!("kept{want}"), "{path:?}");
-                    assert_eq!(manifest_line(path, ty, mode, uid, gid, content), want);
-                }
-            }
-        }
-    }
-
     /// Path, type, mode, uid, gid, content, and the line.
     type Case<'a> = (&'a [u8], FileType, u32, u32, u32, ManifestContent, &'a str);
 

@@ -39,15 +39,13 @@ fn old_manifest_line(path: &[u8], ty: FileType, mode: u32, uid: u32, gid: u32, c
     format!("{}\t{}\t{:04o}\t{uid}:{gid}\t{content}\n", old_escape_path(path), ty.as_str(), mode & 0o7777)
 }
 
-const TYPES: [FileType; 7] = [
-    FileType::File,
-    FileType::Directory,
-    FileType::Symlink,
-    FileType::CharDevice,
-    FileType::BlockDevice,
-    FileType::Fifo,
-    FileType::Socket,
-];
+/// Every file type, as the `st_mode` type bits name them.
+fn types() -> Vec<FileType> {
+    [0o100000, 0o040000, 0o120000, 0o020000, 0o060000, 0o010000, 0o140000]
+        .into_iter()
+        .map(|bits| FileType::from_mode(bits).expect("a Linux file type"))
+        .collect()
+}
 
 /// Bytes biased to the edges of the fast path: space, '~', DEL, backslash, controls, high bytes,
 /// and pieces of UTF-8 (bidi overrides, C1 controls, line separators).
@@ -103,10 +101,11 @@ proptest! {
             2 => ManifestContent::Sha256(hex),
             _ => ManifestContent::LinkTarget(target),
         };
-        let want = old_manifest_line(&path, TYPES[ty], mode, uid, gid, &content);
-        prop_assert_eq!(manifest_line(&path, TYPES[ty], mode, uid, gid, &content), want.clone());
+        let ty = types()[ty];
+        let want = old_manifest_line(&path, ty, mode, uid, gid, &content);
+        prop_assert_eq!(manifest_line(&path, ty, mode, uid, gid, &content), want.clone());
         let mut out = String::from("x\n");
-        manifest_line_into(&mut out, &path, TYPES[ty], mode, uid, gid, &content);
+        manifest_line_into(&mut out, &path, ty, mode, uid, gid, &content);
         prop_assert_eq!(out, format!("x\n{want}"));
     }
 }
