@@ -114,7 +114,16 @@ pub fn parent(path: &[u8]) -> &[u8] {
 pub fn diff(before: &BTreeMap<Vec<u8>, Meta>, after: &BTreeMap<Vec<u8>, Meta>) -> Vec<FileChange> {
     // Both records are in path order: walked side by side (a few thousand paths after every
     // variant, on an emulated CPU), never looked up a path at a time.
-    let entries_changed: BTreeSet<&[u8]> = side_by_side(before, after)
+    changes_of(|| side_by_side(before, after))
+}
+
+/// The changes of every path `paths` gives, with its entry before and after, in path order
+/// (`paths` is walked twice: first for the directories whose entries changed).
+fn changes_of<'a, I>(paths: impl Fn() -> I) -> Vec<FileChange>
+where
+    I: Iterator<Item = (&'a Vec<u8>, Option<&'a Meta>, Option<&'a Meta>)>,
+{
+    let entries_changed: BTreeSet<&[u8]> = paths()
         .filter_map(|(path, old, new)| match (old, new) {
             (Some(old), Some(new)) if new.ino == old.ino => None,
             _ => Some(parent(path)),
@@ -127,7 +136,7 @@ pub fn diff(before: &BTreeMap<Vec<u8>, Meta>, after: &BTreeMap<Vec<u8>, Meta>) -
         what,
         was,
     };
-    side_by_side(before, after)
+    paths()
         .filter_map(|(path, old, new)| match (old, new) {
             (None, Some(new)) => Some(change(ChangeKind::Added, path, new, Vec::new(), None)),
             (Some(old), None) => Some(change(ChangeKind::Removed, path, old, Vec::new(), None)),

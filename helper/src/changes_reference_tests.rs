@@ -1,39 +1,16 @@
 //! `diff` (a merge of two sorted records) and `manifest::digest_of` against the plainer versions
-//! they replaced (lookups a path at a time), on random records.
+//! they replaced (lookups a path at a time), on random records: the old `diff` is the same
+//! [`changes_of`] over paths looked up one at a time.
 use super::*;
 use crate::snapshot::{Meta, Snapshot};
 use imgforge_protocol::manifest::{content_for, manifest_line, ManifestContent, RANDOM_CONTENT_PATHS};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// `diff` as it was before the merge.
+/// `diff` as it was before the merge: the paths of both records gathered in a set, each looked
+/// up in both.
 fn old_diff(before: &BTreeMap<Vec<u8>, Meta>, after: &BTreeMap<Vec<u8>, Meta>) -> Vec<FileChange> {
-    let entries_changed: BTreeSet<&[u8]> = before
-        .iter()
-        .filter(|(path, old)| after.get(*path).is_none_or(|new| new.ino != old.ino))
-        .map(|(path, _)| parent(path))
-        .chain(after.keys().filter(|path| !before.contains_key(*path)).map(|path| parent(path)))
-        .collect();
     let paths: BTreeSet<&Vec<u8>> = before.keys().chain(after.keys()).collect();
-    let change = |kind, path: &[u8], meta: &Meta, what, was| FileChange {
-        change: kind,
-        path: escape_path(path),
-        state: state(meta),
-        what,
-        was,
-    };
-    paths
-        .into_iter()
-        .filter_map(|path| match (before.get(path), after.get(path)) {
-            (None, Some(new)) => Some(change(ChangeKind::Added, path, new, Vec::new(), None)),
-            (Some(old), None) => Some(change(ChangeKind::Removed, path, old, Vec::new(), None)),
-            (Some(old), Some(new)) => {
-                let explained = new.file_type == FileType::Directory && entries_changed.contains(path.as_slice());
-                let what = aspects(old, new, explained);
-                (!what.is_empty()).then(|| change(ChangeKind::Changed, path, new, what, Some(state(old))))
-            }
-            (None, None) => None,
-        })
-        .collect()
+    changes_of(|| paths.iter().map(|path| (*path, before.get(*path), after.get(*path))))
 }
 
 /// `manifest::digest_of` as it was before the merge.

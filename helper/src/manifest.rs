@@ -6,13 +6,13 @@
 
 use crate::snapshot::{self, Snapshot};
 use imgforge_protocol::manifest::{is_random_content, manifest_line_into, ManifestContent};
-
-/// Manifest bytes rendered before they are hashed.
-const HASHED_BATCH_BYTES: usize = 64 << 10;
 use sha2::Digest;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+/// Manifest bytes rendered before they are hashed.
+const HASHED_BATCH_BYTES: usize = 64 << 10;
 
 /// Runs `with` on `scratch` with the guest's own filesystems (mounted at `target`, the root
 /// first, as `mounts_file` lists them) bound on it, and unbinds them after.

@@ -209,6 +209,11 @@ pub fn escape_path_into(out: &mut String, bytes: &[u8]) {
             return;
         }
     }
+    escape_each_char(out, bytes);
+}
+
+/// [`escape_path_into`] without its shortcut for printable ASCII: each character looked at.
+pub(crate) fn escape_each_char(out: &mut String, bytes: &[u8]) {
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {

@@ -1,30 +1,12 @@
 //! The buffer-filling renderers against the `format!` ones they replaced.
-use crate::change::{escape_path, escape_path_into, FileType};
+use crate::change::{escape_each_char, escape_path, escape_path_into, FileType};
 use crate::manifest::{manifest_line, manifest_line_into, ManifestContent};
 use proptest::prelude::*;
 
-/// escape_path as it was before the buffer-filling one (verbatim but for is_hidden, copied).
+/// escape_path as it was before its shortcut for printable ASCII: every character looked at.
 fn old_escape_path(bytes: &[u8]) -> String {
-    fn is_hidden(c: char) -> bool {
-        c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    }
     let mut out = String::with_capacity(bytes.len());
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\t' => out.push_str("\\t"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                c if is_hidden(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-                c => out.push(c),
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
+    escape_each_char(&mut out, bytes);
     out
 }
 
