@@ -35,7 +35,9 @@ const PIECE_BYTES: u64 = imgforge::stream::CHUNK_BYTES as u64;
 /// Requests in flight when a stage is measured with several.
 const LIMIT_THREADS: usize = 4;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
-const BOTH: &str = "read and write at once (1 stream, 4 in flight)";
+/// The read and the write at once, the read done each way the read stage is (threads, name).
+const BOTH: [(usize, &str); 2] =
+    [(1, "read and write at once (1 buffered stream)"), (LIMIT_THREADS, "read and write at once (4 O_DIRECT reads)")];
 const KINDS: [&str; 4] = ["raw", "qcow2", "xz", "liveimg"];
 
 fn bench_dir() -> PathBuf {
@@ -294,11 +296,11 @@ fn write_stage(dev: &str, map: &ImageMap, threads: usize) -> Result<Duration> {
 /// The cold read and the write from memory at once, with no dependency between them: on a
 /// machine whose source and target share a disk (or a bus) they compete, and no pipelined
 /// writer can beat this.
-fn both_stages(source: &Path, dev: &str, map: &ImageMap) -> Result<Duration> {
+fn both_stages(source: &Path, dev: &str, map: &ImageMap, read_threads: usize) -> Result<Duration> {
     drop_caches()?;
     let started = Instant::now();
     std::thread::scope(|s| {
-        let reader = s.spawn(|| read_cold(source, 1));
+        let reader = s.spawn(|| read_cold(source, read_threads));
         write_stage(dev, map, LIMIT_THREADS)?;
         reader.join().expect("reader")?;
         Ok(started.elapsed())
@@ -404,9 +406,11 @@ fn run_case(case: &Case, lo: &Loop, imgforge: &Path) -> Result<()> {
             best.record(name, write_stage(&lo.dev, &map, threads)?);
             verify(lo, len, &case.expected, name)?;
         }
-        lo.dirty(len)?;
-        best.record(BOTH, both_stages(&case.source, &lo.dev, &map)?);
-        verify(lo, len, &case.expected, BOTH)?;
+        for (threads, name) in BOTH {
+            lo.dirty(len)?;
+            best.record(name, both_stages(&case.source, &lo.dev, &map, threads)?);
+            verify(lo, len, &case.expected, name)?;
+        }
         best.record("imgforge write", timed_write(lo, len, &case.expected, &ours)?);
         if let Some(baseline) = &baseline {
             best.record("imgforge write (baseline build)", timed_write(lo, len, &case.expected, baseline)?);
@@ -419,7 +423,8 @@ fn run_case(case: &Case, lo: &Loop, imgforge: &Path) -> Result<()> {
     let read = best.get(&read_names[0]).min(best.get(&read_names[1]));
     let write = best.get(&write_names[0]).min(best.get(&write_names[1]));
     let decode = case.decode.as_ref().map(|(name, _)| best.get(name));
-    let limit = read.max(write).max(decode.unwrap_or_default()).max(best.get(BOTH));
+    let both = BOTH.iter().map(|(_, name)| best.get(name)).min().unwrap_or_default();
+    let limit = read.max(write).max(decode.unwrap_or_default()).max(both);
     let line = |name: &str, t: Duration, note: String| println!("  {name:<52} {:>6.2} s  {note}", secs(t));
     for name in read_names.iter().chain(&write_names) {
         line(name, best.get(name), String::new());
@@ -427,7 +432,9 @@ fn run_case(case: &Case, lo: &Loop, imgforge: &Path) -> Result<()> {
     if let (Some((name, _)), Some(t)) = (&case.decode, decode) {
         line(name, t, String::new());
     }
-    line(BOTH, best.get(BOTH), String::new());
+    for (_, name) in BOTH {
+        line(name, best.get(name), String::new());
+    }
     line(
         "limit = max(read, decode, write, read and write at once)",
         limit,
