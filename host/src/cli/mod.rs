@@ -509,14 +509,16 @@ fn init_tracing(verbose: u8, quiet: bool, colors: bool) {
 
 /// Turns SIGINT/SIGTERM/SIGHUP into a watch value, so running work can stop and clean up.
 fn interrupt_channel() -> crate::vm::Interrupt {
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = tokio::sync::watch::channel(None);
+    // Installed here, before any work starts, not in the task: a signal that came before the
+    // task first ran killed imgforge outright (SIGTERM's default), cleaning nothing up.
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+    else {
+        return rx;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
-            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-        else {
-            return;
-        };
         let name = tokio::select! {
             _ = int.recv() => "SIGINT",
             _ = term.recv() => "SIGTERM",

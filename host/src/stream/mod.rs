@@ -344,6 +344,12 @@ fn stream_checked(
         }
     }
     verify().map_err(StreamError::Verify)?;
+    // The last moment to stop: a signal that came while the writes drained or the check ran
+    // (after the reader's last look) would otherwise end in a committed image and a success
+    // the person who sent it did not ask for. Once the commit starts, it finishes.
+    if opts.cancel.load(Ordering::Relaxed) {
+        return Err(StreamError::Cancelled);
+    }
     Ok(read)
 }
 
@@ -679,6 +685,35 @@ mod tests {
         cancel.store(true, Ordering::Relaxed);
         assert!(matches!(copy(&mut reader, open(), &options(None, &cancel)), Err(StreamError::Cancelled)));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a file was left behind");
+    }
+
+    /// A signal after the last piece was read but before the commit (here: while the check
+    /// runs) still stops the write: no new file, and an existing target's start zeroed.
+    #[test]
+    fn an_interrupt_after_the_last_read_stops_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = AtomicBool::new(false);
+        let signal_now = || {
+            cancel.store(true, Ordering::Relaxed);
+            Ok(())
+        };
+        let new = dir.path().join("new");
+        let (mut reader, image) = pieces();
+        let dest = Destination::open(&new, None, None, &DestinationOptions::default()).unwrap();
+        let err = copy_verified(&mut reader, dest, &options(None, &cancel), &signal_now);
+        assert!(matches!(err, Err(StreamError::Cancelled)), "{err:?}");
+        assert!(!new.exists(), "an interrupted write left its file");
+
+        cancel.store(false, Ordering::Relaxed);
+        let existing = dir.path().join("existing");
+        std::fs::write(&existing, vec![0xffu8; image.len()]).unwrap();
+        let (mut reader, _) = pieces();
+        let force = DestinationOptions { force: true, size: None };
+        let dest = Destination::open(&existing, None, None, &force).unwrap();
+        let err = copy_verified(&mut reader, dest, &options(None, &cancel), &signal_now).unwrap_err();
+        assert!(matches!(err.cause(), StreamError::Cancelled), "{err}");
+        let data = std::fs::read(&existing).unwrap();
+        assert!(data[..held_start::HELD_BYTES].iter().all(|b| *b == 0), "the image's start reached the target");
     }
 
     /// An image larger than an existing file, than a new file's --size, or than the size it
