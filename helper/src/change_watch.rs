@@ -115,8 +115,9 @@ impl ChangeWatch {
             }
             let mount = crate::snapshot::open_dir(at).map_err(|e| format!("cannot open {line}: {e}"))?;
             let st = crate::snapshot::fstat(&mount).map_err(|e| format!("cannot look at {line}: {e}"))?;
-            // The chroots' /dev, /proc, /sys: not the guest's, and no walk enters them.
-            if libc::major(st.st_dev) == 0 {
+            // The chroots' /dev, /proc, /sys: not the guest's, and no walk enters them. (A
+            // btrfs one is the guest's; its type is not one whose handles persist, below.)
+            if crate::snapshot::is_pseudo(libc::AT_FDCWD, &crate::confinement::path_cstring(at), &st) {
                 continue;
             }
             let (fsid, kind) = fsid_of(&mount).map_err(|e| format!("cannot read the filesystem id of {line}: {e}"))?;
@@ -358,7 +359,7 @@ fn open_handle(mount: &OwnedFd, fid: &Fid) -> Result<Option<OwnedFd>, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::snapshot;
     use std::io::Write;
@@ -443,13 +444,13 @@ mod tests {
 
     /// A filesystem of type `kind` made in a file and loop-mounted for the test (the helper
     /// watches only block-backed filesystems), unmounted when dropped.
-    struct LoopFs {
+    pub(crate) struct LoopFs {
         at: tempfile::TempDir,
         _image: tempfile::TempDir,
     }
 
     impl LoopFs {
-        fn mount(kind: &str) -> Option<Self> {
+        pub(crate) fn mount(kind: &str) -> Option<Self> {
             let image = tempfile::tempdir().unwrap();
             let file = image.path().join("fs.img");
             std::fs::File::create(&file).unwrap().set_len(320 << 20).unwrap();
@@ -465,7 +466,7 @@ mod tests {
             Some(Self { at, _image: image })
         }
 
-        fn path(&self) -> &Path {
+        pub(crate) fn path(&self) -> &Path {
             self.at.path()
         }
     }
@@ -473,6 +474,36 @@ mod tests {
     impl Drop for LoopFs {
         fn drop(&mut self) {
             let _ = std::process::Command::new("umount").arg(self.at.path()).status();
+        }
+    }
+
+    /// A filesystem of type `kind` made in a file and loop-mounted at `at` (made), inside
+    /// another one; unmounted when dropped.
+    pub(crate) struct MountedInside {
+        at: std::path::PathBuf,
+        _image: tempfile::TempDir,
+    }
+
+    impl MountedInside {
+        pub(crate) fn new(kind: &str, at: &Path) -> Option<Self> {
+            std::fs::create_dir_all(at).unwrap();
+            let image = tempfile::tempdir().unwrap();
+            let file = image.path().join("fs.img");
+            std::fs::File::create(&file).unwrap().set_len(320 << 20).unwrap();
+            let made = std::process::Command::new(format!("mkfs.{kind}")).arg("-q").arg(&file).output().unwrap();
+            assert!(made.status.success(), "mkfs.{kind}: {}", String::from_utf8_lossy(&made.stderr));
+            let mounted = std::process::Command::new("mount").args(["-o", "loop"]).arg(&file).arg(at).output().unwrap();
+            if !mounted.status.success() {
+                eprintln!("skipped: cannot loop-mount {kind} here: {}", String::from_utf8_lossy(&mounted.stderr));
+                return None;
+            }
+            Some(Self { at: at.to_owned(), _image: image })
+        }
+    }
+
+    impl Drop for MountedInside {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.at).status();
         }
     }
 
@@ -550,7 +581,40 @@ mod tests {
     fn only_filesystems_whose_handles_persist_are_watched() {
         assert!(handles_persist(0xEF53) && handles_persist(0x5846_5342), "ext2/3/4, XFS");
         assert!(!handles_persist(0x4d44), "vfat");
-        assert!(!handles_persist(0x9123_683E), "btrfs: never a guest filesystem");
+        assert!(!handles_persist(0x9123_683E), "btrfs: walked whole");
+    }
+
+    /// A btrfs filesystem in the guest (its subvolumes have anonymous device numbers, as the
+    /// chroots' /proc and /sys do), with a subvolume inside: not skipped as a pseudo
+    /// filesystem but walked whole, subvolume and all, so what changed on it is in the tree.
+    #[test]
+    fn a_btrfs_filesystem_and_its_subvolumes_are_walked_whole() {
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        write(root, "/etc/hostname", "base\n");
+        let home = root.join("home");
+        let Some(_home) = MountedInside::new("btrfs", &home) else { return };
+        let made =
+            std::process::Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(home.join("sub")).output();
+        assert!(made.unwrap().status.success(), "btrfs subvolume create");
+        write(root, "/home/user/notes", "base notes\n");
+        write(root, "/home/sub/kept", "in a subvolume\n");
+        let (base, base_contents) = snapshot::record_with_contents(root).unwrap();
+        for path in ["/home/user/notes", "/home/sub/kept"] {
+            assert!(base.entries.contains_key(path.as_bytes()), "{path} left out of the walk");
+        }
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n{}\n", root.display(), home.display())).unwrap();
+
+        let watch = ChangeWatch::start(root, mounts.path()).expect("the root can be watched");
+        write(root, "/home/user/notes", "variant notes\n");
+        write(root, "/home/sub/new", "made in a subvolume\n");
+        write(root, "/etc/hostname", "variant\n");
+        let touched = watch.finish(root).unwrap();
+        assert_eq!(touched.whole, BTreeSet::from([b"/home".to_vec()]));
+
+        let refreshed = refresh_is_whole_walk(root, &base, &base_contents, &touched);
+        assert!(refreshed.0.entries.contains_key(b"/home/sub/new".as_slice()));
     }
 
     /// A filesystem that is not watched (XFS taken for one here, as vfat cannot be mounted on
@@ -561,24 +625,7 @@ mod tests {
         let root = fs.path();
         write(root, "/etc/hostname", "base\n");
         let esp = root.join("boot/efi");
-        std::fs::create_dir_all(&esp).unwrap();
-        let image = tempfile::tempdir().unwrap();
-        let file = image.path().join("esp.img");
-        std::fs::File::create(&file).unwrap().set_len(320 << 20).unwrap();
-        let made = std::process::Command::new("mkfs.xfs").arg("-q").arg(&file).output().unwrap();
-        assert!(made.status.success(), "mkfs.xfs: {}", String::from_utf8_lossy(&made.stderr));
-        let mounted = std::process::Command::new("mount").args(["-o", "loop"]).arg(&file).arg(&esp).output().unwrap();
-        if !mounted.status.success() {
-            eprintln!("skipped: cannot loop-mount xfs here: {}", String::from_utf8_lossy(&mounted.stderr));
-            return;
-        }
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(self.0).status();
-            }
-        }
-        let _esp = Unmount(&esp);
+        let Some(_esp) = MountedInside::new("xfs", &esp) else { return };
         write(root, "/boot/efi/EFI/debian/grubx64.efi", "base loader\n");
         write(root, "/boot/efi/EFI/BOOT/BOOTX64.EFI", "fallback\n");
         let (base, base_contents) = snapshot::record_with_contents(root).unwrap();

@@ -8,7 +8,6 @@ use crate::snapshot::{self, Snapshot};
 use imgforge_protocol::manifest::{is_random_content, manifest_line_into, ManifestContent};
 use sha2::Digest;
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Manifest bytes rendered before they are hashed.
@@ -46,7 +45,7 @@ pub fn mounts_fingerprint(target: &Path, mounts_file: &Path) -> Result<Vec<(Path
         let at = Path::new(line);
         let Ok(rel) = at.strip_prefix(target) else { continue };
         let st = snapshot::lstat(at).map_err(|e| format!("cannot look at {line}: {e}"))?;
-        if libc::major(st.st_dev) == 0 {
+        if is_pseudo_path(at, &st) {
             continue;
         }
         let meta = snapshot::Meta::of(&st).ok_or_else(|| format!("{line} is not a directory"))?;
@@ -55,13 +54,19 @@ pub fn mounts_fingerprint(target: &Path, mounts_file: &Path) -> Result<Vec<(Path
     Ok(out)
 }
 
+/// [`snapshot::is_pseudo`] of the helper's mount point `at`.
+fn is_pseudo_path(at: &Path, st: &libc::stat) -> bool {
+    let path = crate::confinement::path_cstring(at);
+    snapshot::is_pseudo(libc::AT_FDCWD, &path, st)
+}
+
 fn bind_guest_filesystems(target: &Path, mounts: &str, scratch: &Path, bound: &mut Vec<PathBuf>) -> Result<(), String> {
     for line in mounts.lines().filter(|l| !l.is_empty()) {
         let at = Path::new(line);
         let Ok(rel) = at.strip_prefix(target) else { continue };
-        let meta = std::fs::symlink_metadata(at).map_err(|e| format!("cannot look at {line}: {e}"))?;
-        // The chroots' /dev, /proc, /sys: anonymous devices, not on the guest's disk.
-        if libc::major(meta.dev()) == 0 {
+        let st = snapshot::lstat(at).map_err(|e| format!("cannot look at {line}: {e}"))?;
+        // The chroots' /dev, /proc, /sys: not on the guest's disk (a btrfs one is).
+        if is_pseudo_path(at, &st) {
             continue;
         }
         let onto = scratch.join(rel);
@@ -130,6 +135,47 @@ mod tests {
     fn walk(root: &Path) -> Result<String, String> {
         let (snapshot, contents) = snapshot::record_with_contents(root).map_err(|e| e.to_string())?;
         digest_of(&snapshot, &contents)
+    }
+
+    /// A btrfs guest root (an anonymous device number, as the chroots' /proc has) and a btrfs
+    /// /home are the guest's: bound for the manifest and in the mounts' fingerprint, their
+    /// files in the digest; the /proc mounted in the root is not, and the manifest sees the
+    /// directory under it as the image holds it.
+    #[test]
+    fn a_btrfs_root_is_the_guests_and_its_proc_is_not() {
+        use crate::change_watch::tests::{LoopFs, MountedInside};
+        let Some(root) = LoopFs::mount("btrfs") else { return };
+        let target = root.path();
+        std::fs::create_dir_all(target.join("etc")).unwrap();
+        std::fs::write(target.join("etc/hostname"), "btrfs\n").unwrap();
+        let home = target.join("home");
+        let Some(_home) = MountedInside::new("btrfs", &home) else { return };
+        std::fs::write(home.join("notes"), "on /home\n").unwrap();
+        let proc_at = target.join("proc");
+        std::fs::create_dir_all(&proc_at).unwrap();
+        // As any reader of the image sees it: /proc an empty directory.
+        let (as_stored, contents) = snapshot::record_with_contents(target).unwrap();
+        assert!(as_stored.entries.contains_key(b"/home/notes".as_slice()), "the btrfs /home left out");
+        let expected = digest_of(&as_stored, &contents).unwrap();
+        let mounted = std::process::Command::new("mount").args(["-t", "proc", "proc"]).arg(&proc_at).status().unwrap();
+        assert!(mounted.success(), "mount -t proc");
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _proc = Unmount(proc_at.clone());
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        let listed = format!("{}\n{}\n{}\n", target.display(), proc_at.display(), home.display());
+        std::fs::write(mounts.path(), listed).unwrap();
+
+        let fingerprint = mounts_fingerprint(target, mounts.path()).unwrap();
+        let points: Vec<&Path> = fingerprint.iter().map(|(p, _)| p.as_path()).collect();
+        assert_eq!(points, [Path::new(""), Path::new("home")]);
+        let scratch = tempfile::tempdir().unwrap();
+        let digest = with_guest_tree(target, mounts.path(), scratch.path(), walk).unwrap();
+        assert_eq!(digest, expected);
     }
 
     /// The digest covers content, mode and link targets, and not times.

@@ -6,8 +6,8 @@
 //! O_DIRECTORY)` from the parent's descriptor, checked to be the inode that was listed), stops
 //! at a depth and a path length, and records at most [`MAX_ENTRIES`] paths. It walks the guest's
 //! own filesystems as the helper mounted them (the root, then `/boot` & co. from the fstab,
-//! each block-backed) and skips the pseudo filesystems mounted for chroots (`/dev`, `/proc`,
-//! `/sys`: anonymous devices, major number 0).
+//! each block-backed, btrfs subvolumes included) and skips the pseudo filesystems mounted for
+//! chroots (`/dev`, `/proc`, `/sys`: anonymous devices, major number 0, see [`is_pseudo`]).
 
 use crate::digest_queue::{DigestQueue, Hashed};
 use imgforge_protocol::change::FileType;
@@ -491,8 +491,8 @@ impl Walk {
             }
             let Ok(st) = stream.stat_at(&name) else { continue };
             // A mount point of a pseudo filesystem (the chroots' /dev, /proc, /sys): not the
-            // guest's, and not on its disk.
-            if st.st_dev != parent.st_dev && libc::major(st.st_dev) == 0 {
+            // guest's, and not on its disk. (A btrfs subvolume is the guest's: walked.)
+            if st.st_dev != parent.st_dev && is_pseudo(stream.fd(), &name, &st) {
                 continue;
             }
             let Some(meta) = Meta::of(&st) else { continue };
@@ -550,6 +550,31 @@ fn open_leaving_atime(dir: libc::c_int, name: &CStr, flags: libc::c_int) -> io::
         }
     }
     Err(io::Error::from_raw_os_error(libc::EPERM))
+}
+
+/// Whether `st`, the status of `name` in the directory `dir` (or of the path `name` with
+/// `AT_FDCWD`), is on one of the pseudo filesystems mounted for chroots (`/dev`, `/proc`,
+/// `/sys`) rather than on the guest's disks: an anonymous device (major 0) whose filesystem is
+/// not btrfs, whose every subvolume has an anonymous device too. One that cannot be looked at
+/// counts as pseudo.
+pub fn is_pseudo(dir: libc::c_int, name: &CStr, st: &libc::stat) -> bool {
+    if libc::major(st.st_dev) != 0 {
+        return false;
+    }
+    // SAFETY: a directory descriptor the caller holds (or AT_FDCWD) and a NUL-terminated name.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return true;
+    }
+    // SAFETY: openat returned a new descriptor that we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: statfs is plain old data.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor we own and a writable statfs.
+    let looked = unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } == 0;
+    // The same inode still: not something swapped in since it was listed.
+    let same = fstat(&fd).is_ok_and(|now| now.st_dev == st.st_dev && now.st_ino == st.st_ino);
+    !(looked && same && fs.f_type == libc::BTRFS_SUPER_MAGIC)
 }
 
 /// `lstat(path)`.

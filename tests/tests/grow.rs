@@ -320,41 +320,11 @@ fn btrfs_bytes(dev: &str) -> (u64, u64) {
     (dump_super_field(&dump, "total_bytes"), dump_super_field(&dump, "dev_item.total_bytes"))
 }
 
-/// A GPT disk with one btrfs root partition of `fs_bytes`, made from the fixture's root tree
-/// with `mkfs.btrfs --rootdir` (nothing mounted on the host).
-fn btrfs_guest(dir: &Path, fs_bytes: u64) -> PathBuf {
-    let fs = dir.join("root.btrfs");
-    std::fs::File::create(&fs).unwrap().set_len(fs_bytes).unwrap();
-    sh(Command::new("mkfs.btrfs").args(["-q", "-L", "root", "--rootdir"]).arg(fixtures::rootfs().unwrap()).arg(&fs))
-        .expect("mkfs.btrfs --rootdir (apt-get install btrfs-progs)");
-    let image = dir.join("btrfs.img");
-    // 1 MiB before the partition, 1 MiB after it for the backup GPT.
-    std::fs::File::create(&image).unwrap().set_len(fs_bytes + (2 << 20)).unwrap();
-    let mut child = Command::new("sfdisk")
-        .args(["-q", "--label", "gpt"])
-        .arg(&image)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let script = format!("start=2048, size={}, type=L, name=root\n", fs_bytes / SECTOR);
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success());
-    sh(Command::new("dd").arg(format!("if={}", fs.display())).arg(format!("of={}", image.display())).args([
-        "bs=1M",
-        "seek=1",
-        "conv=notrunc,sparse",
-        "status=none",
-    ]))
-    .unwrap();
-    std::fs::remove_file(&fs).unwrap();
-    image
-}
-
 #[test]
 fn gpt_btrfs_root_grows_mounted_to_the_end_of_a_larger_target() {
     fixtures::require_root();
     let dir = tempfile::tempdir().unwrap();
-    let image = btrfs_guest(dir.path(), 768 << 20);
+    let image = fixtures::btrfs_gpt(dir.path(), 768 << 20).unwrap();
     let before = parts(&image);
     assert_eq!(btrfs_bytes(&Loop::of(&image, &before[0]).0), (768 << 20, 768 << 20));
     let (target, ended) = deploy_larger(&image, dir.path(), GIB, &["--hostname", "btrfs1"]);

@@ -305,6 +305,40 @@ fn identical_rules_give_identical_manifests() {
     }
 }
 
+/// A base whose root is btrfs (its device number anonymous, as the chroots' /proc's is): two
+/// variants of it in one boot, raw and thin, each with the manifest the test computes from its
+/// own mount and the change list of what it changed.
+#[test]
+fn a_btrfs_base_gives_whole_manifests() {
+    let work = tempfile::tempdir().unwrap();
+    let base = fixtures::btrfs_gpt(work.path(), 768 << 20).unwrap();
+    let base_sha = sha256_hex(&base);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let variants = vec![
+        variant("b-raw", &out, "raw", OutputFormat::Raw, &[("hostname", "b-raw"), ("write", "/etc/role:raw")]),
+        variant("b-thin", &out, "qcow2", OutputFormat::Qcow2Backed, &[("hostname", "b-thin"), ("delete", "/etc/motd")]),
+    ];
+    let outcomes = run(&base, variants, 1, &Recorded::default());
+    assert_eq!(sha256_hex(&base), base_sha, "the base image changed");
+    for outcome in &outcomes {
+        let product = outcome.result.as_ref().unwrap_or_else(|e| panic!("{}: {e}", outcome.name));
+        let raw = match outcome.name.as_str() {
+            "b-raw" => product.output.clone(),
+            _ => as_raw(&product.output, work.path()),
+        };
+        let mount = Mount::partition(&raw, 0).unwrap();
+        assert_eq!(mount.read("/etc/hostname").unwrap().trim(), outcome.name);
+        assert_eq!(product.manifest_sha256, manifest_sha256(mount.path()), "{}: the helper's manifest", outcome.name);
+        let changed = |path: &str, kind: ChangeKind| product.changes.iter().any(|c| c.path == path && c.change == kind);
+        assert!(changed("/etc/hostname", ChangeKind::Changed), "{}: {:?}", outcome.name, product.changes);
+        match outcome.name.as_str() {
+            "b-raw" => assert!(changed("/etc/role", ChangeKind::Added), "{:?}", product.changes),
+            _ => assert!(changed("/etc/motd", ChangeKind::Removed), "{:?}", product.changes),
+        }
+    }
+}
+
 /// The digests of the base's files that a build keeps are given to the next build of that base:
 /// its manifest is the same and the one the test computes; the kept digests are used (a wrong
 /// one shows in the manifest); a damaged cache is not used, and is replaced by a sound one.
