@@ -11,6 +11,7 @@
 
 pub mod buffer;
 pub mod destination;
+pub mod direct_read;
 pub mod held_start;
 pub mod prefetch;
 

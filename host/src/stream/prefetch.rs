@@ -5,15 +5,8 @@
 //! idle between its requests while the writes competed for it, and did every page-cache copy
 //! on one core.
 //!
-//! Reads aligned to [`DIRECT_ALIGN`] (every whole stretch of a raw image, every uncompressed
-//! qcow2 cluster) go around the page cache (O_DIRECT on a second descriptor): the disk fills
-//! the buffers itself, with no copy and no page-cache pages to allocate and reclaim, and an
-//! image written does not evict what the machine had cached. `cargo xtask bench write`'s raw
-//! image (2 GiB, 1.25 GiB stored) took 0.70-0.82 s that way against 0.79-1.10 s through the
-//! page cache, runs interleaved, with a third of the system time (0.10-0.17 s against 0.41 s).
-//! (Session 11 measured O_DIRECT reads slower here, 0.87-1.0 s against 0.45 s for the same
-//! 1.25 GiB; the same bench's cold read alone now takes 0.43 s with 4 O_DIRECT reads in flight
-//! against 0.54-0.57 s through the page cache.)
+//! Reads aligned to a page of bytes not cached go around the page cache
+//! ([`super::direct_read`]).
 //!
 //! The other reads — compressed clusters, a file's unaligned tail — go through the page
 //! cache, and their file ranges are handed, [`READ_AHEAD_BYTES`] ahead of the workers, to a
@@ -27,6 +20,7 @@
 //! [`READ_AHEAD_BYTES`] read ahead (the kernel's to reclaim).
 
 use super::buffer::AlignedBuf;
+use super::direct_read::DirectReads;
 use super::{at_most, ChunkReader, Piece, CHUNK_BYTES};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -35,9 +29,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// The alignment (of offset, length and memory) a read must have to go around the page
-/// cache: a page, as large as any common device's logical block.
-const DIRECT_ALIGN: usize = super::buffer::ALIGN_BYTES;
 /// Buffers being filled (or filled and waiting their turn) at once.
 pub const READS_IN_FLIGHT: usize = 4;
 /// Stretches planned ahead of the one handed over, holes included.
@@ -97,12 +88,8 @@ pub trait Planner: Send {
 /// The image file as the workers read it.
 pub struct SourceFile {
     file: std::fs::File,
-    /// The same file opened again with O_DIRECT, for the reads aligned to [`DIRECT_ALIGN`]
-    /// (see the module); None where the file cannot be opened so.
-    direct: Option<std::fs::File>,
-    /// Set once a direct read was refused (a device that wants a larger alignment): every
-    /// read goes through the page cache from then on.
-    direct_refused: AtomicBool,
+    /// The reads that go around the page cache; None where the file cannot be opened so.
+    direct: Option<DirectReads>,
     /// Its length when opened (reads past it are a changed file).
     len: u64,
     /// For messages.
@@ -112,26 +99,16 @@ pub struct SourceFile {
 impl SourceFile {
     /// `file` (shown as `name`), `len` bytes long.
     pub fn new(file: std::fs::File, len: u64, name: &str) -> Self {
-        let direct = reopen_direct(&file);
-        Self { file, direct, direct_refused: AtomicBool::new(false), len, name: name.to_owned() }
+        let direct = DirectReads::open(&file, len);
+        Self { file, direct, len, name: name.to_owned() }
     }
 
-    /// Whether a read of `len` bytes at `offset` into memory at `addr` goes around the page
-    /// cache.
-    fn reads_direct(&self, addr: usize, offset: u64, len: usize) -> bool {
-        let align = DIRECT_ALIGN as u64;
-        self.direct.is_some()
-            && !self.direct_refused.load(Ordering::Relaxed)
-            && addr.is_multiple_of(DIRECT_ALIGN)
-            && offset.is_multiple_of(align)
-            && len.is_multiple_of(DIRECT_ALIGN)
-    }
-
-    /// Whether the reads of `part` go through the page cache (so reading ahead helps them).
+    /// Whether the reads of `part` go through the page cache where it does not hold them (so
+    /// reading ahead helps them).
     fn reads_cached(&self, part: &Part) -> bool {
         match *part {
             // Where in its buffer the part lands is aligned whenever what came before it is.
-            Part::Read { offset, len } => !self.reads_direct(0, offset, len),
+            Part::Read { offset, len } => !self.direct.as_ref().is_some_and(|d| d.may_read(0, offset, len)),
             Part::Deflate { .. } => true,
             Part::Zero(_) => false,
         }
@@ -142,20 +119,24 @@ impl SourceFile {
         let mut got = 0;
         while got < out.len() {
             let (room, at) = (&mut out[got..], offset + got as u64);
-            let direct = self.reads_direct(room.as_ptr() as usize, at, room.len());
-            let file = match &self.direct {
-                Some(d) if direct => d,
-                _ => &self.file,
-            };
+            let direct =
+                self.direct.as_ref().and_then(|d| d.for_read(room.as_ptr() as usize, at, room.len()).map(|f| (d, f)));
+            let file = direct.map_or(&self.file, |(_, f)| f);
             match file.read_at(room, at) {
                 Ok(0) => return Err(self.ended(at)),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // The device's alignment is larger than the one assumed: no more direct reads.
-                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct_refused.store(true, Ordering::Relaxed);
+                Ok(n) => {
+                    if let Some((d, _)) = direct {
+                        d.count(n);
+                    }
+                    got += n;
                 }
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => match direct {
+                    // The device's alignment is larger than the one assumed: no more direct
+                    // reads, and this one again through the page cache.
+                    Some((d, _)) if e.raw_os_error() == Some(libc::EINVAL) => d.refuse(),
+                    _ => return Err(e),
+                },
             }
         }
         Ok(())
@@ -587,19 +568,6 @@ impl Planner for RawPlan {
     }
 }
 
-/// `file` opened again with O_DIRECT through its `/proc/self/fd` link, if that is the same
-/// file and its filesystem allows direct I/O.
-fn reopen_direct(file: &std::fs::File) -> Option<std::fs::File> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .ok()?;
-    let (a, b) = (file.metadata().ok()?, direct.metadata().ok()?);
-    (a.dev() == b.dev() && a.ino() == b.ino()).then_some(direct)
-}
-
 /// A raw image file of `size` bytes, read ahead (see the module); `name` for messages.
 pub fn raw(file: std::fs::File, size: u64, name: &str) -> std::io::Result<Prefetch> {
     let planner = RawPlan::new(file.try_clone()?, size);
@@ -748,42 +716,65 @@ mod tests {
         (dir, file)
     }
 
-    /// Aligned reads go from the disk to the buffers without the page cache (no copy, and no
-    /// image evicting what the host had cached); the unaligned tail through it; every byte
-    /// read back.
+    /// Aligned reads of bytes not cached go from the disk to the buffers without the page
+    /// cache (no copy, and no image evicting what the host had cached); the unaligned tail
+    /// through it; every byte read back.
     #[test]
-    fn aligned_reads_go_around_the_page_cache() {
+    fn aligned_reads_of_what_is_not_cached_go_around_the_page_cache() {
         let len = 4 * CHUNK_BYTES + 1000;
         let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8 + 1).collect();
         let (_dir, file) = on_disk(&bytes);
-        let reader = raw(file.try_clone().unwrap(), len as u64, "raw").unwrap();
+        let mut reader = raw(file.try_clone().unwrap(), len as u64, "raw").unwrap();
         assert!(reader.source.direct.is_some(), "the build's filesystem refused O_DIRECT");
-        let mut reader = reader;
         assert!(read_all(&mut reader).unwrap() == bytes);
+        assert_eq!(reader.source.direct.as_ref().unwrap().direct_bytes(), 4 * CHUNK_BYTES as u64);
         drop(reader);
         assert!(resident(&file, len) <= 8192, "{} bytes went through the page cache", resident(&file, len));
         // Once a direct read is refused, every read goes through the cache, whole.
         let (_dir, file) = on_disk(&bytes);
         let mut reader = raw(file.try_clone().unwrap(), len as u64, "raw").unwrap();
-        reader.source.direct_refused.store(true, Ordering::Relaxed);
+        reader.source.direct.as_ref().unwrap().refuse();
         assert!(read_all(&mut reader).unwrap() == bytes);
+        assert_eq!(reader.source.direct.as_ref().unwrap().direct_bytes(), 0);
         assert!(resident(&file, len) >= 4 * CHUNK_BYTES, "the refused reads went around the cache");
     }
 
-    /// Only reads aligned in memory, offset and length go direct; advice is for the others.
+    /// Bytes the page cache holds (an image just built) are copied from it, not read from the
+    /// disk again: all of them, or the stretches cached where only some are.
+    #[test]
+    fn cached_bytes_are_read_from_the_cache() {
+        let len = 4 * CHUNK_BYTES;
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+        let (_dir, file) = on_disk(&bytes);
+        let mut warm = vec![0u8; len];
+        file.read_exact_at(&mut warm, 0).unwrap();
+        let mut reader = raw(file.try_clone().unwrap(), len as u64, "raw").unwrap();
+        assert!(read_all(&mut reader).unwrap() == bytes);
+        assert_eq!(reader.source.direct.as_ref().unwrap().direct_bytes(), 0, "cached bytes read from the disk");
+
+        let (_dir, file) = on_disk(&bytes);
+        let mut half = vec![0u8; 2 * CHUNK_BYTES];
+        file.read_exact_at(&mut half, 2 * CHUNK_BYTES as u64).unwrap();
+        let mut reader = raw(file.try_clone().unwrap(), len as u64, "raw").unwrap();
+        assert!(read_all(&mut reader).unwrap() == bytes);
+        assert_eq!(reader.source.direct.as_ref().unwrap().direct_bytes(), 2 * CHUNK_BYTES as u64);
+    }
+
+    /// Only reads aligned in memory, offset and length may go direct; advice is for the others.
     #[test]
     fn only_aligned_reads_go_direct() {
         let (_dir, file) = on_disk(&[1u8; 8192]);
         let source = SourceFile::new(file, 8192, "raw");
-        assert!(source.reads_direct(4096, 4096, 4096));
-        assert!(!source.reads_direct(4097, 4096, 4096));
-        assert!(!source.reads_direct(4096, 4095, 4096));
-        assert!(!source.reads_direct(4096, 4096, 4000));
+        let direct = source.direct.as_ref().unwrap();
+        assert!(direct.may_read(4096, 4096, 4096));
+        assert!(!direct.may_read(4097, 4096, 4096));
+        assert!(!direct.may_read(4096, 4095, 4096));
+        assert!(!direct.may_read(4096, 4096, 4000));
         assert!(!source.reads_cached(&Part::Read { offset: 0, len: CHUNK_BYTES }));
         assert!(source.reads_cached(&Part::Read { offset: 0, len: 1000 }));
         assert!(source.reads_cached(&Part::Deflate { offset: 0, stored: 4096, len: 4096, whole: 4096 }));
-        source.direct_refused.store(true, Ordering::Relaxed);
-        assert!(!source.reads_direct(4096, 4096, 4096));
+        direct.refuse();
+        assert!(!direct.may_read(4096, 4096, 4096));
     }
 
     /// A file cut shorter than it was when opened: an error naming it, not a short image.
