@@ -6,8 +6,8 @@ use imgforge_tests::fixtures::{self, sh};
 use imgforge_tests::http::{self, Response};
 use imgforge_tests::run::{binary, code, imgforge, s};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 mod progress_schema;
 
@@ -277,6 +277,63 @@ fn sigint_leaves_no_output_and_no_temporary_file() {
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?} to stop", started.elapsed());
     assert_eq!(status.code(), Some(130));
     assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 0, "output or temporary file left behind");
+}
+
+/// SIGTERM at moments spread over a whole `write --force` onto an existing file (from before
+/// the handlers are installed to after the end): exit 0 only with the image whole on the
+/// target; exit 130 with the target's first MiB zeroed; killed by the signal itself only
+/// before anything was written. Never a success with a partial image, nor a partial image with
+/// a bootable start.
+#[test]
+fn a_signal_at_any_moment_leaves_a_whole_image_or_a_zeroed_start() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixtures::pseudo_random_bytes(7, 96 << 20);
+    let source = dir.path().join("source.img");
+    std::fs::write(&source, &image).unwrap();
+    let target = dir.path().join("target.img");
+    let run = |delay: Option<Duration>| {
+        std::fs::write(&target, vec![0xffu8; image.len()]).unwrap();
+        let started = Instant::now();
+        let child = Command::new(binary())
+            .args(write_args(&s(&source), &s(&target), &["--force"]))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+            // SAFETY: signalling our own child (gone already is fine: kill fails harmlessly).
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let out = child.wait_with_output().unwrap();
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned(), started.elapsed())
+    };
+    let (status, stderr, whole) = run(None);
+    assert!(status.success(), "{stderr}");
+    let mut outcomes = std::collections::BTreeMap::new();
+    for step in 0..=24u32 {
+        let (status, stderr, _) = run(Some(whole * step / 20));
+        let written = std::fs::read(&target).unwrap();
+        let outcome = match (status.code(), status.signal()) {
+            (Some(0), _) => {
+                assert!(written == image, "exit 0 after SIGTERM at step {step} with the image not whole");
+                "finished"
+            }
+            (Some(130), _) => {
+                assert!(stderr.contains("interrupted"), "{stderr}");
+                assert!(written[..1 << 20].iter().all(|b| *b == 0), "step {step}: exit 130, a start not zeroed");
+                "interrupted"
+            }
+            (None, Some(libc::SIGTERM)) => {
+                assert!(written.iter().all(|b| *b == 0xff), "step {step}: killed outright after writing");
+                "killed before starting"
+            }
+            other => panic!("step {step}: {other:?}: {stderr}"),
+        };
+        *outcomes.entry(outcome).or_insert(0) += 1;
+    }
+    eprintln!("one write {whole:?}; outcomes of SIGTERM over it: {outcomes:?}");
+    assert!(outcomes.contains_key("interrupted"), "no signal landed during the write: {outcomes:?}");
 }
 
 /// A host file the helper user may read (and write): what a hostile image would name.
