@@ -63,7 +63,26 @@ pub struct FstabEntry {
 }
 
 /// The filesystem types imgforge mounts from the guest's fstab.
-const FSTAB_TYPES: [&str; 5] = ["ext2", "ext3", "ext4", "xfs", "vfat"];
+const FSTAB_TYPES: [&str; 6] = ["ext2", "ext3", "ext4", "xfs", "vfat", "btrfs"];
+
+impl FstabEntry {
+    /// The btrfs subvolume the entry names (`subvol=` or `subvolid=`), as mount data; the
+    /// only option passed on, checked to be one option (pure).
+    pub fn btrfs_subvolume(&self) -> Option<String> {
+        if self.fstype != "btrfs" {
+            return None;
+        }
+        self.options.split(',').find_map(|o| {
+            let (key, value) = o.split_once('=')?;
+            let ok = match key {
+                "subvol" => !value.is_empty() && !value.contains(['\0', '\\']) && !value.split('/').any(|c| c == ".."),
+                "subvolid" => value.parse::<u64>().is_ok(),
+                _ => false,
+            };
+            ok.then(|| format!("{key}={value}"))
+        })
+    }
+}
 
 /// The fstab entries to mount, shallow mount points first so that /boot comes before /boot/efi
 /// (pure).
@@ -448,9 +467,13 @@ impl Devices {
     }
 }
 
-/// Filesystem types a guest root may have. A btrfs root is its default subvolume: a root in
-/// another subvolume (Ubuntu's `@`, Fedora's `root`) is not looked for.
+/// Filesystem types a guest root may have. A btrfs root is its default subvolume or, where
+/// that holds no root, one of the subvolumes at its top (Fedora's `root`, Ubuntu's `@`).
 const ROOT_TYPES: [&str; 5] = ["ext2", "ext3", "ext4", "xfs", "btrfs"];
+/// Subvolumes at the top of a btrfs filesystem tried as the root, at most.
+const MAX_ROOT_SUBVOLUMES: usize = 32;
+/// The inode number of every btrfs subvolume's top directory.
+const BTRFS_SUBVOLUME_INO: u64 = 256;
 
 /// Mounts the first candidate holding a root filesystem on the target: its device and type.
 fn mount_guest_root(env: &Env, disk: &Devices) -> Result<(String, String), String> {
@@ -466,11 +489,22 @@ fn mount_guest_root(env: &Env, disk: &Devices) -> Result<(String, String), Strin
             if looks_like_root(&env.target) {
                 return Ok((dev, fstype));
             }
+            let subvolumes = if fstype == "btrfs" { top_subvolumes(&env.target) } else { Vec::new() };
             let _ = unmount(&env.target);
+            for name in subvolumes {
+                let data = format!("subvol={name}");
+                if mount_guest_fs_with(&dev, &env.target, &fstype, env.read_only, Some(&data)).is_ok() {
+                    if looks_like_root(&env.target) {
+                        println!("the guest root is the btrfs subvolume {name} of {dev}");
+                        return Ok((dev, fstype));
+                    }
+                    let _ = unmount(&env.target);
+                }
+            }
         }
     }
     Err(format!(
-        "no root filesystem found on {} (looked for ext2/3/4, xfs or btrfs, its default subvolume, holding /etc and /bin/sh{})",
+        "no root filesystem found on {} (looked for ext2/3/4, xfs or btrfs, its default subvolume or one at its top, holding /etc and /bin/sh{})",
         disk.disks.join(", "),
         env.root_rule.as_deref().map(|r| format!(" on {r}")).unwrap_or_default()
     ))
@@ -496,13 +530,15 @@ fn mount_fstab(
                 entry.spec, entry.mount_point
             ));
         };
-        if dev == root {
+        let subvolume = entry.btrfs_subvolume();
+        // The root's device again: only another btrfs subvolume of it (Fedora's /home).
+        if dev == root && subvolume.is_none() {
             continue;
         }
         let where_ = guest
             .resolve(&entry.mount_point)
             .map_err(|_| format!("fstab mount point {} does not exist in the guest", entry.mount_point))?;
-        mount_guest_fs(&dev, &where_, &entry.fstype, env.read_only).map_err(|e| {
+        mount_guest_fs_with(&dev, &where_, &entry.fstype, env.read_only, subvolume.as_deref()).map_err(|e| {
             format!("cannot mount {dev} ({}) on {} from the guest's fstab: {e}", entry.fstype, entry.mount_point)
         })?;
         record_mount(mounts, &where_)?;
@@ -591,6 +627,24 @@ fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
+/// The subvolumes at the top of the btrfs filesystem mounted at `at` (directories there whose
+/// inode is a subvolume's top), Fedora's `root` and Ubuntu's `@` first, then by name; at most
+/// [`MAX_ROOT_SUBVOLUMES`].
+fn top_subvolumes(at: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir(at) else { return Vec::new() };
+    let mut names: Vec<String> = dir
+        .flatten()
+        .take(4096)
+        .filter(|e| e.metadata().is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_SUBVOLUME_INO))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.contains(','))
+        .collect();
+    names.sort_by_key(|n| (!matches!(n.as_str(), "root" | "@"), n != "root", n.clone()));
+    names.truncate(MAX_ROOT_SUBVOLUMES);
+    names
+}
+
 fn looks_like_root(target: &Path) -> bool {
     let etc = std::fs::symlink_metadata(target.join("etc"));
     etc.is_ok_and(|m| m.is_dir()) && std::fs::symlink_metadata(target.join("bin/sh")).is_ok()
@@ -612,7 +666,19 @@ pub fn mount(source: &str, target: &Path, fstype: &str, read_only: bool) -> std:
 /// Mounts one of the guest's filesystems: `nodev`, so that a device node the image carries
 /// (the report port's, the floppy's) opens nothing for the guest's programs or for the helper.
 fn mount_guest_fs(source: &str, target: &Path, fstype: &str, read_only: bool) -> std::io::Result<()> {
-    mount_flags(source, target, fstype, libc::MS_NODEV | if read_only { libc::MS_RDONLY } else { 0 })
+    mount_guest_fs_with(source, target, fstype, read_only, None)
+}
+
+/// [`mount_guest_fs`] with mount data (a btrfs subvolume).
+fn mount_guest_fs_with(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    read_only: bool,
+    data: Option<&str>,
+) -> std::io::Result<()> {
+    let flags = libc::MS_NODEV | if read_only { libc::MS_RDONLY } else { 0 };
+    crate::confinement::mount_flags(source, target, fstype, flags, data)
 }
 
 /// mount(2) with `flags` and no data string: the helper's one mount wrapper.
@@ -690,8 +756,50 @@ DEVNAME=/dev/vda2\nUUID=8c1a\nTYPE=ext4\nPARTUUID=bbbb\n\nDEVNAME=/dev/vda3\nLAB
         let text = "# c\nUUID=a / ext4 defaults 0 1\nUUID=c /boot/efi vfat umask=077 0 1\nUUID=b /boot ext4 defaults 0 2\n\
 UUID=d none swap sw 0 0\nproc /proc proc defaults 0 0\nUUID=e /srv btrfs defaults 0 0\nUUID=f /data xfs nofail\nshort line\n";
         let got: Vec<(String, String)> = parse_fstab(text).into_iter().map(|e| (e.mount_point, e.options)).collect();
-        let want = [("/boot", "defaults"), ("/data", "nofail"), ("/boot/efi", "umask=077")];
+        let want = [("/srv", "defaults"), ("/boot", "defaults"), ("/data", "nofail"), ("/boot/efi", "umask=077")];
         assert_eq!(got, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    }
+
+    /// Only a btrfs entry names a subvolume, by one `subvol=` (no `..`, no escapes) or a
+    /// numeric `subvolid=` option; nothing else of its options is passed on.
+    #[test]
+    fn btrfs_subvolumes_of_fstab_entries() {
+        let entry = |fstype: &str, options: &str| FstabEntry {
+            spec: "UUID=a".into(),
+            mount_point: "/home".into(),
+            fstype: fstype.into(),
+            options: options.into(),
+        };
+        let cases = [
+            ("btrfs", "subvol=home,compress=zstd:1", Some("subvol=home")),
+            ("btrfs", "compress=zstd:1,subvolid=257", Some("subvolid=257")),
+            ("btrfs", "subvol=/@/home", Some("subvol=/@/home")),
+            ("btrfs", "defaults", None),
+            ("btrfs", "subvol=", None),
+            ("btrfs", "subvol=../../x", None),
+            ("btrfs", "subvol=a\\054b", None),
+            ("btrfs", "subvolid=x", None),
+            ("ext4", "subvol=home", None),
+        ];
+        for (fstype, options, want) in cases {
+            assert_eq!(entry(fstype, options).btrfs_subvolume().as_deref(), want, "{fstype} {options}");
+        }
+    }
+
+    /// A btrfs filesystem's subvolumes at its top, Fedora's and Ubuntu's root names first;
+    /// plain directories are not subvolumes.
+    #[test]
+    fn top_subvolumes_root_names_first() {
+        let Some(fs) = crate::change_watch::tests::LoopFs::mount("btrfs") else { return };
+        for name in ["home", "root", "@", "var"] {
+            let made = std::process::Command::new("btrfs")
+                .args(["-q", "subvolume", "create"])
+                .arg(fs.path().join(name))
+                .output();
+            assert!(made.unwrap().status.success(), "btrfs subvolume create {name}");
+        }
+        std::fs::create_dir(fs.path().join("plain")).unwrap();
+        assert_eq!(top_subvolumes(fs.path()), ["root", "@", "home", "var"]);
     }
 
     #[test]

@@ -56,13 +56,21 @@ impl Mount {
         Self::loop_mount(image, Partition { offset, size }, "ro")
     }
 
+    /// Mounts the btrfs subvolume `subvol` of partition `index` (0-based) of `image`
+    /// read-only, never replaying its log.
+    pub fn btrfs_subvolume(image: &Path, index: usize, subvol: &str) -> Result<Self> {
+        let part =
+            *partitions(image)?.get(index).with_context(|| format!("{} has no partition {index}", image.display()))?;
+        Self::loop_mount(image, part, &format!("ro,rescue=nologreplay,subvol={subvol}"))
+    }
+
     fn loop_mount(image: &Path, part: Partition, mode: &str) -> Result<Self> {
         let offset = part.offset;
         let fstype = sh(Command::new("blkid")
             .args(["-p", "-o", "value", "-s", "TYPE", "-O", &part.offset.to_string()])
             .arg(image))?;
         let extra = match (mode, fstype.trim()) {
-            ("rw", _) => "",
+            ("rw", _) | (_, "btrfs") => "",
             (_, "xfs") => ",norecovery",
             (_, "ext4" | "ext3") => ",noload",
             _ => "",

@@ -1121,3 +1121,25 @@ fn a_single_large_upload_changed_during_the_run_is_refused() {
     let root = Mount::partition(&img, 0).unwrap();
     assert!(!root.join("/root/shrinks.bin").exists(), "nothing was written");
 }
+
+/// A disk laid out as Fedora's: btrfs, its default subvolume holding no root, the root in the
+/// subvolume `root` and /home the subvolume `home`, both named by `subvol=` in the guest's
+/// fstab. Customize finds the root in its subvolume and mounts /home as the guest does: a file
+/// written to /home lands in the `home` subvolume, where the booted guest sees it, not hidden
+/// under it in `root`.
+#[test]
+fn a_fedora_btrfs_layout_of_root_and_home_subvolumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = fixtures::btrfs_fedora_gpt(dir.path(), 768 << 20).unwrap();
+    let out = customize_tcg(
+        &img,
+        &["--hostname", "fedora-like", "--write", "/home/added:by imgforge", "--append-line", "/home/notes:appended"],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let root = Mount::btrfs_subvolume(&img, 0, "root").unwrap();
+    assert_eq!(root.read("/etc/hostname").unwrap().trim(), "fedora-like");
+    assert!(!root.join("/home/added").exists(), "written under the /home mount point, hidden by it");
+    let home = Mount::btrfs_subvolume(&img, 0, "home").unwrap();
+    assert_eq!(home.read("/added").unwrap(), "by imgforge");
+    assert_eq!(home.read("/notes").unwrap(), "on the home subvolume\nappended\n");
+}
