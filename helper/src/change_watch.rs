@@ -617,6 +617,163 @@ pub(crate) mod tests {
         assert!(refreshed.0.entries.contains_key(b"/home/sub/new".as_slice()));
     }
 
+    /// Two subvolumes `keep` and `swap` made in `home` (a btrfs mount), each with a file `f`, of
+    /// `keep_text` and `swap_text` (the same length): the two files have the same inode number
+    /// (each subvolume numbers its own from 256), size and times, as a hostile image can hold
+    /// them (a crafted image sets any time; here both are written within one clock tick, tried
+    /// again until they are). `None` if no two writes shared a tick.
+    fn colliding_subvolumes(home: &Path, keep_text: &str, swap_text: &str) -> Option<()> {
+        assert_eq!(keep_text.len(), swap_text.len());
+        let create = |name: &str| {
+            let made =
+                std::process::Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(home.join(name)).output();
+            assert!(made.unwrap().status.success(), "btrfs subvolume create {name}");
+        };
+        let delete = |name: &str| {
+            let _ =
+                std::process::Command::new("btrfs").args(["-q", "subvolume", "delete"]).arg(home.join(name)).output();
+        };
+        for _ in 0..200 {
+            create("keep");
+            create("swap");
+            std::fs::write(home.join("keep/f"), keep_text).unwrap();
+            std::fs::write(home.join("swap/f"), swap_text).unwrap();
+            let (a, b) =
+                (snapshot::lstat(&home.join("keep/f")).unwrap(), snapshot::lstat(&home.join("swap/f")).unwrap());
+            let same =
+                |st: &libc::stat| (st.st_ino, st.st_size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
+            if same(&a) == same(&b) {
+                assert_ne!(a.st_dev, b.st_dev, "two subvolumes, two devices");
+                return Some(());
+            }
+            delete("keep");
+            delete("swap");
+        }
+        eprintln!("skipped: no two writes within one clock tick");
+        None
+    }
+
+    /// FINDING (review of c66f5e1): btrfs subvolumes number their inodes each on their own, so
+    /// a hostile base can hold, in two subvolumes, two files of the same inode number, size and
+    /// times and different bytes. A guest program (root, without CAP_SYS_ADMIN or CAP_SYS_TIME:
+    /// a plain rename(2) is enough) renames one subvolume over the other's name: the file now at
+    /// the path has the path, inode number, size and times the base's file had there. The digest
+    /// cache (keyed by path, inode, size and times: not by device or subvolume) then gives the
+    /// base's digest for other bytes, and the change list (which tells a replaced file by its
+    /// inode number) says the file did not change. On ext4 or XFS one filesystem's inode numbers
+    /// are unique and a program cannot set a change time (`confinement::DROPPED_CAPABILITIES`),
+    /// so this is new with btrfs walked.
+    #[test]
+    fn a_subvolume_renamed_over_another_does_not_keep_its_digests_or_hide_the_change() {
+        use sha2::Digest;
+        let Some(fs) = LoopFs::mount("ext4") else { return };
+        let root = fs.path();
+        write(root, "/etc/hostname", "base\n");
+        let home = root.join("home");
+        let Some(_home) = MountedInside::new("btrfs", &home) else { return };
+        let (good, evil) = ("the base's good bytes\n", "the guest's evil bytes\n");
+        let (good, evil) = (good, &evil[..good.len()]);
+        let Some(()) = colliding_subvolumes(&home, good, evil) else { return };
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n{}\n", root.display(), home.display())).unwrap();
+        // As the variants' engine does once the guest is mounted, before any guest program.
+        crate::manifest::register_mounts(root, mounts.path()).unwrap();
+        let (base, base_contents) = snapshot::record_with_contents(root).unwrap();
+
+        let watch = ChangeWatch::start(root, mounts.path()).expect("the root can be watched");
+        // What the guest's program does, without the capabilities guest programs lose: two
+        // renames of subvolumes.
+        let renamed = std::process::Command::new("capsh")
+            .args([
+                "--drop=cap_sys_admin,cap_sys_time,cap_mknod,cap_sys_chroot",
+                "--",
+                "-c",
+                "mv keep old && mv swap keep",
+            ])
+            .current_dir(&home)
+            .status();
+        if !renamed.is_ok_and(|s| s.success()) {
+            std::fs::rename(home.join("keep"), home.join("old")).unwrap();
+            std::fs::rename(home.join("swap"), home.join("keep")).unwrap();
+        }
+        let touched = watch.finish(root).unwrap();
+        let (after, contents) =
+            snapshot::refresh_with_contents(root, &base, &base_contents, &touched.dirs_to_list(&base), &touched.whole)
+                .unwrap();
+
+        let path = b"/home/keep/f".as_slice();
+        assert_eq!(std::fs::read_to_string(home.join("keep/f")).unwrap(), evil);
+        let sha = |text: &str| imgforge_protocol::bytes::hex(&sha2::Sha256::digest(text.as_bytes()));
+        let reported = contents.get(path).cloned();
+        let listed = crate::changes::diff_with_contents(&base.entries, &base_contents, &after.entries, &contents);
+        let change_listed = listed.iter().any(|c| c.path.as_bytes() == path);
+        let whole = snapshot::record_with_contents(root).unwrap().1.get(path).cloned();
+        assert!(
+            reported == Some(imgforge_protocol::manifest::ManifestContent::Sha256(sha(evil))) && change_listed,
+            "/home/keep/f holds {evil:?}: the manifest says {reported:?} (the digest of {good:?} is {}; a whole \
+             walk says {whole:?}); its change listed: {change_listed}",
+            sha(good)
+        );
+    }
+
+    /// Held (review of c66f5e1): a btrfs guest root is not watched (the watch fails to start, and
+    /// the caller walks the whole tree), and a walk of the root as mounted (the dry run's, and
+    /// `changes::report_after_failure`) enters its subvolumes but not the procfs, sysfs and tmpfs
+    /// mounted on it, anonymous devices all. `is_pseudo` given a listing (`stat`) that is no
+    /// longer what the name holds (a subvolume swapped for the procfs, or the other way round)
+    /// says pseudo: the walk skips it.
+    #[test]
+    fn a_btrfs_root_is_not_watched_and_its_pseudo_mounts_are_not_walked() {
+        let Some(fs) = LoopFs::mount("btrfs") else { return };
+        let root = fs.path();
+        write(root, "/etc/hostname", "btrfs\n");
+        let made =
+            std::process::Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(root.join("sub")).output();
+        assert!(made.unwrap().status.success(), "btrfs subvolume create");
+        write(root, "/sub/kept", "in a subvolume\n");
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let mut mounted = Vec::new();
+        for (kind, at) in [("proc", "proc"), ("sysfs", "sys"), ("tmpfs", "dev")] {
+            let at = root.join(at);
+            std::fs::create_dir_all(&at).unwrap();
+            let ok = std::process::Command::new("mount").args(["-t", kind, kind]).arg(&at).status().unwrap();
+            assert!(ok.success(), "mount -t {kind}");
+            mounted.push(Unmount(at));
+        }
+        write(root, "/dev/on-the-tmpfs", "not the guest's\n");
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        let listed: String = [root.to_owned(), root.join("dev"), root.join("proc"), root.join("sys")]
+            .iter()
+            .map(|p| format!("{}\n", p.display()))
+            .collect();
+        std::fs::write(mounts.path(), listed).unwrap();
+        let e = ChangeWatch::start(root, mounts.path()).err().expect("a btrfs root is not watched");
+        assert!(e.contains("root filesystem"), "{e}");
+
+        let tree = snapshot::record(root).unwrap();
+        assert!(tree.entries.contains_key(b"/sub/kept".as_slice()), "the subvolume walked");
+        let pseudo: Vec<_> = tree
+            .entries
+            .keys()
+            .filter(|k| ["/proc", "/sys", "/dev"].iter().any(|p| k.starts_with(p.as_bytes())))
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        assert!(pseudo.is_empty(), "walked into the pseudo filesystems: {pseudo:?}");
+
+        let dir = snapshot::open_dir(root).unwrap();
+        let (sub, proc_) = (snapshot::lstat(&root.join("sub")).unwrap(), snapshot::lstat(&root.join("proc")).unwrap());
+        assert!(!snapshot::is_pseudo(dir.as_raw_fd(), c"sub", &sub));
+        assert!(snapshot::is_pseudo(dir.as_raw_fd(), c"proc", &proc_));
+        assert!(snapshot::is_pseudo(dir.as_raw_fd(), c"proc", &sub), "a subvolume's listing, the procfs there now");
+        assert!(snapshot::is_pseudo(dir.as_raw_fd(), c"sub", &proc_), "the procfs's listing, a subvolume there now");
+        assert!(snapshot::is_pseudo(dir.as_raw_fd(), c"gone", &sub), "nothing there now");
+    }
+
     /// A filesystem that is not watched (XFS taken for one here, as vfat cannot be mounted on
     /// every test machine), mounted inside the guest's root: what changed on it is in the tree.
     #[test]

@@ -10,6 +10,7 @@ use crate::reporter::Reporter;
 use crate::snapshot::{self, Meta, Snapshot};
 use crate::task_env::TaskEnv;
 use imgforge_protocol::change::{escape_path, Aspect, ChangeKind, FileChange, FileState, FileType};
+use imgforge_protocol::manifest::ManifestContent;
 use imgforge_protocol::report::ReportLine;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -114,12 +115,25 @@ pub fn parent(path: &[u8]) -> &[u8] {
 pub fn diff(before: &BTreeMap<Vec<u8>, Meta>, after: &BTreeMap<Vec<u8>, Meta>) -> Vec<FileChange> {
     // Both records are in path order: walked side by side (a few thousand paths after every
     // variant, on an emulated CPU), never looked up a path at a time.
-    changes_of(|| side_by_side(before, after))
+    changes_of(|| side_by_side(before, after), |_| false)
+}
+
+/// [`diff`], with each side's contents (file digests, link targets) too: a path whose content
+/// differs has changed content, even where its inode number, size and times are those it had
+/// (a guest program renamed another filesystem or btrfs subvolume, whose inode numbers are its
+/// own, over its place).
+pub fn diff_with_contents(
+    before: &BTreeMap<Vec<u8>, Meta>,
+    before_contents: &BTreeMap<Vec<u8>, ManifestContent>,
+    after: &BTreeMap<Vec<u8>, Meta>,
+    after_contents: &BTreeMap<Vec<u8>, ManifestContent>,
+) -> Vec<FileChange> {
+    changes_of(|| side_by_side(before, after), |path| before_contents.get(path) != after_contents.get(path))
 }
 
 /// The changes of every path `paths` gives, with its entry before and after, in path order
 /// (`paths` is walked twice: first for the directories whose entries changed).
-fn changes_of<'a, I>(paths: impl Fn() -> I) -> Vec<FileChange>
+fn changes_of<'a, I>(paths: impl Fn() -> I, content_differs: impl Fn(&[u8]) -> bool) -> Vec<FileChange>
 where
     I: Iterator<Item = (&'a Vec<u8>, Option<&'a Meta>, Option<&'a Meta>)>,
 {
@@ -142,7 +156,11 @@ where
             (Some(old), None) => Some(change(ChangeKind::Removed, path, old, Vec::new(), None)),
             (Some(old), Some(new)) => {
                 let explained = new.file_type == FileType::Directory && entries_changed.contains(path.as_slice());
-                let what = aspects(old, new, explained);
+                let mut what = aspects(old, new, explained);
+                if !what.contains(&Aspect::Content) && content_differs(path) {
+                    what.retain(|a| *a != Aspect::ContentOrMetadata);
+                    what.push(Aspect::Content);
+                }
                 (!what.is_empty()).then(|| change(ChangeKind::Changed, path, new, what, Some(state(old))))
             }
             (None, None) => None,

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 /// up in both.
 fn old_diff(before: &BTreeMap<Vec<u8>, Meta>, after: &BTreeMap<Vec<u8>, Meta>) -> Vec<FileChange> {
     let paths: BTreeSet<&Vec<u8>> = before.keys().chain(after.keys()).collect();
-    changes_of(|| paths.iter().map(|path| (*path, before.get(*path), after.get(*path))))
+    changes_of(|| paths.iter().map(|path| (*path, before.get(*path), after.get(*path))), |_| false)
 }
 
 /// `manifest::digest_of` as it was before the merge.

@@ -60,6 +60,27 @@ fn is_pseudo_path(at: &Path, st: &libc::stat) -> bool {
     snapshot::is_pseudo(libc::AT_FDCWD, &path, st)
 }
 
+/// Records where each of the guest's filesystems (mounted at `target` as `mounts_file` lists
+/// them) is mounted, for [`snapshot::mount_registry`]: call it before any guest program runs.
+pub fn register_mounts(target: &Path, mounts_file: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(mounts_file)
+        .map_err(|e| format!("cannot read the list of the guest's mounts {}: {e}", mounts_file.display()))?;
+    let mut mounts = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let at = Path::new(line);
+        let Ok(rel) = at.strip_prefix(target) else { continue };
+        let st = snapshot::lstat(at).map_err(|e| format!("cannot look at {line}: {e}"))?;
+        if is_pseudo_path(at, &st) {
+            continue;
+        }
+        let mut point = b"/".to_vec();
+        point.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(rel.as_os_str()));
+        mounts.push((st.st_dev, point));
+    }
+    snapshot::mount_registry::record(mounts);
+    Ok(())
+}
+
 fn bind_guest_filesystems(target: &Path, mounts: &str, scratch: &Path, bound: &mut Vec<PathBuf>) -> Result<(), String> {
     for line in mounts.lines().filter(|l| !l.is_empty()) {
         let at = Path::new(line);
@@ -176,6 +197,88 @@ mod tests {
         let scratch = tempfile::tempdir().unwrap();
         let digest = with_guest_tree(target, mounts.path(), scratch.path(), walk).unwrap();
         assert_eq!(digest, expected);
+    }
+
+    /// FINDING (review of c66f5e1, the same flaw as
+    /// `change_watch::tests::a_subvolume_renamed_over_another_does_not_keep_its_digests_or_hide_the_change`
+    /// without btrfs; older than the commit): the digest cache's key names no filesystem, and a
+    /// guest program may rename the directories holding two of the guest's mount points (only
+    /// the mount points themselves refuse it). Two ext4 filesystems of a hostile base, at /m/a
+    /// and /n/a, each with a file `f` of one inode number, size and times (inode numbers are
+    /// per filesystem; a crafted image sets any time; here written within one clock tick):
+    /// `mv m x; mv n m; ln -s x n` puts the second filesystem at /m/a and leaves every listed
+    /// mount point reachable (the manifest binds them and 90-Unmount unmounts them by path, so
+    /// the run succeeds). The manifest then gives /m/a/f the digest of the first filesystem's
+    /// file, and the change list says it did not change. A fix keys digests (and `Meta`) by
+    /// the mount a file is on (which of the helper's recorded mounts, and for btrfs the
+    /// subvolume id), not by the guest's names for it.
+    #[test]
+    fn a_mount_moved_under_another_ones_name_does_not_keep_its_digests() {
+        use crate::change_watch::tests::{LoopFs, MountedInside};
+        use sha2::Digest;
+        let Some(root) = LoopFs::mount("ext4") else { return };
+        let target = root.path();
+        std::fs::create_dir_all(target.join("etc")).unwrap();
+        std::fs::write(target.join("etc/hostname"), "ext4\n").unwrap();
+        let (first, second) = (target.join("m/a"), target.join("n/a"));
+        let Some(_first) = MountedInside::new("ext4", &first) else { return };
+        let Some(_second) = MountedInside::new("ext4", &second) else { return };
+        let (good, evil) = ("the base's good bytes\n", "the guest's evil byte\n");
+        let key = |p: &Path| {
+            let st = snapshot::lstat(p).unwrap();
+            (st.st_ino, st.st_size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec)
+        };
+        let collided = (0..200).any(|_| {
+            let _ = (std::fs::remove_file(first.join("f")), std::fs::remove_file(second.join("f")));
+            std::fs::write(first.join("f"), good).unwrap();
+            std::fs::write(second.join("f"), evil).unwrap();
+            key(&first.join("f")) == key(&second.join("f"))
+        });
+        if !collided {
+            eprintln!("skipped: no two writes within one clock tick");
+            return;
+        }
+        let mounts = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(mounts.path(), format!("{}\n{}\n{}\n", target.display(), first.display(), second.display()))
+            .unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        // As the variants' engine does once the guest is mounted, before any guest program.
+        register_mounts(target, mounts.path()).unwrap();
+        let (base, base_contents) = with_guest_tree(target, mounts.path(), scratch.path(), |r| {
+            snapshot::record_with_contents(r).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert!(base.entries.contains_key(b"/m/a/f".as_slice()));
+
+        // The guest's program, without the capabilities guest programs lose.
+        let moved = std::process::Command::new("capsh")
+            .args([
+                "--drop=cap_sys_admin,cap_sys_time,cap_mknod,cap_sys_chroot",
+                "--",
+                "-c",
+                "mv m x && mv n m && ln -s x n",
+            ])
+            .current_dir(target)
+            .status()
+            .unwrap();
+        assert!(moved.success(), "mv and ln as a guest program");
+        let (after, contents) = with_guest_tree(target, mounts.path(), scratch.path(), |r| {
+            snapshot::record_with_contents(r).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("m/a/f")).unwrap(), evil);
+        let sha = |text: &str| imgforge_protocol::bytes::hex(&sha2::Sha256::digest(text.as_bytes()));
+        let reported = contents.get(b"/m/a/f".as_slice()).cloned();
+        let change_listed =
+            crate::changes::diff_with_contents(&base.entries, &base_contents, &after.entries, &contents)
+                .iter()
+                .any(|c| c.path.as_bytes() == b"/m/a/f");
+        assert!(
+            reported == Some(ManifestContent::Sha256(sha(evil))) && change_listed,
+            "/m/a/f holds {evil:?}: the manifest says {reported:?} (the digest of {good:?} is {}); its change \
+             listed: {change_listed}",
+            sha(good)
+        );
     }
 
     /// The digest covers content, mode and link targets, and not times.

@@ -872,8 +872,10 @@ pub mod digest_cache {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
 
-    /// What identifies a file's bytes within a boot (see [`key`]).
-    pub type Key = (Vec<u8>, u64, u64, i64, i64, i64, i64);
+    /// What identifies a file's bytes within a boot (see [`key`]); the last field says
+    /// whether the file sits on the filesystem mounted where its path says (a key without it
+    /// is never looked up nor kept: see [`super::mount_registry`]).
+    pub type Key = (Vec<u8>, u64, u64, i64, i64, i64, i64, bool);
 
     fn cache() -> &'static Mutex<HashMap<Key, String>> {
         static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
@@ -881,29 +883,41 @@ pub mod digest_cache {
     }
 
     fn key_of(path: &[u8], meta: &Meta) -> Key {
-        (path.to_vec(), meta.ino, meta.size, meta.mtime.0, meta.mtime.1, meta.ctime.0, meta.ctime.1)
+        (path.to_vec(), meta.ino, meta.size, meta.mtime.0, meta.mtime.1, meta.ctime.0, meta.ctime.1, true)
     }
 
-    /// What identifies a file's bytes within a boot: its guest path, inode, size and times.
+    /// What identifies a file's bytes within a boot: its guest path, inode, size and times,
+    /// on the filesystem mounted where the path says. Inode numbers are unique on one
+    /// filesystem only (on btrfs, one subvolume): a file on another filesystem or subvolume
+    /// than the one its path was on when the guest was mounted (a guest program renamed the
+    /// directories above two mounts, or a subvolume over another) may have the inode number,
+    /// size and times of the file that was there, and other bytes.
     pub fn key(path: &[u8], st: &libc::stat) -> Key {
-        (path.to_vec(), st.st_ino, st.st_size as u64, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec)
+        let placed = super::mount_registry::placed(path, st.st_dev);
+        let (size, ino) = (st.st_size as u64, st.st_ino);
+        (path.to_vec(), ino, size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec, placed)
     }
 
     /// The digest of the file `key` names, if it was read before in this boot.
     pub fn get(key: &Key) -> Option<String> {
+        if !key.7 {
+            return None;
+        }
         cache().lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
     /// Keeps the digest of the file `key` names.
     pub fn insert(key: Key, digest: String) {
-        cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, digest);
+        if key.7 {
+            cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, digest);
+        }
     }
 
     /// Takes digests an earlier boot of the same base computed (the host's digest cache).
     pub fn preload(entries: Vec<Entry>) {
         let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
         for e in entries {
-            cache.insert((e.path, e.ino, e.size, e.mtime.0, e.mtime.1, e.ctime.0, e.ctime.1), e.sha256);
+            cache.insert((e.path, e.ino, e.size, e.mtime.0, e.mtime.1, e.ctime.0, e.ctime.1, true), e.sha256);
         }
     }
 
@@ -929,6 +943,73 @@ pub mod digest_cache {
             assert_eq!(super::get(&super::key(path, &st)).as_deref(), Some("first"));
             st.st_ctime_nsec = 1;
             assert_eq!(super::get(&super::key(path, &st)), None, "a file whose ctime moved is read again");
+        }
+    }
+}
+
+/// Where each of the guest's filesystems was mounted, recorded before any guest program ran:
+/// a file's digest is kept and looked up only where the file sits on the filesystem mounted
+/// deepest above its path (see [`digest_cache::key`]). Empty (nothing recorded: a walk outside
+/// a variant build), every file counts as placed.
+pub mod mount_registry {
+    /// (device, guest mount point) of each mount, as recorded.
+    type Mounts = Vec<(u64, Vec<u8>)>;
+
+    #[cfg(not(test))]
+    static MOUNTS: std::sync::Mutex<Mounts> = std::sync::Mutex::new(Vec::new());
+
+    // Each test thread its own record: unit tests run side by side.
+    #[cfg(test)]
+    thread_local! {
+        static MOUNTS: std::cell::RefCell<Mounts> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn with<T>(f: impl FnOnce(&mut Mounts) -> T) -> T {
+        #[cfg(not(test))]
+        return f(&mut MOUNTS.lock().unwrap_or_else(|p| p.into_inner()));
+        #[cfg(test)]
+        return MOUNTS.with(|m| f(&mut m.borrow_mut()));
+    }
+
+    /// Records the guest's mounts (device number, guest path of the mount point), replacing
+    /// what was recorded.
+    pub fn record(mounts: Mounts) {
+        with(|m| *m = mounts);
+    }
+
+    /// Whether `point` is `path` or one of its parent directories.
+    fn above(point: &[u8], path: &[u8]) -> bool {
+        point == b"/" || path == point || path.strip_prefix(point).is_some_and(|rest| rest.first() == Some(&b'/'))
+    }
+
+    /// Whether a file at `path` on device `dev` sits on the filesystem recorded as mounted
+    /// deepest above `path` (pure but for the record).
+    pub fn placed(path: &[u8], dev: u64) -> bool {
+        with(|mounts| {
+            if mounts.is_empty() {
+                return true;
+            }
+            let deepest = mounts.iter().filter(|(_, point)| above(point, path)).max_by_key(|(_, point)| point.len());
+            deepest.is_some_and(|(owner, _)| *owner == dev)
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// The deepest mount above a path owns it: a file of another device there (a mount
+        /// renamed under another's name, a btrfs subvolume) is not placed.
+        #[test]
+        fn the_deepest_mount_above_a_path_owns_it() {
+            super::record(vec![(1, b"/".to_vec()), (2, b"/boot".to_vec()), (3, b"/boot/efi".to_vec())]);
+            assert!(super::placed(b"/etc/passwd", 1));
+            assert!(super::placed(b"/boot/vmlinuz", 2));
+            assert!(super::placed(b"/boot/efi/EFI/x", 3));
+            assert!(super::placed(b"/bootx/y", 1), "a sibling with the same prefix");
+            assert!(!super::placed(b"/boot/vmlinuz", 1));
+            assert!(!super::placed(b"/etc/passwd", 2));
+            assert!(!super::placed(b"/etc/passwd", 9), "a device not recorded: a subvolume");
+            super::record(Vec::new());
+            assert!(super::placed(b"/etc/passwd", 9), "nothing recorded");
         }
     }
 }

@@ -159,6 +159,8 @@ fn run_one(
     let mut hook = |when: When, task: &TaskName, reporter: &mut Reporter| -> Result<(), String> {
         match (when, task.short()) {
             (When::After, "MountRoot") => {
+                // Before any guest program: where each filesystem is, for the digests' keys.
+                crate::manifest::register_mounts(target, &mounts_file)?;
                 let mounts = crate::manifest::mounts_fingerprint(target, &mounts_file)?;
                 if base_tree.as_ref().is_none_or(|b| b.mounts != mounts) {
                     let (snapshot, contents) =
@@ -201,7 +203,8 @@ fn run_one(
                 let walked = started.elapsed();
                 let phase = if tracked { "manifest-tracked" } else { "manifest-walked" };
                 reporter.send(&ReportLine::Phase { name: phase.into(), uptime_ms: crate::reporter::uptime_ms() });
-                changes::send(&changes::diff(&before.entries, &after.entries), &mut |line| reporter.send(&line));
+                let changes = changes::diff_with_contents(&before.entries, &base.contents, &after.entries, &contents);
+                changes::send(&changes, &mut |line| reporter.send(&line));
                 manifest = Some(crate::manifest::digest_of(&after, &contents)?);
                 println!(
                     "manifest: {} paths, {} {} ms, changes and digest {} ms",
