@@ -513,16 +513,35 @@ fn interrupt_channel() -> crate::vm::Interrupt {
     let (tx, rx) = tokio::sync::watch::channel(None);
     // Installed here, before any work starts, not in the task: a signal that came before the
     // task first ran killed imgforge outright (SIGTERM's default), cleaning nothing up.
+    // A signal ignored at start stays ignored: `nohup` (SIGHUP), a script's `&` (SIGINT).
+    let listen = |kind: SignalKind| {
+        // SAFETY: plain data, filled in by sigaction below.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: only reads the current disposition.
+        let ignored = unsafe { libc::sigaction(kind.as_raw_value(), std::ptr::null(), &mut old) } == 0
+            && old.sa_sigaction == libc::SIG_IGN;
+        if ignored {
+            Ok(None)
+        } else {
+            signal(kind).map(Some)
+        }
+    };
+    async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => drop(s.recv().await),
+            None => std::future::pending().await,
+        }
+    }
     let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
-        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+        (listen(SignalKind::interrupt()), listen(SignalKind::terminate()), listen(SignalKind::hangup()))
     else {
         return rx;
     };
     tokio::spawn(async move {
         let name = tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-            _ = hup.recv() => "SIGHUP",
+            () = recv(&mut int) => "SIGINT",
+            () = recv(&mut term) => "SIGTERM",
+            () = recv(&mut hup) => "SIGHUP",
         };
         let _ = tx.send(Some(name));
     });
@@ -1130,5 +1149,68 @@ mod tests {
         let bad = plan(&["--password-crypto", "blowfish", "--root-password", "password:x"]).unwrap_err();
         assert_eq!(bad.status, ExitStatus::BadInput);
         assert!(bad.message.contains("--password-crypto blowfish") && bad.message.contains("md5"), "{}", bad.message);
+    }
+
+    /// Runs this test binary again for test `name` alone, with `IMGFORGE_TEST_SIGNAL_CHILD` set:
+    /// for signal handlers, which stay installed for the whole process once installed.
+    fn in_a_child(name: &str) -> std::process::ExitStatus {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+            .env("IMGFORGE_TEST_SIGNAL_CHILD", "1")
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("the child did not end");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A signal imgforge was started with ignored stays ignored: `nohup imgforge write ...`
+    /// (SIGHUP ignored) or `imgforge write ... &` from a script (SIGINT ignored) ask to survive
+    /// the terminal closing or the script's Ctrl-C (handlers installed over SIG_IGN made
+    /// closing the terminal interrupt the write, an existing target's start zeroed).
+    #[test]
+    fn a_signal_ignored_at_start_does_not_interrupt() {
+        if std::env::var_os("IMGFORGE_TEST_SIGNAL_CHILD").is_none() {
+            let status = in_a_child("cli::tests::a_signal_ignored_at_start_does_not_interrupt");
+            assert!(status.success(), "child: {status}");
+            return;
+        }
+        // SAFETY: setting a disposition in a child process of its own (this test alone).
+        unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let interrupt = interrupt_channel();
+            // SAFETY: a signal to this process, ignored by its disposition before the above.
+            unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+            let got = tokio::time::timeout(Duration::from_millis(500), crate::vm::interrupted(interrupt)).await;
+            assert!(got.is_err(), "a SIGHUP ignored at start (nohup) interrupted the work: {got:?}");
+        });
+    }
+
+    /// A SIGTERM sent right after the handlers were installed, before the task that listens
+    /// first ran, is an interrupt, not a kill (the handlers were installed by that task).
+    #[test]
+    fn a_signal_before_the_listening_task_ran_is_an_interrupt() {
+        if std::env::var_os("IMGFORGE_TEST_SIGNAL_CHILD").is_none() {
+            let status = in_a_child("cli::tests::a_signal_before_the_listening_task_ran_is_an_interrupt");
+            assert!(status.success(), "child: {status}");
+            return;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let interrupt = interrupt_channel();
+            // SAFETY: a signal to this process (the child), whose handler was just installed.
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            let got = tokio::time::timeout(Duration::from_secs(5), crate::vm::interrupted(interrupt)).await;
+            assert_eq!(got, Ok("SIGTERM"));
+        });
     }
 }

@@ -288,7 +288,7 @@ fn write_opened(
             let shutdown = move || drop(interrupter.map(|s| s.shutdown(std::net::Shutdown::Both)));
             let stats = crate::cancel::watch(cancel, shutdown, || stream::copy(&mut r, dest, &opts)).map_err(|e| {
                 if cancel.load(Ordering::Relaxed) {
-                    StreamError::Cancelled.into()
+                    as_interrupted(e.into())
                 } else {
                     decode_failure(e, &name, format)
                 }
@@ -413,8 +413,19 @@ fn write_url(
     let result = client.cancellable(cancel, || download_and_write(&client, req, url, progress, cancel));
     match result {
         // The cancel watcher closed the connection: the read error is the interrupt.
-        Err(_) if cancel.load(Ordering::Relaxed) => Err(StreamError::Cancelled.into()),
+        Err(e) if cancel.load(Ordering::Relaxed) => Err(as_interrupted(e)),
         other => other,
+    }
+}
+
+/// `e`, which came with the interrupt, as the interrupt: what it did to an existing target
+/// (its start zeroed) is kept, not replaced by "nothing was left behind".
+fn as_interrupted(e: WriteError) -> WriteError {
+    match e {
+        WriteError::Stream(StreamError::StartZeroed { target, .. }) => {
+            StreamError::StartZeroed { target, source: Box::new(StreamError::Cancelled) }.into()
+        }
+        _ => StreamError::Cancelled.into(),
     }
 }
 
@@ -556,5 +567,65 @@ fn named_after_url(e: WriteError, url: &str) -> WriteError {
         WriteError::Source(source) => WriteError::Source(rename(source)),
         WriteError::Qemu(QemuSourceError::Image(source)) => WriteError::Qemu(QemuSourceError::Image(rename(source))),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sets `cancel` at the first event: the interrupt comes once the target is open.
+    struct InterruptAtOnce(Arc<AtomicBool>);
+
+    impl Progress for InterruptAtOnce {
+        fn emit(&self, _event: Event) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A download written onto an existing file (or device) and interrupted fails saying its
+    /// first MiB was zeroed (what it left), not "nothing was left behind".
+    #[test]
+    fn an_interrupted_download_onto_an_existing_target_says_what_it_left() {
+        use std::io::Write;
+        let image = vec![0x55u8; 2 << 20];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let body = image.clone();
+        std::thread::spawn(move || {
+            let Ok((mut conn, _)) = listener.accept() else { return };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                request.push(byte[0]);
+            }
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(&body));
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("disk");
+        std::fs::write(&target, vec![0xaau8; image.len()]).unwrap();
+        let req = WriteRequest {
+            image: Location::Url(format!("http://127.0.0.1:{port}/disk.img")),
+            target: target.clone(),
+            force: true,
+            size: None,
+            sha256: None,
+            sha256_before_write: false,
+            backing_file: None,
+            confinement: crate::vm::blockdev_qemu::Confinement::default(),
+            http: http::HttpTimeouts::default(),
+            reach: crate::source::reach::Reach::Any,
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let err = write(&req, &InterruptAtOnce(cancel.clone()), &cancel).unwrap_err();
+        let now = std::fs::read(&target).unwrap();
+        let untouched = now.iter().all(|b| *b == 0xaa);
+        assert!(!untouched, "the existing target was not touched: nothing to report");
+        assert!(
+            !err.to_string().contains("nothing was left behind"),
+            "the target's first MiB was zeroed ({} zero bytes at its start), yet: {err}",
+            now.iter().take_while(|b| **b == 0).count()
+        );
     }
 }

@@ -19,6 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// The alignment (of offset, length and memory) a read must have to go around the page
 /// cache: a page, as large as any common device's logical block.
 pub const DIRECT_ALIGN: usize = super::buffer::ALIGN_BYTES;
+/// The smallest read that goes around the page cache: smaller ones, one at a time per worker
+/// with no read-ahead (scattered 4 KiB qcow2 clusters), were five times slower direct (8192
+/// reads of 4 KiB: 0.50 s against 0.10 s through the page cache, read ahead).
+pub const DIRECT_MIN_BYTES: usize = 64 << 10;
 
 /// The O_DIRECT side of an image file (see the module).
 pub struct DirectReads {
@@ -38,7 +42,13 @@ impl DirectReads {
     /// `file` (`len` bytes long) opened again with O_DIRECT through its `/proc/self/fd` link,
     /// if that is the same file and its filesystem allows direct I/O.
     pub fn open(file: &std::fs::File, len: u64) -> Option<Self> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+        // Only what O_DIRECT is for: opening a FIFO again waits for a writer, a character
+        // device again does whatever its driver does on open.
+        let kind = file.metadata().ok()?.file_type();
+        if !(kind.is_file() || kind.is_block_device()) {
+            return None;
+        }
         let direct = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECT)
@@ -57,6 +67,7 @@ impl DirectReads {
     /// cache (aligned, and direct reads not refused), whatever the cache holds.
     pub fn may_read(&self, addr: usize, offset: u64, len: usize) -> bool {
         !self.refused.load(Ordering::Relaxed)
+            && len >= DIRECT_MIN_BYTES
             && addr.is_multiple_of(DIRECT_ALIGN)
             && offset.is_multiple_of(DIRECT_ALIGN as u64)
             && len.is_multiple_of(DIRECT_ALIGN)
@@ -74,9 +85,20 @@ impl DirectReads {
         self.direct_bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// A direct read was refused (EINVAL): reads go through the page cache from now on.
+    /// A direct read was refused: reads go through the page cache from now on.
     pub fn refuse(&self) {
         self.refused.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a direct read was refused.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Direct reads through `file` as given (which may refuse them), with no page-cache view.
+    #[cfg(test)]
+    pub(crate) fn through(file: std::fs::File) -> Self {
+        Self { file, view: None, refused: AtomicBool::new(false), direct_bytes: AtomicU64::new(0) }
     }
 
     /// Bytes read around the page cache so far.

@@ -103,12 +103,11 @@ impl SourceFile {
         Self { file, direct, len, name: name.to_owned() }
     }
 
-    /// Whether the reads of `part` go through the page cache where it does not hold them (so
-    /// reading ahead helps them).
-    fn reads_cached(&self, part: &Part) -> bool {
+    /// Whether the reads of `part`, `at` bytes into its (page-aligned) buffer, go through the
+    /// page cache where it does not hold them (so reading ahead helps them).
+    fn reads_cached(&self, part: &Part, at: usize) -> bool {
         match *part {
-            // Where in its buffer the part lands is aligned whenever what came before it is.
-            Part::Read { offset, len } => !self.direct.as_ref().is_some_and(|d| d.may_read(0, offset, len)),
+            Part::Read { offset, len } => !self.direct.as_ref().is_some_and(|d| d.may_read(at, offset, len)),
             Part::Deflate { .. } => true,
             Part::Zero(_) => false,
         }
@@ -132,10 +131,12 @@ impl SourceFile {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => match direct {
-                    // The device's alignment is larger than the one assumed: no more direct
-                    // reads, and this one again through the page cache.
-                    Some((d, _)) if e.raw_os_error() == Some(libc::EINVAL) => d.refuse(),
-                    _ => return Err(e),
+                    // Refused around the page cache (EINVAL: a device wanting a larger
+                    // alignment; EOPNOTSUPP: ntfs3's compressed files; ...): no more direct
+                    // reads, and this one again through the page cache, whose error, if any,
+                    // is the one reported.
+                    Some((d, _)) => d.refuse(),
+                    None => return Err(e),
                 },
             }
         }
@@ -328,11 +329,15 @@ impl Prefetch {
                 Some(Stretch::Hole(0)) => {}
                 Some(Stretch::Fill(parts)) => {
                     self.planned_bytes += file_ranges(&parts).map(|(_, n)| n).sum::<u64>();
-                    for part in parts.iter().filter(|p| self.source.reads_cached(p)) {
-                        if let Some(range) = file_range(part) {
+                    let mut at = 0usize;
+                    for part in &parts {
+                        if let Some(range) = file_range(part).filter(|_| self.source.reads_cached(part, at)) {
                             // The thread is gone only if it panicked: reads go on unadvised.
                             let _ = self.advice.as_ref().map(|a| a.send(range));
                         }
+                        at = at.wrapping_add(match *part {
+                            Part::Read { len, .. } | Part::Zero(len) | Part::Deflate { len, .. } => len,
+                        });
                     }
                     self.planned.push_back(Stretch::Fill(parts));
                 }
@@ -766,15 +771,187 @@ mod tests {
         let (_dir, file) = on_disk(&[1u8; 8192]);
         let source = SourceFile::new(file, 8192, "raw");
         let direct = source.direct.as_ref().unwrap();
-        assert!(direct.may_read(4096, 4096, 4096));
-        assert!(!direct.may_read(4097, 4096, 4096));
-        assert!(!direct.may_read(4096, 4095, 4096));
-        assert!(!direct.may_read(4096, 4096, 4000));
-        assert!(!source.reads_cached(&Part::Read { offset: 0, len: CHUNK_BYTES }));
-        assert!(source.reads_cached(&Part::Read { offset: 0, len: 1000 }));
-        assert!(source.reads_cached(&Part::Deflate { offset: 0, stored: 4096, len: 4096, whole: 4096 }));
+        let big = super::super::direct_read::DIRECT_MIN_BYTES;
+        assert!(direct.may_read(4096, 4096, big));
+        assert!(!direct.may_read(4097, 4096, big));
+        assert!(!direct.may_read(4096, 4095, big));
+        assert!(!direct.may_read(4096, 4096, big + 100));
+        assert!(!direct.may_read(4096, 4096, 4096), "smaller than a direct read");
+        assert!(!source.reads_cached(&Part::Read { offset: 0, len: CHUNK_BYTES }, 0));
+        assert!(source.reads_cached(&Part::Read { offset: 0, len: CHUNK_BYTES }, 512), "off a page in its buffer");
+        assert!(source.reads_cached(&Part::Read { offset: 0, len: 1000 }, 0));
+        assert!(source.reads_cached(&Part::Deflate { offset: 0, stored: 4096, len: 4096, whole: 4096 }, 0));
         direct.refuse();
-        assert!(!direct.may_read(4096, 4096, 4096));
+        assert!(!direct.may_read(4096, 4096, big));
+    }
+
+    /// What a direct read returns is what a buffered read returns, byte for byte and error for
+    /// error: offsets, lengths and memory aligned or not, across a hole, up to and past an end
+    /// that is not a multiple of 4096 (a direct read that comes back short there goes on
+    /// through the page cache and ends in the same error), and after another descriptor left
+    /// dirty pages behind (the direct read sees them, not the stale disk).
+    #[test]
+    fn direct_and_buffered_reads_agree() {
+        use super::super::direct_read::DIRECT_MIN_BYTES as BIG;
+        let len = 3 * BIG + 1234;
+        let (_dir, writer) = on_disk(&vec![0u8; len]);
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", writer.as_raw_fd())).unwrap();
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut want = vec![0u8; len];
+        for (at, n, seed) in [(0usize, 5000usize, 1u8), (BIG + 7, BIG / 2, 2), (len - 1234, 1234, 3)] {
+            let bytes: Vec<u8> = (0..n).map(|i| (i % 251) as u8 ^ seed).collect();
+            writer.write_all_at(&bytes, at as u64).unwrap();
+            want[at..at + n].copy_from_slice(&bytes);
+        }
+        writer.sync_all().unwrap();
+        // SAFETY: advice on a descriptor this test owns: the reads start from the disk.
+        unsafe { libc::posix_fadvise(writer.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let direct = SourceFile::new(std::fs::File::open(&path).unwrap(), len as u64, "raw");
+        let buffered = SourceFile::new(std::fs::File::open(&path).unwrap(), len as u64, "raw");
+        buffered.direct.as_ref().unwrap().refuse();
+        let check = |want: &[u8]| {
+            let (mut a, mut b) = (AlignedBuf::new(4 * BIG), AlignedBuf::new(4 * BIG));
+            let ends = [0u64, 512, 4096, BIG as u64, 2 * BIG as u64, 3 * BIG as u64, len as u64 - 1234, len as u64];
+            for offset in ends {
+                for n in [BIG, BIG + 4096, 1000, 2 * BIG, 3 * BIG] {
+                    for skew in [0usize, 512, 1] {
+                        let (x, y) = (&mut a.as_mut_full()[skew..skew + n], &mut b.as_mut_full()[skew..skew + n]);
+                        x.fill(0xee);
+                        y.fill(0xdd);
+                        let what = format!("{n} bytes at {offset} into memory {skew} past a page");
+                        match (direct.read_exact_at(x, offset), buffered.read_exact_at(y, offset)) {
+                            (Ok(()), Ok(())) => {
+                                assert!(x == y, "{what}: direct and buffered differ");
+                                let at = usize::try_from(offset).unwrap();
+                                assert!(x == &want[at..at + n], "{what}: not the file's bytes");
+                            }
+                            (Err(e), Err(f)) => {
+                                assert_eq!(e.to_string(), f.to_string(), "{what}");
+                                assert!(offset + n as u64 > len as u64, "{what}: {e}");
+                            }
+                            (d, b) => panic!("{what}: direct {d:?}, buffered {b:?}"),
+                        }
+                    }
+                }
+            }
+        };
+        check(&want);
+        assert!(direct.direct.as_ref().unwrap().direct_bytes() > 0, "no read went direct");
+        // Dirty pages another descriptor left (not flushed): a direct read sees them.
+        let fresh: Vec<u8> = (0..BIG + 100).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+        writer.write_all_at(&fresh, 4096).unwrap();
+        want[4096..4096 + fresh.len()].copy_from_slice(&fresh);
+        check(&want);
+        assert!(!direct.direct.as_ref().unwrap().refused(), "a direct read was refused");
+    }
+
+    /// The second descriptor is the file the first one opened, whatever became of its name:
+    /// opened through a symlink, the name then renamed over, or unlinked and made again.
+    #[test]
+    fn the_direct_descriptor_reads_the_opened_file_not_its_name() {
+        use super::super::direct_read::DIRECT_MIN_BYTES as BIG;
+        let (dir, _) = on_disk(&[0u8; 4096]);
+        let (path, link, other) = (dir.path().join("img"), dir.path().join("link"), dir.path().join("other"));
+        std::fs::write(&path, vec![1u8; BIG]).unwrap();
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let opened = std::fs::File::open(&link).unwrap();
+        std::fs::write(&other, vec![2u8; BIG]).unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let source = SourceFile::new(opened, BIG as u64, "img");
+        let mut buf = AlignedBuf::new(BIG);
+        source.read_exact_at(&mut buf.as_mut_full()[..BIG], 0).unwrap();
+        assert!(buf.data_full_of(BIG).iter().all(|b| *b == 1), "read the file renamed over the name");
+
+        let opened = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, vec![3u8; BIG]).unwrap();
+        let source = SourceFile::new(opened, BIG as u64, "img");
+        assert!(source.direct.is_some(), "an unlinked file is still opened again through its descriptor");
+        source.read_exact_at(&mut buf.as_mut_full()[..BIG], 0).unwrap();
+        assert!(buf.data_full_of(BIG).iter().all(|b| *b == 2), "read the file made under the name");
+    }
+
+    /// A direct read refused for whatever reason (ntfs3 answers EOPNOTSUPP to every direct
+    /// read of a compressed file, which it reads through the page cache; simulated with a
+    /// write-only descriptor: EBADF) is read again through the page cache, and direct reads
+    /// end; a read the page cache refuses too (an offset pread refuses) is that error, once.
+    #[test]
+    fn a_refused_direct_read_is_read_through_the_page_cache() {
+        use super::super::direct_read::{DirectReads, DIRECT_MIN_BYTES as BIG};
+        let (dir, file) = on_disk(&vec![4u8; BIG]);
+        let refusing = std::fs::OpenOptions::new().write(true).open(dir.path().join("raw")).unwrap();
+        let source =
+            SourceFile { file, direct: Some(DirectReads::through(refusing)), len: BIG as u64, name: "raw".into() };
+        let mut buf = AlignedBuf::new(BIG);
+        source.read_exact_at(&mut buf.as_mut_full()[..BIG], 0).unwrap();
+        assert!(buf.data_full_of(BIG).iter().all(|b| *b == 4));
+        assert!(source.direct.as_ref().unwrap().refused());
+
+        let (_dir, file) = on_disk(&vec![1u8; BIG]);
+        let source = SourceFile::new(file, BIG as u64, "raw");
+        let err = source.read_exact_at(&mut buf.as_mut_full()[..BIG], 1 << 63).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+        source.read_exact_at(&mut buf.as_mut_full()[..BIG], 0).unwrap();
+        assert!(buf.data_full_of(BIG).iter().all(|b| *b == 1));
+    }
+
+    /// Plans the stretches it holds, then ends.
+    struct Stretches(VecDeque<Vec<Part>>);
+
+    impl Planner for Stretches {
+        fn next(&mut self) -> std::io::Result<Option<Stretch>> {
+            Ok(self.0.pop_front().map(Stretch::Fill))
+        }
+    }
+
+    /// Every part read through the page cache is asked ahead, also one whose offset and
+    /// length are aligned but that lands off a page in its buffer (after a 512-byte qcow2
+    /// cluster); one read direct is not.
+    #[test]
+    fn every_part_read_through_the_page_cache_is_advised() {
+        use super::super::direct_read::DIRECT_MIN_BYTES as BIG;
+        let (_dir, file) = on_disk(&vec![1u8; 4 * BIG]);
+        let source = SourceFile::new(file, 4 * BIG as u64, "raw");
+        let plan = Stretches(VecDeque::from([
+            vec![Part::Read { offset: 2 * BIG as u64, len: BIG }],
+            vec![Part::Zero(512), Part::Read { offset: BIG as u64, len: BIG }],
+        ]));
+        let mut reader = Prefetch::new(source, Box::new(plan));
+        let (tx, rx) = mpsc::channel();
+        reader.advice = Some(tx);
+        reader.plan_ahead().unwrap();
+        let advised: Vec<(u64, u64)> = rx.try_iter().collect();
+        assert_eq!(advised, vec![(BIG as u64, BIG as u64)], "the ranges advised");
+        let mut buf = AlignedBuf::new(CHUNK_BYTES);
+        assert!(matches!(reader.next_into(&mut buf).unwrap(), Piece::Data(n) if n == BIG));
+        assert!(matches!(reader.next_into(&mut buf).unwrap(), Piece::Data(n) if n == BIG + 512));
+        let got = buf.data_full_of(BIG + 512);
+        assert!(got[..512].iter().all(|b| *b == 0) && got[512..].iter().all(|b| *b == 1));
+    }
+
+    /// A FIFO given as the source is not opened again (that open would wait for a writer).
+    #[test]
+    fn a_fifo_source_is_not_opened_again() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let source = SourceFile::new(file, 0, "fifo");
+            let _ = tx.send(source.direct.is_some());
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(2));
+        if got.is_err() {
+            // A writer releases the blocked open.
+            let _writer = std::fs::OpenOptions::new().write(true).open(&fifo);
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
+        }
+        assert_eq!(got, Ok(false), "SourceFile::new blocked opening a FIFO again");
     }
 
     /// A file cut shorter than it was when opened: an error naming it, not a short image.
