@@ -34,10 +34,10 @@ pub fn with_guest_tree<T>(
     result
 }
 
-/// What of the guest's mounts a walk's record depends on: each block-backed mount point
-/// (relative to `target`) and the metadata of the root of the filesystem mounted there. Two
-/// disks of one base, mounted alike, give the same.
-pub fn mounts_fingerprint(target: &Path, mounts_file: &Path) -> Result<Vec<(PathBuf, snapshot::Meta)>, String> {
+/// The guest's own filesystems among the mounts `mounts_file` lists under `target` (the
+/// pseudo filesystems mounted for chroots left out): each mount point, relative to `target`,
+/// and its status.
+fn guest_mount_points(target: &Path, mounts_file: &Path) -> Result<Vec<(PathBuf, libc::stat)>, String> {
     let text = std::fs::read_to_string(mounts_file)
         .map_err(|e| format!("cannot read the list of the guest's mounts {}: {e}", mounts_file.display()))?;
     let mut out = Vec::new();
@@ -45,13 +45,25 @@ pub fn mounts_fingerprint(target: &Path, mounts_file: &Path) -> Result<Vec<(Path
         let at = Path::new(line);
         let Ok(rel) = at.strip_prefix(target) else { continue };
         let st = snapshot::lstat(at).map_err(|e| format!("cannot look at {line}: {e}"))?;
-        if is_pseudo_path(at, &st) {
-            continue;
+        if !is_pseudo_path(at, &st) {
+            out.push((rel.to_owned(), st));
         }
-        let meta = snapshot::Meta::of(&st).ok_or_else(|| format!("{line} is not a directory"))?;
-        out.push((rel.to_owned(), meta));
     }
     Ok(out)
+}
+
+/// What of the guest's mounts a walk's record depends on: each block-backed mount point
+/// (relative to `target`) and the metadata of the root of the filesystem mounted there. Two
+/// disks of one base, mounted alike, give the same.
+pub fn mounts_fingerprint(target: &Path, mounts_file: &Path) -> Result<Vec<(PathBuf, snapshot::Meta)>, String> {
+    guest_mount_points(target, mounts_file)?
+        .into_iter()
+        .map(|(rel, st)| {
+            let meta =
+                snapshot::Meta::of(&st).ok_or_else(|| format!("{} is not a directory", target.join(&rel).display()))?;
+            Ok((rel, meta))
+        })
+        .collect()
 }
 
 /// [`snapshot::is_pseudo`] of the helper's mount point `at`.
@@ -63,16 +75,8 @@ fn is_pseudo_path(at: &Path, st: &libc::stat) -> bool {
 /// Records where each of the guest's filesystems (mounted at `target` as `mounts_file` lists
 /// them) is mounted, for [`snapshot::mount_registry`]: call it before any guest program runs.
 pub fn register_mounts(target: &Path, mounts_file: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(mounts_file)
-        .map_err(|e| format!("cannot read the list of the guest's mounts {}: {e}", mounts_file.display()))?;
     let mut mounts = Vec::new();
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        let at = Path::new(line);
-        let Ok(rel) = at.strip_prefix(target) else { continue };
-        let st = snapshot::lstat(at).map_err(|e| format!("cannot look at {line}: {e}"))?;
-        if is_pseudo_path(at, &st) {
-            continue;
-        }
+    for (rel, st) in guest_mount_points(target, mounts_file)? {
         let mut point = b"/".to_vec();
         point.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(rel.as_os_str()));
         mounts.push((st.st_dev, point));
