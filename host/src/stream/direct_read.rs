@@ -1,9 +1,10 @@
 //! Which reads of a local image go around the page cache (O_DIRECT, on a second descriptor of
-//! the same file): those aligned to [`DIRECT_ALIGN`] in memory, offset and length, of bytes the
-//! page cache does not hold. The disk then fills the buffers itself, with no copy and no
-//! page-cache pages to allocate and reclaim, and an image written does not evict what the
-//! machine had cached. Bytes already cached (an image just built or downloaded) are copied
-//! from memory instead: read again from the disk they would compete with the writes.
+//! the same file): those of [`DIRECT_MIN_BYTES`] or more, aligned to [`DIRECT_ALIGN`] in memory,
+//! offset and length, of bytes the page cache does not hold (`mincore`). The disk then fills
+//! the buffers itself, with no copy and no page-cache pages to allocate and reclaim, and an
+//! image written does not evict what the machine had cached. Bytes already cached (an image
+//! just built or downloaded) are copied from memory instead: read again from the disk they
+//! would compete with the writes.
 //!
 //! Measured with `cargo xtask bench write`'s raw image (2 GiB, 1.25 GiB stored, onto a
 //! direct-I/O loop device on the same disk), runs interleaved: cold, 0.70-0.82 s around the page
@@ -28,8 +29,7 @@ pub const DIRECT_MIN_BYTES: usize = 64 << 10;
 pub struct DirectReads {
     /// The file opened again with O_DIRECT.
     file: std::fs::File,
-    /// The file mapped (never touched), to ask which of its pages are cached; None where it
-    /// cannot be mapped (every aligned read then goes direct).
+    /// Asks which of the file's pages are cached; None for an empty file.
     view: Option<PageCacheView>,
     /// Set once a direct read was refused (a device that wants a larger alignment): every
     /// read goes through the page cache from then on.
@@ -76,8 +76,8 @@ impl DirectReads {
     /// The descriptor to read `len` bytes at `offset` into memory at `addr` with, if that
     /// read goes around the page cache: aligned, and not every page of it cached.
     pub fn for_read(&self, addr: usize, offset: u64, len: usize) -> Option<&std::fs::File> {
-        let cached = self.view.as_ref().is_some_and(|v| v.holds(offset, len));
-        (self.may_read(addr, offset, len) && !cached).then_some(&self.file)
+        let cached = || self.view.as_ref().is_some_and(|v| v.holds(offset, len));
+        (self.may_read(addr, offset, len) && !cached()).then_some(&self.file)
     }
 
     /// Counts `n` bytes read around the page cache.
@@ -107,52 +107,44 @@ impl DirectReads {
     }
 }
 
-/// A read-only shared mapping of a file, never touched: only `mincore` looks at it, which
-/// says which of the file's pages the page cache holds.
+/// Asks which of a file's pages the page cache holds: `mincore` over a read-only shared
+/// mapping of just the range asked about, made for the question and never touched (a
+/// mapping of the whole image would hold its size of address space for the whole write).
 struct PageCacheView {
-    ptr: *mut libc::c_void,
-    len: usize,
+    file: std::fs::File,
+    len: u64,
 }
-
-// SAFETY: the mapping is only passed to mincore, never read or written through.
-unsafe impl Send for PageCacheView {}
-// SAFETY: as above.
-unsafe impl Sync for PageCacheView {}
 
 impl PageCacheView {
     fn of(file: &std::fs::File, len: u64) -> Option<Self> {
-        let len = usize::try_from(len).ok().filter(|l| *l > 0)?;
-        // SAFETY: a new read-only mapping of a descriptor the caller holds; no memory of ours
-        // is touched, and the mapping is never dereferenced.
-        let ptr =
-            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
-        (ptr != libc::MAP_FAILED).then_some(Self { ptr, len })
+        (len > 0).then_some(())?;
+        Some(Self { file: file.try_clone().ok()?, len })
     }
 
     /// Whether every page of `len` bytes at `offset` is in the page cache (false past the
-    /// mapping, or when the kernel cannot say).
+    /// file's length, or when the kernel cannot say).
     fn holds(&self, offset: u64, len: usize) -> bool {
-        let page = DIRECT_ALIGN;
-        let (Ok(start), Some(end)) =
-            (usize::try_from(offset), usize::try_from(offset).ok().and_then(|o| o.checked_add(len)))
-        else {
-            return false;
-        };
+        let page = DIRECT_ALIGN as u64;
+        let Some(end) = offset.checked_add(len as u64) else { return false };
         if len == 0 || end > self.len {
             return false;
         }
-        let first = start / page * page;
-        let mut pages = vec![0u8; (end - first).div_ceil(page)];
-        // SAFETY: a range inside our mapping (page-aligned start) and one byte per page of it.
-        let rc = unsafe { libc::mincore(self.ptr.cast::<u8>().add(first).cast(), end - first, pages.as_mut_ptr()) };
+        let first = offset / page * page;
+        let (Ok(span), Ok(at)) = (usize::try_from(end - first), libc::off_t::try_from(first)) else { return false };
+        // SAFETY: a new read-only mapping of a descriptor we hold, never dereferenced: only
+        // mincore looks at it, and it is unmapped below.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ, libc::MAP_SHARED, self.file.as_raw_fd(), at)
+        };
+        if ptr == libc::MAP_FAILED {
+            return false;
+        }
+        let mut pages = vec![0u8; span.div_ceil(DIRECT_ALIGN)];
+        // SAFETY: the mapping just made, one byte per page of it.
+        let rc = unsafe { libc::mincore(ptr, span, pages.as_mut_ptr()) };
+        // SAFETY: the mapping made above, unmapped once.
+        unsafe { libc::munmap(ptr, span) };
         rc == 0 && pages.iter().all(|p| p & 1 != 0)
-    }
-}
-
-impl Drop for PageCacheView {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `of`, unmapped once.
-        unsafe { libc::munmap(self.ptr, self.len) };
     }
 }
 
@@ -182,5 +174,20 @@ mod tests {
         assert!(!view.holds(3 * 4096, 4096), "past the end");
         assert!(!view.holds(u64::MAX - 10, 4096));
         assert!(PageCacheView::of(&file, 0).is_none());
+    }
+
+    /// The view maps nothing for longer than a question: a mapping of the whole image would
+    /// hold its size of address space (counted by `ulimit -v`) for the whole write.
+    #[test]
+    fn the_view_holds_no_mapping() {
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
+        let path = dir.path().join("sparse-view");
+        std::fs::File::create(&path).unwrap().set_len(448 << 20).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let view = PageCacheView::of(&file, 448 << 20).unwrap();
+        let mapped = || std::fs::read_to_string("/proc/self/maps").unwrap().contains("sparse-view");
+        assert!(!mapped(), "mapped when made");
+        assert!(!view.holds(4096, 4 << 20));
+        assert!(!mapped(), "mapped after a question");
     }
 }
