@@ -445,35 +445,19 @@ pub(crate) mod tests {
     /// A filesystem of type `kind` made in a file and loop-mounted for the test (the helper
     /// watches only block-backed filesystems), unmounted when dropped.
     pub(crate) struct LoopFs {
-        at: tempfile::TempDir,
-        _image: tempfile::TempDir,
+        // Unmounted before its directory goes: fields drop in order.
+        mounted: MountedInside,
+        _at: tempfile::TempDir,
     }
 
     impl LoopFs {
         pub(crate) fn mount(kind: &str) -> Option<Self> {
-            let image = tempfile::tempdir().unwrap();
-            let file = image.path().join("fs.img");
-            std::fs::File::create(&file).unwrap().set_len(320 << 20).unwrap();
-            let made = std::process::Command::new(format!("mkfs.{kind}")).arg("-q").arg(&file).output().unwrap();
-            assert!(made.status.success(), "mkfs.{kind}: {}", String::from_utf8_lossy(&made.stderr));
             let at = tempfile::tempdir().unwrap();
-            let mounted =
-                std::process::Command::new("mount").args(["-o", "loop"]).arg(&file).arg(at.path()).output().unwrap();
-            if !mounted.status.success() {
-                eprintln!("skipped: cannot loop-mount {kind} here: {}", String::from_utf8_lossy(&mounted.stderr));
-                return None;
-            }
-            Some(Self { at, _image: image })
+            Some(Self { mounted: MountedInside::new(kind, at.path())?, _at: at })
         }
 
         pub(crate) fn path(&self) -> &Path {
-            self.at.path()
-        }
-    }
-
-    impl Drop for LoopFs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.at.path()).status();
+            &self.mounted.at
         }
     }
 
@@ -653,16 +637,13 @@ pub(crate) mod tests {
         None
     }
 
-    /// FINDING (review of c66f5e1): btrfs subvolumes number their inodes each on their own, so
-    /// a hostile base can hold, in two subvolumes, two files of the same inode number, size and
-    /// times and different bytes. A guest program (root, without CAP_SYS_ADMIN or CAP_SYS_TIME:
-    /// a plain rename(2) is enough) renames one subvolume over the other's name: the file now at
-    /// the path has the path, inode number, size and times the base's file had there. The digest
-    /// cache (keyed by path, inode, size and times: not by device or subvolume) then gives the
-    /// base's digest for other bytes, and the change list (which tells a replaced file by its
-    /// inode number) says the file did not change. On ext4 or XFS one filesystem's inode numbers
-    /// are unique and a program cannot set a change time (`confinement::DROPPED_CAPABILITIES`),
-    /// so this is new with btrfs walked.
+    /// btrfs subvolumes number their inodes each on their own, so a hostile base can hold, in
+    /// two subvolumes, two files of the same inode number, size and times and different bytes.
+    /// A guest program (root, without CAP_SYS_ADMIN or CAP_SYS_TIME: a plain rename(2) is
+    /// enough) renames one subvolume over the other's name: the file now at the path has the
+    /// path, inode number, size and times the base's file had there. Its digest is not taken
+    /// from the base's (it is not on a filesystem recorded as mounted above it:
+    /// `snapshot::mount_registry`), and the change list, comparing contents, lists it.
     #[test]
     fn a_subvolume_renamed_over_another_does_not_keep_its_digests_or_hide_the_change() {
         use sha2::Digest;

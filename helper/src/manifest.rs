@@ -203,19 +203,15 @@ mod tests {
         assert_eq!(digest, expected);
     }
 
-    /// FINDING (review of c66f5e1, the same flaw as
-    /// `change_watch::tests::a_subvolume_renamed_over_another_does_not_keep_its_digests_or_hide_the_change`
-    /// without btrfs; older than the commit): the digest cache's key names no filesystem, and a
-    /// guest program may rename the directories holding two of the guest's mount points (only
-    /// the mount points themselves refuse it). Two ext4 filesystems of a hostile base, at /m/a
-    /// and /n/a, each with a file `f` of one inode number, size and times (inode numbers are
-    /// per filesystem; a crafted image sets any time; here written within one clock tick):
-    /// `mv m x; mv n m; ln -s x n` puts the second filesystem at /m/a and leaves every listed
-    /// mount point reachable (the manifest binds them and 90-Unmount unmounts them by path, so
-    /// the run succeeds). The manifest then gives /m/a/f the digest of the first filesystem's
-    /// file, and the change list says it did not change. A fix keys digests (and `Meta`) by
-    /// the mount a file is on (which of the helper's recorded mounts, and for btrfs the
-    /// subvolume id), not by the guest's names for it.
+    /// The same as `change_watch::tests::a_subvolume_renamed_over_another_does_not_keep_its_digests_or_hide_the_change`
+    /// without btrfs: a guest program may rename the directories holding two of the guest's
+    /// mount points (only the mount points themselves refuse it). Two ext4 filesystems of a
+    /// hostile base, at /m/a and /n/a, each with a file `f` of one inode number, size and times
+    /// (inode numbers are per filesystem; a crafted image sets any time; here written within one
+    /// clock tick): `mv m x; mv n m; ln -s x n` puts the second filesystem at /m/a and leaves
+    /// every listed mount point reachable. The manifest gives /m/a/f the digest of its own bytes
+    /// (the file is not on the filesystem recorded as mounted at /m/a), and the change list
+    /// lists it.
     #[test]
     fn a_mount_moved_under_another_ones_name_does_not_keep_its_digests() {
         use crate::change_watch::tests::{LoopFs, MountedInside};

@@ -712,7 +712,7 @@ fn mount_guest_fs_with(
     crate::confinement::mount_flags(source, target, fstype, flags, data)
 }
 
-/// mount(2) with `flags` and no data string: the helper's one mount wrapper.
+/// mount(2) with `flags` and no data string.
 fn mount_flags(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) -> std::io::Result<()> {
     crate::confinement::mount_flags(source, target, fstype, flags, None)
 }
@@ -961,10 +961,9 @@ UUID=d /srv/../etc ext4 defaults\nUUID=e boot ext4 defaults\nUUID=f /home//user 
         mount_fstab(&env, &guest, fstab, dev, &mut disk, &mounts)
     }
 
-    /// Defended (by the kernel): an fstab mount point that resolves to the guest root itself
-    /// (`//`, `/.`, `/etc/..` pass `parse_fstab`'s `/` filter) naming another subvolume of the
-    /// root's own btrfs device is refused with EBUSY (the same superblock on the same mount
-    /// point), so 7175f63's `dev == root` exception cannot stack a subvolume on the root.
+    /// An fstab entry written `//` naming another subvolume of the root's own btrfs device is
+    /// the root again, not mounted over it (the kernel would refuse it with EBUSY anyway); a
+    /// later entry lands inside the guest.
     #[test]
     fn fstab_cannot_mount_a_subvolume_of_the_root_over_the_root() {
         let Some(fs) = crate::change_watch::tests::LoopFs::mount("btrfs") else { return };
@@ -980,14 +979,11 @@ UUID=d /srv/../etc ext4 defaults\nUUID=e boot ext4 defaults\nUUID=f /home//user 
         assert!(result.is_ok(), "`//` is the root, not mounted again; /x inside the guest: {result:?}");
     }
 
-    /// REVIEW (high; older than 7175f63, which keeps it and extends it to btrfs entries): an
-    /// fstab mount point that resolves to the guest root itself (`//`) mounts the guest's
-    /// other filesystem over the root. The GuestRoot descriptor still sees the old root, so a
-    /// later entry's mount point is checked there (`/x`, a plain directory) while mount(2)
-    /// re-resolves the string `<target>/x` through the new top mount, whose `x` is a symlink
-    /// out of the guest: the guest's filesystem (nodev only: exec and suid allowed) lands on
-    /// a helper directory (its tasks, its PATH), and the next task runs the guest's code
-    /// unconfined. mount_chroot_filesystems (/dev, /proc, /sys) resolves the same stale way.
+    /// An fstab mount point that is the guest root itself (`//`) is not mounted: over the root,
+    /// the guest's other filesystem would leave the GuestRoot descriptor on the old root, so a
+    /// later entry's mount point would be checked there (`/x`, a plain directory) while mount(2)
+    /// looked the string `<target>/x` up again through the new top mount, whose `x` is a
+    /// symlink out of the guest: the guest's filesystem would land on a helper directory.
     #[test]
     fn fstab_cannot_mount_over_the_guest_root_to_escape_it() {
         let Some(fs) = crate::change_watch::tests::LoopFs::mount("btrfs") else { return };
@@ -1020,7 +1016,7 @@ UUID=d /srv/../etc ext4 defaults\nUUID=e boot ext4 defaults\nUUID=f /home//user 
         assert_eq!(over_root, 1, "the guest's fstab mounted over the guest root ({result:?})");
     }
 
-    /// Defended: a mount point that is a symlink out of the guest is resolved inside it (and
+    /// A mount point that is a symlink out of the guest is resolved inside it (and
     /// is missing there), and a subvolume of the root's device named by its fstab entry
     /// (here the top level, subvolid=5) lands inside the guest.
     #[test]
@@ -1048,10 +1044,9 @@ UUID=d /srv/../etc ext4 defaults\nUUID=e boot ext4 defaults\nUUID=f /home//user 
         assert_eq!(at_x, 1, "subvolid=5 on /x");
     }
 
-    /// REVIEW (7175f63, low): a subvolume name is printed as it is when it holds the root
-    /// ("the guest root is the btrfs subvolume NAME"); a name with a newline then writes lines
-    /// of its own into the task's output, which the task runner scans for `WARNING:` lines
-    /// and, in verify, `CHECK` report lines. Names with control characters are not tried.
+    /// A subvolume name with a newline would write lines of its own into the task's output
+    /// when printed (the task runner scans it for `WARNING:` lines and, in verify, `CHECK`
+    /// report lines): names with control characters are not tried.
     #[test]
     fn top_subvolume_names_carry_no_lines() {
         let Some(fs) = crate::change_watch::tests::LoopFs::mount("btrfs") else { return };

@@ -1151,9 +1151,14 @@ mod tests {
         assert!(bad.message.contains("--password-crypto blowfish") && bad.message.contains("md5"), "{}", bad.message);
     }
 
-    /// Runs this test binary again for test `name` alone, with `IMGFORGE_TEST_SIGNAL_CHILD` set:
-    /// for signal handlers, which stay installed for the whole process once installed.
-    fn in_a_child(name: &str) -> std::process::ExitStatus {
+    /// In the test process: runs this test binary again for test `name` alone, with
+    /// `IMGFORGE_TEST_SIGNAL_CHILD` set, checks it passed, and says true (the test is done). In
+    /// that child: false (the test goes on). For signal handlers, which stay installed for the
+    /// whole process once installed.
+    fn ran_in_a_child(name: &str) -> bool {
+        if std::env::var_os("IMGFORGE_TEST_SIGNAL_CHILD").is_some() {
+            return false;
+        }
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([name, "--exact", "--nocapture", "--test-threads", "1"])
             .env("IMGFORGE_TEST_SIGNAL_CHILD", "1")
@@ -1162,7 +1167,8 @@ mod tests {
         let started = std::time::Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                return status;
+                assert!(status.success(), "child: {status}");
+                return true;
             }
             if started.elapsed() > Duration::from_secs(30) {
                 let _ = child.kill();
@@ -1178,9 +1184,7 @@ mod tests {
     /// closing the terminal interrupt the write, an existing target's start zeroed).
     #[test]
     fn a_signal_ignored_at_start_does_not_interrupt() {
-        if std::env::var_os("IMGFORGE_TEST_SIGNAL_CHILD").is_none() {
-            let status = in_a_child("cli::tests::a_signal_ignored_at_start_does_not_interrupt");
-            assert!(status.success(), "child: {status}");
+        if ran_in_a_child("cli::tests::a_signal_ignored_at_start_does_not_interrupt") {
             return;
         }
         // SAFETY: setting a disposition in a child process of its own (this test alone).
@@ -1199,9 +1203,7 @@ mod tests {
     /// first ran, is an interrupt, not a kill (the handlers were installed by that task).
     #[test]
     fn a_signal_before_the_listening_task_ran_is_an_interrupt() {
-        if std::env::var_os("IMGFORGE_TEST_SIGNAL_CHILD").is_none() {
-            let status = in_a_child("cli::tests::a_signal_before_the_listening_task_ran_is_an_interrupt");
-            assert!(status.success(), "child: {status}");
+        if ran_in_a_child("cli::tests::a_signal_before_the_listening_task_ran_is_an_interrupt") {
             return;
         }
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

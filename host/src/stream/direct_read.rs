@@ -29,10 +29,11 @@ pub const DIRECT_MIN_BYTES: usize = 64 << 10;
 pub struct DirectReads {
     /// The file opened again with O_DIRECT.
     file: std::fs::File,
-    /// Asks which of the file's pages are cached; None for an empty file.
-    view: Option<PageCacheView>,
-    /// Set once a direct read was refused (a device that wants a larger alignment): every
-    /// read goes through the page cache from then on.
+    /// Its length when opened: where [`page_cache_holds`] stops answering.
+    len: u64,
+    /// Set once a direct read was refused (a device that wants a larger alignment, a
+    /// filesystem that reads some files only through the page cache): every read goes
+    /// through the page cache from then on.
     refused: AtomicBool,
     /// Bytes read around the page cache.
     direct_bytes: AtomicU64,
@@ -45,8 +46,8 @@ impl DirectReads {
         use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
         // Only what O_DIRECT is for: opening a FIFO again waits for a writer, a character
         // device again does whatever its driver does on open.
-        let kind = file.metadata().ok()?.file_type();
-        if !(kind.is_file() || kind.is_block_device()) {
+        let meta = file.metadata().ok()?;
+        if !(meta.file_type().is_file() || meta.file_type().is_block_device()) {
             return None;
         }
         let direct = std::fs::OpenOptions::new()
@@ -54,10 +55,10 @@ impl DirectReads {
             .custom_flags(libc::O_DIRECT)
             .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .ok()?;
-        let (a, b) = (file.metadata().ok()?, direct.metadata().ok()?);
-        (a.dev() == b.dev() && a.ino() == b.ino()).then(|| Self {
-            view: PageCacheView::of(file, len),
+        let again = direct.metadata().ok()?;
+        (meta.dev() == again.dev() && meta.ino() == again.ino()).then(|| Self {
             file: direct,
+            len,
             refused: AtomicBool::new(false),
             direct_bytes: AtomicU64::new(0),
         })
@@ -76,8 +77,7 @@ impl DirectReads {
     /// The descriptor to read `len` bytes at `offset` into memory at `addr` with, if that
     /// read goes around the page cache: aligned, and not every page of it cached.
     pub fn for_read(&self, addr: usize, offset: u64, len: usize) -> Option<&std::fs::File> {
-        let cached = || self.view.as_ref().is_some_and(|v| v.holds(offset, len));
-        (self.may_read(addr, offset, len) && !cached()).then_some(&self.file)
+        (self.may_read(addr, offset, len) && !page_cache_holds(&self.file, self.len, offset, len)).then_some(&self.file)
     }
 
     /// Counts `n` bytes read around the page cache.
@@ -95,10 +95,11 @@ impl DirectReads {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// Direct reads through `file` as given (which may refuse them), with no page-cache view.
+    /// Direct reads through `file` as given (which may refuse them), every byte taken as not
+    /// cached.
     #[cfg(test)]
     pub(crate) fn through(file: std::fs::File) -> Self {
-        Self { file, view: None, refused: AtomicBool::new(false), direct_bytes: AtomicU64::new(0) }
+        Self { file, len: 0, refused: AtomicBool::new(false), direct_bytes: AtomicU64::new(0) }
     }
 
     /// Bytes read around the page cache so far.
@@ -107,45 +108,32 @@ impl DirectReads {
     }
 }
 
-/// Asks which of a file's pages the page cache holds: `mincore` over a read-only shared
-/// mapping of just the range asked about, made for the question and never touched (a
-/// mapping of the whole image would hold its size of address space for the whole write).
-struct PageCacheView {
-    file: std::fs::File,
-    len: u64,
-}
-
-impl PageCacheView {
-    fn of(file: &std::fs::File, len: u64) -> Option<Self> {
-        (len > 0).then_some(())?;
-        Some(Self { file: file.try_clone().ok()?, len })
+/// Whether every page of `len` bytes at `offset` of `file` (`file_len` bytes long) is in the
+/// page cache (false past its end, or when the kernel cannot say): `mincore` over a read-only
+/// shared mapping of just that range, made for the question and never touched (a mapping of
+/// the whole image would hold its size of address space for the whole write). Any descriptor
+/// of the file will do: O_DIRECT does not change what a mapping sees.
+fn page_cache_holds(file: &std::fs::File, file_len: u64, offset: u64, len: usize) -> bool {
+    let page = DIRECT_ALIGN as u64;
+    let Some(end) = offset.checked_add(len as u64) else { return false };
+    if len == 0 || end > file_len {
+        return false;
     }
-
-    /// Whether every page of `len` bytes at `offset` is in the page cache (false past the
-    /// file's length, or when the kernel cannot say).
-    fn holds(&self, offset: u64, len: usize) -> bool {
-        let page = DIRECT_ALIGN as u64;
-        let Some(end) = offset.checked_add(len as u64) else { return false };
-        if len == 0 || end > self.len {
-            return false;
-        }
-        let first = offset / page * page;
-        let (Ok(span), Ok(at)) = (usize::try_from(end - first), libc::off_t::try_from(first)) else { return false };
-        // SAFETY: a new read-only mapping of a descriptor we hold, never dereferenced: only
-        // mincore looks at it, and it is unmapped below.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ, libc::MAP_SHARED, self.file.as_raw_fd(), at)
-        };
-        if ptr == libc::MAP_FAILED {
-            return false;
-        }
-        let mut pages = vec![0u8; span.div_ceil(DIRECT_ALIGN)];
-        // SAFETY: the mapping just made, one byte per page of it.
-        let rc = unsafe { libc::mincore(ptr, span, pages.as_mut_ptr()) };
-        // SAFETY: the mapping made above, unmapped once.
-        unsafe { libc::munmap(ptr, span) };
-        rc == 0 && pages.iter().all(|p| p & 1 != 0)
+    let first = offset / page * page;
+    let (Ok(span), Ok(at)) = (usize::try_from(end - first), libc::off_t::try_from(first)) else { return false };
+    // SAFETY: a new read-only mapping of a descriptor the caller holds, never dereferenced:
+    // only mincore looks at it, and it is unmapped below.
+    let ptr =
+        unsafe { libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), at) };
+    if ptr == libc::MAP_FAILED {
+        return false;
     }
+    let mut pages = vec![0u8; span.div_ceil(DIRECT_ALIGN)];
+    // SAFETY: the mapping just made, one byte per page of it.
+    let rc = unsafe { libc::mincore(ptr, span, pages.as_mut_ptr()) };
+    // SAFETY: the mapping made above, unmapped once.
+    unsafe { libc::munmap(ptr, span) };
+    rc == 0 && pages.iter().all(|p| p & 1 != 0)
 }
 
 #[cfg(test)]
@@ -153,10 +141,10 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    /// The view says cached only of ranges wholly inside the file and wholly cached, and never
+    /// The page cache is said to hold only ranges wholly inside the file and wholly cached, and never
     /// panics on ranges past the end or overflowing.
     #[test]
-    fn the_view_answers_for_ranges_inside_the_file_only() {
+    fn cached_only_for_ranges_inside_the_file() {
         let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, vec![9u8; 3 * 4096 + 100]).unwrap();
@@ -164,30 +152,30 @@ mod tests {
         file.sync_all().unwrap();
         // SAFETY: advice on a descriptor this test owns: drop the clean pages just written.
         assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
-        let view = PageCacheView::of(&file, 3 * 4096 + 100).unwrap();
-        assert!(!view.holds(0, 4096), "a page just dropped");
+        let holds = |offset, len| page_cache_holds(&file, 3 * 4096 + 100, offset, len);
+        assert!(!holds(0, 4096), "a page just dropped");
         file.read_exact_at(&mut [0u8; 4096], 4096).unwrap();
-        assert!(view.holds(4096, 4096));
-        assert!(!view.holds(0, 8192), "half cached is not cached");
-        assert!(view.holds(4096 + 10, 100), "an unaligned range inside a cached page");
-        assert!(!view.holds(4096, 0));
-        assert!(!view.holds(3 * 4096, 4096), "past the end");
-        assert!(!view.holds(u64::MAX - 10, 4096));
-        assert!(PageCacheView::of(&file, 0).is_none());
+        assert!(holds(4096, 4096));
+        assert!(!holds(0, 8192), "half cached is not cached");
+        assert!(holds(4096 + 10, 100), "an unaligned range inside a cached page");
+        assert!(!holds(4096, 0));
+        assert!(!holds(3 * 4096, 4096), "past the end");
+        assert!(!holds(u64::MAX - 10, 4096));
+        assert!(!page_cache_holds(&file, 0, 4096, 4096), "an empty file holds nothing");
     }
 
-    /// The view maps nothing for longer than a question: a mapping of the whole image would
+    /// Nothing is mapped for longer than a question: a mapping of the whole image would
     /// hold its size of address space (counted by `ulimit -v`) for the whole write.
     #[test]
-    fn the_view_holds_no_mapping() {
+    fn nothing_stays_mapped() {
         let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
         let path = dir.path().join("sparse-view");
         std::fs::File::create(&path).unwrap().set_len(448 << 20).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let view = PageCacheView::of(&file, 448 << 20).unwrap();
+        let direct = DirectReads::open(&file, 448 << 20).unwrap();
         let mapped = || std::fs::read_to_string("/proc/self/maps").unwrap().contains("sparse-view");
-        assert!(!mapped(), "mapped when made");
-        assert!(!view.holds(4096, 4 << 20));
+        assert!(!mapped(), "mapped when opened");
+        assert!(direct.for_read(0, 0, 4 << 20).is_some(), "a hole is not cached");
         assert!(!mapped(), "mapped after a question");
     }
 }

@@ -5,8 +5,7 @@
 //! idle between its requests while the writes competed for it, and did every page-cache copy
 //! on one core.
 //!
-//! Reads aligned to a page of bytes not cached go around the page cache
-//! ([`super::direct_read`]).
+//! Large aligned reads of bytes not cached go around the page cache ([`super::direct_read`]).
 //!
 //! The other reads — compressed clusters, a file's unaligned tail — go through the page
 //! cache, and their file ranges are handed, [`READ_AHEAD_BYTES`] ahead of the workers, to a
@@ -68,6 +67,15 @@ pub enum Part {
         /// at least `len`).
         whole: usize,
     },
+}
+
+impl Part {
+    /// The bytes the part makes in its buffer.
+    fn len(&self) -> usize {
+        match *self {
+            Part::Read { len, .. } | Part::Zero(len) | Part::Deflate { len, .. } => len,
+        }
+    }
 }
 
 /// How the next stretch of the image is made.
@@ -165,9 +173,7 @@ impl SourceFile {
     fn fill(&self, parts: &[Part], out: &mut [u8], stored: &mut Vec<u8>) -> std::io::Result<usize> {
         let mut at = 0usize;
         for part in parts {
-            let n = match *part {
-                Part::Read { len, .. } | Part::Zero(len) | Part::Deflate { len, .. } => len,
-            };
+            let n = part.len();
             let room = at
                 .checked_add(n)
                 .and_then(|end| out.get_mut(at..end))
@@ -335,9 +341,7 @@ impl Prefetch {
                             // The thread is gone only if it panicked: reads go on unadvised.
                             let _ = self.advice.as_ref().map(|a| a.send(range));
                         }
-                        at = at.wrapping_add(match *part {
-                            Part::Read { len, .. } | Part::Zero(len) | Part::Deflate { len, .. } => len,
-                        });
+                        at = at.wrapping_add(part.len());
                     }
                     self.planned.push_back(Stretch::Fill(parts));
                 }
@@ -636,15 +640,8 @@ mod tests {
     /// WILLNEED, so those ranges merged into one were read for their first MiBs only.
     #[test]
     fn merged_advice_reaches_the_whole_range() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raw");
         let len = 48 << 20;
-        std::fs::write(&path, vec![5u8; len]).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        file.sync_all().unwrap();
-        // SAFETY: advice on a descriptor this test owns: drop the clean pages just written.
-        assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
-        assert!(resident(&file, len) < len / 4, "the test file stayed in the page cache");
+        let (_dir, file) = on_disk(&vec![5u8; len]);
         let source = SourceFile::new(file.try_clone().unwrap(), len as u64, "raw");
         let (tx, rx) = mpsc::channel();
         for at in (0..len as u64).step_by(CHUNK_BYTES) {
